@@ -1,0 +1,176 @@
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import turbo_dist
+from turbo_dist import get_runtime
+from turbo_dist.runtime import EventOverlap, apply_safety_env
+from turbo_dist.testing import run_distributed
+
+from conftest import world_sizes_for_device
+from dist_utils import rank_device
+
+
+def test_get_runtime_without_init_raises():
+    if dist.is_initialized():
+        pytest.skip("process group already initialized in this process")
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        get_runtime()
+
+
+def test_safety_env_defaults():
+    env = apply_safety_env({})
+    assert env == {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+def test_event_overlap_cpu_noop():
+    ev = EventOverlap()
+    with ev:
+        pass
+    ev.current_stream_wait()
+    assert ev.query()
+
+
+def _runtime_basics(rank, world_size):
+    rt = get_runtime()
+    assert rt is get_runtime(), "runtime must be cached per group"
+    assert (rt.rank, rt.world_size) == (rank, world_size)
+    assert rt.device == rank_device()
+    assert rt.num_nodes * rt.local_world_size == world_size
+    assert os.environ["NCCL_NVLS_ENABLE"] == "0"
+    rt.barrier()
+    return rt.local_world_size, rt.num_nodes, rt.node_rank, rt.local_rank, rt.shmem_backend
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("world_size", world_sizes_for_device(2, 4))
+def test_runtime_basics(world_size):
+    results = run_distributed(_runtime_basics, world_size)
+    for rank, (lws, nodes, node_rank, local_rank, shmem) in enumerate(results):
+        assert (lws, nodes) == (world_size, 1)
+        assert (node_rank, local_rank) == (0, rank)
+        assert shmem == ("torch" if torch.cuda.is_available() else "none")
+
+
+def _ranks_per_node(rank, world_size):
+    rt = get_runtime()
+    return rt.local_world_size, rt.num_nodes, rt.node_rank, rt.local_rank
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("world_size", world_sizes_for_device(4))
+def test_ranks_per_node_override(world_size):
+    results = run_distributed(_ranks_per_node, world_size, env={"TURBO_DIST_RANKS_PER_NODE": "2"})
+    assert results == [(2, 2, r // 2, r % 2) for r in range(world_size)]
+
+
+def _subgroups(rank, world_size):
+    evens = dist.new_group([0, 2])
+    odds = dist.new_group([1, 3])
+    mine = evens if rank % 2 == 0 else odds
+    rt = get_runtime(mine)
+    assert rt is not get_runtime()
+    assert rt.world_size == 2 and rt.rank == rank // 2
+    buf = rt.symm_buffer("sub", 64)
+    buf.local(torch.int32, (16,)).fill_(rank)
+    rt.barrier()
+    other = 1 - rt.rank
+    if rt.has_peer_access:
+        seen = buf.peer(other, torch.int32, (16,)).clone()
+        expect = rank + (2 if other > rt.rank else -2)
+        assert torch.equal(seen, torch.full_like(seen, expect))
+    rt.barrier()
+    return rt.rank
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("world_size", world_sizes_for_device(4))
+def test_runtime_per_subgroup(world_size):
+    assert run_distributed(_subgroups, world_size) == [0, 0, 1, 1]
+
+
+def _symm_buffer(rank, world_size):
+    rt = get_runtime()
+    buf = rt.symm_buffer("t", 1000)
+    assert buf.nbytes >= 1000
+    assert rt.symm_buffer("t", 10) is buf, "a smaller request must reuse the buffer"
+    local = buf.local(torch.float32, (250,))
+    local.copy_(torch.arange(250, dtype=torch.float32) + 1000 * rank)
+    with pytest.raises(ValueError, match="needs"):
+        buf.local(torch.float32, (buf.nbytes,))
+    # Growing keeps one rendezvous per size; every rank asks for a different size, the max wins.
+    big = rt.symm_buffer("t", 5000 + rank)
+    assert big.nbytes >= 5000 + world_size - 1
+    with pytest.raises(ValueError, match="TURBO_DIST_MAX_SYMM_BYTES"):
+        rt.symm_buffer("huge", 1 << 62)
+    if not rt.has_peer_access:
+        assert big.peer_ptrs is None
+        with pytest.raises(RuntimeError, match="no peer access"):
+            big.peer((rank + 1) % world_size, torch.float32, (4,))
+        return "none"
+    # Peer write then read across every pair (GPU, torch symmetric memory).
+    assert big.peer_ptrs.shape == (world_size,) and big.peer_ptrs.device == rt.device
+    mine = big.local(torch.float32, (world_size, 64))
+    mine.fill_(-1)
+    rt.barrier()
+    torch.cuda.synchronize()
+    for peer in range(world_size):
+        view = big.peer(peer, torch.float32, (world_size, 64))
+        view[rank].copy_(torch.full((64,), float(rank * 100 + peer), device=rt.device))
+    torch.cuda.synchronize()
+    rt.barrier()
+    expect = torch.stack([torch.full((64,), float(src * 100 + rank)) for src in range(world_size)]).to(rt.device)
+    assert torch.equal(mine, expect), "peer writes did not land"
+    rt.barrier()
+    return "peer"
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("world_size", world_sizes_for_device(2, 4))
+def test_symm_buffer(world_size):
+    results = run_distributed(_symm_buffer, world_size)
+    assert len(set(results)) == 1
+
+
+def _device_mismatch(rank, world_size):
+    rt = get_runtime()
+    other = torch.empty(1, device="meta")
+    with pytest.raises(ValueError, match="runtime uses"):
+        rt.check_tensor(other, "x")
+    rt.destroy()
+    with pytest.raises(RuntimeError, match="destroyed"):
+        rt.symm_buffer("x", 8)
+    assert get_runtime() is not rt, "a destroyed runtime must be rebuilt"
+    return True
+
+
+@pytest.mark.dist
+def test_destroy_and_device_check():
+    assert run_distributed(_device_mismatch, 2) == [True, True]
+
+
+def _raises_on_rank_one(rank, world_size):
+    if rank == 1:
+        raise KeyError("boom on one")
+    dist.barrier()  # rank 0 blocks here; the harness must not hang
+    return rank
+
+
+@pytest.mark.dist
+def test_harness_propagates_rank_failure():
+    with pytest.raises(RuntimeError, match="boom on one"):
+        run_distributed(_raises_on_rank_one, 2, backend="gloo", timeout=60)
+
+
+def _sleeps(rank, world_size):
+    import time
+
+    time.sleep(30)
+
+
+@pytest.mark.dist
+def test_harness_times_out():
+    with pytest.raises(TimeoutError, match="timed out"):
+        run_distributed(_sleeps, 2, backend="gloo", timeout=3)

@@ -1,0 +1,162 @@
+"""One backend dispatcher for every shared op.
+
+Order of choice for an op: `set_backend(op, name)` > TURBO_DIST_<OP>_BACKEND > autotune cache
+(TURBO_DIST_AUTOTUNE=1: time each candidate once per input signature, keep the fastest) >
+the op's default order, taking the first backend whose `can_handle` accepts the inputs.
+A backend chosen explicitly (setter or env var) that cannot handle the inputs raises: we never
+run something other than what was asked for without saying so. `last_backend(op)` tells what
+ran, for benches and logs.
+"""
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+log = logging.getLogger("turbo_dist")
+
+
+@dataclass
+class Backend:
+    name: str
+    fn: Callable
+    can_handle: Callable  # (*args, **kwargs) -> bool or str (reason it cannot); True means yes
+    priority: int = 0     # lower runs first in the default order
+
+
+@dataclass
+class Op:
+    name: str
+    backends: Dict[str, Backend] = field(default_factory=dict)
+    forced: Optional[str] = None
+    last: Optional[str] = None
+    autotune_cache: Dict[tuple, str] = field(default_factory=dict)
+    signature: Optional[Callable] = None  # (*args, **kwargs) -> hashable key for autotuning
+
+    def ordered(self) -> List[Backend]:
+        return sorted(self.backends.values(), key=lambda b: (b.priority, b.name))
+
+
+_OPS: Dict[str, Op] = {}
+
+
+def _op(name) -> Op:
+    if name not in _OPS:
+        _OPS[name] = Op(name)
+    return _OPS[name]
+
+
+def register_backend(op, name, fn, can_handle=None, priority=0):
+    """Register `fn` as backend `name` of `op`. `can_handle(*args, **kwargs)` returns True or a reason str."""
+    _op(op).backends[name] = Backend(name, fn, can_handle or (lambda *a, **k: True), priority)
+
+
+def set_signature(op, fn):
+    """How autotuning keys an op's inputs (default: shapes, dtypes and devices of tensor args)."""
+    _op(op).signature = fn
+
+
+def set_backend(op, name):
+    """Force `op` to use backend `name` (None: back to automatic choice)."""
+    o = _op(op)
+    if name is not None and name not in o.backends:
+        raise ValueError(f"op {op!r} has no backend {name!r}; available: {sorted(o.backends)}")
+    o.forced = name
+
+
+def get_backend(op):
+    return _op(op).forced
+
+
+def backends(op):
+    return [b.name for b in _op(op).ordered()]
+
+
+def last_backend(op):
+    """The backend that ran the last call of `op` (None before any call)."""
+    return _op(op).last
+
+
+def _accepts(backend, args, kwargs):
+    try:
+        ok = backend.can_handle(*args, **kwargs)
+    except Exception as exc:  # a predicate that cannot judge the inputs rejects them
+        ok = f"can_handle raised {exc!r}"
+    return ok
+
+
+def _default_signature(args, kwargs):
+    key = []
+    for v in list(args) + [kwargs[k] for k in sorted(kwargs)]:
+        if isinstance(v, torch.Tensor):
+            key.append((tuple(v.shape), v.dtype, v.device.type, v.is_contiguous()))
+        elif isinstance(v, (int, float, bool, str, type(None))):
+            key.append(v)
+        else:
+            key.append(type(v).__name__)
+    return tuple(key)
+
+
+def _autotune(o, candidates, args, kwargs):
+    key = (o.signature or (lambda *a, **k: _default_signature(a, k)))(*args, **kwargs)
+    name = o.autotune_cache.get(key)
+    if name is not None and name in {b.name for b in candidates}:
+        return o.backends[name]
+    timings = {}
+    for b in candidates:
+        try:
+            b.fn(*args, **kwargs)  # warm-up / compile
+            if any(isinstance(a, torch.Tensor) and a.is_cuda for a in args):
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(3):
+                b.fn(*args, **kwargs)
+            if any(isinstance(a, torch.Tensor) and a.is_cuda for a in args):
+                torch.cuda.synchronize()
+            timings[b.name] = time.perf_counter() - t0
+        except Exception as exc:
+            log.info("dispatcher: autotune of %s/%s failed: %s", o.name, b.name, exc)
+    if not timings:
+        return candidates[0]
+    best = min(timings, key=timings.get)
+    o.autotune_cache[key] = best
+    log.info("dispatcher: autotuned %s -> %s (%s)", o.name, best, {k: f"{v*1e3:.3f}ms" for k, v in timings.items()})
+    return o.backends[best]
+
+
+def choose(op, *args, **kwargs) -> Backend:
+    o = _op(op)
+    explicit = o.forced or os.environ.get(f"TURBO_DIST_{op.upper()}_BACKEND") or None
+    if explicit:
+        source = "set_backend" if o.forced else f"TURBO_DIST_{op.upper()}_BACKEND"
+        b = o.backends.get(explicit)
+        if b is None:
+            raise ValueError(f"{source} asks for backend {explicit!r} of {op}; available: {sorted(o.backends)}")
+        ok = _accepts(b, args, kwargs)
+        if ok is not True:
+            raise ValueError(f"backend {explicit!r} (from {source}) cannot run {op} on these inputs: {ok}")
+        return b
+    candidates, reasons = [], {}
+    for b in o.ordered():
+        ok = _accepts(b, args, kwargs)
+        if ok is True:
+            candidates.append(b)
+        else:
+            reasons[b.name] = ok
+    if not candidates:
+        raise ValueError(f"no backend of {op} can run these inputs: {reasons}")
+    if len(candidates) > 1 and os.environ.get("TURBO_DIST_AUTOTUNE", "0") == "1":
+        return _autotune(o, candidates, args, kwargs)
+    return candidates[0]
+
+
+def dispatch(op, *args, **kwargs):
+    """Run `op` on the chosen backend."""
+    b = choose(op, *args, **kwargs)
+    o = _OPS[op]
+    if o.last != b.name:
+        log.debug("dispatcher: %s -> %s", op, b.name)
+    o.last = b.name
+    return b.fn(*args, **kwargs)

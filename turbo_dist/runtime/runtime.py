@@ -1,0 +1,200 @@
+"""Runtime: one per process group; owns symmetric buffers, communication streams and topology."""
+import atexit
+import logging
+import os
+import threading
+
+import torch
+import torch.distributed as dist
+
+from . import config, symm
+
+log = logging.getLogger("turbo_dist")
+
+_RUNTIMES = {}
+_LOCK = threading.Lock()
+
+
+class Runtime:
+    """Communication resources of one process group.
+
+    Attributes: `rank`, `world_size` (in the group), `device`, `backend` (torch.distributed
+    backend name), `local_world_size` (ranks per node: TURBO_DIST_RANKS_PER_NODE, else
+    LOCAL_WORLD_SIZE, else the whole group), `num_nodes`, `node_rank`, `local_rank`,
+    `comm_stream` (a CUDA stream for communication; None on CPU), `shmem_backend`.
+    """
+
+    def __init__(self, group):
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError(
+                "torch.distributed is not initialized: call torch.distributed.init_process_group() "
+                "(or launch with launch/torchrun.sh) before turbo_dist.get_runtime()"
+            )
+        self.group = group if group is not None else dist.group.WORLD
+        self.rank = dist.get_rank(self.group)
+        if self.rank < 0:
+            raise ValueError("this process is not a member of the group passed to get_runtime()")
+        self.world_size = dist.get_world_size(self.group)
+        self.global_rank = dist.get_rank()
+        self.backend = str(dist.get_backend(self.group)).lower()
+        self.device = self._pick_device()
+
+        lws = config.env_int("TURBO_DIST_RANKS_PER_NODE", 0) or config.env_int("LOCAL_WORLD_SIZE", 0)
+        lws = min(lws, self.world_size) if lws > 0 else self.world_size
+        if self.world_size % lws:
+            raise ValueError(
+                f"ranks per node ({lws}, from TURBO_DIST_RANKS_PER_NODE or LOCAL_WORLD_SIZE) does not divide "
+                f"the group size {self.world_size}"
+            )
+        self.local_world_size = lws
+        self.num_nodes = self.world_size // lws
+        self.node_rank = self.rank // lws
+        self.local_rank = self.rank % lws
+
+        self.comm_stream = torch.cuda.Stream(device=self.device) if self.device.type == "cuda" else None
+        self.shmem_backend = self._pick_shmem_backend()
+        self._buffers = {}
+        self._destroyed = False
+        log.debug(
+            "runtime: rank %d/%d device %s backend %s nodes %d x %d shmem %s",
+            self.rank, self.world_size, self.device, self.backend, self.num_nodes, lws, self.shmem_backend,
+        )
+
+    def _pick_device(self):
+        if "nccl" in self.backend:
+            if not torch.cuda.is_available():
+                raise RuntimeError("process group uses NCCL but CUDA is not available")
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    def _pick_shmem_backend(self):
+        requested = config.env_str("TURBO_DIST_SHMEM")
+        if requested is not None:
+            if requested not in ("torch", "nvshmem", "none"):
+                raise ValueError(f"TURBO_DIST_SHMEM={requested!r}: expected torch, nvshmem or none")
+            if requested == "torch" and not symm.torch_symm_mem_available(self.device):
+                raise RuntimeError("TURBO_DIST_SHMEM=torch needs CUDA and torch.distributed._symmetric_memory")
+            return requested
+        if symm.torch_symm_mem_available(self.device) and self.num_nodes == 1:
+            return "torch"
+        return "none"
+
+    @property
+    def has_peer_access(self):
+        """True when symmetric buffers can be read/written by peers (NVLink/IPC or NVSHMEM)."""
+        return self.shmem_backend != "none"
+
+    def _check_alive(self):
+        if self._destroyed:
+            raise RuntimeError("this turbo_dist Runtime was destroyed; call turbo_dist.get_runtime(group) again")
+
+    def check_tensor(self, t, name="tensor"):
+        """Raise if `t` is not on this runtime's device (a clear error before any kernel launches)."""
+        if t.device.type != self.device.type or (
+            self.device.type == "cuda" and t.device.index is not None and t.device.index != self.device.index
+        ):
+            raise ValueError(f"{name} is on {t.device} but the process group's runtime uses {self.device}")
+
+    def symm_buffer(self, name, nbytes):
+        """The symmetric buffer `name`, at least `nbytes` large on every rank.
+
+        Collective when it allocates or grows: every rank of the group must call it with the same
+        name (sizes may differ: the group agrees on the maximum, in one host-side exchange). A call
+        that fits the current size costs nothing and involves no peer.
+        """
+        self._check_alive()
+        nbytes = int(nbytes)
+        if nbytes < 0:
+            raise ValueError(f"symm_buffer({name!r}): negative size {nbytes}")
+        cap = config.max_symm_bytes()
+        if nbytes > cap:
+            raise ValueError(
+                f"symm_buffer({name!r}) asked for {nbytes} bytes, over the cap of {cap} bytes; raise "
+                f"TURBO_DIST_MAX_SYMM_BYTES (e.g. TURBO_DIST_MAX_SYMM_BYTES={nbytes}) or use smaller batches"
+            )
+        buf = self._buffers.get(name)
+        if buf is not None and buf.nbytes >= nbytes:
+            return buf
+        nbytes = max(nbytes, 1)
+        if self.world_size > 1:
+            nbytes = symm.group_max(nbytes, self.group, self.device)
+        # Round up so small growth steps do not rendezvous again and again.
+        nbytes = max(1 << (nbytes - 1).bit_length(), 4096) if nbytes > 4096 else 4096
+        nbytes = min(nbytes, max(cap, 4096))
+        self._buffers.pop(name, None)
+        buf = symm.allocate(self.shmem_backend, name, nbytes, self.group, self.device, self.rank, self.world_size)
+        self._buffers[name] = buf
+        log.debug("runtime: symmetric buffer %r now %d bytes (%s)", name, nbytes, self.shmem_backend)
+        return buf
+
+    def barrier(self):
+        self._check_alive()
+        if self.device.type == "cuda":
+            dist.barrier(group=self.group, device_ids=[self.device.index])
+        else:
+            dist.barrier(group=self.group)
+
+    def destroy(self):
+        """Free buffers and streams; the runtime is unusable afterwards. Idempotent."""
+        if self._destroyed:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self._buffers.clear()
+        self.comm_stream = None
+        self._destroyed = True
+        with _LOCK:
+            for key, rt in list(_RUNTIMES.items()):
+                if rt is self:
+                    del _RUNTIMES[key]
+
+
+def _group_alive(group):
+    if not dist.is_initialized():
+        return False
+    try:
+        from torch.distributed.distributed_c10d import _world
+
+        return group in _world.pg_map or group is dist.group.WORLD
+    except Exception:
+        return True
+
+
+def get_runtime(group=None):
+    """The Runtime of `group` (default: WORLD), created on first use and cached.
+
+    A runtime whose process group was destroyed is dropped and rebuilt for the new group.
+    """
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(
+            "torch.distributed is not initialized: call torch.distributed.init_process_group() before "
+            "turbo_dist.get_runtime()"
+        )
+    group = group if group is not None else dist.group.WORLD
+    with _LOCK:
+        for key, rt in list(_RUNTIMES.items()):
+            if not _group_alive(rt.group):
+                rt._buffers.clear()
+                rt._destroyed = True
+                del _RUNTIMES[key]
+        rt = _RUNTIMES.get(id(group))
+        if rt is not None and rt.group is group:
+            return rt
+    rt = Runtime(group)
+    with _LOCK:
+        _RUNTIMES[id(group)] = rt
+    return rt
+
+
+def destroy_all():
+    """Destroy every cached runtime (registered at exit; call before destroy_process_group)."""
+    with _LOCK:
+        runtimes = list(_RUNTIMES.values())
+    for rt in runtimes:
+        try:
+            rt.destroy()
+        except Exception as exc:  # at exit the CUDA context may already be gone
+            log.debug("runtime: destroy at exit failed: %s", exc)
+
+
+atexit.register(destroy_all)
