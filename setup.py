@@ -50,30 +50,54 @@ def _native_extensions():
         print("turbo_dist: pybind11 not found, skipping the native SHMEM module", file=sys.stderr)
         return []
     nvshmem, cuda_home = _find_nvshmem(), _find_cuda_home()
+    if nvshmem is not None and cuda_home is None:
+        # No toolkit: the CUDA headers of torch's pip wheels (nvidia/cu13/include, nvidia/cuda_runtime/include).
+        try:
+            import nvidia
+
+            for root in getattr(nvidia, "__path__", []):
+                for inc_dir in glob.glob(os.path.join(root, "*", "include")):
+                    if all(os.path.exists(os.path.join(inc_dir, h)) for h in ("cuda.h", "cuda_runtime.h")):
+                        cuda_home = os.path.dirname(inc_dir)
+                        break
+                if cuda_home is not None:
+                    break
+        except Exception:
+            pass
     if nvshmem is not None and cuda_home is not None:
         inc, lib = nvshmem
+        # Only the NVSHMEM host library is linked (its host API loads the CUDA driver itself, so no
+        # cudart/-lcuda). The pip wheel ships only libnvshmem_host.so.3 (no unversioned link), so
+        # link the file by path; the rpath lets the module find it (and its plugins) at run time.
+        libs = sorted(glob.glob(os.path.join(lib, "libnvshmem_host.so*")), key=len)
+        cuda_inc = [os.path.join(cuda_home, "include")]
+        if os.path.isdir(os.path.join(cuda_home, "include", "cccl")):  # CUDA 13 keeps <cuda/std/...> here
+            cuda_inc.append(os.path.join(cuda_home, "include", "cccl"))
         return [
             Pybind11Extension(
                 "turbo_dist._shmem",
                 sources,
-                include_dirs=[inc, os.path.join(cuda_home, "include"), "csrc/shmem"],
-                library_dirs=[lib, os.path.join(cuda_home, "lib64")],
-                libraries=["nvshmem_host", "cudart"],
+                include_dirs=[inc] + cuda_inc + ["csrc/shmem"],
+                extra_link_args=[libs[0]],
                 runtime_library_dirs=[lib],
                 define_macros=[("TURBO_DIST_NVSHMEM", "1")],
                 cxx_std=17,
             )
         ]
     rocshmem = os.environ.get("ROCSHMEM_HOME")
+    rocm = os.environ.get("ROCM_PATH", "/opt/rocm")
     if rocshmem and os.path.exists(os.path.join(rocshmem, "include")):
         return [
             Pybind11Extension(
                 "turbo_dist._shmem",
                 sources,
-                include_dirs=[os.path.join(rocshmem, "include"), "csrc/shmem"],
-                library_dirs=[os.path.join(rocshmem, "lib")],
+                # Untested: rocSHMEM's header needs HIP's and MPI's headers (ROCM_PATH, MPI_HOME).
+                include_dirs=[os.path.join(rocshmem, "include"), os.path.join(rocm, "include"), "csrc/shmem"]
+                + ([os.path.join(os.environ["MPI_HOME"], "include")] if os.environ.get("MPI_HOME") else []),
+                library_dirs=[os.path.join(rocshmem, "lib"), os.path.join(rocm, "lib")],
                 libraries=["rocshmem", "amdhip64"],
-                define_macros=[("TURBO_DIST_ROCSHMEM", "1")],
+                runtime_library_dirs=[os.path.join(rocshmem, "lib")],
+                define_macros=[("TURBO_DIST_ROCSHMEM", "1"), ("__HIP_PLATFORM_AMD__", "1")],
                 cxx_std=17,
             )
         ]

@@ -11,6 +11,7 @@ Backends register with the dispatcher under ops "attention_fwd" and "attention_b
 "reference" (fp32 math in PyTorch, any device) is always there.
 """
 import math
+import os
 
 import torch
 
@@ -90,21 +91,246 @@ def reference_backward(do, q, k, v, o, lse, causal=False, softmax_scale=None):
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
-dispatcher.register_backend("attention_fwd", "reference", reference_forward, priority=100)
-dispatcher.register_backend("attention_bwd", "reference", reference_backward, priority=100)
+# ------------------------------------------------------------------------------- SDPA backends
+# PyTorch's fused kernels through the aten ops that return the LSE. All take fp16/bf16 CUDA tensors
+# with head_dim % 8 == 0; each backward uses the (o, lse) it is given, so the global (merged) ones
+# of a context-parallel ring give exact gradients.
+_SDPA_DTYPES = (torch.float16, torch.bfloat16)
+# Backends whose kernel reads a kv head per query group itself; the others get kv repeated per
+# query head (and dk/dv summed back over the group).
+_NATIVE_GQA = {"flash": True, "cudnn": False, "efficient": False}
+# Causal masks with Sq != Sk: flash and efficient align bottom-right (efficient by its mask type 2),
+# cuDNN's SDPA op aligns top-left, so it only takes causal blocks with Sq == Sk.
+_CAUSAL_ANY_LEN = {"flash": True, "cudnn": False, "efficient": True}
+_MAX_HEAD_DIM = {"flash": 256, "cudnn": 128, "efficient": 256}
+
+
+def _sdpa_reason(name, q, k, v, causal):
+    """True, or why backend `name` cannot run these inputs."""
+    if not q.is_cuda:
+        return f"{name} needs CUDA tensors, got {q.device}"
+    if torch.version.hip is not None and name == "cudnn":
+        return "cudnn attention is CUDA-only"
+    if q.dtype not in _SDPA_DTYPES:
+        return f"{name} takes fp16/bf16, got {q.dtype}"
+    d = q.shape[-1]
+    if d % 8 or d > _MAX_HEAD_DIM[name]:
+        return f"{name} takes head_dim % 8 == 0 and <= {_MAX_HEAD_DIM[name]}, got {d}"
+    if torch.cuda.get_device_capability(q.device) < (8, 0):
+        return f"{name} needs sm80+"
+    if causal and q.shape[1] != k.shape[1] and not _CAUSAL_ANY_LEN[name]:
+        return f"{name} aligns causal masks top-left: only Sq == Sk (got {q.shape[1]} vs {k.shape[1]})"
+    if min(q.shape[1], k.shape[1]) == 0 or q.shape[0] == 0:
+        return f"{name} does not take empty sequences"
+    if name == "flash" and not torch.backends.cuda.is_flash_attention_available():
+        return "this torch build has no flash attention"
+    if name == "cudnn" and not torch.backends.cudnn.is_available():
+        return "cuDNN is not available"
+    return True
+
+
+def _last_contig(t):
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _kv_for(name, t, hq):
+    return t if _NATIVE_GQA[name] else _expand_kv(t, hq)
+
+
+def _sum_groups(dt, hkv):
+    b, s, hq, d = dt.shape
+    return dt if hq == hkv else dt.view(b, s, hkv, hq // hkv, d).sum(3)
+
+
+def _empty_rows(q, k, causal):
+    """Causal with Sq > Sk: the first Sq - Sk query rows see no key."""
+    return max(0, q.shape[1] - k.shape[1]) if causal else 0
+
+
+def _fix_empty_fwd(o, lse, n):
+    # Our contract for rows without keys (o = 0, lse = -inf), whatever the fused kernel's convention.
+    if n:
+        o[:, :n] = 0
+        lse[:, :, :n] = float("-inf")
+    return o, lse
+
+
+def _lse_for_bwd(lse, n):
+    # Fused backwards compute p = exp(s - lse): +inf makes rows without keys contribute nothing.
+    lse = lse.float()
+    if n:
+        lse = lse.clone()
+        lse[:, :, :n] = float("inf")
+    return lse.contiguous()
+
+
+def flash_forward(q, k, v, causal=False, softmax_scale=None):
+    sq, sk = q.shape[1], k.shape[1]
+    hq = q.shape[2]
+    out = torch.ops.aten._flash_attention_forward(
+        _last_contig(q), _last_contig(_kv_for("flash", k, hq)), _last_contig(_kv_for("flash", v, hq)),
+        None, None, sq, sk, 0.0, bool(causal), False, scale=default_scale(q, softmax_scale))
+    return _fix_empty_fwd(out[0], out[1], _empty_rows(q, k, causal))
+
+
+def flash_backward(do, q, k, v, o, lse, causal=False, softmax_scale=None):
+    sq, sk = q.shape[1], k.shape[1]
+    hq, hkv = q.shape[2], k.shape[2]
+    rng_state = torch.zeros(2, dtype=torch.int64, device=q.device).view(torch.uint64)
+    unused = torch.zeros((), dtype=torch.int64, device=q.device).view(torch.uint64)
+    dq, dk, dv = torch.ops.aten._flash_attention_backward(
+        do.contiguous(), _last_contig(q), _last_contig(_kv_for("flash", k, hq)),
+        _last_contig(_kv_for("flash", v, hq)), o.to(q.dtype).contiguous(), _lse_for_bwd(lse, _empty_rows(q, k, causal)),
+        None, None, sq, sk, 0.0,
+        bool(causal), rng_state, unused, scale=default_scale(q, softmax_scale))
+    return dq, _sum_groups(dk, hkv), _sum_groups(dv, hkv)
+
+
+def cudnn_forward(q, k, v, causal=False, softmax_scale=None):
+    b, sq, hq, _ = q.shape
+    kt = _last_contig(_kv_for("cudnn", k, hq)).transpose(1, 2)
+    vt = _last_contig(_kv_for("cudnn", v, hq)).transpose(1, 2)
+    out = torch.ops.aten._scaled_dot_product_cudnn_attention(
+        _last_contig(q).transpose(1, 2), kt, vt, None, True, 0.0, bool(causal), False, scale=default_scale(q, softmax_scale))
+    o = out[0].transpose(1, 2)
+    return (o if o.is_contiguous() else o.contiguous()), out[1].reshape(b, hq, sq)
+
+
+def cudnn_backward(do, q, k, v, o, lse, causal=False, softmax_scale=None):
+    b, sq, hq, _ = q.shape
+    sk, hkv = k.shape[1], k.shape[2]
+    seed = torch.zeros((), dtype=torch.int64, device=q.device)
+    offset = torch.zeros((), dtype=torch.int64, device=q.device)
+    grads = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+        do.contiguous().transpose(1, 2), _last_contig(q).transpose(1, 2),
+        _last_contig(_kv_for("cudnn", k, hq)).transpose(1, 2), _last_contig(_kv_for("cudnn", v, hq)).transpose(1, 2),
+        o.to(q.dtype).contiguous().transpose(1, 2),
+        lse.float().contiguous().view(b, hq, sq, 1), seed, offset, None, None, None, sq, sk, 0.0, bool(causal),
+        scale=default_scale(q, softmax_scale))
+    dq, dk, dv = (g.transpose(1, 2) for g in grads[:3])
+    return dq, _sum_groups(dk, hkv), _sum_groups(dv, hkv)
+
+
+def _efficient_mask_type(q, k, causal):
+    # xformers' custom mask types: 0 none, 1 causal from top-left, 2 causal from bottom-right
+    return 0 if not causal else (1 if q.shape[1] == k.shape[1] else 2)
+
+
+def efficient_forward(q, k, v, causal=False, softmax_scale=None):
+    sq, hq = q.shape[1], q.shape[2]
+    out = torch.ops.aten._efficient_attention_forward(
+        _last_contig(q), _last_contig(_kv_for("efficient", k, hq)), _last_contig(_kv_for("efficient", v, hq)),
+        None, None, None, None, None, 0.0, _efficient_mask_type(q, k, causal), True,
+        scale=default_scale(q, softmax_scale))
+    # its lse rows are padded to a multiple of 32
+    return _fix_empty_fwd(out[0], out[1][:, :, :sq].contiguous(), _empty_rows(q, k, causal))
+
+
+def efficient_backward(do, q, k, v, o, lse, causal=False, softmax_scale=None):
+    sq, hq = q.shape[1], q.shape[2]
+    sk, hkv = k.shape[1], k.shape[2]
+    lse = _lse_for_bwd(lse, _empty_rows(q, k, causal))
+    pad = (-sq) % 32
+    if pad:
+        lse = torch.nn.functional.pad(lse, (0, pad))
+    seed = torch.zeros((), dtype=torch.int64, device=q.device)
+    offset = torch.zeros((), dtype=torch.int64, device=q.device)
+    grads = torch.ops.aten._efficient_attention_backward(
+        do.contiguous(), _last_contig(q), _last_contig(_kv_for("efficient", k, hq)),
+        _last_contig(_kv_for("efficient", v, hq)), None, o.to(q.dtype).contiguous(), None, None, sq, sk, lse.contiguous(),
+        0.0, seed, offset, _efficient_mask_type(q, k, causal), False, scale=default_scale(q, softmax_scale))
+    dq, dk, dv = grads[:3]
+    return dq, _sum_groups(dk, hkv), _sum_groups(dv, hkv)
+
+
+# --------------------------------------------------------------------------------- our Triton kernel
+def _triton_reason(op, q, k, v):
+    try:
+        from turbo_dist.kernels import flash_attn
+    except ImportError as exc:  # no triton on this install
+        return f"triton unavailable: {exc}"
+    if q.shape[-1] > flash_attn.MAX_HEAD_DIM:
+        return f"triton flash attention takes head_dim <= {flash_attn.MAX_HEAD_DIM}, got {q.shape[-1]}"
+    if q.is_cuda:
+        return True
+    if q.device.type != "cpu" or not flash_attn.interpreting():
+        return f"triton flash attention runs on CUDA, or on CPU under TRITON_INTERPRET=1 (got {q.device})"
+    if q.dtype == torch.bfloat16:
+        return "the Triton interpreter mishandles bf16; use fp16/fp32 on CPU"
+    # On CPU the interpreter is a test vehicle, far slower than the reference: only when named.
+    named = dispatcher.get_backend(op) == "triton" or os.environ.get(f"TURBO_DIST_{op.upper()}_BACKEND") == "triton"
+    return True if named else "triton on CPU (interpreter) runs only when chosen explicitly"
+
+
+def triton_forward(q, k, v, causal=False, softmax_scale=None):
+    from turbo_dist.kernels.flash_attn import flash_attn_forward
+
+    return flash_attn_forward(q, k, v, causal, default_scale(q, softmax_scale))
+
+
+def triton_backward(do, q, k, v, o, lse, causal=False, softmax_scale=None):
+    from turbo_dist.kernels.flash_attn import flash_attn_backward
+
+    return flash_attn_backward(do, q, k, v, o, lse, causal, default_scale(q, softmax_scale))
+
+
+# Default order (lower first), measured on an H100 with bf16, B=4 S=4096 H=32 D=128 causal
+# (benchmarks/results/bench_attention_h100.json).
+PRIORITY = {"cudnn": 10, "flash": 20, "efficient": 30, "triton": 40, "reference": 100}
+_SDPA = {"flash": (flash_forward, flash_backward), "cudnn": (cudnn_forward, cudnn_backward),
+         "efficient": (efficient_forward, efficient_backward)}
+
+
+def _register():
+    dispatcher.register_backend("attention_fwd", "reference", reference_forward, priority=PRIORITY["reference"])
+    dispatcher.register_backend("attention_bwd", "reference", reference_backward, priority=PRIORITY["reference"])
+    for name, (fwd, bwd) in _SDPA.items():
+        dispatcher.register_backend(
+            "attention_fwd", name, fwd, priority=PRIORITY[name],
+            can_handle=lambda q, k, v, causal=False, softmax_scale=None, _n=name: _sdpa_reason(_n, q, k, v, causal))
+        dispatcher.register_backend(
+            "attention_bwd", name, bwd, priority=PRIORITY[name],
+            can_handle=lambda do, q, k, v, o, lse, causal=False, softmax_scale=None, _n=name:
+                _sdpa_reason(_n, q, k, v, causal))
+    dispatcher.register_backend("attention_fwd", "triton", triton_forward, priority=PRIORITY["triton"],
+                                can_handle=lambda q, k, v, *a, **kw: _triton_reason("attention_fwd", q, k, v))
+    dispatcher.register_backend("attention_bwd", "triton", triton_backward, priority=PRIORITY["triton"],
+                                can_handle=lambda do, q, k, v, *a, **kw: _triton_reason("attention_bwd", q, k, v))
+
+
+_register()
 
 
 def attention_forward(q, k, v, causal=False, softmax_scale=None):
-    """o [B, Sq, Hq, D] (q's dtype), lse [B, Hq, Sq] float32."""
+    """o [B, Sq, Hq, D] (q's dtype), lse [B, Hq, Sq] float32.
+
+    q: [B, Sq, Hq, D], k/v: [B, Sk, Hkv, D] (Hq % Hkv == 0), fp16/bf16/fp32, one device.
+    """
     check_attention_inputs(q, k, v)
     return dispatcher.dispatch("attention_fwd", q, k, v, causal, softmax_scale)
 
 
 def attention_backward(do, q, k, v, o, lse, causal=False, softmax_scale=None):
-    """dq, dk, dv (dk/dv summed over each kv head's query group)."""
+    """dq, dk, dv (dk/dv summed over each kv head's query group).
+
+    do/o: [B, Sq, Hq, D]; lse: [B, Hq, Sq] fp32. The gradients use this o and lse as given (under
+    context parallelism: the merged output and global lse), never a recomputed forward.
+    """
     check_attention_inputs(q, k, v)
-    if do.shape != q.shape:
-        raise ValueError(f"grad of output {tuple(do.shape)} does not match q {tuple(q.shape)}")
+    if not isinstance(do, torch.Tensor) or do.shape != q.shape:
+        raise ValueError(f"grad of output {tuple(getattr(do, 'shape', ()))} does not match q {tuple(q.shape)}")
+    if not isinstance(o, torch.Tensor) or o.shape != q.shape:
+        raise ValueError(f"o {tuple(getattr(o, 'shape', ()))} does not match q {tuple(q.shape)}")
+    b, sq, hq, _ = q.shape
+    if not isinstance(lse, torch.Tensor) or tuple(lse.shape) != (b, hq, sq):
+        raise ValueError(f"lse must be [B, Hq, Sq] = {(b, hq, sq)}, got {tuple(getattr(lse, 'shape', ()))}")
+    if not lse.is_floating_point():
+        raise TypeError(f"lse must be floating point (fp32), got {lse.dtype}")
+    for name, t in (("do", do), ("o", o), ("lse", lse)):
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device}, q on {q.device}")
+    if do.dtype != q.dtype:
+        do = do.to(q.dtype)
     return dispatcher.dispatch("attention_bwd", do, q, k, v, o, lse, causal, softmax_scale)
 
 

@@ -1,4 +1,9 @@
-"""Dense GEMM: `gemm(a, b, trans_a, trans_b, out_dtype)` behind the dispatcher (op "gemm")."""
+"""Dense GEMM: `gemm(a, b, trans_a, trans_b, out_dtype)` behind the dispatcher (op "gemm"), with autograd.
+
+Backends: "torch" (torch.mm / cuBLAS; any device) and "triton" (kernels/gemm.py; CUDA, or CPU under
+TRITON_INTERPRET=1 in fp16/fp32). The default order puts the faster one first on the H100 (see
+benchmarks/results/bench_ops_h100.json); TURBO_DIST_GEMM_BACKEND or dispatcher.set_backend overrides.
+"""
 import torch
 
 from . import dispatcher
@@ -6,7 +11,7 @@ from . import dispatcher
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def check_gemm_inputs(a, b, trans_a, trans_b):
+def check_gemm_inputs(a, b, trans_a, trans_b, out_dtype=None):
     for name, t in (("a", a), ("b", b)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
@@ -18,6 +23,8 @@ def check_gemm_inputs(a, b, trans_a, trans_b):
         raise TypeError(f"gemm: a is {a.dtype} but b is {b.dtype}")
     if a.device != b.device:
         raise ValueError(f"gemm: a is on {a.device} but b is on {b.device}")
+    if out_dtype is not None and out_dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"gemm: out_dtype must be fp16, bf16 or fp32, got {out_dtype}")
     k_a = a.shape[0] if trans_a else a.shape[1]
     k_b = b.shape[1] if trans_b else b.shape[0]
     if k_a != k_b:
@@ -32,18 +39,76 @@ def _torch_gemm(a, b, trans_a=False, trans_b=False, out_dtype=None):
     out_dtype = out_dtype or a.dtype
     if out_dtype == a.dtype:
         return torch.mm(a, b)
-    if a.is_cuda and out_dtype == torch.float32 and hasattr(torch, "mm") and a.dtype in (torch.float16, torch.bfloat16):
+    if a.is_cuda and out_dtype == torch.float32 and a.dtype in (torch.float16, torch.bfloat16):
         try:
             return torch.mm(a, b, out_dtype=torch.float32)
-        except TypeError:
+        except (TypeError, RuntimeError):
             pass
     return torch.mm(a.float(), b.float()).to(out_dtype)
 
 
+def triton_available(*tensors):
+    """True or the reason Triton kernels cannot run on these tensors (CUDA, or CPU under the interpreter)."""
+    from turbo_dist.kernels.gemm import interpreting
+
+    devs = {t.device.type for t in tensors}
+    if devs == {"cuda"}:
+        return True
+    if devs == {"cpu"} and interpreting():
+        if any(t.dtype == torch.bfloat16 for t in tensors):
+            return "the Triton interpreter mishandles bf16 on CPU"
+        return True
+    return f"triton needs CUDA tensors (or TRITON_INTERPRET=1 on CPU); got devices {sorted(devs)}"
+
+
+def _triton_gemm(a, b, trans_a=False, trans_b=False, out_dtype=None):
+    from turbo_dist.kernels import gemm as kgemm
+
+    return kgemm.gemm(a.t() if trans_a else a, b.t() if trans_b else b, out_dtype=out_dtype)
+
+
+def _triton_can_handle(a, b, trans_a=False, trans_b=False, out_dtype=None):
+    return triton_available(a, b)
+
+
 dispatcher.register_backend("gemm", "torch", _torch_gemm, priority=10)
+dispatcher.register_backend("gemm", "triton", _triton_gemm, _triton_can_handle, priority=20)
+
+
+class _GemmFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a, b, trans_a, trans_b, out_dtype):
+        ctx.save_for_backward(a, b)
+        ctx.trans = (trans_a, trans_b)
+        return dispatcher.dispatch("gemm", a, b, trans_a, trans_b, out_dtype)
+
+    @staticmethod
+    def backward(ctx, dc):
+        a, b = ctx.saved_tensors
+        trans_a, trans_b = ctx.trans
+        dc = dc.to(a.dtype)
+        da = db = None
+        # C = op(a) op(b): d op(a) = dC op(b)^T, d op(b) = op(a)^T dC; a transposed operand gets the transpose.
+        if ctx.needs_input_grad[0]:
+            if trans_a:
+                da = dispatcher.dispatch("gemm", b, dc, trans_b, True, None)
+            else:
+                da = dispatcher.dispatch("gemm", dc, b, False, not trans_b, None)
+        if ctx.needs_input_grad[1]:
+            if trans_b:
+                db = dispatcher.dispatch("gemm", dc, a, True, trans_a, None)
+            else:
+                db = dispatcher.dispatch("gemm", a, dc, not trans_a, False, None)
+        return da, db, None, None, None
 
 
 def gemm(a, b, trans_a=False, trans_b=False, out_dtype=None):
-    """C = op(a) @ op(b): a [M, K] (or [K, M] with trans_a), b [K, N] (or [N, K] with trans_b) -> [M, N]."""
-    check_gemm_inputs(a, b, trans_a, trans_b)
+    """C = op(a) @ op(b), differentiable in a and b.
+
+    a: [M, K] (or [K, M] with trans_a), b: [K, N] (or [N, K] with trans_b), fp16/bf16/fp32, same dtype and
+    device, any strides. out_dtype: output dtype (default a.dtype); accumulation is fp32. Returns [M, N].
+    """
+    check_gemm_inputs(a, b, trans_a, trans_b, out_dtype)
+    if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
+        return _GemmFn.apply(a, b, bool(trans_a), bool(trans_b), out_dtype)
     return dispatcher.dispatch("gemm", a, b, trans_a, trans_b, out_dtype)

@@ -110,7 +110,11 @@ def allocate(backend, name, nbytes, group, device, rank, world_size):
                 f"({exc}); install NVSHMEM (pip install nvidia-nvshmem-cu13 or set NVSHMEM_HOME) and "
                 "reinstall, or set TURBO_DIST_SHMEM=torch"
             ) from None
-        raise NotImplementedError("the nvshmem symmetric-memory backend is not wired into the runtime yet")
+        from turbo_dist import shmem
+
+        local, handle = shmem.symmetric_buffer(nbytes, group, device)  # peers off-node: None, pointer 0
+        peer_ptrs = torch.tensor(handle.buffer_ptrs, dtype=torch.int64, device=device)
+        return SymmBuffer(name, nbytes, local, handle, peer_ptrs, rank, world_size)
     raise ValueError(f"unknown symmetric-memory backend {backend!r}; expected torch, nvshmem or none")
 
 

@@ -1,0 +1,158 @@
+"""Small helpers shared by the benchmark CLIs: timing, JSON output, a printed table.
+
+Stable API (other benches import it):
+    bench(fn, warmup_ms=25, rep_ms=100) -> median milliseconds
+    write_json(path, rows, meta)        -> writes {"command", "machine", "meta", "rows"}
+    print_table(rows, cols)             -> prints an aligned text table
+    machine_info()                      -> dict describing host, GPU, versions
+"""
+import datetime
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+
+import torch
+
+
+def bench(fn, warmup_ms=25, rep_ms=100):
+    """Median time of `fn()` in milliseconds.
+
+    On CUDA: triton.testing.do_bench (CUDA events, L2 flushed between reps, median). On CPU: a
+    perf_counter loop with the same warm-up / repetition budget, so benches also run (slowly) in CI.
+    """
+    if torch.cuda.is_available():
+        try:
+            from triton.testing import do_bench
+
+            return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+        except ImportError:  # pragma: no cover - triton always ships with CUDA torch
+            pass
+        return _bench_cuda_events(fn, warmup_ms, rep_ms)
+    return _bench_cpu(fn, warmup_ms, rep_ms)
+
+
+def _bench_cuda_events(fn, warmup_ms, rep_ms):
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(5):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    est = max(start.elapsed_time(end) / 5, 1e-3)
+    for _ in range(max(1, int(warmup_ms / est))):
+        fn()
+    times = []
+    for _ in range(max(3, int(rep_ms / est))):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        times.append((s, e))
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in times)
+
+
+def _bench_cpu(fn, warmup_ms, rep_ms):
+    t0 = time.perf_counter()
+    fn()
+    est = max((time.perf_counter() - t0) * 1e3, 1e-3)
+    for _ in range(max(0, int(warmup_ms / est) - 1)):
+        fn()
+    times = []
+    for _ in range(max(3, int(rep_ms / est))):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def machine_info():
+    """Host, accelerator and library versions, for the JSON `machine` key."""
+    info = {
+        "host": platform.node(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "hip": getattr(torch.version, "hip", None),
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info.update(
+            gpu=props.name,
+            gpu_count=torch.cuda.device_count(),
+            gpu_mem_gib=round(props.total_memory / 2**30, 1),
+            sm_count=props.multi_processor_count,
+            capability=f"{props.major}.{props.minor}",
+        )
+    else:
+        info.update(gpu=None, gpu_count=0, cpu_count=os.cpu_count())
+    return info
+
+
+def command_line():
+    return " ".join(shlex.quote(a) for a in [sys.executable] + sys.argv)
+
+
+def write_json(path, rows, meta=None):
+    """Write `rows` (list of dicts) with the command line and machine info to `path`."""
+    meta = dict(meta or {})
+    doc = {
+        "command": meta.pop("command", command_line()),
+        "machine": meta.pop("machine", machine_info()),
+        "timestamp_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "meta": meta,
+        "rows": rows,
+    }
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=1, default=str)
+    return doc
+
+
+def _fmt(v):
+    if isinstance(v, float):
+        if v != v:
+            return "nan"
+        a = abs(v)
+        if a == 0:
+            return "0"
+        if a >= 1000:
+            return f"{v:.0f}"
+        if a >= 10:
+            return f"{v:.1f}"
+        if a >= 0.01:
+            return f"{v:.3f}"
+        return f"{v:.2e}"
+    return "" if v is None else str(v)
+
+
+def print_table(rows, cols=None, file=None):
+    """Print `rows` (list of dicts) as an aligned table over `cols` (default: keys of the first row)."""
+    if not rows:
+        print("(no rows)", file=file)
+        return
+    if cols is None:
+        cols = []
+        for r in rows:
+            cols += [k for k in r if k not in cols]
+    cells = [[_fmt(r.get(c)) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    print("  ".join(c.ljust(w) for c, w in zip(cols, widths)), file=file)
+    print("  ".join("-" * w for w in widths), file=file)
+    for row in cells:
+        print("  ".join(v.rjust(w) for v, w in zip(row, widths)), file=file)
+    sys.stdout.flush()

@@ -1,0 +1,293 @@
+"""MoE dispatch/combine (DeepEP semantics) against a plain single-process reference.
+
+Every rank builds every rank's inputs from seeds, so it can compute its own expected outputs
+without moving tensors between processes; the reference is written with loops over ranks.
+"""
+import pytest
+import torch
+import torch.distributed as dist
+
+from turbo_dist.moe import Buffer, Config, EventOverlap
+from turbo_dist.moe.layout import dispatch_layout, token_positions
+from turbo_dist.testing import run_distributed
+
+from conftest import world_sizes_for_device
+from dist_utils import rank_device
+
+HIDDEN, TOPK = 256, 4
+
+
+# ----------------------------------------------------------------------------- inputs and reference
+def make_inputs(rank, world, num_tokens, num_experts, routing, dtype=torch.bfloat16, seed=0, hidden=HIDDEN,
+                topk=TOPK):
+    """Inputs of `rank` (CPU tensors), reproducible from any process."""
+    g = torch.Generator().manual_seed(seed * 7919 + rank)
+    t = 0 if routing == "empty" and rank == world - 1 else num_tokens + 3 * rank  # ranks differ in size
+    x = torch.randn(t, hidden, generator=g).to(dtype)
+    scores = torch.rand(t, num_experts, generator=g)
+    per_rank = num_experts // world
+    if routing == "one_rank":  # everything to the last rank's experts
+        idx = scores[:, -per_rank:].topk(min(topk, per_rank), dim=1).indices + num_experts - per_rank
+        idx = torch.cat([idx, torch.full((t, topk - idx.size(1)), -1, dtype=torch.int64)], 1)
+    else:
+        idx = scores.topk(topk, dim=1).indices
+    if routing in ("random", "empty"):
+        idx = torch.where(torch.rand(t, topk, generator=g) < 0.15, torch.full_like(idx, -1), idx)
+    if routing == "skewed":  # most tokens pick rank 0's experts first
+        idx[: t * 3 // 4, 0] = torch.randint(0, per_rank, (t * 3 // 4,), generator=g)
+        idx = _dedup(idx)
+    if routing == "all_dropped":
+        idx = torch.full_like(idx, -1)
+    w = torch.rand(t, topk, generator=g)
+    return x, idx, w
+
+
+def _dedup(idx):
+    out = idx.clone()
+    for i in range(out.size(0)):
+        seen = set()
+        for j in range(out.size(1)):
+            if out[i, j].item() in seen:
+                out[i, j] = -1
+            seen.add(out[i, j].item())
+    return out
+
+
+def ref_dispatch(me, inputs, num_experts, world):
+    """What rank `me` receives: rows by source rank, then token order."""
+    per = num_experts // world
+    lo, hi = me * per, (me + 1) * per
+    xs, idxs, ws, srcs, counts = [], [], [], [], [0] * per
+    for x, idx, w in inputs:
+        mine = (idx >= lo) & (idx < hi)
+        sel = mine.any(1)
+        xs.append(x[sel])
+        idxs.append(torch.where(mine, idx - lo, torch.full_like(idx, -1))[sel])
+        ws.append(torch.where(mine, w, torch.zeros_like(w))[sel])
+        srcs.append(torch.nonzero(sel).flatten().to(torch.int32))
+        for e in range(per):
+            counts[e] += int((idx == lo + e).sum())
+    return torch.cat(xs), torch.cat(idxs), torch.cat(ws), torch.cat(srcs), counts
+
+
+def expert_fn(recv_x, rank):
+    """What the 'experts' of `rank` send back (deterministic, rank dependent, stays in recv_x's dtype)."""
+    return (recv_x.float() * (rank + 1) + 0.5 * rank).to(recv_x.dtype)
+
+
+def ref_combine(me, inputs, num_experts, world, fn=expert_fn):
+    """sum over ranks (in rank order, fp32) of what each rank sends back for my tokens."""
+    x_me = inputs[me][0]
+    acc = torch.zeros(x_me.shape, dtype=torch.float32)
+    for r in range(world):
+        rx, _, _, src, _ = ref_dispatch(r, inputs, num_experts, world)
+        sizes = [int(((inp[1] >= r * (num_experts // world)) & (inp[1] < (r + 1) * (num_experts // world)))
+                     .any(1).sum()) for inp in inputs]
+        start = sum(sizes[:me])
+        rows = fn(rx, r)[start:start + sizes[me]]
+        acc.index_add_(0, src[start:start + sizes[me]].long(), rows.float())
+    return acc.to(x_me.dtype)
+
+
+def to_fp8(x):
+    """Per-token, per-128-channel e4m3 cast (DeepEP's test helper, our own code)."""
+    t, h = x.shape
+    xv = x.float().view(t, h // 128, 128)
+    amax = xv.abs().amax(dim=2).clamp(min=1e-4)
+    scales = amax / 448.0
+    q = (xv / scales.unsqueeze(2)).to(torch.float8_e4m3fn).view(t, h)
+    return q, scales.contiguous()
+
+
+def from_fp8(q, scales):
+    t, h = q.shape
+    return (q.float().view(t, h // 128, 128) * scales.unsqueeze(2)).view(t, h)
+
+
+# ----------------------------------------------------------------------------- rank bodies
+def _dispatch_combine_body(rank, world, routing, dtype, num_tokens, num_experts, transport):
+    dev = rank_device()
+    buf = Buffer(None, transport=transport) if transport else Buffer(None)
+    inputs = [make_inputs(r, world, num_tokens, num_experts, routing, dtype) for r in range(world)]
+    x, idx, w = (t.to(dev) for t in inputs[rank])
+    exp_x, exp_idx, exp_w, exp_src, exp_counts = ref_dispatch(rank, inputs, num_experts, world)
+
+    n_rank, n_rdma, n_expert, in_rank, ev = buf.get_dispatch_layout(idx, num_experts)
+    assert n_rdma is None and isinstance(ev, EventOverlap)
+    ref_n_rank, ref_n_expert, ref_in_rank = _ref_layout(inputs[rank][1], num_experts, world)
+    assert torch.equal(n_rank.cpu(), ref_n_rank) and torch.equal(n_expert.cpu(), ref_n_expert)
+    assert torch.equal(in_rank.cpu(), ref_in_rank)
+    assert n_rank.dtype == torch.int32 and n_expert.dtype == torch.int32 and in_rank.dtype == torch.bool
+
+    for alignment in (1, 8):
+        recv_x, recv_idx, recv_w, counts, handle, event = buf.dispatch(
+            x, num_tokens_per_rank=n_rank, is_token_in_rank=in_rank, num_tokens_per_expert=n_expert,
+            topk_idx=idx, topk_weights=w, expert_alignment=alignment)
+        assert torch.equal(recv_x.cpu(), exp_x), "dispatch must move rows bit-exactly"
+        assert torch.equal(recv_idx.cpu(), exp_idx) and torch.equal(recv_w.cpu(), exp_w)
+        assert counts == [-(-c // alignment) * alignment for c in exp_counts]
+        assert torch.equal(handle[3].cpu(), exp_src)
+        # DeepEP's handle[0]: tokens from rank i occupy rows [rpm[i-1][me], rpm[i][me]).
+        rpm = handle[0].cpu()
+        sizes = [int(((inp[1] >= rank * (num_experts // world)) & (inp[1] < (rank + 1) * (num_experts // world)))
+                     .any(1).sum()) for inp in inputs]
+        assert rpm[:, rank].tolist() == list(torch.tensor(sizes).cumsum(0))
+
+    # Without top-k, then a cached dispatch of another payload, then combine (+ weights, + bias).
+    recv_x2, none_idx, none_w, counts2, handle2, _ = buf.dispatch(
+        x, num_tokens_per_rank=n_rank, is_token_in_rank=in_rank, num_tokens_per_expert=n_expert)
+    assert none_idx is None and none_w is None and counts2 == exp_counts and torch.equal(recv_x2.cpu(), exp_x)
+    cached, c_idx, c_w, c_counts, c_handle, _ = buf.dispatch((x.float() * 2).to(dtype), handle=handle)
+    assert c_idx is None and c_w is None and c_counts is None and c_handle is None
+    assert torch.equal(cached.cpu(), (exp_x.float() * 2).to(dtype))
+
+    y = expert_fn(recv_x, rank)
+    combined, combined_w, _ = buf.combine(y, handle, topk_weights=recv_w)
+    assert combined.dtype == dtype and combined.shape == x.shape
+    assert torch.equal(combined.cpu(), ref_combine(rank, inputs, num_experts, world)), "combine mismatch"
+    # Weights of other ranks' experts arrive as 0, so summing them back gives the original (dropped slots: 0).
+    assert torch.equal(combined_w.cpu(), torch.where(inputs[rank][1] >= 0, inputs[rank][2], 0.0))
+    bias = torch.ones_like(x, dtype=torch.float32)
+    with_bias, _, _ = buf.combine(y, handle, bias=(bias.to(dtype), bias.to(dtype)))
+    ref_bias = (ref_combine(rank, inputs, num_experts, world).float() + 2.0).to(dtype)
+    assert torch.allclose(with_bias.float().cpu(), ref_bias.float(), rtol=1e-2, atol=1e-2)
+
+    # num_worst_tokens: fixed-size outputs, padding rows marked, empty list; combine accepts padded x.
+    worst = max(sum(int(inp[0].size(0)) for inp in inputs), 1)
+    wx, widx, ww, wcounts, whandle, _ = buf.dispatch(
+        x, num_tokens_per_rank=n_rank, is_token_in_rank=in_rank, num_tokens_per_expert=n_expert,
+        topk_idx=idx, topk_weights=w, num_worst_tokens=worst)
+    n = exp_x.size(0)
+    assert wcounts == [] and wx.size(0) == worst and widx.size(0) == worst
+    assert torch.equal(wx[:n].cpu(), exp_x) and torch.equal(widx[:n].cpu(), exp_idx)
+    assert bool((widx[n:] == -1).all()) and bool((ww[n:] == 0).all())
+    padded_y = torch.cat([expert_fn(wx[:n], rank), torch.full_like(wx[n:], 7)])
+    wcomb, _, _ = buf.combine(padded_y, whandle)
+    assert torch.equal(wcomb.cpu(), ref_combine(rank, inputs, num_experts, world))
+    return n
+
+
+def _ref_layout(idx, num_experts, world):
+    per = num_experts // world
+    n_expert = torch.tensor([int((idx == e).sum()) for e in range(num_experts)], dtype=torch.int32)
+    in_rank = torch.stack([((idx >= r * per) & (idx < (r + 1) * per)).any(1) for r in range(world)], 1) \
+        if idx.size(0) else torch.zeros(0, world, dtype=torch.bool)
+    return in_rank.sum(0).to(torch.int32), n_expert, in_rank
+
+
+def _fp8_body(rank, world, num_tokens, num_experts, transport):
+    dev = rank_device()
+    buf = Buffer(None, transport=transport) if transport else Buffer(None)
+    inputs = [make_inputs(r, world, num_tokens, num_experts, "random", torch.float32) for r in range(world)]
+    x, idx, w = (t.to(dev) for t in inputs[rank])
+    q, s = to_fp8(x)
+    n_rank, _, n_expert, in_rank, _ = buf.get_dispatch_layout(idx, num_experts)
+    (rq, rs), ridx, rw, counts, handle, _ = buf.dispatch((q, s), num_tokens_per_rank=n_rank, is_token_in_rank=in_rank,
+                                                        num_tokens_per_expert=n_expert, topk_idx=idx, topk_weights=w)
+    assert rq.dtype == torch.float8_e4m3fn and rs.dtype == torch.float32
+    fp8_inputs = [(from_fp8(*to_fp8(inp[0])), inp[1], inp[2]) for inp in inputs]
+    exp_x, exp_idx, _, _, _ = ref_dispatch(rank, fp8_inputs, num_experts, world)
+    assert torch.equal(from_fp8(rq.cpu(), rs.cpu()), exp_x), "FP8 rows and scales must arrive bit-exactly"
+    assert torch.equal(ridx.cpu(), exp_idx)
+    (cq, cs), _, _, _, _, _ = buf.dispatch((q, s), handle=handle)
+    assert torch.equal(cq.view(torch.uint8), rq.view(torch.uint8)) and torch.equal(cs, rs)
+    # FP8 round trip: dispatch FP8, experts dequantize, combine in bf16.
+    back, _, _ = buf.combine(from_fp8(rq, rs).to(torch.bfloat16), handle)
+    ref = ref_combine(rank, [(a.to(torch.bfloat16), b, c) for a, b, c in fp8_inputs], num_experts, world,
+                      fn=lambda rx, r: rx)
+    assert torch.equal(back.cpu(), ref)
+    return True
+
+
+def _async_and_errors_body(rank, world, transport):
+    dev = rank_device()
+    buf = Buffer(None, transport=transport) if transport else Buffer(None)
+    num_experts = 4 * world
+    x, idx, w = (t.to(dev) for t in make_inputs(rank, world, 16, num_experts, "random"))
+    prev = Buffer.capture()
+    n_rank, _, n_expert, in_rank, ev = buf.get_dispatch_layout(idx, num_experts, previous_event=prev,
+                                                               async_finish=True, allocate_on_comm_stream=True)
+    ev.current_stream_wait()
+    recv_x, _, _, _, handle, ev = buf.dispatch(x, num_tokens_per_rank=n_rank, is_token_in_rank=in_rank,
+                                               num_tokens_per_expert=n_expert, topk_idx=idx, topk_weights=w,
+                                               previous_event=Buffer.capture(), async_finish=True,
+                                               config=Config(8, 4, 64))
+    with ev:
+        pass
+    out, _, ev = buf.combine(recv_x, handle, async_finish=True)
+    ev.current_stream_wait()
+    assert out.shape == x.shape
+
+    with pytest.raises(TypeError, match="int64"):
+        buf.get_dispatch_layout(idx.int(), num_experts)
+    with pytest.raises(ValueError, match="divisible"):
+        buf.get_dispatch_layout(idx, num_experts + 1)
+    with pytest.raises(ValueError, match="num_tokens_per_rank"):
+        buf.dispatch(x, topk_idx=idx)
+    with pytest.raises(TypeError, match="bf16"):
+        buf.dispatch(x.to(torch.int32), num_tokens_per_rank=n_rank, is_token_in_rank=in_rank,
+                     num_tokens_per_expert=n_expert)
+    with pytest.raises(ValueError, match="cached handle"):
+        buf.dispatch(x, handle=handle, topk_idx=idx)
+    with pytest.raises(ValueError, match="rows"):
+        buf.combine(recv_x[:-1] if recv_x.size(0) else torch.zeros(1, HIDDEN, dtype=x.dtype, device=dev), handle)
+    with pytest.raises(ValueError, match="float32"):
+        buf.dispatch((x.to(torch.float8_e4m3fn), torch.ones(x.size(0), 1, device=dev)),
+                     num_tokens_per_rank=n_rank, is_token_in_rank=in_rank, num_tokens_per_expert=n_expert)
+    with pytest.raises(NotImplementedError, match="low_latency"):
+        Buffer(None, low_latency_mode=True)
+    with pytest.raises(NotImplementedError, match="num_rdma_bytes"):
+        Buffer(None, num_rdma_bytes=1 << 20)
+    with pytest.raises(NotImplementedError, match="low-latency"):
+        buf.low_latency_dispatch(x, idx, 128, num_experts)
+    with pytest.raises(ValueError, match="even"):
+        Buffer.set_num_sms(3)
+    return True
+
+
+# ----------------------------------------------------------------------------- tests
+@pytest.mark.dist
+@pytest.mark.parametrize("world_size", world_sizes_for_device(2, 4))
+@pytest.mark.parametrize("routing", ["random", "skewed", "one_rank", "empty", "all_dropped"])
+def test_dispatch_combine_collective(world_size, routing):
+    num_experts = 4 * world_size
+    got = run_distributed(_dispatch_combine_body, world_size,
+                          args=(routing, torch.bfloat16, 24, num_experts, "collective"))
+    if routing == "all_dropped":
+        assert got == [0] * world_size
+    else:
+        assert sum(got) > 0
+
+
+@pytest.mark.dist
+def test_dispatch_combine_fp32_payload():
+    run_distributed(_dispatch_combine_body, 2, args=("random", torch.float32, 8, 8, "collective"))
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("world_size", world_sizes_for_device(2))
+def test_fp8_dispatch_collective(world_size):
+    assert all(run_distributed(_fp8_body, world_size, args=(20, 4 * world_size, "collective")))
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("world_size", world_sizes_for_device(2))
+def test_async_flags_and_errors(world_size):
+    assert all(run_distributed(_async_and_errors_body, world_size, args=("collective",)))
+
+
+def test_layout_single_process():
+    idx = torch.tensor([[0, 5, -1], [7, 6, 4], [-1, -1, -1], [1, 1, 2]], dtype=torch.int64)
+    n_rank, n_expert, in_rank = dispatch_layout(idx, 8, 2)
+    assert n_rank.tolist() == [2, 2]
+    assert n_expert.tolist() == [1, 2, 1, 0, 1, 1, 1, 1]
+    assert in_rank.tolist() == [[True, True], [False, True], [False, False], [True, False]]
+    assert token_positions(in_rank).tolist() == [[0, 0], [-1, 1], [-1, -1], [1, -1]]
+
+
+def test_config_validation():
+    Config(24, 6, 256)
+    with pytest.raises(ValueError):
+        Config(24, 256, 256)
+    assert Buffer.get_dispatch_config(8).num_sms == Buffer.num_sms
+    assert Config(24, 8, 256).get_nvl_buffer_size_hint(7168 * 2, 8) > 0

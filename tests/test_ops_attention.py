@@ -1,0 +1,273 @@
+"""Attention with LSE: reference, our Triton kernel (interpreter on CPU) and the SDPA backends (GPU).
+
+Every backend is checked against fp32 math, forward and backward, with the contract the
+context-parallel ring relies on: partial outputs merge exactly through their LSE, and the backward
+computes with the (merged) o and lse it is given.
+"""
+import importlib
+import math
+
+import pytest
+import torch
+
+attn = importlib.import_module("turbo_dist.ops.attention")  # the module (turbo_dist.ops.attention is also a function)
+from turbo_dist.ops import attention, attention_backward, attention_forward, dispatcher
+
+OPS = ("attention_fwd", "attention_bwd")
+SDPA = ("cudnn", "flash", "efficient")
+
+
+@pytest.fixture(autouse=True)
+def _reset_backends():
+    yield
+    for op in OPS:
+        dispatcher.set_backend(op, None)
+
+
+def use(name):
+    for op in OPS:
+        dispatcher.set_backend(op, name)
+
+
+def math_attention(q, k, v, causal, scale=None):
+    """Plain differentiable attention in float64, the ground truth (bottom-right causal)."""
+    hq, hkv = q.shape[2], k.shape[2]
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    k = k.repeat_interleave(hq // hkv, dim=2)
+    v = v.repeat_interleave(hq // hkv, dim=2)
+    s = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
+    if causal:
+        sq, sk = q.shape[1], k.shape[1]
+        keep = torch.arange(sk, device=q.device)[None, :] <= torch.arange(sq, device=q.device)[:, None] + sk - sq
+        s = s.masked_fill(~keep, float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    p = torch.nan_to_num(torch.exp(s - lse[..., None]), nan=0.0)
+    return torch.einsum("bhqk,bkhd->bqhd", p, v), lse
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+
+
+def make(b, sq, sk, hq, hkv, d, dtype, device="cpu", seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    mk = lambda *s: torch.randn(*s, generator=g).to(device=device, dtype=dtype)  # noqa: E731
+    return mk(b, sq, hq, d), mk(b, sk, hkv, d), mk(b, sk, hkv, d), mk(b, sq, hq, d)
+
+
+def expected(q, k, v, do, causal):
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    o, lse = math_attention(q64, k64, v64, causal)
+    o.backward(do.double())
+    return o, lse, q64.grad, k64.grad, v64.grad
+
+
+def check_backend(name, q, k, v, do, causal, tol_o, tol_g):
+    use(name)
+    o_ref, lse_ref, dq_ref, dk_ref, dv_ref = expected(q, k, v, do, causal)
+    o, lse = attention_forward(q, k, v, causal)
+    assert dispatcher.last_backend("attention_fwd") == name
+    assert o.shape == q.shape and o.dtype == q.dtype
+    assert lse.shape == (q.shape[0], q.shape[2], q.shape[1]) and lse.dtype == torch.float32
+    assert rel(o, o_ref) < tol_o
+    fin = torch.isfinite(lse_ref)
+    assert torch.equal(torch.isfinite(lse).cpu(), fin.cpu()), "rows without visible keys must get lse = -inf"
+    assert (lse[fin].double() - lse_ref[fin]).abs().max().item() < 10 * tol_o
+    # backward from the exact (o, lse), as the CP ring hands them over
+    dq, dk, dv = attention_backward(do, q, k, v, o_ref.to(q.dtype), lse_ref.float(), causal)
+    assert dispatcher.last_backend("attention_bwd") == name
+    assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
+    for got, want in ((dq, dq_ref), (dk, dk_ref), (dv, dv_ref)):
+        assert torch.isfinite(got).all()
+        assert rel(got, want) < tol_g, (name, rel(got, want))
+
+
+def check_block_merge(name, q, k, v, do, causal, tol):
+    """Two key blocks: forward each, merge by LSE in fp32 == full; backward per block with the merged
+    (o, lse) sums to the full gradients (the flash-attn / ring-attention contract)."""
+    use(name)
+    sk = k.shape[1]
+    cut = sk // 2 + 3
+    o_full, lse_full, dq_ref, dk_ref, dv_ref = expected(q, k, v, do, causal)
+    blocks = [(0, cut), (cut, sk)]
+    outs, lses = [], []
+    for lo, hi in blocks:
+        o_b, lse_b = attention_forward(q, k[:, lo:hi], v[:, lo:hi], False)
+        outs.append(o_b.float())
+        lses.append(lse_b)
+    lse = torch.logaddexp(lses[0], lses[1])
+    o = sum(ob * torch.exp(lb - lse).transpose(1, 2).unsqueeze(-1) for ob, lb in zip(outs, lses))
+    assert (lse.double() - lse_full).abs().max().item() < tol
+    assert rel(o, o_full) < tol
+    o_m = o.to(q.dtype)
+    dq = torch.zeros_like(q, dtype=torch.float32)
+    dks, dvs = [], []
+    for lo, hi in blocks:
+        dq_b, dk_b, dv_b = attention_backward(do, q, k[:, lo:hi], v[:, lo:hi], o_m, lse, False)
+        dq += dq_b.float()
+        dks.append(dk_b)
+        dvs.append(dv_b)
+    assert rel(dq, dq_ref) < 2 * tol
+    assert rel(torch.cat(dks, 1), dk_ref) < 2 * tol
+    assert rel(torch.cat(dvs, 1), dv_ref) < 2 * tol
+
+
+# (b, sq, sk, hq, hkv, d, causal): odd lengths, GQA, Sq != Sk both ways, causal bottom-right
+CPU_CASES = [
+    (1, 33, 33, 4, 2, 32, True),
+    (2, 20, 37, 2, 1, 16, False),
+    (1, 17, 45, 2, 2, 16, True),
+    (1, 40, 23, 4, 4, 16, True),   # Sq > Sk: the first 17 rows see no key
+    (1, 24, 24, 3, 1, 24, False),  # head_dim not a power of two
+]
+
+
+@pytest.mark.parametrize("case", CPU_CASES, ids=lambda c: "b{}_q{}_k{}_h{}-{}_d{}_{}".format(*c[:6], "c" if c[6] else "n"))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_interpreter(case, dtype):
+    b, sq, sk, hq, hkv, d, causal = case
+    if torch.cuda.is_available():
+        pytest.skip("CPU interpreter test")
+    q, k, v, do = make(b, sq, sk, hq, hkv, d, dtype)
+    tol_o, tol_g = (1e-5, 1e-5) if dtype == torch.float32 else (2e-3, 5e-3)
+    check_backend("triton", q, k, v, do, causal, tol_o, tol_g)
+
+
+@pytest.mark.parametrize("case", CPU_CASES[:2] + CPU_CASES[3:4], ids=["gqa_causal", "gqa_cross", "empty_rows"])
+def test_reference(case):
+    b, sq, sk, hq, hkv, d, causal = case
+    q, k, v, do = make(b, sq, sk, hq, hkv, d, torch.float32)
+    check_backend("reference", q, k, v, do, causal, 1e-5, 1e-5)
+
+
+@pytest.mark.parametrize("name", ["reference", "triton"])
+def test_block_merge_cpu(name):
+    if torch.cuda.is_available():
+        pytest.skip("CPU test")
+    q, k, v, do = make(1, 19, 41, 4, 2, 16, torch.float32, seed=3)
+    check_block_merge(name, q, k, v, do, False, 1e-5)
+
+
+def test_triton_empty_rows_are_zero():
+    if torch.cuda.is_available():
+        pytest.skip("CPU test")
+    use("triton")
+    q, k, v, do = make(1, 30, 10, 2, 2, 16, torch.float32, seed=5)
+    o, lse = attention_forward(q, k, v, True)
+    assert torch.equal(o[:, :20], torch.zeros_like(o[:, :20]))
+    assert torch.isneginf(lse[:, :, :20]).all() and torch.isfinite(lse[:, :, 20:]).all()
+    dq, dk, dv = attention_backward(do, q, k, v, o, lse, True)
+    assert torch.equal(dq[:, :20], torch.zeros_like(dq[:, :20]))
+
+
+def test_autograd_entry_triton():
+    if torch.cuda.is_available():
+        pytest.skip("CPU test")
+    use("triton")
+    q, k, v, do = make(2, 21, 21, 4, 2, 16, torch.float32, seed=7)
+    qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
+    o, lse = attention(qq, kk, vv, causal=True, softmax_scale=0.3, return_lse=True)
+    o.backward(do)
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    o_ref, lse_ref = math_attention(q64, k64, v64, True, scale=0.3)
+    o_ref.backward(do.double())
+    assert rel(o, o_ref) < 1e-5 and (lse.double() - lse_ref).abs().max() < 1e-5
+    for got, want in ((qq.grad, q64.grad), (kk.grad, k64.grad), (vv.grad, v64.grad)):
+        assert rel(got, want) < 1e-5
+
+
+def test_cpu_default_is_reference():
+    if torch.cuda.is_available():
+        pytest.skip("CPU test")
+    q, k, v, do = make(1, 8, 8, 2, 2, 16, torch.float32)
+    attention_forward(q, k, v, True)
+    assert dispatcher.last_backend("attention_fwd") == "reference"  # the interpreter runs only when named
+
+
+def test_errors():
+    q, k, v, do = make(1, 8, 8, 4, 2, 16, torch.float32)
+    with pytest.raises(ValueError, match="batch, seq, heads, head_dim"):
+        attention_forward(q[0], k, v)
+    with pytest.raises(ValueError, match="multiple of kv heads"):
+        attention_forward(q[:, :, :3], k, v)
+    with pytest.raises(ValueError, match="do not match q"):
+        attention_forward(q, k[..., :8], v[..., :8])
+    with pytest.raises(TypeError, match="dtypes differ"):
+        attention_forward(q.half(), k, v)
+    with pytest.raises(TypeError, match="fp16, bf16 and fp32"):
+        attention_forward(q.double(), k.double(), v.double())
+    with pytest.raises(TypeError, match="must be a tensor"):
+        attention_forward(q, k.numpy(), v)
+    with pytest.raises(ValueError, match="devices differ"):
+        attention_forward(q, k.to("meta"), v)
+    o, lse = attention_forward(q, k, v)
+    with pytest.raises(ValueError, match="lse must be"):
+        attention_backward(do, q, k, v, o, lse.transpose(1, 2))
+    with pytest.raises(ValueError, match="does not match q"):
+        attention_backward(do[:, :4], q, k, v, o, lse)
+    with pytest.raises(ValueError, match="o "):
+        attention_backward(do, q, k, v, o[:, :4], lse)
+    with pytest.raises(TypeError, match="floating point"):
+        attention_backward(do, q, k, v, o, lse.long())
+    if not torch.cuda.is_available():
+        dispatcher.set_backend("attention_fwd", "triton")
+        with pytest.raises(ValueError, match="bf16"):
+            attention_forward(q.bfloat16(), k.bfloat16(), v.bfloat16())
+        dispatcher.set_backend("attention_fwd", "flash")
+        with pytest.raises(ValueError, match="needs CUDA"):
+            attention_forward(q.half(), k.half(), v.half())
+    with pytest.raises(ValueError, match="no backend"):
+        dispatcher.set_backend("attention_fwd", "nonexistent")
+
+
+# ------------------------------------------------------------------------------------------- GPU
+GPU_CASES = [
+    (2, 256, 256, 8, 8, 128, True),
+    (2, 256, 256, 8, 2, 128, True),    # GQA
+    (1, 300, 300, 4, 4, 64, True),     # odd length, not a multiple of any tile
+    (2, 200, 333, 4, 2, 64, False),    # Sq != Sk, GQA
+    (1, 130, 390, 4, 4, 128, True),    # causal, Sq < Sk (bottom-right)
+    (1, 390, 130, 4, 2, 64, True),     # causal, Sq > Sk: empty rows
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: "b{}_q{}_k{}_h{}-{}_d{}_{}".format(*c[:6], "c" if c[6] else "n"))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", ["triton", *SDPA])
+def test_gpu_backend(name, dtype, case):
+    b, sq, sk, hq, hkv, d, causal = case
+    q, k, v, do = make(b, sq, sk, hq, hkv, d, dtype, device="cuda")
+    ok = attn._sdpa_reason(name, q, k, v, causal) if name in SDPA else True
+    if ok is not True:
+        # the main shape must run everywhere on sm80+; only the documented limits may refuse
+        assert causal and sq != sk, ok
+        pytest.skip(ok)
+    tol = 1e-2 if dtype == torch.bfloat16 else 3e-3
+    check_backend(name, q, k, v, do, causal, tol, 2 * tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["triton", *SDPA])
+def test_gpu_block_merge(name):
+    q, k, v, do = make(2, 192, 320, 8, 2, 128, torch.bfloat16, device="cuda", seed=11)
+    check_block_merge(name, q, k, v, do, False, 1.5e-2)
+
+
+@pytest.mark.gpu
+def test_gpu_triton_fp32():
+    q, k, v, do = make(1, 100, 77, 4, 2, 64, torch.float32, device="cuda")
+    check_backend("triton", q, k, v, do, True, 1e-4, 1e-4)
+
+
+@pytest.mark.gpu
+def test_gpu_default_order():
+    q, k, v, do = make(1, 128, 128, 4, 4, 128, torch.bfloat16, device="cuda")
+    fwd = dispatcher.choose("attention_fwd", q, k, v, True, None).name
+    bwd = dispatcher.choose("attention_bwd", do, q, k, v, q, torch.zeros(1, 4, 128, device="cuda"), True, None).name
+    assert fwd == min(SDPA + ("triton",), key=attn.PRIORITY.get)
+    assert bwd == min(SDPA + ("triton",), key=attn.PRIORITY.get)
+    # fp32 goes to our kernel (SDPA's fused kernels are fp16/bf16 only)
+    q32 = q.float()
+    assert dispatcher.choose("attention_fwd", q32, q32, q32, True, None).name == "triton"

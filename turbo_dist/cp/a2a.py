@@ -1,0 +1,140 @@
+"""All-to-all ("Ulysses") attention: trade the sequence shard for a head shard, attend, trade back.
+
+Rank j receives every rank's sequence shard of heads [j*Hq/cp, (j+1)*Hq/cp) (and the matching K/V
+heads), runs ordinary attention on the full sequence, and returns each rank its sequence shard of
+those heads. Heads are cut into `num_chunks` groups that are pipelined: the all-to-alls of group
+g+1 (q and packed k/v, in flight together) and the output all-to-all of group g-1 overlap with
+group g's attention.
+
+GQA: with Hkv divisible by cp each rank receives Hkv/cp K/V heads; with Hkv < cp (cp divisible by
+Hkv) each K/V head is replicated cp/Hkv times before the exchange (its gradients summed after).
+Causal masks need the natural token order: with the zigzag layout the gathered sequence is
+permuted once on arrival (and its outputs permuted back); non-causal attention needs no permute.
+"""
+import torch
+
+from turbo_dist.ops import attention_backward, attention_forward
+
+from . import _comm
+from .layout import gathered_to_natural, natural_to_scattered
+
+
+def kv_replication(hq, hkv, cp):
+    """How many times each K/V head is replicated so that every rank gets whole K/V heads."""
+    if hq % cp:
+        raise ValueError(f"a2a (Ulysses) CP needs q heads divisible by the CP size: {hq} heads, cp={cp}")
+    if hkv % cp == 0:
+        return 1
+    if cp % hkv == 0:
+        return cp // hkv
+    raise ValueError(
+        f"a2a (Ulysses) CP needs kv heads divisible by cp or cp divisible by kv heads: {hkv} kv heads, cp={cp}"
+    )
+
+
+def _pick_chunks(num_chunks, hk_per_rank):
+    n = max(1, min(int(num_chunks), hk_per_rank))
+    while hk_per_rank % n:
+        n -= 1
+    return n
+
+
+def _to_rank_major(x, cp, heads):
+    """x: [B, S_loc, cp*h, D], taking head slice `heads` of each rank's group -> [cp, B, S_loc, hc, D]."""
+    b, s, h, d = x.shape
+    return x.view(b, s, cp, h // cp, d)[:, :, :, heads].permute(2, 0, 1, 3, 4)
+
+
+def _heads_sharded(x, cp, heads, reorder, rt):
+    """Launch the all-to-all of one head group: returns Pending of [cp, B, S_loc, hc, D]."""
+    return _comm.all_to_all(_to_rank_major(x, cp, heads).contiguous(), rt)
+
+
+def _write_back(dst, recv, cp, heads):
+    """dst [B, S_loc, cp*h, D] <- recv [cp, B, S_loc, hc, D] for head slice `heads` of every rank's group."""
+    b, s, h, d = dst.shape
+    dst.view(b, s, cp, h // cp, d)[:, :, :, heads] = recv.permute(1, 2, 0, 3, 4)
+
+
+def a2a_forward(q, k, v, causal, scale, rt, load_balance, num_chunks):
+    cp = rt.world_size
+    b, s_loc, hq, d = q.shape
+    rep = kv_replication(hq, k.shape[2], cp)
+    if rep > 1:
+        k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
+    hp, hk = hq // cp, k.shape[2] // cp
+    nc = _pick_chunks(num_chunks, hk)
+    qc, kc = hp // nc, hk // nc
+    reorder = causal and load_balance and cp > 1
+    kv = torch.stack([k, v], dim=0)  # [2, B, S_loc, Hkv', D]
+
+    pend_in = []
+    for j in range(nc):
+        qs, ks = slice(j * qc, (j + 1) * qc), slice(j * kc, (j + 1) * kc)
+        send_kv = kv.view(2, b, s_loc, cp, hk, d)[:, :, :, :, ks].permute(3, 0, 1, 2, 4, 5)
+        pend_in.append((_heads_sharded(q, cp, qs, reorder, rt), _comm.all_to_all(send_kv.contiguous(), rt)))
+
+    out = torch.empty_like(q)
+    saved, pend_out = [], []
+    for j in range(nc):
+        rq, rkv = pend_in[j][0].wait(), pend_in[j][1].wait()
+        q_h = gathered_to_natural(rq, cp, reorder, seq_dim=1).contiguous()  # [B, S, qc, D]
+        kv_h = gathered_to_natural(rkv, cp, reorder, seq_dim=2).contiguous()  # [2, B, S, kc, D]
+        o_h, lse_h = attention_forward(q_h, kv_h[0], kv_h[1], causal, scale)
+        pend_out.append(_comm.all_to_all(natural_to_scattered(o_h, cp, reorder, seq_dim=1), rt))
+        saved += [q_h, kv_h, o_h, lse_h]
+    for j in range(nc):
+        _write_back(out, pend_out[j].wait(), cp, slice(j * qc, (j + 1) * qc))
+    return out, saved, (rep, nc)
+
+
+def a2a_backward(do, saved, causal, scale, rt, load_balance, rep, nc, k_shape):
+    cp = rt.world_size
+    b, s_loc, hq, d = do.shape
+    hp = hq // cp
+    qc = hp // nc
+    reorder = causal and load_balance and cp > 1
+    hk_total = k_shape[2] * rep
+    kc = hk_total // cp // nc
+
+    pend_do = [_heads_sharded(do, cp, slice(j * qc, (j + 1) * qc), reorder, rt) for j in range(nc)]
+    pend = []
+    for j in range(nc):
+        q_h, kv_h, o_h, lse_h = saved[4 * j: 4 * j + 4]
+        do_h = gathered_to_natural(pend_do[j].wait(), cp, reorder, seq_dim=1).contiguous()
+        dq_h, dk_h, dv_h = attention_backward(do_h, q_h, kv_h[0], kv_h[1], o_h, lse_h, causal, scale)
+        send_dq = natural_to_scattered(dq_h, cp, reorder, seq_dim=1)
+        send_dkv = natural_to_scattered(torch.stack([dk_h, dv_h]), cp, reorder, seq_dim=2)
+        pend.append((_comm.all_to_all(send_dq, rt), _comm.all_to_all(send_dkv, rt)))
+
+    dq = torch.empty_like(do)
+    dkv = torch.empty((2, b, s_loc, hk_total, d), dtype=saved[1].dtype, device=do.device)
+    hk = hk_total // cp
+    for j in range(nc):
+        _write_back(dq, pend[j][0].wait(), cp, slice(j * qc, (j + 1) * qc))
+        rkv = pend[j][1].wait()  # [cp, 2, B, S_loc, kc, D]
+        dkv.view(2, b, s_loc, cp, hk, d)[:, :, :, :, j * kc:(j + 1) * kc] = rkv.permute(1, 2, 3, 0, 4, 5)
+    if rep > 1:
+        dkv = dkv.float().view(2, b, s_loc, k_shape[2], rep, d).sum(4).to(dkv.dtype)
+    return dq, dkv[0], dkv[1]
+
+
+class A2AAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, causal, scale, rt, load_balance, num_chunks):
+        out, saved, (rep, nc) = a2a_forward(q, k, v, causal, scale, rt, load_balance, num_chunks)
+        ctx.save_for_backward(*saved)
+        ctx.args = (causal, scale, rt, load_balance, rep, nc, tuple(k.shape))
+        return out
+
+    @staticmethod
+    def backward(ctx, do):
+        causal, scale, rt, load_balance, rep, nc, k_shape = ctx.args
+        dq, dk, dv = a2a_backward(do.contiguous(), list(ctx.saved_tensors), causal, scale, rt, load_balance,
+                                  rep, nc, k_shape)
+        return dq, dk, dv, None, None, None, None, None
+
+
+def a2a_attention(q, k, v, causal, scale, rt, load_balance, num_chunks=2):
+    kv_replication(q.shape[2], k.shape[2], rt.world_size)  # validate before any communication
+    return A2AAttention.apply(q, k, v, causal, scale, rt, load_balance, num_chunks)

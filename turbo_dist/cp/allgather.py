@@ -1,0 +1,125 @@
+"""All-gather attention: gather the whole K/V sequence, attend the local queries to it.
+
+K/V heads are cut into `num_chunks` groups; the all-gather of group g+1 runs on the comm stream
+while group g is computed (heads are independent, so no LSE merge is needed). Under a causal mask
+each local query chunk c attends the K/V prefix [0, (c+1)*chunk) with a bottom-right aligned mask;
+with the zigzag layout that is the same work on every rank.
+
+Backward gathers K/V again (nothing of the full sequence is kept between forward and backward),
+accumulates the full-sequence dK/dV in fp32 and reduce-scatters it (group g's reduce-scatter
+overlapping group g+1's compute).
+"""
+import torch
+
+from turbo_dist.ops import attention_backward, attention_forward
+
+from . import _comm
+from .layout import chunk_ids, gathered_to_natural, natural_to_scattered
+
+
+def _pick_chunks(num_chunks, hkv):
+    n = max(1, min(int(num_chunks), hkv))
+    while hkv % n:
+        n -= 1
+    return n
+
+
+def _gather_kv(k, v, ks, rt):
+    return _comm.all_gather(torch.stack([k[:, :, ks], v[:, :, ks]]), rt)  # -> [cp, 2, B, S_loc, kc, D]
+
+
+def _q_blocks(s_loc, rank, cp, causal, load_balance):
+    """(local query slice, number of visible keys in natural order, causal) per local chunk."""
+    if not causal:
+        return [(slice(None), None, False)]
+    ids = chunk_ids(rank, cp, load_balance)
+    size = s_loc // len(ids)
+    return [(slice(i * size, (i + 1) * size), (c + 1) * size, True) for i, c in enumerate(ids)]
+
+
+def _heads(t, hs, nc):
+    return t[:, :, hs].contiguous() if nc > 1 else t
+
+
+def allgather_forward(q, k, v, causal, scale, rt, load_balance, num_chunks):
+    cp, rank = rt.world_size, rt.rank
+    b, s_loc, hq, d = q.shape
+    hkv = k.shape[2]
+    nc = _pick_chunks(num_chunks, hkv)
+    kc, qc = hkv // nc, hq // nc
+    reorder = causal and load_balance and cp > 1
+    blocks = _q_blocks(s_loc, rank, cp, causal, load_balance)
+    out = torch.empty_like(q)
+    lse = torch.empty((b, hq, s_loc), dtype=torch.float32, device=q.device)
+    pend = _gather_kv(k, v, slice(0, kc), rt)
+    for j in range(nc):
+        gathered = pend.wait()
+        if j + 1 < nc:
+            pend = _gather_kv(k, v, slice((j + 1) * kc, (j + 2) * kc), rt)
+        kv = gathered_to_natural(gathered, cp, reorder, seq_dim=2)  # [2, B, S, kc, D]
+        hs = slice(j * qc, (j + 1) * qc)
+        q_j = _heads(q, hs, nc)
+        for qs, nk, blk_causal in blocks:
+            kp, vp = (kv[0], kv[1]) if nk is None else (kv[0][:, :nk], kv[1][:, :nk])
+            o_b, l_b = attention_forward(q_j[:, qs].contiguous(), kp.contiguous(), vp.contiguous(), blk_causal, scale)
+            out[:, qs, hs] = o_b
+            lse[:, hs, qs] = l_b
+    return out, lse, nc
+
+
+def allgather_backward(do, q, k, v, out, lse, causal, scale, rt, load_balance, nc):
+    cp, rank = rt.world_size, rt.rank
+    b, s_loc, hq, d = q.shape
+    hkv = k.shape[2]
+    kc, qc = hkv // nc, hq // nc
+    reorder = causal and load_balance and cp > 1
+    blocks = _q_blocks(s_loc, rank, cp, causal, load_balance)
+    dq = torch.empty_like(q)
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    pend = _gather_kv(k, v, slice(0, kc), rt)
+    pend_rs = []
+    for j in range(nc):
+        gathered = pend.wait()
+        if j + 1 < nc:
+            pend = _gather_kv(k, v, slice((j + 1) * kc, (j + 2) * kc), rt)
+        kv = gathered_to_natural(gathered, cp, reorder, seq_dim=2)
+        hs = slice(j * qc, (j + 1) * qc)
+        q_j, do_j, o_j = _heads(q, hs, nc), _heads(do, hs, nc), _heads(out, hs, nc)
+        lse_j = lse[:, hs]
+        dkv = torch.zeros((2, b, cp * s_loc, kc, d), dtype=torch.float32, device=q.device)
+        for qs, nk, blk_causal in blocks:
+            kp, vp = (kv[0], kv[1]) if nk is None else (kv[0][:, :nk], kv[1][:, :nk])
+            dq_b, dk_b, dv_b = attention_backward(
+                do_j[:, qs].contiguous(), q_j[:, qs].contiguous(), kp.contiguous(), vp.contiguous(),
+                o_j[:, qs].contiguous(), lse_j[:, :, qs].contiguous(), blk_causal, scale)
+            dq[:, qs, hs] = dq_b
+            n = dk_b.shape[1]
+            dkv[0][:, :n] += dk_b
+            dkv[1][:, :n] += dv_b
+        pend_rs.append(_comm.reduce_scatter(natural_to_scattered(dkv, cp, reorder, seq_dim=2), rt))
+    for j in range(nc):
+        r = pend_rs[j].wait()  # [2, B, S_loc, kc, D] fp32, summed over ranks
+        ks = slice(j * kc, (j + 1) * kc)
+        dk[:, :, ks] = r[0]
+        dv[:, :, ks] = r[1]
+    return dq, dk, dv
+
+
+class AllGatherAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, causal, scale, rt, load_balance, num_chunks):
+        out, lse, nc = allgather_forward(q, k, v, causal, scale, rt, load_balance, num_chunks)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.args = (causal, scale, rt, load_balance, nc)
+        return out
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, out, lse = ctx.saved_tensors
+        causal, scale, rt, load_balance, nc = ctx.args
+        dq, dk, dv = allgather_backward(do.contiguous(), q, k, v, out, lse, causal, scale, rt, load_balance, nc)
+        return dq, dk, dv, None, None, None, None, None
+
+
+def allgather_attention(q, k, v, causal, scale, rt, load_balance, num_chunks=2):
+    return AllGatherAttention.apply(q, k, v, causal, scale, rt, load_balance, num_chunks)

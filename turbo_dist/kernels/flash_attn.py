@@ -1,0 +1,377 @@
+"""Flash attention forward/backward in Triton, on [B, S, H, D] with GQA and the log-sum-exp.
+
+    o, lse = flash_attn_forward(q, k, v, causal, softmax_scale)          # lse [B, Hq, Sq] fp32
+    dq, dk, dv = flash_attn_backward(do, q, k, v, o, lse, causal, softmax_scale)
+
+q: [B, Sq, Hq, D], k/v: [B, Sk, Hkv, D] with Hq % Hkv == 0 (kv are read through their own head,
+never repeated in memory); any strides. Causal masks align bottom-right: query i sees key j iff
+j <= i + Sk - Sq (top-left when Sq == Sk). A query row with no visible key gets o = 0, lse = -inf.
+
+The backward uses the (o, lse) it is given, not a recomputation: with a context-parallel ring
+those are the merged output and the global lse, and delta = rowsum(do * o) must use them.
+Kernels: forward (online softmax in base 2), delta preprocess, dk/dv (one program per key block
+and kv head, looping over the head's whole query group, so no atomics), dq (one program per
+query block). They also run under TRITON_INTERPRET=1 (fp16/fp32) for CPU tests.
+"""
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+@dataclass(frozen=True)
+class FlashConfig:
+    """Tile sizes of one kernel: BLOCK_M queries x BLOCK_N keys per step."""
+    block_m: int
+    block_n: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+def interpreting():
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# Chosen on an H100 (bench_ops_attention.py --tune); keyed by head-dim bucket. Data, not code paths.
+FWD_CONFIGS = {
+    64: FlashConfig(128, 64, num_warps=4, num_stages=3),
+    128: FlashConfig(128, 64, num_warps=8, num_stages=3),
+    256: FlashConfig(64, 32, num_warps=4, num_stages=2),
+}
+BWD_DKDV_CONFIGS = {
+    64: FlashConfig(64, 128, num_warps=8, num_stages=3),
+    128: FlashConfig(64, 128, num_warps=8, num_stages=2),
+    256: FlashConfig(32, 64, num_warps=4, num_stages=2),
+}
+BWD_DQ_CONFIGS = {
+    64: FlashConfig(128, 64, num_warps=8, num_stages=3),
+    128: FlashConfig(128, 64, num_warps=8, num_stages=2),
+    256: FlashConfig(64, 32, num_warps=4, num_stages=2),
+}
+INTERPRET_CONFIG = FlashConfig(16, 16, num_warps=1, num_stages=1)
+
+
+def _pick(table, block_d):
+    if interpreting():
+        return INTERPRET_CONFIG
+    for d in sorted(table):
+        if block_d <= d:
+            return table[d]
+    raise NotImplementedError(f"flash attention (triton) supports head_dim <= {max(table)}, got {block_d}")
+
+
+MAX_HEAD_DIM = 256
+
+
+# ----------------------------------------------------------------------------------------- forward
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, sks, skd, svs, svd, start_n, offs_m, offs_n, offs_d, mask_d,
+               SEQ_K, diag, qk_scale, MASK: tl.constexpr, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr,
+               PRECISION: tl.constexpr):
+    cols = start_n + offs_n
+    kt_ptrs = k_base + cols[None, :] * sks + offs_d[:, None] * skd   # [D, N]
+    v_ptrs = v_base + cols[:, None] * svs + offs_d[None, :] * svd    # [N, D]
+    if MASK:
+        kt = tl.load(kt_ptrs, mask=(cols[None, :] < SEQ_K) & mask_d[:, None], other=0.0)
+        v = tl.load(v_ptrs, mask=(cols[:, None] < SEQ_K) & mask_d[None, :], other=0.0)
+    elif EVEN_D:
+        kt = tl.load(kt_ptrs)
+        v = tl.load(v_ptrs)
+    else:
+        kt = tl.load(kt_ptrs, mask=mask_d[:, None], other=0.0)
+        v = tl.load(v_ptrs, mask=mask_d[None, :], other=0.0)
+    s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale  # log2 units
+    if MASK:
+        valid = cols[None, :] < SEQ_K
+        if CAUSAL:
+            valid = valid & (cols[None, :] <= offs_m[:, None] + diag)
+        s = tl.where(valid, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # fully masked row so far
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = m_new
+    p = tl.math.exp2(s - m_use[:, None])
+    alpha = tl.math.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, O, LSE,
+                sqb, sqs, sqh, sqd, skb, sks, skh, skd, svb, svs, svh, svd, sob, sos, soh, sod,
+                slb, slh, sls,
+                GROUP, SEQ_Q, SEQ_K, HEAD_DIM, qk_scale,
+                CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                EVEN_D: tl.constexpr, PRECISION: tl.constexpr):
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    hk = h // GROUP
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m < SEQ_Q
+    mask_d = offs_d < HEAD_DIM
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqs + offs_d[None, :] * sqd,
+                mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+    k_base = K + b * skb + hk * skh
+    v_base = V + b * svb + hk * svh
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    diag = SEQ_K - SEQ_Q  # query i sees keys j <= i + diag
+    if CAUSAL:
+        full_end = tl.minimum(tl.maximum(start_m + diag + 1, 0), SEQ_K)  # every row sees keys below this
+        hi = tl.minimum(tl.maximum(start_m + BLOCK_M + diag, 0), SEQ_K)  # no row sees keys from here on
+    else:
+        full_end = SEQ_K
+        hi = SEQ_K
+    full_end = (full_end // BLOCK_N) * BLOCK_N
+    for start_n in range(0, full_end, BLOCK_N):
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, sks, skd, svs, svd, start_n, offs_m, offs_n,
+                                   offs_d, mask_d, SEQ_K, diag, qk_scale, False, CAUSAL, EVEN_D, PRECISION)
+    for start_n in range(full_end, hi, BLOCK_N):
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, sks, skd, svs, svd, start_n, offs_m, offs_n,
+                                   offs_d, mask_d, SEQ_K, diag, qk_scale, True, CAUSAL, EVEN_D, PRECISION)
+
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    o = acc / l_safe[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+    tl.store(O + b * sob + h * soh + offs_m[:, None] * sos + offs_d[None, :] * sod, o.to(O.dtype.element_ty),
+             mask=mask_m[:, None] & mask_d[None, :])
+    tl.store(LSE + b * slb + h * slh + offs_m * sls, lse, mask=mask_m)
+
+
+# ---------------------------------------------------------------------------------------- backward
+@triton.jit
+def _bwd_delta_kernel(O, DO, DELTA, sob, sos, soh, sod, sdb, sds, sdh, sdd, SEQ_Q, HEAD_DIM, H,
+                      BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m[:, None] < SEQ_Q) & (offs_d[None, :] < HEAD_DIM)
+    o = tl.load(O + b * sob + h * soh + offs_m[:, None] * sos + offs_d[None, :] * sod, mask=mask, other=0.0)
+    do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sds + offs_d[None, :] * sdd, mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + (b * H + h) * SEQ_Q + offs_m, delta, mask=offs_m < SEQ_Q)
+
+
+@triton.jit
+def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqs, sqd, sds, sdd, sls,
+                    start_m, offs_m0, offs_n, offs_d, mask_d, SEQ_Q, diag, qk_scale,
+                    MASK: tl.constexpr, PRECISION: tl.constexpr):
+    offs_m = start_m + offs_m0
+    mask_m = offs_m < SEQ_Q
+    qt = tl.load(q_base + offs_m[None, :] * sqs + offs_d[:, None] * sqd,
+                 mask=mask_m[None, :] & mask_d[:, None], other=0.0)     # [D, M]
+    do = tl.load(do_base + offs_m[:, None] * sds + offs_d[None, :] * sdd,
+                 mask=mask_m[:, None] & mask_d[None, :], other=0.0)     # [M, D]
+    lse = tl.load(lse_base + offs_m * sls, mask=mask_m, other=float("-inf"))
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)  # rows that saw nothing: p = 0
+    delta = tl.load(delta_base + offs_m, mask=mask_m, other=0.0)
+    st = tl.dot(k, qt, input_precision=PRECISION) * qk_scale           # [N, M], log2 units
+    pt = tl.math.exp2(st - lse2[None, :])
+    if MASK:
+        pt = tl.where(offs_n[:, None] <= offs_m[None, :] + diag, pt, 0.0)
+    dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=PRECISION)
+    dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)          # [N, M]
+    dst = pt * (dpt - delta[None, :])
+    dk = tl.dot(dst.to(qt.dtype), tl.trans(qt), dk, input_precision=PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
+                     sqb, sqs, sqh, sqd, skb, sks, skh, skd, svb, svs, svh, svd, sdb, sds, sdh, sdd,
+                     slb, slh, sls, sdkb, sdks, sdkh, sdkd, sdvb, sdvs, sdvh, sdvd,
+                     HQ, GROUP, SEQ_Q, SEQ_K, HEAD_DIM, qk_scale, sm_scale,
+                     CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                     PRECISION: tl.constexpr):
+    pid_n = tl.program_id(0)
+    hk = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    start_n = pid_n * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_n = offs_n < SEQ_K
+    mask_d = offs_d < HEAD_DIM
+    kv_mask = mask_n[:, None] & mask_d[None, :]
+    k = tl.load(K + b * skb + hk * skh + offs_n[:, None] * sks + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
+    v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svs + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    diag = SEQ_K - SEQ_Q
+    if CAUSAL:
+        lo = (tl.maximum(start_n - diag, 0) // BLOCK_M) * BLOCK_M  # first query that sees this key block
+        # queries from `unmasked` on see every key of the block
+        unmasked = tl.minimum(tl.maximum(start_n + BLOCK_N - 1 - diag, lo), SEQ_Q)
+        unmasked = tl.cdiv(unmasked, BLOCK_M) * BLOCK_M
+    else:
+        lo = 0
+        unmasked = 0
+    for g in range(0, GROUP):
+        h = hk * GROUP + g
+        q_base = Q + b * sqb + h * sqh
+        do_base = DO + b * sdb + h * sdh
+        lse_base = LSE + b * slb + h * slh
+        delta_base = DELTA + (b * HQ + h) * SEQ_Q
+        for start_m in range(lo, unmasked, BLOCK_M):
+            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqs, sqd, sds, sdd, sls,
+                                     start_m, offs_m0, offs_n, offs_d, mask_d, SEQ_Q, diag, qk_scale,
+                                     True, PRECISION)
+        for start_m in range(unmasked, SEQ_Q, BLOCK_M):
+            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqs, sqd, sds, sdd, sls,
+                                     start_m, offs_m0, offs_n, offs_d, mask_d, SEQ_Q, diag, qk_scale,
+                                     False, PRECISION)
+    dk = dk * sm_scale
+    tl.store(DK + b * sdkb + hk * sdkh + offs_n[:, None] * sdks + offs_d[None, :] * sdkd,
+             dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + b * sdvb + hk * sdvh + offs_n[:, None] * sdvs + offs_d[None, :] * sdvd,
+             dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, sks, skd, svs, svd, start_n, offs_m, offs_n0, offs_d,
+                  mask_d, SEQ_K, diag, qk_scale, MASK: tl.constexpr, CAUSAL: tl.constexpr,
+                  PRECISION: tl.constexpr):
+    offs_n = start_n + offs_n0
+    if MASK:
+        kv_mask = (offs_n[:, None] < SEQ_K) & mask_d[None, :]
+    else:
+        kv_mask = mask_d[None, :]
+    k = tl.load(k_base + offs_n[:, None] * sks + offs_d[None, :] * skd, mask=kv_mask, other=0.0)  # [N, D]
+    v = tl.load(v_base + offs_n[:, None] * svs + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [M, N]
+    p = tl.math.exp2(s - lse2[:, None])
+    if MASK:
+        valid = offs_n[None, :] < SEQ_K
+        if CAUSAL:
+            valid = valid & (offs_n[None, :] <= offs_m[:, None] + diag)
+        p = tl.where(valid, p, 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    ds = p * (dp - delta[:, None])
+    dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
+    return dq
+
+
+@triton.jit
+def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
+                   sqb, sqs, sqh, sqd, skb, sks, skh, skd, svb, svs, svh, svd, sdb, sds, sdh, sdd,
+                   slb, slh, sls, sdqb, sdqs, sdqh, sdqd,
+                   HQ, GROUP, SEQ_Q, SEQ_K, HEAD_DIM, qk_scale, sm_scale,
+                   CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                   PRECISION: tl.constexpr):
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    hk = h // GROUP
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m < SEQ_Q
+    mask_d = offs_d < HEAD_DIM
+    qmask = mask_m[:, None] & mask_d[None, :]
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqs + offs_d[None, :] * sqd, mask=qmask, other=0.0)
+    do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sds + offs_d[None, :] * sdd, mask=qmask, other=0.0)
+    lse = tl.load(LSE + b * slb + h * slh + offs_m * sls, mask=mask_m, other=float("-inf"))
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    delta = tl.load(DELTA + (b * HQ + h) * SEQ_Q + offs_m, mask=mask_m, other=0.0)
+    k_base = K + b * skb + hk * skh
+    v_base = V + b * svb + hk * svh
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    diag = SEQ_K - SEQ_Q
+    if CAUSAL:
+        full_end = tl.minimum(tl.maximum(start_m + diag + 1, 0), SEQ_K)
+        hi = tl.minimum(tl.maximum(start_m + BLOCK_M + diag, 0), SEQ_K)
+    else:
+        full_end = SEQ_K
+        hi = SEQ_K
+    full_end = (full_end // BLOCK_N) * BLOCK_N
+    for start_n in range(0, full_end, BLOCK_N):
+        dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, sks, skd, svs, svd, start_n, offs_m, offs_n0,
+                           offs_d, mask_d, SEQ_K, diag, qk_scale, False, CAUSAL, PRECISION)
+    for start_n in range(full_end, hi, BLOCK_N):
+        dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, sks, skd, svs, svd, start_n, offs_m, offs_n0,
+                           offs_d, mask_d, SEQ_K, diag, qk_scale, True, CAUSAL, PRECISION)
+    dq = dq * sm_scale
+    tl.store(DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqs + offs_d[None, :] * sdqd,
+             dq.to(DQ.dtype.element_ty), mask=qmask)
+
+
+# ---------------------------------------------------------------------------------------- launchers
+def _block_d(d):
+    return max(16, triton.next_power_of_2(d))
+
+
+def _precision(dtype):
+    # fp32 inputs: exact fp32 products (tf32 would cost ~3 digits); fp16/bf16 ignore it
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def flash_attn_forward(q, k, v, causal=False, softmax_scale=None, config=None):
+    """o [B, Sq, Hq, D] (q's dtype), lse [B, Hq, Sq] fp32. Inputs are assumed validated by the caller."""
+    b, sq, hq, d = q.shape
+    sk, hkv = k.shape[1], k.shape[2]
+    scale = d ** -0.5 if softmax_scale is None else float(softmax_scale)
+    block_d = _block_d(d)
+    cfg = config or _pick(FWD_CONFIGS, block_d)
+    o = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty((b, hq, sq), device=q.device, dtype=torch.float32)
+    if b * sq * hq == 0:
+        return o, lse
+    grid = (triton.cdiv(sq, cfg.block_m), hq, b)
+    _fwd_kernel[grid](
+        q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(), *lse.stride(),
+        hq // hkv, sq, sk, d, scale * LOG2E,
+        CAUSAL=bool(causal), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, EVEN_D=block_d == d,
+        PRECISION=_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return o, lse
+
+
+def flash_attn_backward(do, q, k, v, o, lse, causal=False, softmax_scale=None, dkdv_config=None, dq_config=None):
+    """dq, dk, dv from the given o and lse (global ones under context parallelism)."""
+    b, sq, hq, d = q.shape
+    sk, hkv = k.shape[1], k.shape[2]
+    scale = d ** -0.5 if softmax_scale is None else float(softmax_scale)
+    block_d = _block_d(d)
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
+    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+    if sk == 0 or b == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    if sq == 0:
+        return dq, dk.zero_(), dv.zero_()
+    lse = lse.float()
+    delta = torch.empty((b, hq, sq), device=q.device, dtype=torch.float32)
+    pre_m = 16 if interpreting() else 64
+    _bwd_delta_kernel[(triton.cdiv(sq, pre_m), hq, b)](
+        o, do, delta, *o.stride(), *do.stride(), sq, d, hq, BLOCK_M=pre_m, BLOCK_D=block_d)
+    prec = _precision(q.dtype)
+    cfg = dkdv_config or _pick(BWD_DKDV_CONFIGS, block_d)
+    _bwd_dkdv_kernel[(triton.cdiv(sk, cfg.block_n), hkv, b)](
+        q, k, v, do, lse, delta, dk, dv, *q.stride(), *k.stride(), *v.stride(), *do.stride(), *lse.stride(),
+        *dk.stride(), *dv.stride(), hq, hq // hkv, sq, sk, d, scale * LOG2E, scale,
+        CAUSAL=bool(causal), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, PRECISION=prec,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    cfg = dq_config or _pick(BWD_DQ_CONFIGS, block_d)
+    _bwd_dq_kernel[(triton.cdiv(sq, cfg.block_m), hq, b)](
+        q, k, v, do, lse, delta, dq, *q.stride(), *k.stride(), *v.stride(), *do.stride(), *lse.stride(),
+        *dq.stride(), hq, hq // hkv, sq, sk, d, scale * LOG2E, scale,
+        CAUSAL=bool(causal), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, PRECISION=prec,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return dq, dk, dv

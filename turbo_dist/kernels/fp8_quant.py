@@ -1,0 +1,131 @@
+"""Triton FP8 quantization of x [R, C] (or a batch [E, R, C]) along C (the GEMM contraction dim), one pass.
+
+Scales are dequantization factors (x ~= x_q * scale), fp32, with a leading [E] dim for a batch:
+  tensorwise: [1] (one per batch entry: [E]; from a separate amax reduction), rowwise: [R, 1],
+  1 x B blocks: [R, cdiv(C, B)], B x B blocks: [cdiv(R, B), cdiv(C, B)].
+x may have any strides (a transposed view quantizes along its other dim); x_q is written row-major.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .gemm import interpreting
+
+MODE_TENSOR, MODE_ROW, MODE_1XB, MODE_BXB = 0, 1, 2, 3
+EPS = 1e-12
+
+
+@triton.jit
+def _quant_tile_kernel(
+    x_ptr, q_ptr, s_ptr, R, C,
+    stride_xe, stride_xr, stride_xc, stride_qe, stride_qr, stride_qc, stride_se, stride_sr, stride_sc,
+    FP8_MAX: tl.constexpr, MODE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    pid_r = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    pid_e = tl.program_id(2).to(tl.int64)
+    x_ptr += pid_e * stride_xe
+    q_ptr += pid_e * stride_qe
+    s_ptr += pid_e * stride_se
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = (offs_r[:, None] < R) & (offs_c[None, :] < C)
+    x = tl.load(x_ptr + offs_r[:, None].to(tl.int64) * stride_xr + offs_c[None, :] * stride_xc, mask=mask, other=0.0)
+    x = x.to(tl.float32)
+    if MODE == 0:
+        scale = tl.load(s_ptr)
+        y = x / scale
+    elif MODE == 2:
+        amax = tl.max(tl.abs(x), axis=1)
+        scale = tl.maximum(amax, 1e-12) / FP8_MAX
+        tl.store(s_ptr + offs_r * stride_sr + pid_c * stride_sc, scale, mask=offs_r < R)
+        y = x / scale[:, None]
+    else:
+        amax = tl.max(tl.max(tl.abs(x), axis=1), axis=0)
+        scale = tl.maximum(amax, 1e-12) / FP8_MAX
+        tl.store(s_ptr + pid_r * stride_sr + pid_c * stride_sc, scale)
+        y = x / scale
+    y = tl.minimum(tl.maximum(y, -FP8_MAX), FP8_MAX)
+    tl.store(q_ptr + offs_r[:, None].to(tl.int64) * stride_qr + offs_c[None, :] * stride_qc,
+             y.to(q_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _quant_row_kernel(
+    x_ptr, q_ptr, s_ptr, R, C,
+    stride_xe, stride_xr, stride_xc, stride_qe, stride_qr, stride_qc, stride_se, stride_sr,
+    FP8_MAX: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # Two sweeps over the row block: amax, then scale and cast (the second mostly hits L2).
+    pid = tl.program_id(0)
+    pid_e = tl.program_id(1).to(tl.int64)
+    x_ptr += pid_e * stride_xe
+    q_ptr += pid_e * stride_qe
+    s_ptr += pid_e * stride_se
+    offs_r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    mask_r = offs_r < R
+    base = x_ptr + offs_r[:, None].to(tl.int64) * stride_xr
+    amax = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        x = tl.load(base + offs_c[None, :] * stride_xc, mask=mask_r[:, None] & (offs_c[None, :] < C), other=0.0)
+        amax = tl.maximum(amax, tl.max(tl.abs(x.to(tl.float32)), axis=1))
+    scale = tl.maximum(amax, 1e-12) / FP8_MAX
+    tl.store(s_ptr + offs_r * stride_sr, scale, mask=mask_r)
+    qbase = q_ptr + offs_r[:, None].to(tl.int64) * stride_qr
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        m = mask_r[:, None] & (offs_c[None, :] < C)
+        x = tl.load(base + offs_c[None, :] * stride_xc, mask=m, other=0.0).to(tl.float32)
+        y = tl.minimum(tl.maximum(x / scale[:, None], -FP8_MAX), FP8_MAX)
+        tl.store(qbase + offs_c[None, :] * stride_qc, y.to(q_ptr.dtype.element_ty), mask=m)
+
+
+def quantize(x, fp8_dtype, mode, block_size=128, scale=None):
+    """Quantize x [R, C] or [E, R, C] along C. mode: MODE_TENSOR (pass `scale` [1] / [E] or it is computed
+    from amax), MODE_ROW, MODE_1XB, MODE_BXB. Returns (x_q row-major fp8 of x's shape, fp32 scale)."""
+    batched = x.dim() == 3
+    x3 = x if batched else x.unsqueeze(0)
+    E, R, C = x3.shape
+    fp8_max = float(torch.finfo(fp8_dtype).max)
+    q = torch.empty((E, R, C), dtype=fp8_dtype, device=x.device)
+    small = interpreting()
+    if mode == MODE_ROW:
+        s = torch.empty((E, R, 1), dtype=torch.float32, device=x.device)
+        if R and C and E:
+            br, bc = (8, 32) if small else (16, 512)
+            _quant_row_kernel[(triton.cdiv(R, br), E)](
+                x3, q, s, R, C, *x3.stride(), *q.stride(), s.stride(0), s.stride(1),
+                FP8_MAX=fp8_max, BLOCK_R=br, BLOCK_C=bc)
+        elif E and R:
+            s.fill_(EPS / fp8_max)
+        return (q, s) if batched else (q[0], s[0])
+    if mode == MODE_TENSOR:
+        if scale is None:
+            if x3.numel():
+                amax = x3.abs().amax(dim=(1, 2)).float()
+            else:
+                amax = torch.zeros((E,), device=x.device)
+            scale = torch.clamp(amax, min=EPS) / fp8_max
+        s = scale.reshape(E).to(torch.float32)
+        br, bc = (16, 32) if small else (32, 128)
+        s_strides = (s.stride(0), 0, 0)
+    elif mode == MODE_1XB:
+        s = torch.empty((E, R, triton.cdiv(C, block_size)), dtype=torch.float32, device=x.device)
+        br, bc = (16, block_size) if small else (32, block_size)
+        s_strides = s.stride()
+    elif mode == MODE_BXB:
+        s = torch.empty((E, triton.cdiv(R, block_size), triton.cdiv(C, block_size)), dtype=torch.float32,
+                        device=x.device)
+        br, bc = block_size, block_size
+        s_strides = s.stride()
+    else:
+        raise ValueError(f"unknown quantization mode {mode}")
+    if R and C and E:
+        grid = (triton.cdiv(R, br), triton.cdiv(C, bc), E)
+        _quant_tile_kernel[grid](x3, q, s, R, C, *x3.stride(), *q.stride(), *s_strides,
+                                 FP8_MAX=fp8_max, MODE=mode, BLOCK_R=br, BLOCK_C=bc,
+                                 num_warps=4 if br * bc <= 8192 else 8)
+    if mode == MODE_TENSOR:
+        return (q, s) if batched else (q[0], s)
+    return (q, s) if batched else (q[0], s[0])

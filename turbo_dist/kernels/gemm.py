@@ -1,0 +1,164 @@
+"""Dense Triton GEMM: C[M, N] = scale(A[M, K] @ B[K, N]) with arbitrary strides (transposes are views).
+
+One kernel serves plain fp16/bf16/fp32 GEMM and FP8 scaled GEMM (see kernels/fp8_gemm.py):
+SCALE_MODE 0 = none, 1 = tensorwise (one fp32 scale per operand), 2 = rowwise (scale_a [M],
+scale_b [N], applied in the epilogue), 3 = blockwise (scale_a [M, cdiv(K, 128)] for 1x128 blocks of A,
+scale_b [cdiv(K, 128), cdiv(N, SB_N)] for B blocks of 128 x SB_N, applied per K step, so BLOCK_K = 128).
+
+Autotune configs are data (`CONFIGS`); under TRITON_INTERPRET=1 one small config runs.
+"""
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+SCALE_NONE, SCALE_TENSOR, SCALE_ROW, SCALE_BLOCK = 0, 1, 2, 3
+
+
+def interpreting():
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages) -- H100-oriented; 16-bit inputs.
+CONFIGS_16 = [
+    (128, 256, 64, 8, 8, 3),
+    (256, 128, 64, 8, 8, 3),
+    (128, 128, 64, 8, 4, 4),
+    (128, 256, 64, 8, 8, 4),
+    (128, 128, 64, 8, 8, 4),
+    (64, 128, 64, 8, 4, 4),
+    (128, 64, 64, 8, 4, 4),
+]
+# FP8 inputs: half the bytes per element, so twice the K per stage.
+CONFIGS_8 = [
+    (128, 256, 128, 8, 8, 3),
+    (256, 128, 128, 8, 8, 3),
+    (128, 128, 128, 8, 4, 4),
+    (128, 128, 128, 8, 8, 4),
+    (64, 128, 128, 8, 4, 4),
+]
+CONFIGS_BLOCK = [c for c in CONFIGS_8 if c[1] <= 128] + [(128, 128, 128, 8, 8, 3)]
+INTERPRET_CONFIG = (32, 32, 32, 4, 4, 1)
+
+
+def _configs(rows):
+    return [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": g}, num_warps=w, num_stages=s)
+        for (m, n, k, g, w, s) in rows
+    ]
+
+
+@triton.jit
+def _gemm_kernel(
+    a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr,
+    M, N, K,
+    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
+    stride_sam, stride_sak, stride_sbk, stride_sbn,
+    SCALE_MODE: tl.constexpr, SB_N: tl.constexpr, ALLOW_TF32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    # Grouped ordering: GROUP_M row-blocks share B column-blocks while they sit in L2.
+    width = GROUP_M * num_pid_n
+    group_id = pid // width
+    first_m = group_id * GROUP_M
+    group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + ((pid % width) % group_size)
+    pid_n = (pid % width) // group_size
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    rk = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + offs_m[:, None] * stride_am + rk[None, :] * stride_ak
+    b_ptrs = b_ptr + rk[:, None] * stride_bk + offs_n[None, :] * stride_bn
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    num_k = tl.cdiv(K, BLOCK_K)
+    for kb in range(0, num_k):
+        k_left = K - kb * BLOCK_K
+        a = tl.load(a_ptrs, mask=mask_m[:, None] & (rk[None, :] < k_left), other=0.0)
+        b = tl.load(b_ptrs, mask=(rk[:, None] < k_left) & mask_n[None, :], other=0.0)
+        if SCALE_MODE == 3:
+            sa = tl.load(sa_ptr + offs_m * stride_sam + kb * stride_sak, mask=mask_m, other=0.0)
+            sb = tl.load(sb_ptr + kb * stride_sbk + (offs_n // SB_N) * stride_sbn, mask=mask_n, other=0.0)
+            part = tl.dot(a, b)
+            acc += part * sa[:, None] * sb[None, :]
+        else:
+            if ALLOW_TF32:
+                acc = tl.dot(a, b, acc)
+            else:
+                acc = tl.dot(a, b, acc, input_precision="ieee")
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+
+    if SCALE_MODE == 1:
+        acc = acc * (tl.load(sa_ptr) * tl.load(sb_ptr))
+    if SCALE_MODE == 2:
+        sa = tl.load(sa_ptr + offs_m * stride_sam, mask=mask_m, other=0.0)
+        sb = tl.load(sb_ptr + offs_n * stride_sbn, mask=mask_n, other=0.0)
+        acc = acc * sa[:, None] * sb[None, :]
+    c = acc.to(c_ptr.dtype.element_ty)
+    c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    tl.store(c_ptrs, c, mask=mask_m[:, None] & mask_n[None, :])
+
+
+_KEY = ["M", "N", "K", "SCALE_MODE"]
+_tuned_16 = triton.autotune(_configs(CONFIGS_16), key=_KEY)(_gemm_kernel)
+_tuned_8 = triton.autotune(_configs(CONFIGS_8), key=_KEY)(_gemm_kernel)
+_tuned_block = triton.autotune(_configs(CONFIGS_BLOCK), key=_KEY)(_gemm_kernel)
+
+
+def _launch(a, b, c, sa, sb, mode, sb_n=128, config=None):
+    """a: [M, K] view, b: [K, N] view, c: [M, N] output; strides are taken as they are."""
+    M, K = a.shape
+    N = b.shape[1]
+    if M == 0 or N == 0:
+        return c
+    if K == 0:
+        return c.zero_()
+    dummy = c  # never dereferenced when the mode does not use it
+    sa_t = sa if sa is not None else dummy
+    sb_t = sb if sb is not None else dummy
+    if sa is not None and sa.dim() == 2:
+        s_am, s_ak = sa.stride(0), sa.stride(1)
+    else:
+        s_am, s_ak = (sa.stride(0) if sa is not None and sa.dim() == 1 else 0), 0
+    if sb is not None and sb.dim() == 2:
+        s_bk, s_bn = sb.stride(0), sb.stride(1)
+    else:
+        s_bk, s_bn = 0, (sb.stride(0) if sb is not None and sb.dim() == 1 else 0)
+    allow_tf32 = a.dtype == torch.float32 and a.is_cuda and torch.backends.cuda.matmul.allow_tf32
+    args = (a, b, c, sa_t, sb_t, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+            c.stride(0), c.stride(1), s_am, s_ak, s_bk, s_bn)
+    meta = dict(SCALE_MODE=mode, SB_N=sb_n, ALLOW_TF32=allow_tf32)
+    if config is None and interpreting():
+        config = INTERPRET_CONFIG if mode != SCALE_BLOCK else (32, 32, 128, 4, 4, 1)
+    if config is not None:
+        bm, bn, bk, gm, w, s = config
+        grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
+        _gemm_kernel[grid](*args, **meta, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, num_warps=w, num_stages=s)
+        return c
+    kernel = _tuned_block if mode == SCALE_BLOCK else (_tuned_8 if a.element_size() == 1 else _tuned_16)
+    grid = lambda meta_: (triton.cdiv(M, meta_["BLOCK_M"]) * triton.cdiv(N, meta_["BLOCK_N"]),)  # noqa: E731
+    kernel[grid](*args, **meta)
+    return c
+
+
+def gemm(a, b, out_dtype=None, config=None):
+    """C = a @ b for a [M, K], b [K, N] (any strides; pass `x.t()` for a transpose). fp16/bf16/fp32 in,
+    fp32 accumulate, `out_dtype` (default a.dtype) out. `config` forces one tile config (tests/benches)."""
+    c = torch.empty((a.shape[0], b.shape[1]), dtype=out_dtype or a.dtype, device=a.device)
+    return _launch(a, b, c, None, None, SCALE_NONE, config=config)
+
+
+def scaled_gemm(a, b, scale_a, scale_b, mode, out_dtype=torch.bfloat16, block_n=128, config=None):
+    """C = dequant(a) @ dequant(b) for FP8 (or any float) a [M, K], b [K, N] with fp32 scales:
+    mode SCALE_TENSOR: scale_a [1], scale_b [1]; SCALE_ROW: scale_a [M], scale_b [N];
+    SCALE_BLOCK: scale_a [M, cdiv(K,128)] (1x128 blocks), scale_b [cdiv(K,128), cdiv(N, block_n)]."""
+    c = torch.empty((a.shape[0], b.shape[1]), dtype=out_dtype, device=a.device)
+    return _launch(a, b, c, scale_a, scale_b, mode, sb_n=block_n, config=config)

@@ -1,0 +1,244 @@
+"""Persistent Triton grouped GEMM (MoE experts) and its weight-gradient kernel.
+
+Forward / dgrad: out[rows of g] = A[rows of g] @ B[g] for g in groups, A [M, K], B [G, K, N] (any strides;
+pass B.transpose(1, 2) for trans_b), rows of group g are `group_offs[g-1]:group_offs[g]` (int32/int64
+cumulative ends, zero-length groups allowed). The tile schedule is computed on the device from
+`group_offs` (no host sync): a fixed grid of programs walks the (group, m-tile, n-tile) list.
+
+Weight gradient: out[g] = X[rows of g]^T @ Y[rows of g], X [M, P], Y [M, Q] -> out [G, P, Q]
+(zeros for an empty group); dB = A^T dC (or dC^T A when trans_b).
+
+Optional FP8 scales (SCALE_MODE as in kernels/gemm.py): 1 tensorwise (scale_a [1], scale_b [G]),
+2 rowwise (scale_a [M], scale_b [G, N]), 3 blockwise (scale_a [M, cdiv(K,128)],
+scale_b [G, cdiv(K,128), cdiv(N, SB_N)], BLOCK_K = 128).
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .gemm import SCALE_BLOCK, SCALE_NONE, interpreting
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
+CONFIGS_16 = [
+    (128, 256, 64, 8, 3),
+    (128, 128, 64, 4, 4),
+    (128, 128, 64, 8, 4),
+    (64, 256, 64, 8, 3),
+    (64, 128, 64, 4, 4),
+]
+CONFIGS_8 = [
+    (128, 256, 128, 8, 3),
+    (128, 128, 128, 4, 4),
+    (128, 128, 128, 8, 3),
+    (64, 128, 128, 4, 4),
+]
+CONFIGS_BLOCK = [c for c in CONFIGS_8 if c[1] <= 128]
+CONFIGS_WGRAD = [
+    (128, 128, 64, 8, 4),
+    (128, 256, 64, 8, 3),
+    (128, 128, 64, 4, 4),
+    (64, 128, 64, 4, 4),
+]
+INTERPRET_CONFIG = (32, 32, 32, 4, 1)
+INTERPRET_PROGRAMS = 4
+
+
+def _configs(rows):
+    return [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
+        for (m, n, k, w, s) in rows
+    ]
+
+
+_SM_COUNT = {}
+
+
+def num_programs(device):
+    if interpreting() or device.type != "cuda":
+        return INTERPRET_PROGRAMS
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
+@triton.jit
+def _grouped_gemm_kernel(
+    a_ptr, b_ptr, c_ptr, offs_ptr, sa_ptr, sb_ptr,
+    G, N, K,
+    stride_am, stride_ak, stride_bg, stride_bk, stride_bn, stride_cm, stride_cn,
+    stride_sam, stride_sak, stride_sbg, stride_sbk, stride_sbn,
+    NUM_PROGS: tl.constexpr, G_POW2: tl.constexpr,
+    SCALE_MODE: tl.constexpr, SB_N: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    gi = tl.arange(0, G_POW2)
+    ends = tl.load(offs_ptr + gi, mask=gi < G, other=0).to(tl.int32)
+    starts = tl.load(offs_ptr + gi - 1, mask=(gi > 0) & (gi < G), other=0).to(tl.int32)
+    ends = tl.where(gi < G, ends, starts)
+    num_n = tl.cdiv(N, BLOCK_N)
+    tiles = tl.cdiv(ends - starts, BLOCK_M) * num_n
+    tile_end = tl.cumsum(tiles, 0)
+    total = tl.sum(tiles, 0)
+    rk = tl.arange(0, BLOCK_K)
+    for tile in range(pid, total, NUM_PROGS):
+        g = tl.sum((tile_end <= tile).to(tl.int32), 0)
+        sel = gi == g
+        row0 = tl.sum(tl.where(sel, starts, 0), 0)
+        row1 = tl.sum(tl.where(sel, ends, 0), 0)
+        local = tile - (tl.sum(tl.where(sel, tile_end - tiles, 0), 0))
+        pid_m = local // num_n
+        pid_n = local % num_n
+        offs_m = row0 + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_m = offs_m < row1
+        mask_n = offs_n < N
+        a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * stride_am + rk[None, :] * stride_ak
+        b_ptrs = b_ptr + g.to(tl.int64) * stride_bg + rk[:, None] * stride_bk + offs_n[None, :] * stride_bn
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for kb in range(0, tl.cdiv(K, BLOCK_K)):
+            k_left = K - kb * BLOCK_K
+            a = tl.load(a_ptrs, mask=mask_m[:, None] & (rk[None, :] < k_left), other=0.0)
+            b = tl.load(b_ptrs, mask=(rk[:, None] < k_left) & mask_n[None, :], other=0.0)
+            if SCALE_MODE == 3:
+                sa = tl.load(sa_ptr + offs_m * stride_sam + kb * stride_sak, mask=mask_m, other=0.0)
+                sb = tl.load(sb_ptr + g * stride_sbg + kb * stride_sbk + (offs_n // SB_N) * stride_sbn,
+                             mask=mask_n, other=0.0)
+                acc += tl.dot(a, b) * sa[:, None] * sb[None, :]
+            else:
+                if IEEE:
+                    acc = tl.dot(a, b, acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(a, b, acc)
+            a_ptrs += BLOCK_K * stride_ak
+            b_ptrs += BLOCK_K * stride_bk
+        if SCALE_MODE == 1:
+            acc = acc * (tl.load(sa_ptr) * tl.load(sb_ptr + g * stride_sbg))
+        if SCALE_MODE == 2:
+            sa = tl.load(sa_ptr + offs_m * stride_sam, mask=mask_m, other=0.0)
+            sb = tl.load(sb_ptr + g * stride_sbg + offs_n * stride_sbn, mask=mask_n, other=0.0)
+            acc = acc * sa[:, None] * sb[None, :]
+        c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :] * stride_cn
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _grouped_wgrad_kernel(
+    x_ptr, y_ptr, c_ptr, offs_ptr,
+    G, P, Q,
+    stride_xm, stride_xp, stride_ym, stride_yq, stride_cg, stride_cp, stride_cq,
+    IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # out[g] tile (BLOCK_M of P) x (BLOCK_N of Q), reducing over the group's rows in steps of BLOCK_K.
+    pid = tl.program_id(0)
+    num_p = tl.cdiv(P, BLOCK_M)
+    num_q = tl.cdiv(Q, BLOCK_N)
+    g = pid // (num_p * num_q)
+    local = pid % (num_p * num_q)
+    pid_p = local // num_q
+    pid_q = local % num_q
+    row0 = tl.load(offs_ptr + g - 1, mask=g > 0, other=0).to(tl.int32)
+    row1 = tl.load(offs_ptr + g).to(tl.int32)
+    offs_p = pid_p * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_q = pid_q * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_p = offs_p < P
+    mask_q = offs_q < Q
+    rm = row0 + tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + rm[None, :].to(tl.int64) * stride_xm + offs_p[:, None] * stride_xp
+    y_ptrs = y_ptr + rm[:, None].to(tl.int64) * stride_ym + offs_q[None, :] * stride_yq
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for mb in range(0, tl.cdiv(row1 - row0, BLOCK_K)):
+        m_left = row1 - row0 - mb * BLOCK_K
+        rr = tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptrs, mask=mask_p[:, None] & (rr[None, :] < m_left), other=0.0)
+        y = tl.load(y_ptrs, mask=(rr[:, None] < m_left) & mask_q[None, :], other=0.0)
+        if IEEE:
+            acc = tl.dot(x, y, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(x, y, acc)
+        x_ptrs += BLOCK_K * stride_xm
+        y_ptrs += BLOCK_K * stride_ym
+    c_ptrs = c_ptr + g.to(tl.int64) * stride_cg + offs_p[:, None] * stride_cp + offs_q[None, :] * stride_cq
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_p[:, None] & mask_q[None, :])
+
+
+_KEY = ["N", "K", "G", "SCALE_MODE"]
+_tuned_16 = triton.autotune(_configs(CONFIGS_16), key=_KEY)(_grouped_gemm_kernel)
+_tuned_8 = triton.autotune(_configs(CONFIGS_8), key=_KEY)(_grouped_gemm_kernel)
+_tuned_block = triton.autotune(_configs(CONFIGS_BLOCK), key=_KEY)(_grouped_gemm_kernel)
+_tuned_wgrad = triton.autotune(_configs(CONFIGS_WGRAD), key=["P", "Q", "G"])(_grouped_wgrad_kernel)
+
+
+def _ieee(t):
+    # fp32 inputs: exact fp32 products unless the user allowed TF32 for matmuls (as torch.mm does).
+    return t.dtype == torch.float32 and not (t.is_cuda and torch.backends.cuda.matmul.allow_tf32)
+
+
+def grouped_gemm(a, b, group_offs, out=None, scale_a=None, scale_b=None, scale_mode=SCALE_NONE, sb_n=128,
+                 out_dtype=None, config=None):
+    """out [M, N] = per-group a[rows] @ b[g]; a [M, K], b [G, K, N] (strided views fine), group_offs [G]
+    cumulative row ends (int32/int64, on a's device). Rows past group_offs[-1] are left untouched."""
+    M, K = a.shape
+    G, _, N = b.shape
+    if out is None:
+        out = torch.empty((M, N), dtype=out_dtype or a.dtype, device=a.device)
+    if M == 0 or N == 0 or G == 0:
+        return out
+    if K == 0:
+        return out.zero_()
+    dummy = out
+    sa, sb = (scale_a if scale_a is not None else dummy), (scale_b if scale_b is not None else dummy)
+    if scale_a is not None and scale_a.dim() == 2:
+        s_am, s_ak = scale_a.stride()
+    else:
+        s_am, s_ak = (scale_a.stride(0) if scale_a is not None and scale_mode == 2 else 0), 0
+    if scale_b is None:
+        s_bg = s_bk = s_bn = 0
+    elif scale_mode == 1:
+        s_bg, s_bk, s_bn = scale_b.stride(0), 0, 0
+    elif scale_mode == 2:
+        s_bg, s_bk, s_bn = scale_b.stride(0), 0, scale_b.stride(1)
+    else:
+        s_bg, s_bk, s_bn = scale_b.stride()
+    args = (a, b, out, group_offs, sa, sb, G, N, K,
+            a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2), out.stride(0), out.stride(1),
+            s_am, s_ak, s_bg, s_bk, s_bn)
+    nprog = num_programs(a.device)
+    meta = dict(NUM_PROGS=nprog, G_POW2=max(triton.next_power_of_2(G), 2), SCALE_MODE=scale_mode, SB_N=sb_n,
+                IEEE=_ieee(a))
+    if config is None and interpreting():
+        config = INTERPRET_CONFIG if scale_mode != SCALE_BLOCK else (32, 32, 128, 4, 1)
+    if config is not None:
+        bm, bn, bk, w, s = config
+        _grouped_gemm_kernel[(nprog,)](*args, **meta, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=s)
+        return out
+    kernel = _tuned_block if scale_mode == SCALE_BLOCK else (_tuned_8 if a.element_size() == 1 else _tuned_16)
+    kernel[(nprog,)](*args, **meta)
+    return out
+
+
+def grouped_wgrad(x, y, group_offs, G, out=None, out_dtype=None, config=None):
+    """out [G, P, Q] = per-group x[rows]^T @ y[rows]; x [M, P], y [M, Q]; `out` may be a strided view
+    (e.g. a [G, Q, P] tensor transposed) so dB lands in B's layout."""
+    M, P = x.shape
+    Q = y.shape[1]
+    if out is None:
+        out = torch.empty((G, P, Q), dtype=out_dtype or x.dtype, device=x.device)
+    if G == 0 or P == 0 or Q == 0:
+        return out
+    if M == 0:
+        return out.zero_()
+    args = (x, y, out, group_offs, G, P, Q, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
+            out.stride(0), out.stride(1), out.stride(2), _ieee(x))
+    if config is None and interpreting():
+        config = INTERPRET_CONFIG
+    if config is not None:
+        bm, bn, bk, w, s = config
+        grid = (G * triton.cdiv(P, bm) * triton.cdiv(Q, bn),)
+        _grouped_wgrad_kernel[grid](*args, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=s)
+        return out
+    grid = lambda m: (G * triton.cdiv(P, m["BLOCK_M"]) * triton.cdiv(Q, m["BLOCK_N"]),)  # noqa: E731
+    _tuned_wgrad[grid](*args)
+    return out

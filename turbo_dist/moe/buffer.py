@@ -1,0 +1,387 @@
+"""`Buffer`: DeepEP's Python API (normal mode) over our transports.
+
+Code written for `deep_ep.Buffer` runs after `from turbo_dist.moe import Buffer, Config, EventOverlap`.
+"""
+import logging
+
+import torch
+
+from ..runtime import EventOverlap, get_runtime
+from ..runtime.config import env_str
+from . import collective
+from .config import Config, DispatchHandle
+from .layout import align_up, check_topk_idx, dispatch_layout
+
+log = logging.getLogger("turbo_dist")
+
+TRANSPORTS = ("nvlink", "collective")
+_PAYLOAD_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def _not_here(what):
+    """The one place unsupported modes are refused (low-latency and internode land with issue 7)."""
+    raise NotImplementedError(
+        f"turbo_dist.moe.Buffer: {what} is not implemented yet (normal intranode mode and the collective "
+        "transport are); use low_latency_mode=False, num_rdma_bytes=0"
+    )
+
+
+class Buffer:
+    """Expert-parallel dispatch/combine buffers for one process group (DeepEP's `Buffer`, normal mode).
+
+    Arguments (DeepEP's, same order): group (None: WORLD), num_nvl_bytes (bytes of the symmetric buffer
+    the `nvlink` transport writes tokens into; size it with `Buffer.get_nvl_buffer_size_hint`),
+    num_rdma_bytes (must be 0: internode is not here), low_latency_mode (must be False),
+    num_qps_per_rank, allow_nvlink_for_low_latency_mode, allow_mnnvl, explicitly_destroy, comm (unused
+    but accepted). Ours, keyword only: transport = "nvlink" | "collective" | None (TURBO_DIST_MOE_TRANSPORT,
+    else `nvlink` when the runtime has peer access, one node and num_nvl_bytes > 0, else `collective`).
+
+    Attributes: rank, group_size, group, num_nvl_bytes, num_rdma_bytes, low_latency_mode,
+    transport (the name of the transport every call of this buffer uses), runtime (turbo_dist Runtime).
+    """
+
+    num_sms: int = 20
+
+    def __init__(self, group=None, num_nvl_bytes=0, num_rdma_bytes=0, low_latency_mode=False, num_qps_per_rank=24,
+                 allow_nvlink_for_low_latency_mode=True, allow_mnnvl=False, explicitly_destroy=False, comm=None, *,
+                 transport=None):
+        if low_latency_mode:
+            _not_here("low_latency_mode=True")
+        if num_rdma_bytes and num_rdma_bytes > 0:
+            _not_here(f"num_rdma_bytes={num_rdma_bytes} (internode / RDMA buffers)")
+        if group is None and comm is not None:
+            _not_here("an mpi4py communicator instead of a process group")
+        if not isinstance(num_nvl_bytes, int) or num_nvl_bytes < 0:
+            raise ValueError(f"num_nvl_bytes must be a non-negative int, got {num_nvl_bytes!r}")
+        self.runtime = get_runtime(group)
+        rt = self.runtime
+        self.group = rt.group
+        self.rank = rt.rank
+        self.group_size = rt.world_size
+        self.num_nvl_bytes = num_nvl_bytes
+        self.num_rdma_bytes = 0
+        self.low_latency_mode = False
+        self.explicitly_destroy = explicitly_destroy
+        self.transport = self._pick_transport(transport)
+        if self.transport == "nvlink":
+            from .nvlink import NvlinkTransport
+
+            self._impl = NvlinkTransport(rt, num_nvl_bytes)
+        else:
+            self._impl = collective.CollectiveTransport(rt)
+        log.info("moe.Buffer: rank %d/%d transport %s (num_nvl_bytes=%d)", self.rank, self.group_size,
+                 self.transport, num_nvl_bytes)
+
+    def _pick_transport(self, requested):
+        rt = self.runtime
+        requested = requested or env_str("TURBO_DIST_MOE_TRANSPORT")
+        if requested is None:
+            if rt.has_peer_access and rt.num_nodes == 1 and self.num_nvl_bytes > 0:
+                return "nvlink"
+            return "collective"
+        if requested == "hierarchical":
+            _not_here("the hierarchical (internode) transport")
+        if requested not in TRANSPORTS:
+            raise ValueError(f"transport={requested!r}: expected one of {TRANSPORTS}")
+        if requested == "nvlink":
+            if not rt.has_peer_access or rt.num_nodes != 1:
+                raise RuntimeError(
+                    "transport='nvlink' needs peer access to every rank of one node (CUDA symmetric memory); this "
+                    f"group has shmem backend {rt.shmem_backend!r} over {rt.num_nodes} node(s): use 'collective'"
+                )
+            if self.num_nvl_bytes <= 0:
+                raise ValueError("transport='nvlink' needs num_nvl_bytes > 0; see Buffer.get_nvl_buffer_size_hint")
+        return requested
+
+    # ----------------------------------------------------------------- DeepEP's static helpers
+    def destroy(self):
+        """Release the symmetric buffer and streams' references (DeepEP: needs explicitly_destroy=True)."""
+        if not self.explicitly_destroy:
+            raise RuntimeError("`explicitly_destroy` flag must be set to call destroy()")
+        self._impl = None
+
+    @staticmethod
+    def is_sm90_compiled():
+        return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
+
+    @staticmethod
+    def set_num_sms(new_num_sms):
+        """Set the programs (SMs) the high-throughput kernels use (even, as in DeepEP)."""
+        if not isinstance(new_num_sms, int) or new_num_sms <= 0 or new_num_sms % 2:
+            raise ValueError(f"The SM count must be a positive even int, got {new_num_sms!r}")
+        Buffer.num_sms = new_num_sms
+
+    @staticmethod
+    def capture():
+        """An EventOverlap on the current CUDA stream (a no-op event on CPU)."""
+        return EventOverlap.record()
+
+    @staticmethod
+    def get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts):
+        _not_here("low-latency mode (get_low_latency_rdma_size_hint)")
+
+    @staticmethod
+    def get_nvl_buffer_size_hint(num_max_tokens_per_rank, hidden, num_ranks, num_topk=8, fp8=False,
+                                 dtype=torch.bfloat16):
+        """Bytes of num_nvl_bytes that let the nvlink transport take any routing of up to
+        `num_max_tokens_per_rank` tokens per rank (worst case: every token of every rank to one rank)."""
+        from .nvlink import required_nvl_bytes
+
+        return required_nvl_bytes(num_max_tokens_per_rank * num_ranks, hidden, num_topk, num_ranks,
+                                  torch.float8_e4m3fn if fp8 else dtype, fp8)
+
+    def get_comm_stream(self):
+        return self.runtime.comm_stream
+
+    def get_local_buffer_tensor(self, dtype, size=None, offset=0, use_rdma_buffer=False):
+        if use_rdma_buffer:
+            _not_here("the RDMA buffer")
+        if self.transport != "nvlink":
+            raise RuntimeError("get_local_buffer_tensor: the collective transport has no symmetric buffer")
+        t = self._impl.buffer.local(dtype)[offset:]
+        return t if size is None else t[:torch.Size(size).numel()].view(size)
+
+    @staticmethod
+    def get_dispatch_config(num_ranks):
+        """Recommended dispatch Config for `num_ranks` (uses Buffer.num_sms)."""
+        if not isinstance(num_ranks, int) or num_ranks <= 0:
+            raise ValueError(f"num_ranks must be a positive int, got {num_ranks!r}")
+        chunk = {2: 24, 4: 6, 8: 6}.get(num_ranks, 8)
+        return Config(Buffer.num_sms, chunk, 256, 6, 128)
+
+    @staticmethod
+    def get_combine_config(num_ranks):
+        """Recommended combine Config for `num_ranks` (uses Buffer.num_sms)."""
+        if not isinstance(num_ranks, int) or num_ranks <= 0:
+            raise ValueError(f"num_ranks must be a positive int, got {num_ranks!r}")
+        chunk = {2: 10, 4: 9, 8: 4}.get(num_ranks, 4)
+        return Config(Buffer.num_sms, chunk, 256, 6, 128)
+
+    # ----------------------------------------------------------------- streams and events
+    def _launch(self, fn, previous_event, async_finish, allocate_on_comm_stream, inputs):
+        """Run `fn` DeepEP-style: on the comm stream after `previous_event` (or the current stream), the
+        current stream waiting for it unless `async_finish`; outputs owned by the comm stream if asked."""
+        rt = self.runtime
+        if rt.device.type != "cuda" or rt.comm_stream is None:
+            return fn(), EventOverlap()
+        if allocate_on_comm_stream and previous_event is None:
+            raise ValueError("allocate_on_comm_stream=True needs previous_event (DeepEP's rule)")
+        compute, comm = torch.cuda.current_stream(), rt.comm_stream
+        if previous_event is not None and getattr(previous_event, "event", None) is not None:
+            comm.wait_event(previous_event.event)
+        else:
+            comm.wait_stream(compute)
+        with torch.cuda.stream(comm):
+            out = fn()
+        tensors = [t for t in _flatten(inputs) if t.device.type == "cuda"]
+        for t in tensors:
+            t.record_stream(comm)
+        produced = [t for t in _flatten(out) if t.device.type == "cuda"]
+        if not allocate_on_comm_stream:
+            for t in produced:
+                t.record_stream(compute)
+        if async_finish:
+            return out, EventOverlap.record(comm, extra_tensors=tuple(tensors + produced))
+        compute.wait_stream(comm)
+        return out, EventOverlap()
+
+    # ----------------------------------------------------------------- layout / dispatch / combine
+    def get_dispatch_layout(self, topk_idx, num_experts, previous_event=None, async_finish=False,
+                            allocate_on_comm_stream=False):
+        """Where each token goes, computed on the device (no host sync).
+
+        topk_idx: [num_tokens, num_topk] int64, -1 = no expert. num_experts: split evenly over the ranks.
+        Returns (num_tokens_per_rank [num_ranks] int32, None (intranode: no RDMA ranks),
+        num_tokens_per_expert [num_experts] int32, is_token_in_rank [num_tokens, num_ranks] bool, event).
+        """
+        check_topk_idx(topk_idx, num_experts, self.group_size)
+        self.runtime.check_tensor(topk_idx, "topk_idx")
+        out, event = self._launch(lambda: dispatch_layout(topk_idx, num_experts, self.group_size),
+                                  previous_event, async_finish, allocate_on_comm_stream, (topk_idx,))
+        num_tokens_per_rank, num_tokens_per_expert, is_token_in_rank = out
+        return num_tokens_per_rank, None, num_tokens_per_expert, is_token_in_rank, event
+
+    def dispatch(self, x, handle=None, num_tokens_per_rank=None, num_tokens_per_rdma_rank=None,
+                 is_token_in_rank=None, num_tokens_per_expert=None, topk_idx=None, topk_weights=None,
+                 expert_alignment=1, num_worst_tokens=0, config=None, previous_event=None, async_finish=False,
+                 allocate_on_comm_stream=False):
+        """Send each token once to every rank owning one of its experts.
+
+        x: [num_tokens, hidden] bf16 (fp16/fp32 also accepted) or (x_fp8 [num_tokens, hidden] float8_e4m3fn,
+            scales [num_tokens, hidden // 128] fp32).
+        handle: from an earlier dispatch: same routing, new x, no layout exchange (topk_* must be None).
+        num_tokens_per_rank [num_ranks] int32, is_token_in_rank [num_tokens, num_ranks] bool,
+            num_tokens_per_expert [num_experts] int32: from get_dispatch_layout (needed without handle).
+        num_tokens_per_rdma_rank: must be None (intranode).
+        topk_idx [num_tokens, num_topk] int64 / topk_weights [num_tokens, num_topk] fp32: optional.
+        expert_alignment: each entry of num_recv_tokens_per_expert_list is rounded up to a multiple of it.
+        num_worst_tokens: if > 0, outputs have exactly this many rows (valid ones first, then padding with
+            topk_idx -1, weights 0) and the returned list is empty; the nvlink transport then runs with no
+            host sync. config: Config (default get_dispatch_config).
+        previous_event / async_finish / allocate_on_comm_stream: as DeepEP (CUDA); no-ops on CPU.
+
+        Returns (recv_x (a tuple (fp8, scales) if x was), recv_topk_idx [num_recv, num_topk] int64 with
+        expert ids local to this rank and -1 for experts elsewhere, recv_topk_weights [num_recv, num_topk]
+        fp32 (0 where -1), num_recv_tokens_per_expert_list (python list [num_local_experts]), handle,
+        event). Received rows are ordered by source rank, then by token index on the source.
+        """
+        if num_tokens_per_rdma_rank is not None:
+            _not_here("num_tokens_per_rdma_rank (internode dispatch)")
+        x, x_scales = self._check_x(x)
+        config = self.get_dispatch_config(self.group_size) if config is None else config
+        if not isinstance(config, Config):
+            raise TypeError(f"config must be a turbo_dist.moe.Config, got {type(config).__name__}")
+        if not isinstance(expert_alignment, int) or expert_alignment < 1:
+            raise ValueError(f"expert_alignment must be an int >= 1, got {expert_alignment!r}")
+        if not isinstance(num_worst_tokens, int) or num_worst_tokens < 0:
+            raise ValueError(f"num_worst_tokens must be an int >= 0, got {num_worst_tokens!r}")
+        self._impl.check_error()
+        if handle is not None:
+            if topk_idx is not None or topk_weights is not None:
+                raise ValueError("dispatch with a cached handle takes no topk_idx/topk_weights (DeepEP's rule)")
+            if not isinstance(handle, DispatchHandle):
+                raise TypeError("handle must be the one a turbo_dist.moe.Buffer.dispatch returned")
+            if is_token_in_rank is None:
+                is_token_in_rank = handle.is_token_in_rank
+            if x.size(0) != handle.is_token_in_rank.size(0):
+                raise ValueError(f"x has {x.size(0)} tokens but the handle was made for "
+                                 f"{handle.is_token_in_rank.size(0)}")
+            (recv_x, recv_scales), event = self._launch(
+                lambda: self._impl.cached_dispatch(x, x_scales, handle, config), previous_event, async_finish,
+                allocate_on_comm_stream, (x, x_scales))
+            return (recv_x, recv_scales) if x_scales is not None else recv_x, None, None, None, None, event
+
+        num_tokens = x.size(0)
+        self._check_layout(num_tokens, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert)
+        if topk_weights is not None and topk_idx is None:
+            raise ValueError("topk_weights needs topk_idx")
+        if topk_idx is not None:
+            check_topk_idx(topk_idx, num_tokens_per_expert.numel(), self.group_size)
+            if topk_idx.size(0) != num_tokens:
+                raise ValueError(f"topk_idx has {topk_idx.size(0)} rows, x has {num_tokens} tokens")
+            self.runtime.check_tensor(topk_idx, "topk_idx")
+        if topk_weights is not None:
+            if topk_weights.shape != topk_idx.shape or topk_weights.dtype != torch.float32:
+                raise ValueError(f"topk_weights must be float32 {tuple(topk_idx.shape)}, got "
+                                 f"{topk_weights.dtype} {tuple(topk_weights.shape)}")
+        inputs = (x, x_scales, topk_idx, topk_weights, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert)
+
+        def run():
+            return self._impl.dispatch(x, x_scales, topk_idx, topk_weights, num_tokens_per_rank, is_token_in_rank,
+                                       num_tokens_per_expert, num_worst_tokens, config)
+
+        out, event = self._launch(run, previous_event, async_finish, allocate_on_comm_stream, inputs)
+        recv_x, recv_scales, recv_topk_idx, recv_topk_weights, expert_counts, handle = out
+        counts = [] if num_worst_tokens else [align_up(int(c), expert_alignment) for c in expert_counts]
+        recv = (recv_x, recv_scales) if x_scales is not None else recv_x
+        return recv, recv_topk_idx, recv_topk_weights, counts, handle, event
+
+    def combine(self, x, handle, topk_weights=None, bias=None, config=None, previous_event=None,
+                async_finish=False, allocate_on_comm_stream=False):
+        """Send rows back to their source rank and sum them per token (no weights applied), in fp32.
+
+        x: [num_recv_tokens, hidden] bf16/fp16/fp32, rows in the order dispatch returned them
+            (with num_worst_tokens: that many rows, padding ignored).
+        handle: from dispatch. topk_weights: [num_recv_tokens, num_topk] fp32, summed the same way.
+        bias: a tensor or a pair of tensors [num_tokens, hidden] added to the result.
+        Returns (combined_x [num_tokens, hidden] x.dtype (zeros for tokens sent nowhere),
+        combined_topk_weights [num_tokens, num_topk] fp32 or None, event).
+        """
+        if not isinstance(handle, DispatchHandle):
+            raise TypeError("combine needs the handle a turbo_dist.moe.Buffer.dispatch returned")
+        if not isinstance(x, torch.Tensor) or x.dim() != 2:
+            raise ValueError(f"combine x must be a [num_recv_tokens, hidden] tensor, got {_describe(x)}")
+        if x.dtype not in _PAYLOAD_DTYPES:
+            raise TypeError(f"combine x must be one of {_PAYLOAD_DTYPES}, got {x.dtype}")
+        rows = handle.num_worst_tokens or handle.num_recv_tokens
+        if rows is not None and x.size(0) != rows:
+            raise ValueError(f"combine x has {x.size(0)} rows; the handle received {rows}")
+        self.runtime.check_tensor(x, "x")
+        if topk_weights is not None:
+            if topk_weights.dim() != 2 or topk_weights.size(0) != x.size(0) or topk_weights.dtype != torch.float32:
+                raise ValueError(f"topk_weights must be float32 [{x.size(0)}, num_topk], got {_describe(topk_weights)}")
+        biases = () if bias is None else ((bias,) if isinstance(bias, torch.Tensor) else tuple(bias))
+        num_tokens = handle.is_token_in_rank.size(0)
+        for b in biases:
+            if b.shape != (num_tokens, x.size(1)):
+                raise ValueError(f"bias must be [{num_tokens}, {x.size(1)}], got {tuple(b.shape)}")
+        config = self.get_combine_config(self.group_size) if config is None else config
+        self._impl.check_error()
+        x = x.contiguous()
+        out, event = self._launch(lambda: self._impl.combine(x, topk_weights, biases, handle, config),
+                                  previous_event, async_finish, allocate_on_comm_stream, (x, topk_weights) + biases)
+        combined_x, combined_w = out
+        return combined_x, combined_w, event
+
+    # ----------------------------------------------------------------- not in this mode
+    def internode_dispatch(self, *args, **kwargs):
+        _not_here("internode_dispatch")
+
+    def internode_combine(self, *args, **kwargs):
+        _not_here("internode_combine")
+
+    def clean_low_latency_buffer(self, *args, **kwargs):
+        _not_here("low-latency mode (clean_low_latency_buffer)")
+
+    def low_latency_dispatch(self, *args, **kwargs):
+        _not_here("low-latency mode (low_latency_dispatch)")
+
+    def low_latency_combine(self, *args, **kwargs):
+        _not_here("low-latency mode (low_latency_combine)")
+
+    def get_next_low_latency_combine_buffer(self, *args, **kwargs):
+        _not_here("low-latency mode (get_next_low_latency_combine_buffer)")
+
+    # ----------------------------------------------------------------- validation
+    def _check_x(self, x):
+        if isinstance(x, (tuple, list)):
+            if len(x) != 2:
+                raise ValueError("x as a tuple must be (x_fp8 [num_tokens, hidden], scales [num_tokens, hidden // 128])")
+            x, scales = x
+            if not isinstance(x, torch.Tensor) or x.dtype != torch.float8_e4m3fn or x.dim() != 2:
+                raise TypeError(f"x[0] must be a float8_e4m3fn [num_tokens, hidden] tensor, got {_describe(x)}")
+            if x.size(1) % 128:
+                raise ValueError(f"FP8 x needs hidden divisible by 128, got {x.size(1)}")
+            if not isinstance(scales, torch.Tensor) or scales.dtype != torch.float32 or \
+                    scales.shape != (x.size(0), x.size(1) // 128):
+                raise ValueError(f"x scales must be float32 [{x.size(0)}, {x.size(1) // 128}], got {_describe(scales)}")
+            self.runtime.check_tensor(x, "x")
+            self.runtime.check_tensor(scales, "x scales")
+            return x.contiguous(), scales.contiguous()
+        if not isinstance(x, torch.Tensor) or x.dim() != 2:
+            raise ValueError(f"x must be a [num_tokens, hidden] tensor, got {_describe(x)}")
+        if x.dtype not in _PAYLOAD_DTYPES:
+            raise TypeError(f"x must be bf16 (or fp16/fp32), or a (float8_e4m3fn, scales) tuple; got {x.dtype}")
+        self.runtime.check_tensor(x, "x")
+        return x.contiguous(), None
+
+    def _check_layout(self, num_tokens, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert):
+        r = self.group_size
+        if num_tokens_per_rank is None or is_token_in_rank is None or num_tokens_per_expert is None:
+            raise ValueError("dispatch without a handle needs num_tokens_per_rank, is_token_in_rank and "
+                             "num_tokens_per_expert (from get_dispatch_layout)")
+        if num_tokens_per_rank.shape != (r,) or num_tokens_per_rank.dtype != torch.int32:
+            raise ValueError(f"num_tokens_per_rank must be int32 [{r}], got {_describe(num_tokens_per_rank)}")
+        if is_token_in_rank.shape != (num_tokens, r) or is_token_in_rank.dtype != torch.bool:
+            raise ValueError(f"is_token_in_rank must be bool [{num_tokens}, {r}], got {_describe(is_token_in_rank)}")
+        if num_tokens_per_expert.dim() != 1 or num_tokens_per_expert.dtype != torch.int32 or \
+                num_tokens_per_expert.numel() % r or num_tokens_per_expert.numel() == 0:
+            raise ValueError(f"num_tokens_per_expert must be int32 [num_experts] with num_experts divisible by {r}, "
+                             f"got {_describe(num_tokens_per_expert)}")
+        for name, t in (("num_tokens_per_rank", num_tokens_per_rank), ("is_token_in_rank", is_token_in_rank),
+                        ("num_tokens_per_expert", num_tokens_per_expert)):
+            self.runtime.check_tensor(t, name)
+
+
+def _describe(t):
+    if isinstance(t, torch.Tensor):
+        return f"{t.dtype} {tuple(t.shape)}"
+    return type(t).__name__
+
+
+def _flatten(obj):
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (tuple, list)):
+        for o in obj:
+            yield from _flatten(o)

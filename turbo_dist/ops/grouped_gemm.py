@@ -1,0 +1,213 @@
+"""Grouped GEMM for MoE experts: `grouped_gemm(a, b, group_lens, trans_b=False)`, with autograd.
+
+Ops behind the dispatcher:
+- "grouped_gemm"       (a [M, K], b [G, K, N] or [G, N, K], group_lens, trans_b) -> [M, N]
+- "grouped_gemm_wgrad" (a [M, K], dc [M, N], group_lens, trans_b) -> dB in b's shape ([G, K, N] / [G, N, K])
+Backends: "torch" (torch._grouped_mm: CUDA, bf16, SM90+, 16-byte aligned K/N), "triton" (persistent
+kernel, kernels/grouped_gemm.py; no host sync) and "loop" (one torch.mm per group; any device/dtype,
+syncs to read group_lens).
+"""
+import torch
+
+from . import dispatcher
+from .gemm import _FLOAT_DTYPES, triton_available
+
+_INT_DTYPES = (torch.int32, torch.int64)
+
+
+def check_grouped_inputs(a, b, group_lens, trans_b, name="grouped_gemm", dtypes=_FLOAT_DTYPES):
+    for n, t in (("a", a), ("b", b), ("group_lens", group_lens)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: {n} must be a tensor, got {type(t).__name__}")
+    if a.dim() != 2:
+        raise ValueError(f"{name}: a must be 2-D [M, K], got shape {tuple(a.shape)}")
+    if b.dim() != 3:
+        raise ValueError(f"{name}: b must be 3-D [G, {'N, K' if trans_b else 'K, N'}], got shape {tuple(b.shape)}")
+    if a.dtype not in dtypes or b.dtype != a.dtype:
+        raise TypeError(f"{name}: a and b must share one of {list(dtypes)}; got a {a.dtype}, b {b.dtype}")
+    if group_lens.dim() != 1 or group_lens.dtype not in _INT_DTYPES:
+        raise TypeError(f"{name}: group_lens must be 1-D int32/int64 [G], got {group_lens.dtype} {tuple(group_lens.shape)}")
+    if a.device != b.device:
+        raise ValueError(f"{name}: a is on {a.device} but b is on {b.device}")
+    if group_lens.device != a.device and group_lens.device.type != "cpu":
+        raise ValueError(f"{name}: group_lens is on {group_lens.device}; expected {a.device} or cpu")
+    G = b.shape[0]
+    if group_lens.shape[0] != G:
+        raise ValueError(f"{name}: group_lens has {group_lens.shape[0]} entries but b has G={G} groups")
+    k_b = b.shape[2] if trans_b else b.shape[1]
+    if a.shape[1] != k_b:
+        raise ValueError(f"{name}: a {tuple(a.shape)} has K={a.shape[1]} but b {tuple(b.shape)} (trans_b={trans_b}) has K={k_b}")
+    if group_lens.device.type == "cpu":  # free to check here; on the GPU it would cost a host sync
+        if bool((group_lens < 0).any()):
+            raise ValueError(f"{name}: group_lens must be >= 0, got {group_lens.tolist()}")
+        total = int(group_lens.sum())
+        if total != a.shape[0]:
+            raise ValueError(f"{name}: group_lens sums to {total} but a has M={a.shape[0]} rows")
+
+
+def group_offsets(group_lens, device, dtype=torch.int64):
+    """Cumulative row ends [G] on `device` (what the kernels and torch._grouped_mm take)."""
+    return torch.cumsum(group_lens.to(device, non_blocking=True), 0, dtype=dtype)
+
+
+def _op_b(b, trans_b):
+    return b.transpose(1, 2) if trans_b else b
+
+
+# ---------------------------------------------------------------------------------------------- loop
+def _loop_grouped(a, b, group_lens, trans_b=False):
+    bb = _op_b(b, trans_b)
+    out = torch.empty((a.shape[0], bb.shape[2]), dtype=a.dtype, device=a.device)
+    start = 0
+    for g, n in enumerate(group_lens.tolist()):
+        if n:
+            torch.mm(a[start:start + n], bb[g], out=out[start:start + n])
+        start += n
+    return out
+
+
+def _loop_wgrad(a, dc, group_lens, trans_b=False):
+    G = group_lens.shape[0]
+    K, N = a.shape[1], dc.shape[1]
+    db = torch.empty((G, N, K) if trans_b else (G, K, N), dtype=a.dtype, device=a.device)
+    start = 0
+    for g, n in enumerate(group_lens.tolist()):
+        x, y = a[start:start + n], dc[start:start + n]
+        if trans_b:
+            torch.mm(y.t(), x, out=db[g])
+        else:
+            torch.mm(x.t(), y, out=db[g])
+        start += n
+    return db
+
+
+# --------------------------------------------------------------------------------------------- torch
+def _aligned16(t):
+    if t.data_ptr() % 16:
+        return False
+    align = 16 // t.element_size()
+    dims = t.shape[-2:]
+    strides = t.stride()[-2:]
+    # row-major or column-major in the last two dims, the leading stride a multiple of 16 bytes
+    if strides[1] == 1 and (strides[0] % align == 0 or dims[0] <= 1) and strides[0] >= max(dims[1], 1):
+        return True
+    if strides[0] == 1 and (strides[1] % align == 0 or dims[1] <= 1) and strides[1] >= max(dims[0], 1):
+        return True
+    return False
+
+
+def _torch_grouped_ok(*tensors):
+    if not hasattr(torch, "_grouped_mm"):
+        return "torch._grouped_mm is missing in this torch"
+    for t in tensors:
+        if not t.is_cuda:
+            return "torch._grouped_mm fast path needs CUDA"
+        if t.dtype != torch.bfloat16:
+            return f"torch._grouped_mm fast path needs bf16, got {t.dtype}"
+    if torch.cuda.get_device_capability(tensors[0].device)[0] < 9:
+        return "torch._grouped_mm fast path needs SM90+"
+    for t in tensors:
+        if not _aligned16(t):
+            return f"torch._grouped_mm needs 16-byte aligned row/column-major operands, got shape {tuple(t.shape)} strides {t.stride()}"
+    return True
+
+
+def _torch_grouped(a, b, group_lens, trans_b=False):
+    offs = group_offsets(group_lens, a.device, torch.int32)
+    return torch._grouped_mm(a, _op_b(b, trans_b), offs=offs, out_dtype=a.dtype)
+
+
+def _torch_grouped_can(a, b, group_lens, trans_b=False):
+    return _torch_grouped_ok(a, _op_b(b, trans_b))
+
+
+def _torch_wgrad(a, dc, group_lens, trans_b=False):
+    offs = group_offsets(group_lens, a.device, torch.int32)
+    if trans_b:
+        return torch._grouped_mm(dc.t(), a, offs=offs, out_dtype=a.dtype)
+    return torch._grouped_mm(a.t(), dc, offs=offs, out_dtype=a.dtype)
+
+
+def _torch_wgrad_can(a, dc, group_lens, trans_b=False):
+    return _torch_grouped_ok(a.t(), dc)
+
+
+# -------------------------------------------------------------------------------------------- triton
+def _triton_grouped(a, b, group_lens, trans_b=False):
+    from turbo_dist.kernels import grouped_gemm as kgg
+
+    offs = group_offsets(group_lens, a.device)
+    out = torch.empty((a.shape[0], b.shape[1] if trans_b else b.shape[2]), dtype=a.dtype, device=a.device)
+    return kgg.grouped_gemm(a, _op_b(b, trans_b), offs, out=out)
+
+
+def _triton_grouped_can(a, b, group_lens, trans_b=False):
+    return triton_available(a, b)
+
+
+def _triton_wgrad(a, dc, group_lens, trans_b=False):
+    from turbo_dist.kernels import grouped_gemm as kgg
+
+    G = group_lens.shape[0]
+    K, N = a.shape[1], dc.shape[1]
+    offs = group_offsets(group_lens, a.device)
+    if trans_b:
+        db = torch.empty((G, N, K), dtype=a.dtype, device=a.device)
+        kgg.grouped_wgrad(dc, a, offs, G, out=db)
+    else:
+        db = torch.empty((G, K, N), dtype=a.dtype, device=a.device)
+        kgg.grouped_wgrad(a, dc, offs, G, out=db)
+    return db
+
+
+def _triton_wgrad_can(a, dc, group_lens, trans_b=False):
+    return triton_available(a, dc)
+
+
+dispatcher.register_backend("grouped_gemm", "torch", _torch_grouped, _torch_grouped_can, priority=10)
+dispatcher.register_backend("grouped_gemm", "triton", _triton_grouped, _triton_grouped_can, priority=20)
+dispatcher.register_backend("grouped_gemm", "loop", _loop_grouped, priority=30)
+dispatcher.register_backend("grouped_gemm_wgrad", "torch", _torch_wgrad, _torch_wgrad_can, priority=10)
+dispatcher.register_backend("grouped_gemm_wgrad", "triton", _triton_wgrad, _triton_wgrad_can, priority=20)
+dispatcher.register_backend("grouped_gemm_wgrad", "loop", _loop_wgrad, priority=30)
+
+
+def _lens_signature(a, b, group_lens, trans_b=False):
+    # Token counts change every step; tune per (shapes of a's K, b, dtype, layout), not per M.
+    return (a.shape[1], tuple(b.shape), a.dtype, a.device.type, bool(trans_b), b.is_contiguous())
+
+
+dispatcher.set_signature("grouped_gemm", _lens_signature)
+
+
+class _GroupedGemmFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a, b, group_lens, trans_b):
+        ctx.save_for_backward(a, b, group_lens)
+        ctx.trans_b = trans_b
+        return dispatcher.dispatch("grouped_gemm", a, b, group_lens, trans_b)
+
+    @staticmethod
+    def backward(ctx, dc):
+        a, b, group_lens = ctx.saved_tensors
+        dc = dc.to(a.dtype)
+        da = db = None
+        if ctx.needs_input_grad[0]:  # dA_g = dC_g op(B_g)^T
+            da = dispatcher.dispatch("grouped_gemm", dc, b, group_lens, not ctx.trans_b)
+        if ctx.needs_input_grad[1]:  # dB_g = A_g^T dC_g (or its transpose when trans_b)
+            db = dispatcher.dispatch("grouped_gemm_wgrad", a, dc, group_lens, ctx.trans_b)
+        return da, db, None, None
+
+
+def grouped_gemm(a, b, group_lens, trans_b=False):
+    """Per-group GEMM (MoE experts), differentiable in a and b.
+
+    a: [M, K] fp16/bf16/fp32, rows sorted by group; b: [G, K, N] (or [G, N, K] with trans_b), same dtype and
+    device; group_lens: [G] int32/int64 (on a's device or CPU), >= 0, summing to M (checked only when
+    group_lens is on the CPU; on the GPU the check would cost a host sync). Zero-length groups are fine.
+    Returns [M, N] with out[rows of g] = a[rows of g] @ op(b[g]). Backward gives dA [M, K] and dB per group.
+    """
+    check_grouped_inputs(a, b, group_lens, trans_b)
+    if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
+        return _GroupedGemmFn.apply(a, b, group_lens, bool(trans_b))
+    return dispatcher.dispatch("grouped_gemm", a, b, group_lens, bool(trans_b))

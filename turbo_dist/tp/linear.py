@@ -1,0 +1,236 @@
+"""Tensor-parallel linear layers (Megatron-style) whose forward and backward both overlap communication.
+
+With sequence parallelism (the default) activations between TP blocks are sharded along the
+sequence dim `seq_dim`:
+- ColumnParallelLinear: y = all_gather(x) @ W_local^T. Forward is all_gather_matmul; backward's
+  dx is matmul_reduce_scatter(dy, W_local) (GEMM + reduce-scatter), dW uses the gathered x saved
+  by the forward.
+- RowParallelLinear: y = reduce_scatter(x @ W_local^T) + b. Forward is matmul_reduce_scatter;
+  backward's all_gather_matmul(dy, [W_local]) returns both the gathered dy (for dW) and dx.
+Without sequence parallelism they are the classic pair: Column copies x in and all-reduces dx;
+Row all-reduces y.
+"""
+import math
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from turbo_dist.runtime import get_runtime
+
+from . import _common as C
+from .ag_matmul import all_gather_matmul
+from .matmul_rs import matmul_reduce_scatter
+
+
+def _flat(t):
+    return t.reshape(-1, t.shape[-1])
+
+
+def _weight_grad(dy, x):
+    """dW = dy^T x over all tokens: dy [..., out], x [..., in] -> [out, in]."""
+    return C.gemm(_flat(dy).t(), _flat(x))
+
+
+def _bias_grad(dy):
+    return _flat(dy).sum(0)
+
+
+class _AllGatherLinear(torch.autograd.Function):
+    """y = all_gather(x, seq_dim) @ w^T (+ b); backward dx = reduce_scatter(dy @ w)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, group, seq_dim, algo):
+        x_full, (y,) = all_gather_matmul(x, [weight.t()], gather_dim=seq_dim, group=group, algo=algo)
+        if bias is not None:
+            y = y + bias
+        ctx.save_for_backward(x_full, weight)
+        ctx.has_bias = bias is not None
+        ctx.group, ctx.seq_dim, ctx.algo = group, seq_dim, algo
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x_full, weight = ctx.saved_tensors
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            dx = matmul_reduce_scatter(dy, weight, scatter_dim=ctx.seq_dim, group=ctx.group, algo=ctx.algo)
+        if ctx.needs_input_grad[1]:
+            dw = _weight_grad(dy, x_full)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = _bias_grad(dy)
+        return dx, dw, db, None, None, None
+
+
+class _LinearReduceScatter(torch.autograd.Function):
+    """y = reduce_scatter(x @ w^T, seq_dim) (+ b, replicated); backward via all_gather_matmul(dy, [w])."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, group, seq_dim, algo):
+        y = matmul_reduce_scatter(x, weight.t(), scatter_dim=seq_dim, group=group, algo=algo)
+        if bias is not None:
+            y = y + bias
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        ctx.group, ctx.seq_dim, ctx.algo = group, seq_dim, algo
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        dy_full, (dx,) = all_gather_matmul(dy.contiguous(), [weight], gather_dim=ctx.seq_dim, group=ctx.group,
+                                           algo=ctx.algo)
+        dw = _weight_grad(dy_full, x) if ctx.needs_input_grad[1] else None
+        db = None
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            # The bias is replicated but each rank saw only its sequence shard: sum over the group.
+            db = _bias_grad(dy).contiguous()
+            dist.all_reduce(db, group=ctx.group)
+        return (dx if ctx.needs_input_grad[0] else None), dw, db, None, None, None
+
+
+class _CopyToTP(torch.autograd.Function):
+    """Identity forward, all-reduce of the gradient backward (input of a non-SP column layer)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, dy):
+        dy = dy.contiguous().clone()
+        dist.all_reduce(dy, group=ctx.group)
+        return dy, None
+
+
+class _ReduceFromTP(torch.autograd.Function):
+    """All-reduce forward, identity backward (output of a non-SP row layer)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        x = x.contiguous().clone()
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, dy):
+        return dy, None
+
+
+def _init_weight(weight, fan_in):
+    bound = 1.0 / math.sqrt(fan_in)
+    with torch.no_grad():
+        weight.uniform_(-bound, bound)
+
+
+class _TPLinearBase(nn.Module):
+    def __init__(self, group, sequence_parallel, seq_dim, algo):
+        super().__init__()
+        rt = get_runtime(group)
+        self.group = group
+        self.tp_size = rt.world_size
+        self.tp_rank = rt.rank
+        self.sequence_parallel = bool(sequence_parallel)
+        if not isinstance(seq_dim, int):
+            raise TypeError(f"seq_dim must be an int, got {type(seq_dim).__name__}")
+        self.seq_dim = seq_dim
+        self.algo = C.check_algo(algo)
+        self._device = rt.device
+
+    def _check_input(self, x, in_features):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"input must be a tensor, got {type(x).__name__}")
+        if x.dim() < 2:
+            raise ValueError(f"input must be at least 2-D [..., {in_features}], got {tuple(x.shape)}")
+        if x.shape[-1] != in_features:
+            raise ValueError(f"input has last dim {x.shape[-1]}, expected {in_features} (shape {tuple(x.shape)})")
+        if x.dtype != self.weight.dtype:
+            raise TypeError(f"input is {x.dtype} but the weight is {self.weight.dtype}")
+        return C.normalize_dim(self.seq_dim, x.dim(), "seq_dim")
+
+
+class ColumnParallelLinear(_TPLinearBase):
+    """y_local = x @ W[rows of this rank]^T (+ b_local): the output features are split over the group.
+
+    in_features, out_features: the full (unsharded) sizes; out_features must divide by the group size.
+    weight: [out_features / W, in_features]; bias: [out_features / W].
+    sequence_parallel=True: input [..., S / W, ..., in] sharded along `seq_dim`, output [..., S, ..., out / W]
+    (all_gather_matmul forward, matmul_reduce_scatter backward). False: input replicated [..., in].
+    algo: passed to the fused ops ('auto', 'ring', 'direct', 'collective').
+    """
+
+    def __init__(self, in_features, out_features, bias=True, group=None, sequence_parallel=True, seq_dim=0,
+                 device=None, dtype=None, algo=None):
+        super().__init__(group, sequence_parallel, seq_dim, algo)
+        if out_features % self.tp_size:
+            raise ValueError(f"out_features={out_features} is not divisible by the TP size {self.tp_size}")
+        self.in_features, self.out_features = in_features, out_features
+        self.out_per_rank = out_features // self.tp_size
+        kw = dict(device=device or self._device, dtype=dtype)
+        self.weight = nn.Parameter(torch.empty(self.out_per_rank, in_features, **kw))
+        self.bias = nn.Parameter(torch.zeros(self.out_per_rank, **kw)) if bias else None
+        _init_weight(self.weight, in_features)
+
+    @torch.no_grad()
+    def load_full(self, weight, bias=None):
+        """Take this rank's rows of a full [out_features, in_features] weight (and [out_features] bias)."""
+        sl = slice(self.tp_rank * self.out_per_rank, (self.tp_rank + 1) * self.out_per_rank)
+        self.weight.copy_(weight[sl])
+        if bias is not None and self.bias is not None:
+            self.bias.copy_(bias[sl])
+        return self
+
+    def forward(self, x):
+        seq_dim = self._check_input(x, self.in_features)
+        if self.sequence_parallel:
+            return _AllGatherLinear.apply(x, self.weight, self.bias, self.group, seq_dim, self.algo)
+        x = _CopyToTP.apply(x, self.group)
+        return nn.functional.linear(x, self.weight, self.bias)
+
+    def extra_repr(self):
+        return (f"in_features={self.in_features}, out_features={self.out_features} ({self.out_per_rank}/rank), "
+                f"bias={self.bias is not None}, sequence_parallel={self.sequence_parallel}, seq_dim={self.seq_dim}")
+
+
+class RowParallelLinear(_TPLinearBase):
+    """y = sum over ranks of x_local @ W[:, cols of this rank]^T (+ b): the input features are split.
+
+    in_features, out_features: full sizes; in_features must divide by the group size.
+    weight: [out_features, in_features / W]; bias: [out_features], replicated (its gradient is
+    all-reduced over the group in backward under sequence parallelism).
+    sequence_parallel=True: input [..., S, ..., in / W], output [..., S / W, ..., out] sharded along
+    `seq_dim` (matmul_reduce_scatter forward, all_gather_matmul backward). False: output all-reduced.
+    """
+
+    def __init__(self, in_features, out_features, bias=True, group=None, sequence_parallel=True, seq_dim=0,
+                 device=None, dtype=None, algo=None):
+        super().__init__(group, sequence_parallel, seq_dim, algo)
+        if in_features % self.tp_size:
+            raise ValueError(f"in_features={in_features} is not divisible by the TP size {self.tp_size}")
+        self.in_features, self.out_features = in_features, out_features
+        self.in_per_rank = in_features // self.tp_size
+        kw = dict(device=device or self._device, dtype=dtype)
+        self.weight = nn.Parameter(torch.empty(out_features, self.in_per_rank, **kw))
+        self.bias = nn.Parameter(torch.zeros(out_features, **kw)) if bias else None
+        _init_weight(self.weight, in_features)
+
+    @torch.no_grad()
+    def load_full(self, weight, bias=None):
+        """Take this rank's columns of a full [out_features, in_features] weight (and the full bias)."""
+        sl = slice(self.tp_rank * self.in_per_rank, (self.tp_rank + 1) * self.in_per_rank)
+        self.weight.copy_(weight[:, sl])
+        if bias is not None and self.bias is not None:
+            self.bias.copy_(bias)
+        return self
+
+    def forward(self, x):
+        seq_dim = self._check_input(x, self.in_per_rank)
+        if self.sequence_parallel:
+            return _LinearReduceScatter.apply(x, self.weight, self.bias, self.group, seq_dim, self.algo)
+        y = _ReduceFromTP.apply(nn.functional.linear(x, self.weight), self.group)
+        return y + self.bias if self.bias is not None else y
+
+    def extra_repr(self):
+        return (f"in_features={self.in_features} ({self.in_per_rank}/rank), out_features={self.out_features}, "
+                f"bias={self.bias is not None}, sequence_parallel={self.sequence_parallel}, seq_dim={self.seq_dim}")
