@@ -134,6 +134,13 @@ def test_symm_buffer(world_size):
     assert len(set(results)) == 1
 
 
+@pytest.mark.dist
+@pytest.mark.gpu(min_gpus=1)
+def test_symm_buffer_self_loop_gpu():
+    # One GPU, NCCL, world 1: the rank's own symmetric buffer through the peer path (torch symm mem).
+    assert run_distributed(_symm_buffer, 1, backend="nccl") == ["peer"]
+
+
 def _device_mismatch(rank, world_size):
     rt = get_runtime()
     other = torch.empty(1, device="meta")
