@@ -13,95 +13,130 @@ from setuptools import find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 
+def _site_dirs():
+    """site-packages of this interpreter, also when pip's build isolation hides them from sys.path."""
+    import sysconfig
+
+    dirs = [p for p in sys.path if p.endswith(("site-packages", "dist-packages"))]
+    for key in ("purelib", "platlib"):
+        path = sysconfig.get_paths().get(key)
+        if path and path not in dirs:
+            dirs.append(path)
+    return dirs
+
+
 def _find_nvshmem():
-    """Return (include_dir, lib_dir) of NVSHMEM or None: NVSHMEM_HOME, then the pip wheel."""
+    """Return (include_dir, lib_dir) of NVSHMEM or None: NVSHMEM_HOME, then the nvidia-nvshmem-cu1x wheel."""
     candidates = []
     if os.environ.get("NVSHMEM_HOME"):
         candidates.append(os.environ["NVSHMEM_HOME"])
     try:
-        import nvidia.nvshmem as _nv  # the nvidia-nvshmem-cu1x wheel
+        import nvidia.nvshmem as _nv
 
         candidates.extend(list(getattr(_nv, "__path__", [])))
     except Exception:
         pass
+    candidates.extend(os.path.join(d, "nvidia", "nvshmem") for d in _site_dirs())
     for home in candidates:
-        inc, lib = os.path.join(home, "include"), os.path.join(home, "lib")
-        if os.path.exists(os.path.join(inc, "nvshmem.h")) and glob.glob(os.path.join(lib, "libnvshmem_host.so*")):
-            return inc, lib
+        inc = os.path.join(home, "include")
+        for lib in (os.path.join(home, "lib"), os.path.join(home, "lib64")):
+            if os.path.exists(os.path.join(inc, "nvshmem_host.h")) and glob.glob(
+                    os.path.join(lib, "libnvshmem_host.so*")):
+                return inc, lib
     return None
 
 
-def _find_cuda_home():
-    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
-        if home and os.path.exists(os.path.join(home, "include", "cuda_runtime.h")):
-            return home
+def _find_cuda_include():
+    """Directory holding cuda_runtime.h: CUDA_HOME/CUDA_PATH, /usr/local/cuda, then torch's CUDA pip wheels."""
+    homes = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
+    dirs = [os.path.join(h, "include") for h in homes if h]
+    for site in _site_dirs():  # nvidia/cu13/include (CUDA 13 wheels), nvidia/cuda_runtime/include (CUDA 12)
+        dirs.extend(sorted(glob.glob(os.path.join(site, "nvidia", "*", "include"))))
+    for inc in dirs:
+        if all(os.path.exists(os.path.join(inc, h)) for h in ("cuda.h", "cuda_runtime.h")):
+            return inc
+    return None
+
+
+def _pybind11_include():
+    """pybind11's headers: the pybind11 package, else the copy PyTorch ships (torch/include/pybind11)."""
+    try:
+        import pybind11
+
+        return pybind11.get_include()
+    except ImportError:
+        pass
+    for site in _site_dirs():
+        inc = os.path.join(site, "torch", "include")
+        if os.path.exists(os.path.join(inc, "pybind11", "pybind11.h")):
+            return inc
     return None
 
 
 def _native_extensions():
+    """The turbo_dist._shmem extension when NVSHMEM (or rocSHMEM) is found; [] otherwise. Never raises."""
+    try:
+        return _detect_native_extensions()
+    except Exception as exc:  # a broken toolchain layout must not break the install
+        print(f"turbo_dist: native module detection failed ({exc!r}), skipping it", file=sys.stderr)
+        return []
+
+
+def _detect_native_extensions():
     if os.environ.get("TURBO_DIST_SKIP_NATIVE", "0") == "1":
         return []
     sources = sorted(glob.glob(os.path.join("csrc", "shmem", "*.cpp")))
     if not sources:
         return []
-    try:
-        from pybind11.setup_helpers import Pybind11Extension
-    except ImportError:
-        print("turbo_dist: pybind11 not found, skipping the native SHMEM module", file=sys.stderr)
-        return []
-    nvshmem, cuda_home = _find_nvshmem(), _find_cuda_home()
-    if nvshmem is not None and cuda_home is None:
-        # No toolkit: the CUDA headers of torch's pip wheels (nvidia/cu13/include, nvidia/cuda_runtime/include).
-        try:
-            import nvidia
+    from setuptools import Extension
 
-            for root in getattr(nvidia, "__path__", []):
-                for inc_dir in glob.glob(os.path.join(root, "*", "include")):
-                    if all(os.path.exists(os.path.join(inc_dir, h)) for h in ("cuda.h", "cuda_runtime.h")):
-                        cuda_home = os.path.dirname(inc_dir)
-                        break
-                if cuda_home is not None:
-                    break
-        except Exception:
-            pass
-    if nvshmem is not None and cuda_home is not None:
+    pybind_inc = _pybind11_include()
+    if pybind_inc is None:
+        print("turbo_dist: pybind11 headers not found, skipping the native SHMEM module", file=sys.stderr)
+        return []
+    # What Pybind11Extension would add: hidden symbols, C++17, no debug info (smaller, faster to build).
+    common = dict(language="c++", extra_compile_args=["-std=c++17", "-fvisibility=hidden", "-g0", "-O2"])
+    nvshmem, cuda_inc = _find_nvshmem(), _find_cuda_include()
+    if nvshmem is not None and cuda_inc is not None:
         inc, lib = nvshmem
         # Only the NVSHMEM host library is linked (its host API loads the CUDA driver itself, so no
         # cudart/-lcuda). The pip wheel ships only libnvshmem_host.so.3 (no unversioned link), so
         # link the file by path; the rpath lets the module find it (and its plugins) at run time.
         libs = sorted(glob.glob(os.path.join(lib, "libnvshmem_host.so*")), key=len)
-        cuda_inc = [os.path.join(cuda_home, "include")]
-        if os.path.isdir(os.path.join(cuda_home, "include", "cccl")):  # CUDA 13 keeps <cuda/std/...> here
-            cuda_inc.append(os.path.join(cuda_home, "include", "cccl"))
+        cuda_incs = [cuda_inc] + ([os.path.join(cuda_inc, "cccl")] if os.path.isdir(os.path.join(cuda_inc, "cccl"))
+                                  else [])  # CUDA 13 keeps <cuda/std/...> under include/cccl
         return [
-            Pybind11Extension(
+            Extension(
                 "turbo_dist._shmem",
                 sources,
-                include_dirs=[inc] + cuda_inc + ["csrc/shmem"],
+                include_dirs=[pybind_inc, inc] + cuda_incs + ["csrc/shmem"],
                 extra_link_args=[libs[0]],
                 runtime_library_dirs=[lib],
                 define_macros=[("TURBO_DIST_NVSHMEM", "1")],
-                cxx_std=17,
+                **common,
             )
         ]
     rocshmem = os.environ.get("ROCSHMEM_HOME")
     rocm = os.environ.get("ROCM_PATH", "/opt/rocm")
     if rocshmem and os.path.exists(os.path.join(rocshmem, "include")):
         return [
-            Pybind11Extension(
+            Extension(
                 "turbo_dist._shmem",
                 sources,
                 # Untested: rocSHMEM's header needs HIP's and MPI's headers (ROCM_PATH, MPI_HOME).
-                include_dirs=[os.path.join(rocshmem, "include"), os.path.join(rocm, "include"), "csrc/shmem"]
+                include_dirs=[pybind_inc, os.path.join(rocshmem, "include"), os.path.join(rocm, "include"),
+                              "csrc/shmem"]
                 + ([os.path.join(os.environ["MPI_HOME"], "include")] if os.environ.get("MPI_HOME") else []),
                 library_dirs=[os.path.join(rocshmem, "lib"), os.path.join(rocm, "lib")],
                 libraries=["rocshmem", "amdhip64"],
                 runtime_library_dirs=[os.path.join(rocshmem, "lib")],
                 define_macros=[("TURBO_DIST_ROCSHMEM", "1"), ("__HIP_PLATFORM_AMD__", "1")],
-                cxx_std=17,
+                **common,
             )
         ]
-    print("turbo_dist: NVSHMEM/rocSHMEM not found, skipping the native SHMEM module", file=sys.stderr)
+    missing = "NVSHMEM" if nvshmem is None else "the CUDA headers (cuda_runtime.h; set CUDA_HOME)"
+    print(f"turbo_dist: {missing} not found (nor ROCSHMEM_HOME), skipping the native SHMEM module",
+          file=sys.stderr)
     return []
 
 
@@ -115,10 +150,54 @@ class OptionalBuildExt(build_ext):
             print(f"turbo_dist: native module not built ({exc}); pure-Python paths remain", file=sys.stderr)
 
     def build_extension(self, ext):
+        import shutil
+        import time
+
+        start = time.perf_counter()
+        cached = _native_cache_path(ext)
         try:
+            target = self.get_ext_fullpath(ext.name)
+            if cached is not None and os.path.exists(cached):  # same sources, flags and NVSHMEM: reuse it
+                os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
+                shutil.copyfile(cached, target)
+                print(f"turbo_dist: reused {ext.name} from {cached}", file=sys.stderr)
+                return
             super().build_extension(ext)
         except Exception as exc:
             print(f"turbo_dist: could not build {ext.name} ({exc}); skipping it", file=sys.stderr)
+            return
+        print(f"turbo_dist: built {ext.name} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+        if cached is not None:
+            try:
+                os.makedirs(os.path.dirname(cached), exist_ok=True)
+                shutil.copyfile(target, cached + ".tmp")
+                os.replace(cached + ".tmp", cached)
+            except OSError:
+                pass
+
+
+def _native_cache_path(ext):
+    """build/native-cache/<hash>/<module file>: the hash covers everything the build reads, or None."""
+    import hashlib
+    import sysconfig
+
+    try:
+        h = hashlib.sha256()
+        h.update(repr((ext.name, ext.define_macros, ext.include_dirs, ext.extra_compile_args, ext.extra_link_args,
+                       ext.runtime_library_dirs, sys.version, sysconfig.get_config_var("EXT_SUFFIX"))).encode())
+        here = os.path.dirname(os.path.abspath(__file__))
+        deps = list(ext.sources) + sorted(glob.glob(os.path.join(here, "csrc", "shmem", "*.h")))
+        for path in deps:
+            with open(os.path.join(here, path) if not os.path.isabs(path) else path, "rb") as f:
+                h.update(f.read())
+        for lib in ext.extra_link_args:  # the NVSHMEM library, by size and time (its headers travel with it)
+            if os.path.exists(lib):
+                st = os.stat(lib)
+                h.update(f"{lib}:{st.st_size}:{st.st_mtime_ns}".encode())
+        name = ext.name.split(".")[-1] + (sysconfig.get_config_var("EXT_SUFFIX") or ".so")
+        return os.path.join(here, "build", "native-cache", h.hexdigest()[:20], name)
+    except Exception:
+        return None
 
 
 setup(

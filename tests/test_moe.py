@@ -12,7 +12,7 @@ from turbo_dist.moe.layout import dispatch_layout, token_positions
 from turbo_dist.testing import run_distributed
 
 from conftest import world_sizes_for_device
-from dist_utils import rank_device
+from dist_utils import on_gpu, rank_device
 
 HIDDEN, TOPK = 256, 4
 
@@ -104,10 +104,29 @@ def from_fp8(q, scales):
     return (q.float().view(t, h // 128, 128) * scales.unsqueeze(2)).view(t, h)
 
 
+def make_buffer(transport, num_max_tokens=64, hidden=HIDDEN, topk=TOPK):
+    """A Buffer on `transport` (None: the default pick). For "nvlink" without a GPU (one rank on CPU), the
+    transport object is swapped in by hand: its Triton kernels then run in the interpreter, the only
+    peer being the rank itself (Buffer refuses "nvlink" without peer access, rightly, for world > 1)."""
+    if transport != "nvlink":
+        return Buffer(None, transport=transport) if transport else Buffer(None)
+    world = dist.get_world_size()
+    nbytes = Buffer.get_nvl_buffer_size_hint(num_max_tokens, hidden, world, topk, dtype=torch.float32)
+    if on_gpu():
+        return Buffer(None, num_nvl_bytes=nbytes, transport="nvlink")
+    assert world == 1, "the nvlink transport runs on CPU only for a single rank (interpreter self-loop)"
+    from turbo_dist.moe.nvlink import NvlinkTransport
+
+    buf = Buffer(None, transport="collective")
+    buf._impl = NvlinkTransport(buf.runtime, nbytes)
+    buf.transport = "nvlink"
+    return buf
+
+
 # ----------------------------------------------------------------------------- rank bodies
 def _dispatch_combine_body(rank, world, routing, dtype, num_tokens, num_experts, transport):
     dev = rank_device()
-    buf = Buffer(None, transport=transport) if transport else Buffer(None)
+    buf = make_buffer(transport, num_tokens + 3 * world)
     inputs = [make_inputs(r, world, num_tokens, num_experts, routing, dtype) for r in range(world)]
     x, idx, w = (t.to(dev) for t in inputs[rank])
     exp_x, exp_idx, exp_w, exp_src, exp_counts = ref_dispatch(rank, inputs, num_experts, world)
@@ -177,7 +196,7 @@ def _ref_layout(idx, num_experts, world):
 
 def _fp8_body(rank, world, num_tokens, num_experts, transport):
     dev = rank_device()
-    buf = Buffer(None, transport=transport) if transport else Buffer(None)
+    buf = make_buffer(transport, num_tokens + 3 * world)
     inputs = [make_inputs(r, world, num_tokens, num_experts, "random", torch.float32) for r in range(world)]
     x, idx, w = (t.to(dev) for t in inputs[rank])
     q, s = to_fp8(x)
@@ -201,7 +220,7 @@ def _fp8_body(rank, world, num_tokens, num_experts, transport):
 
 def _async_and_errors_body(rank, world, transport):
     dev = rank_device()
-    buf = Buffer(None, transport=transport) if transport else Buffer(None)
+    buf = make_buffer(transport, 16 + 3 * world)
     num_experts = 4 * world
     x, idx, w = (t.to(dev) for t in make_inputs(rank, world, 16, num_experts, "random"))
     prev = Buffer.capture()
@@ -234,12 +253,7 @@ def _async_and_errors_body(rank, world, transport):
     with pytest.raises(ValueError, match="float32"):
         buf.dispatch((x.to(torch.float8_e4m3fn), torch.ones(x.size(0), 1, device=dev)),
                      num_tokens_per_rank=n_rank, is_token_in_rank=in_rank, num_tokens_per_expert=n_expert)
-    with pytest.raises(NotImplementedError, match="low_latency"):
-        Buffer(None, low_latency_mode=True)
-    with pytest.raises(NotImplementedError, match="num_rdma_bytes"):
-        Buffer(None, num_rdma_bytes=1 << 20)
-    with pytest.raises(NotImplementedError, match="low-latency"):
-        buf.low_latency_dispatch(x, idx, 128, num_experts)
+    # (low-latency and internode modes are tested with their own modules)
     with pytest.raises(ValueError, match="even"):
         Buffer.set_num_sms(3)
     return True

@@ -70,6 +70,7 @@ def check_backend(name, q, k, v, do, causal, tol_o, tol_g):
     assert dispatcher.last_backend("attention_fwd") == name
     assert o.shape == q.shape and o.dtype == q.dtype
     assert lse.shape == (q.shape[0], q.shape[2], q.shape[1]) and lse.dtype == torch.float32
+    assert lse.is_contiguous() and lse.device == q.device
     assert rel(o, o_ref) < tol_o
     fin = torch.isfinite(lse_ref)
     assert torch.equal(torch.isfinite(lse).cpu(), fin.cpu()), "rows without visible keys must get lse = -inf"
@@ -149,6 +150,27 @@ def test_block_merge_cpu(name):
     check_block_merge(name, q, k, v, do, False, 1e-5)
 
 
+@pytest.mark.parametrize("tiles", [((32, 64), (64, 32)), ((64, 32), (32, 64))], ids=["m32n64", "m64n32"])
+@pytest.mark.parametrize("shape", [(45, 70), (70, 45)], ids=["q<k", "q>k"])
+def test_triton_tile_shapes(tiles, shape):
+    """The causal block ranges of every kernel hold for any tiles (GPU configs differ from the
+    interpreter's 16x16): rectangular tiles, lengths not multiples of them, Sq != Sk both ways."""
+    if torch.cuda.is_available():
+        pytest.skip("CPU interpreter test")
+    from turbo_dist.kernels.flash_attn import FlashConfig, flash_attn_backward, flash_attn_forward
+
+    (m1, n1), (m2, n2) = tiles
+    q, k, v, do = make(1, shape[0], shape[1], 2, 1, 16, torch.float32, seed=8)
+    o_ref, lse_ref, dq_ref, dk_ref, dv_ref = expected(q, k, v, do, True)
+    o, lse = flash_attn_forward(q, k, v, True, None, config=FlashConfig(m1, n1))
+    fin = torch.isfinite(lse_ref)
+    assert rel(o, o_ref) < 1e-5 and (lse[fin].double() - lse_ref[fin]).abs().max() < 1e-5
+    grads = flash_attn_backward(do, q, k, v, o, lse, True, None, dkdv_config=FlashConfig(m1, n1),
+                                dq_config=FlashConfig(m2, n2))
+    for got, want in zip(grads, (dq_ref, dk_ref, dv_ref)):
+        assert rel(got, want) < 1e-5
+
+
 def test_triton_empty_rows_are_zero():
     if torch.cuda.is_available():
         pytest.skip("CPU test")
@@ -175,6 +197,70 @@ def test_autograd_entry_triton():
     assert rel(o, o_ref) < 1e-5 and (lse.double() - lse_ref).abs().max() < 1e-5
     for got, want in ((qq.grad, q64.grad), (kk.grad, k64.grad), (vv.grad, v64.grad)):
         assert rel(got, want) < 1e-5
+
+
+def packed_views(b, s, hq, hkv, d, dtype, device="cpu", seed=0):
+    """q/k/v as strided views of one packed projection output [B, S, (Hq + 2 Hkv) * D], as a fused
+    QKV GEMM produces them (non-contiguous; last dim still unit stride)."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    qkv = torch.randn(b, s, (hq + 2 * hkv) * d, generator=g).to(device=device, dtype=dtype)
+    q, k, v = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
+    q, k, v = q.view(b, s, hq, d), k.view(b, s, hkv, d), v.view(b, s, hkv, d)
+    do = torch.randn(b, hq, s, d, generator=g).to(device=device, dtype=dtype).transpose(1, 2)  # BHSD memory
+    assert not any(t.is_contiguous() for t in (q, k, v, do))
+    return q, k, v, do
+
+
+@pytest.mark.parametrize("name", ["reference", "triton"])
+def test_non_contiguous_cpu(name):
+    if torch.cuda.is_available():
+        pytest.skip("CPU test")
+    q, k, v, do = packed_views(2, 19, 4, 2, 16, torch.float32, seed=9)
+    check_backend(name, q, k, v, do, True, 1e-5, 1e-5)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_autograd_entry_reference(causal):
+    q, k, v, do = make(1, 13, 29, 4, 1, 8, torch.float32, seed=4)  # MQA, Sq < Sk
+    qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
+    o = attention(qq, kk, vv, causal=causal)
+    assert isinstance(o, torch.Tensor) and o.shape == q.shape
+    o.backward(do)
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    o_ref, _ = math_attention(q64, k64, v64, causal)
+    o_ref.backward(do.double())
+    assert rel(o, o_ref) < 1e-5
+    for got, want in ((qq.grad, q64.grad), (kk.grad, k64.grad), (vv.grad, v64.grad)):
+        assert got.shape == want.shape and rel(got, want) < 1e-5
+
+
+def test_skip_empty_rows_wrapper():
+    """Causal Sq > Sk on a kernel that only knows top-left masks (cuDNN): the wrapper hands it the
+    square part only and fills the rows without keys itself."""
+    calls = []
+
+    def square_fwd(q, k, v, causal, scale):
+        calls.append((q.shape[1], k.shape[1]))
+        assert not causal or q.shape[1] == k.shape[1]
+        return attn.reference_forward(q, k, v, causal, scale)
+
+    def square_bwd(do, q, k, v, o, lse, causal, scale):
+        assert not causal or q.shape[1] == k.shape[1]
+        return attn.reference_backward(do, q, k, v, o, lse, causal, scale)
+
+    fwd, bwd = attn._skip_empty_rows(square_fwd, square_bwd)
+    q, k, v, do = make(2, 27, 11, 4, 2, 8, torch.float32, seed=6)
+    o_ref, lse_ref, dq_ref, dk_ref, dv_ref = expected(q, k, v, do, True)
+    o, lse = fwd(q, k, v, True, None)
+    assert calls == [(11, 11)]
+    assert torch.equal(o[:, :16], torch.zeros_like(o[:, :16])) and torch.isneginf(lse[:, :, :16]).all()
+    assert rel(o, o_ref) < 1e-5 and (lse[:, :, 16:].double() - lse_ref[:, :, 16:]).abs().max() < 1e-5
+    dq, dk, dv = bwd(do, q, k, v, o, lse, True, None)
+    assert torch.equal(dq[:, :16], torch.zeros_like(dq[:, :16]))
+    for got, want in ((dq, dq_ref), (dk, dk_ref), (dv, dv_ref)):
+        assert rel(got, want) < 1e-5
+    fwd(q, k, v, False, None)  # non-causal: untouched
+    assert calls[-1] == (27, 11)
 
 
 def test_cpu_default_is_reference():
@@ -241,8 +327,8 @@ def test_gpu_backend(name, dtype, case):
     q, k, v, do = make(b, sq, sk, hq, hkv, d, dtype, device="cuda")
     ok = attn._sdpa_reason(name, q, k, v, causal) if name in SDPA else True
     if ok is not True:
-        # the main shape must run everywhere on sm80+; only the documented limits may refuse
-        assert causal and sq != sk, ok
+        # the main shape must run everywhere on sm80+; only the documented limit may refuse
+        assert causal and sq < sk and not attn._CAUSAL_SQ_LT_SK[name], ok
         pytest.skip(ok)
     tol = 1e-2 if dtype == torch.bfloat16 else 3e-3
     check_backend(name, q, k, v, do, causal, tol, 2 * tol)
@@ -256,6 +342,13 @@ def test_gpu_block_merge(name):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("name", ["triton", *SDPA])
+def test_gpu_non_contiguous(name):
+    q, k, v, do = packed_views(2, 160, 8, 2, 64, torch.bfloat16, device="cuda", seed=13)
+    check_backend(name, q, k, v, do, True, 1e-2, 2e-2)
+
+
+@pytest.mark.gpu
 def test_gpu_triton_fp32():
     q, k, v, do = make(1, 100, 77, 4, 2, 64, torch.float32, device="cuda")
     check_backend("triton", q, k, v, do, True, 1e-4, 1e-4)
@@ -266,8 +359,12 @@ def test_gpu_default_order():
     q, k, v, do = make(1, 128, 128, 4, 4, 128, torch.bfloat16, device="cuda")
     fwd = dispatcher.choose("attention_fwd", q, k, v, True, None).name
     bwd = dispatcher.choose("attention_bwd", do, q, k, v, q, torch.zeros(1, 4, 128, device="cuda"), True, None).name
-    assert fwd == min(SDPA + ("triton",), key=attn.PRIORITY.get)
-    assert bwd == min(SDPA + ("triton",), key=attn.PRIORITY.get)
+    assert fwd == min(SDPA + ("triton",), key=attn.PRIORITY["attention_fwd"].get)
+    assert bwd == min(SDPA + ("triton",), key=attn.PRIORITY["attention_bwd"].get)
+    # causal with Sq != Sk: whatever the default is, it must be a backend that aligns bottom-right
+    kk = torch.randn(1, 200, 4, 128, device="cuda", dtype=torch.bfloat16)
+    name = dispatcher.choose("attention_fwd", q, kk, kk, True, None).name
+    assert name in ("triton",) + tuple(n for n in SDPA if attn._CAUSAL_SQ_LT_SK[n])
     # fp32 goes to our kernel (SDPA's fused kernels are fp16/bf16 only)
     q32 = q.float()
     assert dispatcher.choose("attention_fwd", q32, q32, q32, True, None).name == "triton"

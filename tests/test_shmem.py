@@ -7,6 +7,7 @@ put/get from a Triton kernel, barrier, teams, the runtime's symmetric buffers on
 Run as a script (`--mpi-child`), this file is the rank body of the mpirun test.
 """
 import os
+import runpy
 import shutil
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import triton
 import triton.language as tl
 
 from turbo_dist import shmem
+from turbo_dist.runtime.config import SAFETY_ENV
 from turbo_dist.testing import run_distributed
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -33,6 +35,10 @@ def _gpu_world_sizes(*sizes):
 def _native_on_this_machine():
     return shmem.is_available() and torch.cuda.is_available()
 
+
+# The GPU tests that initialise SHMEM share ranks of their own (SHMEM stays up in a pooled rank),
+# and the runtime there picks the nvshmem backend.
+_SHMEM_POOL_ENV = {"TURBO_DIST_SHMEM": "nvshmem"}
 
 needs_native = pytest.mark.skipif(not shmem.is_available(), reason="turbo_dist._shmem is not built (no NVSHMEM)")
 
@@ -106,6 +112,111 @@ def test_bootstrap_and_errors_on_cpu():
         assert all("TURBO_DIST_SHMEM=torch" in e for e in errors), errors
 
 
+def _cpu_failed_id(rank, world_size):
+    # rank 0 failing to create an id must reach every rank (None), not leave them waiting in the broadcast
+    return shmem._broadcast_unique_id(dist.group.WORLD, torch.device("cpu"), lambda: None, 128)
+
+
+@pytest.mark.dist
+def test_unique_id_failure_reaches_every_rank():
+    if torch.cuda.is_available():
+        pytest.skip("CPU (gloo) test")
+    assert run_distributed(_cpu_failed_id, 2) == [None, None]
+
+
+class _FailingNative:
+    """Stands in for turbo_dist._shmem where the library refuses to come up."""
+
+    BACKEND = "nvshmem"
+
+    def get_unique_id(self):
+        raise RuntimeError("nvshmem get_uniqueid failed: NVSHMEMX_ERROR_INTERNAL (status 7)")
+
+    def init(self, uid, rank, nranks):
+        raise RuntimeError("nvshmem initialisation failed: NVSHMEMX_ERROR_INTERNAL (status 7)")
+
+
+def test_init_failure_says_why_and_how_to_fall_back():
+    native = _FailingNative()
+    with pytest.raises(RuntimeError) as info:
+        shmem._init_native(native, b"\0" * 128, 1, 2, torch.device("cpu"), "MPI")
+    msg = str(info.value)
+    for part in ("NVSHMEMX_ERROR_INTERNAL", "rank 1 of 2", "via MPI", "NVSHMEM_DEBUG=INFO", "TURBO_DIST_SHMEM=torch"):
+        assert part in msg, (part, msg)
+    assert not shmem.is_initialized()
+    uid, err = shmem._make_unique_id(native, 0, 2, torch.device("cpu"))
+    assert uid is None and "creating the unique id" in str(err) and "TURBO_DIST_SHMEM=torch" in str(err)
+
+
+def _run_setup_py(monkeypatch, env):
+    """Execute setup.py with setuptools.setup captured: (setup kwargs, setup.py's globals)."""
+    import setuptools
+
+    captured = {}
+    monkeypatch.setattr(setuptools, "setup", lambda **kw: captured.update(kw))
+    for key in ("NVSHMEM_HOME", "CUDA_HOME", "CUDA_PATH", "ROCSHMEM_HOME", "TURBO_DIST_SKIP_NATIVE"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.chdir(ROOT)
+    g = runpy.run_path(os.path.join(ROOT, "setup.py"), run_name="turbo_dist_setup_under_test")
+    return captured, g
+
+
+def _touch(path):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    open(path, "w").close()
+
+
+def test_setup_skip_native(monkeypatch):
+    kw, g = _run_setup_py(monkeypatch, {"TURBO_DIST_SKIP_NATIVE": "1"})
+    assert kw["ext_modules"] == []
+    assert kw["cmdclass"]["build_ext"] is g["OptionalBuildExt"]
+
+
+def test_setup_builds_module_when_nvshmem_found(monkeypatch, tmp_path):
+    nv, cuda = tmp_path / "nvshmem", tmp_path / "cuda"
+    _touch(str(nv / "include" / "nvshmem_host.h"))
+    _touch(str(nv / "lib" / "libnvshmem_host.so.3"))
+    for header in ("cuda.h", "cuda_runtime.h"):
+        _touch(str(cuda / "include" / header))
+    os.makedirs(cuda / "include" / "cccl")
+    kw, g = _run_setup_py(monkeypatch, {"NVSHMEM_HOME": str(nv), "CUDA_HOME": str(cuda)})
+    if g["_pybind11_include"]() is None:
+        pytest.skip("no pybind11 headers here")
+    (ext,) = kw["ext_modules"]
+    assert ext.name == "turbo_dist._shmem" and ext.sources == [os.path.join("csrc", "shmem", "shmem.cpp")]
+    assert ("TURBO_DIST_NVSHMEM", "1") in ext.define_macros
+    for inc in (nv / "include", cuda / "include", cuda / "include" / "cccl"):
+        assert str(inc) in ext.include_dirs
+    assert ext.extra_link_args == [str(nv / "lib" / "libnvshmem_host.so.3")]
+    assert ext.runtime_library_dirs == [str(nv / "lib")]
+    assert "-std=c++17" in ext.extra_compile_args
+
+
+def test_setup_without_nvshmem_builds_nothing(monkeypatch, tmp_path):
+    kw, g = _run_setup_py(monkeypatch, {"NVSHMEM_HOME": str(tmp_path / "absent")})
+    if g["_find_nvshmem"]() is not None or os.environ.get("ROCSHMEM_HOME"):
+        pytest.skip("NVSHMEM is installed here")
+    assert kw["ext_modules"] == []
+
+
+def test_setup_build_failure_is_not_fatal(monkeypatch, capsys):
+    from setuptools import Distribution, Extension
+    from setuptools.command.build_ext import build_ext
+
+    _, g = _run_setup_py(monkeypatch, {"TURBO_DIST_SKIP_NATIVE": "1"})
+
+    def broken(self, ext):
+        raise RuntimeError("compiler exploded")
+
+    monkeypatch.setattr(build_ext, "build_extension", broken)
+    cmd = g["OptionalBuildExt"](Distribution())
+    cmd.ensure_finalized()
+    cmd.build_extension(Extension("turbo_dist._shmem", ["x.cpp"]))  # must not raise
+    assert "could not build turbo_dist._shmem (compiler exploded)" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------------------------- GPU
 
 
@@ -168,9 +279,13 @@ def _put_get_roundtrip(rank, world_size, n):
     # teams: one node, so the shared team is everyone; a forced 1 rank per node splits into singletons
     shared = shmem.team_shared()
     team_ok = shared is not None and shmem.team_n_pes(shared) == world_size and shmem.team_my_pe(shared) == rank
-    single = shmem.node_team(1)
-    team_ok = team_ok and shmem.team_n_pes(single) == 1 and shmem.team_my_pe(single) == 0
-    team_ok = team_ok and shmem.team_translate_pe(single, 0, shmem.team_world()) == rank
+    for k in range(1, world_size + 1):  # k ranks per "node": PEs [n*k, (n+1)*k)
+        if world_size % k:
+            continue
+        team = shmem.node_team(k)
+        team_ok = team_ok and team is not None and shmem.team_n_pes(team) == k
+        team_ok = team_ok and shmem.team_my_pe(team) == rank % k
+        team_ok = team_ok and shmem.team_translate_pe(team, 0, shmem.team_world()) == rank - rank % k
 
     shmem.free(x)
     shmem.barrier_all()
@@ -182,7 +297,7 @@ def _put_get_roundtrip(rank, world_size, n):
 @needs_native
 @pytest.mark.parametrize("world_size", _gpu_world_sizes(1, 2, 4))
 def test_put_get_barrier(world_size):
-    results = run_distributed(_put_get_roundtrip, world_size, args=(10_000,))
+    results = run_distributed(_put_get_roundtrip, world_size, args=(10_000,), env=_SHMEM_POOL_ENV)
     for rank, (put_ok, get_ok, view_ok, prev_ok, team_ok, backend, version) in enumerate(results):
         assert backend in ("nvshmem", "rocshmem")
         assert (put_ok, get_ok, view_ok, prev_ok, team_ok) == (True,) * 5, (rank, results[rank])
@@ -212,7 +327,7 @@ def _runtime_on_nvshmem(rank, world_size):
 @needs_native
 @pytest.mark.parametrize("world_size", _gpu_world_sizes(1, 2, 4))
 def test_runtime_symm_buffer_on_nvshmem(world_size):
-    results = run_distributed(_runtime_on_nvshmem, world_size, env={"TURBO_DIST_SHMEM": "nvshmem"})
+    results = run_distributed(_runtime_on_nvshmem, world_size, env=_SHMEM_POOL_ENV)
     assert results == [(True, True, True, True)] * world_size
 
 
@@ -250,15 +365,51 @@ def test_init_over_mpirun():
     except ImportError:
         pytest.skip("mpi4py not installed")
     nproc = min(torch.cuda.device_count(), 2)
-    cmd = ["mpirun", "-np", str(nproc), "--bind-to", "none"]
-    if hasattr(os, "geteuid") and os.geteuid() == 0:
-        cmd.append("--allow-run-as-root")
+    version = subprocess.run(["mpirun", "--version"], capture_output=True, text=True, timeout=60)
+    open_mpi = "open mpi" in (version.stdout + version.stderr).lower()
+    cmd = ["mpirun", "-np", str(nproc)]
+    if open_mpi:
+        cmd += ["--bind-to", "none"]
+        if hasattr(os, "geteuid") and os.geteuid() == 0:
+            cmd.append("--allow-run-as-root")
+        for key, value in SAFETY_ENV.items():  # also for ranks on other hosts
+            cmd += ["-x", f"{key}={value}"]
+    else:  # MPICH / Intel MPI (hydra)
+        for key, value in SAFETY_ENV.items():
+            cmd += ["-genv", key, value]
     cmd += [sys.executable, os.path.join(ROOT, "launch", "mpi_bootstrap.py"), os.path.abspath(__file__), "--mpi-child"]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=150)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     assert out.count("SHMEM_MPI_OK") == nproc, out[-4000:]
+
+
+_FAILING_INIT = """
+import os, torch.distributed as dist
+from turbo_dist import shmem
+from turbo_dist.testing import free_port
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+try:
+    shmem.init()
+    print("UNEXPECTED_INIT_OK")
+except RuntimeError as exc:
+    print("INIT_ERROR:", exc)
+"""
+
+
+@needs_native
+@pytest.mark.dist
+@pytest.mark.gpu(min_gpus=1)
+def test_init_failure_on_gpu_says_how_to_fall_back():
+    # A bootstrap interface that does not exist makes NVSHMEM fail for real (cleanly: a missing bootstrap
+    # plugin aborts NVSHMEM 3.4 with a double free); the error must say why and name the fallback.
+    env = dict(os.environ, NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME="td_no_such_if0",
+               PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-c", _FAILING_INIT], env=env, capture_output=True, text=True, timeout=90)
+    out = proc.stdout + proc.stderr
+    assert "INIT_ERROR:" in out and "TURBO_DIST_SHMEM=torch" in out, out[-4000:]
+    assert "NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME" in out, out[-4000:]
 
 
 def _mpi_child():

@@ -64,7 +64,8 @@ def _native_module():
         raise ImportError(
             f"turbo_dist._shmem, the NVSHMEM/rocSHMEM binding, is not built ({exc}). Build it by installing "
             "NVSHMEM (pip install nvidia-nvshmem-cu13, or NVSHMEM_HOME=...; ROCSHMEM_HOME=... on ROCm) and then "
-            "reinstalling turbo_dist (pip install --no-build-isolation -e .). " + _FALLBACK_HINT
+            "reinstalling turbo_dist (pip install --no-build-isolation -e .; add -v to see why setup.py skipped "
+            "it, TURBO_DIST_SKIP_NATIVE=1 must not be set). " + _FALLBACK_HINT
         ) from exc
     _native = _shmem
     _point_plugins_at_loaded_library()
@@ -147,19 +148,33 @@ def _already(rank, nranks):
     return True
 
 
-def _init_native(unique_id, rank, nranks, device, via):
-    native = _native_module()
+def _init_failed(native, what, rank, nranks, device, exc):
+    return RuntimeError(
+        f"{native.BACKEND} could not initialise on this machine ({what}; rank {rank} of {nranks}, {device}): {exc}. "
+        "Every rank must call init with the same unique id and reach rank 0 over TCP "
+        "(NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME picks the interface); the GPUs need CUDA VMM and P2P. "
+        "NVSHMEM_DEBUG=INFO says more. " + _FALLBACK_HINT
+    )
+
+
+def _make_unique_id(native, rank, nranks, device):
+    """(bytes, None) on success, (None, RuntimeError) when the library cannot create an id."""
+    try:
+        return bytes(native.get_unique_id()), None
+    except RuntimeError as exc:
+        return None, _init_failed(native, "creating the unique id on rank 0", rank, nranks, device, exc)
+
+
+def _bind_device(device):
     torch.cuda.set_device(device)
     torch.empty(1, device=device)  # make torch's (primary) context current before SHMEM binds to it
+
+
+def _init_native(native, unique_id, rank, nranks, device, via):
     try:
         native.init(bytes(unique_id), rank, nranks)
     except RuntimeError as exc:
-        raise RuntimeError(
-            f"{native.BACKEND} could not initialise on this machine (rank {rank} of {nranks}, {device}): {exc}. "
-            "Every rank must call init with the same unique id and reach rank 0 over TCP "
-            "(NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME picks the interface); the GPUs need CUDA VMM and P2P. "
-            "NVSHMEM_DEBUG=INFO says more. " + _FALLBACK_HINT
-        ) from exc
+        raise _init_failed(native, f"init via {via}", rank, nranks, device, exc) from exc
     _STATE.update(device=device, rank=rank, nranks=nranks, via=via)
     log.info("shmem: %s initialised via %s, PE %d of %d on %s", native.BACKEND, via, rank, nranks, device)
 
@@ -169,7 +184,8 @@ def init(group=None, device=None):
 
     Rank 0 of `group` creates the unique id and broadcasts its bytes over the group; PE i is
     group rank i. `device` (default: the current CUDA device) is the GPU this rank uses.
-    Calling again with the same layout is a no-op.
+    Calling again with the same layout is a no-op. Raises RuntimeError on every rank, naming the
+    cause and the fallback (TURBO_DIST_SHMEM=torch), when SHMEM cannot come up.
     """
     import torch.distributed as dist
 
@@ -185,23 +201,42 @@ def init(group=None, device=None):
     with _LOCK:
         if _already(rank, nranks):
             return
-        uid = _broadcast_unique_id(group, device, native.get_unique_id, native.UNIQUE_ID_BYTES)
-        _init_native(uid, rank, nranks, device, "torch.distributed")
+        _bind_device(device)
+        made = {}
+
+        def make_id():
+            made["id"], made["error"] = _make_unique_id(native, rank, nranks, device)
+            return made["id"]
+
+        uid = _broadcast_unique_id(group, device, make_id, native.UNIQUE_ID_BYTES)
+        if made.get("error") is not None:
+            raise made["error"]
+        if uid is None:
+            raise _init_failed(native, "rank 0 could not create the unique id (its error says why)", rank, nranks,
+                               device, "no id received")
+        _init_native(native, uid, rank, nranks, device, "torch.distributed")
 
 
 def _broadcast_unique_id(group, device, make_id, nbytes):
-    """Rank 0 of `group` calls make_id() (-> `nbytes` bytes); every rank returns those bytes."""
+    """Rank 0 of `group` calls make_id() (-> `nbytes` bytes, or None on failure); every rank returns those bytes.
+
+    A failure on rank 0 is broadcast too (every rank returns None), so no rank is left waiting.
+    """
     import torch.distributed as dist
 
     where = device if "nccl" in str(dist.get_backend(group)).lower() else torch.device("cpu")
-    buf = torch.zeros(nbytes, dtype=torch.uint8, device=where)
+    buf = torch.zeros(nbytes + 1, dtype=torch.uint8, device=where)  # [ok flag, id bytes...]
     if dist.get_rank(group) == 0:
-        raw = bytes(make_id())
-        if len(raw) != nbytes:
-            raise RuntimeError(f"SHMEM unique id has {len(raw)} bytes, expected {nbytes}")
-        buf.copy_(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
+        raw = make_id()
+        if raw is not None:
+            raw = bytes(raw)
+            if len(raw) != nbytes:
+                raise RuntimeError(f"SHMEM unique id has {len(raw)} bytes, expected {nbytes}")
+            buf[1:].copy_(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
+            buf[0] = 1
     dist.broadcast(buf, src=dist.get_global_rank(group, 0), group=group)
-    return bytes(buf.cpu().tolist())
+    host = bytes(buf.cpu().tolist())
+    return host[1:] if host[0] == 1 else None
 
 
 def init_mpi(comm=None, device=None):
@@ -227,8 +262,15 @@ def init_mpi(comm=None, device=None):
     with _LOCK:
         if _already(rank, nranks):
             return
-        uid = comm.bcast(native.get_unique_id() if rank == 0 else None, root=0)
-        _init_native(uid, rank, nranks, device, "MPI")
+        _bind_device(device)
+        uid, error = _make_unique_id(native, rank, nranks, device) if rank == 0 else (None, None)
+        uid = comm.bcast(uid, root=0)
+        if error is not None:
+            raise error
+        if uid is None:
+            raise _init_failed(native, "rank 0 could not create the unique id (its error says why)", rank, nranks,
+                               device, "no id received")
+        _init_native(native, uid, rank, nranks, device, "MPI")
 
 
 def finalize():
@@ -507,8 +549,9 @@ def symmetric_buffer(nbytes, group, device):
     """
     import torch.distributed as dist
 
-    init(group, device)
     rank, nranks = dist.get_rank(group), dist.get_world_size(group)
+    if not is_initialized():
+        init(group, device)
     if (my_pe(), n_pes()) != (rank, nranks):
         raise NotImplementedError(
             f"the nvshmem backend serves only the group SHMEM was initialised on ({n_pes()} PEs); this group has "

@@ -18,6 +18,10 @@ namespace {
 
 bool g_initialized = false;
 
+std::string status_text(int status) {
+  return std::string(tdshmem::status_name(status)) + " (status " + std::to_string(status) + ")";
+}
+
 void require_init(const char* what) {
   if (!g_initialized) {
     throw std::runtime_error(std::string("turbo_dist._shmem.") + what + ": SHMEM is not initialised; call " +
@@ -112,14 +116,18 @@ py::bytes get_unique_id() {
     status = tdshmem::get_uniqueid(&uid);
   }
   if (status != 0) {
-    throw std::runtime_error(std::string(tdshmem::kBackend) + " get_uniqueid failed with status " +
-                             std::to_string(status));
+    throw std::runtime_error(std::string(tdshmem::kBackend) + " get_uniqueid failed: " + status_text(status));
   }
   return py::bytes(reinterpret_cast<const char*>(&uid), sizeof(uid));
 }
 
 void init(py::bytes uid_bytes, int rank, int nranks) {
   if (g_initialized) throw std::runtime_error("turbo_dist._shmem.init: already initialised");
+  if (tdshmem::is_initialized()) {  // one library instance per process: e.g. torch's NVSHMEM backend got there first
+    throw std::runtime_error(std::string(tdshmem::kBackend) +
+                             " is already initialised in this process by another component (torch's NVSHMEM "
+                             "symmetric-memory backend?); turbo_dist cannot share it");
+  }
   std::string raw = uid_bytes;
   if (raw.size() != tdshmem::kUniqueIdBytes) {
     throw std::invalid_argument("init: the unique id must be " + std::to_string(tdshmem::kUniqueIdBytes) +
@@ -137,8 +145,7 @@ void init(py::bytes uid_bytes, int rank, int nranks) {
     status = tdshmem::init_with_uniqueid(&uid, rank, nranks);
   }
   if (status != 0) {
-    throw std::runtime_error(std::string(tdshmem::kBackend) + " initialisation failed with status " +
-                             std::to_string(status));
+    throw std::runtime_error(std::string(tdshmem::kBackend) + " initialisation failed: " + status_text(status));
   }
   g_initialized = true;
 }
@@ -192,7 +199,7 @@ int64_t team_split_strided(int64_t parent, int start, int stride, int size) {
   if (status != 0) {
     throw std::runtime_error(std::string(tdshmem::kBackend) + " team_split_strided(start=" + std::to_string(start) +
                              ", stride=" + std::to_string(stride) + ", size=" + std::to_string(size) +
-                             ") failed with status " + std::to_string(status));
+                             ") failed: " + status_text(status));
   }
   return tdshmem::team_to_int(out);
 }

@@ -31,6 +31,19 @@ using team_t = nvshmem_team_t;
 using uniqueid_t = nvshmemx_uniqueid_t;
 constexpr size_t kUniqueIdBytes = sizeof(nvshmemx_uniqueid_t);
 
+// nvshmemx_status values (stable since NVSHMEM 2.x; the header's own string table is newer than 3.4).
+inline const char* status_name(int status) {
+  static const char* const kNames[] = {"NVSHMEMX_SUCCESS",
+                                       "NVSHMEMX_ERROR_INVALID_VALUE",
+                                       "NVSHMEMX_ERROR_OUT_OF_MEMORY",
+                                       "NVSHMEMX_ERROR_NOT_SUPPORTED",
+                                       "NVSHMEMX_ERROR_SYMMETRY",
+                                       "NVSHMEMX_ERROR_GPU_NOT_SELECTED",
+                                       "NVSHMEMX_ERROR_COLLECTIVE_LAUNCH_FAILED",
+                                       "NVSHMEMX_ERROR_INTERNAL"};
+  return (status >= 0 && status < 8) ? kNames[status] : "unknown status";
+}
+
 inline int get_uniqueid(uniqueid_t* uid) {
   *uid = NVSHMEMX_UNIQUEID_INITIALIZER;
   return nvshmemx_get_uniqueid(uid);
@@ -41,7 +54,10 @@ inline int init_with_uniqueid(uniqueid_t* uid, int rank, int nranks) {
   if (status != 0) return status;
   return nvshmemx_hostlib_init_attr(NVSHMEMX_INIT_WITH_UNIQUEID, &attr);
 }
-inline bool is_initialized() { return nvshmemx_init_status() >= NVSHMEM_STATUS_IS_INITIALIZED; }
+inline bool is_initialized() {
+  int s = nvshmemx_init_status();
+  return s >= NVSHMEM_STATUS_IS_INITIALIZED && s != NVSHMEM_STATUS_INVALID;
+}
 inline void finalize() { nvshmemx_hostlib_finalize(); }
 inline int my_pe() { return nvshmem_my_pe(); }
 inline int n_pes() { return nvshmem_n_pes(); }
@@ -77,6 +93,8 @@ constexpr int kDLDeviceType = 10;  // DLPack kDLROCM
 using team_t = rocshmem::rocshmem_team_t;
 using uniqueid_t = rocshmem::rocshmem_uniqueid_t;
 constexpr size_t kUniqueIdBytes = sizeof(rocshmem::rocshmem_uniqueid_t);
+
+inline const char* status_name(int status) { return status == 0 ? "ROCSHMEM_SUCCESS" : "rocSHMEM error"; }
 
 inline int get_uniqueid(uniqueid_t* uid) { return rocshmem::rocshmem_get_uniqueid(uid); }
 inline int init_with_uniqueid(uniqueid_t* uid, int rank, int nranks) {

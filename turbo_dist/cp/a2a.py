@@ -45,7 +45,7 @@ def _to_rank_major(x, cp, heads):
     return x.view(b, s, cp, h // cp, d)[:, :, :, heads].permute(2, 0, 1, 3, 4)
 
 
-def _heads_sharded(x, cp, heads, reorder, rt):
+def _heads_sharded(x, cp, heads, rt):
     """Launch the all-to-all of one head group: returns Pending of [cp, B, S_loc, hc, D]."""
     return _comm.all_to_all(_to_rank_major(x, cp, heads).contiguous(), rt)
 
@@ -72,7 +72,7 @@ def a2a_forward(q, k, v, causal, scale, rt, load_balance, num_chunks):
     for j in range(nc):
         qs, ks = slice(j * qc, (j + 1) * qc), slice(j * kc, (j + 1) * kc)
         send_kv = kv.view(2, b, s_loc, cp, hk, d)[:, :, :, :, ks].permute(3, 0, 1, 2, 4, 5)
-        pend_in.append((_heads_sharded(q, cp, qs, reorder, rt), _comm.all_to_all(send_kv.contiguous(), rt)))
+        pend_in.append((_heads_sharded(q, cp, qs, rt), _comm.all_to_all(send_kv.contiguous(), rt)))
 
     out = torch.empty_like(q)
     saved, pend_out = [], []
@@ -97,7 +97,7 @@ def a2a_backward(do, saved, causal, scale, rt, load_balance, rep, nc, k_shape):
     hk_total = k_shape[2] * rep
     kc = hk_total // cp // nc
 
-    pend_do = [_heads_sharded(do, cp, slice(j * qc, (j + 1) * qc), reorder, rt) for j in range(nc)]
+    pend_do = [_heads_sharded(do, cp, slice(j * qc, (j + 1) * qc), rt) for j in range(nc)]
     pend = []
     for j in range(nc):
         q_h, kv_h, o_h, lse_h = saved[4 * j: 4 * j + 4]

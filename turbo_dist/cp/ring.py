@@ -46,9 +46,11 @@ def _merge(out, lse, out_blk, lse_blk):
 def ring_forward(q, k, v, causal, scale, rt, load_balance):
     """q [B, S, Hq, D], k/v [B, S, Hkv, D] local shards -> out (q.dtype), lse [B, Hq, S] fp32."""
     cp, rank = rt.world_size, rt.rank
+    if cp == 1:
+        return attention_forward(q, k, v, causal, scale)
     half = q.shape[1] // 2
     kv = torch.stack([k, v])  # one buffer, one transfer per step
-    q_back = q[:, half:].contiguous() if causal and load_balance and cp > 1 else None
+    q_back = q[:, half:].contiguous() if causal and load_balance else None
     out = lse = None
     for step in range(cp):
         pending = _comm.ring_shift(kv, rt) if step + 1 < cp else None
@@ -73,9 +75,11 @@ def ring_forward(q, k, v, causal, scale, rt, load_balance):
 def ring_backward(do, q, k, v, out, lse, causal, scale, rt, load_balance):
     """Gradients of ring_forward given the merged out/lse (flash-attention style): dq, dk, dv."""
     cp, rank = rt.world_size, rt.rank
+    if cp == 1:
+        return attention_backward(do, q, k, v, out, lse, causal, scale)
     half = q.shape[1] // 2
     kv = torch.stack([k, v])
-    if causal and load_balance and cp > 1:
+    if causal and load_balance:
         q_back, do_back, out_back = (t[:, half:].contiguous() for t in (q, do, out))
         lse_back = lse[:, :, half:].contiguous()
     dq = dkv = None
@@ -106,13 +110,11 @@ def ring_backward(do, q, k, v, out, lse, causal, scale, rt, load_balance):
                 dq[:, q_region] += dq_b
                 dkv[0][:, region] += dk_b
                 dkv[1][:, region] += dv_b
-        if cp > 1:
-            # After the last step this sends the accumulator home (to rank src + ... = its owner).
-            pend_dkv = _comm.ring_shift(dkv, rt)
+        # After the last step this sends the accumulator home: src = rank + 1 - cp = rank + 1 (mod cp).
+        pend_dkv = _comm.ring_shift(dkv, rt)
         if pend_kv is not None:
             kv = pend_kv.wait()
-    if cp > 1:
-        dkv = pend_dkv.wait()
+    dkv = pend_dkv.wait()
     return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)
 
 

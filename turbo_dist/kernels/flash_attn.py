@@ -37,7 +37,9 @@ def interpreting():
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-# Chosen on an H100 (bench_ops_attention.py --tune); keyed by head-dim bucket. Data, not code paths.
+# Chosen on an H100 (bench_ops_attention.py --attn-tune; D=128 bwd from
+# benchmarks/results/ops_attention_tune_h100.json: 4.41 ms vs 4.86 ms for the whole backward at
+# B=4 S=4096 H=32 causal bf16); keyed by head-dim bucket. Data, not code paths.
 FWD_CONFIGS = {
     64: FlashConfig(128, 64, num_warps=4, num_stages=3),
     128: FlashConfig(128, 64, num_warps=8, num_stages=3),
@@ -45,12 +47,12 @@ FWD_CONFIGS = {
 }
 BWD_DKDV_CONFIGS = {
     64: FlashConfig(64, 128, num_warps=8, num_stages=3),
-    128: FlashConfig(64, 128, num_warps=8, num_stages=2),
+    128: FlashConfig(32, 64, num_warps=4, num_stages=3),
     256: FlashConfig(32, 64, num_warps=4, num_stages=2),
 }
 BWD_DQ_CONFIGS = {
     64: FlashConfig(128, 64, num_warps=8, num_stages=3),
-    128: FlashConfig(128, 64, num_warps=8, num_stages=2),
+    128: FlashConfig(128, 64, num_warps=8, num_stages=3),
     256: FlashConfig(64, 32, num_warps=4, num_stages=2),
 }
 INTERPRET_CONFIG = FlashConfig(16, 16, num_warps=1, num_stages=1)
@@ -104,7 +106,12 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, sks, skd, svs, svd, start_n, of
     return acc, l_i, m_new
 
 
-@triton.jit
+# Sequence lengths and head counts vary call to call (CP blocks): do not compile a variant per
+# divisibility class of them. Strides stay specialised (aligned, vectorised loads).
+_DYNAMIC = ["GROUP", "SEQ_Q", "SEQ_K"]
+
+
+@triton.jit(do_not_specialize=_DYNAMIC)
 def _fwd_kernel(Q, K, V, O, LSE,
                 sqb, sqs, sqh, sqd, skb, sks, skh, skd, svb, svs, svh, svd, sob, sos, soh, sod,
                 slb, slh, sls,
@@ -112,6 +119,8 @@ def _fwd_kernel(Q, K, V, O, LSE,
                 CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                 EVEN_D: tl.constexpr, PRECISION: tl.constexpr):
     pid_m = tl.program_id(0)
+    if CAUSAL:  # the last query blocks see the most keys: launch them first (shorter tail)
+        pid_m = tl.num_programs(0) - 1 - pid_m
     h = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     hk = h // GROUP
@@ -154,7 +163,7 @@ def _fwd_kernel(Q, K, V, O, LSE,
 
 
 # ---------------------------------------------------------------------------------------- backward
-@triton.jit
+@triton.jit(do_not_specialize=["SEQ_Q", "H"])
 def _bwd_delta_kernel(O, DO, DELTA, sob, sos, soh, sod, sdb, sds, sdh, sdd, SEQ_Q, HEAD_DIM, H,
                       BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -193,7 +202,7 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqs, sq
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_DYNAMIC + ["HQ"])
 def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
                      sqb, sqs, sqh, sqd, skb, sks, skh, skd, svb, svs, svh, svd, sdb, sds, sdh, sdd,
                      slb, slh, sls, sdkb, sdks, sdkh, sdkd, sdvb, sdvs, sdvh, sdvd,
@@ -268,7 +277,7 @@ def _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, sks, skd, svs, svd, st
     return dq
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_DYNAMIC + ["HQ"])
 def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
                    sqb, sqs, sqh, sqd, skb, sks, skh, skd, svb, svs, svh, svd, sdb, sds, sdh, sdd,
                    slb, slh, sls, sdqb, sdqs, sdqh, sdqd,
@@ -276,6 +285,8 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
                    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                    PRECISION: tl.constexpr):
     pid_m = tl.program_id(0)
+    if CAUSAL:
+        pid_m = tl.num_programs(0) - 1 - pid_m
     h = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     hk = h // GROUP

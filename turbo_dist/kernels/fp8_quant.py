@@ -16,10 +16,26 @@ EPS = 1e-12
 
 
 @triton.jit
+def _round_to_fp8_grid(y, MBITS: tl.constexpr, EMIN: tl.constexpr):
+    """Round fp32 y (already clamped to the fp8 range) to the nearest fp8 value, ties to even, in fp32.
+
+    The Triton interpreter's fp32 -> fp8 cast drops the carry when rounding overflows the mantissa
+    (7.9 -> 4.0 in e4m3), so under TRITON_INTERPRET=1 we round here and the cast is then exact.
+    """
+    bits = y.to(tl.int32, bitcast=True)
+    e = ((bits >> 23) & 0xFF) - 127
+    e = tl.maximum(e, EMIN)  # subnormals share the smallest normal exponent's step
+    step = ((e - MBITS + 127) << 23).to(tl.float32, bitcast=True)
+    magic = 12582912.0  # 1.5 * 2**23: adding and subtracting it rounds |x| < 2**22 to an integer, ties to even
+    return ((y / step + magic) - magic) * step
+
+
+@triton.jit
 def _quant_tile_kernel(
     x_ptr, q_ptr, s_ptr, R, C,
     stride_xe, stride_xr, stride_xc, stride_qe, stride_qr, stride_qc, stride_se, stride_sr, stride_sc,
     FP8_MAX: tl.constexpr, MODE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    EXACT_ROUND: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr,
 ):
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -46,6 +62,8 @@ def _quant_tile_kernel(
         tl.store(s_ptr + pid_r * stride_sr + pid_c * stride_sc, scale)
         y = x / scale
     y = tl.minimum(tl.maximum(y, -FP8_MAX), FP8_MAX)
+    if EXACT_ROUND:
+        y = _round_to_fp8_grid(y, MBITS, EMIN)
     tl.store(q_ptr + offs_r[:, None].to(tl.int64) * stride_qr + offs_c[None, :] * stride_qc,
              y.to(q_ptr.dtype.element_ty), mask=mask)
 
@@ -55,6 +73,7 @@ def _quant_row_kernel(
     x_ptr, q_ptr, s_ptr, R, C,
     stride_xe, stride_xr, stride_xc, stride_qe, stride_qr, stride_qc, stride_se, stride_sr,
     FP8_MAX: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    EXACT_ROUND: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr,
 ):
     # Two sweeps over the row block: amax, then scale and cast (the second mostly hits L2).
     pid = tl.program_id(0)
@@ -78,6 +97,8 @@ def _quant_row_kernel(
         m = mask_r[:, None] & (offs_c[None, :] < C)
         x = tl.load(base + offs_c[None, :] * stride_xc, mask=m, other=0.0).to(tl.float32)
         y = tl.minimum(tl.maximum(x / scale[:, None], -FP8_MAX), FP8_MAX)
+        if EXACT_ROUND:
+            y = _round_to_fp8_grid(y, MBITS, EMIN)
         tl.store(qbase + offs_c[None, :] * stride_qc, y.to(q_ptr.dtype.element_ty), mask=m)
 
 
@@ -90,13 +111,16 @@ def quantize(x, fp8_dtype, mode, block_size=128, scale=None):
     fp8_max = float(torch.finfo(fp8_dtype).max)
     q = torch.empty((E, R, C), dtype=fp8_dtype, device=x.device)
     small = interpreting()
+    # (mantissa bits, smallest normal exponent) of the format, for the interpreter's exact rounding
+    mbits, emin = (3, -6) if fp8_dtype == torch.float8_e4m3fn else (2, -14)
+    rnd = dict(EXACT_ROUND=small, MBITS=mbits, EMIN=emin)
     if mode == MODE_ROW:
         s = torch.empty((E, R, 1), dtype=torch.float32, device=x.device)
         if R and C and E:
-            br, bc = (8, 32) if small else (16, 512)
+            br, bc = (16, 64) if small else (16, 512)
             _quant_row_kernel[(triton.cdiv(R, br), E)](
                 x3, q, s, R, C, *x3.stride(), *q.stride(), s.stride(0), s.stride(1),
-                FP8_MAX=fp8_max, BLOCK_R=br, BLOCK_C=bc)
+                FP8_MAX=fp8_max, BLOCK_R=br, BLOCK_C=bc, **rnd)
         elif E and R:
             s.fill_(EPS / fp8_max)
         return (q, s) if batched else (q[0], s[0])
@@ -108,7 +132,7 @@ def quantize(x, fp8_dtype, mode, block_size=128, scale=None):
                 amax = torch.zeros((E,), device=x.device)
             scale = torch.clamp(amax, min=EPS) / fp8_max
         s = scale.reshape(E).to(torch.float32)
-        br, bc = (16, 32) if small else (32, 128)
+        br, bc = (32, 64) if small else (32, 128)
         s_strides = (s.stride(0), 0, 0)
     elif mode == MODE_1XB:
         s = torch.empty((E, R, triton.cdiv(C, block_size)), dtype=torch.float32, device=x.device)
@@ -124,7 +148,7 @@ def quantize(x, fp8_dtype, mode, block_size=128, scale=None):
     if R and C and E:
         grid = (triton.cdiv(R, br), triton.cdiv(C, bc), E)
         _quant_tile_kernel[grid](x3, q, s, R, C, *x3.stride(), *q.stride(), *s_strides,
-                                 FP8_MAX=fp8_max, MODE=mode, BLOCK_R=br, BLOCK_C=bc,
+                                 FP8_MAX=fp8_max, MODE=mode, BLOCK_R=br, BLOCK_C=bc, **rnd,
                                  num_warps=4 if br * bc <= 8192 else 8)
     if mode == MODE_TENSOR:
         return (q, s) if batched else (q[0], s)

@@ -5,13 +5,23 @@ SCALE_MODE 0 = none, 1 = tensorwise (one fp32 scale per operand), 2 = rowwise (s
 scale_b [N], applied in the epilogue), 3 = blockwise (scale_a [M, cdiv(K, 128)] for 1x128 blocks of A,
 scale_b [cdiv(K, 128), cdiv(N, SB_N)] for B blocks of 128 x SB_N, applied per K step, so BLOCK_K = 128).
 
-Autotune configs are data (`CONFIGS`); under TRITON_INTERPRET=1 one small config runs.
+Two kernels, same math: `_gemm_tma_kernel` loads tiles through TMA tensor descriptors (Hopper+, and
+the interpreter), used whenever both operands are 16-byte aligned with one unit stride (a transpose is a
+descriptor over the stored layout plus an in-register `.T`); `_gemm_kernel` uses plain pointer loads and
+takes any strides (odd shapes, fp32, sliced views, pre-Hopper GPUs).
+
+Autotune configs are data (`CONFIGS_*`); under TRITON_INTERPRET=1 one small config runs.
 """
 import os
 
 import torch
 import triton
 import triton.language as tl
+
+try:  # triton >= 3.3
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover
+    TensorDescriptor = None
 
 SCALE_NONE, SCALE_TENSOR, SCALE_ROW, SCALE_BLOCK = 0, 1, 2, 3
 
@@ -42,7 +52,16 @@ CONFIGS_BLOCK = [c for c in CONFIGS_8 if c[1] <= 128] + [(128, 128, 128, 8, 8, 3
 INTERPRET_CONFIG = (32, 32, 32, 4, 4, 1)
 
 
+# TURBO_DIST_TRITON_TUNE=first: autotune over the first config of each list only (GPU tests, quick checks)
+TUNE_FIRST_ONLY = os.environ.get("TURBO_DIST_TRITON_TUNE", "full") == "first"
+
+
+def tune_rows(rows):
+    return list(rows[:1]) if TUNE_FIRST_ONLY else list(rows)
+
+
 def _configs(rows):
+    rows = tune_rows(rows)
     return [
         triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": g}, num_warps=w, num_stages=s)
         for (m, n, k, g, w, s) in rows
@@ -107,10 +126,116 @@ def _gemm_kernel(
     tl.store(c_ptrs, c, mask=mask_m[:, None] & mask_n[None, :])
 
 
+@triton.jit
+def _gemm_tma_kernel(
+    a_desc, b_desc, c_ptr, sa_ptr, sb_ptr,
+    M, N, K,
+    stride_cm, stride_cn, stride_sam, stride_sak, stride_sbk, stride_sbn,
+    A_T: tl.constexpr, B_T: tl.constexpr,
+    SCALE_MODE: tl.constexpr, SB_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # a_desc covers A as stored: [M, K] (A_T=False) or [K, M] (A_T=True); b_desc: [K, N] or [N, K] (B_T=True).
+    # Out-of-bounds parts of a tile read as zeros, so the K tail needs no mask.
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * num_pid_n
+    group_id = pid // width
+    first_m = group_id * GROUP_M
+    group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + ((pid % width) % group_size)
+    pid_n = (pid % width) // group_size
+    off_m = pid_m * BLOCK_M
+    off_n = pid_n * BLOCK_N
+    offs_m = off_m + tl.arange(0, BLOCK_M)
+    offs_n = off_n + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kb in range(0, tl.cdiv(K, BLOCK_K)):
+        k0 = kb * BLOCK_K
+        if A_T:
+            a = a_desc.load([k0, off_m]).T
+        else:
+            a = a_desc.load([off_m, k0])
+        if B_T:
+            b = b_desc.load([off_n, k0]).T
+        else:
+            b = b_desc.load([k0, off_n])
+        if SCALE_MODE == 3:
+            sa = tl.load(sa_ptr + offs_m * stride_sam + kb * stride_sak, mask=mask_m, other=0.0)
+            sb = tl.load(sb_ptr + kb * stride_sbk + (offs_n // SB_N) * stride_sbn, mask=mask_n, other=0.0)
+            acc += tl.dot(a, b) * sa[:, None] * sb[None, :]
+        else:
+            acc = tl.dot(a, b, acc)
+
+    if SCALE_MODE == 1:
+        acc = acc * (tl.load(sa_ptr) * tl.load(sb_ptr))
+    if SCALE_MODE == 2:
+        sa = tl.load(sa_ptr + offs_m * stride_sam, mask=mask_m, other=0.0)
+        sb = tl.load(sb_ptr + offs_n * stride_sbn, mask=mask_n, other=0.0)
+        acc = acc * sa[:, None] * sb[None, :]
+    c = acc.to(c_ptr.dtype.element_ty)
+    c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :] * stride_cn
+    tl.store(c_ptrs, c, mask=mask_m[:, None] & mask_n[None, :])
+
+
+def _set_tma_blocks(nargs):
+    """Autotune pre-hook: the descriptors' block shapes follow the config being tried."""
+    bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
+    nargs["a_desc"].block_shape = [bk, bm] if nargs["A_T"] else [bm, bk]
+    nargs["b_desc"].block_shape = [bn, bk] if nargs["B_T"] else [bk, bn]
+
+
+def _tma_configs(rows):
+    rows = tune_rows(rows)
+    return [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": g}, num_warps=w, num_stages=s,
+                      pre_hook=_set_tma_blocks)
+        for (m, n, k, g, w, s) in rows
+    ]
+
+
 _KEY = ["M", "N", "K", "SCALE_MODE"]
 _tuned_16 = triton.autotune(_configs(CONFIGS_16), key=_KEY)(_gemm_kernel)
 _tuned_8 = triton.autotune(_configs(CONFIGS_8), key=_KEY)(_gemm_kernel)
 _tuned_block = triton.autotune(_configs(CONFIGS_BLOCK), key=_KEY)(_gemm_kernel)
+_TMA_KEY = ["M", "N", "K", "SCALE_MODE", "A_T", "B_T"]
+_tma_16 = triton.autotune(_tma_configs(CONFIGS_16), key=_TMA_KEY)(_gemm_tma_kernel)
+_tma_8 = triton.autotune(_tma_configs(CONFIGS_8), key=_TMA_KEY)(_gemm_tma_kernel)
+_tma_block = triton.autotune(_tma_configs(CONFIGS_BLOCK), key=_TMA_KEY)(_gemm_tma_kernel)
+
+USE_TMA = os.environ.get("TURBO_DIST_TRITON_TMA", "1") != "0"  # 0: pointer kernels only (A/B comparisons)
+
+
+def _tma_layout(t):
+    """For a 2-D operand view: (stored, transposed) if a TMA descriptor can cover it, else None.
+    `stored` is t itself (row-major) or t.t() (t is a transpose of a row-major tensor)."""
+    if t.element_size() not in (1, 2) or t.data_ptr() % 16:
+        return None
+    for stored, transposed in ((t, False), (t.t(), True)):
+        if stored.stride(1) == 1 and (stored.stride(0) * t.element_size()) % 16 == 0 and stored.stride(0) >= 1:
+            return stored, transposed
+    return None
+
+
+def tma_operands(a, b):
+    """((a_stored, A_T), (b_stored, B_T)) when the TMA kernel can run C = a @ b, else None."""
+    if not USE_TMA or TensorDescriptor is None or 0 in a.shape or 0 in b.shape:
+        return None
+    if a.is_cuda:
+        if torch.cuda.get_device_capability(a.device)[0] < 9:
+            return None
+    elif not interpreting():
+        return None
+    la, lb = _tma_layout(a), _tma_layout(b)
+    if la is None or lb is None:
+        return None
+    if a.element_size() == 1 and (la[1] or not lb[1]):
+        return None  # FP8 tensor cores take both operands K-major: a [M, K] row-major, b as [N, K] row-major
+    return la, lb
 
 
 def _launch(a, b, c, sa, sb, mode, sb_n=128, config=None):
@@ -132,6 +257,9 @@ def _launch(a, b, c, sa, sb, mode, sb_n=128, config=None):
         s_bk, s_bn = sb.stride(0), sb.stride(1)
     else:
         s_bk, s_bn = 0, (sb.stride(0) if sb is not None and sb.dim() == 1 else 0)
+    tma = tma_operands(a, b)
+    if tma is not None:
+        return _launch_tma(a, b, c, sa_t, sb_t, tma, (s_am, s_ak, s_bk, s_bn), mode, sb_n, config)
     allow_tf32 = a.dtype == torch.float32 and a.is_cuda and torch.backends.cuda.matmul.allow_tf32
     args = (a, b, c, sa_t, sb_t, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
             c.stride(0), c.stride(1), s_am, s_ak, s_bk, s_bn)
@@ -144,6 +272,30 @@ def _launch(a, b, c, sa, sb, mode, sb_n=128, config=None):
         _gemm_kernel[grid](*args, **meta, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, num_warps=w, num_stages=s)
         return c
     kernel = _tuned_block if mode == SCALE_BLOCK else (_tuned_8 if a.element_size() == 1 else _tuned_16)
+    grid = lambda meta_: (triton.cdiv(M, meta_["BLOCK_M"]) * triton.cdiv(N, meta_["BLOCK_N"]),)  # noqa: E731
+    kernel[grid](*args, **meta)
+    return c
+
+
+def _launch_tma(a, b, c, sa, sb, tma, s_strides, mode, sb_n, config):
+    M, K = a.shape
+    N = b.shape[1]
+    (a_st, a_t), (b_st, b_t) = tma
+    # block shapes are placeholders here: the autotune pre-hook (or the forced config) sets them
+    a_desc = TensorDescriptor.from_tensor(a_st, [16, 16])
+    b_desc = TensorDescriptor.from_tensor(b_st, [16, 16])
+    args = (a_desc, b_desc, c, sa, sb, M, N, K, c.stride(0), c.stride(1), *s_strides)
+    meta = dict(A_T=a_t, B_T=b_t, SCALE_MODE=mode, SB_N=sb_n)
+    if config is None and interpreting():
+        config = INTERPRET_CONFIG if mode != SCALE_BLOCK else (32, 32, 128, 4, 4, 1)
+    if config is not None:
+        bm, bn, bk, gm, w, s = config
+        _set_tma_blocks(dict(a_desc=a_desc, b_desc=b_desc, A_T=a_t, B_T=b_t, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk))
+        grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
+        _gemm_tma_kernel[grid](*args, **meta, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, num_warps=w,
+                               num_stages=s)
+        return c
+    kernel = _tma_block if mode == SCALE_BLOCK else (_tma_8 if a.element_size() == 1 else _tma_16)
     grid = lambda meta_: (triton.cdiv(M, meta_["BLOCK_M"]) * triton.cdiv(N, meta_["BLOCK_N"]),)  # noqa: E731
     kernel[grid](*args, **meta)
     return c

@@ -8,6 +8,9 @@ cumulative ends, zero-length groups allowed). The tile schedule is computed on t
 Weight gradient: out[g] = X[rows of g]^T @ Y[rows of g], X [M, P], Y [M, Q] -> out [G, P, Q]
 (zeros for an empty group); dB = A^T dC (or dC^T A when trans_b).
 
+The forward has two variants, as kernels/gemm.py: TMA descriptors (a row-major and 16-byte aligned, each
+b[g] with a unit stride; Hopper+ or the interpreter) and plain pointer loads (any strides).
+
 Optional FP8 scales (SCALE_MODE as in kernels/gemm.py): 1 tensorwise (scale_a [1], scale_b [G]),
 2 rowwise (scale_a [M], scale_b [G, N]), 3 blockwise (scale_a [M, cdiv(K,128)],
 scale_b [G, cdiv(K,128), cdiv(N, SB_N)], BLOCK_K = 128).
@@ -16,7 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .gemm import SCALE_BLOCK, SCALE_NONE, interpreting
+from . import gemm as _gemm
+from .gemm import SCALE_BLOCK, SCALE_NONE, TensorDescriptor, interpreting
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
 CONFIGS_16 = [
@@ -44,6 +48,7 @@ INTERPRET_PROGRAMS = 4
 
 
 def _configs(rows):
+    rows = _gemm.tune_rows(rows)
     return [
         triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
         for (m, n, k, w, s) in rows
@@ -124,6 +129,80 @@ def _grouped_gemm_kernel(
 
 
 @triton.jit
+def _grouped_gemm_tma_kernel(
+    a_desc, b_desc, c_ptr, offs_ptr, sa_ptr, sb_ptr,
+    G, N, K,
+    stride_cm, stride_cn, stride_sam, stride_sak, stride_sbg, stride_sbk, stride_sbn,
+    NUM_PROGS: tl.constexpr, G_POW2: tl.constexpr, B_T: tl.constexpr,
+    SCALE_MODE: tl.constexpr, SB_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # a_desc: A [M, K]; b_desc: B as stored, [G, K, N] (B_T=False) or [G, N, K] (B_T=True).
+    # A tile may run past its group's last row into the next group's rows: those rows are computed and
+    # never stored (the store is masked to the group), so no masking is needed on the loads.
+    pid = tl.program_id(0)
+    gi = tl.arange(0, G_POW2)
+    ends = tl.load(offs_ptr + gi, mask=gi < G, other=0).to(tl.int32)
+    starts = tl.load(offs_ptr + gi - 1, mask=(gi > 0) & (gi < G), other=0).to(tl.int32)
+    ends = tl.where(gi < G, ends, starts)
+    num_n = tl.cdiv(N, BLOCK_N)
+    tiles = tl.cdiv(ends - starts, BLOCK_M) * num_n
+    tile_end = tl.cumsum(tiles, 0)
+    total = tl.sum(tiles, 0)
+    for tile in range(pid, total, NUM_PROGS):
+        g = tl.sum((tile_end <= tile).to(tl.int32), 0)
+        sel = gi == g
+        row0 = tl.sum(tl.where(sel, starts, 0), 0)
+        row1 = tl.sum(tl.where(sel, ends, 0), 0)
+        local = tile - (tl.sum(tl.where(sel, tile_end - tiles, 0), 0))
+        pid_m = local // num_n
+        pid_n = local % num_n
+        off_m = row0 + pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        offs_m = off_m + tl.arange(0, BLOCK_M)
+        offs_n = off_n + tl.arange(0, BLOCK_N)
+        mask_m = offs_m < row1
+        mask_n = offs_n < N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for kb in range(0, tl.cdiv(K, BLOCK_K)):
+            k0 = kb * BLOCK_K
+            a = a_desc.load([off_m, k0])
+            if B_T:
+                b = b_desc.load([g, off_n, k0]).reshape(BLOCK_N, BLOCK_K).T
+            else:
+                b = b_desc.load([g, k0, off_n]).reshape(BLOCK_K, BLOCK_N)
+            if SCALE_MODE == 3:
+                sa = tl.load(sa_ptr + offs_m * stride_sam + kb * stride_sak, mask=mask_m, other=0.0)
+                sb = tl.load(sb_ptr + g * stride_sbg + kb * stride_sbk + (offs_n // SB_N) * stride_sbn,
+                             mask=mask_n, other=0.0)
+                acc += tl.dot(a, b) * sa[:, None] * sb[None, :]
+            else:
+                acc = tl.dot(a, b, acc)
+        if SCALE_MODE == 1:
+            acc = acc * (tl.load(sa_ptr) * tl.load(sb_ptr + g * stride_sbg))
+        if SCALE_MODE == 2:
+            sa = tl.load(sa_ptr + offs_m * stride_sam, mask=mask_m, other=0.0)
+            sb = tl.load(sb_ptr + g * stride_sbg + offs_n * stride_sbn, mask=mask_n, other=0.0)
+            acc = acc * sa[:, None] * sb[None, :]
+        c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :] * stride_cn
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+def _set_tma_blocks(nargs):
+    bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
+    nargs["a_desc"].block_shape = [bm, bk]
+    nargs["b_desc"].block_shape = [1, bn, bk] if nargs["B_T"] else [1, bk, bn]
+
+
+def _tma_configs(rows):
+    rows = _gemm.tune_rows(rows)
+    return [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s, pre_hook=_set_tma_blocks)
+        for (m, n, k, w, s) in rows
+    ]
+
+
+@triton.jit
 def _grouped_wgrad_kernel(
     x_ptr, y_ptr, c_ptr, offs_ptr,
     G, P, Q,
@@ -168,12 +247,36 @@ _KEY = ["N", "K", "G", "SCALE_MODE"]
 _tuned_16 = triton.autotune(_configs(CONFIGS_16), key=_KEY)(_grouped_gemm_kernel)
 _tuned_8 = triton.autotune(_configs(CONFIGS_8), key=_KEY)(_grouped_gemm_kernel)
 _tuned_block = triton.autotune(_configs(CONFIGS_BLOCK), key=_KEY)(_grouped_gemm_kernel)
+_TMA_KEY = ["N", "K", "G", "SCALE_MODE", "B_T"]
+_tma_16 = triton.autotune(_tma_configs(CONFIGS_16), key=_TMA_KEY)(_grouped_gemm_tma_kernel)
+_tma_8 = triton.autotune(_tma_configs(CONFIGS_8), key=_TMA_KEY)(_grouped_gemm_tma_kernel)
+_tma_block = triton.autotune(_tma_configs(CONFIGS_BLOCK), key=_TMA_KEY)(_grouped_gemm_tma_kernel)
 _tuned_wgrad = triton.autotune(_configs(CONFIGS_WGRAD), key=["P", "Q", "G"])(_grouped_wgrad_kernel)
 
 
 def _ieee(t):
     # fp32 inputs: exact fp32 products unless the user allowed TF32 for matmuls (as torch.mm does).
     return t.dtype == torch.float32 and not (t.is_cuda and torch.backends.cuda.matmul.allow_tf32)
+
+
+def tma_operands(a, b):
+    """(b_stored [G, *, *], B_T) when the TMA kernel can run a [M, K] @ b [G, K, N], else None."""
+    if not _gemm.USE_TMA or TensorDescriptor is None or 0 in a.shape or 0 in b.shape:
+        return None
+    if a.is_cuda:
+        if torch.cuda.get_device_capability(a.device)[0] < 9:
+            return None
+    elif not interpreting():
+        return None
+    es = a.element_size()
+    if es not in (1, 2) or a.stride(1) != 1 or (a.stride(0) * es) % 16 or a.data_ptr() % 16 or b.data_ptr() % 16:
+        return None
+    for stored, b_t in ((b, False), (b.transpose(1, 2), True)):
+        if stored.stride(2) == 1 and all((st * es) % 16 == 0 for st in stored.stride()[:2]):
+            if es == 1 and not b_t:
+                return None  # FP8 tensor cores take b K-major ([G, N, K] stored)
+            return stored, b_t
+    return None
 
 
 def grouped_gemm(a, b, group_offs, out=None, scale_a=None, scale_b=None, scale_mode=SCALE_NONE, sb_n=128,
@@ -202,6 +305,10 @@ def grouped_gemm(a, b, group_offs, out=None, scale_a=None, scale_b=None, scale_m
         s_bg, s_bk, s_bn = scale_b.stride(0), 0, scale_b.stride(1)
     else:
         s_bg, s_bk, s_bn = scale_b.stride()
+    tma = tma_operands(a, b)
+    if tma is not None:
+        return _launch_tma(a, tma, out, group_offs, sa, sb, (s_am, s_ak, s_bg, s_bk, s_bn), scale_mode, sb_n,
+                           config)
     args = (a, b, out, group_offs, sa, sb, G, N, K,
             a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2), out.stride(0), out.stride(1),
             s_am, s_ak, s_bg, s_bk, s_bn)
@@ -215,6 +322,29 @@ def grouped_gemm(a, b, group_offs, out=None, scale_a=None, scale_b=None, scale_m
         _grouped_gemm_kernel[(nprog,)](*args, **meta, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=s)
         return out
     kernel = _tuned_block if scale_mode == SCALE_BLOCK else (_tuned_8 if a.element_size() == 1 else _tuned_16)
+    kernel[(nprog,)](*args, **meta)
+    return out
+
+
+def _launch_tma(a, tma, out, group_offs, sa, sb, s_strides, scale_mode, sb_n, config):
+    K = a.shape[1]
+    b_st, b_t = tma
+    G = b_st.shape[0]
+    N = b_st.shape[1] if b_t else b_st.shape[2]
+    a_desc = TensorDescriptor.from_tensor(a, [16, 16])  # block shapes: set by the pre-hook / forced config
+    b_desc = TensorDescriptor.from_tensor(b_st, [1, 16, 16])
+    nprog = num_programs(a.device)
+    args = (a_desc, b_desc, out, group_offs, sa, sb, G, N, K, out.stride(0), out.stride(1), *s_strides)
+    meta = dict(NUM_PROGS=nprog, G_POW2=max(triton.next_power_of_2(G), 2), B_T=b_t, SCALE_MODE=scale_mode, SB_N=sb_n)
+    if config is None and interpreting():
+        config = INTERPRET_CONFIG if scale_mode != SCALE_BLOCK else (32, 32, 128, 4, 1)
+    if config is not None:
+        bm, bn, bk, w, s = config
+        _set_tma_blocks(dict(a_desc=a_desc, b_desc=b_desc, B_T=b_t, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk))
+        _grouped_gemm_tma_kernel[(nprog,)](*args, **meta, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=w,
+                                           num_stages=s)
+        return out
+    kernel = _tma_block if scale_mode == SCALE_BLOCK else (_tma_8 if a.element_size() == 1 else _tma_16)
     kernel[(nprog,)](*args, **meta)
     return out
 

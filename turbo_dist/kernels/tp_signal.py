@@ -29,7 +29,8 @@ def _globaltimer_ns():
     return tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1)
 
 
-@triton.jit
+# Epochs, slots and ranks change on every call: do not let Triton compile a variant per value class.
+@triton.jit(do_not_specialize=["slot", "value", "first_peer", "num_peers", "world_size"])
 def _put_signal_kernel(pad_ptrs, slot, value, first_peer, num_peers, world_size):
     # One program writes `value` into pad[slot] of peers first_peer, first_peer + 1, ... (mod world_size).
     for i in range(num_peers):
@@ -38,7 +39,8 @@ def _put_signal_kernel(pad_ptrs, slot, value, first_peer, num_peers, world_size)
         tl.atomic_xchg(base + slot, value, sem="release", scope="sys")
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["slot_base", "expected", "first_peer", "num_peers", "world_size", "timeout_ns",
+                                "max_iters"])
 def _wait_signal_kernel(pad_ptr, err_ptr, slot_base, expected, first_peer, num_peers, world_size,
                         timeout_ns, max_iters, USE_TIMER: tl.constexpr):
     # Waits until pad[slot_base + r] >= expected for r = first_peer, ... (mod world_size), bounded.

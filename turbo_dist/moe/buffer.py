@@ -45,10 +45,8 @@ class Buffer:
     def __init__(self, group=None, num_nvl_bytes=0, num_rdma_bytes=0, low_latency_mode=False, num_qps_per_rank=24,
                  allow_nvlink_for_low_latency_mode=True, allow_mnnvl=False, explicitly_destroy=False, comm=None, *,
                  transport=None):
-        if low_latency_mode:
-            _not_here("low_latency_mode=True")
-        if num_rdma_bytes and num_rdma_bytes > 0:
-            _not_here(f"num_rdma_bytes={num_rdma_bytes} (internode / RDMA buffers)")
+        if not isinstance(num_rdma_bytes, int) or num_rdma_bytes < 0:
+            raise ValueError(f"num_rdma_bytes must be a non-negative int, got {num_rdma_bytes!r}")
         if group is None and comm is not None:
             _not_here("an mpi4py communicator instead of a process group")
         if not isinstance(num_nvl_bytes, int) or num_nvl_bytes < 0:
@@ -59,16 +57,25 @@ class Buffer:
         self.rank = rt.rank
         self.group_size = rt.world_size
         self.num_nvl_bytes = num_nvl_bytes
-        self.num_rdma_bytes = 0
-        self.low_latency_mode = False
+        self.num_rdma_bytes = num_rdma_bytes
+        self.low_latency_mode = bool(low_latency_mode)
         self.explicitly_destroy = explicitly_destroy
         self.transport = self._pick_transport(transport)
         if self.transport == "nvlink":
             from .nvlink import NvlinkTransport
 
             self._impl = NvlinkTransport(rt, num_nvl_bytes)
+        elif self.transport == "hierarchical":
+            from .hierarchical import HierarchicalTransport
+
+            self._impl = HierarchicalTransport(rt)
         else:
             self._impl = collective.CollectiveTransport(rt)
+        self._ll = None
+        if self.low_latency_mode:
+            from .low_latency import LowLatency
+
+            self._ll = LowLatency(rt, num_rdma_bytes)
         log.info("moe.Buffer: rank %d/%d transport %s (num_nvl_bytes=%d)", self.rank, self.group_size,
                  self.transport, num_nvl_bytes)
 
@@ -76,11 +83,13 @@ class Buffer:
         rt = self.runtime
         requested = requested or env_str("TURBO_DIST_MOE_TRANSPORT")
         if requested is None:
+            if self.num_rdma_bytes > 0 and not self.low_latency_mode and rt.num_nodes > 1:
+                return "hierarchical"  # DeepEP's internode mode
             if rt.has_peer_access and rt.num_nodes == 1 and self.num_nvl_bytes > 0:
                 return "nvlink"
             return "collective"
         if requested == "hierarchical":
-            _not_here("the hierarchical (internode) transport")
+            return requested  # any topology (one node: the rail hop is a self copy)
         if requested not in TRANSPORTS:
             raise ValueError(f"transport={requested!r}: expected one of {TRANSPORTS}")
         if requested == "nvlink":
@@ -118,7 +127,10 @@ class Buffer:
 
     @staticmethod
     def get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts):
-        _not_here("low-latency mode (get_low_latency_rdma_size_hint)")
+        """Bytes of num_rdma_bytes for low-latency mode's symmetric buffer (it grows on demand if too small)."""
+        from .low_latency import LowLatency
+
+        return LowLatency.size_hint(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts)
 
     @staticmethod
     def get_nvl_buffer_size_hint(num_max_tokens_per_rank, hidden, num_ranks, num_topk=8, fp8=False,
@@ -199,7 +211,12 @@ class Buffer:
         out, event = self._launch(lambda: dispatch_layout(topk_idx, num_experts, self.group_size),
                                   previous_event, async_finish, allocate_on_comm_stream, (topk_idx,))
         num_tokens_per_rank, num_tokens_per_expert, is_token_in_rank = out
-        return num_tokens_per_rank, None, num_tokens_per_expert, is_token_in_rank, event
+        num_tokens_per_rdma_rank = None
+        if self.transport == "hierarchical":
+            from .hierarchical import rdma_layout
+
+            num_tokens_per_rdma_rank = rdma_layout(is_token_in_rank, self.runtime.num_nodes)[0]
+        return num_tokens_per_rank, num_tokens_per_rdma_rank, num_tokens_per_expert, is_token_in_rank, event
 
     def dispatch(self, x, handle=None, num_tokens_per_rank=None, num_tokens_per_rdma_rank=None,
                  is_token_in_rank=None, num_tokens_per_expert=None, topk_idx=None, topk_weights=None,
@@ -226,7 +243,12 @@ class Buffer:
         event). Received rows are ordered by source rank, then by token index on the source.
         """
         if num_tokens_per_rdma_rank is not None:
-            _not_here("num_tokens_per_rdma_rank (internode dispatch)")
+            if self.transport != "hierarchical":
+                _not_here("num_tokens_per_rdma_rank (internode dispatch) on a non-hierarchical transport")
+            if num_tokens_per_rdma_rank.shape != (self.runtime.num_nodes,) or \
+                    num_tokens_per_rdma_rank.dtype != torch.int32:
+                raise ValueError(f"num_tokens_per_rdma_rank must be int32 [{self.runtime.num_nodes}], got "
+                                 f"{_describe(num_tokens_per_rdma_rank)}")
         x, x_scales = self._check_x(x)
         config = self.get_dispatch_config(self.group_size) if config is None else config
         if not isinstance(config, Config):
@@ -315,22 +337,61 @@ class Buffer:
 
     # ----------------------------------------------------------------- not in this mode
     def internode_dispatch(self, *args, **kwargs):
-        _not_here("internode_dispatch")
+        """DeepEP's internal entry point: `dispatch` on the hierarchical transport (same arguments)."""
+        if self.transport != "hierarchical":
+            raise RuntimeError(f"internode_dispatch needs the hierarchical transport; this buffer uses {self.transport!r}")
+        return self.dispatch(*args, **kwargs)
 
     def internode_combine(self, *args, **kwargs):
-        _not_here("internode_combine")
+        """DeepEP's internal entry point: `combine` on the hierarchical transport (same arguments)."""
+        if self.transport != "hierarchical":
+            raise RuntimeError(f"internode_combine needs the hierarchical transport; this buffer uses {self.transport!r}")
+        return self.combine(*args, **kwargs)
 
-    def clean_low_latency_buffer(self, *args, **kwargs):
-        _not_here("low-latency mode (clean_low_latency_buffer)")
+    def _low_latency(self):
+        if self._ll is None:
+            raise RuntimeError("low-latency calls need Buffer(group, num_rdma_bytes=Buffer.get_low_latency_rdma_size_hint"
+                               "(...), low_latency_mode=True)")
+        return self._ll
 
-    def low_latency_dispatch(self, *args, **kwargs):
-        _not_here("low-latency mode (low_latency_dispatch)")
+    def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank, hidden, num_experts):
+        """Zero the low-latency counters on every rank (collective; also clears a recorded peer timeout)."""
+        self._low_latency().clean()
 
-    def low_latency_combine(self, *args, **kwargs):
-        _not_here("low-latency mode (low_latency_combine)")
+    def low_latency_dispatch(self, x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts,
+                             cumulative_local_expert_recv_stats=None, dispatch_wait_recv_cost_stats=None,
+                             use_fp8=True, round_scale=False, use_ue8m0=False, async_finish=False,
+                             return_recv_hook=False):
+        """Decode-time dispatch with fixed shapes and no host sync (DeepEP's signature; see moe/low_latency.py).
 
-    def get_next_low_latency_combine_buffer(self, *args, **kwargs):
-        _not_here("low-latency mode (get_next_low_latency_combine_buffer)")
+        x: [num_tokens, hidden] bf16 (num_tokens <= num_max_dispatch_tokens_per_rank, same value on every rank);
+        topk_idx: [num_tokens, num_topk] int64, -1 = none. cumulative_local_expert_recv_stats: int32
+        [num_local_experts], incremented by the received counts. dispatch_wait_recv_cost_stats: not supported.
+        use_fp8 (per-token, per-128-channel e4m3), round_scale (power-of-2 scales), use_ue8m0 (scales packed 4
+        exponent bytes per int32); async_finish; return_recv_hook (send now, receive when the hook is called).
+        Returns (recv_x [num_local_experts, num_max * num_ranks, hidden] (with use_fp8: (x_fp8, scales
+        [.., hidden // 128] fp32 or [.., hidden // 512] int32 for UE8M0, column-major in the last two dims)),
+        recv_count [num_local_experts] int32, handle, event, hook). Rows past recv_count[e] are garbage.
+        """
+        return self._low_latency().dispatch(x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts,
+                                            cumulative_local_expert_recv_stats, dispatch_wait_recv_cost_stats,
+                                            use_fp8, round_scale, use_ue8m0, async_finish, return_recv_hook)
+
+    def low_latency_combine(self, x, topk_idx, topk_weights, handle, use_logfmt=False, zero_copy=False,
+                            async_finish=False, return_recv_hook=False, out=None):
+        """Send expert outputs back and reduce them per token, weighted by topk_weights (fp32 accumulation).
+
+        x: [num_local_experts, num_max * num_ranks, hidden] bf16 (rows as low_latency_dispatch laid them out);
+        topk_idx / topk_weights: [num_tokens, num_topk] int64 / fp32, this rank's routing (-1 slots skipped);
+        handle: from low_latency_dispatch; out: optional [num_tokens, hidden] result tensor.
+        use_logfmt and zero_copy are not supported. Returns (combined_x [num_tokens, hidden], event, hook).
+        """
+        return self._low_latency().combine(x, topk_idx, topk_weights, handle, use_logfmt, zero_copy, async_finish,
+                                           return_recv_hook, out)
+
+    def get_next_low_latency_combine_buffer(self, handle):
+        raise NotImplementedError("zero-copy low-latency combine is not implemented: pass the expert outputs to "
+                                  "low_latency_combine (zero_copy=False)")
 
     # ----------------------------------------------------------------- validation
     def _check_x(self, x):

@@ -96,12 +96,14 @@ def reference_backward(do, q, k, v, o, lse, causal=False, softmax_scale=None):
 # with head_dim % 8 == 0; each backward uses the (o, lse) it is given, so the global (merged) ones
 # of a context-parallel ring give exact gradients.
 _SDPA_DTYPES = (torch.float16, torch.bfloat16)
-# Backends whose kernel reads a kv head per query group itself; the others get kv repeated per
-# query head (and dk/dv summed back over the group).
-_NATIVE_GQA = {"flash": True, "cudnn": False, "efficient": False}
-# Causal masks with Sq != Sk: flash and efficient align bottom-right (efficient by its mask type 2),
-# cuDNN's SDPA op aligns top-left, so it only takes causal blocks with Sq == Sk.
-_CAUSAL_ANY_LEN = {"flash": True, "cudnn": False, "efficient": True}
+# Backends whose kernel reads a kv head per query group itself (flash, cuDNN: torch's SDPA routes
+# GQA to them without repeating kv); the efficient kernel gets kv repeated per query head (and dk/dv
+# summed back over the group).
+_NATIVE_GQA = {"flash": True, "cudnn": True, "efficient": False}
+# Causal masks with Sq < Sk: flash and efficient align bottom-right (efficient by its mask type 2);
+# cuDNN's SDPA op aligns top-left, so it does not take them. Causal with Sq > Sk runs everywhere:
+# the first Sq - Sk rows see no key and the rest is square (see _skip_empty_rows).
+_CAUSAL_SQ_LT_SK = {"flash": True, "cudnn": False, "efficient": True}
 _MAX_HEAD_DIM = {"flash": 256, "cudnn": 128, "efficient": 256}
 
 
@@ -118,10 +120,15 @@ def _sdpa_reason(name, q, k, v, causal):
         return f"{name} takes head_dim % 8 == 0 and <= {_MAX_HEAD_DIM[name]}, got {d}"
     if torch.cuda.get_device_capability(q.device) < (8, 0):
         return f"{name} needs sm80+"
-    if causal and q.shape[1] != k.shape[1] and not _CAUSAL_ANY_LEN[name]:
-        return f"{name} aligns causal masks top-left: only Sq == Sk (got {q.shape[1]} vs {k.shape[1]})"
+    if causal and q.shape[1] < k.shape[1] and not _CAUSAL_SQ_LT_SK[name]:
+        return f"{name} aligns causal masks top-left: no causal Sq < Sk (got {q.shape[1]} vs {k.shape[1]})"
     if min(q.shape[1], k.shape[1]) == 0 or q.shape[0] == 0:
         return f"{name} does not take empty sequences"
+    if name == "cudnn":
+        if k.shape[1] == 1:
+            return "cudnn does not take a key sequence of length 1"
+        if max(q.shape[0], q.shape[2]) > 65535:
+            return f"cudnn takes batch and heads <= 65535, got {q.shape[0]} and {q.shape[2]}"
     if name == "flash" and not torch.backends.cuda.is_flash_attention_available():
         return "this torch build has no flash attention"
     if name == "cudnn" and not torch.backends.cudnn.is_available():
@@ -162,6 +169,36 @@ def _lse_for_bwd(lse, n):
         lse = lse.clone()
         lse[:, :, :n] = float("inf")
     return lse.contiguous()
+
+
+def _skip_empty_rows(fwd, bwd):
+    """Causal with Sq > Sk: rows [0, Sq - Sk) see no key (o = 0, lse = -inf, dq = 0) and rows from
+    Sq - Sk on form a square causal problem, where top-left and bottom-right masks agree. Runs the
+    kernels on those rows only: cuDNN's top-left mask becomes exact, and the efficient kernel's
+    bottom-right mask (wrong for Sq > Sk on the torch builds we measured) is not needed."""
+    def forward(q, k, v, causal=False, softmax_scale=None):
+        n = _empty_rows(q, k, causal)
+        if not n:
+            return fwd(q, k, v, causal, softmax_scale)
+        b, sq, hq, _ = q.shape
+        o_t, lse_t = fwd(q[:, n:], k, v, causal, default_scale(q, softmax_scale))
+        o = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
+        o[:, n:] = o_t
+        lse = torch.full((b, hq, sq), float("-inf"), dtype=torch.float32, device=q.device)
+        lse[:, :, n:] = lse_t
+        return o, lse
+
+    def backward(do, q, k, v, o, lse, causal=False, softmax_scale=None):
+        n = _empty_rows(q, k, causal)
+        if not n:
+            return bwd(do, q, k, v, o, lse, causal, softmax_scale)
+        dq_t, dk, dv = bwd(do[:, n:], q[:, n:], k, v, o[:, n:], lse[:, :, n:], causal,
+                           default_scale(q, softmax_scale))
+        dq = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
+        dq[:, n:] = dq_t
+        return dq, dk, dv
+
+    return forward, backward
 
 
 def flash_forward(q, k, v, causal=False, softmax_scale=None):
@@ -274,27 +311,35 @@ def triton_backward(do, q, k, v, o, lse, causal=False, softmax_scale=None):
     return flash_attn_backward(do, q, k, v, o, lse, causal, default_scale(q, softmax_scale))
 
 
-# Default order (lower first), measured on an H100 with bf16, B=4 S=4096 H=32 D=128 causal
-# (benchmarks/results/bench_attention_h100.json).
-PRIORITY = {"cudnn": 10, "flash": 20, "efficient": 30, "triton": 40, "reference": 100}
-_SDPA = {"flash": (flash_forward, flash_backward), "cudnn": (cudnn_forward, cudnn_backward),
-         "efficient": (efficient_forward, efficient_backward)}
+# Default order per op (lower first), from benchmarks/bench_ops_attention.py on an H100 (torch 2.11,
+# cuDNN 9.19), bf16, D=128, causal, B=4, S=4096..16384, MHA and GQA 32/8
+# (benchmarks/results/ops_attention_h100.json): cuDNN is the fastest forward and backward everywhere
+# (fwd+bwd 4.14 ms at S=4096 vs flash 6.66, triton 6.16, efficient 14.1); flash takes what cuDNN
+# refuses (causal Sq < Sk, head_dim > 128). Forward and backward are chosen separately: each
+# backward takes (o, lse) as given, so any forward pairs with any backward.
+PRIORITY = {
+    "attention_fwd": {"cudnn": 10, "flash": 20, "efficient": 30, "triton": 40, "reference": 100},
+    "attention_bwd": {"cudnn": 10, "flash": 20, "efficient": 30, "triton": 40, "reference": 100},
+}
+_SDPA = {"flash": (flash_forward, flash_backward), "cudnn": _skip_empty_rows(cudnn_forward, cudnn_backward),
+         "efficient": _skip_empty_rows(efficient_forward, efficient_backward)}
 
 
 def _register():
-    dispatcher.register_backend("attention_fwd", "reference", reference_forward, priority=PRIORITY["reference"])
-    dispatcher.register_backend("attention_bwd", "reference", reference_backward, priority=PRIORITY["reference"])
+    fwd_p, bwd_p = PRIORITY["attention_fwd"], PRIORITY["attention_bwd"]
+    dispatcher.register_backend("attention_fwd", "reference", reference_forward, priority=fwd_p["reference"])
+    dispatcher.register_backend("attention_bwd", "reference", reference_backward, priority=bwd_p["reference"])
     for name, (fwd, bwd) in _SDPA.items():
         dispatcher.register_backend(
-            "attention_fwd", name, fwd, priority=PRIORITY[name],
+            "attention_fwd", name, fwd, priority=fwd_p[name],
             can_handle=lambda q, k, v, causal=False, softmax_scale=None, _n=name: _sdpa_reason(_n, q, k, v, causal))
         dispatcher.register_backend(
-            "attention_bwd", name, bwd, priority=PRIORITY[name],
+            "attention_bwd", name, bwd, priority=bwd_p[name],
             can_handle=lambda do, q, k, v, o, lse, causal=False, softmax_scale=None, _n=name:
                 _sdpa_reason(_n, q, k, v, causal))
-    dispatcher.register_backend("attention_fwd", "triton", triton_forward, priority=PRIORITY["triton"],
+    dispatcher.register_backend("attention_fwd", "triton", triton_forward, priority=fwd_p["triton"],
                                 can_handle=lambda q, k, v, *a, **kw: _triton_reason("attention_fwd", q, k, v))
-    dispatcher.register_backend("attention_bwd", "triton", triton_backward, priority=PRIORITY["triton"],
+    dispatcher.register_backend("attention_bwd", "triton", triton_backward, priority=bwd_p["triton"],
                                 can_handle=lambda do, q, k, v, *a, **kw: _triton_reason("attention_bwd", q, k, v))
 
 

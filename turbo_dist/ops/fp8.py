@@ -14,7 +14,7 @@ Formats: E4M3 (everything E4M3), E5M2 (everything E5M2), HYBRID (E4M3 forward, E
 
 Ops behind the dispatcher: "quantize_fp8" (torch | triton), "scaled_mm" (torch: torch._scaled_mm,
 tensorwise/rowwise and, where the local cuBLAS supports it, blockwise | triton | reference),
-"grouped_scaled_mm" (triton | reference).
+"grouped_scaled_mm" (torch: torch._scaled_grouped_mm, rowwise e4m3 on SM90 | triton | reference).
 """
 import enum
 import logging
@@ -93,7 +93,7 @@ def _quant_torch(x, fp8_dtype, mode, block_size=128, scale=None):
             amax = x3.abs().amax(dim=(1, 2)) if x3.numel() else torch.zeros(E, device=x.device)
             scale = torch.clamp(amax, min=_EPS) / fmax
         s = scale.reshape(E).float()
-        q = (x3 / s[:, None, None]).clamp(-fmax, fmax).to(fp8_dtype)
+        q = (x3 / s[:, None, None]).clamp(-fmax, fmax).to(fp8_dtype).contiguous()
         return (q, s) if batched else (q[0], s)
     if mode == "row":
         amax = x3.abs().amax(dim=2, keepdim=True) if C else torch.zeros(E, R, 1, device=x.device)
@@ -122,7 +122,7 @@ def _quant_triton(x, fp8_dtype, mode, block_size=128, scale=None):
 
 
 def _quant_triton_can(x, fp8_dtype, mode, block_size=128, scale=None):
-    return triton_available(x)
+    return triton_available(x, op="quantize_fp8")
 
 
 dispatcher.register_backend("quantize_fp8", "triton", _quant_triton, _quant_triton_can, priority=10)
@@ -208,7 +208,7 @@ def _triton_scaled_mm(a_q, b_q, scale_a, scale_b, mode, out_dtype, fast_accum=Fa
 
 
 def _triton_scaled_can(a_q, b_q, scale_a, scale_b, mode, out_dtype, fast_accum=False):
-    return triton_available(a_q, b_q)
+    return triton_available(a_q, b_q, op="scaled_mm")
 
 
 _PROBES = {}
@@ -336,11 +336,40 @@ def _triton_grouped_scaled(a_q, b_q, scale_a, scale_b, group_lens, mode, out_dty
 
 
 def _triton_grouped_scaled_can(a_q, b_q, scale_a, scale_b, group_lens, mode, out_dtype):
-    return triton_available(a_q, b_q)
+    return triton_available(a_q, b_q, op="grouped_scaled_mm")
 
 
-dispatcher.register_backend("grouped_scaled_mm", "triton", _triton_grouped_scaled, _triton_grouped_scaled_can,
+def _torch_grouped_scaled(a_q, b_q, scale_a, scale_b, group_lens, mode, out_dtype):
+    offs = group_offsets(group_lens, a_q.device, torch.int32)
+    return torch._scaled_grouped_mm(a_q, b_q, scale_a.reshape(-1), scale_b.reshape(b_q.shape[0], -1), offs=offs,
+                                    out_dtype=out_dtype)
+
+
+def _torch_grouped_scaled_can(a_q, b_q, scale_a, scale_b, group_lens, mode, out_dtype):
+    if not hasattr(torch, "_scaled_grouped_mm"):
+        return "torch._scaled_grouped_mm is missing in this torch"
+    if not (a_q.is_cuda and b_q.is_cuda):
+        return "torch._scaled_grouped_mm needs CUDA"
+    if torch.cuda.get_device_capability(a_q.device) != (9, 0):
+        return "torch._scaled_grouped_mm (FP8 rowwise) runs on SM90 only"
+    if mode != "row":
+        return f"torch._scaled_grouped_mm does rowwise scaling only, not {mode}"
+    if a_q.dtype != E4M3 or b_q.dtype != E4M3:
+        return "torch._scaled_grouped_mm needs e4m3 operands"
+    if out_dtype != torch.bfloat16:
+        return "torch._scaled_grouped_mm needs a bf16 output"
+    K, N = a_q.shape[1], b_q.shape[2]
+    if K % 16 or N % 16:
+        return f"torch._scaled_grouped_mm needs K and N multiples of 16, got {K}, {N}"
+    if a_q.stride(1) != 1 or b_q.stride(1) != 1:
+        return "torch._scaled_grouped_mm needs a row-major and each b[g] column-major"
+    return True
+
+
+dispatcher.register_backend("grouped_scaled_mm", "torch", _torch_grouped_scaled, _torch_grouped_scaled_can,
                             priority=10)
+dispatcher.register_backend("grouped_scaled_mm", "triton", _triton_grouped_scaled, _triton_grouped_scaled_can,
+                            priority=20)
 dispatcher.register_backend("grouped_scaled_mm", "reference", _reference_grouped_scaled, priority=90)
 
 

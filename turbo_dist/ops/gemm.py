@@ -4,6 +4,8 @@ Backends: "torch" (torch.mm / cuBLAS; any device) and "triton" (kernels/gemm.py;
 TRITON_INTERPRET=1 in fp16/fp32). The default order puts the faster one first on the H100 (see
 benchmarks/results/bench_ops_h100.json); TURBO_DIST_GEMM_BACKEND or dispatcher.set_backend overrides.
 """
+import os
+
 import torch
 
 from . import dispatcher
@@ -47,8 +49,18 @@ def _torch_gemm(a, b, trans_a=False, trans_b=False, out_dtype=None):
     return torch.mm(a.float(), b.float()).to(out_dtype)
 
 
-def triton_available(*tensors):
-    """True or the reason Triton kernels cannot run on these tensors (CUDA, or CPU under the interpreter)."""
+def _asked_for_triton(op):
+    return dispatcher.get_backend(op) == "triton" or os.environ.get(f"TURBO_DIST_{op.upper()}_BACKEND") == "triton"
+
+
+def triton_available(*tensors, op=None):
+    """True or the reason our Triton kernels cannot run `op` on these tensors.
+
+    CUDA: always. CPU: only under TRITON_INTERPRET=1, in fp16/fp32, and only when the caller asked for
+    the "triton" backend of `op` (set_backend or TURBO_DIST_<OP>_BACKEND): the interpreter is a
+    correctness tool, orders of magnitude slower than the torch/loop/reference backends the CPU
+    default uses otherwise.
+    """
     from turbo_dist.kernels.gemm import interpreting
 
     devs = {t.device.type for t in tensors}
@@ -57,6 +69,8 @@ def triton_available(*tensors):
     if devs == {"cpu"} and interpreting():
         if any(t.dtype == torch.bfloat16 for t in tensors):
             return "the Triton interpreter mishandles bf16 on CPU"
+        if op is not None and not _asked_for_triton(op):
+            return "on CPU the Triton interpreter runs only when the 'triton' backend is asked for"
         return True
     return f"triton needs CUDA tensors (or TRITON_INTERPRET=1 on CPU); got devices {sorted(devs)}"
 
@@ -68,7 +82,7 @@ def _triton_gemm(a, b, trans_a=False, trans_b=False, out_dtype=None):
 
 
 def _triton_can_handle(a, b, trans_a=False, trans_b=False, out_dtype=None):
-    return triton_available(a, b)
+    return triton_available(a, b, op="gemm")
 
 
 dispatcher.register_backend("gemm", "torch", _torch_gemm, priority=10)

@@ -142,7 +142,7 @@ def _triton_grouped(a, b, group_lens, trans_b=False):
 
 
 def _triton_grouped_can(a, b, group_lens, trans_b=False):
-    return triton_available(a, b)
+    return triton_available(a, b, op="grouped_gemm")
 
 
 def _triton_wgrad(a, dc, group_lens, trans_b=False):
@@ -161,7 +161,7 @@ def _triton_wgrad(a, dc, group_lens, trans_b=False):
 
 
 def _triton_wgrad_can(a, dc, group_lens, trans_b=False):
-    return triton_available(a, dc)
+    return triton_available(a, dc, op="grouped_gemm_wgrad")
 
 
 dispatcher.register_backend("grouped_gemm", "torch", _torch_grouped, _torch_grouped_can, priority=10)

@@ -4,7 +4,9 @@ import logging
 import torch
 
 from turbo_dist.ops import dispatcher
+from turbo_dist.ops import ScalingGranularity
 from turbo_dist.ops import gemm as _ops_gemm
+from turbo_dist.ops import scaled_mm as _ops_scaled_mm
 from turbo_dist.runtime import config
 
 log = logging.getLogger("turbo_dist")
@@ -123,10 +125,13 @@ def scaled_mm_reference(a, b, a_scale, b_scale, out_dtype):
 
 
 def scaled_mm(a, b, a_scale, b_scale, out_dtype, use_fast_accum=False):
-    """FP8 GEMM with dequantization scales; what ran is logged once per path.
+    """FP8 GEMM with dequantization scales.
 
-    CUDA: torch._scaled_mm (cuBLASLt; B must be column-major there, so a row-major B is transposed
-    once). CPU: `scaled_mm_reference` (dequantize, then an fp32 matmul).
+    CUDA: turbo_dist.ops.scaled_mm (its dispatcher picks torch._scaled_mm / cuBLASLt or the Triton
+    kernel; B is passed column-major, as cuBLASLt wants, transposing a row-major B once). A mix of a
+    tensor-wise and a per-row/per-column scale is expanded to row-wise. CPU:
+    `scaled_mm_reference` (dequantize, then an fp32 matmul; the Triton FP8 kernel would only run in
+    the slow interpreter there).
     """
     if a.device.type != "cuda":
         return scaled_mm_reference(a, b, a_scale, b_scale, out_dtype)
@@ -135,12 +140,14 @@ def scaled_mm(a, b, a_scale, b_scale, out_dtype, use_fast_accum=False):
     a_scale = a_scale.float()
     b_scale = b_scale.float()
     if a_scale.numel() == 1 and b_scale.numel() == 1:
-        a_scale, b_scale = a_scale.reshape(()), b_scale.reshape(())
-    else:  # cuBLASLt's row-wise mode wants both scales row-wise shaped
-        a_scale = a_scale.expand(a.shape[0], 1).contiguous() if a_scale.numel() == 1 else a_scale.contiguous()
-        b_scale = b_scale.expand(1, b.shape[1]).contiguous() if b_scale.numel() == 1 else b_scale.contiguous()
-    return torch._scaled_mm(a.contiguous(), b, scale_a=a_scale, scale_b=b_scale, out_dtype=out_dtype,
-                            use_fast_accum=use_fast_accum)
+        gran = ScalingGranularity.TENSORWISE
+        a_scale, b_scale = a_scale.reshape(1), b_scale.reshape(1)
+    else:
+        gran = ScalingGranularity.ROWWISE
+        a_scale = a_scale.reshape(-1, 1).expand(a.shape[0], 1).contiguous()
+        b_scale = b_scale.reshape(1, -1).expand(1, b.shape[1]).contiguous()
+    return _ops_scaled_mm(a.contiguous(), b, a_scale, b_scale, out_dtype=out_dtype, granularity=gran,
+                          fast_accum=use_fast_accum)
 
 
 # ------------------------------------------------------------------------------ algorithm choice

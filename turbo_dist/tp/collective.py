@@ -16,9 +16,14 @@ def _comm_view(t):
 
 
 def _all_gather(out, inp, group):
-    # torch >= 2.12 renamed all_gather_into_tensor (now deprecated) to all_gather_single.
+    # torch >= 2.12 renamed all_gather_into_tensor / reduce_scatter_tensor (now deprecated) to *_single.
     fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
     fn(out, inp, group=group)
+
+
+def _reduce_scatter(out, inp, group):
+    fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    fn(out, inp, op=dist.ReduceOp.SUM, group=group)
 
 
 def all_gather_rows(rt, shard):
@@ -48,7 +53,7 @@ def reduce_scatter_rows(rt, full, reduce_op, out_dtype):
     send = full.float() if (gloo or full.dtype not in (torch.float16, torch.bfloat16, torch.float32)) else full
     send = send.contiguous()
     out = send.new_empty(full.shape[0] // w, *full.shape[1:])
-    dist.reduce_scatter_tensor(out, send, op=dist.ReduceOp.SUM, group=rt.group)
+    _reduce_scatter(out, send, rt.group)
     if reduce_op == "avg":
         out = out.float() / w
     return out.to(out_dtype)

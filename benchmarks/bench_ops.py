@@ -1,0 +1,301 @@
+"""Benchmark of turbo_dist.ops GEMM, grouped GEMM and FP8 GEMM against same-run PyTorch baselines.
+
+    python benchmarks/bench_ops.py --json out.json [--quick] [--sections gemm,grouped,fp8,fp8_grouped]
+
+Sections (each row: time, TFLOP/s, ratio to the section's baseline measured in the same run, fraction of the
+H100 peak: ~800 TFLOP/s bf16 dense, ~1600 FP8, as cuBLAS measures them at 8192^3):
+- gemm:        bf16 C = A @ W^T (nn.Linear layout): our Triton kernel, torch.mm (cuBLAS, the baseline) and
+               the dispatcher default (what `turbo_dist.ops.gemm` runs without a forced backend);
+               4096/8192 cubes, Llama-3-70B and DeepSeek-V3 layer shapes at 8192 tokens.
+- grouped:     DeepSeek-V3 experts (hidden 7168, expert dim 2048; fc1 7168 -> 2x2048 gate/up, fc2 2048 -> 7168),
+               8/16/32 local experts, skewed token counts with an empty expert, forward and backward (dgrad +
+               wgrad): our persistent Triton kernel vs torch._grouped_mm (baseline) vs a per-group torch.mm loop.
+- fp8:         8192^3 FP8 GEMM, pre-quantized operands (torch._scaled_mm vs our Triton; tensorwise / rowwise /
+               blockwise 1x128 x 128x128) and end to end (`gemm_fp8`, quantization included), vs bf16 cuBLAS.
+- fp8_grouped: FP8 grouped GEMM on the DeepSeek-V3 fc1 shape (pre-quantized and end to end) vs the best bf16
+               grouped GEMM.
+Without CUDA it prints a message and exits 0 (nothing to measure). `--dry-run` runs every section on the CPU
+at 1/64 of the sizes in fp32 (set TRITON_INTERPRET=1 for the Triton rows): it checks the script, not speed.
+"""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+
+from common import bench, machine_info, print_table, write_json  # noqa: E402
+
+DEVICE, DTYPE, SHRINK = "cuda", torch.bfloat16, 1  # --dry-run: "cpu", torch.float32, 64
+PEAK_TFLOPS = {"bf16": 800.0, "fp8": 1600.0}  # H100 SXM dense, as cuBLAS reaches them at 8192^3
+
+GEMM_SHAPES = [  # (name, M, N, K): C [M, N] = A [M, K] @ W[N, K]^T
+    ("cube4096", 4096, 4096, 4096),
+    ("cube8192", 8192, 8192, 8192),
+    ("llama70b_qkv", 8192, 10240, 8192),
+    ("llama70b_o", 8192, 8192, 8192),
+    ("llama70b_up", 8192, 28672, 8192),
+    ("llama70b_down", 8192, 8192, 28672),
+    ("dsv3_qkv_a", 8192, 2112, 7168),
+    ("dsv3_o", 8192, 7168, 16384),
+    ("dsv3_mlp_up", 8192, 18432, 7168),
+    ("dsv3_mlp_down", 8192, 7168, 18432),
+]
+GEMM_QUICK = ("cube4096", "cube8192", "llama70b_up", "dsv3_mlp_down", "dsv3_qkv_a")
+GROUPED_LAYERS = [("fc1", 7168, 4096), ("fc2", 2048, 7168)]  # (name, K, N)
+
+
+def skewed_lens(num_experts, tokens_per_expert, seed=0):
+    """Token counts per expert: log-normal skew (hot and cold experts), expert 1 empty, sum = G * avg."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.exp(torch.randn(num_experts, generator=g) * 0.8)
+    w[1 % num_experts] = 0
+    lens = torch.floor(w / w.sum() * num_experts * tokens_per_expert).long()
+    lens[0] += num_experts * tokens_per_expert - int(lens.sum())
+    return lens
+
+
+def _rows_for(section, case, results, baseline, flops, peak_key, extra=None):
+    """results: {label: ms}; one row each with TFLOP/s, ratio vs results[baseline], fraction of peak."""
+    rows = []
+    base_ms = results.get(baseline)
+    for label, ms in results.items():
+        if ms is None:
+            continue
+        tf = flops / ms / 1e9
+        row = {"section": section, "case": case, "impl": label, "ms": ms, "tflops": tf,
+               "x_baseline": (base_ms / ms) if base_ms else None, "baseline": baseline,
+               "frac_peak": tf / PEAK_TFLOPS[peak_key]}
+        row.update(extra or {})
+        rows.append(row)
+    return rows
+
+
+def _try(fn, what, errors):
+    try:
+        return bench(fn)
+    except Exception as exc:  # a backend that cannot run this case is reported, not fatal
+        errors.append(f"{what}: {type(exc).__name__}: {exc}"[:400])
+        return None
+
+
+def run_gemm(quick, errors):
+    from turbo_dist.ops import dispatcher, gemm
+
+    rows = []
+    for name, M, N, K in GEMM_SHAPES:
+        if quick and name not in GEMM_QUICK:
+            continue
+        M, N, K = (max(16, d // SHRINK) for d in (M, N, K))
+        a = torch.randn(M, K, device=DEVICE, dtype=DTYPE)
+        w = torch.randn(N, K, device=DEVICE, dtype=DTYPE)
+        res = {"cublas": _try(lambda: torch.mm(a, w.t()), f"gemm {name} cublas", errors)}
+        dispatcher.set_backend("gemm", "triton")
+        res["triton"] = _try(lambda: gemm(a, w, trans_b=True), f"gemm {name} triton", errors)
+        if name == "cube8192" or not quick:  # the pointer-load kernel, for comparison with the TMA one
+            from turbo_dist.kernels import gemm as kgemm
+
+            kgemm.USE_TMA = False
+            res["triton_ptr"] = _try(lambda: gemm(a, w, trans_b=True), f"gemm {name} triton_ptr", errors)
+            kgemm.USE_TMA = True
+        dispatcher.set_backend("gemm", None)
+        res["default"] = _try(lambda: gemm(a, w, trans_b=True), f"gemm {name} default", errors)
+        default_is = dispatcher.last_backend("gemm")
+        best = min((v for k, v in res.items() if k != "default" and v), default=None)
+        extra = {"shape": f"{M}x{N}x{K}", "default_backend": default_is,
+                 "default_vs_best": (best / res["default"]) if best and res["default"] else None}
+        rows += _rows_for("gemm", name, res, "cublas", 2.0 * M * N * K, "bf16", extra)
+        del a, w
+    return rows
+
+
+def _grouped_case(G, tpe, K, N):
+    tpe, K, N = (max(16, d // SHRINK) for d in (tpe, K, N))
+    lens = skewed_lens(G, tpe, seed=G)
+    M = int(lens.sum())
+    a = torch.randn(M, K, device=DEVICE, dtype=DTYPE)
+    b = torch.randn(G, K, N, device=DEVICE, dtype=DTYPE) * K ** -0.5
+    dc = torch.randn(M, N, device=DEVICE, dtype=DTYPE)
+    return lens, a, b, dc
+
+
+def run_grouped(quick, errors):
+    from turbo_dist.ops import dispatcher
+
+    rows = []
+    tpe = 1024
+    for G in ((8, 32) if quick else (8, 16, 32)):
+        for layer, K, N in GROUPED_LAYERS:
+            lens, a, b, dc = _grouped_case(G, tpe, K, N)
+            gl = lens.to(DEVICE)
+            M = a.shape[0]
+            fwd, bwd = {}, {}
+            for backend, label in (("torch", "torch_grouped_mm"), ("triton", "triton"), ("loop", "loop")):
+                for op in ("grouped_gemm", "grouped_gemm_wgrad"):
+                    dispatcher.set_backend(op, backend)
+                fwd[label] = _try(lambda: dispatcher.dispatch("grouped_gemm", a, b, gl, False),
+                                  f"grouped G={G} {layer} fwd {backend}", errors)
+                bwd[label] = _try(lambda: (dispatcher.dispatch("grouped_gemm", dc, b, gl, True),
+                                           dispatcher.dispatch("grouped_gemm_wgrad", a, dc, gl, False)),
+                                  f"grouped G={G} {layer} bwd {backend}", errors)
+            for op in ("grouped_gemm", "grouped_gemm_wgrad"):
+                dispatcher.set_backend(op, None)
+            fwd["default"] = _try(lambda: dispatcher.dispatch("grouped_gemm", a, b, gl, False),
+                                  f"grouped G={G} {layer} fwd default", errors)
+            dflt = dispatcher.last_backend("grouped_gemm")
+            bwd["default"] = _try(lambda: (dispatcher.dispatch("grouped_gemm", dc, b, gl, True),
+                                           dispatcher.dispatch("grouped_gemm_wgrad", a, dc, gl, False)),
+                                  f"grouped G={G} {layer} bwd default", errors)
+            for phase, res, mult in (("fwd", fwd, 1), ("bwd", bwd, 2)):
+                best = min((v for k, v in res.items() if k != "default" and v), default=None)
+                loop = res.get("loop")
+                extra = {"shape": f"G={G} M={M} K={K} N={N}", "phase": phase, "default_backend": dflt,
+                         "lens": lens.tolist() if G <= 8 else f"min {int(lens.min())} max {int(lens.max())}",
+                         "default_vs_best": (best / res["default"]) if best and res.get("default") else None}
+                for r in _rows_for("grouped", f"G{G}_{layer}_{phase}", res, "torch_grouped_mm",
+                                   mult * 2.0 * M * K * N, "bf16", extra):
+                    r["x_loop"] = (loop / r["ms"]) if loop else None
+                    rows.append(r)
+            del a, b, dc
+    return rows
+
+
+def run_fp8(quick, errors):
+    from turbo_dist.ops import (Float8QuantConfig, ScalingGranularity, dispatcher, gemm_fp8, quantize_fp8,
+                                scaled_mm)
+
+    rows = []
+    E4M3 = torch.float8_e4m3fn
+    M = N = K = max(128, 8192 // SHRINK)
+    flops = 2.0 * M * N * K
+    a = torch.randn(M, K, device=DEVICE, dtype=DTYPE)
+    w = torch.randn(N, K, device=DEVICE, dtype=DTYPE)
+    base = bench(lambda: torch.mm(a, w.t()))
+    rows += _rows_for("fp8", "8192^3", {"bf16_cublas": base}, "bf16_cublas", flops, "bf16", {"granularity": "-"})
+    grans = (ScalingGranularity.ROWWISE, ScalingGranularity.BLOCKWISE) if quick else tuple(ScalingGranularity)
+    for gran in grans:
+        aq, sa = quantize_fp8(a, E4M3, gran)
+        wq, sw = quantize_fp8(w, E4M3, gran, weight=True)
+        res = {"bf16_cublas": base}
+        for backend in ("torch", "triton"):
+            dispatcher.set_backend("scaled_mm", backend)
+            res[f"mm_{backend}"] = _try(lambda: scaled_mm(aq, wq.t(), sa, sw.t(), granularity=gran),
+                                        f"fp8 {gran.name} scaled_mm {backend}", errors)
+        dispatcher.set_backend("scaled_mm", None)
+        res["mm_default"] = _try(lambda: scaled_mm(aq, wq.t(), sa, sw.t(), granularity=gran),
+                                 f"fp8 {gran.name} scaled_mm default", errors)
+        dflt = dispatcher.last_backend("scaled_mm") if res["mm_default"] else None
+        cfg = Float8QuantConfig(granularity=gran)
+        res["e2e_gemm_fp8"] = _try(lambda: gemm_fp8(a, w, trans_b=True, config=cfg),
+                                   f"fp8 {gran.name} gemm_fp8", errors)
+        quant_ms = _try(lambda: quantize_fp8(a, E4M3, gran), f"fp8 {gran.name} quant", errors)
+        best = min((v for k, v in res.items() if k.startswith("mm_") and k != "mm_default" and v), default=None)
+        extra = {"granularity": gran.name, "default_backend": dflt, "quant_a_ms": quant_ms,
+                 "default_vs_best": (best / res["mm_default"]) if best and res["mm_default"] else None}
+        del res["bf16_cublas"]
+        for r in _rows_for("fp8", f"8192^3 {gran.name}", res, "bf16_cublas", flops, "fp8", extra):
+            r["x_baseline"] = base / r["ms"]
+            rows.append(r)
+        del aq, wq
+    return rows
+
+
+def run_fp8_grouped(quick, errors):
+    from turbo_dist.ops import Float8QuantConfig, ScalingGranularity, dispatcher, grouped_gemm_fp8, quantize_fp8
+
+    rows = []
+    E4M3 = torch.float8_e4m3fn
+    layer, K, N = GROUPED_LAYERS[0]
+    for G in ((8,) if quick else (8, 32)):
+        lens, a, b, _ = _grouped_case(G, 1024, K, N)
+        gl = lens.to(DEVICE)
+        M = a.shape[0]
+        flops = 2.0 * M * K * N
+        b_t = b.transpose(1, 2).contiguous()  # [G, N, K]: the weight as nn.Linear stores it
+        bf16 = {}
+        for backend in ("torch", "triton"):
+            dispatcher.set_backend("grouped_gemm", backend)
+            bf16[backend] = _try(lambda: dispatcher.dispatch("grouped_gemm", a, b_t, gl, True),
+                                 f"fp8_grouped bf16 {backend}", errors)
+        dispatcher.set_backend("grouped_gemm", None)
+        base = min(v for v in bf16.values() if v)
+        base_label = "bf16_" + min((k for k in bf16 if bf16[k]), key=lambda k: bf16[k])
+        rows += _rows_for("fp8_grouped", f"G{G}_{layer}", {base_label: base}, base_label, flops, "bf16")
+        grans = (ScalingGranularity.ROWWISE, ScalingGranularity.BLOCKWISE) if quick else tuple(ScalingGranularity)
+        for gran in grans:
+            aq, sa = quantize_fp8(a, E4M3, gran)
+            wq, sw = quantize_fp8(b_t, E4M3, gran, weight=True)
+            mode = {"TENSORWISE": "tensor", "ROWWISE": "row", "BLOCKWISE": "block"}[gran.name]
+            if gran == ScalingGranularity.ROWWISE:
+                sw = sw.reshape(G, -1)
+            elif gran == ScalingGranularity.BLOCKWISE:
+                sw = sw.transpose(1, 2)
+            res = {}
+            for backend in ("torch", "triton"):
+                dispatcher.set_backend("grouped_scaled_mm", backend)
+                res[f"mm_{backend}"] = _try(
+                    lambda: dispatcher.dispatch("grouped_scaled_mm", aq, wq.transpose(1, 2), sa, sw, gl, mode,
+                                                torch.bfloat16), f"fp8_grouped {gran.name} {backend}", errors)
+            dispatcher.set_backend("grouped_scaled_mm", None)
+            cfg = Float8QuantConfig(granularity=gran)
+            res["e2e_grouped_gemm_fp8"] = _try(lambda: grouped_gemm_fp8(a, b_t, gl, trans_b=True, config=cfg),
+                                               f"fp8_grouped {gran.name} e2e", errors)
+            dflt = dispatcher.last_backend("grouped_scaled_mm") if res["e2e_grouped_gemm_fp8"] else None
+            for r in _rows_for("fp8_grouped", f"G{G}_{layer} {gran.name}", res, "-", flops, "fp8",
+                               {"granularity": gran.name, "default_backend": dflt, "shape": f"G={G} M={M} K={K} N={N}"}):
+                r["x_baseline"] = base / r["ms"]
+                r["baseline"] = base_label
+                rows.append(r)
+            del aq, wq
+        del a, b, b_t
+    return rows
+
+
+SECTIONS = {"gemm": run_gemm, "grouped": run_grouped, "fp8": run_fp8, "fp8_grouped": run_fp8_grouped}
+COLS = ["section", "case", "impl", "ms", "tflops", "x_baseline", "baseline", "frac_peak", "default_backend",
+        "default_vs_best", "x_loop"]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json", default=None, help="write rows + machine info here (rewritten after each section)")
+    p.add_argument("--quick", action="store_true", help="fewer shapes (CI / smoke)")
+    p.add_argument("--dry-run", action="store_true", help="CPU, fp32, sizes / 64: checks the script only")
+    p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma list of {sorted(SECTIONS)}")
+    args = p.parse_args(argv)
+    global DEVICE, DTYPE, SHRINK
+    if args.dry_run:
+        DEVICE, DTYPE, SHRINK = "cpu", torch.float32, 64
+    elif not torch.cuda.is_available():
+        print("bench_ops: CUDA is not available; nothing to measure (this bench needs a GPU).")
+        return 0
+    sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    unknown = [s for s in sections if s not in SECTIONS]
+    if unknown:
+        p.error(f"unknown sections {unknown}; choose from {sorted(SECTIONS)}")
+    torch.manual_seed(0)
+    rows, errors = [], []
+    meta = {"quick": args.quick, "peak_tflops": PEAK_TFLOPS, "errors": errors}
+    print(f"# bench_ops on {machine_info().get('gpu')}", flush=True)
+    for s in sections:
+        new = SECTIONS[s](args.quick, errors)
+        rows += new
+        print(f"\n## {s}")
+        print_table(new, [c for c in COLS if any(c in r for r in new)])
+        if args.json:
+            write_json(args.json, rows, dict(meta))
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
+    if errors:
+        print("\n## backends that could not run a case")
+        for e in errors:
+            print(" -", e)
+    if args.json:
+        write_json(args.json, rows, dict(meta))
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,426 @@
+"""Megatron-core integration: turbo_dist.moe as the backend of Megatron's flex ("deepep") token dispatcher.
+
+    import turbo_dist.integrations.megatron as tdm
+    tdm.enable(moe_dispatcher=True)            # before building the model; logs every name it rebinds
+    config = TransformerConfig(..., moe_token_dispatcher_type="flex", moe_flex_dispatcher_backend="deepep",
+                               moe_router_dtype="fp32")
+    ...
+    tdm.disable()                              # puts every rebound name back
+
+How it plugs in. Megatron's flex dispatcher (`MoEFlexTokenDispatcher` -> `_DeepepManager`) reaches DeepEP
+only through module-level names of `megatron.core.transformer.moe.fused_a2a` (`Buffer`, `get_buffer`,
+`EventOverlap`, `EventHandle`, `fused_dispatch`, `fused_combine`, `set_deepep_num_sms`), three of which
+`token_dispatcher` copied at import time. Megatron has no registration API for this backend, so
+`enable()` rebinds exactly those names (Megatron's own `FusedDispatch`/`FusedCombine` autograd functions
+stay in use: they call our DeepEP-compatible `turbo_dist.moe.Buffer` instead of `deep_ep.Buffer`), logs
+each rebinding with the old and new value at INFO on the "turbo_dist" logger, and `disable()` restores
+the originals. Nothing happens at import time.
+
+Tested against megatron-core 0.16.1 (the `megatron` extra). HybridEP (`moe_flex_dispatcher_backend=
+"hybridep"`) is not covered.
+
+Async TP and CP attention go through Megatron's own per-model extension point, the layer spec (there is
+no global switch to flip, so `enable(async_tp=True)` / `enable(cp_attention=True)` raise
+NotImplementedError pointing here):
+- `use_turbo_dist_linears(spec)`: the spec's ColumnParallelLinear / RowParallelLinear (linear_qkv,
+  linear_proj, linear_fc1, linear_fc2) become `TurboDistColumnParallelLinear` / `TurboDistRowParallelLinear`:
+  Megatron's classes (same parameters, init, checkpoints) whose sequence-parallel all-gather + GEMM and
+  GEMM + reduce-scatter run fused on turbo_dist.tp (forward and backward).
+- `use_turbo_dist_core_attention(spec)`: `TurboDistCoreAttention` as core attention; context-parallel
+  attention on turbo_dist.cp (cp_comm_type "p2p" -> ring, "a2a", "all_gather"; Megatron's zigzag CP
+  sharding is our load_balance=True layout).
+"""
+import logging
+
+import torch
+
+import turbo_dist.tp as _tp
+from turbo_dist.moe import Buffer, EventOverlap
+from turbo_dist.ops import flash_attn_func
+
+try:
+    from megatron.core import parallel_state as _parallel_state
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.module import MegatronModule
+    from megatron.core.transformer.moe import fused_a2a as _fused_a2a
+    from megatron.core.transformer.moe import token_dispatcher as _token_dispatcher
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+except ImportError as _exc:  # pragma: no cover - exercised only without megatron-core
+    raise ImportError(
+        "turbo_dist.integrations.megatron needs megatron-core (tested: 0.16.1): "
+        "pip install 'turbo_dist[megatron]'"
+    ) from _exc
+
+log = logging.getLogger("turbo_dist")
+
+TESTED_VERSIONS = ("0.16.1",)
+
+_ASYNC_TP_REASON = (
+    "Megatron-core has no global hook for the communication of its sequence-parallel linears (the local "
+    "ColumnParallelLinear/RowParallelLinear call linear_with_grad_accumulation_and_async_allreduce and "
+    "reduce_scatter_to_sequence_parallel_region directly; tp_comm_overlap is TransformerEngine userbuffers) "
+    "and turbo_dist does not patch Megatron's functions. Its linears are chosen per model by the layer spec: "
+    "use turbo_dist.integrations.megatron.use_turbo_dist_linears(spec)"
+)
+_CP_REASON = (
+    "Megatron-core picks core attention per layer through the layer spec (its local DotProductAttention "
+    "requires context_parallel_size == 1, TEDotProductAttention runs TransformerEngine's CP); there is no "
+    "global switch to flip. Put turbo_dist.integrations.megatron.TurboDistCoreAttention in the spec "
+    "(use_turbo_dist_core_attention(spec)) instead"
+)
+
+# Rebinding records: (module, attribute, previous value or _ABSENT). Restored in reverse order.
+_ABSENT = object()
+_swaps = []
+_state = {"moe_dispatcher": False, "buffer": None, "transport": None, "num_nvl_bytes": None, "num_sms": None}
+
+
+def _megatron_version():
+    try:
+        from importlib.metadata import version
+
+        return version("megatron-core")
+    except Exception:
+        return "unknown"
+
+
+def _qualname(value):
+    if value is _ABSENT:
+        return "<absent>"
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return repr(value)
+    mod = getattr(value, "__module__", None) or type(value).__module__
+    name = getattr(value, "__qualname__", None) or type(value).__qualname__
+    return f"{mod}.{name}"
+
+
+def _rebind(module, name, value):
+    old = getattr(module, name, _ABSENT)
+    _swaps.append((module, name, old))
+    setattr(module, name, value)
+    log.info("turbo_dist.integrations.megatron: %s.%s: %s -> %s", module.__name__, name, _qualname(old),
+             _qualname(value))
+
+
+# ---------------------------------------------------------------------------------------------- the DeepEP hook
+def event_handle():
+    """DeepEP's `EventHandle()`: an event on the current CUDA stream (None on CPU, where work is synchronous)."""
+    return EventOverlap.record().event
+
+
+def get_buffer(group, hidden_bytes):
+    """Megatron's `fused_a2a.get_buffer`, returning a `turbo_dist.moe.Buffer`.
+
+    Sized like Megatron sizes DeepEP's (the larger of the dispatch/combine configs' NVL hints) unless
+    `enable(moe_num_nvl_bytes=...)` fixed the size; re-created when the group changes or the hint grows.
+    """
+    if not isinstance(group, torch.distributed.ProcessGroup):
+        raise TypeError(f"get_buffer: group must be a torch.distributed.ProcessGroup, got {type(group).__name__}")
+    if not isinstance(hidden_bytes, int) or hidden_bytes <= 0:
+        raise ValueError(f"get_buffer: hidden_bytes must be a positive int, got {hidden_bytes!r}")
+    n = group.size()
+    if _state["num_nvl_bytes"] is not None:
+        num_nvl_bytes = _state["num_nvl_bytes"]
+    else:
+        num_nvl_bytes = max(cfg.get_nvl_buffer_size_hint(hidden_bytes, n)
+                            for cfg in (Buffer.get_dispatch_config(n), Buffer.get_combine_config(n)))
+    buf = _state["buffer"]
+    if buf is None or buf.group is not group or buf.num_nvl_bytes < num_nvl_bytes:
+        buf = Buffer(group, num_nvl_bytes, 0, transport=_state["transport"])
+        _state["buffer"] = buf
+    return buf
+
+
+def fused_dispatch(x, token_indices, token_probs, num_experts, group, async_finish=False,
+                   allocate_on_comm_stream=False):
+    """Megatron's `fused_dispatch` (defined by Megatron only when deep_ep imports): its `FusedDispatch`.
+
+    x: [num_tokens, hidden]; token_indices: [num_tokens, topk] int64 (-1 = dropped);
+    token_probs: [num_tokens, topk] fp32; group: the TPxEP group.
+    """
+    return _fused_a2a.FusedDispatch.apply(x.contiguous(), token_indices, token_probs, num_experts, group,
+                                          async_finish, allocate_on_comm_stream)
+
+
+def fused_combine(x, group, handle, async_finish=False, allocate_on_comm_stream=False):
+    """Megatron's `fused_combine`: its `FusedCombine` over our Buffer."""
+    return _fused_a2a.FusedCombine.apply(x, group, handle, async_finish, allocate_on_comm_stream)
+
+
+def set_deepep_num_sms(num_sms):
+    """Megatron's `set_deepep_num_sms` (config.moe_deepep_num_sms): programs our nvlink kernels use."""
+    Buffer.set_num_sms(num_sms)
+
+
+# ---------------------------------------------------------------------------------------------- public switch
+def enable(moe_dispatcher=True, async_tp=False, cp_attention=False, *, moe_transport=None, moe_num_nvl_bytes=None):
+    """Turn turbo_dist on inside Megatron-core; returns `enabled()`.
+
+    moe_dispatcher: Megatron's flex token dispatcher with backend "deepep" (`moe_token_dispatcher_type=
+        "flex"`, `moe_flex_dispatcher_backend="deepep"`, or the deprecated `moe_enable_deepep=True`) runs
+        on turbo_dist.moe.Buffer. Call before the dispatchers are built (they check for the backend in
+        their constructor). Idempotent.
+    async_tp, cp_attention: raise NotImplementedError (Megatron exposes no hook for them; the message says
+        what to use instead).
+    moe_transport: "nvlink" | "collective" | None (Buffer's choice: TURBO_DIST_MOE_TRANSPORT, else nvlink
+        with peer access and a buffer, else collective).
+    moe_num_nvl_bytes: size of the symmetric buffer; default Megatron's DeepEP-style hint. Our nvlink
+        transport sizes by token count: `Buffer.get_nvl_buffer_size_hint(max_tokens_per_rank, hidden,
+        ep_size, topk)` fits any routing of up to that many tokens.
+    """
+    if async_tp:
+        raise NotImplementedError(f"turbo_dist.integrations.megatron.enable(async_tp=True): {_ASYNC_TP_REASON}")
+    if cp_attention:
+        raise NotImplementedError(f"turbo_dist.integrations.megatron.enable(cp_attention=True): {_CP_REASON}")
+    if moe_transport not in (None, "nvlink", "collective"):
+        raise ValueError(f"moe_transport must be None, 'nvlink' or 'collective', got {moe_transport!r}")
+    if moe_num_nvl_bytes is not None and (not isinstance(moe_num_nvl_bytes, int) or moe_num_nvl_bytes < 0):
+        raise ValueError(f"moe_num_nvl_bytes must be None or an int >= 0, got {moe_num_nvl_bytes!r}")
+    if moe_dispatcher:
+        if _state["moe_dispatcher"]:
+            log.info("turbo_dist.integrations.megatron: MoE dispatcher already enabled")
+        else:
+            _enable_moe_dispatcher(moe_transport, moe_num_nvl_bytes)
+    return enabled()
+
+
+def _enable_moe_dispatcher(transport, num_nvl_bytes):
+    missing = [n for n in ("FusedDispatch", "FusedCombine", "get_buffer") if not hasattr(_fused_a2a, n)]
+    if missing or not hasattr(_token_dispatcher, "_DeepepManager"):
+        raise RuntimeError(
+            f"megatron-core {_megatron_version()} does not have the DeepEP hook turbo_dist plugs into "
+            f"(missing {missing or ['token_dispatcher._DeepepManager']}); tested versions: {TESTED_VERSIONS}"
+        )
+    version = _megatron_version()
+    if version not in TESTED_VERSIONS:
+        log.warning("turbo_dist.integrations.megatron: megatron-core %s is not a tested version %s", version,
+                    TESTED_VERSIONS)
+    if getattr(_fused_a2a, "HAVE_DEEP_EP", False):
+        log.info("turbo_dist.integrations.megatron: deep_ep is installed; replacing it for the flex dispatcher")
+    _state.update(transport=transport, num_nvl_bytes=num_nvl_bytes, buffer=None, num_sms=Buffer.num_sms)
+    for name, value in (("Buffer", Buffer), ("EventOverlap", EventOverlap), ("EventHandle", event_handle),
+                        ("get_buffer", get_buffer), ("fused_dispatch", fused_dispatch),
+                        ("fused_combine", fused_combine), ("set_deepep_num_sms", set_deepep_num_sms),
+                        ("HAVE_DEEP_EP", True)):
+        _rebind(_fused_a2a, name, value)
+    # token_dispatcher bound these three at import (`from ...fused_a2a import ...`): rebind its copies too.
+    for name, value in (("fused_dispatch", fused_dispatch), ("fused_combine", fused_combine),
+                        ("set_deepep_num_sms", set_deepep_num_sms)):
+        _rebind(_token_dispatcher, name, value)
+    _state["moe_dispatcher"] = True
+    log.info("turbo_dist.integrations.megatron: flex/deepep token dispatcher -> turbo_dist.moe.Buffer "
+             "(transport=%s, megatron-core %s)", transport or "auto", version)
+
+
+def disable():
+    """Undo `enable()`: every rebound name gets its previous value (or is deleted if it had none)."""
+    while _swaps:
+        module, name, old = _swaps.pop()
+        if old is _ABSENT:
+            delattr(module, name)
+        else:
+            setattr(module, name, old)
+        log.info("turbo_dist.integrations.megatron: restored %s.%s = %s", module.__name__, name, _qualname(old))
+    if _state["num_sms"] is not None:
+        Buffer.num_sms = _state["num_sms"]
+    _state.update(moe_dispatcher=False, buffer=None, transport=None, num_nvl_bytes=None, num_sms=None)
+
+
+def enabled():
+    """{"moe_dispatcher": bool, "async_tp": False, "cp_attention": False}: what is on now."""
+    return {"moe_dispatcher": _state["moe_dispatcher"], "async_tp": False, "cp_attention": False}
+
+
+# ---------------------------------------------------------------------------------------------- async TP
+class _AllGatherLinear(torch.autograd.Function):
+    """y [s, b, n] = all_gather_seq(x [s/tp, b, h]) @ w.T (+ bias); dx by GEMM + reduce-scatter, both fused."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, group):
+        s, b, h = x.shape
+        a_full, (y,) = _tp.all_gather_matmul(x.reshape(s * b, h), [weight.t()], gather_dim=0, group=group)
+        ctx.save_for_backward(a_full if weight.requires_grad else None, weight)
+        ctx.group, ctx.has_bias = group, bias is not None
+        y = y.view(-1, b, weight.shape[0])
+        return y + bias if bias is not None else y
+
+    @staticmethod
+    def backward(ctx, dy):
+        a_full, weight = ctx.saved_tensors
+        dy2 = dy.reshape(-1, dy.shape[-1]).contiguous()
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = _tp.matmul_reduce_scatter(dy2, weight, scatter_dim=0, group=ctx.group)
+            dx = dx.view(-1, dy.shape[1], weight.shape[1])
+        dw = dy2.t() @ a_full if ctx.needs_input_grad[1] else None
+        db = dy2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return dx, dw, db, None
+
+
+class _LinearReduceScatter(torch.autograd.Function):
+    """y [s/tp, b, n] = reduce_scatter_seq(x [s, b, k/tp] @ w.T); dx by all-gather + GEMM, both fused."""
+
+    @staticmethod
+    def forward(ctx, x, weight, group):
+        s, b, k = x.shape
+        x2 = x.reshape(s * b, k)
+        y = _tp.matmul_reduce_scatter(x2, weight.t(), scatter_dim=0, group=group)
+        ctx.save_for_backward(x2 if weight.requires_grad else None, weight)
+        ctx.group, ctx.x_shape = group, x.shape
+        return y.view(-1, b, weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, weight = ctx.saved_tensors
+        dy_full, (dx,) = _tp.all_gather_matmul(dy.reshape(-1, dy.shape[-1]).contiguous(), [weight], gather_dim=0,
+                                               group=ctx.group)
+        dw = dy_full.t() @ x2 if ctx.needs_input_grad[1] else None
+        return dx.view(ctx.x_shape) if ctx.needs_input_grad[0] else None, dw, None
+
+
+def _check_fusable(layer, gradient_accumulation_fusion, grad_output_buffer=None):
+    if gradient_accumulation_fusion:
+        raise NotImplementedError(f"{type(layer).__name__}: gradient_accumulation_fusion (main_grad) with "
+                                  "sequence_parallel is not supported by the turbo_dist linears")
+    if grad_output_buffer is not None:
+        raise NotImplementedError(f"{type(layer).__name__}: defer_embedding_wgrad_compute is not supported")
+
+
+class TurboDistColumnParallelLinear(ColumnParallelLinear):
+    """Megatron's ColumnParallelLinear; with sequence_parallel its all-gather + GEMM runs on turbo_dist.tp.
+
+    input [s/tp, b, h] -> output [s, b, n/tp] (Megatron's SP layout). Without sequence parallelism there is
+    no all-gather to overlap and Megatron's own implementation runs unchanged.
+    """
+
+    def _forward_impl(self, input, weight, bias=None, gradient_accumulation_fusion=False, allreduce_dgrad=False,
+                      sequence_parallel=False, grad_output_buffer=None, wgrad_deferral_limit=None, tp_group=None,
+                      **kwargs):
+        if not sequence_parallel:
+            return super()._forward_impl(input=input, weight=weight, bias=bias,
+                                         gradient_accumulation_fusion=gradient_accumulation_fusion,
+                                         allreduce_dgrad=allreduce_dgrad, sequence_parallel=sequence_parallel,
+                                         grad_output_buffer=grad_output_buffer,
+                                         wgrad_deferral_limit=wgrad_deferral_limit, tp_group=tp_group, **kwargs)
+        _check_fusable(self, gradient_accumulation_fusion, grad_output_buffer)
+        if input.dim() != 3:
+            raise ValueError(f"{type(self).__name__}: input must be [s/tp, b, h], got {tuple(input.shape)}")
+        return _AllGatherLinear.apply(input, weight, bias, tp_group if tp_group is not None else self.tp_group)
+
+
+class TurboDistRowParallelLinear(RowParallelLinear):
+    """Megatron's RowParallelLinear; with sequence_parallel its GEMM + reduce-scatter runs on turbo_dist.tp.
+
+    input [s, b, k/tp] -> output [s/tp, b, n]. Other configurations run Megatron's implementation.
+    """
+
+    def forward(self, input_):
+        if not self.sequence_parallel or self.explicit_expert_comm or not self.input_is_parallel:
+            return super().forward(input_)
+        _check_fusable(self, self.gradient_accumulation_fusion)
+        if input_.dim() != 3:
+            raise ValueError(f"{type(self).__name__}: input must be [s, b, k/tp], got {tuple(input_.shape)}")
+        output_ = _LinearReduceScatter.apply(input_, self.weight, self.tp_group)
+        if not self.skip_bias_add:
+            return (output_ + self.bias if self.bias is not None else output_), None
+        return output_, self.bias
+
+
+def use_turbo_dist_linears(layer_spec):
+    """Swap Megatron's ColumnParallelLinear/RowParallelLinear in a layer spec (attention linear_qkv/linear_proj,
+    MLP linear_fc1/linear_fc2) for the turbo_dist subclasses; returns the spec. Expert MLPs are left alone."""
+    swapped = []
+    for path in ("self_attention", "mlp"):
+        sub = getattr(getattr(layer_spec.submodules, path, None), "submodules", None)
+        if sub is None:
+            continue
+        for name in ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"):
+            cls = getattr(sub, name, None)
+            new = {ColumnParallelLinear: TurboDistColumnParallelLinear,
+                   RowParallelLinear: TurboDistRowParallelLinear}.get(cls) if isinstance(cls, type) else None
+            if new is not None:
+                setattr(sub, name, new)
+                swapped.append(f"{path}.{name}")
+    if not swapped:
+        raise TypeError("use_turbo_dist_linears: the spec has no Megatron ColumnParallelLinear/RowParallelLinear "
+                        "(TransformerEngine specs use TE's fused layers, which turbo_dist does not replace)")
+    log.info("turbo_dist.integrations.megatron: layer spec %s -> turbo_dist.tp linears", ", ".join(swapped))
+    return layer_spec
+
+
+# ---------------------------------------------------------------------------------------------- CP attention
+_CP_COMM_TYPES = {None: "ring", "p2p": "ring", "a2a": "a2a", "all_gather": "allgather"}
+
+
+class TurboDistCoreAttention(MegatronModule):
+    """Megatron core attention (the `core_attention` of a layer spec) on turbo_dist, context-parallel aware.
+
+    Same constructor and forward signature as Megatron's DotProductAttention / TEDotProductAttention.
+    forward(query [sq, b, np, hn], key/value [sk, b, ng, hn] (GQA: np % ng == 0), attention_mask (ignored:
+    the mask type decides), attn_mask_type) -> [sq, b, np * hn]. With context_parallel_size > 1 the inputs
+    are this rank's zigzag shard of the sequence (Megatron's get_batch_on_this_cp_rank layout) and the
+    attention spans the whole sequence over the CP group: cp_comm_type "p2p" (ring), "a2a" (Ulysses) or
+    "all_gather". Supported: causal or no mask, no dropout, vanilla softmax, no sliding window, no packed
+    sequences, no attention bias; anything else raises NotImplementedError.
+    """
+
+    def __init__(self, config, layer_number, attn_mask_type, attention_type, attention_dropout=None,
+                 softmax_scale=None, cp_comm_type=None, pg_collection=None):
+        super().__init__(config=config)
+        dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+        if dropout:
+            raise NotImplementedError(f"TurboDistCoreAttention: attention dropout {dropout} (set attention_dropout=0)")
+        if attn_mask_type not in (AttnMaskType.causal, AttnMaskType.no_mask):
+            raise NotImplementedError(f"TurboDistCoreAttention: attn_mask_type {attn_mask_type} (causal or no_mask)")
+        if getattr(config, "softmax_type", "vanilla") != "vanilla" or getattr(config, "window_size", None):
+            raise NotImplementedError("TurboDistCoreAttention: only vanilla softmax without a sliding window")
+        if isinstance(cp_comm_type, list):
+            cp_comm_type = cp_comm_type[max(1, layer_number) - 1] if cp_comm_type else None
+        if cp_comm_type not in _CP_COMM_TYPES:
+            raise NotImplementedError(f"TurboDistCoreAttention: cp_comm_type {cp_comm_type!r}; supported: "
+                                      "'p2p' (ring), 'a2a', 'all_gather'")
+        self.layer_number = max(1, layer_number)
+        self.attn_mask_type = attn_mask_type
+        self.cp_comm_type = _CP_COMM_TYPES[cp_comm_type]
+        head_dim = config.kv_channels
+        self.softmax_scale = softmax_scale if softmax_scale is not None else head_dim ** -0.5
+        if config.apply_query_key_layer_scaling:  # Megatron folds the layer number into the scale
+            self.softmax_scale /= self.layer_number
+        cp_group = getattr(pg_collection, "cp", None) if pg_collection is not None else None
+        if cp_group is None and config.context_parallel_size > 1:
+            cp_group = _parallel_state.get_context_parallel_group()
+        self.cp_group = cp_group if config.context_parallel_size > 1 else None
+
+    def forward(self, query, key, value, attention_mask=None, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None, **kwargs):
+        if packed_seq_params is not None or attention_bias is not None:
+            raise NotImplementedError("TurboDistCoreAttention: packed sequences / attention bias")
+        if query.dim() != 4 or key.dim() != 4 or value.shape != key.shape:
+            raise ValueError(f"expected query [sq, b, np, hn] and key/value [sk, b, ng, hn], got "
+                             f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}")
+        mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
+        bundle = None if self.cp_group is None else {"cp_group": self.cp_group, "cp_comm_type": self.cp_comm_type}
+        q, k, v = (t.transpose(0, 1).contiguous() for t in (query, key, value))  # -> [b, s, heads, hn]
+        out = flash_attn_func(q, k, v, softmax_scale=self.softmax_scale, causal=mask_type == AttnMaskType.causal,
+                              cp_param_bundle=bundle)
+        sq, b, heads, hn = query.shape
+        return out.transpose(0, 1).reshape(sq, b, heads * hn)
+
+
+def use_turbo_dist_core_attention(layer_spec):
+    """Point a Megatron transformer-layer spec's self-attention at TurboDistCoreAttention (returns the spec)."""
+    try:
+        submodules = layer_spec.submodules.self_attention.submodules
+        _ = submodules.core_attention
+    except AttributeError as exc:
+        raise TypeError("use_turbo_dist_core_attention expects a transformer-layer ModuleSpec with "
+                        "submodules.self_attention.submodules.core_attention") from exc
+    log.info("turbo_dist.integrations.megatron: layer spec core_attention %s -> TurboDistCoreAttention",
+             _qualname(submodules.core_attention))
+    submodules.core_attention = TurboDistCoreAttention
+    return layer_spec
+
+
+__all__ = ["enable", "disable", "enabled", "TurboDistColumnParallelLinear", "TurboDistRowParallelLinear",
+           "use_turbo_dist_linears", "TurboDistCoreAttention", "use_turbo_dist_core_attention", "get_buffer", "fused_dispatch", "fused_combine", "set_deepep_num_sms",
+           "event_handle", "TESTED_VERSIONS"]

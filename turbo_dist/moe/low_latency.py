@@ -1,0 +1,566 @@
+"""Low-latency MoE dispatch/combine (DeepEP's `low_latency_dispatch` / `low_latency_combine`), for decode.
+
+Every shape is fixed by `num_max_dispatch_tokens_per_rank` (M), so nothing is read back to the host:
+counts stay on the device and a dispatch + combine can be captured in a CUDA graph.
+
+Output layout (DeepEP's): rank r owns experts [r * E_l, (r + 1) * E_l); expert e's tokens fill
+recv_x[e, :recv_count[e]], ordered by source rank, then token index, then top-k slot (deterministic,
+unlike DeepEP's arrival order); handle[0] = src_info [E_l, R * M] int32 (the token index on its source),
+handle[1] = layout_range [E_l, R] int64 ((begin << 32) | count of the rows from each source).
+
+Two paths, both ending in the same on-device placement (`place_tokens`):
+- `collective`: dispatch is one all_gather of fixed-size slots [M, row] (a token's row goes to every
+  rank: with top-8 routing it needs most of them anyway, and a fixed-slot all_to_all would move the
+  same bytes); combine all_gathers the top-k weights, each rank sums its experts' rows per source
+  token (fp32, weighted), and one equal-split all_to_all returns those partial sums. NCCL or gloo.
+- `triton` (CUDA, peer access on one node): kernels store each token (and its expert ids) straight
+  into slot [me, t] of every rank's symmetric buffer and bump a counter there; combine stores each
+  expert row into slot [t, k] of the token's source, which sums its k slots with the weights (fp32,
+  top-k order, as DeepEP). Waits are bounded (TURBO_DIST_TIMEOUT_S); a timeout is recorded in a
+  host-mapped word and raised as RuntimeError by the next low-latency call.
+Chosen by TURBO_DIST_MOE_LL_PATH=triton|collective, else `triton` where it can run. `return_recv_hook`
+splits each call into the send (returned at once) and the receive (the hook): with `collective` the
+hook waits on the asynchronous collective; with `triton` it waits on the counters.
+"""
+import logging
+
+import torch
+import torch.distributed as dist
+
+from ..kernels import moe_ll
+from ..runtime import EventOverlap
+from ..runtime.config import env_str, peer_timeout_s
+from .collective import _columns, _pack, _unpack
+from .layout import check_topk_idx
+
+log = logging.getLogger("turbo_dist")
+
+PATHS = ("triton", "collective")
+_PAYLOAD_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_FP8_MAX = 448.0
+_ALIGN = 256
+_COUNTER_BYTES = 1 << 16  # [2 kinds][2 parities][R] int64 counters at offset 0: up to 2048 ranks
+_HINT_TOPK = 16
+_DISPATCH, _COMBINE = 0, 1
+
+
+# ----------------------------------------------------------------------------- FP8 helpers
+def per_token_cast_to_fp8(x, round_scale=False):
+    """x [T, H] -> (x_fp8 [T, H] e4m3, scales [T, H / 128] fp32), x ~= x_fp8 * scale per 128 channels.
+
+    round_scale: scales rounded up to a power of 2 (DeepEP's `round_scale`, what UE8M0 can hold).
+    """
+    t, h = x.shape
+    xv = x.float().view(t, h // 128, 128)
+    scales = xv.abs().amax(dim=2).clamp(min=1e-4) / _FP8_MAX
+    if round_scale:
+        scales = torch.exp2(torch.ceil(torch.log2(scales)))
+    q = (xv / scales.unsqueeze(2)).clamp(-_FP8_MAX, _FP8_MAX).to(torch.float8_e4m3fn).view(t, h)
+    return q, scales.contiguous()
+
+
+def per_token_cast_back(x_fp8, scales):
+    """Inverse of per_token_cast_to_fp8: [T, H] fp32."""
+    t, h = x_fp8.shape
+    return (x_fp8.float().view(t, h // 128, 128) * scales.float().view(t, h // 128, 1)).view(t, h)
+
+
+def pack_ue8m0(scales):
+    """Power-of-2 fp32 scales [..., G] -> their exponent bytes packed 4 per int32 [..., G / 4] (byte j = group 4i+j)."""
+    exp = (scales.contiguous().view(torch.int32) >> 23) & 0xFF
+    exp = exp.view(*scales.shape[:-1], scales.size(-1) // 4, 4)
+    shifts = torch.arange(4, device=scales.device, dtype=torch.int32) * 8
+    return (exp << shifts).sum(-1, dtype=torch.int32)
+
+
+# ----------------------------------------------------------------------------- placement (both paths)
+def _words(t):
+    """A contiguous [n, w] tensor as int32 words [n, w * itemsize / 4] (uint8 when a row is not whole words)."""
+    row_bytes = t.size(1) * t.element_size()
+    raw = t.contiguous().view(torch.uint8).view(t.size(0), row_bytes)
+    return raw.view(torch.int32) if row_bytes % 4 == 0 else raw
+
+
+def _place(rows, target, k, out, use_kernel):
+    """out[target[i]] = rows[i // k] where target[i] >= 0. out: [num_out + 1, row] (the last row: a dump)."""
+    words, out_words = _words(rows), _words(out)
+    if use_kernel and words.dtype == torch.int32:
+        moe_ll.place_rows(words, target, out_words, k)
+    else:
+        num_out = out.size(0) - 1
+        src = torch.arange(target.numel(), device=target.device) // k
+        out_words.index_copy_(0, torch.where(target >= 0, target, num_out), words.index_select(0, src))
+
+
+def place_tokens(rows_x, rows_s, all_idx, rank, experts_per_rank, num_max, out_x, out_s, use_kernel=False):
+    """Sort the tokens every rank sent into DeepEP's per-expert layout, on the device, fixed shapes.
+
+    rows_x: [R * M, H] payload of slot (source s, token t) at row s * M + t; rows_s: [R * M, G] fp32 or None;
+    all_idx: [R, M, K] global expert ids (-1: none / empty slot). out_x: [E_l * R * M + 1, H] and out_s
+    [E_l * R * M + 1, G] (or None) are filled (row e * R * M + i: the i-th token of expert e; the last row
+    is scratch). Returns (recv_count [E_l] int32, src_info [E_l, R * M] int32 (-1 past the count),
+    layout_range [E_l, R] int64, dst [R * M, K] int64: the row of (s, t, k) in out_x, -1 where not ours).
+    """
+    num_ranks, m, k = all_idx.shape
+    e_l, n = experts_per_rank, num_ranks * num_max
+    dev = all_idx.device
+    flat = all_idx.reshape(-1).to(torch.int64)
+    lo = rank * e_l
+    local = (flat >= lo) & (flat < lo + e_l)
+    expert = torch.where(local, flat - lo, torch.full_like(flat, e_l))  # e_l: the bin of entries not ours
+    onehot = torch.zeros(flat.numel(), e_l + 1, dtype=torch.int32, device=dev)
+    onehot.scatter_(1, expert.view(-1, 1), 1)
+    csum = torch.cumsum(onehot, 0, dtype=torch.int32)
+    pos = csum.gather(1, expert.view(-1, 1)).view(-1).to(torch.int64) - 1
+    keep = local & (pos < n)  # a row repeating an expert could overflow its R * M slots: dropped
+    dst = torch.where(keep, expert * n + pos, torch.full_like(pos, -1))
+
+    _place(rows_x, dst, k, out_x, use_kernel)
+    if rows_s is not None:
+        _place(rows_s, dst, k, out_s, use_kernel)
+    src = torch.full((e_l * n + 1,), -1, dtype=torch.int32, device=dev)
+    token = (torch.arange(flat.numel(), device=dev) // k % m).to(torch.int32)
+    src.index_copy_(0, torch.where(keep, dst, e_l * n), token)
+    src_info = src[:e_l * n].view(e_l, n)
+    recv_count = csum[-1, :e_l].clamp(max=n).contiguous()
+    per_src = onehot.view(num_ranks, m * k, e_l + 1).sum(1, dtype=torch.int64)[:, :e_l].t()
+    begin = torch.cumsum(per_src, 1) - per_src
+    layout_range = ((begin << 32) | per_src).contiguous()
+    return recv_count, src_info, layout_range, dst.view(num_ranks * m, k)
+
+
+class LowLatencyHandle(tuple):
+    """What low_latency_dispatch returns for low_latency_combine: DeepEP's 5-tuple
+    (src_info [E_l, R * M] int32, layout_range [E_l, R] int64, num_max_dispatch_tokens_per_rank, hidden,
+    num_experts). Attributes: dst [R * M, K] int64 (where each (source, token, k) sits in recv_x),
+    num_tokens (this rank's T), num_topk, path."""
+
+    def __new__(cls, fields, **attrs):
+        obj = super().__new__(cls, fields)
+        obj.__dict__.update(attrs)
+        return obj
+
+
+# ----------------------------------------------------------------------------- the engine
+class LowLatency:
+    """Low-latency dispatch/combine state of one Buffer (symmetric buffer, counters, error word)."""
+
+    def __init__(self, rt, num_rdma_bytes=0, path=None):
+        self.rt = rt
+        self.path = self._pick_path(path)
+        self._parity = [0, 0]
+        self._layout_key = None
+        self._buffer = None
+        self._err = moe_ll.ErrorWord(rt.device) if self.path == "triton" else None
+        if self.path == "triton" and num_rdma_bytes > 0:
+            self._buffer = rt.symm_buffer("moe_low_latency", num_rdma_bytes)
+        log.info("moe low-latency: rank %d/%d path %s", rt.rank, rt.world_size, self.path)
+
+    def _pick_path(self, requested):
+        rt = self.rt
+        requested = requested or env_str("TURBO_DIST_MOE_LL_PATH")
+        can_triton = rt.device.type == "cuda" and rt.has_peer_access and rt.num_nodes == 1
+        if requested is None:
+            return "triton" if can_triton else "collective"
+        if requested not in PATHS:
+            raise ValueError(f"TURBO_DIST_MOE_LL_PATH={requested!r}: expected one of {PATHS}")
+        if requested == "triton" and not can_triton:
+            raise RuntimeError("the triton low-latency path needs CUDA with peer access to every rank of one node "
+                               f"(shmem backend {rt.shmem_backend!r}, {rt.num_nodes} node(s)); use 'collective'")
+        return requested
+
+    # ------------------------------------------------------------------ sizes and buffer layout
+    @staticmethod
+    def layout(num_max, hidden, num_ranks, num_topk):
+        """Byte offsets of the triton path's regions (same on every rank) and the total size."""
+        def up(n):
+            return (n + _ALIGN - 1) // _ALIGN * _ALIGN
+
+        slots = num_ranks * num_max
+        sizes = {"x": up(slots * hidden * 2), "s": up(slots * (hidden // 128) * 4),
+                 "idx": up(slots * num_topk * 4), "comb": up(num_max * num_topk * hidden * 2)}
+        off, regions = _COUNTER_BYTES, []
+        for _parity in range(2):
+            r = {}
+            for name, size in sizes.items():
+                r[name] = off
+                off += size
+            regions.append(r)
+        return regions, off
+
+    @staticmethod
+    def size_hint(num_max, hidden, num_ranks, num_experts):
+        return LowLatency.layout(num_max, hidden, num_ranks, min(num_experts, _HINT_TOPK))[1]
+
+    def _ensure_buffer(self, num_max, hidden, num_topk):
+        key = (num_max, hidden, num_topk)
+        if key == self._layout_key:
+            return
+        # A new geometry moves regions: drain every rank first (host sync; happens on the first call).
+        regions, nbytes = self.layout(num_max, hidden, self.rt.world_size, num_topk)
+        if self._layout_key is not None:
+            torch.cuda.synchronize(self.rt.device)
+            self.rt.barrier()
+        buf = self.rt.symm_buffer("moe_low_latency", nbytes)
+        if buf is not self._buffer:
+            self._parity = [0, 0]
+        self._buffer, self._regions, self._layout_key = buf, regions, key
+        self.rt.barrier()
+
+    def _counters(self, kind, parity):
+        r = self.rt.world_size
+        return self._buffer.local(torch.int64, (2, 2, r))[kind, parity]
+
+    def _next_parity(self, kind):
+        p = self._parity[kind]
+        self._parity[kind] ^= 1
+        return p
+
+    # ------------------------------------------------------------------ errors
+    def check_error(self):
+        if self._err is None:
+            return
+        code, src, seen, expected = self._err.read()
+        if code:
+            what = "low_latency_dispatch" if code == moe_ll.ERR_DISPATCH else "low_latency_combine"
+            raise RuntimeError(
+                f"{what}: rank {self.rt.rank} waited more than {peer_timeout_s():.1f}s for rank {src} "
+                f"(counter {seen} of {expected}); that rank is stuck, crashed or ran a different sequence of "
+                "low-latency calls. Raise TURBO_DIST_TIMEOUT_S if it is only slow; call "
+                "Buffer.clean_low_latency_buffer on every rank before the next call.")
+
+    def clean(self):
+        """Zero the counters on every rank (collective, host-synchronising) and clear a recorded timeout."""
+        if self.path == "triton" and self._buffer is not None:
+            torch.cuda.synchronize(self.rt.device)
+            self.rt.barrier()
+            self._buffer.local(torch.int64, (2, 2, self.rt.world_size)).zero_()
+            self._parity = [0, 0]
+            torch.cuda.synchronize(self.rt.device)
+            self.rt.barrier()
+        if self._err is not None:
+            self._err.clear()
+
+    # ------------------------------------------------------------------ dispatch
+    def dispatch(self, x, topk_idx, num_max, num_experts, cumulative_local_expert_recv_stats=None,
+                 dispatch_wait_recv_cost_stats=None, use_fp8=True, round_scale=False, use_ue8m0=False,
+                 async_finish=False, return_recv_hook=False):
+        rt = self.rt
+        self._check_dispatch(x, topk_idx, num_max, num_experts, cumulative_local_expert_recv_stats,
+                             dispatch_wait_recv_cost_stats, use_fp8, round_scale, use_ue8m0)
+        self.check_error()
+        e_l = num_experts // rt.world_size
+        stats = cumulative_local_expert_recv_stats
+        hidden = x.size(1)
+
+        n, g = rt.world_size * num_max, hidden // 128
+        dev = x.device
+        out_x = torch.empty(e_l * n + 1, hidden, dtype=torch.float8_e4m3fn if use_fp8 else x.dtype, device=dev)
+        out_s = torch.empty(e_l * n + 1, g, dtype=torch.float32, device=dev) if use_fp8 else None
+        if use_fp8:  # DeepEP's scale layout: [E_l, N, G] values stored column-major in the last two dims
+            scales = torch.empty(e_l, g // 4 if use_ue8m0 else g, n, dtype=torch.int32 if use_ue8m0 else torch.float32,
+                                 device=dev).transpose(1, 2)
+        count = torch.empty(e_l, dtype=torch.int32, device=dev)
+        src_info = torch.empty(e_l, n, dtype=torch.int32, device=dev)
+        layout_range = torch.empty(e_l, rt.world_size, dtype=torch.int64, device=dev)
+        dst = torch.empty(n, topk_idx.size(1), dtype=torch.int64, device=dev)
+        handle = LowLatencyHandle((src_info, layout_range, num_max, hidden, num_experts), dst=dst,
+                                  num_tokens=x.size(0), num_topk=topk_idx.size(1), path=None)
+
+        def send():
+            if use_fp8:
+                payload, x_scales = per_token_cast_to_fp8(x, round_scale)
+            else:
+                payload, x_scales = x.contiguous(), None
+            if self.path == "triton" and payload.element_size() <= 2:
+                return self._triton_dispatch_send(payload, x_scales, topk_idx, num_max, e_l, hidden)
+            return self._collective_dispatch_send(payload, x_scales, topk_idx, num_max, hidden, return_recv_hook)
+
+        def receive(pending):
+            rows_x, rows_s, all_idx, path = pending()
+            outs = place_tokens(rows_x, rows_s, all_idx, rt.rank, e_l, num_max, out_x, out_s, use_kernel=rows_x.is_cuda)
+            for o, v in zip((count, src_info, layout_range, dst), outs):
+                o.copy_(v)
+            handle.path = path
+            if stats is not None:
+                stats.add_(count)
+            if use_fp8:
+                s = out_s[:e_l * n].view(e_l, n, g)
+                scales.copy_(pack_ue8m0(s) if use_ue8m0 else s)
+
+        recv_x = out_x[:e_l * n].view(e_l, n, hidden)
+        result = ((recv_x, scales) if use_fp8 else recv_x, count, handle)
+        return self._run(send, receive, async_finish, return_recv_hook, (x, topk_idx, stats, dst, out_x, out_s), result)
+
+    def _collective_dispatch_send(self, payload, scales, topk_idx, num_max, hidden, async_op):
+        rt = self.rt
+        t, k = topk_idx.shape
+        dev = payload.device
+        x_bytes = payload.contiguous().view(torch.uint8).view(t, -1) if t else \
+            torch.empty(0, hidden * payload.element_size(), dtype=torch.uint8, device=dev)
+        specs = [("idx", k, torch.int64), ("x", x_bytes.size(1), torch.uint8),
+                 ("s", scales.size(1) if scales is not None else 0, torch.float32)]
+        cols, row_bytes = _columns(specs)
+        idx = torch.full((num_max, k), -1, dtype=torch.int64, device=dev)
+        idx[:t] = topk_idx
+        parts = {"idx": idx, "x": _pad_rows(x_bytes, num_max)}
+        if scales is not None:
+            parts["s"] = _pad_rows(scales, num_max)
+        send = _pack(num_max, cols, row_bytes, parts, dev)
+        recv = torch.empty(rt.world_size, num_max, row_bytes, dtype=torch.uint8, device=dev)
+        work = _all_gather(rt, recv, send, async_op)
+
+        def pending():
+            if work is not None:
+                work.wait()
+            rows = recv.view(-1, row_bytes)
+            rows_x = _unpack(rows, cols, "x").view(payload.dtype)
+            rows_s = _unpack(rows, cols, "s") if scales is not None else None
+            return rows_x, rows_s, _unpack(rows, cols, "idx").view(rt.world_size, num_max, k), "collective"
+        return pending
+
+    def _triton_dispatch_send(self, payload, scales, topk_idx, num_max, e_l, hidden):
+        rt = self.rt
+        k = topk_idx.size(1)
+        self._ensure_buffer(num_max, hidden, k)
+        p = self._next_parity(_DISPATCH)
+        reg = self._regions[p]
+        cnt_off = (_DISPATCH * 2 + p) * rt.world_size * 8
+        moe_ll.dispatch_send(payload, scales, topk_idx, num_max, self._buffer.peer_ptrs, rt.rank, rt.world_size,
+                             e_l, reg["x"], reg["s"], reg["idx"], cnt_off)
+        slots = rt.world_size * num_max
+        row_bytes = hidden * payload.element_size()
+
+        def pending():
+            moe_ll.wait_counters(self._counters(_DISPATCH, p), self._err.addr, num_max, moe_ll.ERR_DISPATCH,
+                                 peer_timeout_s())
+            buf = self._buffer.local()
+            rows_x = buf[reg["x"]:reg["x"] + slots * row_bytes].view(slots, row_bytes).view(payload.dtype)
+            rows_s = None
+            if scales is not None:
+                g = hidden // 128
+                rows_s = buf[reg["s"]:reg["s"] + slots * g * 4].view(torch.float32).view(slots, g)
+            all_idx = buf[reg["idx"]:reg["idx"] + slots * k * 4].view(torch.int32).view(rt.world_size, num_max, k)
+            return rows_x, rows_s, all_idx, "triton"
+        return pending
+
+    # ------------------------------------------------------------------ combine
+    def combine(self, x, topk_idx, topk_weights, handle, use_logfmt=False, zero_copy=False, async_finish=False,
+                return_recv_hook=False, out=None):
+        rt = self.rt
+        self._check_combine(x, topk_idx, topk_weights, handle, use_logfmt, zero_copy, out)
+        self.check_error()
+        num_max, hidden = handle[2], handle[3]
+        t, k = topk_idx.shape
+        weights = torch.where(topk_idx >= 0, topk_weights, torch.zeros_like(topk_weights))
+
+        def send():
+            if self.path == "triton" and x.element_size() == 2:
+                return self._triton_combine_send(x, handle, num_max, hidden, k)
+            return self._collective_combine_send(x, weights, handle, num_max, hidden, return_recv_hook)
+
+        result = out if out is not None else torch.empty(t, hidden, dtype=x.dtype, device=x.device)
+
+        def receive(pending):
+            kind, data = pending()
+            acc = torch.zeros(t, hidden, dtype=torch.float32, device=x.device)
+            if kind == "partial":  # [R, M, H] fp32 partial sums, one per expert rank, summed in rank order
+                for r in range(rt.world_size):
+                    acc += data[r, :t]
+            else:  # [M, K, H]: one row per top-k slot, weighted and summed in top-k order
+                for j in range(k):
+                    acc += torch.where(topk_idx[:, j:j + 1] >= 0, data[:t, j].float() * weights[:, j:j + 1], 0.0)
+            result.copy_(acc)
+
+        return self._run(send, receive, async_finish, return_recv_hook, (x, topk_idx, topk_weights), (result,))
+
+    def _collective_combine_send(self, x, weights, handle, num_max, hidden, async_op):
+        rt = self.rt
+        t, k = weights.shape
+        dev = x.device
+        w = torch.zeros(num_max, k, dtype=torch.float32, device=dev)
+        w[:t] = weights
+        all_w = torch.empty(rt.world_size, num_max, k, dtype=torch.float32, device=dev)
+        work = _all_gather(rt, all_w, w, False)
+        all_w = all_w.view(-1, k)
+        dst = handle.dst
+        y = x.view(-1, hidden)
+        partial = torch.zeros(rt.world_size * num_max, hidden, dtype=torch.float32, device=dev)
+        for j in range(k):
+            rows = y.index_select(0, dst[:, j].clamp(min=0)).float()
+            partial += torch.where(dst[:, j:j + 1] >= 0, rows * all_w[:, j:j + 1], 0.0)
+        back = torch.empty_like(partial)
+        work = _all_to_all(rt, back, partial, async_op)
+
+        def pending():
+            if work is not None:
+                work.wait()
+            return "partial", back.view(rt.world_size, num_max, hidden)
+        return pending
+
+    def _triton_combine_send(self, x, handle, num_max, hidden, k):
+        rt = self.rt
+        self._ensure_buffer(num_max, hidden, k)
+        p = self._next_parity(_COMBINE)
+        reg = self._regions[p]
+        cnt_off = (_COMBINE * 2 + p) * rt.world_size * 8
+        moe_ll.combine_send(x.view(-1, hidden), handle.dst, self._buffer.peer_ptrs, rt.rank, rt.world_size, num_max,
+                            reg["comb"], cnt_off)
+        row_bytes = hidden * x.element_size()
+
+        def pending():
+            moe_ll.wait_counters(self._counters(_COMBINE, p), self._err.addr, num_max, moe_ll.ERR_COMBINE,
+                                 peer_timeout_s())
+            buf = self._buffer.local()
+            rows = buf[reg["comb"]:reg["comb"] + num_max * k * row_bytes].view(x.dtype).view(num_max, k, hidden)
+            return "slots", rows
+        return pending
+
+    # ------------------------------------------------------------------ streams, hooks
+    def _run(self, send, receive, async_finish, return_recv_hook, inputs, result):
+        """send() queues the transfer and returns `pending`; receive(pending) fills the preallocated `result`.
+        With return_recv_hook the caller runs the receive later through the returned hook."""
+        rt = self.rt
+        use_comm = async_finish and rt.device.type == "cuda" and rt.comm_stream is not None
+        if use_comm:
+            rt.comm_stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(rt.comm_stream):
+                pending = send()
+                if not return_recv_hook:
+                    receive(pending)
+        else:
+            pending = send()
+            if not return_recv_hook:
+                receive(pending)
+        hook = None
+        if return_recv_hook:
+            state = {"done": False}
+
+            def hook():
+                if state["done"]:
+                    raise RuntimeError("this low-latency receive hook was already called")
+                self.check_error()
+                receive(pending)
+                state["done"] = True
+        event = EventOverlap()
+        if use_comm:
+            keep = tuple(t for t in _flatten(inputs) + _flatten(result) if t.is_cuda)
+            for t in keep:
+                t.record_stream(rt.comm_stream)
+            event = EventOverlap.record(rt.comm_stream, extra_tensors=keep)
+        return (*result, event, hook)
+
+    # ------------------------------------------------------------------ validation
+    def _check_dispatch(self, x, topk_idx, num_max, num_experts, stats, wait_stats, use_fp8, round_scale, use_ue8m0):
+        rt = self.rt
+        if not isinstance(x, torch.Tensor) or x.dim() != 2:
+            raise ValueError(f"low_latency_dispatch x must be a [num_tokens, hidden] tensor, got {_describe(x)}")
+        if x.dtype not in _PAYLOAD_DTYPES:
+            raise TypeError(f"low_latency_dispatch x must be bf16 (or fp16/fp32), got {x.dtype}")
+        rt.check_tensor(x, "x")
+        check_topk_idx(topk_idx, num_experts, rt.world_size)
+        rt.check_tensor(topk_idx, "topk_idx")
+        if topk_idx.size(0) != x.size(0) or topk_idx.size(1) == 0:
+            raise ValueError(f"topk_idx must be [{x.size(0)}, num_topk >= 1], got {tuple(topk_idx.shape)}")
+        if not isinstance(num_max, int) or num_max <= 0:
+            raise ValueError(f"num_max_dispatch_tokens_per_rank must be a positive int, got {num_max!r}")
+        if x.size(0) > num_max:
+            raise ValueError(f"x has {x.size(0)} tokens, more than num_max_dispatch_tokens_per_rank={num_max}")
+        if use_fp8 and x.size(1) % 128:
+            raise ValueError(f"use_fp8 needs hidden divisible by 128, got {x.size(1)}")
+        if round_scale and not use_fp8:
+            raise ValueError("round_scale needs use_fp8=True")
+        if use_ue8m0 and not round_scale:
+            raise ValueError("use_ue8m0 needs round_scale=True (DeepEP's rule)")
+        if use_ue8m0 and x.size(1) % 512:
+            raise ValueError(f"use_ue8m0 packs 4 scales per int32: hidden must be divisible by 512, got {x.size(1)}")
+        e_l = num_experts // rt.world_size
+        if stats is not None:
+            if not isinstance(stats, torch.Tensor) or stats.dtype != torch.int32 or stats.shape != (e_l,):
+                raise ValueError(f"cumulative_local_expert_recv_stats must be int32 [{e_l}], got {_describe(stats)}")
+            rt.check_tensor(stats, "cumulative_local_expert_recv_stats")
+        if wait_stats is not None:
+            raise NotImplementedError("dispatch_wait_recv_cost_stats (per-peer wait timing) is not implemented; "
+                                      "pass None")
+
+    def _check_combine(self, x, topk_idx, topk_weights, handle, use_logfmt, zero_copy, out):
+        rt = self.rt
+        if not isinstance(handle, LowLatencyHandle):
+            raise TypeError("low_latency_combine needs the handle low_latency_dispatch returned")
+        if use_logfmt:
+            raise NotImplementedError("use_logfmt (DeepEP's 10-bit LogFMT combine) is not implemented; "
+                                      "combine sends bf16")
+        if zero_copy:
+            raise NotImplementedError("zero_copy combine is not implemented (get_next_low_latency_combine_buffer); "
+                                      "pass x and zero_copy=False")
+        num_max, hidden, num_experts = handle[2], handle[3], handle[4]
+        e_l, n = num_experts // rt.world_size, num_max * rt.world_size
+        if not isinstance(x, torch.Tensor) or tuple(x.shape) != (e_l, n, hidden):
+            raise ValueError(f"low_latency_combine x must be [{e_l}, {n}, {hidden}], got {_describe(x)}")
+        if x.dtype not in _PAYLOAD_DTYPES:
+            raise TypeError(f"low_latency_combine x must be bf16 (or fp16/fp32), got {x.dtype}")
+        if not x.is_contiguous():
+            raise ValueError("low_latency_combine x must be contiguous")
+        rt.check_tensor(x, "x")
+        check_topk_idx(topk_idx, num_experts, rt.world_size)
+        if tuple(topk_idx.shape) != (handle.num_tokens, handle.num_topk):
+            raise ValueError(f"topk_idx must be [{handle.num_tokens}, {handle.num_topk}] as dispatched, got "
+                             f"{tuple(topk_idx.shape)}")
+        if not isinstance(topk_weights, torch.Tensor) or topk_weights.shape != topk_idx.shape or \
+                topk_weights.dtype != torch.float32:
+            raise ValueError(f"topk_weights must be float32 {tuple(topk_idx.shape)}, got {_describe(topk_weights)}")
+        rt.check_tensor(topk_idx, "topk_idx")
+        rt.check_tensor(topk_weights, "topk_weights")
+        if out is not None:
+            if not isinstance(out, torch.Tensor) or tuple(out.shape) != (handle.num_tokens, hidden) or \
+                    out.dtype != x.dtype:
+                raise ValueError(f"out must be {x.dtype} [{handle.num_tokens}, {hidden}], got {_describe(out)}")
+            rt.check_tensor(out, "out")
+
+
+# ----------------------------------------------------------------------------- helpers
+def _column_major(t):
+    """The same values with the last two dims stored column-major (DeepEP's TMA-friendly scale layout)."""
+    return t.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def _pad_rows(t, rows):
+    if t.size(0) == rows:
+        return t
+    out = torch.zeros((rows,) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device)
+    out[:t.size(0)] = t
+    return out
+
+
+def _all_gather(rt, out, inp, async_op):
+    """out [R, ...] <- every rank's inp; returns the Work when async_op (None otherwise)."""
+    if rt.world_size == 1:
+        out[0].copy_(inp)
+        return None
+    if out.is_cuda:
+        work = dist.all_gather_into_tensor(out.view(-1, *inp.shape[1:]), inp, group=rt.group, async_op=async_op)
+    else:
+        work = dist.all_gather(list(out.unbind(0)), inp, group=rt.group, async_op=async_op)
+    return work if async_op else None
+
+
+def _all_to_all(rt, out, inp, async_op):
+    if rt.world_size == 1:
+        out.copy_(inp)
+        return None
+    work = dist.all_to_all_single(out, inp, group=rt.group, async_op=async_op)
+    return work if async_op else None
+
+
+def _flatten(obj):
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, (tuple, list)):
+        return [t for o in obj for t in _flatten(o)]
+    return []
+
+
+def _describe(t):
+    if isinstance(t, torch.Tensor):
+        return f"{t.dtype} {tuple(t.shape)}"
+    return type(t).__name__
