@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# One batched device session: install, GPU test suite, main-job demo, single-GPU benches.
+#   bash benchmarks/device_suite.sh "install tests demo ops attn moe tp cp shmem"   (phases to run; default all)
+# Logs and JSON go under $OUT (default ./out). Safety variables are always set.
+set -uo pipefail
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+OUT=${OUT:-$PWD/out}; mkdir -p "$OUT"
+PHASES=${1:-"install tests demo ops attn"}
+NGPU=$(nvidia-smi -L 2>/dev/null | wc -l)
+GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | tr ' ' '_' | tr -cd '[:alnum:]_-')
+TAG=${TAG:-$(echo "$GPU" | tr 'A-Z' 'a-z' | grep -o 'h[0-9]00' | head -1)x$NGPU}
+echo "gpus=$NGPU tag=$TAG phases=$PHASES" | tee "$OUT/suite.log"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+for ph in $PHASES; do
+  t0=$(date +%s)
+  case $ph in
+    install) timeout 300 pip install --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1; echo "install rc=$?";
+             python -c "import turbo_dist, turbo_dist.shmem as s; print('native shmem:', s.is_available() if hasattr(s,'is_available') else '?')" 2>&1 | tail -3;;
+    tests) timeout 420 python -m pytest tests/ -q -rs -p no:cacheprovider > "$OUT/pytest_$TAG.log" 2>&1; echo "tests rc=$?"; tail -3 "$OUT/pytest_$TAG.log";;
+    dist) timeout 420 python -m pytest tests/ --dist-only -q -rs -p no:cacheprovider > "$OUT/pytest_dist_$TAG.log" 2>&1; echo "dist rc=$?"; tail -3 "$OUT/pytest_dist_$TAG.log";;
+    demo) timeout 180 torchrun --standalone --nproc-per-node "$NGPU" examples/demo.py > "$OUT/demo_$TAG.log" 2>&1; echo "demo rc=$?"; tail -25 "$OUT/demo_$TAG.log";;
+    ops) timeout 420 python benchmarks/bench_ops.py --json "$OUT/ops_$TAG.json" > "$OUT/ops_$TAG.log" 2>&1; echo "ops rc=$?";;
+    opsq) timeout 300 python benchmarks/bench_ops.py --quick --json "$OUT/ops_$TAG.json" > "$OUT/ops_$TAG.log" 2>&1; echo "opsq rc=$?";;
+    attn) timeout 200 python benchmarks/bench_ops_attention.py --json "$OUT/ops_attention_$TAG.json" > "$OUT/ops_attention_$TAG.log" 2>&1; echo "attn rc=$?";;
+    moe) timeout 240 torchrun --standalone --nproc-per-node "$NGPU" benchmarks/bench_moe.py --mode intranode --json "$OUT/moe_intranode_$TAG.json" > "$OUT/moe_$TAG.log" 2>&1; echo "moe rc=$?";;
+    tp) timeout 240 torchrun --standalone --nproc-per-node "$NGPU" benchmarks/bench_async_tp.py --json "$OUT/async_tp_$TAG.json" > "$OUT/tp_$TAG.log" 2>&1; echo "tp rc=$?";;
+    cp) timeout 300 torchrun --standalone --nproc-per-node "$NGPU" benchmarks/bench_cp_attention.py --json "$OUT/cp_attention_$TAG.json" > "$OUT/cp_$TAG.log" 2>&1; echo "cp rc=$?";;
+    native) timeout 300 python setup.py build_ext --inplace > "$OUT/native.log" 2>&1; echo "native rc=$?"; grep turbo_dist: "$OUT/native.log" | tail -5;
+            timeout 200 python -m pytest tests/test_shmem.py -q -rs -p no:cacheprovider > "$OUT/pytest_shmem_$TAG.log" 2>&1; echo "shmem tests rc=$?"; tail -5 "$OUT/pytest_shmem_$TAG.log";;
+    *) echo "unknown phase $ph";;
+  esac
+  echo "phase $ph took $(( $(date +%s) - t0 )) s"
+done 2>&1 | tee -a "$OUT/suite.log"
