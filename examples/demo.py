@@ -61,7 +61,9 @@ def moe_step(args, rank, world, device, dtype, iters):
 
     nvl = 0
     if device.type == "cuda" and args.moe_transport != "collective":
-        nvl = moe.Buffer.get_nvl_buffer_size_hint(T, H, world, num_topk=k, dtype=dtype)
+        # The buffer holds the widest row any op moves: dispatch sends H columns, but the experts here map
+        # H -> F, so the combine (and the cached dispatch of its gradient in backward) moves F columns.
+        nvl = moe.Buffer.get_nvl_buffer_size_hint(T, max(H, F), world, num_topk=k, dtype=dtype)
     td = moe.TokenDispatcher(E, buffer=moe.Buffer(None, nvl, transport=args.moe_transport))
 
     def forward():

@@ -40,7 +40,10 @@ class MoELayer(nn.Module):
         w2 = torch.randn(num_experts, ffn, hidden, generator=g) / ffn ** 0.5
         self.w1 = nn.Parameter(w1[rank * local:(rank + 1) * local].to(dtype).contiguous())
         self.w2 = nn.Parameter(w2[rank * local:(rank + 1) * local].to(dtype).contiguous())
-        nvl = Buffer.get_nvl_buffer_size_hint(num_max_tokens, hidden, world, topk) if torch.cuda.is_available() else 0
+        # Sized for the payload dtype the layer moves (fp32 rows are twice bf16's); combine rows are `hidden` wide.
+        nvl = Buffer.get_nvl_buffer_size_hint(num_max_tokens, hidden, world, topk,
+                                              dtype=dtype or torch.get_default_dtype()) \
+            if torch.cuda.is_available() else 0
         self.dispatcher = TokenDispatcher(num_experts, group, num_nvl_bytes=nvl, transport=transport)
 
     def forward(self, x):

@@ -90,11 +90,15 @@ def ref_combine(me, inputs, num_experts, world, fn=expert_fn):
 
 
 def to_fp8(x):
-    """Per-token, per-128-channel e4m3 cast (DeepEP's test helper, our own code)."""
+    """Per-token, per-128-channel e4m3 cast (DeepEP's test helper, our own code).
+
+    Bit-identical on CPU and CUDA, so a reference quantized on the CPU matches what a rank quantized on its
+    GPU: `amax / 448.0` would be a true division on CPU but a multiply by the fp32 reciprocal on CUDA
+    (PyTorch's scalar-divisor shortcut), so the scale is that product on both."""
     t, h = x.shape
     xv = x.float().view(t, h // 128, 128)
     amax = xv.abs().amax(dim=2).clamp(min=1e-4)
-    scales = amax / 448.0
+    scales = amax * (1.0 / 448.0)
     q = (xv / scales.unsqueeze(2)).to(torch.float8_e4m3fn).view(t, h)
     return q, scales.contiguous()
 

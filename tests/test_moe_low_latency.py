@@ -235,7 +235,7 @@ def test_low_latency_kernels_simulated_ranks():
     for me in range(world):
         assert cnt[me][0, 1].tolist() == [num_max] * world
         moe_ll.wait_counters(cnt[me][0, 1], errs[me].addr, num_max, moe_ll.ERR_DISPATCH, 5.0)
-        assert cnt[me][0, 1].tolist() == [0] * world and errs[me].read()[0] == 0
+        assert cnt[me][0, 1].tolist() == [0] * world and errs[me].read(sync=True)[0] == 0
         b = bufs[me]
         rows_x = b[reg["x"]:reg["x"] + slots * hidden * 2].view(dtype).view(slots, hidden)
         rows_s = b[reg["s"]:reg["s"] + slots * 4].view(torch.float32).view(slots, 1)
@@ -264,7 +264,36 @@ def test_low_latency_kernels_simulated_ranks():
             sent = idx[:, j] >= 0
             assert torch.equal(slot_rows[:t][sent, j].cpu(), x[sent] * 2)
 
-    # nobody sends: the wait gives up, records who it waited for, and does not consume
+    assert all(e.read(sync=True) == [0] * moe_ll.ERR_NUMEL for e in errs)
+
+    # nobody sends: the wait gives up, records who it waited for (the lowest missing source), and does not
+    # consume. The launch is asynchronous on GPU: the record is there once the kernel ran (read(sync=True)).
+    cnt[0][0, 0, 1] = num_max  # source 1 arrived, source 0 did not
     moe_ll.wait_counters(cnt[0][0, 0], errs[0].addr, num_max, moe_ll.ERR_DISPATCH, 1e-3)
-    code, src, seen, expected = errs[0].read()
+    code, src, seen, expected = errs[0].read(sync=True)
     assert (code, src, seen, expected) == (moe_ll.ERR_DISPATCH, 0, 0, num_max)
+    assert cnt[0][0, 0].tolist() == [0, num_max], "a wait that timed out must not consume"
+    # a recorded error makes later waits return at once, consuming nothing
+    moe_ll.wait_counters(cnt[0][0, 0], errs[0].addr, num_max, moe_ll.ERR_COMBINE, 60.0)
+    assert errs[0].read(sync=True) == [moe_ll.ERR_DISPATCH, 0, 0, num_max] and cnt[0][0, 0].tolist() == [0, num_max]
+    errs[0].clear()
+    cnt[0][0, 0] = torch.tensor([num_max, 1])  # now source 1 is the one missing (one of its programs came)
+    moe_ll.wait_counters(cnt[0][0, 0], errs[0].addr, num_max, moe_ll.ERR_COMBINE, 1e-3)
+    assert errs[0].read(sync=True) == [moe_ll.ERR_COMBINE, 1, 1, num_max]
+
+
+@pytest.mark.gpu(min_gpus=1)
+def test_fp8_casts_bit_identical_on_cpu_and_gpu():
+    """The tests quantize their references on the CPU and the ranks quantize on their GPU: both casts (the
+    library's and test_moe.to_fp8) must give the same bits on either device (a `/ 448.0` would not: CUDA
+    multiplies by the reciprocal of a CPU-scalar divisor)."""
+    from test_moe import to_fp8
+
+    x = torch.randn(64, 512, generator=torch.Generator().manual_seed(0)) * 3
+    for name, cast in (("per_token_cast_to_fp8", per_token_cast_to_fp8),
+                       ("round_scale", lambda t: per_token_cast_to_fp8(t, round_scale=True)), ("to_fp8", to_fp8)):
+        q_cpu, s_cpu = cast(x)
+        q_gpu, s_gpu = cast(x.cuda())
+        assert torch.equal(s_gpu.cpu(), s_cpu), f"{name}: scales differ between CPU and GPU"
+        assert torch.equal(q_gpu.cpu().view(torch.uint8), q_cpu.view(torch.uint8)), f"{name}: fp8 bits differ"
+        assert torch.equal(per_token_cast_back(q_gpu, s_gpu).cpu(), per_token_cast_back(q_cpu, s_cpu))

@@ -32,6 +32,12 @@ def _globaltimer_ns():
 
 
 @triton.jit
+def _fence_sys():
+    # fence.sc.sys: stores before it are visible system-wide (host included) before stores after it.
+    tl.inline_asm_elementwise("fence.sc.sys; mov.u32 $0, 0;", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
 def _ll_dispatch_send_kernel(x_ptr, s_ptr, idx_ptr, num_tokens, peer_ptrs, me, num_ranks, experts_per_rank,
                              num_max, x_off, s_off, idx_off, cnt_off,
                              X_WORDS: tl.constexpr, S_WORDS: tl.constexpr, K: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -93,34 +99,46 @@ def _ll_combine_send_kernel(y_ptr, dst_ptr, peer_ptrs, me, num_max, comb_off, cn
 
 
 @triton.jit
-def _ll_wait_kernel(cnt_ptr, err_addr, expected, code, timeout_ns, max_iters, USE_TIMER: tl.constexpr):
-    # Program s waits for source s's counter to reach `expected`, then consumes it.
-    s = tl.program_id(0)
+def _ll_wait_kernel(cnt_ptr, err_addr, num_src, expected, code, timeout_ns, max_iters, BLOCK: tl.constexpr,
+                    USE_TIMER: tl.constexpr):
+    # One program waits until every source's counter reaches `expected`, then consumes them all.
+    # One program, so one writer of the error record: it names the lowest source still missing.
+    offs = tl.arange(0, BLOCK)
+    m = offs < num_src
+    ptrs = cnt_ptr + offs
     err = err_addr.to(tl.pointer_type(tl.int32))
-    flag = cnt_ptr + s
-    val = tl.atomic_add(flag, 0, sem="acquire", scope="sys")
-    failed = (tl.load(err) != 0).to(tl.int32)
-    waiting = (val < expected) & (failed == 0)
+    vals = tl.atomic_add(ptrs, 0, mask=m, sem="acquire", scope="sys")
+    lo = tl.min(tl.where(m, vals, expected), 0)
+    failed = (tl.load(err, volatile=True) != 0).to(tl.int32)  # an earlier timeout: no wait (host raises)
+    waiting = (lo < expected) & (failed == 0)
     it = 0
     if USE_TIMER:
         t0 = _globaltimer_ns()
     while waiting:
-        val = tl.atomic_add(flag, 0, sem="acquire", scope="sys")
+        vals = tl.atomic_add(ptrs, 0, mask=m, sem="acquire", scope="sys")
+        lo = tl.min(tl.where(m, vals, expected), 0)
         it += 1
         if USE_TIMER:
             expired = (_globaltimer_ns() - t0) > timeout_ns
         else:
             expired = it > max_iters
-        timed_out = expired & (val < expected)
+        timed_out = expired & (lo < expected)
         if timed_out:
-            tl.store(err + 1, s)
-            tl.store(err + 2, val.to(tl.int32))
+            late = tl.min(tl.where(m & (vals < expected), offs, BLOCK), 0)
+            seen = tl.sum(tl.where(offs == late, vals, 0), 0)
+            # `err` is host memory mapped into the device (ErrorWord): plain stores, which every platform
+            # carries to host memory (device atomics there need PCIe AtomicOps or NVLink-C2C). Fields
+            # first, then a system-scope fence, then the code: a host that sees the code sees the fields.
+            tl.store(err + 1, late)
+            tl.store(err + 2, seen.to(tl.int32))
             tl.store(err + 3, expected)
-            tl.atomic_xchg(err, code, sem="release", scope="sys")
+            if USE_TIMER:
+                _fence_sys()
+            tl.store(err, code)
         failed = failed | timed_out.to(tl.int32)
-        waiting = (val < expected) & (failed == 0)
-    if val >= expected:
-        tl.atomic_add(flag, -expected, sem="relaxed", scope="sys")
+        waiting = (lo < expected) & (failed == 0)
+    if lo >= expected:  # after a timeout nothing is consumed (Buffer.clean_low_latency_buffer resets)
+        tl.atomic_add(ptrs, -expected, mask=m, sem="relaxed", scope="sys")
 
 
 def _words(t, name):
@@ -172,12 +190,18 @@ def wait_counters(counters, err_addr, expected, code, timeout_s):
     """Wait on the current stream until each of `counters` (int64 [R], local) reaches `expected`; consume.
 
     err_addr: address of an int32 [4] word block the device can write (pinned host memory on CUDA).
+    One program polls every counter; after `timeout_s` it records (code, lowest source still short, its
+    counter, expected) and consumes nothing. A nonzero record already there: returns at once.
     """
+    if counters.dtype != torch.int64 or counters.dim() != 1 or not counters.is_contiguous():
+        raise ValueError(f"counters must be a contiguous int64 [R] tensor, got {counters.dtype} "
+                         f"{tuple(counters.shape)} strides {counters.stride()}")
     use_timer = counters.is_cuda and not _interpreted()
     timeout_ns = int(max(timeout_s, 0.0) * 1e9)
     max_iters = max(int(max(timeout_s, 0.0) * 1e5), 1) if not use_timer else 1
-    _ll_wait_kernel[(counters.numel(),)](counters, int(err_addr), int(expected), int(code), timeout_ns, max_iters,
-                                         USE_TIMER=use_timer, num_warps=1)
+    _ll_wait_kernel[(1,)](counters, int(err_addr), counters.numel(), int(expected), int(code), timeout_ns,
+                          max_iters, BLOCK=triton.next_power_of_2(max(counters.numel(), 1)), USE_TIMER=use_timer,
+                          num_warps=1)
 
 
 class ErrorWord:
@@ -185,14 +209,20 @@ class ErrorWord:
 
     On CUDA it lives in pinned host memory (mapped into the device's address space by UVA), so a
     timed-out wait becomes visible to the host at its next check without stalling the stream.
+    A plain read shows what kernels that already ran wrote: a wait still queued or spinning (launches
+    are asynchronous) has written nothing yet. `read(sync=True)` waits for the device first.
     """
 
     def __init__(self, device):
+        self.device = device
         pin = device.type == "cuda"
         self.tensor = torch.zeros(ERR_NUMEL, dtype=torch.int32, pin_memory=pin)
         self.addr = self.tensor.data_ptr()
 
-    def read(self):
+    def read(self, sync=False):
+        """[code, source rank, counter value seen, expected]; sync=True: after every queued kernel ran."""
+        if sync and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
         return [int(v) for v in self.tensor.tolist()]
 
     def clear(self):

@@ -136,7 +136,12 @@ class Buffer:
     def get_nvl_buffer_size_hint(num_max_tokens_per_rank, hidden, num_ranks, num_topk=8, fp8=False,
                                  dtype=torch.bfloat16):
         """Bytes of num_nvl_bytes that let the nvlink transport take any routing of up to
-        `num_max_tokens_per_rank` tokens per rank (worst case: every token of every rank to one rank)."""
+        `num_max_tokens_per_rank` tokens per rank (worst case: every token of every rank to one rank).
+
+        hidden / dtype: the widest row (columns) and the payload dtype any dispatch, cached dispatch or
+        combine of this Buffer moves. Experts that map hidden -> ffn and combine ffn-wide rows (and the
+        autograd backward, which dispatches those rows' gradients) need hidden=max(hidden, ffn); an fp32
+        payload needs dtype=torch.float32."""
         from .nvlink import required_nvl_bytes
 
         return required_nvl_bytes(num_max_tokens_per_rank * num_ranks, hidden, num_topk, num_ranks,

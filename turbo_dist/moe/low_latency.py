@@ -38,6 +38,7 @@ log = logging.getLogger("turbo_dist")
 PATHS = ("triton", "collective")
 _PAYLOAD_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _FP8_MAX = 448.0
+_FP8_INV_MAX = 1.0 / _FP8_MAX  # amax * this == CUDA's amax / 448.0 (see per_token_cast_to_fp8)
 _ALIGN = 256
 _COUNTER_BYTES = 1 << 16  # [2 kinds][2 parities][R] int64 counters at offset 0: up to 2048 ranks
 _HINT_TOPK = 16
@@ -49,14 +50,25 @@ def per_token_cast_to_fp8(x, round_scale=False):
     """x [T, H] -> (x_fp8 [T, H] e4m3, scales [T, H / 128] fp32), x ~= x_fp8 * scale per 128 channels.
 
     round_scale: scales rounded up to a power of 2 (DeepEP's `round_scale`, what UE8M0 can hold).
+    Bit-identical on every device: `tensor / python_float` is a true division on CPU but a multiply by the
+    fp32 reciprocal on CUDA (PyTorch's scalar-divisor shortcut), so the scale is that product on both;
+    the power-of-2 rounding works on the exponent bits (log2/exp2 may round differently per device).
     """
     t, h = x.shape
     xv = x.float().view(t, h // 128, 128)
-    scales = xv.abs().amax(dim=2).clamp(min=1e-4) / _FP8_MAX
+    scales = xv.abs().amax(dim=2).clamp(min=1e-4) * _FP8_INV_MAX
     if round_scale:
-        scales = torch.exp2(torch.ceil(torch.log2(scales)))
+        scales = _pow2_ceil(scales)
     q = (xv / scales.unsqueeze(2)).clamp(-_FP8_MAX, _FP8_MAX).to(torch.float8_e4m3fn).view(t, h)
     return q, scales.contiguous()
+
+
+def _pow2_ceil(s):
+    """The smallest power of 2 >= s, for positive normal fp32 s, from the bits (exact, device independent)."""
+    bits = s.contiguous().view(torch.int32)
+    exp = bits & 0x7F800000
+    up = torch.where((bits & 0x007FFFFF) != 0, exp + (1 << 23), exp)
+    return up.view(torch.float32)
 
 
 def per_token_cast_back(x_fp8, scales):

@@ -154,13 +154,18 @@ class NvlinkTransport:
         if self.err_host is not self.err:
             self.err_host.copy_(self.err, non_blocking=True)
 
-    def _too_small(self, rows, row_bytes, what):
+    def _too_small(self, rows, row_bytes, what, x=None):
         need = rows * row_bytes + 5 * _ALIGN
+        payload = ""
+        if x is not None:  # say what the row is: a combine of wider rows than dispatched is the usual cause
+            dt = str(x.dtype).replace("torch.", "")
+            payload = (f"; its x rows are {x.size(1)} {dt} values, so give the hint hidden >= {x.size(1)} and "
+                       f"dtype={x.dtype} (hidden: the widest row any dispatch or combine of this Buffer moves)")
         return ValueError(
             f"nvlink {what}: a rank needs {rows} rows of {row_bytes} bytes in its symmetric buffer, more than "
             f"num_nvl_bytes={self.requested_bytes} (allocated {self.buffer.nbytes}) holds; create the Buffer with "
             f"num_nvl_bytes >= {need} (Buffer.get_nvl_buffer_size_hint(num_max_tokens_per_rank, hidden, "
-            "num_ranks, ...) covers any routing)")
+            f"num_ranks, ...) covers any routing){payload}")
 
     def _raise_if(self, vals):
         code, a, b, c = (int(v) for v in vals[:K.ERR_NUMEL])
@@ -292,7 +297,7 @@ class NvlinkTransport:
         rows_out = worst or handle.num_recv_tokens
         need = worst or handle.max_recv_tokens
         if need > cap:
-            raise self._too_small(need, sum(widths), "cached dispatch")
+            raise self._too_small(need, sum(widths), "cached dispatch", x)
         epoch = self._next_epoch()
         layout = dict(zip(("off_x", "off_s", "off_i", "off_w", "off_src"), offs))
         K.dispatch_send(xv, x_scales, None, None, handle.is_token_in_rank, handle.send_head, nv["recv_off"],
@@ -320,7 +325,7 @@ class NvlinkTransport:
         widths = _combine_widths(xv.size(1) * xv.element_size(), k)
         cap, (off_x, off_w) = _regions(self.buffer.nbytes, widths)
         if handle.max_send_tokens is not None and handle.max_send_tokens > cap:
-            raise self._too_small(handle.max_send_tokens, sum(widths), "combine")
+            raise self._too_small(handle.max_send_tokens, sum(widths), "combine", x)
         epoch = self._next_epoch()
         w = topk_weights.contiguous() if topk_weights is not None else None
         K.combine_send(xv, w, nv["seg_end"], nv["seg_cnt"], nv["dst_off"], nv["send_total"], self.data_ptrs,

@@ -20,6 +20,11 @@ class TokenDispatcher:
     [num_local_experts]) gives the padded group sizes. `combine` multiplies each row by its routing
     weight, sums a token's rows on this rank (fp32) and combines over ranks. Gradients flow to hidden,
     topk_weights and the expert outputs. One dispatch/combine pair at a time per dispatcher.
+
+    num_nvl_bytes (nvlink transport): `Buffer.get_nvl_buffer_size_hint(max_tokens_per_rank, width, num_ranks,
+    num_topk, dtype=...)` with `width` the wider of hidden_states and expert_output (combine moves
+    expert_output rows; their gradients go back through a cached dispatch), dtype hidden_states' (the combine
+    sends in it too).
     """
 
     def __init__(self, num_experts, group=None, buffer=None, num_nvl_bytes=0, expert_alignment=1, transport=None):
