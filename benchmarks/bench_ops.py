@@ -1,6 +1,11 @@
 """Benchmark of turbo_dist.ops GEMM, grouped GEMM and FP8 GEMM against same-run PyTorch baselines.
 
     python benchmarks/bench_ops.py --json out.json [--quick] [--sections gemm,grouped,fp8,fp8_grouped]
+                                   [--rounds 5] [--rep-ms 40]
+
+Timing: the implementations of one case are timed interleaved, `--rounds` rounds of do_bench(rep `--rep-ms`)
+each with the order rotated per round, and each reports the median of its round medians (common.bench_interleaved):
+rows that run the same kernel (e.g. `default` when it is torch.mm, and `cublas`) agree to ~1%.
 
 Sections (each row: time, TFLOP/s, ratio to the section's baseline measured in the same run, fraction of the
 H100 peak: ~800 TFLOP/s bf16 dense, ~1600 FP8, as cuBLAS measures them at 8192^3):
@@ -8,8 +13,10 @@ H100 peak: ~800 TFLOP/s bf16 dense, ~1600 FP8, as cuBLAS measures them at 8192^3
                the dispatcher default (what `turbo_dist.ops.gemm` runs without a forced backend);
                4096/8192 cubes, Llama-3-70B and DeepSeek-V3 layer shapes at 8192 tokens.
 - grouped:     DeepSeek-V3 experts (hidden 7168, expert dim 2048; fc1 7168 -> 2x2048 gate/up, fc2 2048 -> 7168),
-               8/16/32 local experts, skewed token counts with an empty expert, forward and backward (dgrad +
-               wgrad): our persistent Triton kernel vs torch._grouped_mm (baseline) vs a per-group torch.mm loop.
+               8/16/32 local experts at 1024 tokens per expert on average, and 32 experts at 256 and 128
+               (case G32_t128_...: few tokens per expert, where a per-group loop pays G launches), skewed token
+               counts with an empty expert, forward and backward (dgrad + wgrad): our persistent Triton kernel
+               vs torch._grouped_mm (baseline) vs a per-group torch.mm loop (x_loop: speed-up over the loop).
 - fp8:         8192^3 FP8 GEMM, pre-quantized operands (torch._scaled_mm vs our Triton; tensorwise / rowwise /
                blockwise 1x128 x 128x128) and end to end (`gemm_fp8`, quantization included), vs bf16 cuBLAS.
 - fp8_grouped: FP8 grouped GEMM on the DeepSeek-V3 fc1 shape (pre-quantized and end to end) vs the best bf16
@@ -25,9 +32,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-from common import bench, machine_info, print_table, write_json  # noqa: E402
+from common import bench_interleaved, machine_info, print_table, write_json  # noqa: E402
 
 DEVICE, DTYPE, SHRINK = "cuda", torch.bfloat16, 1  # --dry-run: "cpu", torch.float32, 64
+ROUNDS, REP_MS = 5, 40.0  # --rounds, --rep-ms
 PEAK_TFLOPS = {"bf16": 800.0, "fp8": 1600.0}  # H100 SXM dense, as cuBLAS reaches them at 8192^3
 
 GEMM_SHAPES = [  # (name, M, N, K): C [M, N] = A [M, K] @ W[N, K]^T
@@ -44,6 +52,8 @@ GEMM_SHAPES = [  # (name, M, N, K): C [M, N] = A [M, K] @ W[N, K]^T
 ]
 GEMM_QUICK = ("cube4096", "cube8192", "llama70b_up", "dsv3_mlp_down", "dsv3_qkv_a")
 GROUPED_LAYERS = [("fc1", 7168, 4096), ("fc2", 2048, 7168)]  # (name, K, N)
+GROUPED_CASES = [(8, 1024), (16, 1024), (32, 1024), (32, 256), (32, 128)]  # (experts, avg tokens per expert)
+GROUPED_QUICK = [(8, 1024), (32, 1024), (32, 128)]
 
 
 def skewed_lens(num_experts, tokens_per_expert, seed=0):
@@ -72,12 +82,41 @@ def _rows_for(section, case, results, baseline, flops, peak_key, extra=None):
     return rows
 
 
-def _try(fn, what, errors):
-    try:
-        return bench(fn)
-    except Exception as exc:  # a backend that cannot run this case is reported, not fatal
-        errors.append(f"{what}: {type(exc).__name__}: {exc}"[:400])
-        return None
+def _time(fns, what, errors):
+    """{label: fn} -> {label: ms or None}, timed interleaved; failures go to `errors` as '<what> <label>: ...'."""
+    def on_error(label, exc):
+        errors.append(f"{what} {label}: {type(exc).__name__}: {exc}"[:400])
+
+    return bench_interleaved(fns, rounds=ROUNDS, rep_ms=REP_MS, on_error=on_error, warm=DEVICE == "cuda")
+
+
+def _forced(fn, **op_backends):
+    """fn run with dispatcher backends forced ({op: backend or None for the default}), restored afterwards,
+    so implementations timed interleaved do not see each other's settings."""
+    from turbo_dist.ops import dispatcher
+
+    def run():
+        prev = {op: dispatcher.get_backend(op) for op in op_backends}
+        for op, name in op_backends.items():
+            dispatcher.set_backend(op, name)
+        try:
+            return fn()
+        finally:
+            for op, name in prev.items():
+                dispatcher.set_backend(op, name)
+    return run
+
+
+def _no_tma(fn):
+    def run():
+        from turbo_dist.kernels import gemm as kgemm
+
+        kgemm.USE_TMA = False
+        try:
+            return fn()
+        finally:
+            kgemm.USE_TMA = True
+    return run
 
 
 def run_gemm(quick, errors):
@@ -90,17 +129,14 @@ def run_gemm(quick, errors):
         M, N, K = (max(16, d // SHRINK) for d in (M, N, K))
         a = torch.randn(M, K, device=DEVICE, dtype=DTYPE)
         w = torch.randn(N, K, device=DEVICE, dtype=DTYPE)
-        res = {"cublas": _try(lambda: torch.mm(a, w.t()), f"gemm {name} cublas", errors)}
-        dispatcher.set_backend("gemm", "triton")
-        res["triton"] = _try(lambda: gemm(a, w, trans_b=True), f"gemm {name} triton", errors)
+        fns = {"cublas": lambda: torch.mm(a, w.t()),
+               "triton": _forced(lambda: gemm(a, w, trans_b=True), gemm="triton")}
         if name == "cube8192" or not quick:  # the pointer-load kernel, for comparison with the TMA one
-            from turbo_dist.kernels import gemm as kgemm
-
-            kgemm.USE_TMA = False
-            res["triton_ptr"] = _try(lambda: gemm(a, w, trans_b=True), f"gemm {name} triton_ptr", errors)
-            kgemm.USE_TMA = True
-        dispatcher.set_backend("gemm", None)
-        res["default"] = _try(lambda: gemm(a, w, trans_b=True), f"gemm {name} default", errors)
+            fns["triton_ptr"] = _no_tma(fns["triton"])
+        fns["default"] = _forced(lambda: gemm(a, w, trans_b=True), gemm=None)
+        res = _time(fns, f"gemm {name}", errors)
+        if res["default"] is not None:
+            fns["default"]()
         default_is = dispatcher.last_backend("gemm")
         best = min((v for k, v in res.items() if k != "default" and v), default=None)
         extra = {"shape": f"{M}x{N}x{K}", "default_backend": default_is,
@@ -124,36 +160,34 @@ def run_grouped(quick, errors):
     from turbo_dist.ops import dispatcher
 
     rows = []
-    tpe = 1024
-    for G in ((8, 32) if quick else (8, 16, 32)):
+    for G, tpe in (GROUPED_QUICK if quick else GROUPED_CASES):
         for layer, K, N in GROUPED_LAYERS:
             lens, a, b, dc = _grouped_case(G, tpe, K, N)
             gl = lens.to(DEVICE)
             M = a.shape[0]
-            fwd, bwd = {}, {}
-            for backend, label in (("torch", "torch_grouped_mm"), ("triton", "triton"), ("loop", "loop")):
-                for op in ("grouped_gemm", "grouped_gemm_wgrad"):
-                    dispatcher.set_backend(op, backend)
-                fwd[label] = _try(lambda: dispatcher.dispatch("grouped_gemm", a, b, gl, False),
-                                  f"grouped G={G} {layer} fwd {backend}", errors)
-                bwd[label] = _try(lambda: (dispatcher.dispatch("grouped_gemm", dc, b, gl, True),
-                                           dispatcher.dispatch("grouped_gemm_wgrad", a, dc, gl, False)),
-                                  f"grouped G={G} {layer} bwd {backend}", errors)
-            for op in ("grouped_gemm", "grouped_gemm_wgrad"):
-                dispatcher.set_backend(op, None)
-            fwd["default"] = _try(lambda: dispatcher.dispatch("grouped_gemm", a, b, gl, False),
-                                  f"grouped G={G} {layer} fwd default", errors)
-            dflt = dispatcher.last_backend("grouped_gemm")
-            bwd["default"] = _try(lambda: (dispatcher.dispatch("grouped_gemm", dc, b, gl, True),
-                                           dispatcher.dispatch("grouped_gemm_wgrad", a, dc, gl, False)),
-                                  f"grouped G={G} {layer} bwd default", errors)
+            tag = f"G{G}" if tpe == 1024 else f"G{G}_t{tpe}"
+            fwd_fn = lambda: dispatcher.dispatch("grouped_gemm", a, b, gl, False)  # noqa: E731
+            bwd_fn = lambda: (dispatcher.dispatch("grouped_gemm", dc, b, gl, True),  # noqa: E731
+                              dispatcher.dispatch("grouped_gemm_wgrad", a, dc, gl, False))
+            fwd_fns, bwd_fns = {}, {}
+            for backend, label in (("torch", "torch_grouped_mm"), ("triton", "triton"), ("loop", "loop"),
+                                   (None, "default")):
+                fwd_fns[label] = _forced(fwd_fn, grouped_gemm=backend)
+                bwd_fns[label] = _forced(bwd_fn, grouped_gemm=backend, grouped_gemm_wgrad=backend)
+            fwd = _time(fwd_fns, f"grouped {tag} {layer} fwd", errors)
+            bwd = _time(bwd_fns, f"grouped {tag} {layer} bwd", errors)
+            dflt = None
+            if fwd["default"] is not None:
+                fwd_fns["default"]()
+                dflt = dispatcher.last_backend("grouped_gemm")
             for phase, res, mult in (("fwd", fwd, 1), ("bwd", bwd, 2)):
                 best = min((v for k, v in res.items() if k != "default" and v), default=None)
                 loop = res.get("loop")
-                extra = {"shape": f"G={G} M={M} K={K} N={N}", "phase": phase, "default_backend": dflt,
+                extra = {"shape": f"G={G} M={M} K={K} N={N}", "phase": phase, "tokens_per_expert": tpe,
+                         "default_backend": dflt,
                          "lens": lens.tolist() if G <= 8 else f"min {int(lens.min())} max {int(lens.max())}",
                          "default_vs_best": (best / res["default"]) if best and res.get("default") else None}
-                for r in _rows_for("grouped", f"G{G}_{layer}_{phase}", res, "torch_grouped_mm",
+                for r in _rows_for("grouped", f"{tag}_{layer}_{phase}", res, "torch_grouped_mm",
                                    mult * 2.0 * M * K * N, "bf16", extra):
                     r["x_loop"] = (loop / r["ms"]) if loop else None
                     rows.append(r)
@@ -171,31 +205,34 @@ def run_fp8(quick, errors):
     flops = 2.0 * M * N * K
     a = torch.randn(M, K, device=DEVICE, dtype=DTYPE)
     w = torch.randn(N, K, device=DEVICE, dtype=DTYPE)
-    base = bench(lambda: torch.mm(a, w.t()))
-    rows += _rows_for("fp8", "8192^3", {"bf16_cublas": base}, "bf16_cublas", flops, "bf16", {"granularity": "-"})
     grans = (ScalingGranularity.ROWWISE, ScalingGranularity.BLOCKWISE) if quick else tuple(ScalingGranularity)
+    base = None
     for gran in grans:
         aq, sa = quantize_fp8(a, E4M3, gran)
         wq, sw = quantize_fp8(w, E4M3, gran, weight=True)
-        res = {"bf16_cublas": base}
-        for backend in ("torch", "triton"):
-            dispatcher.set_backend("scaled_mm", backend)
-            res[f"mm_{backend}"] = _try(lambda: scaled_mm(aq, wq.t(), sa, sw.t(), granularity=gran),
-                                        f"fp8 {gran.name} scaled_mm {backend}", errors)
-        dispatcher.set_backend("scaled_mm", None)
-        res["mm_default"] = _try(lambda: scaled_mm(aq, wq.t(), sa, sw.t(), granularity=gran),
-                                 f"fp8 {gran.name} scaled_mm default", errors)
-        dflt = dispatcher.last_backend("scaled_mm") if res["mm_default"] else None
+        mm = lambda: scaled_mm(aq, wq.t(), sa, sw.t(), granularity=gran)  # noqa: E731
         cfg = Float8QuantConfig(granularity=gran)
-        res["e2e_gemm_fp8"] = _try(lambda: gemm_fp8(a, w, trans_b=True, config=cfg),
-                                   f"fp8 {gran.name} gemm_fp8", errors)
-        quant_ms = _try(lambda: quantize_fp8(a, E4M3, gran), f"fp8 {gran.name} quant", errors)
-        best = min((v for k, v in res.items() if k.startswith("mm_") and k != "mm_default" and v), default=None)
-        extra = {"granularity": gran.name, "default_backend": dflt, "quant_a_ms": quant_ms,
+        fns = {"bf16_cublas": lambda: torch.mm(a, w.t()),
+               "mm_torch": _forced(mm, scaled_mm="torch"), "mm_triton": _forced(mm, scaled_mm="triton"),
+               "mm_default": _forced(mm, scaled_mm=None),
+               "e2e_gemm_fp8": _forced(lambda: gemm_fp8(a, w, trans_b=True, config=cfg), scaled_mm=None),
+               "quant_a": lambda: quantize_fp8(a, E4M3, gran)}
+        res = _time(fns, f"fp8 {gran.name}", errors)
+        if base is None:  # the bf16 baseline row, once (it is timed with every granularity's rows)
+            base = res["bf16_cublas"]
+            rows += _rows_for("fp8", "8192^3", {"bf16_cublas": base}, "bf16_cublas", flops, "bf16",
+                              {"granularity": "-"})
+        dflt = None
+        if res["mm_default"] is not None:
+            fns["mm_default"]()
+            dflt = dispatcher.last_backend("scaled_mm")
+        best = min((v for k, v in res.items() if k in ("mm_torch", "mm_triton") and v), default=None)
+        extra = {"granularity": gran.name, "default_backend": dflt, "quant_a_ms": res.pop("quant_a"),
                  "default_vs_best": (best / res["mm_default"]) if best and res["mm_default"] else None}
-        del res["bf16_cublas"]
-        for r in _rows_for("fp8", f"8192^3 {gran.name}", res, "bf16_cublas", flops, "fp8", extra):
-            r["x_baseline"] = base / r["ms"]
+        same_run_base = res.pop("bf16_cublas")
+        for r in _rows_for("fp8", f"8192^3 {gran.name}", res, "-", flops, "fp8", extra):
+            r["x_baseline"] = (same_run_base / r["ms"]) if same_run_base else None
+            r["baseline"] = "bf16_cublas"
             rows.append(r)
         del aq, wq
     return rows
@@ -213,14 +250,12 @@ def run_fp8_grouped(quick, errors):
         M = a.shape[0]
         flops = 2.0 * M * K * N
         b_t = b.transpose(1, 2).contiguous()  # [G, N, K]: the weight as nn.Linear stores it
-        bf16 = {}
-        for backend in ("torch", "triton"):
-            dispatcher.set_backend("grouped_gemm", backend)
-            bf16[backend] = _try(lambda: dispatcher.dispatch("grouped_gemm", a, b_t, gl, True),
-                                 f"fp8_grouped bf16 {backend}", errors)
-        dispatcher.set_backend("grouped_gemm", None)
-        base = min(v for v in bf16.values() if v)
-        base_label = "bf16_" + min((k for k in bf16 if bf16[k]), key=lambda k: bf16[k])
+        bf16_fn = lambda: dispatcher.dispatch("grouped_gemm", a, b_t, gl, True)  # noqa: E731
+        bf16 = _time({"bf16_torch": _forced(bf16_fn, grouped_gemm="torch"),
+                      "bf16_triton": _forced(bf16_fn, grouped_gemm="triton")}, f"fp8_grouped G={G} bf16", errors)
+        timed = {k: v for k, v in bf16.items() if v}
+        base_label = min(timed, key=timed.get)
+        base = timed[base_label]
         rows += _rows_for("fp8_grouped", f"G{G}_{layer}", {base_label: base}, base_label, flops, "bf16")
         grans = (ScalingGranularity.ROWWISE, ScalingGranularity.BLOCKWISE) if quick else tuple(ScalingGranularity)
         for gran in grans:
@@ -231,19 +266,23 @@ def run_fp8_grouped(quick, errors):
                 sw = sw.reshape(G, -1)
             elif gran == ScalingGranularity.BLOCKWISE:
                 sw = sw.transpose(1, 2)
-            res = {}
-            for backend in ("torch", "triton"):
-                dispatcher.set_backend("grouped_scaled_mm", backend)
-                res[f"mm_{backend}"] = _try(
-                    lambda: dispatcher.dispatch("grouped_scaled_mm", aq, wq.transpose(1, 2), sa, sw, gl, mode,
-                                                torch.bfloat16), f"fp8_grouped {gran.name} {backend}", errors)
-            dispatcher.set_backend("grouped_scaled_mm", None)
+            mm = lambda: dispatcher.dispatch("grouped_scaled_mm", aq, wq.transpose(1, 2), sa, sw, gl, mode,  # noqa
+                                             torch.bfloat16)
             cfg = Float8QuantConfig(granularity=gran)
-            res["e2e_grouped_gemm_fp8"] = _try(lambda: grouped_gemm_fp8(a, b_t, gl, trans_b=True, config=cfg),
-                                               f"fp8_grouped {gran.name} e2e", errors)
-            dflt = dispatcher.last_backend("grouped_scaled_mm") if res["e2e_grouped_gemm_fp8"] else None
-            for r in _rows_for("fp8_grouped", f"G{G}_{layer} {gran.name}", res, "-", flops, "fp8",
-                               {"granularity": gran.name, "default_backend": dflt, "shape": f"G={G} M={M} K={K} N={N}"}):
+            fns = {"mm_torch": _forced(mm, grouped_scaled_mm="torch"),
+                   "mm_triton": _forced(mm, grouped_scaled_mm="triton"),
+                   "mm_default": _forced(mm, grouped_scaled_mm=None),
+                   "e2e_grouped_gemm_fp8": _forced(lambda: grouped_gemm_fp8(a, b_t, gl, trans_b=True, config=cfg),
+                                                   grouped_scaled_mm=None)}
+            res = _time(fns, f"fp8_grouped G={G} {gran.name}", errors)
+            dflt = None
+            if res["mm_default"] is not None:
+                fns["mm_default"]()
+                dflt = dispatcher.last_backend("grouped_scaled_mm")
+            best = min((v for k, v in res.items() if k in ("mm_torch", "mm_triton") and v), default=None)
+            extra = {"granularity": gran.name, "default_backend": dflt, "shape": f"G={G} M={M} K={K} N={N}",
+                     "default_vs_best": (best / res["mm_default"]) if best and res["mm_default"] else None}
+            for r in _rows_for("fp8_grouped", f"G{G}_{layer} {gran.name}", res, "-", flops, "fp8", extra):
                 r["x_baseline"] = base / r["ms"]
                 r["baseline"] = base_label
                 rows.append(r)
@@ -258,15 +297,19 @@ COLS = ["section", "case", "impl", "ms", "tflops", "x_baseline", "baseline", "fr
 
 
 def main(argv=None):
+    global DEVICE, DTYPE, SHRINK, ROUNDS, REP_MS
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", default=None, help="write rows + machine info here (rewritten after each section)")
     p.add_argument("--quick", action="store_true", help="fewer shapes (CI / smoke)")
     p.add_argument("--dry-run", action="store_true", help="CPU, fp32, sizes / 64: checks the script only")
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma list of {sorted(SECTIONS)}")
+    p.add_argument("--rounds", type=int, default=ROUNDS, help="interleaved timing rounds per case")
+    p.add_argument("--rep-ms", type=float, default=REP_MS, help="do_bench repetition budget per round")
     args = p.parse_args(argv)
-    global DEVICE, DTYPE, SHRINK
+    ROUNDS, REP_MS = args.rounds, args.rep_ms
     if args.dry_run:
         DEVICE, DTYPE, SHRINK = "cpu", torch.float32, 64
+        ROUNDS, REP_MS = 1, min(REP_MS, 1.0)  # the interpreter is slow: one round checks the script
     elif not torch.cuda.is_available():
         print("bench_ops: CUDA is not available; nothing to measure (this bench needs a GPU).")
         return 0
@@ -276,7 +319,7 @@ def main(argv=None):
         p.error(f"unknown sections {unknown}; choose from {sorted(SECTIONS)}")
     torch.manual_seed(0)
     rows, errors = [], []
-    meta = {"quick": args.quick, "peak_tflops": PEAK_TFLOPS, "errors": errors}
+    meta = {"quick": args.quick, "peak_tflops": PEAK_TFLOPS, "errors": errors, "rounds": ROUNDS, "rep_ms": REP_MS}
     print(f"# bench_ops on {machine_info().get('gpu')}", flush=True)
     for s in sections:
         new = SECTIONS[s](args.quick, errors)

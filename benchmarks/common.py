@@ -2,6 +2,7 @@
 
 Stable API (other benches import it):
     bench(fn, warmup_ms=25, rep_ms=100) -> median milliseconds
+    bench_interleaved({label: fn}, rounds=5, rep_ms=40, on_error=None, warm=True) -> {label: ms or None}
     write_json(path, rows, meta)        -> writes {"command", "machine", "meta", "rows"}
     print_table(rows, cols)             -> prints an aligned text table
     machine_info()                      -> dict describing host, GPU, versions
@@ -33,6 +34,45 @@ def bench(fn, warmup_ms=25, rep_ms=100):
             pass
         return _bench_cuda_events(fn, warmup_ms, rep_ms)
     return _bench_cpu(fn, warmup_ms, rep_ms)
+
+
+def bench_interleaved(fns, rounds=5, warmup_ms=10, rep_ms=40, on_error=None, warm=True):
+    """Time several implementations of one case fairly: {label: fn} -> {label: ms, None if it raised}.
+
+    Each fn runs once untimed (compile / autotune / caches), then `rounds` rounds each time every fn with
+    bench(fn, warmup_ms, rep_ms), the order rotated by one per round; a label's time is the median of its
+    round medians. Clock, thermal and allocator drift then hit every label alike, so two labels running
+    the same kernel agree to ~1% (one back-to-back do_bench per label does not: up to 6% apart on H200).
+    A fn that raises is reported through on_error(label, exc) and not timed again (on_error None: it raises).
+    warm=False skips the untimed first call (CPU dry runs, where every call is slow and nothing compiles).
+    """
+    labels = list(fns)
+    alive = []
+    for label in labels:
+        try:
+            if warm:
+                fns[label]()
+            alive.append(label)
+        except Exception as exc:  # a backend that cannot run this case is reported, not fatal
+            if on_error is None:
+                raise
+            on_error(label, exc)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    times = {label: [] for label in alive}
+    for r in range(max(1, rounds)):
+        order = alive[r % len(alive):] + alive[:r % len(alive)] if alive else []
+        for label in order:
+            if label not in times:
+                continue
+            try:
+                times[label].append(bench(fns[label], warmup_ms, rep_ms))
+            except Exception as exc:
+                if on_error is None:
+                    raise
+                on_error(label, exc)
+                del times[label]
+    return {label: (statistics.median(times[label]) if label in times else None) for label in labels}
 
 
 def _bench_cuda_events(fn, warmup_ms, rep_ms):

@@ -138,6 +138,23 @@ def test_gemm_triton_tma_and_pointer_paths(monkeypatch, trans_a, trans_b, tma):
 
 
 @needs_interp
+@pytest.mark.parametrize("trans_a,trans_b", [(False, True), (True, False)])
+def test_gemm_triton_persistent_config(trans_a, trans_b):
+    """A forced persistent config (7th entry 1): 4 programs walk 3 x 4 tiles of 16 x 16, same result."""
+    from turbo_dist.kernels import gemm as kgemm
+
+    a, b = make_gemm(40, 56, 72, trans_a, trans_b, torch.float16)
+    A, Bm = op_(a, trans_a), op_(b, trans_b)
+    assert kgemm.tma_operands(A, Bm) is not None
+    out = kgemm.gemm(A, Bm, config=(16, 16, 32, 2, 4, 1, 1))
+    torch.testing.assert_close(out.double(), A.double() @ Bm.double(), rtol=1e-2, atol=1e-2)
+    with pytest.raises(NotImplementedError, match="TMA kernel only"):
+        kgemm.gemm(A.float(), Bm.float(), config=(16, 16, 32, 2, 4, 1, 1))  # fp32: the pointer kernel
+    with pytest.raises(ValueError, match="gemm config"):
+        kgemm.gemm(A, Bm, config=(16, 16, 32))
+
+
+@needs_interp
 def test_gemm_triton_rejects_bf16_on_cpu():
     use(GEMM_OPS, "triton")
     a, b = make_gemm(8, 8, 8, False, False, torch.bfloat16)

@@ -10,7 +10,9 @@ the interpreter), used whenever both operands are 16-byte aligned with one unit 
 descriptor over the stored layout plus an in-register `.T`); `_gemm_kernel` uses plain pointer loads and
 takes any strides (odd shapes, fp32, sliced views, pre-Hopper GPUs).
 
-Autotune configs are data (`CONFIGS_*`); under TRITON_INTERPRET=1 one small config runs.
+Autotune configs are data (`CONFIGS_*`); under TRITON_INTERPRET=1 one small config runs. A forced config
+(`config=`, tests and benchmarks/tune_ops.py) may add a 7th entry, persistent=1: `_gemm_tma_persistent_kernel`,
+one program per SM walking the tiles (TMA operands only; not in the autotune lists until measured to win).
 """
 import os
 
@@ -30,7 +32,8 @@ def interpreting():
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages) -- H100-oriented; 16-bit inputs.
+# (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages) -- Hopper-oriented; 16-bit inputs.
+# benchmarks/tune_ops.py times each of these (and more candidates) on its own: put the winners first.
 CONFIGS_16 = [
     (128, 256, 64, 8, 8, 3),
     (256, 128, 64, 8, 8, 3),
@@ -39,6 +42,12 @@ CONFIGS_16 = [
     (128, 128, 64, 8, 8, 4),
     (64, 128, 64, 8, 4, 4),
     (128, 64, 64, 8, 4, 4),
+    # added for the shapes the list above leaves below 0.9x cuBLAS on H200 (4096^3, 8192x2112x7168):
+    (128, 256, 64, 16, 8, 4),  # wider L2 swizzle
+    (128, 128, 64, 8, 8, 5),
+    (64, 256, 64, 8, 4, 4),
+    (256, 64, 64, 8, 8, 4),    # N = 2112 = 33 x 64: 32 x 33 tiles = 8 full waves on 132 SMs
+    (128, 64, 64, 8, 4, 5),
 ]
 # FP8 inputs: half the bytes per element, so twice the K per stage.
 CONFIGS_8 = [
@@ -48,7 +57,17 @@ CONFIGS_8 = [
     (128, 128, 128, 8, 8, 4),
     (64, 128, 128, 8, 4, 4),
 ]
-CONFIGS_BLOCK = [c for c in CONFIGS_8 if c[1] <= 128] + [(128, 128, 128, 8, 8, 3)]
+# Blockwise FP8: BLOCK_K = 128 (one scale step per K tile); BLOCK_N <= 128 keeps one scale_b scalar per tile
+# and the second (per-step) fp32 tile in registers: 8 warps for 128 x 128, 4 for 64 x 128.
+CONFIGS_BLOCK = [
+    (128, 128, 128, 8, 8, 4),
+    (128, 128, 128, 8, 8, 3),
+    (128, 128, 128, 8, 8, 5),
+    (64, 128, 128, 8, 4, 4),
+    (64, 128, 128, 8, 4, 5),
+    (128, 128, 128, 8, 4, 4),
+    (128, 64, 128, 8, 4, 4),
+]
 INTERPRET_CONFIG = (32, 32, 32, 4, 4, 1)
 
 
@@ -66,6 +85,23 @@ def _configs(rows):
         triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": g}, num_warps=w, num_stages=s)
         for (m, n, k, g, w, s) in rows
     ]
+
+
+@triton.jit
+def _block_scale_step(acc, part, sa_ptr, sb_ptr, kb, offs_m, mask_m, off_n, offs_n, mask_n,
+                      stride_sam, stride_sak, stride_sbk, stride_sbn, SB_N: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Blockwise FP8: promote one 128-wide K step's partial product into the fp32 accumulator, scaled by
+    scale_a [rows, kb] and scale_b [kb, column block]. When the tile's columns sit in one scale_b block
+    (SB_N a multiple of BLOCK_N, e.g. 128x128 weight blocks and BLOCK_N 128) that is one scalar load, and
+    the two scales fold into one per-row vector: no per-element division or gather."""
+    sa = tl.load(sa_ptr + offs_m * stride_sam + kb * stride_sak, mask=mask_m, other=0.0)
+    if SB_N % BLOCK_N == 0:
+        sb = tl.load(sb_ptr + kb * stride_sbk + (off_n // SB_N) * stride_sbn)
+        acc += part * (sa * sb)[:, None]
+    else:
+        sb = tl.load(sb_ptr + kb * stride_sbk + (offs_n // SB_N) * stride_sbn, mask=mask_n, other=0.0)
+        acc += part * sa[:, None] * sb[None, :]
+    return acc
 
 
 @triton.jit
@@ -103,10 +139,8 @@ def _gemm_kernel(
         a = tl.load(a_ptrs, mask=mask_m[:, None] & (rk[None, :] < k_left), other=0.0)
         b = tl.load(b_ptrs, mask=(rk[:, None] < k_left) & mask_n[None, :], other=0.0)
         if SCALE_MODE == 3:
-            sa = tl.load(sa_ptr + offs_m * stride_sam + kb * stride_sak, mask=mask_m, other=0.0)
-            sb = tl.load(sb_ptr + kb * stride_sbk + (offs_n // SB_N) * stride_sbn, mask=mask_n, other=0.0)
-            part = tl.dot(a, b)
-            acc += part * sa[:, None] * sb[None, :]
+            acc = _block_scale_step(acc, tl.dot(a, b), sa_ptr, sb_ptr, kb, offs_m, mask_m, pid_n * BLOCK_N, offs_n,
+                                    mask_n, stride_sam, stride_sak, stride_sbk, stride_sbn, SB_N, BLOCK_N)
         else:
             if ALLOW_TF32:
                 acc = tl.dot(a, b, acc)
@@ -165,9 +199,8 @@ def _gemm_tma_kernel(
         else:
             b = b_desc.load([k0, off_n])
         if SCALE_MODE == 3:
-            sa = tl.load(sa_ptr + offs_m * stride_sam + kb * stride_sak, mask=mask_m, other=0.0)
-            sb = tl.load(sb_ptr + kb * stride_sbk + (offs_n // SB_N) * stride_sbn, mask=mask_n, other=0.0)
-            acc += tl.dot(a, b) * sa[:, None] * sb[None, :]
+            acc = _block_scale_step(acc, tl.dot(a, b), sa_ptr, sb_ptr, kb, offs_m, mask_m, off_n, offs_n, mask_n,
+                                    stride_sam, stride_sak, stride_sbk, stride_sbn, SB_N, BLOCK_N)
         else:
             acc = tl.dot(a, b, acc)
 
@@ -180,6 +213,62 @@ def _gemm_tma_kernel(
     c = acc.to(c_ptr.dtype.element_ty)
     c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :] * stride_cn
     tl.store(c_ptrs, c, mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _gemm_tma_persistent_kernel(
+    a_desc, b_desc, c_ptr, sa_ptr, sb_ptr,
+    M, N, K,
+    stride_cm, stride_cn, stride_sam, stride_sak, stride_sbk, stride_sbn,
+    A_T: tl.constexpr, B_T: tl.constexpr,
+    SCALE_MODE: tl.constexpr, SB_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    NUM_PROGS: tl.constexpr,
+):
+    # _gemm_tma_kernel's tile, walked by a fixed grid of NUM_PROGS programs (one per SM): the (tile, K) loop
+    # nest is flattened so the next tile's loads start while this tile's epilogue runs. Kept a separate
+    # kernel (not a constexpr branch) so the non-persistent kernel's code stays exactly as measured.
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_tiles = num_pid_m * num_pid_n
+    width = GROUP_M * num_pid_n
+    for tile in tl.range(tl.program_id(0), num_tiles, NUM_PROGS, flatten=True):
+        group_id = tile // width
+        first_m = group_id * GROUP_M
+        group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
+        pid_m = first_m + ((tile % width) % group_size)
+        pid_n = (tile % width) // group_size
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        offs_m = off_m + tl.arange(0, BLOCK_M)
+        offs_n = off_n + tl.arange(0, BLOCK_N)
+        mask_m = offs_m < M
+        mask_n = offs_n < N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for kb in range(0, tl.cdiv(K, BLOCK_K)):
+            k0 = kb * BLOCK_K
+            if A_T:
+                a = a_desc.load([k0, off_m]).T
+            else:
+                a = a_desc.load([off_m, k0])
+            if B_T:
+                b = b_desc.load([off_n, k0]).T
+            else:
+                b = b_desc.load([k0, off_n])
+            if SCALE_MODE == 3:
+                acc = _block_scale_step(acc, tl.dot(a, b), sa_ptr, sb_ptr, kb, offs_m, mask_m, off_n, offs_n, mask_n,
+                                        stride_sam, stride_sak, stride_sbk, stride_sbn, SB_N, BLOCK_N)
+            else:
+                acc = tl.dot(a, b, acc)
+        if SCALE_MODE == 1:
+            acc = acc * (tl.load(sa_ptr) * tl.load(sb_ptr))
+        if SCALE_MODE == 2:
+            sa = tl.load(sa_ptr + offs_m * stride_sam, mask=mask_m, other=0.0)
+            sb = tl.load(sb_ptr + offs_n * stride_sbn, mask=mask_n, other=0.0)
+            acc = acc * sa[:, None] * sb[None, :]
+        c = acc.to(c_ptr.dtype.element_ty)
+        c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :] * stride_cn
+        tl.store(c_ptrs, c, mask=mask_m[:, None] & mask_n[None, :])
 
 
 def _set_tma_blocks(nargs):
@@ -238,6 +327,26 @@ def tma_operands(a, b):
     return la, lb
 
 
+def _unpack(config):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages[, persistent]) -> 7 values."""
+    if len(config) not in (6, 7):
+        raise ValueError(f"a gemm config is (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages[, persistent]), "
+                         f"got {config}")
+    return (*config[:6], bool(config[6]) if len(config) == 7 else False)
+
+
+_SMS = {}
+
+
+def _num_sms(device):
+    if device.type != "cuda":
+        return 4  # the interpreter: a few programs, each walking several tiles
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SMS:
+        _SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SMS[idx]
+
+
 def _launch(a, b, c, sa, sb, mode, sb_n=128, config=None):
     """a: [M, K] view, b: [K, N] view, c: [M, N] output; strides are taken as they are."""
     M, K = a.shape
@@ -257,6 +366,10 @@ def _launch(a, b, c, sa, sb, mode, sb_n=128, config=None):
         s_bk, s_bn = sb.stride(0), sb.stride(1)
     else:
         s_bk, s_bn = 0, (sb.stride(0) if sb is not None and sb.dim() == 1 else 0)
+    if mode == SCALE_BLOCK and s_am != 1 and M > 1:
+        # each K step reads one scale_a column for the tile's rows: M-contiguous makes that one coalesced load
+        sa_t = sa.t().contiguous().t()
+        s_am, s_ak = sa_t.stride()
     tma = tma_operands(a, b)
     if tma is not None:
         return _launch_tma(a, b, c, sa_t, sb_t, tma, (s_am, s_ak, s_bk, s_bn), mode, sb_n, config)
@@ -267,7 +380,10 @@ def _launch(a, b, c, sa, sb, mode, sb_n=128, config=None):
     if config is None and interpreting():
         config = INTERPRET_CONFIG if mode != SCALE_BLOCK else (32, 32, 128, 4, 4, 1)
     if config is not None:
-        bm, bn, bk, gm, w, s = config
+        bm, bn, bk, gm, w, s, persistent = _unpack(config)
+        if persistent:
+            raise NotImplementedError(f"persistent config {config} runs on the TMA kernel only; these operands "
+                                      f"take the pointer kernel (see tma_operands)")
         grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
         _gemm_kernel[grid](*args, **meta, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, num_warps=w, num_stages=s)
         return c
@@ -289,11 +405,16 @@ def _launch_tma(a, b, c, sa, sb, tma, s_strides, mode, sb_n, config):
     if config is None and interpreting():
         config = INTERPRET_CONFIG if mode != SCALE_BLOCK else (32, 32, 128, 4, 4, 1)
     if config is not None:
-        bm, bn, bk, gm, w, s = config
+        bm, bn, bk, gm, w, s, persistent = _unpack(config)
         _set_tma_blocks(dict(a_desc=a_desc, b_desc=b_desc, A_T=a_t, B_T=b_t, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk))
-        grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
-        _gemm_tma_kernel[grid](*args, **meta, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, num_warps=w,
-                               num_stages=s)
+        tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
+        if persistent:
+            nprog = min(tiles, _num_sms(a.device))
+            _gemm_tma_persistent_kernel[(nprog,)](*args, **meta, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm,
+                                                  NUM_PROGS=nprog, num_warps=w, num_stages=s)
+        else:
+            _gemm_tma_kernel[(tiles,)](*args, **meta, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, num_warps=w,
+                                       num_stages=s)
         return c
     kernel = _tma_block if mode == SCALE_BLOCK else (_tma_8 if a.element_size() == 1 else _tma_16)
     grid = lambda meta_: (triton.cdiv(M, meta_["BLOCK_M"]) * triton.cdiv(N, meta_["BLOCK_N"]),)  # noqa: E731

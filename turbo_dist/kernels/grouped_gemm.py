@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from . import gemm as _gemm
-from .gemm import SCALE_BLOCK, SCALE_NONE, TensorDescriptor, interpreting
+from .gemm import SCALE_BLOCK, SCALE_NONE, TensorDescriptor, _block_scale_step, interpreting
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
 CONFIGS_16 = [
@@ -36,7 +36,15 @@ CONFIGS_8 = [
     (128, 128, 128, 8, 3),
     (64, 128, 128, 4, 4),
 ]
-CONFIGS_BLOCK = [c for c in CONFIGS_8 if c[1] <= 128]
+# blockwise: see kernels/gemm.py CONFIGS_BLOCK (BLOCK_N <= 128: one scale_b scalar per tile and K step)
+CONFIGS_BLOCK = [
+    (128, 128, 128, 8, 4),
+    (128, 128, 128, 8, 3),
+    (128, 128, 128, 8, 5),
+    (64, 128, 128, 4, 4),
+    (64, 128, 128, 4, 5),
+    (128, 128, 128, 4, 4),
+]
 CONFIGS_WGRAD = [
     (128, 128, 64, 8, 4),
     (128, 256, 64, 8, 3),
@@ -107,10 +115,9 @@ def _grouped_gemm_kernel(
             a = tl.load(a_ptrs, mask=mask_m[:, None] & (rk[None, :] < k_left), other=0.0)
             b = tl.load(b_ptrs, mask=(rk[:, None] < k_left) & mask_n[None, :], other=0.0)
             if SCALE_MODE == 3:
-                sa = tl.load(sa_ptr + offs_m * stride_sam + kb * stride_sak, mask=mask_m, other=0.0)
-                sb = tl.load(sb_ptr + g * stride_sbg + kb * stride_sbk + (offs_n // SB_N) * stride_sbn,
-                             mask=mask_n, other=0.0)
-                acc += tl.dot(a, b) * sa[:, None] * sb[None, :]
+                acc = _block_scale_step(acc, tl.dot(a, b), sa_ptr, sb_ptr + g * stride_sbg, kb, offs_m, mask_m,
+                                        pid_n * BLOCK_N, offs_n, mask_n, stride_sam, stride_sak, stride_sbk,
+                                        stride_sbn, SB_N, BLOCK_N)
             else:
                 if IEEE:
                     acc = tl.dot(a, b, acc, input_precision="ieee")
@@ -172,10 +179,9 @@ def _grouped_gemm_tma_kernel(
             else:
                 b = b_desc.load([g, k0, off_n]).reshape(BLOCK_K, BLOCK_N)
             if SCALE_MODE == 3:
-                sa = tl.load(sa_ptr + offs_m * stride_sam + kb * stride_sak, mask=mask_m, other=0.0)
-                sb = tl.load(sb_ptr + g * stride_sbg + kb * stride_sbk + (offs_n // SB_N) * stride_sbn,
-                             mask=mask_n, other=0.0)
-                acc += tl.dot(a, b) * sa[:, None] * sb[None, :]
+                acc = _block_scale_step(acc, tl.dot(a, b), sa_ptr, sb_ptr + g * stride_sbg, kb, offs_m, mask_m,
+                                        pid_n * BLOCK_N, offs_n, mask_n, stride_sam, stride_sak, stride_sbk,
+                                        stride_sbn, SB_N, BLOCK_N)
             else:
                 acc = tl.dot(a, b, acc)
         if SCALE_MODE == 1:
@@ -305,6 +311,9 @@ def grouped_gemm(a, b, group_offs, out=None, scale_a=None, scale_b=None, scale_m
         s_bg, s_bk, s_bn = scale_b.stride(0), 0, scale_b.stride(1)
     else:
         s_bg, s_bk, s_bn = scale_b.stride()
+    if scale_mode == SCALE_BLOCK and s_am != 1 and M > 1:
+        sa = scale_a.t().contiguous().t()  # M-contiguous: one coalesced scale_a load per tile and K step
+        s_am, s_ak = sa.stride()
     tma = tma_operands(a, b)
     if tma is not None:
         return _launch_tma(a, tma, out, group_offs, sa, sb, (s_am, s_ak, s_bg, s_bk, s_bn), scale_mode, sb_n,

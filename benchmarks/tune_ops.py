@@ -1,0 +1,288 @@
+"""Time every candidate tile config of our Triton GEMMs, one forced config at a time (no autotune), each checked
+against PyTorch, to decide which configs go first in kernels/gemm.py and kernels/grouped_gemm.py.
+
+    python benchmarks/tune_ops.py --json benchmarks/results/tune_ops_h200.json [--cases ...] [--rep-ms 25]
+    TRITON_INTERPRET=1 python benchmarks/tune_ops.py --dry-run      # CPU, tiny sizes: checks the script only
+
+Cases (one GPU): bf16 GEMM C = A @ W^T (nn.Linear layout, the TMA kernel) at cube4096, dsv3_qkv_a
+(8192x2112x7168) and cube8192, against torch.mm (cuBLAS); blockwise FP8 (1x128 activations, 128x128 weights)
+at 8192^3 against bf16 cuBLAS and rowwise torch._scaled_mm; blockwise FP8 grouped GEMM on the DeepSeek-V3 fc1
+shape (8 experts, 1024 tokens each on average, skewed) against bf16 torch._grouped_mm.
+
+For each case: every candidate (the module's config list, then extra candidates) is compiled, run once and
+compared with the reference (relative Frobenius error; `ok` = below the case's tolerance), then timed with
+do_bench (rep --rep-ms); the baselines and the autotuned default are timed alongside; finally the top
+--final-top candidates and the baselines are re-timed interleaved (--rounds rounds, common.bench_interleaved),
+which is the number to rank by (`ms`; `ms_single` is the first pass). A config that fails to compile or run
+(e.g. too much shared memory) is a row with `error`, not a crash. The JSON is rewritten after each case.
+--dry-run: CPU under TRITON_INTERPRET=1, sizes / 32, fp16 instead of bf16 (the interpreter mishandles bf16;
+fp16 keeps the 2-byte TMA kernel path that the GPU run tunes, fp32 would take the pointer kernel).
+"""
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+
+from common import bench, bench_interleaved, machine_info, print_table, write_json  # noqa: E402
+
+GEMM_CASES = [("cube4096", 4096, 4096, 4096), ("dsv3_qkv_a", 8192, 2112, 7168), ("cube8192", 8192, 8192, 8192)]
+CASES = [c[0] for c in GEMM_CASES] + ["fp8_block_8192", "fp8_grouped_block_G8_fc1"]
+
+# Candidates beyond the module lists: (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages).
+EXTRA_16 = [
+    (128, 256, 64, 4, 8, 3),
+    (128, 256, 64, 16, 8, 3),
+    (256, 128, 64, 16, 8, 4),
+    (128, 128, 64, 16, 8, 4),
+    (128, 128, 64, 8, 4, 5),
+    (64, 128, 64, 8, 4, 5),
+    (256, 64, 64, 16, 8, 3),
+    (64, 256, 64, 8, 8, 3),
+    # persistent (7th entry 1): one program per SM walking the tiles (kernels/gemm.py _gemm_tma_persistent_kernel)
+    (128, 256, 64, 8, 8, 3, 1),
+    (128, 256, 64, 8, 8, 4, 1),
+    (128, 128, 64, 8, 8, 4, 1),
+    (128, 128, 64, 8, 4, 4, 1),
+]
+EXTRA_BLOCK = [
+    (128, 128, 128, 16, 8, 4),
+    (128, 128, 128, 4, 8, 4),
+    (64, 128, 128, 16, 4, 4),
+    (128, 64, 128, 8, 4, 5),
+    (256, 128, 128, 8, 8, 3),
+    (128, 256, 128, 8, 8, 3),  # BLOCK_N 256: two scale_b blocks per tile (the vector path)
+    (128, 128, 128, 8, 8, 4, 1),  # persistent
+    (64, 128, 128, 8, 4, 4, 1),
+]
+# grouped: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
+EXTRA_GROUPED_BLOCK = [
+    (128, 64, 128, 4, 4),
+    (64, 128, 128, 8, 4),
+    (128, 256, 128, 8, 3),
+]
+
+DEVICE, DTYPE, SHRINK, DRY = "cuda", torch.bfloat16, 1, False
+
+
+def _uniq(rows):
+    out = []
+    for r in rows:
+        if tuple(r) not in out:
+            out.append(tuple(r))
+    return out
+
+
+def rel_err(x, ref):
+    x, ref = x.float(), ref.float()
+    return ((x - ref).norm() / ref.norm().clamp_min(1e-12)).item()
+
+
+def _time_one(fn, rep_ms):
+    if DRY:  # the interpreter: one call checks the path; its time means nothing
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+    return bench(fn, warmup_ms=10, rep_ms=rep_ms)
+
+
+def tune_case(case, flops, ref, tol, baselines, default_fn, candidates, run, args, source):
+    """candidates: [config]; run(config) -> output; baselines: {label: fn}; default_fn: the autotuned launcher."""
+    rows, fns = [], {}
+    t_case = time.perf_counter()
+    for label, fn in baselines.items():
+        fns[label] = fn
+        rows.append({"case": case, "kind": "baseline", "impl": label, "ms_single": _time_one(fn, args.rep_ms)})
+    for cfg in candidates:
+        row = {"case": case, "kind": "config", "impl": "x".join(map(str, cfg)), "config": list(cfg),
+               "in_module_list": cfg in source}
+        try:
+            out = run(cfg)
+            if DEVICE == "cuda":
+                torch.cuda.synchronize()
+            err = rel_err(out, ref)
+            row.update(rel_err=err, ok=err < tol)
+            fn = (lambda c=cfg: run(c))
+            row["ms_single"] = _time_one(fn, args.rep_ms)
+            if row["ok"]:
+                fns[row["impl"]] = fn
+        except Exception as exc:  # too much shared memory, a compile error: a row, not a crash
+            row.update(ok=False, error=f"{type(exc).__name__}: {exc}"[:300])
+        rows.append(row)
+    row = {"case": case, "kind": "autotuned", "impl": "default (autotune)"}
+    try:
+        err = rel_err(default_fn(), ref)
+        row.update(rel_err=err, ok=err < tol, ms_single=_time_one(default_fn, args.rep_ms))
+        fns[row["impl"]] = default_fn
+    except Exception as exc:
+        row.update(ok=False, error=f"{type(exc).__name__}: {exc}"[:300])
+    rows.append(row)
+    # re-time the best few candidates with the baselines and the autotuned default, interleaved
+    timed = sorted((r for r in rows if r["kind"] == "config" and r.get("ok") and r.get("ms_single")),
+                   key=lambda r: r["ms_single"])
+    final = [r["impl"] for r in timed[:args.final_top]] + list(baselines) + (
+        ["default (autotune)"] if "default (autotune)" in fns else [])
+    if DRY:
+        res = {k: next(r["ms_single"] for r in rows if r["impl"] == k) for k in final}
+    else:
+        res = bench_interleaved({k: fns[k] for k in final}, rounds=args.rounds, rep_ms=args.rep_ms)
+    first_base = next(iter(baselines))
+    for r in rows:
+        r["ms"] = res.get(r["impl"]) or r.get("ms_single")
+        r["final"] = r["impl"] in res
+        if r.get("ms"):
+            r["tflops"] = flops / r["ms"] / 1e9
+            base = res.get(first_base)
+            r["x_" + first_base] = (base / r["ms"]) if base else None
+    rows.sort(key=lambda r: (r.get("ms") is None, r.get("ms") or 0))
+    for i, r in enumerate(rows):
+        r["rank"] = i + 1
+    print(f"\n## {case}  ({time.perf_counter() - t_case:.1f} s)")
+    print_table(rows, ["rank", "kind", "impl", "ms", "ms_single", "tflops", "x_" + first_base, "ok", "rel_err",
+                       "in_module_list", "final", "error"])
+    return rows
+
+
+def gemm_cases(names, args):
+    from turbo_dist.kernels import gemm as kgemm
+
+    source = [tuple(c) for c in kgemm.CONFIGS_16]
+    cands = _uniq(source + EXTRA_16)
+    for name, M, N, K in GEMM_CASES:
+        if name not in names:
+            continue
+        M, N, K = (max(16, d // SHRINK) for d in (M, N, K))
+        g = torch.Generator(device="cpu").manual_seed(0)
+        a = torch.randn(M, K, generator=g).to(DEVICE, DTYPE)
+        w = torch.randn(N, K, generator=g).to(DEVICE, DTYPE)
+        ref = (a.float() @ w.float().t()) if DRY else torch.mm(a, w.t())
+        baselines = {"cublas": lambda: torch.mm(a, w.t())}
+        yield tune_case(name, 2.0 * M * N * K, ref, 2e-2, baselines, lambda: kgemm.gemm(a, w.t()), cands,
+                        lambda cfg: kgemm.gemm(a, w.t(), config=cfg), args, source)
+
+
+def fp8_block_case(args):
+    from turbo_dist.kernels import gemm as kgemm
+    from turbo_dist.ops import ScalingGranularity, quantize_fp8
+    from turbo_dist.ops.fp8 import _reference_scaled_mm
+
+    B, R = ScalingGranularity.BLOCKWISE, ScalingGranularity.ROWWISE
+    E4M3 = torch.float8_e4m3fn
+    M = N = K = max(128, 8192 // SHRINK)
+    g = torch.Generator(device="cpu").manual_seed(1)
+    a = torch.randn(M, K, generator=g).to(DEVICE, DTYPE)
+    w = torch.randn(N, K, generator=g).to(DEVICE, DTYPE)
+    aq, sa = quantize_fp8(a, E4M3, B)
+    wq, sw = quantize_fp8(w, E4M3, B, weight=True)
+    ref = _reference_scaled_mm(aq, wq.t(), sa, sw.t(), "block", torch.float32)
+    baselines = {"bf16_cublas": lambda: torch.mm(a, w.t())}
+    if not DRY:
+        aq_r, sa_r = quantize_fp8(a, E4M3, R)
+        wq_r, sw_r = quantize_fp8(w, E4M3, R, weight=True)
+        baselines["rowwise_torch_scaled_mm"] = lambda: torch._scaled_mm(
+            aq_r, wq_r.t(), sa_r, sw_r.t(), out_dtype=torch.bfloat16)
+    source = [tuple(c) for c in kgemm.CONFIGS_BLOCK]
+    out_dtype = torch.bfloat16 if not DRY else torch.float32
+    run = lambda cfg: kgemm.scaled_gemm(aq, wq.t(), sa, sw.t(), kgemm.SCALE_BLOCK, out_dtype=out_dtype,  # noqa
+                                        config=cfg)
+    return tune_case("fp8_block_8192", 2.0 * M * N * K, ref, 2e-2, baselines, lambda: run(None),
+                     _uniq(source + EXTRA_BLOCK), run, args, source)
+
+
+def fp8_grouped_block_case(args):
+    from bench_ops import skewed_lens
+    from turbo_dist.kernels import fp8_gemm, grouped_gemm as kgg
+    from turbo_dist.ops import ScalingGranularity, quantize_fp8
+    from turbo_dist.ops.fp8 import _reference_grouped_scaled
+
+    B = ScalingGranularity.BLOCKWISE
+    E4M3 = torch.float8_e4m3fn
+    G, tpe, K, N = 8, max(16, 1024 // SHRINK), max(128, 7168 // SHRINK), max(128, 4096 // SHRINK)
+    lens = skewed_lens(G, tpe, seed=G)
+    M = int(lens.sum())
+    g = torch.Generator(device="cpu").manual_seed(2)
+    a = torch.randn(M, K, generator=g).to(DEVICE, DTYPE)
+    b_t = (torch.randn(G, N, K, generator=g) * K ** -0.5).to(DEVICE, DTYPE)  # [G, N, K] as nn.Linear stores it
+    aq, sa = quantize_fp8(a, E4M3, B)
+    wq, sw = quantize_fp8(b_t, E4M3, B, weight=True)
+    sw = sw.transpose(1, 2)  # [G, K/128, N/128]
+    gl = lens.to(DEVICE)
+    offs = torch.cumsum(gl, 0)
+    ref = _reference_grouped_scaled(aq, wq.transpose(1, 2), sa, sw, lens, "block", torch.float32)
+    baselines = {}
+    if not DRY:
+        offs32 = offs.to(torch.int32)
+        baselines["bf16_torch_grouped_mm"] = lambda: torch._grouped_mm(a, b_t.transpose(1, 2), offs=offs32,
+                                                                       out_dtype=torch.bfloat16)
+    else:
+        baselines["fp32_loop"] = lambda: _reference_grouped_scaled(aq, wq.transpose(1, 2), sa, sw, lens, "block",
+                                                                   torch.float32)
+    source = [tuple(c) for c in kgg.CONFIGS_BLOCK]
+    out_dtype = torch.bfloat16 if not DRY else torch.float32
+    run = lambda cfg: fp8_gemm.grouped_scaled_mm(aq, wq.transpose(1, 2), sa, sw, offs, fp8_gemm.SCALE_BLOCK,  # noqa
+                                                 out_dtype=out_dtype, config=cfg)
+    return tune_case("fp8_grouped_block_G8_fc1", 2.0 * M * K * N, ref, 2e-2, baselines, lambda: run(None),
+                     _uniq(source + EXTRA_GROUPED_BLOCK), run, args, source)
+
+
+def main(argv=None):
+    global DEVICE, DTYPE, SHRINK, DRY
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json", default=None, help="write rows + machine info here (rewritten after each case)")
+    p.add_argument("--cases", default=",".join(CASES), help=f"comma list of {CASES}")
+    p.add_argument("--rep-ms", type=float, default=25.0, help="do_bench repetition budget per timing")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds for the final re-timing")
+    p.add_argument("--final-top", type=int, default=4, help="candidates re-timed interleaved with the baselines")
+    p.add_argument("--dry-run", action="store_true", help="CPU under TRITON_INTERPRET=1, tiny sizes")
+    args = p.parse_args(argv)
+    names = [c.strip() for c in args.cases.split(",") if c.strip()]
+    unknown = [c for c in names if c not in CASES]
+    if unknown:
+        p.error(f"unknown cases {unknown}; choose from {CASES}")
+    if args.dry_run:
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            p.error("--dry-run needs TRITON_INTERPRET=1 in the environment (set before triton is imported)")
+        DEVICE, DTYPE, SHRINK, DRY = "cpu", torch.float16, 32, True
+    elif not torch.cuda.is_available():
+        print("tune_ops: CUDA is not available; nothing to tune (use --dry-run under TRITON_INTERPRET=1).")
+        return 0
+    t0 = time.perf_counter()
+    rows = []
+    meta = {"rep_ms": args.rep_ms, "rounds": args.rounds, "final_top": args.final_top, "dry_run": DRY}
+    print(f"# tune_ops on {machine_info().get('gpu') or 'CPU (interpreter)'}", flush=True)
+
+    def done(new):
+        rows.extend(new)
+        if args.json:
+            meta["elapsed_s"] = round(time.perf_counter() - t0, 1)
+            write_json(args.json, rows, dict(meta))
+
+    for case_rows in gemm_cases(names, args):
+        done(case_rows)
+    if "fp8_block_8192" in names:
+        done(fp8_block_case(args))
+    if "fp8_grouped_block_G8_fc1" in names:
+        done(fp8_grouped_block_case(args))
+    print("\n## best config per case (rank by ms, correct results only)")
+    best = []
+    for case in names:
+        cand = [r for r in rows if r["case"] == case and r["kind"] == "config" and r.get("ok") and r.get("ms")]
+        base = [r for r in rows if r["case"] == case and r["kind"] != "config" and r.get("ms")]
+        if cand:
+            c = min(cand, key=lambda r: r["ms"])
+            best.append({"case": case, "best_config": c["impl"], "ms": c["ms"], "in_module_list": c["in_module_list"],
+                         **{f"{r['impl']}_ms": r["ms"] for r in base}})
+    print_table(best)
+    meta["best"] = best
+    print(f"\ntotal {time.perf_counter() - t0:.1f} s")
+    if args.json:
+        done([])
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
