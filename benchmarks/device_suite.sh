@@ -27,6 +27,11 @@ for ph in $PHASES; do
     cp) timeout 300 torchrun --standalone --nproc-per-node "$NGPU" benchmarks/bench_cp_attention.py --json "$OUT/cp_attention_$TAG.json" > "$OUT/cp_$TAG.log" 2>&1; echo "cp rc=$?";;
     native) timeout 300 python setup.py build_ext --inplace > "$OUT/native.log" 2>&1; echo "native rc=$?"; grep turbo_dist: "$OUT/native.log" | tail -5;
             timeout 200 python -m pytest tests/test_shmem.py -q -rs -p no:cacheprovider > "$OUT/pytest_shmem_$TAG.log" 2>&1; echo "shmem tests rc=$?"; tail -5 "$OUT/pytest_shmem_$TAG.log";;
+    tune) timeout ${TUNE_S:-300} python benchmarks/tune_ops.py ${TUNE_ARGS:-} --json "$OUT/tune_ops_$TAG.json" > "$OUT/tune_ops_$TAG.log" 2>&1; echo "tune rc=$?"; tail -12 "$OUT/tune_ops_$TAG.log";;
+    moefix) timeout 200 python -m pytest -q -rs -p no:cacheprovider tests/test_moe_low_latency.py::test_low_latency_triton_self_loop \
+              tests/test_moe_low_latency.py::test_low_latency_kernels_simulated_ranks tests/test_moe_low_latency.py::test_fp8_casts_bit_identical_on_cpu_and_gpu \
+              tests/test_moe_nvlink.py::test_nvlink_vs_collective "tests/test_moe_nvlink.py::test_nvlink_reference_fp8_backward_errors" tests/test_moe.py > "$OUT/pytest_moefix_$TAG.log" 2>&1; echo "moefix rc=$?"; tail -4 "$OUT/pytest_moefix_$TAG.log";;
+    opstests) TURBO_DIST_TRITON_TUNE=first timeout 200 python -m pytest -q -rs -p no:cacheprovider tests/test_ops_gemm.py tests/test_ops_fp8.py > "$OUT/pytest_ops_$TAG.log" 2>&1; echo "opstests rc=$?"; tail -3 "$OUT/pytest_ops_$TAG.log";;
     *) echo "unknown phase $ph";;
   esac
   echo "phase $ph took $(( $(date +%s) - t0 )) s"
