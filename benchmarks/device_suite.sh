@@ -14,7 +14,7 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 for ph in $PHASES; do
   t0=$(date +%s)
   case $ph in
-    install) timeout 300 pip install -v --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1; echo "install rc=$?"; grep "turbo_dist:" "$OUT/install.log" | tail -5;
+    install) timeout 300 python -m pip install -v --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1; echo "install rc=$?"; grep "turbo_dist:" "$OUT/install.log" | tail -5;
              python -c "import turbo_dist.shmem as s; print('native shmem:', s.is_available()); s._native_module()" 2>&1 | tail -2;;
     tests) timeout 420 python -m pytest tests/ -q -rs -p no:cacheprovider > "$OUT/pytest_$TAG.log" 2>&1; echo "tests rc=$?"; tail -3 "$OUT/pytest_$TAG.log";;
     dist) timeout 420 python -m pytest tests/ --dist-only -q -rs -p no:cacheprovider > "$OUT/pytest_dist_$TAG.log" 2>&1; echo "dist rc=$?"; tail -3 "$OUT/pytest_dist_$TAG.log";;

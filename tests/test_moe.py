@@ -243,8 +243,9 @@ def _async_and_errors_body(rank, world, transport):
 
     with pytest.raises(TypeError, match="int64"):
         buf.get_dispatch_layout(idx.int(), num_experts)
-    with pytest.raises(ValueError, match="divisible"):
-        buf.get_dispatch_layout(idx, num_experts + 1)
+    if world > 1:  # at world 1 every expert count divides evenly
+        with pytest.raises(ValueError, match="divisible"):
+            buf.get_dispatch_layout(idx, num_experts + 1)
     with pytest.raises(ValueError, match="num_tokens_per_rank"):
         buf.dispatch(x, topk_idx=idx)
     with pytest.raises(TypeError, match="bf16"):

@@ -349,9 +349,23 @@ def test_gpu_non_contiguous(name):
 
 
 @pytest.mark.gpu
-def test_gpu_triton_fp32():
-    q, k, v, do = make(1, 100, 77, 4, 2, 64, torch.float32, device="cuda")
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_gpu_triton_fp32(d):
+    # fp32 tiles take twice the shared memory of the tuned 16-bit ones: D=128/256 must still launch
+    q, k, v, do = make(1, 100, 77, 4, 2, d, torch.float32, device="cuda")
     check_backend("triton", q, k, v, do, True, 1e-4, 1e-4)
+
+
+def test_fp32_configs_shrink(monkeypatch):
+    from turbo_dist.kernels import flash_attn as fa
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the compiled-kernel tables, not the interpreter's tile
+    for table in (fa.FWD_CONFIGS, fa.BWD_DKDV_CONFIGS, fa.BWD_DQ_CONFIGS):
+        for d, cfg in table.items():
+            assert fa._pick(table, d, 2) == cfg
+            c32 = fa._pick(table, d, 4)
+            assert c32.block_m == max(16, cfg.block_m // 2) and c32.block_n == max(16, cfg.block_n // 2)
+            assert c32.num_stages <= 2
 
 
 @pytest.mark.gpu

@@ -58,12 +58,19 @@ BWD_DQ_CONFIGS = {
 INTERPRET_CONFIG = FlashConfig(16, 16, num_warps=1, num_stages=1)
 
 
-def _pick(table, block_d):
+def _pick(table, block_d, elem_size=2):
+    """The tuned config for this head-dim bucket. The tables are for 16-bit inputs; fp32 tiles take twice
+    the shared memory (a D=128 dq tile of 128x64, 3 stages, needs 288 KiB in fp32 > 227 KiB on H100/H200),
+    so fp32 halves both tile sides and keeps at most 2 stages."""
     if interpreting():
         return INTERPRET_CONFIG
     for d in sorted(table):
         if block_d <= d:
-            return table[d]
+            cfg = table[d]
+            if elem_size >= 4:
+                cfg = FlashConfig(max(16, cfg.block_m // 2), max(16, cfg.block_n // 2), cfg.num_warps,
+                                  min(cfg.num_stages, 2))
+            return cfg
     raise NotImplementedError(f"flash attention (triton) supports head_dim <= {max(table)}, got {block_d}")
 
 
@@ -340,7 +347,7 @@ def flash_attn_forward(q, k, v, causal=False, softmax_scale=None, config=None):
     sk, hkv = k.shape[1], k.shape[2]
     scale = d ** -0.5 if softmax_scale is None else float(softmax_scale)
     block_d = _block_d(d)
-    cfg = config or _pick(FWD_CONFIGS, block_d)
+    cfg = config or _pick(FWD_CONFIGS, block_d, q.element_size())
     o = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty((b, hq, sq), device=q.device, dtype=torch.float32)
     if b * sq * hq == 0:
@@ -373,13 +380,13 @@ def flash_attn_backward(do, q, k, v, o, lse, causal=False, softmax_scale=None, d
     _bwd_delta_kernel[(triton.cdiv(sq, pre_m), hq, b)](
         o, do, delta, *o.stride(), *do.stride(), sq, d, hq, BLOCK_M=pre_m, BLOCK_D=block_d)
     prec = _precision(q.dtype)
-    cfg = dkdv_config or _pick(BWD_DKDV_CONFIGS, block_d)
+    cfg = dkdv_config or _pick(BWD_DKDV_CONFIGS, block_d, q.element_size())
     _bwd_dkdv_kernel[(triton.cdiv(sk, cfg.block_n), hkv, b)](
         q, k, v, do, lse, delta, dk, dv, *q.stride(), *k.stride(), *v.stride(), *do.stride(), *lse.stride(),
         *dk.stride(), *dv.stride(), hq, hq // hkv, sq, sk, d, scale * LOG2E, scale,
         CAUSAL=bool(causal), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, PRECISION=prec,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    cfg = dq_config or _pick(BWD_DQ_CONFIGS, block_d)
+    cfg = dq_config or _pick(BWD_DQ_CONFIGS, block_d, q.element_size())
     _bwd_dq_kernel[(triton.cdiv(sq, cfg.block_m), hq, b)](
         q, k, v, do, lse, delta, dq, *q.stride(), *k.stride(), *v.stride(), *do.stride(), *lse.stride(),
         *dq.stride(), hq, hq // hkv, sq, sk, d, scale * LOG2E, scale,

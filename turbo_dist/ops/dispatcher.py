@@ -2,7 +2,9 @@
 
 Order of choice for an op: `set_backend(op, name)` > TURBO_DIST_<OP>_BACKEND > autotune cache
 (TURBO_DIST_AUTOTUNE=1: time each candidate once per input signature, keep the fastest) >
-the op's default order, taking the first backend whose `can_handle` accepts the inputs.
+the op's default order, taking the first backend whose `can_handle` accepts the inputs. An op may
+register a measured, input-dependent preference (`set_preference`): a backend it names moves to the
+front of the default order for those inputs (only among backends that accept them).
 A backend chosen explicitly (setter or env var) that cannot handle the inputs raises: we never
 run something other than what was asked for without saying so. `last_backend(op)` tells what
 ran, for benches and logs.
@@ -34,6 +36,7 @@ class Op:
     last: Optional[str] = None
     autotune_cache: Dict[tuple, str] = field(default_factory=dict)
     signature: Optional[Callable] = None  # (*args, **kwargs) -> hashable key for autotuning
+    preference: Optional[Callable] = None  # (*args, **kwargs) -> backend name to try first, or None
 
     def ordered(self) -> List[Backend]:
         return sorted(self.backends.values(), key=lambda b: (b.priority, b.name))
@@ -56,6 +59,11 @@ def register_backend(op, name, fn, can_handle=None, priority=0):
 def set_signature(op, fn):
     """How autotuning keys an op's inputs (default: shapes, dtypes and devices of tensor args)."""
     _op(op).signature = fn
+
+
+def set_preference(op, fn):
+    """`fn(*args, **kwargs)` names the backend to try first for these inputs (None: the default order)."""
+    _op(op).preference = fn
 
 
 def set_backend(op, name):
@@ -147,6 +155,13 @@ def choose(op, *args, **kwargs) -> Backend:
             reasons[b.name] = ok
     if not candidates:
         raise ValueError(f"no backend of {op} can run these inputs: {reasons}")
+    if o.preference is not None and len(candidates) > 1:
+        try:
+            first = o.preference(*args, **kwargs)
+        except Exception as exc:  # a rule that cannot judge the inputs leaves the default order
+            log.debug("dispatcher: preference of %s raised %r", op, exc)
+            first = None
+        candidates.sort(key=lambda b: b.name != first)
     if len(candidates) > 1 and os.environ.get("TURBO_DIST_AUTOTUNE", "0") == "1":
         return _autotune(o, candidates, args, kwargs)
     return candidates[0]
