@@ -211,6 +211,9 @@ setup(
     extras_require={
         "mpi": ["mpi4py"],
         "test": ["pytest"],
+        # framework integrations (turbo_dist.integrations.*), pinned to the versions they are tested against
+        "megatron": ["megatron-core==0.16.1"],
+        "torchtitan": ["torchtitan==0.3.0"],  # needs Python >= 3.11; pins spmd_types==0.2.3 itself
     },
     ext_modules=_native_extensions(),
     cmdclass={"build_ext": OptionalBuildExt},

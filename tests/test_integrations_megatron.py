@@ -1,25 +1,28 @@
-"""Megatron-core's flex ("deepep") token dispatcher running on turbo_dist.moe.
+"""Megatron-core (tested: 0.16.1) with turbo_dist switched on by `turbo_dist.integrations.megatron.enable(...)`.
 
-CPU (gloo, 2 ranks): Megatron's own `MoEFlexTokenDispatcher` (its class, its `FusedDispatch`/`FusedCombine`
-autograd functions, turbo_dist.moe.Buffer underneath after `enable()`) carries tokens to tiny linear
-experts and back; output and the gradients of hidden states, routing probabilities and expert weights
-match a dense single-process reference that every rank computes from all ranks' seeded inputs.
-Megatron's other dispatchers cannot be the CPU reference: `MoEAllGatherTokenDispatcher` allocates its
-all-gather output on `torch.cuda.current_device()` and `MoEAlltoAllTokenDispatcher` creates a
-`torch.cuda.Stream` in its constructor; its `MoELayer` router also moves its weight to CUDA. The
-MoELayer comparison against Megatron's alltoall dispatcher is therefore GPU-marked (2 GPUs).
-
-CP attention (CPU, gloo, CP=2): `TurboDistCoreAttention`, put in a Megatron layer spec, on Megatron's zigzag
-CP shards with cp_comm_type p2p / a2a / all_gather, against plain causal GQA attention over the whole
-sequence (Megatron's local DotProductAttention needs CUDA and CP=1, so it cannot be the reference here).
+CPU (gloo): Megatron's own `MoEFlexTokenDispatcher` (its class, its `FusedDispatch`/`FusedCombine` autograd
+functions, turbo_dist.moe.Buffer underneath after `enable()`) carries tokens to tiny linear experts and back on
+2 and 4 ranks; output and the gradients of hidden states, routing probabilities and expert weights match a dense
+single-process reference that every rank computes from all ranks' seeded inputs. The sequence-parallel linears
+(TP=2) and the CP core attention (CP=2; cp_comm_type p2p / a2a / all_gather on Megatron's zigzag shards) are
+checked against plain PyTorch references.
+Megatron's own paths cannot be the CPU reference: `MoEAlltoAllTokenDispatcher` creates a `torch.cuda.Stream` in
+its constructor, `MoEAllGatherTokenDispatcher` allocates on `torch.cuda.current_device()`, the router moves its
+weight to CUDA, the SP linears all-gather into the global CUDA memory buffer, and `DotProductAttention` uses that
+buffer too (and needs CP=1). Those comparisons are GPU-marked: MoELayer flex-on-turbo_dist vs Megatron's alltoall
+dispatcher (2 GPUs), SP linears vs Megatron's (2 GPUs), core attention vs DotProductAttention at CP=1 (1 GPU).
 """
+import importlib.util
 import subprocess
 import sys
 
 import pytest
 import torch
 
-pytest.importorskip("megatron.core", reason="megatron-core not installed (pip install 'turbo_dist[megatron]')")
+_HAVE_MEGATRON = (importlib.util.find_spec("megatron") is not None
+                  and importlib.util.find_spec("megatron.core") is not None)
+needs_megatron = pytest.mark.skipif(not _HAVE_MEGATRON,
+                                    reason="megatron-core not installed (pip install -e '.[megatron]')")
 
 from turbo_dist.testing import run_distributed  # noqa: E402
 
@@ -120,12 +123,14 @@ def _dispatcher_step(rank, world_size):
         parallel_state.destroy_model_parallel()
 
 
+@needs_megatron
 @pytest.mark.dist
-def test_flex_dispatcher_on_turbo_dist_matches_reference():
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_flex_dispatcher_on_turbo_dist_matches_reference(world_size):
     if torch.cuda.is_available():
         pytest.skip("CPU (gloo) comparison; with GPUs test_moe_layer_flex_matches_alltoall_gpu covers the path")
-    ours = run_distributed(_dispatcher_step, 2, env=_ENV)
-    ref = _reference(2)
+    ours = run_distributed(_dispatcher_step, world_size, env=_ENV)
+    ref = _reference(world_size)
     for rank, (a, b) in enumerate(zip(ours, ref)):
         assert a["enabled"]["moe_dispatcher"]
         assert a["counts"] == b["counts"], f"rank {rank}: tokens per local expert differ"
@@ -160,24 +165,56 @@ def _enable_disable(rank, world_size):
     return tdm.enabled()
 
 
+@needs_megatron
 @pytest.mark.dist
 def test_enable_is_logged_and_reversible(caplog):
     out = run_distributed(_enable_disable, 2, env=_ENV)
     assert all(o == {"moe_dispatcher": False, "async_tp": False, "cp_attention": False} for o in out)
 
 
-def test_unsupported_hooks_raise_with_reason():
+@needs_megatron
+def test_spec_hooks_need_a_layer_spec():
     import turbo_dist.integrations.megatron as tdm
 
-    with pytest.raises(NotImplementedError, match="use_turbo_dist_linears"):
+    with pytest.raises(ValueError, match="use_turbo_dist_linears"):
         tdm.enable(moe_dispatcher=False, async_tp=True)
-    with pytest.raises(NotImplementedError, match="TurboDistCoreAttention"):
+    with pytest.raises(ValueError, match="TurboDistCoreAttention"):
         tdm.enable(moe_dispatcher=False, cp_attention=True)
+    with pytest.raises(ValueError, match="changes nothing"):
+        tdm.enable(moe_dispatcher=False, layer_spec=object())
     with pytest.raises(ValueError, match="moe_transport"):
         tdm.enable(moe_transport="rdma")
-    assert not tdm.enabled()["moe_dispatcher"]
+    assert tdm.enabled() == {"moe_dispatcher": False, "async_tp": False, "cp_attention": False}
 
 
+@needs_megatron
+def test_enable_changes_the_layer_spec_and_logs_it(caplog):
+    """enable(async_tp=True, cp_attention=True, layer_spec=...) on Megatron's own local GPT layer spec."""
+    import logging
+
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+    import turbo_dist.integrations.megatron as tdm
+
+    spec = get_gpt_layer_local_spec()
+    attn, mlp = spec.submodules.self_attention.submodules, spec.submodules.mlp.submodules
+    assert (attn.linear_qkv, attn.linear_proj) == (ColumnParallelLinear, RowParallelLinear)
+    try:
+        with caplog.at_level(logging.INFO, logger="turbo_dist"):
+            state = tdm.enable(moe_dispatcher=False, async_tp=True, cp_attention=True, layer_spec=[spec])
+        assert state == {"moe_dispatcher": False, "async_tp": True, "cp_attention": True}
+        assert (attn.linear_qkv, attn.linear_proj) == (tdm.TurboDistColumnParallelLinear,
+                                                      tdm.TurboDistRowParallelLinear)
+        assert (mlp.linear_fc1, mlp.linear_fc2) == (tdm.TurboDistColumnParallelLinear, tdm.TurboDistRowParallelLinear)
+        assert attn.core_attention is tdm.TurboDistCoreAttention
+        assert "turbo_dist.tp linears" in caplog.text and "-> TurboDistCoreAttention" in caplog.text
+    finally:
+        tdm.disable()
+    assert tdm.enabled()["async_tp"] is False
+
+
+@needs_megatron
 def test_enable_logs_each_rebinding(caplog):
     import logging
 
@@ -193,8 +230,25 @@ def test_enable_logs_each_rebinding(caplog):
 
 
 def test_import_turbo_dist_does_not_import_megatron():
-    code = ("import sys, turbo_dist, turbo_dist.moe, turbo_dist.integrations; "
-            "assert 'megatron' not in sys.modules and 'torchtitan' not in sys.modules, 'framework imported'")
+    """Runs with or without the frameworks installed (it only means something with them installed)."""
+    code = ("import sys, turbo_dist, turbo_dist.moe, turbo_dist.tp, turbo_dist.cp, turbo_dist.ops, "
+            "turbo_dist.integrations; "
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('megatron', 'torchtitan', 'spmd_types')); "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_integration_modules_fail_clearly_without_framework():
+    """With the frameworks hidden from the import system, importing an integration names its extra."""
+    code = ("import sys\n"
+            "sys.modules['megatron'] = sys.modules['torchtitan'] = None\n"
+            "for name in ('megatron', 'torchtitan'):\n"
+            "    try:\n"
+            "        __import__('turbo_dist.integrations.' + name)\n"
+            "    except ImportError as e:\n"
+            "        assert \"pip install 'turbo_dist[%s]'\" % name in str(e), str(e)\n"
+            "    else:\n"
+            "        raise SystemExit(name + ' imported without the framework')\n")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
@@ -218,18 +272,26 @@ def _tp_reference():
     return {"y": y.detach(), "x": x.grad, "w1": w1.grad, "b1": b1.grad, "w2": w2.grad, "b2": b2.grad}
 
 
-def _tp_step(rank, world_size):
+def _tp_step(rank, world_size, path="turbo_dist"):
+    """fc1 -> relu -> fc2 of Megatron's local spec, SP on; path "megatron": Megatron's own linears (CUDA only)."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     import turbo_dist.integrations.megatron as tdm
 
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=world_size)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        spec = tdm.use_turbo_dist_linears(get_gpt_layer_local_spec())
+        if device == "cuda":
+            model_parallel_cuda_manual_seed(123)
+        spec = get_gpt_layer_local_spec()
         mlp = spec.submodules.mlp.submodules
-        assert mlp.linear_fc1 is tdm.TurboDistColumnParallelLinear and mlp.linear_fc2 is tdm.TurboDistRowParallelLinear
+        if path == "turbo_dist":
+            assert tdm.enable(moe_dispatcher=False, async_tp=True, layer_spec=spec)["async_tp"]
+            assert (mlp.linear_fc1, mlp.linear_fc2) == (tdm.TurboDistColumnParallelLinear,
+                                                        tdm.TurboDistRowParallelLinear)
         config = TransformerConfig(num_layers=1, hidden_size=TP_HIDDEN, num_attention_heads=2,
                                    tensor_model_parallel_size=world_size, sequence_parallel=True,
                                    use_cpu_initialization=True)
@@ -237,7 +299,8 @@ def _tp_step(rank, world_size):
                              gather_output=False)
         fc2 = mlp.linear_fc2(TP_FFN, TP_HIDDEN, config=config, init_method=torch.nn.init.zeros_, bias=True,
                              input_is_parallel=True, skip_bias_add=False)
-        x, w1, b1, w2, b2, loss_w = _tp_params()
+        fc1, fc2 = fc1.to(device), fc2.to(device)
+        x, w1, b1, w2, b2, loss_w = (t.to(device) for t in _tp_params())
         n, s = TP_FFN // world_size, TP_SEQ // world_size
         with torch.no_grad():  # Megatron's sharding: fc1 rows, fc2 columns; the sequence for SP
             fc1.weight.copy_(w1[rank * n:(rank + 1) * n])
@@ -250,12 +313,16 @@ def _tp_step(rank, world_size):
         (y * loss_w[rank * s:(rank + 1) * s]).sum().backward()
         # SP bias/LayerNorm grads are per-rank partial sums (Megatron all-reduces them at the step).
         torch.distributed.all_reduce(fc2.bias.grad, group=parallel_state.get_tensor_model_parallel_group())
-        return {"y": y.detach(), "x": x_local.grad, "w1": fc1.weight.grad, "b1": fc1.bias.grad,
-                "w2": fc2.weight.grad, "b2": fc2.bias.grad, "h_shape": tuple(h.shape)}
+        out = {"y": y, "x": x_local.grad, "w1": fc1.weight.grad, "b1": fc1.bias.grad, "w2": fc2.weight.grad,
+               "b2": fc2.bias.grad}
+        return {"h_shape": tuple(h.shape), "types": (type(fc1).__name__, type(fc2).__name__),
+                **{k: v.detach().float().cpu() for k, v in out.items()}}
     finally:
+        tdm.disable()
         parallel_state.destroy_model_parallel()
 
 
+@needs_megatron
 @pytest.mark.dist
 def test_sequence_parallel_linears_match_reference():
     if torch.cuda.is_available():
@@ -271,6 +338,20 @@ def test_sequence_parallel_linears_match_reference():
                     "w2": ref["w2"][:, rank * n:(rank + 1) * n], "b2": ref["b2"]}
         for key, value in expected.items():
             torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-5, msg=f"rank {rank} {key}")
+
+
+@needs_megatron
+@pytest.mark.dist
+@pytest.mark.gpu(min_gpus=2)
+def test_sequence_parallel_linears_match_megatron_gpu():
+    """TP=2, SP: turbo_dist linears vs Megatron's own ColumnParallelLinear/RowParallelLinear (CUDA-only path)."""
+    ours = run_distributed(_tp_step, 2, args=("turbo_dist",), env=_ENV)
+    ref = run_distributed(_tp_step, 2, args=("megatron",), env=_ENV)
+    for rank, (a, b) in enumerate(zip(ours, ref)):
+        assert a["types"] == ("TurboDistColumnParallelLinear", "TurboDistRowParallelLinear")
+        assert b["types"] == ("ColumnParallelLinear", "RowParallelLinear")
+        for key in ("y", "x", "w1", "b1", "w2", "b2"):
+            torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-4, msg=f"rank {rank} {key}")
 
 
 # ------------------------------------------------------------------------------------------------ CP attention
@@ -316,7 +397,8 @@ def _cp_attention_step(rank, world_size, comm_types):
 
     parallel_state.initialize_model_parallel(context_parallel_size=world_size)
     try:
-        spec = tdm.use_turbo_dist_core_attention(get_gpt_layer_local_spec())
+        spec = get_gpt_layer_local_spec()
+        assert tdm.enable(moe_dispatcher=False, cp_attention=True, layer_spec=spec)["cp_attention"]
         assert spec.submodules.self_attention.submodules.core_attention is tdm.TurboDistCoreAttention
         results = {}
         for comm in comm_types:
@@ -332,9 +414,11 @@ def _cp_attention_step(rank, world_size, comm_types):
             results[comm] = (out.detach(), q.grad, k.grad, v.grad)
         return results
     finally:
+        tdm.disable()
         parallel_state.destroy_model_parallel()
 
 
+@needs_megatron
 @pytest.mark.dist
 def test_core_attention_spec_context_parallel_matches_reference():
     if torch.cuda.is_available():
@@ -349,6 +433,7 @@ def test_core_attention_spec_context_parallel_matches_reference():
                                            msg=f"rank {rank} {comm} {name}")
 
 
+@needs_megatron
 def test_core_attention_refuses_what_it_cannot_do():
     from megatron.core.transformer.enums import AttnMaskType
     from megatron.core.transformer.transformer_config import TransformerConfig
@@ -394,6 +479,7 @@ def _moe_layer_step(rank, world_size, path):
         parallel_state.destroy_model_parallel()
 
 
+@needs_megatron
 @pytest.mark.dist
 @pytest.mark.gpu(min_gpus=2)
 def test_moe_layer_flex_matches_alltoall_gpu():
@@ -405,3 +491,38 @@ def test_moe_layer_flex_matches_alltoall_gpu():
         assert a["grads"].keys() == b["grads"].keys()
         for name in a["grads"]:
             torch.testing.assert_close(a["grads"][name], b["grads"][name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def _core_attention_vs_megatron_step(rank, world_size):
+    from megatron.core import parallel_state
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    import turbo_dist.integrations.megatron as tdm
+
+    parallel_state.initialize_model_parallel()
+    try:
+        config = TransformerConfig(num_layers=1, hidden_size=HEADS * HEAD_DIM, num_attention_heads=HEADS,
+                                   num_query_groups=KV_HEADS, attention_dropout=0.0, use_cpu_initialization=True)
+        results = []
+        for cls in (DotProductAttention, tdm.TurboDistCoreAttention):
+            q, k, v, w = (t.cuda() for t in _attention_inputs())
+            q, k, v = (t.requires_grad_(True) for t in (q, k, v))
+            mask = torch.ones(1, 1, SEQ, SEQ, dtype=torch.bool, device="cuda").triu(1)  # True = masked out
+            out = cls(config, 1, AttnMaskType.causal, "self")(q, k, v, mask)
+            (out * w).sum().backward()
+            results.append([t.detach().float().cpu() for t in (out, q.grad, k.grad, v.grad)])
+        return results
+    finally:
+        parallel_state.destroy_model_parallel()
+
+
+@needs_megatron
+@pytest.mark.dist
+@pytest.mark.gpu(min_gpus=1)
+def test_core_attention_matches_megatron_dot_product_attention_gpu():
+    """CP=1 on one GPU: TurboDistCoreAttention vs Megatron's own DotProductAttention (which needs CUDA)."""
+    (ref, ours), = run_distributed(_core_attention_vs_megatron_step, 1, env=_ENV)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), ours, ref):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3, msg=name)

@@ -1,7 +1,9 @@
-"""Megatron-core integration: turbo_dist.moe as the backend of Megatron's flex ("deepep") token dispatcher.
+"""Megatron-core integration: turbo_dist.moe as the backend of Megatron's flex ("deepep") token dispatcher,
+turbo_dist.tp for its sequence-parallel linears, turbo_dist.cp as its context-parallel core attention.
 
     import turbo_dist.integrations.megatron as tdm
-    tdm.enable(moe_dispatcher=True)            # before building the model; logs every name it rebinds
+    spec = get_gpt_layer_local_spec(num_experts=...)
+    tdm.enable(moe_dispatcher=True, async_tp=True, cp_attention=True, layer_spec=spec)  # logs every change
     config = TransformerConfig(..., moe_token_dispatcher_type="flex", moe_flex_dispatcher_backend="deepep",
                                moe_router_dtype="fp32")
     ...
@@ -20,8 +22,8 @@ Tested against megatron-core 0.16.1 (the `megatron` extra). HybridEP (`moe_flex_
 "hybridep"`) is not covered.
 
 Async TP and CP attention go through Megatron's own per-model extension point, the layer spec (there is
-no global switch to flip, so `enable(async_tp=True)` / `enable(cp_attention=True)` raise
-NotImplementedError pointing here):
+no global switch to flip, so `enable(async_tp=True)` / `enable(cp_attention=True)` need `layer_spec=` and
+change that spec; without it they raise ValueError pointing here):
 - `use_turbo_dist_linears(spec)`: the spec's ColumnParallelLinear / RowParallelLinear (linear_qkv,
   linear_proj, linear_fc1, linear_fc2) become `TurboDistColumnParallelLinear` / `TurboDistRowParallelLinear`:
   Megatron's classes (same parameters, init, checkpoints) whose sequence-parallel all-gather + GEMM and
@@ -60,19 +62,20 @@ _ASYNC_TP_REASON = (
     "ColumnParallelLinear/RowParallelLinear call linear_with_grad_accumulation_and_async_allreduce and "
     "reduce_scatter_to_sequence_parallel_region directly; tp_comm_overlap is TransformerEngine userbuffers) "
     "and turbo_dist does not patch Megatron's functions. Its linears are chosen per model by the layer spec: "
-    "use turbo_dist.integrations.megatron.use_turbo_dist_linears(spec)"
+    "pass it (enable(async_tp=True, layer_spec=spec), i.e. use_turbo_dist_linears(spec))"
 )
 _CP_REASON = (
     "Megatron-core picks core attention per layer through the layer spec (its local DotProductAttention "
     "requires context_parallel_size == 1, TEDotProductAttention runs TransformerEngine's CP); there is no "
-    "global switch to flip. Put turbo_dist.integrations.megatron.TurboDistCoreAttention in the spec "
-    "(use_turbo_dist_core_attention(spec)) instead"
+    "global switch to flip. Pass the spec (enable(cp_attention=True, layer_spec=spec), i.e. "
+    "use_turbo_dist_core_attention(spec)) to put TurboDistCoreAttention in it"
 )
 
 # Rebinding records: (module, attribute, previous value or _ABSENT). Restored in reverse order.
 _ABSENT = object()
 _swaps = []
-_state = {"moe_dispatcher": False, "buffer": None, "transport": None, "num_nvl_bytes": None, "num_sms": None}
+_state = {"moe_dispatcher": False, "buffer": None, "transport": None, "num_nvl_bytes": None, "num_sms": None,
+          "async_tp": False, "cp_attention": False}
 
 
 def _megatron_version():
@@ -153,29 +156,44 @@ def set_deepep_num_sms(num_sms):
 
 
 # ---------------------------------------------------------------------------------------------- public switch
-def enable(moe_dispatcher=True, async_tp=False, cp_attention=False, *, moe_transport=None, moe_num_nvl_bytes=None):
-    """Turn turbo_dist on inside Megatron-core; returns `enabled()`.
+def enable(moe_dispatcher=True, async_tp=False, cp_attention=False, *, layer_spec=None, moe_transport=None,
+           moe_num_nvl_bytes=None):
+    """Turn turbo_dist on inside Megatron-core; returns `enabled()`. Every change is logged (INFO, "turbo_dist").
 
     moe_dispatcher: Megatron's flex token dispatcher with backend "deepep" (`moe_token_dispatcher_type=
         "flex"`, `moe_flex_dispatcher_backend="deepep"`, or the deprecated `moe_enable_deepep=True`) runs
         on turbo_dist.moe.Buffer. Call before the dispatchers are built (they check for the backend in
-        their constructor). Idempotent.
-    async_tp, cp_attention: raise NotImplementedError (Megatron exposes no hook for them; the message says
-        what to use instead).
+        their constructor). Idempotent; `disable()` undoes it.
+    async_tp: the sequence-parallel ColumnParallelLinear/RowParallelLinear of `layer_spec` become
+        TurboDistColumnParallelLinear/TurboDistRowParallelLinear (`use_turbo_dist_linears`).
+    cp_attention: `layer_spec`'s core attention becomes TurboDistCoreAttention (`use_turbo_dist_core_attention`).
+    layer_spec: the transformer-layer ModuleSpec (or a list of them, e.g. a TransformerBlockSubmodules'
+        `layer_specs`) to change, required by async_tp / cp_attention: Megatron chooses these modules per
+        model through the layer spec and has no global switch, so turbo_dist changes the spec you pass, before
+        the model is built from it. `disable()` does not undo spec changes (the spec is yours; rebuild it).
     moe_transport: "nvlink" | "collective" | None (Buffer's choice: TURBO_DIST_MOE_TRANSPORT, else nvlink
         with peer access and a buffer, else collective).
     moe_num_nvl_bytes: size of the symmetric buffer; default Megatron's DeepEP-style hint. Our nvlink
         transport sizes by token count: `Buffer.get_nvl_buffer_size_hint(max_tokens_per_rank, hidden,
         ep_size, topk)` fits any routing of up to that many tokens.
     """
-    if async_tp:
-        raise NotImplementedError(f"turbo_dist.integrations.megatron.enable(async_tp=True): {_ASYNC_TP_REASON}")
-    if cp_attention:
-        raise NotImplementedError(f"turbo_dist.integrations.megatron.enable(cp_attention=True): {_CP_REASON}")
+    if (async_tp or cp_attention) and layer_spec is None:
+        raise ValueError("enable(async_tp=True / cp_attention=True) needs layer_spec=: "
+                         + (_ASYNC_TP_REASON if async_tp else _CP_REASON))
+    specs = list(layer_spec) if isinstance(layer_spec, (list, tuple)) else [layer_spec]
+    if layer_spec is not None and not (async_tp or cp_attention):
+        raise ValueError("enable(layer_spec=...) without async_tp=True or cp_attention=True changes nothing")
     if moe_transport not in (None, "nvlink", "collective"):
         raise ValueError(f"moe_transport must be None, 'nvlink' or 'collective', got {moe_transport!r}")
     if moe_num_nvl_bytes is not None and (not isinstance(moe_num_nvl_bytes, int) or moe_num_nvl_bytes < 0):
         raise ValueError(f"moe_num_nvl_bytes must be None or an int >= 0, got {moe_num_nvl_bytes!r}")
+    for spec in specs if layer_spec is not None else []:
+        if async_tp:
+            use_turbo_dist_linears(spec)
+            _state["async_tp"] = True
+        if cp_attention:
+            use_turbo_dist_core_attention(spec)
+            _state["cp_attention"] = True
     if moe_dispatcher:
         if _state["moe_dispatcher"]:
             log.info("turbo_dist.integrations.megatron: MoE dispatcher already enabled")
@@ -213,7 +231,8 @@ def _enable_moe_dispatcher(transport, num_nvl_bytes):
 
 
 def disable():
-    """Undo `enable()`: every rebound name gets its previous value (or is deleted if it had none)."""
+    """Undo `enable(moe_dispatcher=True)`: every rebound name gets its previous value (or is deleted if it
+    had none). Layer specs changed by async_tp / cp_attention stay changed."""
     while _swaps:
         module, name, old = _swaps.pop()
         if old is _ABSENT:
@@ -223,12 +242,14 @@ def disable():
         log.info("turbo_dist.integrations.megatron: restored %s.%s = %s", module.__name__, name, _qualname(old))
     if _state["num_sms"] is not None:
         Buffer.num_sms = _state["num_sms"]
-    _state.update(moe_dispatcher=False, buffer=None, transport=None, num_nvl_bytes=None, num_sms=None)
+    _state.update(moe_dispatcher=False, buffer=None, transport=None, num_nvl_bytes=None, num_sms=None,
+                  async_tp=False, cp_attention=False)
 
 
 def enabled():
-    """{"moe_dispatcher": bool, "async_tp": False, "cp_attention": False}: what is on now."""
-    return {"moe_dispatcher": _state["moe_dispatcher"], "async_tp": False, "cp_attention": False}
+    """{"moe_dispatcher", "async_tp", "cp_attention"}: bools; the last two: applied to a layer spec since
+    the last `disable()`."""
+    return {k: _state[k] for k in ("moe_dispatcher", "async_tp", "cp_attention")}
 
 
 # ---------------------------------------------------------------------------------------------- async TP
@@ -422,5 +443,5 @@ def use_turbo_dist_core_attention(layer_spec):
 
 
 __all__ = ["enable", "disable", "enabled", "TurboDistColumnParallelLinear", "TurboDistRowParallelLinear",
-           "use_turbo_dist_linears", "TurboDistCoreAttention", "use_turbo_dist_core_attention", "get_buffer", "fused_dispatch", "fused_combine", "set_deepep_num_sms",
-           "event_handle", "TESTED_VERSIONS"]
+           "use_turbo_dist_linears", "TurboDistCoreAttention", "use_turbo_dist_core_attention", "get_buffer",
+           "fused_dispatch", "fused_combine", "set_deepep_num_sms", "event_handle", "TESTED_VERSIONS"]

@@ -1,14 +1,20 @@
-"""TorchTitan integration: turbo_dist.moe for MoE token dispatch/combine, turbo_dist.ops.grouped_gemm for experts.
+"""TorchTitan integration: turbo_dist.moe for MoE token dispatch/combine, turbo_dist.ops.grouped_gemm for experts,
+turbo_dist.tp for async tensor parallelism.
 
 TorchTitan swaps components through registered config overrides (`torchtitan.config.override`), switched
-on from the job config; importing this module registers two of them and changes nothing else:
+on from the job config; importing this module registers them and changes nothing else:
 
     --override.imports turbo_dist.integrations.torchtitan.moe_token_dispatcher
     --override.imports turbo_dist.integrations.torchtitan.grouped_experts
-    # with options: 'turbo_dist.integrations.torchtitan.moe_token_dispatcher={"transport": "collective"}'
+    --override.imports turbo_dist.integrations.torchtitan.async_tp_qkv        # the three async-TP overrides
+    --override.imports turbo_dist.integrations.torchtitan.async_tp_row_linear
+    --override.imports turbo_dist.integrations.torchtitan.async_tp_feed_forward
+    --override.imports turbo_dist.integrations.torchtitan.cp_attention         # SDPA inner attention, CP
+    # with options: 'turbo_dist.integrations.torchtitan.moe_token_dispatcher={"transport": "collective"}',
+    #               'turbo_dist.integrations.torchtitan.cp_attention={"cp_comm_type": "a2a"}'
 
-or in a Python job config: `OverrideConfig(imports=["turbo_dist.integrations.torchtitan.moe_token_dispatcher",
-"turbo_dist.integrations.torchtitan.grouped_experts"])`. TorchTitan logs every node it replaces.
+or in a Python job config: `OverrideConfig(imports=[*OVERRIDES, *ASYNC_TP_OVERRIDES, *CP_OVERRIDES])`.
+TorchTitan logs every node it replaces ("[Override] ...: <fqn> <old Config> -> <new Config>").
 
 - `moe_token_dispatcher` replaces every `AllToAllTokenDispatcher.Config` (the "standard" EP backend) with
   `TurboDistTokenDispatcher.Config`: tokens go to their experts' ranks with `turbo_dist.moe.dispatch`
@@ -17,25 +23,43 @@ or in a Python job config: `OverrideConfig(imports=["turbo_dist.integrations.tor
   With EP=1 (no EP mesh) it reorders locally exactly like TorchTitan's LocalTokenDispatcher.
 - `grouped_experts` replaces every `GroupedExperts.Config` with `TurboDistGroupedExperts.Config`, whose
   `_grouped_mm` seam (the one TorchTitan's MXFP8 converter also uses) runs `turbo_dist.ops.grouped_gemm`.
+- `async_tp_qkv`, `async_tp_row_linear`, `async_tp_feed_forward` replace TorchTitan's own async-TP modules
+  (`tp_gemm_backend="dist_gemm"`: AllGatherFusedQKVLinear, dist_gemm.RowParallelLinear,
+  AllGatherFusedFeedForward; they need the spmd_types backend and sequence parallelism, which TorchTitan
+  checks) with subclasses whose all-gather + GEMM and GEMM + reduce-scatter (forward and backward) run on
+  turbo_dist.tp. Same parameters and checkpoints. They only apply where the model config selected
+  "dist_gemm"; the default TP path (DTensor collectives around plain GEMMs) is left alone.
+- `cp_attention` replaces every `ScaledDotProductAttention.Config` (the SDPA inner attention) with
+  `TurboDistAttention.Config`: attention on turbo_dist.ops, and with context parallelism on the
+  "partial_dtensor" backend (TorchTitan's apply_cp_to_forward + headtail cp_shard) the whole-sequence
+  attention runs on turbo_dist.cp (ring / a2a / allgather) over the CP mesh.
 
-Tested against torchtitan 0.3.0 (the `torchtitan` extra). Not covered: async TP and CP attention
-(TorchTitan drives those through torch's own `torch.distributed._symmetric_memory` async-TP and
-`context_parallel` paths; see NOT_SUPPORTED), the DeepEP/HybridEP/minimal-async-EP backends (left alone),
-and cudagraph-capturable (host-sync-free) dispatch.
+Tested against torchtitan 0.3.0 (the `torchtitan` extra). Not covered (see NOT_SUPPORTED): CP under the
+spmd_types / full_dtensor backends (spmd_types is TorchTitan's default), Flex/varlen attention, the
+DeepEP/HybridEP/minimal-async-EP backends (left alone), and cudagraph-capturable (host-sync-free) dispatch.
 """
 import logging
 from dataclasses import dataclass
 
 import torch
 
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.distributed.tensor import DTensor, Shard
+
 import turbo_dist.moe as _moe
 import turbo_dist.ops as _ops
+import turbo_dist.tp as _tp
+from turbo_dist.ops import flash_attn_func
 
 try:
     from torchtitan.config.override import derive, override
+    from torchtitan.models.common import dist_gemm as _dist_gemm
     from torchtitan.models.common.moe import GroupedExperts
     from torchtitan.models.common.token_dispatcher import (AllToAllTokenDispatcher, BaseEPTokenDispatcher,
                                                            LocalTokenDispatcher)
+    from torchtitan.distributed.spmd_types import current_spmd_mesh
+    from torchtitan.models.common.attention import ScaledDotProductAttention
 except ImportError as _exc:  # pragma: no cover - exercised only without torchtitan
     raise ImportError(
         "turbo_dist.integrations.torchtitan needs torchtitan (tested: 0.3.0): pip install 'turbo_dist[torchtitan]'"
@@ -45,11 +69,13 @@ log = logging.getLogger("turbo_dist")
 
 TESTED_VERSIONS = ("0.3.0",)
 NOT_SUPPORTED = {
-    "async_tp": "TorchTitan's async TP is torch's symmetric-memory micro-pipelining selected inside its "
-                "tensor-parallel plan (no override point for the fused all-gather/reduce-scatter matmuls); "
-                "use turbo_dist.tp modules in a custom model instead",
-    "cp_attention": "TorchTitan's context parallelism wraps SDPA/FlexAttention with torch's context_parallel; "
-                    "there is no registered override for the CP attention kernel",
+    "cp_spmd_types": "with spmd_backend 'spmd_types' (TorchTitan's default) or 'full_dtensor' the layer's sharding "
+                     "config all-gathers K/V over CP before the inner attention and hands it a local q: the "
+                     "ring/a2a exchange would have to replace that sharding, not the inner attention module. "
+                     "TurboDistAttention raises NotImplementedError there; CP works with 'partial_dtensor'",
+    "cp_flex_varlen": "FlexAttention / VarlenAttention inner attention (block masks, packed documents)",
+    "async_tp_default_backend": "only tp_gemm_backend='dist_gemm' models are covered; the default TP path "
+                                "(DTensor collectives around plain GEMMs) has no module to replace",
 }
 
 
@@ -162,6 +188,234 @@ class TurboDistGroupedExperts(GroupedExperts):
         return _ops.grouped_gemm(A, B_t.transpose(-2, -1), group_lens, trans_b=True)
 
 
+# ---------------------------------------------------------------------------------------------- async TP
+# TorchTitan's async-TP modules (models/common/dist_gemm.py, selected by tp_gemm_backend="dist_gemm", spmd_types
+# backend, sequence parallel) flatten activations sequence-major and call three autograd functions over
+# torch.ops.symm_mem (CUDA only). The subclasses below keep their forwards' reshaping and parameters and run the
+# same math on turbo_dist.tp instead (any backend: symmetric-memory pipelines on GPU, collectives on gloo).
+
+class _AllGatherLinear(torch.autograd.Function):
+    """y [M, N/R] = all_gather(x [M/R, K]) @ w.T (+ b); dx = reduce_scatter(dy @ w); dw = dy.T @ x_full."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, group):
+        x_full, (y,) = _tp.all_gather_matmul(x.contiguous(), [weight.t()], gather_dim=0, group=group)
+        ctx.save_for_backward(x_full, weight)
+        ctx.group, ctx.has_bias = group, bias is not None
+        return y + bias if bias is not None else y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x_full, weight = ctx.saved_tensors
+        dy = dy.contiguous()
+        dx = _tp.matmul_reduce_scatter(dy, weight, scatter_dim=0, group=ctx.group) \
+            if ctx.needs_input_grad[0] else None
+        dw = dy.t() @ x_full if ctx.needs_input_grad[1] else None
+        db = dy.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return dx, dw, db, None
+
+
+class _AllGatherLinearPair(torch.autograd.Function):
+    """(ya, yb) = all_gather(x) @ (wa.T, wb.T) with one all-gather (SwiGLU's w1/w3); dx is one GEMM + RS."""
+
+    @staticmethod
+    def forward(ctx, x, weight_a, weight_b, group):
+        x_full, (ya, yb) = _tp.all_gather_matmul(x.contiguous(), [weight_a.t(), weight_b.t()], gather_dim=0,
+                                                 group=group)
+        ctx.save_for_backward(x_full, weight_a, weight_b)
+        ctx.group = group
+        return ya, yb
+
+    @staticmethod
+    def backward(ctx, dya, dyb):
+        x_full, weight_a, weight_b = ctx.saved_tensors
+        dya, dyb = dya.contiguous(), dyb.contiguous()
+        dx = None
+        if ctx.needs_input_grad[0]:  # dya @ wa + dyb @ wb as one product: one reduce-scatter
+            dx = _tp.matmul_reduce_scatter(torch.cat([dya, dyb], dim=1), torch.cat([weight_a, weight_b], dim=0),
+                                           scatter_dim=0, group=ctx.group)
+        dwa = dya.t() @ x_full if ctx.needs_input_grad[1] else None
+        dwb = dyb.t() @ x_full if ctx.needs_input_grad[2] else None
+        return dx, dwa, dwb, None
+
+
+class _LinearReduceScatter(torch.autograd.Function):
+    """y [M/R, N] = reduce_scatter(x [M, K/R] @ w.T) (+ b); dx = all_gather(dy) @ w; db all-reduced."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, group):
+        y = _tp.matmul_reduce_scatter(x.contiguous(), weight.t(), scatter_dim=0, group=group)
+        ctx.save_for_backward(x, weight)
+        ctx.group, ctx.has_bias = group, bias is not None
+        return y + bias if bias is not None else y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        dy = dy.contiguous()
+        dy_full, (dx,) = _tp.all_gather_matmul(dy, [weight], gather_dim=0, group=ctx.group)
+        dw = dy_full.t() @ x.reshape(-1, x.shape[-1]) if ctx.needs_input_grad[1] else None
+        db = None
+        if ctx.has_bias and ctx.needs_input_grad[2]:  # replicated bias, each rank saw its sequence shard
+            db = dy.sum(0)
+            dist.all_reduce(db, group=ctx.group)
+        return (dx if ctx.needs_input_grad[0] else None), dw, db, None
+
+
+def _tp_group():
+    """TorchTitan's TP group of the current spmd_types mesh (what its dist_gemm modules use), or None."""
+    mesh = current_spmd_mesh()
+    if mesh is None or "tp" not in (mesh.mesh_dim_names or ()):
+        return None
+    group = mesh.get_group("tp")
+    return group if group.size() > 1 else None
+
+
+class TurboDistAllGatherFusedQKVLinear(_dist_gemm.AllGatherFusedQKVLinear):
+    """TorchTitan's AllGatherFusedQKVLinear (same weights) with its all-gather + GEMM on turbo_dist.tp.
+
+    x [B, S/tp, D] (sequence-parallel shard) -> q [B, S, n_heads/tp, hd], k, v [B, S, n_kv/tp, hd].
+    Without a TP group it is TorchTitan's module (which warns that nothing is fused).
+    """
+
+    @dataclass(kw_only=True, slots=True)
+    class Config(_dist_gemm.AllGatherFusedQKVLinear.Config):
+        pass
+
+    def forward(self, x):
+        group = _tp_group()
+        if group is None:
+            return super().forward(x)
+        bsz, _, dim = x.shape
+        # Sequence outermost before flattening, so gathered rows are (seq, batch) row-major (as TorchTitan).
+        qkv_flat = _AllGatherLinear.apply(x.transpose(0, 1).reshape(-1, dim), self.wqkv.weight, self.wqkv.bias,
+                                          group)
+        seqlen = qkv_flat.shape[0] // bsz
+        qkv = qkv_flat.view(seqlen, bsz, -1, self.r_dim, self.head_dim).transpose(0, 1)
+        xq, xk, xv = torch.split(qkv, [self.heads_per_kv, 1, 1], dim=-2)
+        return tuple(t.reshape(bsz, seqlen, -1, self.head_dim).contiguous() for t in (xq, xk, xv))
+
+
+class TurboDistRowParallelLinear(_dist_gemm.RowParallelLinear):
+    """TorchTitan's dist_gemm RowParallelLinear (attention `wo`) with GEMM + reduce-scatter on turbo_dist.tp.
+
+    input [B, S, K/tp] -> [B, S/tp, N]. Without a TP group it is TorchTitan's module.
+    """
+
+    @dataclass(kw_only=True, slots=True)
+    class Config(_dist_gemm.RowParallelLinear.Config):
+        pass
+
+    def forward(self, input):
+        group = _tp_group()
+        if group is None:
+            return super().forward(input)
+        bsz, seqlen, k_local = input.shape
+        y_flat = _LinearReduceScatter.apply(input.transpose(0, 1).reshape(-1, k_local), self.weight, self.bias,
+                                            group)
+        return y_flat.view(seqlen // group.size(), bsz, -1).transpose(0, 1).contiguous()
+
+
+class TurboDistAllGatherFusedFeedForward(_dist_gemm.AllGatherFusedFeedForward):
+    """TorchTitan's AllGatherFusedFeedForward (SwiGLU, same weights): one all-gather feeding w1 and w3 and a
+    w2 GEMM + reduce-scatter, on turbo_dist.tp. x [B, S/tp, D] -> [B, S/tp, D]."""
+
+    @dataclass(kw_only=True, slots=True)
+    class Config(_dist_gemm.AllGatherFusedFeedForward.Config):
+        pass
+
+    def forward(self, x):
+        group = _tp_group()
+        if group is None:
+            return super().forward(x)
+        bsz, _, dim = x.shape
+        h1, h3 = _AllGatherLinearPair.apply(x.transpose(0, 1).reshape(-1, dim), self.w1.weight, self.w3.weight,
+                                            group)
+        y_flat = _LinearReduceScatter.apply(F.silu(h1) * h3, self.w2.weight, self.w2.bias, group)
+        return y_flat.view(-1, bsz, y_flat.shape[-1]).transpose(0, 1).contiguous()
+
+
+@override(target=_dist_gemm.AllGatherFusedQKVLinear.Config, exact=True,
+          description="turbo_dist.tp all-gather + GEMM for the fused QKV projection (async TP)")
+def async_tp_qkv(cfg):
+    """Override factory: dist_gemm AllGatherFusedQKVLinear.Config -> TurboDistAllGatherFusedQKVLinear.Config."""
+    return derive(cfg, TurboDistAllGatherFusedQKVLinear.Config)
+
+
+@override(target=_dist_gemm.RowParallelLinear.Config, exact=True,
+          description="turbo_dist.tp GEMM + reduce-scatter for the attention output projection (async TP)")
+def async_tp_row_linear(cfg):
+    """Override factory: dist_gemm RowParallelLinear.Config -> TurboDistRowParallelLinear.Config."""
+    return derive(cfg, TurboDistRowParallelLinear.Config)
+
+
+@override(target=_dist_gemm.AllGatherFusedFeedForward.Config, exact=True,
+          description="turbo_dist.tp all-gather + GEMM / GEMM + reduce-scatter for the SwiGLU FFN (async TP)")
+def async_tp_feed_forward(cfg):
+    """Override factory: AllGatherFusedFeedForward.Config -> TurboDistAllGatherFusedFeedForward.Config."""
+    return derive(cfg, TurboDistAllGatherFusedFeedForward.Config)
+
+
+# ---------------------------------------------------------------------------------------------- CP attention
+class TurboDistAttention(ScaledDotProductAttention):
+    """TorchTitan's SDPA inner attention on turbo_dist.ops.flash_attn_func, context-parallel on turbo_dist.cp.
+
+    forward(q, k, v [B, L, heads, hd] (GQA: fewer k/v heads), scale, is_causal) -> [B, L, n_heads, hd].
+    Context parallelism as TorchTitan's "partial_dtensor" backend drives it: `apply_cp_to_forward` (which
+    accepts this module, a ScaledDotProductAttention) hands q/k/v over as DTensors sharded on the sequence
+    (Shard(1)) over the CP mesh, and the whole-sequence attention runs over that mesh's group with
+    `cp_comm_type` ("ring" | "a2a" | "allgather"). The shards must be in the layout of TorchTitan's
+    load balancer: `load_balance=True` for "headtail" (TorchTitan's default; it is our zigzag),
+    False for none. attention_masks (Flex/varlen) are refused like TorchTitan's SDPA refuses them; so is
+    the spmd_types/full_dtensor CP path (local q with all-gathered k/v), with NotImplementedError.
+    """
+
+    @dataclass(kw_only=True, slots=True)
+    class Config(ScaledDotProductAttention.Config):
+        cp_comm_type: str = "ring"
+        """turbo_dist CP algorithm: "ring" (K/V ring, overlapped), "a2a" (Ulysses) or "allgather"."""
+        load_balance: bool = True
+        """True: shards in TorchTitan's "headtail" layout (its default load balancer); False: contiguous."""
+
+    def __init__(self, config: Config):
+        super().__init__(config)
+        if config.cp_comm_type not in ("ring", "a2a", "allgather"):
+            raise ValueError(f"cp_comm_type must be 'ring', 'a2a' or 'allgather', got {config.cp_comm_type!r}")
+        self.cp_comm_type = config.cp_comm_type
+        self.load_balance = bool(config.load_balance)
+
+    def forward(self, q_BLNH, k_BLNH, v_BLNH, *, attention_masks=None, scale=None, enable_gqa=False,
+                is_causal=True, **kwargs):
+        if attention_masks is not None:
+            raise ValueError("TurboDistAttention (like ScaledDotProductAttention) takes no attention_masks; "
+                             "only causal/non-causal attention via is_causal")
+        bundle = None
+        if isinstance(q_BLNH, DTensor):
+            mesh = q_BLNH.device_mesh
+            for name, t in (("q", q_BLNH), ("k", k_BLNH), ("v", v_BLNH)):
+                if not isinstance(t, DTensor) or t.device_mesh.ndim != 1 or tuple(t.placements) != (Shard(1),):
+                    raise NotImplementedError(f"TurboDistAttention: {name} must be a DTensor sharded on the "
+                                              "sequence (Shard(1)) over a 1-D CP mesh, as apply_cp_to_forward "
+                                              f"makes it; got {getattr(t, 'placements', type(t).__name__)}")
+            bundle = {"cp_group": mesh.get_group(), "cp_comm_type": self.cp_comm_type,
+                      "load_balance": self.load_balance}
+            q_BLNH, k_BLNH, v_BLNH = (t.to_local() for t in (q_BLNH, k_BLNH, v_BLNH))
+        elif q_BLNH.shape[1] != k_BLNH.shape[1]:
+            raise NotImplementedError(
+                f"TurboDistAttention: q has {q_BLNH.shape[1]} positions and k {k_BLNH.shape[1]}: that is "
+                "TorchTitan's spmd_types/full_dtensor context parallelism (k/v all-gathered for a local q), "
+                "which turbo_dist does not serve; use parallelism.spmd_backend='partial_dtensor' for CP")
+        return flash_attn_func(q_BLNH, k_BLNH, v_BLNH, softmax_scale=scale, causal=is_causal,
+                               cp_param_bundle=bundle)
+
+
+@override(target=ScaledDotProductAttention.Config, exact=True,
+          description="turbo_dist attention / context-parallel attention for the SDPA inner attention")
+def cp_attention(cfg, *, cp_comm_type="ring", load_balance=True):
+    """Override factory: ScaledDotProductAttention.Config -> TurboDistAttention.Config."""
+    return derive(cfg, TurboDistAttention.Config, cp_comm_type=cp_comm_type, load_balance=load_balance)
+
+
 @override(target=AllToAllTokenDispatcher.Config, exact=True,
           description="turbo_dist.moe dispatch/combine for MoE expert parallelism")
 def moe_token_dispatcher(cfg, *, transport=None, num_nvl_bytes=0):
@@ -178,6 +432,13 @@ def grouped_experts(cfg):
 
 OVERRIDES = ("turbo_dist.integrations.torchtitan.moe_token_dispatcher",
              "turbo_dist.integrations.torchtitan.grouped_experts")
+CP_OVERRIDES = ("turbo_dist.integrations.torchtitan.cp_attention",)
+ASYNC_TP_OVERRIDES = ("turbo_dist.integrations.torchtitan.async_tp_qkv",
+                      "turbo_dist.integrations.torchtitan.async_tp_row_linear",
+                      "turbo_dist.integrations.torchtitan.async_tp_feed_forward")
 
 __all__ = ["TurboDistTokenDispatcher", "TurboDistGroupedExperts", "TurboDistDispatchMetadata",
-           "moe_token_dispatcher", "grouped_experts", "OVERRIDES", "NOT_SUPPORTED", "TESTED_VERSIONS"]
+           "TurboDistAllGatherFusedQKVLinear", "TurboDistRowParallelLinear", "TurboDistAllGatherFusedFeedForward",
+           "moe_token_dispatcher", "grouped_experts", "async_tp_qkv", "async_tp_row_linear",
+           "async_tp_feed_forward", "TurboDistAttention", "cp_attention", "OVERRIDES", "ASYNC_TP_OVERRIDES",
+           "CP_OVERRIDES", "NOT_SUPPORTED", "TESTED_VERSIONS"]
