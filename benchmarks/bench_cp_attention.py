@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:  # runnable from a checkout without `pip install -e .`
     sys.path.insert(1, _ROOT)
-from common import machine_info, print_table, write_json  # noqa: E402
+from common import machine_info, print_table, time_across_ranks, write_json  # noqa: E402
 
 OURS = ("a2a", "ring", "allgather")
 TORCH_CP = {"torch_cp_allgather": "allgather", "torch_cp_alltoall": "alltoall"}  # torch's rotate methods
@@ -88,21 +88,7 @@ def time_ms(fn, warmup, iters):
     """Median ms per call on this rank (CUDA events), max over ranks. Same call count on every rank."""
     if DEV == "cpu":
         return _time_cpu(fn, warmup, iters)
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    dist.barrier()
-    events = []
-    for _ in range(iters):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        events.append((s, e))
-    torch.cuda.synchronize()
-    t = torch.tensor([statistics.median(s.elapsed_time(e) for s, e in events)], device=DEV)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.item()
+    return time_across_ranks(fn, warmup, iters)
 
 
 def _time_cpu(fn, warmup, iters):

@@ -19,14 +19,13 @@ finish (rank 0 prints the table and writes the JSON).
 """
 import argparse
 import os
-import statistics
 import sys
 
 import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine_info, print_table, write_json  # noqa: E402
+from common import machine_info, print_table, time_across_ranks, write_json  # noqa: E402
 
 LINK_GBPS = 450.0   # NVLink-4, one direction, per GPU
 HBM_GBPS = 3000.0   # H100 HBM3 copy
@@ -96,22 +95,7 @@ def to_fp8(x):
 
 def time_op(fn, warmup, reps):
     """Median ms of `fn` on this rank (CUDA events, same iteration count on every rank), max over ranks."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    dist.barrier()
-    events = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        events.append((s, e))
-    torch.cuda.synchronize()
-    med = statistics.median(s.elapsed_time(e) for s, e in events)
-    t = torch.tensor([med], dtype=torch.float64, device="cuda")
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t.item())
+    return time_across_ranks(fn, warmup, reps)
 
 
 def mean_over_ranks(value):

@@ -6,6 +6,7 @@ Stable API (other benches import it):
     write_json(path, rows, meta)        -> writes {"command", "machine", "meta", "rows"}
     print_table(rows, cols)             -> prints an aligned text table
     machine_info()                      -> dict describing host, GPU, versions
+    time_across_ranks(fn, warmup, iters)-> median ms on each rank (CUDA events), max over the group
 """
 import datetime
 import json
@@ -196,3 +197,25 @@ def print_table(rows, cols=None, file=None):
     for row in cells:
         print("  ".join(v.rjust(w) for v, w in zip(row, widths)), file=file)
     sys.stdout.flush()
+
+
+def time_across_ranks(fn, warmup, iters):
+    """Median ms of `fn` per rank (CUDA events; the same call count on every rank), max over the ranks of
+    the default process group: the time the slowest rank sees, which is what a collective step costs."""
+    import torch.distributed as dist
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    dist.barrier()
+    events = []
+    for _ in range(iters):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        events.append((s, e))
+    torch.cuda.synchronize()
+    t = torch.tensor([statistics.median(s.elapsed_time(e) for s, e in events)], dtype=torch.float64, device="cuda")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
