@@ -229,6 +229,10 @@ class NvlinkTransport:
         if num_worst_tokens and num_worst_tokens > cap:
             raise self._too_small(num_worst_tokens, sum(widths), "dispatch (num_worst_tokens rows)")
         in_rank = is_token_in_rank.contiguous()
+        # The kernel indexes top-k rows as [T, K] row-major: a strided caller view (e.g. a column slice) must
+        # not be read as if it were one.
+        topk_idx = topk_idx.contiguous() if topk_idx is not None else None
+        topk_weights = topk_weights.contiguous() if topk_weights is not None else None
         epoch = self._next_epoch()
         counts = K.notify(self.sig_ptrs, self.sig_local, num_tokens_per_rank.contiguous(),
                           num_tokens_per_expert.contiguous(), self.err, epoch, me, R, self.barrier_off,
