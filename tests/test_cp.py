@@ -69,7 +69,7 @@ def test_zigzag_chunks_balance_causal_work():
 
 def test_ring_plan_covers_causal_mask_exactly():
     """Per rank, the ring's blocks cover each visible (q chunk, k chunk) pair once and no masked one."""
-    for cp_size in (1, 2, 3, 4):
+    for cp_size in (1, 2, 3, 4, 5, 8):
         for lb in (True, False):
             for rank in range(cp_size):
                 mine = chunk_ids(rank, cp_size, lb)

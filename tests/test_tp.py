@@ -493,3 +493,78 @@ def _pipeline_timeout(rank, world):
 @pytest.mark.gpu(min_gpus=1)
 def test_gpu_pipeline_timeout_raises():
     assert all(run_distributed(_pipeline_timeout, 1))
+
+
+def _gpu_buffer_reuse(rank, world):
+    """Two consecutive pipeline calls of different sizes while rank 1 lags: the second call's bytes must
+    not land where the first call's are still read. Rank 1's comm stream (all-gather) or compute stream
+    (reduce-scatter) sleeps inside call 1; the others run on into call 2. Fails on a layout that sizes
+    the buffer halves per call (see tests/test_tp_schedule.py for the same check with simulated ranks)."""
+    from turbo_dist import get_runtime
+    from turbo_dist.tp import pipeline
+
+    rt = get_runtime()
+    state = pipeline.get_state(rt)
+    dev = rank_device()
+    sleep_cycles = int(2e8)  # ~0.1 s
+
+    if state.epochs["ag"] % 2 == 1:  # make call 1 odd: with per-call halves, odd then even overlapped
+        pipeline.all_gather_consume(rt, [torch.zeros(4, 16, device=dev)], lambda c, s: None)
+    for call, (m, k) in enumerate([(4, 16), (16, 16)], start=1):
+        got = {}
+
+        def consume(chunks, src, call=call, got=got):
+            if call == 1 and rank == 1 and src == rank:  # host order: before this rank's pulls are queued
+                with torch.cuda.stream(rt.comm_stream):
+                    torch.cuda._sleep(sleep_cycles)
+            got[src] = chunks[0].clone()
+
+        pipeline.all_gather_consume(rt, [torch.full((m, k), 100.0 * call + rank, device=dev)], consume, order="ring")
+        for src in range(world):
+            assert torch.equal(got[src].cpu(), torch.full((m, k), 100.0 * call + src)), f"AG call {call}, chunk {src}"
+
+    if state.epochs["rs"] % 2 == 1:
+        pipeline.produce_reduce_scatter(rt, lambda d: torch.zeros(4, 16, device=dev), 4, 16, torch.float32, "sum",
+                                        torch.float32)
+    for call, (m, n) in enumerate([(4, 16), (8, 32)], start=1):
+        def produce(dst, call=call, m=m, n=n):
+            if call == 1 and rank == 1 and dst == rank:  # the own partial (produced last) comes late
+                torch.cuda._sleep(sleep_cycles)
+            return torch.full((m, n), 1000.0 * call + 10.0 * rank + dst, device=dev)
+
+        out = pipeline.produce_reduce_scatter(rt, produce, m, n, torch.float32, "sum", torch.float32, order="ring")
+        expected = sum(1000.0 * call + 10.0 * r + rank for r in range(world))
+        assert torch.equal(out.cpu(), torch.full((m, n), expected)), f"RS call {call}: {out[0, 0].item()} != {expected}"
+    tp.check_errors()
+    return True
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("world_size", [pytest.param(2, marks=pytest.mark.gpu(min_gpus=2)),
+                                        pytest.param(4, marks=pytest.mark.gpu(min_gpus=4))])
+def test_gpu_pipeline_buffer_reuse_across_shapes(world_size):
+    assert all(run_distributed(_gpu_buffer_reuse, world_size))
+
+
+def _gpu_fresh_buffer_race(rank, world):
+    """The first reduce-scatter on a new group allocates (and zeroes) its receive buffer while rank 1's
+    stream is still busy: a peer's push must not be wiped by that late zeroing."""
+    dev = rank_device()
+    g = dist.new_group(list(range(world)))
+    a = [rand((world * 64, 64), 30 + r, torch.float32, dev) for r in range(world)]
+    b = [rand((64, 32), 40 + r, torch.float32, dev) for r in range(world)]
+    tp.all_gather_matmul(a[rank][:64].contiguous(), [b[rank]], group=g, algo="ring")  # TP state
+    if rank == 1:
+        torch.cuda._sleep(int(2e8))  # queued before the RS buffer's zeroing on this rank's stream
+    out = tp.matmul_reduce_scatter(a[rank], b[rank], group=g, algo="ring")
+    ref = sum(x @ y for x, y in zip(a, b)).chunk(world)[rank]
+    # bf16-level tolerance (the GEMM backend may use TF32); a wiped partial is off by ~50%
+    check_close(out, ref, torch.bfloat16, "first reduce-scatter on a fresh group")
+    tp.check_errors(g)
+    return True
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("world_size", [pytest.param(2, marks=pytest.mark.gpu(min_gpus=2))])
+def test_gpu_fresh_buffer_first_push(world_size):
+    assert all(run_distributed(_gpu_fresh_buffer_race, world_size))

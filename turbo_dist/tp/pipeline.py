@@ -14,6 +14,12 @@ as it is produced and raises READY there; the own partial is produced last, hidi
 Each rank then waits for all READY flags and reduces the W slots in fp32.
 
 Signals are epochs (call counters), never reset; see turbo_dist/kernels/tp_signal.py.
+
+Buffer halves: the half a call uses is fixed by its epoch's parity and the buffer's capacity
+(`half_base`), never by the call's own size. Two calls of different shapes therefore never share
+bytes unless they share a parity, and a call only waits for the readers of the call two epochs
+back (the previous user of its half). The pure schedule/layout helpers below (`ring_peers`,
+`half_base`, `packed_offsets`) are what the pipelines use; tests check them for many world sizes.
 """
 import logging
 import weakref
@@ -32,9 +38,43 @@ _ALIGN = 256
 
 _STATES = weakref.WeakKeyDictionary()
 
+# The stream/event API the pipelines use. A seam for tests only: tests/test_tp_schedule.py swaps it
+# (and `tp_signal`) for in-process fakes to run the real schedule with W simulated ranks on CPU.
+_cuda = torch.cuda
+
 
 def _align(n):
     return (n + _ALIGN - 1) // _ALIGN * _ALIGN
+
+
+# ------------------------------------------------------------------------ schedule and layout
+def ring_peers(rank, world_size):
+    """Peers in pipeline order: rank+1, rank+2, ..., rank+W-1 (mod W). At step i every rank talks to
+    rank+i, a permutation of the ranks, so no two ranks pull from (or push to) the same peer at once."""
+    return [(rank + step) % world_size for step in range(1, world_size)]
+
+
+def half_capacity(buf_nbytes):
+    """Bytes of one half of a double-buffered symmetric buffer of `buf_nbytes` (aligned down)."""
+    return (buf_nbytes // 2) // _ALIGN * _ALIGN
+
+
+def half_base(epoch, buf_nbytes):
+    """Byte offset of the half that call `epoch` uses: by parity, at a fixed capacity.
+
+    Using the call's own size as the half (base = (epoch % 2) * size) makes consecutive calls of
+    different sizes overlap (e.g. [256, 512) then [0, 1024)), clobbering bytes peers still read.
+    """
+    return (epoch % 2) * half_capacity(buf_nbytes)
+
+
+def packed_offsets(nbytes, base):
+    """Aligned byte offsets of consecutive regions of `nbytes[i]` bytes from `base`; also the total."""
+    offs, off = [], base
+    for n in nbytes:
+        offs.append(off)
+        off += _align(n)
+    return offs, off - base
 
 
 class TPState:
@@ -48,12 +88,13 @@ class TPState:
         self.pad = self.sig.local(torch.int32, (_SIG_SLOTS,))
         self.pad_ptrs = self.sig.peer_ptrs
         self.err = torch.zeros(tp_signal.ERR_NUMEL, dtype=torch.int32, device=rt.device)
-        self.err_host = torch.zeros(tp_signal.ERR_NUMEL, dtype=torch.int32, pin_memory=True)
+        self.err_host = torch.zeros(tp_signal.ERR_NUMEL, dtype=torch.int32, pin_memory=rt.device.type == "cuda")
         self.err_event = None
         self.epochs = {"ag": 0, "rs": 0}
         self.bufs = {}
         self.timeout_s = config.peer_timeout_s()
-        rt.barrier()  # every rank's pad is zeroed before anyone signals into it
+        _cuda.synchronize(rt.device)  # the pad's zeroing (stream-ordered) is done here...
+        rt.barrier()  # ...on every rank before anyone signals into it
 
     # ---- buffers
     def buffer(self, name, nbytes):
@@ -62,9 +103,13 @@ class TPState:
             return buf
         if buf is not None:
             # Growing frees the old allocation, which peers may still be reading: drain everyone first.
-            torch.cuda.synchronize(self.rt.device)
+            _cuda.synchronize(self.rt.device)
             self.rt.barrier()
         buf = self.rt.symm_buffer(name, nbytes)
+        # The allocation zeroes the new buffer on this rank's current stream; a peer pushing into it
+        # (reduce-scatter) must not land before that zeroing: finish it on every rank first.
+        _cuda.synchronize(self.rt.device)
+        self.rt.barrier()
         self.bufs[name] = buf
         return buf
 
@@ -88,9 +133,9 @@ class TPState:
 
     # ---- errors
     def record_errors(self, stream):
-        with torch.cuda.stream(stream):
+        with _cuda.stream(stream):
             self.err_host.copy_(self.err, non_blocking=True)
-            self.err_event = torch.cuda.Event()
+            self.err_event = _cuda.Event()
             self.err_event.record(stream)
 
     def check_errors(self, block=False):
@@ -132,19 +177,17 @@ def all_gather_consume(rt, shards, consume, consume_all=None, order="ring", gath
     """
     state = get_state(rt)
     w, p = rt.world_size, rt.rank
-    sizes = [_align(s.numel() * s.element_size()) for s in shards]
-    half = sum(sizes)
+    _, half = packed_offsets([s.numel() * s.element_size() for s in shards], 0)
     buf = state.buffer("tp_ag", 2 * half)
     e = state.next_epoch("ag")
-    base = (e % 2) * half
-    offs = [base + sum(sizes[:i]) for i in range(len(shards))]
+    offs, _ = packed_offsets([s.numel() * s.element_size() for s in shards], half_base(e, buf.nbytes))
     if gathered is None:
         gathered = [s.new_empty(w * s.shape[0], *s.shape[1:]) for s in shards]
     chunks = [[g[r * s.shape[0]:(r + 1) * s.shape[0]] for s, g in zip(shards, gathered)] for r in range(w)]
 
-    compute, comm = torch.cuda.current_stream(), rt.comm_stream
+    compute, comm = _cuda.current_stream(), rt.comm_stream
     comm.wait_stream(compute)
-    with torch.cuda.stream(comm):
+    with _cuda.stream(comm):
         state.wait(CH_AG_DONE, e - 2, 0, w)  # every reader is through with this half (two calls ago)
         for s, off in zip(shards, offs):
             buf.local(s.dtype, s.shape, off).copy_(s)
@@ -158,22 +201,21 @@ def all_gather_consume(rt, shards, consume, consume_all=None, order="ring", gath
 
     if order == "ring":
         consume(shards, p)  # own rows need no communication
-        for step in range(1, w):
-            src = (p + step) % w
-            with torch.cuda.stream(comm):
+        for src in ring_peers(p, w):
+            with _cuda.stream(comm):
                 pull(src)
-                landed = torch.cuda.Event()
+                landed = _cuda.Event()
                 landed.record(comm)
             compute.wait_event(landed)
             consume(chunks[src], src)
-        with torch.cuda.stream(comm):
+        with _cuda.stream(comm):
             state.signal(CH_AG_DONE, e, p, 1)
             for s, dst in zip(shards, chunks[p]):
                 dst.copy_(s)
     elif order == "direct":
-        with torch.cuda.stream(comm):
-            for step in range(1, w):
-                pull((p + step) % w)
+        with _cuda.stream(comm):
+            for src in ring_peers(p, w):
+                pull(src)
             state.signal(CH_AG_DONE, e, p, 1)
             for s, dst in zip(shards, chunks[p]):
                 dst.copy_(s)
@@ -200,19 +242,19 @@ def produce_reduce_scatter(rt, produce, m, n, dtype, reduce_op, out_dtype, order
     """
     state = get_state(rt)
     w, p = rt.world_size, rt.rank
-    slot = _align(m * n * torch.empty((), dtype=dtype).element_size())
-    half = w * slot
+    slot_nbytes = m * n * stacked_itemsize(dtype)
+    _, half = packed_offsets([slot_nbytes] * w, 0)
     buf = state.buffer("tp_rs", 2 * half)
     e = state.next_epoch("rs")
-    base = (e % 2) * half
+    slot_offs, _ = packed_offsets([slot_nbytes] * w, half_base(e, buf.nbytes))
 
     def slot_view(rank_buf, src):
-        return buf.peer(rank_buf, dtype, (m, n), base + src * slot)
+        return buf.peer(rank_buf, dtype, (m, n), slot_offs[src])
 
-    compute, comm = torch.cuda.current_stream(), rt.comm_stream
+    compute, comm = _cuda.current_stream(), rt.comm_stream
     keep = []
     comm.wait_stream(compute)
-    with torch.cuda.stream(comm):
+    with _cuda.stream(comm):
         state.wait(CH_RS_DONE, e - 2, 0, w)  # every receiver has reduced this half (two calls ago)
 
     def push(dst, part):
@@ -220,23 +262,21 @@ def produce_reduce_scatter(rt, produce, m, n, dtype, reduce_op, out_dtype, order
         state.signal(CH_RS_READY, e, dst, 1)
 
     if order == "ring":
-        for step in range(1, w):
-            dst = (p + step) % w
+        for dst in ring_peers(p, w):
             part = produce(dst)
             keep.append(part)
-            made = torch.cuda.Event()
+            made = _cuda.Event()
             made.record(compute)
             comm.wait_event(made)
-            with torch.cuda.stream(comm):
+            with _cuda.stream(comm):
                 push(dst, part)
         own = produce(p)
     elif order == "direct":
         full = produce_all()
         keep.append(full)
         comm.wait_stream(compute)
-        with torch.cuda.stream(comm):
-            for step in range(1, w):
-                dst = (p + step) % w
+        with _cuda.stream(comm):
+            for dst in ring_peers(p, w):
                 push(dst, full[dst * m:(dst + 1) * m])
         own = full[p * m:(p + 1) * m]
     else:
@@ -244,12 +284,12 @@ def produce_reduce_scatter(rt, produce, m, n, dtype, reduce_op, out_dtype, order
 
     # The own partial goes into the own slot so one fp32 reduction covers all W slots.
     slot_view(p, p).copy_(own)
-    with torch.cuda.stream(comm):
+    with _cuda.stream(comm):
         state.signal(CH_RS_READY, e, p, 1)
         state.wait(CH_RS_READY, e, 0, w)
     compute.wait_stream(comm)
-    stacked = buf.local(dtype, (w, m, n), base) if slot == m * n * stacked_itemsize(dtype) else torch.stack(
-        [slot_view(p, r) for r in range(w)])
+    stacked = (buf.local(dtype, (w, m, n), slot_offs[0]) if _align(slot_nbytes) == slot_nbytes
+               else torch.stack([slot_view(p, r) for r in range(w)]))
     acc = torch.sum(stacked, dim=0, dtype=torch.float32)
     if reduce_op == "avg":
         acc.div_(w)
