@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # One batched device session: install, GPU test suite, main-job demo, single-GPU benches.
-#   bash benchmarks/device_suite.sh "install tests demo ops attn moe tp cp shmem"   (phases to run; default all)
+#   bash benchmarks/device_suite.sh "install tests dist demo ops attn moe moell moeinter tp cp native tune"
+#   (phases to run, in order; default "install tests demo ops attn"; on a multi-GPU kind start with
+#   "install dist demo moe moell moeinter tp cp")
 # Logs and JSON go under $OUT (default ./out). Safety variables are always set.
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
@@ -23,6 +25,8 @@ for ph in $PHASES; do
     opsq) timeout 300 python benchmarks/bench_ops.py --quick --json "$OUT/ops_$TAG.json" > "$OUT/ops_$TAG.log" 2>&1; echo "opsq rc=$?";;
     attn) timeout 200 python benchmarks/bench_ops_attention.py --json "$OUT/ops_attention_$TAG.json" > "$OUT/ops_attention_$TAG.log" 2>&1; echo "attn rc=$?";;
     moe) timeout 240 torchrun --standalone --nproc-per-node "$NGPU" benchmarks/bench_moe.py --mode intranode --json "$OUT/moe_intranode_$TAG.json" > "$OUT/moe_$TAG.log" 2>&1; echo "moe rc=$?";;
+    moell) timeout 240 torchrun --standalone --nproc-per-node "$NGPU" benchmarks/bench_moe.py --mode low-latency --json "$OUT/moe_low_latency_$TAG.json" > "$OUT/moe_ll_$TAG.log" 2>&1; echo "moell rc=$?";;
+    moeinter) TURBO_DIST_RANKS_PER_NODE=$(( NGPU / 2 > 0 ? NGPU / 2 : 1 )) timeout 240 torchrun --standalone --nproc-per-node "$NGPU" benchmarks/bench_moe.py --mode internode --json "$OUT/moe_internode_$TAG.json" > "$OUT/moe_inter_$TAG.log" 2>&1; echo "moeinter rc=$?";;
     tp) timeout 240 torchrun --standalone --nproc-per-node "$NGPU" benchmarks/bench_async_tp.py --json "$OUT/async_tp_$TAG.json" > "$OUT/tp_$TAG.log" 2>&1; echo "tp rc=$?";;
     cp) timeout 300 torchrun --standalone --nproc-per-node "$NGPU" benchmarks/bench_cp_attention.py --json "$OUT/cp_attention_$TAG.json" > "$OUT/cp_$TAG.log" 2>&1; echo "cp rc=$?";;
     native) timeout 300 python setup.py build_ext --inplace > "$OUT/native.log" 2>&1; echo "native rc=$?"; grep turbo_dist: "$OUT/native.log" | tail -5;
