@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from turbo_dist.ops import (Float8QuantConfig, Format, ScalingGranularity, dequantize_fp8, dispatcher, gemm_fp8,
-                            grouped_gemm_fp8, quantize_fp8, scaled_mm)
+                            grouped_gemm_fp8, grouped_scaled_mm, quantize_fp8, scaled_mm)
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 T, R, B = ScalingGranularity.TENSORWISE, ScalingGranularity.ROWWISE, ScalingGranularity.BLOCKWISE
@@ -224,6 +224,44 @@ def test_grouped_gemm_fp8_snr(backend, fmt, gran):
     assert dispatcher.last_backend("grouped_scaled_mm") == backend
     assert out.shape == (44, 40)
     assert snr(out, grouped_ref(a, b, lens)) >= MIN_SNR[fmt]
+
+
+@pytest.mark.parametrize("backend", ["reference", TRITON_CPU])
+@pytest.mark.parametrize("gran", [T, R, B])
+def test_grouped_scaled_mm_prequantized(backend, gran):
+    """Quantize once, reuse: the public pre-quantized entry gives the bits grouped_gemm_fp8 gives."""
+    dispatcher.set_backend("grouped_scaled_mm", backend)
+    lens = [9, 0, 30, 5]
+    a, w = rnd(44, 144, seed=21), rnd(4, 40, 144, seed=22)  # w [G, N, K], as nn.Linear stores it
+    gl = torch.tensor(lens)
+    aq, sa = quantize_fp8(a, E4M3, gran)
+    wq, sw = quantize_fp8(w, E4M3, gran, weight=True)
+    out = grouped_scaled_mm(aq, wq, sa, sw, gl, out_dtype=torch.float32)
+    assert dispatcher.last_backend("grouped_scaled_mm") == backend
+    cfg = Float8QuantConfig(granularity=gran)
+    assert torch.equal(out, grouped_gemm_fp8(a, w, gl, trans_b=True, config=cfg))
+    assert snr(out, grouped_ref(a, w, lens, trans_b=True)) >= MIN_SNR[Format.E4M3]
+    assert torch.equal(grouped_scaled_mm(aq, wq, sa, sw, gl, out_dtype=torch.float32, granularity=gran), out)
+
+
+def test_grouped_scaled_mm_errors():
+    a, w, gl = rnd(10, 128), rnd(2, 16, 128), torch.tensor([4, 6])
+    aq, sa = quantize_fp8(a, E4M3, R)
+    wq, sw = quantize_fp8(w, E4M3, R, weight=True)
+    with pytest.raises(ValueError, match="w_q \\[G, N, K\\]"):
+        grouped_scaled_mm(aq, wq[:, :, :64], sa, sw, gl)
+    with pytest.raises(TypeError, match="fp8"):
+        grouped_scaled_mm(a, wq, sa, sw, gl)
+    with pytest.raises(TypeError, match="fp32"):
+        grouped_scaled_mm(aq, wq, sa.half(), sw, gl)
+    with pytest.raises(TypeError, match="group_lens"):
+        grouped_scaled_mm(aq, wq, sa, sw, [4, 6])
+    with pytest.raises(ValueError, match="3 groups"):
+        grouped_scaled_mm(aq, wq, sa, sw, torch.tensor([4, 3, 3]))
+    with pytest.raises(ValueError, match="match no granularity"):
+        grouped_scaled_mm(aq, wq, sa[:5], sw, gl)
+    with pytest.raises(ValueError, match="BLOCKWISE: scales must be"):
+        grouped_scaled_mm(aq, wq, sa, sw, gl, granularity=B)
 
 
 @needs_interp

@@ -4,7 +4,7 @@ from .attention import attention, attention_backward, attention_forward
 from .gemm import gemm
 from .grouped_gemm import grouped_gemm
 from .fp8 import (Float8QuantConfig, Format, ScalingGranularity, dequantize_fp8, gemm_fp8, grouped_gemm_fp8,
-                  quantize_fp8, scaled_mm)
+                  grouped_scaled_mm, quantize_fp8, scaled_mm)
 
 
 def flash_attn_func(q, k, v, softmax_scale=None, causal=False, cp_param_bundle=None):
@@ -21,5 +21,5 @@ def flash_attn_func(q, k, v, softmax_scale=None, causal=False, cp_param_bundle=N
     return cp.context_parallel_attention(q, k, v, causal=causal, softmax_scale=softmax_scale, **cp_param_bundle)
 
 
-__all__ = ["dispatcher", "gemm", "grouped_gemm", "gemm_fp8", "grouped_gemm_fp8", "scaled_mm", "quantize_fp8",
+__all__ = ["dispatcher", "gemm", "grouped_gemm", "gemm_fp8", "grouped_gemm_fp8", "scaled_mm", "grouped_scaled_mm", "quantize_fp8",
            "dequantize_fp8", "Float8QuantConfig", "Format", "ScalingGranularity", "attention", "attention_forward", "attention_backward", "flash_attn_func"]

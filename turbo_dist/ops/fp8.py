@@ -436,12 +436,59 @@ def _grouped_fp8(x, w_t, group_lens, x_dtype, w_dtype, gran, out_dtype):
     """x [M, K] @ per-group w [G, K, N], where w_t = w.transpose(1, 2) [G, N, K] (any strides)."""
     xq, sx = quantize_fp8(x, x_dtype, gran)
     wq, sw = quantize_fp8(w_t, w_dtype, gran, weight=True)  # [G, N, K] row-major
+    return _grouped_scaled_checked(xq, wq, sx, sw, group_lens, gran, out_dtype)
+
+
+def _grouped_scaled_checked(a_q, w_q, scale_a, scale_w, group_lens, gran, out_dtype):
+    # quantize_fp8's weight scales -> the kernels' [G, K, N]-view layout
     if gran == ScalingGranularity.ROWWISE:
-        sw = sw.reshape(sw.shape[0], -1)
+        scale_w = scale_w.reshape(scale_w.shape[0], -1)
     elif gran == ScalingGranularity.BLOCKWISE:
-        sw = sw.transpose(1, 2)
+        scale_w = scale_w.transpose(1, 2)
     mode = {"TENSORWISE": "tensor", "ROWWISE": "row", "BLOCKWISE": "block"}[gran.name]
-    return dispatcher.dispatch("grouped_scaled_mm", xq, wq.transpose(1, 2), sx, sw, group_lens, mode, out_dtype)
+    return dispatcher.dispatch("grouped_scaled_mm", a_q, w_q.transpose(1, 2), scale_a, scale_w, group_lens, mode,
+                               out_dtype)
+
+
+def grouped_scaled_mm(a_q, w_q, scale_a, scale_w, group_lens, out_dtype=torch.bfloat16, granularity=None):
+    """Grouped FP8 GEMM on already-quantized operands: out[rows of g] = (a_q * scale_a)[rows of g] @ (w_q[g] *
+    scale_w[g])^T, so quantized expert weights can be reused across calls (e.g. micro-batches of one step).
+
+    Takes exactly what quantize_fp8 returns: (a_q, scale_a) = quantize_fp8(a [M, K], dtype, gran) and
+    (w_q, scale_w) = quantize_fp8(w [G, N, K], dtype, gran, weight=True), w stored as nn.Linear stores it.
+    Scales: TENSORWISE [1] and [G]; ROWWISE [M, 1] and [G, N, 1]; BLOCKWISE [M, cdiv(K,128)] and
+    [G, cdiv(N,128), cdiv(K,128)]. granularity is inferred from the scale shapes unless given.
+    group_lens [G] int32/int64 sums to M (rows of a sorted by group). Returns [M, N] out_dtype.
+    """
+    if a_q.dim() != 2 or w_q.dim() != 3 or a_q.shape[1] != w_q.shape[2]:
+        raise ValueError(f"grouped_scaled_mm: need a_q [M, K] and w_q [G, N, K], got {tuple(a_q.shape)} and "
+                         f"{tuple(w_q.shape)}")
+    if a_q.dtype not in (E4M3, E5M2) or w_q.dtype not in (E4M3, E5M2):
+        raise TypeError(f"grouped_scaled_mm: operands must be fp8 (e4m3fn/e5m2), got {a_q.dtype} and {w_q.dtype}")
+    if scale_a.dtype != torch.float32 or scale_w.dtype != torch.float32:
+        raise TypeError(f"grouped_scaled_mm: scales must be fp32, got {scale_a.dtype} and {scale_w.dtype}")
+    if not isinstance(group_lens, torch.Tensor) or group_lens.dim() != 1 or group_lens.dtype not in (torch.int32,
+                                                                                                       torch.int64):
+        raise TypeError("grouped_scaled_mm: group_lens must be a 1-D int32/int64 tensor")
+    devs = {t.device for t in (a_q, w_q, scale_a, scale_w, group_lens)}
+    if len(devs) != 1:
+        raise ValueError(f"grouped_scaled_mm: operands, scales and group_lens must be on one device, got {devs}")
+    M, K = a_q.shape
+    G, N = w_q.shape[0], w_q.shape[1]
+    if group_lens.shape[0] != G:
+        raise ValueError(f"grouped_scaled_mm: group_lens has {group_lens.shape[0]} groups, w_q has {G}")
+    kb, nb = -(-K // 128), -(-N // 128)
+    shapes = {ScalingGranularity.TENSORWISE: ((1,), (G,)), ScalingGranularity.ROWWISE: ((M, 1), (G, N, 1)),
+              ScalingGranularity.BLOCKWISE: ((M, kb), (G, nb, kb))}
+    got = (tuple(scale_a.shape), tuple(scale_w.shape))
+    if granularity is None:
+        granularity = next((g for g, want in shapes.items() if got == want), None)
+        if granularity is None:
+            raise ValueError(f"grouped_scaled_mm: scale shapes {got} match no granularity; expected one of "
+                             f"{ {g.name: want for g, want in shapes.items()} }")
+    elif got != shapes[granularity]:
+        raise ValueError(f"grouped_scaled_mm {granularity.name}: scales must be {shapes[granularity]}, got {got}")
+    return _grouped_scaled_checked(a_q, w_q, scale_a, scale_w, group_lens, granularity, out_dtype)
 
 
 class _GroupedGemmFp8Fn(torch.autograd.Function):
