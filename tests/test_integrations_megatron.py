@@ -462,6 +462,10 @@ def _moe_layer_step(rank, world_size, path):
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=1, expert_model_parallel_size=world_size)
     try:
         model_parallel_cuda_manual_seed(123)
+        from megatron.core.transformer.moe import moe_utils
+
+        if not getattr(moe_utils, "HAVE_TE", True) and not hasattr(moe_utils, "te_general_gemm"):
+            moe_utils.te_general_gemm = None  # megatron-core 0.16.1 without TE: NameError in TopKRouter gating
         if path == "turbo_dist":
             tdm.enable(moe_dispatcher=True)
         config = _moe_config("flex" if path == "turbo_dist" else "alltoall")
@@ -526,3 +530,22 @@ def test_core_attention_matches_megatron_dot_product_attention_gpu():
     (ref, ours), = run_distributed(_core_attention_vs_megatron_step, 1, env=_ENV)
     for name, a, b in zip(("out", "dq", "dk", "dv"), ours, ref):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3, msg=name)
+
+
+@needs_megatron
+def test_linears_log_when_megatron_runs_its_own_path(caplog, monkeypatch):
+    """Without sequence parallelism Megatron's own linear runs: that is logged (once per class), not silent."""
+    import logging
+
+    import turbo_dist.integrations.megatron as tdm
+
+    calls = []
+    monkeypatch.setattr(tdm.ColumnParallelLinear, "_forward_impl", lambda self, **kw: calls.append(kw) or "own")
+    monkeypatch.setattr(tdm, "_NOTED", set())
+    layer = object.__new__(tdm.TurboDistColumnParallelLinear)  # the branch needs no initialised module
+    with caplog.at_level(logging.INFO, logger="turbo_dist"):
+        assert layer._forward_impl(torch.zeros(2, 1, 4), torch.zeros(3, 4), sequence_parallel=False) == "own"
+        assert layer._forward_impl(torch.zeros(2, 1, 4), torch.zeros(3, 4), sequence_parallel=False) == "own"
+    assert len(calls) == 2
+    logged = [r.getMessage() for r in caplog.records if "Megatron's own implementation runs" in r.getMessage()]
+    assert len(logged) == 1 and "TurboDistColumnParallelLinear: sequence_parallel is off" in logged[0], logged
