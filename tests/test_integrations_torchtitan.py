@@ -472,3 +472,21 @@ def test_overrides_from_job_config_cli_strings():
     assert type(cfg.moe.routed_experts.inner_experts) is TurboDistGroupedExperts.Config
     assert type(cfg.inner_attention) is TurboDistAttention.Config
     assert (cfg.inner_attention.cp_comm_type, cfg.inner_attention.load_balance) == ("a2a", False)
+
+
+@needs_torchtitan
+def test_tp_overrides_log_when_torchtitan_runs_its_own_path(caplog, monkeypatch):
+    """Outside a TP mesh TorchTitan's own module runs: that is logged (once per class), not silent."""
+    import logging
+
+    import turbo_dist.integrations.torchtitan as tdt
+
+    monkeypatch.setattr(tdt._dist_gemm.RowParallelLinear, "forward", lambda self, x: "own")
+    monkeypatch.setattr(tdt, "_NOTED", set())
+    monkeypatch.setattr(tdt, "_tp_group", lambda: None)
+    layer = object.__new__(tdt.TurboDistRowParallelLinear)  # the branch needs no initialised module
+    with caplog.at_level(logging.INFO, logger="turbo_dist"):
+        assert layer.forward(torch.zeros(1, 2, 4)) == "own"
+        assert layer.forward(torch.zeros(1, 2, 4)) == "own"
+    logged = [r.getMessage() for r in caplog.records if "TorchTitan's own implementation runs" in r.getMessage()]
+    assert len(logged) == 1 and logged[0].startswith("TurboDistRowParallelLinear: no TP group"), logged

@@ -258,6 +258,34 @@ def _async_and_errors_body(rank, world, transport):
     with pytest.raises(ValueError, match="float32"):
         buf.dispatch((x.to(torch.float8_e4m3fn), torch.ones(x.size(0), 1, device=dev)),
                      num_tokens_per_rank=n_rank, is_token_in_rank=in_rank, num_tokens_per_expert=n_expert)
+    # A handle of another Buffer (transport or group size) is refused before anything moves.
+    from turbo_dist.moe import DispatchHandle
+
+    other = "hierarchical" if transport != "hierarchical" else "collective"
+    forged = DispatchHandle(tuple(handle), **{**handle.__dict__, "transport": other})
+    with pytest.raises(ValueError, match=f"from a Buffer on the '{other}' transport but this Buffer uses"):
+        buf.combine(recv_x, forged)
+    with pytest.raises(ValueError, match=f"from a Buffer on the '{other}' transport"):
+        buf.dispatch(x, handle=forged)
+    wide = handle.is_token_in_rank.new_zeros(handle.is_token_in_rank.size(0), world + 1)
+    forged = DispatchHandle(tuple(handle)[:4] + (wide, handle[5]), **handle.__dict__)
+    with pytest.raises(ValueError, match=f"group of {world + 1} ranks but this Buffer's group has {world}"):
+        buf.combine(recv_x, forged)
+    with pytest.raises(TypeError, match="needs the handle"):
+        buf.combine(recv_x, tuple(handle))
+    # Unsupported uses say what is unsupported and what to do instead (README "Not supported").
+    with pytest.raises(NotImplementedError, match="mpi4py communicator .* not supported; pass a torch.distributed"):
+        Buffer(None, comm=object())
+    with pytest.raises(ValueError, match="'hierarchical'"):
+        Buffer(buf.group, transport="rdma")
+    with pytest.raises(NotImplementedError, match="use_rdma_buffer=True"):
+        buf.get_local_buffer_tensor(torch.float32, use_rdma_buffer=True)
+    if transport == "collective":
+        with pytest.raises(RuntimeError, match="collective transport has no symmetric buffer"):
+            buf.get_local_buffer_tensor(torch.float32)
+    with pytest.raises(NotImplementedError, match=f"on the {transport} transport .* transport='hierarchical'"):
+        buf.dispatch(x, num_tokens_per_rdma_rank=torch.zeros(1, dtype=torch.int32, device=dev),
+                     num_tokens_per_rank=n_rank, is_token_in_rank=in_rank, num_tokens_per_expert=n_expert)
     # (low-latency and internode modes are tested with their own modules)
     with pytest.raises(ValueError, match="even"):
         Buffer.set_num_sms(3)
@@ -310,3 +338,32 @@ def test_config_validation():
         Config(24, 256, 256)
     assert Buffer.get_dispatch_config(8).num_sms == Buffer.num_sms
     assert Config(24, 8, 256).get_nvl_buffer_size_hint(7168 * 2, 8) > 0
+
+
+def _token_dispatcher_body(rank, world):
+    from turbo_dist.moe import TokenDispatcher
+
+    dev = rank_device()
+    num_experts = 2 * world
+    x, idx, w = (t.to(dev) for t in make_inputs(rank, world, 12, num_experts, "random", dtype=torch.float32))
+    buf = Buffer(None, transport="collective")
+    other = dist.new_group(list(range(world)))  # same ranks, another process group
+    with pytest.raises(ValueError, match="not the process group of `buffer`"):
+        TokenDispatcher(num_experts, other, buffer=buf)
+    with pytest.raises(ValueError, match="set them on that Buffer"):
+        TokenDispatcher(num_experts, buffer=buf, num_nvl_bytes=1 << 20)
+    with pytest.raises(TypeError, match="turbo_dist.moe.Buffer"):
+        TokenDispatcher(num_experts, buffer=object())
+    td = TokenDispatcher(num_experts, buffer=buf, expert_alignment=4)
+    expert_in, tokens_per_expert = td.dispatch(x, idx, w)
+    assert all(c % 4 == 0 for c in tokens_per_expert) and sum(tokens_per_expert) == expert_in.size(0)
+    # Identity experts: every token comes back as x times the sum of the weights of its valid slots.
+    y = td.combine(expert_in)
+    expected = x * torch.where(idx >= 0, w, torch.zeros_like(w)).sum(1, keepdim=True)
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+    return True
+
+
+@pytest.mark.dist
+def test_token_dispatcher_identity_experts_and_group_check():
+    assert run_distributed(_token_dispatcher_body, 2) == [True, True]

@@ -297,3 +297,21 @@ def test_fp8_casts_bit_identical_on_cpu_and_gpu():
         assert torch.equal(s_gpu.cpu(), s_cpu), f"{name}: scales differ between CPU and GPU"
         assert torch.equal(q_gpu.cpu().view(torch.uint8), q_cpu.view(torch.uint8)), f"{name}: fp8 bits differ"
         assert torch.equal(per_token_cast_back(q_gpu, s_gpu).cpu(), per_token_cast_back(q_cpu, s_cpu))
+
+
+def test_triton_path_hands_fp32_payloads_to_collective_and_says_so(caplog):
+    """The triton kernels move FP8/2-byte rows: an fp32 call on the triton path runs collective, logged and recorded."""
+    import logging
+
+    ll = object.__new__(LowLatency)  # only the path choice is exercised: no runtime, no buffer
+    ll.path, ll.last_path = "triton", {"dispatch": None, "combine": None}
+    with caplog.at_level(logging.INFO, logger="turbo_dist"):
+        assert ll._takes_triton("dispatch", torch.zeros(2, 128, dtype=torch.bfloat16))
+        assert ll._takes_triton("dispatch", torch.zeros(2, 128, dtype=torch.float8_e4m3fn))
+        assert not ll._takes_triton("combine", torch.zeros(2, 128, dtype=torch.float32))
+        assert not ll._takes_triton("combine", torch.zeros(2, 128, dtype=torch.float32))
+    assert ll.last_path == {"dispatch": "triton", "combine": "collective"}
+    logged = [r.getMessage() for r in caplog.records if "runs the collective path" in r.getMessage()]
+    assert len(logged) == 1 and logged[0].startswith("moe low-latency combine: torch.float32 payload"), logged
+    ll.path = "collective"  # the collective path never claims the kernels
+    assert not ll._takes_triton("dispatch", torch.zeros(2, 128, dtype=torch.bfloat16))

@@ -258,6 +258,10 @@ def test_grouped_scaled_mm_errors():
         grouped_scaled_mm(aq, wq, sa, sw, [4, 6])
     with pytest.raises(ValueError, match="3 groups"):
         grouped_scaled_mm(aq, wq, sa, sw, torch.tensor([4, 3, 3]))
+    with pytest.raises(ValueError, match="sums to 9 but a_q has M=10"):
+        grouped_scaled_mm(aq, wq, sa, sw, torch.tensor([4, 5]))
+    with pytest.raises(ValueError, match=">= 0"):
+        grouped_scaled_mm(aq, wq, sa, sw, torch.tensor([-1, 11]))
     with pytest.raises(ValueError, match="match no granularity"):
         grouped_scaled_mm(aq, wq, sa[:5], sw, gl)
     with pytest.raises(ValueError, match="BLOCKWISE: scales must be"):

@@ -299,6 +299,17 @@ class _LinearReduceScatter(torch.autograd.Function):
         return dx.view(ctx.x_shape) if ctx.needs_input_grad[0] else None, dw, None
 
 
+_NOTED = set()
+
+
+def _note_own_path(layer, why):
+    """Log once per class that Megatron's own implementation ran instead of turbo_dist's."""
+    name = type(layer).__name__
+    if name not in _NOTED:
+        _NOTED.add(name)
+        log.info("%s: %s; Megatron's own implementation runs (nothing on turbo_dist.tp)", name, why)
+
+
 def _check_fusable(layer, gradient_accumulation_fusion, grad_output_buffer=None):
     if gradient_accumulation_fusion:
         raise NotImplementedError(f"{type(layer).__name__}: gradient_accumulation_fusion (main_grad) with "
@@ -318,6 +329,7 @@ class TurboDistColumnParallelLinear(ColumnParallelLinear):
                       sequence_parallel=False, grad_output_buffer=None, wgrad_deferral_limit=None, tp_group=None,
                       **kwargs):
         if not sequence_parallel:
+            _note_own_path(self, "sequence_parallel is off (no all-gather to overlap)")
             return super()._forward_impl(input=input, weight=weight, bias=bias,
                                          gradient_accumulation_fusion=gradient_accumulation_fusion,
                                          allreduce_dgrad=allreduce_dgrad, sequence_parallel=sequence_parallel,
@@ -337,6 +349,8 @@ class TurboDistRowParallelLinear(RowParallelLinear):
 
     def forward(self, input_):
         if not self.sequence_parallel or self.explicit_expert_comm or not self.input_is_parallel:
+            _note_own_path(self, f"sequence_parallel={self.sequence_parallel}, explicit_expert_comm="
+                                 f"{self.explicit_expert_comm}, input_is_parallel={self.input_is_parallel}")
             return super().forward(input_)
         _check_fusable(self, self.gradient_accumulation_fusion)
         if input_.dim() != 3:

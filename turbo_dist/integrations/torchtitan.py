@@ -262,6 +262,17 @@ class _LinearReduceScatter(torch.autograd.Function):
         return (dx if ctx.needs_input_grad[0] else None), dw, db, None
 
 
+_NOTED = set()
+
+
+def _note_own_path(module, why):
+    """Log once per class that TorchTitan's own implementation ran instead of turbo_dist's."""
+    name = type(module).__name__
+    if name not in _NOTED:
+        _NOTED.add(name)
+        log.info("%s: %s; TorchTitan's own implementation runs (nothing on turbo_dist.tp)", name, why)
+
+
 def _tp_group():
     """TorchTitan's TP group of the current spmd_types mesh (what its dist_gemm modules use), or None."""
     mesh = current_spmd_mesh()
@@ -285,6 +296,7 @@ class TurboDistAllGatherFusedQKVLinear(_dist_gemm.AllGatherFusedQKVLinear):
     def forward(self, x):
         group = _tp_group()
         if group is None:
+            _note_own_path(self, "no TP group of size > 1 in the current mesh")
             return super().forward(x)
         bsz, _, dim = x.shape
         # Sequence outermost before flattening, so gathered rows are (seq, batch) row-major (as TorchTitan).
@@ -309,6 +321,7 @@ class TurboDistRowParallelLinear(_dist_gemm.RowParallelLinear):
     def forward(self, input):
         group = _tp_group()
         if group is None:
+            _note_own_path(self, "no TP group of size > 1 in the current mesh")
             return super().forward(input)
         bsz, seqlen, k_local = input.shape
         y_flat = _LinearReduceScatter.apply(input.transpose(0, 1).reshape(-1, k_local), self.weight, self.bias,
@@ -327,6 +340,7 @@ class TurboDistAllGatherFusedFeedForward(_dist_gemm.AllGatherFusedFeedForward):
     def forward(self, x):
         group = _tp_group()
         if group is None:
+            _note_own_path(self, "no TP group of size > 1 in the current mesh")
             return super().forward(x)
         bsz, _, dim = x.shape
         h1, h3 = _AllGatherLinearPair.apply(x.transpose(0, 1).reshape(-1, dim), self.w1.weight, self.w3.weight,

@@ -92,8 +92,9 @@ def wait_signal(pad, err, slot_base, expected, first_peer, num_peers, world_size
         raise ValueError(f"err must be int32 with >= {ERR_NUMEL} elements, got {err.dtype} {tuple(err.shape)}")
     use_timer = not _interpreted() and pad.is_cuda
     timeout_ns = int(max(timeout_s, 0.0) * 1e9)
-    # Without a clock, bound by iterations (each is an atomic round trip, well over 10 ns).
-    max_iters = int(max(timeout_s, 0.0) * 1e8) if not use_timer else 0
+    # No clock under the interpreter: bound by iterations, each a slow Python round trip (~0.5 ms on CPU;
+    # a budget of 1e8 per second made a 100 s timeout spin for weeks there).
+    max_iters = int(max(timeout_s, 0.0) * 1000) if not use_timer else 0
     _wait_signal_kernel[(1,)](pad, err, int(slot_base), int(expected), int(first_peer), int(num_peers),
                               int(world_size), timeout_ns, max(max_iters, 1), USE_TIMER=use_timer, num_warps=1)
 

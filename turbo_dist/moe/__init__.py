@@ -1,4 +1,4 @@
-"""MoE token dispatch/combine with DeepEP's API (normal mode).
+"""MoE token dispatch/combine with DeepEP's API (normal, internode and low-latency modes).
 
     from turbo_dist.moe import Buffer, Config, EventOverlap     # instead of `from deep_ep import ...`
     buf = Buffer(group, num_nvl_bytes=Buffer.get_nvl_buffer_size_hint(4096, 7168, group.size()))

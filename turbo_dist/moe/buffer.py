@@ -1,4 +1,4 @@
-"""`Buffer`: DeepEP's Python API (normal mode) over our transports.
+"""`Buffer`: DeepEP's Python API (normal, internode and low-latency modes) over our transports.
 
 Code written for `deep_ep.Buffer` runs after `from turbo_dist.moe import Buffer, Config, EventOverlap`.
 """
@@ -18,23 +18,27 @@ TRANSPORTS = ("nvlink", "collective")
 _PAYLOAD_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
-def _not_here(what):
-    """The one place unsupported modes are refused (low-latency and internode land with issue 7)."""
-    raise NotImplementedError(
-        f"turbo_dist.moe.Buffer: {what} is not implemented yet (normal intranode mode and the collective "
-        "transport are); use low_latency_mode=False, num_rdma_bytes=0"
-    )
+def _not_here(what, instead):
+    """The one place unsupported uses of Buffer are refused (listed in README, "Not supported")."""
+    raise NotImplementedError(f"turbo_dist.moe.Buffer: {what} is not supported; {instead}")
 
 
 class Buffer:
-    """Expert-parallel dispatch/combine buffers for one process group (DeepEP's `Buffer`, normal mode).
+    """Expert-parallel dispatch/combine buffers for one process group (DeepEP's `Buffer`).
 
     Arguments (DeepEP's, same order): group (None: WORLD), num_nvl_bytes (bytes of the symmetric buffer
     the `nvlink` transport writes tokens into; size it with `Buffer.get_nvl_buffer_size_hint`),
-    num_rdma_bytes (must be 0: internode is not here), low_latency_mode (must be False),
-    num_qps_per_rank, allow_nvlink_for_low_latency_mode, allow_mnnvl, explicitly_destroy, comm (unused
-    but accepted). Ours, keyword only: transport = "nvlink" | "collective" | None (TURBO_DIST_MOE_TRANSPORT,
-    else `nvlink` when the runtime has peer access, one node and num_nvl_bytes > 0, else `collective`).
+    num_rdma_bytes (> 0 on more than one node selects the `hierarchical` internode transport; with
+    low_latency_mode, the initial size of the low-latency path's symmetric buffer (triton path), see
+    `get_low_latency_rdma_size_hint`; it grows on demand), low_latency_mode (enables
+    `low_latency_dispatch` / `low_latency_combine`, see moe/low_latency.py), num_qps_per_rank, allow_mnnvl
+    (accepted, unused), allow_nvlink_for_low_latency_mode (accepted, unused: the low-latency triton path
+    stores into peers over NVLink/CUDA IPC whatever it says; TURBO_DIST_MOE_LL_PATH=collective avoids
+    that), explicitly_destroy, comm (an mpi4py communicator in place of a process group is not supported:
+    NotImplementedError when group is None; ignored when a group is given). Ours, keyword only: transport = "nvlink" | "collective" |
+    "hierarchical" | None (TURBO_DIST_MOE_TRANSPORT, else `hierarchical` when num_rdma_bytes > 0, not
+    low_latency_mode and more than one node; else `nvlink` when the runtime has peer access, one node and
+    num_nvl_bytes > 0; else `collective`).
 
     Attributes: rank, group_size, group, num_nvl_bytes, num_rdma_bytes, low_latency_mode,
     transport (the name of the transport every call of this buffer uses), runtime (turbo_dist Runtime).
@@ -48,7 +52,8 @@ class Buffer:
         if not isinstance(num_rdma_bytes, int) or num_rdma_bytes < 0:
             raise ValueError(f"num_rdma_bytes must be a non-negative int, got {num_rdma_bytes!r}")
         if group is None and comm is not None:
-            _not_here("an mpi4py communicator instead of a process group")
+            _not_here("an mpi4py communicator instead of a process group (comm=...)",
+                      "pass a torch.distributed process group as `group`")
         if not isinstance(num_nvl_bytes, int) or num_nvl_bytes < 0:
             raise ValueError(f"num_nvl_bytes must be a non-negative int, got {num_nvl_bytes!r}")
         self.runtime = get_runtime(group)
@@ -91,7 +96,7 @@ class Buffer:
         if requested == "hierarchical":
             return requested  # any topology (one node: the rail hop is a self copy)
         if requested not in TRANSPORTS:
-            raise ValueError(f"transport={requested!r}: expected one of {TRANSPORTS}")
+            raise ValueError(f"transport={requested!r}: expected one of {TRANSPORTS + ('hierarchical',)}")
         if requested == "nvlink":
             if not rt.has_peer_access or rt.num_nodes != 1:
                 raise RuntimeError(
@@ -152,9 +157,10 @@ class Buffer:
 
     def get_local_buffer_tensor(self, dtype, size=None, offset=0, use_rdma_buffer=False):
         if use_rdma_buffer:
-            _not_here("the RDMA buffer")
+            _not_here("get_local_buffer_tensor(use_rdma_buffer=True)", "only the nvlink transport's buffer is exposed")
         if self.transport != "nvlink":
-            raise RuntimeError("get_local_buffer_tensor: the collective transport has no symmetric buffer")
+            raise RuntimeError(f"get_local_buffer_tensor: the {self.transport} transport has no symmetric buffer "
+                               "(only transport='nvlink' has one)")
         t = self._impl.buffer.local(dtype)[offset:]
         return t if size is None else t[:torch.Size(size).numel()].view(size)
 
@@ -208,8 +214,8 @@ class Buffer:
         """Where each token goes, computed on the device (no host sync).
 
         topk_idx: [num_tokens, num_topk] int64, -1 = no expert. num_experts: split evenly over the ranks.
-        Returns (num_tokens_per_rank [num_ranks] int32, None (intranode: no RDMA ranks),
-        num_tokens_per_expert [num_experts] int32, is_token_in_rank [num_tokens, num_ranks] bool, event).
+        Returns (num_tokens_per_rank [num_ranks] int32, num_tokens_per_rdma_rank ([num_nodes] int32 on the
+        hierarchical transport, else None), num_tokens_per_expert [num_experts] int32, is_token_in_rank [num_tokens, num_ranks] bool, event).
         """
         check_topk_idx(topk_idx, num_experts, self.group_size)
         self.runtime.check_tensor(topk_idx, "topk_idx")
@@ -234,7 +240,8 @@ class Buffer:
         handle: from an earlier dispatch: same routing, new x, no layout exchange (topk_* must be None).
         num_tokens_per_rank [num_ranks] int32, is_token_in_rank [num_tokens, num_ranks] bool,
             num_tokens_per_expert [num_experts] int32: from get_dispatch_layout (needed without handle).
-        num_tokens_per_rdma_rank: must be None (intranode).
+        num_tokens_per_rdma_rank: [num_nodes] int32 from get_dispatch_layout on the hierarchical transport;
+            None on the others.
         topk_idx [num_tokens, num_topk] int64 / topk_weights [num_tokens, num_topk] fp32: optional.
         expert_alignment: each entry of num_recv_tokens_per_expert_list is rounded up to a multiple of it.
         num_worst_tokens: if > 0, outputs have exactly this many rows (valid ones first, then padding with
@@ -249,7 +256,8 @@ class Buffer:
         """
         if num_tokens_per_rdma_rank is not None:
             if self.transport != "hierarchical":
-                _not_here("num_tokens_per_rdma_rank (internode dispatch) on a non-hierarchical transport")
+                _not_here(f"num_tokens_per_rdma_rank (internode dispatch) on the {self.transport} transport",
+                          "pass None, or use transport='hierarchical' (or num_rdma_bytes > 0 on more than one node)")
             if num_tokens_per_rdma_rank.shape != (self.runtime.num_nodes,) or \
                     num_tokens_per_rdma_rank.dtype != torch.int32:
                 raise ValueError(f"num_tokens_per_rdma_rank must be int32 [{self.runtime.num_nodes}], got "
@@ -266,8 +274,7 @@ class Buffer:
         if handle is not None:
             if topk_idx is not None or topk_weights is not None:
                 raise ValueError("dispatch with a cached handle takes no topk_idx/topk_weights (DeepEP's rule)")
-            if not isinstance(handle, DispatchHandle):
-                raise TypeError("handle must be the one a turbo_dist.moe.Buffer.dispatch returned")
+            self._check_handle(handle, "dispatch with a cached handle")
             if is_token_in_rank is None:
                 is_token_in_rank = handle.is_token_in_rank
             if x.size(0) != handle.is_token_in_rank.size(0):
@@ -314,8 +321,7 @@ class Buffer:
         Returns (combined_x [num_tokens, hidden] x.dtype (zeros for tokens sent nowhere),
         combined_topk_weights [num_tokens, num_topk] fp32 or None, event).
         """
-        if not isinstance(handle, DispatchHandle):
-            raise TypeError("combine needs the handle a turbo_dist.moe.Buffer.dispatch returned")
+        self._check_handle(handle, "combine")
         if not isinstance(x, torch.Tensor) or x.dim() != 2:
             raise ValueError(f"combine x must be a [num_recv_tokens, hidden] tensor, got {_describe(x)}")
         if x.dtype not in _PAYLOAD_DTYPES:
@@ -399,6 +405,19 @@ class Buffer:
                                   "low_latency_combine (zero_copy=False)")
 
     # ----------------------------------------------------------------- validation
+    def _check_handle(self, handle, what):
+        if not isinstance(handle, DispatchHandle):
+            raise TypeError(f"{what} needs the handle a turbo_dist.moe.Buffer.dispatch returned, got "
+                            f"{type(handle).__name__}")
+        made_by = handle.__dict__.get("transport")
+        if made_by != self.transport:
+            raise ValueError(f"{what}: the handle comes from a Buffer on the {made_by!r} transport but this Buffer "
+                             f"uses {self.transport!r}; use the Buffer that dispatched")
+        ranks = handle.is_token_in_rank.size(1)
+        if ranks != self.group_size:
+            raise ValueError(f"{what}: the handle was made for a group of {ranks} ranks but this Buffer's group has "
+                             f"{self.group_size}; use the Buffer that dispatched")
+
     def _check_x(self, x):
         if isinstance(x, (tuple, list)):
             if len(x) != 2:

@@ -8,7 +8,8 @@ class Config:
     num_max_nvl_chunked_send_tokens / num_max_nvl_chunked_recv_tokens: DeepEP's ring-buffer chunking.
     Our nvlink transport writes whole batches into the receiver's buffer (no ring), so these two are
     validated as in DeepEP but only `num_max_nvl_chunked_send_tokens` is used: tokens a program
-    handles between flag updates. num_max_rdma_*: accepted for compatibility (internode is not here).
+    handles between flag updates. num_max_rdma_*: validated as in DeepEP, unused (the `hierarchical`
+    transport moves whole batches with collectives on the rail and node subgroups, no RDMA ring).
     """
 
     def __init__(self, num_sms=20, num_max_nvl_chunked_send_tokens=6, num_max_nvl_chunked_recv_tokens=256,

@@ -18,7 +18,10 @@ Two paths, both ending in the same on-device placement (`place_tokens`):
   expert row into slot [t, k] of the token's source, which sums its k slots with the weights (fp32,
   top-k order, as DeepEP). Waits are bounded (TURBO_DIST_TIMEOUT_S); a timeout is recorded in a
   host-mapped word and raised as RuntimeError by the next low-latency call.
-Chosen by TURBO_DIST_MOE_LL_PATH=triton|collective, else `triton` where it can run. `return_recv_hook`
+Chosen by TURBO_DIST_MOE_LL_PATH=triton|collective, else `triton` where it can run. The triton kernels move
+FP8 and 2-byte payloads only: on the triton path a dispatch of an fp32 x with use_fp8=False, or a combine of
+an fp32 x, runs the collective path for that call (logged when an op switches to it; the dispatch handle's
+`path` says which ran, `LowLatency.last_path` each op's last call). `return_recv_hook`
 splits each call into the send (returned at once) and the receive (the hook): with `collective` the
 hook waits on the asynchronous collective; with `triton` it waits on the counters.
 """
@@ -164,9 +167,19 @@ class LowLatency:
         self._layout_key = None
         self._buffer = None
         self._err = moe_ll.ErrorWord(rt.device) if self.path == "triton" else None
+        self.last_path = {"dispatch": None, "combine": None}  # the path each op's last call took
         if self.path == "triton" and num_rdma_bytes > 0:
             self._buffer = rt.symm_buffer("moe_low_latency", num_rdma_bytes)
         log.info("moe low-latency: rank %d/%d path %s", rt.rank, rt.world_size, self.path)
+
+    def _takes_triton(self, op, payload):
+        """Whether this call of `op` runs the triton kernels (2-byte or FP8 payloads) or the collective path."""
+        path = "triton" if self.path == "triton" and payload.element_size() <= 2 else "collective"
+        if path != self.path and self.last_path[op] != path:
+            log.info("moe low-latency %s: %s payload; the triton kernels move FP8 and 2-byte payloads only, so "
+                     "this call runs the collective path", op, payload.dtype)
+        self.last_path[op] = path
+        return path == "triton"
 
     def _pick_path(self, requested):
         rt = self.rt
@@ -284,7 +297,7 @@ class LowLatency:
                 payload, x_scales = per_token_cast_to_fp8(x, round_scale)
             else:
                 payload, x_scales = x.contiguous(), None
-            if self.path == "triton" and payload.element_size() <= 2:
+            if self._takes_triton("dispatch", payload):
                 return self._triton_dispatch_send(payload, x_scales, topk_idx, num_max, e_l, hidden)
             return self._collective_dispatch_send(payload, x_scales, topk_idx, num_max, hidden, return_recv_hook)
 
@@ -367,7 +380,7 @@ class LowLatency:
         weights = torch.where(topk_idx >= 0, topk_weights, torch.zeros_like(topk_weights))
 
         def send():
-            if self.path == "triton" and x.element_size() == 2:
+            if self._takes_triton("combine", x):
                 return self._triton_combine_send(x, handle, num_max, hidden, k)
             return self._collective_combine_send(x, weights, handle, num_max, hidden, return_recv_hook)
 

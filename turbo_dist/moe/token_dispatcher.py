@@ -28,6 +28,15 @@ class TokenDispatcher:
     """
 
     def __init__(self, num_experts, group=None, buffer=None, num_nvl_bytes=0, expert_alignment=1, transport=None):
+        if buffer is not None:
+            if not isinstance(buffer, Buffer):
+                raise TypeError(f"buffer must be a turbo_dist.moe.Buffer, got {type(buffer).__name__}")
+            if group is not None and group is not buffer.group:
+                raise ValueError("TokenDispatcher: `group` is not the process group of `buffer`; pass one of them "
+                                 "(the buffer's group is used)")
+            if num_nvl_bytes or transport is not None:
+                raise ValueError("TokenDispatcher: num_nvl_bytes / transport configure a Buffer this dispatcher "
+                                 "creates; with `buffer=` given, set them on that Buffer instead")
         self.buffer = buffer if buffer is not None else Buffer(group, num_nvl_bytes, transport=transport)
         world = self.buffer.group_size
         if not isinstance(num_experts, int) or num_experts <= 0 or num_experts % world:

@@ -13,7 +13,7 @@ Implementations (`algo=` argument or TURBO_DIST_TP_ALGO, default 'auto'):
 - 'direct': same transport, all peer copies at once then one GEMM (small, latency-bound sizes).
 - 'collective': all_gather_into_tensor / reduce_scatter_tensor + GEMM (gloo/NCCL; CPU, no peer access).
 'auto' takes 'collective' without peer access, else 'direct' for shards under
-TURBO_DIST_TP_DIRECT_BYTES (default 2 MiB) and 'ring' above.
+TURBO_DIST_TP_DIRECT_BYTES (default 2 MiB) or of fewer than 128 rows, and 'ring' above.
 Waits on peers are bounded by TURBO_DIST_TIMEOUT_S; a timeout raises RuntimeError at the next call
 (or at `check_errors(group)`).
 """
