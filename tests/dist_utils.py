@@ -4,11 +4,16 @@ import os
 import torch
 import torch.distributed as dist
 
+from turbo_dist.runtime.config import share_gpu_mode
+
 
 def rank_device():
-    """The device a rank computes on: its GPU under NCCL, the CPU under gloo."""
-    if dist.is_initialized() and "nccl" in str(dist.get_backend()).lower():
-        return torch.device("cuda", torch.cuda.current_device())
+    """The device a rank computes on: its GPU under NCCL or in the shared-GPU test mode (gloo with
+    TURBO_DIST_TEST_SHARE_GPU=1, set by run_distributed), the CPU under plain gloo. Matches Runtime.device."""
+    if dist.is_initialized():
+        backend = str(dist.get_backend()).lower()
+        if "nccl" in backend or ("gloo" in backend and share_gpu_mode()):
+            return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
 

@@ -131,7 +131,9 @@ def _symm_buffer(rank, world_size):
 @pytest.mark.parametrize("world_size", world_sizes_for_device(2, 4))
 def test_symm_buffer(world_size):
     results = run_distributed(_symm_buffer, world_size)
-    assert len(set(results)) == 1
+    assert len(set(results)) == 1, results
+    if not torch.cuda.is_available():  # gloo: no peer access, the "none" backend's checks ran
+        assert results == ["none"] * world_size
 
 
 @pytest.mark.dist
@@ -181,3 +183,43 @@ def _sleeps(rank, world_size):
 def test_harness_times_out():
     with pytest.raises(TimeoutError, match="timed out"):
         run_distributed(_sleeps, 2, backend="gloo", timeout=3)
+
+
+class _FakeHandle:
+    """The attributes of torch's `_SymmetricMemory` that symm.check_handle reads."""
+
+    def __init__(self, buffer_ptrs, rank, world_size, buffer_size):
+        self.buffer_ptrs, self.rank, self.world_size, self.buffer_size = buffer_ptrs, rank, world_size, buffer_size
+
+
+def test_symm_handle_checks_own_pointer():
+    from turbo_dist.runtime import symm
+
+    block = torch.zeros(8192, dtype=torch.uint8)
+    local = block[:4096]
+    ok = _FakeHandle([123, local.data_ptr()], 1, 2, 4096)
+    symm.check_handle(ok, local, "buf", 4096, 1, 2)  # consistent: no error
+    # The tensor sits at an offset of its symmetric allocation: peers' pointers would be off by 256 bytes.
+    with pytest.raises(RuntimeError, match="own buffer pointer .* is not the local tensor's data_ptr"):
+        symm.check_handle(_FakeHandle([123, local.data_ptr() - 256], 1, 2, 4352), local, "buf", 4096, 1, 2)
+    with pytest.raises(RuntimeError, match="rank 0 of 2 .* this is rank 1 of a 2-rank group"):
+        symm.check_handle(_FakeHandle([local.data_ptr(), 123], 0, 2, 4096), local, "buf", 4096, 1, 2)
+    with pytest.raises(RuntimeError, match="3 peer pointers"):
+        symm.check_handle(_FakeHandle([1, local.data_ptr(), 2], 1, 2, 4096), local, "buf", 4096, 1, 2)
+    with pytest.raises(RuntimeError, match="maps 2048 bytes per rank, fewer than the 4096"):
+        symm.check_handle(_FakeHandle([123, local.data_ptr()], 1, 2, 2048), local, "buf", 4096, 1, 2)
+    # The nvshmem backend's handle (no buffer_size) passes the same check.
+    from turbo_dist.shmem import SymmHandle
+
+    symm.check_handle(SymmHandle(local, [None, local], 1), local, "buf", 4096, 1, 2)
+
+
+@pytest.mark.parametrize("raw", ["0", "-1", "inf", "nan", "soon"])
+def test_peer_timeout_must_be_positive_and_finite(raw, monkeypatch):
+    from turbo_dist.runtime import config
+
+    monkeypatch.setenv("TURBO_DIST_TIMEOUT_S", raw)
+    with pytest.raises(ValueError, match="TURBO_DIST_TIMEOUT_S"):
+        config.peer_timeout_s()
+    monkeypatch.setenv("TURBO_DIST_TIMEOUT_S", "2.5")
+    assert config.peer_timeout_s() == 2.5

@@ -10,6 +10,14 @@ backend and environment (starting torch in a process costs seconds). An exceptio
 is re-raised here with that rank's traceback; a call that does not finish within `timeout`
 seconds kills the pool and raises TimeoutError instead of hanging. After any failure the pool
 is discarded, so a rank left stuck in a collective never leaks into the next test.
+
+Shared-GPU test mode (TURBO_DIST_TEST_SHARE_GPU=1, or `share_gpu=True`): with fewer GPUs than
+ranks, the ranks run over gloo on CUDA device `rank % num_gpus` (cuda:0 on a one-GPU machine) and
+the runtime gives them torch symmetric memory over CUDA IPC, so the peer-pointer kernels, streams
+and bounded peer waits run for real; kernels of different processes progress by GPU time-slicing.
+gloo stages CUDA tensors through host memory for all_reduce, broadcast, all_gather(_into_tensor),
+reduce_scatter_tensor and all_to_all_single; its send/recv (P2P, batch_isend_irecv) take raw data
+pointers and do not support CUDA tensors, so code that uses them (CP's ring shift) cannot run there.
 """
 import atexit
 import datetime
@@ -19,7 +27,7 @@ import socket
 import time
 import traceback
 
-from .runtime.config import SAFETY_ENV
+from .runtime.config import SAFETY_ENV, SHARE_GPU_RANK_ENV, SHARE_GPU_VAR, share_gpu_mode
 
 DEFAULT_TIMEOUT_S = float(os.environ.get("TURBO_DIST_TEST_TIMEOUT_S", "300"))
 
@@ -30,18 +38,44 @@ def free_port():
         return s.getsockname()[1]
 
 
-def default_backend(world_size):
-    """NCCL when there is a GPU for every rank, gloo otherwise."""
+def _num_gpus():
     import torch
 
-    if torch.cuda.is_available() and torch.cuda.device_count() >= world_size:
-        return "nccl"
-    return "gloo"
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def _worker(rank, world_size, port, backend, env, conn):
+def default_backend(world_size):
+    """NCCL when there is a GPU for every rank, gloo otherwise."""
+    return "nccl" if _num_gpus() >= world_size else "gloo"
+
+
+def resolve_launch(world_size, backend=None, share_gpu=None):
+    """(backend, share_gpu) that run_distributed uses for `world_size` ranks.
+
+    share_gpu None: the shared-GPU mode when TURBO_DIST_TEST_SHARE_GPU=1, no backend was asked for
+    and there is at least one GPU but fewer than `world_size` (no GPU: plain gloo on CPU; a GPU per
+    rank: NCCL). share_gpu True: that mode whatever the GPU count (needs CUDA and gloo). An explicit
+    backend="gloo" without share_gpu=True is gloo on CPU.
+    """
+    if share_gpu is None:
+        share_gpu = backend is None and share_gpu_mode() and 0 < _num_gpus() < world_size
+    elif share_gpu:
+        if backend not in (None, "gloo"):
+            raise ValueError(f"share_gpu=True runs the ranks over gloo; got backend={backend!r}")
+        if _num_gpus() == 0:
+            raise RuntimeError(f"share_gpu=True ({SHARE_GPU_VAR}) needs a CUDA device; none is visible")
+    if share_gpu:
+        return "gloo", True
+    return backend or default_backend(world_size), False
+
+
+def _worker(rank, world_size, port, backend, share_gpu, env, conn):
     os.environ.update(SAFETY_ENV)
     os.environ.update(env)
+    if share_gpu:
+        os.environ.update(SHARE_GPU_RANK_ENV)
+    else:
+        os.environ.pop(SHARE_GPU_VAR, None)  # the mode is chosen here, not inherited from the parent
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
         LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=os.environ.get("LOCAL_WORLD_SIZE", str(world_size)),
@@ -54,6 +88,8 @@ def _worker(rank, world_size, port, backend, env, conn):
         if backend == "nccl":
             torch.cuda.set_device(rank)
             kwargs["device_id"] = torch.device("cuda", rank)
+        elif share_gpu:
+            torch.cuda.set_device(rank % torch.cuda.device_count())
         dist.init_process_group(
             backend, rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=DEFAULT_TIMEOUT_S), **kwargs
         )
@@ -84,14 +120,15 @@ def _worker(rank, world_size, port, backend, env, conn):
 
 
 class _Pool:
-    def __init__(self, world_size, backend, env, timeout):
+    def __init__(self, world_size, backend, share_gpu, env, timeout):
         ctx = mp.get_context("spawn")
         self.world_size = world_size
         self.procs, self.conns = [], []
         port = free_port()
         for rank in range(world_size):
             parent, child = ctx.Pipe()
-            p = ctx.Process(target=_worker, args=(rank, world_size, port, backend, env, child), daemon=True)
+            p = ctx.Process(target=_worker, args=(rank, world_size, port, backend, share_gpu, env, child),
+                            daemon=True)
             p.start()
             child.close()
             self.procs.append(p)
@@ -156,21 +193,23 @@ class _Pool:
 _POOLS = {}
 
 
-def run_distributed(fn, world_size, args=(), kwargs=None, backend=None, env=None, timeout=None):
+def run_distributed(fn, world_size, args=(), kwargs=None, backend=None, env=None, timeout=None, share_gpu=None):
     """Run `fn(rank, world_size, *args, **kwargs)` on `world_size` ranks; return the per-rank results.
 
     backend: "gloo" or "nccl" (default: NCCL if there is a GPU per rank, else gloo).
     env: extra environment variables for the ranks (part of the pool's identity).
+    share_gpu: run the ranks over gloo on shared GPUs (see the module docstring and resolve_launch;
+    default: when TURBO_DIST_TEST_SHARE_GPU=1 and there are fewer GPUs than ranks).
     """
-    backend = backend or default_backend(world_size)
+    backend, share_gpu = resolve_launch(world_size, backend, share_gpu)
     timeout = DEFAULT_TIMEOUT_S if timeout is None else timeout
     env = dict(env or {})
-    key = (world_size, backend, tuple(sorted(env.items())))
+    key = (world_size, backend, share_gpu, tuple(sorted(env.items())))
     pool = _POOLS.get(key)
     if pool is None:
         while len(_POOLS) >= 2:  # bound the processes (and GPU contexts) kept alive
             _POOLS.pop(next(iter(_POOLS))).close()
-        pool = _Pool(world_size, backend, env, timeout)
+        pool = _Pool(world_size, backend, share_gpu, env, timeout)
         _POOLS[key] = pool
     try:
         return pool.run(fn, tuple(args), dict(kwargs or {}), timeout)

@@ -49,4 +49,29 @@ def max_symm_bytes():
 
 def peer_timeout_s():
     """How long a kernel or host wait on a peer may spin before raising, TURBO_DIST_TIMEOUT_S (default 100 s)."""
-    return env_float("TURBO_DIST_TIMEOUT_S", 100.0)
+    value = env_float("TURBO_DIST_TIMEOUT_S", 100.0)
+    if not 0.0 < value < float("inf"):  # also rejects NaN: a wait must end, and not at once
+        raise ValueError(f"TURBO_DIST_TIMEOUT_S={value!r}: expected a positive, finite number of seconds")
+    return value
+
+
+# Test mode: ranks over gloo sharing GPUs (turbo_dist.testing.run_distributed sets these in each rank).
+SHARE_GPU_VAR = "TURBO_DIST_TEST_SHARE_GPU"
+SHARE_GPU_RANK_ENV = {
+    SHARE_GPU_VAR: "1",
+    # torch symmetric memory refuses two ranks on one device unless told this is a test.
+    "TORCH_SYMM_MEM_ALLOW_OVERLAPPING_DEVICES": "1",
+}
+
+
+def share_gpu_mode():
+    """TURBO_DIST_TEST_SHARE_GPU=1 (default 0): test mode where ranks share GPUs over a gloo group.
+
+    The runtime then treats a gloo group as a CUDA group on the rank's current device, with torch
+    symmetric memory (CUDA IPC) for peer access; turbo_dist.testing.run_distributed launches ranks
+    that way when there are fewer GPUs than ranks. Never set in production.
+    """
+    value = env_int(SHARE_GPU_VAR, 0)
+    if value not in (0, 1):
+        raise ValueError(f"{SHARE_GPU_VAR}={value}: expected 0 or 1")
+    return value == 1

@@ -21,7 +21,8 @@ class Runtime:
     Attributes: `rank`, `world_size` (in the group), `device`, `backend` (torch.distributed
     backend name), `local_world_size` (ranks per node: TURBO_DIST_RANKS_PER_NODE, else
     LOCAL_WORLD_SIZE, else the whole group), `num_nodes`, `node_rank`, `local_rank`,
-    `comm_stream` (a CUDA stream for communication; None on CPU), `shmem_backend`.
+    `comm_stream` (a CUDA stream for communication; None on CPU), `shmem_backend`, `shares_gpu`
+    (True only in the TURBO_DIST_TEST_SHARE_GPU test mode: a gloo group on CUDA, ranks may share a GPU).
     """
 
     def __init__(self, group):
@@ -37,6 +38,7 @@ class Runtime:
         self.world_size = dist.get_world_size(self.group)
         self.global_rank = dist.get_rank()
         self.backend = str(dist.get_backend(self.group)).lower()
+        self.shares_gpu = False
         self.device = self._pick_device()
 
         lws = config.env_int("TURBO_DIST_RANKS_PER_NODE", 0) or config.env_int("LOCAL_WORLD_SIZE", 0)
@@ -56,8 +58,9 @@ class Runtime:
         self._buffers = {}
         self._destroyed = False
         log.debug(
-            "runtime: rank %d/%d device %s backend %s nodes %d x %d shmem %s",
+            "runtime: rank %d/%d device %s backend %s nodes %d x %d shmem %s%s",
             self.rank, self.world_size, self.device, self.backend, self.num_nodes, lws, self.shmem_backend,
+            " (shared-GPU test mode)" if self.shares_gpu else "",
         )
 
     def _pick_device(self):
@@ -65,7 +68,28 @@ class Runtime:
             if not torch.cuda.is_available():
                 raise RuntimeError("process group uses NCCL but CUDA is not available")
             return torch.device("cuda", torch.cuda.current_device())
+        if config.share_gpu_mode():
+            return self._shared_gpu_device()
         return torch.device("cpu")
+
+    def _shared_gpu_device(self):
+        # Test mode (TURBO_DIST_TEST_SHARE_GPU=1): NCCL refuses two ranks on one GPU, so the ranks talk
+        # over gloo (which stages CUDA tensors through host memory) while symmetric memory, kernels and
+        # streams are the real CUDA ones on the rank's current device.
+        if "gloo" not in self.backend:
+            raise RuntimeError(
+                f"TURBO_DIST_TEST_SHARE_GPU=1 expects a gloo process group, got backend {self.backend!r}; "
+                "unset it outside the shared-GPU test mode"
+            )
+        if not torch.cuda.is_available():
+            raise RuntimeError("TURBO_DIST_TEST_SHARE_GPU=1 (ranks sharing a GPU over gloo) but CUDA is not available")
+        if os.environ.get("TORCH_SYMM_MEM_ALLOW_OVERLAPPING_DEVICES") != "1":
+            raise RuntimeError(
+                "TURBO_DIST_TEST_SHARE_GPU=1 needs TORCH_SYMM_MEM_ALLOW_OVERLAPPING_DEVICES=1 in every rank, or torch "
+                "symmetric memory refuses ranks on one device (turbo_dist.testing.run_distributed sets both)"
+            )
+        self.shares_gpu = True
+        return torch.device("cuda", torch.cuda.current_device())
 
     def _pick_shmem_backend(self):
         requested = config.env_str("TURBO_DIST_SHMEM")
@@ -74,6 +98,11 @@ class Runtime:
                 raise ValueError(f"TURBO_DIST_SHMEM={requested!r}: expected torch, nvshmem or none")
             if requested == "torch" and not symm.torch_symm_mem_available(self.device):
                 raise RuntimeError("TURBO_DIST_SHMEM=torch needs CUDA and torch.distributed._symmetric_memory")
+            if requested == "nvshmem" and self.shares_gpu:
+                raise NotImplementedError(
+                    "TURBO_DIST_SHMEM=nvshmem with TURBO_DIST_TEST_SHARE_GPU=1: our NVSHMEM bootstrap assumes one "
+                    "PE per GPU; the shared-GPU test mode supports TURBO_DIST_SHMEM=torch or none"
+                )
             return requested
         if symm.torch_symm_mem_available(self.device) and self.num_nodes == 1:
             return "torch"
@@ -129,7 +158,12 @@ class Runtime:
 
     def barrier(self):
         self._check_alive()
-        if self.device.type == "cuda":
+        if self.shares_gpu:
+            # gloo's barrier is host-only; NCCL's returns once the work queued before it on the current
+            # stream is done, which callers rely on (e.g. a zeroed buffer before peers write into it).
+            torch.cuda.current_stream(self.device).synchronize()
+            dist.barrier(group=self.group)
+        elif self.device.type == "cuda":
             dist.barrier(group=self.group, device_ids=[self.device.index])
         else:
             dist.barrier(group=self.group)

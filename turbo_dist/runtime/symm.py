@@ -81,6 +81,35 @@ def torch_symm_mem_available(device):
     return True
 
 
+def check_handle(handle, local, name, nbytes, rank, world_size):
+    """Raise unless `handle` describes `local` as this rank's buffer of a `world_size`-rank group.
+
+    Kernels address peers through `handle.buffer_ptrs` while this rank reads and writes `local`: if the
+    handle's own pointer is not `local.data_ptr()` (e.g. a sub-allocation at an offset inside a larger
+    symmetric block), every peer pointer is off by the same amount and peers' writes land elsewhere.
+    """
+    ptrs = list(handle.buffer_ptrs)
+    h_rank = getattr(handle, "rank", rank)
+    h_world = getattr(handle, "world_size", len(ptrs))
+    if (h_rank, h_world, len(ptrs)) != (rank, world_size, world_size):
+        raise RuntimeError(
+            f"symmetric buffer '{name}': the symmetric-memory handle is for rank {h_rank} of {h_world} "
+            f"({len(ptrs)} peer pointers) but this is rank {rank} of a {world_size}-rank group; the peer "
+            "pointers would address the wrong ranks"
+        )
+    if int(ptrs[rank]) != local.data_ptr():
+        raise RuntimeError(
+            f"symmetric buffer '{name}': the handle's own buffer pointer {int(ptrs[rank]):#x} is not the local "
+            f"tensor's data_ptr {local.data_ptr():#x}; the peer pointers would be wrong (the tensor is not at the "
+            "start of its symmetric allocation)"
+        )
+    size = getattr(handle, "buffer_size", None)
+    if size is not None and int(size) < nbytes:
+        raise RuntimeError(
+            f"symmetric buffer '{name}': the handle maps {int(size)} bytes per rank, fewer than the {nbytes} asked for"
+        )
+
+
 def allocate(backend, name, nbytes, group, device, rank, world_size):
     """Allocate `nbytes` on every rank of `group` (collective: every rank calls with the same size)."""
     if backend == "none":
@@ -94,11 +123,12 @@ def allocate(backend, name, nbytes, group, device, rank, world_size):
         if enable is not None:
             try:
                 enable(group_name)
-            except Exception:  # newer torch: not needed / already enabled
-                pass
+            except Exception as exc:  # newer torch: not needed / already enabled
+                log.debug("symm: enable_symm_mem_for_group(%r) raised %r (rendezvous decides)", group_name, exc)
         local = symm_mem.empty(nbytes, dtype=torch.uint8, device=device)
         local.zero_()
         handle = symm_mem.rendezvous(local, group_name)
+        check_handle(handle, local, name, nbytes, rank, world_size)
         peer_ptrs = torch.tensor(list(handle.buffer_ptrs), dtype=torch.int64, device=device)
         return SymmBuffer(name, nbytes, local, handle, peer_ptrs, rank, world_size)
     if backend == "nvshmem":
@@ -113,6 +143,7 @@ def allocate(backend, name, nbytes, group, device, rank, world_size):
         from turbo_dist import shmem
 
         local, handle = shmem.symmetric_buffer(nbytes, group, device)  # peers off-node: None, pointer 0
+        check_handle(handle, local, name, nbytes, rank, world_size)
         peer_ptrs = torch.tensor(handle.buffer_ptrs, dtype=torch.int64, device=device)
         return SymmBuffer(name, nbytes, local, handle, peer_ptrs, rank, world_size)
     raise ValueError(f"unknown symmetric-memory backend {backend!r}; expected torch, nvshmem or none")
