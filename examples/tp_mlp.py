@@ -77,15 +77,6 @@ def train(rank, world, args):
     return float(total.item())
 
 
-def _spawned(rank, world, port, args):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        train(rank, world, args)
-    finally:
-        dist.destroy_process_group()
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--world-size", type=int, default=4, help="ranks to spawn on CPU (ignored under torchrun)")
@@ -99,26 +90,10 @@ def main():
     p.add_argument("--algo", default=None, choices=["auto", "ring", "direct", "collective"])
     args = p.parse_args()
 
-    from turbo_dist.runtime import apply_safety_env
+    from turbo_dist.testing import run_script, under_launcher
 
-    apply_safety_env()
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun
-        if torch.cuda.is_available():
-            local = int(os.environ.get("LOCAL_RANK", "0"))
-            torch.cuda.set_device(local)
-            dist.init_process_group("nccl", device_id=torch.device("cuda", local))
-        else:
-            dist.init_process_group("gloo")
-        args.dtype = args.dtype or ("bf16" if torch.cuda.is_available() else "fp32")
-        try:
-            train(dist.get_rank(), dist.get_world_size(), args)
-        finally:
-            dist.destroy_process_group()
-        return
-    args.dtype = args.dtype or "fp32"
-    from turbo_dist.testing import free_port
-
-    torch.multiprocessing.spawn(_spawned, args=(args.world_size, free_port(), args), nprocs=args.world_size)
+    args.dtype = args.dtype or ("bf16" if under_launcher() and torch.cuda.is_available() else "fp32")
+    run_script(train, args, args.world_size)
 
 
 if __name__ == "__main__":

@@ -225,3 +225,38 @@ def shutdown_pools():
 
 
 atexit.register(shutdown_pools)
+
+
+def under_launcher():
+    """True when this process was started by torchrun or launch/mpirun.sh (RANK and WORLD_SIZE set)."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def run_script(fn, args, nproc):
+    """Entry point of the example scripts: `fn(rank, world_size, args)` on every rank.
+
+    Under a launcher (torchrun, launch/mpirun.sh): initialise the default group (NCCL with one GPU per rank
+    when CUDA is present, else gloo), run `fn`, destroy the group; returns [this rank's result]. Otherwise:
+    spawn `nproc` gloo ranks on this machine (run_distributed) and return every rank's result.
+    """
+    import torch
+    import torch.distributed as dist
+
+    from turbo_dist.runtime import apply_safety_env
+
+    apply_safety_env()
+    if not under_launcher():
+        try:
+            return run_distributed(fn, nproc, args=(args,), backend="gloo")
+        finally:
+            shutdown_pools()
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        dist.init_process_group("nccl", device_id=torch.device("cuda", local))
+    else:
+        dist.init_process_group("gloo")
+    try:
+        return [fn(dist.get_rank(), dist.get_world_size(), args)]
+    finally:
+        dist.destroy_process_group()
