@@ -43,16 +43,17 @@ def _put_signal_kernel(pad_ptrs, slot, value, first_peer, num_peers, world_size)
                                 "max_iters"])
 def _wait_signal_kernel(pad_ptr, err_ptr, slot_base, expected, first_peer, num_peers, world_size,
                         timeout_ns, max_iters, USE_TIMER: tl.constexpr):
-    # Waits until pad[slot_base + r] >= expected for r = first_peer, ... (mod world_size), bounded.
+    # Waits until pad[slot_base + r] >= expected for r = first_peer, ... (mod world_size), bounded: one
+    # deadline for the whole wait (not per peer), so a call never waits longer than the timeout.
     err = tl.load(err_ptr)
+    it = 0
+    if USE_TIMER:
+        t0 = _globaltimer_ns()
     for i in range(num_peers):
         r = (first_peer + i) % world_size
         flag = pad_ptr + slot_base + r
         val = tl.atomic_add(flag, 0, sem="acquire", scope="sys")
         waiting = (val < expected) & (err == 0)
-        it = 0
-        if USE_TIMER:
-            t0 = _globaltimer_ns()
         while waiting:
             val = tl.atomic_add(flag, 0, sem="acquire", scope="sys")
             it += 1
