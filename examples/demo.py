@@ -114,7 +114,7 @@ def tp_step(args, rank, world, device, dtype, iters):
     out, ms = _timed(step, device, iters)
     ref = ((a_full.to(device) @ w1.to(device)).to(dtype).float() @ w2.to(device)).chunk(world)[rank]
     return _row("async-tp", f"seq {S} x hidden {H} -> ffn {F}: AG+GEMM then GEMM+RS", ms, _err(out, ref), args.tol,
-                f"TURBO_DIST_TP_ALGO={os.environ.get('TURBO_DIST_TP_ALGO', 'auto')}")
+                f"algo={tp.last_algo()} (TURBO_DIST_TP_ALGO={os.environ.get('TURBO_DIST_TP_ALGO', 'auto')})")
 
 
 def cp_step(args, rank, world, device, dtype, iters, mode):

@@ -106,6 +106,10 @@ def _all_gather_matmul(rank, world, dtype_name, algo, m, k, calls=1):
         for call in range(calls):  # repeated calls cycle the double-buffered symmetric buffers
             for return_a in (True, False):
                 a_out, outs = tp.all_gather_matmul(a_shard, bs, gather_dim=gdim, return_a=return_a, algo=algo)
+                ran = tp.last_algo()
+                assert ran == algo if algo not in (None, "auto") else ran in ("ring", "direct", "collective")
+                if dev.type == "cpu":
+                    assert ran == "collective", ran  # gloo: no peer access, whatever was asked
                 if return_a:
                     assert torch.equal(a_out, a_full), f"case {ci}: gathered A differs"
                 else:

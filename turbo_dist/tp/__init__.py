@@ -19,6 +19,7 @@ Waits on peers are bounded by TURBO_DIST_TIMEOUT_S; a timeout raises RuntimeErro
 """
 from turbo_dist.runtime import get_runtime
 
+from ._common import last_algo
 from .ag_matmul import all_gather_matmul, all_gather_scaled_matmul
 from .linear import ColumnParallelLinear, RowParallelLinear
 from .matmul_rs import matmul_reduce_scatter, scaled_matmul_reduce_scatter
@@ -35,6 +36,7 @@ def check_errors(group=None, block=True):
 
 
 __all__ = [
+    "last_algo",
     "all_gather_matmul", "matmul_reduce_scatter", "all_gather_scaled_matmul", "scaled_matmul_reduce_scatter",
     "ColumnParallelLinear", "RowParallelLinear", "check_errors",
 ]

@@ -165,10 +165,21 @@ def choose_algo(rt, algo, chunk_bytes, chunk_rows):
         raise ValueError(
             f"algo={algo!r} needs peer access to symmetric memory (CUDA with TURBO_DIST_SHMEM=torch); this "
             f"group has shmem backend {rt.shmem_backend!r} on {rt.device}: use algo='collective' or 'auto'")
-    if algo != "auto":
-        return algo
-    if not peer_ok:
-        return "collective"
-    if chunk_bytes < direct_max_bytes() or chunk_rows < 128:
-        return "direct"
-    return "ring"
+    if algo == "auto":
+        if not peer_ok:
+            algo = "collective"
+        elif chunk_bytes < direct_max_bytes() or chunk_rows < 128:
+            algo = "direct"
+        else:
+            algo = "ring"
+    _LAST[0] = algo
+    return algo
+
+
+_LAST = [None]
+
+
+def last_algo():
+    """The implementation the last async-TP call of this process ran ('ring', 'direct' or 'collective';
+    None before any call): what 'auto' picked, for logs and benches."""
+    return _LAST[0]
