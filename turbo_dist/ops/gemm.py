@@ -4,6 +4,7 @@ Backends: "torch" (torch.mm / cuBLAS; any device) and "triton" (kernels/gemm.py;
 TRITON_INTERPRET=1 in fp16/fp32). The default order puts the faster one first on the H100 (see
 benchmarks/results/bench_ops_h100.json); TURBO_DIST_GEMM_BACKEND or dispatcher.set_backend overrides.
 """
+import logging
 import os
 
 import torch
@@ -11,6 +12,8 @@ import torch
 from . import dispatcher
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_WARNED_OUT_DTYPE = False
+log = logging.getLogger("turbo_dist")
 
 
 def check_gemm_inputs(a, b, trans_a, trans_b, out_dtype=None):
@@ -44,8 +47,11 @@ def _torch_gemm(a, b, trans_a=False, trans_b=False, out_dtype=None):
     if a.is_cuda and out_dtype == torch.float32 and a.dtype in (torch.float16, torch.bfloat16):
         try:
             return torch.mm(a, b, out_dtype=torch.float32)
-        except (TypeError, RuntimeError):
-            pass
+        except (TypeError, RuntimeError) as exc:  # torch without mm(out_dtype=): same math, upcast first
+            global _WARNED_OUT_DTYPE
+            if not _WARNED_OUT_DTYPE:
+                _WARNED_OUT_DTYPE = True
+                log.info("gemm(torch): torch.mm(out_dtype=float32) unavailable (%s); upcasting the inputs", exc)
     return torch.mm(a.float(), b.float()).to(out_dtype)
 
 
