@@ -137,10 +137,29 @@ def machine_info():
             gpu_mem_gib=round(props.total_memory / 2**30, 1),
             sm_count=props.multi_processor_count,
             capability=f"{props.major}.{props.minor}",
+            gpu_state=gpu_state(),
         )
     else:
         info.update(gpu=None, gpu_count=0, cpu_count=os.cpu_count())
     return info
+
+
+def gpu_state():
+    """SM clock, its maximum, power and temperature of each GPU as nvidia-smi reports them when the JSON is
+    written (None without nvidia-smi): same-kernel timings differ by several % on a throttled GPU, and this
+    is the record that tells a slow clock from a slow kernel."""
+    import shutil
+    import subprocess
+
+    if shutil.which("nvidia-smi") is None:
+        return None
+    fields = "clocks.sm,clocks.max.sm,power.draw,power.limit,temperature.gpu,clocks_throttle_reasons.active"
+    try:
+        out = subprocess.run(["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"nvidia-smi failed: {exc}"
+    return [line.strip() for line in out.stdout.splitlines() if line.strip()] or out.stderr.strip()[:200]
 
 
 def command_line():
