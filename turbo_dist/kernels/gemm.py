@@ -106,6 +106,63 @@ def _block_scale_step(acc, part, sa_ptr, sb_ptr, kb, offs_m, mask_m, off_n, offs
 
 
 @triton.jit
+def _swizzle(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """Tile index -> (pid_m, pid_n) in grouped order: GROUP_M row-blocks share B column-blocks while they
+    sit in L2."""
+    width = GROUP_M * num_pid_n
+    first_m = (tile // width) * GROUP_M
+    group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
+    return first_m + ((tile % width) % group_size), (tile % width) // group_size
+
+
+@triton.jit
+def _scale_epilogue(acc, sa_ptr, sb_ptr, offs_m, mask_m, offs_n, mask_n, stride_sam, stride_sbn,
+                    SCALE_MODE: tl.constexpr):
+    """Tensorwise (1) or rowwise (2) FP8 scales applied to the finished fp32 tile; other modes pass through
+    (none, or blockwise, which _block_scale_step applied per K step)."""
+    if SCALE_MODE == 1:
+        acc = acc * (tl.load(sa_ptr) * tl.load(sb_ptr))
+    if SCALE_MODE == 2:
+        sa = tl.load(sa_ptr + offs_m * stride_sam, mask=mask_m, other=0.0)
+        sb = tl.load(sb_ptr + offs_n * stride_sbn, mask=mask_n, other=0.0)
+        acc = acc * sa[:, None] * sb[None, :]
+    return acc
+
+
+@triton.jit
+def _store_tile(c_ptr, acc, offs_m, mask_m, offs_n, mask_n, stride_cm, stride_cn):
+    """The fp32 tile, cast to C's dtype, into C (64-bit row offsets, masked to the valid rows/columns)."""
+    c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :] * stride_cn
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _tma_tile(a_desc, b_desc, sa_ptr, sb_ptr, K, off_m, off_n, offs_m, mask_m, offs_n, mask_n,
+              stride_sam, stride_sak, stride_sbk, stride_sbn,
+              A_T: tl.constexpr, B_T: tl.constexpr, SCALE_MODE: tl.constexpr, SB_N: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One output tile's fp32 accumulator over K from TMA descriptors (A [M, K] or [K, M] with A_T; B [K, N]
+    or [N, K] with B_T). Out-of-bounds parts of a tile read as zeros, so the K tail needs no mask."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kb in range(0, tl.cdiv(K, BLOCK_K)):
+        k0 = kb * BLOCK_K
+        if A_T:
+            a = a_desc.load([k0, off_m]).T
+        else:
+            a = a_desc.load([off_m, k0])
+        if B_T:
+            b = b_desc.load([off_n, k0]).T
+        else:
+            b = b_desc.load([k0, off_n])
+        if SCALE_MODE == 3:
+            acc = _block_scale_step(acc, tl.dot(a, b), sa_ptr, sb_ptr, kb, offs_m, mask_m, off_n, offs_n, mask_n,
+                                    stride_sam, stride_sak, stride_sbk, stride_sbn, SB_N, BLOCK_N)
+        else:
+            acc = tl.dot(a, b, acc)
+    return _scale_epilogue(acc, sa_ptr, sb_ptr, offs_m, mask_m, offs_n, mask_n, stride_sam, stride_sbn, SCALE_MODE)
+
+
+@triton.jit
 def _gemm_kernel(
     a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr,
     M, N, K,
@@ -117,13 +174,7 @@ def _gemm_kernel(
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
-    # Grouped ordering: GROUP_M row-blocks share B column-blocks while they sit in L2.
-    width = GROUP_M * num_pid_n
-    group_id = pid // width
-    first_m = group_id * GROUP_M
-    group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + ((pid % width) % group_size)
-    pid_n = (pid % width) // group_size
+    pid_m, pid_n = _swizzle(pid, num_pid_m, num_pid_n, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -150,12 +201,7 @@ def _gemm_kernel(
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
 
-    if SCALE_MODE == 1:
-        acc = acc * (tl.load(sa_ptr) * tl.load(sb_ptr))
-    if SCALE_MODE == 2:
-        sa = tl.load(sa_ptr + offs_m * stride_sam, mask=mask_m, other=0.0)
-        sb = tl.load(sb_ptr + offs_n * stride_sbn, mask=mask_n, other=0.0)
-        acc = acc * sa[:, None] * sb[None, :]
+    acc = _scale_epilogue(acc, sa_ptr, sb_ptr, offs_m, mask_m, offs_n, mask_n, stride_sam, stride_sbn, SCALE_MODE)
     c = acc.to(c_ptr.dtype.element_ty)
     c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
     tl.store(c_ptrs, c, mask=mask_m[:, None] & mask_n[None, :])
@@ -171,49 +217,16 @@ def _gemm_tma_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # a_desc covers A as stored: [M, K] (A_T=False) or [K, M] (A_T=True); b_desc: [K, N] or [N, K] (B_T=True).
-    # Out-of-bounds parts of a tile read as zeros, so the K tail needs no mask.
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    width = GROUP_M * num_pid_n
-    group_id = pid // width
-    first_m = group_id * GROUP_M
-    group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + ((pid % width) % group_size)
-    pid_n = (pid % width) // group_size
+    pid_m, pid_n = _swizzle(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     off_m = pid_m * BLOCK_M
     off_n = pid_n * BLOCK_N
     offs_m = off_m + tl.arange(0, BLOCK_M)
     offs_n = off_n + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
-
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kb in range(0, tl.cdiv(K, BLOCK_K)):
-        k0 = kb * BLOCK_K
-        if A_T:
-            a = a_desc.load([k0, off_m]).T
-        else:
-            a = a_desc.load([off_m, k0])
-        if B_T:
-            b = b_desc.load([off_n, k0]).T
-        else:
-            b = b_desc.load([k0, off_n])
-        if SCALE_MODE == 3:
-            acc = _block_scale_step(acc, tl.dot(a, b), sa_ptr, sb_ptr, kb, offs_m, mask_m, off_n, offs_n, mask_n,
-                                    stride_sam, stride_sak, stride_sbk, stride_sbn, SB_N, BLOCK_N)
-        else:
-            acc = tl.dot(a, b, acc)
-
-    if SCALE_MODE == 1:
-        acc = acc * (tl.load(sa_ptr) * tl.load(sb_ptr))
-    if SCALE_MODE == 2:
-        sa = tl.load(sa_ptr + offs_m * stride_sam, mask=mask_m, other=0.0)
-        sb = tl.load(sb_ptr + offs_n * stride_sbn, mask=mask_n, other=0.0)
-        acc = acc * sa[:, None] * sb[None, :]
-    c = acc.to(c_ptr.dtype.element_ty)
-    c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :] * stride_cn
-    tl.store(c_ptrs, c, mask=mask_m[:, None] & mask_n[None, :])
+    acc = _tma_tile(a_desc, b_desc, sa_ptr, sb_ptr, K, off_m, off_n, offs_m, mask_m, offs_n, mask_n,
+                    stride_sam, stride_sak, stride_sbk, stride_sbn, A_T, B_T, SCALE_MODE, SB_N, BLOCK_M, BLOCK_N, BLOCK_K)
+    _store_tile(c_ptr, acc, offs_m, mask_m, offs_n, mask_n, stride_cm, stride_cn)
 
 
 @triton.jit
@@ -226,50 +239,23 @@ def _gemm_tma_persistent_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     NUM_PROGS: tl.constexpr,
 ):
-    # _gemm_tma_kernel's tile, walked by a fixed grid of NUM_PROGS programs (one per SM): the (tile, K) loop
-    # nest is flattened so the next tile's loads start while this tile's epilogue runs. Kept a separate
-    # kernel (not a constexpr branch) so the non-persistent kernel's code stays exactly as measured.
+    # _gemm_tma_kernel's tile (_tma_tile), walked by a fixed grid of NUM_PROGS programs (one per SM): the
+    # (tile, K) loop nest is flattened so the next tile's loads start while this tile's epilogue runs.
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     num_tiles = num_pid_m * num_pid_n
-    width = GROUP_M * num_pid_n
     for tile in tl.range(tl.program_id(0), num_tiles, NUM_PROGS, flatten=True):
-        group_id = tile // width
-        first_m = group_id * GROUP_M
-        group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
-        pid_m = first_m + ((tile % width) % group_size)
-        pid_n = (tile % width) // group_size
+        pid_m, pid_n = _swizzle(tile, num_pid_m, num_pid_n, GROUP_M)
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
         offs_m = off_m + tl.arange(0, BLOCK_M)
         offs_n = off_n + tl.arange(0, BLOCK_N)
         mask_m = offs_m < M
         mask_n = offs_n < N
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for kb in range(0, tl.cdiv(K, BLOCK_K)):
-            k0 = kb * BLOCK_K
-            if A_T:
-                a = a_desc.load([k0, off_m]).T
-            else:
-                a = a_desc.load([off_m, k0])
-            if B_T:
-                b = b_desc.load([off_n, k0]).T
-            else:
-                b = b_desc.load([k0, off_n])
-            if SCALE_MODE == 3:
-                acc = _block_scale_step(acc, tl.dot(a, b), sa_ptr, sb_ptr, kb, offs_m, mask_m, off_n, offs_n, mask_n,
-                                        stride_sam, stride_sak, stride_sbk, stride_sbn, SB_N, BLOCK_N)
-            else:
-                acc = tl.dot(a, b, acc)
-        if SCALE_MODE == 1:
-            acc = acc * (tl.load(sa_ptr) * tl.load(sb_ptr))
-        if SCALE_MODE == 2:
-            sa = tl.load(sa_ptr + offs_m * stride_sam, mask=mask_m, other=0.0)
-            sb = tl.load(sb_ptr + offs_n * stride_sbn, mask=mask_n, other=0.0)
-            acc = acc * sa[:, None] * sb[None, :]
-        c = acc.to(c_ptr.dtype.element_ty)
-        c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :] * stride_cn
-        tl.store(c_ptrs, c, mask=mask_m[:, None] & mask_n[None, :])
+        acc = _tma_tile(a_desc, b_desc, sa_ptr, sb_ptr, K, off_m, off_n, offs_m, mask_m, offs_n, mask_n,
+                        stride_sam, stride_sak, stride_sbk, stride_sbn, A_T, B_T, SCALE_MODE, SB_N,
+                        BLOCK_M, BLOCK_N, BLOCK_K)
+        _store_tile(c_ptr, acc, offs_m, mask_m, offs_n, mask_n, stride_cm, stride_cn)
 
 
 def _set_tma_blocks(nargs):

@@ -20,7 +20,8 @@ import triton
 import triton.language as tl
 
 from . import gemm as _gemm
-from .gemm import SCALE_BLOCK, SCALE_NONE, TensorDescriptor, _block_scale_step, interpreting
+from .gemm import (SCALE_BLOCK, SCALE_NONE, TensorDescriptor, _block_scale_step, _scale_epilogue, _store_tile,
+                   interpreting)
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
 CONFIGS_16 = [
@@ -76,6 +77,31 @@ def num_programs(device):
 
 
 @triton.jit
+def _group_tiles(offs_ptr, G, N, G_POW2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The persistent schedule's table from the group end offsets: per group (padded to G_POW2) its row
+    range, its number of output tiles and their running end, plus the total tile count."""
+    gi = tl.arange(0, G_POW2)
+    ends = tl.load(offs_ptr + gi, mask=gi < G, other=0).to(tl.int32)
+    starts = tl.load(offs_ptr + gi - 1, mask=(gi > 0) & (gi < G), other=0).to(tl.int32)
+    ends = tl.where(gi < G, ends, starts)
+    num_n = tl.cdiv(N, BLOCK_N)
+    tiles = tl.cdiv(ends - starts, BLOCK_M) * num_n
+    tile_end = tl.cumsum(tiles, 0)
+    return gi, starts, ends, tiles, tile_end, tl.sum(tiles, 0), num_n
+
+
+@triton.jit
+def _tile_of(tile, gi, starts, ends, tiles, tile_end, num_n):
+    """Global tile index -> (group, its first row, its end row, tile row, tile column) within that group."""
+    g = tl.sum((tile_end <= tile).to(tl.int32), 0)
+    sel = gi == g
+    row0 = tl.sum(tl.where(sel, starts, 0), 0)
+    row1 = tl.sum(tl.where(sel, ends, 0), 0)
+    local = tile - (tl.sum(tl.where(sel, tile_end - tiles, 0), 0))
+    return g, row0, row1, local // num_n, local % num_n
+
+
+@triton.jit
 def _grouped_gemm_kernel(
     a_ptr, b_ptr, c_ptr, offs_ptr, sa_ptr, sb_ptr,
     G, N, K,
@@ -86,23 +112,10 @@ def _grouped_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    gi = tl.arange(0, G_POW2)
-    ends = tl.load(offs_ptr + gi, mask=gi < G, other=0).to(tl.int32)
-    starts = tl.load(offs_ptr + gi - 1, mask=(gi > 0) & (gi < G), other=0).to(tl.int32)
-    ends = tl.where(gi < G, ends, starts)
-    num_n = tl.cdiv(N, BLOCK_N)
-    tiles = tl.cdiv(ends - starts, BLOCK_M) * num_n
-    tile_end = tl.cumsum(tiles, 0)
-    total = tl.sum(tiles, 0)
+    gi, starts, ends, tiles, tile_end, total, num_n = _group_tiles(offs_ptr, G, N, G_POW2, BLOCK_M, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     for tile in range(pid, total, NUM_PROGS):
-        g = tl.sum((tile_end <= tile).to(tl.int32), 0)
-        sel = gi == g
-        row0 = tl.sum(tl.where(sel, starts, 0), 0)
-        row1 = tl.sum(tl.where(sel, ends, 0), 0)
-        local = tile - (tl.sum(tl.where(sel, tile_end - tiles, 0), 0))
-        pid_m = local // num_n
-        pid_n = local % num_n
+        g, row0, row1, pid_m, pid_n = _tile_of(tile, gi, starts, ends, tiles, tile_end, num_n)
         offs_m = row0 + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_m = offs_m < row1
@@ -125,14 +138,9 @@ def _grouped_gemm_kernel(
                     acc = tl.dot(a, b, acc)
             a_ptrs += BLOCK_K * stride_ak
             b_ptrs += BLOCK_K * stride_bk
-        if SCALE_MODE == 1:
-            acc = acc * (tl.load(sa_ptr) * tl.load(sb_ptr + g * stride_sbg))
-        if SCALE_MODE == 2:
-            sa = tl.load(sa_ptr + offs_m * stride_sam, mask=mask_m, other=0.0)
-            sb = tl.load(sb_ptr + g * stride_sbg + offs_n * stride_sbn, mask=mask_n, other=0.0)
-            acc = acc * sa[:, None] * sb[None, :]
-        c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :] * stride_cn
-        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+        acc = _scale_epilogue(acc, sa_ptr, sb_ptr + g * stride_sbg, offs_m, mask_m, offs_n, mask_n, stride_sam,
+                              stride_sbn, SCALE_MODE)
+        _store_tile(c_ptr, acc, offs_m, mask_m, offs_n, mask_n, stride_cm, stride_cn)
 
 
 @triton.jit
@@ -148,22 +156,9 @@ def _grouped_gemm_tma_kernel(
     # A tile may run past its group's last row into the next group's rows: those rows are computed and
     # never stored (the store is masked to the group), so no masking is needed on the loads.
     pid = tl.program_id(0)
-    gi = tl.arange(0, G_POW2)
-    ends = tl.load(offs_ptr + gi, mask=gi < G, other=0).to(tl.int32)
-    starts = tl.load(offs_ptr + gi - 1, mask=(gi > 0) & (gi < G), other=0).to(tl.int32)
-    ends = tl.where(gi < G, ends, starts)
-    num_n = tl.cdiv(N, BLOCK_N)
-    tiles = tl.cdiv(ends - starts, BLOCK_M) * num_n
-    tile_end = tl.cumsum(tiles, 0)
-    total = tl.sum(tiles, 0)
+    gi, starts, ends, tiles, tile_end, total, num_n = _group_tiles(offs_ptr, G, N, G_POW2, BLOCK_M, BLOCK_N)
     for tile in range(pid, total, NUM_PROGS):
-        g = tl.sum((tile_end <= tile).to(tl.int32), 0)
-        sel = gi == g
-        row0 = tl.sum(tl.where(sel, starts, 0), 0)
-        row1 = tl.sum(tl.where(sel, ends, 0), 0)
-        local = tile - (tl.sum(tl.where(sel, tile_end - tiles, 0), 0))
-        pid_m = local // num_n
-        pid_n = local % num_n
+        g, row0, row1, pid_m, pid_n = _tile_of(tile, gi, starts, ends, tiles, tile_end, num_n)
         off_m = row0 + pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
         offs_m = off_m + tl.arange(0, BLOCK_M)
@@ -184,14 +179,9 @@ def _grouped_gemm_tma_kernel(
                                         stride_sbn, SB_N, BLOCK_N)
             else:
                 acc = tl.dot(a, b, acc)
-        if SCALE_MODE == 1:
-            acc = acc * (tl.load(sa_ptr) * tl.load(sb_ptr + g * stride_sbg))
-        if SCALE_MODE == 2:
-            sa = tl.load(sa_ptr + offs_m * stride_sam, mask=mask_m, other=0.0)
-            sb = tl.load(sb_ptr + g * stride_sbg + offs_n * stride_sbn, mask=mask_n, other=0.0)
-            acc = acc * sa[:, None] * sb[None, :]
-        c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :] * stride_cn
-        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+        acc = _scale_epilogue(acc, sa_ptr, sb_ptr + g * stride_sbg, offs_m, mask_m, offs_n, mask_n, stride_sam,
+                              stride_sbn, SCALE_MODE)
+        _store_tile(c_ptr, acc, offs_m, mask_m, offs_n, mask_n, stride_cm, stride_cn)
 
 
 def _set_tma_blocks(nargs):
