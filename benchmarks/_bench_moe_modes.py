@@ -25,7 +25,8 @@ import os
 import torch
 import torch.distributed as dist
 
-from bench_moe import HBM_GBPS, LINK_GBPS, finish, init_dist, make_routing, mean_over_ranks, time_op, to_fp8
+from bench_moe import (HBM_GBPS, LINK_GBPS, _equal, finish, init_dist, make_routing, mean_over_ranks, time_op,
+                       to_fp8)
 
 
 def _ll_buffer(path, num_max, hidden, world, experts):
@@ -205,7 +206,7 @@ def run_internode(args):
             hout = hier.dispatch(x, num_tokens_per_rdma_rank=n_rdma, topk_idx=topk_idx, topk_weights=topk_weights,
                                  **layout)
             fout = flat.dispatch(x, topk_idx=topk_idx, topk_weights=topk_weights, **layout)
-            same = all(_eq(a, b) for a, b in zip(hout[:3], fout[:3])) and hout[3] == fout[3]
+            same = all(_equal(a, b) for a, b in zip(hout[:3], fout[:3])) and hout[3] == fout[3]
             flag = torch.tensor([0.0 if same else 1.0], device=dev)
             dist.all_reduce(flag)
             exact = bool(flag.item() == 0)
@@ -254,13 +255,3 @@ def _inter_row(op, dtype, tokens, world, rt, t_h, t_f, rdma_bytes, nvl_bytes, li
             "hier_nvl_GBps": nvl_bytes / (t_h * 1e-3) / 1e9, "flat_us": t_f * 1e3,
             "flat_GBps": nvl_bytes / (t_f * 1e-3) / 1e9, "speedup": t_f / t_h,
             "frac_peak": nvl_bytes / (t_h * 1e-3) / 1e9 / link, "matches_flat": check}
-
-
-def _eq(a, b):
-    if isinstance(a, (tuple, list)):
-        return all(_eq(x, y) for x, y in zip(a, b))
-    if a is None or b is None:
-        return a is None and b is None
-    if a.dtype == torch.float8_e4m3fn:
-        a, b = a.view(torch.uint8), b.view(torch.uint8)
-    return torch.equal(a, b)
