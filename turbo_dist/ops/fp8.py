@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from . import dispatcher
 from .gemm import check_gemm_inputs, triton_available
-from .grouped_gemm import check_grouped_inputs, group_offsets
+from .grouped_gemm import check_group_lens_values, check_grouped_inputs, group_offsets
 
 log = logging.getLogger("turbo_dist")
 
@@ -477,11 +477,7 @@ def grouped_scaled_mm(a_q, w_q, scale_a, scale_w, group_lens, out_dtype=torch.bf
     G, N = w_q.shape[0], w_q.shape[1]
     if group_lens.shape[0] != G:
         raise ValueError(f"grouped_scaled_mm: group_lens has {group_lens.shape[0]} groups, w_q has {G}")
-    if group_lens.device.type == "cpu":  # free to check here; on the GPU it would cost a host sync
-        if bool((group_lens < 0).any()):
-            raise ValueError(f"grouped_scaled_mm: group_lens must be >= 0, got {group_lens.tolist()}")
-        if int(group_lens.sum()) != M:
-            raise ValueError(f"grouped_scaled_mm: group_lens sums to {int(group_lens.sum())} but a_q has M={M} rows")
+    check_group_lens_values(group_lens, M, "grouped_scaled_mm", rows_of="a_q")
     kb, nb = -(-K // 128), -(-N // 128)
     shapes = {ScalingGranularity.TENSORWISE: ((1,), (G,)), ScalingGranularity.ROWWISE: ((M, 1), (G, N, 1)),
               ScalingGranularity.BLOCKWISE: ((M, kb), (G, nb, kb))}

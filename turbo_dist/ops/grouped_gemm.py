@@ -37,12 +37,18 @@ def check_grouped_inputs(a, b, group_lens, trans_b, name="grouped_gemm", dtypes=
     k_b = b.shape[2] if trans_b else b.shape[1]
     if a.shape[1] != k_b:
         raise ValueError(f"{name}: a {tuple(a.shape)} has K={a.shape[1]} but b {tuple(b.shape)} (trans_b={trans_b}) has K={k_b}")
-    if group_lens.device.type == "cpu":  # free to check here; on the GPU it would cost a host sync
+    check_group_lens_values(group_lens, a.shape[0], name)
+
+
+def check_group_lens_values(group_lens, m, name, rows_of="a"):
+    """group_lens >= 0 and summing to the `m` rows of `rows_of`, checked when group_lens is on the CPU (free
+    there; on the GPU it would cost a host sync, so the kernels trust it)."""
+    if group_lens.device.type == "cpu":
         if bool((group_lens < 0).any()):
             raise ValueError(f"{name}: group_lens must be >= 0, got {group_lens.tolist()}")
         total = int(group_lens.sum())
-        if total != a.shape[0]:
-            raise ValueError(f"{name}: group_lens sums to {total} but a has M={a.shape[0]} rows")
+        if total != m:
+            raise ValueError(f"{name}: group_lens sums to {total} but {rows_of} has M={m} rows")
 
 
 def group_offsets(group_lens, device, dtype=torch.int64):
