@@ -25,8 +25,8 @@ import os
 import torch
 import torch.distributed as dist
 
-from bench_moe import (HBM_GBPS, LINK_GBPS, _equal, finish, init_dist, make_routing, mean_over_ranks, time_op,
-                       to_fp8)
+from bench_moe import HBM_GBPS, LINK_GBPS, _equal, finish, init_dist, make_routing, mean_over_ranks, to_fp8
+from common import time_across_ranks
 
 
 def _ll_buffer(path, num_max, hidden, world, experts):
@@ -94,10 +94,10 @@ def run_low_latency(args):
         base = {}
         for dtype in args.dtype_list:
             xin = x if dtype == "bf16" else to_fp8(x)
-            base[dtype] = time_op(lambda: normal.dispatch(xin, topk_idx=topk_idx, topk_weights=topk_weights,
+            base[dtype] = time_across_ranks(lambda: normal.dispatch(xin, topk_idx=topk_idx, topk_weights=topk_weights,
                                                           **layout), args.warmup, args.reps)
         recv_x, _, _, _, handle, _ = normal.dispatch(x, topk_idx=topk_idx, topk_weights=topk_weights, **layout)
-        base["combine"] = time_op(lambda: normal.combine(recv_x, handle), args.warmup, args.reps)
+        base["combine"] = time_across_ranks(lambda: normal.combine(recv_x, handle), args.warmup, args.reps)
 
         for dtype in args.dtype_list:
             fp8 = dtype == "fp8"
@@ -106,7 +106,7 @@ def run_low_latency(args):
                 def disp(buf=buf):
                     return buf.low_latency_dispatch(x, topk_idx, num_tokens, args.experts, use_fp8=fp8)
                 outs[p] = disp()[:3]
-                times[p] = time_op(disp, args.warmup, args.reps)
+                times[p] = time_across_ranks(disp, args.warmup, args.reps)
                 graphed[p] = _graph_time(disp, args)
             exact = _same_dispatch(outs["triton"], outs["collective"], fp8) if len(outs) == 2 else None
             nbytes = selections * ((args.hidden + args.hidden // 128 * 4 + 16) if fp8 else args.hidden * 2)
@@ -123,7 +123,7 @@ def run_low_latency(args):
             def comb(buf=buf, h=h):
                 return buf.low_latency_combine(y, topk_idx, topk_weights, h)
             results[p] = comb()[0]
-            times[p] = time_op(comb, args.warmup, args.reps)
+            times[p] = time_across_ranks(comb, args.warmup, args.reps)
             graphed[p] = _graph_time(comb, args)
         close = None
         if len(results) == 2:
@@ -160,7 +160,7 @@ def _graph_time(fn, args):
         with torch.cuda.graph(graph):
             fn()
             fn()
-        return time_op(graph.replay, args.warmup, args.reps) / 2
+        return time_across_ranks(graph.replay, args.warmup, args.reps) / 2
     except Exception as exc:  # report, keep benchmarking the eager calls
         if dist.get_rank() == 0:
             print(f"[bench_moe low-latency] CUDA graph capture failed: {type(exc).__name__}: {exc}", flush=True)
@@ -210,9 +210,9 @@ def run_internode(args):
             flag = torch.tensor([0.0 if same else 1.0], device=dev)
             dist.all_reduce(flag)
             exact = bool(flag.item() == 0)
-            t_h = time_op(lambda: hier.dispatch(x, num_tokens_per_rdma_rank=n_rdma, topk_idx=topk_idx,
+            t_h = time_across_ranks(lambda: hier.dispatch(x, num_tokens_per_rdma_rank=n_rdma, topk_idx=topk_idx,
                                                 topk_weights=topk_weights, **layout), args.warmup, args.reps)
-            t_f = time_op(lambda: flat.dispatch(x, topk_idx=topk_idx, topk_weights=topk_weights, **layout),
+            t_f = time_across_ranks(lambda: flat.dispatch(x, topk_idx=topk_idx, topk_weights=topk_weights, **layout),
                           args.warmup, args.reps)
             row_bytes = args.hidden * 2 if dtype == "bf16" else args.hidden + args.hidden // 128 * 4
             num_recv = hout[4].num_recv_tokens
@@ -227,8 +227,8 @@ def run_internode(args):
             handle, f_handle = hout[4], fout[4]
             recv = hout[0]
             y = (torch.randn(recv.shape, generator=g, device=dev)).to(torch.bfloat16)
-            t_h = time_op(lambda: hier.combine(y, handle), args.warmup, args.reps)
-            t_f = time_op(lambda: flat.combine(y, f_handle), args.warmup, args.reps)
+            t_h = time_across_ranks(lambda: hier.combine(y, handle), args.warmup, args.reps)
+            t_f = time_across_ranks(lambda: flat.combine(y, f_handle), args.warmup, args.reps)
             ok = torch.allclose(hier.combine(y, handle)[0].float(), flat.combine(y, f_handle)[0].float(),
                                 rtol=2e-2, atol=2e-2)
             flag = torch.tensor([0.0 if ok else 1.0], device=dev)

@@ -14,7 +14,7 @@ scales)) or sends (combine: rows x hidden x 2), averaged over ranks, over the sl
 `frac_peak` divides by the link: ~450 GB/s per direction per H100/H200 NVLink-4 port set, or ~3000
 GB/s HBM copy for a world_size 1 self-loop (all traffic is local then).
 
-Shared with benchmarks/_bench_moe_modes.py: parse_args, init_dist, make_routing, to_fp8, time_op,
+Shared with benchmarks/_bench_moe_modes.py: parse_args, init_dist, make_routing, to_fp8, _equal,
 finish (rank 0 prints the table and writes the JSON).
 """
 import argparse
@@ -93,11 +93,6 @@ def to_fp8(x):
     return (xv / scales.unsqueeze(2)).to(torch.float8_e4m3fn).view(t, h), scales.contiguous()
 
 
-def time_op(fn, warmup, reps):
-    """Median ms of `fn` on this rank (CUDA events, same iteration count on every rank), max over ranks."""
-    return time_across_ranks(fn, warmup, reps)
-
-
 def mean_over_ranks(value):
     t = torch.tensor([float(value)], dtype=torch.float64, device="cuda")
     dist.all_reduce(t)
@@ -155,11 +150,11 @@ def run_intranode(args):
                         recv_x[1].repeat_interleave(128, dim=1)).to(torch.bfloat16))
                     results[name] = (out[:4], handle[3], buf.combine(recv_bf16, handle, config=cfg)[0])
                     t = {
-                        "dispatch": time_op(lambda: buf.dispatch(x, topk_idx=topk_idx, topk_weights=topk_weights,
+                        "dispatch": time_across_ranks(lambda: buf.dispatch(x, topk_idx=topk_idx, topk_weights=topk_weights,
                                                                  config=cfg, **layout), args.warmup, args.reps),
-                        "dispatch_cached": time_op(lambda: buf.dispatch(x, handle=handle, config=cfg), args.warmup,
+                        "dispatch_cached": time_across_ranks(lambda: buf.dispatch(x, handle=handle, config=cfg), args.warmup,
                                                    args.reps),
-                        "combine": time_op(lambda: buf.combine(recv_bf16, handle, config=cfg), args.warmup,
+                        "combine": time_across_ranks(lambda: buf.combine(recv_bf16, handle, config=cfg), args.warmup,
                                            args.reps),
                     }
                     if best is None or t["dispatch_cached"] + t["combine"] < best[1]["dispatch_cached"] + best[1]["combine"]:
