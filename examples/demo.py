@@ -20,6 +20,7 @@ if __package__ in (None, ""):  # `python examples/demo.py` from a source checkou
 
 import turbo_dist  # noqa: E402
 from turbo_dist import cp, moe, ops, tp  # noqa: E402
+from turbo_dist.testing import run_script, under_launcher  # noqa: E402
 
 
 def _sync(device):
@@ -202,25 +203,12 @@ def main(argv=None):
     turbo_dist.runtime.config.apply_safety_env()
 
     start = time.perf_counter()
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun, or launch/mpirun.sh
-        backend = "nccl" if on_gpu else "gloo"
-        if on_gpu:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(backend)
-        res = run_rank(dist.get_rank(), dist.get_world_size(), args)
-        gathered = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, res)
-        ok = True
-        if dist.get_rank() == 0:
-            ok = report(gathered, len(gathered), time.perf_counter() - start)
-        turbo_dist.destroy_all()
-        dist.destroy_process_group()
-        return 0 if ok else 1
-    from turbo_dist.testing import run_distributed
-
-    results = run_distributed(_spawned, args.nproc, args=(args,))
-    return 0 if report(results, args.nproc, time.perf_counter() - start) else 1
-
+    # torchrun / launch/mpirun.sh: this process is one rank; otherwise spawn --nproc ranks (NCCL with a GPU per
+    # rank, else gloo). Either way every rank's rows come back; rank 0 prints the table.
+    results = run_script(_spawned, args, args.nproc, backend=None)
+    if under_launcher() and int(os.environ["RANK"]) != 0:
+        return 0
+    return 0 if report(results, len(results), time.perf_counter() - start) else 1
 
 if __name__ == "__main__":
     sys.exit(main())

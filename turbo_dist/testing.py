@@ -232,22 +232,24 @@ def under_launcher():
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def run_script(fn, args, nproc):
-    """Entry point of the example scripts: `fn(rank, world_size, args)` on every rank.
+def run_script(fn, args, nproc, backend="gloo"):
+    """Entry point of the example scripts: `fn(rank, world_size, args)` on every rank; returns every rank's
+    result (rank order).
 
     Under a launcher (torchrun, launch/mpirun.sh): initialise the default group (NCCL with one GPU per rank
-    when CUDA is present, else gloo), run `fn`, destroy the group; returns [this rank's result]. Otherwise:
-    spawn `nproc` gloo ranks on this machine (run_distributed) and return every rank's result.
+    when CUDA is present, else gloo), run `fn`, gather the results to every rank, release the runtimes and
+    destroy the group. Otherwise: spawn `nproc` ranks on this machine with run_distributed (`backend`:
+    "gloo", or None for NCCL when there is a GPU per rank).
     """
     import torch
     import torch.distributed as dist
 
-    from turbo_dist.runtime import apply_safety_env
+    from turbo_dist.runtime import apply_safety_env, destroy_all
 
     apply_safety_env()
     if not under_launcher():
         try:
-            return run_distributed(fn, nproc, args=(args,), backend="gloo")
+            return run_distributed(fn, nproc, args=(args,), backend=backend)
         finally:
             shutdown_pools()
     if torch.cuda.is_available():
@@ -257,6 +259,10 @@ def run_script(fn, args, nproc):
     else:
         dist.init_process_group("gloo")
     try:
-        return [fn(dist.get_rank(), dist.get_world_size(), args)]
+        result = fn(dist.get_rank(), dist.get_world_size(), args)
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, result)
+        return gathered
     finally:
+        destroy_all()
         dist.destroy_process_group()
