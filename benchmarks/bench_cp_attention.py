@@ -20,7 +20,6 @@ import argparse
 import gc
 import os
 import socket
-import statistics
 import sys
 
 import torch
@@ -85,25 +84,8 @@ def init_dist(cpu=False):
 
 
 def time_ms(fn, warmup, iters):
-    """Median ms per call on this rank (CUDA events), max over ranks. Same call count on every rank."""
-    if DEV == "cpu":
-        return _time_cpu(fn, warmup, iters)
-    return time_across_ranks(fn, warmup, iters)
-
-
-def _time_cpu(fn, warmup, iters):
-    import time
-
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    t = torch.tensor([statistics.median(times)])
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.item()
+    """Median ms per call on this rank (CUDA events; perf_counter under --cpu-check), max over ranks."""
+    return time_across_ranks(fn, warmup, iters, device=DEV)
 
 
 def rel_err(a, b):

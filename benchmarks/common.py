@@ -218,23 +218,33 @@ def print_table(rows, cols=None, file=None):
     sys.stdout.flush()
 
 
-def time_across_ranks(fn, warmup, iters):
-    """Median ms of `fn` per rank (CUDA events; the same call count on every rank), max over the ranks of
-    the default process group: the time the slowest rank sees, which is what a collective step costs."""
+def time_across_ranks(fn, warmup, iters, device="cuda"):
+    """Median ms of `fn` per rank (the same call count on every rank: CUDA events, or perf_counter with
+    device="cpu"), max over the ranks of the default process group: the time the slowest rank sees, which
+    is what a collective step costs."""
     import torch.distributed as dist
 
     for _ in range(warmup):
         fn()
-    torch.cuda.synchronize()
-    dist.barrier()
-    events = []
-    for _ in range(iters):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        events.append((s, e))
-    torch.cuda.synchronize()
-    t = torch.tensor([statistics.median(s.elapsed_time(e) for s, e in events)], dtype=torch.float64, device="cuda")
+    if device == "cpu":
+        times = []
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        med = statistics.median(times)
+    else:
+        torch.cuda.synchronize()
+        dist.barrier()
+        events = []
+        for _ in range(iters):
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            fn()
+            e.record()
+            events.append((s, e))
+        torch.cuda.synchronize()
+        med = statistics.median(s.elapsed_time(e) for s, e in events)
+    t = torch.tensor([med], dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return float(t.item())
