@@ -13,12 +13,13 @@ Kernels: forward (online softmax in base 2), delta preprocess, dk/dv (one progra
 and kv head, looping over the head's whole query group, so no atomics), dq (one program per
 query block). They also run under TRITON_INTERPRET=1 (fp16/fp32) for CPU tests.
 """
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
+
+from ._device import interpreting
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -31,10 +32,6 @@ class FlashConfig:
     block_n: int
     num_warps: int = 4
     num_stages: int = 2
-
-
-def interpreting():
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 # Chosen on an H100 (bench_ops_attention.py --attn-tune; D=128 bwd from

@@ -20,16 +20,14 @@ import torch
 import triton
 import triton.language as tl
 
+from ._device import interpreting
+
 try:  # triton >= 3.3
     from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # pragma: no cover
     TensorDescriptor = None
 
 SCALE_NONE, SCALE_TENSOR, SCALE_ROW, SCALE_BLOCK = 0, 1, 2, 3
-
-
-def interpreting():
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages) -- Hopper-oriented; 16-bit inputs.

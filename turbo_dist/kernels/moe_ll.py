@@ -12,23 +12,15 @@ A wait never spins forever: after `timeout_s` (GPU global timer; an iteration bu
 Triton interpreter) it writes `(code, source rank, counter value, expected)` into `err` (an int32 [4]
 buffer the host can read without a sync, see `ErrorWord`) and returns without consuming.
 """
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from ._device import globaltimer_ns, interpreting
+
 ERR_NUMEL = 4  # err: [code, source rank, counter value seen, expected]
 ERR_DISPATCH, ERR_COMBINE = 1, 2
-
-
-def _interpreted():
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-@triton.jit
-def _globaltimer_ns():
-    return tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1)
 
 
 @triton.jit
@@ -113,13 +105,13 @@ def _ll_wait_kernel(cnt_ptr, err_addr, num_src, expected, code, timeout_ns, max_
     waiting = (lo < expected) & (failed == 0)
     it = 0
     if USE_TIMER:
-        t0 = _globaltimer_ns()
+        t0 = globaltimer_ns()
     while waiting:
         vals = tl.atomic_add(ptrs, 0, mask=m, sem="acquire", scope="sys")
         lo = tl.min(tl.where(m, vals, expected), 0)
         it += 1
         if USE_TIMER:
-            expired = (_globaltimer_ns() - t0) > timeout_ns
+            expired = (globaltimer_ns() - t0) > timeout_ns
         else:
             expired = it > max_iters
         timed_out = expired & (lo < expected)
@@ -196,7 +188,7 @@ def wait_counters(counters, err_addr, expected, code, timeout_s):
     if counters.dtype != torch.int64 or counters.dim() != 1 or not counters.is_contiguous():
         raise ValueError(f"counters must be a contiguous int64 [R] tensor, got {counters.dtype} "
                          f"{tuple(counters.shape)} strides {counters.stride()}")
-    use_timer = counters.is_cuda and not _interpreted()
+    use_timer = counters.is_cuda and not interpreting()
     timeout_ns = int(max(timeout_s, 0.0) * 1e9)
     # No clock under the interpreter: bound by iterations, each a slow Python round trip (as moe_nvlink).
     max_iters = max(int(max(timeout_s, 0.0) * 1000), 1) if not use_timer else 1

@@ -19,24 +19,18 @@ guards computed from the (global) token matrix record `[ERR_CAPACITY, rows, cap_
 Memory order: data stores, then a CTA barrier, then a release store of the flag at system scope; the
 reader polls with acquire atomics at system scope, then a CTA barrier, then plain loads.
 """
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from ._device import globaltimer_ns, interpreting
+
 ERR_NUMEL = 4
 ERR_TIMEOUT, ERR_CAPACITY, ERR_WORST = 1, 2, 3
 
 
-def interpreting():
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 # ----------------------------------------------------------------------------- device helpers
-@triton.jit
-def _now_ns():
-    return tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1)
 
 
 @triton.jit
@@ -63,14 +57,14 @@ def _wait_flags(sig_ptr, first, num_src, stride, per_src, epoch, err_ptr, timeou
     pending = (lo < epoch) & (err == 0)
     it = 0
     if USE_TIMER:
-        t0 = _now_ns()
+        t0 = globaltimer_ns()
     while pending:
         vals = tl.atomic_add(ptrs, 0, mask=m, sem="acquire", scope="sys")
         lo = tl.min(tl.where(m, vals, epoch), 0)
         err = tl.load(err_ptr, volatile=True)
         it += 1
         if USE_TIMER:
-            expired = (_now_ns() - t0) > timeout_ns
+            expired = (globaltimer_ns() - t0) > timeout_ns
         else:
             expired = it > max_iters
         if expired & (lo < epoch) & (err == 0):

@@ -11,22 +11,14 @@ returns. Every later wait returns at once while `err[0]` is set; the host checks
 
 Kernels know nothing of process groups: they take peer base addresses (`pad_ptrs`, int64 [W]).
 """
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from ._device import globaltimer_ns, interpreting
+
 ERR_NUMEL = 4  # err: [failed, peer, slot, expected]
-
-
-def _interpreted():
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-@triton.jit
-def _globaltimer_ns():
-    return tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1)
 
 
 # Epochs, slots and ranks change on every call: do not let Triton compile a variant per value class.
@@ -48,7 +40,7 @@ def _wait_signal_kernel(pad_ptr, err_ptr, slot_base, expected, first_peer, num_p
     err = tl.load(err_ptr)
     it = 0
     if USE_TIMER:
-        t0 = _globaltimer_ns()
+        t0 = globaltimer_ns()
     for i in range(num_peers):
         r = (first_peer + i) % world_size
         flag = pad_ptr + slot_base + r
@@ -58,7 +50,7 @@ def _wait_signal_kernel(pad_ptr, err_ptr, slot_base, expected, first_peer, num_p
             val = tl.atomic_add(flag, 0, sem="acquire", scope="sys")
             it += 1
             if USE_TIMER:
-                expired = (_globaltimer_ns() - t0) > timeout_ns
+                expired = (globaltimer_ns() - t0) > timeout_ns
             else:
                 expired = it > max_iters
             if expired & (val < expected):
@@ -91,7 +83,7 @@ def wait_signal(pad, err, slot_base, expected, first_peer, num_peers, world_size
         return
     if err.dtype != torch.int32 or err.numel() < ERR_NUMEL:
         raise ValueError(f"err must be int32 with >= {ERR_NUMEL} elements, got {err.dtype} {tuple(err.shape)}")
-    use_timer = not _interpreted() and pad.is_cuda
+    use_timer = not interpreting() and pad.is_cuda
     timeout_ns = int(max(timeout_s, 0.0) * 1e9)
     # No clock under the interpreter: bound by iterations, each a slow Python round trip (~0.5 ms on CPU;
     # a budget of 1e8 per second made a 100 s timeout spin for weeks there).
