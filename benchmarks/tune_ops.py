@@ -57,12 +57,22 @@ EXTRA_BLOCK = [
     (128, 256, 128, 8, 8, 3),  # BLOCK_N 256: two scale_b blocks per tile (the vector path)
     (128, 128, 128, 8, 8, 4, 1),  # persistent
     (64, 128, 128, 8, 4, 4, 1),
+    # 7th entry 2: warp-specialized K loop (Triton's Hopper auto-WS); 3: persistent and warp-specialized
+    (128, 128, 128, 8, 8, 4, 2),
+    (128, 128, 128, 8, 4, 4, 2),
+    (128, 256, 128, 8, 8, 3, 2),
+    (128, 128, 128, 8, 8, 4, 3),
 ]
 # grouped: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
 EXTRA_GROUPED_BLOCK = [
     (128, 64, 128, 4, 4),
     (64, 128, 128, 8, 4),
     (128, 256, 128, 8, 3),
+    # 6th entry 1: warp-specialized K loop
+    (128, 128, 128, 8, 4, 1),
+    (128, 128, 128, 4, 4, 1),
+    (64, 128, 128, 4, 4, 1),
+    (128, 256, 128, 8, 3, 1),
 ]
 
 DEVICE, DTYPE, SHRINK, DRY = "cuda", torch.bfloat16, 1, False
@@ -96,7 +106,10 @@ def tune_case(case, flops, ref, tol, baselines, default_fn, candidates, run, arg
     for label, fn in baselines.items():
         fns[label] = fn
         rows.append({"case": case, "kind": "baseline", "impl": label, "ms_single": _time_one(fn, args.rep_ms)})
+    if args.candidates:
+        candidates = [tuple(int(v) for v in c.split("x")) for c in args.candidates.split(",") if c.strip()]
     for cfg in candidates:
+        t_cfg = time.perf_counter()
         row = {"case": case, "kind": "config", "impl": "x".join(map(str, cfg)), "config": list(cfg),
                "in_module_list": cfg in source}
         try:
@@ -112,6 +125,8 @@ def tune_case(case, flops, ref, tol, baselines, default_fn, candidates, run, arg
         except Exception as exc:  # too much shared memory, a compile error: a row, not a crash
             row.update(ok=False, error=f"{type(exc).__name__}: {exc}"[:300])
         rows.append(row)
+        print(f"  {case} {row['impl']}: ms_single {row.get('ms_single')}, rel_err {row.get('rel_err')}, "
+              f"{row.get('error', 'ok' if row.get('ok') else 'WRONG')} ({time.perf_counter() - t_cfg:.1f} s)", flush=True)
     row = {"case": case, "kind": "autotuned", "impl": "default (autotune)"}
     try:
         err = rel_err(default_fn(), ref)
@@ -167,7 +182,7 @@ def gemm_cases(names, args):
 def fp8_block_case(args):
     from turbo_dist.kernels import gemm as kgemm
     from turbo_dist.ops import ScalingGranularity, quantize_fp8
-    from turbo_dist.ops.fp8 import _reference_scaled_mm
+    from turbo_dist.ops.fp8 import _reference_scaled_mm, _torch_blockwise_supported, _torch_scaled_mm
 
     B, R = ScalingGranularity.BLOCKWISE, ScalingGranularity.ROWWISE
     E4M3 = torch.float8_e4m3fn
@@ -184,6 +199,12 @@ def fp8_block_case(args):
         wq_r, sw_r = quantize_fp8(w, E4M3, R, weight=True)
         baselines["rowwise_torch_scaled_mm"] = lambda: torch._scaled_mm(
             aq_r, wq_r.t(), sa_r, sw_r.t(), out_dtype=torch.bfloat16)
+        ok, why = _torch_blockwise_supported(aq.device)
+        if ok:  # cuBLASLt's own 1x128 x 128x128 kernel through torch._scaled_mm
+            baselines["blockwise_torch_scaled_mm"] = lambda: _torch_scaled_mm(aq, wq.t(), sa, sw.t(), "block",
+                                                                              torch.bfloat16)
+        else:
+            print(f"no blockwise torch._scaled_mm baseline: {why}")
     source = [tuple(c) for c in kgemm.CONFIGS_BLOCK]
     out_dtype = torch.bfloat16 if not DRY else torch.float32
     run = lambda cfg: kgemm.scaled_gemm(aq, wq.t(), sa, sw.t(), kgemm.SCALE_BLOCK, out_dtype=out_dtype,  # noqa
@@ -196,7 +217,7 @@ def fp8_grouped_block_case(args):
     from bench_ops import skewed_lens
     from turbo_dist.kernels import fp8_gemm, grouped_gemm as kgg
     from turbo_dist.ops import ScalingGranularity, quantize_fp8
-    from turbo_dist.ops.fp8 import _reference_grouped_scaled
+    from turbo_dist.ops.fp8 import _reference_grouped_scaled, _torch_blockwise_supported, _torch_scaled_mm
 
     B = ScalingGranularity.BLOCKWISE
     E4M3 = torch.float8_e4m3fn
@@ -217,6 +238,24 @@ def fp8_grouped_block_case(args):
         offs32 = offs.to(torch.int32)
         baselines["bf16_torch_grouped_mm"] = lambda: torch._grouped_mm(a, b_t.transpose(1, 2), offs=offs32,
                                                                        out_dtype=torch.bfloat16)
+        if _torch_blockwise_supported(aq.device)[0]:
+            # what a host loop over cuBLASLt's blockwise kernel gives (group sizes known on the host here)
+            bounds = [0] + torch.cumsum(lens, 0).tolist()
+            out_loop = torch.empty(M, N, dtype=torch.bfloat16, device=DEVICE)
+
+            def cublas_loop():
+                for gi in range(G):
+                    s0, s1 = bounds[gi], bounds[gi + 1]
+                    if s1 > s0:
+                        out_loop[s0:s1] = _torch_scaled_mm(aq[s0:s1], wq[gi].t(), sa[s0:s1], sw[gi], "block",
+                                                           torch.bfloat16)
+                return out_loop
+            try:
+                err = rel_err(cublas_loop(), ref)
+                print(f"blockwise cuBLAS loop baseline: relative error {err:.3g}")
+                baselines["blockwise_cublas_loop"] = cublas_loop
+            except Exception as exc:  # e.g. a group size cuBLASLt rejects
+                print(f"no blockwise cuBLAS loop baseline: {type(exc).__name__}: {exc}")
     else:
         baselines["fp32_loop"] = lambda: _reference_grouped_scaled(aq, wq.transpose(1, 2), sa, sw, lens, "block",
                                                                    torch.float32)
@@ -237,6 +276,8 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds for the final re-timing")
     p.add_argument("--final-top", type=int, default=4, help="candidates re-timed interleaved with the baselines")
     p.add_argument("--dry-run", action="store_true", help="CPU under TRITON_INTERPRET=1, tiny sizes")
+    p.add_argument("--candidates", default="", help="only these configs, e.g. 128x128x128x8x4,128x128x128x8x4x1 "
+                   "(the case's tuple layout; default: the module list then the extras)")
     args = p.parse_args(argv)
     names = [c.strip() for c in args.cases.split(",") if c.strip()]
     unknown = [c for c in names if c not in CASES]

@@ -87,20 +87,20 @@ def _configs(rows):
 
 
 @triton.jit
-def _block_scale_step(acc, part, sa_ptr, sb_ptr, kb, offs_m, mask_m, off_n, offs_n, mask_n,
-                      stride_sam, stride_sak, stride_sbk, stride_sbn, SB_N: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Blockwise FP8: promote one 128-wide K step's partial product into the fp32 accumulator, scaled by
-    scale_a [rows, kb] and scale_b [kb, column block]. When the tile's columns sit in one scale_b block
-    (SB_N a multiple of BLOCK_N, e.g. 128x128 weight blocks and BLOCK_N 128) that is one scalar load, and
-    the two scales fold into one per-row vector: no per-element division or gather."""
+def _block_scales(sa_ptr, sb_ptr, kb, offs_m, mask_m, off_n, offs_n, mask_n,
+                  stride_sam, stride_sak, stride_sbk, stride_sbn, SB_N: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Blockwise FP8: the factor one 128-wide K step's partial product is promoted with, from scale_a
+    [rows, kb] and scale_b [kb, column block]. Loaded before that step's dot so the loads overlap it. When the
+    tile's columns sit in one scale_b block (SB_N a multiple of BLOCK_N, e.g. 128x128 weight blocks and
+    BLOCK_N 128) that is one scalar load and the factor is one per-row vector [BLOCK_M, 1]; otherwise
+    [BLOCK_M, BLOCK_N]."""
     sa = tl.load(sa_ptr + offs_m * stride_sam + kb * stride_sak, mask=mask_m, other=0.0)
     if SB_N % BLOCK_N == 0:
         sb = tl.load(sb_ptr + kb * stride_sbk + (off_n // SB_N) * stride_sbn)
-        acc += part * (sa * sb)[:, None]
+        return (sa * sb)[:, None]
     else:
         sb = tl.load(sb_ptr + kb * stride_sbk + (offs_n // SB_N) * stride_sbn, mask=mask_n, other=0.0)
-        acc += part * sa[:, None] * sb[None, :]
-    return acc
+        return sa[:, None] * sb[None, :]
 
 
 @triton.jit
@@ -117,7 +117,7 @@ def _swizzle(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 def _scale_epilogue(acc, sa_ptr, sb_ptr, offs_m, mask_m, offs_n, mask_n, stride_sam, stride_sbn,
                     SCALE_MODE: tl.constexpr):
     """Tensorwise (1) or rowwise (2) FP8 scales applied to the finished fp32 tile; other modes pass through
-    (none, or blockwise, which _block_scale_step applied per K step)."""
+    (none, or blockwise, promoted per K step with _block_scales)."""
     if SCALE_MODE == 1:
         acc = acc * (tl.load(sa_ptr) * tl.load(sb_ptr))
     if SCALE_MODE == 2:
@@ -138,11 +138,12 @@ def _store_tile(c_ptr, acc, offs_m, mask_m, offs_n, mask_n, stride_cm, stride_cn
 def _tma_tile(a_desc, b_desc, sa_ptr, sb_ptr, K, off_m, off_n, offs_m, mask_m, offs_n, mask_n,
               stride_sam, stride_sak, stride_sbk, stride_sbn,
               A_T: tl.constexpr, B_T: tl.constexpr, SCALE_MODE: tl.constexpr, SB_N: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WS: tl.constexpr = False):
     """One output tile's fp32 accumulator over K from TMA descriptors (A [M, K] or [K, M] with A_T; B [K, N]
-    or [N, K] with B_T). Out-of-bounds parts of a tile read as zeros, so the K tail needs no mask."""
+    or [N, K] with B_T). Out-of-bounds parts of a tile read as zeros, so the K tail needs no mask.
+    WS: ask Triton to warp-specialize the K loop (TMA producer warps, MMA consumer warps)."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kb in range(0, tl.cdiv(K, BLOCK_K)):
+    for kb in tl.range(0, tl.cdiv(K, BLOCK_K), warp_specialize=WS):
         k0 = kb * BLOCK_K
         if A_T:
             a = a_desc.load([k0, off_m]).T
@@ -153,8 +154,9 @@ def _tma_tile(a_desc, b_desc, sa_ptr, sb_ptr, K, off_m, off_n, offs_m, mask_m, o
         else:
             b = b_desc.load([k0, off_n])
         if SCALE_MODE == 3:
-            acc = _block_scale_step(acc, tl.dot(a, b), sa_ptr, sb_ptr, kb, offs_m, mask_m, off_n, offs_n, mask_n,
-                                    stride_sam, stride_sak, stride_sbk, stride_sbn, SB_N, BLOCK_N)
+            f = _block_scales(sa_ptr, sb_ptr, kb, offs_m, mask_m, off_n, offs_n, mask_n,
+                              stride_sam, stride_sak, stride_sbk, stride_sbn, SB_N, BLOCK_N)
+            acc += tl.dot(a, b) * f
         else:
             acc = tl.dot(a, b, acc)
     return _scale_epilogue(acc, sa_ptr, sb_ptr, offs_m, mask_m, offs_n, mask_n, stride_sam, stride_sbn, SCALE_MODE)
@@ -189,8 +191,9 @@ def _gemm_kernel(
         a = tl.load(a_ptrs, mask=mask_m[:, None] & (rk[None, :] < k_left), other=0.0)
         b = tl.load(b_ptrs, mask=(rk[:, None] < k_left) & mask_n[None, :], other=0.0)
         if SCALE_MODE == 3:
-            acc = _block_scale_step(acc, tl.dot(a, b), sa_ptr, sb_ptr, kb, offs_m, mask_m, pid_n * BLOCK_N, offs_n,
-                                    mask_n, stride_sam, stride_sak, stride_sbk, stride_sbn, SB_N, BLOCK_N)
+            f = _block_scales(sa_ptr, sb_ptr, kb, offs_m, mask_m, pid_n * BLOCK_N, offs_n, mask_n,
+                              stride_sam, stride_sak, stride_sbk, stride_sbn, SB_N, BLOCK_N)
+            acc += tl.dot(a, b) * f
         else:
             if ALLOW_TF32:
                 acc = tl.dot(a, b, acc)
@@ -213,6 +216,7 @@ def _gemm_tma_kernel(
     A_T: tl.constexpr, B_T: tl.constexpr,
     SCALE_MODE: tl.constexpr, SB_N: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    WS: tl.constexpr = False,
 ):
     # a_desc covers A as stored: [M, K] (A_T=False) or [K, M] (A_T=True); b_desc: [K, N] or [N, K] (B_T=True).
     pid_m, pid_n = _swizzle(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
@@ -223,7 +227,8 @@ def _gemm_tma_kernel(
     mask_m = offs_m < M
     mask_n = offs_n < N
     acc = _tma_tile(a_desc, b_desc, sa_ptr, sb_ptr, K, off_m, off_n, offs_m, mask_m, offs_n, mask_n,
-                    stride_sam, stride_sak, stride_sbk, stride_sbn, A_T, B_T, SCALE_MODE, SB_N, BLOCK_M, BLOCK_N, BLOCK_K)
+                    stride_sam, stride_sak, stride_sbk, stride_sbn, A_T, B_T, SCALE_MODE, SB_N, BLOCK_M, BLOCK_N, BLOCK_K,
+                    WS)
     _store_tile(c_ptr, acc, offs_m, mask_m, offs_n, mask_n, stride_cm, stride_cn)
 
 
@@ -235,7 +240,7 @@ def _gemm_tma_persistent_kernel(
     A_T: tl.constexpr, B_T: tl.constexpr,
     SCALE_MODE: tl.constexpr, SB_N: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    NUM_PROGS: tl.constexpr,
+    NUM_PROGS: tl.constexpr, WS: tl.constexpr = False,
 ):
     # _gemm_tma_kernel's tile (_tma_tile), walked by a fixed grid of NUM_PROGS programs (one per SM): the
     # (tile, K) loop nest is flattened so the next tile's loads start while this tile's epilogue runs.
@@ -252,7 +257,7 @@ def _gemm_tma_persistent_kernel(
         mask_n = offs_n < N
         acc = _tma_tile(a_desc, b_desc, sa_ptr, sb_ptr, K, off_m, off_n, offs_m, mask_m, offs_n, mask_n,
                         stride_sam, stride_sak, stride_sbk, stride_sbn, A_T, B_T, SCALE_MODE, SB_N,
-                        BLOCK_M, BLOCK_N, BLOCK_K)
+                        BLOCK_M, BLOCK_N, BLOCK_K, WS)
         _store_tile(c_ptr, acc, offs_m, mask_m, offs_n, mask_n, stride_cm, stride_cn)
 
 
@@ -312,12 +317,17 @@ def tma_operands(a, b):
     return la, lb
 
 
+PERSISTENT, WARP_SPECIALIZE = 1, 2  # bits of a config's optional 7th entry
+
+
 def _unpack(config):
-    """(BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages[, persistent]) -> 7 values."""
-    if len(config) not in (6, 7):
-        raise ValueError(f"a gemm config is (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages[, persistent]), "
+    """(BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages[, flags]) -> 8 values: the six, persistent,
+    warp-specialize (flags: PERSISTENT | WARP_SPECIALIZE bits; 1 = persistent as before)."""
+    if len(config) not in (6, 7) or (len(config) == 7 and not 0 <= int(config[6]) <= 3):
+        raise ValueError(f"a gemm config is (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages[, flags 0-3]), "
                          f"got {config}")
-    return (*config[:6], bool(config[6]) if len(config) == 7 else False)
+    flags = int(config[6]) if len(config) == 7 else 0
+    return (*config[:6], bool(flags & PERSISTENT), bool(flags & WARP_SPECIALIZE))
 
 
 _SMS = {}
@@ -365,9 +375,9 @@ def _launch(a, b, c, sa, sb, mode, sb_n=128, config=None):
     if config is None and interpreting():
         config = INTERPRET_CONFIG if mode != SCALE_BLOCK else (32, 32, 128, 4, 4, 1)
     if config is not None:
-        bm, bn, bk, gm, w, s, persistent = _unpack(config)
-        if persistent:
-            raise NotImplementedError(f"persistent config {config} runs on the TMA kernel only; these operands "
+        bm, bn, bk, gm, w, s, persistent, ws = _unpack(config)
+        if persistent or ws:
+            raise NotImplementedError(f"persistent / warp-specialized config {config} runs on the TMA kernel only; these operands "
                                       f"take the pointer kernel (see tma_operands)")
         grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
         _gemm_kernel[grid](*args, **meta, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, num_warps=w, num_stages=s)
@@ -390,16 +400,16 @@ def _launch_tma(a, b, c, sa, sb, tma, s_strides, mode, sb_n, config):
     if config is None and interpreting():
         config = INTERPRET_CONFIG if mode != SCALE_BLOCK else (32, 32, 128, 4, 4, 1)
     if config is not None:
-        bm, bn, bk, gm, w, s, persistent = _unpack(config)
+        bm, bn, bk, gm, w, s, persistent, ws = _unpack(config)
         _set_tma_blocks(dict(a_desc=a_desc, b_desc=b_desc, A_T=a_t, B_T=b_t, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk))
         tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
         if persistent:
             nprog = min(tiles, _num_sms(a.device))
             _gemm_tma_persistent_kernel[(nprog,)](*args, **meta, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm,
-                                                  NUM_PROGS=nprog, num_warps=w, num_stages=s)
+                                                  NUM_PROGS=nprog, WS=ws, num_warps=w, num_stages=s)
         else:
-            _gemm_tma_kernel[(tiles,)](*args, **meta, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, num_warps=w,
-                                       num_stages=s)
+            _gemm_tma_kernel[(tiles,)](*args, **meta, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, WS=ws,
+                                       num_warps=w, num_stages=s)
         return c
     kernel = _tma_block if mode == SCALE_BLOCK else (_tma_8 if a.element_size() == 1 else _tma_16)
     grid = lambda meta_: (triton.cdiv(M, meta_["BLOCK_M"]) * triton.cdiv(N, meta_["BLOCK_N"]),)  # noqa: E731

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from . import gemm as _gemm
-from .gemm import (SCALE_BLOCK, SCALE_NONE, TensorDescriptor, _block_scale_step, _scale_epilogue, _store_tile,
+from .gemm import (SCALE_BLOCK, SCALE_NONE, TensorDescriptor, _block_scales, _scale_epilogue, _store_tile,
                    interpreting)
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
@@ -62,6 +62,14 @@ def _configs(rows):
         triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
         for (m, n, k, w, s) in rows
     ]
+
+
+def _unpack(config):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages[, warp_specialize]) -> 6 values."""
+    if len(config) not in (5, 6):
+        raise ValueError(f"a grouped gemm config is (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages"
+                         f"[, warp_specialize]), got {config}")
+    return (*config[:5], bool(config[5]) if len(config) == 6 else False)
 
 
 _SM_COUNT = {}
@@ -128,9 +136,9 @@ def _grouped_gemm_kernel(
             a = tl.load(a_ptrs, mask=mask_m[:, None] & (rk[None, :] < k_left), other=0.0)
             b = tl.load(b_ptrs, mask=(rk[:, None] < k_left) & mask_n[None, :], other=0.0)
             if SCALE_MODE == 3:
-                acc = _block_scale_step(acc, tl.dot(a, b), sa_ptr, sb_ptr + g * stride_sbg, kb, offs_m, mask_m,
-                                        pid_n * BLOCK_N, offs_n, mask_n, stride_sam, stride_sak, stride_sbk,
-                                        stride_sbn, SB_N, BLOCK_N)
+                f = _block_scales(sa_ptr, sb_ptr + g * stride_sbg, kb, offs_m, mask_m, pid_n * BLOCK_N, offs_n,
+                                  mask_n, stride_sam, stride_sak, stride_sbk, stride_sbn, SB_N, BLOCK_N)
+                acc += tl.dot(a, b) * f
             else:
                 if IEEE:
                     acc = tl.dot(a, b, acc, input_precision="ieee")
@@ -150,7 +158,7 @@ def _grouped_gemm_tma_kernel(
     stride_cm, stride_cn, stride_sam, stride_sak, stride_sbg, stride_sbk, stride_sbn,
     NUM_PROGS: tl.constexpr, G_POW2: tl.constexpr, B_T: tl.constexpr,
     SCALE_MODE: tl.constexpr, SB_N: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WS: tl.constexpr = False,
 ):
     # a_desc: A [M, K]; b_desc: B as stored, [G, K, N] (B_T=False) or [G, N, K] (B_T=True).
     # A tile may run past its group's last row into the next group's rows: those rows are computed and
@@ -166,7 +174,7 @@ def _grouped_gemm_tma_kernel(
         mask_m = offs_m < row1
         mask_n = offs_n < N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for kb in range(0, tl.cdiv(K, BLOCK_K)):
+        for kb in tl.range(0, tl.cdiv(K, BLOCK_K), warp_specialize=WS):
             k0 = kb * BLOCK_K
             a = a_desc.load([off_m, k0])
             if B_T:
@@ -174,9 +182,9 @@ def _grouped_gemm_tma_kernel(
             else:
                 b = b_desc.load([g, k0, off_n]).reshape(BLOCK_K, BLOCK_N)
             if SCALE_MODE == 3:
-                acc = _block_scale_step(acc, tl.dot(a, b), sa_ptr, sb_ptr + g * stride_sbg, kb, offs_m, mask_m,
-                                        pid_n * BLOCK_N, offs_n, mask_n, stride_sam, stride_sak, stride_sbk,
-                                        stride_sbn, SB_N, BLOCK_N)
+                f = _block_scales(sa_ptr, sb_ptr + g * stride_sbg, kb, offs_m, mask_m, pid_n * BLOCK_N, offs_n,
+                                  mask_n, stride_sam, stride_sak, stride_sbk, stride_sbn, SB_N, BLOCK_N)
+                acc += tl.dot(a, b) * f
             else:
                 acc = tl.dot(a, b, acc)
         acc = _scale_epilogue(acc, sa_ptr, sb_ptr + g * stride_sbg, offs_m, mask_m, offs_n, mask_n, stride_sam,
@@ -317,7 +325,10 @@ def grouped_gemm(a, b, group_offs, out=None, scale_a=None, scale_b=None, scale_m
     if config is None and interpreting():
         config = INTERPRET_CONFIG if scale_mode != SCALE_BLOCK else (32, 32, 128, 4, 1)
     if config is not None:
-        bm, bn, bk, w, s = config
+        bm, bn, bk, w, s, ws = _unpack(config)
+        if ws:
+            raise NotImplementedError(f"warp-specialized config {config} runs on the TMA kernel only; these operands "
+                                      f"take the pointer kernel (see tma_operands)")
         _grouped_gemm_kernel[(nprog,)](*args, **meta, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=s)
         return out
     kernel = _tuned_block if scale_mode == SCALE_BLOCK else (_tuned_8 if a.element_size() == 1 else _tuned_16)
@@ -338,9 +349,9 @@ def _launch_tma(a, tma, out, group_offs, sa, sb, s_strides, scale_mode, sb_n, co
     if config is None and interpreting():
         config = INTERPRET_CONFIG if scale_mode != SCALE_BLOCK else (32, 32, 128, 4, 1)
     if config is not None:
-        bm, bn, bk, w, s = config
+        bm, bn, bk, w, s, ws = _unpack(config)
         _set_tma_blocks(dict(a_desc=a_desc, b_desc=b_desc, B_T=b_t, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk))
-        _grouped_gemm_tma_kernel[(nprog,)](*args, **meta, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=w,
+        _grouped_gemm_tma_kernel[(nprog,)](*args, **meta, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, WS=ws, num_warps=w,
                                            num_stages=s)
         return out
     kernel = _tma_block if scale_mode == SCALE_BLOCK else (_tma_8 if a.element_size() == 1 else _tma_16)

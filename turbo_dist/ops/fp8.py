@@ -217,25 +217,37 @@ _PROBES = {}
 
 
 def _torch_blockwise_supported(device):
-    """Whether torch._scaled_mm does 1x128 x 128x128 blockwise scaling here (cuBLAS >= 12.9 on SM90).
-    Probed once per device on a small problem and checked against the reference, never assumed."""
+    """(ok, reason): whether torch._scaled_mm does 1x128 x 128x128 blockwise scaling here (cuBLASLt >= 12.9 on
+    SM90). Probed once per device on a small problem and checked against the reference, never assumed."""
     key = ("block", str(device))
     if key not in _PROBES:
         try:
             g = torch.Generator(device=device).manual_seed(0)
-            a = torch.randn(256, 256, device=device, generator=g)
-            b = torch.randn(256, 256, device=device, generator=g)
+            a = torch.randn(256, 512, device=device, generator=g)
+            b = torch.randn(512, 256, device=device, generator=g)
             aq, sa = _quant_torch(a, E4M3, "1xb")
             bq, sb = _quant_torch(b.t(), E4M3, "bxb")
             out = _torch_scaled_mm(aq, bq.t(), sa, sb.t(), "block", torch.bfloat16)
             ref = _reference_scaled_mm(aq, bq.t(), sa, sb.t(), "block", torch.float32)
-            _PROBES[key] = bool(torch.allclose(out.float(), ref, rtol=2e-2, atol=2e-1))
-            if not _PROBES[key]:
-                log.info("turbo_dist: torch._scaled_mm blockwise gave wrong results here; not using it")
+            err = ((out.float() - ref).norm() / ref.norm()).item()
+            _PROBES[key] = (err < 1e-2, f"wrong results (relative error {err:.3g})" if err >= 1e-2 else "")
         except Exception as exc:  # older cuBLAS / torch: not supported
-            log.info("turbo_dist: torch._scaled_mm blockwise unsupported here: %s", exc)
-            _PROBES[key] = False
+            _PROBES[key] = (False, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+        if not _PROBES[key][0]:
+            log.info("turbo_dist: torch._scaled_mm blockwise not used on %s: %s", device, _PROBES[key][1])
     return _PROBES[key]
+
+
+def _block_scales_for_cublas(scale_a, scale_b):
+    """Blockwise scales in the layouts cuBLASLt takes through torch._scaled_mm: scale_a [M, kb] M-contiguous
+    (outer-dim-major); scale_b [kb, nb] with kb contiguous and its leading dimension padded to a multiple of 4
+    (16-byte aligned rows of scale_b^T, as newer torch checks; equal to kb when kb % 4 == 0)."""
+    sa = scale_a.t().contiguous().t()
+    kb, nb = scale_b.shape
+    ld = -(-kb // 4) * 4
+    buf = torch.zeros(nb, ld, dtype=scale_b.dtype, device=scale_b.device)
+    buf[:, :kb] = scale_b.t()
+    return sa, buf[:, :kb].t()
 
 
 def _torch_scaled_mm(a_q, b_q, scale_a, scale_b, mode, out_dtype, fast_accum=False):
@@ -244,9 +256,7 @@ def _torch_scaled_mm(a_q, b_q, scale_a, scale_b, mode, out_dtype, fast_accum=Fal
     elif mode == "row":
         sa, sb = scale_a.reshape(-1, 1), scale_b.reshape(1, -1)
     else:
-        # cuBLAS wants the 1x128 scales of A outer-dim-major (M contiguous) and those of B likewise.
-        sa = scale_a.t().contiguous().t()
-        sb = scale_b.t().contiguous().t()
+        sa, sb = _block_scales_for_cublas(scale_a, scale_b)
     return torch._scaled_mm(a_q, b_q, sa, sb, out_dtype=out_dtype, use_fast_accum=fast_accum)
 
 
@@ -266,10 +276,11 @@ def _torch_scaled_can(a_q, b_q, scale_a, scale_b, mode, out_dtype, fast_accum=Fa
     if mode == "row" and out_dtype != torch.bfloat16:
         return "torch._scaled_mm rowwise needs a bf16 output"
     if mode == "block":
-        if _sb_n(b_q, scale_b) != 128 or K % 128 or N % 128:
-            return "torch._scaled_mm blockwise here only for 1x128 x 128x128 with K, N multiples of 128"
-        if not _torch_blockwise_supported(a_q.device):
-            return "torch._scaled_mm blockwise is not supported by this torch/cuBLAS"
+        if _sb_n(b_q, scale_b) != 128 or K % 512 or N % 128:
+            return "torch._scaled_mm blockwise here only for 1x128 x 128x128 with K a multiple of 512, N of 128"
+        ok, why = _torch_blockwise_supported(a_q.device)
+        if not ok:
+            return f"torch._scaled_mm blockwise is not supported by this torch/cuBLAS ({why})"
     return True
 
 
