@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, _HERE)
-from common import print_table, write_json  # noqa: E402
+from common import peak_tflops, print_table, write_json  # noqa: E402
 
 try:
     import turbo_dist  # noqa: F401
@@ -60,7 +60,7 @@ def parse_args(argv=None):
     p.add_argument("--rep-ms", type=float, default=200.0, help="timed budget per measurement")
     p.add_argument("--quick", action="store_true", help="llama3-70b only, shorter timing (smoke test)")
     p.add_argument("--peak-tflops", type=float, default=None,
-                   help="dense peak for the fraction column (default: 800 bf16 / 1600 fp8, cuBLAS-measured H100/H200)")
+                   help="dense peak for the fraction column (default: the GPU's datasheet peak, common.peak_tflops)")
     p.add_argument("--hidden", type=int, default=None, help="with --ffn: one custom shape (model 'custom')")
     p.add_argument("--ffn", type=int, default=None)
     p.add_argument("--cpu", action="store_true",
@@ -311,7 +311,7 @@ def main(argv=None):
     rows = []
     for precision in (["bf16", "fp8"] if args.fp8 else ["bf16"]):
         fp8 = precision == "fp8"
-        peak = args.peak_tflops or (1600.0 if fp8 else 800.0)
+        peak = args.peak_tflops or (peak_tflops("fp8" if fp8 else "bf16") if DEVICE.type == "cuda" else None)
         for model in models:
             cfg = MODELS[model]
             token_list = [int(t) for t in args.tokens.split(",")] if args.tokens else cfg["tokens"]
@@ -336,7 +336,7 @@ def main(argv=None):
                     best = min(ours, key=ours.get) if ours else None
                     for name, ms in times.items():
                         row = dict(precision=precision, model=model, op=op, tokens=tokens, M=m, N=n, K=k, impl=name,
-                                   ms=ms, tflops=flops / ms / 1e9, frac_peak=flops / ms / 1e9 / peak,
+                                   ms=ms, tflops=flops / ms / 1e9, frac_peak=(flops / ms / 1e9 / peak) if peak else None,
                                    x_seq=(seq / ms) if seq else None, x_torch=(fused / ms) if fused else None,
                                    vs_ideal=ms / ideal if ideal else None, rel_err=errs.get(name),
                                    best_ours=(name == best) or None)

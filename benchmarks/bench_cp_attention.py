@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:  # runnable from a checkout without `pip install -e .`
     sys.path.insert(1, _ROOT)
-from common import machine_info, print_table, time_across_ranks, write_json  # noqa: E402
+from common import machine_info, peak_tflops, print_table, time_across_ranks, write_json  # noqa: E402
 
 OURS = ("a2a", "ring", "allgather")
 TORCH_CP = {"torch_cp_allgather": "allgather", "torch_cp_alltoall": "alltoall"}  # torch's rotate methods
@@ -55,7 +55,8 @@ def parse_args(argv=None):
                    help="SDPA backend for PyTorch's CP (default: --attn-backend, else cudnn)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--peak-tflops", type=float, default=800.0, help="bf16 dense peak per GPU (H100 cuBLAS)")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="bf16 dense peak per GPU (default: the GPU's datasheet peak, common.peak_tflops)")
     p.add_argument("--json", default=None)
     p.add_argument("--cpu-check", action="store_true",
                    help="run the script's logic on CPU/gloo (tiny shapes; times mean nothing): a CI check")
@@ -289,7 +290,7 @@ def run_seqlen(s, args, mesh, torch_cp_ok, torch_cp_why):
         if "ms" in r:
             f = flops * PASS_FLOPS[p] / world
             row["tflops_gpu"] = f / r["ms"] / 1e9
-            row["frac_peak"] = row["tflops_gpu"] / args.peak_tflops
+            row["frac_peak"] = (row["tflops_gpu"] / args.peak_tflops) if args.peak_tflops else None
             if impl != "single" and ("single", p) in results:
                 row["ideal_ms"] = results[("single", p)]["ms"] / world
                 row["frac_ideal"] = row["ideal_ms"] / r["ms"]
@@ -314,6 +315,8 @@ def main(argv=None):
               "(--cpu-check runs the logic on CPU).", file=sys.stderr)
         return 2
     dev = init_dist(cpu=args.cpu_check)
+    if args.peak_tflops is None and not args.cpu_check:
+        args.peak_tflops = peak_tflops("bf16")
     from turbo_dist.ops import dispatcher
 
     if args.attn_backend:

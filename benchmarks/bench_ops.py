@@ -8,7 +8,7 @@ each with the order rotated per round, and each reports the median of its round 
 rows that run the same kernel (e.g. `default` when it is torch.mm, and `cublas`) agree to ~1%.
 
 Sections (each row: time, TFLOP/s, ratio to the section's baseline measured in the same run, fraction of the
-H100 peak: ~800 TFLOP/s bf16 dense, ~1600 FP8, as cuBLAS measures them at 8192^3):
+GPU's datasheet dense peak, common.peak_tflops: 989 TFLOP/s bf16 / 1979 FP8 on H100/H200 SXM):
 - gemm:        bf16 C = A @ W^T (nn.Linear layout): our Triton kernel, torch.mm (cuBLAS, the baseline) and
                the dispatcher default (what `turbo_dist.ops.gemm` runs without a forced backend);
                4096/8192 cubes, Llama-3-70B and DeepSeek-V3 layer shapes at 8192 tokens.
@@ -32,11 +32,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-from common import bench_interleaved, machine_info, print_table, write_json  # noqa: E402
+from common import bench_interleaved, machine_info, peak_tflops, print_table, write_json  # noqa: E402
 
 DEVICE, DTYPE, SHRINK = "cuda", torch.bfloat16, 1  # --dry-run: "cpu", torch.float32, 64
+PEAK = {}  # {"bf16": TFLOP/s, "fp8": TFLOP/s}: this GPU's datasheet peaks (common.peak_tflops), set in main
 ROUNDS, REP_MS = 5, 40.0  # --rounds, --rep-ms
-PEAK_TFLOPS = {"bf16": 800.0, "fp8": 1600.0}  # H100 SXM dense, as cuBLAS reaches them at 8192^3
 
 GEMM_SHAPES = [  # (name, M, N, K): C [M, N] = A [M, K] @ W[N, K]^T
     ("cube4096", 4096, 4096, 4096),
@@ -76,7 +76,7 @@ def _rows_for(section, case, results, baseline, flops, peak_key, extra=None):
         tf = flops / ms / 1e9
         row = {"section": section, "case": case, "impl": label, "ms": ms, "tflops": tf,
                "x_baseline": (base_ms / ms) if base_ms else None, "baseline": baseline,
-               "frac_peak": tf / PEAK_TFLOPS[peak_key]}
+               "frac_peak": (tf / PEAK[peak_key]) if PEAK.get(peak_key) else None}
         row.update(extra or {})
         rows.append(row)
     return rows
@@ -318,8 +318,10 @@ def main(argv=None):
     if unknown:
         p.error(f"unknown sections {unknown}; choose from {sorted(SECTIONS)}")
     torch.manual_seed(0)
+    if DEVICE == "cuda":
+        PEAK.update({k: peak_tflops(k) for k in ("bf16", "fp8")})
     rows, errors = [], []
-    meta = {"quick": args.quick, "peak_tflops": PEAK_TFLOPS, "errors": errors, "rounds": ROUNDS, "rep_ms": REP_MS}
+    meta = {"quick": args.quick, "peak_tflops": dict(PEAK), "errors": errors, "rounds": ROUNDS, "rep_ms": REP_MS}
     print(f"# bench_ops on {machine_info().get('gpu')}", flush=True)
     for s in sections:
         new = SECTIONS[s](args.quick, errors)

@@ -17,19 +17,18 @@ The "check" rows compare the default with the best SDPA backend (the issue asks 
 import argparse
 import contextlib
 import importlib
-import math
 import os
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import bench, machine_info, print_table, write_json  # noqa: E402
+from common import bench, peak_tflops, print_table, write_json  # noqa: E402
 
 attn = importlib.import_module("turbo_dist.ops.attention")  # the module (turbo_dist.ops.attention is also a function)
 from turbo_dist.ops import attention_backward, attention_forward, dispatcher  # noqa: E402
 
-PEAK_TFLOPS = 800.0  # H100 bf16 dense, as measured by cuBLAS 8192^3
+PEAK_TFLOPS = peak_tflops("bf16")  # this GPU's datasheet bf16 dense peak (None: unknown GPU, no fraction)
 OPS = ("attention_fwd", "attention_bwd")
 SDPA = ("cudnn", "flash", "efficient")
 PASS_FLOPS = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}
@@ -173,7 +172,7 @@ def run_shape(args, shape_spec):
             f = flops * PASS_FLOPS[pass_]
             times[(backend, pass_)] = ms
             rows.append(dict(op="attention", backend=backend, **{"pass": pass_}, **shape, ms=ms,
-                             tflops=f / ms / 1e9, frac_peak=f / ms / 1e9 / PEAK_TFLOPS, max_rel_err=err))
+                             tflops=f / ms / 1e9, frac_peak=(f / ms / 1e9 / PEAK_TFLOPS) if PEAK_TFLOPS else None, max_rel_err=err))
             print_table(rows[-1:], ["backend", "pass", "B", "S", "Hq", "Hkv", "ms", "tflops", "max_rel_err"])
 
     add("torch_sdpa", _torch_sdpa(q, k, v, do, causal))
@@ -334,7 +333,7 @@ def tune(args):
         ms = bench(fn)
         f = flops * PASS_FLOPS[pass_]
         rows.append(dict(kernel="triton(tuned)", **{"pass": pass_}, B=b, S=s, Hq=hq, Hkv=k.shape[2], D=d, ms=ms,
-                         tflops=f / ms / 1e9, frac_peak=f / ms / 1e9 / PEAK_TFLOPS,
+                         tflops=f / ms / 1e9, frac_peak=(f / ms / 1e9 / PEAK_TFLOPS) if PEAK_TFLOPS else None,
                          configs={kn: vars(c) for kn, c in best.items()}))
         print_table(rows[-1:], ["kernel", "pass", "ms", "tflops", "frac_peak"])
     return rows

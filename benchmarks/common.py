@@ -144,6 +144,30 @@ def machine_info():
     return info
 
 
+# Dense tensor-core peaks from NVIDIA's datasheets, TFLOP/s (no sparsity): the "hardware limit" every
+# frac_peak column divides by. H100 and H200 share the compute; PCIe / NVL parts run lower clocks.
+DATASHEET_PEAK_TFLOPS = {
+    "H100 PCIe": {"bf16": 756.0, "fp8": 1513.0},
+    "H100 NVL": {"bf16": 835.0, "fp8": 1671.0},
+    "H100": {"bf16": 989.4, "fp8": 1978.9},
+    "H200 NVL": {"bf16": 835.0, "fp8": 1671.0},
+    "H200": {"bf16": 989.4, "fp8": 1978.9},
+}
+
+
+def peak_tflops(kind="bf16", device_name=None):
+    """Datasheet dense peak (TFLOP/s) of this GPU for `kind` ("bf16" also covers fp16, "fp8"), or None for a GPU
+    not in DATASHEET_PEAK_TFLOPS (then frac_peak columns are left empty rather than guessed)."""
+    if device_name is None:
+        if not torch.cuda.is_available():
+            return None
+        device_name = torch.cuda.get_device_name()
+    for key, peaks in DATASHEET_PEAK_TFLOPS.items():  # most specific names first
+        if all(word in device_name for word in key.split()):
+            return peaks[kind]
+    return None
+
+
 def gpu_state():
     """SM clock, its maximum, power and temperature of each GPU as nvidia-smi reports them when the JSON is
     written (None without nvidia-smi): same-kernel timings differ by several % on a throttled GPU, and this

@@ -57,3 +57,40 @@ def test_grouped_gemm_rule_is_cuda_forward_small_groups_only():
     assert _grouped_preference(_Fake(32 * 128, 7168, cuda=False), _Fake(32, 7168, 4096, cuda=False), lens,
                                False) is None
     assert _grouped_preference(torch.zeros(4, 8), torch.zeros(2, 8, 4), torch.tensor([2, 2])) is None  # CPU
+
+
+def test_choice_cache_follows_signature_and_settings(monkeypatch):
+    """The remembered automatic choice: one can_handle pass per input signature; a different stride, scalar
+    or setting is judged again; setters and preference changes clear it."""
+    name = "test_op_cache"
+    calls = []
+
+    def row_major_only(x, flag=False):
+        calls.append(tuple(x.stride()))
+        return True if x.stride(-1) == 1 else "needs a unit last stride"
+
+    dispatcher.register_backend(name, "fast", lambda x, flag=False: "fast", row_major_only, priority=10)
+    dispatcher.register_backend(name, "any", lambda x, flag=False: "any", priority=20)
+    monkeypatch.delenv("TURBO_DIST_TEST_OP_CACHE_BACKEND", raising=False)
+    monkeypatch.delenv("TURBO_DIST_AUTOTUNE", raising=False)
+    try:
+        x = torch.zeros(4, 6)
+        assert dispatcher.dispatch(name, x) == "fast" and len(calls) == 1
+        assert dispatcher.dispatch(name, torch.ones(4, 6)) == "fast" and len(calls) == 1  # same signature: cached
+        assert dispatcher.dispatch(name, x.t()) == "any" and len(calls) == 2             # other strides: judged
+        assert dispatcher.dispatch(name, x.t()) == "any" and len(calls) == 2
+        assert dispatcher.dispatch(name, x, flag=True) == "fast" and len(calls) == 3     # other scalar: judged
+        dispatcher.set_preference(name, lambda x, flag=False: "any")                     # clears the cache
+        assert dispatcher.dispatch(name, x) == "any" and len(calls) == 4
+        dispatcher.set_backend(name, "fast")
+        with pytest.raises(ValueError, match="unit last stride"):                        # explicit: never cached
+            dispatcher.dispatch(name, x.t())
+        dispatcher.set_backend(name, None)
+        dispatcher.set_preference(name, None)
+        n = len(calls)
+        assert dispatcher.dispatch(name, x) == "fast" and len(calls) == n + 1
+        dispatcher.clear_cache()
+        assert dispatcher.dispatch(name, x) == "fast" and len(calls) == n + 2
+    finally:
+        dispatcher.set_backend(name, None)
+        dispatcher.set_preference(name, None)
