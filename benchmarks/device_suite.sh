@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One batched device session: install, GPU test suite, main-job demo, single-GPU benches.
-#   bash benchmarks/device_suite.sh "install tests dist demo ops attn moe moell moeinter tp cp native tune"
+#   bash benchmarks/device_suite.sh "install tests dist demo ops attn moe moell moeinter tp cp native tune tuneblock"
 #   (phases to run, in order; default "install tests demo ops attn"; on a multi-GPU kind start with
 #   "install dist demo moe moell moeinter tp cp")
 # Logs and JSON go under $OUT (default ./out). Safety variables are always set.
@@ -32,6 +32,15 @@ for ph in $PHASES; do
     native) timeout 300 python setup.py build_ext --inplace > "$OUT/native.log" 2>&1; echo "native rc=$?"; grep turbo_dist: "$OUT/native.log" | tail -5;
             timeout 200 python -m pytest tests/test_shmem.py -q -rs -p no:cacheprovider > "$OUT/pytest_shmem_$TAG.log" 2>&1; echo "shmem tests rc=$?"; tail -5 "$OUT/pytest_shmem_$TAG.log";;
     tune) timeout ${TUNE_S:-300} python benchmarks/tune_ops.py ${TUNE_ARGS:-} --json "$OUT/tune_ops_$TAG.json" > "$OUT/tune_ops_$TAG.log" 2>&1; echo "tune rc=$?"; tail -12 "$OUT/tune_ops_$TAG.log";;
+    tuneblock) export TURBO_DIST_TRITON_TUNE=first  # blockwise FP8 variants (RESCALE_ACC etc.), forced configs only
+            timeout 200 python benchmarks/tune_ops.py --cases fp8_grouped_block_G8_fc1 --rep-ms 20 --candidates \
+              128x128x128x8x4,128x128x128x8x4x2,128x256x128x8x3x2,128x256x128x8x4x2,256x128x128x8x3x2 \
+              --json "$OUT/tune_grouped_block_$TAG.json" > "$OUT/tune_grouped_block_$TAG.log" 2>&1; echo "tuneblock grouped rc=$?"
+            tail -14 "$OUT/tune_grouped_block_$TAG.log"
+            timeout 200 python benchmarks/tune_ops.py --cases fp8_block_8192 --rep-ms 20 --candidates \
+              128x128x128x8x8x4,128x128x128x8x8x4x4,128x256x128x8x8x3x4,256x128x128x8x8x3x4,128x256x128x8x8x3x5 \
+              --json "$OUT/tune_block_$TAG.json" > "$OUT/tune_block_$TAG.log" 2>&1; echo "tuneblock dense rc=$?"
+            tail -14 "$OUT/tune_block_$TAG.log"; unset TURBO_DIST_TRITON_TUNE;;
     moefix) timeout 200 python -m pytest -q -rs -p no:cacheprovider tests/test_moe_low_latency.py::test_low_latency_triton_self_loop \
               tests/test_moe_low_latency.py::test_low_latency_kernels_simulated_ranks tests/test_moe_low_latency.py::test_fp8_casts_bit_identical_on_cpu_and_gpu \
               tests/test_moe_nvlink.py::test_nvlink_vs_collective "tests/test_moe_nvlink.py::test_nvlink_reference_fp8_backward_errors" tests/test_moe.py > "$OUT/pytest_moefix_$TAG.log" 2>&1; echo "moefix rc=$?"; tail -4 "$OUT/pytest_moefix_$TAG.log";;

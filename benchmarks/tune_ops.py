@@ -62,17 +62,27 @@ EXTRA_BLOCK = [
     (128, 128, 128, 8, 4, 4, 2),
     (128, 256, 128, 8, 8, 3, 2),
     (128, 128, 128, 8, 8, 4, 3),
+    # 7th entry 4: RESCALE_ACC (accumulate in place in units of the current scale: one fp32 tile, so 128 x 256 fits)
+    (128, 128, 128, 8, 8, 4, 4),
+    (128, 256, 128, 8, 8, 3, 4),
+    (128, 256, 128, 8, 8, 4, 4),
+    (256, 128, 128, 8, 8, 3, 4),
+    (128, 256, 128, 8, 8, 3, 5),  # persistent + RESCALE_ACC
 ]
 # grouped: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
 EXTRA_GROUPED_BLOCK = [
     (128, 64, 128, 4, 4),
     (64, 128, 128, 8, 4),
     (128, 256, 128, 8, 3),
-    # 6th entry 1: warp-specialized K loop
+    # 6th entry 1: warp-specialized K loop (H200, Triton 3.6: 128x128x128x8x4x1 ties the plain config,
+    # 128x256x128x8x3x1 is 3.5x slower, the 4-warp ones fail in the NVGPUWarpSpecialization pass)
     (128, 128, 128, 8, 4, 1),
-    (128, 128, 128, 4, 4, 1),
-    (64, 128, 128, 4, 4, 1),
     (128, 256, 128, 8, 3, 1),
+    # 6th entry 2: RESCALE_ACC (see kernels/gemm.py _tma_tile)
+    (128, 128, 128, 8, 4, 2),
+    (128, 256, 128, 8, 3, 2),
+    (128, 256, 128, 8, 4, 2),
+    (256, 128, 128, 8, 3, 2),
 ]
 
 DEVICE, DTYPE, SHRINK, DRY = "cuda", torch.bfloat16, 1, False

@@ -421,6 +421,9 @@ def _block_operands(m, n, k, sb_n, seed):
     (128, (16, 64, 128, 4, 4, 1), True),
     (1, (32, 32, 128, 4, 4, 1), True),     # a scale per column of b: the per-column vector path
     (1, (32, 32, 128, 4, 4, 1), False),
+    (128, (32, 32, 128, 4, 4, 1, 4), True),  # RESCALE_ACC: accumulator kept in units of the current scale
+    (1, (32, 32, 128, 4, 4, 1, 4), True),
+    (128, (16, 32, 128, 4, 4, 1, 5), True),  # persistent + RESCALE_ACC
 ])
 def test_scaled_gemm_blockwise_scale_paths(monkeypatch, tma, sb_n, cfg):
     from turbo_dist.kernels import gemm as kgemm
@@ -438,7 +441,9 @@ def test_scaled_gemm_blockwise_scale_paths(monkeypatch, tma, sb_n, cfg):
 
 @needs_interp
 @pytest.mark.parametrize("sb_n,cfg,tma", [(128, (32, 32, 128, 4, 1), True), (128, (32, 32, 128, 4, 1), False),
-                                          (128, (16, 64, 128, 4, 1), True), (1, (32, 32, 128, 4, 1), False)])
+                                          (128, (16, 64, 128, 4, 1), True), (1, (32, 32, 128, 4, 1), False),
+                                          (128, (32, 32, 128, 4, 1, 2), True),  # RESCALE_ACC
+                                          (1, (32, 32, 128, 4, 1, 2), True)])
 def test_grouped_scaled_blockwise_scale_paths(monkeypatch, tma, sb_n, cfg):
     from turbo_dist.kernels import fp8_gemm
     from turbo_dist.kernels import gemm as kgemm
@@ -460,3 +465,25 @@ def test_grouped_scaled_blockwise_scale_paths(monkeypatch, tma, sb_n, cfg):
     out = fp8_gemm.grouped_scaled_mm(aq, wq.transpose(1, 2), sa, sb, torch.cumsum(lens, 0), fp8_gemm.SCALE_BLOCK,
                                      out_dtype=torch.float32, sb_n=sb_n, config=cfg)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-3)
+
+
+@needs_interp
+def test_tma_only_config_flags_refused_on_pointer_kernels(monkeypatch):
+    """Persistent / warp-specialized / rescaled configs exist on the TMA kernels only: forcing one on operands
+    that take the pointer kernel raises before any launch instead of silently running something else."""
+    from turbo_dist.kernels import fp8_gemm
+    from turbo_dist.kernels import gemm as kgemm
+
+    monkeypatch.setattr(kgemm, "USE_TMA", False)
+    aq, wq, sa, sb = _block_operands(32, 128, 128, 128, seed=34)
+    for flags in (1, 2, 4):
+        with pytest.raises(NotImplementedError, match="TMA"):
+            kgemm.scaled_gemm(aq, wq.t(), sa, sb, kgemm.SCALE_BLOCK, out_dtype=torch.float32,
+                              config=(32, 32, 128, 4, 4, 1, flags))
+    offs = torch.tensor([32])
+    for flags in (1, 2):
+        with pytest.raises(NotImplementedError, match="TMA"):
+            fp8_gemm.grouped_scaled_mm(aq, wq.t().unsqueeze(0), sa, sb.unsqueeze(0), offs, fp8_gemm.SCALE_BLOCK,
+                                       out_dtype=torch.float32, config=(32, 32, 128, 4, 1, flags))
+    with pytest.raises(ValueError, match="flags"):
+        kgemm.scaled_gemm(aq, wq.t(), sa, sb, kgemm.SCALE_BLOCK, config=(32, 32, 128, 4, 4, 1, 8))

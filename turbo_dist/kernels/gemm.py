@@ -94,12 +94,13 @@ def _block_scales(sa_ptr, sb_ptr, kb, offs_m, mask_m, off_n, offs_n, mask_n,
     tile's columns sit in one scale_b block (SB_N a multiple of BLOCK_N, e.g. 128x128 weight blocks and
     BLOCK_N 128) that is one scalar load and the factor is one per-row vector [BLOCK_M, 1]; otherwise
     [BLOCK_M, BLOCK_N]."""
-    sa = tl.load(sa_ptr + offs_m * stride_sam + kb * stride_sak, mask=mask_m, other=0.0)
+    # rows / columns outside the matrix are never stored; 1.0 keeps them finite under RESCALE's division
+    sa = tl.load(sa_ptr + offs_m * stride_sam + kb * stride_sak, mask=mask_m, other=1.0)
     if SB_N % BLOCK_N == 0:
         sb = tl.load(sb_ptr + kb * stride_sbk + (off_n // SB_N) * stride_sbn)
         return (sa * sb)[:, None]
     else:
-        sb = tl.load(sb_ptr + kb * stride_sbk + (offs_n // SB_N) * stride_sbn, mask=mask_n, other=0.0)
+        sb = tl.load(sb_ptr + kb * stride_sbk + (offs_n // SB_N) * stride_sbn, mask=mask_n, other=1.0)
         return sa[:, None] * sb[None, :]
 
 
@@ -138,11 +139,19 @@ def _store_tile(c_ptr, acc, offs_m, mask_m, offs_n, mask_n, stride_cm, stride_cn
 def _tma_tile(a_desc, b_desc, sa_ptr, sb_ptr, K, off_m, off_n, offs_m, mask_m, offs_n, mask_n,
               stride_sam, stride_sak, stride_sbk, stride_sbn,
               A_T: tl.constexpr, B_T: tl.constexpr, SCALE_MODE: tl.constexpr, SB_N: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WS: tl.constexpr = False):
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WS: tl.constexpr = False,
+              RESCALE: tl.constexpr = False):
     """One output tile's fp32 accumulator over K from TMA descriptors (A [M, K] or [K, M] with A_T; B [K, N]
     or [N, K] with B_T). Out-of-bounds parts of a tile read as zeros, so the K tail needs no mask.
-    WS: ask Triton to warp-specialize the K loop (TMA producer warps, MMA consumer warps)."""
+    WS: ask Triton to warp-specialize the K loop (TMA producer warps, MMA consumer warps).
+    RESCALE (blockwise only): keep the accumulator in units of the current K step's scale factor f_k and
+    let the MMA accumulate in place, acc = dot(a_k, b_k, acc * f_{k-1} / f_k), scaled by the last f once at
+    the end: one fp32 tile live instead of two (room for wider tiles), no separate partial product. Needs
+    nonzero scales (the quantizers never produce zero)."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if SCALE_MODE == 3 and RESCALE:
+        f_prev = _block_scales(sa_ptr, sb_ptr, 0, offs_m, mask_m, off_n, offs_n, mask_n,
+                               stride_sam, stride_sak, stride_sbk, stride_sbn, SB_N, BLOCK_N)
     for kb in tl.range(0, tl.cdiv(K, BLOCK_K), warp_specialize=WS):
         k0 = kb * BLOCK_K
         if A_T:
@@ -156,9 +165,15 @@ def _tma_tile(a_desc, b_desc, sa_ptr, sb_ptr, K, off_m, off_n, offs_m, mask_m, o
         if SCALE_MODE == 3:
             f = _block_scales(sa_ptr, sb_ptr, kb, offs_m, mask_m, off_n, offs_n, mask_n,
                               stride_sam, stride_sak, stride_sbk, stride_sbn, SB_N, BLOCK_N)
-            acc += tl.dot(a, b) * f
+            if RESCALE:
+                acc = tl.dot(a, b, acc * (f_prev / f))
+                f_prev = f
+            else:
+                acc += tl.dot(a, b) * f
         else:
             acc = tl.dot(a, b, acc)
+    if SCALE_MODE == 3 and RESCALE:
+        acc = acc * f_prev
     return _scale_epilogue(acc, sa_ptr, sb_ptr, offs_m, mask_m, offs_n, mask_n, stride_sam, stride_sbn, SCALE_MODE)
 
 
@@ -216,7 +231,7 @@ def _gemm_tma_kernel(
     A_T: tl.constexpr, B_T: tl.constexpr,
     SCALE_MODE: tl.constexpr, SB_N: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    WS: tl.constexpr = False,
+    WS: tl.constexpr = False, RESCALE: tl.constexpr = False,
 ):
     # a_desc covers A as stored: [M, K] (A_T=False) or [K, M] (A_T=True); b_desc: [K, N] or [N, K] (B_T=True).
     pid_m, pid_n = _swizzle(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
@@ -228,7 +243,7 @@ def _gemm_tma_kernel(
     mask_n = offs_n < N
     acc = _tma_tile(a_desc, b_desc, sa_ptr, sb_ptr, K, off_m, off_n, offs_m, mask_m, offs_n, mask_n,
                     stride_sam, stride_sak, stride_sbk, stride_sbn, A_T, B_T, SCALE_MODE, SB_N, BLOCK_M, BLOCK_N, BLOCK_K,
-                    WS)
+                    WS, RESCALE)
     _store_tile(c_ptr, acc, offs_m, mask_m, offs_n, mask_n, stride_cm, stride_cn)
 
 
@@ -240,7 +255,7 @@ def _gemm_tma_persistent_kernel(
     A_T: tl.constexpr, B_T: tl.constexpr,
     SCALE_MODE: tl.constexpr, SB_N: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    NUM_PROGS: tl.constexpr, WS: tl.constexpr = False,
+    NUM_PROGS: tl.constexpr, WS: tl.constexpr = False, RESCALE: tl.constexpr = False,
 ):
     # _gemm_tma_kernel's tile (_tma_tile), walked by a fixed grid of NUM_PROGS programs (one per SM): the
     # (tile, K) loop nest is flattened so the next tile's loads start while this tile's epilogue runs.
@@ -257,7 +272,7 @@ def _gemm_tma_persistent_kernel(
         mask_n = offs_n < N
         acc = _tma_tile(a_desc, b_desc, sa_ptr, sb_ptr, K, off_m, off_n, offs_m, mask_m, offs_n, mask_n,
                         stride_sam, stride_sak, stride_sbk, stride_sbn, A_T, B_T, SCALE_MODE, SB_N,
-                        BLOCK_M, BLOCK_N, BLOCK_K, WS)
+                        BLOCK_M, BLOCK_N, BLOCK_K, WS, RESCALE)
         _store_tile(c_ptr, acc, offs_m, mask_m, offs_n, mask_n, stride_cm, stride_cn)
 
 
@@ -317,17 +332,18 @@ def tma_operands(a, b):
     return la, lb
 
 
-PERSISTENT, WARP_SPECIALIZE = 1, 2  # bits of a config's optional 7th entry
+PERSISTENT, WARP_SPECIALIZE, RESCALE_ACC = 1, 2, 4  # bits of a config's optional 7th entry
 
 
 def _unpack(config):
-    """(BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages[, flags]) -> 8 values: the six, persistent,
-    warp-specialize (flags: PERSISTENT | WARP_SPECIALIZE bits; 1 = persistent as before)."""
-    if len(config) not in (6, 7) or (len(config) == 7 and not 0 <= int(config[6]) <= 3):
-        raise ValueError(f"a gemm config is (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages[, flags 0-3]), "
+    """(BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages[, flags]) -> 9 values: the six, persistent,
+    warp-specialize, rescaled blockwise accumulator (flags: PERSISTENT | WARP_SPECIALIZE | RESCALE_ACC bits;
+    1 = persistent as before). Flags are for the TMA kernels (tests / tune_ops forcing a config)."""
+    if len(config) not in (6, 7) or (len(config) == 7 and not 0 <= int(config[6]) <= 7):
+        raise ValueError(f"a gemm config is (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages[, flags 0-7]), "
                          f"got {config}")
     flags = int(config[6]) if len(config) == 7 else 0
-    return (*config[:6], bool(flags & PERSISTENT), bool(flags & WARP_SPECIALIZE))
+    return (*config[:6], bool(flags & PERSISTENT), bool(flags & WARP_SPECIALIZE), bool(flags & RESCALE_ACC))
 
 
 _SMS = {}
@@ -375,10 +391,10 @@ def _launch(a, b, c, sa, sb, mode, sb_n=128, config=None):
     if config is None and interpreting():
         config = INTERPRET_CONFIG if mode != SCALE_BLOCK else (32, 32, 128, 4, 4, 1)
     if config is not None:
-        bm, bn, bk, gm, w, s, persistent, ws = _unpack(config)
-        if persistent or ws:
-            raise NotImplementedError(f"persistent / warp-specialized config {config} runs on the TMA kernel only; these operands "
-                                      f"take the pointer kernel (see tma_operands)")
+        bm, bn, bk, gm, w, s, persistent, ws, rescale = _unpack(config)
+        if persistent or ws or rescale:
+            raise NotImplementedError(f"persistent / warp-specialized / rescaled config {config} runs on the TMA "
+                                      f"kernel only; these operands take the pointer kernel (see tma_operands)")
         grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
         _gemm_kernel[grid](*args, **meta, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, num_warps=w, num_stages=s)
         return c
@@ -400,16 +416,17 @@ def _launch_tma(a, b, c, sa, sb, tma, s_strides, mode, sb_n, config):
     if config is None and interpreting():
         config = INTERPRET_CONFIG if mode != SCALE_BLOCK else (32, 32, 128, 4, 4, 1)
     if config is not None:
-        bm, bn, bk, gm, w, s, persistent, ws = _unpack(config)
+        bm, bn, bk, gm, w, s, persistent, ws, rescale = _unpack(config)
         _set_tma_blocks(dict(a_desc=a_desc, b_desc=b_desc, A_T=a_t, B_T=b_t, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk))
         tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
         if persistent:
             nprog = min(tiles, _num_sms(a.device))
             _gemm_tma_persistent_kernel[(nprog,)](*args, **meta, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm,
-                                                  NUM_PROGS=nprog, WS=ws, num_warps=w, num_stages=s)
+                                                  NUM_PROGS=nprog, WS=ws, RESCALE=rescale, num_warps=w,
+                                                  num_stages=s)
         else:
             _gemm_tma_kernel[(tiles,)](*args, **meta, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, WS=ws,
-                                       num_warps=w, num_stages=s)
+                                       RESCALE=rescale, num_warps=w, num_stages=s)
         return c
     kernel = _tma_block if mode == SCALE_BLOCK else (_tma_8 if a.element_size() == 1 else _tma_16)
     grid = lambda meta_: (triton.cdiv(M, meta_["BLOCK_M"]) * triton.cdiv(N, meta_["BLOCK_N"]),)  # noqa: E731

@@ -64,12 +64,17 @@ def _configs(rows):
     ]
 
 
+WARP_SPECIALIZE, RESCALE_ACC = 1, 2  # bits of a config's optional 6th entry (TMA kernel only)
+
+
 def _unpack(config):
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages[, warp_specialize]) -> 6 values."""
-    if len(config) not in (5, 6):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages[, flags]) -> 7 values: the five, warp-specialize,
+    rescaled blockwise accumulator (see kernels/gemm.py _tma_tile)."""
+    if len(config) not in (5, 6) or (len(config) == 6 and not 0 <= int(config[5]) <= 3):
         raise ValueError(f"a grouped gemm config is (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages"
-                         f"[, warp_specialize]), got {config}")
-    return (*config[:5], bool(config[5]) if len(config) == 6 else False)
+                         f"[, flags 0-3]), got {config}")
+    flags = int(config[5]) if len(config) == 6 else 0
+    return (*config[:5], bool(flags & WARP_SPECIALIZE), bool(flags & RESCALE_ACC))
 
 
 _SM_COUNT = {}
@@ -159,6 +164,7 @@ def _grouped_gemm_tma_kernel(
     NUM_PROGS: tl.constexpr, G_POW2: tl.constexpr, B_T: tl.constexpr,
     SCALE_MODE: tl.constexpr, SB_N: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WS: tl.constexpr = False,
+    RESCALE: tl.constexpr = False,
 ):
     # a_desc: A [M, K]; b_desc: B as stored, [G, K, N] (B_T=False) or [G, N, K] (B_T=True).
     # A tile may run past its group's last row into the next group's rows: those rows are computed and
@@ -174,6 +180,9 @@ def _grouped_gemm_tma_kernel(
         mask_m = offs_m < row1
         mask_n = offs_n < N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if SCALE_MODE == 3 and RESCALE:  # see kernels/gemm.py _tma_tile: accumulate in units of the current f
+            f_prev = _block_scales(sa_ptr, sb_ptr + g * stride_sbg, 0, offs_m, mask_m, pid_n * BLOCK_N, offs_n,
+                                   mask_n, stride_sam, stride_sak, stride_sbk, stride_sbn, SB_N, BLOCK_N)
         for kb in tl.range(0, tl.cdiv(K, BLOCK_K), warp_specialize=WS):
             k0 = kb * BLOCK_K
             a = a_desc.load([off_m, k0])
@@ -184,9 +193,15 @@ def _grouped_gemm_tma_kernel(
             if SCALE_MODE == 3:
                 f = _block_scales(sa_ptr, sb_ptr + g * stride_sbg, kb, offs_m, mask_m, pid_n * BLOCK_N, offs_n,
                                   mask_n, stride_sam, stride_sak, stride_sbk, stride_sbn, SB_N, BLOCK_N)
-                acc += tl.dot(a, b) * f
+                if RESCALE:
+                    acc = tl.dot(a, b, acc * (f_prev / f))
+                    f_prev = f
+                else:
+                    acc += tl.dot(a, b) * f
             else:
                 acc = tl.dot(a, b, acc)
+        if SCALE_MODE == 3 and RESCALE:
+            acc = acc * f_prev
         acc = _scale_epilogue(acc, sa_ptr, sb_ptr + g * stride_sbg, offs_m, mask_m, offs_n, mask_n, stride_sam,
                               stride_sbn, SCALE_MODE)
         _store_tile(c_ptr, acc, offs_m, mask_m, offs_n, mask_n, stride_cm, stride_cn)
@@ -325,9 +340,9 @@ def grouped_gemm(a, b, group_offs, out=None, scale_a=None, scale_b=None, scale_m
     if config is None and interpreting():
         config = INTERPRET_CONFIG if scale_mode != SCALE_BLOCK else (32, 32, 128, 4, 1)
     if config is not None:
-        bm, bn, bk, w, s, ws = _unpack(config)
-        if ws:
-            raise NotImplementedError(f"warp-specialized config {config} runs on the TMA kernel only; these operands "
+        bm, bn, bk, w, s, ws, rescale = _unpack(config)
+        if ws or rescale:
+            raise NotImplementedError(f"warp-specialized / rescaled config {config} runs on the TMA kernel only; these operands "
                                       f"take the pointer kernel (see tma_operands)")
         _grouped_gemm_kernel[(nprog,)](*args, **meta, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=s)
         return out
@@ -349,10 +364,10 @@ def _launch_tma(a, tma, out, group_offs, sa, sb, s_strides, scale_mode, sb_n, co
     if config is None and interpreting():
         config = INTERPRET_CONFIG if scale_mode != SCALE_BLOCK else (32, 32, 128, 4, 1)
     if config is not None:
-        bm, bn, bk, w, s, ws = _unpack(config)
+        bm, bn, bk, w, s, ws, rescale = _unpack(config)
         _set_tma_blocks(dict(a_desc=a_desc, b_desc=b_desc, B_T=b_t, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk))
-        _grouped_gemm_tma_kernel[(nprog,)](*args, **meta, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, WS=ws, num_warps=w,
-                                           num_stages=s)
+        _grouped_gemm_tma_kernel[(nprog,)](*args, **meta, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, WS=ws, RESCALE=rescale,
+                                           num_warps=w, num_stages=s)
         return out
     kernel = _tma_block if scale_mode == SCALE_BLOCK else (_tma_8 if a.element_size() == 1 else _tma_16)
     kernel[(nprog,)](*args, **meta)
