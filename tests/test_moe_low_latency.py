@@ -136,6 +136,57 @@ def _ll_body(rank, world, routing, use_fp8, hook, seed):
     return int(count.sum())
 
 
+def _ll_graph_body(rank, world, use_fp8, seed):
+    """Dispatch -> experts -> combine captured once in a CUDA graph, replayed with new inputs copied into the
+    captured tensors: every replay must give what eager calls give for those inputs (the counters are consumed
+    by the waits, so replays need no epoch; the captured parities stay valid, see kernels/moe_ll.py)."""
+    dev = rank_device()
+    num_experts, e_l = 4 * world, 4
+    sets = [[make_inputs(r, world, num_experts, "random", seed + i) for r in range(world)] for i in range(3)]
+    x_s, idx_s, w_s = (t.to(dev).clone() for t in sets[0][rank])
+    buf = Buffer(None, num_rdma_bytes=Buffer.get_low_latency_rdma_size_hint(NUM_MAX, HIDDEN, world, num_experts),
+                 low_latency_mode=True)
+
+    def step():
+        recv, count, handle, _, _ = buf.low_latency_dispatch(x_s, idx_s, NUM_MAX, num_experts, use_fp8=use_fp8)
+        if use_fp8:
+            q, s = recv
+            recv_x = torch.stack([per_token_cast_back(q[e], s[e]) for e in range(e_l)]).to(torch.bfloat16)
+        else:
+            recv_x = recv
+        y = expert_fn(recv_x, rank, e_l)
+        out, _, _ = buf.low_latency_combine(y, idx_s, w_s, handle)
+        return recv_x, count, handle, out
+
+    side = torch.cuda.Stream(dev)
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # eager warm-up: buffer allocation, kernel compilation (host syncs) before capture
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    dist.barrier()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # NCCL's watchdog thread may touch CUDA
+        recv_x, count, handle, out = step()
+    assert buf._ll.last_path["dispatch"] == "triton"
+    for i in range(3):
+        x, idx, w = sets[i][rank]
+        x_s.copy_(x)
+        idx_s.copy_(idx)
+        w_s.copy_(w)
+        torch.cuda.synchronize()
+        dist.barrier()  # every rank's inputs are in place before any rank's replay sends
+        graph.replay()
+        torch.cuda.synchronize()
+        inputs = sets[i]
+        if use_fp8:
+            inputs = [(per_token_cast_back(*per_token_cast_to_fp8(a)).to(torch.bfloat16), b, c) for a, b, c in inputs]
+        check_dispatch(rank, world, num_experts, NUM_MAX, inputs, recv_x, count.cpu(), handle)
+        ref = ref_combine(inputs[rank][0], idx.cpu(), w.cpu())
+        assert torch.allclose(out.float().cpu(), ref, rtol=1e-2, atol=1e-2), f"replay {i}: combine differs"
+    return True
+
+
 def _ll_options_body(rank, world):
     dev = rank_device()
     num_experts = 2 * world
@@ -208,6 +259,21 @@ def test_low_latency_triton_self_loop(routing, use_fp8, hook):
 @pytest.mark.parametrize("routing,use_fp8,hook", [("random", False, False), ("skewed", True, True)])
 def test_low_latency_triton_multi_gpu(world_size, routing, use_fp8, hook):
     run_distributed(_ll_body, world_size, args=(routing, use_fp8, hook, 11), env={"TURBO_DIST_MOE_LL_PATH": "triton"})
+
+
+@pytest.mark.gpu(min_gpus=1)
+@pytest.mark.dist
+@pytest.mark.parametrize("use_fp8", [False, True])
+def test_low_latency_cuda_graph_self_loop(use_fp8):
+    """DeepEP's low-latency ops are captured in CUDA graphs for decoding: capture once, replay with new inputs."""
+    run_distributed(_ll_graph_body, 1, args=(use_fp8, 21), backend="nccl", env={"TURBO_DIST_MOE_LL_PATH": "triton"})
+
+
+@pytest.mark.gpu(min_gpus=2)
+@pytest.mark.dist
+@pytest.mark.parametrize("world_size", world_sizes_for_device(2, 4))
+def test_low_latency_cuda_graph_multi_gpu(world_size):
+    run_distributed(_ll_graph_body, world_size, args=(True, 23), env={"TURBO_DIST_MOE_LL_PATH": "triton"})
 
 
 def test_low_latency_kernels_simulated_ranks():
