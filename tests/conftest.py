@@ -20,8 +20,10 @@ apply_safety_env()  # every process this test session spawns inherits the NVLink
 
 # Modules whose multi-rank GPU tests were written to run on shared GPUs (gloo control plane, CUDA
 # tensors, torch symmetric memory over CUDA IPC). Not test_cp (its ring shift uses P2P, which gloo
-# cannot do on CUDA tensors) nor test_shmem (NVSHMEM wants one PE per GPU).
-SHARE_GPU_MODULES = ("test_runtime", "test_moe_nvlink", "test_tp", "test_share_gpu")
+# cannot do on CUDA tensors), test_moe / test_moe_internode (gloo has no all_to_all on CUDA tensors) nor
+# test_shmem (NVSHMEM wants one PE per GPU). test_moe_low_latency: its triton path needs only peer pointers
+# and barriers (added 2026-12-02, not yet run in this mode).
+SHARE_GPU_MODULES = ("test_runtime", "test_moe_nvlink", "test_moe_low_latency", "test_tp", "test_share_gpu")
 
 
 def _sharing():
