@@ -157,7 +157,7 @@ def _graph_time(fn, args):
                 fn()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # NCCL's watchdog thread may touch CUDA
             fn()
             fn()
         return time_across_ranks(graph.replay, args.warmup, args.reps) / 2
