@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One batched device session: install, GPU test suite, main-job demo, single-GPU benches.
-#   bash benchmarks/device_suite.sh "install tests dist demo ops attn moe moell moeinter tp cp native tune tuneblock"
+#   bash benchmarks/device_suite.sh "install tests dist demo ops attn moe moell moeinter tp cp native tune tuneblock verify1"
 #   (phases to run, in order; default "install tests demo ops attn"; on a multi-GPU kind start with
 #   "install dist demo moe moell moeinter tp cp")
 # Logs and JSON go under $OUT (default ./out). Safety variables are always set.
@@ -41,6 +41,18 @@ for ph in $PHASES; do
               128x128x128x8x8x4,128x128x128x8x8x4x4,128x256x128x8x8x3x4,256x128x128x8x8x3x4,128x256x128x8x8x3x5 \
               --json "$OUT/tune_block_$TAG.json" > "$OUT/tune_block_$TAG.log" 2>&1; echo "tuneblock dense rc=$?"
             tail -14 "$OUT/tune_block_$TAG.log"; unset TURBO_DIST_TRITON_TUNE;;
+    verify1) export TURBO_DIST_TRITON_TUNE=first  # one GPU: what earlier sessions left unverified (see README Status)
+            timeout 240 python -m pytest -q -rs -p no:cacheprovider tests/test_moe_low_latency.py -k cuda_graph \
+              tests/test_varlen_attention.py > "$OUT/pytest_verify1_$TAG.log" 2>&1; echo "verify1 tests rc=$?"
+            tail -4 "$OUT/pytest_verify1_$TAG.log"
+            TURBO_DIST_TEST_SHARE_GPU=1 TURBO_DIST_TIMEOUT_S=30 TURBO_DIST_TEST_TIMEOUT_S=100 timeout 300 python -m pytest \
+              --dist-only -v -rs -p no:cacheprovider tests/test_moe_low_latency.py > "$OUT/pytest_share_ll_$TAG.log" 2>&1
+            echo "verify1 share-GPU low-latency rc=$?"; grep -cE "PASSED" "$OUT/pytest_share_ll_$TAG.log"
+            grep -E "FAILED|ERROR" "$OUT/pytest_share_ll_$TAG.log" | head -10; unset TURBO_DIST_TRITON_TUNE
+            timeout 200 python benchmarks/bench_moe.py --mode low-latency --json "$OUT/moe_low_latency_$TAG.json" \
+              > "$OUT/moe_ll_$TAG.log" 2>&1; echo "verify1 LL bench (self-loop) rc=$?"; tail -8 "$OUT/moe_ll_$TAG.log"
+            timeout 300 python benchmarks/bench_ops.py --sections grouped --json "$OUT/ops_grouped_$TAG.json" \
+              > "$OUT/ops_grouped_$TAG.log" 2>&1; echo "verify1 grouped bench rc=$?";;
     moefix) timeout 200 python -m pytest -q -rs -p no:cacheprovider tests/test_moe_low_latency.py::test_low_latency_triton_self_loop \
               tests/test_moe_low_latency.py::test_low_latency_kernels_simulated_ranks tests/test_moe_low_latency.py::test_fp8_casts_bit_identical_on_cpu_and_gpu \
               tests/test_moe_nvlink.py::test_nvlink_vs_collective "tests/test_moe_nvlink.py::test_nvlink_reference_fp8_backward_errors" tests/test_moe.py > "$OUT/pytest_moefix_$TAG.log" 2>&1; echo "moefix rc=$?"; tail -4 "$OUT/pytest_moefix_$TAG.log";;
