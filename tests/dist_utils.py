@@ -1,5 +1,4 @@
 """Helpers shared by the multi-rank tests (importable from rank processes: tests/ is on sys.path)."""
-import os
 
 import torch
 import torch.distributed as dist
@@ -25,3 +24,23 @@ def seeded(seed):
     g = torch.Generator()
     g.manual_seed(seed)
     return g
+
+
+def backend_switch(ops):
+    """(autouse fixture, use) for a test module about dispatcher `ops`: `use(name)` forces backend `name` of
+    every op (None: automatic), and the fixture puts them back to automatic after each test. Bind both at
+    module level: `_reset_backends, use = backend_switch(OPS)`."""
+    import pytest
+
+    from turbo_dist.ops import dispatcher
+
+    def use(name):
+        for op in ops:
+            dispatcher.set_backend(op, name)
+
+    @pytest.fixture(autouse=True)
+    def reset():
+        yield
+        use(None)
+
+    return reset, use

@@ -13,20 +13,13 @@ import torch
 attn = importlib.import_module("turbo_dist.ops.attention")  # the module (turbo_dist.ops.attention is also a function)
 from turbo_dist.ops import attention, attention_backward, attention_forward, dispatcher
 
+from dist_utils import backend_switch
+
 OPS = ("attention_fwd", "attention_bwd")
 SDPA = ("cudnn", "flash", "efficient")
 
 
-@pytest.fixture(autouse=True)
-def _reset_backends():
-    yield
-    for op in OPS:
-        dispatcher.set_backend(op, None)
-
-
-def use(name):
-    for op in OPS:
-        dispatcher.set_backend(op, name)
+_reset_backends, use = backend_switch(OPS)
 
 
 def math_attention(q, k, v, causal, scale=None):

@@ -15,13 +15,21 @@ Modes (`cp_comm_type`), all differentiable and numerically interchangeable for t
 Layout (`load_balance`): the layout the local shards are in, as produced by `shard(..., load_balance)`.
 True (default) = zigzag (rank r holds chunks r and 2cp-1-r of 2cp), False = contiguous (chunk r of
 cp). It only matters for causal attention; non-causal results do not depend on it.
+
+Packed variable-length sequences (cu_seqlens_q/cu_seqlens_k, flash-attn's varlen layout): "a2a" only.
+q/k/v are [T/cp, H, D], rank r holding the contiguous shard r of the packed tokens
+(`shard(x, g, seq_dim=0, load_balance=False)`: load balancing does not apply, so load_balance must be
+left unset or False; T % cp == 0, pad the packed sequence otherwise). cu_seqlens are global (over the
+whole packed T, the same on every rank). "ring" and "allgather" raise NotImplementedError for them.
 """
 import logging
 
-from turbo_dist.ops.attention import check_attention_inputs, default_scale
+import torch
+
+from turbo_dist.ops.attention import check_attention_inputs, check_varlen_inputs, default_scale
 from turbo_dist.runtime import get_runtime
 
-from .a2a import a2a_attention
+from .a2a import a2a_attention, a2a_varlen_attention
 from .allgather import allgather_attention
 from .layout import chunk_ids, local_positions, shard, unshard
 from .ring import ring_attention
@@ -30,30 +38,42 @@ log = logging.getLogger("turbo_dist")
 
 COMM_TYPES = {"ring": "ring", "p2p": "ring", "a2a": "a2a", "ulysses": "a2a", "allgather": "allgather",
               "all_gather": "allgather"}
-_VARLEN_KW = ("cu_seqlens", "cu_seqlens_q", "cu_seqlens_k", "cu_seqlens_kv", "max_seqlen", "max_seqlen_q",
-              "max_seqlen_k")
+# flash-attn spellings we do not take (ours: cu_seqlens_q/_k, max_seqlen_q/_k): named in the error
+_OTHER_VARLEN_KW = ("cu_seqlens", "cu_seqlens_kv", "max_seqlen")
 
 
 def context_parallel_attention(q, k, v, causal=False, softmax_scale=None, cp_group=None, cp_comm_type="ring",
-                               load_balance=True, num_chunks=2, **kw):
+                               load_balance=None, num_chunks=2, cu_seqlens_q=None, cu_seqlens_k=None,
+                               max_seqlen_q=None, max_seqlen_k=None, **kw):
     """Attention over a sequence sharded across `cp_group`; returns this rank's output shard.
 
     q: [B, S/cp, Hq, D], k/v: [B, S/cp, Hkv, D] (Hq % Hkv == 0), fp16/bf16/fp32, this rank's shard
     in the layout given by `load_balance` (see the module docstring). Returns o: [B, S/cp, Hq, D].
     softmax_scale: default 1/sqrt(D). cp_comm_type: "ring" | "a2a" | "allgather".
+    load_balance: True (None, the default) = zigzag, False = contiguous; see the module docstring.
     num_chunks: head groups pipelined in "a2a" and "allgather" (clipped to what the heads allow).
-    Packed variable-length sequences (cu_seqlens) are not supported (NotImplementedError).
+
+    Packed variable-length sequences ("a2a" only): cu_seqlens_q/cu_seqlens_k [B+1] int32/int64 on q's
+    device, GLOBAL (0, non-decreasing, ending at the whole packed length T = cp * local length, the same
+    on every rank); max_seqlen_q/_k: None or an int >= the longest sequence. q: [T/cp, Hq, D], k/v:
+    [T/cp, Hkv, D], this rank's contiguous shard (load_balance must be None or False);
+    returns o: [T/cp, Hq, D]. Causal masks align bottom-right within each sequence.
     """
-    varlen = [name for name in kw if name in _VARLEN_KW]
-    if varlen:
-        raise NotImplementedError(
-            f"context-parallel attention does not support variable-length packed sequences ({', '.join(varlen)})"
-        )
+    other = [name for name in kw if name in _OTHER_VARLEN_KW]
+    if other:
+        raise TypeError(f"context_parallel_attention takes packed sequences as cu_seqlens_q/cu_seqlens_k and "
+                        f"max_seqlen_q/max_seqlen_k, got {', '.join(other)}")
     if kw:
         raise TypeError(f"context_parallel_attention got unexpected arguments: {sorted(kw)}")
     mode = COMM_TYPES.get(str(cp_comm_type).lower())
     if mode is None:
         raise ValueError(f"cp_comm_type must be one of 'ring', 'a2a', 'allgather', got {cp_comm_type!r}")
+    if cu_seqlens_q is not None or cu_seqlens_k is not None:
+        return _varlen(q, k, v, causal, softmax_scale, cp_group, mode, load_balance, num_chunks, cu_seqlens_q,
+                       cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    if max_seqlen_q is not None or max_seqlen_k is not None:
+        raise ValueError("max_seqlen_q/max_seqlen_k are for packed sequences: pass cu_seqlens_q and cu_seqlens_k")
+    load_balance = True if load_balance is None else load_balance
     check_attention_inputs(q, k, v)
     if k.shape[1] != q.shape[1]:
         raise ValueError(
@@ -75,6 +95,47 @@ def context_parallel_attention(q, k, v, causal=False, softmax_scale=None, cp_gro
     if mode == "a2a":
         return a2a_attention(q, k, v, bool(causal), scale, rt, load_balance, num_chunks)
     return allgather_attention(q, k, v, bool(causal), scale, rt, load_balance, num_chunks)
+
+
+def _varlen(q, k, v, causal, softmax_scale, cp_group, mode, load_balance, num_chunks, cu_seqlens_q, cu_seqlens_k,
+            max_seqlen_q, max_seqlen_k):
+    if mode != "a2a":
+        raise NotImplementedError(
+            f"context-parallel attention on variable-length packed sequences (cu_seqlens) is supported with "
+            f"cp_comm_type='a2a' (Ulysses) only, not {mode!r}"
+        )
+    if cu_seqlens_q is None or cu_seqlens_k is None:
+        raise ValueError("packed sequences need both cu_seqlens_q and cu_seqlens_k")
+    if load_balance:
+        raise ValueError("packed (cu_seqlens) shards are contiguous: load balancing does not apply, leave "
+                         "load_balance unset or pass False (shard with load_balance=False)")
+    rt = get_runtime(cp_group)
+    cp = rt.world_size
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if getattr(t, "dim", lambda: 0)() != 3:
+            raise ValueError(f"with cu_seqlens, {name} must be this rank's packed shard [T/cp, heads, head_dim], "
+                             f"got shape {tuple(getattr(t, 'shape', ()))}")
+    if k.shape[0] != q.shape[0]:
+        raise ValueError(f"context-parallel attention needs q and k/v shards of the same length, got q "
+                         f"{tuple(q.shape)} and k {tuple(k.shape)}")
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        # the CP-specific reading of a wrong end; everything else about cu is checked just below
+        well_formed = (isinstance(cu, torch.Tensor) and cu.dtype in (torch.int32, torch.int64) and cu.dim() == 1
+                       and cu.shape[0] > 0 and cu.device == q.device)
+        total = cu[-1].item() if well_formed else None
+        if total is not None and total != q.shape[0] * cp:
+            raise ValueError(
+                f"{name} ends at {total} tokens but the shards hold {q.shape[0]} tokens x cp={cp} = "
+                f"{q.shape[0] * cp}: cu_seqlens are global, and the packed length must be divisible by cp "
+                f"(pad it) with rank r holding the contiguous shard r"
+            )
+    max_seqlen_q, max_seqlen_k = check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                                     max_seqlen_k, total_q=q.shape[0] * cp,
+                                                     total_k=k.shape[0] * cp)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        rt.check_tensor(t, name)
+    return a2a_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bool(causal),
+                                default_scale(q, softmax_scale), rt, num_chunks)
 
 
 __all__ = ["context_parallel_attention", "shard", "unshard", "local_positions", "chunk_ids", "COMM_TYPES"]

@@ -10,10 +10,14 @@ GQA: with Hkv divisible by cp each rank receives Hkv/cp K/V heads; with Hkv < cp
 Hkv) each K/V head is replicated cp/Hkv times before the exchange (its gradients summed after).
 Causal masks need the natural token order: with the zigzag layout the gathered sequence is
 permuted once on arrival (and its outputs permuted back); non-causal attention needs no permute.
+
+Packed variable-length sequences (`a2a_varlen_attention`): the same exchange on the B=1 view of
+contiguous shards [T/cp, H, D]; each rank runs varlen attention on the whole packed sequence with
+the global cu_seqlens (the inner kernels are the only difference: `kernels`).
 """
 import torch
 
-from turbo_dist.ops import attention_backward, attention_forward
+from turbo_dist.ops import attention_backward, attention_forward, dispatcher
 
 from . import _comm
 from .layout import gathered_to_natural, natural_to_scattered
@@ -56,7 +60,8 @@ def _write_back(dst, recv, cp, heads):
     dst.view(b, s, cp, h // cp, d)[:, :, :, heads] = recv.permute(1, 2, 0, 3, 4)
 
 
-def a2a_forward(q, k, v, causal, scale, rt, load_balance, num_chunks):
+def a2a_forward(q, k, v, causal, scale, rt, load_balance, num_chunks, kernels=None):
+    attn_fwd = kernels[0] if kernels is not None else attention_forward
     cp = rt.world_size
     b, s_loc, hq, d = q.shape
     rep = kv_replication(hq, k.shape[2], cp)
@@ -80,7 +85,7 @@ def a2a_forward(q, k, v, causal, scale, rt, load_balance, num_chunks):
         rq, rkv = pend_in[j][0].wait(), pend_in[j][1].wait()
         q_h = gathered_to_natural(rq, cp, reorder, seq_dim=1).contiguous()  # [B, S, qc, D]
         kv_h = gathered_to_natural(rkv, cp, reorder, seq_dim=2).contiguous()  # [2, B, S, kc, D]
-        o_h, lse_h = attention_forward(q_h, kv_h[0], kv_h[1], causal, scale)
+        o_h, lse_h = attn_fwd(q_h, kv_h[0], kv_h[1], causal, scale)
         pend_out.append(_comm.all_to_all(natural_to_scattered(o_h, cp, reorder, seq_dim=1), rt))
         saved += [q_h, kv_h, o_h, lse_h]
     for j in range(nc):
@@ -88,7 +93,8 @@ def a2a_forward(q, k, v, causal, scale, rt, load_balance, num_chunks):
     return out, saved, (rep, nc)
 
 
-def a2a_backward(do, saved, causal, scale, rt, load_balance, rep, nc, k_shape):
+def a2a_backward(do, saved, causal, scale, rt, load_balance, rep, nc, k_shape, kernels=None):
+    attn_bwd = kernels[1] if kernels is not None else attention_backward
     cp = rt.world_size
     b, s_loc, hq, d = do.shape
     hp = hq // cp
@@ -102,7 +108,7 @@ def a2a_backward(do, saved, causal, scale, rt, load_balance, rep, nc, k_shape):
     for j in range(nc):
         q_h, kv_h, o_h, lse_h = saved[4 * j: 4 * j + 4]
         do_h = gathered_to_natural(pend_do[j].wait(), cp, reorder, seq_dim=1).contiguous()
-        dq_h, dk_h, dv_h = attention_backward(do_h, q_h, kv_h[0], kv_h[1], o_h, lse_h, causal, scale)
+        dq_h, dk_h, dv_h = attn_bwd(do_h, q_h, kv_h[0], kv_h[1], o_h, lse_h, causal, scale)
         send_dq = natural_to_scattered(dq_h, cp, reorder, seq_dim=1)
         send_dkv = natural_to_scattered(torch.stack([dk_h, dv_h]), cp, reorder, seq_dim=2)
         pend.append((_comm.all_to_all(send_dq, rt), _comm.all_to_all(send_dkv, rt)))
@@ -121,20 +127,47 @@ def a2a_backward(do, saved, causal, scale, rt, load_balance, rep, nc, k_shape):
 
 class A2AAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, causal, scale, rt, load_balance, num_chunks):
-        out, saved, (rep, nc) = a2a_forward(q, k, v, causal, scale, rt, load_balance, num_chunks)
+    def forward(ctx, q, k, v, causal, scale, rt, load_balance, num_chunks, kernels=None):
+        out, saved, (rep, nc) = a2a_forward(q, k, v, causal, scale, rt, load_balance, num_chunks, kernels)
         ctx.save_for_backward(*saved)
-        ctx.args = (causal, scale, rt, load_balance, rep, nc, tuple(k.shape))
+        ctx.args = (causal, scale, rt, load_balance, rep, nc, tuple(k.shape), kernels)
         return out
 
     @staticmethod
     def backward(ctx, do):
-        causal, scale, rt, load_balance, rep, nc, k_shape = ctx.args
+        causal, scale, rt, load_balance, rep, nc, k_shape, kernels = ctx.args
         dq, dk, dv = a2a_backward(do.contiguous(), list(ctx.saved_tensors), causal, scale, rt, load_balance,
-                                  rep, nc, k_shape)
-        return dq, dk, dv, None, None, None, None, None
+                                  rep, nc, k_shape, kernels)
+        return dq, dk, dv, None, None, None, None, None, None
 
 
 def a2a_attention(q, k, v, causal, scale, rt, load_balance, num_chunks=2):
     kv_replication(q.shape[2], k.shape[2], rt.world_size)  # validate before any communication
     return A2AAttention.apply(q, k, v, causal, scale, rt, load_balance, num_chunks)
+
+
+def _varlen_kernels(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+    """The dense kernel signature on a B=1 view [1, T, h, D], running packed varlen attention."""
+    def fwd(q, k, v, causal, scale):
+        o, lse = dispatcher.dispatch("attention_varlen_fwd", q[0], k[0], v[0], cu_seqlens_q, cu_seqlens_k,
+                                     max_seqlen_q, max_seqlen_k, causal, scale)
+        return o.unsqueeze(0), lse.unsqueeze(0)
+
+    def bwd(do, q, k, v, o, lse, causal, scale):
+        do = do if do.dtype == q.dtype else do.to(q.dtype)
+        dq, dk, dv = dispatcher.dispatch("attention_varlen_bwd", do[0], q[0], k[0], v[0], o[0], lse[0],
+                                         cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale)
+        return dq.unsqueeze(0), dk.unsqueeze(0), dv.unsqueeze(0)
+
+    return fwd, bwd
+
+
+def a2a_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, rt,
+                         num_chunks=2):
+    """q: [T/cp, Hq, D], k/v: [T/cp, Hkv, D], rank r's contiguous shard of the packed sequence; cu_seqlens
+    global (validated by the caller). Returns o: [T/cp, Hq, D]."""
+    kv_replication(q.shape[1], k.shape[1], rt.world_size)  # validate before any communication
+    kernels = _varlen_kernels(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    out = A2AAttention.apply(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), causal, scale, rt, False, num_chunks,
+                             kernels)
+    return out[0]

@@ -3,6 +3,9 @@
     o, lse = flash_attn_forward(q, k, v, causal, softmax_scale)          # lse [B, Hq, Sq] fp32
     dq, dk, dv = flash_attn_backward(do, q, k, v, o, lse, causal, softmax_scale)
 
+    o, lse = flash_attn_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, softmax_scale)  # packed
+    dq, dk, dv = flash_attn_varlen_backward(do, q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, causal, softmax_scale)
+
 q: [B, Sq, Hq, D], k/v: [B, Sk, Hkv, D] with Hq % Hkv == 0 (kv are read through their own head,
 never repeated in memory); any strides. Causal masks align bottom-right: query i sees key j iff
 j <= i + Sk - Sq (top-left when Sq == Sk). A query row with no visible key gets o = 0, lse = -inf.
@@ -12,6 +15,13 @@ those are the merged output and the global lse, and delta = rowsum(do * o) must 
 Kernels: forward (online softmax in base 2), delta preprocess, dk/dv (one program per key block
 and kv head, looping over the head's whole query group, so no atomics), dq (one program per
 query block). They also run under TRITON_INTERPRET=1 (fp16/fp32) for CPU tests.
+
+Packed variable-length sequences (VARLEN=True, a constexpr: dense calls compile exactly as before)
+run the same kernels on the B=1 view of q [Tq, Hq, D] / k, v [Tk, Hkv, D] with cu_seqlens and
+per-token sequence ids: a query tile loops only over the keys of the sequences its rows belong to
+(cu_k[seq(first row)] .. cu_k[seq(last row) + 1], causal: cut at the last row's diagonal), masking
+keys of other sequences and, causal, keys past the row's bottom-right diagonal within its sequence;
+a dk/dv key tile does the same over queries. lse is [Hq, Tq].
 """
 from dataclasses import dataclass
 
@@ -78,7 +88,7 @@ MAX_HEAD_DIM = 256
 @triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, sks, skd, svs, svd, start_n, offs_m, offs_n, offs_d, mask_d,
                SEQ_K, diag, qk_scale, MASK: tl.constexpr, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr,
-               PRECISION: tl.constexpr):
+               PRECISION: tl.constexpr, kstart=0, kend=0, VARLEN: tl.constexpr = False):
     cols = start_n + offs_n
     kt_ptrs = k_base + cols[None, :] * sks + offs_d[:, None] * skd   # [D, N]
     v_ptrs = v_base + cols[:, None] * svs + offs_d[None, :] * svd    # [N, D]
@@ -93,9 +103,14 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, sks, skd, svs, svd, start_n, of
         v = tl.load(v_ptrs, mask=mask_d[None, :], other=0.0)
     s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale  # log2 units
     if MASK:
-        valid = cols[None, :] < SEQ_K
-        if CAUSAL:
-            valid = valid & (cols[None, :] <= offs_m[:, None] + diag)
+        if VARLEN:  # per row: the keys of its own sequence [kstart, kend), diag is per row
+            valid = (cols[None, :] >= kstart[:, None]) & (cols[None, :] < kend[:, None])
+            if CAUSAL:
+                valid = valid & (cols[None, :] <= offs_m[:, None] + diag[:, None])
+        else:
+            valid = cols[None, :] < SEQ_K
+            if CAUSAL:
+                valid = valid & (cols[None, :] <= offs_m[:, None] + diag)
         s = tl.where(valid, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # fully masked row so far
@@ -110,6 +125,27 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, sks, skd, svs, svd, start_n, of
     return acc, l_i, m_new
 
 
+@triton.jit
+def _varlen_rows(CU_Q, CU_K, SID_Q, start_m, offs_m, mask_m, SEQ_Q, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr):
+    """Packed (varlen) query tile: per row, the key range [kstart, kend) of its sequence and its causal
+    diagonal (query i sees key j <= i + diag: bottom-right within the sequence); for the tile, the key
+    range [lo, hi) its rows can see (from the first row's sequence start to the last row's end)."""
+    sid = tl.load(SID_Q + offs_m, mask=mask_m, other=0)
+    kstart = tl.load(CU_K + sid, mask=mask_m, other=0)
+    kend = tl.load(CU_K + sid + 1, mask=mask_m, other=0)  # padded rows: empty range, see nothing
+    diag = kend - tl.load(CU_Q + sid + 1, mask=mask_m, other=0)
+    last_row = tl.minimum(start_m + BLOCK_M, SEQ_Q) - 1
+    sid_first = tl.load(SID_Q + start_m)
+    sid_last = tl.load(SID_Q + last_row)
+    lo = tl.load(CU_K + sid_first)
+    hi = tl.load(CU_K + sid_last + 1)
+    if CAUSAL:  # the last sequence's rows see keys up to last_row + its diag; earlier ones end before it
+        diag_last = hi - tl.load(CU_Q + sid_last + 1)
+        hi = tl.maximum(tl.minimum(hi, last_row + diag_last + 1), tl.load(CU_K + sid_last))
+        hi = tl.maximum(hi, lo)
+    return kstart, kend, diag, lo, hi
+
+
 # Sequence lengths and head counts vary call to call (CP blocks): do not compile a variant per
 # divisibility class of them. Strides stay specialised (aligned, vectorised loads).
 _DYNAMIC = ["GROUP", "SEQ_Q", "SEQ_K"]
@@ -119,9 +155,9 @@ _DYNAMIC = ["GROUP", "SEQ_Q", "SEQ_K"]
 def _fwd_kernel(Q, K, V, O, LSE,
                 sqb, sqs, sqh, sqd, skb, sks, skh, skd, svb, svs, svh, svd, sob, sos, soh, sod,
                 slb, slh, sls,
-                GROUP, SEQ_Q, SEQ_K, HEAD_DIM, qk_scale,
+                GROUP, SEQ_Q, SEQ_K, HEAD_DIM, qk_scale, CU_Q, CU_K, SID_Q,
                 CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                EVEN_D: tl.constexpr, PRECISION: tl.constexpr):
+                EVEN_D: tl.constexpr, PRECISION: tl.constexpr, VARLEN: tl.constexpr):
     pid_m = tl.program_id(0)
     if CAUSAL:  # the last query blocks see the most keys: launch them first (shorter tail)
         pid_m = tl.num_programs(0) - 1 - pid_m
@@ -142,20 +178,30 @@ def _fwd_kernel(Q, K, V, O, LSE,
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    diag = SEQ_K - SEQ_Q  # query i sees keys j <= i + diag
-    if CAUSAL:
-        full_end = tl.minimum(tl.maximum(start_m + diag + 1, 0), SEQ_K)  # every row sees keys below this
-        hi = tl.minimum(tl.maximum(start_m + BLOCK_M + diag, 0), SEQ_K)  # no row sees keys from here on
+    if VARLEN:
+        kstart, kend, diag, lo, hi = _varlen_rows(CU_Q, CU_K, SID_Q, start_m, offs_m, mask_m, SEQ_Q, BLOCK_M,
+                                                  CAUSAL)
+        for start_n in range(lo, hi, BLOCK_N):
+            acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, sks, skd, svs, svd, start_n, offs_m,
+                                       offs_n, offs_d, mask_d, SEQ_K, diag, qk_scale, True, CAUSAL, EVEN_D,
+                                       PRECISION, kstart, kend, True)
     else:
-        full_end = SEQ_K
-        hi = SEQ_K
-    full_end = (full_end // BLOCK_N) * BLOCK_N
-    for start_n in range(0, full_end, BLOCK_N):
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, sks, skd, svs, svd, start_n, offs_m, offs_n,
-                                   offs_d, mask_d, SEQ_K, diag, qk_scale, False, CAUSAL, EVEN_D, PRECISION)
-    for start_n in range(full_end, hi, BLOCK_N):
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, sks, skd, svs, svd, start_n, offs_m, offs_n,
-                                   offs_d, mask_d, SEQ_K, diag, qk_scale, True, CAUSAL, EVEN_D, PRECISION)
+        diag = SEQ_K - SEQ_Q  # query i sees keys j <= i + diag
+        if CAUSAL:
+            full_end = tl.minimum(tl.maximum(start_m + diag + 1, 0), SEQ_K)  # every row sees keys below this
+            hi = tl.minimum(tl.maximum(start_m + BLOCK_M + diag, 0), SEQ_K)  # no row sees keys from here on
+        else:
+            full_end = SEQ_K
+            hi = SEQ_K
+        full_end = (full_end // BLOCK_N) * BLOCK_N
+        for start_n in range(0, full_end, BLOCK_N):
+            acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, sks, skd, svs, svd, start_n, offs_m,
+                                       offs_n, offs_d, mask_d, SEQ_K, diag, qk_scale, False, CAUSAL, EVEN_D,
+                                       PRECISION)
+        for start_n in range(full_end, hi, BLOCK_N):
+            acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, sks, skd, svs, svd, start_n, offs_m,
+                                       offs_n, offs_d, mask_d, SEQ_K, diag, qk_scale, True, CAUSAL, EVEN_D,
+                                       PRECISION)
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
@@ -185,7 +231,8 @@ def _bwd_delta_kernel(O, DO, DELTA, sob, sos, soh, sod, sdb, sds, sdh, sdd, SEQ_
 @triton.jit
 def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqs, sqd, sds, sdd, sls,
                     start_m, offs_m0, offs_n, offs_d, mask_d, SEQ_Q, diag, qk_scale,
-                    MASK: tl.constexpr, PRECISION: tl.constexpr):
+                    MASK: tl.constexpr, PRECISION: tl.constexpr, qstart=0, qend=0, VARLEN: tl.constexpr = False,
+                    CAUSAL: tl.constexpr = False):
     offs_m = start_m + offs_m0
     mask_m = offs_m < SEQ_Q
     qt = tl.load(q_base + offs_m[None, :] * sqs + offs_d[:, None] * sqd,
@@ -197,7 +244,12 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqs, sq
     delta = tl.load(delta_base + offs_m, mask=mask_m, other=0.0)
     st = tl.dot(k, qt, input_precision=PRECISION) * qk_scale           # [N, M], log2 units
     pt = tl.math.exp2(st - lse2[None, :])
-    if MASK:
+    if VARLEN:  # per key row: the queries of its own sequence [qstart, qend), diag is per key row
+        valid = (offs_m[None, :] >= qstart[:, None]) & (offs_m[None, :] < qend[:, None])
+        if CAUSAL:
+            valid = valid & (offs_n[:, None] <= offs_m[None, :] + diag[:, None])
+        pt = tl.where(valid, pt, 0.0)
+    elif MASK:
         pt = tl.where(offs_n[:, None] <= offs_m[None, :] + diag, pt, 0.0)
     dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=PRECISION)
     dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)          # [N, M]
@@ -210,9 +262,9 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqs, sq
 def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
                      sqb, sqs, sqh, sqd, skb, sks, skh, skd, svb, svs, svh, svd, sdb, sds, sdh, sdd,
                      slb, slh, sls, sdkb, sdks, sdkh, sdkd, sdvb, sdvs, sdvh, sdvd,
-                     HQ, GROUP, SEQ_Q, SEQ_K, HEAD_DIM, qk_scale, sm_scale,
+                     HQ, GROUP, SEQ_Q, SEQ_K, HEAD_DIM, qk_scale, sm_scale, CU_Q, CU_K, SID_K,
                      CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                     PRECISION: tl.constexpr):
+                     PRECISION: tl.constexpr, VARLEN: tl.constexpr):
     pid_n = tl.program_id(0)
     hk = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -227,29 +279,55 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
     v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svs + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    diag = SEQ_K - SEQ_Q
-    if CAUSAL:
-        lo = (tl.maximum(start_n - diag, 0) // BLOCK_M) * BLOCK_M  # first query that sees this key block
-        # queries from `unmasked` on see every key of the block
-        unmasked = tl.minimum(tl.maximum(start_n + BLOCK_N - 1 - diag, lo), SEQ_Q)
-        unmasked = tl.cdiv(unmasked, BLOCK_M) * BLOCK_M
+    if VARLEN:
+        # per key row: its sequence's queries [qstart, qend) and diagonal; for the tile, the query range
+        # [lo, hi) from the first row's sequence (causal: its first query that sees start_n) to the last's end
+        sid = tl.load(SID_K + offs_n, mask=mask_n, other=0)
+        qstart = tl.load(CU_Q + sid, mask=mask_n, other=0)
+        qend = tl.load(CU_Q + sid + 1, mask=mask_n, other=0)
+        diag = tl.load(CU_K + sid + 1, mask=mask_n, other=0) - qend
+        sid_first = tl.load(SID_K + start_n)
+        sid_last = tl.load(SID_K + tl.minimum(start_n + BLOCK_N, SEQ_K) - 1)
+        lo = tl.load(CU_Q + sid_first)
+        hi = tl.load(CU_Q + sid_last + 1)
+        if CAUSAL:
+            lo_end = tl.load(CU_Q + sid_first + 1)
+            diag_first = tl.load(CU_K + sid_first + 1) - lo_end
+            lo = tl.minimum(tl.maximum(start_n - diag_first, lo), lo_end)
+        for g in range(0, GROUP):
+            h = hk * GROUP + g
+            q_base = Q + b * sqb + h * sqh
+            do_base = DO + b * sdb + h * sdh
+            lse_base = LSE + b * slb + h * slh
+            delta_base = DELTA + (b * HQ + h) * SEQ_Q
+            for start_m in range(lo, hi, BLOCK_M):
+                dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqs, sqd, sds, sdd,
+                                         sls, start_m, offs_m0, offs_n, offs_d, mask_d, SEQ_Q, diag, qk_scale,
+                                         True, PRECISION, qstart, qend, True, CAUSAL)
     else:
-        lo = 0
-        unmasked = 0
-    for g in range(0, GROUP):
-        h = hk * GROUP + g
-        q_base = Q + b * sqb + h * sqh
-        do_base = DO + b * sdb + h * sdh
-        lse_base = LSE + b * slb + h * slh
-        delta_base = DELTA + (b * HQ + h) * SEQ_Q
-        for start_m in range(lo, unmasked, BLOCK_M):
-            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqs, sqd, sds, sdd, sls,
-                                     start_m, offs_m0, offs_n, offs_d, mask_d, SEQ_Q, diag, qk_scale,
-                                     True, PRECISION)
-        for start_m in range(unmasked, SEQ_Q, BLOCK_M):
-            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqs, sqd, sds, sdd, sls,
-                                     start_m, offs_m0, offs_n, offs_d, mask_d, SEQ_Q, diag, qk_scale,
-                                     False, PRECISION)
+        diag = SEQ_K - SEQ_Q
+        if CAUSAL:
+            lo = (tl.maximum(start_n - diag, 0) // BLOCK_M) * BLOCK_M  # first query that sees this key block
+            # queries from `unmasked` on see every key of the block
+            unmasked = tl.minimum(tl.maximum(start_n + BLOCK_N - 1 - diag, lo), SEQ_Q)
+            unmasked = tl.cdiv(unmasked, BLOCK_M) * BLOCK_M
+        else:
+            lo = 0
+            unmasked = 0
+        for g in range(0, GROUP):
+            h = hk * GROUP + g
+            q_base = Q + b * sqb + h * sqh
+            do_base = DO + b * sdb + h * sdh
+            lse_base = LSE + b * slb + h * slh
+            delta_base = DELTA + (b * HQ + h) * SEQ_Q
+            for start_m in range(lo, unmasked, BLOCK_M):
+                dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqs, sqd, sds, sdd,
+                                         sls, start_m, offs_m0, offs_n, offs_d, mask_d, SEQ_Q, diag, qk_scale,
+                                         True, PRECISION)
+            for start_m in range(unmasked, SEQ_Q, BLOCK_M):
+                dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqs, sqd, sds, sdd,
+                                         sls, start_m, offs_m0, offs_n, offs_d, mask_d, SEQ_Q, diag, qk_scale,
+                                         False, PRECISION)
     dk = dk * sm_scale
     tl.store(DK + b * sdkb + hk * sdkh + offs_n[:, None] * sdks + offs_d[None, :] * sdkd,
              dk.to(DK.dtype.element_ty), mask=kv_mask)
@@ -260,7 +338,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
 @triton.jit
 def _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, sks, skd, svs, svd, start_n, offs_m, offs_n0, offs_d,
                   mask_d, SEQ_K, diag, qk_scale, MASK: tl.constexpr, CAUSAL: tl.constexpr,
-                  PRECISION: tl.constexpr):
+                  PRECISION: tl.constexpr, kstart=0, kend=0, VARLEN: tl.constexpr = False):
     offs_n = start_n + offs_n0
     if MASK:
         kv_mask = (offs_n[:, None] < SEQ_K) & mask_d[None, :]
@@ -271,9 +349,14 @@ def _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, sks, skd, svs, svd, st
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [M, N]
     p = tl.math.exp2(s - lse2[:, None])
     if MASK:
-        valid = offs_n[None, :] < SEQ_K
-        if CAUSAL:
-            valid = valid & (offs_n[None, :] <= offs_m[:, None] + diag)
+        if VARLEN:
+            valid = (offs_n[None, :] >= kstart[:, None]) & (offs_n[None, :] < kend[:, None])
+            if CAUSAL:
+                valid = valid & (offs_n[None, :] <= offs_m[:, None] + diag[:, None])
+        else:
+            valid = offs_n[None, :] < SEQ_K
+            if CAUSAL:
+                valid = valid & (offs_n[None, :] <= offs_m[:, None] + diag)
         p = tl.where(valid, p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
     ds = p * (dp - delta[:, None])
@@ -285,9 +368,9 @@ def _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, sks, skd, svs, svd, st
 def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
                    sqb, sqs, sqh, sqd, skb, sks, skh, skd, svb, svs, svh, svd, sdb, sds, sdh, sdd,
                    slb, slh, sls, sdqb, sdqs, sdqh, sdqd,
-                   HQ, GROUP, SEQ_Q, SEQ_K, HEAD_DIM, qk_scale, sm_scale,
+                   HQ, GROUP, SEQ_Q, SEQ_K, HEAD_DIM, qk_scale, sm_scale, CU_Q, CU_K, SID_Q,
                    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                   PRECISION: tl.constexpr):
+                   PRECISION: tl.constexpr, VARLEN: tl.constexpr):
     pid_m = tl.program_id(0)
     if CAUSAL:
         pid_m = tl.num_programs(0) - 1 - pid_m
@@ -309,20 +392,28 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    diag = SEQ_K - SEQ_Q
-    if CAUSAL:
-        full_end = tl.minimum(tl.maximum(start_m + diag + 1, 0), SEQ_K)
-        hi = tl.minimum(tl.maximum(start_m + BLOCK_M + diag, 0), SEQ_K)
+    if VARLEN:
+        kstart, kend, diag, lo, hi = _varlen_rows(CU_Q, CU_K, SID_Q, start_m, offs_m, mask_m, SEQ_Q, BLOCK_M,
+                                                  CAUSAL)
+        for start_n in range(lo, hi, BLOCK_N):
+            dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, sks, skd, svs, svd, start_n, offs_m,
+                               offs_n0, offs_d, mask_d, SEQ_K, diag, qk_scale, True, CAUSAL, PRECISION,
+                               kstart, kend, True)
     else:
-        full_end = SEQ_K
-        hi = SEQ_K
-    full_end = (full_end // BLOCK_N) * BLOCK_N
-    for start_n in range(0, full_end, BLOCK_N):
-        dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, sks, skd, svs, svd, start_n, offs_m, offs_n0,
-                           offs_d, mask_d, SEQ_K, diag, qk_scale, False, CAUSAL, PRECISION)
-    for start_n in range(full_end, hi, BLOCK_N):
-        dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, sks, skd, svs, svd, start_n, offs_m, offs_n0,
-                           offs_d, mask_d, SEQ_K, diag, qk_scale, True, CAUSAL, PRECISION)
+        diag = SEQ_K - SEQ_Q
+        if CAUSAL:
+            full_end = tl.minimum(tl.maximum(start_m + diag + 1, 0), SEQ_K)
+            hi = tl.minimum(tl.maximum(start_m + BLOCK_M + diag, 0), SEQ_K)
+        else:
+            full_end = SEQ_K
+            hi = SEQ_K
+        full_end = (full_end // BLOCK_N) * BLOCK_N
+        for start_n in range(0, full_end, BLOCK_N):
+            dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, sks, skd, svs, svd, start_n, offs_m,
+                               offs_n0, offs_d, mask_d, SEQ_K, diag, qk_scale, False, CAUSAL, PRECISION)
+        for start_n in range(full_end, hi, BLOCK_N):
+            dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, sks, skd, svs, svd, start_n, offs_m,
+                               offs_n0, offs_d, mask_d, SEQ_K, diag, qk_scale, True, CAUSAL, PRECISION)
     dq = dq * sm_scale
     tl.store(DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqs + offs_d[None, :] * sdqd,
              dq.to(DQ.dtype.element_ty), mask=qmask)
@@ -340,6 +431,43 @@ def _precision(dtype):
 
 def flash_attn_forward(q, k, v, causal=False, softmax_scale=None, config=None):
     """o [B, Sq, Hq, D] (q's dtype), lse [B, Hq, Sq] fp32. Inputs are assumed validated by the caller."""
+    return _forward(q, k, v, causal, softmax_scale, config, None)
+
+
+def flash_attn_backward(do, q, k, v, o, lse, causal=False, softmax_scale=None, dkdv_config=None, dq_config=None):
+    """dq, dk, dv from the given o and lse (global ones under context parallelism)."""
+    return _backward(do, q, k, v, o, lse, causal, softmax_scale, dkdv_config, dq_config, None)
+
+
+def _varlen_meta(cu_seqlens_q, cu_seqlens_k, tq, tk):
+    """int32 (cu_q, cu_k, per-token sequence ids of q and of k). A token of a packed tensor belongs to the
+    last sequence starting at or before it (empty sequences own no token)."""
+    cu_q = cu_seqlens_q.to(torch.int32).contiguous()
+    cu_k = cu_seqlens_k.to(torch.int32).contiguous()
+    sid_q = (torch.searchsorted(cu_q, torch.arange(tq, device=cu_q.device, dtype=torch.int32), right=True) - 1)
+    sid_k = (torch.searchsorted(cu_k, torch.arange(tk, device=cu_k.device, dtype=torch.int32), right=True) - 1)
+    return cu_q, cu_k, sid_q.to(torch.int32), sid_k.to(torch.int32)
+
+
+def flash_attn_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=False, softmax_scale=None, config=None):
+    """Packed sequences: q [Tq, Hq, D], k/v [Tk, Hkv, D], cu_seqlens [B+1] (validated by the caller) ->
+    o [Tq, Hq, D], lse [Hq, Tq] fp32. Sequence b is rows cu_seqlens[b]:cu_seqlens[b+1] of each; causal
+    masks align bottom-right within each sequence. One packed batch: every kernel runs on the B=1 view."""
+    meta = _varlen_meta(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0])
+    o, lse = _forward(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), causal, softmax_scale, config, meta)
+    return o[0], lse[0]
+
+
+def flash_attn_varlen_backward(do, q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, causal=False, softmax_scale=None,
+                               dkdv_config=None, dq_config=None):
+    """dq [Tq, Hq, D], dk/dv [Tk, Hkv, D] from the given o [Tq, Hq, D] and lse [Hq, Tq]."""
+    meta = _varlen_meta(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0])
+    dq, dk, dv = _backward(do.unsqueeze(0), q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), o.unsqueeze(0),
+                           lse.unsqueeze(0), causal, softmax_scale, dkdv_config, dq_config, meta)
+    return dq[0], dk[0], dv[0]
+
+
+def _forward(q, k, v, causal, softmax_scale, config, meta):
     b, sq, hq, d = q.shape
     sk, hkv = k.shape[1], k.shape[2]
     scale = d ** -0.5 if softmax_scale is None else float(softmax_scale)
@@ -349,17 +477,18 @@ def flash_attn_forward(q, k, v, causal=False, softmax_scale=None, config=None):
     lse = torch.empty((b, hq, sq), device=q.device, dtype=torch.float32)
     if b * sq * hq == 0:
         return o, lse
+    cu_q, cu_k, sid_q, _ = meta if meta is not None else (lse, lse, lse, None)  # unused when not VARLEN
     grid = (triton.cdiv(sq, cfg.block_m), hq, b)
     _fwd_kernel[grid](
         q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(), *lse.stride(),
-        hq // hkv, sq, sk, d, scale * LOG2E,
+        hq // hkv, sq, sk, d, scale * LOG2E, cu_q, cu_k, sid_q,
         CAUSAL=bool(causal), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, EVEN_D=block_d == d,
-        PRECISION=_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        PRECISION=_precision(q.dtype), VARLEN=meta is not None, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages)
     return o, lse
 
 
-def flash_attn_backward(do, q, k, v, o, lse, causal=False, softmax_scale=None, dkdv_config=None, dq_config=None):
-    """dq, dk, dv from the given o and lse (global ones under context parallelism)."""
+def _backward(do, q, k, v, o, lse, causal, softmax_scale, dkdv_config, dq_config, meta):
     b, sq, hq, d = q.shape
     sk, hkv = k.shape[1], k.shape[2]
     scale = d ** -0.5 if softmax_scale is None else float(softmax_scale)
@@ -377,16 +506,18 @@ def flash_attn_backward(do, q, k, v, o, lse, causal=False, softmax_scale=None, d
     _bwd_delta_kernel[(triton.cdiv(sq, pre_m), hq, b)](
         o, do, delta, *o.stride(), *do.stride(), sq, d, hq, BLOCK_M=pre_m, BLOCK_D=block_d)
     prec = _precision(q.dtype)
+    varlen = meta is not None
+    cu_q, cu_k, sid_q, sid_k = meta if varlen else (delta, delta, delta, delta)  # unused when not VARLEN
     cfg = dkdv_config or _pick(BWD_DKDV_CONFIGS, block_d, q.element_size())
     _bwd_dkdv_kernel[(triton.cdiv(sk, cfg.block_n), hkv, b)](
         q, k, v, do, lse, delta, dk, dv, *q.stride(), *k.stride(), *v.stride(), *do.stride(), *lse.stride(),
-        *dk.stride(), *dv.stride(), hq, hq // hkv, sq, sk, d, scale * LOG2E, scale,
+        *dk.stride(), *dv.stride(), hq, hq // hkv, sq, sk, d, scale * LOG2E, scale, cu_q, cu_k, sid_k,
         CAUSAL=bool(causal), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, PRECISION=prec,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        VARLEN=varlen, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     cfg = dq_config or _pick(BWD_DQ_CONFIGS, block_d, q.element_size())
     _bwd_dq_kernel[(triton.cdiv(sq, cfg.block_m), hq, b)](
         q, k, v, do, lse, delta, dq, *q.stride(), *k.stride(), *v.stride(), *do.stride(), *lse.stride(),
-        *dq.stride(), hq, hq // hkv, sq, sk, d, scale * LOG2E, scale,
+        *dq.stride(), hq, hq // hkv, sq, sk, d, scale * LOG2E, scale, cu_q, cu_k, sid_q,
         CAUSAL=bool(causal), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, PRECISION=prec,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        VARLEN=varlen, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return dq, dk, dv

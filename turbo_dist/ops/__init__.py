@@ -1,6 +1,7 @@
 """Shared kernels behind one backend dispatcher: GEMM, grouped GEMM, FP8, attention with LSE."""
 from . import dispatcher
-from .attention import attention, attention_backward, attention_forward
+from .attention import (attention, attention_backward, attention_forward, varlen_attention,
+                        varlen_attention_backward, varlen_attention_forward)
 from .gemm import gemm
 from .grouped_gemm import grouped_gemm
 from .fp8 import (Float8QuantConfig, Format, ScalingGranularity, dequantize_fp8, gemm_fp8, grouped_gemm_fp8,
@@ -21,5 +22,34 @@ def flash_attn_func(q, k, v, softmax_scale=None, causal=False, cp_param_bundle=N
     return cp.context_parallel_attention(q, k, v, causal=causal, softmax_scale=softmax_scale, **cp_param_bundle)
 
 
+def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale=None,
+                           causal=False, return_lse=False, cp_param_bundle=None):
+    """Attention on packed variable-length sequences (flash-attn's varlen signature); differentiable.
+
+    q: [Tq, Hq, D], k/v: [Tk, Hkv, D] (Hq % Hkv == 0), fp16/bf16/fp32; sequence b is rows
+    cu_seqlens_q[b]:cu_seqlens_q[b+1] of q and cu_seqlens_k[b]:cu_seqlens_k[b+1] of k/v.
+    cu_seqlens_q/_k: [B+1] int32/int64 on q's device, starting at 0, non-decreasing, ending at Tq/Tk
+    (empty sequences allowed). max_seqlen_q/_k: an int >= the longest sequence (a hint; None: computed).
+    causal: per sequence, bottom-right aligned (query i of a sequence sees key j <= i + lk - lq).
+    Returns o [Tq, Hq, D] (q's dtype), and lse [Hq, Tq] fp32 (-inf where a row sees no key) if return_lse.
+
+    cp_param_bundle: {"cp_group": ProcessGroup, "cp_comm_type": "a2a"}: q/k/v are then this rank's
+    contiguous shard [T/cp, H, D] of the packed sequence and cu_seqlens stay global (over the whole
+    packed T, the same on every rank); returns this rank's shard of o. Only "a2a" (Ulysses) takes packed
+    sequences; return_lse is not available with it (NotImplementedError).
+    """
+    if cp_param_bundle is None:
+        return varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal,
+                                softmax_scale=softmax_scale, return_lse=return_lse)
+    if return_lse:
+        raise NotImplementedError("flash_attn_varlen_func: return_lse is not supported with cp_param_bundle")
+    from turbo_dist import cp
+
+    return cp.context_parallel_attention(q, k, v, causal=causal, softmax_scale=softmax_scale,
+                                         cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                                         max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, **cp_param_bundle)
+
+
 __all__ = ["dispatcher", "gemm", "grouped_gemm", "gemm_fp8", "grouped_gemm_fp8", "scaled_mm", "grouped_scaled_mm", "quantize_fp8",
-           "dequantize_fp8", "Float8QuantConfig", "Format", "ScalingGranularity", "attention", "attention_forward", "attention_backward", "flash_attn_func"]
+           "dequantize_fp8", "Float8QuantConfig", "Format", "ScalingGranularity", "attention", "attention_forward", "attention_backward", "flash_attn_func",
+           "varlen_attention", "varlen_attention_forward", "varlen_attention_backward", "flash_attn_varlen_func"]

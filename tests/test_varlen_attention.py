@@ -1,0 +1,370 @@
+"""Packed variable-length attention (cu_seqlens): the ops-level backends ("reference", "triton") against
+dense attention sequence by sequence, and context-parallel a2a (Ulysses) against one process.
+
+CPU: the Triton kernels run in the interpreter (fp32/fp16), CP on gloo. GPU (marked `gpu`): Triton in
+bf16/fp16 against the reference, and a2a over NCCL on 2 GPUs (`--dist-only`).
+"""
+import importlib
+
+import pytest
+import torch
+import torch.distributed as dist
+
+attn = importlib.import_module("turbo_dist.ops.attention")  # the module (turbo_dist.ops.attention is a function)
+from turbo_dist import cp
+from turbo_dist.ops import dispatcher, flash_attn_varlen_func, varlen_attention_backward, varlen_attention_forward
+from turbo_dist.testing import run_distributed
+
+from conftest import world_sizes_for_device
+from dist_utils import backend_switch, rank_device, seeded
+
+OPS = ("attention_varlen_fwd", "attention_varlen_bwd")
+
+
+_reset_backends, use = backend_switch(OPS)
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+
+
+def cu_of(lens, device="cpu", dtype=torch.int32):
+    return torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=dtype, device=device)
+
+
+def make_packed(lq, lk, hq, hkv, d, dtype, device="cpu", seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    mk = lambda *s: torch.randn(*s, generator=g).to(device=device, dtype=dtype)  # noqa: E731
+    tq, tk = sum(lq), sum(lk)
+    return mk(tq, hq, d), mk(tk, hkv, d), mk(tk, hkv, d), mk(tq, hq, d), cu_of(lq, device), cu_of(lk, device)
+
+
+def per_sequence_dense(q, k, v, do, cu_q, cu_k, causal, scale=None):
+    """Ground truth: the dense fp32 reference op on each sequence alone ([1, L, H, D]), outputs packed back.
+    Rows with no visible key: o = 0, lse = -inf, dq = 0; keys no query sees: dk = dv = 0."""
+    qf, kf, vf, dof = (t.float() for t in (q, k, v, do))
+    o = torch.zeros_like(qf)
+    lse = torch.full((q.shape[1], q.shape[0]), float("-inf"))
+    dq, dk, dv = torch.zeros_like(qf), torch.zeros_like(kf), torch.zeros_like(vf)
+    vq, vk = cu_q.tolist(), cu_k.tolist()
+    for i in range(len(vq) - 1):
+        a, b, c, e = vq[i], vq[i + 1], vk[i], vk[i + 1]
+        if b == a or e == c:
+            continue
+        o_s, lse_s = attn.reference_forward(qf[None, a:b], kf[None, c:e], vf[None, c:e], causal, scale)
+        g = attn.reference_backward(dof[None, a:b], qf[None, a:b], kf[None, c:e], vf[None, c:e], o_s, lse_s, causal,
+                                    scale)
+        o[a:b], lse[:, a:b] = o_s[0], lse_s[0].cpu()
+        dq[a:b], dk[c:e], dv[c:e] = g[0][0], g[1][0], g[2][0]
+    return o, lse.to(q.device), dq, dk, dv
+
+
+def check_varlen(name, lq, lk, hq, hkv, d, causal, dtype, tol_o, tol_g, device="cpu", seed=0):
+    q, k, v, do, cu_q, cu_k = make_packed(lq, lk, hq, hkv, d, dtype, device, seed)
+    o_ref, lse_ref, dq_ref, dk_ref, dv_ref = per_sequence_dense(q, k, v, do, cu_q, cu_k, causal)
+    use(name)
+    o, lse = varlen_attention_forward(q, k, v, cu_q, cu_k, max(lq), max(lk), causal)
+    assert dispatcher.last_backend("attention_varlen_fwd") == name
+    assert o.shape == q.shape and o.dtype == q.dtype and o.device == q.device
+    assert lse.shape == (q.shape[1], q.shape[0]) and lse.dtype == torch.float32
+    fin = torch.isfinite(lse_ref)
+    assert torch.equal(torch.isfinite(lse), fin), "rows without visible keys must get lse = -inf"
+    assert torch.equal(o.transpose(0, 1)[~fin], torch.zeros_like(o.transpose(0, 1)[~fin]))
+    assert rel(o, o_ref) < tol_o
+    assert (lse[fin].double() - lse_ref[fin].double()).abs().max().item() < 10 * tol_o
+    # backward from the reference (o, lse), as the CP a2a and autograd hand them over
+    dq, dk, dv = varlen_attention_backward(do, q, k, v, o_ref.to(dtype), lse_ref, cu_q, cu_k, max(lq), max(lk), causal)
+    assert dispatcher.last_backend("attention_varlen_bwd") == name
+    assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
+    for what, got, want in (("dq", dq, dq_ref), ("dk", dk, dk_ref), ("dv", dv, dv_ref)):
+        assert got.dtype == dtype and torch.isfinite(got).all()
+        assert rel(got, want) < tol_g, (name, what, rel(got, want))
+    return o, lse, dq, dk, dv
+
+
+# (lq, lk, causal): a zero-length sequence, one longer than the interpreter's 16-row tile, odd lengths,
+# tiles spanning several sequences; lq != lk (non-causal, and causal bottom-right with both Sq > Sk and
+# Sq < Sk per sequence, which leaves rows with no key); an empty key sequence under a non-empty query one.
+SAME = [5, 0, 37, 1, 20]
+CASES = {
+    "same_causal": (SAME, SAME, True),
+    "same_full": (SAME, SAME, False),
+    "cross_full": (SAME, [9, 3, 20, 0, 33], False),
+    "cross_causal": (SAME, [9, 3, 20, 0, 33], True),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_reference_vs_dense(case):
+    lq, lk, causal = CASES[case]
+    check_varlen("reference", lq, lk, 4, 2, 16, causal, torch.float32, 1e-6, 1e-6)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_interpreter(case, dtype):
+    if torch.cuda.is_available():
+        pytest.skip("CPU interpreter test")
+    lq, lk, causal = CASES[case]
+    tol_o, tol_g = (1e-5, 1e-5) if dtype == torch.float32 else (2e-3, 5e-3)
+    got = check_varlen("triton", lq, lk, 4, 2, 16, causal, dtype, tol_o, tol_g)
+    if dtype == torch.float32:  # and the two backends agree with each other
+        want = check_varlen("reference", lq, lk, 4, 2, 16, causal, dtype, 1e-6, 1e-6)
+        for a, b in zip(got, want):
+            fin = torch.isfinite(b)
+            assert torch.equal(torch.isfinite(a), fin)
+            torch.testing.assert_close(a[fin], b[fin], atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("tiles", [((32, 64), (64, 32)), ((64, 32), (32, 16))], ids=["m32n64", "m64n32"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_triton_tile_shapes(tiles, causal):
+    """The per-tile sequence ranges hold for any tiles (GPU configs differ from the interpreter's 16x16):
+    rectangular tiles, sequences shorter and longer than a tile, several sequences per tile."""
+    if torch.cuda.is_available():
+        pytest.skip("CPU interpreter test")
+    from turbo_dist.kernels.flash_attn import FlashConfig, flash_attn_varlen_backward, flash_attn_varlen_forward
+
+    (m1, n1), (m2, n2) = tiles
+    lq, lk = [70, 3, 0, 45, 9], [70, 3, 0, 45, 9] if causal else [40, 1, 5, 77, 0]
+    q, k, v, do, cu_q, cu_k = make_packed(lq, lk, 2, 1, 16, torch.float32, seed=8)
+    o_ref, lse_ref, dq_ref, dk_ref, dv_ref = per_sequence_dense(q, k, v, do, cu_q, cu_k, causal)
+    o, lse = flash_attn_varlen_forward(q, k, v, cu_q.long(), cu_k.long(), causal, None, config=FlashConfig(m1, n1))
+    fin = torch.isfinite(lse_ref)
+    assert torch.equal(torch.isfinite(lse), fin)
+    assert rel(o, o_ref) < 1e-5 and (lse[fin] - lse_ref[fin]).abs().max() < 1e-5
+    grads = flash_attn_varlen_backward(do, q, k, v, o, lse, cu_q, cu_k, causal, None,
+                                       dkdv_config=FlashConfig(m1, n1), dq_config=FlashConfig(m2, n2))
+    for got, want in zip(grads, (dq_ref, dk_ref, dv_ref)):
+        assert rel(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("name", ["reference", "triton"])
+def test_autograd_flash_attn_varlen_func(name):
+    if name == "triton" and torch.cuda.is_available():
+        pytest.skip("CPU interpreter test")
+    use(name)
+    lq = [3, 18, 0, 11]
+    q, k, v, do, cu_q, cu_k = make_packed(lq, lq, 4, 1, 8, torch.float32, seed=4)  # MQA
+    qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
+    o, lse = flash_attn_varlen_func(qq, kk, vv, cu_q.long(), cu_k.long(), max(lq) + 5, max(lq), softmax_scale=0.3,
+                                    causal=True, return_lse=True)
+    assert dispatcher.last_backend("attention_varlen_fwd") == name
+    assert lse.shape == (4, sum(lq)) and not lse.requires_grad
+    o.backward(do)
+    assert dispatcher.last_backend("attention_varlen_bwd") == name
+    o_ref, lse_ref, dq_ref, dk_ref, dv_ref = per_sequence_dense(q, k, v, do, cu_q, cu_k, True, scale=0.3)
+    assert rel(o, o_ref) < 1e-5 and torch.allclose(lse, lse_ref, atol=1e-5)
+    for got, want in ((qq.grad, dq_ref), (kk.grad, dk_ref), (vv.grad, dv_ref)):
+        assert rel(got, want) < 1e-5
+    o2 = flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lq), max(lq), causal=True, softmax_scale=0.3)
+    assert isinstance(o2, torch.Tensor) and torch.allclose(o2, o.detach(), atol=1e-6)
+
+
+def test_cpu_default_is_reference():
+    if torch.cuda.is_available():
+        pytest.skip("CPU test")
+    q, k, v, do, cu_q, cu_k = make_packed([4, 4], [4, 4], 2, 2, 16, torch.float32)
+    varlen_attention_forward(q, k, v, cu_q, cu_k, 4, 4, True)
+    assert dispatcher.last_backend("attention_varlen_fwd") == "reference"  # the interpreter runs only when named
+
+
+def test_errors_before_any_kernel(monkeypatch):
+    q, k, v, do, cu_q, cu_k = make_packed([3, 5], [3, 5], 4, 2, 16, torch.float32)
+    o, lse = varlen_attention_forward(q, k, v, cu_q, cu_k, 5, 5)
+
+    def no_kernel(*a, **kw):
+        raise AssertionError("a kernel ran before the inputs were validated")
+
+    monkeypatch.setattr(dispatcher, "dispatch", no_kernel)
+    f = flash_attn_varlen_func
+    cases = [
+        (ValueError, "packed", lambda: f(q[None], k, v, cu_q, cu_k, 5, 5)),
+        (TypeError, "must be a tensor", lambda: f(q, k.numpy(), v, cu_q, cu_k, 5, 5)),
+        (TypeError, "dtypes differ", lambda: f(q.half(), k, v, cu_q, cu_k, 5, 5)),
+        (TypeError, "fp16, bf16 and fp32", lambda: f(q.double(), k.double(), v.double(), cu_q, cu_k, 5, 5)),
+        (ValueError, "multiple of kv heads", lambda: f(q[:, :3], k, v, cu_q, cu_k, 5, 5)),
+        (ValueError, "do not match q", lambda: f(q, k[..., :8], v[..., :8], cu_q, cu_k, 5, 5)),
+        (TypeError, "cu_seqlens_q must be a tensor", lambda: f(q, k, v, [0, 3, 8], cu_k, 5, 5)),
+        (TypeError, "int32 or int64", lambda: f(q, k, v, cu_q.float(), cu_k, 5, 5)),
+        (ValueError, "num_seqs", lambda: f(q, k, v, cu_q[None], cu_k, 5, 5)),
+        (ValueError, "num_seqs", lambda: f(q, k, v, cu_q[:1], cu_k, 5, 5)),
+        (ValueError, "cu_seqlens_k is on meta", lambda: f(q, k, v, cu_q, cu_k.to("meta"), 5, 5)),
+        (ValueError, "start at 0", lambda: f(q, k, v, cu_q, torch.tensor([1, 3, 8], dtype=torch.int32), 5, 5)),
+        (ValueError, "non-decreasing", lambda: f(q, k, v, torch.tensor([0, 6, 5, 8]), cu_of([2, 3, 3]), 6, 6)),
+        (ValueError, "end at the packed length 8", lambda: f(q, k, v, cu_q, cu_of([3, 4]), 5, 5)),
+        (ValueError, "end at the packed length 8", lambda: f(q, k, v, cu_of([3, 6]), cu_k, 6, 6)),
+        (ValueError, "same number of sequences", lambda: f(q, k, v, cu_q, cu_of([3, 5, 0]), 5, 5)),
+        (ValueError, "max_seqlen_q = 4 is below", lambda: f(q, k, v, cu_q, cu_k, 4, 5)),
+        (ValueError, "max_seqlen_k = 2 is below", lambda: f(q, k, v, cu_q, cu_k, 5, 2)),
+        (TypeError, "max_seqlen_q must be an int", lambda: f(q, k, v, cu_q, cu_k, 5.0, 5)),
+        (ValueError, "lse must be", lambda: varlen_attention_backward(do, q, k, v, o, lse.t(), cu_q, cu_k, 5, 5)),
+        (ValueError, "does not match q", lambda: varlen_attention_backward(do[:4], q, k, v, o, lse, cu_q, cu_k)),
+        (ValueError, "o ", lambda: varlen_attention_backward(do, q, k, v, o[:, :2], lse, cu_q, cu_k)),
+        (TypeError, "floating point", lambda: varlen_attention_backward(do, q, k, v, o, lse.long(), cu_q, cu_k)),
+        (ValueError, "non-decreasing",
+         lambda: varlen_attention_forward(q, k, v, torch.tensor([0, 9, 8]), cu_k)),
+    ]
+    for exc, match, call in cases:
+        with pytest.raises(exc, match=match):
+            call()
+    monkeypatch.undo()
+    if not torch.cuda.is_available():
+        dispatcher.set_backend("attention_varlen_fwd", "triton")
+        with pytest.raises(ValueError, match="bf16"):
+            varlen_attention_forward(q.bfloat16(), k.bfloat16(), v.bfloat16(), cu_q, cu_k, 5, 5)
+    with pytest.raises(ValueError, match="no backend"):
+        dispatcher.set_backend("attention_varlen_fwd", "flash")  # no aten varlen backend
+
+
+# ---------------------------------------------------------------- context parallel (a2a)
+# (lens, causal, hq, hkv, num_chunks, backend): the packed total is divisible by 2 and 4; sequences cross
+# shard boundaries; GQA with kv heads divisible by cp and replicated (hkv < cp).
+CP_LENS = [7, 0, 13, 20, 8]
+CP_CONFIGS = [
+    (CP_LENS, True, 4, 2, 2, None),
+    (CP_LENS, False, 4, 4, 1, None),
+    ([1, 30, 0, 17], True, 4, 1, 2, None),
+    (CP_LENS, True, 4, 2, 1, "triton"),  # the Triton kernels inside a2a (interpreter on CPU)
+]
+
+
+def _varlen_cp(rank, world_size, dtype_name, configs, scale_len=1):
+    torch.set_num_threads(1)  # gloo ranks on 2 cores: OpenMP spinning otherwise (see test_cp._rank_setup)
+    dtype = getattr(torch, dtype_name)
+    dev = rank_device()
+    out = []
+    for ci, (lens, causal, hq, hkv, nc, backend) in enumerate(configs):
+        if backend == "triton" and dev.type == "cpu" and world_size > 2:
+            continue  # the interpreter is slow: cp=2 covers it on CPU
+        lens = [n * scale_len for n in lens]
+        g = seeded(50 + ci)
+        t = sum(lens)
+        q, do = (torch.randn(t, hq, 16, generator=g).to(dev, dtype) for _ in range(2))
+        k, v = (torch.randn(t, hkv, 16, generator=g).to(dev, dtype) for _ in range(2))
+        cu = cu_of(lens, dev)
+        for op in OPS:
+            dispatcher.set_backend(op, backend)
+        try:
+            ql, kl, vl = (cp.shard(x, None, 0, load_balance=False).detach().requires_grad_() for x in (q, k, v))
+            if ci % 2:
+                o = cp.context_parallel_attention(ql, kl, vl, causal=causal, cp_comm_type="a2a", num_chunks=nc,
+                                                  cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max(lens),
+                                                  max_seqlen_k=max(lens))
+            else:
+                o = flash_attn_varlen_func(ql, kl, vl, cu, cu, max(lens), max(lens), causal=causal,
+                                           cp_param_bundle={"cp_group": dist.group.WORLD, "cp_comm_type": "a2a",
+                                                            "num_chunks": nc})
+            assert dispatcher.last_backend("attention_varlen_fwd") == (backend or dispatcher.choose(
+                "attention_varlen_fwd", q, k, v, cu, cu, max(lens), max(lens), causal, None).name)
+            assert o.shape == ql.shape and o.dtype == dtype
+            o.backward(cp.shard(do, None, 0, load_balance=False))
+        finally:
+            for op in OPS:
+                dispatcher.set_backend(op, None)
+        # single process, whole packed sequence, fp32 reference
+        o_ref, _, dq_ref, dk_ref, dv_ref = per_sequence_dense(q, k, v, do, cu, cu, causal)
+        what = f"cfg {ci} causal={causal} hq={hq} hkv={hkv} nc={nc} {backend} rank={rank}/{world_size}"
+        for name, got, ref in (("o", o.detach(), o_ref), ("dq", ql.grad, dq_ref), ("dk", kl.grad, dk_ref),
+                               ("dv", vl.grad, dv_ref)):
+            assert got.dtype == dtype, (what, name)
+            got = cp.unshard(got, None, 0, load_balance=False).float()
+            if dtype == torch.float32:  # (GPU fp32: other summation orders than the CPU reference)
+                torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4, msg=f"{what} {name}")
+            else:
+                err = rel(got, ref)
+                assert err < 2e-2, f"{what} {name}: relative error {err:.3g}"
+        out.append(ci)
+    return out
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("world_size", world_sizes_for_device(2, 4))
+def test_cp_a2a_varlen_matches_single_process(world_size):
+    results = run_distributed(_varlen_cp, world_size, args=("float32", CP_CONFIGS))
+    want = [0, 1, 2, 3] if world_size == 2 or torch.cuda.is_available() else [0, 1, 2]
+    assert all(r == want for r in results), results
+
+
+def _cp_varlen_errors(rank, world_size):
+    torch.set_num_threads(1)
+    dev = rank_device()
+    lens = [5, 3, 8]
+    x = torch.randn(16 // world_size, 4, 8, device=dev)
+    cu = cu_of(lens, dev)
+    kw = dict(cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=8, max_seqlen_k=8)
+    for mode in ("ring", "allgather"):
+        with pytest.raises(NotImplementedError, match="cp_comm_type='a2a'"):
+            cp.context_parallel_attention(x, x, x, causal=True, cp_comm_type=mode, **kw)
+    with pytest.raises(NotImplementedError, match="a2a"):  # the default mode is ring
+        flash_attn_varlen_func(x, x, x, cu, cu, 8, 8, cp_param_bundle={"cp_group": None})
+    with pytest.raises(NotImplementedError, match="return_lse"):
+        flash_attn_varlen_func(x, x, x, cu, cu, 8, 8, return_lse=True,
+                               cp_param_bundle={"cp_group": None, "cp_comm_type": "a2a"})
+    with pytest.raises(ValueError, match="load balancing does not apply"):
+        cp.context_parallel_attention(x, x, x, cp_comm_type="a2a", load_balance=True, **kw)
+    with pytest.raises(ValueError, match="divisible by cp"):
+        bad = cu_of([5, 3, 8 - world_size], dev)  # the global length is not the shards' total
+        cp.context_parallel_attention(x, x, x, cp_comm_type="a2a", cu_seqlens_q=bad, cu_seqlens_k=bad)
+    with pytest.raises(ValueError, match=r"\[T/cp, heads, head_dim\]"):
+        cp.context_parallel_attention(x[None], x[None], x[None], cp_comm_type="a2a", **kw)
+    with pytest.raises(ValueError, match="both cu_seqlens_q and cu_seqlens_k"):
+        cp.context_parallel_attention(x, x, x, cp_comm_type="a2a", cu_seqlens_q=cu)
+    with pytest.raises(ValueError, match="non-decreasing"):
+        cp.context_parallel_attention(x, x, x, cp_comm_type="a2a", cu_seqlens_q=torch.tensor([0, 9, 8, 16]),
+                                      cu_seqlens_k=cu)
+    with pytest.raises(ValueError, match="max_seqlen_q = 7 is below"):
+        cp.context_parallel_attention(x, x, x, cp_comm_type="a2a", **dict(kw, max_seqlen_q=7))
+    with pytest.raises(ValueError, match="q heads divisible"):
+        y = torch.randn(16 // world_size, 3, 8, device=dev)
+        cp.context_parallel_attention(y, y, y, cp_comm_type="a2a", **kw)
+    with pytest.raises(TypeError, match="cu_seqlens_q/cu_seqlens_k"):
+        cp.context_parallel_attention(x, x, x, cp_comm_type="a2a", cu_seqlens=cu)
+    with pytest.raises(ValueError, match="cu_seqlens_k is on meta"):
+        cp.context_parallel_attention(x, x, x, cp_comm_type="a2a", **dict(kw, cu_seqlens_k=cu.to("meta")))
+    with pytest.raises(ValueError, match="for packed sequences"):
+        cp.context_parallel_attention(x[None], x[None], x[None], cp_comm_type="a2a", max_seqlen_q=8)
+    return True
+
+
+@pytest.mark.dist
+def test_cp_varlen_errors():
+    assert run_distributed(_cp_varlen_errors, 2) == [True, True]
+
+
+# ------------------------------------------------------------------------------------------- GPU
+GPU_CASES = [
+    # (lq, lk, hq, hkv, d, causal)
+    ([300, 0, 1, 129, 64, 511], [300, 0, 1, 129, 64, 511], 8, 2, 128, True),
+    ([300, 0, 1, 129, 64, 511], [300, 0, 1, 129, 64, 511], 8, 8, 64, False),
+    ([200, 17, 0, 333], [333, 40, 9, 100], 4, 2, 64, False),   # lq != lk
+    ([200, 17, 0, 333], [333, 40, 9, 100], 4, 4, 128, True),   # causal bottom-right, rows without keys
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", range(len(GPU_CASES)))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_triton_varlen(case, dtype):
+    lq, lk, hq, hkv, d, causal = GPU_CASES[case]
+    tol = 1e-2 if dtype == torch.bfloat16 else 3e-3
+    q, k, v, do, cu_q, cu_k = make_packed(lq, lk, hq, hkv, d, dtype, device="cuda")
+    # Triton is the default varlen backend on CUDA (the only fused one)
+    chosen = dispatcher.choose("attention_varlen_fwd", q, k, v, cu_q, cu_k, max(lq), max(lk), causal, None).name
+    assert chosen == "triton"
+    check_varlen("triton", lq, lk, hq, hkv, d, causal, dtype, tol, 2 * tol, device="cuda")
+
+
+@pytest.mark.gpu
+def test_gpu_triton_varlen_fp32():
+    check_varlen("triton", [100, 0, 77], [100, 0, 77], 4, 2, 128, True, torch.float32, 1e-4, 1e-4, device="cuda")
+
+
+@pytest.mark.dist
+@pytest.mark.gpu(min_gpus=2)
+@pytest.mark.parametrize("world_size", world_sizes_for_device(2))
+def test_cp_a2a_varlen_gpu_bf16(world_size):
+    # lengths x16: sequences of hundreds of tokens, crossing shard boundaries; default backend (triton)
+    results = run_distributed(_varlen_cp, world_size, args=("bfloat16", CP_CONFIGS[:3], 16))
+    assert all(r == [0, 1, 2] for r in results), results
