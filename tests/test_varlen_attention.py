@@ -1,8 +1,8 @@
 """Packed variable-length attention (cu_seqlens): the ops-level backends ("reference", "triton") against
-dense attention sequence by sequence, and context-parallel a2a (Ulysses) against one process.
+dense attention sequence by sequence, and context-parallel a2a (Ulysses) and allgather against one process.
 
 CPU: the Triton kernels run in the interpreter (fp32/fp16), CP on gloo. GPU (marked `gpu`): Triton in
-bf16/fp16 against the reference, and a2a over NCCL on 2 GPUs (`--dist-only`).
+bf16/fp16 against the reference, and a2a / allgather over NCCL on 2 GPUs (`--dist-only`).
 """
 import importlib
 
@@ -230,7 +230,7 @@ CP_CONFIGS = [
 ]
 
 
-def _varlen_cp(rank, world_size, dtype_name, configs, scale_len=1):
+def _varlen_cp(rank, world_size, dtype_name, configs, scale_len=1, mode="a2a"):
     torch.set_num_threads(1)  # gloo ranks on 2 cores: OpenMP spinning otherwise (see test_cp._rank_setup)
     dtype = getattr(torch, dtype_name)
     dev = rank_device()
@@ -249,12 +249,12 @@ def _varlen_cp(rank, world_size, dtype_name, configs, scale_len=1):
         try:
             ql, kl, vl = (cp.shard(x, None, 0, load_balance=False).detach().requires_grad_() for x in (q, k, v))
             if ci % 2:
-                o = cp.context_parallel_attention(ql, kl, vl, causal=causal, cp_comm_type="a2a", num_chunks=nc,
+                o = cp.context_parallel_attention(ql, kl, vl, causal=causal, cp_comm_type=mode, num_chunks=nc,
                                                   cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max(lens),
                                                   max_seqlen_k=max(lens))
             else:
                 o = flash_attn_varlen_func(ql, kl, vl, cu, cu, max(lens), max(lens), causal=causal,
-                                           cp_param_bundle={"cp_group": dist.group.WORLD, "cp_comm_type": "a2a",
+                                           cp_param_bundle={"cp_group": dist.group.WORLD, "cp_comm_type": mode,
                                                             "num_chunks": nc})
             assert dispatcher.last_backend("attention_varlen_fwd") == (backend or dispatcher.choose(
                 "attention_varlen_fwd", q, k, v, cu, cu, max(lens), max(lens), causal, None).name)
@@ -265,7 +265,7 @@ def _varlen_cp(rank, world_size, dtype_name, configs, scale_len=1):
                 dispatcher.set_backend(op, None)
         # single process, whole packed sequence, fp32 reference
         o_ref, _, dq_ref, dk_ref, dv_ref = per_sequence_dense(q, k, v, do, cu, cu, causal)
-        what = f"cfg {ci} causal={causal} hq={hq} hkv={hkv} nc={nc} {backend} rank={rank}/{world_size}"
+        what = f"{mode} cfg {ci} causal={causal} hq={hq} hkv={hkv} nc={nc} {backend} rank={rank}/{world_size}"
         for name, got, ref in (("o", o.detach(), o_ref), ("dq", ql.grad, dq_ref), ("dk", kl.grad, dk_ref),
                                ("dv", vl.grad, dv_ref)):
             assert got.dtype == dtype, (what, name)
@@ -287,6 +287,42 @@ def test_cp_a2a_varlen_matches_single_process(world_size):
     assert all(r == want for r in results), results
 
 
+@pytest.mark.dist
+@pytest.mark.parametrize("world_size", world_sizes_for_device(2, 4))
+def test_cp_allgather_varlen_matches_single_process(world_size):
+    """allgather mode: K/V gathered, each rank's queries attend the slice of keys their sequences need."""
+    results = run_distributed(_varlen_cp, world_size, args=("float32", CP_CONFIGS), kwargs={"mode": "allgather"})
+    want = [0, 1, 2, 3] if world_size == 2 or torch.cuda.is_available() else [0, 1, 2]
+    assert all(r == want for r in results), results
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_allgather_varlen_local_layout(causal):
+    """The key slice and local cu_seqlens of each rank, against the per-row definition: query row p of
+    sequence i sees keys [cu_k[i], cu_k[i+1]) (causal: up to its bottom-right diagonal) -- for cross-attention
+    lengths (cu_q != cu_k), empty sequences and sequences spanning ranks."""
+    from turbo_dist.cp.allgather import varlen_local_layout
+
+    cu_q = [0, 5, 5, 9, 20, 24]
+    cu_k = [0, 7, 9, 9, 22, 24] if not causal else [0, 7, 9, 13, 22, 24]
+    for lo, hi in ((0, 6), (6, 12), (12, 18), (18, 24), (0, 24)):
+        cq, ck, k0, k1 = varlen_local_layout(cu_q, cu_k, lo, hi, causal)
+        assert cq[0] == 0 and cq[-1] == hi - lo and ck[0] == 0 and k0 + ck[-1] == k1
+        for s in range(len(cq) - 1):
+            for r in range(cq[s], cq[s + 1]):
+                p = lo + r
+                i = next(i for i in range(len(cu_q) - 1) if cu_q[i] <= p < cu_q[i + 1])
+                first, last = cu_k[i], cu_k[i + 1]
+                if causal:
+                    last = min(last, cu_k[i + 1] - (cu_q[i + 1] - p) + 1)  # keys j <= diagonal of p
+                # local: row r of local sequence s sees local keys [ck[s], ck[s] + (r - cq[s]) + lk - lq]
+                lq, lk = cq[s + 1] - cq[s], ck[s + 1] - ck[s]
+                hi_k = ck[s] + (r - cq[s]) + lk - lq + 1 if causal else ck[s + 1]
+                seen = (k0 + ck[s], k0 + max(ck[s], hi_k))
+                want = (first, max(first, last))
+                assert seen == want or (seen[0] == seen[1] and want[0] == want[1]), (lo, hi, p, seen, want)
+
+
 def _cp_varlen_errors(rank, world_size):
     torch.set_num_threads(1)
     dev = rank_device()
@@ -294,9 +330,8 @@ def _cp_varlen_errors(rank, world_size):
     x = torch.randn(16 // world_size, 4, 8, device=dev)
     cu = cu_of(lens, dev)
     kw = dict(cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=8, max_seqlen_k=8)
-    for mode in ("ring", "allgather"):
-        with pytest.raises(NotImplementedError, match="cp_comm_type='a2a'"):
-            cp.context_parallel_attention(x, x, x, causal=True, cp_comm_type=mode, **kw)
+    with pytest.raises(NotImplementedError, match="cp_comm_type='a2a'"):
+        cp.context_parallel_attention(x, x, x, causal=True, cp_comm_type="ring", **kw)
     with pytest.raises(NotImplementedError, match="a2a"):  # the default mode is ring
         flash_attn_varlen_func(x, x, x, cu, cu, 8, 8, cp_param_bundle={"cp_group": None})
     with pytest.raises(NotImplementedError, match="return_lse"):
@@ -364,7 +399,8 @@ def test_gpu_triton_varlen_fp32():
 @pytest.mark.dist
 @pytest.mark.gpu(min_gpus=2)
 @pytest.mark.parametrize("world_size", world_sizes_for_device(2))
-def test_cp_a2a_varlen_gpu_bf16(world_size):
+@pytest.mark.parametrize("mode", ["a2a", "allgather"])
+def test_cp_varlen_gpu_bf16(world_size, mode):
     # lengths x16: sequences of hundreds of tokens, crossing shard boundaries; default backend (triton)
-    results = run_distributed(_varlen_cp, world_size, args=("bfloat16", CP_CONFIGS[:3], 16))
+    results = run_distributed(_varlen_cp, world_size, args=("bfloat16", CP_CONFIGS[:3], 16), kwargs={"mode": mode})
     assert all(r == [0, 1, 2] for r in results), results

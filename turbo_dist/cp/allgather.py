@@ -11,7 +11,7 @@ overlapping group g+1's compute).
 """
 import torch
 
-from turbo_dist.ops import attention_backward, attention_forward
+from turbo_dist.ops import attention_backward, attention_forward, varlen_attention_backward, varlen_attention_forward
 
 from . import _comm
 from .layout import chunk_ids, gathered_to_natural, natural_to_scattered
@@ -123,3 +123,121 @@ class AllGatherAttention(torch.autograd.Function):
 
 def allgather_attention(q, k, v, causal, scale, rt, load_balance, num_chunks=2):
     return AllGatherAttention.apply(q, k, v, causal, scale, rt, load_balance, num_chunks)
+
+
+# ------------------------------------------------------------------------------ packed sequences
+def varlen_local_layout(cu_q, cu_k, lo, hi, causal):
+    """What rank rows [lo, hi) of a packed q need from the gathered packed k: (cu_q_local, cu_k_local,
+    k_start, k_end) with host int lists, from the global host lists cu_q / cu_k.
+
+    The local sequences are those from the first to the last that has q rows in [lo, hi) (any between,
+    even with no q rows, are kept so that their keys stay in place). Sequence i keeps its keys
+    [cu_k[i], cu_k[i+1]); under a causal mask (bottom-right aligned per sequence) the last local one ends
+    where its last local query's diagonal does, cu_k[i+1] - (cu_q[i+1] - hi), which keeps the alignment of
+    its local queries. Consecutive sequences' key ranges touch, so the keys are one slice of the gathered k.
+    """
+    n = len(cu_q) - 1
+    local = [i for i in range(n) if min(cu_q[i + 1], hi) > max(cu_q[i], lo)]
+    first, last = local[0], local[-1]
+    k_start = cu_k[first]
+    cq, ck = [0], [0]
+    for i in range(first, last + 1):
+        q_end = min(cu_q[i + 1], hi)
+        k_end = cu_k[i + 1] - (cu_q[i + 1] - q_end) if causal else cu_k[i + 1]
+        cq.append(q_end - lo)
+        ck.append(max(k_end, cu_k[i]) - k_start)
+    return cq, ck, k_start, k_start + ck[-1]
+
+
+def _varlen_plan(q, cu_seqlens_q, cu_seqlens_k, causal, rt):
+    t_loc = q.shape[0]
+    lo = rt.rank * t_loc
+    cq, ck, k0, k1 = varlen_local_layout(cu_seqlens_q.tolist(), cu_seqlens_k.tolist(), lo, lo + t_loc, causal)
+    dev = q.device
+    cu_q = torch.tensor(cq, dtype=torch.int32, device=dev)
+    cu_k = torch.tensor(ck, dtype=torch.int32, device=dev)
+    max_q = max(b - a for a, b in zip(cq, cq[1:]))
+    max_k = max(b - a for a, b in zip(ck, ck[1:]))
+    return cu_q, cu_k, max_q, max_k, k0, k1
+
+
+def _keys_of(pend, cp, k0, k1):
+    """A pending gather of every rank's [1, T/cp, kc, D] k and v -> the packed keys [k0, k1): [2, k1 - k0, kc, D]."""
+    return gathered_to_natural(pend.wait(), cp, False, seq_dim=2)[:, 0, k0:k1]
+
+
+def allgather_varlen_forward(q, k, v, plan, causal, scale, rt, num_chunks):
+    cu_q, cu_k, max_q, max_k, k0, k1 = plan
+    t_loc, hq, _ = q.shape
+    hkv = k.shape[1]
+    nc = _pick_chunks(num_chunks, hkv)
+    kc, qc = hkv // nc, hq // nc
+    kb, vb = k.unsqueeze(0), v.unsqueeze(0)
+    out = torch.empty_like(q)
+    lse = torch.empty((hq, t_loc), dtype=torch.float32, device=q.device)
+    pend = _gather_kv(kb, vb, slice(0, kc), rt)
+    for j in range(nc):
+        kv = _keys_of(pend, rt.world_size, k0, k1)
+        if j + 1 < nc:
+            pend = _gather_kv(kb, vb, slice((j + 1) * kc, (j + 2) * kc), rt)
+        hs = slice(j * qc, (j + 1) * qc)
+        o_j, l_j = varlen_attention_forward(q[:, hs].contiguous(), kv[0].contiguous(), kv[1].contiguous(), cu_q, cu_k,
+                                            max_q, max_k, causal, scale)
+        out[:, hs] = o_j
+        lse[hs] = l_j
+    return out, lse, nc
+
+
+def allgather_varlen_backward(do, q, k, v, out, lse, plan, causal, scale, rt, nc):
+    cu_q, cu_k, max_q, max_k, k0, k1 = plan
+    cp = rt.world_size
+    t_loc, hq, d = q.shape
+    hkv = k.shape[1]
+    kc, qc = hkv // nc, hq // nc
+    kb, vb = k.unsqueeze(0), v.unsqueeze(0)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    pend = _gather_kv(kb, vb, slice(0, kc), rt)
+    pend_rs = []
+    for j in range(nc):
+        kv = _keys_of(pend, rt.world_size, k0, k1)
+        if j + 1 < nc:
+            pend = _gather_kv(kb, vb, slice((j + 1) * kc, (j + 2) * kc), rt)
+        hs = slice(j * qc, (j + 1) * qc)
+        dq_j, dk_j, dv_j = varlen_attention_backward(
+            do[:, hs].contiguous(), q[:, hs].contiguous(), kv[0].contiguous(), kv[1].contiguous(),
+            out[:, hs].contiguous(), lse[hs].contiguous(), cu_q, cu_k, max_q, max_k, causal, scale)
+        dq[:, hs] = dq_j
+        dkv = torch.zeros((2, 1, cp * t_loc, kc, d), dtype=torch.float32, device=q.device)
+        dkv[0, 0, k0:k1] = dk_j
+        dkv[1, 0, k0:k1] = dv_j
+        pend_rs.append(_comm.reduce_scatter(natural_to_scattered(dkv, cp, False, seq_dim=2), rt))
+    for j in range(nc):
+        r = pend_rs[j].wait()  # [2, 1, T/cp, kc, D] fp32, summed over ranks
+        ks = slice(j * kc, (j + 1) * kc)
+        dk[:, ks] = r[0, 0]
+        dv[:, ks] = r[1, 0]
+    return dq, dk, dv
+
+
+class AllGatherVarlenAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, plan, causal, scale, rt, num_chunks):
+        out, lse, nc = allgather_varlen_forward(q, k, v, plan, causal, scale, rt, num_chunks)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.args = (plan, causal, scale, rt, nc)
+        return out
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, out, lse = ctx.saved_tensors
+        plan, causal, scale, rt, nc = ctx.args
+        dq, dk, dv = allgather_varlen_backward(do.contiguous(), q, k, v, out, lse, plan, causal, scale, rt, nc)
+        return dq, dk, dv, None, None, None, None, None
+
+
+def allgather_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, rt, num_chunks=2):
+    """q: [T/cp, Hq, D], k/v: [T/cp, Hkv, D], rank r's contiguous shard of the packed sequence; cu_seqlens
+    global (validated by the caller). K/V are gathered (head groups pipelined) and sliced to the keys this
+    rank's sequences need; dK/dV are reduce-scattered back. Returns o: [T/cp, Hq, D]."""
+    plan = _varlen_plan(q, cu_seqlens_q, cu_seqlens_k, causal, rt)
+    return AllGatherVarlenAttention.apply(q, k, v, plan, causal, scale, rt, num_chunks)
