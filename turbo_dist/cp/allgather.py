@@ -105,24 +105,26 @@ def allgather_backward(do, q, k, v, out, lse, causal, scale, rt, load_balance, n
     return dq, dk, dv
 
 
-class AllGatherAttention(torch.autograd.Function):
+class _Gathered(torch.autograd.Function):
+    """fwd(q, k, v, *args) -> (out, lse, nc); backward = bwd(do, q, k, v, out, lse, *args[:-1], nc): the
+    dense and the packed all-gather attention (args end with num_chunks, replaced by the nc used)."""
+
     @staticmethod
-    def forward(ctx, q, k, v, causal, scale, rt, load_balance, num_chunks):
-        out, lse, nc = allgather_forward(q, k, v, causal, scale, rt, load_balance, num_chunks)
+    def forward(ctx, q, k, v, fwd, bwd, *args):
+        out, lse, nc = fwd(q, k, v, *args)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = (causal, scale, rt, load_balance, nc)
+        ctx.bwd, ctx.args = bwd, args[:-1] + (nc,)
         return out
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, out, lse = ctx.saved_tensors
-        causal, scale, rt, load_balance, nc = ctx.args
-        dq, dk, dv = allgather_backward(do.contiguous(), q, k, v, out, lse, causal, scale, rt, load_balance, nc)
-        return dq, dk, dv, None, None, None, None, None
+        dq, dk, dv = ctx.bwd(do.contiguous(), q, k, v, out, lse, *ctx.args)
+        return (dq, dk, dv, None, None) + (None,) * len(ctx.args)
 
 
 def allgather_attention(q, k, v, causal, scale, rt, load_balance, num_chunks=2):
-    return AllGatherAttention.apply(q, k, v, causal, scale, rt, load_balance, num_chunks)
+    return _Gathered.apply(q, k, v, allgather_forward, allgather_backward, causal, scale, rt, load_balance, num_chunks)
 
 
 # ------------------------------------------------------------------------------ packed sequences
@@ -219,25 +221,10 @@ def allgather_varlen_backward(do, q, k, v, out, lse, plan, causal, scale, rt, nc
     return dq, dk, dv
 
 
-class AllGatherVarlenAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, plan, causal, scale, rt, num_chunks):
-        out, lse, nc = allgather_varlen_forward(q, k, v, plan, causal, scale, rt, num_chunks)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = (plan, causal, scale, rt, nc)
-        return out
-
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, out, lse = ctx.saved_tensors
-        plan, causal, scale, rt, nc = ctx.args
-        dq, dk, dv = allgather_varlen_backward(do.contiguous(), q, k, v, out, lse, plan, causal, scale, rt, nc)
-        return dq, dk, dv, None, None, None, None, None
-
-
 def allgather_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, rt, num_chunks=2):
     """q: [T/cp, Hq, D], k/v: [T/cp, Hkv, D], rank r's contiguous shard of the packed sequence; cu_seqlens
     global (validated by the caller). K/V are gathered (head groups pipelined) and sliced to the keys this
     rank's sequences need; dK/dV are reduce-scattered back. Returns o: [T/cp, Hq, D]."""
     plan = _varlen_plan(q, cu_seqlens_q, cu_seqlens_k, causal, rt)
-    return AllGatherVarlenAttention.apply(q, k, v, plan, causal, scale, rt, num_chunks)
+    return _Gathered.apply(q, k, v, allgather_varlen_forward, allgather_varlen_backward, plan, causal, scale, rt,
+                           num_chunks)
