@@ -27,7 +27,8 @@ import logging
 
 import torch
 
-from turbo_dist.ops.attention import check_attention_inputs, check_varlen_inputs, default_scale
+from turbo_dist.ops.attention import check_attention_inputs, default_scale
+from turbo_dist.ops.attention_varlen import check_varlen_inputs
 from turbo_dist.runtime import get_runtime
 
 from .a2a import a2a_attention, a2a_varlen_attention

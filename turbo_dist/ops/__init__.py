@@ -1,7 +1,7 @@
 """Shared kernels behind one backend dispatcher: GEMM, grouped GEMM, FP8, attention with LSE."""
 from . import dispatcher
-from .attention import (attention, attention_backward, attention_forward, varlen_attention,
-                        varlen_attention_backward, varlen_attention_forward)
+from .attention import attention, attention_backward, attention_forward
+from .attention_varlen import varlen_attention, varlen_attention_backward, varlen_attention_forward
 from .gemm import gemm
 from .grouped_gemm import grouped_gemm
 from .fp8 import (Float8QuantConfig, Format, ScalingGranularity, dequantize_fp8, gemm_fp8, grouped_gemm_fp8,
