@@ -450,6 +450,54 @@ def test_core_attention_refuses_what_it_cannot_do():
         tdm.TurboDistCoreAttention(config, 1, AttnMaskType.padding, "self")
 
 
+@needs_megatron
+@pytest.mark.parametrize("padded", [False, True])
+def test_core_attention_packed_thd(padded):
+    """Megatron's packed (thd) call: query [t, np, hn] with PackedSeqParams -> [t, np * hn]; each sequence
+    attends only to itself (causal). Padded: every sequence sits at the start of a larger slot
+    (cu_seqlens_q_padded), and its real tokens must not see the padding after them."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    import turbo_dist.integrations.megatron as tdm
+    from turbo_dist.ops.attention import reference_forward
+
+    config = TransformerConfig(num_layers=1, hidden_size=HEADS * HEAD_DIM, num_attention_heads=HEADS,
+                               num_query_groups=KV_HEADS, attention_dropout=0.0, use_cpu_initialization=True)
+    attn = tdm.TurboDistCoreAttention(config, 1, AttnMaskType.causal, "self")
+    lens, slots = [5, 0, 9, 3], [8, 0, 12, 4]
+    starts = [0]
+    for n in (slots if padded else lens):
+        starts.append(starts[-1] + n)
+    t = starts[-1]
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(t, HEADS, HEAD_DIM, generator=g)
+    k, v = (torch.randn(t, KV_HEADS, HEAD_DIM, generator=g) for _ in range(2))
+    cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32)
+    cu_pad = torch.tensor(starts, dtype=torch.int32)
+    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                             cu_seqlens_q_padded=cu_pad if padded else None,
+                             cu_seqlens_kv_padded=cu_pad if padded else None,
+                             max_seqlen_q=max(lens), max_seqlen_kv=max(lens))
+    out = attn(q, k, v, None, packed_seq_params=params)
+    assert out.shape == (t, HEADS * HEAD_DIM)
+    for s0, n in zip(starts, lens):  # the real tokens of each sequence: plain causal attention over them
+        if n:
+            ref, _ = reference_forward(q[None, s0:s0 + n], k[None, s0:s0 + n], v[None, s0:s0 + n], True,
+                                       HEAD_DIM ** -0.5)
+            torch.testing.assert_close(out[s0:s0 + n], ref[0].reshape(n, -1), rtol=1e-5, atol=1e-5)
+    if padded:
+        noncausal = tdm.TurboDistCoreAttention(config, 1, AttnMaskType.no_mask, "self")
+        with pytest.raises(NotImplementedError, match="padded thd"):
+            noncausal(q, k, v, None, packed_seq_params=params)
+    with pytest.raises(NotImplementedError, match="thd only"):
+        attn(q, k, v, None, packed_seq_params=PackedSeqParams(qkv_format="sbhd"))
+    attn.cp_group = object()  # as with context_parallel_size > 1
+    with pytest.raises(NotImplementedError, match="context parallelism"):
+        attn(q, k, v, None, packed_seq_params=params)
+
+
 # ------------------------------------------------------------------------------------------------ GPU: MoELayer
 def _moe_layer_step(rank, world_size, path):
     from megatron.core import parallel_state

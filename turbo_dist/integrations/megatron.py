@@ -38,7 +38,7 @@ import torch
 
 import turbo_dist.tp as _tp
 from turbo_dist.moe import Buffer, EventOverlap
-from turbo_dist.ops import flash_attn_func
+from turbo_dist.ops import flash_attn_func, flash_attn_varlen_func
 
 try:
     from megatron.core import parallel_state as _parallel_state
@@ -395,8 +395,9 @@ class TurboDistCoreAttention(MegatronModule):
     the mask type decides), attn_mask_type) -> [sq, b, np * hn]. With context_parallel_size > 1 the inputs
     are this rank's zigzag shard of the sequence (Megatron's get_batch_on_this_cp_rank layout) and the
     attention spans the whole sequence over the CP group: cp_comm_type "p2p" (ring), "a2a" (Ulysses) or
-    "all_gather". Supported: causal or no mask, no dropout, vanilla softmax, no sliding window, no packed
-    sequences, no attention bias; anything else raises NotImplementedError.
+    "all_gather". Supported: causal or no mask, no dropout, vanilla softmax, no sliding window, no attention
+    bias; packed sequences (PackedSeqParams, qkv_format "thd": query [t, np, hn] -> [t, np * hn]) without
+    context parallelism; anything else raises NotImplementedError.
     """
 
     def __init__(self, config, layer_number, attn_mask_type, attention_type, attention_dropout=None,
@@ -428,18 +429,45 @@ class TurboDistCoreAttention(MegatronModule):
 
     def forward(self, query, key, value, attention_mask=None, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None, **kwargs):
-        if packed_seq_params is not None or attention_bias is not None:
-            raise NotImplementedError("TurboDistCoreAttention: packed sequences / attention bias")
+        if attention_bias is not None:
+            raise NotImplementedError("TurboDistCoreAttention: attention bias")
+        mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
+        if packed_seq_params is not None:
+            return self._forward_packed(query, key, value, mask_type == AttnMaskType.causal, packed_seq_params)
         if query.dim() != 4 or key.dim() != 4 or value.shape != key.shape:
             raise ValueError(f"expected query [sq, b, np, hn] and key/value [sk, b, ng, hn], got "
                              f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}")
-        mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
         bundle = None if self.cp_group is None else {"cp_group": self.cp_group, "cp_comm_type": self.cp_comm_type}
         q, k, v = (t.transpose(0, 1).contiguous() for t in (query, key, value))  # -> [b, s, heads, hn]
         out = flash_attn_func(q, k, v, softmax_scale=self.softmax_scale, causal=mask_type == AttnMaskType.causal,
                               cp_param_bundle=bundle)
         sq, b, heads, hn = query.shape
         return out.transpose(0, 1).reshape(sq, b, heads * hn)
+
+    def _forward_packed(self, query, key, value, causal, params):
+        """THD: query [t, np, hn], key/value [t, ng, hn], sequences at cu_seqlens (their padded layout when
+        Megatron pads each sequence: real tokens first, padding after) -> [t, np * hn]."""
+        if getattr(params, "qkv_format", None) != "thd":
+            raise NotImplementedError(f"TurboDistCoreAttention: packed qkv_format {params.qkv_format!r} (thd only)")
+        if self.cp_group is not None:
+            raise NotImplementedError(
+                "TurboDistCoreAttention: packed (thd) sequences with context parallelism: Megatron shards each "
+                "sequence into 2*cp chunks (TransformerEngine's THD layout), which our CP does not take; "
+                "turbo_dist.ops.flash_attn_varlen_func takes contiguous shards with cp_comm_type 'a2a'/'allgather'")
+        if query.dim() != 3 or key.dim() != 3 or value.shape != key.shape:
+            raise ValueError(f"thd expects query [t, np, hn] and key/value [t, ng, hn], got {tuple(query.shape)}, "
+                             f"{tuple(key.shape)}, {tuple(value.shape)}")
+        cu_q = params.cu_seqlens_q_padded if params.cu_seqlens_q_padded is not None else params.cu_seqlens_q
+        cu_k = params.cu_seqlens_kv_padded if params.cu_seqlens_kv_padded is not None else params.cu_seqlens_kv
+        padded = any(p is not None and not torch.equal(p, c) for p, c in (
+            (params.cu_seqlens_q_padded, params.cu_seqlens_q), (params.cu_seqlens_kv_padded, params.cu_seqlens_kv)))
+        if padded and not causal:
+            # causal: a real token never sees the padding after it in its slot; without a mask it would
+            raise NotImplementedError("TurboDistCoreAttention: padded thd sequences (cu_seqlens_*_padded != "
+                                      "cu_seqlens_*) need a causal mask")
+        out = flash_attn_varlen_func(query, key, value, cu_q.to(query.device), cu_k.to(query.device), None, None,
+                                     softmax_scale=self.softmax_scale, causal=causal)
+        return out.reshape(out.shape[0], -1)
 
 
 def use_turbo_dist_core_attention(layer_spec):
