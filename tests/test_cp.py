@@ -160,9 +160,6 @@ def _errors_impl(rank, world_size):
     if world_size == 2:
         with pytest.raises(ValueError, match="kv heads divisible"):
             cp.context_parallel_attention(q4, k3, k3, cp_comm_type="a2a")
-    cu = torch.tensor([0, 4 * world_size], device=dev)  # packed varlen: a2a, allgather (test_varlen_attention.py)
-    with pytest.raises(NotImplementedError, match="variable-length.*cp_comm_type='a2a'"):
-        cp.context_parallel_attention(q[0], k[0], v[0], cp_comm_type="ring", cu_seqlens_q=cu, cu_seqlens_k=cu)
     with pytest.raises(TypeError, match="cu_seqlens_q/cu_seqlens_k"):
         cp.context_parallel_attention(q, k, v, cu_seqlens=torch.tensor([0, 4]))
     with pytest.raises(TypeError, match="unexpected"):

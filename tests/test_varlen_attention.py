@@ -1,8 +1,8 @@
 """Packed variable-length attention (cu_seqlens): the ops-level backends ("reference", "triton") against
-dense attention sequence by sequence, and context-parallel a2a (Ulysses) and allgather against one process.
+dense attention sequence by sequence, and context-parallel ring / a2a (Ulysses) / allgather against one process.
 
 CPU: the Triton kernels run in the interpreter (fp32/fp16), CP on gloo. GPU (marked `gpu`): Triton in
-bf16/fp16 against the reference, and a2a / allgather over NCCL on 2 GPUs (`--dist-only`).
+bf16/fp16 against the reference, and the three CP modes over NCCL on 2 GPUs (`--dist-only`).
 """
 import importlib
 
@@ -289,9 +289,11 @@ def test_cp_a2a_varlen_matches_single_process(world_size):
 
 @pytest.mark.dist
 @pytest.mark.parametrize("world_size", world_sizes_for_device(2, 4))
-def test_cp_allgather_varlen_matches_single_process(world_size):
-    """allgather mode: K/V gathered, each rank's queries attend the slice of keys their sequences need."""
-    results = run_distributed(_varlen_cp, world_size, args=("float32", CP_CONFIGS), kwargs={"mode": "allgather"})
+@pytest.mark.parametrize("mode", ["allgather", "ring"])
+def test_cp_allgather_ring_varlen_matches_single_process(world_size, mode):
+    """allgather: K/V gathered, each rank's queries attend the slice of keys their sequences need; ring: K/V
+    blocks rotate, each step attends to the slice of the block the local sequences reach."""
+    results = run_distributed(_varlen_cp, world_size, args=("float32", CP_CONFIGS), kwargs={"mode": mode})
     want = [0, 1, 2, 3] if world_size == 2 or torch.cuda.is_available() else [0, 1, 2]
     assert all(r == want for r in results), results
 
@@ -323,6 +325,24 @@ def test_allgather_varlen_local_layout(causal):
                 assert seen == want or (seen[0] == seen[1] and want[0] == want[1]), (lo, hi, p, seen, want)
 
 
+def test_ring_varlen_block_layout():
+    """Each ring step's slice of the K/V block and local cu_seqlens, against the per-row definition: query row
+    p of sequence i sees, in block [k_lo, k_hi), the keys [cu_k[i], cu_k[i+1]) that lie in the block."""
+    from turbo_dist.cp.ring import ring_block_layout
+
+    cu_q, cu_k = [0, 5, 5, 9, 20, 24], [0, 7, 9, 9, 22, 24]
+    for q_lo in range(0, 24, 6):
+        for k_lo in range(0, 24, 6):
+            cq, ck, k0, k1 = ring_block_layout(cu_q, cu_k, q_lo, q_lo + 6, k_lo, k_lo + 6)
+            assert cq[0] == 0 and cq[-1] == 6 and ck[0] == 0 and k0 + ck[-1] == k1 and k_lo <= k0 <= k1 <= k_lo + 6
+            for s in range(len(cq) - 1):
+                for r in range(cq[s], cq[s + 1]):
+                    i = next(i for i in range(len(cu_q) - 1) if cu_q[i] <= q_lo + r < cu_q[i + 1])
+                    want = (max(cu_k[i], k_lo), min(cu_k[i + 1], k_lo + 6))
+                    seen = (k0 + ck[s], k0 + ck[s + 1])
+                    assert seen == want or (seen[0] == seen[1] and want[0] >= want[1]), (q_lo, k_lo, r, seen, want)
+
+
 def _cp_varlen_errors(rank, world_size):
     torch.set_num_threads(1)
     dev = rank_device()
@@ -330,10 +350,12 @@ def _cp_varlen_errors(rank, world_size):
     x = torch.randn(16 // world_size, 4, 8, device=dev)
     cu = cu_of(lens, dev)
     kw = dict(cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=8, max_seqlen_k=8)
-    with pytest.raises(NotImplementedError, match="cp_comm_type='a2a'"):
-        cp.context_parallel_attention(x, x, x, causal=True, cp_comm_type="ring", **kw)
-    with pytest.raises(NotImplementedError, match="a2a"):  # the default mode is ring
-        flash_attn_varlen_func(x, x, x, cu, cu, 8, 8, cp_param_bundle={"cp_group": None})
+    cu_other = cu_of([8, 3, 5], dev)
+    with pytest.raises(NotImplementedError, match="cu_seqlens_q == cu_seqlens_k"):
+        cp.context_parallel_attention(x, x, x, causal=True, cp_comm_type="ring", **dict(kw, cu_seqlens_k=cu_other))
+    o_ring = flash_attn_varlen_func(x, x, x, cu, cu, 8, 8, cp_param_bundle={"cp_group": None})  # default: ring
+    o_a2a = flash_attn_varlen_func(x, x, x, cu, cu, 8, 8, cp_param_bundle={"cp_group": None, "cp_comm_type": "a2a"})
+    torch.testing.assert_close(o_ring, o_a2a, rtol=1e-5, atol=1e-5)
     with pytest.raises(NotImplementedError, match="return_lse"):
         flash_attn_varlen_func(x, x, x, cu, cu, 8, 8, return_lse=True,
                                cp_param_bundle={"cp_group": None, "cp_comm_type": "a2a"})
@@ -399,7 +421,7 @@ def test_gpu_triton_varlen_fp32():
 @pytest.mark.dist
 @pytest.mark.gpu(min_gpus=2)
 @pytest.mark.parametrize("world_size", world_sizes_for_device(2))
-@pytest.mark.parametrize("mode", ["a2a", "allgather"])
+@pytest.mark.parametrize("mode", ["a2a", "allgather", "ring"])
 def test_cp_varlen_gpu_bf16(world_size, mode):
     # lengths x16: sequences of hundreds of tokens, crossing shard boundaries; default backend (triton)
     results = run_distributed(_varlen_cp, world_size, args=("bfloat16", CP_CONFIGS[:3], 16), kwargs={"mode": mode})

@@ -16,12 +16,13 @@ Layout (`load_balance`): the layout the local shards are in, as produced by `sha
 True (default) = zigzag (rank r holds chunks r and 2cp-1-r of 2cp), False = contiguous (chunk r of
 cp). It only matters for causal attention; non-causal results do not depend on it.
 
-Packed variable-length sequences (cu_seqlens_q/cu_seqlens_k, flash-attn's varlen layout): "a2a" and
-"allgather" (which gathers K/V and slices the keys this rank's sequences need).
+Packed variable-length sequences (cu_seqlens_q/cu_seqlens_k, flash-attn's varlen layout): every mode
+("ring": each step attends to the slice of the K/V block the local sequences reach; "allgather": K/V
+gathered, sliced to the keys this rank's sequences need; "a2a": whole packed sequence per head group).
 q/k/v are [T/cp, H, D], rank r holding the contiguous shard r of the packed tokens
 (`shard(x, g, seq_dim=0, load_balance=False)`: load balancing does not apply, so load_balance must be
 left unset or False; T % cp == 0, pad the packed sequence otherwise). cu_seqlens are global (over the
-whole packed T, the same on every rank). "ring" raises NotImplementedError for them.
+whole packed T, the same on every rank). Causal ring needs cu_seqlens_q == cu_seqlens_k.
 """
 import logging
 
@@ -34,7 +35,7 @@ from turbo_dist.runtime import get_runtime
 from .a2a import a2a_attention, a2a_varlen_attention
 from .allgather import allgather_attention, allgather_varlen_attention
 from .layout import chunk_ids, local_positions, shard, unshard
-from .ring import ring_attention
+from .ring import ring_attention, ring_varlen_attention
 
 log = logging.getLogger("turbo_dist")
 
@@ -55,7 +56,7 @@ def context_parallel_attention(q, k, v, causal=False, softmax_scale=None, cp_gro
     load_balance: True (None, the default) = zigzag, False = contiguous; see the module docstring.
     num_chunks: head groups pipelined in "a2a" and "allgather" (clipped to what the heads allow).
 
-    Packed variable-length sequences ("a2a" and "allgather"): cu_seqlens_q/cu_seqlens_k [B+1] int32/int64 on q's
+    Packed variable-length sequences (every mode; causal "ring" needs cu_seqlens_q == cu_seqlens_k): cu_seqlens_q/cu_seqlens_k [B+1] int32/int64 on q's
     device, GLOBAL (0, non-decreasing, ending at the whole packed length T = cp * local length, the same
     on every rank); max_seqlen_q/_k: None or an int >= the longest sequence. q: [T/cp, Hq, D], k/v:
     [T/cp, Hkv, D], this rank's contiguous shard (load_balance must be None or False);
@@ -101,11 +102,6 @@ def context_parallel_attention(q, k, v, causal=False, softmax_scale=None, cp_gro
 
 def _varlen(q, k, v, causal, softmax_scale, cp_group, mode, load_balance, num_chunks, cu_seqlens_q, cu_seqlens_k,
             max_seqlen_q, max_seqlen_k):
-    if mode == "ring":
-        raise NotImplementedError(
-            "context-parallel attention on variable-length packed sequences (cu_seqlens) is supported with "
-            "cp_comm_type='a2a' (Ulysses) or 'allgather', not 'ring'"
-        )
     if cu_seqlens_q is None or cu_seqlens_k is None:
         raise ValueError("packed sequences need both cu_seqlens_q and cu_seqlens_k")
     if load_balance:
@@ -137,6 +133,12 @@ def _varlen(q, k, v, causal, softmax_scale, cp_group, mode, load_balance, num_ch
     for name, t in (("q", q), ("k", k), ("v", v)):
         rt.check_tensor(t, name)
     scale = default_scale(q, softmax_scale)
+    if mode == "ring":
+        if causal and not torch.equal(cu_seqlens_q.cpu(), cu_seqlens_k.cpu()):
+            raise NotImplementedError("ring attention on packed sequences with a causal mask needs cu_seqlens_q == "
+                                      "cu_seqlens_k (self-attention packing); use cp_comm_type 'a2a' or "
+                                      "'allgather' for causal cross-attention packing")
+        return ring_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, bool(causal), scale, rt)
     if mode == "allgather":
         return allgather_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, bool(causal), scale, rt, num_chunks)
     return a2a_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bool(causal),

@@ -9,6 +9,8 @@ diagonal one costs exactly half a block, and fully masked quarters are never com
     src <  r: all local queries see the first half of src's K/V (chunk src), unmasked;
     src >  r: only the second local query half (chunk 2cp-1-r) sees src's K/V, all of it, unmasked.
 With the contiguous layout, blocks from later ranks are skipped (correct, unbalanced).
+Packed sequences (`ring_varlen_attention`, contiguous shards only): each step attends the local queries
+to the slice of the K/V block their own sequences reach, with per-step local cu_seqlens.
 
 Backward rotates K/V the same way and sends the fp32 dK/dV accumulator along with them, one
 step behind; after cp steps it arrives back at its owner. GQA: K/V keep their own head count
@@ -17,7 +19,7 @@ step behind; after cp steps it arrives back at its owner. GQA: K/V keep their ow
 import torch
 import torch.nn.functional as F
 
-from turbo_dist.ops import attention_backward, attention_forward
+from turbo_dist.ops import attention_backward, attention_forward, varlen_attention_backward, varlen_attention_forward
 
 from . import _comm
 
@@ -118,21 +120,132 @@ def ring_backward(do, q, k, v, out, lse, causal, scale, rt, load_balance):
     return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)
 
 
-class RingAttention(torch.autograd.Function):
+class _Ring(torch.autograd.Function):
+    """fwd(q, k, v, *args) -> (out, lse); backward = bwd(do, q, k, v, out, lse, *args): the dense and the packed
+    ring attention."""
+
     @staticmethod
-    def forward(ctx, q, k, v, causal, scale, rt, load_balance):
-        out, lse = ring_forward(q, k, v, causal, scale, rt, load_balance)
+    def forward(ctx, q, k, v, fwd, bwd, *args):
+        out, lse = fwd(q, k, v, *args)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = (causal, scale, rt, load_balance)
+        ctx.bwd, ctx.args = bwd, args
         return out
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, out, lse = ctx.saved_tensors
-        causal, scale, rt, load_balance = ctx.args
-        dq, dk, dv = ring_backward(do.contiguous(), q, k, v, out, lse, causal, scale, rt, load_balance)
-        return dq, dk, dv, None, None, None, None
+        dq, dk, dv = ctx.bwd(do.contiguous(), q, k, v, out, lse, *ctx.args)
+        return (dq, dk, dv, None, None) + (None,) * len(ctx.args)
 
 
 def ring_attention(q, k, v, causal, scale, rt, load_balance):
-    return RingAttention.apply(q, k, v, causal, scale, rt, load_balance)
+    return _Ring.apply(q, k, v, ring_forward, ring_backward, causal, scale, rt, load_balance)
+
+
+# ------------------------------------------------------------------------------ packed sequences
+def ring_block_layout(cu_q, cu_k, q_lo, q_hi, k_lo, k_hi):
+    """Packed sequences, ring step with query rows [q_lo, q_hi) and the K/V block of rows [k_lo, k_hi):
+    (cu_q_local, cu_k_local, k_start, k_end), host int lists, from the global host lists cu_q / cu_k.
+
+    Local sequences run from the first to the last with query rows in [q_lo, q_hi) (the query pieces
+    tile the rows). Sequence i's keys in the block are cu_k[i] .. cu_k[i+1] clipped to [k_lo, k_hi): the
+    pieces touch, so they are one slice [k_start, k_end) of the block (empty pieces: no keys this step).
+    """
+    local = [i for i in range(len(cu_q) - 1) if min(cu_q[i + 1], q_hi) > max(cu_q[i], q_lo)]
+    first, last = local[0], local[-1]
+
+    def clip(x):
+        return min(max(x, k_lo), k_hi)
+
+    k_start = clip(cu_k[first])
+    cq, ck = [0], [0]
+    for i in range(first, last + 1):
+        cq.append(min(cu_q[i + 1], q_hi) - q_lo)
+        ck.append(clip(cu_k[i + 1]) - k_start)
+    return cq, ck, k_start, k_start + ck[-1]
+
+
+def _merge_safe(out, lse, out_blk, lse_blk):
+    """_merge for blocks where a row may have seen no key yet / in this block (lse -inf on either side)."""
+    new = torch.logaddexp(lse, lse_blk)
+    w = torch.where(torch.isinf(new), torch.zeros_like(new), torch.exp(lse_blk - new))
+    out.lerp_(out_blk.float(), w.transpose(1, 2).unsqueeze(-1))
+    lse.copy_(new)
+
+
+def _varlen_steps(q, cu_seqlens_q, cu_seqlens_k, causal, rt):
+    """Per ring step: None (nothing to compute) or (cu_q, cu_k, max_q, max_k, k_start, k_end) on q's device,
+    key offsets relative to the block."""
+    cp, rank, t_loc = rt.world_size, rt.rank, q.shape[0]
+    cu_q, cu_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    q_lo = rank * t_loc
+    steps = []
+    for step in range(cp):
+        src = (rank - step) % cp
+        if causal and src > rank:  # contiguous layout: later blocks are all in the future
+            steps.append(None)
+            continue
+        k_lo = src * t_loc
+        cq, ck, k0, k1 = ring_block_layout(cu_q, cu_k, q_lo, q_lo + t_loc, k_lo, k_lo + t_loc)
+        if k1 == k0:
+            steps.append(None)
+            continue
+        dev = q.device
+        steps.append((torch.tensor(cq, dtype=torch.int32, device=dev), torch.tensor(ck, dtype=torch.int32, device=dev),
+                      max(b - a for a, b in zip(cq, cq[1:])), max(b - a for a, b in zip(ck, ck[1:])),
+                      k0 - k_lo, k1 - k_lo))
+    return steps
+
+
+def ring_varlen_forward(q, k, v, steps, causal, scale, rt):
+    """q [T/cp, Hq, D], k/v [T/cp, Hkv, D] contiguous shards of the packed sequence -> out, lse [Hq, T/cp]."""
+    cp = rt.world_size
+    kv = torch.stack([k, v])
+    out = torch.zeros((1,) + tuple(q.shape), dtype=torch.float32, device=q.device)
+    lse = torch.full((1, q.shape[1], q.shape[0]), float("-inf"), dtype=torch.float32, device=q.device)
+    for step in range(cp):
+        pending = _comm.ring_shift(kv, rt) if step + 1 < cp else None
+        plan = steps[step]
+        if plan is not None:
+            cu_q, cu_k, max_q, max_k, k0, k1 = plan
+            o_b, l_b = varlen_attention_forward(q, kv[0][k0:k1].contiguous(), kv[1][k0:k1].contiguous(), cu_q, cu_k,
+                                                max_q, max_k, causal and step == 0, scale)
+            _merge_safe(out, lse, o_b[None], l_b[None])
+        if pending is not None:
+            kv = pending.wait()
+    return out[0].to(q.dtype), lse[0]
+
+
+def ring_varlen_backward(do, q, k, v, out, lse, steps, causal, scale, rt):
+    cp = rt.world_size
+    kv = torch.stack([k, v])
+    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    dkv = torch.zeros(kv.shape, dtype=torch.float32, device=q.device)
+    pend_dkv = None
+    for step in range(cp):
+        pend_kv = _comm.ring_shift(kv, rt) if step + 1 < cp else None
+        if step > 0:
+            dkv = pend_dkv.wait()  # the accumulator of this step's K/V block, from the previous rank
+        plan = steps[step]
+        if plan is not None:
+            cu_q, cu_k, max_q, max_k, k0, k1 = plan
+            dq_b, dk_b, dv_b = varlen_attention_backward(do, q, kv[0][k0:k1].contiguous(), kv[1][k0:k1].contiguous(),
+                                                         out, lse, cu_q, cu_k, max_q, max_k, causal and step == 0,
+                                                         scale)
+            dq += dq_b
+            dkv[0][k0:k1] += dk_b
+            dkv[1][k0:k1] += dv_b
+        pend_dkv = _comm.ring_shift(dkv, rt)  # after the last step this sends the accumulator home
+        if pend_kv is not None:
+            kv = pend_kv.wait()
+    dkv = pend_dkv.wait()
+    return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)
+
+
+def ring_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, rt):
+    """q: [T/cp, Hq, D], k/v: [T/cp, Hkv, D], rank r's contiguous shard of the packed sequence; cu_seqlens
+    global (validated by the caller; causal needs cu_seqlens_q == cu_seqlens_k). K/V blocks rotate as in
+    ring_attention; each step attends the queries to the slice of the block their sequences reach (causal:
+    blocks of later ranks skipped, the diagonal one masked). Returns o: [T/cp, Hq, D]."""
+    steps = _varlen_steps(q, cu_seqlens_q, cu_seqlens_k, causal, rt)
+    return _Ring.apply(q, k, v, ring_varlen_forward, ring_varlen_backward, steps, causal, scale, rt)

@@ -33,10 +33,10 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     causal: per sequence, bottom-right aligned (query i of a sequence sees key j <= i + lk - lq).
     Returns o [Tq, Hq, D] (q's dtype), and lse [Hq, Tq] fp32 (-inf where a row sees no key) if return_lse.
 
-    cp_param_bundle: {"cp_group": ProcessGroup, "cp_comm_type": "a2a" | "allgather"}: q/k/v are then this
-    rank's contiguous shard [T/cp, H, D] of the packed sequence and cu_seqlens stay global (over the whole
-    packed T, the same on every rank); returns this rank's shard of o. "ring" does not take packed
-    sequences; return_lse is not available with cp_param_bundle (NotImplementedError).
+    cp_param_bundle: {"cp_group": ProcessGroup, "cp_comm_type": "ring" | "a2a" | "allgather"}: q/k/v are
+    then this rank's contiguous shard [T/cp, H, D] of the packed sequence and cu_seqlens stay global (over
+    the whole packed T, the same on every rank); returns this rank's shard of o. Causal "ring" needs
+    cu_seqlens_q == cu_seqlens_k; return_lse is not available with cp_param_bundle (NotImplementedError).
     """
     if cp_param_bundle is None:
         return varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal,
