@@ -17,9 +17,10 @@ the global cu_seqlens (the inner kernels are the only difference: `kernels`).
 """
 import torch
 
-from turbo_dist.ops import attention_backward, attention_forward, dispatcher
+from turbo_dist.ops import attention_backward, attention_forward
 
 from . import _comm
+from ._varlen import varlen_bwd, varlen_fwd
 from .layout import gathered_to_natural, natural_to_scattered
 
 
@@ -149,14 +150,12 @@ def a2a_attention(q, k, v, causal, scale, rt, load_balance, num_chunks=2):
 def _varlen_kernels(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
     """The dense kernel signature on a B=1 view [1, T, h, D], running packed varlen attention."""
     def fwd(q, k, v, causal, scale):
-        o, lse = dispatcher.dispatch("attention_varlen_fwd", q[0], k[0], v[0], cu_seqlens_q, cu_seqlens_k,
-                                     max_seqlen_q, max_seqlen_k, causal, scale)
+        o, lse = varlen_fwd(q[0], k[0], v[0], cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale)
         return o.unsqueeze(0), lse.unsqueeze(0)
 
     def bwd(do, q, k, v, o, lse, causal, scale):
-        do = do if do.dtype == q.dtype else do.to(q.dtype)
-        dq, dk, dv = dispatcher.dispatch("attention_varlen_bwd", do[0], q[0], k[0], v[0], o[0], lse[0],
-                                         cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale)
+        dq, dk, dv = varlen_bwd(do[0], q[0], k[0], v[0], o[0], lse[0], cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                max_seqlen_k, causal, scale)
         return dq.unsqueeze(0), dk.unsqueeze(0), dv.unsqueeze(0)
 
     return fwd, bwd

@@ -11,9 +11,10 @@ overlapping group g+1's compute).
 """
 import torch
 
-from turbo_dist.ops import attention_backward, attention_forward, varlen_attention_backward, varlen_attention_forward
+from turbo_dist.ops import attention_backward, attention_forward
 
 from . import _comm
+from ._varlen import varlen_bwd as _varlen_bwd, varlen_fwd as _varlen_fwd
 from .layout import chunk_ids, gathered_to_natural, natural_to_scattered
 
 
@@ -183,7 +184,7 @@ def allgather_varlen_forward(q, k, v, plan, causal, scale, rt, num_chunks):
         if j + 1 < nc:
             pend = _gather_kv(kb, vb, slice((j + 1) * kc, (j + 2) * kc), rt)
         hs = slice(j * qc, (j + 1) * qc)
-        o_j, l_j = varlen_attention_forward(q[:, hs].contiguous(), kv[0].contiguous(), kv[1].contiguous(), cu_q, cu_k,
+        o_j, l_j = _varlen_fwd(q[:, hs].contiguous(), kv[0].contiguous(), kv[1].contiguous(), cu_q, cu_k,
                                             max_q, max_k, causal, scale)
         out[:, hs] = o_j
         lse[hs] = l_j
@@ -205,7 +206,7 @@ def allgather_varlen_backward(do, q, k, v, out, lse, plan, causal, scale, rt, nc
         if j + 1 < nc:
             pend = _gather_kv(kb, vb, slice((j + 1) * kc, (j + 2) * kc), rt)
         hs = slice(j * qc, (j + 1) * qc)
-        dq_j, dk_j, dv_j = varlen_attention_backward(
+        dq_j, dk_j, dv_j = _varlen_bwd(
             do[:, hs].contiguous(), q[:, hs].contiguous(), kv[0].contiguous(), kv[1].contiguous(),
             out[:, hs].contiguous(), lse[hs].contiguous(), cu_q, cu_k, max_q, max_k, causal, scale)
         dq[:, hs] = dq_j

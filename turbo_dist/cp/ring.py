@@ -19,9 +19,10 @@ step behind; after cp steps it arrives back at its owner. GQA: K/V keep their ow
 import torch
 import torch.nn.functional as F
 
-from turbo_dist.ops import attention_backward, attention_forward, varlen_attention_backward, varlen_attention_forward
+from turbo_dist.ops import attention_backward, attention_forward
 
 from . import _comm
+from ._varlen import varlen_bwd as _varlen_bwd, varlen_fwd as _varlen_fwd
 
 DIAG, FULL, KV_FRONT, Q_BACK, SKIP = "diag", "full", "kv_front", "q_back", "skip"
 
@@ -208,7 +209,7 @@ def ring_varlen_forward(q, k, v, steps, causal, scale, rt):
         plan = steps[step]
         if plan is not None:
             cu_q, cu_k, max_q, max_k, k0, k1 = plan
-            o_b, l_b = varlen_attention_forward(q, kv[0][k0:k1].contiguous(), kv[1][k0:k1].contiguous(), cu_q, cu_k,
+            o_b, l_b = _varlen_fwd(q, kv[0][k0:k1].contiguous(), kv[1][k0:k1].contiguous(), cu_q, cu_k,
                                                 max_q, max_k, causal and step == 0, scale)
             _merge_safe(out, lse, o_b[None], l_b[None])
         if pending is not None:
@@ -229,7 +230,7 @@ def ring_varlen_backward(do, q, k, v, out, lse, steps, causal, scale, rt):
         plan = steps[step]
         if plan is not None:
             cu_q, cu_k, max_q, max_k, k0, k1 = plan
-            dq_b, dk_b, dv_b = varlen_attention_backward(do, q, kv[0][k0:k1].contiguous(), kv[1][k0:k1].contiguous(),
+            dq_b, dk_b, dv_b = _varlen_bwd(do, q, kv[0][k0:k1].contiguous(), kv[1][k0:k1].contiguous(),
                                                          out, lse, cu_q, cu_k, max_q, max_k, causal and step == 0,
                                                          scale)
             dq += dq_b
