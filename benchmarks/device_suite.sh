@@ -51,6 +51,8 @@ for ph in $PHASES; do
             grep -E "FAILED|ERROR" "$OUT/pytest_share_ll_$TAG.log" | head -10; unset TURBO_DIST_TRITON_TUNE
             timeout 200 python benchmarks/bench_moe.py --mode low-latency --json "$OUT/moe_low_latency_$TAG.json" \
               > "$OUT/moe_ll_$TAG.log" 2>&1; echo "verify1 LL bench (self-loop) rc=$?"; tail -8 "$OUT/moe_ll_$TAG.log"
+            timeout 150 python benchmarks/bench_varlen_attention.py --json "$OUT/varlen_attention_$TAG.json" \
+              > "$OUT/varlen_$TAG.log" 2>&1; echo "verify1 varlen bench rc=$?"; tail -6 "$OUT/varlen_$TAG.log"
             timeout 300 python benchmarks/bench_ops.py --sections grouped --json "$OUT/ops_grouped_$TAG.json" \
               > "$OUT/ops_grouped_$TAG.log" 2>&1; echo "verify1 grouped bench rc=$?";;
     moefix) timeout 200 python -m pytest -q -rs -p no:cacheprovider tests/test_moe_low_latency.py::test_low_latency_triton_self_loop \

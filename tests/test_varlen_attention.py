@@ -426,3 +426,24 @@ def test_cp_varlen_gpu_bf16(world_size, mode):
     # lengths x16: sequences of hundreds of tokens, crossing shard boundaries; default backend (triton)
     results = run_distributed(_varlen_cp, world_size, args=("bfloat16", CP_CONFIGS[:3], 16), kwargs={"mode": mode})
     assert all(r == [0, 1, 2] for r in results), results
+
+
+def test_bench_varlen_dry_run(tmp_path, capsys):
+    """benchmarks/bench_varlen_attention.py end to end on CPU (tiny sizes): every row checked and written."""
+    import json
+    import os
+    import sys
+
+    if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the CPU dry run (the GPU run is the benchmark itself)")
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    try:
+        import bench_varlen_attention as bench
+    finally:
+        sys.path.pop(0)
+    out = tmp_path / "varlen.json"
+    assert bench.main(["--dry-run", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["phase"], r["impl"]) for r in rows} == {(p, i) for p in ("fwd", "fwd+bwd")
+                                                        for i in ("ours", "per_doc_loop")}
+    assert all(r["ms"] > 0 and r["max_rel_err"] is not None and r["max_rel_err"] < 1e-4 for r in rows)
