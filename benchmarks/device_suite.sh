@@ -46,9 +46,10 @@ for ph in $PHASES; do
               tests/test_varlen_attention.py > "$OUT/pytest_verify1_$TAG.log" 2>&1; echo "verify1 tests rc=$?"
             tail -4 "$OUT/pytest_verify1_$TAG.log"
             TURBO_DIST_TEST_SHARE_GPU=1 TURBO_DIST_TIMEOUT_S=30 TURBO_DIST_TEST_TIMEOUT_S=100 timeout 300 python -m pytest \
-              --dist-only -v -rs -p no:cacheprovider tests/test_moe_low_latency.py > "$OUT/pytest_share_ll_$TAG.log" 2>&1
-            echo "verify1 share-GPU low-latency rc=$?"; grep -cE "PASSED" "$OUT/pytest_share_ll_$TAG.log"
-            grep -E "FAILED|ERROR" "$OUT/pytest_share_ll_$TAG.log" | head -10; unset TURBO_DIST_TRITON_TUNE
+              --dist-only -v -rs -p no:cacheprovider tests/test_moe_low_latency.py tests/test_varlen_attention.py \
+              tests/test_cp.py > "$OUT/pytest_share_ll_cp_$TAG.log" 2>&1
+            echo "verify1 share-GPU low-latency + CP rc=$?"; grep -cE "PASSED" "$OUT/pytest_share_ll_cp_$TAG.log"
+            grep -E "FAILED|ERROR" "$OUT/pytest_share_ll_cp_$TAG.log" | head -10; unset TURBO_DIST_TRITON_TUNE
             timeout 200 python benchmarks/bench_moe.py --mode low-latency --json "$OUT/moe_low_latency_$TAG.json" \
               > "$OUT/moe_ll_$TAG.log" 2>&1; echo "verify1 LL bench (self-loop) rc=$?"; tail -8 "$OUT/moe_ll_$TAG.log"
             timeout 150 python benchmarks/bench_varlen_attention.py --json "$OUT/varlen_attention_$TAG.json" \

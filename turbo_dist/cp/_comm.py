@@ -4,6 +4,10 @@ Each call returns a `Pending`: `wait()` makes the caller's current stream wait f
 (CUDA) or blocks until it is done (gloo) and returns the received tensor. On CUDA the launch
 first makes the comm stream wait for the current stream, so inputs produced just before are ready.
 
+Shared-GPU test mode (gloo on CUDA tensors, `Runtime.shares_gpu`): gloo has no all-to-all,
+reduce-scatter or P2P on CUDA tensors, so each call stages through host memory and completes before
+it returns (correctness only; the GPU kernels of the modes still run on the GPU).
+
 A group of one rank needs no communication: the calls return their input. Tests set
 `EXERCISE_SINGLE_RANK = True` to run the real collectives anyway (all-to-all/all-gather/reduce-scatter
 on the comm stream), so that one GPU checks their stream handling; ring shifts never happen at cp=1.
@@ -53,10 +57,21 @@ def _works(w):
     return list(w) if isinstance(w, (list, tuple)) else [w]
 
 
+def _staged(fn, x, rt):
+    """Shared-GPU test mode: run `fn` (a collective taking and returning host tensors) on a host copy of the
+    CUDA tensor x, synchronously, and hand back the result on x's device; None outside that mode."""
+    if not (getattr(rt, "shares_gpu", False) and x.is_cuda):
+        return None
+    return Pending([], fn(x.detach().cpu()).to(x.device))
+
+
 def all_gather(x, rt):
     """x: [*shape] -> Pending of [cp, *shape] (rank-major)."""
     if _skip(rt):
         return Pending([], x.unsqueeze(0))
+    staged = _staged(lambda h: all_gather(h, rt).wait(), x, rt)
+    if staged is not None:
+        return staged
     x = x.contiguous()
     # Flat [cp * n, ...] output: what every backend accepts (gloo rejects a stacked shape).
     out = torch.empty((rt.world_size * x.shape[0],) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
@@ -69,6 +84,9 @@ def reduce_scatter(x, rt):
     """x: [cp, *shape] (slice i goes to rank i) -> Pending of [*shape], summed over ranks."""
     if _skip(rt):
         return Pending([], x[0])
+    staged = _staged(lambda h: reduce_scatter(h, rt).wait(), x, rt)
+    if staged is not None:
+        return staged
     x = x.contiguous()
     out = torch.empty(tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
     with on_comm_stream(rt):
@@ -80,6 +98,9 @@ def all_to_all(x, rt):
     """x: [cp, ...] (slice i goes to rank i) -> Pending of [cp, ...] (slice i came from rank i)."""
     if _skip(rt):
         return Pending([], x)
+    staged = _staged(lambda h: all_to_all(h, rt).wait(), x, rt)
+    if staged is not None:
+        return staged
     x = x.contiguous()
     out = torch.empty_like(x)
     with on_comm_stream(rt):
@@ -97,6 +118,9 @@ def ring_shift(x, rt):
     """Send x to the next rank of the ring, receive the previous rank's x: Pending of the received tensor."""
     if rt.world_size == 1:  # torch rejects P2P to self; the ring never shifts at cp=1 anyway
         return Pending([], x)
+    staged = _staged(lambda h: ring_shift(h, rt).wait(), x, rt)
+    if staged is not None:
+        return staged
     x = x.contiguous()
     recv = torch.empty_like(x)
     nxt = _global_rank(rt, (rt.rank + 1) % rt.world_size)

@@ -127,9 +127,12 @@ class _Unshard(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group, seq_dim, load_balance, rank, cp):
         ctx.args = (rank, cp, seq_dim, load_balance)
-        x = x.contiguous()
-        buf = torch.empty((cp * x.shape[0],) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
-        _all_gather(buf, x, group=group)
+        # gloo on CUDA tensors (the shared-GPU test mode): gather through host memory
+        staged = x.is_cuda and str(dist.get_backend(group)).lower() == "gloo"
+        src = x.detach().cpu() if staged else x.contiguous()
+        buf = torch.empty((cp * src.shape[0],) + tuple(src.shape[1:]), dtype=src.dtype, device=src.device)
+        _all_gather(buf, src.contiguous(), group=group)
+        buf = buf.to(x.device) if staged else buf
         return gathered_to_natural(buf.view((cp,) + tuple(x.shape)), cp, load_balance, seq_dim).contiguous()
 
     @staticmethod
