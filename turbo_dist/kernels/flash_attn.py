@@ -126,10 +126,13 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, sks, skd, svs, svd, start_n, of
 
 
 @triton.jit
-def _varlen_rows(CU_Q, CU_K, SID_Q, start_m, offs_m, mask_m, SEQ_Q, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr):
+def _varlen_rows(CU_Q, CU_K, SID_Q, start_m, offs_m, mask_m, SEQ_Q, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr,
+                 BLOCK_N: tl.constexpr = 16):
     """Packed (varlen) query tile: per row, the key range [kstart, kend) of its sequence and its causal
     diagonal (query i sees key j <= i + diag: bottom-right within the sequence); for the tile, the key
-    range [lo, hi) its rows can see (from the first row's sequence start to the last row's end)."""
+    range [lo, hi) its rows can see (from the first row's sequence start to the last row's end), and `full`:
+    when every row of the tile belongs to one sequence, the key tiles [lo, full) (whole BLOCK_N steps from lo)
+    are visible to every row and need no mask (full = lo otherwise)."""
     sid = tl.load(SID_Q + offs_m, mask=mask_m, other=0)
     kstart = tl.load(CU_K + sid, mask=mask_m, other=0)
     kend = tl.load(CU_K + sid + 1, mask=mask_m, other=0)  # padded rows: empty range, see nothing
@@ -139,11 +142,17 @@ def _varlen_rows(CU_Q, CU_K, SID_Q, start_m, offs_m, mask_m, SEQ_Q, BLOCK_M: tl.
     sid_last = tl.load(SID_Q + last_row)
     lo = tl.load(CU_K + sid_first)
     hi = tl.load(CU_K + sid_last + 1)
+    seq_end = hi
+    diag_last = hi - tl.load(CU_Q + sid_last + 1)
     if CAUSAL:  # the last sequence's rows see keys up to last_row + its diag; earlier ones end before it
-        diag_last = hi - tl.load(CU_Q + sid_last + 1)
         hi = tl.maximum(tl.minimum(hi, last_row + diag_last + 1), tl.load(CU_K + sid_last))
         hi = tl.maximum(hi, lo)
-    return kstart, kend, diag, lo, hi
+        seen_by_all = tl.minimum(start_m + diag_last + 1, seq_end)  # the first row's last key + 1
+    else:
+        seen_by_all = seq_end
+    full = lo + (tl.maximum(seen_by_all - lo, 0) // BLOCK_N) * BLOCK_N
+    full = tl.where(sid_first == sid_last, full, lo)
+    return kstart, kend, diag, lo, hi, full
 
 
 # Sequence lengths and head counts vary call to call (CP blocks): do not compile a variant per
@@ -179,9 +188,13 @@ def _fwd_kernel(Q, K, V, O, LSE,
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     if VARLEN:
-        kstart, kend, diag, lo, hi = _varlen_rows(CU_Q, CU_K, SID_Q, start_m, offs_m, mask_m, SEQ_Q, BLOCK_M,
-                                                  CAUSAL)
-        for start_n in range(lo, hi, BLOCK_N):
+        kstart, kend, diag, lo, hi, full = _varlen_rows(CU_Q, CU_K, SID_Q, start_m, offs_m, mask_m, SEQ_Q,
+                                                        BLOCK_M, CAUSAL, BLOCK_N)
+        for start_n in range(lo, full, BLOCK_N):  # inside one sequence, below every row's diagonal
+            acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, sks, skd, svs, svd, start_n, offs_m,
+                                       offs_n, offs_d, mask_d, SEQ_K, diag, qk_scale, False, CAUSAL, EVEN_D,
+                                       PRECISION)
+        for start_n in range(full, hi, BLOCK_N):
             acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, sks, skd, svs, svd, start_n, offs_m,
                                        offs_n, offs_d, mask_d, SEQ_K, diag, qk_scale, True, CAUSAL, EVEN_D,
                                        PRECISION, kstart, kend, True)
@@ -393,9 +406,12 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
     v_base = V + b * svb + hk * svh
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     if VARLEN:
-        kstart, kend, diag, lo, hi = _varlen_rows(CU_Q, CU_K, SID_Q, start_m, offs_m, mask_m, SEQ_Q, BLOCK_M,
-                                                  CAUSAL)
-        for start_n in range(lo, hi, BLOCK_N):
+        kstart, kend, diag, lo, hi, full = _varlen_rows(CU_Q, CU_K, SID_Q, start_m, offs_m, mask_m, SEQ_Q,
+                                                        BLOCK_M, CAUSAL, BLOCK_N)
+        for start_n in range(lo, full, BLOCK_N):  # inside one sequence, below every row's diagonal
+            dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, sks, skd, svs, svd, start_n, offs_m,
+                               offs_n0, offs_d, mask_d, SEQ_K, diag, qk_scale, False, CAUSAL, PRECISION)
+        for start_n in range(full, hi, BLOCK_N):
             dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, sks, skd, svs, svd, start_n, offs_m,
                                offs_n0, offs_d, mask_d, SEQ_K, diag, qk_scale, True, CAUSAL, PRECISION,
                                kstart, kend, True)
