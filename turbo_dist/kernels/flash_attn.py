@@ -307,13 +307,32 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
             lo_end = tl.load(CU_Q + sid_first + 1)
             diag_first = tl.load(CU_K + sid_first + 1) - lo_end
             lo = tl.minimum(tl.maximum(start_n - diag_first, lo), lo_end)
+            # the tile's last key is seen by the queries from here on (when the tile sits in one sequence)
+            sees_all = tl.maximum(tl.minimum(start_n + BLOCK_N, SEQ_K) - 1 - diag_first, lo)
+        else:
+            sees_all = lo
+        # A key tile inside one sequence: whole query tiles from a_end to b_end (inside that sequence, past
+        # the diagonal) see every key of it and need no mask; otherwise everything runs masked.
+        a_end = tl.minimum(lo + tl.cdiv(sees_all - lo, BLOCK_M) * BLOCK_M, hi)
+        b_end = a_end + (tl.maximum(hi - a_end, 0) // BLOCK_M) * BLOCK_M
+        single = sid_first == sid_last
+        a_end = tl.where(single, a_end, hi)
+        b_end = tl.where(single, b_end, hi)
         for g in range(0, GROUP):
             h = hk * GROUP + g
             q_base = Q + b * sqb + h * sqh
             do_base = DO + b * sdb + h * sdh
             lse_base = LSE + b * slb + h * slh
             delta_base = DELTA + (b * HQ + h) * SEQ_Q
-            for start_m in range(lo, hi, BLOCK_M):
+            for start_m in range(lo, a_end, BLOCK_M):
+                dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqs, sqd, sds, sdd,
+                                         sls, start_m, offs_m0, offs_n, offs_d, mask_d, SEQ_Q, diag, qk_scale,
+                                         True, PRECISION, qstart, qend, True, CAUSAL)
+            for start_m in range(a_end, b_end, BLOCK_M):
+                dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqs, sqd, sds, sdd,
+                                         sls, start_m, offs_m0, offs_n, offs_d, mask_d, SEQ_Q, diag, qk_scale,
+                                         False, PRECISION)
+            for start_m in range(b_end, hi, BLOCK_M):
                 dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqs, sqd, sds, sdd,
                                          sls, start_m, offs_m0, offs_n, offs_d, mask_d, SEQ_Q, diag, qk_scale,
                                          True, PRECISION, qstart, qend, True, CAUSAL)
