@@ -15,6 +15,13 @@ variant's time / ms. FLOPs (causal: visible pairs only) as in bench_ops_attentio
 Timing: fixed warm-up and iteration counts on every rank (collectives must match), CUDA events per
 iteration, median per rank, max over ranks. Each CP result is checked against the single-GPU
 output (o and, for fwd+bwd, dq) of this rank's shard: rel_err_o / rel_err_dq.
+
+--varlen-docs MIN:MAX: the sequence is packed documents (lengths log-uniform in [MIN, MAX], seeded, as
+bench_varlen_attention.py) and every implementation is the packed one (`flash_attn_varlen_func`: single
+= the whole packed sequence on one GPU; a2a / ring / allgather on contiguous shards with global
+cu_seqlens); FLOPs count each document's visible pairs; PyTorch's CP has no packed mode and is skipped.
+
+    torchrun --nproc-per-node 4 benchmarks/bench_cp_attention.py --varlen-docs 512:16384 --json cp_varlen.json
 """
 import argparse
 import gc
@@ -58,6 +65,8 @@ def parse_args(argv=None):
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="bf16 dense peak per GPU (default: the GPU's datasheet peak, common.peak_tflops)")
     p.add_argument("--json", default=None)
+    p.add_argument("--varlen-docs", default=None, metavar="MIN:MAX",
+                   help="packed documents of MIN..MAX tokens instead of one sequence (see the module docstring)")
     p.add_argument("--cpu-check", action="store_true",
                    help="run the script's logic on CPU/gloo (tiny shapes; times mean nothing): a CI check")
     return p.parse_args(argv)
@@ -304,6 +313,75 @@ def run_seqlen(s, args, mesh, torch_cp_ok, torch_cp_why):
     return rows
 
 
+def run_seqlen_varlen(s, args):
+    """--varlen-docs: packed documents, single GPU vs our three CP modes on contiguous shards."""
+    from bench_varlen_attention import doc_lengths
+
+    from turbo_dist import cp
+    from turbo_dist.ops import dispatcher, flash_attn_varlen_func
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    causal = not args.no_causal
+    passes = [x for x in args.passes.split(",") if x]
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    hq, hkv, d = args.heads, args.kv_heads, args.head_dim
+    lo, hi = (int(x) for x in args.varlen_docs.split(":"))
+    lens = doc_lengths(s, lo, hi, seed=s)
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=DEV)
+    mx = max(lens)
+    g = torch.Generator(device=DEV).manual_seed(4321 + s)
+    full = [torch.randn(s, h, d, device=DEV, dtype=dtype, generator=g) for h in (hq, hkv, hkv, hq)]
+    shape = dict(B=1, S=s, docs=len(lens), max_doc=mx, Hq=hq, Hkv=hkv, D=d, cp=world, causal=causal,
+                 load_balance=False)
+    pairs = sum(n * (n + 1) / 2 if causal else float(n * n) for n in lens)
+    flops = 4.0 * hq * d * pairs
+
+    def timed(fn_for, q, k, v, do):
+        ql, kl, vl = (t.detach().clone().requires_grad_() for t in (q, k, v))
+
+        def fwd():
+            with torch.no_grad():
+                return fn_for(q, k, v)
+
+        def fwdbwd():
+            ql.grad = kl.grad = vl.grad = None
+            fn_for(ql, kl, vl).backward(do)
+
+        res = {p: time_ms(f, args.warmup, args.iters) for p, f in (("fwd", fwd), ("fwd+bwd", fwdbwd)) if p in passes}
+        o = fwd()
+        fwdbwd()
+        return res, o, ql.grad
+
+    single, o_ref, dq_ref = timed(lambda q, k, v: flash_attn_varlen_func(q, k, v, cu, cu, mx, mx, causal=causal),
+                                  *full)
+    results = {("single", p): dict(ms=ms) for p, ms in single.items()}
+    o_ref_l, dq_ref_l = (cp.shard(t, None, 0, load_balance=False) for t in (o_ref, dq_ref))
+    local = [cp.shard(t, None, 0, load_balance=False).contiguous() for t in full]
+    for impl in [x for x in args.impls.split(",") if x in OURS]:
+        bundle = {"cp_group": None, "cp_comm_type": impl, "num_chunks": args.num_chunks}
+        res, o, dq = timed(lambda q, k, v: flash_attn_varlen_func(q, k, v, cu, cu, mx, mx, causal=causal,
+                                                                  cp_param_bundle=bundle), *local)
+        err_o, err_dq = rel_err(o, o_ref_l), rel_err(dq, dq_ref_l)
+        for p, ms in res.items():
+            results[(impl, p)] = dict(ms=ms, rel_err_o=err_o, rel_err_dq=err_dq if p == "fwd+bwd" else None,
+                                      backend=dispatcher.last_backend("attention_varlen_fwd"))
+        _free()
+    rows = []
+    for (impl, p), r in results.items():
+        row = dict(impl=impl, **{"pass": p}, **shape, **r)
+        f = flops * PASS_FLOPS[p] / world
+        row["tflops_gpu"] = f / r["ms"] / 1e9
+        row["frac_peak"] = (row["tflops_gpu"] / args.peak_tflops) if args.peak_tflops else None
+        if impl != "single":
+            row["ideal_ms"] = results[("single", p)]["ms"] / world
+            row["frac_ideal"] = row["ideal_ms"] / r["ms"]
+        rows.append(row)
+    if rank == 0:
+        print_table(rows, ["impl", "pass", "S", "docs", "cp", "ms", "ideal_ms", "frac_ideal", "tflops_gpu",
+                           "frac_peak", "rel_err_o", "rel_err_dq", "backend"])
+    return rows
+
+
 def main(argv=None):
     global DEV
     args = parse_args(argv)
@@ -335,7 +413,8 @@ def main(argv=None):
     for s in [int(x) for x in args.seqlens.split(",") if x]:
         if s % (2 * world):
             raise SystemExit(f"sequence length {s} must be divisible by 2*cp = {2 * world}")
-        rows += run_seqlen(s, args, mesh, torch_cp_ok, torch_cp_why)
+        rows += run_seqlen_varlen(s, args) if args.varlen_docs else run_seqlen(s, args, mesh, torch_cp_ok,
+                                                                                torch_cp_why)
     if dist.get_rank() == 0 and args.json:
         meta = dict(world_size=world, device=str(dev), peak_tflops=args.peak_tflops, torch_cp_available=torch_cp_ok,
                     torch_cp_unavailable_reason=torch_cp_why, attn_backend=args.attn_backend or "dispatcher default",

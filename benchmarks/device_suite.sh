@@ -2,7 +2,7 @@
 # One batched device session: install, GPU test suite, main-job demo, single-GPU benches.
 #   bash benchmarks/device_suite.sh "install tests dist demo ops attn moe moell moeinter tp cp native tune tuneblock verify1"
 #   (phases to run, in order; default "install tests demo ops attn"; on a multi-GPU kind start with
-#   "install dist demo moe moell moeinter tp cp")
+#   "install dist demo moe moell moeinter tp cp cpvarlen")
 # Logs and JSON go under $OUT (default ./out). Safety variables are always set.
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
@@ -28,6 +28,9 @@ for ph in $PHASES; do
     moell) timeout 240 torchrun --standalone --nproc-per-node "$NGPU" benchmarks/bench_moe.py --mode low-latency --json "$OUT/moe_low_latency_$TAG.json" > "$OUT/moe_ll_$TAG.log" 2>&1; echo "moell rc=$?";;
     moeinter) TURBO_DIST_RANKS_PER_NODE=$(( NGPU / 2 > 0 ? NGPU / 2 : 1 )) timeout 240 torchrun --standalone --nproc-per-node "$NGPU" benchmarks/bench_moe.py --mode internode --json "$OUT/moe_internode_$TAG.json" > "$OUT/moe_inter_$TAG.log" 2>&1; echo "moeinter rc=$?";;
     tp) timeout 240 torchrun --standalone --nproc-per-node "$NGPU" benchmarks/bench_async_tp.py --json "$OUT/async_tp_$TAG.json" > "$OUT/tp_$TAG.log" 2>&1; echo "tp rc=$?";;
+    cpvarlen) timeout 300 torchrun --standalone --nproc-per-node "$NGPU" benchmarks/bench_cp_attention.py --varlen-docs 512:16384 \
+              --seqlens 32768,131072 --json "$OUT/cp_varlen_$TAG.json" > "$OUT/cp_varlen_$TAG.log" 2>&1; echo "cpvarlen rc=$?"
+              tail -12 "$OUT/cp_varlen_$TAG.log";;
     cp) timeout 300 torchrun --standalone --nproc-per-node "$NGPU" benchmarks/bench_cp_attention.py --json "$OUT/cp_attention_$TAG.json" > "$OUT/cp_$TAG.log" 2>&1; echo "cp rc=$?";;
     native) timeout 300 python setup.py build_ext --inplace > "$OUT/native.log" 2>&1; echo "native rc=$?"; grep turbo_dist: "$OUT/native.log" | tail -5;
             timeout 200 python -m pytest tests/test_shmem.py -q -rs -p no:cacheprovider > "$OUT/pytest_shmem_$TAG.log" 2>&1; echo "shmem tests rc=$?"; tail -5 "$OUT/pytest_shmem_$TAG.log";;
