@@ -447,3 +447,30 @@ def test_bench_varlen_dry_run(tmp_path, capsys):
     assert {(r["phase"], r["impl"]) for r in rows} == {(p, i) for p in ("fwd", "fwd+bwd")
                                                         for i in ("ours", "per_doc_loop")}
     assert all(r["ms"] > 0 and r["max_rel_err"] is not None and r["max_rel_err"] < 1e-4 for r in rows)
+
+
+@pytest.mark.dist
+def test_bench_cp_varlen_cpu_check(tmp_path):
+    """benchmarks/bench_cp_attention.py --varlen-docs under torchrun on 2 gloo ranks: every mode's packed
+    result matches the single-process one (the bench checks and reports it; here we read the JSON)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    if torch.cuda.is_available():
+        pytest.skip("the CPU check (the GPU run is the benchmark itself)")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "cp_varlen.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           os.path.join(root, "benchmarks", "bench_cp_attention.py"), "--cpu-check", "--varlen-docs", "4:40",
+           "--seqlens", "128", "--heads", "4", "--kv-heads", "2", "--head-dim", "16", "--warmup", "1", "--iters", "1",
+           "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=root,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    ours = [r for r in rows if r["impl"] in ("a2a", "ring", "allgather")]
+    assert {r["impl"] for r in ours} == {"a2a", "ring", "allgather"} and all(r["docs"] > 1 for r in rows)
+    assert all(r["rel_err_o"] < 1e-5 for r in ours)
+    assert all(r["rel_err_dq"] < 1e-5 for r in ours if r["pass"] == "fwd+bwd")
