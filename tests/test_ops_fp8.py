@@ -487,3 +487,18 @@ def test_tma_only_config_flags_refused_on_pointer_kernels(monkeypatch):
                                        out_dtype=torch.float32, config=(32, 32, 128, 4, 1, flags))
     with pytest.raises(ValueError, match="flags"):
         kgemm.scaled_gemm(aq, wq.t(), sa, sb, kgemm.SCALE_BLOCK, config=(32, 32, 128, 4, 4, 1, 8))
+
+
+def test_block_scales_for_cublas_layout():
+    """Blockwise scales handed to torch._scaled_mm: scale_a M-contiguous, scale_b kb-contiguous with its leading
+    dimension a multiple of 4 (what newer torch checks); values unchanged; no copy when already so."""
+    from turbo_dist.ops.fp8 import _block_scales_for_cublas
+
+    for m, kb, nb in [(256, 4, 2), (256, 3, 2), (64, 8, 1), (16, 5, 3)]:
+        sa, sb = torch.rand(m, kb), torch.rand(kb, nb)
+        a, b = _block_scales_for_cublas(sa, sb)
+        ld = -(-kb // 4) * 4
+        assert torch.equal(a, sa) and torch.equal(b, sb)
+        assert a.stride(0) == 1 and b.stride(0) == 1 and (nb == 1 or b.stride(1) == ld), (a.stride(), b.stride())
+        a2, b2 = _block_scales_for_cublas(a, b)
+        assert a2.data_ptr() == a.data_ptr() and b2.data_ptr() == b.data_ptr()

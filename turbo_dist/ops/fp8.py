@@ -242,9 +242,13 @@ def _block_scales_for_cublas(scale_a, scale_b):
     """Blockwise scales in the layouts cuBLASLt takes through torch._scaled_mm: scale_a [M, kb] M-contiguous
     (outer-dim-major); scale_b [kb, nb] with kb contiguous and its leading dimension padded to a multiple of 4
     (16-byte aligned rows of scale_b^T, as newer torch checks; equal to kb when kb % 4 == 0)."""
-    sa = scale_a.t().contiguous().t()
+    sa = scale_a if scale_a.stride(0) == 1 else scale_a.t().contiguous().t()  # a copy only when needed
     kb, nb = scale_b.shape
     ld = -(-kb // 4) * 4
+    if scale_b.stride(0) == 1 and (nb == 1 or scale_b.stride(1) == ld):
+        return sa, scale_b
+    if ld == kb:
+        return sa, scale_b.t().contiguous().t()
     buf = torch.zeros(nb, ld, dtype=scale_b.dtype, device=scale_b.device)
     buf[:, :kb] = scale_b.t()
     return sa, buf[:, :kb].t()
