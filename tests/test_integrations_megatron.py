@@ -493,9 +493,62 @@ def test_core_attention_packed_thd(padded):
             noncausal(q, k, v, None, packed_seq_params=params)
     with pytest.raises(NotImplementedError, match="thd only"):
         attn(q, k, v, None, packed_seq_params=PackedSeqParams(qkv_format="sbhd"))
-    attn.cp_group = object()  # as with context_parallel_size > 1
-    with pytest.raises(NotImplementedError, match="context parallelism"):
+    attn.cp_group, attn.cp_comm_type = object(), "ring"  # as with context_parallel_size > 1
+    with pytest.raises(NotImplementedError, match="'a2a' only"):
         attn(q, k, v, None, packed_seq_params=params)
+
+
+def _thd_cp_step(rank, world_size):
+    from megatron.core import parallel_state
+    from megatron.core.packed_seq_params import PackedSeqParams
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    import turbo_dist.integrations.megatron as tdm
+    from turbo_dist import cp
+    from turbo_dist.ops.attention import reference_forward
+
+    parallel_state.initialize_model_parallel(context_parallel_size=world_size)
+    try:
+        config = TransformerConfig(num_layers=1, hidden_size=HEADS * HEAD_DIM, num_attention_heads=HEADS,
+                                   num_query_groups=KV_HEADS, attention_dropout=0.0, context_parallel_size=world_size,
+                                   cp_comm_type="a2a", use_cpu_initialization=True)
+        attn = tdm.TurboDistCoreAttention(config, 1, AttnMaskType.causal, "self", cp_comm_type="a2a")
+        unit = 2 * world_size
+        lens, slots = [3 * unit - 1, unit, 2 * unit], [3 * unit, unit, 2 * unit]  # Megatron pads to 2*cp multiples
+        starts = [0] + torch.tensor(slots).cumsum(0).tolist()
+        t = starts[-1]
+        g = torch.Generator().manual_seed(5)
+        q = torch.randn(t, HEADS, HEAD_DIM, generator=g)
+        k, v = (torch.randn(t, KV_HEADS, HEAD_DIM, generator=g) for _ in range(2))
+        cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
+        cu_pad = torch.tensor(starts, dtype=torch.int32)
+        params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=cu_pad,
+                                 cu_seqlens_kv_padded=cu_pad, max_seqlen_q=max(slots), max_seqlen_kv=max(slots))
+        ql, kl, vl = (cp.shard_packed(x, cu_pad) for x in (q, k, v))  # what get_batch_on_this_cp_rank gives
+        out = attn(ql, kl, vl, None, packed_seq_params=params)
+        ref = torch.zeros(t, HEADS * HEAD_DIM)
+        for s0, n in zip(starts, lens):  # real tokens: causal attention over their own sequence
+            o, _ = reference_forward(q[None, s0:s0 + n], k[None, s0:s0 + n], v[None, s0:s0 + n], True,
+                                     HEAD_DIM ** -0.5)
+            ref[s0:s0 + n] = o[0].reshape(n, -1)
+        real = torch.zeros(t, dtype=torch.bool)
+        for s0, n in zip(starts, lens):
+            real[s0:s0 + n] = True
+        keep = cp.shard_packed(real, cu_pad)
+        torch.testing.assert_close(out[keep], cp.shard_packed(ref, cu_pad)[keep], rtol=1e-5, atol=1e-5)
+        return True
+    finally:
+        parallel_state.destroy_model_parallel()
+
+
+@needs_megatron
+@pytest.mark.dist
+def test_core_attention_packed_thd_context_parallel():
+    """Megatron's THD + CP (padded sequences, chunks r and 2cp-1-r of each on rank r) through cp_comm_type a2a."""
+    if torch.cuda.is_available():
+        pytest.skip("CPU (gloo) comparison")
+    assert all(run_distributed(_thd_cp_step, 2, env=_ENV))
 
 
 # ------------------------------------------------------------------------------------------------ GPU: MoELayer

@@ -287,6 +287,46 @@ def test_cp_a2a_varlen_matches_single_process(world_size):
     assert all(r == want for r in results), results
 
 
+def _zigzag_cp(rank, world_size, causal, hq, hkv):
+    """Megatron's THD layout (per-sequence zigzag, cp.shard_packed) through a2a vs one process."""
+    torch.set_num_threads(1)
+    dev = rank_device()
+    unit = 2 * world_size
+    lens = [2 * unit, 0, 5 * unit, unit, 3 * unit]
+    g = seeded(71)
+    t = sum(lens)
+    q, do = (torch.randn(t, hq, 16, generator=g).to(dev) for _ in range(2))
+    k, v = (torch.randn(t, hkv, 16, generator=g).to(dev) for _ in range(2))
+    cu = cu_of(lens, dev)
+    ql, kl, vl = (cp.shard_packed(x, cu).detach().requires_grad_() for x in (q, k, v))
+    o = flash_attn_varlen_func(ql, kl, vl, cu, cu, max(lens), max(lens), causal=causal,
+                               cp_param_bundle={"cp_group": None, "cp_comm_type": "a2a", "load_balance": True})
+    o.backward(cp.shard_packed(do, cu))
+    o_ref, _, dq_ref, dk_ref, dv_ref = per_sequence_dense(q, k, v, do, cu, cu, causal)
+    for name, got, ref in (("o", o.detach(), o_ref), ("dq", ql.grad, dq_ref), ("dk", kl.grad, dk_ref),
+                           ("dv", vl.grad, dv_ref)):
+        torch.testing.assert_close(got.float(), cp.shard_packed(ref, cu).float(), atol=1e-4, rtol=1e-4,
+                                   msg=f"zigzag a2a {name} rank {rank}/{world_size} causal={causal}")
+    return True
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("world_size", world_sizes_for_device(2, 4))
+@pytest.mark.parametrize("causal,hq,hkv", [(True, 4, 2), (False, 4, 4)])
+def test_cp_a2a_varlen_thd_zigzag_matches_single_process(world_size, causal, hq, hkv):
+    """Megatron / TransformerEngine THD context parallelism: every sequence in 2*cp chunks, rank r holding
+    chunks r and 2cp-1-r of each; a2a permutes to natural order around the varlen kernels."""
+    assert all(run_distributed(_zigzag_cp, world_size, args=(causal, hq, hkv)))
+
+
+def test_packed_zigzag_order():
+    from turbo_dist.cp.a2a import packed_zigzag_order
+
+    order = packed_zigzag_order([0, 8, 8, 12], 2).tolist()  # chunks of 2 (seq 0) and 1 (seq 2)
+    assert order == [0, 1, 6, 7, 8, 11, 2, 3, 4, 5, 9, 10]
+    assert sorted(order) == list(range(12))
+
+
 @pytest.mark.dist
 @pytest.mark.parametrize("world_size", world_sizes_for_device(2, 4))
 @pytest.mark.parametrize("mode", ["allgather", "ring"])
@@ -359,8 +399,10 @@ def _cp_varlen_errors(rank, world_size):
     with pytest.raises(NotImplementedError, match="return_lse"):
         flash_attn_varlen_func(x, x, x, cu, cu, 8, 8, return_lse=True,
                                cp_param_bundle={"cp_group": None, "cp_comm_type": "a2a"})
-    with pytest.raises(ValueError, match="load balancing does not apply"):
+    with pytest.raises(ValueError, match="not divisible"):  # zigzag: every length a multiple of 2*cp
         cp.context_parallel_attention(x, x, x, cp_comm_type="a2a", load_balance=True, **kw)
+    with pytest.raises(NotImplementedError, match="zigzag"):
+        cp.context_parallel_attention(x, x, x, cp_comm_type="ring", load_balance=True, **kw)
     with pytest.raises(ValueError, match="divisible by cp"):
         bad = cu_of([5, 3, 8 - world_size], dev)  # the global length is not the shards' total
         cp.context_parallel_attention(x, x, x, cp_comm_type="a2a", cu_seqlens_q=bad, cu_seqlens_k=bad)

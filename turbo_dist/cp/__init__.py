@@ -20,8 +20,9 @@ Packed variable-length sequences (cu_seqlens_q/cu_seqlens_k, flash-attn's varlen
 ("ring": each step attends to the slice of the K/V block the local sequences reach; "allgather": K/V
 gathered, sliced to the keys this rank's sequences need; "a2a": whole packed sequence per head group).
 q/k/v are [T/cp, H, D], rank r holding the contiguous shard r of the packed tokens
-(`shard(x, g, seq_dim=0, load_balance=False)`: load balancing does not apply, so load_balance must be
-left unset or False; T % cp == 0, pad the packed sequence otherwise). cu_seqlens are global (over the
+(`shard(x, g, seq_dim=0, load_balance=False)`; T % cp == 0, pad the packed sequence otherwise), or, with
+load_balance=True and "a2a" only, Megatron / TransformerEngine's THD layout (`shard_packed`: every
+sequence, its length divisible by 2*cp, cut into 2*cp chunks, rank r holding chunks r and 2cp-1-r). cu_seqlens are global (over the
 whole packed T, the same on every rank). Causal ring needs cu_seqlens_q == cu_seqlens_k.
 """
 import logging
@@ -32,9 +33,9 @@ from turbo_dist.ops.attention import check_attention_inputs, default_scale
 from turbo_dist.ops.attention_varlen import check_varlen_inputs
 from turbo_dist.runtime import get_runtime
 
-from .a2a import a2a_attention, a2a_varlen_attention
+from .a2a import a2a_attention, a2a_varlen_attention, packed_zigzag_order
 from .allgather import allgather_attention, allgather_varlen_attention
-from .layout import chunk_ids, local_positions, shard, unshard
+from .layout import _group_info, chunk_ids, local_positions, shard, unshard
 from .ring import ring_attention, ring_varlen_attention
 
 log = logging.getLogger("turbo_dist")
@@ -59,7 +60,8 @@ def context_parallel_attention(q, k, v, causal=False, softmax_scale=None, cp_gro
     Packed variable-length sequences (every mode; causal "ring" needs cu_seqlens_q == cu_seqlens_k): cu_seqlens_q/cu_seqlens_k [B+1] int32/int64 on q's
     device, GLOBAL (0, non-decreasing, ending at the whole packed length T = cp * local length, the same
     on every rank); max_seqlen_q/_k: None or an int >= the longest sequence. q: [T/cp, Hq, D], k/v:
-    [T/cp, Hkv, D], this rank's contiguous shard (load_balance must be None or False);
+    [T/cp, Hkv, D], this rank's contiguous shard (load_balance None or False) or, "a2a" only, its
+    per-sequence zigzag shard (load_balance=True, `shard_packed`);
     returns o: [T/cp, Hq, D]. Causal masks align bottom-right within each sequence.
     """
     other = [name for name in kw if name in _OTHER_VARLEN_KW]
@@ -104,9 +106,11 @@ def _varlen(q, k, v, causal, softmax_scale, cp_group, mode, load_balance, num_ch
             max_seqlen_q, max_seqlen_k):
     if cu_seqlens_q is None or cu_seqlens_k is None:
         raise ValueError("packed sequences need both cu_seqlens_q and cu_seqlens_k")
-    if load_balance:
-        raise ValueError("packed (cu_seqlens) shards are contiguous: load balancing does not apply, leave "
-                         "load_balance unset or pass False (shard with load_balance=False)")
+    zigzag = bool(load_balance)
+    if zigzag and mode != "a2a":
+        raise NotImplementedError(
+            f"packed sequences in the per-sequence zigzag layout (load_balance=True, Megatron's THD layout) run "
+            f"with cp_comm_type='a2a' only, not {mode!r}; contiguous shards (load_balance=False) take every mode")
     rt = get_runtime(cp_group)
     cp = rt.world_size
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -130,6 +134,15 @@ def _varlen(q, k, v, causal, softmax_scale, cp_group, mode, load_balance, num_ch
     max_seqlen_q, max_seqlen_k = check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                                      max_seqlen_k, total_q=q.shape[0] * cp,
                                                      total_k=k.shape[0] * cp)
+    if zigzag and cp > 1:
+        lens = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).tolist()
+        if not torch.equal(cu_seqlens_q.cpu(), cu_seqlens_k.cpu()):
+            raise NotImplementedError("the per-sequence zigzag layout needs cu_seqlens_q == cu_seqlens_k")
+        bad = [n for n in lens if n % (2 * cp)]
+        if bad:
+            raise ValueError(f"the per-sequence zigzag layout cuts every sequence into 2*cp = {2 * cp} chunks: "
+                             f"lengths {bad[:4]} are not divisible by it (pad each sequence, as Megatron's "
+                             f"cu_seqlens_q_padded does)")
     for name, t in (("q", q), ("k", k), ("v", v)):
         rt.check_tensor(t, name)
     scale = default_scale(q, softmax_scale)
@@ -142,7 +155,22 @@ def _varlen(q, k, v, causal, softmax_scale, cp_group, mode, load_balance, num_ch
     if mode == "allgather":
         return allgather_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, bool(causal), scale, rt, num_chunks)
     return a2a_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bool(causal),
-                                scale, rt, num_chunks)
+                                scale, rt, num_chunks, zigzag=zigzag)
 
 
-__all__ = ["context_parallel_attention", "shard", "unshard", "local_positions", "chunk_ids", "COMM_TYPES"]
+def shard_packed(x, cu_seqlens, group=None, seq_dim=0):
+    """This rank's tokens of a packed sequence (the same on every rank) in the per-sequence zigzag layout of
+    Megatron / TransformerEngine THD context parallelism: chunks r and 2cp-1-r of every sequence (each length
+    divisible by 2*cp), sequence after sequence. Differentiable (an index_select of x)."""
+    rank, cp = _group_info(group)
+    if cp == 1:
+        return x
+    order = packed_zigzag_order(torch.as_tensor(cu_seqlens).tolist(), cp).to(x.device)
+    if order.numel() != x.shape[seq_dim]:
+        raise ValueError(f"shard_packed: cu_seqlens cover {order.numel()} tokens, x has {x.shape[seq_dim]}")
+    n = order.numel() // cp
+    return x.index_select(seq_dim, order[rank * n:(rank + 1) * n])
+
+
+__all__ = ["context_parallel_attention", "shard", "shard_packed", "unshard", "local_positions", "chunk_ids",
+           "COMM_TYPES"]

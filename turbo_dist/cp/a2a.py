@@ -161,12 +161,50 @@ def _varlen_kernels(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
     return fwd, bwd
 
 
+def packed_zigzag_order(cu_seqlens, cp):
+    """Megatron / TransformerEngine THD layout under context parallelism: every sequence (length divisible by
+    2*cp) is cut into 2*cp chunks and rank r holds chunks r and 2cp-1-r of each, sequence after sequence.
+    Returns the global (natural) position of each token of the rank-major concatenation of all ranks' local
+    shards, int64 [T] (host)."""
+    cu = [int(x) for x in cu_seqlens]
+    pieces = []
+    for r in range(cp):
+        for s0, s1 in zip(cu, cu[1:]):
+            c = (s1 - s0) // (2 * cp)
+            pieces += [torch.arange(s0 + r * c, s0 + (r + 1) * c),
+                       torch.arange(s0 + (2 * cp - 1 - r) * c, s0 + (2 * cp - r) * c)]
+    return torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.int64)
+
+
+def _permuted(kernels, g2n):
+    """Kernels of the B=1 view taking the rank-major gathered order (position p holds natural token g2n[p]):
+    the wrapped varlen kernels run in natural order, the results go back to the gathered order."""
+    fwd0, bwd0 = kernels
+    n2g = torch.empty_like(g2n)
+    n2g[g2n] = torch.arange(g2n.numel(), device=g2n.device)
+
+    def fwd(q, k, v, causal, scale):
+        o, lse = fwd0(q[:, n2g], k[:, n2g], v[:, n2g], causal, scale)
+        return o[:, g2n], lse[:, :, g2n]
+
+    def bwd(do, q, k, v, o, lse, causal, scale):
+        dq, dk, dv = bwd0(do[:, n2g], q[:, n2g], k[:, n2g], v[:, n2g], o[:, n2g], lse[:, :, n2g].contiguous(),
+                          causal, scale)
+        return dq[:, g2n], dk[:, g2n], dv[:, g2n]
+
+    return fwd, bwd
+
+
 def a2a_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, rt,
-                         num_chunks=2):
-    """q: [T/cp, Hq, D], k/v: [T/cp, Hkv, D], rank r's contiguous shard of the packed sequence; cu_seqlens
-    global (validated by the caller). Returns o: [T/cp, Hq, D]."""
+                         num_chunks=2, zigzag=False):
+    """q: [T/cp, Hq, D], k/v: [T/cp, Hkv, D], rank r's shard of the packed sequence: contiguous (shard r), or
+    with zigzag=True the per-sequence zigzag of Megatron's THD layout (packed_zigzag_order; the caller checked
+    cu_seqlens_q == cu_seqlens_k, each length divisible by 2*cp). cu_seqlens global (validated by the
+    caller). Returns o: [T/cp, Hq, D]."""
     kv_replication(q.shape[1], k.shape[1], rt.world_size)  # validate before any communication
     kernels = _varlen_kernels(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    if zigzag and rt.world_size > 1:
+        kernels = _permuted(kernels, packed_zigzag_order(cu_seqlens_q.tolist(), rt.world_size).to(q.device))
     out = A2AAttention.apply(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), causal, scale, rt, False, num_chunks,
                              kernels)
     return out[0]

@@ -396,8 +396,9 @@ class TurboDistCoreAttention(MegatronModule):
     are this rank's zigzag shard of the sequence (Megatron's get_batch_on_this_cp_rank layout) and the
     attention spans the whole sequence over the CP group: cp_comm_type "p2p" (ring), "a2a" (Ulysses) or
     "all_gather". Supported: causal or no mask, no dropout, vanilla softmax, no sliding window, no attention
-    bias; packed sequences (PackedSeqParams, qkv_format "thd": query [t, np, hn] -> [t, np * hn]) without
-    context parallelism; anything else raises NotImplementedError.
+    bias; packed sequences (PackedSeqParams, qkv_format "thd": query [t, np, hn] -> [t, np * hn]), with
+    context parallelism in Megatron's THD layout through cp_comm_type "a2a"; anything else raises
+    NotImplementedError.
     """
 
     def __init__(self, config, layer_number, attn_mask_type, attention_type, attention_dropout=None,
@@ -449,11 +450,13 @@ class TurboDistCoreAttention(MegatronModule):
         Megatron pads each sequence: real tokens first, padding after) -> [t, np * hn]."""
         if getattr(params, "qkv_format", None) != "thd":
             raise NotImplementedError(f"TurboDistCoreAttention: packed qkv_format {params.qkv_format!r} (thd only)")
-        if self.cp_group is not None:
-            raise NotImplementedError(
-                "TurboDistCoreAttention: packed (thd) sequences with context parallelism: Megatron shards each "
-                "sequence into 2*cp chunks (TransformerEngine's THD layout), which our CP does not take; "
-                "turbo_dist.ops.flash_attn_varlen_func takes contiguous shards with cp_comm_type 'a2a'/'allgather'")
+        bundle = None
+        if self.cp_group is not None:  # Megatron's THD CP layout: chunks r and 2cp-1-r of every sequence
+            if self.cp_comm_type != "a2a":
+                raise NotImplementedError(
+                    f"TurboDistCoreAttention: packed (thd) sequences with context parallelism run with cp_comm_type "
+                    f"'a2a' only (Megatron's per-sequence zigzag layout), not {self.cp_comm_type!r}")
+            bundle = {"cp_group": self.cp_group, "cp_comm_type": "a2a", "load_balance": True}
         if query.dim() != 3 or key.dim() != 3 or value.shape != key.shape:
             raise ValueError(f"thd expects query [t, np, hn] and key/value [t, ng, hn], got {tuple(query.shape)}, "
                              f"{tuple(key.shape)}, {tuple(value.shape)}")
@@ -466,7 +469,7 @@ class TurboDistCoreAttention(MegatronModule):
             raise NotImplementedError("TurboDistCoreAttention: padded thd sequences (cu_seqlens_*_padded != "
                                       "cu_seqlens_*) need a causal mask")
         out = flash_attn_varlen_func(query, key, value, cu_q.to(query.device), cu_k.to(query.device), None, None,
-                                     softmax_scale=self.softmax_scale, causal=causal)
+                                     softmax_scale=self.softmax_scale, causal=causal, cp_param_bundle=bundle)
         return out.reshape(out.shape[0], -1)
 
 
