@@ -493,12 +493,12 @@ def test_core_attention_packed_thd(padded):
             noncausal(q, k, v, None, packed_seq_params=params)
     with pytest.raises(NotImplementedError, match="thd only"):
         attn(q, k, v, None, packed_seq_params=PackedSeqParams(qkv_format="sbhd"))
-    attn.cp_group, attn.cp_comm_type = object(), "ring"  # as with context_parallel_size > 1
-    with pytest.raises(NotImplementedError, match="'a2a' only"):
+    attn.cp_group, attn.cp_comm_type = object(), "allgather"  # as with context_parallel_size > 1
+    with pytest.raises(NotImplementedError, match="'p2p' or 'a2a'"):
         attn(q, k, v, None, packed_seq_params=params)
 
 
-def _thd_cp_step(rank, world_size):
+def _thd_cp_step(rank, world_size, comm):
     from megatron.core import parallel_state
     from megatron.core.packed_seq_params import PackedSeqParams
     from megatron.core.transformer.enums import AttnMaskType
@@ -512,8 +512,8 @@ def _thd_cp_step(rank, world_size):
     try:
         config = TransformerConfig(num_layers=1, hidden_size=HEADS * HEAD_DIM, num_attention_heads=HEADS,
                                    num_query_groups=KV_HEADS, attention_dropout=0.0, context_parallel_size=world_size,
-                                   cp_comm_type="a2a", use_cpu_initialization=True)
-        attn = tdm.TurboDistCoreAttention(config, 1, AttnMaskType.causal, "self", cp_comm_type="a2a")
+                                   cp_comm_type=comm, use_cpu_initialization=True)
+        attn = tdm.TurboDistCoreAttention(config, 1, AttnMaskType.causal, "self", cp_comm_type=comm)
         unit = 2 * world_size
         lens, slots = [3 * unit - 1, unit, 2 * unit], [3 * unit, unit, 2 * unit]  # Megatron pads to 2*cp multiples
         starts = [0] + torch.tensor(slots).cumsum(0).tolist()
@@ -544,11 +544,12 @@ def _thd_cp_step(rank, world_size):
 
 @needs_megatron
 @pytest.mark.dist
-def test_core_attention_packed_thd_context_parallel():
-    """Megatron's THD + CP (padded sequences, chunks r and 2cp-1-r of each on rank r) through cp_comm_type a2a."""
+@pytest.mark.parametrize("comm", ["p2p", "a2a"])
+def test_core_attention_packed_thd_context_parallel(comm):
+    """Megatron's THD + CP (padded sequences, chunks r and 2cp-1-r of each on rank r) through p2p (ring) / a2a."""
     if torch.cuda.is_available():
         pytest.skip("CPU (gloo) comparison")
-    assert all(run_distributed(_thd_cp_step, 2, env=_ENV))
+    assert all(run_distributed(_thd_cp_step, 2, args=(comm,), env=_ENV))
 
 
 # ------------------------------------------------------------------------------------------------ GPU: MoELayer

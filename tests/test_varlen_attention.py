@@ -287,8 +287,8 @@ def test_cp_a2a_varlen_matches_single_process(world_size):
     assert all(r == want for r in results), results
 
 
-def _zigzag_cp(rank, world_size, causal, hq, hkv):
-    """Megatron's THD layout (per-sequence zigzag, cp.shard_packed) through a2a vs one process."""
+def _zigzag_cp(rank, world_size, causal, hq, hkv, mode="a2a"):
+    """Megatron's THD layout (per-sequence zigzag, cp.shard_packed) through `mode` vs one process."""
     torch.set_num_threads(1)
     dev = rank_device()
     unit = 2 * world_size
@@ -300,23 +300,25 @@ def _zigzag_cp(rank, world_size, causal, hq, hkv):
     cu = cu_of(lens, dev)
     ql, kl, vl = (cp.shard_packed(x, cu).detach().requires_grad_() for x in (q, k, v))
     o = flash_attn_varlen_func(ql, kl, vl, cu, cu, max(lens), max(lens), causal=causal,
-                               cp_param_bundle={"cp_group": None, "cp_comm_type": "a2a", "load_balance": True})
+                               cp_param_bundle={"cp_group": None, "cp_comm_type": mode, "load_balance": True})
     o.backward(cp.shard_packed(do, cu))
     o_ref, _, dq_ref, dk_ref, dv_ref = per_sequence_dense(q, k, v, do, cu, cu, causal)
     for name, got, ref in (("o", o.detach(), o_ref), ("dq", ql.grad, dq_ref), ("dk", kl.grad, dk_ref),
                            ("dv", vl.grad, dv_ref)):
         torch.testing.assert_close(got.float(), cp.shard_packed(ref, cu).float(), atol=1e-4, rtol=1e-4,
-                                   msg=f"zigzag a2a {name} rank {rank}/{world_size} causal={causal}")
+                                   msg=f"zigzag {mode} {name} rank {rank}/{world_size} causal={causal}")
     return True
 
 
 @pytest.mark.dist
 @pytest.mark.parametrize("world_size", world_sizes_for_device(2, 4))
 @pytest.mark.parametrize("causal,hq,hkv", [(True, 4, 2), (False, 4, 4)])
-def test_cp_a2a_varlen_thd_zigzag_matches_single_process(world_size, causal, hq, hkv):
+@pytest.mark.parametrize("mode", ["a2a", "ring"])
+def test_cp_varlen_thd_zigzag_matches_single_process(world_size, causal, hq, hkv, mode):
     """Megatron / TransformerEngine THD context parallelism: every sequence in 2*cp chunks, rank r holding
-    chunks r and 2cp-1-r of each; a2a permutes to natural order around the varlen kernels."""
-    assert all(run_distributed(_zigzag_cp, world_size, args=(causal, hq, hkv)))
+    chunks r and 2cp-1-r of each; a2a permutes to natural order around the varlen kernels, ring attends each
+    query chunk to the earlier (and, on the diagonal step, its own) chunks of the rotating blocks."""
+    assert all(run_distributed(_zigzag_cp, world_size, args=(causal, hq, hkv, mode)))
 
 
 def test_packed_zigzag_order():
@@ -402,7 +404,7 @@ def _cp_varlen_errors(rank, world_size):
     with pytest.raises(ValueError, match="not divisible"):  # zigzag: every length a multiple of 2*cp
         cp.context_parallel_attention(x, x, x, cp_comm_type="a2a", load_balance=True, **kw)
     with pytest.raises(NotImplementedError, match="zigzag"):
-        cp.context_parallel_attention(x, x, x, cp_comm_type="ring", load_balance=True, **kw)
+        cp.context_parallel_attention(x, x, x, cp_comm_type="allgather", load_balance=True, **kw)
     with pytest.raises(ValueError, match="divisible by cp"):
         bad = cu_of([5, 3, 8 - world_size], dev)  # the global length is not the shards' total
         cp.context_parallel_attention(x, x, x, cp_comm_type="a2a", cu_seqlens_q=bad, cu_seqlens_k=bad)

@@ -174,15 +174,59 @@ def _merge_safe(out, lse, out_blk, lse_blk):
     lse.copy_(new)
 
 
-def _varlen_steps(q, cu_seqlens_q, cu_seqlens_k, causal, rt):
-    """Per ring step: None (nothing to compute) or (cu_q, cu_k, max_q, max_k, k_start, k_end) on q's device,
-    key offsets relative to the block."""
+def _take(t, keys):
+    """The keys a step attends to: a slice (k0, k1) of the block, or an index tensor of its rows."""
+    return t[keys[0]:keys[1]].contiguous() if isinstance(keys, tuple) else t.index_select(0, keys)
+
+
+def _put(acc, keys, grad):
+    if isinstance(keys, tuple):
+        acc[keys[0]:keys[1]] += grad
+    else:
+        acc.index_add_(0, keys, grad.to(acc.dtype))
+
+
+def _plan(cq, ck, keys, dev):
+    return (torch.tensor(cq, dtype=torch.int32, device=dev), torch.tensor(ck, dtype=torch.int32, device=dev),
+            max(b - a for a, b in zip(cq, cq[1:])), max(b - a for a, b in zip(ck, ck[1:])), keys)
+
+
+def ring_zigzag_layout(cu, cp, rank, src, causal):
+    """Packed sequences in the per-sequence zigzag layout (cp.shard_packed: chunks r and 2cp-1-r of every
+    sequence, sequence after sequence), ring step with src's block: (cu_q_local, cu_k_local, key rows of the
+    block) host lists. Query piece "chunk a" of a sequence attends the block's chunks b of the same sequence
+    with b < a fully and b == a (the diagonal step) causally: its keys are those chunks in ascending b, so the
+    bottom-right aligned causal mask of the step covers both."""
+    cq, ck, rows, off = [0], [0], [], 0
+    for s0, s1 in zip(cu, cu[1:]):
+        c = (s1 - s0) // (2 * cp)
+        if c == 0:
+            continue
+        block = ((src, off), (2 * cp - 1 - src, off + c))  # src's chunks of this sequence, at these block rows
+        for a in (rank, 2 * cp - 1 - rank):
+            for b, row in sorted(block):
+                if not causal or b <= a:
+                    rows.extend(range(row, row + c))
+            cq.append(cq[-1] + c)
+            ck.append(len(rows))
+        off += 2 * c
+    return cq, ck, rows
+
+
+def _varlen_steps(q, cu_seqlens_q, cu_seqlens_k, causal, rt, zigzag=False):
+    """Per ring step: None (nothing to compute) or (cu_q, cu_k, max_q, max_k, keys) on q's device, keys the
+    rows of the step's K/V block it attends: a (start, end) slice, or (zigzag) an index tensor."""
     cp, rank, t_loc = rt.world_size, rt.rank, q.shape[0]
     cu_q, cu_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     q_lo = rank * t_loc
     steps = []
     for step in range(cp):
         src = (rank - step) % cp
+        if zigzag:
+            cq, ck, rows = ring_zigzag_layout(cu_q, cp, rank, src, causal)
+            steps.append(_plan(cq, ck, torch.tensor(rows, dtype=torch.int64, device=q.device), q.device)
+                         if rows else None)
+            continue
         if causal and src > rank:  # contiguous layout: later blocks are all in the future
             steps.append(None)
             continue
@@ -191,10 +235,7 @@ def _varlen_steps(q, cu_seqlens_q, cu_seqlens_k, causal, rt):
         if k1 == k0:
             steps.append(None)
             continue
-        dev = q.device
-        steps.append((torch.tensor(cq, dtype=torch.int32, device=dev), torch.tensor(ck, dtype=torch.int32, device=dev),
-                      max(b - a for a, b in zip(cq, cq[1:])), max(b - a for a, b in zip(ck, ck[1:])),
-                      k0 - k_lo, k1 - k_lo))
+        steps.append(_plan(cq, ck, (k0 - k_lo, k1 - k_lo), q.device))
     return steps
 
 
@@ -208,9 +249,9 @@ def ring_varlen_forward(q, k, v, steps, causal, scale, rt):
         pending = _comm.ring_shift(kv, rt) if step + 1 < cp else None
         plan = steps[step]
         if plan is not None:
-            cu_q, cu_k, max_q, max_k, k0, k1 = plan
-            o_b, l_b = _varlen_fwd(q, kv[0][k0:k1].contiguous(), kv[1][k0:k1].contiguous(), cu_q, cu_k,
-                                                max_q, max_k, causal and step == 0, scale)
+            cu_q, cu_k, max_q, max_k, keys = plan
+            o_b, l_b = _varlen_fwd(q, _take(kv[0], keys), _take(kv[1], keys), cu_q, cu_k, max_q, max_k,
+                                   causal and step == 0, scale)
             _merge_safe(out, lse, o_b[None], l_b[None])
         if pending is not None:
             kv = pending.wait()
@@ -229,13 +270,12 @@ def ring_varlen_backward(do, q, k, v, out, lse, steps, causal, scale, rt):
             dkv = pend_dkv.wait()  # the accumulator of this step's K/V block, from the previous rank
         plan = steps[step]
         if plan is not None:
-            cu_q, cu_k, max_q, max_k, k0, k1 = plan
-            dq_b, dk_b, dv_b = _varlen_bwd(do, q, kv[0][k0:k1].contiguous(), kv[1][k0:k1].contiguous(),
-                                                         out, lse, cu_q, cu_k, max_q, max_k, causal and step == 0,
-                                                         scale)
+            cu_q, cu_k, max_q, max_k, keys = plan
+            dq_b, dk_b, dv_b = _varlen_bwd(do, q, _take(kv[0], keys), _take(kv[1], keys), out, lse, cu_q, cu_k,
+                                           max_q, max_k, causal and step == 0, scale)
             dq += dq_b
-            dkv[0][k0:k1] += dk_b
-            dkv[1][k0:k1] += dv_b
+            _put(dkv[0], keys, dk_b)
+            _put(dkv[1], keys, dv_b)
         pend_dkv = _comm.ring_shift(dkv, rt)  # after the last step this sends the accumulator home
         if pend_kv is not None:
             kv = pend_kv.wait()
@@ -243,10 +283,11 @@ def ring_varlen_backward(do, q, k, v, out, lse, steps, causal, scale, rt):
     return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)
 
 
-def ring_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, rt):
-    """q: [T/cp, Hq, D], k/v: [T/cp, Hkv, D], rank r's contiguous shard of the packed sequence; cu_seqlens
-    global (validated by the caller; causal needs cu_seqlens_q == cu_seqlens_k). K/V blocks rotate as in
-    ring_attention; each step attends the queries to the slice of the block their sequences reach (causal:
-    blocks of later ranks skipped, the diagonal one masked). Returns o: [T/cp, Hq, D]."""
-    steps = _varlen_steps(q, cu_seqlens_q, cu_seqlens_k, causal, rt)
+def ring_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, rt, zigzag=False):
+    """q: [T/cp, Hq, D], k/v: [T/cp, Hkv, D], rank r's shard of the packed sequence: contiguous, or with
+    zigzag=True the per-sequence zigzag of cp.shard_packed (balanced causal work); cu_seqlens global
+    (validated by the caller; causal needs cu_seqlens_q == cu_seqlens_k, zigzag lengths divisible by 2*cp).
+    K/V blocks rotate as in ring_attention; each step attends the queries to the rows of the block their
+    sequences reach (ring_block_layout / ring_zigzag_layout). Returns o: [T/cp, Hq, D]."""
+    steps = _varlen_steps(q, cu_seqlens_q, cu_seqlens_k, causal, rt, zigzag)
     return _Ring.apply(q, k, v, ring_varlen_forward, ring_varlen_backward, steps, causal, scale, rt)
