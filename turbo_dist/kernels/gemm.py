@@ -105,6 +105,25 @@ def _block_scales(sa_ptr, sb_ptr, kb, offs_m, mask_m, off_n, offs_n, mask_n,
 
 
 @triton.jit
+def _mma_step(acc, f_prev, a, b, sa_ptr, sb_ptr, kb, offs_m, mask_m, off_n, offs_n, mask_n,
+              stride_sam, stride_sak, stride_sbk, stride_sbn,
+              SCALE_MODE: tl.constexpr, SB_N: tl.constexpr, BLOCK_N: tl.constexpr, RESCALE: tl.constexpr):
+    """One K step of a TMA tile: acc += a @ b, blockwise-scaled per step for SCALE_MODE 3 (RESCALE: in units of
+    this step's factor, see _tma_tile). Returns (acc, f_prev), f_prev the factor the accumulator is in."""
+    if SCALE_MODE == 3:
+        f = _block_scales(sa_ptr, sb_ptr, kb, offs_m, mask_m, off_n, offs_n, mask_n,
+                          stride_sam, stride_sak, stride_sbk, stride_sbn, SB_N, BLOCK_N)
+        if RESCALE:
+            acc = tl.dot(a, b, acc * (f_prev / f))
+            f_prev = f
+        else:
+            acc += tl.dot(a, b) * f
+    else:
+        acc = tl.dot(a, b, acc)
+    return acc, f_prev
+
+
+@triton.jit
 def _swizzle(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
     """Tile index -> (pid_m, pid_n) in grouped order: GROUP_M row-blocks share B column-blocks while they
     sit in L2."""
@@ -149,6 +168,7 @@ def _tma_tile(a_desc, b_desc, sa_ptr, sb_ptr, K, off_m, off_n, offs_m, mask_m, o
     the end: one fp32 tile live instead of two (room for wider tiles), no separate partial product. Needs
     nonzero scales (the quantizers never produce zero)."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    f_prev = 1.0  # the scale factor acc is in (RESCALE only)
     if SCALE_MODE == 3 and RESCALE:
         f_prev = _block_scales(sa_ptr, sb_ptr, 0, offs_m, mask_m, off_n, offs_n, mask_n,
                                stride_sam, stride_sak, stride_sbk, stride_sbn, SB_N, BLOCK_N)
@@ -162,16 +182,8 @@ def _tma_tile(a_desc, b_desc, sa_ptr, sb_ptr, K, off_m, off_n, offs_m, mask_m, o
             b = b_desc.load([off_n, k0]).T
         else:
             b = b_desc.load([k0, off_n])
-        if SCALE_MODE == 3:
-            f = _block_scales(sa_ptr, sb_ptr, kb, offs_m, mask_m, off_n, offs_n, mask_n,
-                              stride_sam, stride_sak, stride_sbk, stride_sbn, SB_N, BLOCK_N)
-            if RESCALE:
-                acc = tl.dot(a, b, acc * (f_prev / f))
-                f_prev = f
-            else:
-                acc += tl.dot(a, b) * f
-        else:
-            acc = tl.dot(a, b, acc)
+        acc, f_prev = _mma_step(acc, f_prev, a, b, sa_ptr, sb_ptr, kb, offs_m, mask_m, off_n, offs_n, mask_n,
+                                stride_sam, stride_sak, stride_sbk, stride_sbn, SCALE_MODE, SB_N, BLOCK_N, RESCALE)
     if SCALE_MODE == 3 and RESCALE:
         acc = acc * f_prev
     return _scale_epilogue(acc, sa_ptr, sb_ptr, offs_m, mask_m, offs_n, mask_n, stride_sam, stride_sbn, SCALE_MODE)

@@ -20,8 +20,8 @@ import triton
 import triton.language as tl
 
 from . import gemm as _gemm
-from .gemm import (SCALE_BLOCK, SCALE_NONE, TensorDescriptor, _block_scales, _scale_epilogue, _store_tile,
-                   interpreting)
+from .gemm import (SCALE_BLOCK, SCALE_NONE, TensorDescriptor, _block_scales, _mma_step, _scale_epilogue,
+                   _store_tile, interpreting)
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
 CONFIGS_16 = [
@@ -180,6 +180,7 @@ def _grouped_gemm_tma_kernel(
         mask_m = offs_m < row1
         mask_n = offs_n < N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        f_prev = 1.0  # the scale factor acc is in (RESCALE only)
         if SCALE_MODE == 3 and RESCALE:  # see kernels/gemm.py _tma_tile: accumulate in units of the current f
             f_prev = _block_scales(sa_ptr, sb_ptr + g * stride_sbg, 0, offs_m, mask_m, pid_n * BLOCK_N, offs_n,
                                    mask_n, stride_sam, stride_sak, stride_sbk, stride_sbn, SB_N, BLOCK_N)
@@ -190,16 +191,9 @@ def _grouped_gemm_tma_kernel(
                 b = b_desc.load([g, off_n, k0]).reshape(BLOCK_N, BLOCK_K).T
             else:
                 b = b_desc.load([g, k0, off_n]).reshape(BLOCK_K, BLOCK_N)
-            if SCALE_MODE == 3:
-                f = _block_scales(sa_ptr, sb_ptr + g * stride_sbg, kb, offs_m, mask_m, pid_n * BLOCK_N, offs_n,
-                                  mask_n, stride_sam, stride_sak, stride_sbk, stride_sbn, SB_N, BLOCK_N)
-                if RESCALE:
-                    acc = tl.dot(a, b, acc * (f_prev / f))
-                    f_prev = f
-                else:
-                    acc += tl.dot(a, b) * f
-            else:
-                acc = tl.dot(a, b, acc)
+            acc, f_prev = _mma_step(acc, f_prev, a, b, sa_ptr, sb_ptr + g * stride_sbg, kb, offs_m, mask_m, off_n,
+                                    offs_n, mask_n, stride_sam, stride_sak, stride_sbk, stride_sbn, SCALE_MODE, SB_N,
+                                    BLOCK_N, RESCALE)
         if SCALE_MODE == 3 and RESCALE:
             acc = acc * f_prev
         acc = _scale_epilogue(acc, sa_ptr, sb_ptr + g * stride_sbg, offs_m, mask_m, offs_n, mask_n, stride_sam,
