@@ -121,25 +121,15 @@ def _varlen(q, k, v, causal, softmax_scale, cp_group, mode, load_balance, num_ch
     if k.shape[0] != q.shape[0]:
         raise ValueError(f"context-parallel attention needs q and k/v shards of the same length, got q "
                          f"{tuple(q.shape)} and k {tuple(k.shape)}")
-    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
-        # the CP-specific reading of a wrong end; everything else about cu is checked just below
-        well_formed = (isinstance(cu, torch.Tensor) and cu.dtype in (torch.int32, torch.int64) and cu.dim() == 1
-                       and cu.shape[0] > 0 and cu.device == q.device)
-        total = cu[-1].item() if well_formed else None
-        if total is not None and total != q.shape[0] * cp:
-            raise ValueError(
-                f"{name} ends at {total} tokens but the shards hold {q.shape[0]} tokens x cp={cp} = "
-                f"{q.shape[0] * cp}: cu_seqlens are global, and the packed length must be divisible by cp "
-                f"(pad it) with rank r holding the contiguous shard r"
-            )
-    max_seqlen_q, max_seqlen_k = check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                                     max_seqlen_k, total_q=q.shape[0] * cp,
-                                                     total_k=k.shape[0] * cp)
+    max_seqlen_q, max_seqlen_k, host_q, host_k = check_varlen_inputs(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, total_q=q.shape[0] * cp,
+        total_k=k.shape[0] * cp, return_cu=True,
+        end_hint=(f": the shards hold {q.shape[0]} tokens x cp={cp}; cu_seqlens are global, and the packed length "
+                  f"must be divisible by cp (pad it) with rank r holding shard r"))
     if zigzag and cp > 1:
-        lens = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).tolist()
-        if not torch.equal(cu_seqlens_q.cpu(), cu_seqlens_k.cpu()):
+        if host_q != host_k:
             raise NotImplementedError("the per-sequence zigzag layout needs cu_seqlens_q == cu_seqlens_k")
-        bad = [n for n in lens if n % (2 * cp)]
+        bad = [b - a for a, b in zip(host_q, host_q[1:]) if (b - a) % (2 * cp)]
         if bad:
             raise ValueError(f"the per-sequence zigzag layout cuts every sequence into 2*cp = {2 * cp} chunks: "
                              f"lengths {bad[:4]} are not divisible by it (pad each sequence, as Megatron's "
@@ -148,15 +138,15 @@ def _varlen(q, k, v, causal, softmax_scale, cp_group, mode, load_balance, num_ch
         rt.check_tensor(t, name)
     scale = default_scale(q, softmax_scale)
     if mode == "ring":
-        if causal and not torch.equal(cu_seqlens_q.cpu(), cu_seqlens_k.cpu()):
+        if causal and host_q != host_k:
             raise NotImplementedError("ring attention on packed sequences with a causal mask needs cu_seqlens_q == "
                                       "cu_seqlens_k (self-attention packing); use cp_comm_type 'a2a' or "
                                       "'allgather' for causal cross-attention packing")
-        return ring_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, bool(causal), scale, rt, zigzag=zigzag)
+        return ring_varlen_attention(q, k, v, host_q, host_k, bool(causal), scale, rt, zigzag=zigzag)
     if mode == "allgather":
-        return allgather_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, bool(causal), scale, rt, num_chunks)
+        return allgather_varlen_attention(q, k, v, host_q, host_k, bool(causal), scale, rt, num_chunks)
     return a2a_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bool(causal),
-                                scale, rt, num_chunks, zigzag=zigzag)
+                                scale, rt, num_chunks, zigzag=zigzag, host_cu=host_q)
 
 
 def shard_packed(x, cu_seqlens, group=None, seq_dim=0):

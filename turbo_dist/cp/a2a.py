@@ -196,15 +196,15 @@ def _permuted(kernels, g2n):
 
 
 def a2a_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, rt,
-                         num_chunks=2, zigzag=False):
+                         num_chunks=2, zigzag=False, host_cu=None):
     """q: [T/cp, Hq, D], k/v: [T/cp, Hkv, D], rank r's shard of the packed sequence: contiguous (shard r), or
     with zigzag=True the per-sequence zigzag of Megatron's THD layout (packed_zigzag_order; the caller checked
-    cu_seqlens_q == cu_seqlens_k, each length divisible by 2*cp). cu_seqlens global (validated by the
-    caller). Returns o: [T/cp, Hq, D]."""
+    cu_seqlens_q == cu_seqlens_k, each length divisible by 2*cp; host_cu: cu_seqlens_q as a host list, needed then).
+    cu_seqlens global (validated by the caller). Returns o: [T/cp, Hq, D]."""
     kv_replication(q.shape[1], k.shape[1], rt.world_size)  # validate before any communication
     kernels = _varlen_kernels(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     if zigzag and rt.world_size > 1:
-        kernels = _permuted(kernels, packed_zigzag_order(cu_seqlens_q.tolist(), rt.world_size).to(q.device))
+        kernels = _permuted(kernels, packed_zigzag_order(host_cu, rt.world_size).to(q.device))
     out = A2AAttention.apply(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), causal, scale, rt, False, num_chunks,
                              kernels)
     return out[0]

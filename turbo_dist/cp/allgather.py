@@ -152,10 +152,10 @@ def varlen_local_layout(cu_q, cu_k, lo, hi, causal):
     return cq, ck, k_start, k_start + ck[-1]
 
 
-def _varlen_plan(q, cu_seqlens_q, cu_seqlens_k, causal, rt):
+def _varlen_plan(q, cu_q, cu_k, causal, rt):
     t_loc = q.shape[0]
     lo = rt.rank * t_loc
-    cq, ck, k0, k1 = varlen_local_layout(cu_seqlens_q.tolist(), cu_seqlens_k.tolist(), lo, lo + t_loc, causal)
+    cq, ck, k0, k1 = varlen_local_layout(cu_q, cu_k, lo, lo + t_loc, causal)
     dev = q.device
     cu_q = torch.tensor(cq, dtype=torch.int32, device=dev)
     cu_k = torch.tensor(ck, dtype=torch.int32, device=dev)
@@ -222,10 +222,10 @@ def allgather_varlen_backward(do, q, k, v, out, lse, plan, causal, scale, rt, nc
     return dq, dk, dv
 
 
-def allgather_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, rt, num_chunks=2):
-    """q: [T/cp, Hq, D], k/v: [T/cp, Hkv, D], rank r's contiguous shard of the packed sequence; cu_seqlens
-    global (validated by the caller). K/V are gathered (head groups pipelined) and sliced to the keys this
+def allgather_varlen_attention(q, k, v, cu_q, cu_k, causal, scale, rt, num_chunks=2):
+    """q: [T/cp, Hq, D], k/v: [T/cp, Hkv, D], rank r's contiguous shard of the packed sequence; cu_q / cu_k:
+    the global cu_seqlens as host lists (validated by the caller). K/V are gathered (head groups pipelined) and sliced to the keys this
     rank's sequences need; dK/dV are reduce-scattered back. Returns o: [T/cp, Hq, D]."""
-    plan = _varlen_plan(q, cu_seqlens_q, cu_seqlens_k, causal, rt)
+    plan = _varlen_plan(q, cu_q, cu_k, causal, rt)
     return _Gathered.apply(q, k, v, allgather_varlen_forward, allgather_varlen_backward, plan, causal, scale, rt,
                            num_chunks)

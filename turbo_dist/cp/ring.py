@@ -213,11 +213,10 @@ def ring_zigzag_layout(cu, cp, rank, src, causal):
     return cq, ck, rows
 
 
-def _varlen_steps(q, cu_seqlens_q, cu_seqlens_k, causal, rt, zigzag=False):
+def _varlen_steps(q, cu_q, cu_k, causal, rt, zigzag=False):
     """Per ring step: None (nothing to compute) or (cu_q, cu_k, max_q, max_k, keys) on q's device, keys the
     rows of the step's K/V block it attends: a (start, end) slice, or (zigzag) an index tensor."""
     cp, rank, t_loc = rt.world_size, rt.rank, q.shape[0]
-    cu_q, cu_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     q_lo = rank * t_loc
     steps = []
     for step in range(cp):
@@ -283,11 +282,11 @@ def ring_varlen_backward(do, q, k, v, out, lse, steps, causal, scale, rt):
     return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)
 
 
-def ring_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, rt, zigzag=False):
+def ring_varlen_attention(q, k, v, cu_q, cu_k, causal, scale, rt, zigzag=False):
     """q: [T/cp, Hq, D], k/v: [T/cp, Hkv, D], rank r's shard of the packed sequence: contiguous, or with
     zigzag=True the per-sequence zigzag of cp.shard_packed (balanced causal work); cu_seqlens global
     (validated by the caller; causal needs cu_seqlens_q == cu_seqlens_k, zigzag lengths divisible by 2*cp).
     K/V blocks rotate as in ring_attention; each step attends the queries to the rows of the block their
     sequences reach (ring_block_layout / ring_zigzag_layout). Returns o: [T/cp, Hq, D]."""
-    steps = _varlen_steps(q, cu_seqlens_q, cu_seqlens_k, causal, rt, zigzag)
+    steps = _varlen_steps(q, cu_q, cu_k, causal, rt, zigzag)
     return _Ring.apply(q, k, v, ring_varlen_forward, ring_varlen_backward, steps, causal, scale, rt)

@@ -19,7 +19,7 @@ from .attention import (PRIORITY, _check_grad_inputs, _triton_reason, check_atte
 _CU_DTYPES = (torch.int32, torch.int64)
 
 
-def _check_cu_seqlens(cu, name, total, device):
+def _check_cu_seqlens(cu, name, total, device, end_hint=""):
     """cu: [B+1] int32/int64 on `device`, 0 = cu[0] <= cu[1] <= ... <= cu[B] = total. Returns it as a list."""
     if not isinstance(cu, torch.Tensor):
         raise TypeError(f"{name} must be a tensor, got {type(cu).__name__}")
@@ -37,7 +37,7 @@ def _check_cu_seqlens(cu, name, total, device):
         raise ValueError(f"{name} must be non-decreasing, got {name}[{bad - 1}] = {vals[bad - 1]} > "
                          f"{name}[{bad}] = {vals[bad]}")
     if vals[-1] != total:
-        raise ValueError(f"{name} must end at the packed length {total}, got {vals[-1]}")
+        raise ValueError(f"{name} must end at the packed length {total}, got {vals[-1]}{end_hint}")
     return vals
 
 
@@ -54,22 +54,26 @@ def _check_max_seqlen(max_seqlen, name, vals):
 
 
 def check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None,
-                        total_q=None, total_k=None):
+                        total_q=None, total_k=None, end_hint="", return_cu=False):
     """Validates packed q [Tq, Hq, D], k/v [Tk, Hkv, D] and their cu_seqlens (total_q/total_k: the packed
-    lengths cu_seqlens must end at, default Tq/Tk; context parallelism passes the global ones).
-    Returns (max_seqlen_q, max_seqlen_k), the real maxima where None was given."""
+    lengths cu_seqlens must end at, default Tq/Tk; context parallelism passes the global ones, and an
+    `end_hint` for the error when they do not). Returns (max_seqlen_q, max_seqlen_k), the real maxima where
+    None was given; with return_cu also the cu_seqlens as host lists (read once, here)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
         if t.dim() != 3:
             raise ValueError(f"{name} must be [total_tokens, heads, head_dim] (packed), got shape {tuple(t.shape)}")
     check_attention_inputs(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0))
-    vq = _check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q.shape[0] if total_q is None else total_q, q.device)
-    vk = _check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", k.shape[0] if total_k is None else total_k, q.device)
+    vq = _check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q.shape[0] if total_q is None else total_q, q.device,
+                           end_hint)
+    vk = _check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", k.shape[0] if total_k is None else total_k, q.device,
+                           end_hint)
     if len(vq) != len(vk):
         raise ValueError(f"cu_seqlens_q and cu_seqlens_k must describe the same number of sequences, got "
                          f"{len(vq) - 1} and {len(vk) - 1}")
-    return _check_max_seqlen(max_seqlen_q, "max_seqlen_q", vq), _check_max_seqlen(max_seqlen_k, "max_seqlen_k", vk)
+    maxima = _check_max_seqlen(max_seqlen_q, "max_seqlen_q", vq), _check_max_seqlen(max_seqlen_k, "max_seqlen_k", vk)
+    return (*maxima, vq, vk) if return_cu else maxima
 
 
 def _seq_ranges(cu_q, cu_k):
