@@ -115,32 +115,30 @@ def _free():
         torch.cuda.empty_cache()
 
 
-def bench_single(full, causal, passes, args):
-    """The whole sequence on this GPU: {pass: ms}, o, dq."""
-    from turbo_dist.ops import flash_attn_func
-
-    q, k, v, do = full
+def _time_attn(attn, q, k, v, do, passes, args):
+    """attn(q, k, v) -> o, timed for the requested passes: ({pass: ms}, o, dq of that o against `do`)."""
     ql, kl, vl = (t.detach().clone().requires_grad_() for t in (q, k, v))
 
     def fwd():
         with torch.no_grad():
-            return flash_attn_func(q, k, v, causal=causal)
+            return attn(q, k, v)
 
     def fwdbwd():
         ql.grad = kl.grad = vl.grad = None
-        flash_attn_func(ql, kl, vl, causal=causal).backward(do)
+        attn(ql, kl, vl).backward(do)
 
-    res = {}
-    if "fwd" in passes:
-        res["fwd"] = time_ms(fwd, args.warmup, args.iters)
-    if "fwd+bwd" in passes:
-        res["fwd+bwd"] = time_ms(fwdbwd, args.warmup, args.iters)
+    res = {p: time_ms(f, args.warmup, args.iters) for p, f in (("fwd", fwd), ("fwd+bwd", fwdbwd)) if p in passes}
     o = fwd()
     if ql.grad is None:
         fwdbwd()
-    dq = ql.grad
-    del ql, kl, vl
-    return res, o, dq
+    return res, o, ql.grad
+
+
+def bench_single(full, causal, passes, args):
+    """The whole sequence on this GPU: {pass: ms}, o, dq."""
+    from turbo_dist.ops import flash_attn_func
+
+    return _time_attn(lambda q, k, v: flash_attn_func(q, k, v, causal=causal), *full, passes, args)
 
 
 def bench_ours(mode, local, ref_o, ref_dq, causal, lb, passes, args):
@@ -336,31 +334,15 @@ def run_seqlen_varlen(s, args):
     pairs = sum(n * (n + 1) / 2 if causal else float(n * n) for n in lens)
     flops = 4.0 * hq * d * pairs
 
-    def timed(fn_for, q, k, v, do):
-        ql, kl, vl = (t.detach().clone().requires_grad_() for t in (q, k, v))
-
-        def fwd():
-            with torch.no_grad():
-                return fn_for(q, k, v)
-
-        def fwdbwd():
-            ql.grad = kl.grad = vl.grad = None
-            fn_for(ql, kl, vl).backward(do)
-
-        res = {p: time_ms(f, args.warmup, args.iters) for p, f in (("fwd", fwd), ("fwd+bwd", fwdbwd)) if p in passes}
-        o = fwd()
-        fwdbwd()
-        return res, o, ql.grad
-
-    single, o_ref, dq_ref = timed(lambda q, k, v: flash_attn_varlen_func(q, k, v, cu, cu, mx, mx, causal=causal),
-                                  *full)
+    single, o_ref, dq_ref = _time_attn(lambda q, k, v: flash_attn_varlen_func(q, k, v, cu, cu, mx, mx,
+                                                                              causal=causal), *full, passes, args)
     results = {("single", p): dict(ms=ms) for p, ms in single.items()}
     o_ref_l, dq_ref_l = (cp.shard(t, None, 0, load_balance=False) for t in (o_ref, dq_ref))
     local = [cp.shard(t, None, 0, load_balance=False).contiguous() for t in full]
     for impl in [x for x in args.impls.split(",") if x in OURS]:
         bundle = {"cp_group": None, "cp_comm_type": impl, "num_chunks": args.num_chunks}
-        res, o, dq = timed(lambda q, k, v: flash_attn_varlen_func(q, k, v, cu, cu, mx, mx, causal=causal,
-                                                                  cp_param_bundle=bundle), *local)
+        res, o, dq = _time_attn(lambda q, k, v: flash_attn_varlen_func(q, k, v, cu, cu, mx, mx, causal=causal,
+                                                                       cp_param_bundle=bundle), *local, passes, args)
         err_o, err_dq = rel_err(o, o_ref_l), rel_err(dq, dq_ref_l)
         for p, ms in res.items():
             results[(impl, p)] = dict(ms=ms, rel_err_o=err_o, rel_err_dq=err_dq if p == "fwd+bwd" else None,
