@@ -405,6 +405,9 @@ def _cp_varlen_errors(rank, world_size):
         cp.context_parallel_attention(x, x, x, cp_comm_type="a2a", load_balance=True, **kw)
     with pytest.raises(NotImplementedError, match="zigzag"):
         cp.context_parallel_attention(x, x, x, cp_comm_type="allgather", load_balance=True, **kw)
+    if world_size > 1:
+        with pytest.raises(ValueError, match="not divisible"):
+            cp.shard_packed(torch.zeros(16, 2), cu)
     with pytest.raises(ValueError, match="divisible by cp"):
         bad = cu_of([5, 3, 8 - world_size], dev)  # the global length is not the shards' total
         cp.context_parallel_attention(x, x, x, cp_comm_type="a2a", cu_seqlens_q=bad, cu_seqlens_k=bad)

@@ -156,7 +156,12 @@ def shard_packed(x, cu_seqlens, group=None, seq_dim=0):
     rank, cp = _group_info(group)
     if cp == 1:
         return x
-    order = packed_zigzag_order(torch.as_tensor(cu_seqlens).tolist(), cp).to(x.device)
+    cu = torch.as_tensor(cu_seqlens).tolist()
+    bad = [b - a for a, b in zip(cu, cu[1:]) if (b - a) % (2 * cp)]
+    if bad:
+        raise ValueError(f"shard_packed cuts every sequence into 2*cp = {2 * cp} chunks: lengths {bad[:4]} are not "
+                         f"divisible by it (pad each sequence)")
+    order = packed_zigzag_order(cu, cp).to(x.device)
     if order.numel() != x.shape[seq_dim]:
         raise ValueError(f"shard_packed: cu_seqlens cover {order.numel()} tokens, x has {x.shape[seq_dim]}")
     n = order.numel() // cp
