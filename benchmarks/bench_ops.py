@@ -20,7 +20,8 @@ GPU's datasheet dense peak, common.peak_tflops: 989 TFLOP/s bf16 / 1979 FP8 on H
 - fp8:         8192^3 FP8 GEMM, pre-quantized operands (torch._scaled_mm vs our Triton; tensorwise / rowwise /
                blockwise 1x128 x 128x128) and end to end (`gemm_fp8`, quantization included), vs bf16 cuBLAS.
 - fp8_grouped: FP8 grouped GEMM on the DeepSeek-V3 fc1 shape (pre-quantized and end to end) vs the best bf16
-               grouped GEMM.
+               grouped GEMM; plus BLOCKWISE on host token counts aligned to 128 (as FP8 MoE training pads
+               them), where cuBLASLt's blockwise GEMM runs once per group (backend torch_loop).
 Without CUDA it prints a message and exits 0 (nothing to measure). `--dry-run` runs every section on the CPU
 at 1/64 of the sizes in fp32 (set TRITON_INTERPRET=1 for the Triton rows): it checks the script, not speed.
 """
@@ -287,7 +288,67 @@ def run_fp8_grouped(quick, errors):
                 r["baseline"] = base_label
                 rows.append(r)
             del aq, wq
+        rows += _fp8_grouped_block_aligned(G, layer, lens, a, b_t, errors)
         del a, b, b_t
+    return rows
+
+
+def aligned_lens(lens, align):
+    """Each count rounded down to a multiple of `align`, the rows taken off given to the largest group (the
+    total stays; it is a multiple of `align` here): token counts as MoE layers pad them (expert_alignment)."""
+    out = (lens // align) * align
+    out[int(torch.argmax(lens))] += int(lens.sum() - out.sum())
+    return out
+
+
+def _fp8_grouped_block_aligned(G, layer, lens, a, b_t, errors, align=128):
+    """BLOCKWISE FP8 grouped GEMM with host token counts aligned to 128 (what FP8 MoE training pads to): here
+    cuBLASLt's blockwise GEMM can run per group (backend torch_loop) beside our Triton kernel; bf16 grouped GEMM
+    on the same counts is the baseline."""
+    from turbo_dist.ops import Float8QuantConfig, ScalingGranularity, dispatcher, grouped_gemm_fp8, quantize_fp8
+
+    gran = ScalingGranularity.BLOCKWISE
+    lens_h = aligned_lens(lens, max(1, align // SHRINK))
+    if int(lens_h.sum()) != a.shape[0]:
+        return []
+    M, K = a.shape
+    N = b_t.shape[1]
+    flops = 2.0 * M * K * N
+    case = f"G{G}_{layer} BLOCKWISE lens%{align}==0 host"
+    bf16_fn = lambda: dispatcher.dispatch("grouped_gemm", a, b_t, lens_h, True)  # noqa: E731
+    bf16 = _time({"bf16_torch": _forced(bf16_fn, grouped_gemm="torch"),
+                  "bf16_triton": _forced(bf16_fn, grouped_gemm="triton")}, f"fp8_grouped {case} bf16", errors)
+    timed = {k: v for k, v in bf16.items() if v}
+    if not timed:
+        return []
+    base_label = min(timed, key=timed.get)
+    base = timed[base_label]
+    rows = _rows_for("fp8_grouped", case, {base_label: base}, base_label, flops, "bf16")
+    aq, sa = quantize_fp8(a, torch.float8_e4m3fn, gran)
+    wq, sw = quantize_fp8(b_t, torch.float8_e4m3fn, gran, weight=True)
+    sw = sw.transpose(1, 2)
+    mm = lambda: dispatcher.dispatch("grouped_scaled_mm", aq, wq.transpose(1, 2), sa, sw, lens_h, "block",  # noqa
+                                     torch.bfloat16)
+    cfg = Float8QuantConfig(granularity=gran)
+    fns = {"mm_torch_loop": _forced(mm, grouped_scaled_mm="torch_loop"),
+           "mm_triton": _forced(mm, grouped_scaled_mm="triton"),
+           "mm_default": _forced(mm, grouped_scaled_mm=None),
+           "e2e_grouped_gemm_fp8": _forced(lambda: grouped_gemm_fp8(a, b_t, lens_h, trans_b=True, config=cfg),
+                                           grouped_scaled_mm=None)}
+    if DEVICE != "cuda":
+        del fns["mm_torch_loop"]  # cuBLASLt only
+    res = _time(fns, f"fp8_grouped {case}", errors)
+    dflt = None
+    if res["mm_default"] is not None:
+        fns["mm_default"]()
+        dflt = dispatcher.last_backend("grouped_scaled_mm")
+    best = min((v for k, v in res.items() if k in ("mm_torch_loop", "mm_triton") and v), default=None)
+    extra = {"granularity": gran.name, "default_backend": dflt, "shape": f"G={G} M={M} K={K} N={N}",
+             "lens": lens_h.tolist(), "default_vs_best": (best / res["mm_default"]) if best and res["mm_default"] else None}
+    for r in _rows_for("fp8_grouped", case, res, "-", flops, "fp8", extra):
+        r["x_baseline"] = base / r["ms"]
+        r["baseline"] = base_label
+        rows.append(r)
     return rows
 
 

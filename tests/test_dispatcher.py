@@ -94,3 +94,38 @@ def test_choice_cache_follows_signature_and_settings(monkeypatch):
     finally:
         dispatcher.set_backend(name, None)
         dispatcher.set_preference(name, None)
+
+
+def test_choice_key_adds_values_the_predicates_read(monkeypatch):
+    """A predicate that reads tensor values (here: host group sizes) would be fooled by the shape-keyed cache;
+    set_choice_key adds those values to the key, and a key that cannot be computed disables caching."""
+    name = "test_op_choice_key"
+    calls = []
+
+    def even_only(x, lens):
+        calls.append(1)
+        return True if bool((lens % 2 == 0).all()) else "odd group"
+
+    dispatcher.register_backend(name, "even", lambda x, lens: "even", even_only, priority=10)
+    dispatcher.register_backend(name, "any", lambda x, lens: "any", priority=20)
+    monkeypatch.delenv("TURBO_DIST_TEST_OP_CHOICE_KEY_BACKEND", raising=False)
+    monkeypatch.delenv("TURBO_DIST_AUTOTUNE", raising=False)
+    x = torch.zeros(4)
+    try:
+        dispatcher.set_choice_key(name, None)
+        assert dispatcher.dispatch(name, x, torch.tensor([2, 2])) == "even"
+        assert dispatcher.dispatch(name, x, torch.tensor([1, 3])) == "even"  # the trap: same shapes, cached
+        dispatcher.set_choice_key(name, lambda x, lens: bool((lens % 2 == 0).all()))
+        assert dispatcher.dispatch(name, x, torch.tensor([1, 3])) == "any"
+        n = len(calls)
+        assert dispatcher.dispatch(name, x, torch.tensor([5, 7])) == "any" and len(calls) == n  # same key: cached
+        assert dispatcher.dispatch(name, x, torch.tensor([4, 0])) == "even" and len(calls) == n + 1
+
+        def broken(x, lens):
+            raise RuntimeError("cannot describe")
+        dispatcher.set_choice_key(name, broken)
+        n = len(calls)
+        assert dispatcher.dispatch(name, x, torch.tensor([2, 2])) == "even"
+        assert dispatcher.dispatch(name, x, torch.tensor([2, 2])) == "even" and len(calls) == n + 2  # not cached
+    finally:
+        dispatcher.set_choice_key(name, None)

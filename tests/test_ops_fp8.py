@@ -394,7 +394,7 @@ def test_grouped_gemm_fp8_gpu(gran):
 def test_grouped_scaled_mm_default_order():
     # triton first: on SM90 it beats torch._scaled_grouped_mm on rowwise (the one mode both take); on CPU
     # the triton backend declines unless asked for, so the reference runs
-    assert dispatcher.backends("grouped_scaled_mm") == ["triton", "torch", "reference"]
+    assert dispatcher.backends("grouped_scaled_mm") == ["triton", "torch_loop", "torch", "reference"]
     if not torch.cuda.is_available():
         lens = [9, 0, 30, 5]
         a, b = rnd(44, 144, seed=30), rnd(4, 144, 40, seed=31)
@@ -502,3 +502,110 @@ def test_block_scales_for_cublas_layout():
         assert a.stride(0) == 1 and b.stride(0) == 1 and (nb == 1 or b.stride(1) == ld), (a.stride(), b.stride())
         a2, b2 = _block_scales_for_cublas(a, b)
         assert a2.data_ptr() == a.data_ptr() and b2.data_ptr() == b.data_ptr()
+
+
+# ----------------------------------------------------------- torch_loop: cuBLASLt blockwise, one GEMM per group
+def _fake_blockwise_scaled_mm(calls):
+    """torch._scaled_mm as it takes 1x128 x 128x128 blockwise scales (the stride checks of torch's
+    is_blockwise_1x128_scaling / is_blockwise_128x128_scaling), computing the reference; CPU stand-in."""
+    from turbo_dist.ops.fp8 import _reference_scaled_mm
+
+    def fake(a, b, scale_a, scale_b, out_dtype=None, use_fast_accum=False, out=None):
+        m, k = a.shape
+        n = b.shape[1]
+        kb, nb = -(-k // 128), -(-n // 128)
+        assert b.stride(0) == 1, "b must be column-major"
+        assert scale_a.shape == (m, kb) and (m == 1 or scale_a.stride(0) == 1) and (kb == 1 or
+                                                                                    scale_a.stride(1) == m), \
+            f"scale_a must be M-major [M, kb] with stride (1, M): {tuple(scale_a.shape)} {scale_a.stride()}"
+        sbt = scale_b.t()  # checked on b.t() [N, K]: [nb, kb] with rows kb long, padded to a multiple of 4
+        assert sbt.shape == (nb, kb) and sbt.stride(1) == 1 and (nb == 1 or sbt.stride(0) == -(-kb // 4) * 4), \
+            f"scale_b: {tuple(scale_b.shape)} {scale_b.stride()}"
+        calls.append(m)
+        res = _reference_scaled_mm(a, b, scale_a, scale_b, "block", out_dtype)
+        if out is None:
+            return res
+        out.copy_(res)
+        return out
+    return fake
+
+
+@pytest.mark.parametrize("K", [512, 640])  # kb = 4 and 5 (scale_b's rows padded to 8)
+def test_grouped_scaled_torch_loop_layouts(monkeypatch, K):
+    """The per-group cuBLASLt loop hands torch._scaled_mm exactly the layouts torch accepts, one call per
+    non-empty group, and gives the reference's numbers (CPU: torch._scaled_mm faked with torch's checks)."""
+    from turbo_dist.ops.fp8 import _reference_grouped_scaled, _torch_loop_grouped_scaled
+
+    calls = []
+    monkeypatch.setattr(torch, "_scaled_mm", _fake_blockwise_scaled_mm(calls))
+    lens = torch.tensor([48, 0, 16, 128, 32])
+    a, w = rnd(int(lens.sum()), K, seed=40), rnd(5, 256, K, seed=41)  # w [G, N, K]
+    aq, sa = quantize_fp8(a, E4M3, B)
+    wq, sw = quantize_fp8(w, E4M3, B, weight=True)
+    b_q, sb = wq.transpose(1, 2), sw.transpose(1, 2)  # the op's [G, K, N] view and [G, kb, nb] scales
+    out = _torch_loop_grouped_scaled(aq, b_q, sa, sb, lens, "block", torch.bfloat16)
+    assert calls == [48, 16, 128, 32]
+    ref = _reference_grouped_scaled(aq, b_q, sa, sb, lens, "block", torch.bfloat16)
+    assert torch.equal(out, ref)
+    assert snr(out, grouped_ref(a, w, lens.tolist(), trans_b=True)) >= 25
+
+
+def test_grouped_scaled_torch_loop_declines(monkeypatch):
+    """Who torch_loop leaves to the other backends, each with its reason (the dispatcher reports them)."""
+    from turbo_dist.ops import fp8
+
+    lens = torch.tensor([128, 128])
+    a = rnd(256, 512, seed=42)
+    aq, sa = quantize_fp8(a, E4M3, B)
+    wq, sw = quantize_fp8(rnd(2, 256, 512, seed=43), E4M3, B, weight=True)
+    args = (aq, wq.transpose(1, 2), sa, sw.transpose(1, 2))
+    can = fp8._torch_loop_grouped_scaled_can
+    assert "BLOCKWISE only" in can(*args, lens, "row", torch.bfloat16)
+    assert "CUDA" in can(*args, lens, "block", torch.bfloat16)
+    if torch.cuda.is_available():
+        assert "on the host" in can(*args, lens.cuda(), "block", torch.bfloat16)
+    # with CUDA and an alignment of 16 faked, the alignment rule and the choice key that caches it
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    monkeypatch.setitem(fp8._PROBES, ("block_align", "cpu"), (16, ""))
+    assert can(*args, lens, "block", torch.bfloat16) is True
+    assert "multiple of 16" in can(*args, torch.tensor([120, 136]), "block", torch.bfloat16)
+    assert "bf16 output" in can(*args, lens, "block", torch.float32)
+    assert fp8._grouped_scaled_choice_key(*args, torch.tensor([120, 136]), "block", torch.bfloat16) != \
+        fp8._grouped_scaled_choice_key(*args, lens, "block", torch.bfloat16)
+    monkeypatch.setitem(fp8._PROBES, ("block_align", "cpu"), (None, "CUBLAS_STATUS_NOT_SUPPORTED"))
+    assert "not usable here" in can(*args, lens, "block", torch.bfloat16)
+
+
+@pytest.mark.gpu
+def test_grouped_scaled_torch_loop_gpu():
+    """cuBLASLt blockwise per group on host lens aligned as the probe says, against our Triton kernel and the
+    exact product; unaligned lens go to another backend."""
+    from turbo_dist.ops import fp8
+
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("FP8 needs SM89+")
+    align = fp8._cublas_block_row_align(torch.device("cuda", torch.cuda.current_device()))
+    if align is None:
+        pytest.skip(f"torch._scaled_mm blockwise not usable here: {fp8._PROBES}")
+    lens = [a * max(align, 16) for a in (0, 40, 3, 0, 100, 9, 1, 0)]
+    a = rnd(sum(lens), 7168, dtype=torch.bfloat16, device="cuda", seed=44)
+    w = rnd(8, 2048, 7168, dtype=torch.bfloat16, device="cuda", seed=45)  # [G, N, K]
+    aq, sa = quantize_fp8(a, E4M3, B)
+    wq, sw = quantize_fp8(w, E4M3, B, weight=True)
+    out = grouped_scaled_mm(aq, wq, sa, sw, torch.tensor(lens))
+    if fp8.TORCH_LOOP_PRIORITY < 10:
+        assert dispatcher.last_backend("grouped_scaled_mm") == "torch_loop"
+    dispatcher.set_backend("grouped_scaled_mm", "torch_loop")
+    out_loop = grouped_scaled_mm(aq, wq, sa, sw, torch.tensor(lens))
+    dispatcher.set_backend("grouped_scaled_mm", "triton")
+    out_tri = grouped_scaled_mm(aq, wq, sa, sw, torch.tensor(lens))
+    ref = grouped_ref(a, w, lens, trans_b=True)
+    assert snr(out_loop, ref) >= 25 and snr(out_tri, ref) >= 25 and snr(out, ref) >= 25
+    assert snr(out_loop.float(), out_tri.float()) >= 40
+    dispatcher.set_backend("grouped_scaled_mm", None)
+    if align > 1:  # same total, two groups off the alignment
+        odd = torch.tensor(lens)
+        odd[1] += 1
+        odd[2] -= 1
+        grouped_scaled_mm(aq, wq, sa, sw, odd)
+        assert dispatcher.last_backend("grouped_scaled_mm") != "torch_loop"

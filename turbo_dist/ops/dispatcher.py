@@ -12,7 +12,8 @@ ran, for benches and logs.
 The automatic choice is remembered per input signature (shapes, strides, dtypes, devices, 16-byte
 alignment of the tensors; values of the scalar arguments): every `can_handle` and preference rule judges
 exactly those, so a repeated call skips them (they cost ~10-30 us of Python per call, 3-5% of a 1 ms GEMM
-when the GPU waits on the host). Registering a backend or changing a setter/preference clears it;
+when the GPU waits on the host); an op whose predicates read values adds them with `set_choice_key`.
+Registering a backend or changing a setter/preference clears it;
 `clear_cache()` does by hand (e.g. after monkeypatching what a `can_handle` reads).
 """
 import logging
@@ -43,6 +44,7 @@ class Op:
     autotune_cache: Dict[tuple, str] = field(default_factory=dict)
     signature: Optional[Callable] = None  # (*args, **kwargs) -> hashable key for autotuning
     preference: Optional[Callable] = None  # (*args, **kwargs) -> backend name to try first, or None
+    choice_key: Optional[Callable] = None  # (*args, **kwargs) -> what else (values) can_handle reads
 
     def ordered(self) -> List[Backend]:
         return sorted(self.backends.values(), key=lambda b: (b.priority, b.name))
@@ -78,6 +80,14 @@ def set_signature(op, fn):
 def set_preference(op, fn):
     """`fn(*args, **kwargs)` names the backend to try first for these inputs (None: the default order)."""
     _op(op).preference = fn
+    clear_cache()
+
+
+def set_choice_key(op, fn):
+    """`fn(*args, **kwargs)` -> hashable: what the op's `can_handle`s / preference read beyond the signature
+    the choice cache keys on (shapes, strides, dtypes, devices, scalars), e.g. values of a small host tensor.
+    It is added to the key, so a cached choice is reused only for inputs that agree on it too."""
+    _op(op).choice_key = fn
     clear_cache()
 
 
@@ -167,6 +177,12 @@ def _choice_key(op, args, kwargs):
             return None
     if kwargs:
         key.extend(sorted(kwargs))
+    extra = _OPS[op].choice_key if op in _OPS else None
+    if extra is not None:
+        try:
+            key.append(extra(*args, **kwargs))
+        except Exception:  # cannot describe the inputs: do not cache this call
+            return None
     return tuple(key)
 
 

@@ -14,7 +14,8 @@ Formats: E4M3 (everything E4M3), E5M2 (everything E5M2), HYBRID (E4M3 forward, E
 
 Ops behind the dispatcher: "quantize_fp8" (torch | triton), "scaled_mm" (torch: torch._scaled_mm,
 tensorwise/rowwise and, where the local cuBLAS supports it, blockwise | triton | reference),
-"grouped_scaled_mm" (triton | torch: torch._scaled_grouped_mm, rowwise e4m3 on SM90 | reference).
+"grouped_scaled_mm" (triton | torch: torch._scaled_grouped_mm, rowwise e4m3 on SM90 | torch_loop: one
+cuBLASLt blockwise GEMM per group, host group_lens | reference).
 Each op's default order (the first backend that accepts the inputs runs) is the `priority` at its
 register_backend call, with the measurement that set it next to it; set_backend / TURBO_DIST_<OP>_BACKEND
 override it."""
@@ -383,6 +384,110 @@ def _torch_grouped_scaled_can(a_q, b_q, scale_a, scale_b, group_lens, mode, out_
     return True
 
 
+# "torch_loop": BLOCKWISE grouped GEMM as one cuBLASLt blockwise GEMM (torch._scaled_mm, 1x128 x 128x128) per
+# group. torch has no grouped blockwise op, and cuBLASLt takes only some row counts (probed below), so this
+# backend needs group_lens on the host (no sync: MoE layers have them there, e.g. DeepEP's
+# num_recv_tokens_per_expert_list) and every group a multiple of the probed row alignment (what
+# expert_alignment / Megatron's FP8 padding give). The rows' scales are laid out per group in one pass.
+_LOOP_ALIGN_CANDIDATES = (1, 4, 8, 16, 128)
+TORCH_LOOP_PRIORITY = 15  # after triton until measured on the GPU (bench_ops.py fp8_grouped, aligned case)
+
+
+def _cublas_block_row_align(device):
+    """Smallest row alignment a (of _LOOP_ALIGN_CANDIDATES) for which torch._scaled_mm blockwise gives right
+    results on an [a * k, K] slice here (None when blockwise is not supported at all). Probed once per device."""
+    key = ("block_align", str(device))
+    if key not in _PROBES:
+        align, why = None, ""
+        ok, why = _torch_blockwise_supported(device)
+        if ok:
+            g = torch.Generator(device=device).manual_seed(1)
+            b = torch.randn(512, 256, device=device, generator=g)
+            bq, sb = _quant_torch(b.t(), E4M3, "bxb")
+            for a_ in _LOOP_ALIGN_CANDIDATES:
+                m = 128 + a_ if a_ < 128 else 256  # a multiple of a_ and of nothing larger in the list
+                a = torch.randn(m, 512, device=device, generator=g)
+                aq, sa = _quant_torch(a, E4M3, "1xb")
+                try:
+                    out = _torch_scaled_mm(aq, bq.t(), sa, sb.t(), "block", torch.bfloat16)
+                    ref = _reference_scaled_mm(aq, bq.t(), sa, sb.t(), "block", torch.float32)
+                    err = ((out.float() - ref).norm() / ref.norm()).item()
+                except Exception as exc:  # cuBLASLt: CUBLAS_STATUS_NOT_SUPPORTED for this row count
+                    why = f"{m} rows: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+                    continue
+                if err < 1e-2:
+                    align = a_
+                    break
+                why = f"{m} rows: relative error {err:.3g}"
+        _PROBES[key] = (align, why)
+        log.info("turbo_dist: cuBLASLt blockwise row alignment on %s: %s (%s)", device, align, why or "ok")
+    return _PROBES[key][0]
+
+
+def _pack_row_scales_per_group(scale_a, group_lens):
+    """scale_a [M, kb] (rows sorted by group, host group_lens) -> flat [M * kb] where group g's rows form a
+    [kb, Mg] contiguous block at kb * start_g: viewed as .view(kb, Mg).t(), the M-major [Mg, kb] scale with
+    stride (1, Mg) that cuBLASLt's 1x128 scaling takes. One scatter for all groups, index math on the device
+    (the lens go over in a pinned copy: no stream sync)."""
+    M, kb = scale_a.shape
+    dev = scale_a.device
+    lens = group_lens.to(torch.int64)
+    lens_d = lens.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else lens.to(dev)
+    starts = torch.cumsum(lens_d, 0) - lens_d
+    gid = torch.repeat_interleave(torch.arange(lens.shape[0], device=dev), lens_d, output_size=M)
+    row_base = starts[gid] * (kb - 1) + torch.arange(M, device=dev)  # start * kb + (row - start)
+    idx = row_base[:, None] + torch.arange(kb, device=dev)[None, :] * lens_d[gid][:, None]
+    packed = torch.empty(M * kb, dtype=scale_a.dtype, device=dev)
+    packed.index_copy_(0, idx.reshape(-1), scale_a.contiguous().reshape(-1))
+    return packed
+
+
+def _torch_loop_grouped_scaled(a_q, b_q, scale_a, scale_b, group_lens, mode, out_dtype):
+    M, K = a_q.shape
+    N = b_q.shape[2]
+    kb = scale_a.shape[1]
+    out = torch.empty((M, N), dtype=out_dtype, device=a_q.device)
+    lens = group_lens.tolist()  # host tensor: no sync
+    sa_packed = _pack_row_scales_per_group(scale_a, group_lens)
+    start = 0
+    for g, n in enumerate(lens):
+        if n:
+            sa_g = sa_packed[start * kb:(start + n) * kb].view(kb, n).t()
+            _, sb_g = _block_scales_for_cublas(sa_g, scale_b[g])
+            torch._scaled_mm(a_q[start:start + n], b_q[g], sa_g, sb_g, out_dtype=out_dtype, out=out[start:start + n])
+        start += n
+    return out
+
+
+def _torch_loop_grouped_scaled_can(a_q, b_q, scale_a, scale_b, group_lens, mode, out_dtype):
+    if mode != "block":
+        return f"torch_loop runs BLOCKWISE only, not {mode}"
+    if group_lens.device.type != "cpu":
+        return "torch_loop needs group_lens on the host (reading them from the GPU would sync)"
+    if not a_q.is_cuda:
+        return "torch_loop needs CUDA"
+    if a_q.dtype != E4M3 or b_q.dtype != E4M3 or out_dtype != torch.bfloat16:
+        return "torch_loop needs e4m3 operands and a bf16 output"
+    K, N = a_q.shape[1], b_q.shape[2]
+    if K % 512 or N % 128 or _sb_n(b_q[0], scale_b[0]) != 128:
+        return "torch_loop needs 128x128 weight blocks, K a multiple of 512 and N of 128"
+    if a_q.stride(1) != 1 or b_q.stride(1) != 1:
+        return "torch_loop needs a row-major and each b[g] column-major"
+    align = _cublas_block_row_align(a_q.device)
+    if align is None:
+        return f"torch._scaled_mm blockwise is not usable here ({_PROBES[('block_align', str(a_q.device))][1]})"
+    if align > 1 and bool((group_lens % align).any()):
+        return f"torch_loop needs every group's row count to be a multiple of {align} (cuBLASLt), got {group_lens.tolist()}"
+    return True
+
+
+def _grouped_scaled_choice_key(a_q, b_q, scale_a, scale_b, group_lens, mode, out_dtype):
+    # torch_loop's predicate reads host group_lens values: key on their alignment (lens change every step)
+    if group_lens.device.type != "cpu" or mode != "block":
+        return None
+    return tuple(bool((group_lens % a).any()) for a in _LOOP_ALIGN_CANDIDATES)
+
+
 # Default order: triton before torch. The only case both take is rowwise e4m3 on SM90, and there our
 # persistent kernel is faster on the DeepSeek-V3 fc1 shape (H200, torch 2.11 / triton 3.6, pre-quantized:
 # G=8 0.433 vs 0.469 ms, G=32 1.656 vs 2.062 ms; benchmarks/results/ops_h200.json, section fp8_grouped).
@@ -391,7 +496,10 @@ dispatcher.register_backend("grouped_scaled_mm", "triton", _triton_grouped_scale
                             priority=10)
 dispatcher.register_backend("grouped_scaled_mm", "torch", _torch_grouped_scaled, _torch_grouped_scaled_can,
                             priority=20)
+dispatcher.register_backend("grouped_scaled_mm", "torch_loop", _torch_loop_grouped_scaled,
+                            _torch_loop_grouped_scaled_can, priority=TORCH_LOOP_PRIORITY)
 dispatcher.register_backend("grouped_scaled_mm", "reference", _reference_grouped_scaled, priority=90)
+dispatcher.set_choice_key("grouped_scaled_mm", _grouped_scaled_choice_key)
 
 
 # ----------------------------------------------------------------------------------------- autograd
@@ -473,7 +581,8 @@ def grouped_scaled_mm(a_q, w_q, scale_a, scale_w, group_lens, out_dtype=torch.bf
     (w_q, scale_w) = quantize_fp8(w [G, N, K], dtype, gran, weight=True), w stored as nn.Linear stores it.
     Scales: TENSORWISE [1] and [G]; ROWWISE [M, 1] and [G, N, 1]; BLOCKWISE [M, cdiv(K,128)] and
     [G, cdiv(N,128), cdiv(K,128)]. granularity is inferred from the scale shapes unless given.
-    group_lens [G] int32/int64 sums to M (rows of a sorted by group). Returns [M, N] out_dtype.
+    group_lens [G] int32/int64 sums to M (rows of a sorted by group), on a_q's device or the CPU (host lens
+    are checked for free and let BLOCKWISE run on cuBLASLt, backend "torch_loop"). Returns [M, N] out_dtype.
     """
     if a_q.dim() != 2 or w_q.dim() != 3 or a_q.shape[1] != w_q.shape[2]:
         raise ValueError(f"grouped_scaled_mm: need a_q [M, K] and w_q [G, N, K], got {tuple(a_q.shape)} and "
@@ -485,9 +594,11 @@ def grouped_scaled_mm(a_q, w_q, scale_a, scale_w, group_lens, out_dtype=torch.bf
     if not isinstance(group_lens, torch.Tensor) or group_lens.dim() != 1 or group_lens.dtype not in (torch.int32,
                                                                                                        torch.int64):
         raise TypeError("grouped_scaled_mm: group_lens must be a 1-D int32/int64 tensor")
-    devs = {t.device for t in (a_q, w_q, scale_a, scale_w, group_lens)}
+    devs = {t.device for t in (a_q, w_q, scale_a, scale_w)}
     if len(devs) != 1:
-        raise ValueError(f"grouped_scaled_mm: operands, scales and group_lens must be on one device, got {devs}")
+        raise ValueError(f"grouped_scaled_mm: operands and scales must be on one device, got {devs}")
+    if group_lens.device != a_q.device and group_lens.device.type != "cpu":
+        raise ValueError(f"grouped_scaled_mm: group_lens is on {group_lens.device}; expected {a_q.device} or cpu")
     M, K = a_q.shape
     G, N = w_q.shape[0], w_q.shape[1]
     if group_lens.shape[0] != G:

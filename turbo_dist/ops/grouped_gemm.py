@@ -52,7 +52,10 @@ def check_group_lens_values(group_lens, m, name, rows_of="a"):
 
 
 def group_offsets(group_lens, device, dtype=torch.int64):
-    """Cumulative row ends [G] on `device` (what the kernels and torch._grouped_mm take)."""
+    """Cumulative row ends [G] on `device` (what the kernels and torch._grouped_mm take). Host lens go over
+    from pinned memory: a copy from pageable memory would wait for the stream (a host sync per call)."""
+    if group_lens.device.type == "cpu" and torch.device(device).type == "cuda":
+        group_lens = group_lens.pin_memory()
     return torch.cumsum(group_lens.to(device, non_blocking=True), 0, dtype=dtype)
 
 
