@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One batched device session: install, GPU test suite, main-job demo, single-GPU benches.
-#   bash benchmarks/device_suite.sh "install tests dist demo ops attn moe moell moeinter tp cp native tune tuneblock verify1"
+#   bash benchmarks/device_suite.sh "install tests dist demo ops attn moe moell moeinter tp cp native tune tuneblock verify1 verify1b fp8loop"
 #   (phases to run, in order; default "install tests demo ops attn"; on a multi-GPU kind start with
 #   "install dist demo moe moell moeinter tp cp cpvarlen")
 # Logs and JSON go under $OUT (default ./out). Safety variables are always set.
@@ -52,13 +52,20 @@ for ph in $PHASES; do
               --dist-only -v -rs -p no:cacheprovider tests/test_moe_low_latency.py tests/test_varlen_attention.py \
               tests/test_cp.py > "$OUT/pytest_share_ll_cp_$TAG.log" 2>&1
             echo "verify1 share-GPU low-latency + CP rc=$?"; grep -cE "PASSED" "$OUT/pytest_share_ll_cp_$TAG.log"
-            grep -E "FAILED|ERROR" "$OUT/pytest_share_ll_cp_$TAG.log" | head -10; unset TURBO_DIST_TRITON_TUNE
-            timeout 200 python benchmarks/bench_moe.py --mode low-latency --json "$OUT/moe_low_latency_$TAG.json" \
+            grep -E "FAILED|ERROR" "$OUT/pytest_share_ll_cp_$TAG.log" | head -10; unset TURBO_DIST_TRITON_TUNE;;
+    verify1b) timeout 200 python benchmarks/bench_moe.py --mode low-latency --json "$OUT/moe_low_latency_$TAG.json" \
               > "$OUT/moe_ll_$TAG.log" 2>&1; echo "verify1 LL bench (self-loop) rc=$?"; tail -8 "$OUT/moe_ll_$TAG.log"
             timeout 150 python benchmarks/bench_varlen_attention.py --json "$OUT/varlen_attention_$TAG.json" \
               > "$OUT/varlen_$TAG.log" 2>&1; echo "verify1 varlen bench rc=$?"; tail -6 "$OUT/varlen_$TAG.log"
             timeout 300 python benchmarks/bench_ops.py --sections grouped --json "$OUT/ops_grouped_$TAG.json" \
               > "$OUT/ops_grouped_$TAG.log" 2>&1; echo "verify1 grouped bench rc=$?";;
+    fp8loop) export TURBO_DIST_TRITON_TUNE=first  # BLOCKWISE grouped on cuBLASLt per group (torch_loop)
+            python -c "import torch, logging; from turbo_dist.ops import fp8; print('cuBLASLt blockwise row alignment:', fp8._cublas_block_row_align(torch.device('cuda', 0)), fp8._PROBES)" 2>&1 | tail -2
+            timeout 200 python -m pytest -q -rs -p no:cacheprovider tests/test_ops_fp8.py -k "torch_loop or grouped" tests/test_dispatcher.py \
+              > "$OUT/pytest_fp8loop_$TAG.log" 2>&1; echo "fp8loop tests rc=$?"; tail -4 "$OUT/pytest_fp8loop_$TAG.log"
+            timeout 240 python benchmarks/bench_ops.py --sections fp8_grouped --json "$OUT/ops_fp8_grouped_$TAG.json" \
+              > "$OUT/ops_fp8_grouped_$TAG.log" 2>&1; echo "fp8loop bench rc=$?"; grep -E "BLOCKWISE|G8_fc1 |G32_fc1 " "$OUT/ops_fp8_grouped_$TAG.log" | head -30
+            unset TURBO_DIST_TRITON_TUNE;;
     moefix) timeout 200 python -m pytest -q -rs -p no:cacheprovider tests/test_moe_low_latency.py::test_low_latency_triton_self_loop \
               tests/test_moe_low_latency.py::test_low_latency_kernels_simulated_ranks tests/test_moe_low_latency.py::test_fp8_casts_bit_identical_on_cpu_and_gpu \
               tests/test_moe_nvlink.py::test_nvlink_vs_collective "tests/test_moe_nvlink.py::test_nvlink_reference_fp8_backward_errors" tests/test_moe.py > "$OUT/pytest_moefix_$TAG.log" 2>&1; echo "moefix rc=$?"; tail -4 "$OUT/pytest_moefix_$TAG.log";;
