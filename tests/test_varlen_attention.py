@@ -416,7 +416,7 @@ def _cp_varlen_errors(rank, world_size):
     with pytest.raises(ValueError, match="both cu_seqlens_q and cu_seqlens_k"):
         cp.context_parallel_attention(x, x, x, cp_comm_type="a2a", cu_seqlens_q=cu)
     with pytest.raises(ValueError, match="non-decreasing"):
-        cp.context_parallel_attention(x, x, x, cp_comm_type="a2a", cu_seqlens_q=torch.tensor([0, 9, 8, 16]),
+        cp.context_parallel_attention(x, x, x, cp_comm_type="a2a", cu_seqlens_q=torch.tensor([0, 9, 8, 16], device=dev),
                                       cu_seqlens_k=cu)
     with pytest.raises(ValueError, match="max_seqlen_q = 7 is below"):
         cp.context_parallel_attention(x, x, x, cp_comm_type="a2a", **dict(kw, max_seqlen_q=7))
