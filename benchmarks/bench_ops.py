@@ -293,6 +293,18 @@ def run_fp8_grouped(quick, errors):
     return rows
 
 
+def _one_stream(fn):
+    def run():
+        from turbo_dist.ops import fp8
+
+        prev, fp8.LOOP_STREAMS = fp8.LOOP_STREAMS, 1
+        try:
+            return fn()
+        finally:
+            fp8.LOOP_STREAMS = prev
+    return run
+
+
 def aligned_lens(lens, align):
     """Each count rounded down to a multiple of `align`, the rows taken off given to the largest group (the
     total stays; it is a multiple of `align` here): token counts as MoE layers pad them (expert_alignment)."""
@@ -331,18 +343,19 @@ def _fp8_grouped_block_aligned(G, layer, lens, a, b_t, errors, align=128):
                                      torch.bfloat16)
     cfg = Float8QuantConfig(granularity=gran)
     fns = {"mm_torch_loop": _forced(mm, grouped_scaled_mm="torch_loop"),
+           "mm_torch_loop_1stream": _one_stream(_forced(mm, grouped_scaled_mm="torch_loop")),
            "mm_triton": _forced(mm, grouped_scaled_mm="triton"),
            "mm_default": _forced(mm, grouped_scaled_mm=None),
            "e2e_grouped_gemm_fp8": _forced(lambda: grouped_gemm_fp8(a, b_t, lens_h, trans_b=True, config=cfg),
                                            grouped_scaled_mm=None)}
     if DEVICE != "cuda":
-        del fns["mm_torch_loop"]  # cuBLASLt only
+        del fns["mm_torch_loop"], fns["mm_torch_loop_1stream"]  # cuBLASLt only
     res = _time(fns, f"fp8_grouped {case}", errors)
     dflt = None
     if res["mm_default"] is not None:
         fns["mm_default"]()
         dflt = dispatcher.last_backend("grouped_scaled_mm")
-    best = min((v for k, v in res.items() if k in ("mm_torch_loop", "mm_triton") and v), default=None)
+    best = min((v for k, v in res.items() if k.startswith("mm_") and k != "mm_default" and v), default=None)
     extra = {"granularity": gran.name, "default_backend": dflt, "shape": f"G={G} M={M} K={K} N={N}",
              "lens": lens_h.tolist(), "default_vs_best": (best / res["mm_default"]) if best and res["mm_default"] else None}
     for r in _rows_for("fp8_grouped", case, res, "-", flops, "fp8", extra):

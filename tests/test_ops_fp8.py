@@ -597,6 +597,11 @@ def test_grouped_scaled_torch_loop_gpu():
         assert dispatcher.last_backend("grouped_scaled_mm") == "torch_loop"
     dispatcher.set_backend("grouped_scaled_mm", "torch_loop")
     out_loop = grouped_scaled_mm(aq, wq, sa, sw, torch.tensor(lens))
+    fp8.LOOP_STREAMS, streams = 1, fp8.LOOP_STREAMS  # the same GEMMs on the caller's stream only
+    try:
+        assert torch.equal(grouped_scaled_mm(aq, wq, sa, sw, torch.tensor(lens)), out_loop)
+    finally:
+        fp8.LOOP_STREAMS = streams
     dispatcher.set_backend("grouped_scaled_mm", "triton")
     out_tri = grouped_scaled_mm(aq, wq, sa, sw, torch.tensor(lens))
     ref = grouped_ref(a, w, lens, trans_b=True)

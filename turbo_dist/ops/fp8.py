@@ -391,6 +391,7 @@ def _torch_grouped_scaled_can(a_q, b_q, scale_a, scale_b, group_lens, mode, out_
 # expert_alignment / Megatron's FP8 padding give). The rows' scales are laid out per group in one pass.
 _LOOP_ALIGN_CANDIDATES = (1, 4, 8, 16, 128)
 TORCH_LOOP_PRIORITY = 15  # after triton until measured on the GPU (bench_ops.py fp8_grouped, aligned case)
+LOOP_STREAMS = 4  # CUDA streams the per-group GEMMs are spread over (1: all on the caller's stream)
 
 
 def _cublas_block_row_align(device):
@@ -449,14 +450,48 @@ def _torch_loop_grouped_scaled(a_q, b_q, scale_a, scale_b, group_lens, mode, out
     out = torch.empty((M, N), dtype=out_dtype, device=a_q.device)
     lens = group_lens.tolist()  # host tensor: no sync
     sa_packed = _pack_row_scales_per_group(scale_a, group_lens)
-    start = 0
+    work, start = [], 0
     for g, n in enumerate(lens):
         if n:
-            sa_g = sa_packed[start * kb:(start + n) * kb].view(kb, n).t()
-            _, sb_g = _block_scales_for_cublas(sa_g, scale_b[g])
-            torch._scaled_mm(a_q[start:start + n], b_q[g], sa_g, sb_g, out_dtype=out_dtype, out=out[start:start + n])
+            work.append((n, g, start))
         start += n
+
+    def gemm(n, g, start):
+        sa_g = sa_packed[start * kb:(start + n) * kb].view(kb, n).t()
+        _, sb_g = _block_scales_for_cublas(sa_g, scale_b[g])
+        torch._scaled_mm(a_q[start:start + n], b_q[g], sa_g, sb_g, out_dtype=out_dtype, out=out[start:start + n])
+
+    nstreams = min(LOOP_STREAMS, len(work)) if a_q.is_cuda else 1
+    if nstreams <= 1:
+        for w in work:
+            gemm(*w)
+        return out
+    # Small groups leave most SMs idle one at a time: spread the GEMMs over side streams, largest first onto the
+    # least loaded (by rows). The side streams start after what produced the inputs and the caller's stream
+    # waits for all of them, so every tensor here (temporaries included) is used strictly inside that window.
+    cur = torch.cuda.current_stream(a_q.device)
+    streams = _side_streams(a_q.device, nstreams)
+    loads = [0] * nstreams
+    for s in streams:
+        s.wait_stream(cur)
+    for n, g, start in sorted(work, reverse=True):
+        i = loads.index(min(loads))
+        loads[i] += n
+        with torch.cuda.stream(streams[i]):
+            gemm(n, g, start)
+    for s in streams:
+        cur.wait_stream(s)
     return out
+
+
+_SIDE_STREAMS = {}
+
+
+def _side_streams(device, n):
+    key = (str(device), n)
+    if key not in _SIDE_STREAMS:
+        _SIDE_STREAMS[key] = [torch.cuda.Stream(device=device) for _ in range(n)]
+    return _SIDE_STREAMS[key]
 
 
 def _torch_loop_grouped_scaled_can(a_q, b_q, scale_a, scale_b, group_lens, mode, out_dtype):
