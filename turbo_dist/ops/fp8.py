@@ -21,6 +21,7 @@ register_backend call, with the measurement that set it next to it; set_backend 
 override it."""
 import enum
 import logging
+import math
 from dataclasses import dataclass
 
 import torch
@@ -511,16 +512,22 @@ def _torch_loop_grouped_scaled_can(a_q, b_q, scale_a, scale_b, group_lens, mode,
     align = _cublas_block_row_align(a_q.device)
     if align is None:
         return f"torch._scaled_mm blockwise is not usable here ({_PROBES[('block_align', str(a_q.device))][1]})"
-    if align > 1 and bool((group_lens % align).any()):
+    if _lens_alignment(group_lens) % align:
         return f"torch_loop needs every group's row count to be a multiple of {align} (cuBLASLt), got {group_lens.tolist()}"
     return True
+
+
+def _lens_alignment(group_lens):
+    """The largest of _LOOP_ALIGN_CANDIDATES dividing every (host) group length."""
+    g = math.gcd(*group_lens.tolist())  # 0 when every group is empty: everything divides
+    return next(a for a in reversed(_LOOP_ALIGN_CANDIDATES) if g % a == 0)
 
 
 def _grouped_scaled_choice_key(a_q, b_q, scale_a, scale_b, group_lens, mode, out_dtype):
     # torch_loop's predicate reads host group_lens values: key on their alignment (lens change every step)
     if group_lens.device.type != "cpu" or mode != "block":
         return None
-    return tuple(bool((group_lens % a).any()) for a in _LOOP_ALIGN_CANDIDATES)
+    return _lens_alignment(group_lens)
 
 
 # Default order: triton before torch. The only case both take is rowwise e4m3 on SM90, and there our
