@@ -465,6 +465,52 @@ def test_gpu_triton_varlen_fp32():
     check_varlen("triton", [100, 0, 77], [100, 0, 77], 4, 2, 128, True, torch.float32, 1e-4, 1e-4, device="cuda")
 
 
+@pytest.mark.parametrize("case", ["same_causal", "cross_full"])
+def test_triton_wide_index_math_interpreter(case, monkeypatch):
+    """WIDE=True (int64 row/head offsets, chosen for tensors spanning >= 2**31 elements) gives the int32
+    path's results exactly; forced here by lowering the threshold (CPU interpreter, fp32)."""
+    if torch.cuda.is_available():
+        pytest.skip("CPU interpreter test")
+    from turbo_dist.kernels import flash_attn as fa
+
+    lq, lk, causal = CASES[case]
+    runs = []
+    for wide_min in (fa.WIDE_INDEX_MIN, 0):
+        monkeypatch.setattr(fa, "WIDE_INDEX_MIN", wide_min)
+        assert fa._wide(torch.zeros(1, 4, 2, 8)) == (wide_min == 0)
+        runs.append(check_varlen("triton", lq, lk, 4, 2, 16, causal, torch.float32, 1e-5, 1e-5))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+def test_gpu_triton_varlen_past_int32_offsets():
+    """A packed batch whose q/k/v span more than 2**31 elements (1M tokens x 16 heads x 128): the last
+    sequences (offsets past 2**31) match the same sequences attended alone, forward and backward."""
+    from turbo_dist.kernels import flash_attn as fa
+
+    free = torch.cuda.mem_get_info()[0]
+    h, d, seq = 16, 128, 4096
+    n = -(-(2 ** 31 + 2 ** 20) // (h * d * seq))  # sequences: just past 2**31 elements per tensor
+    t = n * seq
+    if free < 12 * t * h * d * 2:  # q, k, v, o, do, dq, dk, dv (bf16) and slack
+        pytest.skip(f"needs ~{12 * t * h * d * 2 / 2**30:.0f} GiB free GPU memory")
+    g = torch.Generator(device="cuda").manual_seed(5)
+    q, k, v, do = (torch.randn(t, h, d, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(4))
+    assert fa._wide(q[None])
+    cu = torch.arange(0, t + 1, seq, device="cuda", dtype=torch.int32)
+    o, lse = fa.flash_attn_varlen_forward(q, k, v, cu, cu, causal=True)
+    dq, dk, dv = fa.flash_attn_varlen_backward(do, q, k, v, o, lse, cu, cu, causal=True)
+    for i in (0, n - 1):  # the first sequence (small offsets) and the last (past 2**31)
+        sl = slice(i * seq, (i + 1) * seq)
+        qs, ks, vs, dos = (x[sl][None] for x in (q, k, v, do))
+        o_s, lse_s = fa.flash_attn_forward(qs, ks, vs, causal=True)
+        dq_s, dk_s, dv_s = fa.flash_attn_backward(dos, qs, ks, vs, o_s, lse_s, causal=True)
+        assert rel(o[sl], o_s[0]) < 1e-3 and (lse[:, sl] - lse_s[0]).abs().max().item() < 1e-3, i
+        for got, want in ((dq[sl], dq_s[0]), (dk[sl], dk_s[0]), (dv[sl], dv_s[0])):
+            assert rel(got, want) < 1e-2, (i, rel(got, want))
+
+
 @pytest.mark.dist
 @pytest.mark.gpu(min_gpus=2)
 @pytest.mark.parametrize("world_size", world_sizes_for_device(2))

@@ -16,6 +16,10 @@ Kernels: forward (online softmax in base 2), delta preprocess, dk/dv (one progra
 and kv head, looping over the head's whole query group, so no atomics), dq (one program per
 query block). They also run under TRITON_INTERPRET=1 (fp16/fp32) for CPU tests.
 
+Offsets inside one batch entry are int32 unless a tensor spans >= 2**31 elements there (e.g. a packed
+varlen batch of 1M tokens x 16 heads x 128): then WIDE=True (a constexpr) switches the row / head index
+math to int64; smaller calls compile exactly as before.
+
 Packed variable-length sequences (VARLEN=True, a constexpr: dense calls compile exactly as before)
 run the same kernels on the B=1 view of q [Tq, Hq, D] / k, v [Tk, Hkv, D] with cu_seqlens and
 per-token sequence ids: a query tile loops only over the keys of the sequences its rows belong to
@@ -166,16 +170,20 @@ def _fwd_kernel(Q, K, V, O, LSE,
                 slb, slh, sls,
                 GROUP, SEQ_Q, SEQ_K, HEAD_DIM, qk_scale, CU_Q, CU_K, SID_Q,
                 CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                EVEN_D: tl.constexpr, PRECISION: tl.constexpr, VARLEN: tl.constexpr):
+                EVEN_D: tl.constexpr, PRECISION: tl.constexpr, VARLEN: tl.constexpr, WIDE: tl.constexpr = False):
     pid_m = tl.program_id(0)
     if CAUSAL:  # the last query blocks see the most keys: launch them first (shorter tail)
         pid_m = tl.num_programs(0) - 1 - pid_m
     h = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
-    hk = h // GROUP
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
+    if WIDE:  # a batch entry spans >= 2**31 elements: row and head offsets in int64
+        h = h.to(tl.int64)
+        offs_m = offs_m.to(tl.int64)
+        offs_n = offs_n.to(tl.int64)
+    hk = h // GROUP
     offs_d = tl.arange(0, BLOCK_D)
     mask_m = offs_m < SEQ_Q
     mask_d = offs_d < HEAD_DIM
@@ -228,11 +236,14 @@ def _fwd_kernel(Q, K, V, O, LSE,
 # ---------------------------------------------------------------------------------------- backward
 @triton.jit(do_not_specialize=["SEQ_Q", "H"])
 def _bwd_delta_kernel(O, DO, DELTA, sob, sos, soh, sod, sdb, sds, sdh, sdd, SEQ_Q, HEAD_DIM, H,
-                      BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+                      BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, WIDE: tl.constexpr = False):
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    if WIDE:
+        h = h.to(tl.int64)
+        offs_m = offs_m.to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m[:, None] < SEQ_Q) & (offs_d[None, :] < HEAD_DIM)
     o = tl.load(O + b * sob + h * soh + offs_m[:, None] * sos + offs_d[None, :] * sod, mask=mask, other=0.0)
@@ -277,13 +288,17 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
                      slb, slh, sls, sdkb, sdks, sdkh, sdkd, sdvb, sdvs, sdvh, sdvd,
                      HQ, GROUP, SEQ_Q, SEQ_K, HEAD_DIM, qk_scale, sm_scale, CU_Q, CU_K, SID_K,
                      CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                     PRECISION: tl.constexpr, VARLEN: tl.constexpr):
+                     PRECISION: tl.constexpr, VARLEN: tl.constexpr, WIDE: tl.constexpr = False):
     pid_n = tl.program_id(0)
     hk = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     start_n = pid_n * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_m0 = tl.arange(0, BLOCK_M)
+    if WIDE:
+        hk = hk.to(tl.int64)
+        offs_n = offs_n.to(tl.int64)
+        offs_m0 = offs_m0.to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     mask_n = offs_n < SEQ_K
     mask_d = offs_d < HEAD_DIM
@@ -402,16 +417,20 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
                    slb, slh, sls, sdqb, sdqs, sdqh, sdqd,
                    HQ, GROUP, SEQ_Q, SEQ_K, HEAD_DIM, qk_scale, sm_scale, CU_Q, CU_K, SID_Q,
                    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                   PRECISION: tl.constexpr, VARLEN: tl.constexpr):
+                   PRECISION: tl.constexpr, VARLEN: tl.constexpr, WIDE: tl.constexpr = False):
     pid_m = tl.program_id(0)
     if CAUSAL:
         pid_m = tl.num_programs(0) - 1 - pid_m
     h = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
-    hk = h // GROUP
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
+    if WIDE:
+        h = h.to(tl.int64)
+        offs_m = offs_m.to(tl.int64)
+        offs_n0 = offs_n0.to(tl.int64)
+    hk = h // GROUP
     offs_d = tl.arange(0, BLOCK_D)
     mask_m = offs_m < SEQ_Q
     mask_d = offs_d < HEAD_DIM
@@ -457,6 +476,19 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
 # ---------------------------------------------------------------------------------------- launchers
 def _block_d(d):
     return max(16, triton.next_power_of_2(d))
+
+
+WIDE_INDEX_MIN = 2 ** 31  # element offsets inside one batch entry reaching this need int64 index math
+
+
+def _wide(*tensors):
+    """Whether some tensor's offsets within one batch entry (rows a tile may touch included) reach
+    WIDE_INDEX_MIN: then the kernels compute row / head offsets in int64 (WIDE=True; else int32, as before)."""
+    span = 0
+    for t in tensors:
+        dims = range(1, t.dim())
+        span = max(span, sum(t.shape[i] * abs(t.stride(i)) for i in dims) + 512 * max(abs(t.stride(i)) for i in dims))
+    return span >= WIDE_INDEX_MIN
 
 
 def _precision(dtype):
@@ -518,7 +550,7 @@ def _forward(q, k, v, causal, softmax_scale, config, meta):
         q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(), *lse.stride(),
         hq // hkv, sq, sk, d, scale * LOG2E, cu_q, cu_k, sid_q,
         CAUSAL=bool(causal), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, EVEN_D=block_d == d,
-        PRECISION=_precision(q.dtype), VARLEN=meta is not None, num_warps=cfg.num_warps,
+        PRECISION=_precision(q.dtype), VARLEN=meta is not None, WIDE=_wide(q, k, v, o, lse), num_warps=cfg.num_warps,
         num_stages=cfg.num_stages)
     return o, lse
 
@@ -538,8 +570,9 @@ def _backward(do, q, k, v, o, lse, causal, softmax_scale, dkdv_config, dq_config
     lse = lse.float()
     delta = torch.empty((b, hq, sq), device=q.device, dtype=torch.float32)
     pre_m = 16 if interpreting() else 64
+    wide = _wide(q, k, v, o, do, lse, dq, dk, dv)
     _bwd_delta_kernel[(triton.cdiv(sq, pre_m), hq, b)](
-        o, do, delta, *o.stride(), *do.stride(), sq, d, hq, BLOCK_M=pre_m, BLOCK_D=block_d)
+        o, do, delta, *o.stride(), *do.stride(), sq, d, hq, BLOCK_M=pre_m, BLOCK_D=block_d, WIDE=wide)
     prec = _precision(q.dtype)
     varlen = meta is not None
     cu_q, cu_k, sid_q, sid_k = meta if varlen else (delta, delta, delta, delta)  # unused when not VARLEN
@@ -548,11 +581,11 @@ def _backward(do, q, k, v, o, lse, causal, softmax_scale, dkdv_config, dq_config
         q, k, v, do, lse, delta, dk, dv, *q.stride(), *k.stride(), *v.stride(), *do.stride(), *lse.stride(),
         *dk.stride(), *dv.stride(), hq, hq // hkv, sq, sk, d, scale * LOG2E, scale, cu_q, cu_k, sid_k,
         CAUSAL=bool(causal), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, PRECISION=prec,
-        VARLEN=varlen, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        VARLEN=varlen, WIDE=wide, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     cfg = dq_config or _pick(BWD_DQ_CONFIGS, block_d, q.element_size())
     _bwd_dq_kernel[(triton.cdiv(sq, cfg.block_m), hq, b)](
         q, k, v, do, lse, delta, dq, *q.stride(), *k.stride(), *v.stride(), *do.stride(), *lse.stride(),
         *dq.stride(), hq, hq // hkv, sq, sk, d, scale * LOG2E, scale, cu_q, cu_k, sid_q,
         CAUSAL=bool(causal), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, PRECISION=prec,
-        VARLEN=varlen, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        VARLEN=varlen, WIDE=wide, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return dq, dk, dv
