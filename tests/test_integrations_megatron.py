@@ -493,9 +493,6 @@ def test_core_attention_packed_thd(padded):
             noncausal(q, k, v, None, packed_seq_params=params)
     with pytest.raises(NotImplementedError, match="thd only"):
         attn(q, k, v, None, packed_seq_params=PackedSeqParams(qkv_format="sbhd"))
-    attn.cp_group, attn.cp_comm_type = object(), "allgather"  # as with context_parallel_size > 1
-    with pytest.raises(NotImplementedError, match="'p2p' or 'a2a'"):
-        attn(q, k, v, None, packed_seq_params=params)
 
 
 def _thd_cp_step(rank, world_size, comm):
@@ -544,9 +541,10 @@ def _thd_cp_step(rank, world_size, comm):
 
 @needs_megatron
 @pytest.mark.dist
-@pytest.mark.parametrize("comm", ["p2p", "a2a"])
+@pytest.mark.parametrize("comm", ["p2p", "a2a", "all_gather"])
 def test_core_attention_packed_thd_context_parallel(comm):
-    """Megatron's THD + CP (padded sequences, chunks r and 2cp-1-r of each on rank r) through p2p (ring) / a2a."""
+    """Megatron's THD + CP (padded sequences, chunks r and 2cp-1-r of each on rank r) through p2p (ring) / a2a /
+    all_gather."""
     if torch.cuda.is_available():
         pytest.skip("CPU (gloo) comparison")
     assert all(run_distributed(_thd_cp_step, 2, args=(comm,), env=_ENV))

@@ -313,12 +313,24 @@ def _zigzag_cp(rank, world_size, causal, hq, hkv, mode="a2a"):
 @pytest.mark.dist
 @pytest.mark.parametrize("world_size", world_sizes_for_device(2, 4))
 @pytest.mark.parametrize("causal,hq,hkv", [(True, 4, 2), (False, 4, 4)])
-@pytest.mark.parametrize("mode", ["a2a", "ring"])
+@pytest.mark.parametrize("mode", ["a2a", "ring", "allgather"])
 def test_cp_varlen_thd_zigzag_matches_single_process(world_size, causal, hq, hkv, mode):
     """Megatron / TransformerEngine THD context parallelism: every sequence in 2*cp chunks, rank r holding
     chunks r and 2cp-1-r of each; a2a permutes to natural order around the varlen kernels, ring attends each
-    query chunk to the earlier (and, on the diagonal step, its own) chunks of the rotating blocks."""
+    query chunk to the earlier (and, on the diagonal step, its own) chunks of the rotating blocks, allgather
+    attends each local chunk to its sequence's gathered keys up to the chunk's end."""
     assert all(run_distributed(_zigzag_cp, world_size, args=(causal, hq, hkv, mode)))
+
+
+def test_thd_local_layout():
+    """allgather on THD zigzag shards: rank r's query pieces and the natural key ranges they attend."""
+    from turbo_dist.cp.allgather import thd_local_layout
+
+    cu = [0, 8, 8, 12]  # cp=2: chunks of 2 (sequence 0) and 1 (sequence 2); sequence 1 empty
+    assert thd_local_layout(cu, 2, 0, True) == ([0, 2, 4, 5, 6], [0, 2, 10, 11, 15], [(0, 2), (0, 8), (8, 9), (8, 12)])
+    assert thd_local_layout(cu, 2, 1, True) == ([0, 2, 4, 5, 6], [0, 4, 10, 12, 15],
+                                                [(0, 4), (0, 6), (8, 10), (8, 11)])
+    assert thd_local_layout(cu, 2, 1, False) == ([0, 4, 6], [0, 8, 12], [(0, 8), (8, 12)])
 
 
 def test_packed_zigzag_order():
@@ -403,8 +415,6 @@ def _cp_varlen_errors(rank, world_size):
                                cp_param_bundle={"cp_group": None, "cp_comm_type": "a2a"})
     with pytest.raises(ValueError, match="not divisible"):  # zigzag: every length a multiple of 2*cp
         cp.context_parallel_attention(x, x, x, cp_comm_type="a2a", load_balance=True, **kw)
-    with pytest.raises(NotImplementedError, match="zigzag"):
-        cp.context_parallel_attention(x, x, x, cp_comm_type="allgather", load_balance=True, **kw)
     if world_size > 1:
         with pytest.raises(ValueError, match="not divisible"):
             cp.shard_packed(torch.zeros(16, 2), cu)

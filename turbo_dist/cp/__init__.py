@@ -21,7 +21,7 @@ Packed variable-length sequences (cu_seqlens_q/cu_seqlens_k, flash-attn's varlen
 gathered, sliced to the keys this rank's sequences need; "a2a": whole packed sequence per head group).
 q/k/v are [T/cp, H, D], rank r holding the contiguous shard r of the packed tokens
 (`shard(x, g, seq_dim=0, load_balance=False)`; T % cp == 0, pad the packed sequence otherwise), or, with
-load_balance=True ("ring" and "a2a"), Megatron / TransformerEngine's THD layout (`shard_packed`: every
+load_balance=True (any mode), Megatron / TransformerEngine's THD layout (`shard_packed`: every
 sequence, its length divisible by 2*cp, cut into 2*cp chunks, rank r holding chunks r and 2cp-1-r). cu_seqlens are global (over the
 whole packed T, the same on every rank). Causal ring needs cu_seqlens_q == cu_seqlens_k.
 """
@@ -60,8 +60,8 @@ def context_parallel_attention(q, k, v, causal=False, softmax_scale=None, cp_gro
     Packed variable-length sequences (every mode; causal "ring" needs cu_seqlens_q == cu_seqlens_k): cu_seqlens_q/cu_seqlens_k [B+1] int32/int64 on q's
     device, GLOBAL (0, non-decreasing, ending at the whole packed length T = cp * local length, the same
     on every rank); max_seqlen_q/_k: None or an int >= the longest sequence. q: [T/cp, Hq, D], k/v:
-    [T/cp, Hkv, D], this rank's contiguous shard (load_balance None or False) or, "ring" and "a2a", its
-    per-sequence zigzag shard (load_balance=True, `shard_packed`);
+    [T/cp, Hkv, D], this rank's contiguous shard (load_balance None or False) or its per-sequence zigzag
+    shard (load_balance=True, `shard_packed`);
     returns o: [T/cp, Hq, D]. Causal masks align bottom-right within each sequence.
     """
     other = [name for name in kw if name in _OTHER_VARLEN_KW]
@@ -107,11 +107,6 @@ def _varlen(q, k, v, causal, softmax_scale, cp_group, mode, load_balance, num_ch
     if cu_seqlens_q is None or cu_seqlens_k is None:
         raise ValueError("packed sequences need both cu_seqlens_q and cu_seqlens_k")
     zigzag = bool(load_balance)
-    if zigzag and mode == "allgather":
-        raise NotImplementedError(
-            "packed sequences in the per-sequence zigzag layout (load_balance=True, Megatron's THD layout) run "
-            "with cp_comm_type 'ring' or 'a2a', not 'allgather'; contiguous shards (load_balance=False) take every "
-            "mode")
     rt = get_runtime(cp_group)
     cp = rt.world_size
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -144,7 +139,7 @@ def _varlen(q, k, v, causal, softmax_scale, cp_group, mode, load_balance, num_ch
                                       "'allgather' for causal cross-attention packing")
         return ring_varlen_attention(q, k, v, host_q, host_k, bool(causal), scale, rt, zigzag=zigzag)
     if mode == "allgather":
-        return allgather_varlen_attention(q, k, v, host_q, host_k, bool(causal), scale, rt, num_chunks)
+        return allgather_varlen_attention(q, k, v, host_q, host_k, bool(causal), scale, rt, num_chunks, zigzag=zigzag)
     return a2a_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bool(causal),
                                 scale, rt, num_chunks, zigzag=zigzag, host_cu=host_q)
 

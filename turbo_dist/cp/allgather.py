@@ -15,6 +15,7 @@ from turbo_dist.ops import attention_backward, attention_forward
 
 from . import _comm
 from ._varlen import varlen_bwd as _varlen_bwd, varlen_fwd as _varlen_fwd
+from .a2a import packed_zigzag_order
 from .layout import chunk_ids, gathered_to_natural, natural_to_scattered
 
 
@@ -152,25 +153,77 @@ def varlen_local_layout(cu_q, cu_k, lo, hi, causal):
     return cq, ck, k_start, k_start + ck[-1]
 
 
-def _varlen_plan(q, cu_q, cu_k, causal, rt):
+def thd_local_layout(cu, cp, rank, causal):
+    """Megatron's THD zigzag shards (rank r: chunks r and 2cp-1-r of every sequence, `cp.shard_packed`): what
+    rank `rank`'s queries need from the gathered keys. Returns (cu_q_local, cu_k_local, natural key ranges)
+    as host lists: causal, each local chunk is its own query piece over its sequence's keys up to the chunk's
+    end ([s, s + (r+1)c) and [s, s + (2cp-r)c): bottom-right aligned, the chunk's own causal mask); not
+    causal, both chunks of a sequence form one piece over the whole sequence. Empty sequences drop out."""
+    cq, ck, ranges = [0], [0], []
+    for s0, s1 in zip(cu, cu[1:]):
+        c = (s1 - s0) // (2 * cp)
+        if c == 0:
+            continue
+        pieces = [(c, (rank + 1) * c), (c, (2 * cp - rank) * c)] if causal else [(2 * c, s1 - s0)]
+        for nq, nk in pieces:
+            cq.append(cq[-1] + nq)
+            ck.append(ck[-1] + nk)
+            ranges.append((s0, s0 + nk))
+    return cq, ck, ranges
+
+
+def _varlen_plan(q, cu_q, cu_k, causal, rt, zigzag=False):
+    """(cu_q, cu_k, max_q, max_k, k0, k1, kidx): the local varlen call's cu_seqlens (device) and maxima, and
+    where its keys are in the rank-major gathered k: rows [k0, k1) (contiguous shards) or the rows `kidx`
+    (THD zigzag shards, int64 on the device; k0 = k1 = 0)."""
     t_loc = q.shape[0]
-    lo = rt.rank * t_loc
-    cq, ck, k0, k1 = varlen_local_layout(cu_q, cu_k, lo, lo + t_loc, causal)
+    cp = rt.world_size
+    kidx = None
+    if zigzag and cp > 1:
+        cq, ck, ranges = thd_local_layout(cu_q, cp, rt.rank, causal)
+        g2n = packed_zigzag_order(cu_q, cp)
+        n2g = torch.empty_like(g2n)
+        n2g[g2n] = torch.arange(g2n.numel())
+        nat = torch.cat([torch.arange(a, b) for a, b in ranges]) if ranges else torch.zeros(0, dtype=torch.int64)
+        kidx = n2g[nat].to(q.device)
+        k0 = k1 = 0
+    else:
+        lo = rt.rank * t_loc
+        cq, ck, k0, k1 = varlen_local_layout(cu_q, cu_k, lo, lo + t_loc, causal)
     dev = q.device
-    cu_q = torch.tensor(cq, dtype=torch.int32, device=dev)
-    cu_k = torch.tensor(ck, dtype=torch.int32, device=dev)
-    max_q = max(b - a for a, b in zip(cq, cq[1:]))
-    max_k = max(b - a for a, b in zip(ck, ck[1:]))
-    return cu_q, cu_k, max_q, max_k, k0, k1
+    max_q = max((b - a for a, b in zip(cq, cq[1:])), default=0)
+    max_k = max((b - a for a, b in zip(ck, ck[1:])), default=0)
+    return (torch.tensor(cq, dtype=torch.int32, device=dev), torch.tensor(ck, dtype=torch.int32, device=dev),
+            max_q, max_k, k0, k1, kidx)
 
 
-def _keys_of(pend, cp, k0, k1):
-    """A pending gather of every rank's [1, T/cp, kc, D] k and v -> the packed keys [k0, k1): [2, k1 - k0, kc, D]."""
-    return gathered_to_natural(pend.wait(), cp, False, seq_dim=2)[:, 0, k0:k1]
+def _keys_of(pend, cp, plan):
+    """A pending gather of every rank's [1, T/cp, kc, D] k and v -> the local call's keys [2, Tk, kc, D]."""
+    k0, k1, kidx = plan[4:]
+    gathered = pend.wait()  # [cp, 2, 1, T/cp, kc, D]
+    if kidx is None:
+        return gathered_to_natural(gathered, cp, False, seq_dim=2)[:, 0, k0:k1]
+    flat = gathered.select(2, 0).transpose(0, 1).flatten(1, 2)  # [2, T, kc, D], rank-major (a copy)
+    return flat.index_select(1, kidx)
+
+
+def _scatter_dkv(dk_j, dv_j, plan, cp, t_loc):
+    """The local call's dK/dV -> [cp, 2, 1, T/cp, kc, D] fp32 in the gathered (rank-major) order, to be
+    reduce-scattered (keys used by several pieces are summed)."""
+    k0, k1, kidx = plan[4:]
+    kc, d = dk_j.shape[1:]
+    if kidx is None:
+        dkv = torch.zeros((2, 1, cp * t_loc, kc, d), dtype=torch.float32, device=dk_j.device)
+        dkv[0, 0, k0:k1] = dk_j
+        dkv[1, 0, k0:k1] = dv_j
+        return natural_to_scattered(dkv, cp, False, seq_dim=2)
+    dkv = torch.zeros((2, cp * t_loc, kc, d), dtype=torch.float32, device=dk_j.device)
+    dkv.index_add_(1, kidx, torch.stack([dk_j, dv_j]).float())
+    return dkv.view(2, cp, t_loc, kc, d).transpose(0, 1).unsqueeze(2).contiguous()
 
 
 def allgather_varlen_forward(q, k, v, plan, causal, scale, rt, num_chunks):
-    cu_q, cu_k, max_q, max_k, k0, k1 = plan
+    cu_q, cu_k, max_q, max_k = plan[:4]
     t_loc, hq, _ = q.shape
     hkv = k.shape[1]
     nc = _pick_chunks(num_chunks, hkv)
@@ -180,7 +233,7 @@ def allgather_varlen_forward(q, k, v, plan, causal, scale, rt, num_chunks):
     lse = torch.empty((hq, t_loc), dtype=torch.float32, device=q.device)
     pend = _gather_kv(kb, vb, slice(0, kc), rt)
     for j in range(nc):
-        kv = _keys_of(pend, rt.world_size, k0, k1)
+        kv = _keys_of(pend, rt.world_size, plan)
         if j + 1 < nc:
             pend = _gather_kv(kb, vb, slice((j + 1) * kc, (j + 2) * kc), rt)
         hs = slice(j * qc, (j + 1) * qc)
@@ -192,7 +245,7 @@ def allgather_varlen_forward(q, k, v, plan, causal, scale, rt, num_chunks):
 
 
 def allgather_varlen_backward(do, q, k, v, out, lse, plan, causal, scale, rt, nc):
-    cu_q, cu_k, max_q, max_k, k0, k1 = plan
+    cu_q, cu_k, max_q, max_k = plan[:4]
     cp = rt.world_size
     t_loc, hq, d = q.shape
     hkv = k.shape[1]
@@ -202,7 +255,7 @@ def allgather_varlen_backward(do, q, k, v, out, lse, plan, causal, scale, rt, nc
     pend = _gather_kv(kb, vb, slice(0, kc), rt)
     pend_rs = []
     for j in range(nc):
-        kv = _keys_of(pend, rt.world_size, k0, k1)
+        kv = _keys_of(pend, rt.world_size, plan)
         if j + 1 < nc:
             pend = _gather_kv(kb, vb, slice((j + 1) * kc, (j + 2) * kc), rt)
         hs = slice(j * qc, (j + 1) * qc)
@@ -210,10 +263,7 @@ def allgather_varlen_backward(do, q, k, v, out, lse, plan, causal, scale, rt, nc
             do[:, hs].contiguous(), q[:, hs].contiguous(), kv[0].contiguous(), kv[1].contiguous(),
             out[:, hs].contiguous(), lse[hs].contiguous(), cu_q, cu_k, max_q, max_k, causal, scale)
         dq[:, hs] = dq_j
-        dkv = torch.zeros((2, 1, cp * t_loc, kc, d), dtype=torch.float32, device=q.device)
-        dkv[0, 0, k0:k1] = dk_j
-        dkv[1, 0, k0:k1] = dv_j
-        pend_rs.append(_comm.reduce_scatter(natural_to_scattered(dkv, cp, False, seq_dim=2), rt))
+        pend_rs.append(_comm.reduce_scatter(_scatter_dkv(dk_j, dv_j, plan, cp, t_loc), rt))
     for j in range(nc):
         r = pend_rs[j].wait()  # [2, 1, T/cp, kc, D] fp32, summed over ranks
         ks = slice(j * kc, (j + 1) * kc)
@@ -222,10 +272,11 @@ def allgather_varlen_backward(do, q, k, v, out, lse, plan, causal, scale, rt, nc
     return dq, dk, dv
 
 
-def allgather_varlen_attention(q, k, v, cu_q, cu_k, causal, scale, rt, num_chunks=2):
-    """q: [T/cp, Hq, D], k/v: [T/cp, Hkv, D], rank r's contiguous shard of the packed sequence; cu_q / cu_k:
-    the global cu_seqlens as host lists (validated by the caller). K/V are gathered (head groups pipelined) and sliced to the keys this
-    rank's sequences need; dK/dV are reduce-scattered back. Returns o: [T/cp, Hq, D]."""
-    plan = _varlen_plan(q, cu_q, cu_k, causal, rt)
+def allgather_varlen_attention(q, k, v, cu_q, cu_k, causal, scale, rt, num_chunks=2, zigzag=False):
+    """q: [T/cp, Hq, D], k/v: [T/cp, Hkv, D], rank r's shard of the packed sequence: contiguous, or (zigzag)
+    Megatron's THD layout (chunks r and 2cp-1-r of every sequence; then cu_q == cu_k); cu_q / cu_k: the global
+    cu_seqlens as host lists (validated by the caller). K/V are gathered (head groups pipelined) and cut to
+    the keys this rank's queries need; dK/dV are reduce-scattered back. Returns o: [T/cp, Hq, D]."""
+    plan = _varlen_plan(q, cu_q, cu_k, causal, rt, zigzag)
     return _Gathered.apply(q, k, v, allgather_varlen_forward, allgather_varlen_backward, plan, causal, scale, rt,
                            num_chunks)

@@ -397,7 +397,7 @@ class TurboDistCoreAttention(MegatronModule):
     attention spans the whole sequence over the CP group: cp_comm_type "p2p" (ring), "a2a" (Ulysses) or
     "all_gather". Supported: causal or no mask, no dropout, vanilla softmax, no sliding window, no attention
     bias; packed sequences (PackedSeqParams, qkv_format "thd": query [t, np, hn] -> [t, np * hn]), with
-    context parallelism in Megatron's THD layout through cp_comm_type "p2p" or "a2a"; anything else raises
+    context parallelism in Megatron's THD layout through any of the three; anything else raises
     NotImplementedError.
     """
 
@@ -452,10 +452,6 @@ class TurboDistCoreAttention(MegatronModule):
             raise NotImplementedError(f"TurboDistCoreAttention: packed qkv_format {params.qkv_format!r} (thd only)")
         bundle = None
         if self.cp_group is not None:  # Megatron's THD CP layout: chunks r and 2cp-1-r of every sequence
-            if self.cp_comm_type not in ("ring", "a2a"):
-                raise NotImplementedError(
-                    f"TurboDistCoreAttention: packed (thd) sequences with context parallelism run with cp_comm_type "
-                    f"'p2p' or 'a2a' (Megatron's per-sequence zigzag layout), not {self.cp_comm_type!r}")
             bundle = {"cp_group": self.cp_group, "cp_comm_type": self.cp_comm_type, "load_balance": True}
         if query.dim() != 3 or key.dim() != 3 or value.shape != key.shape:
             raise ValueError(f"thd expects query [t, np, hn] and key/value [t, ng, hn], got {tuple(query.shape)}, "
