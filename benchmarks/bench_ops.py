@@ -293,18 +293,6 @@ def run_fp8_grouped(quick, errors):
     return rows
 
 
-def _one_stream(fn):
-    def run():
-        from turbo_dist.ops import fp8
-
-        prev, fp8.LOOP_STREAMS = fp8.LOOP_STREAMS, 1
-        try:
-            return fn()
-        finally:
-            fp8.LOOP_STREAMS = prev
-    return run
-
-
 def aligned_lens(lens, align):
     """Each count rounded down to a multiple of `align`, the rows taken off given to the largest group (the
     total stays; it is a multiple of `align` here): token counts as MoE layers pad them (expert_alignment)."""
@@ -343,13 +331,12 @@ def _fp8_grouped_block_aligned(G, layer, lens, a, b_t, errors, align=128):
                                      torch.bfloat16)
     cfg = Float8QuantConfig(granularity=gran)
     fns = {"mm_torch_loop": _forced(mm, grouped_scaled_mm="torch_loop"),
-           "mm_torch_loop_1stream": _one_stream(_forced(mm, grouped_scaled_mm="torch_loop")),
            "mm_triton": _forced(mm, grouped_scaled_mm="triton"),
            "mm_default": _forced(mm, grouped_scaled_mm=None),
            "e2e_grouped_gemm_fp8": _forced(lambda: grouped_gemm_fp8(a, b_t, lens_h, trans_b=True, config=cfg),
                                            grouped_scaled_mm=None)}
     if DEVICE != "cuda":
-        del fns["mm_torch_loop"], fns["mm_torch_loop_1stream"]  # cuBLASLt only
+        del fns["mm_torch_loop"]  # cuBLASLt only
     res = _time(fns, f"fp8_grouped {case}", errors)
     dflt = None
     if res["mm_default"] is not None:

@@ -572,6 +572,12 @@ def test_grouped_scaled_torch_loop_declines(monkeypatch):
     assert "bf16 output" in can(*args, lens, "block", torch.float32)
     assert fp8._grouped_scaled_choice_key(*args, torch.tensor([120, 136]), "block", torch.bfloat16) != \
         fp8._grouped_scaled_choice_key(*args, lens, "block", torch.bfloat16)
+    big, small = torch.tensor([512, 0, 1024]), torch.tensor([512, 128, 1024])
+    assert fp8._grouped_scaled_preference(*args, big, "block", torch.bfloat16) == "torch_loop"
+    assert fp8._grouped_scaled_preference(*args, small, "block", torch.bfloat16) is None
+    assert fp8._grouped_scaled_preference(*args, big, "row", torch.bfloat16) is None
+    assert fp8._grouped_scaled_choice_key(*args, big, "block", torch.bfloat16) != \
+        fp8._grouped_scaled_choice_key(*args, small, "block", torch.bfloat16)
     monkeypatch.setitem(fp8._PROBES, ("block_align", "cpu"), (None, "CUBLAS_STATUS_NOT_SUPPORTED"))
     assert "not usable here" in can(*args, lens, "block", torch.bfloat16)
 
@@ -593,15 +599,16 @@ def test_grouped_scaled_torch_loop_gpu():
     aq, sa = quantize_fp8(a, E4M3, B)
     wq, sw = quantize_fp8(w, E4M3, B, weight=True)
     out = grouped_scaled_mm(aq, wq, sa, sw, torch.tensor(lens))
-    if fp8.TORCH_LOOP_PRIORITY < 10:
-        assert dispatcher.last_backend("grouped_scaled_mm") == "torch_loop"
+    assert dispatcher.last_backend("grouped_scaled_mm") == "triton"  # groups under LOOP_MIN_ROWS: triton first
     dispatcher.set_backend("grouped_scaled_mm", "torch_loop")
     out_loop = grouped_scaled_mm(aq, wq, sa, sw, torch.tensor(lens))
-    fp8.LOOP_STREAMS, streams = 1, fp8.LOOP_STREAMS  # the same GEMMs on the caller's stream only
-    try:
-        assert torch.equal(grouped_scaled_mm(aq, wq, sa, sw, torch.tensor(lens)), out_loop)
-    finally:
-        fp8.LOOP_STREAMS = streams
+    dispatcher.set_backend("grouped_scaled_mm", None)
+    big = [0, 1024, 512, 0, 2048, 768, 640, 0]  # every non-empty group >= LOOP_MIN_ROWS: cuBLASLt loop first
+    a2 = rnd(sum(big), 7168, dtype=torch.bfloat16, device="cuda", seed=46)
+    aq2, sa2 = quantize_fp8(a2, E4M3, B)
+    out_big = grouped_scaled_mm(aq2, wq, sa2, sw, torch.tensor(big))
+    assert dispatcher.last_backend("grouped_scaled_mm") == "torch_loop"
+    assert snr(out_big, grouped_ref(a2, w, big, trans_b=True)) >= 25
     dispatcher.set_backend("grouped_scaled_mm", "triton")
     out_tri = grouped_scaled_mm(aq, wq, sa, sw, torch.tensor(lens))
     ref = grouped_ref(a, w, lens, trans_b=True)

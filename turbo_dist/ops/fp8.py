@@ -391,8 +391,14 @@ def _torch_grouped_scaled_can(a_q, b_q, scale_a, scale_b, group_lens, mode, out_
 # num_recv_tokens_per_expert_list) and every group a multiple of the probed row alignment (what
 # expert_alignment / Megatron's FP8 padding give). The rows' scales are laid out per group in one pass.
 _LOOP_ALIGN_CANDIDATES = (1, 4, 8, 16, 128)
-TORCH_LOOP_PRIORITY = 15  # after triton until measured on the GPU (bench_ops.py fp8_grouped, aligned case)
-LOOP_STREAMS = 4  # CUDA streams the per-group GEMMs are spread over (1: all on the caller's stream)
+# Measured rule (H200, torch 2.11 / CUDA 13, DeepSeek-V3 fc1 K=7168 N=4096, host lens aligned to 128,
+# benchmarks/results/ops_fp8_grouped_loop_h200.json): with every non-empty group >= LOOP_MIN_ROWS rows the
+# cuBLASLt loop beats our Triton kernel (G=8, groups 640..2048 rows: 0.52-0.58 vs 0.62 ms, 1.29-1.49x bf16
+# grouped vs 1.23x); with small groups in the mix it loses (G=32, 14 groups of 128-512 rows: 2.41-2.58 vs
+# 2.31-2.35 ms): a 128-row group fills 32 of 132 SMs alone, while the persistent kernel packs every group's
+# tiles into one grid. So torch_loop stays after triton in the default order and a preference moves it first
+# only when all groups are large.
+LOOP_MIN_ROWS = 512
 
 
 def _cublas_block_row_align(device):
@@ -451,48 +457,18 @@ def _torch_loop_grouped_scaled(a_q, b_q, scale_a, scale_b, group_lens, mode, out
     out = torch.empty((M, N), dtype=out_dtype, device=a_q.device)
     lens = group_lens.tolist()  # host tensor: no sync
     sa_packed = _pack_row_scales_per_group(scale_a, group_lens)
-    work, start = [], 0
+    # One GEMM after another on the caller's stream. Spreading them over 4 side streams was measured slower
+    # (H200, DeepSeek-V3 fc1, 128-aligned lens: G=8 0.79 vs 0.58 ms, G=32 3.56 vs 2.58 ms): cuBLASLt's
+    # kernels already fill the GPU and concurrent ones only contend.
+    start = 0
     for g, n in enumerate(lens):
         if n:
-            work.append((n, g, start))
+            sa_g = sa_packed[start * kb:(start + n) * kb].view(kb, n).t()
+            _, sb_g = _block_scales_for_cublas(sa_g, scale_b[g])
+            torch._scaled_mm(a_q[start:start + n], b_q[g], sa_g, sb_g, out_dtype=out_dtype,
+                             out=out[start:start + n])
         start += n
-
-    def gemm(n, g, start):
-        sa_g = sa_packed[start * kb:(start + n) * kb].view(kb, n).t()
-        _, sb_g = _block_scales_for_cublas(sa_g, scale_b[g])
-        torch._scaled_mm(a_q[start:start + n], b_q[g], sa_g, sb_g, out_dtype=out_dtype, out=out[start:start + n])
-
-    nstreams = min(LOOP_STREAMS, len(work)) if a_q.is_cuda else 1
-    if nstreams <= 1:
-        for w in work:
-            gemm(*w)
-        return out
-    # Small groups leave most SMs idle one at a time: spread the GEMMs over side streams, largest first onto the
-    # least loaded (by rows). The side streams start after what produced the inputs and the caller's stream
-    # waits for all of them, so every tensor here (temporaries included) is used strictly inside that window.
-    cur = torch.cuda.current_stream(a_q.device)
-    streams = _side_streams(a_q.device, nstreams)
-    loads = [0] * nstreams
-    for s in streams:
-        s.wait_stream(cur)
-    for n, g, start in sorted(work, reverse=True):
-        i = loads.index(min(loads))
-        loads[i] += n
-        with torch.cuda.stream(streams[i]):
-            gemm(n, g, start)
-    for s in streams:
-        cur.wait_stream(s)
     return out
-
-
-_SIDE_STREAMS = {}
-
-
-def _side_streams(device, n):
-    key = (str(device), n)
-    if key not in _SIDE_STREAMS:
-        _SIDE_STREAMS[key] = [torch.cuda.Stream(device=device) for _ in range(n)]
-    return _SIDE_STREAMS[key]
 
 
 def _torch_loop_grouped_scaled_can(a_q, b_q, scale_a, scale_b, group_lens, mode, out_dtype):
@@ -527,7 +503,18 @@ def _grouped_scaled_choice_key(a_q, b_q, scale_a, scale_b, group_lens, mode, out
     # torch_loop's predicate reads host group_lens values: key on their alignment (lens change every step)
     if group_lens.device.type != "cpu" or mode != "block":
         return None
-    return _lens_alignment(group_lens)
+    return _lens_alignment(group_lens), _all_groups_large(group_lens)
+
+
+def _all_groups_large(group_lens):
+    lens = group_lens.tolist()
+    return any(lens) and min(n for n in lens if n) >= LOOP_MIN_ROWS
+
+
+def _grouped_scaled_preference(a_q, b_q, scale_a, scale_b, group_lens, mode, out_dtype):
+    if mode == "block" and group_lens.device.type == "cpu" and _all_groups_large(group_lens):
+        return "torch_loop"
+    return None
 
 
 # Default order: triton before torch. The only case both take is rowwise e4m3 on SM90, and there our
@@ -539,9 +526,10 @@ dispatcher.register_backend("grouped_scaled_mm", "triton", _triton_grouped_scale
 dispatcher.register_backend("grouped_scaled_mm", "torch", _torch_grouped_scaled, _torch_grouped_scaled_can,
                             priority=20)
 dispatcher.register_backend("grouped_scaled_mm", "torch_loop", _torch_loop_grouped_scaled,
-                            _torch_loop_grouped_scaled_can, priority=TORCH_LOOP_PRIORITY)
+                            _torch_loop_grouped_scaled_can, priority=15)
 dispatcher.register_backend("grouped_scaled_mm", "reference", _reference_grouped_scaled, priority=90)
 dispatcher.set_choice_key("grouped_scaled_mm", _grouped_scaled_choice_key)
+dispatcher.set_preference("grouped_scaled_mm", _grouped_scaled_preference)
 
 
 # ----------------------------------------------------------------------------------------- autograd
