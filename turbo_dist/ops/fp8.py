@@ -432,39 +432,16 @@ def _cublas_block_row_align(device):
     return _PROBES[key][0]
 
 
-def _pack_row_scales_per_group(scale_a, group_lens):
-    """scale_a [M, kb] (rows sorted by group, host group_lens) -> flat [M * kb] where group g's rows form a
-    [kb, Mg] contiguous block at kb * start_g: viewed as .view(kb, Mg).t(), the M-major [Mg, kb] scale with
-    stride (1, Mg) that cuBLASLt's 1x128 scaling takes. One scatter for all groups, index math on the device
-    (the lens go over in a pinned copy: no stream sync)."""
-    M, kb = scale_a.shape
-    dev = scale_a.device
-    lens = group_lens.to(torch.int64)
-    lens_d = lens.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else lens.to(dev)
-    starts = torch.cumsum(lens_d, 0) - lens_d
-    gid = torch.repeat_interleave(torch.arange(lens.shape[0], device=dev), lens_d, output_size=M)
-    row_base = starts[gid] * (kb - 1) + torch.arange(M, device=dev)  # start * kb + (row - start)
-    idx = row_base[:, None] + torch.arange(kb, device=dev)[None, :] * lens_d[gid][:, None]
-    packed = torch.empty(M * kb, dtype=scale_a.dtype, device=dev)
-    packed.index_copy_(0, idx.reshape(-1), scale_a.contiguous().reshape(-1))
-    return packed
-
-
 def _torch_loop_grouped_scaled(a_q, b_q, scale_a, scale_b, group_lens, mode, out_dtype):
-    M, K = a_q.shape
-    N = b_q.shape[2]
-    kb = scale_a.shape[1]
+    M, N = a_q.shape[0], b_q.shape[2]
     out = torch.empty((M, N), dtype=out_dtype, device=a_q.device)
-    lens = group_lens.tolist()  # host tensor: no sync
-    sa_packed = _pack_row_scales_per_group(scale_a, group_lens)
-    # One GEMM after another on the caller's stream. Spreading them over 4 side streams was measured slower
-    # (H200, DeepSeek-V3 fc1, 128-aligned lens: G=8 0.79 vs 0.58 ms, G=32 3.56 vs 2.58 ms): cuBLASLt's
-    # kernels already fill the GPU and concurrent ones only contend.
+    # One GEMM after another on the caller's stream (4 side streams were measured slower: cuBLASLt's kernels
+    # fill the GPU and concurrent ones only contend). Each group's 1x128 scales are copied M-major (stride
+    # (1, Mg), what cuBLASLt takes): one small copy per group, the cheapest on the host.
     start = 0
-    for g, n in enumerate(lens):
+    for g, n in enumerate(group_lens.tolist()):  # host tensor: no sync
         if n:
-            sa_g = sa_packed[start * kb:(start + n) * kb].view(kb, n).t()
-            _, sb_g = _block_scales_for_cublas(sa_g, scale_b[g])
+            sa_g, sb_g = _block_scales_for_cublas(scale_a[start:start + n], scale_b[g])
             torch._scaled_mm(a_q[start:start + n], b_q[g], sa_g, sb_g, out_dtype=out_dtype,
                              out=out[start:start + n])
         start += n
