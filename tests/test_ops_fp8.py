@@ -572,7 +572,9 @@ def test_grouped_scaled_torch_loop_declines(monkeypatch):
     assert "bf16 output" in can(*args, lens, "block", torch.float32)
     assert fp8._grouped_scaled_choice_key(*args, torch.tensor([120, 136]), "block", torch.bfloat16) != \
         fp8._grouped_scaled_choice_key(*args, lens, "block", torch.bfloat16)
-    big, small = torch.tensor([512, 0, 1024]), torch.tensor([512, 128, 1024])
+    # K=512, N=256 here: a launched group must average LOOP_MIN_GROUP_FLOP / (2 * 512 * 256) rows
+    monkeypatch.setattr(fp8, "LOOP_MIN_GROUP_FLOP", 2 * 512 * 256 * 128)
+    big, small = torch.tensor([128, 0, 128]), torch.tensor([128, 64, 64])
     assert fp8._grouped_scaled_preference(*args, big, "block", torch.bfloat16) == "torch_loop"
     assert fp8._grouped_scaled_preference(*args, small, "block", torch.bfloat16) is None
     assert fp8._grouped_scaled_preference(*args, big, "row", torch.bfloat16) is None
@@ -599,11 +601,11 @@ def test_grouped_scaled_torch_loop_gpu():
     aq, sa = quantize_fp8(a, E4M3, B)
     wq, sw = quantize_fp8(w, E4M3, B, weight=True)
     out = grouped_scaled_mm(aq, wq, sa, sw, torch.tensor(lens))
-    assert dispatcher.last_backend("grouped_scaled_mm") == "triton"  # groups under LOOP_MIN_ROWS: triton first
+    assert dispatcher.last_backend("grouped_scaled_mm") == "triton"  # ~500-row groups at N=2048: triton first
     dispatcher.set_backend("grouped_scaled_mm", "torch_loop")
     out_loop = grouped_scaled_mm(aq, wq, sa, sw, torch.tensor(lens))
     dispatcher.set_backend("grouped_scaled_mm", None)
-    big = [0, 1024, 512, 0, 2048, 768, 640, 0]  # every non-empty group >= LOOP_MIN_ROWS: cuBLASLt loop first
+    big = [0, 2048, 4096, 0, 2048, 4096, 2048, 0]  # >= LOOP_MIN_GROUP_FLOP per launched group: the loop first
     a2 = rnd(sum(big), 7168, dtype=torch.bfloat16, device="cuda", seed=46)
     aq2, sa2 = quantize_fp8(a2, E4M3, B)
     out_big = grouped_scaled_mm(aq2, wq, sa2, sw, torch.tensor(big))

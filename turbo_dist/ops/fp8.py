@@ -391,14 +391,15 @@ def _torch_grouped_scaled_can(a_q, b_q, scale_a, scale_b, group_lens, mode, out_
 # num_recv_tokens_per_expert_list) and every group a multiple of the probed row alignment (what
 # expert_alignment / Megatron's FP8 padding give). The rows' scales are laid out per group in one pass.
 _LOOP_ALIGN_CANDIDATES = (1, 4, 8, 16, 128)
-# Measured rule (H200, torch 2.11 / CUDA 13, DeepSeek-V3 fc1 K=7168 N=4096, host lens aligned to 128,
-# benchmarks/results/ops_fp8_grouped_loop_h200.json): with every non-empty group >= LOOP_MIN_ROWS rows the
-# cuBLASLt loop beats our Triton kernel (G=8, groups 640..2048 rows: 0.52-0.58 vs 0.62 ms, 1.29-1.49x bf16
-# grouped vs 1.23x); with small groups in the mix it loses (G=32, 14 groups of 128-512 rows: 2.41-2.58 vs
-# 2.31-2.35 ms): a 128-row group fills 32 of 132 SMs alone, while the persistent kernel packs every group's
-# tiles into one grid. So torch_loop stays after triton in the default order and a preference moves it first
-# only when all groups are large.
-LOOP_MIN_ROWS = 512
+# Measured rule (H200, torch 2.11 / CUDA 13, DeepSeek-V3 fc1 K=7168 N=4096, host lens aligned to 128, skewed,
+# ~1024 rows per expert; benchmarks/results/ops_fp8_grouped_loop_h200.json): on the GPU the cuBLASLt loop is
+# faster than our Triton kernel (G=8 0.446 vs 0.606 ms, G=32 1.89 vs 2.22 ms, GPU time with the launch queue
+# pre-filled), but each group costs ~55-65 us of host time (torch._scaled_mm's descriptor / heuristic work
+# plus the scale copy), so with small groups the host, not the GPU, sets the pace. torch_loop goes first
+# only when a launched group carries >= LOOP_MIN_GROUP_FLOP on average (1024 rows at K=7168, N=4096: about
+# 60 us of FP8 tensor-core time, the host cost it must cover); otherwise the persistent Triton kernel (one
+# launch) stays first.
+LOOP_MIN_GROUP_FLOP = 2 * 1024 * 7168 * 4096
 
 
 def _cublas_block_row_align(device):
@@ -480,16 +481,17 @@ def _grouped_scaled_choice_key(a_q, b_q, scale_a, scale_b, group_lens, mode, out
     # torch_loop's predicate reads host group_lens values: key on their alignment (lens change every step)
     if group_lens.device.type != "cpu" or mode != "block":
         return None
-    return _lens_alignment(group_lens), _all_groups_large(group_lens)
+    return _lens_alignment(group_lens), _loop_pays(a_q, b_q, group_lens)
 
 
-def _all_groups_large(group_lens):
-    lens = group_lens.tolist()
-    return any(lens) and min(n for n in lens if n) >= LOOP_MIN_ROWS
+def _loop_pays(a_q, b_q, group_lens):
+    """Whether the launched groups carry enough GPU work on average to hide torch_loop's host cost per group."""
+    launched = int((group_lens > 0).sum())
+    return launched > 0 and 2.0 * a_q.shape[0] * a_q.shape[1] * b_q.shape[2] / launched >= LOOP_MIN_GROUP_FLOP
 
 
 def _grouped_scaled_preference(a_q, b_q, scale_a, scale_b, group_lens, mode, out_dtype):
-    if mode == "block" and group_lens.device.type == "cpu" and _all_groups_large(group_lens):
+    if mode == "block" and group_lens.device.type == "cpu" and _loop_pays(a_q, b_q, group_lens):
         return "torch_loop"
     return None
 
