@@ -239,8 +239,56 @@ def run_fp8(quick, errors):
     return rows
 
 
+def _bf16_grouped_base(a, b_t, lens, case, flops, errors):
+    """The faster bf16 grouped GEMM (torch._grouped_mm or our Triton) on these counts: (label, ms, rows) or None."""
+    from turbo_dist.ops import dispatcher
+
+    bf16_fn = lambda: dispatcher.dispatch("grouped_gemm", a, b_t, lens, True)  # noqa: E731
+    bf16 = _time({"bf16_torch": _forced(bf16_fn, grouped_gemm="torch"),
+                  "bf16_triton": _forced(bf16_fn, grouped_gemm="triton")}, f"fp8_grouped {case} bf16", errors)
+    timed = {k: v for k, v in bf16.items() if v}
+    if not timed:
+        return None
+    label = min(timed, key=timed.get)
+    return label, timed[label], _rows_for("fp8_grouped", case, {label: timed[label]}, label, flops, "bf16")
+
+
+def _fp8_grouped_rows(case, fns, base, flops, extra, errors):
+    """Time the FP8 implementations `fns` ("mm_<backend>", "mm_default", "e2e_..."), note what the default ran
+    and how it compares with the best forced backend; rows with ratios against the bf16 `base` (label, ms)."""
+    from turbo_dist.ops import dispatcher
+
+    res = _time(fns, f"fp8_grouped {case}", errors)
+    dflt = None
+    if res["mm_default"] is not None:
+        fns["mm_default"]()
+        dflt = dispatcher.last_backend("grouped_scaled_mm")
+    best = min((v for k, v in res.items() if k.startswith("mm_") and k != "mm_default" and v), default=None)
+    extra = dict(extra, default_backend=dflt,
+                 default_vs_best=(best / res["mm_default"]) if best and res["mm_default"] else None)
+    rows = []
+    for r in _rows_for("fp8_grouped", case, res, "-", flops, "fp8", extra):
+        r["x_baseline"] = base[1] / r["ms"]
+        r["baseline"] = base[0]
+        rows.append(r)
+    return rows
+
+
+def _fp8_grouped_fns(aq, wq, sa, sw, lens, mode, a, b_t, gran, backends):
+    from turbo_dist.ops import Float8QuantConfig, dispatcher, grouped_gemm_fp8
+
+    mm = lambda: dispatcher.dispatch("grouped_scaled_mm", aq, wq.transpose(1, 2), sa, sw, lens, mode,  # noqa: E731
+                                     torch.bfloat16)
+    cfg = Float8QuantConfig(granularity=gran)
+    fns = {f"mm_{name}": _forced(mm, grouped_scaled_mm=name) for name in backends}
+    fns["mm_default"] = _forced(mm, grouped_scaled_mm=None)
+    fns["e2e_grouped_gemm_fp8"] = _forced(lambda: grouped_gemm_fp8(a, b_t, lens, trans_b=True, config=cfg),
+                                          grouped_scaled_mm=None)
+    return fns
+
+
 def run_fp8_grouped(quick, errors):
-    from turbo_dist.ops import Float8QuantConfig, ScalingGranularity, dispatcher, grouped_gemm_fp8, quantize_fp8
+    from turbo_dist.ops import ScalingGranularity, quantize_fp8
 
     rows = []
     E4M3 = torch.float8_e4m3fn
@@ -249,15 +297,13 @@ def run_fp8_grouped(quick, errors):
         lens, a, b, _ = _grouped_case(G, 1024, K, N)
         gl = lens.to(DEVICE)
         M = a.shape[0]
-        flops = 2.0 * M * K * N
         b_t = b.transpose(1, 2).contiguous()  # [G, N, K]: the weight as nn.Linear stores it
-        bf16_fn = lambda: dispatcher.dispatch("grouped_gemm", a, b_t, gl, True)  # noqa: E731
-        bf16 = _time({"bf16_torch": _forced(bf16_fn, grouped_gemm="torch"),
-                      "bf16_triton": _forced(bf16_fn, grouped_gemm="triton")}, f"fp8_grouped G={G} bf16", errors)
-        timed = {k: v for k, v in bf16.items() if v}
-        base_label = min(timed, key=timed.get)
-        base = timed[base_label]
-        rows += _rows_for("fp8_grouped", f"G{G}_{layer}", {base_label: base}, base_label, flops, "bf16")
+        K, N = a.shape[1], b_t.shape[1]
+        flops = 2.0 * M * K * N
+        base = _bf16_grouped_base(a, b_t, gl, f"G{G}_{layer}", flops, errors)
+        if base is None:
+            continue
+        rows += base[2]
         grans = (ScalingGranularity.ROWWISE, ScalingGranularity.BLOCKWISE) if quick else tuple(ScalingGranularity)
         for gran in grans:
             aq, sa = quantize_fp8(a, E4M3, gran)
@@ -267,26 +313,9 @@ def run_fp8_grouped(quick, errors):
                 sw = sw.reshape(G, -1)
             elif gran == ScalingGranularity.BLOCKWISE:
                 sw = sw.transpose(1, 2)
-            mm = lambda: dispatcher.dispatch("grouped_scaled_mm", aq, wq.transpose(1, 2), sa, sw, gl, mode,  # noqa
-                                             torch.bfloat16)
-            cfg = Float8QuantConfig(granularity=gran)
-            fns = {"mm_torch": _forced(mm, grouped_scaled_mm="torch"),
-                   "mm_triton": _forced(mm, grouped_scaled_mm="triton"),
-                   "mm_default": _forced(mm, grouped_scaled_mm=None),
-                   "e2e_grouped_gemm_fp8": _forced(lambda: grouped_gemm_fp8(a, b_t, gl, trans_b=True, config=cfg),
-                                                   grouped_scaled_mm=None)}
-            res = _time(fns, f"fp8_grouped G={G} {gran.name}", errors)
-            dflt = None
-            if res["mm_default"] is not None:
-                fns["mm_default"]()
-                dflt = dispatcher.last_backend("grouped_scaled_mm")
-            best = min((v for k, v in res.items() if k in ("mm_torch", "mm_triton") and v), default=None)
-            extra = {"granularity": gran.name, "default_backend": dflt, "shape": f"G={G} M={M} K={K} N={N}",
-                     "default_vs_best": (best / res["mm_default"]) if best and res["mm_default"] else None}
-            for r in _rows_for("fp8_grouped", f"G{G}_{layer} {gran.name}", res, "-", flops, "fp8", extra):
-                r["x_baseline"] = base / r["ms"]
-                r["baseline"] = base_label
-                rows.append(r)
+            fns = _fp8_grouped_fns(aq, wq, sa, sw, gl, mode, a, b_t, gran, ("torch", "triton"))
+            rows += _fp8_grouped_rows(f"G{G}_{layer} {gran.name}", fns, base, flops,
+                                      {"granularity": gran.name, "shape": f"G={G} M={M} K={K} N={N}"}, errors)
             del aq, wq
         rows += _fp8_grouped_block_aligned(G, layer, lens, a, b_t, errors)
         del a, b, b_t
@@ -305,7 +334,7 @@ def _fp8_grouped_block_aligned(G, layer, lens, a, b_t, errors, align=128):
     """BLOCKWISE FP8 grouped GEMM with host token counts aligned to 128 (what FP8 MoE training pads to): here
     cuBLASLt's blockwise GEMM can run per group (backend torch_loop) beside our Triton kernel; bf16 grouped GEMM
     on the same counts is the baseline."""
-    from turbo_dist.ops import Float8QuantConfig, ScalingGranularity, dispatcher, grouped_gemm_fp8, quantize_fp8
+    from turbo_dist.ops import ScalingGranularity, quantize_fp8
 
     gran = ScalingGranularity.BLOCKWISE
     lens_h = aligned_lens(lens, max(1, align // SHRINK))
@@ -315,41 +344,15 @@ def _fp8_grouped_block_aligned(G, layer, lens, a, b_t, errors, align=128):
     N = b_t.shape[1]
     flops = 2.0 * M * K * N
     case = f"G{G}_{layer} BLOCKWISE lens%{align}==0 host"
-    bf16_fn = lambda: dispatcher.dispatch("grouped_gemm", a, b_t, lens_h, True)  # noqa: E731
-    bf16 = _time({"bf16_torch": _forced(bf16_fn, grouped_gemm="torch"),
-                  "bf16_triton": _forced(bf16_fn, grouped_gemm="triton")}, f"fp8_grouped {case} bf16", errors)
-    timed = {k: v for k, v in bf16.items() if v}
-    if not timed:
+    base = _bf16_grouped_base(a, b_t, lens_h, case, flops, errors)
+    if base is None:
         return []
-    base_label = min(timed, key=timed.get)
-    base = timed[base_label]
-    rows = _rows_for("fp8_grouped", case, {base_label: base}, base_label, flops, "bf16")
     aq, sa = quantize_fp8(a, torch.float8_e4m3fn, gran)
     wq, sw = quantize_fp8(b_t, torch.float8_e4m3fn, gran, weight=True)
-    sw = sw.transpose(1, 2)
-    mm = lambda: dispatcher.dispatch("grouped_scaled_mm", aq, wq.transpose(1, 2), sa, sw, lens_h, "block",  # noqa
-                                     torch.bfloat16)
-    cfg = Float8QuantConfig(granularity=gran)
-    fns = {"mm_torch_loop": _forced(mm, grouped_scaled_mm="torch_loop"),
-           "mm_triton": _forced(mm, grouped_scaled_mm="triton"),
-           "mm_default": _forced(mm, grouped_scaled_mm=None),
-           "e2e_grouped_gemm_fp8": _forced(lambda: grouped_gemm_fp8(a, b_t, lens_h, trans_b=True, config=cfg),
-                                           grouped_scaled_mm=None)}
-    if DEVICE != "cuda":
-        del fns["mm_torch_loop"]  # cuBLASLt only
-    res = _time(fns, f"fp8_grouped {case}", errors)
-    dflt = None
-    if res["mm_default"] is not None:
-        fns["mm_default"]()
-        dflt = dispatcher.last_backend("grouped_scaled_mm")
-    best = min((v for k, v in res.items() if k.startswith("mm_") and k != "mm_default" and v), default=None)
-    extra = {"granularity": gran.name, "default_backend": dflt, "shape": f"G={G} M={M} K={K} N={N}",
-             "lens": lens_h.tolist(), "default_vs_best": (best / res["mm_default"]) if best and res["mm_default"] else None}
-    for r in _rows_for("fp8_grouped", case, res, "-", flops, "fp8", extra):
-        r["x_baseline"] = base / r["ms"]
-        r["baseline"] = base_label
-        rows.append(r)
-    return rows
+    backends = ("torch_loop", "triton") if DEVICE == "cuda" else ("triton",)  # torch_loop: cuBLASLt only
+    fns = _fp8_grouped_fns(aq, wq, sa, sw.transpose(1, 2), lens_h, "block", a, b_t, gran, backends)
+    return base[2] + _fp8_grouped_rows(case, fns, base, flops, {"granularity": gran.name, "lens": lens_h.tolist(),
+                                                                "shape": f"G={G} M={M} K={K} N={N}"}, errors)
 
 
 SECTIONS = {"gemm": run_gemm, "grouped": run_grouped, "fp8": run_fp8, "fp8_grouped": run_fp8_grouped}
