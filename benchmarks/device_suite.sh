@@ -60,7 +60,7 @@ for ph in $PHASES; do
             timeout 300 python benchmarks/bench_ops.py --sections grouped --json "$OUT/ops_grouped_$TAG.json" \
               > "$OUT/ops_grouped_$TAG.log" 2>&1; echo "verify1 grouped bench rc=$?";;
     fp8loop) export TURBO_DIST_TRITON_TUNE=first  # BLOCKWISE grouped on cuBLASLt per group (torch_loop)
-            python -c "import torch, logging; from turbo_dist.ops import fp8; print('cuBLASLt blockwise row alignment:', fp8._cublas_block_row_align(torch.device('cuda', 0)), fp8._PROBES)" 2>&1 | tail -2
+            python -c "import torch, logging; from turbo_dist.ops import fp8_grouped as fp8; print('cuBLASLt blockwise row alignment:', fp8._cublas_block_row_align(torch.device('cuda', 0)), fp8._PROBES)" 2>&1 | tail -2
             timeout 200 python -m pytest -q -rs -p no:cacheprovider tests/test_ops_fp8.py -k "torch_loop or grouped" tests/test_dispatcher.py \
               > "$OUT/pytest_fp8loop_$TAG.log" 2>&1; echo "fp8loop tests rc=$?"; tail -4 "$OUT/pytest_fp8loop_$TAG.log"
             timeout 240 python benchmarks/bench_ops.py --sections fp8_grouped --json "$OUT/ops_fp8_grouped_$TAG.json" \

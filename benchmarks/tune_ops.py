@@ -227,7 +227,8 @@ def fp8_grouped_block_case(args):
     from bench_ops import skewed_lens
     from turbo_dist.kernels import fp8_gemm, grouped_gemm as kgg
     from turbo_dist.ops import ScalingGranularity, quantize_fp8
-    from turbo_dist.ops.fp8 import _reference_grouped_scaled, _torch_blockwise_supported, _torch_scaled_mm
+    from turbo_dist.ops.fp8 import _torch_blockwise_supported, _torch_scaled_mm
+    from turbo_dist.ops.fp8_grouped import _reference_grouped_scaled
 
     B = ScalingGranularity.BLOCKWISE
     E4M3 = torch.float8_e4m3fn

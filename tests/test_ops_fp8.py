@@ -447,7 +447,7 @@ def test_scaled_gemm_blockwise_scale_paths(monkeypatch, tma, sb_n, cfg):
 def test_grouped_scaled_blockwise_scale_paths(monkeypatch, tma, sb_n, cfg):
     from turbo_dist.kernels import fp8_gemm
     from turbo_dist.kernels import gemm as kgemm
-    from turbo_dist.ops.fp8 import _reference_grouped_scaled
+    from turbo_dist.ops.fp8_grouped import _reference_grouped_scaled
 
     monkeypatch.setattr(kgemm, "USE_TMA", tma)
     lens = torch.tensor([9, 0, 30, 5])
@@ -534,7 +534,7 @@ def _fake_blockwise_scaled_mm(calls):
 def test_grouped_scaled_torch_loop_layouts(monkeypatch, K):
     """The per-group cuBLASLt loop hands torch._scaled_mm exactly the layouts torch accepts, one call per
     non-empty group, and gives the reference's numbers (CPU: torch._scaled_mm faked with torch's checks)."""
-    from turbo_dist.ops.fp8 import _reference_grouped_scaled, _torch_loop_grouped_scaled
+    from turbo_dist.ops.fp8_grouped import _reference_grouped_scaled, _torch_loop_grouped_scaled
 
     calls = []
     monkeypatch.setattr(torch, "_scaled_mm", _fake_blockwise_scaled_mm(calls))
@@ -552,7 +552,7 @@ def test_grouped_scaled_torch_loop_layouts(monkeypatch, K):
 
 def test_grouped_scaled_torch_loop_declines(monkeypatch):
     """Who torch_loop leaves to the other backends, each with its reason (the dispatcher reports them)."""
-    from turbo_dist.ops import fp8
+    from turbo_dist.ops import fp8_grouped as fp8
 
     lens = torch.tensor([128, 128])
     a = rnd(256, 512, seed=42)
@@ -588,7 +588,7 @@ def test_grouped_scaled_torch_loop_declines(monkeypatch):
 def test_grouped_scaled_torch_loop_gpu():
     """cuBLASLt blockwise per group on host lens aligned as the probe says, against our Triton kernel and the
     exact product; unaligned lens go to another backend."""
-    from turbo_dist.ops import fp8
+    from turbo_dist.ops import fp8_grouped as fp8
 
     if torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("FP8 needs SM89+")

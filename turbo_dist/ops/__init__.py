@@ -4,8 +4,8 @@ from .attention import attention, attention_backward, attention_forward
 from .attention_varlen import varlen_attention, varlen_attention_backward, varlen_attention_forward
 from .gemm import gemm
 from .grouped_gemm import grouped_gemm
-from .fp8 import (Float8QuantConfig, Format, ScalingGranularity, dequantize_fp8, gemm_fp8, grouped_gemm_fp8,
-                  grouped_scaled_mm, quantize_fp8, scaled_mm)
+from .fp8 import Float8QuantConfig, Format, ScalingGranularity, dequantize_fp8, gemm_fp8, quantize_fp8, scaled_mm
+from .fp8_grouped import grouped_gemm_fp8, grouped_scaled_mm
 
 
 def flash_attn_func(q, k, v, softmax_scale=None, causal=False, cp_param_bundle=None):
