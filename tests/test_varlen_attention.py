@@ -418,6 +418,10 @@ def _cp_varlen_errors(rank, world_size):
     if world_size > 1:
         with pytest.raises(ValueError, match="not divisible"):
             cp.shard_packed(torch.zeros(16, 2), cu)
+        for mode in ("a2a", "allgather"):  # zigzag shards: one packing for q and k/v
+            with pytest.raises(NotImplementedError, match="zigzag layout needs cu_seqlens_q == cu_seqlens_k"):
+                cp.context_parallel_attention(x, x, x, cp_comm_type=mode, load_balance=True,
+                                              **dict(kw, cu_seqlens_k=cu_other))
     with pytest.raises(ValueError, match="divisible by cp"):
         bad = cu_of([5, 3, 8 - world_size], dev)  # the global length is not the shards' total
         cp.context_parallel_attention(x, x, x, cp_comm_type="a2a", cu_seqlens_q=bad, cu_seqlens_k=bad)
