@@ -227,7 +227,6 @@ def fp8_grouped_block_case(args):
     from bench_ops import skewed_lens
     from turbo_dist.kernels import fp8_gemm, grouped_gemm as kgg
     from turbo_dist.ops import ScalingGranularity, quantize_fp8
-    from turbo_dist.ops.fp8 import _torch_blockwise_supported, _torch_scaled_mm
     from turbo_dist.ops.fp8_grouped import _reference_grouped_scaled
 
     B = ScalingGranularity.BLOCKWISE
@@ -249,24 +248,16 @@ def fp8_grouped_block_case(args):
         offs32 = offs.to(torch.int32)
         baselines["bf16_torch_grouped_mm"] = lambda: torch._grouped_mm(a, b_t.transpose(1, 2), offs=offs32,
                                                                        out_dtype=torch.bfloat16)
-        if _torch_blockwise_supported(aq.device)[0]:
-            # what a host loop over cuBLASLt's blockwise kernel gives (group sizes known on the host here)
-            bounds = [0] + torch.cumsum(lens, 0).tolist()
-            out_loop = torch.empty(M, N, dtype=torch.bfloat16, device=DEVICE)
+        # the cuBLASLt-per-group backend (torch_loop) on the same counts, when this torch/cuBLAS and these
+        # counts (host, multiples of the probed row alignment) allow it
+        from turbo_dist.ops.fp8_grouped import _torch_loop_grouped_scaled, _torch_loop_grouped_scaled_can
 
-            def cublas_loop():
-                for gi in range(G):
-                    s0, s1 = bounds[gi], bounds[gi + 1]
-                    if s1 > s0:
-                        out_loop[s0:s1] = _torch_scaled_mm(aq[s0:s1], wq[gi].t(), sa[s0:s1], sw[gi], "block",
-                                                           torch.bfloat16)
-                return out_loop
-            try:
-                err = rel_err(cublas_loop(), ref)
-                print(f"blockwise cuBLAS loop baseline: relative error {err:.3g}")
-                baselines["blockwise_cublas_loop"] = cublas_loop
-            except Exception as exc:  # e.g. a group size cuBLASLt rejects
-                print(f"no blockwise cuBLAS loop baseline: {type(exc).__name__}: {exc}")
+        loop_args = (aq, wq.transpose(1, 2), sa, sw, lens, "block", torch.bfloat16)
+        ok = _torch_loop_grouped_scaled_can(*loop_args)
+        if ok is True:
+            baselines["blockwise_cublas_loop"] = lambda: _torch_loop_grouped_scaled(*loop_args)
+        else:
+            print(f"no blockwise cuBLAS loop baseline: {ok}")
     else:
         baselines["fp32_loop"] = lambda: _reference_grouped_scaled(aq, wq.transpose(1, 2), sa, sw, lens, "block",
                                                                    torch.float32)
