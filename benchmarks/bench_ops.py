@@ -298,8 +298,8 @@ def run_fp8_grouped(quick, errors):
         gl = lens.to(DEVICE)
         M = a.shape[0]
         b_t = b.transpose(1, 2).contiguous()  # [G, N, K]: the weight as nn.Linear stores it
-        K, N = a.shape[1], b_t.shape[1]
-        flops = 2.0 * M * K * N
+        k_, n_ = a.shape[1], b_t.shape[1]  # shrunk under --dry-run (K, N stay the layer's)
+        flops = 2.0 * M * k_ * n_
         base = _bf16_grouped_base(a, b_t, gl, f"G{G}_{layer}", flops, errors)
         if base is None:
             continue
@@ -315,7 +315,7 @@ def run_fp8_grouped(quick, errors):
                 sw = sw.transpose(1, 2)
             fns = _fp8_grouped_fns(aq, wq, sa, sw, gl, mode, a, b_t, gran, ("torch", "triton"))
             rows += _fp8_grouped_rows(f"G{G}_{layer} {gran.name}", fns, base, flops,
-                                      {"granularity": gran.name, "shape": f"G={G} M={M} K={K} N={N}"}, errors)
+                                      {"granularity": gran.name, "shape": f"G={G} M={M} K={k_} N={n_}"}, errors)
             del aq, wq
         rows += _fp8_grouped_block_aligned(G, layer, lens, a, b_t, errors)
         del a, b, b_t

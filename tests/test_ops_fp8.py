@@ -502,6 +502,9 @@ def test_block_scales_for_cublas_layout():
         assert a.stride(0) == 1 and b.stride(0) == 1 and (nb == 1 or b.stride(1) == ld), (a.stride(), b.stride())
         a2, b2 = _block_scales_for_cublas(a, b)
         assert a2.data_ptr() == a.data_ptr() and b2.data_ptr() == b.data_ptr()
+        if kb > 1:  # a row slice of an M-major scale keeps stride (1, M): copied to (1, rows)
+            a3, _ = _block_scales_for_cublas(a[3:11], b)
+            assert a3.stride() == (1, 8) and torch.equal(a3, sa[3:11])
 
 
 # ----------------------------------------------------------- torch_loop: cuBLASLt blockwise, one GEMM per group
@@ -530,8 +533,9 @@ def _fake_blockwise_scaled_mm(calls):
     return fake
 
 
+@pytest.mark.parametrize("m_major", [False, True], ids=["sa_row_major", "sa_m_major"])
 @pytest.mark.parametrize("K", [512, 640])  # kb = 4 and 5 (scale_b's rows padded to 8)
-def test_grouped_scaled_torch_loop_layouts(monkeypatch, K):
+def test_grouped_scaled_torch_loop_layouts(monkeypatch, K, m_major):
     """The per-group cuBLASLt loop hands torch._scaled_mm exactly the layouts torch accepts, one call per
     non-empty group, and gives the reference's numbers (CPU: torch._scaled_mm faked with torch's checks)."""
     from turbo_dist.ops.fp8_grouped import _reference_grouped_scaled, _torch_loop_grouped_scaled
@@ -543,6 +547,8 @@ def test_grouped_scaled_torch_loop_layouts(monkeypatch, K):
     aq, sa = quantize_fp8(a, E4M3, B)
     wq, sw = quantize_fp8(w, E4M3, B, weight=True)
     b_q, sb = wq.transpose(1, 2), sw.transpose(1, 2)  # the op's [G, K, N] view and [G, kb, nb] scales
+    if m_major:  # scales as DeepGEMM / TransformerEngine store them: each group's slice is then (1, M)-strided
+        sa = sa.t().contiguous().t()
     out = _torch_loop_grouped_scaled(aq, b_q, sa, sb, lens, "block", torch.bfloat16)
     assert calls == [48, 16, 128, 32]
     ref = _reference_grouped_scaled(aq, b_q, sa, sb, lens, "block", torch.bfloat16)
@@ -623,3 +629,19 @@ def test_grouped_scaled_torch_loop_gpu():
         odd[2] -= 1
         grouped_scaled_mm(aq, wq, sa, sw, odd)
         assert dispatcher.last_backend("grouped_scaled_mm") != "torch_loop"
+
+
+def test_no_probe_or_host_lens_inside_cuda_graph_capture(monkeypatch):
+    """While a CUDA graph is captured: the cuBLASLt probes do not run (and cache nothing), and host group_lens
+    are refused clearly (a captured copy would replay a reused staging buffer). CPU: capture state faked."""
+    from turbo_dist.ops import fp8, fp8_grouped
+    from turbo_dist.ops.grouped_gemm import group_offsets
+
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    monkeypatch.setattr(fp8, "_PROBES", {})
+    monkeypatch.setattr(fp8_grouped, "_PROBES", fp8._PROBES)
+    assert fp8._torch_blockwise_supported("cuda:0") == (False, "not probed during CUDA graph capture")
+    assert fp8_grouped._cublas_block_row_align(torch.device("cuda", 0)) is None
+    assert fp8._PROBES == {}
+    with pytest.raises(ValueError, match="cannot be captured in a CUDA graph"):
+        group_offsets(torch.tensor([1, 2]), "cuda")

@@ -215,10 +215,18 @@ def _triton_scaled_can(a_q, b_q, scale_a, scale_b, mode, out_dtype, fast_accum=F
 _PROBES = {}
 
 
+def _capturing(device):
+    """A probe launches kernels and reads results back: not while a CUDA graph is being captured (nothing is
+    cached then; the next call outside capture probes)."""
+    return torch.device(device).type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def _torch_blockwise_supported(device):
     """(ok, reason): whether torch._scaled_mm does 1x128 x 128x128 blockwise scaling here (cuBLASLt >= 12.9 on
     SM90). Probed once per device on a small problem and checked against the reference, never assumed."""
     key = ("block", str(device))
+    if key not in _PROBES and _capturing(device):
+        return False, "not probed during CUDA graph capture"
     if key not in _PROBES:
         try:
             g = torch.Generator(device=device).manual_seed(0)
@@ -241,7 +249,9 @@ def _block_scales_for_cublas(scale_a, scale_b):
     """Blockwise scales in the layouts cuBLASLt takes through torch._scaled_mm: scale_a [M, kb] M-contiguous
     (outer-dim-major); scale_b [kb, nb] with kb contiguous and its leading dimension padded to a multiple of 4
     (16-byte aligned rows of scale_b^T, as newer torch checks; equal to kb when kb % 4 == 0)."""
-    sa = scale_a if scale_a.stride(0) == 1 else scale_a.t().contiguous().t()  # a copy only when needed
+    m, kb_a = scale_a.shape
+    m_major = scale_a.stride(0) == 1 and (kb_a == 1 or scale_a.stride(1) == m)  # exactly (1, M): a row slice of
+    sa = scale_a if m_major else scale_a.t().contiguous().t()                   # an M-major [M', kb] is not
     kb, nb = scale_b.shape
     ld = -(-kb // 4) * 4
     if scale_b.stride(0) == 1 and (nb == 1 or scale_b.stride(1) == ld):

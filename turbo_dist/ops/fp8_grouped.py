@@ -10,7 +10,7 @@ import math
 import torch
 
 from . import dispatcher
-from .fp8 import (E4M3, E5M2, _MODES_KERNEL, _PROBES, Float8QuantConfig, ScalingGranularity, _block_scales_for_cublas,
+from .fp8 import (E4M3, E5M2, _MODES_KERNEL, _PROBES, _capturing, Float8QuantConfig, ScalingGranularity, _block_scales_for_cublas,
                   _quant_torch, _reference_scaled_mm, _sb_n, _torch_blockwise_supported, _torch_scaled_mm, log,
                   quantize_fp8)
 from .gemm import triton_available
@@ -90,6 +90,8 @@ def _cublas_block_row_align(device):
     """Smallest row alignment a (of _LOOP_ALIGN_CANDIDATES) for which torch._scaled_mm blockwise gives right
     results on an [a * k, K] slice here (None when blockwise is not supported at all). Probed once per device."""
     key = ("block_align", str(device))
+    if key not in _PROBES and _capturing(device):
+        return None
     if key not in _PROBES:
         align, why = None, ""
         ok, why = _torch_blockwise_supported(device)
@@ -149,7 +151,8 @@ def _torch_loop_grouped_scaled_can(a_q, b_q, scale_a, scale_b, group_lens, mode,
         return "torch_loop needs a row-major and each b[g] column-major"
     align = _cublas_block_row_align(a_q.device)
     if align is None:
-        return f"torch._scaled_mm blockwise is not usable here ({_PROBES[('block_align', str(a_q.device))][1]})"
+        why = _PROBES.get(("block_align", str(a_q.device)), (None, "not probed during CUDA graph capture"))[1]
+        return f"torch._scaled_mm blockwise is not usable here ({why})"
     if _lens_alignment(group_lens) % align:
         return f"torch_loop needs every group's row count to be a multiple of {align} (cuBLASLt), got {group_lens.tolist()}"
     return True

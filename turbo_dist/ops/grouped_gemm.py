@@ -55,6 +55,9 @@ def group_offsets(group_lens, device, dtype=torch.int64):
     """Cumulative row ends [G] on `device` (what the kernels and torch._grouped_mm take). Host lens go over
     from pinned memory: a copy from pageable memory would wait for the stream (a host sync per call)."""
     if group_lens.device.type == "cpu" and torch.device(device).type == "cuda":
+        if torch.cuda.is_current_stream_capturing():  # the graph would replay a reused staging buffer
+            raise ValueError("group_lens on the host cannot be captured in a CUDA graph (their values would be "
+                             "baked in); pass them as a tensor on the GPU")
         group_lens = group_lens.pin_memory()
     return torch.cumsum(group_lens.to(device, non_blocking=True), 0, dtype=dtype)
 
