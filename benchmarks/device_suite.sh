@@ -65,6 +65,7 @@ for ph in $PHASES; do
               > "$OUT/pytest_fp8loop_$TAG.log" 2>&1; echo "fp8loop tests rc=$?"; tail -4 "$OUT/pytest_fp8loop_$TAG.log"
             timeout 240 python benchmarks/bench_ops.py --sections fp8_grouped --json "$OUT/ops_fp8_grouped_$TAG.json" \
               > "$OUT/ops_fp8_grouped_$TAG.log" 2>&1; echo "fp8loop bench rc=$?"; grep -E "BLOCKWISE|G8_fc1 |G32_fc1 " "$OUT/ops_fp8_grouped_$TAG.log" | head -30
+            timeout 120 python benchmarks/probe_fp8_grouped_host.py --json "$OUT/probe_fp8_grouped_host_$TAG.json" 2>&1 | tail -6
             unset TURBO_DIST_TRITON_TUNE;;
     moefix) timeout 200 python -m pytest -q -rs -p no:cacheprovider tests/test_moe_low_latency.py::test_low_latency_triton_self_loop \
               tests/test_moe_low_latency.py::test_low_latency_kernels_simulated_ranks tests/test_moe_low_latency.py::test_fp8_casts_bit_identical_on_cpu_and_gpu \
