@@ -238,6 +238,8 @@ def _torch_blockwise_supported(device):
             ref = _reference_scaled_mm(aq, bq.t(), sa, sb.t(), "block", torch.float32)
             err = ((out.float() - ref).norm() / ref.norm()).item()
             _PROBES[key] = (err < 1e-2, f"wrong results (relative error {err:.3g})" if err >= 1e-2 else "")
+        except torch.OutOfMemoryError:  # says nothing about support: not cached, probed again next time
+            return False, "probe ran out of GPU memory"
         except Exception as exc:  # older cuBLAS / torch: not supported
             _PROBES[key] = (False, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
         if not _PROBES[key][0]:

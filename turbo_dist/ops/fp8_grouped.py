@@ -95,6 +95,8 @@ def _cublas_block_row_align(device):
     if key not in _PROBES:
         align, why = None, ""
         ok, why = _torch_blockwise_supported(device)
+        if not ok and ("block", str(device)) not in _PROBES:  # that probe could not run now (memory): retry later
+            return None
         if ok:
             g = torch.Generator(device=device).manual_seed(1)
             b = torch.randn(512, 256, device=device, generator=g)
@@ -107,6 +109,8 @@ def _cublas_block_row_align(device):
                     out = _torch_scaled_mm(aq, bq.t(), sa, sb.t(), "block", torch.bfloat16)
                     ref = _reference_scaled_mm(aq, bq.t(), sa, sb.t(), "block", torch.float32)
                     err = ((out.float() - ref).norm() / ref.norm()).item()
+                except torch.OutOfMemoryError:  # says nothing about support: not cached, probed again
+                    return None
                 except Exception as exc:  # cuBLASLt: CUBLAS_STATUS_NOT_SUPPORTED for this row count
                     why = f"{m} rows: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
                     continue
@@ -151,7 +155,8 @@ def _torch_loop_grouped_scaled_can(a_q, b_q, scale_a, scale_b, group_lens, mode,
         return "torch_loop needs a row-major and each b[g] column-major"
     align = _cublas_block_row_align(a_q.device)
     if align is None:
-        why = _PROBES.get(("block_align", str(a_q.device)), (None, "not probed during CUDA graph capture"))[1]
+        why = _PROBES.get(("block_align", str(a_q.device)), (None, "the probe could not run now (CUDA graph capture "
+                                                                  "or out of memory)"))[1]
         return f"torch._scaled_mm blockwise is not usable here ({why})"
     if _lens_alignment(group_lens) % align:
         return f"torch_loop needs every group's row count to be a multiple of {align} (cuBLASLt), got {group_lens.tolist()}"
