@@ -176,12 +176,18 @@ def packed_zigzag_order(cu_seqlens, cp):
     return torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.int64)
 
 
+def inverse_order(perm):
+    """The inverse of a permutation (int64 [T]): inverse_order(p)[p[i]] = i."""
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(perm.numel(), device=perm.device)
+    return inv
+
+
 def _permuted(kernels, g2n):
     """Kernels of the B=1 view taking the rank-major gathered order (position p holds natural token g2n[p]):
     the wrapped varlen kernels run in natural order, the results go back to the gathered order."""
     fwd0, bwd0 = kernels
-    n2g = torch.empty_like(g2n)
-    n2g[g2n] = torch.arange(g2n.numel(), device=g2n.device)
+    n2g = inverse_order(g2n)
 
     def fwd(q, k, v, causal, scale):
         o, lse = fwd0(q[:, n2g], k[:, n2g], v[:, n2g], causal, scale)

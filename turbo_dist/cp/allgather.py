@@ -14,8 +14,8 @@ import torch
 from turbo_dist.ops import attention_backward, attention_forward
 
 from . import _comm
-from ._varlen import varlen_bwd as _varlen_bwd, varlen_fwd as _varlen_fwd
-from .a2a import packed_zigzag_order
+from ._varlen import add_keys, local_plan, take_keys, varlen_bwd as _varlen_bwd, varlen_fwd as _varlen_fwd
+from .a2a import inverse_order, packed_zigzag_order
 from .layout import chunk_ids, gathered_to_natural, natural_to_scattered
 
 
@@ -173,52 +173,33 @@ def thd_local_layout(cu, cp, rank, causal):
 
 
 def _varlen_plan(q, cu_q, cu_k, causal, rt, zigzag=False):
-    """(cu_q, cu_k, max_q, max_k, k0, k1, kidx): the local varlen call's cu_seqlens (device) and maxima, and
-    where its keys are in the rank-major gathered k: rows [k0, k1) (contiguous shards) or the rows `kidx`
-    (THD zigzag shards, int64 on the device; k0 = k1 = 0)."""
-    t_loc = q.shape[0]
+    """The local varlen call (cp._varlen.local_plan); its keys are rows of the rank-major gathered k: the
+    slice (k0, k1) (contiguous shards: rank-major is natural order) or an index tensor (THD zigzag shards)."""
     cp = rt.world_size
-    kidx = None
     if zigzag and cp > 1:
         cq, ck, ranges = thd_local_layout(cu_q, cp, rt.rank, causal)
-        g2n = packed_zigzag_order(cu_q, cp)
-        n2g = torch.empty_like(g2n)
-        n2g[g2n] = torch.arange(g2n.numel())
         nat = torch.cat([torch.arange(a, b) for a, b in ranges]) if ranges else torch.zeros(0, dtype=torch.int64)
-        kidx = n2g[nat].to(q.device)
-        k0 = k1 = 0
+        keys = inverse_order(packed_zigzag_order(cu_q, cp))[nat].to(q.device)
     else:
-        lo = rt.rank * t_loc
-        cq, ck, k0, k1 = varlen_local_layout(cu_q, cu_k, lo, lo + t_loc, causal)
-    dev = q.device
-    max_q = max((b - a for a, b in zip(cq, cq[1:])), default=0)
-    max_k = max((b - a for a, b in zip(ck, ck[1:])), default=0)
-    return (torch.tensor(cq, dtype=torch.int32, device=dev), torch.tensor(ck, dtype=torch.int32, device=dev),
-            max_q, max_k, k0, k1, kidx)
+        lo = rt.rank * q.shape[0]
+        cq, ck, k0, k1 = varlen_local_layout(cu_q, cu_k, lo, lo + q.shape[0], causal)
+        keys = (k0, k1)
+    return local_plan(cq, ck, keys, q.device)
 
 
-def _keys_of(pend, cp, plan):
-    """A pending gather of every rank's [1, T/cp, kc, D] k and v -> the local call's keys [2, Tk, kc, D]."""
-    k0, k1, kidx = plan[4:]
-    gathered = pend.wait()  # [cp, 2, 1, T/cp, kc, D]
-    if kidx is None:
-        return gathered_to_natural(gathered, cp, False, seq_dim=2)[:, 0, k0:k1]
-    flat = gathered.select(2, 0).transpose(0, 1).flatten(1, 2)  # [2, T, kc, D], rank-major (a copy)
-    return flat.index_select(1, kidx)
+def _keys_of(pend, plan):
+    """A pending gather of every rank's [1, T/cp, kc, D] k and v -> the local call's k and v [Tk, kc, D]."""
+    flat = pend.wait().select(2, 0).transpose(0, 1).flatten(1, 2)  # [cp, 2, T/cp, ..] -> [2, T, ..] rank-major
+    return take_keys(flat[0], plan[4]), take_keys(flat[1], plan[4])
 
 
 def _scatter_dkv(dk_j, dv_j, plan, cp, t_loc):
     """The local call's dK/dV -> [cp, 2, 1, T/cp, kc, D] fp32 in the gathered (rank-major) order, to be
     reduce-scattered (keys used by several pieces are summed)."""
-    k0, k1, kidx = plan[4:]
     kc, d = dk_j.shape[1:]
-    if kidx is None:
-        dkv = torch.zeros((2, 1, cp * t_loc, kc, d), dtype=torch.float32, device=dk_j.device)
-        dkv[0, 0, k0:k1] = dk_j
-        dkv[1, 0, k0:k1] = dv_j
-        return natural_to_scattered(dkv, cp, False, seq_dim=2)
     dkv = torch.zeros((2, cp * t_loc, kc, d), dtype=torch.float32, device=dk_j.device)
-    dkv.index_add_(1, kidx, torch.stack([dk_j, dv_j]).float())
+    add_keys(dkv[0], plan[4], dk_j)
+    add_keys(dkv[1], plan[4], dv_j)
     return dkv.view(2, cp, t_loc, kc, d).transpose(0, 1).unsqueeze(2).contiguous()
 
 
@@ -233,12 +214,11 @@ def allgather_varlen_forward(q, k, v, plan, causal, scale, rt, num_chunks):
     lse = torch.empty((hq, t_loc), dtype=torch.float32, device=q.device)
     pend = _gather_kv(kb, vb, slice(0, kc), rt)
     for j in range(nc):
-        kv = _keys_of(pend, rt.world_size, plan)
+        kv = _keys_of(pend, plan)
         if j + 1 < nc:
             pend = _gather_kv(kb, vb, slice((j + 1) * kc, (j + 2) * kc), rt)
         hs = slice(j * qc, (j + 1) * qc)
-        o_j, l_j = _varlen_fwd(q[:, hs].contiguous(), kv[0].contiguous(), kv[1].contiguous(), cu_q, cu_k,
-                                            max_q, max_k, causal, scale)
+        o_j, l_j = _varlen_fwd(q[:, hs].contiguous(), kv[0], kv[1], cu_q, cu_k, max_q, max_k, causal, scale)
         out[:, hs] = o_j
         lse[hs] = l_j
     return out, lse, nc
@@ -255,12 +235,12 @@ def allgather_varlen_backward(do, q, k, v, out, lse, plan, causal, scale, rt, nc
     pend = _gather_kv(kb, vb, slice(0, kc), rt)
     pend_rs = []
     for j in range(nc):
-        kv = _keys_of(pend, rt.world_size, plan)
+        kv = _keys_of(pend, plan)
         if j + 1 < nc:
             pend = _gather_kv(kb, vb, slice((j + 1) * kc, (j + 2) * kc), rt)
         hs = slice(j * qc, (j + 1) * qc)
         dq_j, dk_j, dv_j = _varlen_bwd(
-            do[:, hs].contiguous(), q[:, hs].contiguous(), kv[0].contiguous(), kv[1].contiguous(),
+            do[:, hs].contiguous(), q[:, hs].contiguous(), kv[0], kv[1],
             out[:, hs].contiguous(), lse[hs].contiguous(), cu_q, cu_k, max_q, max_k, causal, scale)
         dq[:, hs] = dq_j
         pend_rs.append(_comm.reduce_scatter(_scatter_dkv(dk_j, dv_j, plan, cp, t_loc), rt))

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from turbo_dist.ops import attention_backward, attention_forward
 
 from . import _comm
-from ._varlen import varlen_bwd as _varlen_bwd, varlen_fwd as _varlen_fwd
+from ._varlen import add_keys, local_plan, take_keys, varlen_bwd as _varlen_bwd, varlen_fwd as _varlen_fwd
 
 DIAG, FULL, KV_FRONT, Q_BACK, SKIP = "diag", "full", "kv_front", "q_back", "skip"
 
@@ -174,23 +174,6 @@ def _merge_safe(out, lse, out_blk, lse_blk):
     lse.copy_(new)
 
 
-def _take(t, keys):
-    """The keys a step attends to: a slice (k0, k1) of the block, or an index tensor of its rows."""
-    return t[keys[0]:keys[1]].contiguous() if isinstance(keys, tuple) else t.index_select(0, keys)
-
-
-def _put(acc, keys, grad):
-    if isinstance(keys, tuple):
-        acc[keys[0]:keys[1]] += grad
-    else:
-        acc.index_add_(0, keys, grad.to(acc.dtype))
-
-
-def _plan(cq, ck, keys, dev):
-    return (torch.tensor(cq, dtype=torch.int32, device=dev), torch.tensor(ck, dtype=torch.int32, device=dev),
-            max(b - a for a, b in zip(cq, cq[1:])), max(b - a for a, b in zip(ck, ck[1:])), keys)
-
-
 def ring_zigzag_layout(cu, cp, rank, src, causal):
     """Packed sequences in the per-sequence zigzag layout (cp.shard_packed: chunks r and 2cp-1-r of every
     sequence, sequence after sequence), ring step with src's block: (cu_q_local, cu_k_local, key rows of the
@@ -223,7 +206,7 @@ def _varlen_steps(q, cu_q, cu_k, causal, rt, zigzag=False):
         src = (rank - step) % cp
         if zigzag:
             cq, ck, rows = ring_zigzag_layout(cu_q, cp, rank, src, causal)
-            steps.append(_plan(cq, ck, torch.tensor(rows, dtype=torch.int64, device=q.device), q.device)
+            steps.append(local_plan(cq, ck, torch.tensor(rows, dtype=torch.int64, device=q.device), q.device)
                          if rows else None)
             continue
         if causal and src > rank:  # contiguous layout: later blocks are all in the future
@@ -234,7 +217,7 @@ def _varlen_steps(q, cu_q, cu_k, causal, rt, zigzag=False):
         if k1 == k0:
             steps.append(None)
             continue
-        steps.append(_plan(cq, ck, (k0 - k_lo, k1 - k_lo), q.device))
+        steps.append(local_plan(cq, ck, (k0 - k_lo, k1 - k_lo), q.device))
     return steps
 
 
@@ -249,7 +232,7 @@ def ring_varlen_forward(q, k, v, steps, causal, scale, rt):
         plan = steps[step]
         if plan is not None:
             cu_q, cu_k, max_q, max_k, keys = plan
-            o_b, l_b = _varlen_fwd(q, _take(kv[0], keys), _take(kv[1], keys), cu_q, cu_k, max_q, max_k,
+            o_b, l_b = _varlen_fwd(q, take_keys(kv[0], keys), take_keys(kv[1], keys), cu_q, cu_k, max_q, max_k,
                                    causal and step == 0, scale)
             _merge_safe(out, lse, o_b[None], l_b[None])
         if pending is not None:
@@ -270,11 +253,11 @@ def ring_varlen_backward(do, q, k, v, out, lse, steps, causal, scale, rt):
         plan = steps[step]
         if plan is not None:
             cu_q, cu_k, max_q, max_k, keys = plan
-            dq_b, dk_b, dv_b = _varlen_bwd(do, q, _take(kv[0], keys), _take(kv[1], keys), out, lse, cu_q, cu_k,
+            dq_b, dk_b, dv_b = _varlen_bwd(do, q, take_keys(kv[0], keys), take_keys(kv[1], keys), out, lse, cu_q, cu_k,
                                            max_q, max_k, causal and step == 0, scale)
             dq += dq_b
-            _put(dkv[0], keys, dk_b)
-            _put(dkv[1], keys, dv_b)
+            add_keys(dkv[0], keys, dk_b)
+            add_keys(dkv[1], keys, dv_b)
         pend_dkv = _comm.ring_shift(dkv, rt)  # after the last step this sends the accumulator home
         if pend_kv is not None:
             kv = pend_kv.wait()
