@@ -10,9 +10,9 @@ import math
 import torch
 
 from . import dispatcher
-from .fp8 import (E4M3, E5M2, _MODES_KERNEL, _PROBES, _capturing, Float8QuantConfig, ScalingGranularity, _block_scales_for_cublas,
-                  _quant_torch, _reference_scaled_mm, _sb_n, _torch_blockwise_supported, _torch_scaled_mm, log,
-                  quantize_fp8)
+from .fp8 import (E4M3, E5M2, _MODES_KERNEL, _PROBES, Float8QuantConfig, ScalingGranularity,
+                  _block_scales_for_cublas, _capturing, _quant_torch, _reference_scaled_mm, _sb_n,
+                  _torch_blockwise_supported, _torch_scaled_mm, log, quantize_fp8)
 from .gemm import triton_available
 from .grouped_gemm import check_group_lens_values, check_grouped_inputs, group_offsets
 
@@ -33,7 +33,7 @@ def _triton_grouped_scaled(a_q, b_q, scale_a, scale_b, group_lens, mode, out_dty
     from turbo_dist.kernels import fp8_gemm
 
     offs = group_offsets(group_lens, a_q.device)
-    sb_n = 1 if (mode == "block" and scale_b.shape[-1] == b_q.shape[-1] and b_q.shape[-1] > 1) else 128
+    sb_n = _sb_n(b_q, scale_b) if mode == "block" else 128
     return fp8_gemm.grouped_scaled_mm(a_q, b_q, scale_a, scale_b, offs, _MODES_KERNEL[mode], out_dtype=out_dtype,
                                       sb_n=sb_n)
 
@@ -73,7 +73,7 @@ def _torch_grouped_scaled_can(a_q, b_q, scale_a, scale_b, group_lens, mode, out_
 # group. torch has no grouped blockwise op, and cuBLASLt takes only some row counts (probed below), so this
 # backend needs group_lens on the host (no sync: MoE layers have them there, e.g. DeepEP's
 # num_recv_tokens_per_expert_list) and every group a multiple of the probed row alignment (what
-# expert_alignment / Megatron's FP8 padding give). The rows' scales are laid out per group in one pass.
+# expert_alignment / Megatron's FP8 padding give). Each group's 1x128 scales are copied M-major per call.
 _LOOP_ALIGN_CANDIDATES = (1, 4, 8, 16, 128)
 # Measured rule (H200, torch 2.11 / CUDA 13, DeepSeek-V3 fc1 K=7168 N=4096, host lens aligned to 128, skewed,
 # ~1024 rows per expert; benchmarks/results/ops_fp8_grouped_loop_h200.json): on the GPU the cuBLASLt loop is
@@ -93,7 +93,7 @@ def _cublas_block_row_align(device):
     if key not in _PROBES and _capturing(device):
         return None
     if key not in _PROBES:
-        align, why = None, ""
+        align = None
         ok, why = _torch_blockwise_supported(device)
         if not ok and ("block", str(device)) not in _PROBES:  # that probe could not run now (memory): retry later
             return None
