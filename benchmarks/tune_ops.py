@@ -255,6 +255,8 @@ def fp8_grouped_block_case(args):
         loop_args = (aq, wq.transpose(1, 2), sa, sw, lens, "block", torch.bfloat16)
         ok = _torch_loop_grouped_scaled_can(*loop_args)
         if ok is True:
+            print(f"blockwise cuBLAS loop baseline: relative error "
+                  f"{rel_err(_torch_loop_grouped_scaled(*loop_args), ref):.3g}")
             baselines["blockwise_cublas_loop"] = lambda: _torch_loop_grouped_scaled(*loop_args)
         else:
             print(f"no blockwise cuBLAS loop baseline: {ok}")

@@ -21,9 +21,9 @@ Packed variable-length sequences (cu_seqlens_q/cu_seqlens_k, flash-attn's varlen
 gathered, sliced to the keys this rank's sequences need; "a2a": whole packed sequence per head group).
 q/k/v are [T/cp, H, D], rank r holding the contiguous shard r of the packed tokens
 (`shard(x, g, seq_dim=0, load_balance=False)`; T % cp == 0, pad the packed sequence otherwise), or, with
-load_balance=True (any mode), Megatron / TransformerEngine's THD layout (`shard_packed`: every
-sequence, its length divisible by 2*cp, cut into 2*cp chunks, rank r holding chunks r and 2cp-1-r). cu_seqlens are global (over the
-whole packed T, the same on every rank). Causal ring needs cu_seqlens_q == cu_seqlens_k.
+load_balance=True (any mode), Megatron / TransformerEngine's THD layout (`shard_packed`: every sequence,
+its length divisible by 2*cp, cut into 2*cp chunks, rank r holding chunks r and 2cp-1-r). cu_seqlens are
+global (over the whole packed T, the same on every rank). Causal ring needs cu_seqlens_q == cu_seqlens_k.
 """
 import logging
 

@@ -159,7 +159,8 @@ def _torch_loop_grouped_scaled_can(a_q, b_q, scale_a, scale_b, group_lens, mode,
                                                                   "or out of memory)"))[1]
         return f"torch._scaled_mm blockwise is not usable here ({why})"
     if _lens_alignment(group_lens) % align:
-        return f"torch_loop needs every group's row count to be a multiple of {align} (cuBLASLt), got {group_lens.tolist()}"
+        return (f"torch_loop needs every group's row count to be a multiple of {align} (cuBLASLt), got "
+                f"{group_lens.tolist()}")
     return True
 
 
