@@ -36,6 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:  # runnable from a checkout without `pip install -e .`
     sys.path.insert(1, _ROOT)
+from bench_varlen_attention import doc_lengths, visible_pairs  # noqa: E402
 from common import machine_info, peak_tflops, print_table, time_across_ranks, write_json  # noqa: E402
 
 OURS = ("a2a", "ring", "allgather")
@@ -103,10 +104,6 @@ def rel_err(a, b):
     e = ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).reshape(1)
     dist.all_reduce(e, op=dist.ReduceOp.MAX)
     return e.item()
-
-
-def causal_pairs(s, causal):
-    return s * (s + 1) / 2 if causal else float(s * s)
 
 
 def _free():
@@ -259,7 +256,7 @@ def run_seqlen(s, args, mesh, torch_cp_ok, torch_cp_why):
     g = torch.Generator(device=DEV).manual_seed(1234 + s)  # the same full tensors on every rank
     full = [torch.randn(b, s, h, d, device=DEV, dtype=dtype, generator=g) for h in (hq, hkv, hkv, hq)]
     shape = dict(B=b, S=s, Hq=hq, Hkv=hkv, D=d, cp=world, causal=causal, load_balance=lb)
-    flops = 4.0 * b * hq * d * causal_pairs(s, causal)
+    flops = 4.0 * b * hq * d * visible_pairs([s], causal)
 
     single, o_ref, dq_ref = bench_single(full, causal, passes, args)
     o_ref_local, dq_ref_local = (cp.shard(t, None, 1, lb) for t in (o_ref, dq_ref))
@@ -313,8 +310,6 @@ def run_seqlen(s, args, mesh, torch_cp_ok, torch_cp_why):
 
 def run_seqlen_varlen(s, args):
     """--varlen-docs: packed documents, single GPU vs our three CP modes on contiguous shards."""
-    from bench_varlen_attention import doc_lengths
-
     from turbo_dist import cp
     from turbo_dist.ops import dispatcher, flash_attn_varlen_func
 
@@ -331,8 +326,7 @@ def run_seqlen_varlen(s, args):
     full = [torch.randn(s, h, d, device=DEV, dtype=dtype, generator=g) for h in (hq, hkv, hkv, hq)]
     shape = dict(B=1, S=s, docs=len(lens), max_doc=mx, Hq=hq, Hkv=hkv, D=d, cp=world, causal=causal,
                  load_balance=False)
-    pairs = sum(n * (n + 1) / 2 if causal else float(n * n) for n in lens)
-    flops = 4.0 * hq * d * pairs
+    flops = 4.0 * hq * d * visible_pairs(lens, causal)
 
     single, o_ref, dq_ref = _time_attn(lambda q, k, v: flash_attn_varlen_func(q, k, v, cu, cu, mx, mx,
                                                                               causal=causal), *full, passes, args)

@@ -36,7 +36,8 @@ def doc_lengths(tokens, lo, hi, seed):
     return lens
 
 
-def _pairs(lens, causal):
+def visible_pairs(lens, causal):
+    """(query, key) pairs the documents `lens` attend: L*(L+1)/2 each when causal, L*L otherwise."""
     return sum(n * (n + 1) // 2 if causal else n * n for n in lens)
 
 
@@ -138,7 +139,7 @@ def run(args):
         except Exception as exc:  # an implementation this torch/GPU cannot run: reported, not timed
             print(f"{name}: {type(exc).__name__}: {exc}", flush=True)
             del fns[name]
-    pairs = _pairs(lens, causal)
+    pairs = visible_pairs(lens, causal)
     peak = None if dry else peak_tflops("bf16")
     rows = []
     for i, phase in enumerate(("fwd", "fwd+bwd")):

@@ -20,12 +20,12 @@ apply_safety_env()  # every process this test session spawns inherits the NVLink
 
 # Modules whose multi-rank GPU tests were written to run on shared GPUs (gloo control plane, CUDA
 # tensors, torch symmetric memory over CUDA IPC). Not test_moe / test_moe_internode (gloo has no
-# all_to_all on CUDA tensors) nor test_shmem (NVSHMEM wants one PE per GPU). Added 2026-12-02, not yet
-# run in this mode: test_moe_low_latency (its triton path needs only peer pointers and barriers),
-# test_cp and test_varlen_attention (cp/_comm stages its collectives and ring shifts through host memory
-# under gloo on CUDA tensors).
-SHARE_GPU_MODULES = ("test_runtime", "test_moe_nvlink", "test_moe_low_latency", "test_tp", "test_share_gpu", "test_cp",
-                     "test_varlen_attention")
+# all_to_all on CUDA tensors) nor test_shmem (NVSHMEM wants one PE per GPU). test_moe_low_latency (its
+# triton path needs only peer pointers and barriers), test_cp and test_varlen_attention (cp/_comm stages
+# its collectives and ring shifts through host memory under gloo on CUDA tensors) ran in this mode on one
+# H200 on 2026-12-02 (third session).
+SHARE_GPU_MODULES = ("test_runtime", "test_moe_nvlink", "test_moe_low_latency", "test_tp", "test_share_gpu",
+                     "test_cp", "test_varlen_attention")
 
 
 def _sharing():
