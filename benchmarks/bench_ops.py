@@ -120,7 +120,20 @@ def _no_tma(fn):
     return run
 
 
+def _no_split_tail(fn):
+    def run():
+        from turbo_dist.kernels import gemm as kgemm
+
+        kgemm.SPLIT_TAIL_AUTO = False
+        try:
+            return fn()
+        finally:
+            kgemm.SPLIT_TAIL_AUTO = True
+    return run
+
+
 def run_gemm(quick, errors):
+    from turbo_dist.kernels import gemm as kgemm
     from turbo_dist.ops import dispatcher, gemm
 
     rows = []
@@ -134,6 +147,8 @@ def run_gemm(quick, errors):
                "triton": _forced(lambda: gemm(a, w, trans_b=True), gemm="triton")}
         if name == "cube8192" or not quick:  # the pointer-load kernel, for comparison with the TMA one
             fns["triton_ptr"] = _no_tma(fns["triton"])
+        if DEVICE == "cuda" and kgemm.split_tail_pays(M, N, kgemm._num_sms(a.device)):
+            fns["triton_no_split_tail"] = _no_split_tail(fns["triton"])  # what the split tail wave gains
         fns["default"] = _forced(lambda: gemm(a, w, trans_b=True), gemm=None)
         res = _time(fns, f"gemm {name}", errors)
         if res["default"] is not None:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One batched device session: install, GPU test suite, main-job demo, single-GPU benches.
-#   bash benchmarks/device_suite.sh "install tests dist demo ops attn moe moell moeinter tp cp native tune tuneblock verify1 verify1b fp8loop"
+#   bash benchmarks/device_suite.sh "install tests dist demo ops attn moe moell moeinter tp cp native tune tuneblock verify1 verify1b fp8loop verify2 tail exloss"
 #   (phases to run, in order; default "install tests demo ops attn"; on a multi-GPU kind start with
 #   "install dist demo moe moell moeinter tp cp cpvarlen")
 # Logs and JSON go under $OUT (default ./out). Safety variables are always set.
@@ -67,6 +67,26 @@ for ph in $PHASES; do
               > "$OUT/ops_fp8_grouped_$TAG.log" 2>&1; echo "fp8loop bench rc=$?"; grep -E "BLOCKWISE|G8_fc1 |G32_fc1 " "$OUT/ops_fp8_grouped_$TAG.log" | head -30
             timeout 120 python benchmarks/probe_fp8_grouped_host.py --json "$OUT/probe_fp8_grouped_host_$TAG.json" 2>&1 | tail -6
             unset TURBO_DIST_TRITON_TUNE;;
+    verify2) # one GPU: the CP packed-plan refactor (share-GPU multi-process) and the FP8 MoE example
+            TURBO_DIST_TRITON_TUNE=first TURBO_DIST_TEST_SHARE_GPU=1 TURBO_DIST_TIMEOUT_S=30 TURBO_DIST_TEST_TIMEOUT_S=100 \
+              timeout 300 python -m pytest --dist-only -q -rs -p no:cacheprovider tests/test_varlen_attention.py tests/test_cp.py \
+              > "$OUT/pytest_share_cp_$TAG.log" 2>&1; echo "verify2 share-GPU CP rc=$?"; tail -3 "$OUT/pytest_share_cp_$TAG.log"
+            grep -E "FAILED|ERROR" "$OUT/pytest_share_cp_$TAG.log" | head -10
+            timeout 200 torchrun --standalone --nproc-per-node 1 examples/moe_layer.py --tokens 4096 --hidden 7168 --ffn 2048 \
+              --experts 4 --topk 2 --fp8 blockwise --steps 4 > "$OUT/example_fp8_$TAG.log" 2>&1; echo "verify2 example rc=$?"
+            tail -8 "$OUT/example_fp8_$TAG.log";;
+    tail) # the split-tail-wave GEMM kernel: GPU tests, the gemm bench section, forced configs on 8192 x 2112 x 7168
+            TURBO_DIST_TRITON_TUNE=first timeout 150 python -m pytest -q -rs -p no:cacheprovider tests/test_ops_gemm.py -k gpu \
+              > "$OUT/pytest_gemm_$TAG.log" 2>&1; echo "tail tests rc=$?"; tail -3 "$OUT/pytest_gemm_$TAG.log"
+            grep -E "^(FAILED|ERROR)|Error" "$OUT/pytest_gemm_$TAG.log" | head -8
+            timeout 280 python benchmarks/bench_ops.py --sections gemm --json "$OUT/ops_gemm_$TAG.json" > "$OUT/ops_gemm_$TAG.log" 2>&1
+            echo "tail bench rc=$?"; grep -E "^ *gemm" "$OUT/ops_gemm_$TAG.log" | grep -E "cublas|triton |no_split|default" | head -40
+            timeout 150 python benchmarks/tune_ops.py --cases dsv3_qkv_a --rep-ms 20 --candidates \
+              256x128x64x16x8x4,256x128x64x16x8x4x8,128x256x64x8x8x4x8,128x256x64x8x8x3x8,128x128x64x8x8x4x8,128x256x64x8x8x4x1 \
+              --json "$OUT/tune_tail_$TAG.json" > "$OUT/tune_tail_$TAG.log" 2>&1; echo "tail tune rc=$?"; tail -12 "$OUT/tune_tail_$TAG.log";;
+    exloss) # examples/moe_layer.py loss with and without FP8 (same seed): is a rising loss the learning rate or FP8?
+            for f in "" "--fp8 blockwise"; do timeout 90 torchrun --standalone --nproc-per-node 1 examples/moe_layer.py --tokens 4096 \
+              --hidden 7168 --ffn 2048 --experts 4 --topk 2 $f --steps 6 2>&1 | grep -E "step|world" | tail -8; done;;
     moefix) timeout 200 python -m pytest -q -rs -p no:cacheprovider tests/test_moe_low_latency.py::test_low_latency_triton_self_loop \
               tests/test_moe_low_latency.py::test_low_latency_kernels_simulated_ranks tests/test_moe_low_latency.py::test_fp8_casts_bit_identical_on_cpu_and_gpu \
               tests/test_moe_nvlink.py::test_nvlink_vs_collective "tests/test_moe_nvlink.py::test_nvlink_reference_fp8_backward_errors" tests/test_moe.py > "$OUT/pytest_moefix_$TAG.log" 2>&1; echo "moefix rc=$?"; tail -4 "$OUT/pytest_moefix_$TAG.log";;

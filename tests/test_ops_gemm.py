@@ -155,6 +155,47 @@ def test_gemm_triton_persistent_config(trans_a, trans_b):
 
 
 @needs_interp
+@pytest.mark.parametrize("m,n,k,pieces", [
+    (40, 40, 520, 4),   # 9 tiles of 16 x 16 on 4 programs: 2 full waves + 1 tile cut into 4 uneven K pieces
+    (16, 16, 520, 4),   # 1 tile: split-K over every program
+    (16, 40, 72, 1),    # 3 tiles < 4 programs, too few K steps to cut: whole tiles, no workspace
+])
+def test_gemm_triton_split_tail(m, n, k, pieces):
+    """SPLIT_TAIL (7th entry 8): the partial last wave's tiles cut along K; the last piece to arrive sums the
+    partials and leaves the arrival counters at zero for the next launch."""
+    from turbo_dist.kernels import gemm as kgemm
+
+    a, b = make_gemm(m, n, k, False, True, torch.float16)
+    A, Bm = a, b.t()
+    assert kgemm.tma_operands(A, Bm) is not None
+    bufs = []
+    real = kgemm._tail_buffers
+    kgemm_tail = lambda *args: bufs.append(real(*args)) or bufs[-1]  # noqa: E731
+    import unittest.mock as mock
+    with mock.patch.object(kgemm, "_tail_buffers", kgemm_tail):
+        out = kgemm.gemm(A, Bm, config=(16, 16, 32, 2, 4, 1, 8))
+        out2 = kgemm.gemm(A, Bm, split_tail=True, config=(16, 16, 32, 2, 4, 1))
+    ref = A.double() @ Bm.double()
+    torch.testing.assert_close(out.double(), ref, rtol=1e-2, atol=1e-2)
+    assert torch.equal(out, out2)
+    ws, cnt = bufs[0]
+    assert cnt.eq(0).all(), cnt  # reset by each tile's last piece
+    if pieces > 1:  # the tail tiles' partials, summed in piece order, are those tiles of the product
+        pm, pn = -(-m // 16), -(-n // 16)
+        full = pm * pn - pm * pn % 4
+        part = ws[:(pm * pn - full) * pieces * 256].view(-1, pieces, 16, 16)
+        assert part.abs().sum((2, 3)).gt(0).all()  # every piece did K work
+        for t in range(part.shape[0]):
+            tile = full + t  # kernels.gemm._swizzle with GROUP_M = 2
+            first = tile // (2 * pn) * 2
+            size = min(pm - first, 2)
+            i, j = first + tile % (2 * pn) % size, tile % (2 * pn) // size
+            blk = ref[i * 16:(i + 1) * 16, j * 16:(j + 1) * 16]
+            torch.testing.assert_close(part[t].sum(0)[:blk.shape[0], :blk.shape[1]].double(), blk, rtol=1e-2,
+                                       atol=1e-2)
+
+
+@needs_interp
 def test_gemm_triton_rejects_bf16_on_cpu():
     use(GEMM_OPS, "triton")
     a, b = make_gemm(8, 8, 8, False, False, torch.bfloat16)
@@ -329,6 +370,32 @@ def test_gemm_gpu_triton_vs_cublas(m, n, k, trans_a, trans_b):
     exact = op_(a.float(), trans_a) @ op_(b.float(), trans_b)
     assert rel(out, exact) < 1e-2 and rel(ref, exact) < 1e-2
     torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,n,k", [(2048, 2112, 1024), (256, 256, 8192), (8192, 2112, 7168)])
+def test_gemm_gpu_split_tail(m, n, k):
+    """Shapes whose last wave is nearly empty (2048 x 2112: 136 tiles of 256 x 128 on 132 SMs; 256^2: one
+    wave of 2 tiles, split-K) take the split-tail kernel on their own: equal to cuBLAS, deterministic, the
+    FP8 rowwise path too."""
+    from turbo_dist.kernels import gemm as kgemm
+    from turbo_dist.ops import fp8
+
+    a, b = make_gemm(m, n, k, False, True, torch.bfloat16, device="cuda")
+    sms = kgemm._num_sms(a.device)
+    assert kgemm.split_tail_pays(m, n, sms) or sms != 132
+    out = kgemm.gemm(a, b.t())
+    assert torch.equal(out, kgemm.gemm(a, b.t()))  # the partials are summed in a fixed order
+    assert torch.equal(out, kgemm.gemm(a, b.t(), split_tail=True))
+    ref = a.float() @ b.float().t()
+    assert rel(out, ref) < 1e-2
+    whole = kgemm.gemm(a, b.t(), split_tail=False)
+    assert rel(out, whole) < 1e-2
+    row = fp8.ScalingGranularity.ROWWISE
+    (aq, sa), (bq, sb) = fp8.quantize_fp8(a, granularity=row), fp8.quantize_fp8(b, granularity=row)
+    q = kgemm.scaled_gemm(aq, bq.t(), sa.reshape(-1), sb.reshape(-1), kgemm.SCALE_ROW)
+    q_whole = kgemm.scaled_gemm(aq, bq.t(), sa.reshape(-1), sb.reshape(-1), kgemm.SCALE_ROW, split_tail=False)
+    assert rel(q, q_whole) < 1e-3 and rel(q, ref) < 0.1
 
 
 @pytest.mark.gpu

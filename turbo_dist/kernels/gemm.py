@@ -11,8 +11,10 @@ descriptor over the stored layout plus an in-register `.T`); `_gemm_kernel` uses
 takes any strides (odd shapes, fp32, sliced views, pre-Hopper GPUs).
 
 Autotune configs are data (`CONFIGS_*`); under TRITON_INTERPRET=1 one small config runs. A forced config
-(`config=`, tests and benchmarks/tune_ops.py) may add a 7th entry, persistent=1: `_gemm_tma_persistent_kernel`,
-one program per SM walking the tiles (TMA operands only; not in the autotune lists until measured to win).
+(`config=`, tests and benchmarks/tune_ops.py) may add a 7th entry of flags (see _unpack), persistent=1:
+`_gemm_tma_persistent_kernel`, one program per SM walking the tiles (TMA operands only). Its SPLIT_TAIL mode
+cuts the partial last wave's tiles along K so no SM idles through it; the autotuned path takes it (its own
+config list) for shapes whose last wave is at most half full (`split_tail_pays`), e.g. 8192 x 2112.
 """
 import os
 
@@ -67,7 +69,23 @@ CONFIGS_BLOCK = [
     (128, 128, 128, 8, 4, 4),
     (128, 64, 128, 8, 4, 4),
 ]
+# SPLIT_TAIL (persistent, the partial last wave cut along K; see _gemm_tma_persistent_kernel), used when
+# split_tail_pays: the large tiles the lists above pick for such shapes.
+CONFIGS_TAIL_16 = [
+    (256, 128, 64, 16, 8, 4),
+    (128, 256, 64, 8, 8, 4),
+    (128, 256, 64, 8, 8, 3),
+    (128, 128, 64, 8, 8, 4),
+]
+CONFIGS_TAIL_8 = [
+    (128, 256, 128, 8, 8, 3),
+    (256, 128, 128, 8, 8, 3),
+    (128, 128, 128, 8, 8, 4),
+]
 INTERPRET_CONFIG = (32, 32, 32, 4, 4, 1)
+# TURBO_DIST_GEMM_SPLIT_TAIL=0: never pick the split-tail kernel by itself (A/B comparisons; forced configs
+# and split_tail=True still run it)
+SPLIT_TAIL_AUTO = os.environ.get("TURBO_DIST_GEMM_SPLIT_TAIL", "1") != "0"
 
 
 # TURBO_DIST_TRITON_TUNE=first: autotune over the first config of each list only (GPU tests, quick checks)
@@ -155,13 +173,15 @@ def _store_tile(c_ptr, acc, offs_m, mask_m, offs_n, mask_n, stride_cm, stride_cn
 
 
 @triton.jit
-def _tma_tile(a_desc, b_desc, sa_ptr, sb_ptr, K, off_m, off_n, offs_m, mask_m, offs_n, mask_n,
+def _tma_tile(a_desc, b_desc, sa_ptr, sb_ptr, kb_lo, kb_hi, off_m, off_n, offs_m, mask_m, offs_n, mask_n,
               stride_sam, stride_sak, stride_sbk, stride_sbn,
               A_T: tl.constexpr, B_T: tl.constexpr, SCALE_MODE: tl.constexpr, SB_N: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WS: tl.constexpr = False,
               RESCALE: tl.constexpr = False):
-    """One output tile's fp32 accumulator over K from TMA descriptors (A [M, K] or [K, M] with A_T; B [K, N]
-    or [N, K] with B_T). Out-of-bounds parts of a tile read as zeros, so the K tail needs no mask.
+    """One output tile's fp32 accumulator over K steps [kb_lo, kb_hi) (of BLOCK_K; all of K is 0, cdiv(K,
+    BLOCK_K)) from TMA descriptors (A [M, K] or [K, M] with A_T; B [K, N] or [N, K] with B_T), tensorwise /
+    rowwise / blockwise scales applied. Out-of-bounds parts of a tile read as zeros, so the K tail needs no
+    mask.
     WS: ask Triton to warp-specialize the K loop (TMA producer warps, MMA consumer warps).
     RESCALE (blockwise only): keep the accumulator in units of the current K step's scale factor f_k and
     let the MMA accumulate in place, acc = dot(a_k, b_k, acc * f_{k-1} / f_k), scaled by the last f once at
@@ -170,9 +190,9 @@ def _tma_tile(a_desc, b_desc, sa_ptr, sb_ptr, K, off_m, off_n, offs_m, mask_m, o
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     f_prev = 1.0  # the scale factor acc is in (RESCALE only)
     if SCALE_MODE == 3 and RESCALE:
-        f_prev = _block_scales(sa_ptr, sb_ptr, 0, offs_m, mask_m, off_n, offs_n, mask_n,
+        f_prev = _block_scales(sa_ptr, sb_ptr, kb_lo, offs_m, mask_m, off_n, offs_n, mask_n,
                                stride_sam, stride_sak, stride_sbk, stride_sbn, SB_N, BLOCK_N)
-    for kb in tl.range(0, tl.cdiv(K, BLOCK_K), warp_specialize=WS):
+    for kb in tl.range(kb_lo, kb_hi, warp_specialize=WS):
         k0 = kb * BLOCK_K
         if A_T:
             a = a_desc.load([k0, off_m]).T
@@ -253,39 +273,101 @@ def _gemm_tma_kernel(
     offs_n = off_n + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    acc = _tma_tile(a_desc, b_desc, sa_ptr, sb_ptr, K, off_m, off_n, offs_m, mask_m, offs_n, mask_n,
-                    stride_sam, stride_sak, stride_sbk, stride_sbn, A_T, B_T, SCALE_MODE, SB_N, BLOCK_M, BLOCK_N, BLOCK_K,
-                    WS, RESCALE)
+    acc = _tma_tile(a_desc, b_desc, sa_ptr, sb_ptr, 0, tl.cdiv(K, BLOCK_K), off_m, off_n, offs_m, mask_m, offs_n,
+                    mask_n, stride_sam, stride_sak, stride_sbk, stride_sbn, A_T, B_T, SCALE_MODE, SB_N, BLOCK_M, BLOCK_N,
+                    BLOCK_K, WS, RESCALE)
     _store_tile(c_ptr, acc, offs_m, mask_m, offs_n, mask_n, stride_cm, stride_cn)
 
 
 @triton.jit
+def _tile_coords(tile, num_pid_m, num_pid_n, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 GROUP_M: tl.constexpr):
+    pid_m, pid_n = _swizzle(tile, num_pid_m, num_pid_n, GROUP_M)
+    off_m = pid_m * BLOCK_M
+    off_n = pid_n * BLOCK_N
+    offs_m = off_m + tl.arange(0, BLOCK_M)
+    offs_n = off_n + tl.arange(0, BLOCK_N)
+    return off_m, off_n, offs_m, offs_m < M, offs_n, offs_n < N
+
+
+@triton.jit
 def _gemm_tma_persistent_kernel(
-    a_desc, b_desc, c_ptr, sa_ptr, sb_ptr,
+    a_desc, b_desc, c_ptr, sa_ptr, sb_ptr, ws_ptr, cnt_ptr,
     M, N, K,
     stride_cm, stride_cn, stride_sam, stride_sak, stride_sbk, stride_sbn,
     A_T: tl.constexpr, B_T: tl.constexpr,
     SCALE_MODE: tl.constexpr, SB_N: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     NUM_PROGS: tl.constexpr, WS: tl.constexpr = False, RESCALE: tl.constexpr = False,
+    SPLIT_TAIL: tl.constexpr = False, MAX_SPLIT: tl.constexpr = 16, MIN_SPLIT_STEPS: tl.constexpr = 4,
 ):
     # _gemm_tma_kernel's tile (_tma_tile), walked by a fixed grid of NUM_PROGS programs (one per SM): the
     # (tile, K) loop nest is flattened so the next tile's loads start while this tile's epilogue runs.
+    # SPLIT_TAIL: only the full waves (tiles // NUM_PROGS * NUM_PROGS) run whole; the last, partial wave's
+    # `tail` tiles are cut along K into SPLIT pieces (SPLIT = NUM_PROGS // tail, at most MAX_SPLIT, each at
+    # least MIN_SPLIT_STEPS K steps) so every SM has work in it: e.g. 544 tiles on 132 SMs run as 4 waves +
+    # 16 x 8 pieces of 1/8 tile, not 5 waves. A piece stores its fp32 partial in ws [tail * SPLIT, BLOCK_M,
+    # BLOCK_N] and counts itself in cnt[tail tile] (int32, zero before the launch, zero again after it); the
+    # last piece to arrive sums the partials in piece order (deterministic) and stores the tile.
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     num_tiles = num_pid_m * num_pid_n
-    for tile in tl.range(tl.program_id(0), num_tiles, NUM_PROGS, flatten=True):
-        pid_m, pid_n = _swizzle(tile, num_pid_m, num_pid_n, GROUP_M)
-        off_m = pid_m * BLOCK_M
-        off_n = pid_n * BLOCK_N
-        offs_m = off_m + tl.arange(0, BLOCK_M)
-        offs_n = off_n + tl.arange(0, BLOCK_N)
-        mask_m = offs_m < M
-        mask_n = offs_n < N
-        acc = _tma_tile(a_desc, b_desc, sa_ptr, sb_ptr, K, off_m, off_n, offs_m, mask_m, offs_n, mask_n,
+    num_k = tl.cdiv(K, BLOCK_K)
+    full = num_tiles
+    if SPLIT_TAIL:
+        full = num_tiles - num_tiles % NUM_PROGS
+    for tile in tl.range(tl.program_id(0), full, NUM_PROGS, flatten=True):
+        off_m, off_n, offs_m, mask_m, offs_n, mask_n = _tile_coords(tile, num_pid_m, num_pid_n, M, N, BLOCK_M,
+                                                                    BLOCK_N, GROUP_M)
+        acc = _tma_tile(a_desc, b_desc, sa_ptr, sb_ptr, 0, num_k, off_m, off_n, offs_m, mask_m, offs_n, mask_n,
                         stride_sam, stride_sak, stride_sbk, stride_sbn, A_T, B_T, SCALE_MODE, SB_N,
                         BLOCK_M, BLOCK_N, BLOCK_K, WS, RESCALE)
         _store_tile(c_ptr, acc, offs_m, mask_m, offs_n, mask_n, stride_cm, stride_cn)
+    if SPLIT_TAIL:
+        tail = num_tiles - full
+        split = tl.minimum(tl.minimum(NUM_PROGS // tl.maximum(tail, 1), MAX_SPLIT),
+                           tl.maximum(num_k // MIN_SPLIT_STEPS, 1))
+        rows = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+        for unit in range(tl.program_id(0), tail * split, NUM_PROGS):
+            t = unit // split
+            piece = unit % split
+            off_m, off_n, offs_m, mask_m, offs_n, mask_n = _tile_coords(full + t, num_pid_m, num_pid_n, M, N,
+                                                                        BLOCK_M, BLOCK_N, GROUP_M)
+            acc = _tma_tile(a_desc, b_desc, sa_ptr, sb_ptr, piece * num_k // split, (piece + 1) * num_k // split,
+                            off_m, off_n, offs_m, mask_m, offs_n, mask_n, stride_sam, stride_sak, stride_sbk,
+                            stride_sbn, A_T, B_T, SCALE_MODE, SB_N, BLOCK_M, BLOCK_N, BLOCK_K, WS, RESCALE)
+            if split == 1:
+                _store_tile(c_ptr, acc, offs_m, mask_m, offs_n, mask_n, stride_cm, stride_cn)
+            else:
+                tl.store(ws_ptr + unit * (BLOCK_M * BLOCK_N) + rows, acc)  # units <= NUM_PROGS: int32 offsets
+                tl.debug_barrier()  # every thread's partial is written before this program's release below
+                arrived = tl.atomic_add(cnt_ptr + t, 1, sem="acq_rel", scope="gpu")
+                if arrived == split - 1:  # the last piece: the others' partials are visible (acquire)
+                    total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                    for p in range(0, split):
+                        total += tl.load(ws_ptr + (t * split + p) * (BLOCK_M * BLOCK_N) + rows,
+                                         cache_modifier=".cg")
+                    _store_tile(c_ptr, total, offs_m, mask_m, offs_n, mask_n, stride_cm, stride_cn)
+                    tl.store(cnt_ptr + t, 0)  # ready for the next launch
+
+
+def split_tail_pays(M, N, sms, tiles=((128, 256), (256, 128)), max_waves=8):
+    """True when the usual large tiles leave the last wave at most half full on `sms` SMs in a short
+    schedule (<= max_waves waves), where cutting that wave's tiles along K (SPLIT_TAIL) saves up to a wave:
+    e.g. 8192 x 2112 (DeepSeek-V3 q/kv down-projection): 544 tiles of 256 x 128 = 4 waves + 16 tiles."""
+    for bm, bn in tiles:
+        n = triton.cdiv(M, bm) * triton.cdiv(N, bn)
+        rest = n % sms
+        if not (0 < rest * 2 <= sms and n <= max_waves * sms):
+            return False
+    return True
+
+
+def _tail_buffers(device, nprog, max_tile_elems):
+    """Per-launch partial-tile workspace and arrival counters of SPLIT_TAIL (the caching allocator makes these
+    cheap; per launch, so kernels on concurrent streams never share them)."""
+    return (torch.empty(nprog * max_tile_elems, dtype=torch.float32, device=device),
+            torch.zeros(nprog, dtype=torch.int32, device=device))
 
 
 def _set_tma_blocks(nargs):
@@ -312,6 +394,8 @@ _TMA_KEY = ["M", "N", "K", "SCALE_MODE", "A_T", "B_T"]
 _tma_16 = triton.autotune(_tma_configs(CONFIGS_16), key=_TMA_KEY)(_gemm_tma_kernel)
 _tma_8 = triton.autotune(_tma_configs(CONFIGS_8), key=_TMA_KEY)(_gemm_tma_kernel)
 _tma_block = triton.autotune(_tma_configs(CONFIGS_BLOCK), key=_TMA_KEY)(_gemm_tma_kernel)
+_tail_16 = triton.autotune(_tma_configs(CONFIGS_TAIL_16), key=_TMA_KEY)(_gemm_tma_persistent_kernel)
+_tail_8 = triton.autotune(_tma_configs(CONFIGS_TAIL_8), key=_TMA_KEY)(_gemm_tma_persistent_kernel)
 
 USE_TMA = os.environ.get("TURBO_DIST_TRITON_TMA", "1") != "0"  # 0: pointer kernels only (A/B comparisons)
 
@@ -344,18 +428,20 @@ def tma_operands(a, b):
     return la, lb
 
 
-PERSISTENT, WARP_SPECIALIZE, RESCALE_ACC = 1, 2, 4  # bits of a config's optional 7th entry
+PERSISTENT, WARP_SPECIALIZE, RESCALE_ACC, SPLIT_TAIL = 1, 2, 4, 8  # bits of a config's optional 7th entry
 
 
 def _unpack(config):
-    """(BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages[, flags]) -> 9 values: the six, persistent,
-    warp-specialize, rescaled blockwise accumulator (flags: PERSISTENT | WARP_SPECIALIZE | RESCALE_ACC bits;
-    1 = persistent as before). Flags are for the TMA kernels (tests / tune_ops forcing a config)."""
-    if len(config) not in (6, 7) or (len(config) == 7 and not 0 <= int(config[6]) <= 7):
-        raise ValueError(f"a gemm config is (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages[, flags 0-7]), "
+    """(BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages[, flags]) -> 10 values: the six, persistent,
+    warp-specialize, rescaled blockwise accumulator, split tail wave (flags: PERSISTENT | WARP_SPECIALIZE |
+    RESCALE_ACC | SPLIT_TAIL bits; 1 = persistent as before; SPLIT_TAIL implies persistent). Flags are for the
+    TMA kernels (tests / tune_ops forcing a config)."""
+    if len(config) not in (6, 7) or (len(config) == 7 and not 0 <= int(config[6]) <= 15):
+        raise ValueError(f"a gemm config is (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages[, flags 0-15]), "
                          f"got {config}")
     flags = int(config[6]) if len(config) == 7 else 0
-    return (*config[:6], bool(flags & PERSISTENT), bool(flags & WARP_SPECIALIZE), bool(flags & RESCALE_ACC))
+    return (*config[:6], bool(flags & (PERSISTENT | SPLIT_TAIL)), bool(flags & WARP_SPECIALIZE),
+            bool(flags & RESCALE_ACC), bool(flags & SPLIT_TAIL))
 
 
 _SMS = {}
@@ -370,8 +456,9 @@ def _num_sms(device):
     return _SMS[idx]
 
 
-def _launch(a, b, c, sa, sb, mode, sb_n=128, config=None):
-    """a: [M, K] view, b: [K, N] view, c: [M, N] output; strides are taken as they are."""
+def _launch(a, b, c, sa, sb, mode, sb_n=128, config=None, split_tail=None):
+    """a: [M, K] view, b: [K, N] view, c: [M, N] output; strides are taken as they are. split_tail: None =
+    the SPLIT_TAIL kernel where split_tail_pays (TMA operands, not blockwise), True / False = always / never."""
     M, K = a.shape
     N = b.shape[1]
     if M == 0 or N == 0:
@@ -395,7 +482,7 @@ def _launch(a, b, c, sa, sb, mode, sb_n=128, config=None):
         s_am, s_ak = sa_t.stride()
     tma = tma_operands(a, b)
     if tma is not None:
-        return _launch_tma(a, b, c, sa_t, sb_t, tma, (s_am, s_ak, s_bk, s_bn), mode, sb_n, config)
+        return _launch_tma(a, b, c, sa_t, sb_t, tma, (s_am, s_ak, s_bk, s_bn), mode, sb_n, config, split_tail)
     allow_tf32 = a.dtype == torch.float32 and a.is_cuda and torch.backends.cuda.matmul.allow_tf32
     args = (a, b, c, sa_t, sb_t, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
             c.stride(0), c.stride(1), s_am, s_ak, s_bk, s_bn)
@@ -403,7 +490,7 @@ def _launch(a, b, c, sa, sb, mode, sb_n=128, config=None):
     if config is None and interpreting():
         config = INTERPRET_CONFIG if mode != SCALE_BLOCK else (32, 32, 128, 4, 4, 1)
     if config is not None:
-        bm, bn, bk, gm, w, s, persistent, ws, rescale = _unpack(config)
+        bm, bn, bk, gm, w, s, persistent, ws, rescale, _ = _unpack(config)
         if persistent or ws or rescale:
             raise NotImplementedError(f"persistent / warp-specialized / rescaled config {config} runs on the TMA "
                                       f"kernel only; these operands take the pointer kernel (see tma_operands)")
@@ -416,7 +503,7 @@ def _launch(a, b, c, sa, sb, mode, sb_n=128, config=None):
     return c
 
 
-def _launch_tma(a, b, c, sa, sb, tma, s_strides, mode, sb_n, config):
+def _launch_tma(a, b, c, sa, sb, tma, s_strides, mode, sb_n, config, split_tail=None):
     M, K = a.shape
     N = b.shape[1]
     (a_st, a_t), (b_st, b_t) = tma
@@ -428,17 +515,28 @@ def _launch_tma(a, b, c, sa, sb, tma, s_strides, mode, sb_n, config):
     if config is None and interpreting():
         config = INTERPRET_CONFIG if mode != SCALE_BLOCK else (32, 32, 128, 4, 4, 1)
     if config is not None:
-        bm, bn, bk, gm, w, s, persistent, ws, rescale = _unpack(config)
+        bm, bn, bk, gm, w, s, persistent, ws, rescale, tail = _unpack(config)
+        tail = tail or bool(split_tail)
+        persistent = persistent or tail
         _set_tma_blocks(dict(a_desc=a_desc, b_desc=b_desc, A_T=a_t, B_T=b_t, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk))
         tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
         if persistent:
-            nprog = min(tiles, _num_sms(a.device))
-            _gemm_tma_persistent_kernel[(nprog,)](*args, **meta, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm,
-                                                  NUM_PROGS=nprog, WS=ws, RESCALE=rescale, num_warps=w,
-                                                  num_stages=s)
+            nprog = _num_sms(a.device) if tail else min(tiles, _num_sms(a.device))
+            bufs = _tail_buffers(a.device, nprog, bm * bn) if tail else (c, c)
+            _gemm_tma_persistent_kernel[(nprog,)](*args[:5], *bufs, *args[5:], **meta, BLOCK_M=bm, BLOCK_N=bn,
+                                                  BLOCK_K=bk, GROUP_M=gm, NUM_PROGS=nprog, WS=ws, RESCALE=rescale,
+                                                  SPLIT_TAIL=tail, num_warps=w, num_stages=s)
         else:
             _gemm_tma_kernel[(tiles,)](*args, **meta, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, WS=ws,
                                        RESCALE=rescale, num_warps=w, num_stages=s)
+        return c
+    nprog = _num_sms(a.device)
+    if split_tail is None:
+        split_tail = SPLIT_TAIL_AUTO and mode != SCALE_BLOCK and split_tail_pays(M, N, nprog)
+    if split_tail:
+        kernel = _tail_8 if a.element_size() == 1 else _tail_16
+        bufs = _tail_buffers(a.device, nprog, max(m * n for (m, n, *_) in CONFIGS_TAIL_16 + CONFIGS_TAIL_8))
+        kernel[(nprog,)](*args[:5], *bufs, *args[5:], **meta, NUM_PROGS=nprog, SPLIT_TAIL=True)
         return c
     kernel = _tma_block if mode == SCALE_BLOCK else (_tma_8 if a.element_size() == 1 else _tma_16)
     grid = lambda meta_: (triton.cdiv(M, meta_["BLOCK_M"]) * triton.cdiv(N, meta_["BLOCK_N"]),)  # noqa: E731
@@ -446,16 +544,17 @@ def _launch_tma(a, b, c, sa, sb, tma, s_strides, mode, sb_n, config):
     return c
 
 
-def gemm(a, b, out_dtype=None, config=None):
+def gemm(a, b, out_dtype=None, config=None, split_tail=None):
     """C = a @ b for a [M, K], b [K, N] (any strides; pass `x.t()` for a transpose). fp16/bf16/fp32 in,
-    fp32 accumulate, `out_dtype` (default a.dtype) out. `config` forces one tile config (tests/benches)."""
+    fp32 accumulate, `out_dtype` (default a.dtype) out. `config` forces one tile config (tests/benches);
+    `split_tail` (see _launch) picks or refuses the split-tail-wave kernel."""
     c = torch.empty((a.shape[0], b.shape[1]), dtype=out_dtype or a.dtype, device=a.device)
-    return _launch(a, b, c, None, None, SCALE_NONE, config=config)
+    return _launch(a, b, c, None, None, SCALE_NONE, config=config, split_tail=split_tail)
 
 
-def scaled_gemm(a, b, scale_a, scale_b, mode, out_dtype=torch.bfloat16, block_n=128, config=None):
+def scaled_gemm(a, b, scale_a, scale_b, mode, out_dtype=torch.bfloat16, block_n=128, config=None, split_tail=None):
     """C = dequant(a) @ dequant(b) for FP8 (or any float) a [M, K], b [K, N] with fp32 scales:
     mode SCALE_TENSOR: scale_a [1], scale_b [1]; SCALE_ROW: scale_a [M], scale_b [N];
     SCALE_BLOCK: scale_a [M, cdiv(K,128)] (1x128 blocks), scale_b [cdiv(K,128), cdiv(N, block_n)]."""
     c = torch.empty((a.shape[0], b.shape[1]), dtype=out_dtype, device=a.device)
-    return _launch(a, b, c, scale_a, scale_b, mode, sb_n=block_n, config=config)
+    return _launch(a, b, c, scale_a, scale_b, mode, sb_n=block_n, config=config, split_tail=split_tail)
