@@ -74,17 +74,73 @@ def _pybind11_include():
 
 
 def _native_extensions():
-    """The turbo_dist._shmem extension when NVSHMEM (or rocSHMEM) is found; [] otherwise. Never raises."""
-    try:
-        return _detect_native_extensions()
-    except Exception as exc:  # a broken toolchain layout must not break the install
-        print(f"turbo_dist: native module detection failed ({exc!r}), skipping it", file=sys.stderr)
+    """turbo_dist._shmem when NVSHMEM (or rocSHMEM) is found, turbo_dist._cublaslt when cuBLASLt is; [] for
+    what is missing. Never raises."""
+    if os.environ.get("TURBO_DIST_SKIP_NATIVE", "0") == "1":
         return []
+    found = []
+    for detect in (_detect_native_extensions, _detect_cublaslt_extension):
+        try:
+            found += detect()
+        except Exception as exc:  # a broken toolchain layout must not break the install
+            print(f"turbo_dist: native module detection failed ({exc!r}), skipping it", file=sys.stderr)
+    return found
+
+
+def _find_cublaslt():
+    """(include dirs, library file) for cuBLASLt >= 12.9 (blockwise FP8 scaling) or None. The library: the
+    one torch loads (the nvidia-cublas wheel), else CUDA_HOME's; the headers: the first directory that has
+    cublasLt.h with the CUDA runtime and CCCL headers it includes."""
+    homes = []
+    for site in _site_dirs():  # nvidia/cu13 (CUDA 13 wheels), nvidia/cublas + nvidia/cuda_runtime (CUDA 12)
+        homes.extend(sorted(glob.glob(os.path.join(site, "nvidia", "*"))))
+    homes += [h for h in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda") if h]
+    lib = None
+    for home in homes:
+        libs = sorted(glob.glob(os.path.join(home, "lib*", "libcublasLt.so*")), key=len)
+        if libs:
+            lib = libs[0] if not libs[0].endswith(".so") or len(libs) == 1 else libs[1]
+            break
+    incs = []
+    for home in homes:
+        inc = os.path.join(home, "include")
+        if os.path.exists(os.path.join(inc, "cublasLt.h")):
+            incs.append(inc)
+    for inc in [os.path.join(h, "include") for h in homes]:  # runtime / crt / cccl headers, wherever they are
+        if os.path.exists(os.path.join(inc, "crt", "host_defines.h")) and inc not in incs:
+            incs.append(inc)
+        for sub in (inc, os.path.join(inc, "cccl")):
+            if os.path.exists(os.path.join(sub, "nv", "target")) and sub not in incs:
+                incs.append(sub)
+    have = lambda rel: any(os.path.exists(os.path.join(i, rel)) for i in incs)  # noqa: E731
+    if lib is None or not (have("cublasLt.h") and have("cuda_runtime_api.h") and have(os.path.join("crt", "host_defines.h"))
+                           and have(os.path.join("nv", "target"))):
+        return None
+    with open(next(os.path.join(i, "cublasLt.h") for i in incs if os.path.exists(os.path.join(i, "cublasLt.h")))) as f:
+        if "CUBLASLT_MATMUL_MATRIX_SCALE_BLK128x128_32F" not in f.read():
+            print("turbo_dist: cuBLASLt < 12.9 (no blockwise FP8 scaling), skipping turbo_dist._cublaslt",
+                  file=sys.stderr)
+            return None
+    return incs, lib
+
+
+def _detect_cublaslt_extension():
+    sources = sorted(glob.glob(os.path.join("csrc", "cublaslt", "*.cpp")))
+    pybind_inc = _pybind11_include()
+    found = _find_cublaslt() if sources and pybind_inc else None
+    if found is None:
+        print("turbo_dist: cuBLASLt headers/library (or pybind11) not found, skipping turbo_dist._cublaslt "
+              "(the FP8 blockwise grouped GEMM backend 'cublaslt')", file=sys.stderr)
+        return []
+    from setuptools import Extension
+
+    incs, lib = found
+    return [Extension("turbo_dist._cublaslt", sources, include_dirs=[pybind_inc] + incs, extra_link_args=[lib],
+                      runtime_library_dirs=[os.path.dirname(lib)], language="c++",
+                      extra_compile_args=["-std=c++17", "-fvisibility=hidden", "-g0", "-O2"])]
 
 
 def _detect_native_extensions():
-    if os.environ.get("TURBO_DIST_SKIP_NATIVE", "0") == "1":
-        return []
     sources = sorted(glob.glob(os.path.join("csrc", "shmem", "*.cpp")))
     if not sources:
         return []
@@ -186,11 +242,11 @@ def _native_cache_path(ext):
         h.update(repr((ext.name, ext.define_macros, ext.include_dirs, ext.extra_compile_args, ext.extra_link_args,
                        ext.runtime_library_dirs, sys.version, sysconfig.get_config_var("EXT_SUFFIX"))).encode())
         here = os.path.dirname(os.path.abspath(__file__))
-        deps = list(ext.sources) + sorted(glob.glob(os.path.join(here, "csrc", "shmem", "*.h")))
+        deps = list(ext.sources) + sorted(glob.glob(os.path.join(here, os.path.dirname(ext.sources[0]), "*.h")))
         for path in deps:
             with open(os.path.join(here, path) if not os.path.isabs(path) else path, "rb") as f:
                 h.update(f.read())
-        for lib in ext.extra_link_args:  # the NVSHMEM library, by size and time (its headers travel with it)
+        for lib in ext.extra_link_args:  # the linked library, by size and time (its headers travel with it)
             if os.path.exists(lib):
                 st = os.stat(lib)
                 h.update(f"{lib}:{st.st_size}:{st.st_mtime_ns}".encode())

@@ -347,7 +347,7 @@ def aligned_lens(lens, align):
 
 def _fp8_grouped_block_aligned(G, layer, lens, a, b_t, errors, align=128):
     """BLOCKWISE FP8 grouped GEMM with host token counts aligned to 128 (what FP8 MoE training pads to): here
-    cuBLASLt's blockwise GEMM can run per group (backend torch_loop) beside our Triton kernel; bf16 grouped GEMM
+    cuBLASLt's blockwise GEMM can run per group (backends cublaslt, torch_loop) beside our Triton kernel; bf16 grouped GEMM
     on the same counts is the baseline."""
     from turbo_dist.ops import ScalingGranularity, quantize_fp8
 
@@ -364,7 +364,11 @@ def _fp8_grouped_block_aligned(G, layer, lens, a, b_t, errors, align=128):
         return []
     aq, sa = quantize_fp8(a, torch.float8_e4m3fn, gran)
     wq, sw = quantize_fp8(b_t, torch.float8_e4m3fn, gran, weight=True)
-    backends = ("torch_loop", "triton") if DEVICE == "cuda" else ("triton",)  # torch_loop: cuBLASLt only
+    backends = ("triton",)
+    if DEVICE == "cuda":  # cuBLASLt per group: torch_loop, and cublaslt where turbo_dist._cublaslt was built
+        from turbo_dist.ops import fp8_grouped
+
+        backends = (("cublaslt",) if fp8_grouped.native_module() is not None else ()) + ("torch_loop", "triton")
     fns = _fp8_grouped_fns(aq, wq, sa, sw.transpose(1, 2), lens_h, "block", a, b_t, gran, backends)
     return base[2] + _fp8_grouped_rows(case, fns, base, flops, {"granularity": gran.name, "lens": lens_h.tolist(),
                                                                 "shape": f"G={G} M={M} K={K} N={N}"}, errors)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One batched device session: install, GPU test suite, main-job demo, single-GPU benches.
-#   bash benchmarks/device_suite.sh "install tests dist demo ops attn moe moell moeinter tp cp native tune tuneblock verify1 verify1b fp8loop verify2 tail exloss"
+#   bash benchmarks/device_suite.sh "install tests dist demo ops attn moe moell moeinter tp cp native tune tuneblock verify1 verify1b fp8loop verify2 tail exloss cublaslt"
 #   (phases to run, in order; default "install tests demo ops attn"; on a multi-GPU kind start with
 #   "install dist demo moe moell moeinter tp cp cpvarlen")
 # Logs and JSON go under $OUT (default ./out). Safety variables are always set.
@@ -87,6 +87,15 @@ for ph in $PHASES; do
     exloss) # examples/moe_layer.py loss with and without FP8 (same seed): is a rising loss the learning rate or FP8?
             for f in "" "--fp8 blockwise"; do timeout 90 torchrun --standalone --nproc-per-node 1 examples/moe_layer.py --tokens 4096 \
               --hidden 7168 --ffn 2048 --experts 4 --topk 2 $f --steps 6 2>&1 | grep -E "step|world" | tail -8; done;;
+    cublaslt) # BLOCKWISE FP8 grouped GEMM on cuBLASLt with the loop in C++ (turbo_dist._cublaslt)
+            python -c "from turbo_dist.ops import fp8_grouped as f; m = f.native_module(); print('native cublaslt:', m and m.version(), f._NATIVE.get('why'))" 2>&1 | tail -2
+            TURBO_DIST_TRITON_TUNE=first timeout 150 python -m pytest -q -rs -p no:cacheprovider tests/test_ops_fp8.py \
+              -k "cublaslt or torch_loop or grouped or m_major" > "$OUT/pytest_cublaslt_$TAG.log" 2>&1; echo "cublaslt tests rc=$?"
+            tail -3 "$OUT/pytest_cublaslt_$TAG.log"; grep -E "^(FAILED|ERROR)|Error:" "$OUT/pytest_cublaslt_$TAG.log" | head -10
+            timeout 240 python benchmarks/bench_ops.py --sections fp8_grouped --json "$OUT/ops_fp8_grouped_$TAG.json" \
+              > "$OUT/ops_fp8_grouped_$TAG.log" 2>&1; echo "cublaslt bench rc=$?"; grep -E "host" "$OUT/ops_fp8_grouped_$TAG.log" | head -14
+            timeout 180 python benchmarks/probe_fp8_grouped_host.py --tokens-per-expert 1024,256,128 \
+              --json "$OUT/probe_fp8_grouped_host_$TAG.json" 2>&1 | tail -20;;
     moefix) timeout 200 python -m pytest -q -rs -p no:cacheprovider tests/test_moe_low_latency.py::test_low_latency_triton_self_loop \
               tests/test_moe_low_latency.py::test_low_latency_kernels_simulated_ranks tests/test_moe_low_latency.py::test_fp8_casts_bit_identical_on_cpu_and_gpu \
               tests/test_moe_nvlink.py::test_nvlink_vs_collective "tests/test_moe_nvlink.py::test_nvlink_reference_fp8_backward_errors" tests/test_moe.py > "$OUT/pytest_moefix_$TAG.log" 2>&1; echo "moefix rc=$?"; tail -4 "$OUT/pytest_moefix_$TAG.log";;

@@ -1,5 +1,5 @@
-"""Host launch time vs GPU time of BLOCKWISE FP8 grouped GEMM backends (torch_loop: one cuBLASLt GEMM per
-group; triton: one persistent kernel), DeepSeek-V3 fc1 (K=7168, N=4096), skewed host counts aligned to 128.
+"""Host launch time vs GPU time of BLOCKWISE FP8 grouped GEMM backends (cublaslt / torch_loop: one cuBLASLt
+GEMM per group, looped in C++ / through torch._scaled_mm; triton: one persistent kernel), DeepSeek-V3 fc1 (K=7168, N=4096), skewed host counts aligned to 128.
 
     python benchmarks/probe_fp8_grouped_host.py --json probe.json
 
@@ -21,10 +21,10 @@ from bench_ops import aligned_lens, skewed_lens  # noqa: E402
 from common import print_table, write_json  # noqa: E402
 
 
-def probe(G, backends, iters, K=7168, N=4096):
+def probe(G, backends, iters, K=7168, N=4096, tpe=1024):
     from turbo_dist.ops import ScalingGranularity, dispatcher, quantize_fp8
 
-    lens = aligned_lens(skewed_lens(G, 1024, seed=G), 128)
+    lens = aligned_lens(skewed_lens(G, tpe, seed=G), 128)
     a = torch.randn(int(lens.sum()), K, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(G, N, K, device="cuda", dtype=torch.bfloat16)
     aq, sa = quantize_fp8(a, torch.float8_e4m3fn, ScalingGranularity.BLOCKWISE)
@@ -50,7 +50,7 @@ def probe(G, backends, iters, K=7168, N=4096):
         finally:
             dispatcher.set_backend("grouped_scaled_mm", None)
         launched = int((lens > 0).sum())
-        rows.append({"case": f"G{G}_fc1 BLOCKWISE lens%128==0 host", "impl": name, "host_ms": statistics.median(host),
+        rows.append({"case": f"G{G}_fc1 {tpe} tok/expert BLOCKWISE lens%128==0 host", "impl": name, "host_ms": statistics.median(host),
                      "gpu_ms": statistics.median(gpu), "groups_launched": launched,
                      "host_us_per_group": statistics.median(host) * 1e3 / launched, "lens": lens.tolist()})
     return rows
@@ -61,13 +61,18 @@ def main(argv=None):
     p.add_argument("--json", default=None)
     p.add_argument("--experts", default="8,32", help="comma list of G")
     p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--tokens-per-expert", default="1024", help="comma list: mean tokens per expert (skewed)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("probe_fp8_grouped_host: needs CUDA; nothing to measure")
         return 0
     rows = []
-    for G in (int(x) for x in args.experts.split(",")):
-        rows += probe(G, ["torch_loop", "triton"], args.iters)
+    from turbo_dist.ops import fp8_grouped
+
+    native = ["cublaslt"] if fp8_grouped.native_module() is not None else []
+    for tpe in (int(x) for x in args.tokens_per_expert.split(",")):
+        for G in (int(x) for x in args.experts.split(",")):
+            rows += probe(G, native + ["torch_loop", "triton"], args.iters, tpe=tpe)
     print_table(rows, ["case", "impl", "host_ms", "gpu_ms", "groups_launched", "host_us_per_group"])
     if args.json:
         write_json(args.json, rows, {"iters": args.iters})

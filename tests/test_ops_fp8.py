@@ -394,7 +394,7 @@ def test_grouped_gemm_fp8_gpu(gran):
 def test_grouped_scaled_mm_default_order():
     # triton first: on SM90 it beats torch._scaled_grouped_mm on rowwise (the one mode both take); on CPU
     # the triton backend declines unless asked for, so the reference runs
-    assert dispatcher.backends("grouped_scaled_mm") == ["triton", "torch_loop", "torch", "reference"]
+    assert dispatcher.backends("grouped_scaled_mm") == ["triton", "cublaslt", "torch_loop", "torch", "reference"]
     if not torch.cuda.is_available():
         lens = [9, 0, 30, 5]
         a, b = rnd(44, 144, seed=30), rnd(4, 144, 40, seed=31)
@@ -476,17 +476,19 @@ def test_tma_only_config_flags_refused_on_pointer_kernels(monkeypatch):
 
     monkeypatch.setattr(kgemm, "USE_TMA", False)
     aq, wq, sa, sb = _block_operands(32, 128, 128, 128, seed=34)
-    for flags in (1, 2, 4):
+    for flags in (1, 2, 4, 8):
         with pytest.raises(NotImplementedError, match="TMA"):
             kgemm.scaled_gemm(aq, wq.t(), sa, sb, kgemm.SCALE_BLOCK, out_dtype=torch.float32,
                               config=(32, 32, 128, 4, 4, 1, flags))
+    with pytest.raises(NotImplementedError, match="TMA"):
+        kgemm.scaled_gemm(aq, wq.t(), sa, sb, kgemm.SCALE_BLOCK, out_dtype=torch.float32, split_tail=True)
     offs = torch.tensor([32])
     for flags in (1, 2):
         with pytest.raises(NotImplementedError, match="TMA"):
             fp8_gemm.grouped_scaled_mm(aq, wq.t().unsqueeze(0), sa, sb.unsqueeze(0), offs, fp8_gemm.SCALE_BLOCK,
                                        out_dtype=torch.float32, config=(32, 32, 128, 4, 1, flags))
     with pytest.raises(ValueError, match="flags"):
-        kgemm.scaled_gemm(aq, wq.t(), sa, sb, kgemm.SCALE_BLOCK, config=(32, 32, 128, 4, 4, 1, 8))
+        kgemm.scaled_gemm(aq, wq.t(), sa, sb, kgemm.SCALE_BLOCK, config=(32, 32, 128, 4, 4, 1, 16))
 
 
 def test_block_scales_for_cublas_layout():
@@ -606,6 +608,7 @@ def test_grouped_scaled_torch_loop_gpu():
     w = rnd(8, 2048, 7168, dtype=torch.bfloat16, device="cuda", seed=45)  # [G, N, K]
     aq, sa = quantize_fp8(a, E4M3, B)
     wq, sw = quantize_fp8(w, E4M3, B, weight=True)
+    dispatcher.set_backend("grouped_scaled_mm", None if fp8.native_module() is None else "triton")
     out = grouped_scaled_mm(aq, wq, sa, sw, torch.tensor(lens))
     assert dispatcher.last_backend("grouped_scaled_mm") == "triton"  # ~500-row groups at N=2048: triton first
     dispatcher.set_backend("grouped_scaled_mm", "torch_loop")
@@ -614,8 +617,10 @@ def test_grouped_scaled_torch_loop_gpu():
     big = [0, 2048, 4096, 0, 2048, 4096, 2048, 0]  # >= LOOP_MIN_GROUP_FLOP per launched group: the loop first
     a2 = rnd(sum(big), 7168, dtype=torch.bfloat16, device="cuda", seed=46)
     aq2, sa2 = quantize_fp8(a2, E4M3, B)
+    dispatcher.set_backend("grouped_scaled_mm", None if fp8.native_module() is None else "torch_loop")
     out_big = grouped_scaled_mm(aq2, wq, sa2, sw, torch.tensor(big))
     assert dispatcher.last_backend("grouped_scaled_mm") == "torch_loop"
+    dispatcher.set_backend("grouped_scaled_mm", None)
     assert snr(out_big, grouped_ref(a2, w, big, trans_b=True)) >= 25
     dispatcher.set_backend("grouped_scaled_mm", "triton")
     out_tri = grouped_scaled_mm(aq, wq, sa, sw, torch.tensor(lens))
@@ -629,6 +634,156 @@ def test_grouped_scaled_torch_loop_gpu():
         odd[2] -= 1
         grouped_scaled_mm(aq, wq, sa, sw, odd)
         assert dispatcher.last_backend("grouped_scaled_mm") != "torch_loop"
+
+
+# ------------------------------------------- cublaslt: the same GEMMs per group, the loop in C++ (turbo_dist._cublaslt)
+@needs_interp
+@pytest.mark.parametrize("lens", [[4, 0, 8, 12], [0, 0], [24], [3, 5, 0, 7]])
+def test_grouped_m_major_layout(lens):
+    """1x128 scales [M, kb] (row-major or M-major) -> each group's [kb, rows] block, rows contiguous, at element
+    kb * (its first row): what cuBLASLt's VEC128 scales take per group."""
+    from turbo_dist.kernels.fp8_quant import grouped_m_major
+
+    M, kb = sum(lens) + 5, 37  # rows past the last group are not copied
+    offs = torch.cumsum(torch.tensor(lens), 0)
+    for src in (rnd(M, kb, seed=50), rnd(kb, M, seed=51).t()):
+        out = grouped_m_major(src, offs)
+        first = 0
+        for n in lens:
+            assert torch.equal(out[kb * first:kb * (first + n)].view(kb, n), src[first:first + n].t())
+            first += n
+
+
+def _fake_native_from_addresses(calls):
+    """turbo_dist._cublaslt.grouped_blockwise's contract on CPU memory: the operands are read back from the
+    addresses and strides it is given (ctypes) and each group's product comes from the reference, so the
+    Python side's layouts (scales, strides, offsets) are checked without a GPU."""
+    import ctypes
+
+    from turbo_dist.ops.fp8 import _reference_scaled_mm
+
+    def view(addr, n, dtype):
+        buf = (ctypes.c_uint8 * (n * torch.empty((), dtype=dtype).element_size())).from_address(addr)
+        return torch.frombuffer(buf, dtype=torch.uint8).view(dtype)
+
+    def grouped_blockwise(device, stream, a, b, out, scale_a, scale_b, workspace, ws_bytes, rows, N, K, lda, ldw,
+                          ldo, b_group_stride, sb_group_stride):
+        kb, nb = -(-K // 128), -(-N // 128)
+        ld4 = -(-kb // 4) * 4
+        calls.append(list(rows))
+        first = 0
+        for g, m in enumerate(rows):
+            if m:
+                x = view(a + first * lda, (m - 1) * lda + K, torch.uint8).as_strided((m, K), (lda, 1))
+                w = view(b + g * b_group_stride, (N - 1) * ldw + K, torch.uint8).as_strided((N, K), (ldw, 1))
+                sa = view(scale_a + 4 * kb * first, kb * m, torch.float32).view(kb, m)
+                sb = view(scale_b + 4 * g * sb_group_stride, nb * ld4, torch.float32).view(nb, ld4)[:, :kb]
+                res = _reference_scaled_mm(x.view(E4M3), w.view(E4M3).t(), sa.t(), sb.t(), "block", torch.float32)
+                d = view(out + 2 * first * ldo, (m - 1) * ldo + N, torch.bfloat16).as_strided((m, N), (ldo, 1))
+                d.copy_(res)
+            first += m
+    return grouped_blockwise
+
+
+@needs_interp
+@pytest.mark.parametrize("scale_copy", [False, True], ids=["scales_as_quantized", "strided_weight_scales"])
+def test_grouped_scaled_cublaslt_contract(monkeypatch, scale_copy):
+    """The cublaslt backend hands the C++ loop addresses, strides and scale layouts that mean the right
+    product: checked on CPU against the reference with the C++ call replaced by its contract."""
+    import types
+
+    from turbo_dist.ops import fp8_grouped as fp8
+
+    calls = []
+    monkeypatch.setitem(fp8._NATIVE, "mod", types.SimpleNamespace(grouped_blockwise=_fake_native_from_addresses(calls)))
+    lens = torch.tensor([48, 0, 16, 128, 32])
+    a, w = rnd(int(lens.sum()) + 8, 512, seed=52), rnd(5, 256, 512, seed=53)
+    aq, sa = quantize_fp8(a, E4M3, B)
+    wq, sw = quantize_fp8(w, E4M3, B, weight=True)
+    b_q, sb = wq.transpose(1, 2), sw.transpose(1, 2)
+    if scale_copy:  # weight scales that are not [G, nb, kb]-contiguous: laid out into a padded buffer
+        sb = sb.contiguous()
+    out = fp8._cublaslt_grouped_scaled(aq, b_q, sa, sb, lens, "block", torch.bfloat16)
+    assert calls == [[48, 0, 16, 128, 32]]
+    ref = fp8._reference_grouped_scaled(aq, b_q, sa, sb, lens, "block", torch.bfloat16)
+    n = int(lens.sum())
+    torch.testing.assert_close(out[:n].float(), ref[:n].float(), rtol=1e-2, atol=1e-2)
+    assert snr(out[:n], grouped_ref(a[:n], w, lens.tolist(), trans_b=True)) >= 25
+
+
+def test_grouped_scaled_cublaslt_declines_and_rule(monkeypatch):
+    """Without the native module the backend declines with the reason; with it, the per-group work rule picks
+    it before torch_loop, and the choice key tells the thresholds apart."""
+    import types
+
+    from turbo_dist.ops import fp8_grouped as fp8
+
+    lens = torch.tensor([128, 128])
+    aq, sa = quantize_fp8(rnd(256, 512, seed=54), E4M3, B)
+    wq, sw = quantize_fp8(rnd(2, 256, 512, seed=55), E4M3, B, weight=True)
+    args = (aq, wq.transpose(1, 2), sa, sw.transpose(1, 2))
+    monkeypatch.setitem(fp8._NATIVE, "mod", None)
+    monkeypatch.setitem(fp8._NATIVE, "why", "turbo_dist._cublaslt is not built (test)")
+    assert "not built" in fp8._cublaslt_grouped_scaled_can(*args, lens, "block", torch.bfloat16)
+    monkeypatch.setitem(fp8._NATIVE, "mod", types.SimpleNamespace())
+    assert "CUDA" in fp8._cublaslt_grouped_scaled_can(*args, lens, "block", torch.bfloat16)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    monkeypatch.setitem(fp8._PROBES, ("block_align", "cpu"), (16, ""))
+    assert fp8._cublaslt_grouped_scaled_can(*args, lens, "block", torch.bfloat16) is True
+    assert "multiple of 16" in fp8._cublaslt_grouped_scaled_can(*args, torch.tensor([120, 136]), "block",
+                                                                   torch.bfloat16)
+    monkeypatch.setattr(fp8, "NATIVE_MIN_GROUP_FLOP", 2 * 512 * 256 * 128)
+    monkeypatch.setattr(fp8, "LOOP_MIN_GROUP_FLOP", 2 * 512 * 256 * 1024)
+    big, small = torch.tensor([128, 0, 128]), torch.tensor([64, 64, 64, 64])
+    assert fp8._grouped_scaled_preference(*args, big, "block", torch.bfloat16) == "cublaslt"
+    assert fp8._grouped_scaled_preference(*args, small, "block", torch.bfloat16) is None
+    assert fp8._grouped_scaled_choice_key(*args, big, "block", torch.bfloat16) != \
+        fp8._grouped_scaled_choice_key(*args, small, "block", torch.bfloat16)
+    monkeypatch.setitem(fp8._NATIVE, "mod", None)
+    assert fp8._grouped_scaled_preference(*args, big, "block", torch.bfloat16) is None  # below torch_loop's bar
+
+
+@pytest.mark.gpu
+def test_grouped_scaled_cublaslt_gpu():
+    """The C++ loop over cuBLASLt blockwise GEMMs: equal to torch_loop's GEMMs (same library), close to our
+    Triton kernel and the exact product, empty groups skipped, plans reused across calls."""
+    from turbo_dist.ops import fp8_grouped as fp8
+
+    mod = fp8.native_module()
+    if mod is None:
+        pytest.skip(fp8._NATIVE["why"])
+    dev = torch.device("cuda", torch.cuda.current_device())
+    align = fp8._cublas_block_row_align(dev)
+    if align is None:
+        pytest.skip(f"cuBLASLt blockwise not usable here: {fp8._PROBES}")
+    lens = [a * max(align, 16) for a in (0, 40, 3, 0, 100, 9, 1, 0)]
+    a = rnd(sum(lens) + 16, 7168, dtype=torch.bfloat16, device="cuda", seed=56)
+    w = rnd(8, 2048, 7168, dtype=torch.bfloat16, device="cuda", seed=57)
+    aq, sa = quantize_fp8(a, E4M3, B)
+    wq, sw = quantize_fp8(w, E4M3, B, weight=True)
+    res = {}
+    for name in ("cublaslt", "torch_loop", "triton"):
+        dispatcher.set_backend("grouped_scaled_mm", name)
+        res[name] = grouped_scaled_mm(aq, wq, sa, sw, torch.tensor(lens))
+        assert dispatcher.last_backend("grouped_scaled_mm") == name
+    n = sum(lens)
+    ref = grouped_ref(a[:n], w, lens, trans_b=True)
+    assert snr(res["cublaslt"][:n], ref) >= 25
+    assert snr(res["cublaslt"][:n].float(), res["torch_loop"][:n].float()) >= 60
+    assert snr(res["cublaslt"][:n].float(), res["triton"][:n].float()) >= 40
+    plans = mod.num_plans()
+    again = grouped_scaled_mm(aq, wq, sa, sw, torch.tensor(lens))
+    assert torch.equal(again, res["triton"]) or dispatcher.last_backend("grouped_scaled_mm") == "triton"
+    dispatcher.set_backend("grouped_scaled_mm", "cublaslt")
+    assert torch.equal(grouped_scaled_mm(aq, wq, sa, sw, torch.tensor(lens))[:n], res["cublaslt"][:n])
+    assert mod.num_plans() == plans  # same problems: no new descriptors or heuristic queries
+    dispatcher.set_backend("grouped_scaled_mm", None)
+    big = [0, 2048, 4096, 0, 2048, 4096, 2048, 0]
+    a2 = rnd(sum(big), 7168, dtype=torch.bfloat16, device="cuda", seed=58)
+    aq2, sa2 = quantize_fp8(a2, E4M3, B)
+    out_big = grouped_scaled_mm(aq2, wq, sa2, sw, torch.tensor(big))
+    assert dispatcher.last_backend("grouped_scaled_mm") == "cublaslt"  # the measured rule's default here
+    assert snr(out_big, grouped_ref(a2, w, big, trans_b=True)) >= 25
 
 
 def test_no_probe_or_host_lens_inside_cuda_graph_capture(monkeypatch):

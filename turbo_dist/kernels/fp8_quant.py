@@ -153,3 +153,40 @@ def quantize(x, fp8_dtype, mode, block_size=128, scale=None):
     if mode == MODE_TENSOR:
         return (q, s) if batched else (q[0], s)
     return (q, s) if batched else (q[0], s[0])
+
+
+@triton.jit
+def _grouped_m_major_kernel(src_ptr, dst_ptr, offs_ptr, G, KB, stride_sm, stride_sk,
+                            G_POW2: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    gi = tl.arange(0, G_POW2)
+    ends = tl.load(offs_ptr + gi, mask=gi < G, other=0).to(tl.int64)
+    total = tl.max(ends, 0)  # cumulative ends: the last is the largest
+    ends = tl.where(gi < G, ends, total + 1)  # padding never counts as an end <= row
+    g = tl.sum((ends[None, :] <= rows[:, None]).to(tl.int32), 1)  # the group of each row
+    live = rows < total
+    start = tl.load(offs_ptr + g - 1, mask=live & (g > 0), other=0).to(tl.int64)
+    m = tl.load(offs_ptr + g, mask=live, other=0).to(tl.int64) - start
+    for k0 in range(0, KB, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        mask = live[:, None] & (ks < KB)[None, :]
+        v = tl.load(src_ptr + rows[:, None].to(tl.int64) * stride_sm + ks[None, :] * stride_sk, mask=mask)
+        dst = KB * start[:, None] + ks[None, :] * m[:, None] + (rows - start)[:, None]
+        tl.store(dst_ptr + dst, v, mask=mask)
+
+
+def grouped_m_major(scale_a, group_offs):
+    """1x128 activation scales scale_a [M, kb] (any strides) -> a flat fp32 buffer holding, for each group g
+    (rows group_offs[g-1]:group_offs[g], cumulative ends on scale_a's device), its [kb, rows_g] block with the
+    rows contiguous, starting at element kb * (first row of g): the per-group layout cuBLASLt's VEC128 scales
+    take. Rows past group_offs[-1] are not copied."""
+    M, kb = scale_a.shape
+    G = group_offs.shape[0]
+    out = torch.empty(M * kb, dtype=scale_a.dtype, device=scale_a.device)
+    if M == 0 or G == 0:
+        return out
+    block_r = 32 if interpreting() else 128
+    _grouped_m_major_kernel[(triton.cdiv(M, block_r),)](
+        scale_a, out, group_offs, G, kb, scale_a.stride(0), scale_a.stride(1),
+        G_POW2=max(triton.next_power_of_2(G), 2), BLOCK_R=block_r, BLOCK_K=16)
+    return out

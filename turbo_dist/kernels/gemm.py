@@ -483,6 +483,9 @@ def _launch(a, b, c, sa, sb, mode, sb_n=128, config=None, split_tail=None):
     tma = tma_operands(a, b)
     if tma is not None:
         return _launch_tma(a, b, c, sa_t, sb_t, tma, (s_am, s_ak, s_bk, s_bn), mode, sb_n, config, split_tail)
+    if split_tail:
+        raise NotImplementedError("split_tail=True runs on the TMA kernel only; these operands take the pointer "
+                                  "kernel (see tma_operands)")
     allow_tf32 = a.dtype == torch.float32 and a.is_cuda and torch.backends.cuda.matmul.allow_tf32
     args = (a, b, c, sa_t, sb_t, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
             c.stride(0), c.stride(1), s_am, s_ak, s_bk, s_bn)
@@ -492,8 +495,8 @@ def _launch(a, b, c, sa, sb, mode, sb_n=128, config=None, split_tail=None):
     if config is not None:
         bm, bn, bk, gm, w, s, persistent, ws, rescale, _ = _unpack(config)
         if persistent or ws or rescale:
-            raise NotImplementedError(f"persistent / warp-specialized / rescaled config {config} runs on the TMA "
-                                      f"kernel only; these operands take the pointer kernel (see tma_operands)")
+            raise NotImplementedError(f"persistent / split-tail / warp-specialized / rescaled config {config} runs on "
+                                      f"the TMA kernel only; these operands take the pointer kernel (see tma_operands)")
         grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
         _gemm_kernel[grid](*args, **meta, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, num_warps=w, num_stages=s)
         return c

@@ -1,9 +1,9 @@
 """Grouped FP8 GEMM (MoE experts): `grouped_scaled_mm` on pre-quantized operands and `grouped_gemm_fp8`
 with autograd; quantization, configs and the dense FP8 GEMM are in fp8.py.
 
-Op behind the dispatcher: "grouped_scaled_mm" (triton: our persistent kernel, every mode | torch_loop: one
-cuBLASLt blockwise GEMM per group, host group_lens | torch: torch._scaled_grouped_mm, rowwise e4m3 on SM90 |
-reference). Default order and the measured rules that move a backend first are next to the registrations.
+Op behind the dispatcher: "grouped_scaled_mm" (triton: our persistent kernel, every mode | cublaslt: one
+cuBLASLt blockwise GEMM per group from a C++ loop, host group_lens | torch_loop: the same through
+torch._scaled_mm per group | torch: torch._scaled_grouped_mm, rowwise e4m3 on SM90 | reference). Default order and the measured rules that move a backend first are next to the registrations.
 """
 import math
 
@@ -139,28 +139,104 @@ def _torch_loop_grouped_scaled(a_q, b_q, scale_a, scale_b, group_lens, mode, out
     return out
 
 
-def _torch_loop_grouped_scaled_can(a_q, b_q, scale_a, scale_b, group_lens, mode, out_dtype):
+def _per_group_cublas_can(name, a_q, b_q, scale_b, group_lens, mode, out_dtype):
+    """What torch_loop and cublaslt (one cuBLASLt blockwise GEMM per group) both need: True or the reason."""
     if mode != "block":
-        return f"torch_loop runs BLOCKWISE only, not {mode}"
+        return f"{name} runs BLOCKWISE only, not {mode}"
     if group_lens.device.type != "cpu":
-        return "torch_loop needs group_lens on the host (reading them from the GPU would sync)"
+        return f"{name} needs group_lens on the host (reading them from the GPU would sync)"
     if not a_q.is_cuda:
-        return "torch_loop needs CUDA"
+        return f"{name} needs CUDA"
     if a_q.dtype != E4M3 or b_q.dtype != E4M3 or out_dtype != torch.bfloat16:
-        return "torch_loop needs e4m3 operands and a bf16 output"
+        return f"{name} needs e4m3 operands and a bf16 output"
     K, N = a_q.shape[1], b_q.shape[2]
     if K % 512 or N % 128 or _sb_n(b_q[0], scale_b[0]) != 128:
-        return "torch_loop needs 128x128 weight blocks, K a multiple of 512 and N of 128"
+        return f"{name} needs 128x128 weight blocks, K a multiple of 512 and N of 128"
     if a_q.stride(1) != 1 or b_q.stride(1) != 1:
-        return "torch_loop needs a row-major and each b[g] column-major"
+        return f"{name} needs a row-major and each b[g] column-major"
     align = _cublas_block_row_align(a_q.device)
     if align is None:
         why = _PROBES.get(("block_align", str(a_q.device)), (None, "the probe could not run now (CUDA graph capture "
                                                                   "or out of memory)"))[1]
-        return f"torch._scaled_mm blockwise is not usable here ({why})"
+        return f"cuBLASLt blockwise (torch._scaled_mm) is not usable here ({why})"
     if _lens_alignment(group_lens) % align:
-        return (f"torch_loop needs every group's row count to be a multiple of {align} (cuBLASLt), got "
+        return (f"{name} needs every group's row count to be a multiple of {align} (cuBLASLt), got "
                 f"{group_lens.tolist()}")
+    return True
+
+
+def _torch_loop_grouped_scaled_can(a_q, b_q, scale_a, scale_b, group_lens, mode, out_dtype):
+    return _per_group_cublas_can("torch_loop", a_q, b_q, scale_b, group_lens, mode, out_dtype)
+
+
+# "cublaslt": torch_loop's GEMMs with the loop in C++ (turbo_dist._cublaslt, csrc/cublaslt/; setup.py builds it
+# where cuBLASLt's headers and library are found): the descriptors and the heuristic's algorithm are cached per
+# problem and the scales of all groups are laid out in two launches, so a group costs a few us of host time
+# instead of ~55-90. Rule (NATIVE_MIN_GROUP_FLOP): first when a launched group averages >= 128 rows' work at
+# 7168 x 4096 (~5 us of FP8 tensor-core time, the host cost per group it must cover); below that the
+# persistent Triton kernel's single launch stays first.
+NATIVE_MIN_GROUP_FLOP = 2 * 128 * 7168 * 4096
+NATIVE_WORKSPACE_BYTES = 32 << 20  # cuBLASLt's split-K workspace, what torch gives it on Hopper
+_NATIVE = {}
+
+
+def native_module():
+    """turbo_dist._cublaslt, or None when it was not built here (see `native_missing_reason`)."""
+    if "mod" not in _NATIVE:
+        try:
+            from turbo_dist import _cublaslt as mod
+            _NATIVE["why"] = ""
+        except ImportError as exc:
+            mod = None
+            _NATIVE["why"] = (f"turbo_dist._cublaslt is not built ({exc}); `pip install -e .` builds it where "
+                              f"cublasLt.h and libcublasLt are found")
+        _NATIVE["mod"] = mod
+    return _NATIVE["mod"]
+
+
+def _weight_block_scales(scale_b):
+    """scale_b [G, kb, nb] (a view of quantize_fp8's [G, nb, kb]) -> (buffer, floats per group): each group's
+    [nb, ld] with the K blocks contiguous and ld = kb rounded up to 4 (what cuBLASLt's 128x128 scales take)."""
+    G, kb, nb = scale_b.shape
+    ld = -(-kb // 4) * 4
+    st = scale_b.transpose(1, 2)
+    if st.stride(2) == 1 and (nb == 1 or st.stride(1) == ld) and st.data_ptr() % 16 == 0 and st.stride(0) % 4 == 0:
+        return st, st.stride(0)
+    buf = torch.zeros(G, nb, ld, dtype=torch.float32, device=scale_b.device)
+    buf[:, :, :kb] = st
+    return buf, nb * ld
+
+
+def _cublaslt_grouped_scaled(a_q, b_q, scale_a, scale_b, group_lens, mode, out_dtype):
+    from turbo_dist.kernels.fp8_quant import grouped_m_major
+
+    M, K = a_q.shape
+    N = b_q.shape[2]
+    out = torch.empty((M, N), dtype=out_dtype, device=a_q.device)
+    lens = group_lens.tolist()  # host tensor: no sync
+    if not any(lens):
+        return out
+    sa = grouped_m_major(scale_a.float(), group_offsets(group_lens, a_q.device))
+    sb, sb_stride = _weight_block_scales(scale_b.float())
+    ws = torch.empty(NATIVE_WORKSPACE_BYTES, dtype=torch.uint8, device=a_q.device)
+    native_module().grouped_blockwise(
+        device=a_q.device.index if a_q.is_cuda else -1,
+        stream=torch.cuda.current_stream(a_q.device).cuda_stream if a_q.is_cuda else 0, a=a_q.data_ptr(),
+        b=b_q.data_ptr(), out=out.data_ptr(), scale_a=sa.data_ptr(), scale_b=sb.data_ptr(), workspace=ws.data_ptr(),
+        ws_bytes=ws.numel(), rows=lens, N=N, K=K, lda=a_q.stride(0), ldw=b_q.stride(2), ldo=out.stride(0),
+        b_group_stride=b_q.stride(0), sb_group_stride=sb_stride)
+    return out
+
+
+def _cublaslt_grouped_scaled_can(a_q, b_q, scale_a, scale_b, group_lens, mode, out_dtype):
+    if native_module() is None:
+        return _NATIVE["why"]
+    ok = _per_group_cublas_can("cublaslt", a_q, b_q, scale_b, group_lens, mode, out_dtype)
+    if ok is not True:
+        return ok
+    # 16-byte aligned operand rows and starts (FP8: one byte per element)
+    if a_q.data_ptr() % 16 or b_q.data_ptr() % 16 or a_q.stride(0) % 16 or b_q.stride(2) % 16 or b_q.stride(0) % 16:
+        return "cublaslt needs 16-byte aligned operands and row strides"
     return True
 
 
@@ -171,20 +247,28 @@ def _lens_alignment(group_lens):
 
 
 def _grouped_scaled_choice_key(a_q, b_q, scale_a, scale_b, group_lens, mode, out_dtype):
-    # torch_loop's predicate reads host group_lens values: key on their alignment (lens change every step)
+    # the per-group cuBLASLt predicates read host group_lens values: key on their alignment and on which work
+    # threshold they pass (lens change every step)
     if group_lens.device.type != "cpu" or mode != "block":
         return None
-    return _lens_alignment(group_lens), _loop_pays(a_q, b_q, group_lens)
+    return (_lens_alignment(group_lens), _loop_pays(a_q, b_q, group_lens),
+            _loop_pays(a_q, b_q, group_lens, NATIVE_MIN_GROUP_FLOP))
 
 
-def _loop_pays(a_q, b_q, group_lens):
-    """Whether the launched groups carry enough GPU work on average to hide torch_loop's host cost per group."""
+def _loop_pays(a_q, b_q, group_lens, min_flop=None):
+    """Whether the launched groups carry enough GPU work on average to hide a per-group loop's host cost
+    (min_flop per launched group; default LOOP_MIN_GROUP_FLOP, torch_loop's)."""
+    min_flop = LOOP_MIN_GROUP_FLOP if min_flop is None else min_flop
     launched = int((group_lens > 0).sum())
-    return launched > 0 and 2.0 * a_q.shape[0] * a_q.shape[1] * b_q.shape[2] / launched >= LOOP_MIN_GROUP_FLOP
+    return launched > 0 and 2.0 * a_q.shape[0] * a_q.shape[1] * b_q.shape[2] / launched >= min_flop
 
 
 def _grouped_scaled_preference(a_q, b_q, scale_a, scale_b, group_lens, mode, out_dtype):
-    if mode == "block" and group_lens.device.type == "cpu" and _loop_pays(a_q, b_q, group_lens):
+    if mode != "block" or group_lens.device.type != "cpu":
+        return None
+    if native_module() is not None and _loop_pays(a_q, b_q, group_lens, NATIVE_MIN_GROUP_FLOP):
+        return "cublaslt"
+    if _loop_pays(a_q, b_q, group_lens):
         return "torch_loop"
     return None
 
@@ -197,6 +281,8 @@ dispatcher.register_backend("grouped_scaled_mm", "triton", _triton_grouped_scale
                             priority=10)
 dispatcher.register_backend("grouped_scaled_mm", "torch", _torch_grouped_scaled, _torch_grouped_scaled_can,
                             priority=20)
+dispatcher.register_backend("grouped_scaled_mm", "cublaslt", _cublaslt_grouped_scaled,
+                            _cublaslt_grouped_scaled_can, priority=14)
 dispatcher.register_backend("grouped_scaled_mm", "torch_loop", _torch_loop_grouped_scaled,
                             _torch_loop_grouped_scaled_can, priority=15)
 dispatcher.register_backend("grouped_scaled_mm", "reference", _reference_grouped_scaled, priority=90)
