@@ -79,7 +79,7 @@ for ph in $PHASES; do
             TURBO_DIST_TRITON_TUNE=first timeout 150 python -m pytest -q -rs -p no:cacheprovider tests/test_ops_gemm.py -k gpu \
               > "$OUT/pytest_gemm_$TAG.log" 2>&1; echo "tail tests rc=$?"; tail -3 "$OUT/pytest_gemm_$TAG.log"
             grep -E "^(FAILED|ERROR)|Error" "$OUT/pytest_gemm_$TAG.log" | head -8
-            timeout 280 python benchmarks/bench_ops.py --sections gemm --json "$OUT/ops_gemm_$TAG.json" > "$OUT/ops_gemm_$TAG.log" 2>&1
+            timeout 280 python benchmarks/bench_ops.py --sections gemm ${GEMM_QUICK:+--quick} --json "$OUT/ops_gemm_$TAG.json" > "$OUT/ops_gemm_$TAG.log" 2>&1
             echo "tail bench rc=$?"; grep -E "^ *gemm" "$OUT/ops_gemm_$TAG.log" | grep -E "cublas|triton |no_split|default" | head -40
             timeout 150 python benchmarks/tune_ops.py --cases dsv3_qkv_a --rep-ms 20 --candidates \
               256x128x64x16x8x4,256x128x64x16x8x4x8,128x256x64x8x8x4x8,128x256x64x8x8x3x8,128x128x64x8x8x4x8,128x256x64x8x8x4x1 \

@@ -74,7 +74,17 @@ cublasLtHandle_t handle_for(int device) {
   return h;
 }
 
-Plan* plan_for(cublasLtHandle_t handle, const Key& key) {
+void set_scales(Plan* plan, const float* sa, const float* sb) {
+  // cuBLASLt's A is the weight (its 128x128 scales), B the activations (their 1x128 scales)
+  check(cublasLtMatmulDescSetAttribute(plan->desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &sb, sizeof(sb)),
+        "set A_SCALE_POINTER");
+  check(cublasLtMatmulDescSetAttribute(plan->desc, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &sa, sizeof(sa)),
+        "set B_SCALE_POINTER");
+}
+
+// The heuristic rejects block-scaled descriptors without scale pointers (CUBLAS_STATUS_INVALID_VALUE): the
+// first call's are set before it; every call sets its own before its matmul.
+Plan* plan_for(cublasLtHandle_t handle, const Key& key, const float* sa, const float* sb) {
   auto it = g_plans.find(key);
   if (it != g_plans.end()) return it->second.get();
   if (g_plans.size() >= kMaxPlans) g_plans.clear();
@@ -91,6 +101,7 @@ Plan* plan_for(cublasLtHandle_t handle, const Key& key) {
         "set A_SCALE_MODE (needs cuBLASLt >= 12.9)");
   check(cublasLtMatmulDescSetAttribute(plan->desc, CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &sb_mode, sizeof(sb_mode)),
         "set B_SCALE_MODE");
+  set_scales(plan.get(), sa, sb);
   check(cublasLtMatrixLayoutCreate(&plan->a, CUDA_R_8F_E4M3, K, N, ldw), "layout A");
   check(cublasLtMatrixLayoutCreate(&plan->b, CUDA_R_8F_E4M3, K, rows, lda), "layout B");
   check(cublasLtMatrixLayoutCreate(&plan->d, CUDA_R_16BF, N, rows, ldo), "layout D");
@@ -136,14 +147,10 @@ void grouped_blockwise(int device, uintptr_t stream, uintptr_t a, uintptr_t b, u
     const int64_t m = rows[g];
     if (m < 0) throw std::runtime_error("turbo_dist._cublaslt: negative group length");
     if (m == 0) continue;
-    Plan* plan = plan_for(handle, Key(device, N, K, m, lda, ldw, ldo, ws_bytes));
     const float* sa = reinterpret_cast<const float*>(scale_a) + kb * first;
     const float* sb = reinterpret_cast<const float*>(scale_b) + int64_t(g) * sb_group_stride;
-    // cuBLASLt's A is the weight (its 128x128 scales), B the activations (their 1x128 scales)
-    check(cublasLtMatmulDescSetAttribute(plan->desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &sb, sizeof(sb)),
-          "set A_SCALE_POINTER");
-    check(cublasLtMatmulDescSetAttribute(plan->desc, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &sa, sizeof(sa)),
-          "set B_SCALE_POINTER");
+    Plan* plan = plan_for(handle, Key(device, N, K, m, lda, ldw, ldo, ws_bytes), sa, sb);
+    set_scales(plan, sa, sb);
     const auto* w = reinterpret_cast<const uint8_t*>(b) + int64_t(g) * b_group_stride;
     const auto* x = reinterpret_cast<const uint8_t*>(a) + first * lda;
     auto* d = reinterpret_cast<uint16_t*>(out) + first * ldo;
