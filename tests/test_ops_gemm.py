@@ -376,26 +376,25 @@ def test_gemm_gpu_triton_vs_cublas(m, n, k, trans_a, trans_b):
 @pytest.mark.parametrize("m,n,k", [(2048, 2112, 1024), (256, 256, 8192), (8192, 2112, 7168)])
 def test_gemm_gpu_split_tail(m, n, k):
     """Shapes whose last wave is nearly empty (2048 x 2112: 136 tiles of 256 x 128 on 132 SMs; 256^2: one
-    wave of 2 tiles, split-K) take the split-tail kernel on their own: equal to cuBLAS, deterministic, the
-    FP8 rowwise path too."""
+    wave of 2 tiles, split-K): the split-tail kernel (a candidate of the default there) equals cuBLAS, is
+    deterministic, and the FP8 rowwise path too."""
     from turbo_dist.kernels import gemm as kgemm
     from turbo_dist.ops import fp8
 
     a, b = make_gemm(m, n, k, False, True, torch.bfloat16, device="cuda")
     sms = kgemm._num_sms(a.device)
     assert kgemm.split_tail_pays(m, n, sms) or sms != 132
-    out = kgemm.gemm(a, b.t())
-    assert torch.equal(out, kgemm.gemm(a, b.t()))  # the partials are summed in a fixed order
-    assert torch.equal(out, kgemm.gemm(a, b.t(), split_tail=True))
+    out = kgemm.gemm(a, b.t(), split_tail=True)
+    assert torch.equal(out, kgemm.gemm(a, b.t(), split_tail=True))  # the partials are summed in a fixed order
     ref = a.float() @ b.float().t()
     assert rel(out, ref) < 1e-2
-    whole = kgemm.gemm(a, b.t(), split_tail=False)
-    assert rel(out, whole) < 1e-2
+    for choice in (None, False):  # the default (timed among both kinds) and the plain kernel only
+        assert rel(kgemm.gemm(a, b.t(), split_tail=choice), out) < 1e-2
     row = fp8.ScalingGranularity.ROWWISE
     (aq, sa), (bq, sb) = fp8.quantize_fp8(a, granularity=row), fp8.quantize_fp8(b, granularity=row)
-    q = kgemm.scaled_gemm(aq, bq.t(), sa.reshape(-1), sb.reshape(-1), kgemm.SCALE_ROW)
+    q = kgemm.scaled_gemm(aq, bq.t(), sa.reshape(-1), sb.reshape(-1), kgemm.SCALE_ROW, split_tail=True)
     q_whole = kgemm.scaled_gemm(aq, bq.t(), sa.reshape(-1), sb.reshape(-1), kgemm.SCALE_ROW, split_tail=False)
-    assert rel(q, q_whole) < 1e-3 and rel(q, ref) < 0.1
+    assert rel(q, q_whole) < 1e-2 and rel(q, ref) < 0.1  # bf16 outputs: the sums' order flips last bits
 
 
 @pytest.mark.gpu

@@ -10,7 +10,9 @@ the interpreter), used whenever both operands are 16-byte aligned with one unit 
 descriptor over the stored layout plus an in-register `.T`); `_gemm_kernel` uses plain pointer loads and
 takes any strides (odd shapes, fp32, sliced views, pre-Hopper GPUs).
 
-Autotune configs are data (`CONFIGS_*`); under TRITON_INTERPRET=1 one small config runs. A forced config
+Configs are data (`CONFIGS_*`): the pointer kernels go through triton.autotune; the TMA kernels' config is
+picked by `_tuner.pick`, which times the candidates interleaved (triton.autotune's one-after-another timing
+drifts with the clock of a power-capped GPU); under TRITON_INTERPRET=1 one small config runs. A forced config
 (`config=`, tests and benchmarks/tune_ops.py) may add a 7th entry of flags (see _unpack), persistent=1:
 `_gemm_tma_persistent_kernel`, one program per SM walking the tiles (TMA operands only). Its SPLIT_TAIL mode
 cuts the partial last wave's tiles along K so no SM idles through it; the autotuned path takes it (its own
@@ -22,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _tuner
 from ._device import interpreting
 
 try:  # triton >= 3.3
@@ -371,31 +374,17 @@ def _tail_buffers(device, nprog, max_tile_elems):
 
 
 def _set_tma_blocks(nargs):
-    """Autotune pre-hook: the descriptors' block shapes follow the config being tried."""
+    """The descriptors' block shapes follow the config about to run."""
     bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
     nargs["a_desc"].block_shape = [bk, bm] if nargs["A_T"] else [bm, bk]
     nargs["b_desc"].block_shape = [bn, bk] if nargs["B_T"] else [bk, bn]
-
-
-def _tma_configs(rows):
-    rows = tune_rows(rows)
-    return [
-        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": g}, num_warps=w, num_stages=s,
-                      pre_hook=_set_tma_blocks)
-        for (m, n, k, g, w, s) in rows
-    ]
 
 
 _KEY = ["M", "N", "K", "SCALE_MODE"]
 _tuned_16 = triton.autotune(_configs(CONFIGS_16), key=_KEY)(_gemm_kernel)
 _tuned_8 = triton.autotune(_configs(CONFIGS_8), key=_KEY)(_gemm_kernel)
 _tuned_block = triton.autotune(_configs(CONFIGS_BLOCK), key=_KEY)(_gemm_kernel)
-_TMA_KEY = ["M", "N", "K", "SCALE_MODE", "A_T", "B_T"]
-_tma_16 = triton.autotune(_tma_configs(CONFIGS_16), key=_TMA_KEY)(_gemm_tma_kernel)
-_tma_8 = triton.autotune(_tma_configs(CONFIGS_8), key=_TMA_KEY)(_gemm_tma_kernel)
-_tma_block = triton.autotune(_tma_configs(CONFIGS_BLOCK), key=_TMA_KEY)(_gemm_tma_kernel)
-_tail_16 = triton.autotune(_tma_configs(CONFIGS_TAIL_16), key=_TMA_KEY)(_gemm_tma_persistent_kernel)
-_tail_8 = triton.autotune(_tma_configs(CONFIGS_TAIL_8), key=_TMA_KEY)(_gemm_tma_persistent_kernel)
+# the TMA kernels' configs are chosen by _tuner.pick (interleaved timing), see _launch_tma
 
 USE_TMA = os.environ.get("TURBO_DIST_TRITON_TMA", "1") != "0"  # 0: pointer kernels only (A/B comparisons)
 
@@ -510,40 +499,54 @@ def _launch_tma(a, b, c, sa, sb, tma, s_strides, mode, sb_n, config, split_tail=
     M, K = a.shape
     N = b.shape[1]
     (a_st, a_t), (b_st, b_t) = tma
-    # block shapes are placeholders here: the autotune pre-hook (or the forced config) sets them
+    # block shapes are placeholders here: each launch sets its config's (_set_tma_blocks)
     a_desc = TensorDescriptor.from_tensor(a_st, [16, 16])
     b_desc = TensorDescriptor.from_tensor(b_st, [16, 16])
     args = (a_desc, b_desc, c, sa, sb, M, N, K, c.stride(0), c.stride(1), *s_strides)
     meta = dict(A_T=a_t, B_T=b_t, SCALE_MODE=mode, SB_N=sb_n)
+    nprog = _num_sms(a.device)
+
+    def launcher(cfg, tail=False, bufs=None):
+        bm, bn, bk, gm, w, s, persistent, ws, rescale, tail_flag = _unpack(cfg)
+        tail = tail or tail_flag
+        persistent = persistent or tail
+
+        def launch():
+            _set_tma_blocks(dict(a_desc=a_desc, b_desc=b_desc, A_T=a_t, B_T=b_t, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk))
+            tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
+            if persistent:
+                n = nprog if tail else min(tiles, nprog)
+                tb = (bufs or _tail_buffers(a.device, n, bm * bn)) if tail else (c, c)
+                _gemm_tma_persistent_kernel[(n,)](*args[:5], *tb, *args[5:], **meta, BLOCK_M=bm, BLOCK_N=bn,
+                                                  BLOCK_K=bk, GROUP_M=gm, NUM_PROGS=n, WS=ws, RESCALE=rescale,
+                                                  SPLIT_TAIL=tail, num_warps=w, num_stages=s)
+            else:
+                _gemm_tma_kernel[(tiles,)](*args, **meta, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, WS=ws,
+                                           RESCALE=rescale, num_warps=w, num_stages=s)
+        return launch
+
     if config is None and interpreting():
         config = INTERPRET_CONFIG if mode != SCALE_BLOCK else (32, 32, 128, 4, 4, 1)
     if config is not None:
-        bm, bn, bk, gm, w, s, persistent, ws, rescale, tail = _unpack(config)
-        tail = tail or bool(split_tail)
-        persistent = persistent or tail
-        _set_tma_blocks(dict(a_desc=a_desc, b_desc=b_desc, A_T=a_t, B_T=b_t, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk))
-        tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
-        if persistent:
-            nprog = _num_sms(a.device) if tail else min(tiles, _num_sms(a.device))
-            bufs = _tail_buffers(a.device, nprog, bm * bn) if tail else (c, c)
-            _gemm_tma_persistent_kernel[(nprog,)](*args[:5], *bufs, *args[5:], **meta, BLOCK_M=bm, BLOCK_N=bn,
-                                                  BLOCK_K=bk, GROUP_M=gm, NUM_PROGS=nprog, WS=ws, RESCALE=rescale,
-                                                  SPLIT_TAIL=tail, num_warps=w, num_stages=s)
-        else:
-            _gemm_tma_kernel[(tiles,)](*args, **meta, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, WS=ws,
-                                       RESCALE=rescale, num_warps=w, num_stages=s)
+        launcher(config, tail=bool(split_tail))()
         return c
-    nprog = _num_sms(a.device)
-    if split_tail is None:
-        split_tail = SPLIT_TAIL_AUTO and mode != SCALE_BLOCK and split_tail_pays(M, N, nprog)
-    if split_tail:
-        kernel = _tail_8 if a.element_size() == 1 else _tail_16
-        bufs = _tail_buffers(a.device, nprog, max(m * n for (m, n, *_) in CONFIGS_TAIL_16 + CONFIGS_TAIL_8))
-        kernel[(nprog,)](*args[:5], *bufs, *args[5:], **meta, NUM_PROGS=nprog, SPLIT_TAIL=True)
-        return c
-    kernel = _tma_block if mode == SCALE_BLOCK else (_tma_8 if a.element_size() == 1 else _tma_16)
-    grid = lambda meta_: (triton.cdiv(M, meta_["BLOCK_M"]) * triton.cdiv(N, meta_["BLOCK_N"]),)  # noqa: E731
-    kernel[grid](*args, **meta)
+    # Candidates, timed interleaved on first use per shape (_tuner.pick): the config list of this operand
+    # type, and where the last wave is at most half full the split-tail configs beside them (split_tail=True:
+    # those only; False: never).
+    es = a.element_size()
+    cands = [(cfg, False) for cfg in tune_rows(CONFIGS_BLOCK if mode == SCALE_BLOCK else
+                                               (CONFIGS_8 if es == 1 else CONFIGS_16))]
+    tail_ok = mode != SCALE_BLOCK and c.element_size() == 2  # fp32 outputs: the epilogue's buffer does not fit
+    if split_tail or (split_tail is None and SPLIT_TAIL_AUTO and tail_ok and split_tail_pays(M, N, nprog)):
+        tail_cands = [(cfg, True) for cfg in tune_rows(CONFIGS_TAIL_8 if es == 1 else CONFIGS_TAIL_16)]
+        cands = tail_cands if split_tail else cands + tail_cands
+    bufs = None
+    if any(t for _, t in cands):
+        bufs = _tail_buffers(a.device, nprog, max(cfg[0] * cfg[1] for cfg, t in cands if t))
+    launches = [launcher(cfg, t, bufs) for cfg, t in cands]
+    key = ("gemm", M, N, K, mode, sb_n, a_t, b_t, a.dtype, c.dtype, str(a.device), tuple(cands))
+    best = _tuner.pick(key, launches, capturing=torch.cuda.is_current_stream_capturing())
+    launches[best]()
     return c
 
 

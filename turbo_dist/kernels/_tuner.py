@@ -1,0 +1,92 @@
+"""Config selection for our dense Triton GEMM: every candidate timed interleaved, not one after another.
+
+triton.autotune times each config alone, in list order (~100 ms each). On a power-capped H200 the clock
+drifts over those seconds, so configs late in the list are measured slower than they are: on 8192x2112x7168
+it kept a config 8-13% slower than the best one (benchmarks/results/tune_ops_h200.json: autotuned 0.424-0.43
+ms, best forced config 0.375-0.394 ms, the same configs). Here each candidate is compiled and run once, then
+all are timed round-robin in pairs of rounds, forward then reversed (so a drifting clock favours no one),
+and the fastest median over pairs wins. Candidates may be different kernels (the split-tail persistent one beside the plain one), so the choice
+between them is measured too. Choices are cached per key for the process.
+"""
+import logging
+import statistics
+
+import torch
+
+log = logging.getLogger("turbo_dist")
+
+PAIRS = 3  # of timed rounds (forward + reversed)
+TARGET_MS = 2.0  # per timed sample: enough launches to make event timing noise small
+_CACHE = {}
+
+
+def _errors_that_skip():
+    """Compile / resource failures that rule a candidate out (as triton.autotune treats them)."""
+    from triton.runtime.errors import OutOfResources
+
+    errs = [OutOfResources]
+    try:
+        from triton.compiler.errors import CompileTimeAssertionFailure
+        errs.append(CompileTimeAssertionFailure)
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        from triton.runtime.errors import PTXASError
+        errs.append(PTXASError)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(errs)
+
+
+def cuda_event_timer(launch, reps):
+    """ms per launch of `launch()` repeated `reps` times, from CUDA events (synchronizes)."""
+    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    e0.record()
+    for _ in range(reps):
+        launch()
+    e1.record()
+    e1.synchronize()
+    return e0.elapsed_time(e1) / reps
+
+
+def pick(key, launches, timer=None, capturing=False):
+    """Index of the fastest of `launches` (callables running one candidate each), cached under `key`.
+    A candidate whose first run raises a compile/resource error is skipped; if all are, the first error is
+    raised. `timer(launch, reps) -> ms` (default CUDA events). While a CUDA graph is being captured nothing
+    can be timed: candidate 0 is used and nothing is cached."""
+    if key in _CACHE:
+        return _CACHE[key]
+    if len(launches) == 1:
+        _CACHE[key] = 0
+        return 0
+    if capturing:
+        log.warning("turbo_dist: GEMM config for %s chosen during CUDA graph capture: untimed first candidate", key)
+        return 0
+    timer = timer or cuda_event_timer
+    skip = _errors_that_skip()
+    alive, first_error = [], None
+    for i, launch in enumerate(launches):
+        try:
+            launch()  # compiles; the first run is not timed
+            alive.append(i)
+        except skip as exc:
+            first_error = first_error or exc
+            log.debug("turbo_dist: GEMM candidate %d for %s ruled out: %s", i, key, exc)
+    if not alive:
+        raise first_error
+    one = {i: timer(launches[i], 1) for i in alive}
+    reps = {i: max(1, min(20, int(TARGET_MS / max(one[i], 1e-3)))) for i in alive}
+    # rounds in pairs, forward then reversed order: a pair's mean puts every candidate at the same average
+    # position, so a clock drifting linearly cancels; the median over pairs drops a disturbed pair
+    times = {i: [] for i in alive}
+    for _ in range(PAIRS):
+        pair = {}
+        for i in alive + alive[::-1]:
+            pair[i] = pair.get(i, 0.0) + timer(launches[i], reps[i]) / 2
+        for i in alive:
+            times[i].append(pair[i])
+    best = min(alive, key=lambda i: statistics.median(times[i]))
+    log.debug("turbo_dist: GEMM candidates for %s: %s -> %d", key,
+              {i: round(statistics.median(t), 4) for i, t in times.items()}, best)
+    _CACHE[key] = best
+    return best
