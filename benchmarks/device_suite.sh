@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One batched device session: install, GPU test suite, main-job demo, single-GPU benches.
-#   bash benchmarks/device_suite.sh "install tests dist demo ops attn moe moell moeinter tp cp native tune tuneblock verify1 verify1b fp8loop verify2 tail exloss cublaslt"
+#   bash benchmarks/device_suite.sh "install tests dist demo ops attn moe moell moeinter tp cp native tune tuneblock verify1 verify1b fp8loop verify2 tail exloss cublaslt final"
 #   (phases to run, in order; default "install tests demo ops attn"; on a multi-GPU kind start with
 #   "install dist demo moe moell moeinter tp cp cpvarlen")
 # Logs and JSON go under $OUT (default ./out). Safety variables are always set.
@@ -96,6 +96,12 @@ for ph in $PHASES; do
               > "$OUT/ops_fp8_grouped_$TAG.log" 2>&1; echo "cublaslt bench rc=$?"; grep -E "host" "$OUT/ops_fp8_grouped_$TAG.log" | head -14
             timeout 180 python benchmarks/probe_fp8_grouped_host.py --tokens-per-expert 1024,256,128 \
               --json "$OUT/probe_fp8_grouped_host_$TAG.json" 2>&1 | tail -20;;
+    final) # GPU tests of the GEMM tuner / split tail / cublaslt, then the whole gemm bench section
+            TURBO_DIST_TRITON_TUNE=first timeout 200 python -m pytest -q -rs -p no:cacheprovider tests/test_ops_gemm.py \
+              tests/test_tuner.py tests/test_ops_fp8.py -k "gpu or cublaslt or torch_loop or pick" > "$OUT/pytest_final_$TAG.log" 2>&1
+            echo "final tests rc=$?"; tail -2 "$OUT/pytest_final_$TAG.log"; grep -E "^(FAILED|ERROR)|Error:" "$OUT/pytest_final_$TAG.log" | head -8
+            timeout 330 python benchmarks/bench_ops.py --sections gemm --json "$OUT/ops_gemm_$TAG.json" > "$OUT/ops_gemm_$TAG.log" 2>&1
+            echo "final gemm bench rc=$?"; grep -E "^ *gemm" "$OUT/ops_gemm_$TAG.log" | grep -vE "triton_ptr" | head -40;;
     moefix) timeout 200 python -m pytest -q -rs -p no:cacheprovider tests/test_moe_low_latency.py::test_low_latency_triton_self_loop \
               tests/test_moe_low_latency.py::test_low_latency_kernels_simulated_ranks tests/test_moe_low_latency.py::test_fp8_casts_bit_identical_on_cpu_and_gpu \
               tests/test_moe_nvlink.py::test_nvlink_vs_collective "tests/test_moe_nvlink.py::test_nvlink_reference_fp8_backward_errors" tests/test_moe.py > "$OUT/pytest_moefix_$TAG.log" 2>&1; echo "moefix rc=$?"; tail -4 "$OUT/pytest_moefix_$TAG.log";;

@@ -105,10 +105,13 @@ def train(rank, world, args):
 
         ran = ("grouped_scaled_mm", "grouped_gemm_wgrad") if args.fp8 else ("grouped_gemm", "grouped_gemm_wgrad")
         print("grouped GEMM backends: " + ", ".join(f"{op}={dispatcher.last_backend(op)}" for op in ran), flush=True)
-        steady = times[1:] or times
+        # median, not mean: a step that meets a new routing (token counts per expert) can still tune or probe
+        # a kernel (seconds), which a mean over a few steps would report as the step time
+        steady = sorted(times[1:] or times)
         print(f"world {world} ({dev.type}, {args.dtype}{', fp8 ' + args.fp8 if args.fp8 else ''}, transport "
               f"{model.dispatcher.buffer.transport}): "
-              f"{sum(steady) / len(steady) * 1e3:.2f} ms/step after the first; tokens/rank {args.tokens}, hidden "
+              f"{steady[len(steady) // 2] * 1e3:.2f} ms/step (median after the first; slowest "
+              f"{steady[-1] * 1e3:.1f} ms); tokens/rank {args.tokens}, hidden "
               f"{args.hidden}, ffn {args.ffn}, top-{args.topk} of {args.experts} experts", flush=True)
     return float(total.item())
 

@@ -172,10 +172,13 @@ def _torch_loop_grouped_scaled_can(a_q, b_q, scale_a, scale_b, group_lens, mode,
 # "cublaslt": torch_loop's GEMMs with the loop in C++ (turbo_dist._cublaslt, csrc/cublaslt/; setup.py builds it
 # where cuBLASLt's headers and library are found): the descriptors and the heuristic's algorithm are cached per
 # problem and the scales of all groups are laid out in two launches, so a group costs a few us of host time
-# instead of ~55-90. Rule (NATIVE_MIN_GROUP_FLOP): first when a launched group averages >= 128 rows' work at
-# 7168 x 4096 (~5 us of FP8 tensor-core time, the host cost per group it must cover); below that the
-# persistent Triton kernel's single launch stays first.
-NATIVE_MIN_GROUP_FLOP = 2 * 128 * 7168 * 4096
+# instead of ~55-90. Measured rule (H200, DeepSeek-V3 fc1 K=7168 N=4096, skewed host counts aligned to 128,
+# GPU time with the launch queue pre-filled, benchmarks/results/probe_fp8_grouped_host_h200.json): at ~1024
+# rows per group the cuBLASLt GEMMs beat our Triton kernel (G=8 0.435 vs 0.599 ms, G=32 1.77 vs 2.20 ms); at
+# ~256 rows Triton is as fast or faster (0.590 vs 0.612 ms, 0.167 vs 0.190 ms) and at ~128 faster. So
+# cublaslt goes first when a launched group averages >= 512 rows' work at 7168 x 4096 (NATIVE_MIN_GROUP_FLOP,
+# between the measured points); below that the persistent Triton kernel stays first.
+NATIVE_MIN_GROUP_FLOP = 2 * 512 * 7168 * 4096
 NATIVE_WORKSPACE_BYTES = 32 << 20  # cuBLASLt's split-K workspace, what torch gives it on Hopper
 _NATIVE = {}
 
