@@ -476,7 +476,7 @@ def test_tma_only_config_flags_refused_on_pointer_kernels(monkeypatch):
 
     monkeypatch.setattr(kgemm, "USE_TMA", False)
     aq, wq, sa, sb = _block_operands(32, 128, 128, 128, seed=34)
-    for flags in (1, 2, 4, 8):
+    for flags in (1, 2, 4, 8, 16):
         with pytest.raises(NotImplementedError, match="TMA"):
             kgemm.scaled_gemm(aq, wq.t(), sa, sb, kgemm.SCALE_BLOCK, out_dtype=torch.float32,
                               config=(32, 32, 128, 4, 4, 1, flags))
@@ -488,7 +488,7 @@ def test_tma_only_config_flags_refused_on_pointer_kernels(monkeypatch):
             fp8_gemm.grouped_scaled_mm(aq, wq.t().unsqueeze(0), sa, sb.unsqueeze(0), offs, fp8_gemm.SCALE_BLOCK,
                                        out_dtype=torch.float32, config=(32, 32, 128, 4, 1, flags))
     with pytest.raises(ValueError, match="flags"):
-        kgemm.scaled_gemm(aq, wq.t(), sa, sb, kgemm.SCALE_BLOCK, config=(32, 32, 128, 4, 4, 1, 16))
+        kgemm.scaled_gemm(aq, wq.t(), sa, sb, kgemm.SCALE_BLOCK, config=(32, 32, 128, 4, 4, 1, 32))
 
 
 def test_block_scales_for_cublas_layout():

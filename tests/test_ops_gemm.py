@@ -175,9 +175,11 @@ def test_gemm_triton_split_tail(m, n, k, pieces):
     with mock.patch.object(kgemm, "_tail_buffers", kgemm_tail):
         out = kgemm.gemm(A, Bm, config=(16, 16, 32, 2, 4, 1, 8))
         out2 = kgemm.gemm(A, Bm, split_tail=True, config=(16, 16, 32, 2, 4, 1))
+        out3 = kgemm.gemm(A, Bm, config=(16, 16, 32, 2, 4, 1, 16))  # full waves plain, the tail a second launch
     ref = A.double() @ Bm.double()
     torch.testing.assert_close(out.double(), ref, rtol=1e-2, atol=1e-2)
-    assert torch.equal(out, out2)
+    assert torch.equal(out, out2) and torch.equal(out, out3)
+    assert all(c.eq(0).all() for _, c in bufs)
     ws, cnt = bufs[0]
     assert cnt.eq(0).all(), cnt  # reset by each tile's last piece
     if pieces > 1:  # the tail tiles' partials, summed in piece order, are those tiles of the product

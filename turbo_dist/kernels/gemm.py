@@ -18,6 +18,7 @@ drifts with the clock of a power-capped GPU); under TRITON_INTERPRET=1 one small
 cuts the partial last wave's tiles along K so no SM idles through it; the autotuned path takes it (its own
 config list) for shapes whose last wave is at most half full (`split_tail_pays`), e.g. 8192 x 2112.
 """
+import collections
 import os
 
 import torch
@@ -303,6 +304,7 @@ def _gemm_tma_persistent_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     NUM_PROGS: tl.constexpr, WS: tl.constexpr = False, RESCALE: tl.constexpr = False,
     SPLIT_TAIL: tl.constexpr = False, MAX_SPLIT: tl.constexpr = 16, MIN_SPLIT_STEPS: tl.constexpr = 4,
+    TAIL_ONLY: tl.constexpr = False,
 ):
     # _gemm_tma_kernel's tile (_tma_tile), walked by a fixed grid of NUM_PROGS programs (one per SM): the
     # (tile, K) loop nest is flattened so the next tile's loads start while this tile's epilogue runs.
@@ -312,6 +314,7 @@ def _gemm_tma_persistent_kernel(
     # 16 x 8 pieces of 1/8 tile, not 5 waves. A piece stores its fp32 partial in ws [tail * SPLIT, BLOCK_M,
     # BLOCK_N] and counts itself in cnt[tail tile] (int32, zero before the launch, zero again after it); the
     # last piece to arrive sums the partials in piece order (deterministic) and stores the tile.
+    # TAIL_ONLY: the full waves were left to a plain (non-persistent) launch before this one.
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     num_tiles = num_pid_m * num_pid_n
@@ -319,7 +322,7 @@ def _gemm_tma_persistent_kernel(
     full = num_tiles
     if SPLIT_TAIL:
         full = num_tiles - num_tiles % NUM_PROGS
-    for tile in tl.range(tl.program_id(0), full, NUM_PROGS, flatten=True):
+    for tile in tl.range(tl.program_id(0), 0 if TAIL_ONLY else full, NUM_PROGS, flatten=True):
         off_m, off_n, offs_m, mask_m, offs_n, mask_n = _tile_coords(tile, num_pid_m, num_pid_n, M, N, BLOCK_M,
                                                                     BLOCK_N, GROUP_M)
         acc = _tma_tile(a_desc, b_desc, sa_ptr, sb_ptr, 0, num_k, off_m, off_n, offs_m, mask_m, offs_n, mask_n,
@@ -417,20 +420,24 @@ def tma_operands(a, b):
     return la, lb
 
 
-PERSISTENT, WARP_SPECIALIZE, RESCALE_ACC, SPLIT_TAIL = 1, 2, 4, 8  # bits of a config's optional 7th entry
+PERSISTENT, WARP_SPECIALIZE, RESCALE_ACC, SPLIT_TAIL, TAIL_LAUNCH = 1, 2, 4, 8, 16  # a config's 7th entry's bits
+Cfg = collections.namedtuple("Cfg", "bm bn bk gm warps stages persistent ws rescale tail two_launch")
 
 
 def _unpack(config):
-    """(BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages[, flags]) -> 10 values: the six, persistent,
-    warp-specialize, rescaled blockwise accumulator, split tail wave (flags: PERSISTENT | WARP_SPECIALIZE |
-    RESCALE_ACC | SPLIT_TAIL bits; 1 = persistent as before; SPLIT_TAIL implies persistent). Flags are for the
-    TMA kernels (tests / tune_ops forcing a config)."""
-    if len(config) not in (6, 7) or (len(config) == 7 and not 0 <= int(config[6]) <= 15):
-        raise ValueError(f"a gemm config is (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages[, flags 0-15]), "
+    """(BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages[, flags]) -> Cfg. Flags (bits, for the TMA
+    kernels: tests / tune_ops force them, _launch_tma's candidates use SPLIT_TAIL and TAIL_LAUNCH):
+    PERSISTENT one program per SM; WARP_SPECIALIZE; RESCALE_ACC (blockwise); SPLIT_TAIL the persistent kernel
+    with the last partial wave cut along K; TAIL_LAUNCH the same split tail as a second launch after a plain
+    launch of the full waves."""
+    if len(config) not in (6, 7) or (len(config) == 7 and not 0 <= int(config[6]) <= 31):
+        raise ValueError(f"a gemm config is (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages[, flags 0-31]), "
                          f"got {config}")
     flags = int(config[6]) if len(config) == 7 else 0
-    return (*config[:6], bool(flags & (PERSISTENT | SPLIT_TAIL)), bool(flags & WARP_SPECIALIZE),
-            bool(flags & RESCALE_ACC), bool(flags & SPLIT_TAIL))
+    two = bool(flags & TAIL_LAUNCH)
+    tail = bool(flags & SPLIT_TAIL) or two
+    return Cfg(*config[:6], bool(flags & PERSISTENT) or (tail and not two), bool(flags & WARP_SPECIALIZE),
+               bool(flags & RESCALE_ACC), tail, two)
 
 
 _SMS = {}
@@ -482,8 +489,8 @@ def _launch(a, b, c, sa, sb, mode, sb_n=128, config=None, split_tail=None):
     if config is None and interpreting():
         config = INTERPRET_CONFIG if mode != SCALE_BLOCK else (32, 32, 128, 4, 4, 1)
     if config is not None:
-        bm, bn, bk, gm, w, s, persistent, ws, rescale, _ = _unpack(config)
-        if persistent or ws or rescale:
+        bm, bn, bk, gm, w, s, persistent, ws, rescale, tail, _ = _unpack(config)
+        if persistent or ws or rescale or tail:
             raise NotImplementedError(f"persistent / split-tail / warp-specialized / rescaled config {config} runs on "
                                       f"the TMA kernel only; these operands take the pointer kernel (see tma_operands)")
         grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
@@ -506,44 +513,50 @@ def _launch_tma(a, b, c, sa, sb, tma, s_strides, mode, sb_n, config, split_tail=
     meta = dict(A_T=a_t, B_T=b_t, SCALE_MODE=mode, SB_N=sb_n)
     nprog = _num_sms(a.device)
 
-    def launcher(cfg, tail=False, bufs=None):
-        bm, bn, bk, gm, w, s, persistent, ws, rescale, tail_flag = _unpack(cfg)
-        tail = tail or tail_flag
-        persistent = persistent or tail
+    def launcher(config, bufs=None):
+        cf = _unpack(config)
+        kw = dict(BLOCK_M=cf.bm, BLOCK_N=cf.bn, BLOCK_K=cf.bk, GROUP_M=cf.gm, WS=cf.ws, RESCALE=cf.rescale,
+                  num_warps=cf.warps, num_stages=cf.stages)
+        tiles = triton.cdiv(M, cf.bm) * triton.cdiv(N, cf.bn)
 
         def launch():
-            _set_tma_blocks(dict(a_desc=a_desc, b_desc=b_desc, A_T=a_t, B_T=b_t, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk))
-            tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
-            if persistent:
-                n = nprog if tail else min(tiles, nprog)
-                tb = (bufs or _tail_buffers(a.device, n, bm * bn)) if tail else (c, c)
-                _gemm_tma_persistent_kernel[(n,)](*args[:5], *tb, *args[5:], **meta, BLOCK_M=bm, BLOCK_N=bn,
-                                                  BLOCK_K=bk, GROUP_M=gm, NUM_PROGS=n, WS=ws, RESCALE=rescale,
-                                                  SPLIT_TAIL=tail, num_warps=w, num_stages=s)
+            _set_tma_blocks(dict(a_desc=a_desc, b_desc=b_desc, A_T=a_t, B_T=b_t, BLOCK_M=cf.bm, BLOCK_N=cf.bn,
+                                 BLOCK_K=cf.bk))
+            tb = (bufs or _tail_buffers(a.device, nprog, cf.bm * cf.bn)) if cf.tail else (c, c)
+            if cf.two_launch:  # the full waves plain, then the partial wave cut along K
+                if tiles >= nprog:
+                    _gemm_tma_kernel[(tiles - tiles % nprog,)](*args, **meta, **kw)
+                if tiles % nprog:
+                    _gemm_tma_persistent_kernel[(nprog,)](*args[:5], *tb, *args[5:], **meta, **kw, NUM_PROGS=nprog,
+                                                          SPLIT_TAIL=True, TAIL_ONLY=True)
+            elif cf.persistent:
+                n = nprog if cf.tail else min(tiles, nprog)
+                _gemm_tma_persistent_kernel[(n,)](*args[:5], *tb, *args[5:], **meta, **kw, NUM_PROGS=n,
+                                                  SPLIT_TAIL=cf.tail)
             else:
-                _gemm_tma_kernel[(tiles,)](*args, **meta, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, WS=ws,
-                                           RESCALE=rescale, num_warps=w, num_stages=s)
+                _gemm_tma_kernel[(tiles,)](*args, **meta, **kw)
         return launch
 
     if config is None and interpreting():
         config = INTERPRET_CONFIG if mode != SCALE_BLOCK else (32, 32, 128, 4, 4, 1)
     if config is not None:
-        launcher(config, tail=bool(split_tail))()
+        if split_tail and not _unpack(config).tail:
+            config = (*config[:6], (config[6] if len(config) == 7 else 0) | SPLIT_TAIL)
+        launcher(config)()
         return c
     # Candidates, timed interleaved on first use per shape (_tuner.pick): the config list of this operand
     # type, and where the last wave is at most half full the split-tail configs beside them (split_tail=True:
     # those only; False: never).
     es = a.element_size()
-    cands = [(cfg, False) for cfg in tune_rows(CONFIGS_BLOCK if mode == SCALE_BLOCK else
-                                               (CONFIGS_8 if es == 1 else CONFIGS_16))]
+    cands = list(tune_rows(CONFIGS_BLOCK if mode == SCALE_BLOCK else (CONFIGS_8 if es == 1 else CONFIGS_16)))
     tail_ok = mode != SCALE_BLOCK and c.element_size() == 2  # fp32 outputs: the epilogue's buffer does not fit
     if split_tail or (split_tail is None and SPLIT_TAIL_AUTO and tail_ok and split_tail_pays(M, N, nprog)):
-        tail_cands = [(cfg, True) for cfg in tune_rows(CONFIGS_TAIL_8 if es == 1 else CONFIGS_TAIL_16)]
+        tail_cands = [(*cfg, flag) for cfg in tune_rows(CONFIGS_TAIL_8 if es == 1 else CONFIGS_TAIL_16)
+                      for flag in (SPLIT_TAIL, TAIL_LAUNCH)]
         cands = tail_cands if split_tail else cands + tail_cands
-    bufs = None
-    if any(t for _, t in cands):
-        bufs = _tail_buffers(a.device, nprog, max(cfg[0] * cfg[1] for cfg, t in cands if t))
-    launches = [launcher(cfg, t, bufs) for cfg, t in cands]
+    tails = [cfg for cfg in cands if _unpack(cfg).tail]
+    bufs = _tail_buffers(a.device, nprog, max(cfg[0] * cfg[1] for cfg in tails)) if tails else None
+    launches = [launcher(cfg, bufs) for cfg in cands]
     key = ("gemm", M, N, K, mode, sb_n, a_t, b_t, a.dtype, c.dtype, str(a.device), tuple(cands))
     best = _tuner.pick(key, launches, capturing=torch.cuda.is_current_stream_capturing())
     launches[best]()
