@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One batched device session: install, GPU test suite, main-job demo, single-GPU benches.
-#   bash benchmarks/device_suite.sh "install tests dist demo ops attn moe moell moeinter tp cp native tune tuneblock verify1 verify1b fp8loop verify2 tail exloss cublaslt final"
+#   bash benchmarks/device_suite.sh "install tests dist demo ops attn moe moell moeinter tp cp native tune tuneblock verify1 verify1b fp8loop verify2 tail exloss cublaslt final tail2"
 #   (phases to run, in order; default "install tests demo ops attn"; on a multi-GPU kind start with
 #   "install dist demo moe moell moeinter tp cp cpvarlen")
 # Logs and JSON go under $OUT (default ./out). Safety variables are always set.
@@ -102,6 +102,14 @@ for ph in $PHASES; do
             echo "final tests rc=$?"; tail -2 "$OUT/pytest_final_$TAG.log"; grep -E "^(FAILED|ERROR)|Error:" "$OUT/pytest_final_$TAG.log" | head -8
             timeout 330 python benchmarks/bench_ops.py --sections gemm --json "$OUT/ops_gemm_$TAG.json" > "$OUT/ops_gemm_$TAG.log" 2>&1
             echo "final gemm bench rc=$?"; grep -E "^ *gemm" "$OUT/ops_gemm_$TAG.log" | grep -vE "triton_ptr" | head -40;;
+    tail2) # split tail as one persistent kernel or as a second launch: dsv3_qkv_a
+            TURBO_DIST_TRITON_TUNE=first timeout 120 python -m pytest -q -rs -p no:cacheprovider tests/test_ops_gemm.py -k "split_tail and gpu" \
+              > "$OUT/pytest_tail2_$TAG.log" 2>&1; echo "tail2 tests rc=$?"; tail -2 "$OUT/pytest_tail2_$TAG.log"
+            timeout 200 python benchmarks/bench_ops.py --sections gemm --quick --json "$OUT/ops_gemm_$TAG.json" > "$OUT/ops_gemm_$TAG.log" 2>&1
+            echo "tail2 bench rc=$?"; grep -E "^ *gemm" "$OUT/ops_gemm_$TAG.log" | grep -vE "triton_ptr" | head -20
+            timeout 150 python benchmarks/tune_ops.py --cases dsv3_qkv_a --rep-ms 20 --candidates \
+              256x128x64x16x8x4,256x128x64x16x8x4x8,256x128x64x16x8x4x16,128x256x64x8x8x4x16,128x256x64x8x8x3x16,128x128x64x8x8x4x16 \
+              --json "$OUT/tune_tail_$TAG.json" > "$OUT/tune_tail_$TAG.log" 2>&1; echo "tail2 tune rc=$?"; grep -E "config|baseline|autotuned" "$OUT/tune_tail_$TAG.log" | tail -10;;
     moefix) timeout 200 python -m pytest -q -rs -p no:cacheprovider tests/test_moe_low_latency.py::test_low_latency_triton_self_loop \
               tests/test_moe_low_latency.py::test_low_latency_kernels_simulated_ranks tests/test_moe_low_latency.py::test_fp8_casts_bit_identical_on_cpu_and_gpu \
               tests/test_moe_nvlink.py::test_nvlink_vs_collective "tests/test_moe_nvlink.py::test_nvlink_reference_fp8_backward_errors" tests/test_moe.py > "$OUT/pytest_moefix_$TAG.log" 2>&1; echo "moefix rc=$?"; tail -4 "$OUT/pytest_moefix_$TAG.log";;
