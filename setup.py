@@ -113,8 +113,8 @@ def _find_cublaslt():
             if os.path.exists(os.path.join(sub, "nv", "target")) and sub not in incs:
                 incs.append(sub)
     have = lambda rel: any(os.path.exists(os.path.join(i, rel)) for i in incs)  # noqa: E731
-    if lib is None or not (have("cublasLt.h") and have("cuda_runtime_api.h") and have(os.path.join("crt", "host_defines.h"))
-                           and have(os.path.join("nv", "target"))):
+    needed = ("cublasLt.h", "cuda_runtime_api.h", os.path.join("crt", "host_defines.h"), os.path.join("nv", "target"))
+    if lib is None or not all(have(h) for h in needed):
         return None
     with open(next(os.path.join(i, "cublasLt.h") for i in incs if os.path.exists(os.path.join(i, "cublasLt.h")))) as f:
         if "CUBLASLT_MATMUL_MATRIX_SCALE_BLK128x128_32F" not in f.read():

@@ -122,18 +122,19 @@ def _no_tma(fn):
 
 def _no_split_tail(fn):
     def run():
-        from turbo_dist.kernels import gemm as kgemm
+        from turbo_dist.kernels import gemm_persistent as gp
 
-        kgemm.SPLIT_TAIL_AUTO = False
+        prev, gp.SPLIT_TAIL_AUTO = gp.SPLIT_TAIL_AUTO, False
         try:
             return fn()
         finally:
-            kgemm.SPLIT_TAIL_AUTO = True
+            gp.SPLIT_TAIL_AUTO = prev
     return run
 
 
 def run_gemm(quick, errors):
     from turbo_dist.kernels import gemm as kgemm
+    from turbo_dist.kernels import gemm_persistent as gp
     from turbo_dist.ops import dispatcher, gemm
 
     rows = []
@@ -147,7 +148,7 @@ def run_gemm(quick, errors):
                "triton": _forced(lambda: gemm(a, w, trans_b=True), gemm="triton")}
         if name == "cube8192" or not quick:  # the pointer-load kernel, for comparison with the TMA one
             fns["triton_ptr"] = _no_tma(fns["triton"])
-        if DEVICE == "cuda" and kgemm.split_tail_pays(M, N, kgemm._num_sms(a.device)):
+        if DEVICE == "cuda" and gp.split_tail_pays(M, N, kgemm._num_sms(a.device)):
             fns["triton_no_split_tail"] = _no_split_tail(fns["triton"])  # what the split tail wave gains
         fns["default"] = _forced(lambda: gemm(a, w, trans_b=True), gemm=None)
         res = _time(fns, f"gemm {name}", errors)
@@ -347,8 +348,8 @@ def aligned_lens(lens, align):
 
 def _fp8_grouped_block_aligned(G, layer, lens, a, b_t, errors, align=128):
     """BLOCKWISE FP8 grouped GEMM with host token counts aligned to 128 (what FP8 MoE training pads to): here
-    cuBLASLt's blockwise GEMM can run per group (backends cublaslt, torch_loop) beside our Triton kernel; bf16 grouped GEMM
-    on the same counts is the baseline."""
+    cuBLASLt's blockwise GEMM can run per group (backends cublaslt, torch_loop) beside our Triton kernel; bf16 grouped
+    GEMM on the same counts is the baseline."""
     from turbo_dist.ops import ScalingGranularity, quantize_fp8
 
     gran = ScalingGranularity.BLOCKWISE

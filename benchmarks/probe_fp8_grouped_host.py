@@ -1,5 +1,6 @@
 """Host launch time vs GPU time of BLOCKWISE FP8 grouped GEMM backends (cublaslt / torch_loop: one cuBLASLt
-GEMM per group, looped in C++ / through torch._scaled_mm; triton: one persistent kernel), DeepSeek-V3 fc1 (K=7168, N=4096), skewed host counts aligned to 128.
+GEMM per group, looped in C++ / through torch._scaled_mm; triton: one persistent kernel), DeepSeek-V3 fc1
+(K=7168, N=4096), skewed host counts aligned to 128.
 
     python benchmarks/probe_fp8_grouped_host.py --json probe.json
 
@@ -50,7 +51,8 @@ def probe(G, backends, iters, K=7168, N=4096, tpe=1024):
         finally:
             dispatcher.set_backend("grouped_scaled_mm", None)
         launched = int((lens > 0).sum())
-        rows.append({"case": f"G{G}_fc1 {tpe} tok/expert BLOCKWISE lens%128==0 host", "impl": name, "host_ms": statistics.median(host),
+        rows.append({"case": f"G{G}_fc1 {tpe} tok/expert BLOCKWISE lens%128==0 host", "impl": name,
+                     "host_ms": statistics.median(host),
                      "gpu_ms": statistics.median(gpu), "groups_launched": launched,
                      "host_us_per_group": statistics.median(host) * 1e3 / launched, "lens": lens.tolist()})
     return rows

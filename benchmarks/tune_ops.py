@@ -42,7 +42,7 @@ EXTRA_16 = [
     (64, 128, 64, 8, 4, 5),
     (256, 64, 64, 16, 8, 3),
     (64, 256, 64, 8, 8, 3),
-    # persistent (7th entry 1): one program per SM walking the tiles (kernels/gemm.py _gemm_tma_persistent_kernel)
+    # persistent (7th entry 1): one program per SM walking the tiles (kernels/gemm_persistent.py)
     (128, 256, 64, 8, 8, 3, 1),
     (128, 256, 64, 8, 8, 4, 1),
     (128, 128, 64, 8, 8, 4, 1),

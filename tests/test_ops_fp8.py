@@ -491,6 +491,32 @@ def test_tma_only_config_flags_refused_on_pointer_kernels(monkeypatch):
         kgemm.scaled_gemm(aq, wq.t(), sa, sb, kgemm.SCALE_BLOCK, config=(32, 32, 128, 4, 4, 1, 32))
 
 
+@needs_interp
+def test_blockwise_tma_configs_need_block_k_128(monkeypatch):
+    """Blockwise scales index K in steps of 128: a forced TMA config with another BLOCK_K is refused before any
+    launch (it would read the wrong scales), and the split-tail candidates (BLOCK_K 64 for 16-bit inputs) are
+    never offered for blockwise scales or fp32 outputs."""
+    from turbo_dist.kernels import gemm as kgemm
+
+    aq, wq, sa, sb = _block_operands(64, 128, 256, 128, seed=35)
+    a16, w16 = aq.float().half(), wq.float().half()  # 16-bit operands take the TMA kernel in the interpreter
+    with pytest.raises(ValueError, match="BLOCK_K must be 128"):
+        kgemm.scaled_gemm(a16, w16.t(), sa, sb, kgemm.SCALE_BLOCK, out_dtype=torch.float32,
+                          config=(32, 32, 64, 4, 4, 1, 8))
+    ok = kgemm.scaled_gemm(a16, w16.t(), sa, sb, kgemm.SCALE_BLOCK, out_dtype=torch.float32,
+                           config=(32, 32, 128, 4, 4, 1, 8))
+    ref = kgemm.scaled_gemm(a16, w16.t(), sa, sb, kgemm.SCALE_BLOCK, out_dtype=torch.float32,
+                            config=(32, 32, 128, 4, 4, 1))
+    torch.testing.assert_close(ok, ref, rtol=1e-5, atol=1e-5)  # split tail with 128-deep steps: the same sums
+    monkeypatch.setattr(kgemm, "tune_rows", lambda rows: list(rows[:1]))
+    with pytest.raises(NotImplementedError, match="split_tail=True"):
+        kgemm._candidates(kgemm.SCALE_BLOCK, 2, 2, 8192, 2112, 132, True)
+    with pytest.raises(NotImplementedError, match="split_tail=True"):
+        kgemm._candidates(kgemm.SCALE_NONE, 2, 4, 8192, 2112, 132, True)
+    assert all(len(c) == 6 for c in kgemm._candidates(kgemm.SCALE_BLOCK, 2, 2, 8192, 2112, 132, None))
+    assert any(len(c) == 7 for c in kgemm._candidates(kgemm.SCALE_NONE, 2, 2, 8192, 2112, 132, None))
+
+
 def test_block_scales_for_cublas_layout():
     """Blockwise scales handed to torch._scaled_mm: scale_a M-contiguous, scale_b kb-contiguous with its leading
     dimension a multiple of 4 (what newer torch checks); values unchanged; no copy when already so."""
@@ -608,7 +634,6 @@ def test_grouped_scaled_torch_loop_gpu():
     w = rnd(8, 2048, 7168, dtype=torch.bfloat16, device="cuda", seed=45)  # [G, N, K]
     aq, sa = quantize_fp8(a, E4M3, B)
     wq, sw = quantize_fp8(w, E4M3, B, weight=True)
-    dispatcher.set_backend("grouped_scaled_mm", None if fp8.native_module() is None else "triton")
     out = grouped_scaled_mm(aq, wq, sa, sw, torch.tensor(lens))
     assert dispatcher.last_backend("grouped_scaled_mm") == "triton"  # ~500-row groups at N=2048: triton first
     dispatcher.set_backend("grouped_scaled_mm", "torch_loop")
@@ -617,11 +642,13 @@ def test_grouped_scaled_torch_loop_gpu():
     big = [0, 2048, 4096, 0, 2048, 4096, 2048, 0]  # >= LOOP_MIN_GROUP_FLOP per launched group: the loop first
     a2 = rnd(sum(big), 7168, dtype=torch.bfloat16, device="cuda", seed=46)
     aq2, sa2 = quantize_fp8(a2, E4M3, B)
-    dispatcher.set_backend("grouped_scaled_mm", None if fp8.native_module() is None else "torch_loop")
-    out_big = grouped_scaled_mm(aq2, wq, sa2, sw, torch.tensor(big))
-    assert dispatcher.last_backend("grouped_scaled_mm") == "torch_loop"
+    out_big = grouped_scaled_mm(aq2, wq, sa2, sw, torch.tensor(big))  # the default's rule: the per-group loop
+    assert dispatcher.last_backend("grouped_scaled_mm") == ("torch_loop" if fp8.native_module() is None else "cublaslt")
+    dispatcher.set_backend("grouped_scaled_mm", "torch_loop")
+    out_big_loop = grouped_scaled_mm(aq2, wq, sa2, sw, torch.tensor(big))
     dispatcher.set_backend("grouped_scaled_mm", None)
-    assert snr(out_big, grouped_ref(a2, w, big, trans_b=True)) >= 25
+    big_ref = grouped_ref(a2, w, big, trans_b=True)
+    assert snr(out_big, big_ref) >= 25 and snr(out_big_loop, big_ref) >= 25
     dispatcher.set_backend("grouped_scaled_mm", "triton")
     out_tri = grouped_scaled_mm(aq, wq, sa, sw, torch.tensor(lens))
     ref = grouped_ref(a, w, lens, trans_b=True)
@@ -666,10 +693,11 @@ def _fake_native_from_addresses(calls):
         buf = (ctypes.c_uint8 * (n * torch.empty((), dtype=dtype).element_size())).from_address(addr)
         return torch.frombuffer(buf, dtype=torch.uint8).view(dtype)
 
-    def grouped_blockwise(device, stream, a, b, out, scale_a, scale_b, workspace, ws_bytes, rows, N, K, lda, ldw,
-                          ldo, b_group_stride, sb_group_stride):
+    def grouped_blockwise(device, stream, a, b, out, scale_a, scale_b, workspace, ws_bytes, rows, M, G, N, K, lda,
+                          ldw, ldo, b_group_stride, sb_group_stride):
         kb, nb = -(-K // 128), -(-N // 128)
         ld4 = -(-kb // 4) * 4
+        assert len(rows) <= G and sum(rows) <= M  # what the C++ side checks before touching memory
         calls.append(list(rows))
         first = 0
         for g, m in enumerate(rows):
@@ -701,7 +729,7 @@ def test_grouped_scaled_cublaslt_contract(monkeypatch, scale_copy):
     aq, sa = quantize_fp8(a, E4M3, B)
     wq, sw = quantize_fp8(w, E4M3, B, weight=True)
     b_q, sb = wq.transpose(1, 2), sw.transpose(1, 2)
-    if scale_copy:  # weight scales that are not [G, nb, kb]-contiguous: laid out into a padded buffer
+    if scale_copy:  # weight scales that are not [G, nb, kb]-contiguous: copied to that layout
         sb = sb.contiguous()
     out = fp8._cublaslt_grouped_scaled(aq, b_q, sa, sb, lens, "block", torch.bfloat16)
     assert calls == [[48, 0, 16, 128, 32]]
@@ -772,8 +800,9 @@ def test_grouped_scaled_cublaslt_gpu():
     assert snr(res["cublaslt"][:n].float(), res["torch_loop"][:n].float()) >= 60
     assert snr(res["cublaslt"][:n].float(), res["triton"][:n].float()) >= 40
     plans = mod.num_plans()
-    again = grouped_scaled_mm(aq, wq, sa, sw, torch.tensor(lens))
-    assert torch.equal(again, res["triton"]) or dispatcher.last_backend("grouped_scaled_mm") == "triton"
+    dispatcher.set_backend("grouped_scaled_mm", None)
+    grouped_scaled_mm(aq, wq, sa, sw, torch.tensor(lens))  # ~490 rows per group at N=2048: below the rule's bar
+    assert dispatcher.last_backend("grouped_scaled_mm") == "triton"
     dispatcher.set_backend("grouped_scaled_mm", "cublaslt")
     assert torch.equal(grouped_scaled_mm(aq, wq, sa, sw, torch.tensor(lens))[:n], res["cublaslt"][:n])
     assert mod.num_plans() == plans  # same problems: no new descriptors or heuristic queries

@@ -169,10 +169,12 @@ def test_gemm_triton_split_tail(m, n, k, pieces):
     A, Bm = a, b.t()
     assert kgemm.tma_operands(A, Bm) is not None
     bufs = []
-    real = kgemm._tail_buffers
+    from turbo_dist.kernels import gemm_persistent as gp
+
+    real = gp.tail_buffers
     kgemm_tail = lambda *args: bufs.append(real(*args)) or bufs[-1]  # noqa: E731
     import unittest.mock as mock
-    with mock.patch.object(kgemm, "_tail_buffers", kgemm_tail):
+    with mock.patch.object(gp, "tail_buffers", kgemm_tail):
         out = kgemm.gemm(A, Bm, config=(16, 16, 32, 2, 4, 1, 8))
         out2 = kgemm.gemm(A, Bm, split_tail=True, config=(16, 16, 32, 2, 4, 1))
         out3 = kgemm.gemm(A, Bm, config=(16, 16, 32, 2, 4, 1, 16))  # full waves plain, the tail a second launch
@@ -381,11 +383,12 @@ def test_gemm_gpu_split_tail(m, n, k):
     wave of 2 tiles, split-K): the split-tail kernel (a candidate of the default there) equals cuBLAS, is
     deterministic, and the FP8 rowwise path too."""
     from turbo_dist.kernels import gemm as kgemm
+    from turbo_dist.kernels import gemm_persistent as gp
     from turbo_dist.ops import fp8
 
     a, b = make_gemm(m, n, k, False, True, torch.bfloat16, device="cuda")
     sms = kgemm._num_sms(a.device)
-    assert kgemm.split_tail_pays(m, n, sms) or sms != 132
+    assert gp.split_tail_pays(m, n, sms) or sms != 132
     out = kgemm.gemm(a, b.t(), split_tail=True)
     assert torch.equal(out, kgemm.gemm(a, b.t(), split_tail=True))  # the partials are summed in a fixed order
     ref = a.float() @ b.float().t()

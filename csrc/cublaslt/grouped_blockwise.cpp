@@ -7,8 +7,9 @@
 // once per distinct problem (device, N, K, group rows, strides, workspace) and reused; a call then costs one
 // descriptor update (the two scale pointers) and one cublasLtMatmul per non-empty group.
 //
-// Built without torch headers: tensors travel as addresses (Python ints), the caller (turbo_dist/ops/
-// fp8_cublaslt.py) checks dtypes, shapes, strides, alignment and devices first and lays the scales out.
+// Built without torch headers: tensors travel as addresses (Python ints), the caller (backend "cublaslt" in
+// turbo_dist/ops/fp8_grouped.py) checks dtypes, shapes, strides, alignment and devices first and lays the
+// scales out; the row counts are checked against M and G here too (they index memory).
 // Errors raise RuntimeError with cuBLASLt's status name.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -130,14 +131,25 @@ Plan* plan_for(cublasLtHandle_t handle, const Key& key, const float* sa, const f
 }
 
 // out[rows of g] = dequant(a[rows of g]) @ dequant(b[g]) for every group g with rows[g] > 0, in order on
-// `stream`. Addresses: a (e4m3, row stride lda), b (e4m3, group g at b + g * b_group_stride bytes, [N, K]
+// `stream`; a has M rows, b G groups. Addresses: a (e4m3, row stride lda), b (e4m3, group g at
+// b + g * b_group_stride bytes, [N, K]
 // row-major with row stride ldw), out (bf16, row stride ldo), scale_a (fp32, grouped M-major: group g's
 // [ceil(K/128)][rows[g]] block starts at element ceil(K/128) * (first row of g)), scale_b (fp32, group g's
 // [ceil(N/128)][ld4] block at element g * sb_group_stride), workspace (ws_bytes).
 void grouped_blockwise(int device, uintptr_t stream, uintptr_t a, uintptr_t b, uintptr_t out, uintptr_t scale_a,
                        uintptr_t scale_b, uintptr_t workspace, int64_t ws_bytes, const std::vector<int64_t>& rows,
-                       int64_t N, int64_t K, int64_t lda, int64_t ldw, int64_t ldo, int64_t b_group_stride,
-                       int64_t sb_group_stride) {
+                       int64_t M, int64_t G, int64_t N, int64_t K, int64_t lda, int64_t ldw, int64_t ldo,
+                       int64_t b_group_stride, int64_t sb_group_stride) {
+  int64_t total = 0;
+  for (int64_t m : rows) {
+    if (m < 0) throw std::runtime_error("turbo_dist._cublaslt: negative group length");
+    total += m;
+  }
+  if (int64_t(rows.size()) > G || total > M) {
+    throw std::runtime_error("turbo_dist._cublaslt: " + std::to_string(rows.size()) + " groups of " +
+                             std::to_string(total) + " rows for b with " + std::to_string(G) + " groups and a with " +
+                             std::to_string(M) + " rows");
+  }
   std::lock_guard<std::mutex> lock(g_mutex);  // plans' descriptors are updated per call
   cublasLtHandle_t handle = handle_for(device);
   const int64_t kb = (K + 127) / 128;
@@ -145,7 +157,6 @@ void grouped_blockwise(int device, uintptr_t stream, uintptr_t a, uintptr_t b, u
   int64_t first = 0;
   for (size_t g = 0; g < rows.size(); ++g) {
     const int64_t m = rows[g];
-    if (m < 0) throw std::runtime_error("turbo_dist._cublaslt: negative group length");
     if (m == 0) continue;
     const float* sa = reinterpret_cast<const float*>(scale_a) + kb * first;
     const float* sb = reinterpret_cast<const float*>(scale_b) + int64_t(g) * sb_group_stride;
@@ -172,10 +183,12 @@ int version() { return int(cublasLtGetVersion()); }
 }  // namespace
 
 PYBIND11_MODULE(_cublaslt, m) {
-  m.doc() = "turbo_dist._cublaslt: FP8 blockwise grouped GEMM on cuBLASLt (see turbo_dist/ops/fp8_cublaslt.py)";
+  m.doc() = "turbo_dist._cublaslt: FP8 blockwise grouped GEMM on cuBLASLt (backend 'cublaslt', "
+            "turbo_dist/ops/fp8_grouped.py)";
   m.def("grouped_blockwise", &grouped_blockwise, py::arg("device"), py::arg("stream"), py::arg("a"), py::arg("b"),
         py::arg("out"), py::arg("scale_a"), py::arg("scale_b"), py::arg("workspace"), py::arg("ws_bytes"),
-        py::arg("rows"), py::arg("N"), py::arg("K"), py::arg("lda"), py::arg("ldw"), py::arg("ldo"),
+        py::arg("rows"), py::arg("M"), py::arg("G"), py::arg("N"), py::arg("K"), py::arg("lda"), py::arg("ldw"),
+        py::arg("ldo"),
         py::arg("b_group_stride"), py::arg("sb_group_stride"));
   m.def("num_plans", &num_plans, "cached plans (descriptors + algorithm per distinct problem)");
   m.def("version", &version, "cublasLtGetVersion() of the library loaded");

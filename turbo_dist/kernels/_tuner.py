@@ -5,7 +5,8 @@ drifts over those seconds, so configs late in the list are measured slower than 
 it kept a config 8-13% slower than the best one (benchmarks/results/tune_ops_h200.json: autotuned 0.424-0.43
 ms, best forced config 0.375-0.394 ms, the same configs). Here each candidate is compiled and run once, then
 all are timed round-robin in pairs of rounds, forward then reversed (so a drifting clock favours no one),
-and the fastest median over pairs wins. Candidates may be different kernels (the split-tail persistent one beside the plain one), so the choice
+and the fastest median over pairs wins. Candidates may be different kernels (the split-tail ones beside the
+plain one), so the choice
 between them is measured too. Choices are cached per key for the process.
 """
 import logging
@@ -47,6 +48,11 @@ def cuda_event_timer(launch, reps):
     e1.record()
     e1.synchronize()
     return e0.elapsed_time(e1) / reps
+
+
+def cached(key):
+    """The index `pick` chose for `key`, or None (the caller then builds the candidates and picks)."""
+    return _CACHE.get(key)
 
 
 def pick(key, launches, timer=None, capturing=False):

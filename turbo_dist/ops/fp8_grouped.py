@@ -3,8 +3,10 @@ with autograd; quantization, configs and the dense FP8 GEMM are in fp8.py.
 
 Op behind the dispatcher: "grouped_scaled_mm" (triton: our persistent kernel, every mode | cublaslt: one
 cuBLASLt blockwise GEMM per group from a C++ loop, host group_lens | torch_loop: the same through
-torch._scaled_mm per group | torch: torch._scaled_grouped_mm, rowwise e4m3 on SM90 | reference). Default order and the measured rules that move a backend first are next to the registrations.
+torch._scaled_mm per group | torch: torch._scaled_grouped_mm, rowwise e4m3 on SM90 | reference). Default order
+and the measured rules that move a backend first are next to the registrations.
 """
+import contextlib
 import math
 
 import torch
@@ -184,7 +186,7 @@ _NATIVE = {}
 
 
 def native_module():
-    """turbo_dist._cublaslt, or None when it was not built here (see `native_missing_reason`)."""
+    """turbo_dist._cublaslt, or None when it was not built here (the reason: _NATIVE["why"])."""
     if "mod" not in _NATIVE:
         try:
             from turbo_dist import _cublaslt as mod
@@ -199,35 +201,33 @@ def native_module():
 
 def _weight_block_scales(scale_b):
     """scale_b [G, kb, nb] (a view of quantize_fp8's [G, nb, kb]) -> (buffer, floats per group): each group's
-    [nb, ld] with the K blocks contiguous and ld = kb rounded up to 4 (what cuBLASLt's 128x128 scales take)."""
-    G, kb, nb = scale_b.shape
-    ld = -(-kb // 4) * 4
+    [nb, kb] with the K blocks contiguous, what cuBLASLt's 128x128 scales take (kb is a multiple of 4 here, as
+    K is of 512, so rows need no padding and every group starts 16-byte aligned)."""
     st = scale_b.transpose(1, 2)
-    if st.stride(2) == 1 and (nb == 1 or st.stride(1) == ld) and st.data_ptr() % 16 == 0 and st.stride(0) % 4 == 0:
-        return st, st.stride(0)
-    buf = torch.zeros(G, nb, ld, dtype=torch.float32, device=scale_b.device)
-    buf[:, :, :kb] = st
-    return buf, nb * ld
+    if not st.is_contiguous() or st.data_ptr() % 16:
+        st = st.contiguous()
+    return st, st.stride(0)
 
 
 def _cublaslt_grouped_scaled(a_q, b_q, scale_a, scale_b, group_lens, mode, out_dtype):
     from turbo_dist.kernels.fp8_quant import grouped_m_major
 
     M, K = a_q.shape
-    N = b_q.shape[2]
+    G, _, N = b_q.shape
     out = torch.empty((M, N), dtype=out_dtype, device=a_q.device)
     lens = group_lens.tolist()  # host tensor: no sync
     if not any(lens):
         return out
-    sa = grouped_m_major(scale_a.float(), group_offsets(group_lens, a_q.device))
-    sb, sb_stride = _weight_block_scales(scale_b.float())
-    ws = torch.empty(NATIVE_WORKSPACE_BYTES, dtype=torch.uint8, device=a_q.device)
-    native_module().grouped_blockwise(
-        device=a_q.device.index if a_q.is_cuda else -1,
-        stream=torch.cuda.current_stream(a_q.device).cuda_stream if a_q.is_cuda else 0, a=a_q.data_ptr(),
-        b=b_q.data_ptr(), out=out.data_ptr(), scale_a=sa.data_ptr(), scale_b=sb.data_ptr(), workspace=ws.data_ptr(),
-        ws_bytes=ws.numel(), rows=lens, N=N, K=K, lda=a_q.stride(0), ldw=b_q.stride(2), ldo=out.stride(0),
-        b_group_stride=b_q.stride(0), sb_group_stride=sb_stride)
+    with torch.cuda.device(a_q.device) if a_q.is_cuda else contextlib.nullcontext():  # the scale kernel's device
+        sa = grouped_m_major(scale_a.float(), group_offsets(group_lens, a_q.device))
+        sb, sb_stride = _weight_block_scales(scale_b.float())
+        ws = torch.empty(NATIVE_WORKSPACE_BYTES, dtype=torch.uint8, device=a_q.device)
+        native_module().grouped_blockwise(
+            device=a_q.device.index if a_q.is_cuda else -1,
+            stream=torch.cuda.current_stream(a_q.device).cuda_stream if a_q.is_cuda else 0, a=a_q.data_ptr(),
+            b=b_q.data_ptr(), out=out.data_ptr(), scale_a=sa.data_ptr(), scale_b=sb.data_ptr(),
+            workspace=ws.data_ptr(), ws_bytes=ws.numel(), rows=lens, M=M, G=G, N=N, K=K, lda=a_q.stride(0),
+            ldw=b_q.stride(2), ldo=out.stride(0), b_group_stride=b_q.stride(0), sb_group_stride=sb_stride)
     return out
 
 
@@ -269,8 +269,9 @@ def _loop_pays(a_q, b_q, group_lens, min_flop=None):
 def _grouped_scaled_preference(a_q, b_q, scale_a, scale_b, group_lens, mode, out_dtype):
     if mode != "block" or group_lens.device.type != "cpu":
         return None
-    if native_module() is not None and _loop_pays(a_q, b_q, group_lens, NATIVE_MIN_GROUP_FLOP):
-        return "cublaslt"
+    if (native_module() is not None and _loop_pays(a_q, b_q, group_lens, NATIVE_MIN_GROUP_FLOP)
+            and _cublaslt_grouped_scaled_can(a_q, b_q, scale_a, scale_b, group_lens, mode, out_dtype) is True):
+        return "cublaslt"  # (when it declines, e.g. misaligned rows, torch_loop's rule below still applies)
     if _loop_pays(a_q, b_q, group_lens):
         return "torch_loop"
     return None
