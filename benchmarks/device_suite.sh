@@ -81,7 +81,7 @@ for ph in $PHASES; do
             grep -E "^(FAILED|ERROR)|Error" "$OUT/pytest_gemm_$TAG.log" | head -8
             timeout 280 python benchmarks/bench_ops.py --sections gemm ${GEMM_QUICK:+--quick} --json "$OUT/ops_gemm_$TAG.json" > "$OUT/ops_gemm_$TAG.log" 2>&1
             echo "tail bench rc=$?"; grep -E "^ *gemm" "$OUT/ops_gemm_$TAG.log" | grep -E "cublas|triton |no_split|default" | head -40
-            timeout 150 python benchmarks/tune_ops.py --cases dsv3_qkv_a --rep-ms 20 --candidates \
+            timeout 100 python benchmarks/tune_ops.py --cases dsv3_qkv_a --rep-ms 20 --candidates \
               256x128x64x16x8x4,256x128x64x16x8x4x8,128x256x64x8x8x4x8,128x256x64x8x8x3x8,128x128x64x8x8x4x8,128x256x64x8x8x4x1 \
               --json "$OUT/tune_tail_$TAG.json" > "$OUT/tune_tail_$TAG.log" 2>&1; echo "tail tune rc=$?"; tail -12 "$OUT/tune_tail_$TAG.log";;
     exloss) # examples/moe_layer.py loss with and without FP8 (same seed): is a rising loss the learning rate or FP8?
@@ -103,11 +103,12 @@ for ph in $PHASES; do
             timeout 330 python benchmarks/bench_ops.py --sections gemm --json "$OUT/ops_gemm_$TAG.json" > "$OUT/ops_gemm_$TAG.log" 2>&1
             echo "final gemm bench rc=$?"; grep -E "^ *gemm" "$OUT/ops_gemm_$TAG.log" | grep -vE "triton_ptr" | head -40;;
     tail2) # split tail as one persistent kernel or as a second launch: dsv3_qkv_a
-            TURBO_DIST_TRITON_TUNE=first timeout 120 python -m pytest -q -rs -p no:cacheprovider tests/test_ops_gemm.py -k "split_tail and gpu" \
-              > "$OUT/pytest_tail2_$TAG.log" 2>&1; echo "tail2 tests rc=$?"; tail -2 "$OUT/pytest_tail2_$TAG.log"
+            TURBO_DIST_TRITON_TUNE=first timeout 150 python -m pytest -q -rs -p no:cacheprovider tests/test_ops_gemm.py \
+              tests/test_ops_fp8.py -k "gpu or cublaslt or torch_loop" > "$OUT/pytest_tail2_$TAG.log" 2>&1; echo "tail2 tests rc=$?"
+            tail -2 "$OUT/pytest_tail2_$TAG.log"; grep -E "^(FAILED|ERROR)|Error:" "$OUT/pytest_tail2_$TAG.log" | head -8
             timeout 200 python benchmarks/bench_ops.py --sections gemm --quick --json "$OUT/ops_gemm_$TAG.json" > "$OUT/ops_gemm_$TAG.log" 2>&1
             echo "tail2 bench rc=$?"; grep -E "^ *gemm" "$OUT/ops_gemm_$TAG.log" | grep -vE "triton_ptr" | head -20
-            timeout 150 python benchmarks/tune_ops.py --cases dsv3_qkv_a --rep-ms 20 --candidates \
+            timeout 100 python benchmarks/tune_ops.py --cases dsv3_qkv_a --rep-ms 20 --candidates \
               256x128x64x16x8x4,256x128x64x16x8x4x8,256x128x64x16x8x4x16,128x256x64x8x8x4x16,128x256x64x8x8x3x16,128x128x64x8x8x4x16 \
               --json "$OUT/tune_tail_$TAG.json" > "$OUT/tune_tail_$TAG.log" 2>&1; echo "tail2 tune rc=$?"; grep -E "config|baseline|autotuned" "$OUT/tune_tail_$TAG.log" | tail -10;;
     moefix) timeout 200 python -m pytest -q -rs -p no:cacheprovider tests/test_moe_low_latency.py::test_low_latency_triton_self_loop \
