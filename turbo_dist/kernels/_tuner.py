@@ -5,7 +5,8 @@ drifts over those seconds, so configs late in the list are measured slower than 
 it kept a config 8-13% slower than the best one (benchmarks/results/tune_ops_h200.json: autotuned 0.424-0.43
 ms, best forced config 0.375-0.394 ms, the same configs). Here each candidate is compiled and run once, then
 all are timed round-robin in pairs of rounds, forward then reversed (so a drifting clock favours no one),
-and the fastest median over pairs wins. Candidates may be different kernels (the split-tail ones beside the
+and the fastest median over pairs wins; each launch is timed alone with L2 flushed before it, as do_bench
+does. Candidates may be different kernels (the split-tail ones beside the
 plain one), so the choice
 between them is measured too. Choices are cached per key for the process.
 """
@@ -17,7 +18,7 @@ import torch
 log = logging.getLogger("turbo_dist")
 
 PAIRS = 3  # of timed rounds (forward + reversed)
-TARGET_MS = 2.0  # per timed sample: enough launches to make event timing noise small
+TARGET_MS = 2.0  # per timed sample: enough launches (each timed alone) to make event timing noise small
 _CACHE = {}
 
 
@@ -39,15 +40,24 @@ def _errors_that_skip():
     return tuple(errs)
 
 
-def cuda_event_timer(launch, reps):
-    """ms per launch of `launch()` repeated `reps` times, from CUDA events (synchronizes)."""
-    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    e0.record()
-    for _ in range(reps):
-        launch()
-    e1.record()
-    e1.synchronize()
-    return e0.elapsed_time(e1) / reps
+FLUSH_BYTES = 256 << 20  # larger than any GPU's L2: zeroed before each timed launch
+
+
+def cuda_event_timer(flush):
+    """timer(launch, reps) -> ms per launch, from CUDA events around each launch alone, L2 flushed before
+    each one (by zeroing `flush`) as between a model's layers: an operand left in L2 by the previous
+    repetition (a 2112 x 7168 bf16 weight is 30 MB, the H200's L2 50 MB) would favour other configs than
+    the ones that are fastest in a real step."""
+    def timer(launch, reps):
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+        for e0, e1 in events:
+            flush.zero_()
+            e0.record()
+            launch()
+            e1.record()
+        events[-1][1].synchronize()
+        return sum(e0.elapsed_time(e1) for e0, e1 in events) / reps
+    return timer
 
 
 def cached(key):
@@ -55,11 +65,11 @@ def cached(key):
     return _CACHE.get(key)
 
 
-def pick(key, launches, timer=None, capturing=False):
+def pick(key, launches, timer=None, capturing=False, device=None):
     """Index of the fastest of `launches` (callables running one candidate each), cached under `key`.
     A candidate whose first run raises a compile/resource error is skipped; if all are, the first error is
-    raised. `timer(launch, reps) -> ms` (default CUDA events). While a CUDA graph is being captured nothing
-    can be timed: candidate 0 is used and nothing is cached."""
+    raised. `timer(launch, reps) -> ms` (default: CUDA events on `device`, L2 flushed before each launch).
+    While a CUDA graph is being captured nothing can be timed: candidate 0 is used and nothing is cached."""
     if key in _CACHE:
         return _CACHE[key]
     if len(launches) == 1:
@@ -68,7 +78,8 @@ def pick(key, launches, timer=None, capturing=False):
     if capturing:
         log.warning("turbo_dist: GEMM config for %s chosen during CUDA graph capture: untimed first candidate", key)
         return 0
-    timer = timer or cuda_event_timer
+    if timer is None:
+        timer = cuda_event_timer(torch.empty(FLUSH_BYTES, dtype=torch.int8, device=device or "cuda"))
     skip = _errors_that_skip()
     alive, first_error = [], None
     for i, launch in enumerate(launches):
