@@ -498,19 +498,28 @@ def test_blockwise_tma_configs_need_block_k_128(monkeypatch):
     never offered for blockwise scales or fp32 outputs."""
     from turbo_dist.kernels import gemm as kgemm
 
-    aq, wq, sa, sb = _block_operands(64, 128, 256, 128, seed=35)
+    from turbo_dist.kernels import gemm_persistent as gp
+
+    aq, wq, sa, sb = _block_operands(32, 32, 1024, 128, seed=35)  # one 32x32 tile, 8 K steps: cut in 2 pieces
     a16, w16 = aq.float().half(), wq.float().half()  # 16-bit operands take the TMA kernel in the interpreter
-    with pytest.raises(ValueError, match="BLOCK_K must be 128"):
-        kgemm.scaled_gemm(a16, w16.t(), sa, sb, kgemm.SCALE_BLOCK, out_dtype=torch.float32,
-                          config=(32, 32, 64, 4, 4, 1, 8))
+    for ops in ((a16, w16.t()), (aq.float(), wq.float().t())):  # TMA kernel, pointer kernel (fp32)
+        with pytest.raises(ValueError, match="BLOCK_K must be 128"):
+            kgemm.scaled_gemm(*ops, sa, sb, kgemm.SCALE_BLOCK, out_dtype=torch.float32, config=(32, 32, 64, 4, 4, 1))
+    bufs = []
+    monkeypatch.setattr(gp, "tail_buffers", lambda *args: bufs.append(gp.torch.zeros(args[1] * args[2]).float()) or
+                        (bufs[-1], gp.torch.zeros(args[1], dtype=gp.torch.int32)))
     ok = kgemm.scaled_gemm(a16, w16.t(), sa, sb, kgemm.SCALE_BLOCK, out_dtype=torch.float32,
                            config=(32, 32, 128, 4, 4, 1, 8))
+    assert bufs and bufs[0][:2 * 32 * 32].ne(0).any()  # the tile was cut: partials went through the workspace
     ref = kgemm.scaled_gemm(a16, w16.t(), sa, sb, kgemm.SCALE_BLOCK, out_dtype=torch.float32,
                             config=(32, 32, 128, 4, 4, 1))
-    torch.testing.assert_close(ok, ref, rtol=1e-5, atol=1e-5)  # split tail with 128-deep steps: the same sums
+    torch.testing.assert_close(ok, ref, rtol=1e-4, atol=1e-3)  # split tail with 128-deep steps: the same sums,
+    # added in another order
     monkeypatch.setattr(kgemm, "tune_rows", lambda rows: list(rows[:1]))
+    monkeypatch.setattr(gp, "SPLIT_TAIL_AUTO", True)
     with pytest.raises(NotImplementedError, match="split_tail=True"):
         kgemm._candidates(kgemm.SCALE_BLOCK, 2, 2, 8192, 2112, 132, True)
+    assert all(len(c) == 7 for c in kgemm._candidates(kgemm.SCALE_BLOCK, 1, 2, 8192, 2112, 132, True))  # FP8
     with pytest.raises(NotImplementedError, match="split_tail=True"):
         kgemm._candidates(kgemm.SCALE_NONE, 2, 4, 8192, 2112, 132, True)
     assert all(len(c) == 6 for c in kgemm._candidates(kgemm.SCALE_BLOCK, 2, 2, 8192, 2112, 132, None))
@@ -767,6 +776,14 @@ def test_grouped_scaled_cublaslt_declines_and_rule(monkeypatch):
     assert fp8._grouped_scaled_preference(*args, small, "block", torch.bfloat16) is None
     assert fp8._grouped_scaled_choice_key(*args, big, "block", torch.bfloat16) != \
         fp8._grouped_scaled_choice_key(*args, small, "block", torch.bfloat16)
+    # rows off 16 bytes: cublaslt declines, and torch_loop's rule (here met) still moves the loop first
+    buf = torch.empty(256 * 512 + 8, dtype=torch.uint8).view(E4M3)
+    mis = buf[8:].view(256, 512)
+    mis.copy_(aq)
+    assert "16-byte" in fp8._cublaslt_grouped_scaled_can(mis, *args[1:], big, "block", torch.bfloat16)
+    monkeypatch.setattr(fp8, "LOOP_MIN_GROUP_FLOP", 2 * 512 * 256 * 128)
+    assert fp8._grouped_scaled_preference(mis, *args[1:], big, "block", torch.bfloat16) == "torch_loop"
+    monkeypatch.setattr(fp8, "LOOP_MIN_GROUP_FLOP", 2 * 512 * 256 * 1024)
     monkeypatch.setitem(fp8._NATIVE, "mod", None)
     assert fp8._grouped_scaled_preference(*args, big, "block", torch.bfloat16) is None  # below torch_loop's bar
 
@@ -806,6 +823,10 @@ def test_grouped_scaled_cublaslt_gpu():
     dispatcher.set_backend("grouped_scaled_mm", "cublaslt")
     assert torch.equal(grouped_scaled_mm(aq, wq, sa, sw, torch.tensor(lens))[:n], res["cublaslt"][:n])
     assert mod.num_plans() == plans  # same problems: no new descriptors or heuristic queries
+    with pytest.raises(RuntimeError, match="rows for b with"):  # row counts past a: refused before any launch
+        mod.grouped_blockwise(device=dev.index, stream=0, a=aq.data_ptr(), b=wq.data_ptr(), out=0, scale_a=0,
+                              scale_b=0, workspace=0, ws_bytes=0, rows=[n + 16], M=n, G=8, N=2048, K=7168, lda=7168,
+                              ldw=7168, ldo=2048, b_group_stride=2048 * 7168, sb_group_stride=0)
     dispatcher.set_backend("grouped_scaled_mm", None)
     big = [0, 2048, 4096, 0, 2048, 4096, 2048, 0]
     a2 = rnd(sum(big), 7168, dtype=torch.bfloat16, device="cuda", seed=58)

@@ -40,7 +40,7 @@ def _errors_that_skip():
     return tuple(errs)
 
 
-FLUSH_BYTES = 256 << 20  # larger than any GPU's L2: zeroed before each timed launch
+FLUSH_L2_MULTIPLE = 2  # the flush buffer: twice the device's L2, zeroed before each timed launch
 
 
 def cuda_event_timer(flush):
@@ -78,8 +78,26 @@ def pick(key, launches, timer=None, capturing=False, device=None):
     if capturing:
         log.warning("turbo_dist: GEMM config for %s chosen during CUDA graph capture: untimed first candidate", key)
         return 0
-    if timer is None:
-        timer = cuda_event_timer(torch.empty(FLUSH_BYTES, dtype=torch.int8, device=device or "cuda"))
+    if timer is not None:
+        return _pick(key, launches, timer)
+    device = torch.device(device) if device is not None else torch.device("cuda", torch.cuda.current_device())
+    with torch.cuda.device(device):  # the launches, events and flush buffer on the operands' device
+        return _pick(key, launches, _default_timer(device))
+
+
+def _default_timer(device):
+    """CUDA-event timer with an L2 flush buffer (twice the L2; freed after tuning). Without the memory for it
+    (tuning runs in a model's first step) the launches are timed without flushing."""
+    l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or (64 << 20)
+    try:
+        flush = torch.empty(FLUSH_L2_MULTIPLE * l2, dtype=torch.int8, device=device)
+    except torch.OutOfMemoryError:
+        log.info("turbo_dist: no memory for the L2 flush buffer: GEMM candidates timed without flushing")
+        flush = torch.empty(0, dtype=torch.int8, device=device)
+    return cuda_event_timer(flush)
+
+
+def _pick(key, launches, timer):
     skip = _errors_that_skip()
     alive, first_error = [], None
     for i, launch in enumerate(launches):

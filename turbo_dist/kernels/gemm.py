@@ -386,6 +386,8 @@ def _launch(a, b, c, sa, sb, mode, sb_n=128, config=None, split_tail=None):
         config = INTERPRET_CONFIG if mode != SCALE_BLOCK else (32, 32, 128, 4, 4, 1)
     if config is not None:
         bm, bn, bk, gm, w, s, persistent, ws, rescale, tail, _ = _unpack(config)
+        if mode == SCALE_BLOCK and bk != 128:
+            raise ValueError(f"blockwise scales step K by 128: BLOCK_K must be 128, got config {config}")
         if persistent or ws or rescale or tail:
             raise NotImplementedError(f"persistent / split-tail / warp-specialized / rescaled config {config} runs on "
                                       f"the TMA kernel only; these operands take the pointer kernel (see tma_operands)")
@@ -406,10 +408,12 @@ def _candidates(mode, es, c_es, M, N, nprog, split_tail):
     cands = tuple(tune_rows(CONFIGS_BLOCK if mode == SCALE_BLOCK else (CONFIGS_8 if es == 1 else CONFIGS_16)))
     if split_tail is False or (split_tail is None and not (gp.SPLIT_TAIL_AUTO and gp.split_tail_pays(M, N, nprog))):
         return cands
-    if mode == SCALE_BLOCK or c_es != 2:  # blockwise: K steps of 128 scale blocks; fp32 out: no room
+    if (mode == SCALE_BLOCK and es != 1) or c_es != 2:
+        # the 16-bit tail configs step K by 64 (blockwise scales need 128); fp32 outputs need more shared memory
+        # for the epilogue than these tiles leave (forced configs may still ask for either)
         if split_tail:
-            raise NotImplementedError("split_tail=True: the split-tail kernels take 16-bit outputs and no blockwise "
-                                      "scales")
+            raise NotImplementedError("split_tail=True: the split-tail candidates take 16-bit outputs, and blockwise "
+                                      "scales only with FP8 operands; force a config (7th entry 8) otherwise")
         return cands
     tail = tuple((*cfg, flag) for cfg in tune_rows(gp.CONFIGS_TAIL_8 if es == 1 else gp.CONFIGS_TAIL_16)
                  for flag in (SPLIT_TAIL, TAIL_LAUNCH))
@@ -464,7 +468,7 @@ def _launch_tma(a, b, c, sa, sb, tma, s_strides, mode, sb_n, config, split_tail=
         return c
     # tuned on first use per shape (_tuner.pick, interleaved timing); later calls build only the chosen launch
     cands = _candidates(mode, a.element_size(), c.element_size(), M, N, nprog, split_tail)
-    key = ("gemm", M, N, K, mode, sb_n, a_t, b_t, a.dtype, c.dtype, str(a.device), cands)
+    key = ("gemm", M, N, K, mode, sb_n, a_t, b_t, a.dtype, b.dtype, c.dtype, c.stride(), str(a.device), cands)
     best = _tuner.cached(key)
     if best is None:
         best = _tuner.pick(key, [launcher(cfg) for cfg in cands], capturing=torch.cuda.is_current_stream_capturing(),

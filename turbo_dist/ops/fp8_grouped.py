@@ -269,9 +269,13 @@ def _loop_pays(a_q, b_q, group_lens, min_flop=None):
 def _grouped_scaled_preference(a_q, b_q, scale_a, scale_b, group_lens, mode, out_dtype):
     if mode != "block" or group_lens.device.type != "cpu":
         return None
-    if (native_module() is not None and _loop_pays(a_q, b_q, group_lens, NATIVE_MIN_GROUP_FLOP)
-            and _cublaslt_grouped_scaled_can(a_q, b_q, scale_a, scale_b, group_lens, mode, out_dtype) is True):
-        return "cublaslt"  # (when it declines, e.g. misaligned rows, torch_loop's rule below still applies)
+    if native_module() is not None and _loop_pays(a_q, b_q, group_lens, NATIVE_MIN_GROUP_FLOP):
+        try:
+            ok = _cublaslt_grouped_scaled_can(a_q, b_q, scale_a, scale_b, group_lens, mode, out_dtype)
+        except Exception as exc:  # cannot judge: torch_loop's rule below still applies
+            ok = repr(exc)
+        if ok is True:
+            return "cublaslt"  # (when it declines, e.g. misaligned rows, torch_loop's rule below still applies)
     if _loop_pays(a_q, b_q, group_lens):
         return "torch_loop"
     return None
