@@ -123,11 +123,14 @@ def _check_modes_impl(rank, world_size, modes, dtype_name, configs, seq_per_rank
         grads_ref = reference_backward(do.float(), qr, kr, vr, o_ref, lse_ref, causal)
         for mode in modes:
             ql, kl, vl = (cp.shard(t, None, 1, lb).detach().requires_grad_() for t in (q, k, v))
-            o = cp.context_parallel_attention(ql, kl, vl, causal=causal, cp_comm_type=mode, load_balance=lb,
-                                              num_chunks=nc)
+            o, lse = cp.context_parallel_attention(ql, kl, vl, causal=causal, cp_comm_type=mode, load_balance=lb,
+                                                   num_chunks=nc, return_lse=True)
             assert o.shape == ql.shape and o.dtype == dtype
             o.backward(cp.shard(do, None, 1, lb))
             what = f"{mode} causal={causal} hq={hq} hkv={hkv} lb={lb} nc={nc} rank={rank}"
+            assert lse.dtype == torch.float32 and not lse.requires_grad, what
+            torch.testing.assert_close(lse, cp.shard(lse_ref, None, 2, lb), atol=1e-3, rtol=1e-3,
+                                       msg=f"{what} lse")  # [B, Hq, S/cp]: this rank's rows, its token order
             _assert_close(cp.unshard(o.detach(), None, 1, lb), o_ref, dtype, what)
             for name, got, ref in zip(("dq", "dk", "dv"), (ql.grad, kl.grad, vl.grad), grads_ref):
                 assert got.dtype == dtype, (what, name, got.dtype)

@@ -252,10 +252,13 @@ def _varlen_cp(rank, world_size, dtype_name, configs, scale_len=1, mode="a2a"):
                 o = cp.context_parallel_attention(ql, kl, vl, causal=causal, cp_comm_type=mode, num_chunks=nc,
                                                   cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max(lens),
                                                   max_seqlen_k=max(lens))
+                lse = None
             else:
-                o = flash_attn_varlen_func(ql, kl, vl, cu, cu, max(lens), max(lens), causal=causal,
-                                           cp_param_bundle={"cp_group": dist.group.WORLD, "cp_comm_type": mode,
-                                                            "num_chunks": nc})
+                o, lse = flash_attn_varlen_func(ql, kl, vl, cu, cu, max(lens), max(lens), causal=causal,
+                                                return_lse=True,
+                                                cp_param_bundle={"cp_group": dist.group.WORLD, "cp_comm_type": mode,
+                                                                 "num_chunks": nc})
+                assert lse.shape == (hq, ql.shape[0]) and lse.dtype == torch.float32 and not lse.requires_grad
             assert dispatcher.last_backend("attention_varlen_fwd") == (backend or dispatcher.choose(
                 "attention_varlen_fwd", q, k, v, cu, cu, max(lens), max(lens), causal, None).name)
             assert o.shape == ql.shape and o.dtype == dtype
@@ -264,8 +267,11 @@ def _varlen_cp(rank, world_size, dtype_name, configs, scale_len=1, mode="a2a"):
             for op in OPS:
                 dispatcher.set_backend(op, None)
         # single process, whole packed sequence, fp32 reference
-        o_ref, _, dq_ref, dk_ref, dv_ref = per_sequence_dense(q, k, v, do, cu, cu, causal)
+        o_ref, lse_ref, dq_ref, dk_ref, dv_ref = per_sequence_dense(q, k, v, do, cu, cu, causal)
         what = f"{mode} cfg {ci} causal={causal} hq={hq} hkv={hkv} nc={nc} {backend} rank={rank}/{world_size}"
+        if lse is not None:  # this rank's rows of the whole sequence's log-sum-exp (-inf where no key is seen)
+            torch.testing.assert_close(lse, cp.shard(lse_ref, None, 1, load_balance=False), atol=1e-3, rtol=1e-3,
+                                       msg=f"{what} lse")
         for name, got, ref in (("o", o.detach(), o_ref), ("dq", ql.grad, dq_ref), ("dk", kl.grad, dk_ref),
                                ("dv", vl.grad, dv_ref)):
             assert got.dtype == dtype, (what, name)
@@ -299,10 +305,12 @@ def _zigzag_cp(rank, world_size, causal, hq, hkv, mode="a2a"):
     k, v = (torch.randn(t, hkv, 16, generator=g).to(dev) for _ in range(2))
     cu = cu_of(lens, dev)
     ql, kl, vl = (cp.shard_packed(x, cu).detach().requires_grad_() for x in (q, k, v))
-    o = flash_attn_varlen_func(ql, kl, vl, cu, cu, max(lens), max(lens), causal=causal,
-                               cp_param_bundle={"cp_group": None, "cp_comm_type": mode, "load_balance": True})
+    o, lse = flash_attn_varlen_func(ql, kl, vl, cu, cu, max(lens), max(lens), causal=causal, return_lse=True,
+                                    cp_param_bundle={"cp_group": None, "cp_comm_type": mode, "load_balance": True})
     o.backward(cp.shard_packed(do, cu))
-    o_ref, _, dq_ref, dk_ref, dv_ref = per_sequence_dense(q, k, v, do, cu, cu, causal)
+    o_ref, lse_ref, dq_ref, dk_ref, dv_ref = per_sequence_dense(q, k, v, do, cu, cu, causal)
+    torch.testing.assert_close(lse, cp.shard_packed(lse_ref.t(), cu).t(), atol=1e-4, rtol=1e-4,
+                               msg=f"zigzag {mode} lse rank {rank}/{world_size} causal={causal}")
     for name, got, ref in (("o", o.detach(), o_ref), ("dq", ql.grad, dq_ref), ("dk", kl.grad, dk_ref),
                            ("dv", vl.grad, dv_ref)):
         torch.testing.assert_close(got.float(), cp.shard_packed(ref, cu).float(), atol=1e-4, rtol=1e-4,
@@ -410,9 +418,11 @@ def _cp_varlen_errors(rank, world_size):
     o_ring = flash_attn_varlen_func(x, x, x, cu, cu, 8, 8, cp_param_bundle={"cp_group": None})  # default: ring
     o_a2a = flash_attn_varlen_func(x, x, x, cu, cu, 8, 8, cp_param_bundle={"cp_group": None, "cp_comm_type": "a2a"})
     torch.testing.assert_close(o_ring, o_a2a, rtol=1e-5, atol=1e-5)
-    with pytest.raises(NotImplementedError, match="return_lse"):
-        flash_attn_varlen_func(x, x, x, cu, cu, 8, 8, return_lse=True,
-                               cp_param_bundle={"cp_group": None, "cp_comm_type": "a2a"})
+    lses = [flash_attn_varlen_func(x, x, x, cu, cu, 8, 8, return_lse=True,
+                                   cp_param_bundle={"cp_group": None, "cp_comm_type": m})[1]
+            for m in ("ring", "a2a", "allgather")]
+    for other in lses[1:]:  # every mode gives this rank's rows of the same log-sum-exp
+        torch.testing.assert_close(other, lses[0], rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="not divisible"):  # zigzag: every length a multiple of 2*cp
         cp.context_parallel_attention(x, x, x, cp_comm_type="a2a", load_balance=True, **kw)
     if world_size > 1:

@@ -48,7 +48,7 @@ _OTHER_VARLEN_KW = ("cu_seqlens", "cu_seqlens_kv", "max_seqlen")
 
 def context_parallel_attention(q, k, v, causal=False, softmax_scale=None, cp_group=None, cp_comm_type="ring",
                                load_balance=None, num_chunks=2, cu_seqlens_q=None, cu_seqlens_k=None,
-                               max_seqlen_q=None, max_seqlen_k=None, **kw):
+                               max_seqlen_q=None, max_seqlen_k=None, return_lse=False, **kw):
     """Attention over a sequence sharded across `cp_group`; returns this rank's output shard.
 
     q: [B, S/cp, Hq, D], k/v: [B, S/cp, Hkv, D] (Hq % Hkv == 0), fp16/bf16/fp32, this rank's shard
@@ -56,6 +56,9 @@ def context_parallel_attention(q, k, v, causal=False, softmax_scale=None, cp_gro
     softmax_scale: default 1/sqrt(D). cp_comm_type: "ring" | "a2a" | "allgather".
     load_balance: True (None, the default) = zigzag, False = contiguous; see the module docstring.
     num_chunks: head groups pipelined in "a2a" and "allgather" (clipped to what the heads allow).
+    return_lse: also return the log-sum-exp of this rank's queries, fp32, not differentiable: [B, Hq, S/cp]
+    (packed: [Hq, T/cp], -inf where a row sees no key), in the shard's token order ("a2a" sends it back with
+    one more all-to-all per head group).
 
     Packed variable-length sequences (every mode; causal "ring" needs cu_seqlens_q == cu_seqlens_k): cu_seqlens_q/cu_seqlens_k [B+1] int32/int64 on q's
     device, GLOBAL (0, non-decreasing, ending at the whole packed length T = cp * local length, the same
@@ -74,8 +77,9 @@ def context_parallel_attention(q, k, v, causal=False, softmax_scale=None, cp_gro
     if mode is None:
         raise ValueError(f"cp_comm_type must be one of 'ring', 'a2a', 'allgather', got {cp_comm_type!r}")
     if cu_seqlens_q is not None or cu_seqlens_k is not None:
-        return _varlen(q, k, v, causal, softmax_scale, cp_group, mode, load_balance, num_chunks, cu_seqlens_q,
-                       cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+        o, lse = _varlen(q, k, v, causal, softmax_scale, cp_group, mode, load_balance, num_chunks, cu_seqlens_q,
+                         cu_seqlens_k, max_seqlen_q, max_seqlen_k, bool(return_lse))
+        return (o, lse) if return_lse else o
     if max_seqlen_q is not None or max_seqlen_k is not None:
         raise ValueError("max_seqlen_q/max_seqlen_k are for packed sequences: pass cu_seqlens_q and cu_seqlens_k")
     load_balance = True if load_balance is None else load_balance
@@ -96,14 +100,17 @@ def context_parallel_attention(q, k, v, causal=False, softmax_scale=None, cp_gro
         )
     scale = default_scale(q, softmax_scale)
     if mode == "ring":
-        return ring_attention(q, k, v, bool(causal), scale, rt, load_balance)
-    if mode == "a2a":
-        return a2a_attention(q, k, v, bool(causal), scale, rt, load_balance, num_chunks)
-    return allgather_attention(q, k, v, bool(causal), scale, rt, load_balance, num_chunks)
+        o, lse = ring_attention(q, k, v, bool(causal), scale, rt, load_balance)
+    elif mode == "a2a":
+        o, lse = a2a_attention(q, k, v, bool(causal), scale, rt, load_balance, num_chunks, bool(return_lse))
+    else:
+        o, lse = allgather_attention(q, k, v, bool(causal), scale, rt, load_balance, num_chunks)
+    return (o, lse) if return_lse else o
 
 
 def _varlen(q, k, v, causal, softmax_scale, cp_group, mode, load_balance, num_chunks, cu_seqlens_q, cu_seqlens_k,
-            max_seqlen_q, max_seqlen_k):
+            max_seqlen_q, max_seqlen_k, want_lse=False):
+    """-> (o, lse or an empty tensor when not want_lse and the mode does not compute it anyway)."""
     if cu_seqlens_q is None or cu_seqlens_k is None:
         raise ValueError("packed sequences need both cu_seqlens_q and cu_seqlens_k")
     zigzag = bool(load_balance)
@@ -141,7 +148,7 @@ def _varlen(q, k, v, causal, softmax_scale, cp_group, mode, load_balance, num_ch
     if mode == "allgather":
         return allgather_varlen_attention(q, k, v, host_q, host_k, bool(causal), scale, rt, num_chunks, zigzag=zigzag)
     return a2a_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bool(causal),
-                                scale, rt, num_chunks, zigzag=zigzag, host_cu=host_q)
+                                scale, rt, num_chunks, zigzag=zigzag, host_cu=host_q, want_lse=want_lse)
 
 
 def shard_packed(x, cu_seqlens, group=None, seq_dim=0):

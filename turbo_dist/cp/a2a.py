@@ -61,7 +61,7 @@ def _write_back(dst, recv, cp, heads):
     dst.view(b, s, cp, h // cp, d)[:, :, :, heads] = recv.permute(1, 2, 0, 3, 4)
 
 
-def a2a_forward(q, k, v, causal, scale, rt, load_balance, num_chunks, kernels=None):
+def a2a_forward(q, k, v, causal, scale, rt, load_balance, num_chunks, kernels=None, want_lse=False):
     attn_fwd = kernels[0] if kernels is not None else attention_forward
     cp = rt.world_size
     b, s_loc, hq, d = q.shape
@@ -81,17 +81,26 @@ def a2a_forward(q, k, v, causal, scale, rt, load_balance, num_chunks, kernels=No
         pend_in.append((_heads_sharded(q, cp, qs, rt), _comm.all_to_all(send_kv.contiguous(), rt)))
 
     out = torch.empty_like(q)
-    saved, pend_out = [], []
+    saved, pend_out, pend_lse = [], [], []
     for j in range(nc):
         rq, rkv = pend_in[j][0].wait(), pend_in[j][1].wait()
         q_h = gathered_to_natural(rq, cp, reorder, seq_dim=1).contiguous()  # [B, S, qc, D]
         kv_h = gathered_to_natural(rkv, cp, reorder, seq_dim=2).contiguous()  # [2, B, S, kc, D]
         o_h, lse_h = attn_fwd(q_h, kv_h[0], kv_h[1], causal, scale)
         pend_out.append(_comm.all_to_all(natural_to_scattered(o_h, cp, reorder, seq_dim=1), rt))
+        if want_lse:  # the output's way back, lse [B, qc, S] viewed as [B, S, qc, 1]
+            lse_t = lse_h.float().transpose(1, 2).unsqueeze(-1)
+            pend_lse.append(_comm.all_to_all(natural_to_scattered(lse_t, cp, reorder, seq_dim=1), rt))
         saved += [q_h, kv_h, o_h, lse_h]
     for j in range(nc):
         _write_back(out, pend_out[j].wait(), cp, slice(j * qc, (j + 1) * qc))
-    return out, saved, (rep, nc)
+    lse = None
+    if want_lse:
+        lse4 = torch.empty((b, s_loc, hq, 1), dtype=torch.float32, device=q.device)
+        for j in range(nc):
+            _write_back(lse4, pend_lse[j].wait(), cp, slice(j * qc, (j + 1) * qc))
+        lse = lse4[..., 0].transpose(1, 2).contiguous()  # [B, Hq, S_loc]
+    return out, lse, saved, (rep, nc)
 
 
 def a2a_backward(do, saved, causal, scale, rt, load_balance, rep, nc, k_shape, kernels=None):
@@ -127,24 +136,31 @@ def a2a_backward(do, saved, causal, scale, rt, load_balance, rep, nc, k_shape, k
 
 
 class A2AAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, causal, scale, rt, load_balance, num_chunks, kernels=None):
-        out, saved, (rep, nc) = a2a_forward(q, k, v, causal, scale, rt, load_balance, num_chunks, kernels)
-        ctx.save_for_backward(*saved)
-        ctx.args = (causal, scale, rt, load_balance, rep, nc, tuple(k.shape), kernels)
-        return out
+    """Returns (out, lse): lse [B, Hq, S_loc] fp32 of this rank's queries when want_lse (one more all-to-all
+    per head group), else an empty tensor; not differentiable."""
 
     @staticmethod
-    def backward(ctx, do):
+    def forward(ctx, q, k, v, causal, scale, rt, load_balance, num_chunks, kernels=None, want_lse=False):
+        out, lse, saved, (rep, nc) = a2a_forward(q, k, v, causal, scale, rt, load_balance, num_chunks, kernels,
+                                                 want_lse)
+        ctx.save_for_backward(*saved)
+        ctx.args = (causal, scale, rt, load_balance, rep, nc, tuple(k.shape), kernels)
+        lse = lse if lse is not None else q.new_empty(0, dtype=torch.float32)
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, do, dlse=None):
         causal, scale, rt, load_balance, rep, nc, k_shape, kernels = ctx.args
         dq, dk, dv = a2a_backward(do.contiguous(), list(ctx.saved_tensors), causal, scale, rt, load_balance,
                                   rep, nc, k_shape, kernels)
-        return dq, dk, dv, None, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None, None
 
 
-def a2a_attention(q, k, v, causal, scale, rt, load_balance, num_chunks=2):
+def a2a_attention(q, k, v, causal, scale, rt, load_balance, num_chunks=2, want_lse=False):
+    """-> (out [B, S/cp, Hq, D], lse [B, Hq, S/cp] fp32 if want_lse else empty; lse not differentiable)."""
     kv_replication(q.shape[2], k.shape[2], rt.world_size)  # validate before any communication
-    return A2AAttention.apply(q, k, v, causal, scale, rt, load_balance, num_chunks)
+    return A2AAttention.apply(q, k, v, causal, scale, rt, load_balance, num_chunks, None, want_lse)
 
 
 def _varlen_kernels(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
@@ -202,15 +218,16 @@ def _permuted(kernels, g2n):
 
 
 def a2a_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, rt,
-                         num_chunks=2, zigzag=False, host_cu=None):
+                         num_chunks=2, zigzag=False, host_cu=None, want_lse=False):
     """q: [T/cp, Hq, D], k/v: [T/cp, Hkv, D], rank r's shard of the packed sequence: contiguous (shard r), or
     with zigzag=True the per-sequence zigzag of Megatron's THD layout (packed_zigzag_order; the caller checked
     cu_seqlens_q == cu_seqlens_k, each length divisible by 2*cp; host_cu: cu_seqlens_q as a host list, needed then).
-    cu_seqlens global (validated by the caller). Returns o: [T/cp, Hq, D]."""
+    cu_seqlens global (validated by the caller). Returns (o [T/cp, Hq, D], lse [Hq, T/cp] fp32 if want_lse else
+    empty)."""
     kv_replication(q.shape[1], k.shape[1], rt.world_size)  # validate before any communication
     kernels = _varlen_kernels(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     if zigzag and rt.world_size > 1:
         kernels = _permuted(kernels, packed_zigzag_order(host_cu, rt.world_size).to(q.device))
-    out = A2AAttention.apply(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), causal, scale, rt, False, num_chunks,
-                             kernels)
-    return out[0]
+    out, lse = A2AAttention.apply(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), causal, scale, rt, False,
+                                  num_chunks, kernels, want_lse)
+    return out[0], (lse[0] if want_lse else lse)

@@ -109,17 +109,19 @@ def allgather_backward(do, q, k, v, out, lse, causal, scale, rt, load_balance, n
 
 class _Gathered(torch.autograd.Function):
     """fwd(q, k, v, *args) -> (out, lse, nc); backward = bwd(do, q, k, v, out, lse, *args[:-1], nc): the
-    dense and the packed all-gather attention (args end with num_chunks, replaced by the nc used)."""
+    dense and the packed all-gather attention (args end with num_chunks, replaced by the nc used). Returns
+    (out, lse); lse (fp32, of this rank's queries) is not differentiable."""
 
     @staticmethod
     def forward(ctx, q, k, v, fwd, bwd, *args):
         out, lse, nc = fwd(q, k, v, *args)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.bwd, ctx.args = bwd, args[:-1] + (nc,)
-        return out
+        ctx.mark_non_differentiable(lse)
+        return out, lse
 
     @staticmethod
-    def backward(ctx, do):
+    def backward(ctx, do, dlse=None):
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = ctx.bwd(do.contiguous(), q, k, v, out, lse, *ctx.args)
         return (dq, dk, dv, None, None) + (None,) * len(ctx.args)

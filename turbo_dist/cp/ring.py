@@ -123,23 +123,25 @@ def ring_backward(do, q, k, v, out, lse, causal, scale, rt, load_balance):
 
 class _Ring(torch.autograd.Function):
     """fwd(q, k, v, *args) -> (out, lse); backward = bwd(do, q, k, v, out, lse, *args): the dense and the packed
-    ring attention."""
+    ring attention. Returns (out, lse); lse (fp32, of this rank's queries) is not differentiable."""
 
     @staticmethod
     def forward(ctx, q, k, v, fwd, bwd, *args):
         out, lse = fwd(q, k, v, *args)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.bwd, ctx.args = bwd, args
-        return out
+        ctx.mark_non_differentiable(lse)
+        return out, lse
 
     @staticmethod
-    def backward(ctx, do):
+    def backward(ctx, do, dlse=None):
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = ctx.bwd(do.contiguous(), q, k, v, out, lse, *ctx.args)
         return (dq, dk, dv, None, None) + (None,) * len(ctx.args)
 
 
 def ring_attention(q, k, v, causal, scale, rt, load_balance):
+    """-> (out [B, S/cp, Hq, D], lse [B, Hq, S/cp] fp32, not differentiable)."""
     return _Ring.apply(q, k, v, ring_forward, ring_backward, causal, scale, rt, load_balance)
 
 
@@ -272,4 +274,4 @@ def ring_varlen_attention(q, k, v, cu_q, cu_k, causal, scale, rt, zigzag=False):
     K/V blocks rotate as in ring_attention; each step attends the queries to the rows of the block their
     sequences reach (ring_block_layout / ring_zigzag_layout). Returns o: [T/cp, Hq, D]."""
     steps = _varlen_steps(q, cu_q, cu_k, causal, rt, zigzag)
-    return _Ring.apply(q, k, v, ring_varlen_forward, ring_varlen_backward, steps, causal, scale, rt)
+    return _Ring.apply(q, k, v, ring_varlen_forward, ring_varlen_backward, steps, causal, scale, rt)  # (o, lse [Hq, T/cp])

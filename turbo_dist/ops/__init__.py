@@ -36,18 +36,17 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     cp_param_bundle: {"cp_group": ProcessGroup, "cp_comm_type": "ring" | "a2a" | "allgather"}: q/k/v are
     then this rank's contiguous shard [T/cp, H, D] of the packed sequence and cu_seqlens stay global (over
     the whole packed T, the same on every rank); returns this rank's shard of o. Causal "ring" needs
-    cu_seqlens_q == cu_seqlens_k; return_lse is not available with cp_param_bundle (NotImplementedError).
+    cu_seqlens_q == cu_seqlens_k; with return_lse the lse is this rank's [Hq, T/cp].
     """
     if cp_param_bundle is None:
         return varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal,
                                 softmax_scale=softmax_scale, return_lse=return_lse)
-    if return_lse:
-        raise NotImplementedError("flash_attn_varlen_func: return_lse is not supported with cp_param_bundle")
     from turbo_dist import cp
 
     return cp.context_parallel_attention(q, k, v, causal=causal, softmax_scale=softmax_scale,
                                          cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
-                                         max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, **cp_param_bundle)
+                                         max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, return_lse=return_lse,
+                                         **cp_param_bundle)
 
 
 __all__ = ["dispatcher", "gemm", "grouped_gemm", "gemm_fp8", "grouped_gemm_fp8", "scaled_mm", "grouped_scaled_mm", "quantize_fp8",
