@@ -200,6 +200,44 @@ def test_gemm_triton_split_tail(m, n, k, pieces):
 
 
 @needs_interp
+def test_gemm_tuned_path_builds_candidates_and_reuses_the_choice(monkeypatch):
+    """The tuned TMA path (what runs on a GPU; the interpreter otherwise forces one config): the candidates
+    are this operand type's list plus, for a nearly empty last wave, the split-tail ones; the tuner's choice
+    runs, and the next call reuses it without tuning again. pick is faked (no CUDA timing here)."""
+    from turbo_dist.kernels import _tuner
+    from turbo_dist.kernels import gemm as kgemm
+    from turbo_dist.kernels import gemm_persistent as gp
+
+    small = [(32, 32, 32, 4, 4, 1)]
+    monkeypatch.setattr(kgemm, "CONFIGS_16", small)
+    monkeypatch.setattr(gp, "CONFIGS_TAIL_16", [(16, 16, 32, 2, 4, 1)])
+    monkeypatch.setattr(gp, "SPLIT_TAIL_AUTO", True)
+    monkeypatch.setattr(gp, "split_tail_pays", lambda M, N, sms: True)
+    monkeypatch.setattr(_tuner, "_CACHE", {})
+    calls = []
+
+    def fake_pick(key, launches, timer=None, capturing=False, device=None):
+        calls.append(len(launches))
+        _tuner._CACHE[key] = 2  # the second split-tail variant (TAIL_LAUNCH)
+        return 2
+
+    monkeypatch.setattr(_tuner, "pick", fake_pick)
+    a, b = make_gemm(40, 40, 520, False, True, torch.float16)
+    A, Bm = a, b.t()
+    tma = kgemm.tma_operands(A, Bm)
+    monkeypatch.setattr(kgemm, "interpreting", lambda: False)  # the GPU's path from here on
+    ref = A.double() @ Bm.double()
+    for _ in range(2):
+        c = torch.empty(40, 40, dtype=torch.float16)
+        kgemm._launch_tma(A, Bm, c, c, c, tma, (0, 0, 0, 0), kgemm.SCALE_NONE, 128, None)
+        torch.testing.assert_close(c.double(), ref, rtol=1e-2, atol=1e-2)
+    assert calls == [3]  # 1 plain + 2 split-tail variants, tuned once
+    cands = kgemm._candidates(kgemm.SCALE_NONE, 2, 2, 40, 40, 4, None)
+    assert cands == ((32, 32, 32, 4, 4, 1), (16, 16, 32, 2, 4, 1, kgemm.SPLIT_TAIL), (16, 16, 32, 2, 4, 1,
+                                                                                      kgemm.TAIL_LAUNCH))
+
+
+@needs_interp
 def test_gemm_triton_rejects_bf16_on_cpu():
     use(GEMM_OPS, "triton")
     a, b = make_gemm(8, 8, 8, False, False, torch.bfloat16)

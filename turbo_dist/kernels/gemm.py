@@ -471,8 +471,8 @@ def _launch_tma(a, b, c, sa, sb, tma, s_strides, mode, sb_n, config, split_tail=
     key = ("gemm", M, N, K, mode, sb_n, a_t, b_t, a.dtype, b.dtype, c.dtype, c.stride(), str(a.device), cands)
     best = _tuner.cached(key)
     if best is None:
-        best = _tuner.pick(key, [launcher(cfg) for cfg in cands], capturing=torch.cuda.is_current_stream_capturing(),
-                           device=a.device)
+        capturing = a.is_cuda and torch.cuda.is_current_stream_capturing()
+        best = _tuner.pick(key, [launcher(cfg) for cfg in cands], capturing=capturing, device=a.device)
     launcher(cands[best])()
     return c
 
