@@ -46,12 +46,20 @@ def _find_nvshmem():
     return None
 
 
+def _cuda_homes(wheels_first=False):
+    """Where CUDA's headers and libraries may live: CUDA_HOME / CUDA_PATH / /usr/local/cuda, and the nvidia/*
+    directories of the CUDA pip wheels torch depends on (nvidia/cu13 for CUDA 13; nvidia/cublas,
+    nvidia/cuda_runtime, ... for CUDA 12), in that order or the wheels first."""
+    toolkit = [h for h in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda") if h]
+    wheels = []
+    for site in _site_dirs():
+        wheels.extend(sorted(glob.glob(os.path.join(site, "nvidia", "*"))))
+    return wheels + toolkit if wheels_first else toolkit + wheels
+
+
 def _find_cuda_include():
     """Directory holding cuda_runtime.h: CUDA_HOME/CUDA_PATH, /usr/local/cuda, then torch's CUDA pip wheels."""
-    homes = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
-    dirs = [os.path.join(h, "include") for h in homes if h]
-    for site in _site_dirs():  # nvidia/cu13/include (CUDA 13 wheels), nvidia/cuda_runtime/include (CUDA 12)
-        dirs.extend(sorted(glob.glob(os.path.join(site, "nvidia", "*", "include"))))
+    dirs = [os.path.join(h, "include") for h in _cuda_homes()]
     for inc in dirs:
         if all(os.path.exists(os.path.join(inc, h)) for h in ("cuda.h", "cuda_runtime.h")):
             return inc
@@ -91,10 +99,7 @@ def _find_cublaslt():
     """(include dirs, library file) for cuBLASLt >= 12.9 (blockwise FP8 scaling) or None. The library: the
     one torch loads (the nvidia-cublas wheel), else CUDA_HOME's; the headers: the first directory that has
     cublasLt.h with the CUDA runtime and CCCL headers it includes."""
-    homes = []
-    for site in _site_dirs():  # nvidia/cu13 (CUDA 13 wheels), nvidia/cublas + nvidia/cuda_runtime (CUDA 12)
-        homes.extend(sorted(glob.glob(os.path.join(site, "nvidia", "*"))))
-    homes += [h for h in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda") if h]
+    homes = _cuda_homes(wheels_first=True)
     lib = None
     for home in homes:
         libs = sorted(glob.glob(os.path.join(home, "lib*", "libcublasLt.so*")), key=len)

@@ -201,7 +201,7 @@ def test_gemm_triton_split_tail(m, n, k, pieces):
 
 @needs_interp
 def test_gemm_tuned_path_builds_candidates_and_reuses_the_choice(monkeypatch):
-    """The tuned TMA path (what runs on a GPU; the interpreter otherwise forces one config): the candidates
+    """The tuned TMA path (what runs on a GPU; _launch forces one config under the interpreter): the candidates
     are this operand type's list plus, for a nearly empty last wave, the split-tail ones; the tuner's choice
     runs, and the next call reuses it without tuning again. pick is faked (no CUDA timing here)."""
     from turbo_dist.kernels import _tuner
@@ -225,7 +225,6 @@ def test_gemm_tuned_path_builds_candidates_and_reuses_the_choice(monkeypatch):
     a, b = make_gemm(40, 40, 520, False, True, torch.float16)
     A, Bm = a, b.t()
     tma = kgemm.tma_operands(A, Bm)
-    monkeypatch.setattr(kgemm, "interpreting", lambda: False)  # the GPU's path from here on
     ref = A.double() @ Bm.double()
     for _ in range(2):
         c = torch.empty(40, 40, dtype=torch.float16)

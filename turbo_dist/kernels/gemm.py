@@ -349,8 +349,9 @@ def _num_sms(device):
 
 
 def _launch(a, b, c, sa, sb, mode, sb_n=128, config=None, split_tail=None):
-    """a: [M, K] view, b: [K, N] view, c: [M, N] output; strides are taken as they are. split_tail: None =
-    the SPLIT_TAIL kernel where split_tail_pays (TMA operands, not blockwise), True / False = always / never."""
+    """a: [M, K] view, b: [K, N] view, c: [M, N] output; strides are taken as they are. split_tail (TMA operands
+    only): None = the tuner also times the split-tail kernels where split_tail_pays, True / False = only them /
+    never (see _candidates)."""
     M, K = a.shape
     N = b.shape[1]
     if M == 0 or N == 0:
@@ -372,6 +373,10 @@ def _launch(a, b, c, sa, sb, mode, sb_n=128, config=None, split_tail=None):
         # each K step reads one scale_a column for the tile's rows: M-contiguous makes that one coalesced load
         sa_t = sa.t().contiguous().t()
         s_am, s_ak = sa_t.stride()
+    if config is None and interpreting():
+        config = INTERPRET_CONFIG if mode != SCALE_BLOCK else (32, 32, 128, 4, 4, 1)
+    if config is not None and mode == SCALE_BLOCK and _unpack(config).bk != 128:
+        raise ValueError(f"blockwise scales step K by 128: BLOCK_K must be 128, got config {config}")
     tma = tma_operands(a, b)
     if tma is not None:
         return _launch_tma(a, b, c, sa_t, sb_t, tma, (s_am, s_ak, s_bk, s_bn), mode, sb_n, config, split_tail)
@@ -382,12 +387,8 @@ def _launch(a, b, c, sa, sb, mode, sb_n=128, config=None, split_tail=None):
     args = (a, b, c, sa_t, sb_t, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
             c.stride(0), c.stride(1), s_am, s_ak, s_bk, s_bn)
     meta = dict(SCALE_MODE=mode, SB_N=sb_n, ALLOW_TF32=allow_tf32)
-    if config is None and interpreting():
-        config = INTERPRET_CONFIG if mode != SCALE_BLOCK else (32, 32, 128, 4, 4, 1)
     if config is not None:
         bm, bn, bk, gm, w, s, persistent, ws, rescale, tail, _ = _unpack(config)
-        if mode == SCALE_BLOCK and bk != 128:
-            raise ValueError(f"blockwise scales step K by 128: BLOCK_K must be 128, got config {config}")
         if persistent or ws or rescale or tail:
             raise NotImplementedError(f"persistent / split-tail / warp-specialized / rescaled config {config} runs on "
                                       f"the TMA kernel only; these operands take the pointer kernel (see tma_operands)")
@@ -435,8 +436,6 @@ def _launch_tma(a, b, c, sa, sb, tma, s_strides, mode, sb_n, config, split_tail=
 
     def launcher(config):
         cf = _unpack(config)
-        if mode == SCALE_BLOCK and cf.bk != 128:
-            raise ValueError(f"blockwise scales step K by 128: BLOCK_K must be 128, got config {config}")
         kw = dict(BLOCK_M=cf.bm, BLOCK_N=cf.bn, BLOCK_K=cf.bk, GROUP_M=cf.gm, WS=cf.ws, RESCALE=cf.rescale,
                   num_warps=cf.warps, num_stages=cf.stages)
         tiles = -(-M // cf.bm) * -(-N // cf.bn)
@@ -459,9 +458,7 @@ def _launch_tma(a, b, c, sa, sb, tma, s_strides, mode, sb_n, config, split_tail=
                 _gemm_tma_kernel[(tiles,)](*args, **meta, **kw)
         return launch
 
-    if config is None and interpreting():
-        config = INTERPRET_CONFIG if mode != SCALE_BLOCK else (32, 32, 128, 4, 4, 1)
-    if config is not None:
+    if config is not None:  # forced (tests, benches; under TRITON_INTERPRET=1 always, see _launch)
         if split_tail and not _unpack(config).tail:
             config = (*config[:6], (config[6] if len(config) == 7 else 0) | SPLIT_TAIL)
         launcher(config)()
