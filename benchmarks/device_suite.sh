@@ -111,6 +111,15 @@ for ph in $PHASES; do
             timeout 100 python benchmarks/tune_ops.py --cases dsv3_qkv_a --rep-ms 20 --candidates \
               256x128x64x16x8x4,256x128x64x16x8x4x8,256x128x64x16x8x4x16,128x256x64x8x8x4x16,128x256x64x8x8x3x16,128x128x64x8x8x4x16 \
               --json "$OUT/tune_tail_$TAG.json" > "$OUT/tune_tail_$TAG.log" 2>&1; echo "tail2 tune rc=$?"; grep -E "config|baseline|autotuned" "$OUT/tune_tail_$TAG.log" | tail -10;;
+    verify3) # one GPU: stop 14's last commits (tuner device guard / L2-sized flush, BLOCK_K check, C++ row check,
+            # CP return_lse in share-GPU mode), then the quick gemm bench
+            TURBO_DIST_TRITON_TUNE=first timeout 200 python -m pytest -q -rs -p no:cacheprovider tests/test_ops_gemm.py \
+              tests/test_tuner.py tests/test_ops_fp8.py -k "gpu or cublaslt or torch_loop or pick" > "$OUT/pytest_verify3_$TAG.log" 2>&1
+            echo "verify3 tests rc=$?"; tail -2 "$OUT/pytest_verify3_$TAG.log"; grep -E "^(FAILED|ERROR)|Error:" "$OUT/pytest_verify3_$TAG.log" | head -8
+            TURBO_DIST_TRITON_TUNE=first TURBO_DIST_TEST_SHARE_GPU=1 TURBO_DIST_TIMEOUT_S=30 TURBO_DIST_TEST_TIMEOUT_S=100 \
+              timeout 300 python -m pytest --dist-only -q -rs -p no:cacheprovider tests/test_varlen_attention.py tests/test_cp.py \
+              > "$OUT/pytest_share_cp_$TAG.log" 2>&1; echo "verify3 share-GPU CP rc=$?"; tail -2 "$OUT/pytest_share_cp_$TAG.log"
+            grep -E "^(FAILED|ERROR)" "$OUT/pytest_share_cp_$TAG.log" | head -10;;
     moefix) timeout 200 python -m pytest -q -rs -p no:cacheprovider tests/test_moe_low_latency.py::test_low_latency_triton_self_loop \
               tests/test_moe_low_latency.py::test_low_latency_kernels_simulated_ranks tests/test_moe_low_latency.py::test_fp8_casts_bit_identical_on_cpu_and_gpu \
               tests/test_moe_nvlink.py::test_nvlink_vs_collective "tests/test_moe_nvlink.py::test_nvlink_reference_fp8_backward_errors" tests/test_moe.py > "$OUT/pytest_moefix_$TAG.log" 2>&1; echo "moefix rc=$?"; tail -4 "$OUT/pytest_moefix_$TAG.log";;

@@ -129,3 +129,30 @@ def test_choice_key_adds_values_the_predicates_read(monkeypatch):
         assert dispatcher.dispatch(name, x, torch.tensor([2, 2])) == "even" and len(calls) == n + 2  # not cached
     finally:
         dispatcher.set_choice_key(name, None)
+
+
+def test_env_backend_override_read_on_every_call(monkeypatch):
+    """The dispatcher reads TURBO_DIST_<OP>_BACKEND through runtime.config.getenv (os.environ's own dict, the
+    key encoded once): a variable set, changed or removed between calls takes effect on the next call,
+    exactly as os.environ.get would see it; another mapping in place of os.environ falls back to .get."""
+    from turbo_dist.runtime import config
+
+    name = "test_op_env"
+    dispatcher.register_backend(name, "a", lambda x: "a", priority=10)
+    dispatcher.register_backend(name, "b", lambda x: "b", priority=20)
+    var = "TURBO_DIST_TEST_OP_ENV_BACKEND"
+    monkeypatch.delenv(var, raising=False)
+    x = torch.zeros(2)
+    assert dispatcher.dispatch(name, x) == "a" and config.getenv(var) is None and config.getenv(var, "d") == "d"
+    monkeypatch.setenv(var, "b")
+    assert dispatcher.dispatch(name, x) == "b" and dispatcher.asked_for(name, "b") and not dispatcher.asked_for(name, "a")
+    monkeypatch.setenv(var, "nope")
+    with pytest.raises(ValueError, match="TURBO_DIST_TEST_OP_ENV_BACKEND asks for backend 'nope'"):
+        dispatcher.dispatch(name, x)
+    monkeypatch.delenv(var)
+    assert dispatcher.dispatch(name, x) == "a"
+    monkeypatch.setenv("TURBO_DIST_TEST_ENV_UNICODE", "é-1")
+    for key in ("TURBO_DIST_TEST_ENV_UNICODE", "PATH", "TURBO_DIST_NOT_SET_ANYWHERE"):
+        assert config.getenv(key) == __import__("os").environ.get(key)
+    monkeypatch.setattr(config.os, "environ", {var: "b"})  # a plain dict: no _data, read with .get
+    assert config.getenv(var) == "b" and dispatcher.dispatch(name, x) == "b"

@@ -1,14 +1,14 @@
 """Small pieces every Triton kernel module shares: whether kernels run in the interpreter, and the
 GPU's nanosecond clock (for bounded peer waits)."""
-import os
-
 import triton
 import triton.language as tl
+
+from ..runtime.config import getenv
 
 
 def interpreting():
     """True when Triton kernels run in the CPU interpreter (TRITON_INTERPRET=1), read at call time."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return getenv("TRITON_INTERPRET") == "1"
 
 
 @triton.jit

@@ -12,7 +12,6 @@ Backends register with the dispatcher under ops "attention_fwd" and "attention_b
 Packed variable-length sequences: ops/attention_varlen.py.
 """
 import math
-import os
 
 import torch
 
@@ -296,8 +295,7 @@ def _triton_reason(op, q, k, v):
     if q.dtype == torch.bfloat16:
         return "the Triton interpreter mishandles bf16; use fp16/fp32 on CPU"
     # On CPU the interpreter is a test vehicle, far slower than the reference: only when named.
-    named = dispatcher.get_backend(op) == "triton" or os.environ.get(f"TURBO_DIST_{op.upper()}_BACKEND") == "triton"
-    return True if named else "triton on CPU (interpreter) runs only when chosen explicitly"
+    return True if dispatcher.asked_for(op, "triton") else "triton on CPU (interpreter) runs only when chosen explicitly"
 
 
 def triton_forward(q, k, v, causal=False, softmax_scale=None):

@@ -17,12 +17,13 @@ Registering a backend or changing a setter/preference clears it;
 `clear_cache()` does by hand (e.g. after monkeypatching what a `can_handle` reads).
 """
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
 import torch
+
+from ..runtime.config import getenv
 
 log = logging.getLogger("turbo_dist")
 
@@ -45,6 +46,10 @@ class Op:
     signature: Optional[Callable] = None  # (*args, **kwargs) -> hashable key for autotuning
     preference: Optional[Callable] = None  # (*args, **kwargs) -> backend name to try first, or None
     choice_key: Optional[Callable] = None  # (*args, **kwargs) -> what else (values) can_handle reads
+    env_var: str = ""  # TURBO_DIST_<OP>_BACKEND
+
+    def __post_init__(self):
+        self.env_var = f"TURBO_DIST_{self.name.upper()}_BACKEND"
 
     def ordered(self) -> List[Backend]:
         return sorted(self.backends.values(), key=lambda b: (b.priority, b.name))
@@ -103,6 +108,12 @@ def set_backend(op, name):
 
 def get_backend(op):
     return _op(op).forced
+
+
+def asked_for(op, name):
+    """True when `name` was chosen explicitly for `op`: set_backend or TURBO_DIST_<OP>_BACKEND."""
+    o = _op(op)
+    return o.forced == name or getenv(o.env_var) == name
 
 
 def backends(op):
@@ -164,10 +175,10 @@ def _autotune(o, candidates, args, kwargs):
 _SCALARS = (int, float, bool, str, type(None), torch.dtype, torch.device)
 
 
-def _choice_key(op, args, kwargs):
-    """The input signature the automatic choice depends on, or None when an argument is not describable
-    (then nothing is cached for the call)."""
-    key = [op, os.environ.get("TRITON_INTERPRET")]
+def _choice_key(o, args, kwargs):
+    """The input signature the automatic choice of op `o` depends on, or None when an argument is not
+    describable (then nothing is cached for the call)."""
+    key = [o.name, getenv("TRITON_INTERPRET")]
     for v in (*args, *(kwargs[k] for k in sorted(kwargs))) if kwargs else args:
         if isinstance(v, torch.Tensor):
             key.append((v.shape, v.stride(), v.dtype, v.device, v.data_ptr() % 16))
@@ -177,7 +188,7 @@ def _choice_key(op, args, kwargs):
             return None
     if kwargs:
         key.extend(sorted(kwargs))
-    extra = _OPS[op].choice_key if op in _OPS else None
+    extra = o.choice_key
     if extra is not None:
         try:
             key.append(extra(*args, **kwargs))
@@ -187,10 +198,15 @@ def _choice_key(op, args, kwargs):
 
 
 def choose(op, *args, **kwargs) -> Backend:
-    o = _op(op)
-    explicit = o.forced or os.environ.get(f"TURBO_DIST_{op.upper()}_BACKEND") or None
+    """The backend `dispatch` would run for these inputs (see the module docstring for the order)."""
+    return _choose(_op(op), args, kwargs)
+
+
+def _choose(o, args, kwargs) -> Backend:
+    op = o.name
+    explicit = o.forced or getenv(o.env_var) or None
     if explicit:
-        source = "set_backend" if o.forced else f"TURBO_DIST_{op.upper()}_BACKEND"
+        source = "set_backend" if o.forced else o.env_var
         b = o.backends.get(explicit)
         if b is None:
             raise ValueError(f"{source} asks for backend {explicit!r} of {op}; available: {sorted(o.backends)}")
@@ -198,12 +214,12 @@ def choose(op, *args, **kwargs) -> Backend:
         if ok is not True:
             raise ValueError(f"backend {explicit!r} (from {source}) cannot run {op} on these inputs: {ok}")
         return b
-    autotune = os.environ.get("TURBO_DIST_AUTOTUNE", "0") == "1"
-    key = None if autotune else _choice_key(op, args, kwargs)
+    autotune = getenv("TURBO_DIST_AUTOTUNE") == "1"
+    key = None if autotune else _choice_key(o, args, kwargs)
     if key is not None:
-        name = _CHOICE_CACHE.get(key)
-        if name is not None and name in o.backends:
-            return o.backends[name]
+        chosen = _CHOICE_CACHE.get(key)
+        if chosen is not None:
+            return chosen
     candidates, reasons = [], {}
     for b in o.ordered():
         ok = _accepts(b, args, kwargs)
@@ -225,14 +241,14 @@ def choose(op, *args, **kwargs) -> Backend:
     if key is not None:
         if len(_CHOICE_CACHE) >= _CHOICE_CACHE_MAX:
             _CHOICE_CACHE.clear()
-        _CHOICE_CACHE[key] = candidates[0].name
+        _CHOICE_CACHE[key] = candidates[0]  # the Backend: registering one clears the cache
     return candidates[0]
 
 
 def dispatch(op, *args, **kwargs):
     """Run `op` on the chosen backend."""
-    b = choose(op, *args, **kwargs)
-    o = _OPS[op]
+    o = _OPS.get(op) or _op(op)
+    b = _choose(o, args, kwargs)
     if o.last != b.name:
         log.debug("dispatcher: %s -> %s", op, b.name)
     o.last = b.name

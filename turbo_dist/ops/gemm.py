@@ -5,7 +5,6 @@ TRITON_INTERPRET=1 in fp16/fp32). The default order puts the faster one first on
 benchmarks/results/bench_ops_h100.json); TURBO_DIST_GEMM_BACKEND or dispatcher.set_backend overrides.
 """
 import logging
-import os
 
 import torch
 
@@ -55,10 +54,6 @@ def _torch_gemm(a, b, trans_a=False, trans_b=False, out_dtype=None):
     return torch.mm(a.float(), b.float()).to(out_dtype)
 
 
-def _asked_for_triton(op):
-    return dispatcher.get_backend(op) == "triton" or os.environ.get(f"TURBO_DIST_{op.upper()}_BACKEND") == "triton"
-
-
 def triton_available(*tensors, op=None):
     """True or the reason our Triton kernels cannot run `op` on these tensors.
 
@@ -75,7 +70,7 @@ def triton_available(*tensors, op=None):
     if devs == {"cpu"} and interpreting():
         if any(t.dtype == torch.bfloat16 for t in tensors):
             return "the Triton interpreter mishandles bf16 on CPU"
-        if op is not None and not _asked_for_triton(op):
+        if op is not None and not dispatcher.asked_for(op, "triton"):
             return "on CPU the Triton interpreter runs only when the 'triton' backend is asked for"
         return True
     return f"triton needs CUDA tensors (or TRITON_INTERPRET=1 on CPU); got devices {sorted(devs)}"
