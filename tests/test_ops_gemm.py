@@ -347,6 +347,47 @@ def test_grouped_triton_tma_and_pointer_paths(monkeypatch, trans_b, tma):
     torch.testing.assert_close(out.double(), grouped_ref(a, b, gl, trans_b), rtol=1e-2, atol=1e-2)
 
 
+@needs_interp
+@pytest.mark.parametrize("tma", [True, False])
+def test_grouped_tuned_path_picks_per_rows_bucket(monkeypatch, tma):
+    """The tuned path of the grouped kernels (what runs on a GPU; under the interpreter one config is forced
+    unless that is turned off as here): both candidates are built, the tuner's choice runs and is
+    reused for the same shape and rows-per-group bucket, a batch in another bucket is tuned again; the
+    weight-gradient kernel likewise. pick is faked (no CUDA timing here)."""
+    from turbo_dist.kernels import _tuner
+    from turbo_dist.kernels import gemm as kgemm
+    from turbo_dist.kernels import grouped_gemm as kgg
+    from turbo_dist.ops.grouped_gemm import group_offsets
+
+    monkeypatch.setattr(kgemm, "USE_TMA", tma)
+    monkeypatch.setattr(kgg, "interpreter_config", lambda mode: None)
+    monkeypatch.setattr(kgg, "CONFIGS_16", [(32, 32, 32, 4, 1), (16, 32, 32, 4, 1)])
+    monkeypatch.setattr(kgg, "CONFIGS_WGRAD", [(32, 32, 32, 4, 1), (16, 16, 32, 4, 1)])
+    monkeypatch.setattr(kgemm, "TUNE_FIRST_ONLY", False)
+    monkeypatch.setattr(_tuner, "_CACHE", {})
+    calls = []
+
+    def fake_pick(key, launches, timer=None, capturing=False, device=None):
+        calls.append((key[0], len(launches), capturing))
+        _tuner._CACHE[key] = 1
+        return 1
+
+    monkeypatch.setattr(_tuner, "pick", fake_pick)
+    for lens in ([5, 0, 37, 8], [9, 3, 30, 8], [100, 0, 37, 64]):  # buckets 16, 16, 64 rows per group
+        a, b, gl = make_grouped(lens, 40, 24, False, torch.float16)
+        offs = group_offsets(gl, "cpu")
+        out = kgg.grouped_gemm(a, b, offs)
+        torch.testing.assert_close(out.double(), grouped_ref(a, b, gl, False), rtol=1e-2, atol=1e-2)
+        dc = rnd(*out.shape, dtype=torch.float16, seed=9)
+        db = kgg.grouped_wgrad(a, dc, offs, len(lens))
+        ref = torch.stack([a[s:e].double().t() @ dc[s:e].double() for s, e in
+                           zip([0] + offs.tolist()[:-1], offs.tolist())])
+        torch.testing.assert_close(db.double(), ref, rtol=1e-2, atol=1e-2)
+    fwd = "grouped_tma" if tma else "grouped"
+    assert calls == [(fwd, 2, False), ("grouped_wgrad", 2, False)] * 2
+    assert kgg.rows_bucket(50, 4) == 16 and kgg.rows_bucket(0, 4) == 1 and kgg.rows_bucket(201, 4) == 64
+
+
 @pytest.mark.parametrize("backend", CPU_GROUPED)
 @pytest.mark.parametrize("lens,trans_b", [([5, 0, 20, 8], False), ([0, 12, 0, 9], True)])
 def test_grouped_autograd(backend, lens, trans_b):
@@ -498,6 +539,38 @@ def test_gemm_gpu_tma_matches_pointer_kernel(monkeypatch, trans_a, trans_b):
     exact = A.float() @ Bm.float()
     assert rel(outs[0], exact) < 1e-2 and rel(outs[1], exact) < 1e-2
     torch.testing.assert_close(outs[0].float(), outs[1].float(), rtol=2e-2, atol=1e-1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tma", [True, False])
+def test_grouped_gpu_config_chosen_during_graph_capture(monkeypatch, tma):
+    """A first call inside CUDA graph capture (a decode step captured before any eager call of that shape):
+    the tuner times nothing there, the first config runs, the replay is right, and the choice is not
+    cached (the next eager call tunes)."""
+    from turbo_dist.kernels import _tuner
+    from turbo_dist.kernels import gemm as kgemm
+    from turbo_dist.kernels import grouped_gemm as kgg
+    from turbo_dist.ops.grouped_gemm import group_offsets
+
+    monkeypatch.setattr(kgemm, "USE_TMA", tma)
+    lens = [64, 0, 200, 31]
+    a, b, gl = make_grouped(lens, 1024, 512, False, torch.bfloat16, device="cuda")
+    offs = group_offsets(gl.cuda(), "cuda")
+    first = kgg._fwd_configs(kgg.SCALE_NONE, 2)[0]
+    kgg.grouped_gemm(a, b, offs, config=first)  # compile the first config outside the capture
+    torch.cuda.synchronize()
+    monkeypatch.setattr(_tuner, "_CACHE", {})
+    out = torch.empty(a.shape[0], 512, dtype=torch.bfloat16, device="cuda")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        kgg.grouped_gemm(a, b, offs, out=out)
+    assert not _tuner._CACHE
+    out.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert rel(out, grouped_ref(a, b, gl, False)) < 1e-2
+    kgg.grouped_gemm(a, b, offs)
+    assert len(_tuner._CACHE) == 1
 
 
 @pytest.mark.gpu

@@ -1,4 +1,5 @@
-"""Config selection for our dense Triton GEMM: every candidate timed interleaved, not one after another.
+"""Config selection for our Triton GEMMs (dense and grouped): every candidate timed interleaved, not one
+after another.
 
 triton.autotune times each config alone, in list order (~100 ms each). On a power-capped H200 the clock
 drifts over those seconds, so configs late in the list are measured slower than they are: on 8192x2112x7168
@@ -63,6 +64,16 @@ def cuda_event_timer(flush):
 def cached(key):
     """The index `pick` chose for `key`, or None (the caller then builds the candidates and picks)."""
     return _CACHE.get(key)
+
+
+def launch_best(key, configs, launcher, device):
+    """Run `launcher(configs[i])()` for the `i` chosen for `key` (timed by `pick` on first use; while a CUDA
+    graph is being captured, the untimed first config). `launcher(config)` builds a no-argument launch."""
+    best = _CACHE.get(key)
+    if best is None:
+        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        best = pick(key, [launcher(cfg) for cfg in configs], capturing=capturing, device=device)
+    launcher(configs[best])()
 
 
 def pick(key, launches, timer=None, capturing=False, device=None):

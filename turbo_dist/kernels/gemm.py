@@ -10,9 +10,9 @@ the interpreter), used whenever both operands are 16-byte aligned with one unit 
 descriptor over the stored layout plus an in-register `.T`); `_gemm_kernel` uses plain pointer loads and
 takes any strides (odd shapes, fp32, sliced views, pre-Hopper GPUs).
 
-Configs are data (`CONFIGS_*`): the pointer kernels go through triton.autotune; the TMA kernels' config is
-picked by `_tuner.pick`, which times the candidates interleaved (triton.autotune's one-after-another timing
-drifts with the clock of a power-capped GPU); under TRITON_INTERPRET=1 one small config runs. A forced config
+Configs are data (`CONFIGS_*`): both kernels' config is picked by `_tuner` on first use per shape, timing the
+candidates interleaved (triton.autotune's one-after-another timing drifts with the clock of a power-capped
+GPU) and taking the first untimed during CUDA graph capture; under TRITON_INTERPRET=1 one small config runs. A forced config
 (`config=`, tests and benchmarks/tune_ops.py) may add a 7th entry of flags (see _unpack) for the kernels of
 kernels/gemm_persistent.py: persistent (one program per SM walking the tiles), and its split-tail modes that
 cut the partial last wave's tiles along K so no SM idles through it; the tuner times those beside the plain
@@ -75,20 +75,12 @@ CONFIGS_BLOCK = [
 ]
 INTERPRET_CONFIG = (32, 32, 32, 4, 4, 1)
 
-# TURBO_DIST_TRITON_TUNE=first: autotune over the first config of each list only (GPU tests, quick checks)
+# TURBO_DIST_TRITON_TUNE=first: tune over the first config of each list only (GPU tests, quick checks)
 TUNE_FIRST_ONLY = os.environ.get("TURBO_DIST_TRITON_TUNE", "full") == "first"
 
 
 def tune_rows(rows):
     return list(rows[:1]) if TUNE_FIRST_ONLY else list(rows)
-
-
-def _configs(rows):
-    rows = tune_rows(rows)
-    return [
-        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": g}, num_warps=w, num_stages=s)
-        for (m, n, k, g, w, s) in rows
-    ]
 
 
 @triton.jit
@@ -279,11 +271,7 @@ def _set_tma_blocks(nargs):
     nargs["b_desc"].block_shape = [bn, bk] if nargs["B_T"] else [bk, bn]
 
 
-_KEY = ["M", "N", "K", "SCALE_MODE"]
-_tuned_16 = triton.autotune(_configs(CONFIGS_16), key=_KEY)(_gemm_kernel)
-_tuned_8 = triton.autotune(_configs(CONFIGS_8), key=_KEY)(_gemm_kernel)
-_tuned_block = triton.autotune(_configs(CONFIGS_BLOCK), key=_KEY)(_gemm_kernel)
-# the TMA kernels' configs are chosen by _tuner.pick (interleaved timing), see _launch_tma
+# configs are chosen by _tuner (interleaved timing, CUDA-graph-capture safe): see _launch and _launch_tma
 
 USE_TMA = os.environ.get("TURBO_DIST_TRITON_TMA", "1") != "0"  # 0: pointer kernels only (A/B comparisons)
 
@@ -387,17 +375,23 @@ def _launch(a, b, c, sa, sb, mode, sb_n=128, config=None, split_tail=None):
     args = (a, b, c, sa_t, sb_t, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
             c.stride(0), c.stride(1), s_am, s_ak, s_bk, s_bn)
     meta = dict(SCALE_MODE=mode, SB_N=sb_n, ALLOW_TF32=allow_tf32)
-    if config is not None:
-        bm, bn, bk, gm, w, s, persistent, ws, rescale, tail, _ = _unpack(config)
+
+    def launcher(cfg):
+        bm, bn, bk, gm, w, s, persistent, ws, rescale, tail, _ = _unpack(cfg)
         if persistent or ws or rescale or tail:
-            raise NotImplementedError(f"persistent / split-tail / warp-specialized / rescaled config {config} runs on "
+            raise NotImplementedError(f"persistent / split-tail / warp-specialized / rescaled config {cfg} runs on "
                                       f"the TMA kernel only; these operands take the pointer kernel (see tma_operands)")
         grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
-        _gemm_kernel[grid](*args, **meta, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, num_warps=w, num_stages=s)
+        return lambda: _gemm_kernel[grid](*args, **meta, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm,
+                                          num_warps=w, num_stages=s)
+
+    if config is not None:
+        launcher(config)()
         return c
-    kernel = _tuned_block if mode == SCALE_BLOCK else (_tuned_8 if a.element_size() == 1 else _tuned_16)
-    grid = lambda meta_: (triton.cdiv(M, meta_["BLOCK_M"]) * triton.cdiv(N, meta_["BLOCK_N"]),)  # noqa: E731
-    kernel[grid](*args, **meta)
+    rows = tune_rows(CONFIGS_BLOCK if mode == SCALE_BLOCK else (CONFIGS_8 if a.element_size() == 1 else CONFIGS_16))
+    key = ("gemm_ptr", M, N, K, mode, sb_n, allow_tf32, a.dtype, b.dtype, c.dtype, a.stride(), b.stride(), c.stride(),
+           str(a.device), tuple(rows))
+    _tuner.launch_best(key, rows, launcher, a.device)
     return c
 
 
@@ -466,11 +460,7 @@ def _launch_tma(a, b, c, sa, sb, tma, s_strides, mode, sb_n, config, split_tail=
     # tuned on first use per shape (_tuner.pick, interleaved timing); later calls build only the chosen launch
     cands = _candidates(mode, a.element_size(), c.element_size(), M, N, nprog, split_tail)
     key = ("gemm", M, N, K, mode, sb_n, a_t, b_t, a.dtype, b.dtype, c.dtype, c.stride(), str(a.device), cands)
-    best = _tuner.cached(key)
-    if best is None:
-        capturing = a.is_cuda and torch.cuda.is_current_stream_capturing()
-        best = _tuner.pick(key, [launcher(cfg) for cfg in cands], capturing=capturing, device=a.device)
-    launcher(cands[best])()
+    _tuner.launch_best(key, cands, launcher, a.device)
     return c
 
 

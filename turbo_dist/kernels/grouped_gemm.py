@@ -14,11 +14,16 @@ b[g] with a unit stride; Hopper+ or the interpreter) and plain pointer loads (an
 Optional FP8 scales (SCALE_MODE as in kernels/gemm.py): 1 tensorwise (scale_a [1], scale_b [G]),
 2 rowwise (scale_a [M], scale_b [G, N]), 3 blockwise (scale_a [M, cdiv(K,128)],
 scale_b [G, cdiv(K,128), cdiv(N, SB_N)], BLOCK_K = 128).
+
+Configs (`CONFIGS_*`) are chosen by kernels/_tuner on first use per shape and per bucket of rows per group
+(`rows_bucket`: the counts live on the GPU and are not read), timed interleaved; the first config, untimed,
+while a CUDA graph is being captured.
 """
 import torch
 import triton
 import triton.language as tl
 
+from . import _tuner
 from . import gemm as _gemm
 from .gemm import (SCALE_BLOCK, SCALE_NONE, TensorDescriptor, _block_scales, _mma_step, _scale_epilogue,
                    _store_tile, interpreting)
@@ -56,12 +61,11 @@ INTERPRET_CONFIG = (32, 32, 32, 4, 1)
 INTERPRET_PROGRAMS = 4
 
 
-def _configs(rows):
-    rows = _gemm.tune_rows(rows)
-    return [
-        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
-        for (m, n, k, w, s) in rows
-    ]
+def interpreter_config(scale_mode):
+    """Under TRITON_INTERPRET=1 one small config runs untuned (None elsewhere: the tuner picks)."""
+    if not interpreting():
+        return None
+    return INTERPRET_CONFIG if scale_mode != SCALE_BLOCK else (32, 32, 128, 4, 1)
 
 
 WARP_SPECIALIZE, RESCALE_ACC = 1, 2  # bits of a config's optional 6th entry (TMA kernel only)
@@ -207,14 +211,6 @@ def _set_tma_blocks(nargs):
     nargs["b_desc"].block_shape = [1, bn, bk] if nargs["B_T"] else [1, bk, bn]
 
 
-def _tma_configs(rows):
-    rows = _gemm.tune_rows(rows)
-    return [
-        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s, pre_hook=_set_tma_blocks)
-        for (m, n, k, w, s) in rows
-    ]
-
-
 @triton.jit
 def _grouped_wgrad_kernel(
     x_ptr, y_ptr, c_ptr, offs_ptr,
@@ -256,15 +252,14 @@ def _grouped_wgrad_kernel(
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_p[:, None] & mask_q[None, :])
 
 
-_KEY = ["N", "K", "G", "SCALE_MODE"]
-_tuned_16 = triton.autotune(_configs(CONFIGS_16), key=_KEY)(_grouped_gemm_kernel)
-_tuned_8 = triton.autotune(_configs(CONFIGS_8), key=_KEY)(_grouped_gemm_kernel)
-_tuned_block = triton.autotune(_configs(CONFIGS_BLOCK), key=_KEY)(_grouped_gemm_kernel)
-_TMA_KEY = ["N", "K", "G", "SCALE_MODE", "B_T"]
-_tma_16 = triton.autotune(_tma_configs(CONFIGS_16), key=_TMA_KEY)(_grouped_gemm_tma_kernel)
-_tma_8 = triton.autotune(_tma_configs(CONFIGS_8), key=_TMA_KEY)(_grouped_gemm_tma_kernel)
-_tma_block = triton.autotune(_tma_configs(CONFIGS_BLOCK), key=_TMA_KEY)(_grouped_gemm_tma_kernel)
-_tuned_wgrad = triton.autotune(_configs(CONFIGS_WGRAD), key=["P", "Q", "G"])(_grouped_wgrad_kernel)
+def rows_bucket(M, G):
+    """The tuning key's stand-in for the token counts (on the GPU, unread): rows per group on average, rounded
+    up to a power of two. A config is chosen once per bucket (MoE batches vary every step, buckets seldom)."""
+    return min(triton.next_power_of_2(max(1, -(-M // max(G, 1)))), 1 << 14)
+
+
+def _fwd_configs(scale_mode, es):
+    return _gemm.tune_rows(CONFIGS_BLOCK if scale_mode == SCALE_BLOCK else (CONFIGS_8 if es == 1 else CONFIGS_16))
 
 
 def _ieee(t):
@@ -331,17 +326,25 @@ def grouped_gemm(a, b, group_offs, out=None, scale_a=None, scale_b=None, scale_m
     nprog = num_programs(a.device)
     meta = dict(NUM_PROGS=nprog, G_POW2=max(triton.next_power_of_2(G), 2), SCALE_MODE=scale_mode, SB_N=sb_n,
                 IEEE=_ieee(a))
-    if config is None and interpreting():
-        config = INTERPRET_CONFIG if scale_mode != SCALE_BLOCK else (32, 32, 128, 4, 1)
-    if config is not None:
-        bm, bn, bk, w, s, ws, rescale = _unpack(config)
+    if config is None:
+        config = interpreter_config(scale_mode)
+
+    def launcher(cfg):
+        bm, bn, bk, w, s, ws, rescale = _unpack(cfg)
         if ws or rescale:
-            raise NotImplementedError(f"warp-specialized / rescaled config {config} runs on the TMA kernel only; these operands "
+            raise NotImplementedError(f"warp-specialized / rescaled config {cfg} runs on the TMA kernel only; these operands "
                                       f"take the pointer kernel (see tma_operands)")
-        _grouped_gemm_kernel[(nprog,)](*args, **meta, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=s)
+        return lambda: _grouped_gemm_kernel[(nprog,)](*args, **meta, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                                                      num_warps=w, num_stages=s)
+
+    if config is not None:
+        launcher(config)()
         return out
-    kernel = _tuned_block if scale_mode == SCALE_BLOCK else (_tuned_8 if a.element_size() == 1 else _tuned_16)
-    kernel[(nprog,)](*args, **meta)
+    # tuned on first use per (shape, rows-per-group bucket) by _tuner (interleaved timing, capture-safe)
+    rows = _fwd_configs(scale_mode, a.element_size())
+    key = ("grouped", N, K, G, scale_mode, sb_n, a.dtype, b.dtype, out.dtype, rows_bucket(M, G), str(a.device),
+           tuple(rows))
+    _tuner.launch_best(key, rows, launcher, a.device)
     return out
 
 
@@ -355,16 +358,25 @@ def _launch_tma(a, tma, out, group_offs, sa, sb, s_strides, scale_mode, sb_n, co
     nprog = num_programs(a.device)
     args = (a_desc, b_desc, out, group_offs, sa, sb, G, N, K, out.stride(0), out.stride(1), *s_strides)
     meta = dict(NUM_PROGS=nprog, G_POW2=max(triton.next_power_of_2(G), 2), B_T=b_t, SCALE_MODE=scale_mode, SB_N=sb_n)
-    if config is None and interpreting():
-        config = INTERPRET_CONFIG if scale_mode != SCALE_BLOCK else (32, 32, 128, 4, 1)
+    if config is None:
+        config = interpreter_config(scale_mode)
+
+    def launcher(cfg):
+        bm, bn, bk, w, s, ws, rescale = _unpack(cfg)
+
+        def launch():
+            _set_tma_blocks(dict(a_desc=a_desc, b_desc=b_desc, B_T=b_t, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk))
+            _grouped_gemm_tma_kernel[(nprog,)](*args, **meta, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, WS=ws,
+                                               RESCALE=rescale, num_warps=w, num_stages=s)
+        return launch
+
     if config is not None:
-        bm, bn, bk, w, s, ws, rescale = _unpack(config)
-        _set_tma_blocks(dict(a_desc=a_desc, b_desc=b_desc, B_T=b_t, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk))
-        _grouped_gemm_tma_kernel[(nprog,)](*args, **meta, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, WS=ws, RESCALE=rescale,
-                                           num_warps=w, num_stages=s)
+        launcher(config)()
         return out
-    kernel = _tma_block if scale_mode == SCALE_BLOCK else (_tma_8 if a.element_size() == 1 else _tma_16)
-    kernel[(nprog,)](*args, **meta)
+    rows = _fwd_configs(scale_mode, a.element_size())
+    key = ("grouped_tma", N, K, G, scale_mode, sb_n, b_t, a.dtype, b_st.dtype, out.dtype,
+           rows_bucket(a.shape[0], G), str(a.device), tuple(rows))
+    _tuner.launch_best(key, rows, launcher, a.device)
     return out
 
 
@@ -381,13 +393,20 @@ def grouped_wgrad(x, y, group_offs, G, out=None, out_dtype=None, config=None):
         return out.zero_()
     args = (x, y, out, group_offs, G, P, Q, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
             out.stride(0), out.stride(1), out.stride(2), _ieee(x))
-    if config is None and interpreting():
-        config = INTERPRET_CONFIG
-    if config is not None:
-        bm, bn, bk, w, s = config
+    if config is None:
+        config = interpreter_config(SCALE_NONE)
+
+    def launcher(cfg):
+        bm, bn, bk, w, s = cfg
         grid = (G * triton.cdiv(P, bm) * triton.cdiv(Q, bn),)
-        _grouped_wgrad_kernel[grid](*args, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=s)
+        return lambda: _grouped_wgrad_kernel[grid](*args, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=w,
+                                                   num_stages=s)
+
+    if config is not None:
+        launcher(config)()
         return out
-    grid = lambda m: (G * triton.cdiv(P, m["BLOCK_M"]) * triton.cdiv(Q, m["BLOCK_N"]),)  # noqa: E731
-    _tuned_wgrad[grid](*args)
+    rows = _gemm.tune_rows(CONFIGS_WGRAD)
+    key = ("grouped_wgrad", P, Q, G, x.dtype, y.dtype, out.dtype, out.stride(), rows_bucket(M, G), str(x.device),
+           tuple(rows))
+    _tuner.launch_best(key, rows, launcher, x.device)
     return out
