@@ -1,6 +1,6 @@
 """Benchmark of turbo_dist.ops GEMM, grouped GEMM and FP8 GEMM against same-run PyTorch baselines.
 
-    python benchmarks/bench_ops.py --json out.json [--quick] [--sections gemm,grouped,fp8,fp8_grouped]
+    python benchmarks/bench_ops.py --json out.json [--quick] [--sections gemm,grouped,fp8,fp8_grouped,overhead]
                                    [--rounds 5] [--rep-ms 40]
 
 Timing: the implementations of one case are timed interleaved, `--rounds` rounds of do_bench(rep `--rep-ms`)
@@ -22,6 +22,8 @@ GPU's datasheet dense peak, common.peak_tflops: 989 TFLOP/s bf16 / 1979 FP8 on H
 - fp8_grouped: FP8 grouped GEMM on the DeepSeek-V3 fc1 shape (pre-quantized and end to end) vs the best bf16
                grouped GEMM; plus BLOCKWISE on host token counts aligned to 128 (as FP8 MoE training pads
                them), where cuBLASLt's blockwise GEMM runs once per group (backend torch_loop).
+- overhead:    host microseconds per call of ops.gemm / ops.grouped_gemm against torch.mm / torch._grouped_mm
+               on tiny operands (the GPU waits on the host): what our checks and dispatcher add per call.
 Without CUDA it prints a message and exits 0 (nothing to measure). `--dry-run` runs every section on the CPU
 at 1/64 of the sizes in fp32 (set TRITON_INTERPRET=1 for the Triton rows): it checks the script, not speed.
 """
@@ -375,8 +377,61 @@ def _fp8_grouped_block_aligned(G, layer, lens, a, b_t, errors, align=128):
                                                                 "shape": f"G={G} M={M} K={K} N={N}"}, errors)
 
 
-SECTIONS = {"gemm": run_gemm, "grouped": run_grouped, "fp8": run_fp8, "fp8_grouped": run_fp8_grouped}
-COLS = ["section", "case", "impl", "ms", "tflops", "x_baseline", "baseline", "frac_peak", "default_backend",
+def run_overhead(quick, errors):
+    """Host time per call of our entry points (input checks, dispatcher choice, launch) against the torch op
+    they wrap, on operands so small that the GPU waits on the host: microseconds a training step pays per
+    call when the CPU is the bottleneck (decode, small layers, many micro-batches)."""
+    import statistics
+    import time
+
+    from turbo_dist import ops
+    from turbo_dist.ops import dispatcher
+    from turbo_dist.ops.grouped_gemm import group_offsets
+
+    a = torch.randn(64, 128, device=DEVICE, dtype=DTYPE)
+    w = torch.randn(128, 128, device=DEVICE, dtype=DTYPE)
+    ga = torch.randn(256, 128, device=DEVICE, dtype=DTYPE)
+    gb = torch.randn(4, 128, 128, device=DEVICE, dtype=DTYPE)
+    gl = torch.tensor([64, 64, 64, 64], device=DEVICE)
+    offs = group_offsets(gl, DEVICE, torch.int32)
+    cases = {"gemm": {"torch.mm": lambda: torch.mm(a, w), "ops.gemm": lambda: ops.gemm(a, w)},
+             "grouped_gemm": {"ops.grouped_gemm": lambda: ops.grouped_gemm(ga, gb, gl)}}
+    if DEVICE == "cuda" and hasattr(torch, "_grouped_mm"):
+        cases["grouped_gemm"]["torch._grouped_mm"] = lambda: torch._grouped_mm(ga, gb, offs=offs)
+    sync = torch.cuda.synchronize if DEVICE == "cuda" else (lambda: None)
+    calls = 200 if DEVICE == "cpu" else 2000
+    rows = []
+    for case, fns in cases.items():
+        samples = {k: [] for k in fns}
+        try:
+            for fn in fns.values():  # compile / tune / fill caches
+                for _ in range(20):
+                    fn()
+            for _ in range(max(ROUNDS, 3)):
+                for label, fn in fns.items():
+                    sync()
+                    t0 = time.perf_counter()
+                    for _ in range(calls):
+                        fn()
+                    sync()
+                    samples[label].append((time.perf_counter() - t0) / calls * 1e6)
+        except Exception as exc:  # noqa: BLE001 -- reported, the other sections still run
+            errors.append(f"overhead {case}: {type(exc).__name__}: {exc}"[:400])
+            continue
+        fns[next(k for k in fns if k.startswith("ops."))]()
+        base_label = next(k for k in fns if not k.startswith("ops."))  if len(fns) > 1 else None
+        base = statistics.median(samples[base_label]) if base_label else None
+        for label, ts in samples.items():
+            us = statistics.median(ts)
+            rows.append({"section": "overhead", "case": case, "impl": label, "host_us": us, "baseline": base_label,
+                         "x_baseline": (base / us) if base else None,
+                         "default_backend": dispatcher.last_backend(case) if label.startswith("ops.") else None})
+    return rows
+
+
+SECTIONS = {"gemm": run_gemm, "grouped": run_grouped, "fp8": run_fp8, "fp8_grouped": run_fp8_grouped,
+            "overhead": run_overhead}
+COLS = ["section", "case", "impl", "ms", "host_us", "tflops", "x_baseline", "baseline", "frac_peak", "default_backend",
         "default_vs_best", "x_loop"]
 
 

@@ -120,6 +120,14 @@ for ph in $PHASES; do
               timeout 300 python -m pytest --dist-only -q -rs -p no:cacheprovider tests/test_varlen_attention.py tests/test_cp.py \
               > "$OUT/pytest_share_cp_$TAG.log" 2>&1; echo "verify3 share-GPU CP rc=$?"; tail -2 "$OUT/pytest_share_cp_$TAG.log"
             grep -E "^(FAILED|ERROR)" "$OUT/pytest_share_cp_$TAG.log" | head -10;;
+    tuner2) # one GPU: grouped / pointer GEMM on kernels/_tuner (capture test), dispatcher host overhead, grouped bench
+            TURBO_DIST_TRITON_TUNE=first timeout 200 python -m pytest -q -rs -p no:cacheprovider tests/test_ops_gemm.py \
+              tests/test_tuner.py tests/test_ops_fp8.py -k "gpu or cublaslt or torch_loop or pick or capture or test_dispatcher" tests/test_dispatcher.py \
+              > "$OUT/pytest_tuner2_$TAG.log" 2>&1; echo "tuner2 tests rc=$?"; tail -2 "$OUT/pytest_tuner2_$TAG.log"
+            grep -E "^(FAILED|ERROR)|Error:" "$OUT/pytest_tuner2_$TAG.log" | head -8
+            timeout 360 python benchmarks/bench_ops.py --sections overhead,grouped --json "$OUT/ops_grouped_$TAG.json" \
+              > "$OUT/ops_grouped_$TAG.log" 2>&1; echo "tuner2 bench rc=$?"; grep -A6 "## overhead" "$OUT/ops_grouped_$TAG.log"
+            grep -E "^ *grouped" "$OUT/ops_grouped_$TAG.log" | grep -E "default|triton" | head -40;;
     moefix) timeout 200 python -m pytest -q -rs -p no:cacheprovider tests/test_moe_low_latency.py::test_low_latency_triton_self_loop \
               tests/test_moe_low_latency.py::test_low_latency_kernels_simulated_ranks tests/test_moe_low_latency.py::test_fp8_casts_bit_identical_on_cpu_and_gpu \
               tests/test_moe_nvlink.py::test_nvlink_vs_collective "tests/test_moe_nvlink.py::test_nvlink_reference_fp8_backward_errors" tests/test_moe.py > "$OUT/pytest_moefix_$TAG.log" 2>&1; echo "moefix rc=$?"; tail -4 "$OUT/pytest_moefix_$TAG.log";;
