@@ -10,8 +10,8 @@ import torch.distributed as dist
 
 from turbo_dist.kernels import moe_ll
 from turbo_dist.moe import Buffer
-from turbo_dist.moe.low_latency import (LowLatency, LowLatencyHandle, pack_ue8m0, per_token_cast_back,
-                                        per_token_cast_to_fp8, place_tokens)
+from turbo_dist.moe.ll_layout import pack_ue8m0, per_token_cast_back, per_token_cast_to_fp8, place_tokens
+from turbo_dist.moe.low_latency import LowLatency, LowLatencyHandle
 from turbo_dist.testing import run_distributed
 
 from conftest import world_sizes_for_device
@@ -133,6 +133,19 @@ def _ll_body(rank, world, routing, use_fp8, hook, seed):
     xs = per_token_cast_back(*per_token_cast_to_fp8(inputs[rank][0])).to(torch.bfloat16) if use_fp8 else inputs[rank][0]
     ref = ref_combine(xs, inputs[rank][1], inputs[rank][2])
     assert torch.allclose(combined.float().cpu(), ref, rtol=1e-2, atol=1e-2), (combined.float().cpu() - ref).abs().max()
+    # zero copy: the expert outputs written into get_next_low_latency_combine_buffer, x's values not read; two
+    # buffers alternate; the result equals the copying combine's bit for bit
+    seen = set()
+    for _ in range(3):
+        dst = buf.get_next_low_latency_combine_buffer(handle)
+        assert dst.shape == y.shape and dst.dtype == torch.bfloat16 and dst.device == y.device
+        seen.add(dst.data_ptr())
+        dst.copy_(y)
+        zc, event, recv_hook = buf.low_latency_combine(torch.zeros_like(y), idx, w, handle, zero_copy=True,
+                                                       async_finish=not hook, return_recv_hook=hook)
+        recv_hook() if hook else event.current_stream_wait()
+        assert torch.equal(zc, combined)
+    assert len(seen) == 2
     return int(count.sum())
 
 
@@ -216,10 +229,13 @@ def _ll_options_body(rank, world):
     y = torch.zeros(2, NUM_MAX * world, 512, dtype=torch.bfloat16, device=dev)
     with pytest.raises(ValueError, match="must be"):
         buf.low_latency_combine(y[:, :-1], idx, w, handle)
-    with pytest.raises(NotImplementedError, match="zero_copy"):
+    with pytest.raises(ValueError, match="call it first"):
         buf.low_latency_combine(y, idx, w, handle, zero_copy=True)
-    with pytest.raises(NotImplementedError, match="zero-copy"):
-        buf.get_next_low_latency_combine_buffer(handle)
+    with pytest.raises(TypeError, match="handle"):
+        buf.get_next_low_latency_combine_buffer((1, 2))
+    buf.get_next_low_latency_combine_buffer(handle)
+    with pytest.raises(ValueError, match="must be"):
+        buf.low_latency_combine(y[:, :-1], idx, w, handle, zero_copy=True)
     with pytest.raises(RuntimeError, match="low_latency_mode=True"):
         Buffer(None).low_latency_dispatch(x, idx, NUM_MAX, num_experts)
     buf.clean_low_latency_buffer(NUM_MAX, 512, num_experts)

@@ -395,14 +395,18 @@ class Buffer:
         x: [num_local_experts, num_max * num_ranks, hidden] bf16 (rows as low_latency_dispatch laid them out);
         topk_idx / topk_weights: [num_tokens, num_topk] int64 / fp32, this rank's routing (-1 slots skipped);
         handle: from low_latency_dispatch; out: optional [num_tokens, hidden] result tensor.
-        use_logfmt and zero_copy are not supported. Returns (combined_x [num_tokens, hidden], event, hook).
+        zero_copy: the rows are read from the tensor get_next_low_latency_combine_buffer(handle) returned
+        (written in place by the expert computation; x's shape is checked, its values are not read).
+        use_logfmt is not supported. Returns (combined_x [num_tokens, hidden], event, hook).
         """
         return self._low_latency().combine(x, topk_idx, topk_weights, handle, use_logfmt, zero_copy, async_finish,
                                            return_recv_hook, out)
 
     def get_next_low_latency_combine_buffer(self, handle):
-        raise NotImplementedError("zero-copy low-latency combine is not implemented: pass the expert outputs to "
-                                  "low_latency_combine (zero_copy=False)")
+        """bf16 [num_local_experts, num_max_dispatch_tokens_per_rank * num_ranks, hidden]: write the expert
+        outputs here, then call low_latency_combine(..., zero_copy=True). Two buffers alternate per zero-copy
+        combine, so the next batch can be written while a combine reads the previous one."""
+        return self._low_latency().next_combine_buffer(handle)
 
     # ----------------------------------------------------------------- validation
     def _check_handle(self, handle, what):

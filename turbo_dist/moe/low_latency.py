@@ -35,113 +35,16 @@ from ..runtime import EventOverlap
 from ..runtime.config import env_str, peer_timeout_s
 from .collective import _columns, _pack, _unpack
 from .layout import check_topk_idx
+from .ll_layout import pack_ue8m0, per_token_cast_to_fp8, place_tokens
 
 log = logging.getLogger("turbo_dist")
 
 PATHS = ("triton", "collective")
 _PAYLOAD_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-_FP8_MAX = 448.0
-_FP8_INV_MAX = 1.0 / _FP8_MAX  # amax * this == CUDA's amax / 448.0 (see per_token_cast_to_fp8)
 _ALIGN = 256
 _COUNTER_BYTES = 1 << 16  # [2 kinds][2 parities][R] int64 counters at offset 0: up to 2048 ranks
 _HINT_TOPK = 16
 _DISPATCH, _COMBINE = 0, 1
-
-
-# ----------------------------------------------------------------------------- FP8 helpers
-def per_token_cast_to_fp8(x, round_scale=False):
-    """x [T, H] -> (x_fp8 [T, H] e4m3, scales [T, H / 128] fp32), x ~= x_fp8 * scale per 128 channels.
-
-    round_scale: scales rounded up to a power of 2 (DeepEP's `round_scale`, what UE8M0 can hold).
-    Bit-identical on every device: `tensor / python_float` is a true division on CPU but a multiply by the
-    fp32 reciprocal on CUDA (PyTorch's scalar-divisor shortcut), so the scale is that product on both;
-    the power-of-2 rounding works on the exponent bits (log2/exp2 may round differently per device).
-    """
-    t, h = x.shape
-    xv = x.float().view(t, h // 128, 128)
-    scales = xv.abs().amax(dim=2).clamp(min=1e-4) * _FP8_INV_MAX
-    if round_scale:
-        scales = _pow2_ceil(scales)
-    q = (xv / scales.unsqueeze(2)).clamp(-_FP8_MAX, _FP8_MAX).to(torch.float8_e4m3fn).view(t, h)
-    return q, scales.contiguous()
-
-
-def _pow2_ceil(s):
-    """The smallest power of 2 >= s, for positive normal fp32 s, from the bits (exact, device independent)."""
-    bits = s.contiguous().view(torch.int32)
-    exp = bits & 0x7F800000
-    up = torch.where((bits & 0x007FFFFF) != 0, exp + (1 << 23), exp)
-    return up.view(torch.float32)
-
-
-def per_token_cast_back(x_fp8, scales):
-    """Inverse of per_token_cast_to_fp8: [T, H] fp32."""
-    t, h = x_fp8.shape
-    return (x_fp8.float().view(t, h // 128, 128) * scales.float().view(t, h // 128, 1)).view(t, h)
-
-
-def pack_ue8m0(scales):
-    """Power-of-2 fp32 scales [..., G] -> their exponent bytes packed 4 per int32 [..., G / 4] (byte j = group 4i+j)."""
-    exp = (scales.contiguous().view(torch.int32) >> 23) & 0xFF
-    exp = exp.view(*scales.shape[:-1], scales.size(-1) // 4, 4)
-    shifts = torch.arange(4, device=scales.device, dtype=torch.int32) * 8
-    return (exp << shifts).sum(-1, dtype=torch.int32)
-
-
-# ----------------------------------------------------------------------------- placement (both paths)
-def _words(t):
-    """A contiguous [n, w] tensor as int32 words [n, w * itemsize / 4] (uint8 when a row is not whole words)."""
-    row_bytes = t.size(1) * t.element_size()
-    raw = t.contiguous().view(torch.uint8).view(t.size(0), row_bytes)
-    return raw.view(torch.int32) if row_bytes % 4 == 0 else raw
-
-
-def _place(rows, target, k, out, use_kernel):
-    """out[target[i]] = rows[i // k] where target[i] >= 0. out: [num_out + 1, row] (the last row: a dump)."""
-    words, out_words = _words(rows), _words(out)
-    if use_kernel and words.dtype == torch.int32:
-        moe_ll.place_rows(words, target, out_words, k)
-    else:
-        num_out = out.size(0) - 1
-        src = torch.arange(target.numel(), device=target.device) // k
-        out_words.index_copy_(0, torch.where(target >= 0, target, num_out), words.index_select(0, src))
-
-
-def place_tokens(rows_x, rows_s, all_idx, rank, experts_per_rank, num_max, out_x, out_s, use_kernel=False):
-    """Sort the tokens every rank sent into DeepEP's per-expert layout, on the device, fixed shapes.
-
-    rows_x: [R * M, H] payload of slot (source s, token t) at row s * M + t; rows_s: [R * M, G] fp32 or None;
-    all_idx: [R, M, K] global expert ids (-1: none / empty slot). out_x: [E_l * R * M + 1, H] and out_s
-    [E_l * R * M + 1, G] (or None) are filled (row e * R * M + i: the i-th token of expert e; the last row
-    is scratch). Returns (recv_count [E_l] int32, src_info [E_l, R * M] int32 (-1 past the count),
-    layout_range [E_l, R] int64, dst [R * M, K] int64: the row of (s, t, k) in out_x, -1 where not ours).
-    """
-    num_ranks, m, k = all_idx.shape
-    e_l, n = experts_per_rank, num_ranks * num_max
-    dev = all_idx.device
-    flat = all_idx.reshape(-1).to(torch.int64)
-    lo = rank * e_l
-    local = (flat >= lo) & (flat < lo + e_l)
-    expert = torch.where(local, flat - lo, torch.full_like(flat, e_l))  # e_l: the bin of entries not ours
-    onehot = torch.zeros(flat.numel(), e_l + 1, dtype=torch.int32, device=dev)
-    onehot.scatter_(1, expert.view(-1, 1), 1)
-    csum = torch.cumsum(onehot, 0, dtype=torch.int32)
-    pos = csum.gather(1, expert.view(-1, 1)).view(-1).to(torch.int64) - 1
-    keep = local & (pos < n)  # a row repeating an expert could overflow its R * M slots: dropped
-    dst = torch.where(keep, expert * n + pos, torch.full_like(pos, -1))
-
-    _place(rows_x, dst, k, out_x, use_kernel)
-    if rows_s is not None:
-        _place(rows_s, dst, k, out_s, use_kernel)
-    src = torch.full((e_l * n + 1,), -1, dtype=torch.int32, device=dev)
-    token = (torch.arange(flat.numel(), device=dev) // k % m).to(torch.int32)
-    src.index_copy_(0, torch.where(keep, dst, e_l * n), token)
-    src_info = src[:e_l * n].view(e_l, n)
-    recv_count = csum[-1, :e_l].clamp(max=n).contiguous()
-    per_src = onehot.view(num_ranks, m * k, e_l + 1).sum(1, dtype=torch.int64)[:, :e_l].t()
-    begin = torch.cumsum(per_src, 1) - per_src
-    layout_range = ((begin << 32) | per_src).contiguous()
-    return recv_count, src_info, layout_range, dst.view(num_ranks * m, k)
 
 
 class LowLatencyHandle(tuple):
@@ -168,6 +71,8 @@ class LowLatency:
         self._buffer = None
         self._err = moe_ll.ErrorWord(rt.device) if self.path == "triton" else None
         self.last_path = {"dispatch": None, "combine": None}  # the path each op's last call took
+        self._zero_copy = {}  # (E_l, R * M, hidden) -> two bf16 combine-input buffers, used in turn
+        self._zero_copy_next = 0
         if self.path == "triton" and num_rdma_bytes > 0:
             self._buffer = rt.symm_buffer("moe_low_latency", num_rdma_bytes)
         log.info("moe low-latency: rank %d/%d path %s", rt.rank, rt.world_size, self.path)
@@ -370,10 +275,38 @@ class LowLatency:
         return pending
 
     # ------------------------------------------------------------------ combine
+    def next_combine_buffer(self, handle):
+        """DeepEP's get_next_low_latency_combine_buffer: the bf16 [E_l, R * M, hidden] tensor the next
+        zero-copy combine of this handle's shape reads its rows from (two such buffers alternate, so the next
+        batch can be written while a combine reads the other)."""
+        if not isinstance(handle, LowLatencyHandle):
+            raise TypeError("get_next_low_latency_combine_buffer needs the handle low_latency_dispatch returned")
+        num_max, hidden, num_experts = handle[2], handle[3], handle[4]
+        key = (num_experts // self.rt.world_size, num_max * self.rt.world_size, hidden)
+        if key not in self._zero_copy:
+            self._zero_copy[key] = [torch.empty(key, dtype=torch.bfloat16, device=self.rt.device) for _ in range(2)]
+        return self._zero_copy[key][self._zero_copy_next]
+
+    def _zero_copy_source(self, x, handle):
+        """The buffer a zero-copy combine reads (x's shape is still checked, its values are not read)."""
+        if not isinstance(handle, LowLatencyHandle):
+            raise TypeError("low_latency_combine needs the handle low_latency_dispatch returned")
+        key = (handle[4] // self.rt.world_size, handle[2] * self.rt.world_size, handle[3])
+        if key not in self._zero_copy:
+            raise ValueError("low_latency_combine(zero_copy=True) reads the rows written into "
+                             "get_next_low_latency_combine_buffer(handle); call it first (or pass zero_copy=False)")
+        if not isinstance(x, torch.Tensor) or tuple(x.shape) != key:
+            raise ValueError(f"low_latency_combine x must be {list(key)}, got {_describe(x)}")
+        src = self._zero_copy[key][self._zero_copy_next]
+        self._zero_copy_next ^= 1
+        return src
+
     def combine(self, x, topk_idx, topk_weights, handle, use_logfmt=False, zero_copy=False, async_finish=False,
                 return_recv_hook=False, out=None):
         rt = self.rt
-        self._check_combine(x, topk_idx, topk_weights, handle, use_logfmt, zero_copy, out)
+        if zero_copy:
+            x = self._zero_copy_source(x, handle)
+        self._check_combine(x, topk_idx, topk_weights, handle, use_logfmt, out)
         self.check_error()
         num_max, hidden = handle[2], handle[3]
         t, k = topk_idx.shape
@@ -508,16 +441,13 @@ class LowLatency:
             raise NotImplementedError("dispatch_wait_recv_cost_stats (per-peer wait timing) is not implemented; "
                                       "pass None")
 
-    def _check_combine(self, x, topk_idx, topk_weights, handle, use_logfmt, zero_copy, out):
+    def _check_combine(self, x, topk_idx, topk_weights, handle, use_logfmt, out):
         rt = self.rt
         if not isinstance(handle, LowLatencyHandle):
             raise TypeError("low_latency_combine needs the handle low_latency_dispatch returned")
         if use_logfmt:
             raise NotImplementedError("use_logfmt (DeepEP's 10-bit LogFMT combine) is not implemented; "
                                       "combine sends bf16")
-        if zero_copy:
-            raise NotImplementedError("zero_copy combine is not implemented (get_next_low_latency_combine_buffer); "
-                                      "pass x and zero_copy=False")
         num_max, hidden, num_experts = handle[2], handle[3], handle[4]
         e_l, n = num_experts // rt.world_size, num_max * rt.world_size
         if not isinstance(x, torch.Tensor) or tuple(x.shape) != (e_l, n, hidden):
