@@ -18,7 +18,8 @@ GPU's datasheet dense peak, common.peak_tflops: 989 TFLOP/s bf16 / 1979 FP8 on H
                counts with an empty expert, forward and backward (dgrad + wgrad): our persistent Triton kernel
                vs torch._grouped_mm (baseline) vs a per-group torch.mm loop (x_loop: speed-up over the loop).
 - fp8:         8192^3 FP8 GEMM, pre-quantized operands (torch._scaled_mm vs our Triton; tensorwise / rowwise /
-               blockwise 1x128 x 128x128) and end to end (`gemm_fp8`, quantization included), vs bf16 cuBLAS.
+               blockwise 1x128 x 128x128) and end to end (`gemm_fp8`, quantization included; e2e_weights_cached:
+               inside `ops.cache_fp8_weights()`, the weight quantized once), vs bf16 cuBLAS.
 - fp8_grouped: FP8 grouped GEMM on the DeepSeek-V3 fc1 shape (pre-quantized and end to end) vs the best bf16
                grouped GEMM; plus BLOCKWISE on host token counts aligned to 128 (as FP8 MoE training pads
                them), where cuBLASLt's blockwise GEMM runs once per group (backend torch_loop).
@@ -107,6 +108,22 @@ def _forced(fn, **op_backends):
         finally:
             for op, name in prev.items():
                 dispatcher.set_backend(op, name)
+    return run
+
+
+def _weights_cached(fn):
+    """fn run as inside one long `ops.cache_fp8_weights()` block (the weights' FP8 copies kept across calls,
+    as over the micro-batches of a step), without putting the other implementations timed beside it there."""
+    from turbo_dist.ops import fp8
+
+    store = {}
+
+    def run():
+        prev, fp8._WEIGHT_CACHE = fp8._WEIGHT_CACHE, store
+        try:
+            return fn()
+        finally:
+            fp8._WEIGHT_CACHE = prev
     return run
 
 
@@ -235,6 +252,8 @@ def run_fp8(quick, errors):
                "mm_torch": _forced(mm, scaled_mm="torch"), "mm_triton": _forced(mm, scaled_mm="triton"),
                "mm_default": _forced(mm, scaled_mm=None),
                "e2e_gemm_fp8": _forced(lambda: gemm_fp8(a, w, trans_b=True, config=cfg), scaled_mm=None),
+               "e2e_weights_cached": _weights_cached(_forced(lambda: gemm_fp8(a, w, trans_b=True, config=cfg),
+                                                             scaled_mm=None)),
                "quant_a": lambda: quantize_fp8(a, E4M3, gran)}
         res = _time(fns, f"fp8 {gran.name}", errors)
         if base is None:  # the bf16 baseline row, once (it is timed with every granularity's rows)
@@ -302,6 +321,7 @@ def _fp8_grouped_fns(aq, wq, sa, sw, lens, mode, a, b_t, gran, backends):
     fns["mm_default"] = _forced(mm, grouped_scaled_mm=None)
     fns["e2e_grouped_gemm_fp8"] = _forced(lambda: grouped_gemm_fp8(a, b_t, lens, trans_b=True, config=cfg),
                                           grouped_scaled_mm=None)
+    fns["e2e_weights_cached"] = _weights_cached(fns["e2e_grouped_gemm_fp8"])
     return fns
 
 

@@ -305,6 +305,52 @@ def test_grouped_gemm_fp8_autograd(backend, gran, trans_b):
     assert bool((b.grad[0] == 0).all())
 
 
+@pytest.mark.parametrize("grouped", [False, True])
+def test_cache_fp8_weights_reuses_until_the_weight_changes(monkeypatch, grouped):
+    """Inside cache_fp8_weights() each weight layout is quantized once (forward and dA: two layouts) and the
+    results equal the uncached ones bit for bit; an in-place update of the weight (version bump) is
+    re-quantized; activations and gradients are never cached; leaving the block drops the cache."""
+    from turbo_dist.ops import cache_fp8_weights
+    from turbo_dist.ops import fp8 as fp8_mod
+
+    weight_quants = []
+    real = fp8_mod.quantize_fp8
+
+    def counting(x, dtype=E4M3, granularity=T, block_size=128, weight=False):
+        if weight:
+            weight_quants.append(tuple(x.shape))
+        return real(x, dtype, granularity, block_size, weight)
+
+    monkeypatch.setattr(fp8_mod, "quantize_fp8", counting)
+    cfg = Float8QuantConfig(format=Format.HYBRID, granularity=B)
+    lens = torch.tensor([0, 20, 7, 13])
+    w = (rnd(4, 136, 48, seed=14) if grouped else rnd(48, 136, seed=7)).requires_grad_()
+
+    def step(seed):
+        a = rnd(40, 136, seed=seed).requires_grad_()
+        out = grouped_gemm_fp8(a, w, lens, config=cfg) if grouped else gemm_fp8(a, w, trans_b=True, config=cfg)
+        out.backward(rnd(*out.shape, seed=seed + 1))
+        return out.detach(), a.grad
+
+    plain = [step(s) for s in (20, 30)]
+    assert len(weight_quants) == 4  # 2 calls x (forward + dA)
+    weight_quants.clear()
+    w.grad = None
+    with cache_fp8_weights():
+        cached = [step(s) for s in (20, 30)]
+        assert len(weight_quants) == 2 and fp8_mod._WEIGHT_CACHE is not None
+        with cache_fp8_weights():  # nested: the same cache
+            step(40)
+        assert len(weight_quants) == 2
+        with torch.no_grad():
+            w.mul_(2.0)  # an optimizer-style in-place update: re-quantized on the next call
+        step(50)
+        assert len(weight_quants) == 4
+    assert fp8_mod._WEIGHT_CACHE is None
+    for (o1, g1), (o2, g2) in zip(plain, cached):
+        assert torch.equal(o1, o2) and torch.equal(g1, g2)
+
+
 def test_grouped_gemm_fp8_errors():
     a, b, gl = rnd(10, 16), rnd(2, 16, 8), torch.tensor([4, 6])
     with pytest.raises(ValueError, match="sums to 9"):

@@ -4,7 +4,8 @@ from .attention import attention, attention_backward, attention_forward
 from .attention_varlen import varlen_attention, varlen_attention_backward, varlen_attention_forward
 from .gemm import gemm
 from .grouped_gemm import grouped_gemm
-from .fp8 import Float8QuantConfig, Format, ScalingGranularity, dequantize_fp8, gemm_fp8, quantize_fp8, scaled_mm
+from .fp8 import (Float8QuantConfig, Format, ScalingGranularity, cache_fp8_weights, dequantize_fp8, gemm_fp8,
+                  quantize_fp8, scaled_mm)
 from .fp8_grouped import grouped_gemm_fp8, grouped_scaled_mm
 
 
@@ -50,5 +51,5 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
 
 
 __all__ = ["dispatcher", "gemm", "grouped_gemm", "gemm_fp8", "grouped_gemm_fp8", "scaled_mm", "grouped_scaled_mm", "quantize_fp8",
-           "dequantize_fp8", "Float8QuantConfig", "Format", "ScalingGranularity", "attention", "attention_forward", "attention_backward", "flash_attn_func",
+           "dequantize_fp8", "cache_fp8_weights", "Float8QuantConfig", "Format", "ScalingGranularity", "attention", "attention_forward", "attention_backward", "flash_attn_func",
            "varlen_attention", "varlen_attention_forward", "varlen_attention_backward", "flash_attn_varlen_func"]

@@ -18,8 +18,10 @@ GEMM ("grouped_scaled_mm", `grouped_gemm_fp8`) is in fp8_grouped.py.
 Each op's default order (the first backend that accepts the inputs runs) is the `priority` at its
 register_backend call, with the measurement that set it next to it; set_backend / TURBO_DIST_<OP>_BACKEND
 override it."""
+import contextlib
 import enum
 import logging
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -154,6 +156,53 @@ def quantize_fp8(x, dtype=E4M3, granularity=ScalingGranularity.TENSORWISE, block
     if not isinstance(granularity, ScalingGranularity):
         raise TypeError(f"quantize_fp8: granularity must be a ScalingGranularity, got {granularity!r}")
     return dispatcher.dispatch("quantize_fp8", x, dtype, _mode_of(granularity, weight), block_size)
+
+
+_WEIGHT_CACHE = None  # {key: (weakref to the base tensor, its _version, (w_q, scale))} inside cache_fp8_weights
+
+
+@contextlib.contextmanager
+def cache_fp8_weights():
+    """Quantize each weight once while the block runs: `gemm_fp8` / `grouped_gemm_fp8` reuse the FP8 copy (and
+    scales) of their weight operand `b`, per layout (forward and dA quantize it along different dims), in
+    every later call of the block, e.g. all micro-batches of one training step, forward and backward:
+
+        with turbo_dist.ops.cache_fp8_weights():
+            for micro_batch in batches:
+                model(micro_batch).sum().backward()
+        optimizer.step()
+
+    Just-in-time weight quantization otherwise costs about what the FP8 GEMM saves over bf16 (README,
+    Benchmarks). An entry is reused only for the same tensor object (held by a weak reference), storage
+    address, shape, strides, format and granularity, and only while its version counter is unchanged, so an
+    in-place update through autograd-visible ops is seen; writes that bypass the counter (`w.data.copy_(...)`,
+    as some optimizers do) are not: update weights outside the block. Holds one FP8 copy of each weight per
+    layout (about a bf16 copy's bytes for forward + backward) until the block exits. Nests (the outermost
+    block owns the cache); one cache per process."""
+    global _WEIGHT_CACHE
+    outer = _WEIGHT_CACHE is None
+    if outer:
+        _WEIGHT_CACHE = {}
+    try:
+        yield
+    finally:
+        if outer:
+            _WEIGHT_CACHE = None
+
+
+def quantize_weight(w, dtype, granularity, weight=True):
+    """quantize_fp8(w, dtype, granularity, weight=weight), reused inside cache_fp8_weights()."""
+    cache = _WEIGHT_CACHE
+    if cache is None:
+        return quantize_fp8(w, dtype, granularity, weight=weight)
+    base = w._base if w._base is not None else w
+    key = (id(base), w.data_ptr(), tuple(w.shape), w.stride(), w.dtype, dtype, granularity, weight)
+    hit = cache.get(key)
+    if hit is not None and hit[0]() is base and hit[1] == base._version:
+        return hit[2]
+    q = quantize_fp8(w, dtype, granularity, weight=weight)
+    cache[key] = (weakref.ref(base), base._version, q)
+    return q
 
 
 def dequantize_fp8(x_q, scale, granularity=ScalingGranularity.TENSORWISE, block_size=128, weight=False,
@@ -345,7 +394,10 @@ def scaled_mm(a_q, b_q, scale_a, scale_b, out_dtype=torch.bfloat16, granularity=
 def _fp8_mm(x, y, x_dtype, y_dtype, gran, y_weight, out_dtype, fast_accum=False):
     """x [M, K] @ y [K, N] in FP8: x quantized along K (1x128 if blockwise), y^T along K (128x128 if y_weight)."""
     xq, sx = quantize_fp8(x, x_dtype, gran)
-    yq, sy = quantize_fp8(y.t(), y_dtype, gran, weight=y_weight)  # [N, K] row-major
+    if y_weight:  # reused inside cache_fp8_weights()
+        yq, sy = quantize_weight(y.t(), y_dtype, gran)  # [N, K] row-major
+    else:
+        yq, sy = quantize_fp8(y.t(), y_dtype, gran)
     return scaled_mm(xq, yq.t(), sx, sy.t(), out_dtype=out_dtype, granularity=gran, fast_accum=fast_accum)
 
 

@@ -14,7 +14,7 @@ import torch
 from . import dispatcher
 from .fp8 import (E4M3, E5M2, _MODES_KERNEL, _PROBES, Float8QuantConfig, ScalingGranularity,
                   _block_scales_for_cublas, _capturing, _quant_torch, _reference_scaled_mm, _sb_n,
-                  _torch_blockwise_supported, _torch_scaled_mm, log, quantize_fp8)
+                  _torch_blockwise_supported, _torch_scaled_mm, log, quantize_fp8, quantize_weight)
 from .gemm import triton_available
 from .grouped_gemm import check_group_lens_values, check_grouped_inputs, group_offsets
 
@@ -301,7 +301,7 @@ dispatcher.set_preference("grouped_scaled_mm", _grouped_scaled_preference)
 def _grouped_fp8(x, w_t, group_lens, x_dtype, w_dtype, gran, out_dtype):
     """x [M, K] @ per-group w [G, K, N], where w_t = w.transpose(1, 2) [G, N, K] (any strides)."""
     xq, sx = quantize_fp8(x, x_dtype, gran)
-    wq, sw = quantize_fp8(w_t, w_dtype, gran, weight=True)  # [G, N, K] row-major
+    wq, sw = quantize_weight(w_t, w_dtype, gran)  # [G, N, K] row-major; reused inside cache_fp8_weights()
     return _grouped_scaled_checked(xq, wq, sx, sw, group_lens, gran, out_dtype)
 
 
