@@ -128,6 +128,17 @@ for ph in $PHASES; do
             timeout 360 python benchmarks/bench_ops.py --sections overhead,grouped --json "$OUT/ops_grouped_$TAG.json" \
               > "$OUT/ops_grouped_$TAG.log" 2>&1; echo "tuner2 bench rc=$?"; grep -A6 "## overhead" "$OUT/ops_grouped_$TAG.log"
             grep -E "^ *grouped" "$OUT/ops_grouped_$TAG.log" | grep -E "default|triton" | head -40;;
+    prof) # one GPU: host time per layer of a small GEMM call; LL zero-copy combine; FP8 weight cache (tests, bench)
+            timeout 200 python benchmarks/probe_host_overhead.py --json "$OUT/probe_host_overhead_$TAG.json" > "$OUT/probe_host_$TAG.log" 2>&1
+            echo "prof probe rc=$?"; head -16 "$OUT/probe_host_$TAG.log"; grep -A32 "## cProfile" "$OUT/probe_host_$TAG.log" | cut -c1-150
+            TURBO_DIST_TRITON_TUNE=first timeout 200 python -m pytest -q -rs -p no:cacheprovider tests/test_moe_low_latency.py \
+              tests/test_ops_fp8.py -k "self_loop or cuda_graph or cache_fp8 or gpu" > "$OUT/pytest_prof_$TAG.log" 2>&1
+            echo "prof tests rc=$?"; tail -2 "$OUT/pytest_prof_$TAG.log"; grep -E "^(FAILED|ERROR)|Error:" "$OUT/pytest_prof_$TAG.log" | head -8
+            TURBO_DIST_TEST_SHARE_GPU=1 TURBO_DIST_TIMEOUT_S=30 TURBO_DIST_TEST_TIMEOUT_S=100 timeout 200 python -m pytest --dist-only -q \
+              -rs -p no:cacheprovider tests/test_moe_low_latency.py > "$OUT/pytest_share_ll_$TAG.log" 2>&1
+            echo "prof share-GPU LL rc=$?"; tail -2 "$OUT/pytest_share_ll_$TAG.log"; grep -E "^(FAILED|ERROR)" "$OUT/pytest_share_ll_$TAG.log" | head
+            timeout 300 python benchmarks/bench_ops.py --quick --sections fp8,fp8_grouped --json "$OUT/ops_fp8_$TAG.json" \
+              > "$OUT/ops_fp8_$TAG.log" 2>&1; echo "prof fp8 bench rc=$?"; grep -E "e2e|bf16|mm_default" "$OUT/ops_fp8_$TAG.log" | head -30;;
     moefix) timeout 200 python -m pytest -q -rs -p no:cacheprovider tests/test_moe_low_latency.py::test_low_latency_triton_self_loop \
               tests/test_moe_low_latency.py::test_low_latency_kernels_simulated_ranks tests/test_moe_low_latency.py::test_fp8_casts_bit_identical_on_cpu_and_gpu \
               tests/test_moe_nvlink.py::test_nvlink_vs_collective "tests/test_moe_nvlink.py::test_nvlink_reference_fp8_backward_errors" tests/test_moe.py > "$OUT/pytest_moefix_$TAG.log" 2>&1; echo "moefix rc=$?"; tail -4 "$OUT/pytest_moefix_$TAG.log";;
