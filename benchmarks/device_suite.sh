@@ -139,6 +139,15 @@ for ph in $PHASES; do
             echo "prof share-GPU LL rc=$?"; tail -2 "$OUT/pytest_share_ll_$TAG.log"; grep -E "^(FAILED|ERROR)" "$OUT/pytest_share_ll_$TAG.log" | head
             timeout 300 python benchmarks/bench_ops.py --quick --sections fp8,fp8_grouped --json "$OUT/ops_fp8_$TAG.json" \
               > "$OUT/ops_fp8_$TAG.log" 2>&1; echo "prof fp8 bench rc=$?"; grep -E "e2e|bf16|mm_default" "$OUT/ops_fp8_$TAG.log" | head -30;;
+    prof2) # one GPU: the trimmed grouped launch (lens summed in the kernel, cached SM version) and the FLOP floor
+            TURBO_DIST_TRITON_TUNE=first timeout 200 python -m pytest -q -rs -p no:cacheprovider tests/test_ops_gemm.py \
+              tests/test_ops_fp8.py tests/test_dispatcher.py -k "gpu or test_dispatcher" > "$OUT/pytest_prof2_$TAG.log" 2>&1
+            echo "prof2 tests rc=$?"; tail -2 "$OUT/pytest_prof2_$TAG.log"; grep -E "^(FAILED|ERROR)|Error:" "$OUT/pytest_prof2_$TAG.log" | head -8
+            timeout 150 python benchmarks/probe_host_overhead.py --json "$OUT/probe_host_overhead_$TAG.json" > "$OUT/probe_host_$TAG.log" 2>&1
+            echo "prof2 probe rc=$?"; head -16 "$OUT/probe_host_$TAG.log"
+            timeout 240 python benchmarks/bench_ops.py --quick --sections overhead,grouped --json "$OUT/ops_grouped_quick_$TAG.json" \
+              > "$OUT/ops_grouped_quick_$TAG.log" 2>&1; echo "prof2 bench rc=$?"; grep -A6 "## overhead" "$OUT/ops_grouped_quick_$TAG.log"
+            grep -E "^ *grouped" "$OUT/ops_grouped_quick_$TAG.log" | grep -E "fwd" | head -24;;
     moefix) timeout 200 python -m pytest -q -rs -p no:cacheprovider tests/test_moe_low_latency.py::test_low_latency_triton_self_loop \
               tests/test_moe_low_latency.py::test_low_latency_kernels_simulated_ranks tests/test_moe_low_latency.py::test_fp8_casts_bit_identical_on_cpu_and_gpu \
               tests/test_moe_nvlink.py::test_nvlink_vs_collective "tests/test_moe_nvlink.py::test_nvlink_reference_fp8_backward_errors" tests/test_moe.py > "$OUT/pytest_moefix_$TAG.log" 2>&1; echo "moefix rc=$?"; tail -4 "$OUT/pytest_moefix_$TAG.log";;

@@ -57,6 +57,9 @@ def test_grouped_gemm_rule_is_cuda_forward_small_groups_only():
     assert _grouped_preference(_Fake(32 * 128, 7168, cuda=False), _Fake(32, 7168, 4096, cuda=False), lens,
                                False) is None
     assert _grouped_preference(torch.zeros(4, 8), torch.zeros(2, 8, 4), torch.tensor([2, 2])) is None  # CPU
+    # too little work: host-bound, where torch._grouped_mm's cheaper launch wins (G=8 x 128 tokens, fc2 7168)
+    assert _grouped_preference(_Fake(8 * 128, 2048), _Fake(8, 2048, 7168), lens, False) is None
+    assert _grouped_preference(_Fake(32 * 128, 2048), _Fake(32, 2048, 7168), lens, False) == "triton"  # 120 GFLOP
 
 
 def test_choice_cache_follows_signature_and_settings(monkeypatch):

@@ -94,13 +94,20 @@ def num_programs(device):
 
 
 @triton.jit
-def _group_tiles(offs_ptr, G, N, G_POW2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The persistent schedule's table from the group end offsets: per group (padded to G_POW2) its row
-    range, its number of output tiles and their running end, plus the total tile count."""
+def _group_tiles(offs_ptr, G, N, G_POW2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 LENS: tl.constexpr = False):
+    """The persistent schedule's table from the group end offsets (LENS: from the group sizes, summed here,
+    which saves the caller a cumsum launch): per group (padded to G_POW2) its row range, its number of output
+    tiles and their running end, plus the total tile count."""
     gi = tl.arange(0, G_POW2)
-    ends = tl.load(offs_ptr + gi, mask=gi < G, other=0).to(tl.int32)
-    starts = tl.load(offs_ptr + gi - 1, mask=(gi > 0) & (gi < G), other=0).to(tl.int32)
-    ends = tl.where(gi < G, ends, starts)
+    if LENS:
+        lens = tl.load(offs_ptr + gi, mask=gi < G, other=0).to(tl.int32)
+        ends = tl.cumsum(lens, 0)
+        starts = ends - lens
+    else:
+        ends = tl.load(offs_ptr + gi, mask=gi < G, other=0).to(tl.int32)
+        starts = tl.load(offs_ptr + gi - 1, mask=(gi > 0) & (gi < G), other=0).to(tl.int32)
+        ends = tl.where(gi < G, ends, starts)
     num_n = tl.cdiv(N, BLOCK_N)
     tiles = tl.cdiv(ends - starts, BLOCK_M) * num_n
     tile_end = tl.cumsum(tiles, 0)
@@ -126,10 +133,10 @@ def _grouped_gemm_kernel(
     stride_sam, stride_sak, stride_sbg, stride_sbk, stride_sbn,
     NUM_PROGS: tl.constexpr, G_POW2: tl.constexpr,
     SCALE_MODE: tl.constexpr, SB_N: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, LENS: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
-    gi, starts, ends, tiles, tile_end, total, num_n = _group_tiles(offs_ptr, G, N, G_POW2, BLOCK_M, BLOCK_N)
+    gi, starts, ends, tiles, tile_end, total, num_n = _group_tiles(offs_ptr, G, N, G_POW2, BLOCK_M, BLOCK_N, LENS)
     rk = tl.arange(0, BLOCK_K)
     for tile in range(pid, total, NUM_PROGS):
         g, row0, row1, pid_m, pid_n = _tile_of(tile, gi, starts, ends, tiles, tile_end, num_n)
@@ -168,13 +175,13 @@ def _grouped_gemm_tma_kernel(
     NUM_PROGS: tl.constexpr, G_POW2: tl.constexpr, B_T: tl.constexpr,
     SCALE_MODE: tl.constexpr, SB_N: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WS: tl.constexpr = False,
-    RESCALE: tl.constexpr = False,
+    RESCALE: tl.constexpr = False, LENS: tl.constexpr = False,
 ):
     # a_desc: A [M, K]; b_desc: B as stored, [G, K, N] (B_T=False) or [G, N, K] (B_T=True).
     # A tile may run past its group's last row into the next group's rows: those rows are computed and
     # never stored (the store is masked to the group), so no masking is needed on the loads.
     pid = tl.program_id(0)
-    gi, starts, ends, tiles, tile_end, total, num_n = _group_tiles(offs_ptr, G, N, G_POW2, BLOCK_M, BLOCK_N)
+    gi, starts, ends, tiles, tile_end, total, num_n = _group_tiles(offs_ptr, G, N, G_POW2, BLOCK_M, BLOCK_N, LENS)
     for tile in range(pid, total, NUM_PROGS):
         g, row0, row1, pid_m, pid_n = _tile_of(tile, gi, starts, ends, tiles, tile_end, num_n)
         off_m = row0 + pid_m * BLOCK_M
@@ -267,12 +274,22 @@ def _ieee(t):
     return t.dtype == torch.float32 and not (t.is_cuda and torch.backends.cuda.matmul.allow_tf32)
 
 
+_MAJOR = {}
+
+
+def _sm_major(device):
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _MAJOR:  # ~8 us per get_device_capability call: once per device
+        _MAJOR[idx] = torch.cuda.get_device_capability(idx)[0]
+    return _MAJOR[idx]
+
+
 def tma_operands(a, b):
     """(b_stored [G, *, *], B_T) when the TMA kernel can run a [M, K] @ b [G, K, N], else None."""
     if not _gemm.USE_TMA or TensorDescriptor is None or 0 in a.shape or 0 in b.shape:
         return None
     if a.is_cuda:
-        if torch.cuda.get_device_capability(a.device)[0] < 9:
+        if _sm_major(a.device) < 9:
             return None
     elif not interpreting():
         return None
@@ -288,9 +305,10 @@ def tma_operands(a, b):
 
 
 def grouped_gemm(a, b, group_offs, out=None, scale_a=None, scale_b=None, scale_mode=SCALE_NONE, sb_n=128,
-                 out_dtype=None, config=None):
+                 out_dtype=None, config=None, lens=False):
     """out [M, N] = per-group a[rows] @ b[g]; a [M, K], b [G, K, N] (strided views fine), group_offs [G]
-    cumulative row ends (int32/int64, on a's device). Rows past group_offs[-1] are left untouched."""
+    cumulative row ends (int32/int64, on a's device); lens=True: group_offs holds the group sizes instead
+    (summed in the kernel). Rows past the last group's end are left untouched."""
     M, K = a.shape
     G, _, N = b.shape
     if out is None:
@@ -319,13 +337,13 @@ def grouped_gemm(a, b, group_offs, out=None, scale_a=None, scale_b=None, scale_m
     tma = tma_operands(a, b)
     if tma is not None:
         return _launch_tma(a, tma, out, group_offs, sa, sb, (s_am, s_ak, s_bg, s_bk, s_bn), scale_mode, sb_n,
-                           config)
+                           config, lens)
     args = (a, b, out, group_offs, sa, sb, G, N, K,
             a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2), out.stride(0), out.stride(1),
             s_am, s_ak, s_bg, s_bk, s_bn)
     nprog = num_programs(a.device)
     meta = dict(NUM_PROGS=nprog, G_POW2=max(triton.next_power_of_2(G), 2), SCALE_MODE=scale_mode, SB_N=sb_n,
-                IEEE=_ieee(a))
+                IEEE=_ieee(a), LENS=bool(lens))
     if config is None:
         config = interpreter_config(scale_mode)
 
@@ -348,7 +366,7 @@ def grouped_gemm(a, b, group_offs, out=None, scale_a=None, scale_b=None, scale_m
     return out
 
 
-def _launch_tma(a, tma, out, group_offs, sa, sb, s_strides, scale_mode, sb_n, config):
+def _launch_tma(a, tma, out, group_offs, sa, sb, s_strides, scale_mode, sb_n, config, lens=False):
     K = a.shape[1]
     b_st, b_t = tma
     G = b_st.shape[0]
@@ -357,7 +375,8 @@ def _launch_tma(a, tma, out, group_offs, sa, sb, s_strides, scale_mode, sb_n, co
     b_desc = TensorDescriptor.from_tensor(b_st, [1, 16, 16])
     nprog = num_programs(a.device)
     args = (a_desc, b_desc, out, group_offs, sa, sb, G, N, K, out.stride(0), out.stride(1), *s_strides)
-    meta = dict(NUM_PROGS=nprog, G_POW2=max(triton.next_power_of_2(G), 2), B_T=b_t, SCALE_MODE=scale_mode, SB_N=sb_n)
+    meta = dict(NUM_PROGS=nprog, G_POW2=max(triton.next_power_of_2(G), 2), B_T=b_t, SCALE_MODE=scale_mode, SB_N=sb_n,
+                LENS=bool(lens))
     if config is None:
         config = interpreter_config(scale_mode)
 

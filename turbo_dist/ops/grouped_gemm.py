@@ -51,15 +51,20 @@ def check_group_lens_values(group_lens, m, name, rows_of="a"):
             raise ValueError(f"{name}: group_lens sums to {total} but {rows_of} has M={m} rows")
 
 
-def group_offsets(group_lens, device, dtype=torch.int64):
-    """Cumulative row ends [G] on `device` (what the kernels and torch._grouped_mm take). Host lens go over
-    from pinned memory: a copy from pageable memory would wait for the stream (a host sync per call)."""
+def _to_device(group_lens, device):
+    """Host lens to `device` from pinned memory: a copy from pageable memory would wait for the stream (a host
+    sync per call)."""
     if group_lens.device.type == "cpu" and torch.device(device).type == "cuda":
         if torch.cuda.is_current_stream_capturing():  # the graph would replay a reused staging buffer
             raise ValueError("group_lens on the host cannot be captured in a CUDA graph (their values would be "
                              "baked in); pass them as a tensor on the GPU")
         group_lens = group_lens.pin_memory()
-    return torch.cumsum(group_lens.to(device, non_blocking=True), 0, dtype=dtype)
+    return group_lens.to(device, non_blocking=True)
+
+
+def group_offsets(group_lens, device, dtype=torch.int64):
+    """Cumulative row ends [G] on `device` (what the kernels and torch._grouped_mm take)."""
+    return torch.cumsum(_to_device(group_lens, device), 0, dtype=dtype)
 
 
 def _op_b(b, trans_b):
@@ -148,9 +153,9 @@ def _torch_wgrad_can(a, dc, group_lens, trans_b=False):
 def _triton_grouped(a, b, group_lens, trans_b=False):
     from turbo_dist.kernels import grouped_gemm as kgg
 
-    offs = group_offsets(group_lens, a.device)
+    lens = group_lens if group_lens.device == a.device else _to_device(group_lens, a.device)
     out = torch.empty((a.shape[0], b.shape[1] if trans_b else b.shape[2]), dtype=a.dtype, device=a.device)
-    return kgg.grouped_gemm(a, _op_b(b, trans_b), offs, out=out)
+    return kgg.grouped_gemm(a, _op_b(b, trans_b), lens, out=out, lens=True)  # the kernel sums the sizes
 
 
 def _triton_grouped_can(a, b, group_lens, trans_b=False):
@@ -187,11 +192,16 @@ dispatcher.register_backend("grouped_gemm_wgrad", "loop", _loop_wgrad, priority=
 # our persistent Triton kernel beats torch._grouped_mm in the forward (a @ b, b [G, K, N]): 0.63 vs
 # 0.84 ms at 128 tokens/expert (fc1), 0.35 vs 0.45 (fc2), 0.99 vs 1.09 / 0.55 vs 0.58 at 256; at 1024
 # they tie. With b transposed (dgrad) torch stays faster, so the rule covers the plain forward only.
+# The rule also needs enough work: a Triton launch costs ~100+ us of host time against torch._grouped_mm's ~20
+# (benchmarks/probe_host_overhead.py, H200 host: 153 vs 18 us per call before the launch was trimmed), so
+# below ~64 GFLOP per call (~150 us of GPU time) the host would set the pace and torch stays the default.
 SMALL_GROUP_ROWS = 256
+TRITON_MIN_FLOP = 64e9
 
 
 def _grouped_preference(a, b, group_lens, trans_b=False):
-    if a.is_cuda and not trans_b and b.shape[0] > 0 and a.shape[0] <= SMALL_GROUP_ROWS * b.shape[0]:
+    if a.is_cuda and not trans_b and b.shape[0] > 0 and a.shape[0] <= SMALL_GROUP_ROWS * b.shape[0] and \
+            2.0 * a.shape[0] * a.shape[1] * b.shape[2] >= TRITON_MIN_FLOP:
         return "triton"
     return None
 
