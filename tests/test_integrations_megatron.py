@@ -272,8 +272,10 @@ def _tp_reference():
     return {"y": y.detach(), "x": x.grad, "w1": w1.grad, "b1": b1.grad, "w2": w2.grad, "b2": b2.grad}
 
 
-def _tp_step(rank, world_size, path="turbo_dist"):
-    """fc1 -> relu -> fc2 of Megatron's local spec, SP on; path "megatron": Megatron's own linears (CUDA only)."""
+def _tp_step(rank, world_size, path="turbo_dist", fusion=False):
+    """fc1 -> relu -> fc2 of Megatron's local spec, SP on; path "megatron": Megatron's own linears (CUDA only).
+    fusion: gradient_accumulation_fusion, two micro-batches accumulated into fp32 main_grad buffers (set on
+    the layers after construction: Megatron's constructor asks for apex's kernel, which our linears do not use)."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
@@ -308,6 +310,18 @@ def _tp_step(rank, world_size, path="turbo_dist"):
             fc2.weight.copy_(w2[:, rank * n:(rank + 1) * n])
             fc2.bias.copy_(b2)
         x_local = x[rank * s:(rank + 1) * s].clone().requires_grad_(True)
+        if fusion:
+            for layer in (fc1, fc2):
+                layer.gradient_accumulation_fusion = True
+                layer.weight.main_grad = torch.zeros_like(layer.weight, dtype=torch.float32)
+                layer.weight.grad_added_to_main_grad = False
+            for _ in range(2):  # two micro-batches: main_grad holds their sum, .grad only placeholders
+                h, _ = fc1(x_local)
+                y, _ = fc2(torch.relu(h))
+                (y * loss_w[rank * s:(rank + 1) * s]).sum().backward()
+            assert fc1.weight.grad_added_to_main_grad and fc2.weight.grad_added_to_main_grad
+            return {"w1_main": fc1.weight.main_grad.cpu() / 2, "w2_main": fc2.weight.main_grad.cpu() / 2,
+                    "x": x_local.grad.detach().cpu() / 2}
         h, _ = fc1(x_local)
         y, _ = fc2(torch.relu(h))
         (y * loss_w[rank * s:(rank + 1) * s]).sum().backward()
@@ -338,6 +352,11 @@ def test_sequence_parallel_linears_match_reference():
                     "w2": ref["w2"][:, rank * n:(rank + 1) * n], "b2": ref["b2"]}
         for key, value in expected.items():
             torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-5, msg=f"rank {rank} {key}")
+    # gradient_accumulation_fusion: weight grads accumulated into main_grad over two micro-batches
+    for rank, got in enumerate(run_distributed(_tp_step, world, args=("turbo_dist", True), env=_ENV)):
+        torch.testing.assert_close(got["w1_main"], ref["w1"][rank * n:(rank + 1) * n], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got["w2_main"], ref["w2"][:, rank * n:(rank + 1) * n], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got["x"], ref["x"][rank * s:(rank + 1) * s], rtol=1e-5, atol=1e-5)
 
 
 @needs_megatron

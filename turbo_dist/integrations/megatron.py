@@ -36,6 +36,7 @@ import logging
 
 import torch
 
+import turbo_dist.ops as _ops
 import turbo_dist.tp as _tp
 from turbo_dist.moe import Buffer, EventOverlap
 from turbo_dist.ops import flash_attn_func, flash_attn_varlen_func
@@ -253,15 +254,41 @@ def enabled():
 
 
 # ---------------------------------------------------------------------------------------------- async TP
+def _weight_grad(weight, dy2, x2, fusion):
+    """dW = dy2^T x2, Megatron's way: returned as the weight's grad, or with gradient_accumulation_fusion added
+    into weight.main_grad (fp32 accumulation) and a placeholder returned where Megatron's DDP expects one
+    (`grad_added_to_main_grad`), as LinearWithGradAccumulationAndAsyncCommunication does."""
+    if not fusion:
+        return dy2.t() @ x2
+    if hasattr(weight, "__fsdp_param__"):  # Megatron-FSDP: the buffer is handed out per call, overwritten
+        weight.main_grad = weight.get_main_grad()
+        weight.main_grad.copy_(_ops.gemm(dy2, x2, trans_a=True, out_dtype=weight.main_grad.dtype))
+    else:
+        main_grad = getattr(weight, "main_grad", None)
+        if main_grad is None:
+            raise RuntimeError("gradient_accumulation_fusion: the weight has no main_grad buffer (Megatron's DDP "
+                               "wrapper creates it); wrap the model or turn the fusion off")
+        if main_grad.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise RuntimeError(f"gradient_accumulation_fusion: unsupported main_grad dtype {main_grad.dtype}")
+        main_grad.add_(_ops.gemm(dy2, x2, trans_a=True, out_dtype=main_grad.dtype))
+    if not hasattr(weight, "grad_added_to_main_grad"):
+        return None
+    shape, dev = weight.main_grad.shape, weight.main_grad.device
+    dummy = (torch.zeros if getattr(weight, "zero_out_wgrad", False) else torch.empty)(shape, dtype=dy2.dtype,
+                                                                                         device=dev)
+    weight.grad_added_to_main_grad = True
+    return dummy
+
+
 class _AllGatherLinear(torch.autograd.Function):
     """y [s, b, n] = all_gather_seq(x [s/tp, b, h]) @ w.T (+ bias); dx by GEMM + reduce-scatter, both fused."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, group):
+    def forward(ctx, x, weight, bias, group, fusion=False):
         s, b, h = x.shape
         a_full, (y,) = _tp.all_gather_matmul(x.reshape(s * b, h), [weight.t()], gather_dim=0, group=group)
         ctx.save_for_backward(a_full if weight.requires_grad else None, weight)
-        ctx.group, ctx.has_bias = group, bias is not None
+        ctx.group, ctx.has_bias, ctx.fusion = group, bias is not None, fusion
         y = y.view(-1, b, weight.shape[0])
         return y + bias if bias is not None else y
 
@@ -273,21 +300,21 @@ class _AllGatherLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             dx = _tp.matmul_reduce_scatter(dy2, weight, scatter_dim=0, group=ctx.group)
             dx = dx.view(-1, dy.shape[1], weight.shape[1])
-        dw = dy2.t() @ a_full if ctx.needs_input_grad[1] else None
+        dw = _weight_grad(weight, dy2, a_full, ctx.fusion) if ctx.needs_input_grad[1] else None
         db = dy2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return dx, dw, db, None
+        return dx, dw, db, None, None
 
 
 class _LinearReduceScatter(torch.autograd.Function):
     """y [s/tp, b, n] = reduce_scatter_seq(x [s, b, k/tp] @ w.T); dx by all-gather + GEMM, both fused."""
 
     @staticmethod
-    def forward(ctx, x, weight, group):
+    def forward(ctx, x, weight, group, fusion=False):
         s, b, k = x.shape
         x2 = x.reshape(s * b, k)
         y = _tp.matmul_reduce_scatter(x2, weight.t(), scatter_dim=0, group=group)
         ctx.save_for_backward(x2 if weight.requires_grad else None, weight)
-        ctx.group, ctx.x_shape = group, x.shape
+        ctx.group, ctx.x_shape, ctx.fusion = group, x.shape, fusion
         return y.view(-1, b, weight.shape[0])
 
     @staticmethod
@@ -295,8 +322,8 @@ class _LinearReduceScatter(torch.autograd.Function):
         x2, weight = ctx.saved_tensors
         dy_full, (dx,) = _tp.all_gather_matmul(dy.reshape(-1, dy.shape[-1]).contiguous(), [weight], gather_dim=0,
                                                group=ctx.group)
-        dw = dy_full.t() @ x2 if ctx.needs_input_grad[1] else None
-        return dx.view(ctx.x_shape) if ctx.needs_input_grad[0] else None, dw, None
+        dw = _weight_grad(weight, dy_full, x2, ctx.fusion) if ctx.needs_input_grad[1] else None
+        return dx.view(ctx.x_shape) if ctx.needs_input_grad[0] else None, dw, None, None
 
 
 _NOTED = set()
@@ -310,10 +337,7 @@ def _note_own_path(layer, why):
         log.info("%s: %s; Megatron's own implementation runs (nothing on turbo_dist.tp)", name, why)
 
 
-def _check_fusable(layer, gradient_accumulation_fusion, grad_output_buffer=None):
-    if gradient_accumulation_fusion:
-        raise NotImplementedError(f"{type(layer).__name__}: gradient_accumulation_fusion (main_grad) with "
-                                  "sequence_parallel is not supported by the turbo_dist linears")
+def _check_fusable(layer, grad_output_buffer=None):
     if grad_output_buffer is not None:
         raise NotImplementedError(f"{type(layer).__name__}: defer_embedding_wgrad_compute is not supported")
 
@@ -335,10 +359,11 @@ class TurboDistColumnParallelLinear(ColumnParallelLinear):
                                          allreduce_dgrad=allreduce_dgrad, sequence_parallel=sequence_parallel,
                                          grad_output_buffer=grad_output_buffer,
                                          wgrad_deferral_limit=wgrad_deferral_limit, tp_group=tp_group, **kwargs)
-        _check_fusable(self, gradient_accumulation_fusion, grad_output_buffer)
+        _check_fusable(self, grad_output_buffer)
         if input.dim() != 3:
             raise ValueError(f"{type(self).__name__}: input must be [s/tp, b, h], got {tuple(input.shape)}")
-        return _AllGatherLinear.apply(input, weight, bias, tp_group if tp_group is not None else self.tp_group)
+        return _AllGatherLinear.apply(input, weight, bias, tp_group if tp_group is not None else self.tp_group,
+                                      bool(gradient_accumulation_fusion))
 
 
 class TurboDistRowParallelLinear(RowParallelLinear):
@@ -352,10 +377,9 @@ class TurboDistRowParallelLinear(RowParallelLinear):
             _note_own_path(self, f"sequence_parallel={self.sequence_parallel}, explicit_expert_comm="
                                  f"{self.explicit_expert_comm}, input_is_parallel={self.input_is_parallel}")
             return super().forward(input_)
-        _check_fusable(self, self.gradient_accumulation_fusion)
         if input_.dim() != 3:
             raise ValueError(f"{type(self).__name__}: input must be [s, b, k/tp], got {tuple(input_.shape)}")
-        output_ = _LinearReduceScatter.apply(input_, self.weight, self.tp_group)
+        output_ = _LinearReduceScatter.apply(input_, self.weight, self.tp_group, bool(self.gradient_accumulation_fusion))
         if not self.skip_bias_add:
             return (output_ + self.bias if self.bias is not None else output_), None
         return output_, self.bias
