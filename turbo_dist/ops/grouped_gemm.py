@@ -192,9 +192,10 @@ dispatcher.register_backend("grouped_gemm_wgrad", "loop", _loop_wgrad, priority=
 # our persistent Triton kernel beats torch._grouped_mm in the forward (a @ b, b [G, K, N]): 0.63 vs
 # 0.84 ms at 128 tokens/expert (fc1), 0.35 vs 0.45 (fc2), 0.99 vs 1.09 / 0.55 vs 0.58 at 256; at 1024
 # they tie. With b transposed (dgrad) torch stays faster, so the rule covers the plain forward only.
-# The rule also needs enough work: a Triton launch costs ~100+ us of host time against torch._grouped_mm's ~20
-# (benchmarks/probe_host_overhead.py, H200 host: 153 vs 18 us per call before the launch was trimmed), so
-# below ~64 GFLOP per call (~150 us of GPU time) the host would set the pace and torch stays the default.
+# The rule also needs enough work: our Triton launch costs ~65 us of host time (kernel wrapper with offsets
+# ready; 93 us before the launch was trimmed) against torch._grouped_mm's ~18 us per call
+# (benchmarks/results/probe_host_overhead_h200.json), so below ~64 GFLOP per call (~150 us of GPU time) the
+# host would set the pace and torch stays the default.
 SMALL_GROUP_ROWS = 256
 TRITON_MIN_FLOP = 64e9
 
