@@ -148,6 +148,10 @@ for ph in $PHASES; do
             timeout 240 python benchmarks/bench_ops.py --quick --sections overhead,grouped --json "$OUT/ops_grouped_quick_$TAG.json" \
               > "$OUT/ops_grouped_quick_$TAG.log" 2>&1; echo "prof2 bench rc=$?"; grep -A6 "## overhead" "$OUT/ops_grouped_quick_$TAG.log"
             grep -E "^ *grouped" "$OUT/ops_grouped_quick_$TAG.log" | grep -E "fwd" | head -24;;
+    gputests) # one GPU: every GPU-marked test (first config only), a regression sweep after a session's changes
+            TURBO_DIST_TRITON_TUNE=first timeout ${GPUTESTS_S:-400} python -m pytest tests/ -q -rs -p no:cacheprovider \
+              -k "gpu or self_loop or cuda_graph" > "$OUT/pytest_gpu_$TAG.log" 2>&1; echo "gputests rc=$?"
+            tail -2 "$OUT/pytest_gpu_$TAG.log"; grep -E "^(FAILED|ERROR)|Error:" "$OUT/pytest_gpu_$TAG.log" | head -12;;
     moefix) timeout 200 python -m pytest -q -rs -p no:cacheprovider tests/test_moe_low_latency.py::test_low_latency_triton_self_loop \
               tests/test_moe_low_latency.py::test_low_latency_kernels_simulated_ranks tests/test_moe_low_latency.py::test_fp8_casts_bit_identical_on_cpu_and_gpu \
               tests/test_moe_nvlink.py::test_nvlink_vs_collective "tests/test_moe_nvlink.py::test_nvlink_reference_fp8_backward_errors" tests/test_moe.py > "$OUT/pytest_moefix_$TAG.log" 2>&1; echo "moefix rc=$?"; tail -4 "$OUT/pytest_moefix_$TAG.log";;
