@@ -146,6 +146,12 @@ def _ll_body(rank, world, routing, use_fp8, hook, seed):
         recv_hook() if hook else event.current_stream_wait()
         assert torch.equal(zc, combined)
     assert len(seen) == 2
+    if buf._ll.path == "triton":  # DeepEP's RDMA-side buffer: here the low-latency symmetric buffer
+        raw = buf.get_local_buffer_tensor(torch.int64, size=(2, 2, world), use_rdma_buffer=True)
+        assert raw.device == y.device and raw.data_ptr() == buf._ll._buffer.local().data_ptr()
+    else:
+        with pytest.raises(RuntimeError, match="no RDMA-side buffer"):
+            buf.get_local_buffer_tensor(torch.int64, use_rdma_buffer=True)
     return int(count.sum())
 
 

@@ -156,12 +156,22 @@ class Buffer:
         return self.runtime.comm_stream
 
     def get_local_buffer_tensor(self, dtype, size=None, offset=0, use_rdma_buffer=False):
+        """This rank's part of the communication buffer as a `dtype` tensor (from element `offset`, `size` shaped):
+        the nvlink transport's symmetric buffer, or with use_rdma_buffer=True the low-latency mode's one (the
+        buffer DeepEP keeps in RDMA memory; here symmetric memory on the triton low-latency path)."""
         if use_rdma_buffer:
-            _not_here("get_local_buffer_tensor(use_rdma_buffer=True)", "only the nvlink transport's buffer is exposed")
-        if self.transport != "nvlink":
+            ll = self._ll
+            if ll is None or ll._buffer is None:
+                raise RuntimeError("get_local_buffer_tensor(use_rdma_buffer=True): this Buffer has no RDMA-side "
+                                   "buffer: it exists in low_latency_mode=True with num_rdma_bytes > 0 on the triton "
+                                   "low-latency path (the collective path moves tokens with collectives)")
+            buf = ll._buffer
+        elif self.transport != "nvlink":
             raise RuntimeError(f"get_local_buffer_tensor: the {self.transport} transport has no symmetric buffer "
                                "(only transport='nvlink' has one)")
-        t = self._impl.buffer.local(dtype)[offset:]
+        else:
+            buf = self._impl.buffer
+        t = buf.local(dtype)[offset:]
         return t if size is None else t[:torch.Size(size).numel()].view(size)
 
     @staticmethod
