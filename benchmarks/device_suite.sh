@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One batched device session: install, GPU test suite, main-job demo, single-GPU benches.
-#   bash benchmarks/device_suite.sh "install tests gputests dist demo ops opsq attn moe moell moeinter tp cp cpvarlen native tune cublaslt prof opstests"
+#   bash benchmarks/device_suite.sh "install tests gputests ll dist demo ops opsq attn moe moell moeinter tp cp cpvarlen native tune cublaslt prof opstests"
 #   (phases to run, in order; default "install tests demo ops attn"; on a multi-GPU kind start with
 #   "install dist demo moe moell moeinter tp cp cpvarlen")
 # Logs and JSON go under $OUT (default ./out). Safety variables are always set. One-off verification phases of
@@ -56,6 +56,13 @@ for ph in $PHASES; do
             echo "prof share-GPU LL rc=$?"; tail -2 "$OUT/pytest_share_ll_$TAG.log"; grep -E "^(FAILED|ERROR)" "$OUT/pytest_share_ll_$TAG.log" | head
             timeout 300 python benchmarks/bench_ops.py --quick --sections fp8,fp8_grouped --json "$OUT/ops_fp8_$TAG.json" \
               > "$OUT/ops_fp8_$TAG.log" 2>&1; echo "prof fp8 bench rc=$?"; grep -E "e2e|bf16|mm_default" "$OUT/ops_fp8_$TAG.log" | head -30;;
+    ll) # one GPU: the low-latency MoE kernels (self-loop, CUDA graph, placement, fused FP8 cast), then 2 and 4 processes sharing it
+            TURBO_DIST_TRITON_TUNE=first timeout 200 python -m pytest -q -rs -p no:cacheprovider tests/test_moe_low_latency.py \
+              -k "gpu or self_loop or cuda_graph or place or simulated or fused" > "$OUT/pytest_ll_$TAG.log" 2>&1
+            echo "ll tests rc=$?"; tail -2 "$OUT/pytest_ll_$TAG.log"; grep -E "^(FAILED|ERROR)|Error" "$OUT/pytest_ll_$TAG.log" | head -8
+            TURBO_DIST_TEST_SHARE_GPU=1 TURBO_DIST_TIMEOUT_S=30 TURBO_DIST_TEST_TIMEOUT_S=100 timeout 200 python -m pytest --dist-only -q \
+              -rs -p no:cacheprovider tests/test_moe_low_latency.py > "$OUT/pytest_share_ll_$TAG.log" 2>&1
+            echo "ll share-GPU rc=$?"; tail -2 "$OUT/pytest_share_ll_$TAG.log"; grep -E "^(FAILED|ERROR)" "$OUT/pytest_share_ll_$TAG.log" | head;;
     gputests) # one GPU: every GPU-marked test (first config only), a regression sweep after a session's changes
             TURBO_DIST_TRITON_TUNE=first timeout ${GPUTESTS_S:-400} python -m pytest tests/ -q -rs -p no:cacheprovider \
               -k "gpu or self_loop or cuda_graph" > "$OUT/pytest_gpu_$TAG.log" 2>&1; echo "gputests rc=$?"

@@ -30,25 +30,55 @@ def _fence_sys():
 
 
 @triton.jit
-def _ll_dispatch_send_kernel(x_ptr, s_ptr, idx_ptr, num_tokens, peer_ptrs, me, num_ranks, experts_per_rank,
-                             num_max, x_off, s_off, idx_off, cnt_off,
+def _fp8_cast_row(x_ptr, GROUPS: tl.constexpr, G_POW2: tl.constexpr, ROUND_SCALE: tl.constexpr):
+    """One token row (GROUPS x 128 values) -> (fp8 e4m3 [G_POW2, 128], fp32 scales [G_POW2], group mask), bit for
+    bit moe/ll_layout.per_token_cast_to_fp8 on CUDA: scale = max(amax, 1e-4) * fp32(1 / 448) (round_scale: up to
+    a power of 2 from the bits), q = x / scale correctly rounded (div_rn), clamped to +-448, cast to nearest."""
+    g = tl.arange(0, G_POW2)
+    c = tl.arange(0, 128)
+    gm = g < GROUPS
+    v = tl.load(x_ptr + g[:, None] * 128 + c[None, :], mask=gm[:, None], other=0.0).to(tl.float32)
+    scale = tl.maximum(tl.max(tl.abs(v), 1), 1e-4) * (1.0 / 448.0)
+    if ROUND_SCALE:
+        bits = scale.to(tl.int32, bitcast=True)
+        exp = bits & 0x7F800000
+        scale = tl.where((bits & 0x007FFFFF) != 0, exp + (1 << 23), exp).to(tl.float32, bitcast=True)
+    scale = tl.where(gm, scale, 1.0)
+    q = tl.minimum(tl.maximum(tl.math.div_rn(v, scale[:, None]), -448.0), 448.0)
+    return q.to(tl.float8e4nv), scale, g, c, gm
+
+
+@triton.jit
+def _ll_dispatch_send_kernel(x_ptr, s_ptr, idx_ptr, num_tokens, peer_ptrs, me, experts_per_rank,
+                             num_max, x_off, s_off, idx_off, cnt_off, stride_x,
                              X_WORDS: tl.constexpr, S_WORDS: tl.constexpr, K: tl.constexpr, BLOCK_K: tl.constexpr,
-                             BLOCK: tl.constexpr, HAS_S: tl.constexpr):
-    # Program t sends token t (t >= num_tokens: an empty slot, its expert ids all -1) to slot
-    # [me, t] of every rank; the payload only where the rank owns one of the token's experts.
+                             BLOCK: tl.constexpr, HAS_S: tl.constexpr, CAST: tl.constexpr = False,
+                             ROUND_SCALE: tl.constexpr = False, GROUPS: tl.constexpr = 1,
+                             G_POW2: tl.constexpr = 1):
+    # Program (t, d) sends token t (t >= num_tokens: an empty slot, its expert ids all -1) to slot [me, t]
+    # of rank d; the payload only where d owns one of the token's experts. CAST: x is the bf16/fp16 row,
+    # cast here to FP8 with per-128 scales (moe/ll_layout.per_token_cast_to_fp8) and stored as fp8 + fp32
+    # scales; otherwise x (and s) are rows of int32 words, moved as they are.
     t = tl.program_id(0)
+    d = tl.program_id(1)
     kk = tl.arange(0, BLOCK_K)
     valid = (kk * 0 + t) < num_tokens  # a vector mask: the interpreter rejects scalar-bool masks
     idx = tl.load(idx_ptr + t.to(tl.int64) * K + kk, mask=(kk < K) & valid, other=-1)
     row = (me * num_max + t).to(tl.int64)
-    offs = tl.arange(0, BLOCK)
-    for d in range(num_ranks):
-        base = tl.load(peer_ptrs + d)
-        lo = d * experts_per_rank
-        hit = tl.sum(((idx >= lo) & (idx < lo + experts_per_rank)).to(tl.int32), axis=0) > 0
-        ip = (base + idx_off).to(tl.pointer_type(tl.int32))
-        tl.store(ip + row * K + kk, idx.to(tl.int32), mask=kk < K)
-        if hit:
+    base = tl.load(peer_ptrs + d)
+    lo = d * experts_per_rank
+    hit = tl.sum(((idx >= lo) & (idx < lo + experts_per_rank)).to(tl.int32), axis=0) > 0
+    ip = (base + idx_off).to(tl.pointer_type(tl.int32))
+    tl.store(ip + row * K + kk, idx.to(tl.int32), mask=kk < K)
+    if hit:
+        if CAST:
+            q, scale, g, c, gm = _fp8_cast_row(x_ptr + t.to(tl.int64) * stride_x, GROUPS, G_POW2, ROUND_SCALE)
+            xp = (base + x_off).to(tl.pointer_type(tl.float8e4nv))
+            tl.store(xp + row * (GROUPS * 128) + g[:, None] * 128 + c[None, :], q, mask=gm[:, None])
+            sp = (base + s_off).to(tl.pointer_type(tl.float32))
+            tl.store(sp + row * GROUPS + g, scale, mask=gm)
+        else:
+            offs = tl.arange(0, BLOCK)
             xp = (base + x_off).to(tl.pointer_type(tl.int32))
             for c in range(0, X_WORDS, BLOCK):
                 m = (c + offs) < X_WORDS
@@ -61,10 +91,8 @@ def _ll_dispatch_send_kernel(x_ptr, s_ptr, idx_ptr, num_tokens, peer_ptrs, me, n
                     v = tl.load(s_ptr + t.to(tl.int64) * S_WORDS + c + offs, mask=m)
                     tl.store(sp + row * S_WORDS + c + offs, v, mask=m)
     tl.debug_barrier()  # every thread's stores happen before the release below
-    for d in range(num_ranks):
-        base = tl.load(peer_ptrs + d)
-        cp = (base + cnt_off).to(tl.pointer_type(tl.int64))
-        tl.atomic_add(cp + me, 1, sem="release", scope="sys")
+    cp = (base + cnt_off).to(tl.pointer_type(tl.int64))
+    tl.atomic_add(cp + me, 1, sem="release", scope="sys")
 
 
 @triton.jit
@@ -145,23 +173,37 @@ def _words(t, name):
 
 
 def dispatch_send(x, x_scales, topk_idx, num_max, peer_ptrs, me, num_ranks, experts_per_rank,
-                  x_off, s_off, idx_off, cnt_off):
+                  x_off, s_off, idx_off, cnt_off, cast_fp8=False, round_scale=False):
     """Store this rank's tokens into every rank's dispatch region and bump its counter there.
 
     x: [T, H] payload (any dtype, rows of whole 4-byte words), x_scales: [T, G] fp32 or None,
-    topk_idx: [T, K] int64. Region layout on each receiver (byte offsets into its buffer):
+    topk_idx: [T, K] int64. cast_fp8: x is bf16/fp16 [T, H] (H % 128 == 0, CUDA: the interpreter's FP8
+    conversion rounds wrongly), cast to FP8 in the kernel (what per_token_cast_to_fp8 gives, `round_scale`
+    as there; x_scales must be None). Region layout on each receiver (byte offsets into its buffer):
     x_off: [num_ranks * num_max, row words], s_off: the same for scales, idx_off: [num_ranks * num_max, K]
-    int32, cnt_off: int64 [num_ranks] counters. Runs `num_max` programs (the count a receiver expects).
+    int32, cnt_off: int64 [num_ranks] counters. Runs num_max programs per destination rank, each adding 1 to
+    that rank's counter of this source (so a receiver expects `num_max`).
     """
     num_tokens, k = topk_idx.shape
+    idx = topk_idx.contiguous() if num_tokens else torch.full((1, k), -1, dtype=torch.int64, device=x.device)
+    meta = dict(K=k, BLOCK_K=triton.next_power_of_2(k), BLOCK=1024, num_warps=4)
+    if cast_fp8:
+        if x_scales is not None or x.dim() != 2 or x.size(1) % 128 or x.element_size() != 2:
+            raise ValueError("cast_fp8 takes a 16-bit x [T, H] with H % 128 == 0 and no x_scales")
+        if x.stride(1) != 1:
+            x = x.contiguous()
+        groups = x.size(1) // 128
+        xin = x if num_tokens else torch.zeros(1, x.size(1), dtype=x.dtype, device=x.device)
+        _ll_dispatch_send_kernel[(num_max, num_ranks)](
+            xin, xin, idx, num_tokens, peer_ptrs, me, experts_per_rank, num_max, x_off, s_off, idx_off, cnt_off,
+            xin.stride(0), X_WORDS=1, S_WORDS=1, HAS_S=True, CAST=True, ROUND_SCALE=bool(round_scale),
+            GROUPS=groups, G_POW2=triton.next_power_of_2(groups), **meta)
+        return
     xw = _words(x, "x")
     sw = _words(x_scales, "x_scales") if x_scales is not None else xw
-    idx = topk_idx.contiguous() if num_tokens else torch.full((1, k), -1, dtype=torch.int64, device=x.device)
-    _ll_dispatch_send_kernel[(num_max,)](
-        xw, sw, idx, num_tokens, peer_ptrs, me, num_ranks, experts_per_rank, num_max,
-        x_off, s_off, idx_off, cnt_off,
-        X_WORDS=xw.size(1), S_WORDS=sw.size(1), K=k, BLOCK_K=triton.next_power_of_2(k),
-        BLOCK=1024, HAS_S=x_scales is not None, num_warps=4)
+    _ll_dispatch_send_kernel[(num_max, num_ranks)](
+        xw, sw, idx, num_tokens, peer_ptrs, me, experts_per_rank, num_max, x_off, s_off, idx_off, cnt_off, 0,
+        X_WORDS=xw.size(1), S_WORDS=sw.size(1), HAS_S=x_scales is not None, **meta)
 
 
 def combine_send(y, dst, peer_ptrs, me, num_ranks, num_max, comb_off, cnt_off):
@@ -220,25 +262,3 @@ class ErrorWord:
 
     def clear(self):
         self.tensor.zero_()
-
-
-@triton.jit
-def _ll_place_rows_kernel(src_ptr, target_ptr, out_ptr, K: tl.constexpr, WORDS: tl.constexpr, BLOCK: tl.constexpr):
-    # Entry i = (row, k): copy source row i // K to output row target[i] (skipped where target < 0).
-    i = tl.program_id(0)
-    tgt = tl.load(target_ptr + i)
-    if tgt >= 0:
-        src = (i // K).to(tl.int64)
-        offs = tl.arange(0, BLOCK)
-        for c in range(0, WORDS, BLOCK):
-            m = (c + offs) < WORDS
-            v = tl.load(src_ptr + src * WORDS + c + offs, mask=m)
-            tl.store(out_ptr + tgt * WORDS + c + offs, v, mask=m)
-
-
-def place_rows(rows, target, out, k):
-    """out[target[i]] = rows[i // k] for every i with target[i] >= 0 (rows/out: int32 words [n, w])."""
-    if target.numel() == 0:
-        return out
-    _ll_place_rows_kernel[(target.numel(),)](rows, target, out, K=k, WORDS=rows.size(1), BLOCK=1024, num_warps=4)
-    return out

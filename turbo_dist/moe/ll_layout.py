@@ -1,9 +1,7 @@
 """Low-latency MoE (moe/low_latency.py): the per-token FP8 casts DeepEP's low-latency dispatch applies and the
-on-device placement of received tokens into DeepEP's per-expert layout, shared by both paths. Fixed shapes,
-no host reads (CUDA-graph capturable)."""
+placement of received tokens into DeepEP's per-expert layout in torch ops (`place_tokens`: the CPU path and the
+reference kernels/moe_ll_place.py matches on CUDA). Fixed shapes, no host reads (CUDA-graph capturable)."""
 import torch
-
-from ..kernels import moe_ll
 
 _FP8_MAX = 448.0
 _FP8_INV_MAX = 1.0 / _FP8_MAX  # amax * this == CUDA's amax / 448.0 (see per_token_cast_to_fp8)
@@ -50,25 +48,19 @@ def pack_ue8m0(scales):
 
 
 # ----------------------------------------------------------------------------- placement (both paths)
-def _words(t):
-    """A contiguous [n, w] tensor as int32 words [n, w * itemsize / 4] (uint8 when a row is not whole words)."""
-    row_bytes = t.size(1) * t.element_size()
-    raw = t.contiguous().view(torch.uint8).view(t.size(0), row_bytes)
-    return raw.view(torch.int32) if row_bytes % 4 == 0 else raw
+def _bytes(t):
+    """A [n, w] tensor's rows as raw bytes [n, w * itemsize] (FP8 has no index_copy on every device)."""
+    return t.contiguous().view(torch.uint8).view(t.size(0), t.size(1) * t.element_size())
 
 
-def _place(rows, target, k, out, use_kernel):
+def _place(rows, target, k, out):
     """out[target[i]] = rows[i // k] where target[i] >= 0. out: [num_out + 1, row] (the last row: a dump)."""
-    words, out_words = _words(rows), _words(out)
-    if use_kernel and words.dtype == torch.int32:
-        moe_ll.place_rows(words, target, out_words, k)
-    else:
-        num_out = out.size(0) - 1
-        src = torch.arange(target.numel(), device=target.device) // k
-        out_words.index_copy_(0, torch.where(target >= 0, target, num_out), words.index_select(0, src))
+    num_out = out.size(0) - 1
+    src = torch.arange(target.numel(), device=target.device) // k
+    _bytes(out).index_copy_(0, torch.where(target >= 0, target, num_out), _bytes(rows).index_select(0, src))
 
 
-def place_tokens(rows_x, rows_s, all_idx, rank, experts_per_rank, num_max, out_x, out_s, use_kernel=False):
+def place_tokens(rows_x, rows_s, all_idx, rank, experts_per_rank, num_max, out_x, out_s):
     """Sort the tokens every rank sent into DeepEP's per-expert layout, on the device, fixed shapes.
 
     rows_x: [R * M, H] payload of slot (source s, token t) at row s * M + t; rows_s: [R * M, G] fp32 or None;
@@ -91,9 +83,9 @@ def place_tokens(rows_x, rows_s, all_idx, rank, experts_per_rank, num_max, out_x
     keep = local & (pos < n)  # a row repeating an expert could overflow its R * M slots: dropped
     dst = torch.where(keep, expert * n + pos, torch.full_like(pos, -1))
 
-    _place(rows_x, dst, k, out_x, use_kernel)
+    _place(rows_x, dst, k, out_x)
     if rows_s is not None:
-        _place(rows_s, dst, k, out_s, use_kernel)
+        _place(rows_s, dst, k, out_s)
     src = torch.full((e_l * n + 1,), -1, dtype=torch.int32, device=dev)
     token = (torch.arange(flat.numel(), device=dev) // k % m).to(torch.int32)
     src.index_copy_(0, torch.where(keep, dst, e_l * n), token)

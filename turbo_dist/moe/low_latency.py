@@ -8,15 +8,17 @@ recv_x[e, :recv_count[e]], ordered by source rank, then token index, then top-k 
 unlike DeepEP's arrival order); handle[0] = src_info [E_l, R * M] int32 (the token index on its source),
 handle[1] = layout_range [E_l, R] int64 ((begin << 32) | count of the rows from each source).
 
-Two paths, both ending in the same on-device placement (`place_tokens`):
+Two paths, both ending in the same on-device placement (`ll_layout.place_tokens` in torch ops on CPU, its twin
+kernels/moe_ll_place.py, two launches, on CUDA):
 - `collective`: dispatch is one all_gather of fixed-size slots [M, row] (a token's row goes to every
   rank: with top-8 routing it needs most of them anyway, and a fixed-slot all_to_all would move the
   same bytes); combine all_gathers the top-k weights, each rank sums its experts' rows per source
   token (fp32, weighted), and one equal-split all_to_all returns those partial sums. NCCL or gloo.
-- `triton` (CUDA, peer access on one node): kernels store each token (and its expert ids) straight
-  into slot [me, t] of every rank's symmetric buffer and bump a counter there; combine stores each
-  expert row into slot [t, k] of the token's source, which sums its k slots with the weights (fp32,
-  top-k order, as DeepEP). Waits are bounded (TURBO_DIST_TIMEOUT_S); a timeout is recorded in a
+- `triton` (CUDA, peer access on one node): one kernel casts each token to FP8 (if asked) and stores it
+  (and its expert ids) straight into slot [me, t] of every rank owning one of its experts and bumps a
+  counter there; the receiver waits on its counters and places the slots (two kernels). Combine stores
+  each expert row into slot [t, k] of the token's source, which waits and sums its k slots with the
+  weights in one kernel (fp32, top-k order, as DeepEP). Dispatch and combine are 4 and 3 launches. Waits are bounded (TURBO_DIST_TIMEOUT_S); a timeout is recorded in a
   host-mapped word and raised as RuntimeError by the next low-latency call.
 Chosen by TURBO_DIST_MOE_LL_PATH=triton|collective, else `triton` where it can run. The triton kernels move
 FP8 and 2-byte payloads only: on the triton path a dispatch of an fp32 x with use_fp8=False, or a combine of
@@ -30,7 +32,7 @@ import logging
 import torch
 import torch.distributed as dist
 
-from ..kernels import moe_ll
+from ..kernels import moe_ll, moe_ll_place
 from ..runtime import EventOverlap
 from ..runtime.config import env_str, peer_timeout_s
 from .collective import _columns, _pack, _unpack
@@ -78,11 +80,13 @@ class LowLatency:
         log.info("moe low-latency: rank %d/%d path %s", rt.rank, rt.world_size, self.path)
 
     def _takes_triton(self, op, payload):
-        """Whether this call of `op` runs the triton kernels (2-byte or FP8 payloads) or the collective path."""
-        path = "triton" if self.path == "triton" and payload.element_size() <= 2 else "collective"
+        """Whether this call of `op` runs the triton kernels (2-byte or FP8 payloads) or the collective path;
+        payload: the tensor that travels, or its dtype."""
+        dtype = payload if isinstance(payload, torch.dtype) else payload.dtype
+        path = "triton" if self.path == "triton" and dtype.itemsize <= 2 else "collective"
         if path != self.path and self.last_path[op] != path:
             log.info("moe low-latency %s: %s payload; the triton kernels move FP8 and 2-byte payloads only, so "
-                     "this call runs the collective path", op, payload.dtype)
+                     "this call runs the collective path", op, dtype)
         self.last_path[op] = path
         return path == "triton"
 
@@ -186,7 +190,6 @@ class LowLatency:
         n, g = rt.world_size * num_max, hidden // 128
         dev = x.device
         out_x = torch.empty(e_l * n + 1, hidden, dtype=torch.float8_e4m3fn if use_fp8 else x.dtype, device=dev)
-        out_s = torch.empty(e_l * n + 1, g, dtype=torch.float32, device=dev) if use_fp8 else None
         if use_fp8:  # DeepEP's scale layout: [E_l, N, G] values stored column-major in the last two dims
             scales = torch.empty(e_l, g // 4 if use_ue8m0 else g, n, dtype=torch.int32 if use_ue8m0 else torch.float32,
                                  device=dev).transpose(1, 2)
@@ -198,20 +201,26 @@ class LowLatency:
                                   num_tokens=x.size(0), num_topk=topk_idx.size(1), path=None)
 
         def send():
+            if self._takes_triton("dispatch", torch.float8_e4m3fn if use_fp8 else x.dtype):
+                # the FP8 cast runs inside the send kernel
+                return self._triton_dispatch_send(x, use_fp8, round_scale, topk_idx, num_max, e_l, hidden)
             if use_fp8:
                 payload, x_scales = per_token_cast_to_fp8(x, round_scale)
             else:
                 payload, x_scales = x.contiguous(), None
-            if self._takes_triton("dispatch", payload):
-                return self._triton_dispatch_send(payload, x_scales, topk_idx, num_max, e_l, hidden)
             return self._collective_dispatch_send(payload, x_scales, topk_idx, num_max, hidden, return_recv_hook)
 
         def receive(pending):
             rows_x, rows_s, all_idx, path = pending()
-            outs = place_tokens(rows_x, rows_s, all_idx, rt.rank, e_l, num_max, out_x, out_s, use_kernel=rows_x.is_cuda)
+            handle.path = path
+            if rows_x.is_cuda:  # two kernels (kernels/moe_ll_place.py), the outputs written in place
+                moe_ll_place.place(rows_x, rows_s, all_idx, rt.rank, e_l, out_x, scales if use_fp8 else None,
+                                   use_ue8m0, count, src_info, layout_range, dst, stats)
+                return
+            out_s = torch.empty(e_l * n + 1, g, dtype=torch.float32, device=dev) if use_fp8 else None
+            outs = place_tokens(rows_x, rows_s, all_idx, rt.rank, e_l, num_max, out_x, out_s)
             for o, v in zip((count, src_info, layout_range, dst), outs):
                 o.copy_(v)
-            handle.path = path
             if stats is not None:
                 stats.add_(count)
             if use_fp8:
@@ -220,7 +229,7 @@ class LowLatency:
 
         recv_x = out_x[:e_l * n].view(e_l, n, hidden)
         result = ((recv_x, scales) if use_fp8 else recv_x, count, handle)
-        return self._run(send, receive, async_finish, return_recv_hook, (x, topk_idx, stats, dst, out_x, out_s), result)
+        return self._run(send, receive, async_finish, return_recv_hook, (x, topk_idx, stats, dst, out_x), result)
 
     def _collective_dispatch_send(self, payload, scales, topk_idx, num_max, hidden, async_op):
         rt = self.rt
@@ -249,25 +258,27 @@ class LowLatency:
             return rows_x, rows_s, _unpack(rows, cols, "idx").view(rt.world_size, num_max, k), "collective"
         return pending
 
-    def _triton_dispatch_send(self, payload, scales, topk_idx, num_max, e_l, hidden):
+    def _triton_dispatch_send(self, x, use_fp8, round_scale, topk_idx, num_max, e_l, hidden):
         rt = self.rt
         k = topk_idx.size(1)
         self._ensure_buffer(num_max, hidden, k)
         p = self._next_parity(_DISPATCH)
         reg = self._regions[p]
         cnt_off = (_DISPATCH * 2 + p) * rt.world_size * 8
-        moe_ll.dispatch_send(payload, scales, topk_idx, num_max, self._buffer.peer_ptrs, rt.rank, rt.world_size,
-                             e_l, reg["x"], reg["s"], reg["idx"], cnt_off)
+        moe_ll.dispatch_send(x if use_fp8 else x.contiguous(), None, topk_idx, num_max, self._buffer.peer_ptrs,
+                             rt.rank, rt.world_size, e_l, reg["x"], reg["s"], reg["idx"], cnt_off, cast_fp8=use_fp8,
+                             round_scale=round_scale)
         slots = rt.world_size * num_max
-        row_bytes = hidden * payload.element_size()
+        dtype = torch.float8_e4m3fn if use_fp8 else x.dtype
+        row_bytes = hidden * dtype.itemsize
 
         def pending():
             moe_ll.wait_counters(self._counters(_DISPATCH, p), self._err.addr, num_max, moe_ll.ERR_DISPATCH,
                                  peer_timeout_s())
             buf = self._buffer.local()
-            rows_x = buf[reg["x"]:reg["x"] + slots * row_bytes].view(slots, row_bytes).view(payload.dtype)
+            rows_x = buf[reg["x"]:reg["x"] + slots * row_bytes].view(slots, row_bytes).view(dtype)
             rows_s = None
-            if scales is not None:
+            if use_fp8:
                 g = hidden // 128
                 rows_s = buf[reg["s"]:reg["s"] + slots * g * 4].view(torch.float32).view(slots, g)
             all_idx = buf[reg["idx"]:reg["idx"] + slots * k * 4].view(torch.int32).view(rt.world_size, num_max, k)
@@ -310,24 +321,26 @@ class LowLatency:
         self.check_error()
         num_max, hidden = handle[2], handle[3]
         t, k = topk_idx.shape
-        weights = torch.where(topk_idx >= 0, topk_weights, torch.zeros_like(topk_weights))
 
         def send():
             if self._takes_triton("combine", x):
                 return self._triton_combine_send(x, handle, num_max, hidden, k)
+            weights = torch.where(topk_idx >= 0, topk_weights, torch.zeros_like(topk_weights))
             return self._collective_combine_send(x, weights, handle, num_max, hidden, return_recv_hook)
 
         result = out if out is not None else torch.empty(t, hidden, dtype=x.dtype, device=x.device)
 
         def receive(pending):
             kind, data = pending()
+            if kind == "slots":  # [M, K, H]: one row per top-k slot, weighted and summed in top-k order (fp32)
+                if result.stride(1) == 1:
+                    moe_ll_place.combine_reduce(data, topk_idx, topk_weights, result)
+                else:
+                    result.copy_(moe_ll_place.combine_reduce(data, topk_idx, topk_weights, torch.empty_like(x[0, :t])))
+                return
             acc = torch.zeros(t, hidden, dtype=torch.float32, device=x.device)
-            if kind == "partial":  # [R, M, H] fp32 partial sums, one per expert rank, summed in rank order
-                for r in range(rt.world_size):
-                    acc += data[r, :t]
-            else:  # [M, K, H]: one row per top-k slot, weighted and summed in top-k order
-                for j in range(k):
-                    acc += torch.where(topk_idx[:, j:j + 1] >= 0, data[:t, j].float() * weights[:, j:j + 1], 0.0)
+            for r in range(rt.world_size):  # [R, M, H] fp32 partial sums, one per expert rank, summed in rank order
+                acc += data[r, :t]
             result.copy_(acc)
 
         return self._run(send, receive, async_finish, return_recv_hook, (x, topk_idx, topk_weights), (result,))
