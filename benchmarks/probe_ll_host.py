@@ -1,0 +1,114 @@
+"""Host time of the low-latency MoE calls on one GPU (world 1, self-loop), and what one Triton launch costs.
+
+    python benchmarks/probe_ll_host.py --json probe.json
+
+Eager decode pays the host time of every call (a CUDA graph replays none of it). Rows: median microseconds
+per call over --calls calls x --rounds rounds (queue drained around each round): the public
+`low_latency_dispatch` / `low_latency_combine`, the launches inside them, and Triton launches of an empty
+kernel with 1 and 16 arguments (the floor any Triton launch pays on this host); then a cProfile of dispatch.
+"""
+import argparse
+import cProfile
+import io
+import os
+import pstats
+import socket
+import sys
+
+import torch
+import torch.distributed as dist
+import triton
+import triton.language as tl
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import print_table, write_json  # noqa: E402
+from probe_host_overhead import timed  # noqa: E402
+
+
+@triton.jit
+def _empty1(a):
+    pass
+
+
+@triton.jit
+def _empty16(a, b, c, d, e, f, g, h, i, j, k, l, m, n, o, p, B: tl.constexpr):
+    pass
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json", default=None)
+    p.add_argument("--calls", type=int, default=300)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--tokens", type=int, default=128)
+    p.add_argument("--hidden", type=int, default=7168)
+    p.add_argument("--experts", type=int, default=256)
+    p.add_argument("--topk", type=int, default=8)
+    p.add_argument("--profile-top", type=int, default=30)
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("probe_ll_host: needs CUDA")
+        return 0
+    from turbo_dist.kernels import moe_ll
+    from turbo_dist.moe import Buffer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    dev = torch.device("cuda", 0)
+    torch.cuda.set_device(dev)
+    t, h = args.tokens, args.hidden
+    x = torch.randn(t, h, device=dev).to(torch.bfloat16)
+    idx = torch.stack([torch.randperm(args.experts, device=dev)[:args.topk] for _ in range(t)])
+    w = torch.rand(t, args.topk, device=dev)
+    buf = Buffer(None, num_rdma_bytes=Buffer.get_low_latency_rdma_size_hint(t, h, 1, args.experts),
+                 low_latency_mode=True)
+    ll = buf._ll
+    (q, s), count, handle, _, _ = buf.low_latency_dispatch(x, idx, t, args.experts)
+    y = torch.randn(args.experts, t, h, device=dev).to(torch.bfloat16)
+    rows = []
+
+    def add(case, fn):
+        rows.append({"case": case, "host_us": timed(fn, args.calls, args.rounds)})
+
+    add("low_latency_dispatch fp8", lambda: buf.low_latency_dispatch(x, idx, t, args.experts))
+    add("low_latency_dispatch bf16", lambda: buf.low_latency_dispatch(x, idx, t, args.experts, use_fp8=False))
+    add("low_latency_combine", lambda: buf.low_latency_combine(y, idx, w, handle))
+    reg = ll._regions[0]
+    peers = ll._buffer.peer_ptrs
+    cnt = ll._counters(0, 0)
+
+    def send_and_wait():  # one send + its wait (the counters must be consumed every call)
+        moe_ll.dispatch_send(x, None, idx, t, peers, 0, 1, args.experts, reg["x"], reg["s"], reg["idx"], 0,
+                             cast_fp8=True)
+        moe_ll.wait_counters(cnt, ll._err.addr, t, moe_ll.ERR_DISPATCH, 10.0)
+    add("dispatch_send + wait_counters", send_and_wait)
+    one = torch.zeros(1, device=dev)
+    add("triton empty kernel, 1 arg", lambda: _empty1[(1,)](one))
+    add("triton empty kernel, 16 args", lambda: _empty16[(1,)](one, one, one, one, 1, 2, 3, 4, one, one, one, one,
+                                                               5, 6, 7, 8, B=4))
+    add("torch.empty", lambda: torch.empty(t, h, device=dev))
+    add("torch.zeros_like (one kernel)", lambda: torch.zeros_like(x))
+
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(args.calls):
+        buf.low_latency_dispatch(x, idx, t, args.experts)
+    torch.cuda.synchronize()
+    prof.disable()
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(args.profile_top)
+    print_table(rows, ["case", "host_us"])
+    print("## cProfile of low_latency_dispatch (fp8), sorted by own time")
+    print(out.getvalue())
+    meta = {"tokens": t, "hidden": h, "experts": args.experts, "topk": args.topk, "world": 1,
+            "timing": f"median over {args.rounds} rounds of {args.calls} back-to-back calls"}
+    if args.json:
+        write_json(args.json, rows, meta)
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
