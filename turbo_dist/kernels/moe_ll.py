@@ -8,6 +8,8 @@ Signalling: a program, after all of its stores (CTA barrier), adds 1 to an int64
 receiver's buffer (release, system scope), one counter per source rank. The receiver waits until
 every counter reaches the number of programs a source runs (`expected`) and then subtracts it, so
 counters read 0 between calls: no epoch argument, and a captured launch replays in a CUDA graph.
+The wait is a kernel of its own (`wait_counters`) or folded into the receive kernels (`wait_all` in every
+program, `finish_wait`: the last program done consumes), see kernels/moe_ll_place.py.
 A wait never spins forever: after `timeout_s` (GPU global timer; an iteration budget under the
 Triton interpreter) it writes `(code, source rank, counter value, expected)` into `err` (an int32 [4]
 buffer the host can read without a sync, see `ErrorWord`) and returns without consuming.
@@ -98,31 +100,34 @@ def _ll_dispatch_send_kernel(x_ptr, s_ptr, idx_ptr, num_tokens, peer_ptrs, me, e
 @triton.jit
 def _ll_combine_send_kernel(y_ptr, dst_ptr, peer_ptrs, me, num_max, comb_off, cnt_off,
                             Y_WORDS: tl.constexpr, K: tl.constexpr, BLOCK: tl.constexpr):
-    # Program (s, t): the rows our experts computed for token t of rank s go to slot [t, k] of rank s.
+    # Program (s * M + t, k): the row our expert computed for top-k slot k of token t of rank s goes to slot
+    # [t, k] of rank s (nothing where that slot is not ours); then one count on s's counter of this source.
     pid = tl.program_id(0)
+    k = tl.program_id(1)
     s = pid // num_max
     t = pid % num_max
     base = tl.load(peer_ptrs + s)
     cp = (base + comb_off).to(tl.pointer_type(tl.int32))
     offs = tl.arange(0, BLOCK)
-    for k in range(K):
-        src = tl.load(dst_ptr + pid.to(tl.int64) * K + k)
-        if src >= 0:
-            slot = (t * K + k).to(tl.int64)
-            for c in range(0, Y_WORDS, BLOCK):
-                m = (c + offs) < Y_WORDS
-                v = tl.load(y_ptr + src * Y_WORDS + c + offs, mask=m)
-                tl.store(cp + slot * Y_WORDS + c + offs, v, mask=m)
+    src = tl.load(dst_ptr + pid.to(tl.int64) * K + k)
+    if src >= 0:
+        slot = (t * K + k).to(tl.int64)
+        for c in range(0, Y_WORDS, BLOCK):
+            m = (c + offs) < Y_WORDS
+            v = tl.load(y_ptr + src * Y_WORDS + c + offs, mask=m)
+            tl.store(cp + slot * Y_WORDS + c + offs, v, mask=m)
     tl.debug_barrier()
     cnt = (base + cnt_off).to(tl.pointer_type(tl.int64))
     tl.atomic_add(cnt + me, 1, sem="release", scope="sys")
 
 
 @triton.jit
-def _ll_wait_kernel(cnt_ptr, err_addr, num_src, expected, code, timeout_ns, max_iters, BLOCK: tl.constexpr,
-                    USE_TIMER: tl.constexpr):
-    # One program waits until every source's counter reaches `expected`, then consumes them all.
-    # One program, so one writer of the error record: it names the lowest source still missing.
+def wait_all(cnt_ptr, err_addr, num_src, expected, code, timeout_ns, max_iters, BLOCK: tl.constexpr,
+             USE_TIMER: tl.constexpr):
+    """Spin until each of the num_src counters (int64, acquire loads) reaches `expected`, or time out: then write
+    (code, lowest source still short, its counter, expected) into the error record at err_addr (host-mapped
+    int32 [4], fields first, then a system fence, then the code) and give up. A nonzero record there already:
+    no wait. Returns (ok, offs, mask): ok means every counter arrived; nothing is consumed."""
     offs = tl.arange(0, BLOCK)
     m = offs < num_src
     ptrs = cnt_ptr + offs
@@ -157,7 +162,32 @@ def _ll_wait_kernel(cnt_ptr, err_addr, num_src, expected, code, timeout_ns, max_
             tl.store(err, code)
         failed = failed | timed_out.to(tl.int32)
         waiting = (lo < expected) & (failed == 0)
-    if lo >= expected:  # after a timeout nothing is consumed (Buffer.clean_low_latency_buffer resets)
+    return lo >= expected, ptrs, m
+
+
+@triton.jit
+def finish_wait(cnt_ptr, done_ptr, err_addr, num_src, expected, num_programs, BLOCK: tl.constexpr):
+    """Called by every program of a kernel whose programs each ran wait_all on the same counters, after its
+    work: the last program to get here (a count in done_ptr, int32, zero between calls) consumes the counters
+    (subtracts `expected`, so they read 0 for the next call: no epochs, CUDA-graph replays stay valid) unless
+    a wait timed out (then Buffer.clean_low_latency_buffer resets them), and zeroes the count."""
+    tl.debug_barrier()  # this program's waits and work are done before it counts itself
+    prev = tl.atomic_add(done_ptr, 1, sem="acq_rel", scope="gpu")
+    if prev == num_programs - 1:
+        tl.atomic_xchg(done_ptr, 0, sem="relaxed", scope="gpu")
+        offs = tl.arange(0, BLOCK)
+        m = offs < num_src
+        if tl.load(err_addr.to(tl.pointer_type(tl.int32)), volatile=True) == 0:
+            tl.atomic_add(cnt_ptr + offs, -expected, mask=m, sem="relaxed", scope="sys")
+
+
+@triton.jit
+def _ll_wait_kernel(cnt_ptr, err_addr, num_src, expected, code, timeout_ns, max_iters, BLOCK: tl.constexpr,
+                    USE_TIMER: tl.constexpr):
+    # One program waits until every source's counter reaches `expected`, then consumes them all.
+    # One program, so one writer of the error record: it names the lowest source still missing.
+    ok, ptrs, m = wait_all(cnt_ptr, err_addr, num_src, expected, code, timeout_ns, max_iters, BLOCK, USE_TIMER)
+    if ok:  # after a timeout nothing is consumed (Buffer.clean_low_latency_buffer resets)
         tl.atomic_add(ptrs, -expected, mask=m, sem="relaxed", scope="sys")
 
 
@@ -211,13 +241,25 @@ def combine_send(y, dst, peer_ptrs, me, num_ranks, num_max, comb_off, cnt_off):
 
     y: [rows, H] (the experts' outputs, flattened), dst: int64 [num_ranks * num_max, K], the row of y
     holding (source rank, token, k) or -1. Region on each source: [num_max, K, row words] at comb_off.
-    Runs num_ranks * num_max programs, num_max per destination (the count a receiver expects).
+    Runs num_ranks * num_max * K programs, num_max * K per destination (the count a receiver expects).
     """
     yw = _words(y, "combine x")
     k = dst.size(1)
-    _ll_combine_send_kernel[(num_ranks * num_max,)](
+    _ll_combine_send_kernel[(num_ranks * num_max, k)](
         yw, dst.contiguous(), peer_ptrs, me, num_max, comb_off, cnt_off,
         Y_WORDS=yw.size(1), K=k, BLOCK=1024, num_warps=4)
+
+
+def wait_args(counters, timeout_s):
+    """(timeout_ns, max_iters, BLOCK, USE_TIMER) of a bounded wait on `counters` (int64 [R], local): the GPU
+    clock on CUDA; an iteration budget under the Triton interpreter (each iteration a slow Python round trip)."""
+    if counters.dtype != torch.int64 or counters.dim() != 1 or not counters.is_contiguous():
+        raise ValueError(f"counters must be a contiguous int64 [R] tensor, got {counters.dtype} "
+                         f"{tuple(counters.shape)} strides {counters.stride()}")
+    use_timer = counters.is_cuda and not interpreting()
+    timeout_ns = int(max(timeout_s, 0.0) * 1e9)
+    max_iters = max(int(max(timeout_s, 0.0) * 1000), 1) if not use_timer else 1
+    return timeout_ns, max_iters, triton.next_power_of_2(max(counters.numel(), 1)), use_timer
 
 
 def wait_counters(counters, err_addr, expected, code, timeout_s):
@@ -227,16 +269,9 @@ def wait_counters(counters, err_addr, expected, code, timeout_s):
     One program polls every counter; after `timeout_s` it records (code, lowest source still short, its
     counter, expected) and consumes nothing. A nonzero record already there: returns at once.
     """
-    if counters.dtype != torch.int64 or counters.dim() != 1 or not counters.is_contiguous():
-        raise ValueError(f"counters must be a contiguous int64 [R] tensor, got {counters.dtype} "
-                         f"{tuple(counters.shape)} strides {counters.stride()}")
-    use_timer = counters.is_cuda and not interpreting()
-    timeout_ns = int(max(timeout_s, 0.0) * 1e9)
-    # No clock under the interpreter: bound by iterations, each a slow Python round trip (as moe_nvlink).
-    max_iters = max(int(max(timeout_s, 0.0) * 1000), 1) if not use_timer else 1
+    timeout_ns, max_iters, block, use_timer = wait_args(counters, timeout_s)
     _ll_wait_kernel[(1,)](counters, int(err_addr), counters.numel(), int(expected), int(code), timeout_ns,
-                          max_iters, BLOCK=triton.next_power_of_2(max(counters.numel(), 1)), USE_TIMER=use_timer,
-                          num_warps=1)
+                          max_iters, BLOCK=block, USE_TIMER=use_timer, num_warps=1)
 
 
 class ErrorWord:

@@ -38,7 +38,7 @@ class SymmBuffer:
         return self._handle
 
     def _view(self, raw, dtype, shape, offset):
-        itemsize = torch.empty((), dtype=dtype).element_size()
+        itemsize = dtype.itemsize
         numel = 1
         for s in shape:
             numel *= int(s)
@@ -53,7 +53,7 @@ class SymmBuffer:
         return raw[offset:end].view(dtype).view(tuple(shape))
 
     def local(self, dtype=torch.uint8, shape=None, offset=0):
-        shape = (self.nbytes // torch.empty((), dtype=dtype).element_size(),) if shape is None else shape
+        shape = (self.nbytes // dtype.itemsize,) if shape is None else shape
         return self._view(self._bytes, dtype, shape, offset)
 
     def peer(self, rank, dtype=torch.uint8, shape=None, offset=0):
@@ -67,7 +67,7 @@ class SymmBuffer:
         if not 0 <= rank < self.world_size:
             raise ValueError(f"peer rank {rank} outside [0, {self.world_size})")
         raw = self._handle.get_buffer(rank, (self.nbytes,), torch.uint8, 0)
-        shape = (self.nbytes // torch.empty((), dtype=dtype).element_size(),) if shape is None else shape
+        shape = (self.nbytes // dtype.itemsize,) if shape is None else shape
         return self._view(raw, dtype, shape, offset)
 
 
