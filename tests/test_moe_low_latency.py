@@ -383,7 +383,7 @@ def test_low_latency_kernels_simulated_ranks():
     assert errs[0].read(sync=True) == [moe_ll.ERR_COMBINE, 1, 1, num_max]
 
 
-def _place_kernels(rows_x, rows_s, all_idx, me, e_l, ue8m0, wait=None):
+def _place_kernels(rows_x, rows_s, all_idx, me, e_l, ue8m0):
     """kernels/moe_ll_place.place into fresh outputs (stats starting at 5, scales column-major as DeepEP's)."""
     dev = rows_x.device
     n = all_idx.size(0) * all_idx.size(1)
@@ -396,7 +396,7 @@ def _place_kernels(rows_x, rows_s, all_idx, me, e_l, ue8m0, wait=None):
            "dst": torch.empty(n, all_idx.size(2), dtype=torch.int64, device=dev),
            "stats": torch.full((e_l,), 5, dtype=torch.int32, device=dev)}
     moe_ll_place.place(rows_x, rows_s, all_idx, me, e_l, out["x"], out["scales"], ue8m0, out["count"], out["src_info"],
-                       out["layout_range"], out["dst"], out["stats"], wait=wait)
+                       out["layout_range"], out["dst"], out["stats"])
     return out
 
 
@@ -434,40 +434,6 @@ def test_place_kernels_match_torch_reference(world, num_max, k, routing):
                 want = pack_ue8m0(s_ref) if ue8m0 else s_ref
                 assert torch.equal(got["scales"][e, :c].cpu(), want)
             assert torch.equal(got["stats"].cpu(), 5 + cnt)
-
-
-def test_waits_folded_into_receive_kernels():
-    """place / combine_reduce with wait=: every program waits, the last one done consumes the counters and zeroes
-    the done count; a wait that times out records who is late, consumes nothing, and still zeroes the count."""
-    dev = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    world, num_max, k, e_l, hidden = 2, 3, 2, 2, 64
-    idx = torch.randint(-1, world * e_l, (world, num_max, k), generator=torch.Generator().manual_seed(1))
-    rows_x = torch.randn(world * num_max, hidden).to(torch.float16).to(dev)
-    err = moe_ll.ErrorWord(dev)
-    for arrived in ([num_max, num_max], [num_max, num_max - 1]):
-        cnt = torch.tensor(arrived, dtype=torch.int64, device=dev)
-        done = torch.zeros(1, dtype=torch.int32, device=dev)
-        timeout = 5.0 if min(arrived) == num_max else 1e-3
-        outs = _place_kernels(rows_x, None, idx.to(dev), 0, e_l, False,
-                              wait=(cnt, done, err.addr, num_max, moe_ll.ERR_DISPATCH, timeout))
-        assert int(done.item()) == 0
-        if timeout == 5.0:
-            assert cnt.tolist() == [0, 0] and err.read(sync=True)[0] == 0
-            ref = place_tokens(rows_x.cpu(), None, idx, 0, e_l, num_max,
-                               torch.zeros(e_l * world * num_max + 1, hidden, dtype=torch.float16), None)
-            assert torch.equal(outs["count"].cpu(), ref[0]) and torch.equal(outs["dst"].cpu(), ref[3])
-        else:
-            assert cnt.tolist() == arrived, "a wait that timed out must not consume"
-            assert err.read(sync=True) == [moe_ll.ERR_DISPATCH, 1, num_max - 1, num_max]
-            err.clear()
-    # combine: T = 0 still waits and consumes
-    tk = torch.zeros(0, k, dtype=torch.int64, device=dev)
-    rows = torch.zeros(num_max, k, hidden, dtype=torch.float16, device=dev)
-    cnt = torch.tensor([num_max * k] * world, dtype=torch.int64, device=dev)
-    done = torch.zeros(1, dtype=torch.int32, device=dev)
-    moe_ll_place.combine_reduce(rows, tk, torch.zeros(0, k, device=dev), torch.empty(0, hidden, dtype=torch.float16,
-                                device=dev), wait=(cnt, done, err.addr, num_max * k, moe_ll.ERR_COMBINE, 5.0))
-    assert cnt.tolist() == [0, 0] and int(done.item()) == 0 and err.read(sync=True)[0] == 0
 
 
 @pytest.mark.gpu(min_gpus=1)

@@ -18,21 +18,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .moe_ll import finish_wait, wait_all, wait_args
-
 
 @triton.jit
 def _ll_place_index_kernel(idx_ptr, dst_ptr, src_info_ptr, count_ptr, range_ptr, stats_ptr,
                            num_src, per_src, lo, E_L, N_SLOTS,
-                           cnt_ptr, done_ptr, err_addr, expected, code, timeout_ns, max_iters,
-                           K: tl.constexpr, HAS_STATS: tl.constexpr, BLOCK: tl.constexpr,
-                           WAIT: tl.constexpr = False, WBLOCK: tl.constexpr = 1, USE_TIMER: tl.constexpr = False):
+                           K: tl.constexpr, HAS_STATS: tl.constexpr, BLOCK: tl.constexpr):
     # idx: [num_src * per_src] expert ids of entry (s, t, k) at s * per_src + t * K + k (per_src = M * K).
-    # WAIT: first wait until every source's counter (cnt_ptr [num_src]) reaches `expected` (the dispatch
-    # wait, moe_ll.wait_all); the last program to finish consumes them (moe_ll.finish_wait).
     e = tl.program_id(0)
-    if WAIT:
-        wait_all(cnt_ptr, err_addr, num_src, expected, code, timeout_ns, max_iters, WBLOCK, USE_TIMER)
     offs = tl.arange(0, BLOCK)
     if e == E_L:  # entries for other ranks' experts (or -1): no slot here
         for b in range(0, num_src * per_src, BLOCK):
@@ -64,8 +56,6 @@ def _ll_place_index_kernel(idx_ptr, dst_ptr, src_info_ptr, count_ptr, range_ptr,
             tl.store(src_info_ptr + e * N_SLOTS + j, tl.full([BLOCK], -1, tl.int32), mask=(j >= count) & (j < N_SLOTS))
         if HAS_STATS:
             tl.store(stats_ptr + e, tl.load(stats_ptr + e) + count)
-    if WAIT:
-        finish_wait(cnt_ptr, done_ptr, err_addr, num_src, expected, E_L + 1, WBLOCK)
 
 
 @triton.jit
@@ -103,29 +93,20 @@ def _ll_place_rows_kernel(src_ptr, target_ptr, out_ptr, s_src_ptr, s_out_ptr, N_
 
 
 @triton.jit
-def _ll_combine_reduce_kernel(rows_ptr, idx_ptr, w_ptr, out_ptr, T, H, stride_it, stride_ik, stride_wt, stride_wk,
-                              stride_ot, cnt_ptr, done_ptr, err_addr, num_src, expected, code, timeout_ns, max_iters,
-                              K: tl.constexpr, BLOCK_H: tl.constexpr, WAIT: tl.constexpr = False,
-                              WBLOCK: tl.constexpr = 1, USE_TIMER: tl.constexpr = False):
-    # rows: [M, K, H] (slot [t, k]: what expert idx[t, k] returned for token t); out[t] = sum_k w[t, k] * rows[t, k].
-    # WAIT: the combine wait first (as in _ll_place_index_kernel); the grid has at least one row of programs
-    # even for T == 0, so the counters are always waited on and consumed.
-    if WAIT:
-        wait_all(cnt_ptr, err_addr, num_src, expected, code, timeout_ns, max_iters, WBLOCK, USE_TIMER)
+def _ll_combine_reduce_kernel(rows_ptr, idx_ptr, w_ptr, out_ptr, H, stride_it, stride_ik, stride_wt, stride_wk,
+                              stride_ot, K: tl.constexpr, BLOCK_H: tl.constexpr):
+    # rows: [M, K, H] (slot [t, k]: what expert idx[t, k] returned for token t); out[t] = sum_k w[t, k] * rows[t, k]
     t = tl.program_id(0).to(tl.int64)
-    if t < T:
-        offs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-        m = offs < H
-        acc = tl.zeros([BLOCK_H], dtype=tl.float32)
-        for k in tl.static_range(K):
-            e = tl.load(idx_ptr + t * stride_it + k * stride_ik)
-            if e >= 0:
-                w = tl.load(w_ptr + t * stride_wt + k * stride_wk)
-                r = tl.load(rows_ptr + (t * K + k) * H + offs, mask=m, other=0.0).to(tl.float32)
-                acc += r * w
-        tl.store(out_ptr + t * stride_ot + offs, acc.to(out_ptr.dtype.element_ty), mask=m)
-    if WAIT:
-        finish_wait(cnt_ptr, done_ptr, err_addr, num_src, expected, tl.num_programs(0) * tl.num_programs(1), WBLOCK)
+    offs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    m = offs < H
+    acc = tl.zeros([BLOCK_H], dtype=tl.float32)
+    for k in tl.static_range(K):
+        e = tl.load(idx_ptr + t * stride_it + k * stride_ik)
+        if e >= 0:
+            w = tl.load(w_ptr + t * stride_wt + k * stride_wk)
+            r = tl.load(rows_ptr + (t * K + k) * H + offs, mask=m, other=0.0).to(tl.float32)
+            acc += r * w
+    tl.store(out_ptr + t * stride_ot + offs, acc.to(out_ptr.dtype.element_ty), mask=m)
 
 
 def _words(t):
@@ -136,21 +117,8 @@ def _words(t):
     return t.contiguous().view(torch.uint8).view(t.size(0), row_bytes).view(torch.int32)
 
 
-def _wait_meta(wait, num_src):
-    """wait = None or (counters int64 [R], done int32 [1], err_addr, expected, code, timeout_s): the kernel
-    arguments and constexprs of the folded-in wait."""
-    if wait is None:
-        return (None, None, 0, 0, 0, 0, 0), dict(WAIT=False)
-    counters, done, err_addr, expected, code, timeout_s = wait
-    if counters.numel() != num_src or done.dtype != torch.int32 or done.numel() != 1:
-        raise ValueError(f"wait needs int64 counters [{num_src}] and an int32 [1] done count")
-    timeout_ns, max_iters, block, use_timer = wait_args(counters, timeout_s)
-    return ((counters, done, int(err_addr), int(expected), int(code), timeout_ns, max_iters),
-            dict(WAIT=True, WBLOCK=block, USE_TIMER=use_timer))
-
-
 def place(rows_x, rows_s, all_idx, rank, experts_per_rank, out_x, scales, ue8m0, count, src_info, layout_range, dst,
-          stats=None, wait=None):
+          stats=None):
     """Fill DeepEP's per-expert layout from the received slots; what ll_layout.place_tokens computes.
 
     rows_x: [R * M, H] payload of slot (source s, token t) at row s * M + t (rows of whole 4-byte words);
@@ -158,8 +126,6 @@ def place(rows_x, rows_s, all_idx, rank, experts_per_rank, out_x, scales, ue8m0,
     Written: out_x rows e * R * M + pos (at least E_l * R * M rows), scales[e, pos, :] (a [E_l, R * M, G] fp32
     view of any strides, or int32 [E_l, R * M, G / 4] with ue8m0), count [E_l] int32, src_info [E_l, R * M]
     int32, layout_range [E_l, R] int64, dst [R * M, K] int64 (contiguous), stats [E_l] int32 += count.
-    wait: (counters [R], done [1], err_addr, expected, code, timeout_s) to wait for the senders first (in the
-    kernel, see moe_ll.wait_all / finish_wait); None when the slots are already there.
     """
     num_src, m, k = all_idx.shape
     n_slots = num_src * m
@@ -168,14 +134,10 @@ def place(rows_x, rows_s, all_idx, rank, experts_per_rank, out_x, scales, ue8m0,
                         ("layout_range", layout_range, torch.int64), ("dst", dst, torch.int64)):
         if t.dtype != dt or not t.is_contiguous():
             raise ValueError(f"{name} must be a contiguous {dt} tensor, got {t.dtype} strides {t.stride()}")
-    wargs, wmeta = _wait_meta(wait, num_src)
-    if wait is None:
-        wargs = (count, count) + wargs[2:]  # unused pointers
     _ll_place_index_kernel[(experts_per_rank + 1,)](
         idx, dst, src_info, count, layout_range, stats if stats is not None else count,
-        num_src, m * k, rank * experts_per_rank, experts_per_rank, n_slots, *wargs,
-        K=k, HAS_STATS=stats is not None, BLOCK=min(1024, triton.next_power_of_2(max(m * k, 16))), num_warps=4,
-        **wmeta)
+        num_src, m * k, rank * experts_per_rank, experts_per_rank, n_slots,
+        K=k, HAS_STATS=stats is not None, BLOCK=min(1024, triton.next_power_of_2(max(m * k, 16))), num_warps=4)
     if dst.numel() == 0:
         return
     words = _words(rows_x)
@@ -189,21 +151,17 @@ def place(rows_x, rows_s, all_idx, rank, experts_per_rank, out_x, scales, ue8m0,
         G_POW2=max(triton.next_power_of_2(groups), 4), UE8M0=bool(ue8m0), num_warps=4)
 
 
-def combine_reduce(rows, topk_idx, topk_weights, out, wait=None):
+def combine_reduce(rows, topk_idx, topk_weights, out):
     """out [T, H] = sum over k (top-k order, fp32) of topk_weights[t, k] * rows[t, k] where topk_idx[t, k] >= 0;
-    rows: the contiguous [M >= T, K, H] combine slots. wait: as in `place` (the combine's counters)."""
+    rows: the contiguous [M >= T, K, H] combine slots."""
     t, k = topk_idx.shape
     h = rows.size(2)
-    if t == 0 and wait is None:
+    if t == 0:
         return out
     if not rows.is_contiguous() or out.stride(1) != 1:
         raise ValueError("combine_reduce needs contiguous rows and out rows with unit stride")
     block = min(1024, triton.next_power_of_2(h))
-    num_src = wait[0].numel() if wait is not None else 0
-    wargs, wmeta = _wait_meta(wait, num_src)
-    if wait is None:
-        wargs = (rows, rows) + wargs[2:]
-    _ll_combine_reduce_kernel[(max(t, 1), triton.cdiv(h, block))](
-        rows, topk_idx, topk_weights, out, t, h, *topk_idx.stride(), *topk_weights.stride(), out.stride(0),
-        wargs[0], wargs[1], wargs[2], num_src, *wargs[3:], K=k, BLOCK_H=block, num_warps=4, **wmeta)
+    _ll_combine_reduce_kernel[(t, triton.cdiv(h, block))](
+        rows, topk_idx, topk_weights, out, h, *topk_idx.stride(), *topk_weights.stride(), out.stride(0),
+        K=k, BLOCK_H=block, num_warps=4)
     return out
