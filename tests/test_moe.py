@@ -332,6 +332,26 @@ def test_layout_single_process():
     assert token_positions(in_rank).tolist() == [[0, 0], [-1, 1], [-1, -1], [1, -1]]
 
 
+@pytest.mark.parametrize("tokens,topk,experts,ranks", [(37, 3, 8, 2), (200, 8, 256, 4), (5, 2, 48, 24), (0, 4, 16, 2),
+                                                       (64, 6, 64, 64)])
+def test_layout_kernel_matches_torch_ops(tokens, topk, experts, ranks):
+    """kernels/moe_layout (CUDA's path; interpreter on CPU) == the torch ops, incl. -1 slots, a token picking
+    two experts of one rank, more ranks than the kernel's rank block covers per token block."""
+    from turbo_dist.kernels import moe_layout
+    from turbo_dist.moe.layout import dispatch_layout_torch
+
+    dev = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    g = torch.Generator().manual_seed(tokens + experts)
+    idx = torch.rand(tokens, experts, generator=g).topk(topk, dim=1).indices
+    idx = torch.where(torch.rand(tokens, topk, generator=g) < 0.2, torch.full_like(idx, -1), idx)
+    want = dispatch_layout_torch(idx, experts, ranks)
+    got = moe_layout.dispatch_layout(idx.to(dev), experts, ranks)
+    for name, a, b in zip(("num_tokens_per_rank", "num_tokens_per_expert", "is_token_in_rank"), got, want):
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.cpu(), b), name
+    if tokens:
+        assert int(want[0].sum()) > 0
+
+
 def test_config_validation():
     Config(24, 6, 256)
     with pytest.raises(ValueError):

@@ -4,6 +4,8 @@ Experts are split evenly over ranks: rank r owns experts [r * E / R, (r + 1) * E
 """
 import torch
 
+from ..kernels import moe_layout
+
 
 def check_topk_idx(topk_idx, num_experts, num_ranks, name="topk_idx"):
     """Validate `topk_idx: [num_tokens, num_topk] int64` against `num_experts` split over `num_ranks`."""
@@ -31,7 +33,15 @@ def dispatch_layout(topk_idx, num_experts, num_ranks):
     Returns (num_tokens_per_rank [num_ranks] int32, num_tokens_per_expert [num_experts] int32,
     is_token_in_rank [num_tokens, num_ranks] bool). A token counts once per rank however many of
     that rank's experts it selected, and once per (token, expert) slot for the expert counts.
+    CUDA: one Triton kernel (kernels/moe_layout.py); elsewhere the torch ops of dispatch_layout_torch.
     """
+    if topk_idx.is_cuda:
+        return moe_layout.dispatch_layout(topk_idx, num_experts, num_ranks)
+    return dispatch_layout_torch(topk_idx, num_experts, num_ranks)
+
+
+def dispatch_layout_torch(topk_idx, num_experts, num_ranks):
+    """dispatch_layout in torch ops (the CPU path and the kernel's reference)."""
     num_tokens = topk_idx.size(0)
     device = topk_idx.device
     experts_per_rank = num_experts // num_ranks

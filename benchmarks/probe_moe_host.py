@@ -1,11 +1,14 @@
-"""Host time of the low-latency MoE calls on one GPU (world 1, self-loop), and what one Triton launch costs.
+"""Host time of MoE calls on one GPU (world 1, self-loop), what one Triton launch costs, and the dispatch
+layout's GPU time (torch ops against our kernel).
 
-    python benchmarks/probe_ll_host.py --json probe.json
+    python benchmarks/probe_moe_host.py --json probe.json
 
-Eager decode pays the host time of every call (a CUDA graph replays none of it). Rows: median microseconds
-per call over --calls calls x --rounds rounds (queue drained around each round): the public
-`low_latency_dispatch` / `low_latency_combine`, the launches inside them, and Triton launches of an empty
-kernel with 1 and 16 arguments (the floor any Triton launch pays on this host); then a cProfile of dispatch.
+Eager decode pays the host time of every call (a CUDA graph replays none of it). Rows `host_us`: median
+microseconds per call over --calls calls x --rounds rounds (queue drained around each round): the public
+`low_latency_dispatch` / `low_latency_combine`, the launches inside them, Triton launches of an empty kernel
+with 1 and 16 arguments (the floor any Triton launch pays on this host), and `get_dispatch_layout` for
+--layout-tokens tokens over --layout-ranks ranks (torch ops vs kernels/moe_layout.py); rows `graph_us`: the
+same layout calls replayed from a CUDA graph (GPU time without launch cost). Then a cProfile of dispatch.
 """
 import argparse
 import cProfile
@@ -35,6 +38,28 @@ def _empty16(a, b, c, d, e, f, g, h, i, j, k, l, m, n, o, p, B: tl.constexpr):
     pass
 
 
+def _graph_us(fn, reps=50):
+    """Median us of fn replayed from a CUDA graph (10 calls captured per graph)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(10):
+            fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 100)  # ms per 10 calls -> us per call
+    return sorted(times)[len(times) // 2]
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", default=None)
@@ -44,13 +69,16 @@ def main(argv=None):
     p.add_argument("--hidden", type=int, default=7168)
     p.add_argument("--experts", type=int, default=256)
     p.add_argument("--topk", type=int, default=8)
+    p.add_argument("--layout-tokens", type=int, default=4096)
+    p.add_argument("--layout-ranks", type=int, default=8)
     p.add_argument("--profile-top", type=int, default=30)
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
-        print("probe_ll_host: needs CUDA")
+        print("probe_moe_host: needs CUDA")
         return 0
-    from turbo_dist.kernels import moe_ll
+    from turbo_dist.kernels import moe_layout, moe_ll
     from turbo_dist.moe import Buffer
+    from turbo_dist.moe.layout import dispatch_layout_torch
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -91,6 +119,16 @@ def main(argv=None):
     add("torch.empty", lambda: torch.empty(t, h, device=dev))
     add("torch.zeros_like (one kernel)", lambda: torch.zeros_like(x))
 
+    lt, lr = args.layout_tokens, args.layout_ranks
+    lidx = torch.stack([torch.randperm(args.experts, device=dev)[:args.topk] for _ in range(lt)])
+    layouts = {"dispatch layout, torch ops": lambda: dispatch_layout_torch(lidx, args.experts, lr),
+               "dispatch layout, kernels/moe_layout": lambda: moe_layout.dispatch_layout(lidx, args.experts, lr)}
+    same = all(torch.equal(a, b) for a, b in zip(*(f() for f in layouts.values())))
+    for name, fn in layouts.items():
+        add(f"{name} ({lt} tokens, {lr} ranks)", fn)
+        rows[-1]["graph_us"] = _graph_us(fn)
+        rows[-1]["same_as_torch"] = same
+
     prof = cProfile.Profile()
     prof.enable()
     for _ in range(args.calls):
@@ -99,10 +137,11 @@ def main(argv=None):
     prof.disable()
     out = io.StringIO()
     pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(args.profile_top)
-    print_table(rows, ["case", "host_us"])
+    print_table(rows, ["case", "host_us", "graph_us", "same_as_torch"])
     print("## cProfile of low_latency_dispatch (fp8), sorted by own time")
     print(out.getvalue())
     meta = {"tokens": t, "hidden": h, "experts": args.experts, "topk": args.topk, "world": 1,
+            "layout_tokens": lt, "layout_ranks": lr,
             "timing": f"median over {args.rounds} rounds of {args.calls} back-to-back calls"}
     if args.json:
         write_json(args.json, rows, meta)
