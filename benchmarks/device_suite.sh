@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One batched device session: install, GPU test suite, main-job demo, single-GPU benches.
-#   bash benchmarks/device_suite.sh "install tests gputests ll dist demo ops opsq attn moe moell moeinter tp cp cpvarlen native tune cublaslt prof opstests"
+#   bash benchmarks/device_suite.sh "install tests gputests ll moe1 dist demo ops opsq attn moe moell moeinter tp cp cpvarlen native tune cublaslt prof opstests"
 #   (phases to run, in order; default "install tests demo ops attn"; on a multi-GPU kind start with
 #   "install dist demo moe moell moeinter tp cp cpvarlen")
 # Logs and JSON go under $OUT (default ./out). Safety variables are always set. One-off verification phases of
@@ -63,6 +63,14 @@ for ph in $PHASES; do
             TURBO_DIST_TEST_SHARE_GPU=1 TURBO_DIST_TIMEOUT_S=30 TURBO_DIST_TEST_TIMEOUT_S=100 timeout 200 python -m pytest --dist-only -q \
               -rs -p no:cacheprovider tests/test_moe_low_latency.py > "$OUT/pytest_share_ll_$TAG.log" 2>&1
             echo "ll share-GPU rc=$?"; tail -2 "$OUT/pytest_share_ll_$TAG.log"; grep -E "^(FAILED|ERROR)" "$OUT/pytest_share_ll_$TAG.log" | head;;
+    moe1) # one GPU, MoE: dispatch-layout kernel test, share-GPU nvlink + runtime tests (2/4 processes), host/launch probe
+            timeout 120 python -m pytest -q -rs -p no:cacheprovider tests/test_moe.py -k "layout or gpu" > "$OUT/pytest_moe1_$TAG.log" 2>&1
+            echo "moe1 tests rc=$?"; tail -2 "$OUT/pytest_moe1_$TAG.log"; grep -E "^(FAILED|ERROR)" "$OUT/pytest_moe1_$TAG.log" | head
+            TURBO_DIST_TEST_SHARE_GPU=1 TURBO_DIST_TIMEOUT_S=30 TURBO_DIST_TEST_TIMEOUT_S=100 timeout 240 python -m pytest --dist-only -q \
+              -rs -p no:cacheprovider tests/test_moe_nvlink.py tests/test_runtime.py > "$OUT/pytest_share_moe_$TAG.log" 2>&1
+            echo "moe1 share-GPU rc=$?"; tail -2 "$OUT/pytest_share_moe_$TAG.log"; grep -E "^(FAILED|ERROR)" "$OUT/pytest_share_moe_$TAG.log" | head
+            timeout 120 python benchmarks/probe_moe_host.py --json "$OUT/probe_moe_host_$TAG.json" > "$OUT/probe_moe_$TAG.log" 2>&1
+            echo "moe1 probe rc=$?"; head -16 "$OUT/probe_moe_$TAG.log";;
     gputests) # one GPU: every GPU-marked test (first config only), a regression sweep after a session's changes
             TURBO_DIST_TRITON_TUNE=first timeout ${GPUTESTS_S:-400} python -m pytest tests/ -q -rs -p no:cacheprovider \
               -k "gpu or self_loop or cuda_graph" > "$OUT/pytest_gpu_$TAG.log" 2>&1; echo "gputests rc=$?"
