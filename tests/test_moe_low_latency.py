@@ -229,9 +229,16 @@ def _ll_options_body(rank, world):
         buf.low_latency_dispatch(x, idx.int(), NUM_MAX, num_experts)
     with pytest.raises(ValueError, match="use_ue8m0"):
         buf.low_latency_dispatch(x, idx, NUM_MAX, num_experts, use_ue8m0=True)
-    with pytest.raises(NotImplementedError, match="dispatch_wait_recv_cost_stats"):
-        buf.low_latency_dispatch(x, idx, NUM_MAX, num_experts,
-                                 dispatch_wait_recv_cost_stats=torch.zeros(world, world, dtype=torch.int64))
+    cost = torch.zeros(world, world, dtype=torch.int64, device=dev)  # DeepEP's shape; [num_ranks] works too
+    if buf._ll.path == "triton":
+        buf.low_latency_dispatch(x, idx, NUM_MAX, num_experts, dispatch_wait_recv_cost_stats=cost)
+        torch.cuda.synchronize()
+        assert (cost >= 0).all() and not cost[1:].any(), "only the first num_ranks entries are written"
+        with pytest.raises(ValueError, match="dispatch_wait_recv_cost_stats"):
+            buf.low_latency_dispatch(x, idx, NUM_MAX, num_experts, dispatch_wait_recv_cost_stats=cost[0, :1])
+    else:
+        with pytest.raises(NotImplementedError, match="dispatch_wait_recv_cost_stats needs the triton"):
+            buf.low_latency_dispatch(x, idx, NUM_MAX, num_experts, dispatch_wait_recv_cost_stats=cost)
     y = torch.zeros(2, NUM_MAX * world, 512, dtype=torch.bfloat16, device=dev)
     with pytest.raises(ValueError, match="must be"):
         buf.low_latency_combine(y[:, :-1], idx, w, handle)
@@ -370,9 +377,11 @@ def test_low_latency_kernels_simulated_ranks():
     # nobody sends: the wait gives up, records who it waited for (the lowest missing source), and does not
     # consume. The launch is asynchronous on GPU: the record is there once the kernel ran (read(sync=True)).
     cnt[0][0, 0, 1] = num_max  # source 1 arrived, source 0 did not
-    moe_ll.wait_counters(cnt[0][0, 0], errs[0].addr, num_max, moe_ll.ERR_DISPATCH, 1e-3)
+    cost = torch.full((world,), 7, dtype=torch.int64, device=dev)
+    moe_ll.wait_counters(cnt[0][0, 0], errs[0].addr, num_max, moe_ll.ERR_DISPATCH, 1e-3, stats=cost)
     code, src, seen, expected = errs[0].read(sync=True)
     assert (code, src, seen, expected) == (moe_ll.ERR_DISPATCH, 0, 0, num_max)
+    assert int(cost[0]) > 7 and int(cost[1]) == 7, "the wait cost goes to the source waited for"
     assert cnt[0][0, 0].tolist() == [0, num_max], "a wait that timed out must not consume"
     # a recorded error makes later waits return at once, consuming nothing
     moe_ll.wait_counters(cnt[0][0, 0], errs[0].addr, num_max, moe_ll.ERR_COMBINE, 60.0)

@@ -122,12 +122,21 @@ def _ll_combine_send_kernel(y_ptr, dst_ptr, peer_ptrs, me, num_max, comb_off, cn
 
 
 @triton.jit
-def wait_all(cnt_ptr, err_addr, num_src, expected, code, timeout_ns, max_iters, BLOCK: tl.constexpr,
-             USE_TIMER: tl.constexpr):
-    """Spin until each of the num_src counters (int64, acquire loads) reaches `expected`, or time out: then write
-    (code, lowest source still short, its counter, expected) into the error record at err_addr (host-mapped
-    int32 [4], fields first, then a system fence, then the code) and give up. A nonzero record there already:
-    no wait. Returns (ok, offs, mask): ok means every counter arrived; nothing is consumed."""
+def clock64():
+    """The SM's cycle counter (compiled GPU kernels only)."""
+    return tl.inline_asm_elementwise("mov.u64 $0, %clock64;", "=l", [], dtype=tl.int64, is_pure=False, pack=1)
+
+
+@triton.jit
+def _ll_wait_kernel(cnt_ptr, err_addr, stats_ptr, num_src, expected, code, timeout_ns, max_iters,
+                    BLOCK: tl.constexpr, USE_TIMER: tl.constexpr, HAS_STATS: tl.constexpr = False):
+    # One program spins until each of the num_src counters (int64, acquire loads) reaches `expected`, then
+    # consumes them all (subtracts `expected`). After timeout_ns it writes (code, lowest source still short, its
+    # counter, expected) into the error record at err_addr (host-mapped int32 [4]: fields first, then a system
+    # fence, then the code) and consumes nothing; a nonzero record there already: no wait. One program, so one
+    # writer of the record. HAS_STATS: stats[src] += what the wait for src cost (SM clock cycles until its
+    # counter was seen complete, DeepEP's dispatch_wait_recv_cost_stats unit; poll iterations under the
+    # interpreter, which has no clock).
     offs = tl.arange(0, BLOCK)
     m = offs < num_src
     ptrs = cnt_ptr + offs
@@ -137,16 +146,22 @@ def wait_all(cnt_ptr, err_addr, num_src, expected, code, timeout_ns, max_iters, 
     failed = (tl.load(err, volatile=True) != 0).to(tl.int32)  # an earlier timeout: no wait (host raises)
     waiting = (lo < expected) & (failed == 0)
     it = 0
+    cost = tl.zeros([BLOCK], dtype=tl.int64)
     if USE_TIMER:
         t0 = globaltimer_ns()
+        c0 = clock64()
     while waiting:
         vals = tl.atomic_add(ptrs, 0, mask=m, sem="acquire", scope="sys")
         lo = tl.min(tl.where(m, vals, expected), 0)
         it += 1
         if USE_TIMER:
             expired = (globaltimer_ns() - t0) > timeout_ns
+            if HAS_STATS:
+                cost = tl.where(vals < expected, clock64() - c0, cost)
         else:
             expired = it > max_iters
+            if HAS_STATS:
+                cost = tl.where(vals < expected, it.to(tl.int64), cost)
         timed_out = expired & (lo < expected)
         if timed_out:
             late = tl.min(tl.where(m & (vals < expected), offs, BLOCK), 0)
@@ -162,16 +177,9 @@ def wait_all(cnt_ptr, err_addr, num_src, expected, code, timeout_ns, max_iters, 
             tl.store(err, code)
         failed = failed | timed_out.to(tl.int32)
         waiting = (lo < expected) & (failed == 0)
-    return lo >= expected, ptrs, m
-
-
-@triton.jit
-def _ll_wait_kernel(cnt_ptr, err_addr, num_src, expected, code, timeout_ns, max_iters, BLOCK: tl.constexpr,
-                    USE_TIMER: tl.constexpr):
-    # One program waits until every source's counter reaches `expected`, then consumes them all.
-    # One program, so one writer of the error record: it names the lowest source still missing.
-    ok, ptrs, m = wait_all(cnt_ptr, err_addr, num_src, expected, code, timeout_ns, max_iters, BLOCK, USE_TIMER)
-    if ok:  # after a timeout nothing is consumed (Buffer.clean_low_latency_buffer resets)
+    if HAS_STATS:
+        tl.store(stats_ptr + offs, tl.load(stats_ptr + offs, mask=m) + cost, mask=m)
+    if lo >= expected:  # after a timeout nothing is consumed (Buffer.clean_low_latency_buffer resets)
         tl.atomic_add(ptrs, -expected, mask=m, sem="relaxed", scope="sys")
 
 
@@ -246,16 +254,22 @@ def wait_args(counters, timeout_s):
     return timeout_ns, max_iters, triton.next_power_of_2(max(counters.numel(), 1)), use_timer
 
 
-def wait_counters(counters, err_addr, expected, code, timeout_s):
+def wait_counters(counters, err_addr, expected, code, timeout_s, stats=None):
     """Wait on the current stream until each of `counters` (int64 [R], local) reaches `expected`; consume.
 
     err_addr: address of an int32 [4] word block the device can write (pinned host memory on CUDA).
     One program polls every counter; after `timeout_s` it records (code, lowest source still short, its
     counter, expected) and consumes nothing. A nonzero record already there: returns at once.
+    stats: int64, at least R elements, contiguous, or None: stats[src] += the cost of waiting for src (see
+    _ll_wait_kernel; DeepEP's dispatch_wait_recv_cost_stats, which adds it once per local expert).
     """
     timeout_ns, max_iters, block, use_timer = wait_args(counters, timeout_s)
-    _ll_wait_kernel[(1,)](counters, int(err_addr), counters.numel(), int(expected), int(code), timeout_ns,
-                          max_iters, BLOCK=block, USE_TIMER=use_timer, num_warps=1)
+    if stats is not None and (stats.dtype != torch.int64 or not stats.is_contiguous() or stats.numel() < counters.numel()):
+        raise ValueError(f"wait stats must be a contiguous int64 tensor of at least {counters.numel()} elements, got "
+                         f"{stats.dtype} {tuple(stats.shape)}")
+    _ll_wait_kernel[(1,)](counters, int(err_addr), stats if stats is not None else counters, counters.numel(),
+                          int(expected), int(code), timeout_ns, max_iters, BLOCK=block, USE_TIMER=use_timer,
+                          HAS_STATS=stats is not None, num_warps=1)
 
 
 class ErrorWord:

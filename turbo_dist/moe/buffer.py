@@ -387,7 +387,9 @@ class Buffer:
 
         x: [num_tokens, hidden] bf16 (num_tokens <= num_max_dispatch_tokens_per_rank, same value on every rank);
         topk_idx: [num_tokens, num_topk] int64, -1 = none. cumulative_local_expert_recv_stats: int32
-        [num_local_experts], incremented by the received counts. dispatch_wait_recv_cost_stats: not supported.
+        [num_local_experts], incremented by the received counts. dispatch_wait_recv_cost_stats: int64, at least
+        num_ranks elements: [src] += SM clock cycles the receive waited for rank src (triton path; once per call,
+        where DeepEP adds per local expert; the collective path raises NotImplementedError).
         use_fp8 (per-token, per-128-channel e4m3), round_scale (power-of-2 scales), use_ue8m0 (scales packed 4
         exponent bytes per int32); async_finish; return_recv_hook (send now, receive when the hook is called).
         Returns (recv_x [num_local_experts, num_max * num_ranks, hidden] (with use_fp8: (x_fp8, scales

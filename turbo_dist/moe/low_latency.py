@@ -187,6 +187,7 @@ class LowLatency:
         self.check_error()
         e_l = num_experts // rt.world_size
         stats = cumulative_local_expert_recv_stats
+        wait_stats = dispatch_wait_recv_cost_stats
         hidden = x.size(1)
 
         n, g = rt.world_size * num_max, hidden // 128
@@ -205,7 +206,7 @@ class LowLatency:
         def send():
             if self._takes_triton("dispatch", torch.float8_e4m3fn if use_fp8 else x.dtype):
                 # the FP8 cast runs inside the send kernel
-                return self._triton_dispatch_send(x, use_fp8, round_scale, topk_idx, num_max, e_l, hidden)
+                return self._triton_dispatch_send(x, use_fp8, round_scale, topk_idx, num_max, e_l, hidden, wait_stats)
             if use_fp8:
                 payload, x_scales = per_token_cast_to_fp8(x, round_scale)
             else:
@@ -260,7 +261,7 @@ class LowLatency:
             return rows_x, rows_s, _unpack(rows, cols, "idx").view(rt.world_size, num_max, k), "collective"
         return pending
 
-    def _triton_dispatch_send(self, x, use_fp8, round_scale, topk_idx, num_max, e_l, hidden):
+    def _triton_dispatch_send(self, x, use_fp8, round_scale, topk_idx, num_max, e_l, hidden, wait_stats=None):
         rt = self.rt
         k = topk_idx.size(1)
         self._ensure_buffer(num_max, hidden, k)
@@ -276,7 +277,7 @@ class LowLatency:
 
         def pending():
             moe_ll.wait_counters(self._counters(_DISPATCH, p), self._err.addr, num_max, moe_ll.ERR_DISPATCH,
-                                 peer_timeout_s())
+                                 peer_timeout_s(), stats=wait_stats)
             buf = self._buffer.local()
             rows_x = buf[reg["x"]:reg["x"] + slots * row_bytes].view(slots, row_bytes).view(dtype)
             rows_s = None
@@ -454,8 +455,15 @@ class LowLatency:
                 raise ValueError(f"cumulative_local_expert_recv_stats must be int32 [{e_l}], got {_describe(stats)}")
             rt.check_tensor(stats, "cumulative_local_expert_recv_stats")
         if wait_stats is not None:
-            raise NotImplementedError("dispatch_wait_recv_cost_stats (per-peer wait timing) is not implemented; "
-                                      "pass None")
+            if self.path != "triton" or (not use_fp8 and x.element_size() > 2):
+                raise NotImplementedError("dispatch_wait_recv_cost_stats needs the triton low-latency path (a wait "
+                                          "per source rank); this call runs the collective path, which has none")
+            if not isinstance(wait_stats, torch.Tensor) or wait_stats.dtype != torch.int64 or \
+                    not wait_stats.is_contiguous() or wait_stats.numel() < rt.world_size:
+                raise ValueError(f"dispatch_wait_recv_cost_stats must be a contiguous int64 tensor of at least "
+                                 f"{rt.world_size} elements ([num_ranks] or DeepEP's [num_ranks, num_ranks]), got "
+                                 f"{_describe(wait_stats)}")
+            rt.check_tensor(wait_stats, "dispatch_wait_recv_cost_stats")
 
     def _check_combine(self, x, topk_idx, topk_weights, handle, use_logfmt, out):
         rt = self.rt
