@@ -149,7 +149,8 @@ def _ll_wait_kernel(cnt_ptr, err_addr, stats_ptr, num_src, expected, code, timeo
     cost = tl.zeros([BLOCK], dtype=tl.int64)
     if USE_TIMER:
         t0 = globaltimer_ns()
-        c0 = clock64()
+        if HAS_STATS:
+            c0 = clock64()
     while waiting:
         vals = tl.atomic_add(ptrs, 0, mask=m, sem="acquire", scope="sys")
         lo = tl.min(tl.where(m, vals, expected), 0)
