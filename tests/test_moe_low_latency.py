@@ -1,16 +1,15 @@
 """MoE low-latency dispatch/combine (DeepEP's low_latency_* API) against a plain reference.
 
 Every rank rebuilds every rank's inputs from seeds, so it computes its expected outputs locally.
-CPU (gloo): the collective path; the Triton kernels run in the interpreter with simulated ranks in one
-process (each "rank" a separate byte buffer, peer pointers their addresses). GPU: the triton path.
+CPU (gloo): the collective path (the kernels alone, with simulated ranks: tests/test_moe_ll_kernels.py).
+GPU: the triton path.
 """
 import pytest
 import torch
 import torch.distributed as dist
 
-from turbo_dist.kernels import moe_ll, moe_ll_place
 from turbo_dist.moe import Buffer
-from turbo_dist.moe.ll_layout import pack_ue8m0, per_token_cast_back, per_token_cast_to_fp8, place_tokens
+from turbo_dist.moe.ll_layout import pack_ue8m0, per_token_cast_back, per_token_cast_to_fp8
 from turbo_dist.moe.low_latency import LowLatency, LowLatencyHandle
 from turbo_dist.testing import run_distributed
 
@@ -303,186 +302,6 @@ def test_low_latency_cuda_graph_self_loop(use_fp8):
 @pytest.mark.parametrize("world_size", world_sizes_for_device(2, 4))
 def test_low_latency_cuda_graph_multi_gpu(world_size):
     run_distributed(_ll_graph_body, world_size, args=(True, 23), env={"TURBO_DIST_MOE_LL_PATH": "triton"})
-
-
-def test_low_latency_kernels_simulated_ranks():
-    """The triton path's kernels with R simulated ranks in one process (interpreter on CPU, GPU if present)."""
-    dev = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    world, num_experts, num_max, hidden, k = 2, 8, 4, 128, 3
-    e_l = num_experts // world
-    dtype = torch.float16  # the interpreter mishandles bf16; the kernels move 4-byte words of any dtype
-    inputs = [make_inputs(r, world, num_experts, "random", 5, num_max=num_max, hidden=hidden, topk=k)
-              for r in range(world)]
-    inputs = [(a.to(dtype), b, c) for a, b, c in inputs]
-    regions, nbytes = LowLatency.layout(num_max, hidden, world, k)
-    bufs = [torch.zeros(nbytes, dtype=torch.uint8, device=dev) for _ in range(world)]
-    ptrs = torch.tensor([b.data_ptr() for b in bufs], dtype=torch.int64, device=dev)
-    errs = [moe_ll.ErrorWord(dev) for _ in range(world)]
-    reg = regions[1]
-    cnt = [b[:world * 8 * 4].view(torch.int64).view(2, 2, world) for b in bufs]
-    for r in range(world):  # every rank sends (payload + FP8-like scales) before anyone receives
-        x, idx, _ = inputs[r]
-        scales = torch.rand(x.size(0), hidden // 128, device=dev)
-        inputs[r] = inputs[r] + (scales.cpu(),)
-        moe_ll.dispatch_send(x.to(dev), scales, idx.to(dev), num_max, ptrs, r, world, e_l, reg["x"], reg["s"],
-                             reg["idx"], (0 * 2 + 1) * world * 8)
-    slots = world * num_max
-    for me in range(world):
-        assert cnt[me][0, 1].tolist() == [num_max] * world
-        moe_ll.wait_counters(cnt[me][0, 1], errs[me].addr, num_max, moe_ll.ERR_DISPATCH, 5.0)
-        assert cnt[me][0, 1].tolist() == [0] * world and errs[me].read(sync=True)[0] == 0
-        b = bufs[me]
-        rows_x = b[reg["x"]:reg["x"] + slots * hidden * 2].view(dtype).view(slots, hidden)
-        rows_s = b[reg["s"]:reg["s"] + slots * 4].view(torch.float32).view(slots, 1)
-        all_idx = b[reg["idx"]:reg["idx"] + slots * k * 4].view(torch.int32).view(world, num_max, k)
-        out_x = torch.zeros(e_l * slots + 1, hidden, dtype=dtype, device=dev)
-        out_s = torch.zeros(e_l * slots + 1, 1, dtype=torch.float32, device=dev)
-        count, src_info, layout_range, dst = place_tokens(rows_x, rows_s, all_idx, me, e_l, num_max, out_x, out_s)
-        # the placement kernels (CUDA's path) give the torch reference's outputs bit for bit, the scales in
-        # DeepEP's column-major layout, the stats accumulated
-        got = _place_kernels(rows_x, rows_s, all_idx, me, e_l, ue8m0=False)
-        assert torch.equal(got["x"][:e_l * slots], out_x[:-1]) and torch.equal(got["scales"], out_s[:-1].view(e_l, slots, 1))
-        for name, ref_t in (("count", count), ("src_info", src_info), ("layout_range", layout_range), ("dst", dst)):
-            assert torch.equal(got[name], ref_t), name
-        assert torch.equal(got["stats"], 5 + count)
-        ref = ref_dispatch(me, [(a, b_, c) for a, b_, c, _ in inputs], num_experts, world, num_max)
-        ref_s = ref_dispatch(me, [(s_, b_, c) for _, b_, c, s_ in inputs], num_experts, world, num_max)
-        for e, ((rows, src, per_src), (srows, _, _)) in enumerate(zip(ref, ref_s)):
-            n = len(src)
-            assert int(count[e]) == n and src_info[e, :n].tolist() == src
-            assert torch.equal(out_x[e * slots:e * slots + n].cpu(), rows)
-            assert torch.equal(out_s[e * slots:e * slots + n].cpu(), srows)
-
-        # combine: experts return rows * 2; each source gets them in its [t, k] slots
-        y = (got["x"][:e_l * slots] * 2).contiguous()
-        moe_ll.combine_send(y, dst, ptrs, me, world, num_max, reg["comb"], (1 * 2 + 1) * world * 8)
-    for me in range(world):
-        assert cnt[me][1, 1].tolist() == [num_max * k] * world  # one count per (token slot, k) program
-        moe_ll.wait_counters(cnt[me][1, 1], errs[me].addr, num_max * k, moe_ll.ERR_COMBINE, 5.0)
-        x, idx, _, _ = inputs[me]
-        t = x.size(0)
-        slot_rows = bufs[me][reg["comb"]:reg["comb"] + num_max * k * hidden * 2].view(dtype).view(num_max, k, hidden)
-        for j in range(k):
-            sent = idx[:, j] >= 0
-            assert torch.equal(slot_rows[:t][sent, j].cpu(), x[sent] * 2)
-        w = inputs[me][2].to(dev)
-        out = moe_ll_place.combine_reduce(slot_rows, idx.to(dev), w, torch.empty(t, hidden, dtype=dtype, device=dev))
-        ref = torch.zeros(t, hidden)
-        for j in range(k):
-            ref += torch.where(idx[:, j:j + 1] >= 0, slot_rows[:t, j].float().cpu() * w[:, j:j + 1].cpu(), 0.0)
-        assert torch.allclose(out.float().cpu(), ref.to(dtype).float(), rtol=1e-3, atol=1e-3)
-
-    assert all(e.read(sync=True) == [0] * moe_ll.ERR_NUMEL for e in errs)
-
-    # nobody sends: the wait gives up, records who it waited for (the lowest missing source), and does not
-    # consume. The launch is asynchronous on GPU: the record is there once the kernel ran (read(sync=True)).
-    cnt[0][0, 0, 1] = num_max  # source 1 arrived, source 0 did not
-    cost = torch.full((world,), 7, dtype=torch.int64, device=dev)
-    moe_ll.wait_counters(cnt[0][0, 0], errs[0].addr, num_max, moe_ll.ERR_DISPATCH, 1e-3, stats=cost)
-    code, src, seen, expected = errs[0].read(sync=True)
-    assert (code, src, seen, expected) == (moe_ll.ERR_DISPATCH, 0, 0, num_max)
-    assert int(cost[0]) > 7 and int(cost[1]) == 7, "the wait cost goes to the source waited for"
-    assert cnt[0][0, 0].tolist() == [0, num_max], "a wait that timed out must not consume"
-    # a recorded error makes later waits return at once, consuming nothing
-    moe_ll.wait_counters(cnt[0][0, 0], errs[0].addr, num_max, moe_ll.ERR_COMBINE, 60.0)
-    assert errs[0].read(sync=True) == [moe_ll.ERR_DISPATCH, 0, 0, num_max] and cnt[0][0, 0].tolist() == [0, num_max]
-    errs[0].clear()
-    cnt[0][0, 0] = torch.tensor([num_max, 1])  # now source 1 is the one missing (one of its programs came)
-    moe_ll.wait_counters(cnt[0][0, 0], errs[0].addr, num_max, moe_ll.ERR_COMBINE, 1e-3)
-    assert errs[0].read(sync=True) == [moe_ll.ERR_COMBINE, 1, 1, num_max]
-
-
-def _place_kernels(rows_x, rows_s, all_idx, me, e_l, ue8m0):
-    """kernels/moe_ll_place.place into fresh outputs (stats starting at 5, scales column-major as DeepEP's)."""
-    dev = rows_x.device
-    n = all_idx.size(0) * all_idx.size(1)
-    g = (rows_s.size(1) // 4 if ue8m0 else rows_s.size(1)) if rows_s is not None else 1
-    out = {"x": torch.zeros(e_l * n + 1, rows_x.size(1), dtype=rows_x.dtype, device=dev),
-           "scales": torch.zeros(e_l, g, n, dtype=torch.int32 if ue8m0 else torch.float32, device=dev).transpose(1, 2),
-           "count": torch.empty(e_l, dtype=torch.int32, device=dev),
-           "src_info": torch.empty(e_l, n, dtype=torch.int32, device=dev),
-           "layout_range": torch.empty(e_l, all_idx.size(0), dtype=torch.int64, device=dev),
-           "dst": torch.empty(n, all_idx.size(2), dtype=torch.int64, device=dev),
-           "stats": torch.full((e_l,), 5, dtype=torch.int32, device=dev)}
-    moe_ll_place.place(rows_x, rows_s, all_idx, me, e_l, out["x"], out["scales"], ue8m0, out["count"], out["src_info"],
-                       out["layout_range"], out["dst"], out["stats"])
-    return out
-
-
-@pytest.mark.parametrize("world,num_max,k,routing", [(2, 8, 3, "random"), (3, 5, 4, "skewed"), (2, 4, 2, "repeat"),
-                                                       (1, 3, 2, "all_dropped")])
-def test_place_kernels_match_torch_reference(world, num_max, k, routing):
-    """kernels/moe_ll_place.place == ll_layout.place_tokens (torch), incl. UE8M0 packing, tokens repeating an
-    expert (more entries than slots: dropped the same way), empty slots; interpreter on CPU, GPU if present."""
-    dev = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    e_l, hidden, groups = 3, 64, 8
-    g = torch.Generator().manual_seed(world * 100 + num_max)
-    idx = torch.randint(-1, world * e_l, (world, num_max, k), generator=g)
-    if routing == "skewed":
-        idx[:, :, 0] = e_l  # rank 1's first expert
-    if routing == "repeat":  # every entry on expert 1 of rank 0: 2x more entries than its slots
-        idx.fill_(1)
-    if routing == "all_dropped":
-        idx.fill_(-1)
-    rows_x = torch.randn(world * num_max, hidden, generator=g).to(torch.float16)
-    rows_s = torch.exp2(torch.randint(-8, 8, (world * num_max, groups), generator=g).float())  # pow-2, as UE8M0 needs
-    for me in range(world):
-        n = world * num_max
-        out_x = torch.zeros(e_l * n + 1, hidden, dtype=torch.float16)
-        out_s = torch.zeros(e_l * n + 1, groups)
-        ref = place_tokens(rows_x, rows_s, idx, me, e_l, num_max, out_x, out_s)
-        for ue8m0 in (False, True):
-            got = _place_kernels(rows_x.to(dev), rows_s.to(dev), idx.to(dev).int(), me, e_l, ue8m0)
-            for name, r in zip(("count", "src_info", "layout_range", "dst"), ref):
-                assert torch.equal(got[name].cpu(), r), (name, got[name].cpu(), r)
-            cnt = ref[0]
-            for e in range(e_l):
-                c = int(cnt[e])
-                assert torch.equal(got["x"][e * n:e * n + c].cpu(), out_x[e * n:e * n + c])
-                s_ref = out_s[e * n:e * n + c]
-                want = pack_ue8m0(s_ref) if ue8m0 else s_ref
-                assert torch.equal(got["scales"][e, :c].cpu(), want)
-            assert torch.equal(got["stats"].cpu(), 5 + cnt)
-
-
-@pytest.mark.gpu(min_gpus=1)
-def test_fused_fp8_cast_in_send_kernel_bit_identical():
-    """The send kernel's in-kernel FP8 cast (the triton path's) == per_token_cast_to_fp8, round_scale too."""
-    dev = torch.device("cuda")
-    t, hidden, k, num_max = 5, 384, 2, 6
-    x = (torch.randn(t, hidden, generator=torch.Generator().manual_seed(3)) * 3).to(torch.bfloat16).to(dev)
-    x[1, :128] = 0  # an all-zero group: the 1e-4 floor
-    idx = torch.zeros(t, k, dtype=torch.int64, device=dev)
-    regions, nbytes = LowLatency.layout(num_max, hidden, 1, k)
-    reg = regions[0]
-    for round_scale in (False, True):
-        buf = torch.zeros(nbytes, dtype=torch.uint8, device=dev)
-        ptrs = torch.tensor([buf.data_ptr()], dtype=torch.int64, device=dev)
-        moe_ll.dispatch_send(x, None, idx, num_max, ptrs, 0, 1, 1, reg["x"], reg["s"], reg["idx"], 0,
-                             cast_fp8=True, round_scale=round_scale)
-        q_ref, s_ref = per_token_cast_to_fp8(x, round_scale)
-        q = buf[reg["x"]:reg["x"] + t * hidden].view(t, hidden)
-        s = buf[reg["s"]:reg["s"] + t * 3 * 4].view(torch.float32).view(t, 3)
-        assert torch.equal(s, s_ref), round_scale
-        assert torch.equal(q, q_ref.view(torch.uint8)), round_scale
-        assert buf[:8].view(torch.int64).item() == num_max  # one release per program (t slots + empty ones)
-
-
-@pytest.mark.gpu(min_gpus=1)
-def test_fp8_casts_bit_identical_on_cpu_and_gpu():
-    """The tests quantize their references on the CPU and the ranks quantize on their GPU: both casts (the
-    library's and test_moe.to_fp8) must give the same bits on either device (a `/ 448.0` would not: CUDA
-    multiplies by the reciprocal of a CPU-scalar divisor)."""
-    from test_moe import to_fp8
-
-    x = torch.randn(64, 512, generator=torch.Generator().manual_seed(0)) * 3
-    for name, cast in (("per_token_cast_to_fp8", per_token_cast_to_fp8),
-                       ("round_scale", lambda t: per_token_cast_to_fp8(t, round_scale=True)), ("to_fp8", to_fp8)):
-        q_cpu, s_cpu = cast(x)
-        q_gpu, s_gpu = cast(x.cuda())
-        assert torch.equal(s_gpu.cpu(), s_cpu), f"{name}: scales differ between CPU and GPU"
-        assert torch.equal(q_gpu.cpu().view(torch.uint8), q_cpu.view(torch.uint8)), f"{name}: fp8 bits differ"
-        assert torch.equal(per_token_cast_back(q_gpu, s_gpu).cpu(), per_token_cast_back(q_cpu, s_cpu))
 
 
 def test_triton_path_hands_fp32_payloads_to_collective_and_says_so(caplog):

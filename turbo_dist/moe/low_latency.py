@@ -10,18 +10,17 @@ handle[1] = layout_range [E_l, R] int64 ((begin << 32) | count of the rows from 
 
 Two paths, both ending in the same on-device placement (`ll_layout.place_tokens` in torch ops on CPU, its twin
 kernels/moe_ll_place.py, two launches, on CUDA):
-- `collective`: dispatch is one all_gather of fixed-size slots [M, row] (a token's row goes to every
-  rank: with top-8 routing it needs most of them anyway, and a fixed-slot all_to_all would move the
-  same bytes); combine all_gathers the top-k weights, each rank sums its experts' rows per source
-  token (fp32, weighted), and one equal-split all_to_all returns those partial sums. NCCL or gloo.
+- `collective` (moe/ll_collective.py): dispatch is one all_gather of fixed-size slots, combine one
+  all_gather of the weights and one all_to_all of per-rank fp32 partial sums. NCCL or gloo.
 - `triton` (CUDA, peer access on one node): one kernel casts each token to FP8 (if asked) and stores it
   (and its expert ids) straight into slot [me, t] of every rank owning one of its experts and bumps a
   counter there; the receiver waits on its counters and places the slots (two kernels). Combine stores
   each expert row into slot [t, k] of the token's source, which waits and sums its k slots with the
-  weights in one kernel (fp32, top-k order, as DeepEP). Dispatch and combine are 4 and 3 launches
-  (the wait is a one-program kernel of its own: folded into the many-program receive kernels, every program
-  polling the counters, a call took 1.1 / 3.7 ms instead of 16 / 29 us on an H200). Waits are bounded (TURBO_DIST_TIMEOUT_S); a timeout is recorded in a
-  host-mapped word and raised as RuntimeError by the next low-latency call.
+  weights in one kernel (fp32, top-k order, as DeepEP). Dispatch and combine are 4 and 3 launches: the
+  wait is a one-program kernel of its own (folded into the many-program receive kernels, every program
+  polling the counters, a dispatch took 1.1 ms instead of 16 us in a CUDA graph on an H200). Waits are
+  bounded (TURBO_DIST_TIMEOUT_S); a timeout is recorded in a host-mapped word and raised as RuntimeError
+  by the next low-latency call.
 Chosen by TURBO_DIST_MOE_LL_PATH=triton|collective, else `triton` where it can run. The triton kernels move
 FP8 and 2-byte payloads only: on the triton path a dispatch of an fp32 x with use_fp8=False, or a combine of
 an fp32 x, runs the collective path for that call (logged when an op switches to it; the dispatch handle's
@@ -32,12 +31,11 @@ hook waits on the asynchronous collective; with `triton` it waits on the counter
 import logging
 
 import torch
-import torch.distributed as dist
 
 from ..kernels import moe_ll, moe_ll_place
 from ..runtime import EventOverlap
 from ..runtime.config import env_str, peer_timeout_s
-from .collective import _columns, _pack, _unpack
+from . import ll_collective
 from .layout import check_topk_idx
 from .ll_layout import pack_ue8m0, per_token_cast_to_fp8, place_tokens
 
@@ -211,7 +209,7 @@ class LowLatency:
                 payload, x_scales = per_token_cast_to_fp8(x, round_scale)
             else:
                 payload, x_scales = x.contiguous(), None
-            return self._collective_dispatch_send(payload, x_scales, topk_idx, num_max, hidden, return_recv_hook)
+            return ll_collective.dispatch_send(rt, payload, x_scales, topk_idx, num_max, hidden, return_recv_hook)
 
         def receive(pending):
             rows_x, rows_s, all_idx, path = pending()
@@ -233,33 +231,6 @@ class LowLatency:
         recv_x = out_x[:e_l * n].view(e_l, n, hidden)
         result = ((recv_x, scales) if use_fp8 else recv_x, count, handle)
         return self._run(send, receive, async_finish, return_recv_hook, (x, topk_idx, stats, dst, out_x), result)
-
-    def _collective_dispatch_send(self, payload, scales, topk_idx, num_max, hidden, async_op):
-        rt = self.rt
-        t, k = topk_idx.shape
-        dev = payload.device
-        x_bytes = payload.contiguous().view(torch.uint8).view(t, -1) if t else \
-            torch.empty(0, hidden * payload.element_size(), dtype=torch.uint8, device=dev)
-        specs = [("idx", k, torch.int64), ("x", x_bytes.size(1), torch.uint8),
-                 ("s", scales.size(1) if scales is not None else 0, torch.float32)]
-        cols, row_bytes = _columns(specs)
-        idx = torch.full((num_max, k), -1, dtype=torch.int64, device=dev)
-        idx[:t] = topk_idx
-        parts = {"idx": idx, "x": _pad_rows(x_bytes, num_max)}
-        if scales is not None:
-            parts["s"] = _pad_rows(scales, num_max)
-        send = _pack(num_max, cols, row_bytes, parts, dev)
-        recv = torch.empty(rt.world_size, num_max, row_bytes, dtype=torch.uint8, device=dev)
-        work = _all_gather(rt, recv, send, async_op)
-
-        def pending():
-            if work is not None:
-                work.wait()
-            rows = recv.view(-1, row_bytes)
-            rows_x = _unpack(rows, cols, "x").view(payload.dtype)
-            rows_s = _unpack(rows, cols, "s") if scales is not None else None
-            return rows_x, rows_s, _unpack(rows, cols, "idx").view(rt.world_size, num_max, k), "collective"
-        return pending
 
     def _triton_dispatch_send(self, x, use_fp8, round_scale, topk_idx, num_max, e_l, hidden, wait_stats=None):
         rt = self.rt
@@ -329,7 +300,7 @@ class LowLatency:
             if self._takes_triton("combine", x):
                 return self._triton_combine_send(x, handle, num_max, hidden, k)
             weights = torch.where(topk_idx >= 0, topk_weights, torch.zeros_like(topk_weights))
-            return self._collective_combine_send(x, weights, handle, num_max, hidden, return_recv_hook)
+            return ll_collective.combine_send(rt, x, weights, handle, num_max, hidden, return_recv_hook)
 
         result = out if out is not None else torch.empty(t, hidden, dtype=x.dtype, device=x.device)
 
@@ -347,30 +318,6 @@ class LowLatency:
             result.copy_(acc)
 
         return self._run(send, receive, async_finish, return_recv_hook, (x, topk_idx, topk_weights), (result,))
-
-    def _collective_combine_send(self, x, weights, handle, num_max, hidden, async_op):
-        rt = self.rt
-        t, k = weights.shape
-        dev = x.device
-        w = torch.zeros(num_max, k, dtype=torch.float32, device=dev)
-        w[:t] = weights
-        all_w = torch.empty(rt.world_size, num_max, k, dtype=torch.float32, device=dev)
-        work = _all_gather(rt, all_w, w, False)
-        all_w = all_w.view(-1, k)
-        dst = handle.dst
-        y = x.view(-1, hidden)
-        partial = torch.zeros(rt.world_size * num_max, hidden, dtype=torch.float32, device=dev)
-        for j in range(k):
-            rows = y.index_select(0, dst[:, j].clamp(min=0)).float()
-            partial += torch.where(dst[:, j:j + 1] >= 0, rows * all_w[:, j:j + 1], 0.0)
-        back = torch.empty_like(partial)
-        work = _all_to_all(rt, back, partial, async_op)
-
-        def pending():
-            if work is not None:
-                work.wait()
-            return "partial", back.view(rt.world_size, num_max, hidden)
-        return pending
 
     def _triton_combine_send(self, x, handle, num_max, hidden, k):
         rt = self.rt
@@ -498,39 +445,6 @@ class LowLatency:
 
 
 # ----------------------------------------------------------------------------- helpers
-def _column_major(t):
-    """The same values with the last two dims stored column-major (DeepEP's TMA-friendly scale layout)."""
-    return t.transpose(1, 2).contiguous().transpose(1, 2)
-
-
-def _pad_rows(t, rows):
-    if t.size(0) == rows:
-        return t
-    out = torch.zeros((rows,) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device)
-    out[:t.size(0)] = t
-    return out
-
-
-def _all_gather(rt, out, inp, async_op):
-    """out [R, ...] <- every rank's inp; returns the Work when async_op (None otherwise)."""
-    if rt.world_size == 1:
-        out[0].copy_(inp)
-        return None
-    if out.is_cuda:
-        work = dist.all_gather_into_tensor(out.view(-1, *inp.shape[1:]), inp, group=rt.group, async_op=async_op)
-    else:
-        work = dist.all_gather(list(out.unbind(0)), inp, group=rt.group, async_op=async_op)
-    return work if async_op else None
-
-
-def _all_to_all(rt, out, inp, async_op):
-    if rt.world_size == 1:
-        out.copy_(inp)
-        return None
-    work = dist.all_to_all_single(out, inp, group=rt.group, async_op=async_op)
-    return work if async_op else None
-
-
 def _flatten(obj):
     if isinstance(obj, torch.Tensor):
         return [obj]
