@@ -157,12 +157,13 @@ def test_fused_fp8_cast_in_send_kernel_bit_identical():
     """The send kernel's in-kernel FP8 cast (the triton path's) == per_token_cast_to_fp8, round_scale too."""
     dev = torch.device("cuda")
     t, hidden, k, num_max = 5, 384, 2, 6
-    x = (torch.randn(t, hidden, generator=torch.Generator().manual_seed(3)) * 3).to(torch.bfloat16).to(dev)
-    x[1, :128] = 0  # an all-zero group: the 1e-4 floor
+    x32 = (torch.randn(t, hidden, generator=torch.Generator().manual_seed(3)) * 3).to(dev)
+    x32[1, :128] = 0  # an all-zero group: the 1e-4 floor
     idx = torch.zeros(t, k, dtype=torch.int64, device=dev)
     regions, nbytes = LowLatency.layout(num_max, hidden, 1, k)
     reg = regions[0]
-    for round_scale in (False, True):
+    for round_scale, dtype in ((False, torch.bfloat16), (True, torch.bfloat16), (False, torch.float32)):
+        x = x32.to(dtype)  # fp32 x (allowed by low_latency_dispatch) is cast in the kernel too
         buf = torch.zeros(nbytes, dtype=torch.uint8, device=dev)
         ptrs = torch.tensor([buf.data_ptr()], dtype=torch.int64, device=dev)
         moe_ll.dispatch_send(x, None, idx, num_max, ptrs, 0, 1, 1, reg["x"], reg["s"], reg["idx"], 0,
@@ -170,8 +171,8 @@ def test_fused_fp8_cast_in_send_kernel_bit_identical():
         q_ref, s_ref = per_token_cast_to_fp8(x, round_scale)
         q = buf[reg["x"]:reg["x"] + t * hidden].view(t, hidden)
         s = buf[reg["s"]:reg["s"] + t * 3 * 4].view(torch.float32).view(t, 3)
-        assert torch.equal(s, s_ref), round_scale
-        assert torch.equal(q, q_ref.view(torch.uint8)), round_scale
+        assert torch.equal(s, s_ref), (round_scale, dtype)
+        assert torch.equal(q, q_ref.view(torch.uint8)), (round_scale, dtype)
         assert buf[:8].view(torch.int64).item() == num_max  # one release per program (t slots + empty ones)
 
 

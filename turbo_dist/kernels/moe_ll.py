@@ -200,7 +200,7 @@ def dispatch_send(x, x_scales, topk_idx, num_max, peer_ptrs, me, num_ranks, expe
     """Store this rank's tokens into every rank's dispatch region and bump its counter there.
 
     x: [T, H] payload (any dtype, rows of whole 4-byte words), x_scales: [T, G] fp32 or None,
-    topk_idx: [T, K] int64. cast_fp8: x is bf16/fp16 [T, H] (H % 128 == 0, CUDA: the interpreter's FP8
+    topk_idx: [T, K] int64. cast_fp8: x is bf16/fp16/fp32 [T, H] (H % 128 == 0, CUDA: the interpreter's FP8
     conversion rounds wrongly), cast to FP8 in the kernel (what per_token_cast_to_fp8 gives, `round_scale`
     as there; x_scales must be None). Region layout on each receiver (byte offsets into its buffer):
     x_off: [num_ranks * num_max, row words], s_off: the same for scales, idx_off: [num_ranks * num_max, K]
@@ -211,8 +211,9 @@ def dispatch_send(x, x_scales, topk_idx, num_max, peer_ptrs, me, num_ranks, expe
     idx = topk_idx.contiguous() if num_tokens else torch.full((1, k), -1, dtype=torch.int64, device=x.device)
     meta = dict(K=k, BLOCK_K=triton.next_power_of_2(k), BLOCK=1024, num_warps=4)
     if cast_fp8:
-        if x_scales is not None or x.dim() != 2 or x.size(1) % 128 or x.element_size() != 2:
-            raise ValueError("cast_fp8 takes a 16-bit x [T, H] with H % 128 == 0 and no x_scales")
+        if x_scales is not None or x.dim() != 2 or x.size(1) % 128 or not x.dtype.is_floating_point or \
+                x.element_size() not in (2, 4):
+            raise ValueError("cast_fp8 takes a bf16/fp16/fp32 x [T, H] with H % 128 == 0 and no x_scales")
         if x.stride(1) != 1:
             x = x.contiguous()
         groups = x.size(1) // 128
