@@ -12,7 +12,7 @@ import triton.language as tl
 
 
 @triton.jit
-def _dispatch_layout_kernel(idx_ptr, per_rank_ptr, per_expert_ptr, in_rank_ptr, T, experts_per_rank,
+def _dispatch_layout_kernel(idx_ptr, per_rank_ptr, per_expert_ptr, in_rank_ptr, T, E, experts_per_rank,
                             K: tl.constexpr, K_POW2: tl.constexpr, R: tl.constexpr, R_POW2: tl.constexpr,
                             BLOCK_T: tl.constexpr):
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -20,7 +20,7 @@ def _dispatch_layout_kernel(idx_ptr, per_rank_ptr, per_expert_ptr, in_rank_ptr, 
     r = tl.arange(0, R_POW2)
     tm = t < T
     idx = tl.load(idx_ptr + t[:, None].to(tl.int64) * K + kk[None, :], mask=tm[:, None] & (kk < K)[None, :], other=-1)
-    valid = idx >= 0
+    valid = (idx >= 0) & (idx < E)  # ids past the experts (unchecked on the GPU: a host read) never index memory
     tl.atomic_add(per_expert_ptr + tl.where(valid, idx, 0), tl.full([BLOCK_T, K_POW2], 1, tl.int32), mask=valid)
     rank = tl.where(valid, idx // experts_per_rank, -1)
     hit = tl.max((rank[:, :, None] == r[None, None, :]).to(tl.int32), 1)  # [BLOCK_T, R_POW2]
@@ -43,6 +43,6 @@ def dispatch_layout(topk_idx, num_experts, num_ranks):
     k_pow2, r_pow2 = triton.next_power_of_2(k), triton.next_power_of_2(num_ranks)
     block_t = max(1, min(128, 8192 // (k_pow2 * r_pow2)))
     _dispatch_layout_kernel[(triton.cdiv(t, block_t),)](
-        topk_idx.contiguous(), per_rank, per_expert, in_rank, t, num_experts // num_ranks,
+        topk_idx.contiguous(), per_rank, per_expert, in_rank, t, num_experts, num_experts // num_ranks,
         K=k, K_POW2=k_pow2, R=num_ranks, R_POW2=r_pow2, BLOCK_T=block_t, num_warps=4)
     return per_rank, per_expert, in_rank
