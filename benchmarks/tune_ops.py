@@ -88,6 +88,12 @@ EXTRA_GROUPED_BLOCK = [
     (128, 256, 128, 8, 3, 2),
     (128, 256, 128, 8, 4, 2),
     (256, 128, 128, 8, 3, 2),
+    # 6th entry 4: TWO_PER_SM (two programs per SM; where two tiles fit, one's promotion overlaps the other's MMAs)
+    (64, 128, 128, 4, 4, 4),
+    (64, 128, 128, 4, 3, 4),
+    (128, 64, 128, 4, 4, 4),
+    (128, 128, 128, 8, 3, 4),
+    (64, 128, 128, 4, 4, 6),
 ]
 
 DEVICE, DTYPE, SHRINK, DRY = "cuda", torch.bfloat16, 1, False

@@ -489,7 +489,10 @@ def test_scaled_gemm_blockwise_scale_paths(monkeypatch, tma, sb_n, cfg):
 @pytest.mark.parametrize("sb_n,cfg,tma", [(128, (32, 32, 128, 4, 1), True), (128, (32, 32, 128, 4, 1), False),
                                           (128, (16, 64, 128, 4, 1), True), (1, (32, 32, 128, 4, 1), False),
                                           (128, (32, 32, 128, 4, 1, 2), True),  # RESCALE_ACC
-                                          (1, (32, 32, 128, 4, 1, 2), True)])
+                                          (1, (32, 32, 128, 4, 1, 2), True),
+                                          (128, (32, 32, 128, 4, 1, 4), True),  # TWO_PER_SM
+                                          (128, (32, 32, 128, 4, 1, 4), False),
+                                          (128, (32, 32, 128, 4, 1, 6), True)])
 def test_grouped_scaled_blockwise_scale_paths(monkeypatch, tma, sb_n, cfg):
     from turbo_dist.kernels import fp8_gemm
     from turbo_dist.kernels import gemm as kgemm

@@ -68,17 +68,21 @@ def interpreter_config(scale_mode):
     return INTERPRET_CONFIG if scale_mode != SCALE_BLOCK else (32, 32, 128, 4, 1)
 
 
-WARP_SPECIALIZE, RESCALE_ACC = 1, 2  # bits of a config's optional 6th entry (TMA kernel only)
+# Bits of a config's optional 6th entry. WARP_SPECIALIZE, RESCALE_ACC: TMA kernel only. TWO_PER_SM: a persistent
+# grid of two programs per SM (either kernel), so two tiles' K loops share an SM where their registers and shared
+# memory fit (e.g. 64 x 128 x 128 FP8 tiles, 4 warps): one tile's blockwise promotion can overlap the other's MMAs.
+# Forced configs only (benchmarks/tune_ops.py) until measured.
+WARP_SPECIALIZE, RESCALE_ACC, TWO_PER_SM = 1, 2, 4
 
 
 def _unpack(config):
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages[, flags]) -> 7 values: the five, warp-specialize,
-    rescaled blockwise accumulator (see kernels/gemm.py _tma_tile)."""
-    if len(config) not in (5, 6) or (len(config) == 6 and not 0 <= int(config[5]) <= 3):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages[, flags]) -> 8 values: the five, warp-specialize,
+    rescaled blockwise accumulator (see kernels/gemm.py _tma_tile), programs per SM (1 or 2)."""
+    if len(config) not in (5, 6) or (len(config) == 6 and not 0 <= int(config[5]) <= 7):
         raise ValueError(f"a grouped gemm config is (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages"
-                         f"[, flags 0-3]), got {config}")
+                         f"[, flags 0-7]), got {config}")
     flags = int(config[5]) if len(config) == 6 else 0
-    return (*config[:5], bool(flags & WARP_SPECIALIZE), bool(flags & RESCALE_ACC))
+    return (*config[:5], bool(flags & WARP_SPECIALIZE), bool(flags & RESCALE_ACC), 2 if flags & TWO_PER_SM else 1)
 
 
 _SM_COUNT = {}
@@ -342,18 +346,19 @@ def grouped_gemm(a, b, group_offs, out=None, scale_a=None, scale_b=None, scale_m
             a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2), out.stride(0), out.stride(1),
             s_am, s_ak, s_bg, s_bk, s_bn)
     nprog = num_programs(a.device)
-    meta = dict(NUM_PROGS=nprog, G_POW2=max(triton.next_power_of_2(G), 2), SCALE_MODE=scale_mode, SB_N=sb_n,
-                IEEE=_ieee(a), LENS=bool(lens))
+    meta = dict(G_POW2=max(triton.next_power_of_2(G), 2), SCALE_MODE=scale_mode, SB_N=sb_n, IEEE=_ieee(a),
+                LENS=bool(lens))
     if config is None:
         config = interpreter_config(scale_mode)
 
     def launcher(cfg):
-        bm, bn, bk, w, s, ws, rescale = _unpack(cfg)
+        bm, bn, bk, w, s, ws, rescale, per_sm = _unpack(cfg)
         if ws or rescale:
             raise NotImplementedError(f"warp-specialized / rescaled config {cfg} runs on the TMA kernel only; these operands "
                                       f"take the pointer kernel (see tma_operands)")
-        return lambda: _grouped_gemm_kernel[(nprog,)](*args, **meta, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-                                                      num_warps=w, num_stages=s)
+        n = nprog * per_sm
+        return lambda: _grouped_gemm_kernel[(n,)](*args, **meta, NUM_PROGS=n, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                                                  num_warps=w, num_stages=s)
 
     if config is not None:
         launcher(config)()
@@ -375,18 +380,18 @@ def _launch_tma(a, tma, out, group_offs, sa, sb, s_strides, scale_mode, sb_n, co
     b_desc = TensorDescriptor.from_tensor(b_st, [1, 16, 16])
     nprog = num_programs(a.device)
     args = (a_desc, b_desc, out, group_offs, sa, sb, G, N, K, out.stride(0), out.stride(1), *s_strides)
-    meta = dict(NUM_PROGS=nprog, G_POW2=max(triton.next_power_of_2(G), 2), B_T=b_t, SCALE_MODE=scale_mode, SB_N=sb_n,
-                LENS=bool(lens))
+    meta = dict(G_POW2=max(triton.next_power_of_2(G), 2), B_T=b_t, SCALE_MODE=scale_mode, SB_N=sb_n, LENS=bool(lens))
     if config is None:
         config = interpreter_config(scale_mode)
 
     def launcher(cfg):
-        bm, bn, bk, w, s, ws, rescale = _unpack(cfg)
+        bm, bn, bk, w, s, ws, rescale, per_sm = _unpack(cfg)
+        n = nprog * per_sm
 
         def launch():
             _set_tma_blocks(dict(a_desc=a_desc, b_desc=b_desc, B_T=b_t, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk))
-            _grouped_gemm_tma_kernel[(nprog,)](*args, **meta, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, WS=ws,
-                                               RESCALE=rescale, num_warps=w, num_stages=s)
+            _grouped_gemm_tma_kernel[(n,)](*args, **meta, NUM_PROGS=n, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, WS=ws,
+                                           RESCALE=rescale, num_warps=w, num_stages=s)
         return launch
 
     if config is not None:
