@@ -25,7 +25,7 @@ apply_safety_env()  # every process this test session spawns inherits the NVLink
 # its collectives and ring shifts through host memory under gloo on CUDA tensors) ran in this mode on one
 # H200 on 2026-12-02 (third session).
 SHARE_GPU_MODULES = ("test_runtime", "test_moe_nvlink", "test_moe_low_latency", "test_tp", "test_share_gpu",
-                     "test_cp", "test_varlen_attention")
+                     "test_cp", "test_varlen_attention", "test_moe", "test_moe_internode")
 
 
 def _sharing():

@@ -118,12 +118,20 @@ def _internode_body(rank, world, routing, num_tokens, num_experts):
     return int(handle.num_recv_tokens), int(handle.num_rdma_send_tokens)
 
 
+def _sizes(*cases):
+    """(world_size, ranks_per_node) params carrying world_sizes_for_device's marks (skip without enough GPUs,
+    or shared_gpu in the shared-GPU test mode)."""
+    out = []
+    for ws, rpn in cases:
+        p = world_sizes_for_device(ws)[0]
+        out.append(pytest.param(ws, rpn, marks=getattr(p, "marks", ())))
+    return out
+
+
 @pytest.mark.dist
-@pytest.mark.parametrize("world_size,ranks_per_node", [(4, 2), (2, 1)])
+@pytest.mark.parametrize("world_size,ranks_per_node", _sizes((4, 2), (2, 1)))
 @pytest.mark.parametrize("routing", ["random", "skewed", "one_rank", "empty", "all_dropped"])
 def test_hierarchical_matches_flat(world_size, ranks_per_node, routing):
-    if world_size not in world_sizes_for_device(world_size):
-        pytest.skip(f"needs {world_size} GPUs")
     got = run_distributed(_internode_body, world_size, args=(routing, 12, 4 * world_size),
                           env={"TURBO_DIST_RANKS_PER_NODE": str(ranks_per_node)})
     if routing == "all_dropped":

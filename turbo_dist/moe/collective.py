@@ -43,14 +43,40 @@ def _unpack(buf, cols, name):
     return buf[:, start:end].contiguous().view(dtype).view(rows, numel)
 
 
-def _all_to_all(rt, send, send_counts, recv_counts, row_bytes):
-    recv = torch.empty(sum(recv_counts), row_bytes, dtype=torch.uint8, device=send.device)
-    if rt.world_size == 1:
+def staged(rt, t):
+    """Shared-GPU test mode (`Runtime.shares_gpu`: gloo between processes sharing a GPU, and gloo takes no CUDA
+    tensors in all_to_all / all_gather): the MoE collectives then run on host copies. Never in production."""
+    return rt.shares_gpu and t.is_cuda
+
+
+def all_to_all_rows(send, send_counts, recv_counts, group, size, host=False):
+    """all_to_all_single of rows with host-side split sizes over `group` (`size` ranks); host=True: through host
+    copies (see `staged`)."""
+    recv = torch.empty((sum(recv_counts),) + tuple(send.shape[1:]), dtype=send.dtype, device=send.device)
+    if size == 1:
         recv.copy_(send)
+    elif host:
+        out = recv.cpu()
+        dist.all_to_all_single(out, send.cpu(), output_split_sizes=recv_counts, input_split_sizes=send_counts,
+                               group=group)
+        recv.copy_(out)
     else:
-        dist.all_to_all_single(recv, send, output_split_sizes=recv_counts, input_split_sizes=send_counts,
-                               group=rt.group)
+        dist.all_to_all_single(recv, send, output_split_sizes=recv_counts, input_split_sizes=send_counts, group=group)
     return recv
+
+
+def gather_rows(rt, row):
+    """[world, n]: every rank's `row` (all_gather over the runtime's group; host copies when `staged`)."""
+    if rt.world_size == 1:
+        return row.view(1, -1)
+    src = row.cpu() if staged(rt, row) else row
+    parts = [torch.empty_like(src) for _ in range(rt.world_size)]
+    dist.all_gather(parts, src, group=rt.group)
+    return torch.stack(parts).to(row.device)
+
+
+def _all_to_all(rt, send, send_counts, recv_counts, row_bytes):
+    return all_to_all_rows(send, send_counts, recv_counts, rt.group, rt.world_size, staged(rt, send))
 
 
 def exchange_counts(rt, num_tokens_per_rank, num_tokens_per_expert):
@@ -62,12 +88,7 @@ def exchange_counts(rt, num_tokens_per_rank, num_tokens_per_expert):
     world = rt.world_size
     local_experts = num_tokens_per_expert.numel() // world
     row = torch.cat([num_tokens_per_rank.to(torch.int32), num_tokens_per_expert.to(torch.int32)])
-    if world == 1:
-        gathered = row.view(1, -1)
-    else:
-        parts = [torch.empty_like(row) for _ in range(world)]
-        dist.all_gather(parts, row, group=rt.group)
-        gathered = torch.stack(parts)
+    gathered = gather_rows(rt, row)
     matrix = gathered[:, :world].contiguous()
     lo = world + rt.rank * local_experts
     expert_recv = gathered[:, lo:lo + local_experts].sum(0)

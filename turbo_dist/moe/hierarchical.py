@@ -19,7 +19,7 @@ import logging
 import torch
 import torch.distributed as dist
 
-from .collective import _check_worst, _columns, _pad, _pack, _unpack, send_order
+from .collective import _check_worst, _columns, _pad, _pack, _unpack, all_to_all_rows, gather_rows, send_order, staged
 from .config import DispatchHandle
 from .layout import localize_topk, token_positions
 
@@ -59,13 +59,8 @@ def subgroups(rt):
     return rail, node
 
 
-def _a2a(send, send_counts, recv_counts, group, size):
-    recv = torch.empty((sum(recv_counts),) + tuple(send.shape[1:]), dtype=send.dtype, device=send.device)
-    if size == 1:
-        recv.copy_(send)
-    else:
-        dist.all_to_all_single(recv, send, output_split_sizes=recv_counts, input_split_sizes=send_counts, group=group)
-    return recv
+def _a2a(rt, send, send_counts, recv_counts, group, size):
+    return all_to_all_rows(send, send_counts, recv_counts, group, size, staged(rt, send))
 
 
 def _blocks(counts):
@@ -96,12 +91,7 @@ class HierarchicalTransport:
         world, n_nodes, lws = rt.world_size, rt.num_nodes, rt.local_world_size
         per_node, in_node = rdma_layout(is_token_in_rank, n_nodes)
         row = torch.cat([num_tokens_per_rank.to(torch.int32), per_node, num_tokens_per_expert.to(torch.int32)])
-        if world == 1:
-            gathered = row.view(1, -1)
-        else:
-            parts = [torch.empty_like(row) for _ in range(world)]
-            dist.all_gather(parts, row, group=rt.group)
-            gathered = torch.stack(parts)
+        gathered = gather_rows(rt, row)
         e_l = num_tokens_per_expert.numel() // world
         lo = world + n_nodes + rt.rank * e_l
         host = torch.cat([gathered[:, :world + n_nodes].flatten(), gathered[:, lo:lo + e_l].sum(0)]).tolist()
@@ -159,13 +149,13 @@ class HierarchicalTransport:
             if topk_weights is not None:
                 parts["topk_weights"] = topk_weights.index_select(0, rail_idx).to(torch.float32)
         send = _pack(num_rail_send, cols, row_bytes, parts, device)
-        rail_rows = _a2a(send, rail_send, rt_info["rail_recv"], self.rail, n_nodes)
+        rail_rows = _a2a(self.rt, send, rail_send, rt_info["rail_recv"], self.rail, n_nodes)
 
         # Node hop: forward to each local rank whose bit is set, in arrival (node, token) order.
         fwd_bits = _unpack(rail_rows, cols, "bits").bool()
         fwd_offsets = torch.tensor(_blocks(rt_info["node_send"]), dtype=torch.int32, device=device)
         fwd_idx = send_order(fwd_bits, token_positions(fwd_bits), fwd_offsets, sum(rt_info["node_send"]))
-        node_rows = _a2a(rail_rows.index_select(0, fwd_idx), rt_info["node_send"], rt_info["node_recv"], self.node,
+        node_rows = _a2a(self.rt, rail_rows.index_select(0, fwd_idx), rt_info["node_send"], rt_info["node_recv"], self.node,
                          lws)
         rows = node_rows.index_select(0, rt_info["order"])
 
@@ -207,8 +197,8 @@ class HierarchicalTransport:
         if x_scales is not None:
             parts["scales"] = x_scales.index_select(0, handle.rail_idx)
         send = _pack(handle.rail_idx.numel(), cols, row_bytes, parts, x.device)
-        rail_rows = _a2a(send, handle.rail_send, handle.rail_recv, self.rail, self.rt.num_nodes)
-        node_rows = _a2a(rail_rows.index_select(0, handle.fwd_idx), handle.node_send, handle.node_recv, self.node,
+        rail_rows = _a2a(self.rt, send, handle.rail_send, handle.rail_recv, self.rail, self.rt.num_nodes)
+        node_rows = _a2a(self.rt, rail_rows.index_select(0, handle.fwd_idx), handle.node_send, handle.node_recv, self.node,
                          self.rt.local_world_size)
         rows = node_rows.index_select(0, handle.order)
         rows_n = handle.num_worst_tokens or handle.num_recv_tokens
@@ -231,7 +221,7 @@ class HierarchicalTransport:
         arrival = torch.empty(num_recv, hidden + w_cols, dtype=torch.float32, device=device)
         vals = x.float() if topk_weights is None else torch.cat([x.float(), topk_weights[:num_recv].float()], 1)
         arrival.index_copy_(0, handle.order, vals)
-        back = _a2a(arrival, handle.node_recv, handle.node_send, self.node, rt.local_world_size)
+        back = _a2a(self.rt, arrival, handle.node_recv, handle.node_send, self.node, rt.local_world_size)
         partial = torch.zeros(handle.num_rdma_recv_tokens, hidden + w_cols, dtype=torch.float32, device=device)
         start = 0
         for count in handle.node_send:  # per local rank, in order: deterministic fp32 sums
@@ -245,7 +235,7 @@ class HierarchicalTransport:
         if w_cols:
             parts["topk_weights"] = partial[:, hidden:]
         send = _pack(partial.size(0), cols, row_bytes, parts, device)
-        home = _a2a(send, handle.rail_recv, handle.rail_send, self.rail, rt.num_nodes)
+        home = _a2a(self.rt, send, handle.rail_recv, handle.rail_send, self.rail, rt.num_nodes)
         acc = torch.zeros(handle.num_tokens, hidden, dtype=torch.float32, device=device)
         acc_w = torch.zeros(handle.num_tokens, w_cols, dtype=torch.float32, device=device) if w_cols else None
         got_x = _unpack(home, cols, "x")
