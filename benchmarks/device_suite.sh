@@ -66,8 +66,8 @@ for ph in $PHASES; do
     moe1) # one GPU, MoE: dispatch-layout kernel test, share-GPU nvlink + runtime tests (2/4 processes), host/launch probe
             timeout 120 python -m pytest -q -rs -p no:cacheprovider tests/test_moe.py -k "layout or gpu" > "$OUT/pytest_moe1_$TAG.log" 2>&1
             echo "moe1 tests rc=$?"; tail -2 "$OUT/pytest_moe1_$TAG.log"; grep -E "^(FAILED|ERROR)" "$OUT/pytest_moe1_$TAG.log" | head
-            TURBO_DIST_TEST_SHARE_GPU=1 TURBO_DIST_TIMEOUT_S=30 TURBO_DIST_TEST_TIMEOUT_S=100 timeout 240 python -m pytest --dist-only -q \
-              -rs -p no:cacheprovider tests/test_moe_nvlink.py tests/test_runtime.py > "$OUT/pytest_share_moe_$TAG.log" 2>&1
+            TURBO_DIST_TEST_SHARE_GPU=1 TURBO_DIST_TIMEOUT_S=30 TURBO_DIST_TEST_TIMEOUT_S=100 timeout 400 python -m pytest --dist-only -q \
+              -rs -p no:cacheprovider tests/test_moe_nvlink.py tests/test_runtime.py tests/test_moe.py tests/test_moe_internode.py > "$OUT/pytest_share_moe_$TAG.log" 2>&1
             echo "moe1 share-GPU rc=$?"; tail -2 "$OUT/pytest_share_moe_$TAG.log"; grep -E "^(FAILED|ERROR)" "$OUT/pytest_share_moe_$TAG.log" | head
             timeout 120 python benchmarks/probe_moe_host.py --json "$OUT/probe_moe_host_$TAG.json" > "$OUT/probe_moe_$TAG.log" 2>&1
             echo "moe1 probe rc=$?"; head -16 "$OUT/probe_moe_$TAG.log";;
