@@ -5,7 +5,7 @@ torch reference (ll_layout.place_tokens), the in-kernel FP8 cast. Interpreter on
 import pytest
 import torch
 
-from turbo_dist.kernels import moe_ll, moe_ll_place
+from turbo_dist.kernels import moe_ll, moe_ll_logfmt, moe_ll_place
 from turbo_dist.moe.ll_layout import pack_ue8m0, per_token_cast_back, per_token_cast_to_fp8, place_tokens
 from turbo_dist.moe.low_latency import LowLatency
 
@@ -191,3 +191,52 @@ def test_fp8_casts_bit_identical_on_cpu_and_gpu():
         assert torch.equal(s_gpu.cpu(), s_cpu), f"{name}: scales differ between CPU and GPU"
         assert torch.equal(q_gpu.cpu().view(torch.uint8), q_cpu.view(torch.uint8)), f"{name}: fp8 bits differ"
         assert torch.equal(per_token_cast_back(q_gpu, s_gpu).cpu(), per_token_cast_back(q_cpu, s_cpu))
+
+
+def test_logfmt_codec_and_kernels():
+    """LogFMT (use_logfmt): the torch codec round-trips within its bound (2 ** (step / 2) - 1 per value, zeros
+    exact); the send kernel encodes as the codec does (bit for bit under the interpreter; the GPU's log2 is an
+    approximation, so there the decoded values are compared); the reduce kernel decodes, weights and sums."""
+    dev = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    g = torch.Generator().manual_seed(0)
+    rows, hidden, k, num_max = 6, 256, 2, 3
+    y = (torch.randn(rows, hidden, generator=g) * torch.exp(torch.randn(rows, hidden, generator=g) * 2)).half()
+    y[0, :64] = 0      # an all-zero group
+    y[1, 64:128] = 0.5  # a constant group (step 0)
+    y[2, 5] = -0.0
+    words = moe_ll_logfmt.logfmt_encode(y)
+    dec = moe_ll_logfmt.logfmt_decode(words, hidden)
+    step = words[:, :, moe_ll_logfmt.CODE_WORDS:].contiguous().view(torch.float32)[:, :, 1]
+    bound = (torch.exp2(step / 2) - 1).repeat_interleave(moe_ll_logfmt.GROUP, 1) * 1.001 + 1e-6
+    yf = y.float()
+    assert ((dec - yf).abs() <= bound * yf.abs()).all()
+    assert (dec[yf == 0] == 0).all() and torch.equal(dec[1, 64:128], yf[1, 64:128])
+    assert words.shape == (rows, hidden // 64, 24) and moe_ll_logfmt.row_bytes(hidden) == hidden // 64 * 96
+
+    regions, nbytes = LowLatency.layout(num_max, hidden, 1, k)
+    buf = torch.zeros(nbytes, dtype=torch.uint8, device=dev)
+    ptrs = torch.tensor([buf.data_ptr()], dtype=torch.int64, device=dev)
+    dst = torch.tensor([[0, 1], [2, -1], [3, 4]], dtype=torch.int64, device=dev)  # slot (t, k) <- row of y
+    moe_ll_logfmt.combine_send(y.to(dev), dst, ptrs, 0, 1, num_max, regions[0]["comb"], 0)
+    assert buf[:8].view(torch.int64).item() == num_max * k
+    rb = moe_ll_logfmt.row_bytes(hidden)
+    slots = buf[regions[0]["comb"]:regions[0]["comb"] + num_max * k * rb].view(torch.int32)
+    slots = slots.view(num_max, k, hidden // 64, moe_ll_logfmt.GROUP_WORDS)
+    for t in range(num_max):
+        for j in range(k):
+            r = int(dst[t, j])
+            if r < 0:
+                continue
+            got = slots[t, j].cpu()
+            if dev.type == "cpu":
+                assert torch.equal(got, words[r])
+            d = moe_ll_logfmt.logfmt_decode(got[None], hidden)[0]
+            assert ((d - yf[r]).abs() <= 2.5 * bound[r] * yf[r].abs() + 1e-6).all()
+    wt = torch.rand(num_max, k, generator=g)
+    out = moe_ll_logfmt.combine_reduce(slots, dst, wt.to(dev), torch.empty(num_max, hidden, dtype=torch.float16,
+                                                                          device=dev))
+    ref = torch.zeros(num_max, hidden)
+    for j in range(k):
+        rows_j = moe_ll_logfmt.logfmt_decode(slots[:, j].cpu(), hidden)
+        ref += torch.where(dst[:, j:j + 1].cpu() >= 0, rows_j * wt[:, j:j + 1], 0.0)
+    torch.testing.assert_close(out.float().cpu(), ref.half().float(), rtol=2e-3, atol=1e-3)

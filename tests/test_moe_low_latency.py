@@ -145,6 +145,17 @@ def _ll_body(rank, world, routing, use_fp8, hook, seed):
         recv_hook() if hook else event.current_stream_wait()
         assert torch.equal(zc, combined)
     assert len(seen) == 2
+    # use_logfmt: 10-bit log-magnitude rows on the triton path (within a few % of the bf16 combine), refused on the
+    # collective path
+    if buf._ll.path == "triton":
+        lf, event, recv_hook = buf.low_latency_combine(y, idx, w, handle, use_logfmt=True, async_finish=not hook,
+                                                       return_recv_hook=hook)
+        recv_hook() if hook else event.current_stream_wait()
+        scale = ref_combine(xs.abs(), inputs[rank][1], inputs[rank][2])
+        assert ((lf.float().cpu() - ref).abs() <= 0.03 * scale + 1e-2).all(), "LogFMT combine off"
+    else:
+        with pytest.raises(NotImplementedError, match="use_logfmt"):
+            buf.low_latency_combine(y, idx, w, handle, use_logfmt=True)
     if buf._ll.path == "triton":  # DeepEP's RDMA-side buffer: here the low-latency symmetric buffer
         raw = buf.get_local_buffer_tensor(torch.int64, size=(2, 2, world), use_rdma_buffer=True)
         assert raw.device == y.device and raw.data_ptr() == buf._ll._buffer.local().data_ptr()

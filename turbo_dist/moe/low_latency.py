@@ -32,7 +32,7 @@ import logging
 
 import torch
 
-from ..kernels import moe_ll, moe_ll_place
+from ..kernels import moe_ll, moe_ll_logfmt, moe_ll_place
 from ..runtime import EventOverlap
 from ..runtime.config import env_str, peer_timeout_s
 from . import ll_collective
@@ -300,7 +300,7 @@ class LowLatency:
 
         def send():
             if self._takes_triton("combine", x):
-                return self._triton_combine_send(x, handle, num_max, hidden, k)
+                return self._triton_combine_send(x, handle, num_max, hidden, k, use_logfmt)
             weights = torch.where(topk_idx >= 0, topk_weights, torch.zeros_like(topk_weights))
             return ll_collective.combine_send(rt, x, weights, handle, num_max, hidden, return_recv_hook)
 
@@ -308,11 +308,12 @@ class LowLatency:
 
         def receive(pending):
             kind, data = pending()
-            if kind == "slots":  # [M, K, H]: one row per top-k slot, weighted and summed in top-k order (fp32)
+            if kind in ("slots", "logfmt"):  # [M, K, ...]: one row per top-k slot, weighted, summed in top-k order
+                reduce = moe_ll_place.combine_reduce if kind == "slots" else moe_ll_logfmt.combine_reduce
                 if result.stride(1) == 1:
-                    moe_ll_place.combine_reduce(data, topk_idx, topk_weights, result)
+                    reduce(data, topk_idx, topk_weights, result)
                 else:
-                    result.copy_(moe_ll_place.combine_reduce(data, topk_idx, topk_weights, torch.empty_like(x[0, :t])))
+                    result.copy_(reduce(data, topk_idx, topk_weights, torch.empty_like(x[0, :t])))
                 return
             acc = torch.zeros(t, hidden, dtype=torch.float32, device=x.device)
             for r in range(rt.world_size):  # [R, M, H] fp32 partial sums, one per expert rank, summed in rank order
@@ -321,23 +322,26 @@ class LowLatency:
 
         return self._run(send, receive, async_finish, return_recv_hook, (x, topk_idx, topk_weights), (result,))
 
-    def _triton_combine_send(self, x, handle, num_max, hidden, k):
+    def _triton_combine_send(self, x, handle, num_max, hidden, k, use_logfmt=False):
         rt = self.rt
         self._ensure_buffer(num_max, hidden, k)
         p = self._next_parity(_COMBINE)
         reg = self._regions[p]
         cnt_off = (_COMBINE * 2 + p) * rt.world_size * 8
-        moe_ll.combine_send(x.view(-1, hidden), handle.dst, self._buffer.peer_ptrs, rt.rank, rt.world_size, num_max,
-                            reg["comb"], cnt_off)
-        row_bytes = hidden * x.element_size()
+        send = moe_ll_logfmt.combine_send if use_logfmt else moe_ll.combine_send
+        send(x.view(-1, hidden), handle.dst, self._buffer.peer_ptrs, rt.rank, rt.world_size, num_max, reg["comb"],
+             cnt_off)
+        row_bytes = moe_ll_logfmt.row_bytes(hidden) if use_logfmt else hidden * x.element_size()
 
         def pending():
             # one count per (token slot, k) program of every source (moe_ll.combine_send)
             moe_ll.wait_counters(self._counters(_COMBINE, p), self._err.addr, num_max * k, moe_ll.ERR_COMBINE,
                                  peer_timeout_s())
             buf = self._buffer.local()
-            rows = buf[reg["comb"]:reg["comb"] + num_max * k * row_bytes].view(x.dtype).view(num_max, k, hidden)
-            return "slots", rows
+            rows = buf[reg["comb"]:reg["comb"] + num_max * k * row_bytes]
+            if use_logfmt:  # int32 words [M, K, H / 64, 24] (kernels/moe_ll_logfmt.py)
+                return "logfmt", rows.view(torch.int32).view(num_max, k, hidden // 64, moe_ll_logfmt.GROUP_WORDS)
+            return "slots", rows.view(x.dtype).view(num_max, k, hidden)
         return pending
 
     # ------------------------------------------------------------------ streams, hooks
@@ -360,12 +364,13 @@ class LowLatency:
         if return_recv_hook:
             state = {"done": False}
 
-            def hook():
+            def receive_hook():
                 if state["done"]:
                     raise RuntimeError("this low-latency receive hook was already called")
                 self.check_error()
                 receive(pending)
                 state["done"] = True
+            hook = receive_hook
         event = EventOverlap()
         if use_comm:
             keep = tuple(t for t in _flatten(inputs) + _flatten(result) if t.is_cuda)
@@ -419,8 +424,11 @@ class LowLatency:
         if not isinstance(handle, LowLatencyHandle):
             raise TypeError("low_latency_combine needs the handle low_latency_dispatch returned")
         if use_logfmt:
-            raise NotImplementedError("use_logfmt (DeepEP's 10-bit LogFMT combine) is not implemented; "
-                                      "combine sends bf16")
+            if self.path != "triton" or not isinstance(x, torch.Tensor) or x.element_size() > 2:
+                raise NotImplementedError("use_logfmt (10-bit LogFMT rows, kernels/moe_ll_logfmt.py) needs the triton "
+                                          "low-latency path with a bf16/fp16 x; this call runs the collective path")
+            if handle[3] % moe_ll_logfmt.GROUP:
+                raise ValueError(f"use_logfmt needs hidden divisible by {moe_ll_logfmt.GROUP}, got {handle[3]}")
         num_max, hidden, num_experts = handle[2], handle[3], handle[4]
         e_l, n = num_experts // rt.world_size, num_max * rt.world_size
         if not isinstance(x, torch.Tensor) or tuple(x.shape) != (e_l, n, hidden):
