@@ -34,8 +34,9 @@ class Buffer:
     `low_latency_dispatch` / `low_latency_combine`, see moe/low_latency.py), num_qps_per_rank, allow_mnnvl
     (accepted, unused), allow_nvlink_for_low_latency_mode (accepted, unused: the low-latency triton path
     stores into peers over NVLink/CUDA IPC whatever it says; TURBO_DIST_MOE_LL_PATH=collective avoids
-    that), explicitly_destroy, comm (an mpi4py communicator in place of a process group is not supported:
-    NotImplementedError when group is None; ignored when a group is given). Ours, keyword only: transport = "nvlink" | "collective" |
+    that), explicitly_destroy, comm (an mpi4py communicator used when group is None: torch.distributed is
+    initialized over it if it is not yet, and it must span the default group in its rank order, see
+    runtime/mpi.py; ignored when a group is given). Ours, keyword only: transport = "nvlink" | "collective" |
     "hierarchical" | None (TURBO_DIST_MOE_TRANSPORT, else `hierarchical` when num_rdma_bytes > 0, not
     low_latency_mode and more than one node; else `nvlink` when the runtime has peer access, one node and
     num_nvl_bytes > 0; else `collective`).
@@ -52,8 +53,9 @@ class Buffer:
         if not isinstance(num_rdma_bytes, int) or num_rdma_bytes < 0:
             raise ValueError(f"num_rdma_bytes must be a non-negative int, got {num_rdma_bytes!r}")
         if group is None and comm is not None:
-            _not_here("an mpi4py communicator instead of a process group (comm=...)",
-                      "pass a torch.distributed process group as `group`")
+            from ..runtime.mpi import group_from_comm
+
+            group = group_from_comm(comm)
         if not isinstance(num_nvl_bytes, int) or num_nvl_bytes < 0:
             raise ValueError(f"num_nvl_bytes must be a non-negative int, got {num_nvl_bytes!r}")
         self.runtime = get_runtime(group)
