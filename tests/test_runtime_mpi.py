@@ -74,15 +74,8 @@ def _comm_init_body(rank, world):
 
 @pytest.mark.dist
 @pytest.mark.parametrize("world_size", world_sizes_for_device(2))
-def test_buffer_comm_maps_to_world(world_size):
+@pytest.mark.parametrize("body", [_comm_body, _comm_init_body], ids=["maps_to_world", "initializes_torch_distributed"])
+def test_buffer_comm(world_size, body):
     if torch.cuda.is_available():
         pytest.skip("the CPU (gloo) check covers this host-side mapping")
-    assert all(run_distributed(_comm_body, world_size, env={"TURBO_DIST_TEST_POOL": "mpi"}))
-
-
-@pytest.mark.dist
-@pytest.mark.parametrize("world_size", world_sizes_for_device(2))
-def test_buffer_comm_initializes_torch_distributed(world_size):
-    if torch.cuda.is_available():
-        pytest.skip("the CPU (gloo) check covers this host-side mapping")
-    assert all(run_distributed(_comm_init_body, world_size, env={"TURBO_DIST_TEST_POOL": "mpi_init"}))
+    assert all(run_distributed(body, world_size, env={"TURBO_DIST_TEST_POOL": body.__name__}))

@@ -244,18 +244,6 @@ def combine_send(y, dst, peer_ptrs, me, num_ranks, num_max, comb_off, cnt_off):
         Y_WORDS=yw.size(1), K=k, BLOCK=1024, num_warps=4)
 
 
-def wait_args(counters, timeout_s):
-    """(timeout_ns, max_iters, BLOCK, USE_TIMER) of a bounded wait on `counters` (int64 [R], local): the GPU
-    clock on CUDA; an iteration budget under the Triton interpreter (each iteration a slow Python round trip)."""
-    if counters.dtype != torch.int64 or counters.dim() != 1 or not counters.is_contiguous():
-        raise ValueError(f"counters must be a contiguous int64 [R] tensor, got {counters.dtype} "
-                         f"{tuple(counters.shape)} strides {counters.stride()}")
-    use_timer = counters.is_cuda and not interpreting()
-    timeout_ns = int(max(timeout_s, 0.0) * 1e9)
-    max_iters = max(int(max(timeout_s, 0.0) * 1000), 1) if not use_timer else 1
-    return timeout_ns, max_iters, triton.next_power_of_2(max(counters.numel(), 1)), use_timer
-
-
 def wait_counters(counters, err_addr, expected, code, timeout_s, stats=None):
     """Wait on the current stream until each of `counters` (int64 [R], local) reaches `expected`; consume.
 
@@ -265,7 +253,14 @@ def wait_counters(counters, err_addr, expected, code, timeout_s, stats=None):
     stats: int64, at least R elements, contiguous, or None: stats[src] += the cost of waiting for src (see
     _ll_wait_kernel; DeepEP's dispatch_wait_recv_cost_stats, which adds it once per local expert).
     """
-    timeout_ns, max_iters, block, use_timer = wait_args(counters, timeout_s)
+    if counters.dtype != torch.int64 or counters.dim() != 1 or not counters.is_contiguous():
+        raise ValueError(f"counters must be a contiguous int64 [R] tensor, got {counters.dtype} "
+                         f"{tuple(counters.shape)} strides {counters.stride()}")
+    use_timer = counters.is_cuda and not interpreting()
+    timeout_ns = int(max(timeout_s, 0.0) * 1e9)
+    # No clock under the interpreter: bound by iterations, each a slow Python round trip (as moe_nvlink).
+    max_iters = max(int(max(timeout_s, 0.0) * 1000), 1) if not use_timer else 1
+    block = triton.next_power_of_2(max(counters.numel(), 1))
     if stats is not None and (stats.dtype != torch.int64 or not stats.is_contiguous() or stats.numel() < counters.numel()):
         raise ValueError(f"wait stats must be a contiguous int64 tensor of at least {counters.numel()} elements, got "
                          f"{stats.dtype} {tuple(stats.shape)}")

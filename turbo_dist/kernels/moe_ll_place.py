@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .moe_ll import _words
+
 
 @triton.jit
 def _ll_place_index_kernel(idx_ptr, dst_ptr, src_info_ptr, count_ptr, range_ptr, stats_ptr,
@@ -109,14 +111,6 @@ def _ll_combine_reduce_kernel(rows_ptr, idx_ptr, w_ptr, out_ptr, H, stride_it, s
     tl.store(out_ptr + t * stride_ot + offs, acc.to(out_ptr.dtype.element_ty), mask=m)
 
 
-def _words(t):
-    """A contiguous [n, w] tensor as int32 words [n, w * itemsize / 4]."""
-    row_bytes = t.size(1) * t.element_size()
-    if row_bytes % 4:
-        raise ValueError(f"a row of {row_bytes} bytes is not a whole number of 4-byte words")
-    return t.contiguous().view(torch.uint8).view(t.size(0), row_bytes).view(torch.int32)
-
-
 def place(rows_x, rows_s, all_idx, rank, experts_per_rank, out_x, scales, ue8m0, count, src_info, layout_range, dst,
           stats=None):
     """Fill DeepEP's per-expert layout from the received slots; what ll_layout.place_tokens computes.
@@ -140,13 +134,13 @@ def place(rows_x, rows_s, all_idx, rank, experts_per_rank, out_x, scales, ue8m0,
         K=k, HAS_STATS=stats is not None, BLOCK=min(1024, triton.next_power_of_2(max(m * k, 16))), num_warps=4)
     if dst.numel() == 0:
         return
-    words = _words(rows_x)
+    words = _words(rows_x.contiguous(), "received rows")
     groups = rows_s.size(1) if rows_s is not None else 1
     s_src = rows_s.contiguous() if rows_s is not None else words
     s_out = scales if rows_s is not None else words
     strides = scales.stride() if rows_s is not None else (0, 0, 0)
     _ll_place_rows_kernel[(dst.numel(),)](
-        words, dst, out_x.view(torch.uint8).view(out_x.size(0), -1).view(torch.int32), s_src, s_out, n_slots,
+        words, dst, _words(out_x, "out_x"), s_src, s_out, n_slots,
         *strides, K=k, WORDS=words.size(1), BLOCK=1024, HAS_S=rows_s is not None, GROUPS=groups,
         G_POW2=max(triton.next_power_of_2(groups), 4), UE8M0=bool(ue8m0), num_warps=4)
 
