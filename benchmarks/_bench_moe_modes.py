@@ -2,7 +2,7 @@
 
 low-latency: DeepEP's decode shape (128 tokens per rank, hidden 7168, top-8 of 256 experts). Times
 `low_latency_dispatch` (FP8 and BF16 payloads) and `low_latency_combine` (BF16, weighted) on each
-low-latency path (`triton`: stores into peers' symmetric buffers, where the runtime has peer access;
+low-latency path (and the `use_logfmt` combine on triton) (`triton`: stores into peers' symmetric buffers, where the runtime has peer access;
 `collective`: NCCL all_gather / all_to_all with fixed-size slots), beside the normal-mode `collective`
 transport of the same run (NCCL all_to_all + permute: dispatch with layout, and combine) as the baseline.
 GB/s as DeepEP's test counts it: per selected (token, expert) pair, hidden + hidden / 128 * 4 + 16 bytes
@@ -137,6 +137,23 @@ def run_low_latency(args):
             print(f"[bench_moe low-latency] tokens {num_tokens} combine: " + ", ".join(
                 f"{p} {t * 1e3:.1f} us" for p, t in times.items()) + f", normal collective {base['combine'] * 1e3:.1f} us",
                 flush=True)
+        if "triton" in buffers:  # use_logfmt: 10-bit log-magnitude rows (96 B per 64 values), triton path only
+            buf, h = buffers["triton"], _handle_of(buffers["triton"], x, topk_idx, num_tokens, args)
+
+            def comb_lf(buf=buf, h=h):
+                return buf.low_latency_combine(y, topk_idx, topk_weights, h, use_logfmt=True)
+            lf = comb_lf()[0]
+            ref = results["triton"].float()
+            rel = float((lf.float() - ref).norm() / ref.norm().clamp_min(1e-30))
+            t_lf = {"triton_logfmt": time_across_ranks(comb_lf, args.warmup, args.reps)}
+            row = _ll_row("combine", "logfmt", num_tokens, world, t_lf, {"triton_logfmt": _graph_time(comb_lf, args)},
+                          base["combine"], selections * (args.hidden // 64) * 96, link, rel < 0.05)
+            row["rel_err_vs_bf16"] = rel
+            rows.append(row)
+            if rank == 0:
+                print(f"[bench_moe low-latency] tokens {num_tokens} combine logfmt: triton {t_lf['triton_logfmt'] * 1e3:.1f}"
+                      f" us (graph {row['triton_logfmt_graph_us'] or float('nan'):.1f} us), rel. err vs bf16 {rel:.4f}",
+                      flush=True)
     meta = {"mode": "low-latency", "world_size": world, "hidden": args.hidden, "topk": args.topk,
             "experts": args.experts, "paths": paths, "peak_GBps": link,
             "baseline": "normal-mode collective transport (NCCL all_to_all + permute; dispatch includes its "
@@ -144,6 +161,10 @@ def run_low_latency(args):
             "timing": f"median of {args.reps} after {args.warmup} warm-up, max over ranks; bytes averaged over ranks"}
     finish(args, rows, meta)
     return rows
+
+
+def _handle_of(buf, x, topk_idx, num_tokens, args):
+    return buf.low_latency_dispatch(x, topk_idx, num_tokens, args.experts, use_fp8=False)[2]
 
 
 def _graph_time(fn, args):
