@@ -146,7 +146,8 @@ def _ll_wait_kernel(cnt_ptr, err_addr, stats_ptr, num_src, expected, code, timeo
     failed = (tl.load(err, volatile=True) != 0).to(tl.int32)  # an earlier timeout: no wait (host raises)
     waiting = (lo < expected) & (failed == 0)
     it = 0
-    cost = tl.zeros([BLOCK], dtype=tl.int64)
+    if HAS_STATS:  # stats[src] = its value before + the cost while src was short, written in the loop: a tensor
+        s0 = tl.load(stats_ptr + offs, mask=m, other=0)  # carried through the loop breaks Triton 3.6's compiler
     if USE_TIMER:
         t0 = globaltimer_ns()
         if HAS_STATS:
@@ -158,18 +159,15 @@ def _ll_wait_kernel(cnt_ptr, err_addr, stats_ptr, num_src, expected, code, timeo
         if USE_TIMER:
             expired = (globaltimer_ns() - t0) > timeout_ns
             if HAS_STATS:
-                cost = tl.where(vals < expected, clock64() - c0, cost)
+                tl.store(stats_ptr + offs, s0 + (clock64() - c0), mask=m & (vals < expected))
         else:
             expired = it > max_iters
             if HAS_STATS:
-                cost = tl.where(vals < expected, it.to(tl.int64), cost)
+                tl.store(stats_ptr + offs, s0 + it.to(tl.int64), mask=m & (vals < expected))
         timed_out = expired & (lo < expected)
         if timed_out:
             late = tl.min(tl.where(m & (vals < expected), offs, BLOCK), 0)
             seen = tl.sum(tl.where(offs == late, vals, 0), 0)
-            # `err` is host memory mapped into the device (ErrorWord): plain stores, which every platform
-            # carries to host memory (device atomics there need PCIe AtomicOps or NVLink-C2C). Fields
-            # first, then a system-scope fence, then the code: a host that sees the code sees the fields.
             tl.store(err + 1, late)
             tl.store(err + 2, seen.to(tl.int32))
             tl.store(err + 3, expected)
@@ -178,14 +176,14 @@ def _ll_wait_kernel(cnt_ptr, err_addr, stats_ptr, num_src, expected, code, timeo
             tl.store(err, code)
         failed = failed | timed_out.to(tl.int32)
         waiting = (lo < expected) & (failed == 0)
-    if HAS_STATS:
-        tl.store(stats_ptr + offs, tl.load(stats_ptr + offs, mask=m) + cost, mask=m)
     if lo >= expected:  # after a timeout nothing is consumed (Buffer.clean_low_latency_buffer resets)
         tl.atomic_add(ptrs, -expected, mask=m, sem="relaxed", scope="sys")
 
 
 def _words(t, name):
     """`t` ([rows, n] contiguous) as int32 words [rows, n * itemsize / 4]."""
+    if t.dtype == torch.int32 and t.dim() == 2 and t.numel() and t.is_contiguous():
+        return t  # already words (the hot path: views made once, moe/low_latency.py)
     if not t.is_contiguous():
         raise ValueError(f"{name} must be contiguous")
     row_bytes = t.size(-1) * t.element_size() if t.dim() else t.element_size()

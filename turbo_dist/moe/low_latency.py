@@ -71,6 +71,7 @@ class LowLatency:
         self._parity = [0, 0]
         self._layout_key = None
         self._buffer = None
+        self._views = {}  # (kind, parity, ...) -> views of the symmetric buffer's regions (_region_views)
         self._err = moe_ll.ErrorWord(rt.device) if self.path == "triton" else None
         self.last_path = {"dispatch": None, "combine": None}  # the path each op's last call took
         self._zero_copy = {}  # (E_l, R * M, hidden) -> two bf16 combine-input buffers, used in turn
@@ -139,7 +140,39 @@ class LowLatency:
         if buf is not self._buffer:
             self._parity = [0, 0]
         self._buffer, self._regions, self._layout_key = buf, regions, key
+        self._views = {}
         self.rt.barrier()
+
+    def _region_views(self, kind, p, payload, hidden, k):
+        """The counters and received-slot views one call reads (made once per geometry: the views are a good
+        part of an eager call's host time). payload: the dispatch row dtype, or "slots" / "logfmt" (combine)."""
+        key = (kind, p, payload, hidden, k)
+        v = self._views.get(key)
+        if v is not None:
+            return v
+        rt, reg = self.rt, self._regions[p]
+        num_max = self._layout_key[0]
+        slots = rt.world_size * num_max
+        buf = self._buffer.local()
+        if kind == _DISPATCH:
+            words = hidden * payload.itemsize // 4  # rows move as int32 words (kernels/moe_ll_place.py)
+            rows_x = buf[reg["x"]:reg["x"] + slots * words * 4].view(torch.int32).view(slots, words)
+            rows_s = None
+            if payload == torch.float8_e4m3fn:
+                g = hidden // 128
+                rows_s = buf[reg["s"]:reg["s"] + slots * g * 4].view(torch.float32).view(slots, g)
+            all_idx = buf[reg["idx"]:reg["idx"] + slots * k * 4].view(torch.int32).view(rt.world_size, num_max, k)
+            v = (self._counters(kind, p), rows_x, rows_s, all_idx)
+        else:
+            row_bytes = moe_ll_logfmt.row_bytes(hidden) if payload == "logfmt" else hidden * payload.itemsize
+            rows = buf[reg["comb"]:reg["comb"] + num_max * k * row_bytes]
+            if payload == "logfmt":  # int32 words [M, K, H / 64, 22] (kernels/moe_ll_logfmt.py)
+                rows = rows.view(torch.int32).view(num_max, k, hidden // 64, moe_ll_logfmt.GROUP_WORDS)
+            else:
+                rows = rows.view(payload).view(num_max, k, hidden)
+            v = (self._counters(kind, p), rows)
+        self._views[key] = v
+        return v
 
     def _counters(self, kind, parity):
         r = self.rt.world_size
@@ -244,21 +277,13 @@ class LowLatency:
         moe_ll.dispatch_send(x if use_fp8 else x.contiguous(), None, topk_idx, num_max, self._buffer.peer_ptrs,
                              rt.rank, rt.world_size, e_l, reg["x"], reg["s"], reg["idx"], cnt_off, cast_fp8=use_fp8,
                              round_scale=round_scale)
-        slots = rt.world_size * num_max
-        dtype = torch.float8_e4m3fn if use_fp8 else x.dtype
-        row_bytes = hidden * dtype.itemsize
+        counters, rows_x, rows_s, all_idx = self._region_views(
+            _DISPATCH, p, torch.float8_e4m3fn if use_fp8 else x.dtype, hidden, k)
 
         def pending():
-            moe_ll.wait_counters(self._counters(_DISPATCH, p), self._err.addr, num_max, moe_ll.ERR_DISPATCH,
-                                 peer_timeout_s(), stats=wait_stats)
-            buf = self._buffer.local()
-            rows_x = buf[reg["x"]:reg["x"] + slots * row_bytes].view(slots, row_bytes).view(dtype)
-            rows_s = None
-            if use_fp8:
-                g = hidden // 128
-                rows_s = buf[reg["s"]:reg["s"] + slots * g * 4].view(torch.float32).view(slots, g)
-            all_idx = buf[reg["idx"]:reg["idx"] + slots * k * 4].view(torch.int32).view(rt.world_size, num_max, k)
-            return rows_x, rows_s, all_idx, "triton"
+            moe_ll.wait_counters(counters, self._err.addr, num_max, moe_ll.ERR_DISPATCH, peer_timeout_s(),
+                                 stats=wait_stats)
+            return rows_x, rows_s, all_idx, "triton"  # rows_x as int32 words
         return pending
 
     # ------------------------------------------------------------------ combine
@@ -331,17 +356,13 @@ class LowLatency:
         send = moe_ll_logfmt.combine_send if use_logfmt else moe_ll.combine_send
         send(x.view(-1, hidden), handle.dst, self._buffer.peer_ptrs, rt.rank, rt.world_size, num_max, reg["comb"],
              cnt_off)
-        row_bytes = moe_ll_logfmt.row_bytes(hidden) if use_logfmt else hidden * x.element_size()
+        kind = "logfmt" if use_logfmt else "slots"
+        counters, rows = self._region_views(_COMBINE, p, "logfmt" if use_logfmt else x.dtype, hidden, k)
 
         def pending():
             # one count per (token slot, k) program of every source (moe_ll.combine_send)
-            moe_ll.wait_counters(self._counters(_COMBINE, p), self._err.addr, num_max * k, moe_ll.ERR_COMBINE,
-                                 peer_timeout_s())
-            buf = self._buffer.local()
-            rows = buf[reg["comb"]:reg["comb"] + num_max * k * row_bytes]
-            if use_logfmt:  # int32 words [M, K, H / 64, 24] (kernels/moe_ll_logfmt.py)
-                return "logfmt", rows.view(torch.int32).view(num_max, k, hidden // 64, moe_ll_logfmt.GROUP_WORDS)
-            return "slots", rows.view(x.dtype).view(num_max, k, hidden)
+            moe_ll.wait_counters(counters, self._err.addr, num_max * k, moe_ll.ERR_COMBINE, peer_timeout_s())
+            return kind, rows
         return pending
 
     # ------------------------------------------------------------------ streams, hooks
