@@ -50,6 +50,8 @@ CONFIGS_BLOCK = [
     (64, 128, 128, 4, 4),
     (64, 128, 128, 4, 5),
     (128, 128, 128, 4, 4),
+    (64, 128, 128, 4, 4, 4),  # TWO_PER_SM: G=8 fc1 (DeepSeek-V3), H200: 0.613 ms against 0.738 for the best above
+    (64, 128, 128, 4, 3, 4),
 ]
 CONFIGS_WGRAD = [
     (128, 128, 64, 8, 4),
@@ -70,8 +72,8 @@ def interpreter_config(scale_mode):
 
 # Bits of a config's optional 6th entry. WARP_SPECIALIZE, RESCALE_ACC: TMA kernel only. TWO_PER_SM: a persistent
 # grid of two programs per SM (either kernel), so two tiles' K loops share an SM where their registers and shared
-# memory fit (e.g. 64 x 128 x 128 FP8 tiles, 4 warps): one tile's blockwise promotion can overlap the other's MMAs.
-# Forced configs only (benchmarks/tune_ops.py) until measured.
+# memory fit (e.g. 64 x 128 x 128 FP8 tiles, 4 warps): one tile's blockwise promotion can overlap the other's MMAs
+# (in CONFIGS_BLOCK, where it was measured; not yet tried on the bf16 / rowwise lists).
 WARP_SPECIALIZE, RESCALE_ACC, TWO_PER_SM = 1, 2, 4
 
 
