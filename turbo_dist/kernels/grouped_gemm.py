@@ -50,7 +50,7 @@ CONFIGS_BLOCK = [
     (64, 128, 128, 4, 4),
     (64, 128, 128, 4, 5),
     (128, 128, 128, 4, 4),
-    (64, 128, 128, 4, 4, 4),  # TWO_PER_SM: G=8 fc1 (DeepSeek-V3), H200: 0.613 ms against 0.738 for the best above
+    (64, 128, 128, 4, 4, 4),  # TWO_PER_SM: G=8 fc1 (DeepSeek-V3), H200: 0.61-0.63 ms, the best above 0.63-0.68
     (64, 128, 128, 4, 3, 4),
 ]
 CONFIGS_WGRAD = [

@@ -168,6 +168,9 @@ def _ll_wait_kernel(cnt_ptr, err_addr, stats_ptr, num_src, expected, code, timeo
         if timed_out:
             late = tl.min(tl.where(m & (vals < expected), offs, BLOCK), 0)
             seen = tl.sum(tl.where(offs == late, vals, 0), 0)
+            # `err` is host memory mapped into the device (ErrorWord): plain stores, which every platform
+            # carries to host memory (device atomics there need PCIe AtomicOps or NVLink-C2C). Fields
+            # first, then a system-scope fence, then the code: a host that sees the code sees the fields.
             tl.store(err + 1, late)
             tl.store(err + 2, seen.to(tl.int32))
             tl.store(err + 3, expected)

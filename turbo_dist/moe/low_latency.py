@@ -144,8 +144,8 @@ class LowLatency:
         self.rt.barrier()
 
     def _region_views(self, kind, p, payload, hidden, k):
-        """The counters and received-slot views one call reads (made once per geometry: the views are a good
-        part of an eager call's host time). payload: the dispatch row dtype, or "slots" / "logfmt" (combine)."""
+        """The counters and received-slot views one call reads, made once per geometry instead of ~15 view ops
+        per eager call. payload: the row dtype on the wire, or "logfmt" (combine)."""
         key = (kind, p, payload, hidden, k)
         v = self._views.get(key)
         if v is not None:
