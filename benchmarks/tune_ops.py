@@ -7,7 +7,8 @@ against PyTorch, to decide which configs go first in kernels/gemm.py and kernels
 Cases (one GPU): bf16 GEMM C = A @ W^T (nn.Linear layout, the TMA kernel) at cube4096, dsv3_qkv_a
 (8192x2112x7168) and cube8192, against torch.mm (cuBLAS); blockwise FP8 (1x128 activations, 128x128 weights)
 at 8192^3 against bf16 cuBLAS and rowwise torch._scaled_mm; blockwise FP8 grouped GEMM on the DeepSeek-V3 fc1
-shape (8 experts, 1024 tokens each on average, skewed) against bf16 torch._grouped_mm.
+shape (8 experts, 1024 tokens each on average, skewed) against bf16 torch._grouped_mm; on the same shape the
+rowwise FP8 and the bf16 grouped GEMM, each module list followed by its TWO_PER_SM variants (two programs per SM).
 
 For each case: every candidate (the module's config list, then extra candidates) is compiled, run once and
 compared with the reference (relative Frobenius error; `ok` = below the case's tolerance), then timed with
@@ -30,7 +31,8 @@ import torch  # noqa: E402
 from common import bench, bench_interleaved, machine_info, print_table, write_json  # noqa: E402
 
 GEMM_CASES = [("cube4096", 4096, 4096, 4096), ("dsv3_qkv_a", 8192, 2112, 7168), ("cube8192", 8192, 8192, 8192)]
-CASES = [c[0] for c in GEMM_CASES] + ["fp8_block_8192", "fp8_grouped_block_G8_fc1"]
+CASES = [c[0] for c in GEMM_CASES] + ["fp8_block_8192", "fp8_grouped_block_G8_fc1", "fp8_grouped_row_G8_fc1",
+                                      "grouped_bf16_G8_fc1"]
 
 # Candidates beyond the module lists: (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages).
 EXTRA_16 = [
@@ -95,6 +97,13 @@ EXTRA_GROUPED_BLOCK = [
     (128, 128, 128, 8, 3, 4),
     (64, 128, 128, 4, 4, 6),
 ]
+
+
+
+def _two_per_sm(configs):
+    """The TWO_PER_SM variant (6th entry 4) of each plain 5-entry config (kernels/grouped_gemm.py)."""
+    return [(*c[:5], 4) for c in configs if len(c) == 5]
+
 
 DEVICE, DTYPE, SHRINK, DRY = "cuda", torch.bfloat16, 1, False
 
@@ -282,6 +291,70 @@ def fp8_grouped_block_case(args):
                      _uniq(source + EXTRA_GROUPED_BLOCK), run, args, source)
 
 
+def _g8_fc1():
+    """DeepSeek-V3 fc1 experts, 8 of them, skewed token counts (~1024 per expert): (lens, a [M, K], b_t [G, N, K])."""
+    from bench_ops import skewed_lens
+
+    G, tpe, K, N = 8, max(16, 1024 // SHRINK), max(128, 7168 // SHRINK), max(128, 4096 // SHRINK)
+    lens = skewed_lens(G, tpe, seed=G)
+    g = torch.Generator(device="cpu").manual_seed(2)
+    a = torch.randn(int(lens.sum()), K, generator=g).to(DEVICE, DTYPE)
+    b_t = (torch.randn(G, N, K, generator=g) * K ** -0.5).to(DEVICE, DTYPE)
+    return lens, a, b_t
+
+
+def grouped_bf16_case(args):
+    """bf16 grouped GEMM (kernels/grouped_gemm.py CONFIGS_16 and their TWO_PER_SM variants) vs torch._grouped_mm."""
+    from turbo_dist.kernels import grouped_gemm as kgg
+
+    lens, a, b_t = _g8_fc1()
+    M, K, N = a.shape[0], a.shape[1], b_t.shape[1]
+    offs = torch.cumsum(lens.to(DEVICE), 0)
+    b = b_t.transpose(1, 2)  # [G, K, N] view
+    ref = torch.cat([a[s:e].float() @ b[g].float() for g, (s, e) in
+                     enumerate(zip([0] + offs.tolist()[:-1], offs.tolist()))])
+    baselines = {}
+    if not DRY:
+        offs32 = offs.to(torch.int32)
+        baselines["bf16_torch_grouped_mm"] = lambda: torch._grouped_mm(a, b, offs=offs32, out_dtype=torch.bfloat16)
+    else:
+        baselines["fp32_loop"] = lambda: [a[:1].float() @ b[g].float() for g in range(b.shape[0])]
+    source = [tuple(c) for c in kgg.CONFIGS_16]
+    run = lambda cfg: kgg.grouped_gemm(a, b, offs, config=cfg)  # noqa: E731
+    return tune_case("grouped_bf16_G8_fc1", 2.0 * M * K * N, ref, 2e-2, baselines, lambda: run(None),
+                     _uniq(source + _two_per_sm(source)), run, args, source)
+
+
+def fp8_grouped_row_case(args):
+    """Rowwise FP8 grouped GEMM (CONFIGS_8 and their TWO_PER_SM variants) vs bf16 torch._grouped_mm."""
+    from turbo_dist.kernels import fp8_gemm, grouped_gemm as kgg
+    from turbo_dist.ops import ScalingGranularity, quantize_fp8
+    from turbo_dist.ops.fp8_grouped import _reference_grouped_scaled
+
+    R = ScalingGranularity.ROWWISE
+    lens, a, b_t = _g8_fc1()
+    G, M, K, N = b_t.shape[0], a.shape[0], a.shape[1], b_t.shape[1]
+    aq, sa = quantize_fp8(a, torch.float8_e4m3fn, R)
+    wq, sw = quantize_fp8(b_t, torch.float8_e4m3fn, R, weight=True)
+    sw = sw.reshape(G, -1)
+    offs = torch.cumsum(lens.to(DEVICE), 0)
+    ref = _reference_grouped_scaled(aq, wq.transpose(1, 2), sa, sw, lens, "row", torch.float32)
+    baselines = {}
+    if not DRY:
+        offs32 = offs.to(torch.int32)
+        baselines["bf16_torch_grouped_mm"] = lambda: torch._grouped_mm(a, b_t.transpose(1, 2), offs=offs32,
+                                                                       out_dtype=torch.bfloat16)
+    else:
+        baselines["fp32_loop"] = lambda: _reference_grouped_scaled(aq, wq.transpose(1, 2), sa, sw, lens, "row",
+                                                                   torch.float32)
+    source = [tuple(c) for c in kgg.CONFIGS_8]
+    out_dtype = torch.bfloat16 if not DRY else torch.float32
+    run = lambda cfg: fp8_gemm.grouped_scaled_mm(aq, wq.transpose(1, 2), sa, sw, offs, fp8_gemm.SCALE_ROW,  # noqa
+                                                 out_dtype=out_dtype, config=cfg)
+    return tune_case("fp8_grouped_row_G8_fc1", 2.0 * M * K * N, ref, 2e-2, baselines, lambda: run(None),
+                     _uniq(source + _two_per_sm(source)), run, args, source)
+
+
 def main(argv=None):
     global DEVICE, DTYPE, SHRINK, DRY
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -322,6 +395,10 @@ def main(argv=None):
         done(fp8_block_case(args))
     if "fp8_grouped_block_G8_fc1" in names:
         done(fp8_grouped_block_case(args))
+    if "fp8_grouped_row_G8_fc1" in names:
+        done(fp8_grouped_row_case(args))
+    if "grouped_bf16_G8_fc1" in names:
+        done(grouped_bf16_case(args))
     print("\n## best config per case (rank by ms, correct results only)")
     best = []
     for case in names:
