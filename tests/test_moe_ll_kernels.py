@@ -243,3 +243,49 @@ def test_logfmt_codec_and_kernels():
         rows_j = moe_ll_logfmt.logfmt_decode(slots[:, j].cpu(), hidden)
         ref += torch.where(dst[:, j:j + 1].cpu() >= 0, rows_j * wt[:, j:j + 1], 0.0)
     torch.testing.assert_close(out.float().cpu(), ref.half().float(), rtol=2e-3, atol=1e-3)
+
+
+def test_masked_ranks_and_shrink_on_timeout():
+    """Buffer(enable_shrink=True)'s kernel side, three simulated ranks, rank 2 dead: a masked destination gets no
+    store (not even the counter), a masked source is not waited for nor consumed, and a wait that times out masks
+    the sources still short, consumes the complete ones and records no error (DeepEP's shrink)."""
+    dev = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    world, num_experts, num_max, hidden, k = 3, 6, 2, 128, 2
+    e_l = num_experts // world
+    regions, nbytes = LowLatency.layout(num_max, hidden, world, k)
+    reg = regions[0]
+    bufs = [torch.zeros(nbytes, dtype=torch.uint8, device=dev) for _ in range(world)]
+    ptrs = torch.tensor([b.data_ptr() for b in bufs], dtype=torch.int64, device=dev)
+    masks = [torch.tensor([0, 0, 1], dtype=torch.int32, device=dev) for _ in range(world)]
+    errs = [moe_ll.ErrorWord(dev) for _ in range(world)]
+    cnt = [b[:world * 8 * 4].view(torch.int64).view(2, 2, world) for b in bufs]
+    idx = torch.tensor([[0, 5], [4, 2]], dtype=torch.int64, device=dev)  # both tokens hit rank 2's experts
+    x = torch.randn(2, hidden, device=dev).half()
+    for r in (0, 1):
+        moe_ll.dispatch_send(x, None, idx, num_max, ptrs, r, world, e_l, reg["x"], reg["s"], reg["idx"], 0,
+                             mask=masks[r])
+    assert not bufs[2].any(), "a masked destination must get no store"
+    for r in (0, 1):
+        assert cnt[r][0, 0].tolist() == [num_max, num_max, 0]
+        moe_ll.wait_counters(cnt[r][0, 0], errs[r].addr, num_max, moe_ll.ERR_DISPATCH, 5.0, mask=masks[r])
+        assert cnt[r][0, 0].tolist() == [0, 0, 0] and errs[r].read(sync=True)[0] == 0
+    # combine back: rank 0 returns rows to sources 0 and 1 (dst rows 0, 1) and to the masked source 2
+    y = torch.randn(4, hidden, device=dev).half()
+    dst = torch.tensor([[0, -1], [1, -1], [-1, -1], [-1, -1], [2, 3], [-1, -1]], dtype=torch.int64, device=dev)
+    moe_ll.combine_send(y, dst, ptrs, 0, world, num_max, reg["comb"], (1 * 2) * world * 8, mask=masks[0])
+    assert not bufs[2].any() and cnt[0][1, 0, 0] == num_max * k and cnt[1][1, 0, 0] == num_max * k
+    moe_ll_logfmt.combine_send(torch.randn(4, 128, device=dev).half(), dst, ptrs, 0, world, num_max,
+                               reg["comb"], (1 * 2 + 1) * world * 8, mask=masks[0])
+    assert not bufs[2].any() and cnt[1][1, 1, 0] == num_max * k
+
+    # shrink: rank 0 unmasks everyone and waits; source 1 has arrived, source 2 never will
+    masks[0].zero_()
+    cnt[0][0, 1] = torch.tensor([num_max, num_max, 1], device=dev)
+    moe_ll.wait_counters(cnt[0][0, 1], errs[0].addr, num_max, moe_ll.ERR_DISPATCH, 1e-3, mask=masks[0])
+    assert masks[0].tolist() == [0, 0, 1], "the late source is masked"
+    assert errs[0].read(sync=True)[0] == 0, "shrink records no error"
+    assert cnt[0][0, 1].tolist() == [0, 0, 1], "complete sources consumed, the masked one left as it was"
+    # later waits skip it
+    cnt[0][0, 1, :2] = num_max
+    moe_ll.wait_counters(cnt[0][0, 1], errs[0].addr, num_max, moe_ll.ERR_DISPATCH, 5.0, mask=masks[0])
+    assert cnt[0][0, 1].tolist() == [0, 0, 1] and masks[0].tolist() == [0, 0, 1]

@@ -56,13 +56,16 @@ def _ll_dispatch_send_kernel(x_ptr, s_ptr, idx_ptr, num_tokens, peer_ptrs, me, e
                              X_WORDS: tl.constexpr, S_WORDS: tl.constexpr, K: tl.constexpr, BLOCK_K: tl.constexpr,
                              BLOCK: tl.constexpr, HAS_S: tl.constexpr, CAST: tl.constexpr = False,
                              ROUND_SCALE: tl.constexpr = False, GROUPS: tl.constexpr = 1,
-                             G_POW2: tl.constexpr = 1):
+                             G_POW2: tl.constexpr = 1, mask_ptr=None, HAS_MASK: tl.constexpr = False):
     # Program (t, d) sends token t (t >= num_tokens: an empty slot, its expert ids all -1) to slot [me, t]
     # of rank d; the payload only where d owns one of the token's experts. CAST: x is the bf16/fp16 row,
     # cast here to FP8 with per-128 scales (moe/ll_layout.per_token_cast_to_fp8) and stored as fp8 + fp32
     # scales; otherwise x (and s) are rows of int32 words, moved as they are.
     t = tl.program_id(0)
     d = tl.program_id(1)
+    if HAS_MASK:  # a masked destination (Buffer(enable_shrink=True)) gets nothing, not even the counter bump
+        if tl.load(mask_ptr + d) != 0:
+            return
     kk = tl.arange(0, BLOCK_K)
     valid = (kk * 0 + t) < num_tokens  # a vector mask: the interpreter rejects scalar-bool masks
     idx = tl.load(idx_ptr + t.to(tl.int64) * K + kk, mask=(kk < K) & valid, other=-1)
@@ -99,13 +102,17 @@ def _ll_dispatch_send_kernel(x_ptr, s_ptr, idx_ptr, num_tokens, peer_ptrs, me, e
 
 @triton.jit
 def _ll_combine_send_kernel(y_ptr, dst_ptr, peer_ptrs, me, num_max, comb_off, cnt_off,
-                            Y_WORDS: tl.constexpr, K: tl.constexpr, BLOCK: tl.constexpr):
+                            Y_WORDS: tl.constexpr, K: tl.constexpr, BLOCK: tl.constexpr, mask_ptr=None,
+                            HAS_MASK: tl.constexpr = False):
     # Program (s * M + t, k): the row our expert computed for top-k slot k of token t of rank s goes to slot
     # [t, k] of rank s (nothing where that slot is not ours); then one count on s's counter of this source.
     pid = tl.program_id(0)
     k = tl.program_id(1)
     s = pid // num_max
     t = pid % num_max
+    if HAS_MASK:
+        if tl.load(mask_ptr + s) != 0:
+            return
     base = tl.load(peer_ptrs + s)
     cp = (base + comb_off).to(tl.pointer_type(tl.int32))
     offs = tl.arange(0, BLOCK)
@@ -129,16 +136,20 @@ def clock64():
 
 @triton.jit
 def _ll_wait_kernel(cnt_ptr, err_addr, stats_ptr, num_src, expected, code, timeout_ns, max_iters,
-                    BLOCK: tl.constexpr, USE_TIMER: tl.constexpr, HAS_STATS: tl.constexpr = False):
+                    BLOCK: tl.constexpr, USE_TIMER: tl.constexpr, HAS_STATS: tl.constexpr = False, mask_ptr=None,
+                    HAS_MASK: tl.constexpr = False):
     # One program spins until each of the num_src counters (int64, acquire loads) reaches `expected`, then
     # consumes them all (subtracts `expected`). After timeout_ns it writes (code, lowest source still short, its
     # counter, expected) into the error record at err_addr (host-mapped int32 [4]: fields first, then a system
     # fence, then the code) and consumes nothing; a nonzero record there already: no wait. One program, so one
     # writer of the record. HAS_STATS: stats[src] += what the wait for src cost (SM clock cycles until its
     # counter was seen complete, DeepEP's dispatch_wait_recv_cost_stats unit; poll iterations under the
-    # interpreter, which has no clock).
+    # interpreter, which has no clock). HAS_MASK (Buffer(enable_shrink=True)): masked sources are neither waited
+    # for nor consumed, and a timeout masks the sources still short instead of recording an error (DeepEP's shrink).
     offs = tl.arange(0, BLOCK)
     m = offs < num_src
+    if HAS_MASK:
+        m = m & (tl.load(mask_ptr + offs, mask=m, other=1) == 0)
     ptrs = cnt_ptr + offs
     err = err_addr.to(tl.pointer_type(tl.int32))
     vals = tl.atomic_add(ptrs, 0, mask=m, sem="acquire", scope="sys")
@@ -165,7 +176,10 @@ def _ll_wait_kernel(cnt_ptr, err_addr, stats_ptr, num_src, expected, code, timeo
             if HAS_STATS:
                 tl.store(stats_ptr + offs, s0 + it.to(tl.int64), mask=m & (vals < expected))
         timed_out = expired & (lo < expected)
-        if timed_out:
+        if HAS_MASK:
+            if timed_out:
+                tl.store(mask_ptr + offs, tl.full([BLOCK], 1, tl.int32), mask=m & (vals < expected))
+        elif timed_out:
             late = tl.min(tl.where(m & (vals < expected), offs, BLOCK), 0)
             seen = tl.sum(tl.where(offs == late, vals, 0), 0)
             # `err` is host memory mapped into the device (ErrorWord): plain stores, which every platform
@@ -179,7 +193,9 @@ def _ll_wait_kernel(cnt_ptr, err_addr, stats_ptr, num_src, expected, code, timeo
             tl.store(err, code)
         failed = failed | timed_out.to(tl.int32)
         waiting = (lo < expected) & (failed == 0)
-    if lo >= expected:  # after a timeout nothing is consumed (Buffer.clean_low_latency_buffer resets)
+    if HAS_MASK:  # the complete sources are consumed; the ones just masked keep what they sent
+        tl.atomic_add(ptrs, -expected, mask=m & (vals >= expected), sem="relaxed", scope="sys")
+    elif lo >= expected:  # after a timeout nothing is consumed (Buffer.clean_low_latency_buffer resets)
         tl.atomic_add(ptrs, -expected, mask=m, sem="relaxed", scope="sys")
 
 
@@ -196,8 +212,14 @@ def _words(t, name):
         torch.zeros(1, max(row_bytes // 4, 1), dtype=torch.int32, device=t.device)
 
 
+def masked(mask):
+    """Launch arguments for an optional rank mask (int32 [R] device tensor, nonzero = masked): none at all without
+    one, so the unmasked launches stay the kernels' default specialization."""
+    return {} if mask is None else {"mask_ptr": mask, "HAS_MASK": True}
+
+
 def dispatch_send(x, x_scales, topk_idx, num_max, peer_ptrs, me, num_ranks, experts_per_rank,
-                  x_off, s_off, idx_off, cnt_off, cast_fp8=False, round_scale=False):
+                  x_off, s_off, idx_off, cnt_off, cast_fp8=False, round_scale=False, mask=None):
     """Store this rank's tokens into every rank's dispatch region and bump its counter there.
 
     x: [T, H] payload (any dtype, rows of whole 4-byte words), x_scales: [T, G] fp32 or None,
@@ -206,11 +228,12 @@ def dispatch_send(x, x_scales, topk_idx, num_max, peer_ptrs, me, num_ranks, expe
     as there; x_scales must be None). Region layout on each receiver (byte offsets into its buffer):
     x_off: [num_ranks * num_max, row words], s_off: the same for scales, idx_off: [num_ranks * num_max, K]
     int32, cnt_off: int64 [num_ranks] counters. Runs num_max programs per destination rank, each adding 1 to
-    that rank's counter of this source (so a receiver expects `num_max`).
+    that rank's counter of this source (so a receiver expects `num_max`). mask: int32 [R] or None; a masked
+    destination gets no store at all.
     """
     num_tokens, k = topk_idx.shape
     idx = topk_idx.contiguous() if num_tokens else torch.full((1, k), -1, dtype=torch.int64, device=x.device)
-    meta = dict(K=k, BLOCK_K=triton.next_power_of_2(k), BLOCK=1024, num_warps=4)
+    meta = dict(K=k, BLOCK_K=triton.next_power_of_2(k), BLOCK=1024, num_warps=4, **masked(mask))
     if cast_fp8:
         if x_scales is not None or x.dim() != 2 or x.size(1) % 128 or not x.dtype.is_floating_point or \
                 x.element_size() not in (2, 4):
@@ -231,21 +254,22 @@ def dispatch_send(x, x_scales, topk_idx, num_max, peer_ptrs, me, num_ranks, expe
         X_WORDS=xw.size(1), S_WORDS=sw.size(1), HAS_S=x_scales is not None, **meta)
 
 
-def combine_send(y, dst, peer_ptrs, me, num_ranks, num_max, comb_off, cnt_off):
+def combine_send(y, dst, peer_ptrs, me, num_ranks, num_max, comb_off, cnt_off, mask=None):
     """Store every row our experts computed into its source rank's combine region, then bump its counter.
 
     y: [rows, H] (the experts' outputs, flattened), dst: int64 [num_ranks * num_max, K], the row of y
     holding (source rank, token, k) or -1. Region on each source: [num_max, K, row words] at comb_off.
-    Runs num_ranks * num_max * K programs, num_max * K per destination (the count a receiver expects).
+    Runs num_ranks * num_max * K programs, num_max * K per destination (the count a receiver expects); none for
+    a destination masked in `mask` (int32 [R] or None).
     """
     yw = _words(y, "combine x")
     k = dst.size(1)
     _ll_combine_send_kernel[(num_ranks * num_max, k)](
         yw, dst.contiguous(), peer_ptrs, me, num_max, comb_off, cnt_off,
-        Y_WORDS=yw.size(1), K=k, BLOCK=1024, num_warps=4)
+        Y_WORDS=yw.size(1), K=k, BLOCK=1024, num_warps=4, **masked(mask))
 
 
-def wait_counters(counters, err_addr, expected, code, timeout_s, stats=None):
+def wait_counters(counters, err_addr, expected, code, timeout_s, stats=None, mask=None):
     """Wait on the current stream until each of `counters` (int64 [R], local) reaches `expected`; consume.
 
     err_addr: address of an int32 [4] word block the device can write (pinned host memory on CUDA).
@@ -253,6 +277,8 @@ def wait_counters(counters, err_addr, expected, code, timeout_s, stats=None):
     counter, expected) and consumes nothing. A nonzero record already there: returns at once.
     stats: int64, at least R elements, contiguous, or None: stats[src] += the cost of waiting for src (see
     _ll_wait_kernel; DeepEP's dispatch_wait_recv_cost_stats, which adds it once per local expert).
+    mask: int32 [R] or None: masked sources are skipped, and instead of recording a timeout the wait masks the
+    sources still short and consumes the others (Buffer(enable_shrink=True)).
     """
     if counters.dtype != torch.int64 or counters.dim() != 1 or not counters.is_contiguous():
         raise ValueError(f"counters must be a contiguous int64 [R] tensor, got {counters.dtype} "
@@ -267,7 +293,7 @@ def wait_counters(counters, err_addr, expected, code, timeout_s, stats=None):
                          f"{stats.dtype} {tuple(stats.shape)}")
     _ll_wait_kernel[(1,)](counters, int(err_addr), stats if stats is not None else counters, counters.numel(),
                           int(expected), int(code), timeout_ns, max_iters, BLOCK=block, USE_TIMER=use_timer,
-                          HAS_STATS=stats is not None, num_warps=1)
+                          HAS_STATS=stats is not None, num_warps=1, **masked(mask))
 
 
 class ErrorWord:

@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .moe_ll import masked
+
 GROUP = 64          # values per group
 GROUP_BYTES = 88    # 64 low bytes + 16 bytes of 2-bit tops + lmin, step
 GROUP_WORDS = GROUP_BYTES // 4
@@ -71,7 +73,8 @@ def logfmt_decode(words, hidden):
 # ----------------------------------------------------------------------------- kernels
 @triton.jit
 def _ll_combine_send_logfmt_kernel(y_ptr, dst_ptr, peer_ptrs, me, num_max, comb_off, cnt_off,
-                                   H: tl.constexpr, K: tl.constexpr, GB: tl.constexpr):
+                                   H: tl.constexpr, K: tl.constexpr, GB: tl.constexpr, mask_ptr=None,
+                                   HAS_MASK: tl.constexpr = False):
     # kernels/moe_ll.py _ll_combine_send_kernel's program (s * M + t, k), the row LogFMT-encoded into slot [t, k],
     # GB groups per iteration as a [GB, 16, 4] tile (value e = 4 i + b of a group at [., i, b]).
     NG: tl.constexpr = H // 64
@@ -79,6 +82,9 @@ def _ll_combine_send_logfmt_kernel(y_ptr, dst_ptr, peer_ptrs, me, num_max, comb_
     k = tl.program_id(1)
     s = pid // num_max
     t = pid % num_max
+    if HAS_MASK:
+        if tl.load(mask_ptr + s) != 0:
+            return
     base = tl.load(peer_ptrs + s)
     src = tl.load(dst_ptr + pid.to(tl.int64) * K + k)
     if src >= 0:
@@ -144,7 +150,7 @@ def _ll_combine_reduce_logfmt_kernel(rows_ptr, idx_ptr, w_ptr, out_ptr, stride_i
     tl.store(out_ptr + t * stride_ot + i, acc.to(out_ptr.dtype.element_ty), mask=m)
 
 
-def combine_send(y, dst, peer_ptrs, me, num_ranks, num_max, comb_off, cnt_off):
+def combine_send(y, dst, peer_ptrs, me, num_ranks, num_max, comb_off, cnt_off, mask=None):
     """kernels/moe_ll.combine_send with each row LogFMT-encoded: y [rows, H] bf16/fp16 contiguous, H % 64 == 0;
     the source's region holds [num_max, K, row_bytes(H)]. Same programs and counts as the bf16 send."""
     h = y.size(1)
@@ -153,7 +159,7 @@ def combine_send(y, dst, peer_ptrs, me, num_ranks, num_max, comb_off, cnt_off):
     k = dst.size(1)
     _ll_combine_send_logfmt_kernel[(num_ranks * num_max, k)](
         y, dst.contiguous(), peer_ptrs, me, num_max, comb_off, cnt_off, H=h, K=k,
-        GB=min(_SEND_GROUPS, triton.next_power_of_2(h // GROUP)), num_warps=4)
+        GB=min(_SEND_GROUPS, triton.next_power_of_2(h // GROUP)), num_warps=4, **masked(mask))
 
 
 def combine_reduce(rows, topk_idx, topk_weights, out):
