@@ -250,6 +250,17 @@ def _ll_options_body(rank, world):
         with pytest.raises(NotImplementedError, match="dispatch_wait_recv_cost_stats needs the triton"):
             buf.low_latency_dispatch(x, idx, NUM_MAX, num_experts, dispatch_wait_recv_cost_stats=cost)
     y = torch.zeros(2, NUM_MAX * world, 512, dtype=torch.bfloat16, device=dev)
+    ccost = torch.zeros(world, dtype=torch.int64, device=dev)
+    if buf._ll.path == "triton":  # combine_wait_recv_cost_stats (DeepEP's): the combine wait's cycles per source
+        _, _, h16, _, _ = buf.low_latency_dispatch(x, idx, NUM_MAX, num_experts, use_fp8=False)
+        buf.low_latency_combine(y, idx, w, h16, combine_wait_recv_cost_stats=ccost)
+        torch.cuda.synchronize()
+        assert (ccost >= 0).all()
+    else:
+        with pytest.raises(NotImplementedError, match="combine_wait_recv_cost_stats needs the triton"):
+            buf.low_latency_combine(y, idx, w, handle, combine_wait_recv_cost_stats=ccost)
+    with pytest.raises(RuntimeError, match="enable_shrink"):
+        buf.low_latency_update_mask_buffer((rank + 1) % world, True)
     with pytest.raises(ValueError, match="must be"):
         buf.low_latency_combine(y[:, :-1], idx, w, handle)
     with pytest.raises(ValueError, match="call it first"):
@@ -265,7 +276,59 @@ def _ll_options_body(rank, world):
     return True
 
 
+def _ll_mask_body(rank, world, use_fp8, seed):
+    """Buffer(enable_shrink=True): the last rank is cut off: every other rank masks it and it masks every other
+    rank (as both sides would end up after timeouts with shrink): no rows cross the cut in either direction and
+    no expert output comes back across it. Then the masks are cleared and the calls are whole again."""
+    dev = rank_device()
+    num_experts, e_l = 4 * world, 4
+    dead = world - 1
+    inputs = [make_inputs(r, world, num_experts, "random", seed) for r in range(world)]
+    x, idx, w = (t.to(dev) for t in inputs[rank])
+    buf = Buffer(None, num_rdma_bytes=Buffer.get_low_latency_rdma_size_hint(NUM_MAX, HIDDEN, world, num_experts),
+                 low_latency_mode=True, enable_shrink=True)
+    with pytest.raises(ValueError, match="enable_shrink"):
+        Buffer(None, enable_shrink=True)
+    status = torch.full((world,), 7, dtype=torch.int32, device=dev)
+    buf.low_latency_query_mask_buffer(status)
+    assert not status.any()
+    with pytest.raises(ValueError, match="cannot mask itself"):
+        buf.low_latency_update_mask_buffer(rank, True)
+    with pytest.raises(ValueError, match="rank_to_mask"):
+        buf.low_latency_update_mask_buffer(world, True)
+    cut = [r for r in range(world) if (r == dead) != (rank == dead)]  # the ranks across the cut from this one
+    for r in cut:
+        buf.low_latency_update_mask_buffer(r, True)
+    buf.low_latency_query_mask_buffer(status)
+    assert status.tolist() == [int(r in cut) for r in range(world)]
+    for masked in (True, False):
+        recv, count, handle, event, _ = buf.low_latency_dispatch(x, idx, NUM_MAX, num_experts, use_fp8=use_fp8)
+        recv_x = torch.stack([per_token_cast_back(recv[0][e], recv[1][e]) for e in range(e_l)]) if use_fp8 else recv
+        seen = [(per_token_cast_back(*per_token_cast_to_fp8(a)) if use_fp8 else a, b, c) for a, b, c in inputs]
+        if masked:  # nothing from a masked source
+            seen = [(a, torch.full_like(b, -1), c) if r in cut else (a, b, c) for r, (a, b, c) in enumerate(seen)]
+        check_dispatch(rank, world, num_experts, NUM_MAX, seen, recv_x.cpu(), count.cpu(), handle)
+        y = expert_fn(recv_x.to(torch.bfloat16), rank, e_l)
+        combined, _, _ = buf.low_latency_combine(y, idx, w, handle)
+        ref_idx = inputs[rank][1]
+        if masked:  # a masked rank's experts contribute nothing
+            ref_idx = torch.where(torch.isin(ref_idx // e_l, torch.tensor(cut, dtype=torch.int64)),
+                                  torch.full_like(ref_idx, -1), ref_idx)
+        ref = ref_combine(seen[rank][0].to(torch.bfloat16), ref_idx, inputs[rank][2])
+        assert torch.allclose(combined.float().cpu(), ref, rtol=1e-2, atol=1e-2), (masked, rank)
+        buf.low_latency_clean_mask_buffer()
+    buf.low_latency_query_mask_buffer(status)
+    assert not status.any()
+    return True
+
+
 # ----------------------------------------------------------------------------- tests
+@pytest.mark.dist
+@pytest.mark.parametrize("world_size", world_sizes_for_device(2, 4))
+@pytest.mark.parametrize("use_fp8", [False, True])
+def test_low_latency_masked_rank(world_size, use_fp8):
+    assert all(run_distributed(_ll_mask_body, world_size, args=(use_fp8, 13)))
+
 @pytest.mark.dist
 @pytest.mark.parametrize("world_size", world_sizes_for_device(2, 4))
 @pytest.mark.parametrize("routing,use_fp8,hook", [("random", False, False), ("random", True, True),

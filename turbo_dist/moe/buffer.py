@@ -34,7 +34,10 @@ class Buffer:
     `low_latency_dispatch` / `low_latency_combine`, see moe/low_latency.py), num_qps_per_rank, allow_mnnvl
     (accepted, unused), allow_nvlink_for_low_latency_mode (accepted, unused: the low-latency triton path
     stores into peers over NVLink/CUDA IPC whatever it says; TURBO_DIST_MOE_LL_PATH=collective avoids
-    that), explicitly_destroy, comm (an mpi4py communicator used when group is None: torch.distributed is
+    that), explicitly_destroy, enable_shrink (low-latency mode: a rank mask, see low_latency_update_mask_buffer; on
+    the triton path a receive that times out waiting for a rank masks it and completes without it, DeepEP's
+    fault-tolerant decode), use_fabric (keyword only; accepted, unused: CUDA IPC / NVSHMEM decide the memory
+    handles), comm (an mpi4py communicator used when group is None: torch.distributed is
     initialized over it if it is not yet, and it must span the default group in its rank order, see
     runtime/mpi.py; ignored when a group is given). Ours, keyword only: transport = "nvlink" | "collective" |
     "hierarchical" | None (TURBO_DIST_MOE_TRANSPORT, else `hierarchical` when num_rdma_bytes > 0, not
@@ -48,8 +51,8 @@ class Buffer:
     num_sms: int = 20
 
     def __init__(self, group=None, num_nvl_bytes=0, num_rdma_bytes=0, low_latency_mode=False, num_qps_per_rank=24,
-                 allow_nvlink_for_low_latency_mode=True, allow_mnnvl=False, explicitly_destroy=False, comm=None, *,
-                 transport=None):
+                 allow_nvlink_for_low_latency_mode=True, allow_mnnvl=False, explicitly_destroy=False,
+                 enable_shrink=False, comm=None, *, use_fabric=False, transport=None):
         if not isinstance(num_rdma_bytes, int) or num_rdma_bytes < 0:
             raise ValueError(f"num_rdma_bytes must be a non-negative int, got {num_rdma_bytes!r}")
         if group is None and comm is not None:
@@ -82,7 +85,9 @@ class Buffer:
         if self.low_latency_mode:
             from .low_latency import LowLatency
 
-            self._ll = LowLatency(rt, num_rdma_bytes)
+            self._ll = LowLatency(rt, num_rdma_bytes, enable_shrink=bool(enable_shrink))
+        elif enable_shrink:
+            raise ValueError("enable_shrink (the low-latency rank mask) needs low_latency_mode=True")
         log.info("moe.Buffer: rank %d/%d transport %s (num_nvl_bytes=%d)", self.rank, self.group_size,
                  self.transport, num_nvl_bytes)
 
@@ -403,7 +408,7 @@ class Buffer:
                                             use_fp8, round_scale, use_ue8m0, async_finish, return_recv_hook)
 
     def low_latency_combine(self, x, topk_idx, topk_weights, handle, use_logfmt=False, zero_copy=False,
-                            async_finish=False, return_recv_hook=False, out=None):
+                            async_finish=False, return_recv_hook=False, out=None, combine_wait_recv_cost_stats=None):
         """Send expert outputs back and reduce them per token, weighted by topk_weights (fp32 accumulation).
 
         x: [num_local_experts, num_max * num_ranks, hidden] bf16 (rows as low_latency_dispatch laid them out);
@@ -411,12 +416,28 @@ class Buffer:
         handle: from low_latency_dispatch; out: optional [num_tokens, hidden] result tensor.
         zero_copy: the rows are read from the tensor get_next_low_latency_combine_buffer(handle) returned
         (written in place by the expert computation; x's shape is checked, its values are not read).
-        use_logfmt: the expert rows travel as 10-bit log-magnitude codes per 64 channels (1.33x fewer bytes,
+        use_logfmt: the expert rows travel as 10-bit log-magnitude codes per 64 channels (1.45x fewer bytes,
         relative error per value <= 2 ** (step / 2) - 1, see kernels/moe_ll_logfmt.py; triton path only).
+        combine_wait_recv_cost_stats: as dispatch_wait_recv_cost_stats, for the combine's wait (triton path).
         Returns (combined_x [num_tokens, hidden], event, hook).
         """
         return self._low_latency().combine(x, topk_idx, topk_weights, handle, use_logfmt, zero_copy, async_finish,
-                                           return_recv_hook, out)
+                                           return_recv_hook, out, combine_wait_recv_cost_stats)
+
+    def low_latency_update_mask_buffer(self, rank_to_mask, mask=False):
+        """Mask (mask=True) or unmask another rank for this rank's low-latency calls (Buffer(enable_shrink=True)):
+        nothing is sent to a masked rank or waited for from it, and its rows (dispatch) and expert outputs (combine)
+        are left out, so tokens routed to its experts come back without their contribution. Stream-ordered."""
+        self._low_latency().update_mask(rank_to_mask, mask)
+
+    def low_latency_query_mask_buffer(self, mask_status):
+        """mask_status: int32 tensor of at least num_ranks elements, on this rank's device: filled with the mask
+        (1 = masked, by low_latency_update_mask_buffer or by a receive that timed out on the triton path)."""
+        self._low_latency().query_mask(mask_status)
+
+    def low_latency_clean_mask_buffer(self):
+        """Unmask every rank."""
+        self._low_latency().clean_mask()
 
     def get_next_low_latency_combine_buffer(self, handle):
         """bf16 [num_local_experts, num_max_dispatch_tokens_per_rank * num_ranks, hidden]: write the expert

@@ -36,38 +36,28 @@ from ..kernels import moe_ll, moe_ll_logfmt, moe_ll_place
 from ..runtime import EventOverlap
 from ..runtime.config import env_str, peer_timeout_s
 from . import ll_collective
-from .layout import check_topk_idx
+from .ll_checks import LowLatencyHandle, check_combine, check_dispatch, check_mask_rank, describe  # noqa: F401
 from .ll_layout import pack_ue8m0, per_token_cast_to_fp8, place_tokens
 
 log = logging.getLogger("turbo_dist")
 
 PATHS = ("triton", "collective")
-_PAYLOAD_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _ALIGN = 256
 _COUNTER_BYTES = 1 << 16  # [2 kinds][2 parities][R] int64 counters at offset 0: up to 2048 ranks
 _HINT_TOPK = 16
 _DISPATCH, _COMBINE = 0, 1
 
 
-class LowLatencyHandle(tuple):
-    """What low_latency_dispatch returns for low_latency_combine: DeepEP's 5-tuple
-    (src_info [E_l, R * M] int32, layout_range [E_l, R] int64, num_max_dispatch_tokens_per_rank, hidden,
-    num_experts). Attributes: dst [R * M, K] int64 (where each (source, token, k) sits in recv_x),
-    num_tokens (this rank's T), num_topk, path."""
-
-    def __new__(cls, fields, **attrs):
-        obj = super().__new__(cls, fields)
-        obj.__dict__.update(attrs)
-        return obj
-
-
 # ----------------------------------------------------------------------------- the engine
 class LowLatency:
     """Low-latency dispatch/combine state of one Buffer (symmetric buffer, counters, error word)."""
 
-    def __init__(self, rt, num_rdma_bytes=0, path=None):
+    def __init__(self, rt, num_rdma_bytes=0, path=None, enable_shrink=False):
         self.rt = rt
         self.path = self._pick_path(path)
+        # DeepEP's enable_shrink: int32 [R] rank mask, nonzero = masked (no sends to it, no waits for it, its
+        # rows and expert outputs left out); on the triton path a wait that times out masks the late rank
+        self.mask = torch.zeros(rt.world_size, dtype=torch.int32, device=rt.device) if enable_shrink else None
         self._parity = [0, 0]
         self._layout_key = None
         self._buffer = None
@@ -196,6 +186,33 @@ class LowLatency:
                 "low-latency calls. Raise TURBO_DIST_TIMEOUT_S if it is only slow; call "
                 "Buffer.clean_low_latency_buffer on every rank before the next call.")
 
+    # ------------------------------------------------------------------ rank mask (enable_shrink)
+    def update_mask(self, rank_to_mask, mask=False):
+        check_mask_rank(self, rank_to_mask)
+        self.mask[rank_to_mask] = 1 if mask else 0
+
+    def query_mask(self, mask_status):
+        if self.mask is None:
+            check_mask_rank(self, 0)  # raises the enable_shrink error
+        if not isinstance(mask_status, torch.Tensor) or mask_status.dtype != torch.int32 or \
+                mask_status.numel() < self.rt.world_size:
+            raise ValueError(f"mask_status must be an int32 tensor of at least {self.rt.world_size} elements, got "
+                             f"{describe(mask_status)}")
+        mask_status.view(-1)[:self.rt.world_size].copy_(self.mask)
+
+    def clean_mask(self):
+        if self.mask is None:
+            check_mask_rank(self, 0)
+        self.mask.zero_()
+
+    def _live_idx(self, idx, experts_per_rank):
+        """idx with -1 where its expert lives on a masked rank (torch ops, stream-ordered after the waits that may
+        have masked one); idx itself without a mask."""
+        if self.mask is None:
+            return idx
+        owner = idx.clamp_min(0) // experts_per_rank
+        return torch.where((idx >= 0) & (self.mask[owner] == 0), idx, torch.full_like(idx, -1))
+
     def clean(self):
         """Zero the counters on every rank (collective, host-synchronising) and clear a recorded timeout."""
         if self.path == "triton" and self._buffer is not None:
@@ -213,7 +230,7 @@ class LowLatency:
                  dispatch_wait_recv_cost_stats=None, use_fp8=True, round_scale=False, use_ue8m0=False,
                  async_finish=False, return_recv_hook=False):
         rt = self.rt
-        self._check_dispatch(x, topk_idx, num_max, num_experts, cumulative_local_expert_recv_stats,
+        check_dispatch(self, x, topk_idx, num_max, num_experts, cumulative_local_expert_recv_stats,
                              dispatch_wait_recv_cost_stats, use_fp8, round_scale, use_ue8m0)
         self.check_error()
         e_l = num_experts // rt.world_size
@@ -238,6 +255,7 @@ class LowLatency:
             if self._takes_triton("dispatch", torch.float8_e4m3fn if use_fp8 else x.dtype):
                 # the FP8 cast runs inside the send kernel
                 return self._triton_dispatch_send(x, use_fp8, round_scale, topk_idx, num_max, e_l, hidden, wait_stats)
+            # collective path: a masked rank's rows still travel (all_gather); the receive drops them
             if use_fp8:
                 payload, x_scales = per_token_cast_to_fp8(x, round_scale)
             else:
@@ -247,6 +265,8 @@ class LowLatency:
         def receive(pending):
             rows_x, rows_s, all_idx, path = pending()
             handle.path = path
+            if self.mask is not None:  # nothing from a masked source (its slots hold stale or partial data)
+                all_idx = torch.where(self.mask.view(-1, 1, 1) != 0, torch.full_like(all_idx, -1), all_idx)
             # two kernels (kernels/moe_ll_place.py), the outputs written in place; they move rows of whole 4-byte
             # words (always so on the triton path; an odd bf16 hidden on the collective path takes the torch ops)
             if rows_x.is_cuda and rows_x.size(1) * rows_x.element_size() % 4 == 0:
@@ -276,13 +296,13 @@ class LowLatency:
         cnt_off = (_DISPATCH * 2 + p) * rt.world_size * 8
         moe_ll.dispatch_send(x if use_fp8 else x.contiguous(), None, topk_idx, num_max, self._buffer.peer_ptrs,
                              rt.rank, rt.world_size, e_l, reg["x"], reg["s"], reg["idx"], cnt_off, cast_fp8=use_fp8,
-                             round_scale=round_scale)
+                             round_scale=round_scale, mask=self.mask)
         counters, rows_x, rows_s, all_idx = self._region_views(
             _DISPATCH, p, torch.float8_e4m3fn if use_fp8 else x.dtype, hidden, k)
 
         def pending():
             moe_ll.wait_counters(counters, self._err.addr, num_max, moe_ll.ERR_DISPATCH, peer_timeout_s(),
-                                 stats=wait_stats)
+                                 stats=wait_stats, mask=self.mask)
             return rows_x, rows_s, all_idx, "triton"  # rows_x as int32 words
         return pending
 
@@ -308,24 +328,24 @@ class LowLatency:
             raise ValueError("low_latency_combine(zero_copy=True) reads the rows written into "
                              "get_next_low_latency_combine_buffer(handle); call it first (or pass zero_copy=False)")
         if not isinstance(x, torch.Tensor) or tuple(x.shape) != key:
-            raise ValueError(f"low_latency_combine x must be {list(key)}, got {_describe(x)}")
+            raise ValueError(f"low_latency_combine x must be {list(key)}, got {describe(x)}")
         src = self._zero_copy[key][self._zero_copy_next]
         self._zero_copy_next ^= 1
         return src
 
     def combine(self, x, topk_idx, topk_weights, handle, use_logfmt=False, zero_copy=False, async_finish=False,
-                return_recv_hook=False, out=None):
+                return_recv_hook=False, out=None, combine_wait_recv_cost_stats=None):
         rt = self.rt
         if zero_copy:
             x = self._zero_copy_source(x, handle)
-        self._check_combine(x, topk_idx, topk_weights, handle, use_logfmt, out)
+        check_combine(self, x, topk_idx, topk_weights, handle, use_logfmt, out, combine_wait_recv_cost_stats)
         self.check_error()
         num_max, hidden = handle[2], handle[3]
         t, k = topk_idx.shape
 
         def send():
             if self._takes_triton("combine", x):
-                return self._triton_combine_send(x, handle, num_max, hidden, k, use_logfmt)
+                return self._triton_combine_send(x, handle, num_max, hidden, k, use_logfmt, combine_wait_recv_cost_stats)
             weights = torch.where(topk_idx >= 0, topk_weights, torch.zeros_like(topk_weights))
             return ll_collective.combine_send(rt, x, weights, handle, num_max, hidden, return_recv_hook)
 
@@ -335,19 +355,20 @@ class LowLatency:
             kind, data = pending()
             if kind in ("slots", "logfmt"):  # [M, K, ...]: one row per top-k slot, weighted, summed in top-k order
                 reduce = moe_ll_place.combine_reduce if kind == "slots" else moe_ll_logfmt.combine_reduce
+                idx = self._live_idx(topk_idx, x.size(0))  # a masked expert rank's slots are left out
                 if result.stride(1) == 1:
-                    reduce(data, topk_idx, topk_weights, result)
+                    reduce(data, idx, topk_weights, result)
                 else:
-                    result.copy_(reduce(data, topk_idx, topk_weights, torch.empty_like(x[0, :t])))
+                    result.copy_(reduce(data, idx, topk_weights, torch.empty_like(x[0, :t])))
                 return
             acc = torch.zeros(t, hidden, dtype=torch.float32, device=x.device)
             for r in range(rt.world_size):  # [R, M, H] fp32 partial sums, one per expert rank, summed in rank order
-                acc += data[r, :t]
+                acc += data[r, :t] if self.mask is None else data[r, :t] * (self.mask[r] == 0)
             result.copy_(acc)
 
         return self._run(send, receive, async_finish, return_recv_hook, (x, topk_idx, topk_weights), (result,))
 
-    def _triton_combine_send(self, x, handle, num_max, hidden, k, use_logfmt=False):
+    def _triton_combine_send(self, x, handle, num_max, hidden, k, use_logfmt=False, wait_stats=None):
         rt = self.rt
         self._ensure_buffer(num_max, hidden, k)
         p = self._next_parity(_COMBINE)
@@ -355,13 +376,14 @@ class LowLatency:
         cnt_off = (_COMBINE * 2 + p) * rt.world_size * 8
         send = moe_ll_logfmt.combine_send if use_logfmt else moe_ll.combine_send
         send(x.view(-1, hidden), handle.dst, self._buffer.peer_ptrs, rt.rank, rt.world_size, num_max, reg["comb"],
-             cnt_off)
+             cnt_off, mask=self.mask)
         kind = "logfmt" if use_logfmt else "slots"
         counters, rows = self._region_views(_COMBINE, p, "logfmt" if use_logfmt else x.dtype, hidden, k)
 
         def pending():
             # one count per (token slot, k) program of every source (moe_ll.combine_send)
-            moe_ll.wait_counters(counters, self._err.addr, num_max * k, moe_ll.ERR_COMBINE, peer_timeout_s())
+            moe_ll.wait_counters(counters, self._err.addr, num_max * k, moe_ll.ERR_COMBINE, peer_timeout_s(),
+                                 stats=wait_stats, mask=self.mask)
             return kind, rows
         return pending
 
@@ -400,81 +422,6 @@ class LowLatency:
             event = EventOverlap.record(rt.comm_stream, extra_tensors=keep)
         return (*result, event, hook)
 
-    # ------------------------------------------------------------------ validation
-    def _check_dispatch(self, x, topk_idx, num_max, num_experts, stats, wait_stats, use_fp8, round_scale, use_ue8m0):
-        rt = self.rt
-        if not isinstance(x, torch.Tensor) or x.dim() != 2:
-            raise ValueError(f"low_latency_dispatch x must be a [num_tokens, hidden] tensor, got {_describe(x)}")
-        if x.dtype not in _PAYLOAD_DTYPES:
-            raise TypeError(f"low_latency_dispatch x must be bf16 (or fp16/fp32), got {x.dtype}")
-        rt.check_tensor(x, "x")
-        check_topk_idx(topk_idx, num_experts, rt.world_size)
-        rt.check_tensor(topk_idx, "topk_idx")
-        if topk_idx.size(0) != x.size(0) or topk_idx.size(1) == 0:
-            raise ValueError(f"topk_idx must be [{x.size(0)}, num_topk >= 1], got {tuple(topk_idx.shape)}")
-        if not isinstance(num_max, int) or num_max <= 0:
-            raise ValueError(f"num_max_dispatch_tokens_per_rank must be a positive int, got {num_max!r}")
-        if x.size(0) > num_max:
-            raise ValueError(f"x has {x.size(0)} tokens, more than num_max_dispatch_tokens_per_rank={num_max}")
-        if use_fp8 and x.size(1) % 128:
-            raise ValueError(f"use_fp8 needs hidden divisible by 128, got {x.size(1)}")
-        if round_scale and not use_fp8:
-            raise ValueError("round_scale needs use_fp8=True")
-        if use_ue8m0 and not round_scale:
-            raise ValueError("use_ue8m0 needs round_scale=True (DeepEP's rule)")
-        if use_ue8m0 and x.size(1) % 512:
-            raise ValueError(f"use_ue8m0 packs 4 scales per int32: hidden must be divisible by 512, got {x.size(1)}")
-        e_l = num_experts // rt.world_size
-        if stats is not None:
-            if not isinstance(stats, torch.Tensor) or stats.dtype != torch.int32 or stats.shape != (e_l,):
-                raise ValueError(f"cumulative_local_expert_recv_stats must be int32 [{e_l}], got {_describe(stats)}")
-            rt.check_tensor(stats, "cumulative_local_expert_recv_stats")
-        if wait_stats is not None:
-            if self.path != "triton" or (not use_fp8 and x.element_size() > 2):
-                raise NotImplementedError("dispatch_wait_recv_cost_stats needs the triton low-latency path (a wait "
-                                          "per source rank); this call runs the collective path, which has none")
-            if not isinstance(wait_stats, torch.Tensor) or wait_stats.dtype != torch.int64 or \
-                    not wait_stats.is_contiguous() or wait_stats.numel() < rt.world_size:
-                raise ValueError(f"dispatch_wait_recv_cost_stats must be a contiguous int64 tensor of at least "
-                                 f"{rt.world_size} elements ([num_ranks] or DeepEP's [num_ranks, num_ranks]), got "
-                                 f"{_describe(wait_stats)}")
-            rt.check_tensor(wait_stats, "dispatch_wait_recv_cost_stats")
-
-    def _check_combine(self, x, topk_idx, topk_weights, handle, use_logfmt, out):
-        rt = self.rt
-        if not isinstance(handle, LowLatencyHandle):
-            raise TypeError("low_latency_combine needs the handle low_latency_dispatch returned")
-        if use_logfmt:
-            if self.path != "triton" or not isinstance(x, torch.Tensor) or x.element_size() > 2:
-                raise NotImplementedError("use_logfmt (10-bit LogFMT rows, kernels/moe_ll_logfmt.py) needs the triton "
-                                          "low-latency path with a bf16/fp16 x; this call runs the collective path")
-            if handle[3] % moe_ll_logfmt.GROUP:
-                raise ValueError(f"use_logfmt needs hidden divisible by {moe_ll_logfmt.GROUP}, got {handle[3]}")
-        num_max, hidden, num_experts = handle[2], handle[3], handle[4]
-        e_l, n = num_experts // rt.world_size, num_max * rt.world_size
-        if not isinstance(x, torch.Tensor) or tuple(x.shape) != (e_l, n, hidden):
-            raise ValueError(f"low_latency_combine x must be [{e_l}, {n}, {hidden}], got {_describe(x)}")
-        if x.dtype not in _PAYLOAD_DTYPES:
-            raise TypeError(f"low_latency_combine x must be bf16 (or fp16/fp32), got {x.dtype}")
-        if not x.is_contiguous():
-            raise ValueError("low_latency_combine x must be contiguous")
-        rt.check_tensor(x, "x")
-        check_topk_idx(topk_idx, num_experts, rt.world_size)
-        if tuple(topk_idx.shape) != (handle.num_tokens, handle.num_topk):
-            raise ValueError(f"topk_idx must be [{handle.num_tokens}, {handle.num_topk}] as dispatched, got "
-                             f"{tuple(topk_idx.shape)}")
-        if not isinstance(topk_weights, torch.Tensor) or topk_weights.shape != topk_idx.shape or \
-                topk_weights.dtype != torch.float32:
-            raise ValueError(f"topk_weights must be float32 {tuple(topk_idx.shape)}, got {_describe(topk_weights)}")
-        rt.check_tensor(topk_idx, "topk_idx")
-        rt.check_tensor(topk_weights, "topk_weights")
-        if out is not None:
-            if not isinstance(out, torch.Tensor) or tuple(out.shape) != (handle.num_tokens, hidden) or \
-                    out.dtype != x.dtype:
-                raise ValueError(f"out must be {x.dtype} [{handle.num_tokens}, {hidden}], got {_describe(out)}")
-            rt.check_tensor(out, "out")
-
-
 # ----------------------------------------------------------------------------- helpers
 def _flatten(obj):
     if isinstance(obj, torch.Tensor):
@@ -483,8 +430,3 @@ def _flatten(obj):
         return [t for o in obj for t in _flatten(o)]
     return []
 
-
-def _describe(t):
-    if isinstance(t, torch.Tensor):
-        return f"{t.dtype} {tuple(t.shape)}"
-    return type(t).__name__
