@@ -195,9 +195,10 @@ class LowLatency:
         if self.mask is None:
             check_mask_rank(self, 0)  # raises the enable_shrink error
         if not isinstance(mask_status, torch.Tensor) or mask_status.dtype != torch.int32 or \
-                mask_status.numel() < self.rt.world_size:
-            raise ValueError(f"mask_status must be an int32 tensor of at least {self.rt.world_size} elements, got "
-                             f"{describe(mask_status)}")
+                mask_status.numel() < self.rt.world_size or not mask_status.is_contiguous():
+            raise ValueError(f"mask_status must be a contiguous int32 tensor of at least {self.rt.world_size} "
+                             f"elements, got {describe(mask_status)}")
+        self.rt.check_tensor(mask_status, "mask_status")
         mask_status.view(-1)[:self.rt.world_size].copy_(self.mask)
 
     def clean_mask(self):
