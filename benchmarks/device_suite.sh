@@ -58,7 +58,7 @@ for ph in $PHASES; do
               > "$OUT/ops_fp8_$TAG.log" 2>&1; echo "prof fp8 bench rc=$?"; grep -E "e2e|bf16|mm_default" "$OUT/ops_fp8_$TAG.log" | head -30;;
     ll) # one GPU: the low-latency MoE kernels (self-loop, CUDA graph, placement, fused FP8 cast), then 2 and 4 processes sharing it
             TURBO_DIST_TRITON_TUNE=first timeout 200 python -m pytest -q -rs -p no:cacheprovider tests/test_moe_low_latency.py \
-              tests/test_moe_ll_kernels.py -k "gpu or self_loop or cuda_graph or place or simulated or fused or logfmt" > "$OUT/pytest_ll_$TAG.log" 2>&1
+              tests/test_moe_ll_kernels.py -k "gpu or self_loop or cuda_graph or place or simulated or fused or logfmt or masked" > "$OUT/pytest_ll_$TAG.log" 2>&1
             echo "ll tests rc=$?"; tail -2 "$OUT/pytest_ll_$TAG.log"; grep -E "^(FAILED|ERROR)|Error" "$OUT/pytest_ll_$TAG.log" | head -8
             TURBO_DIST_TEST_SHARE_GPU=1 TURBO_DIST_TIMEOUT_S=30 TURBO_DIST_TEST_TIMEOUT_S=100 timeout 200 python -m pytest --dist-only -q \
               -rs -p no:cacheprovider tests/test_moe_low_latency.py > "$OUT/pytest_share_ll_$TAG.log" 2>&1
