@@ -177,8 +177,10 @@ def _ll_wait_kernel(cnt_ptr, err_addr, stats_ptr, num_src, expected, code, timeo
                 tl.store(stats_ptr + offs, s0 + it.to(tl.int64), mask=m & (vals < expected))
         timed_out = expired & (lo < expected)
         if HAS_MASK:
-            if timed_out:
+            if timed_out:  # shrink: mask the late sources, consume the complete ones (here: no loop result is
+                # used after the loop, which Triton 3.6 handles badly, see HAS_STATS)
                 tl.store(mask_ptr + offs, tl.full([BLOCK], 1, tl.int32), mask=m & (vals < expected))
+                tl.atomic_add(ptrs, -expected, mask=m & (vals >= expected), sem="relaxed", scope="sys")
         elif timed_out:
             late = tl.min(tl.where(m & (vals < expected), offs, BLOCK), 0)
             seen = tl.sum(tl.where(offs == late, vals, 0), 0)
@@ -193,9 +195,7 @@ def _ll_wait_kernel(cnt_ptr, err_addr, stats_ptr, num_src, expected, code, timeo
             tl.store(err, code)
         failed = failed | timed_out.to(tl.int32)
         waiting = (lo < expected) & (failed == 0)
-    if HAS_MASK:  # the complete sources are consumed; the ones just masked keep what they sent
-        tl.atomic_add(ptrs, -expected, mask=m & (vals >= expected), sem="relaxed", scope="sys")
-    elif lo >= expected:  # after a timeout nothing is consumed (Buffer.clean_low_latency_buffer resets)
+    if lo >= expected:  # after a timeout nothing (more) is consumed (Buffer.clean_low_latency_buffer resets)
         tl.atomic_add(ptrs, -expected, mask=m, sem="relaxed", scope="sys")
 
 
