@@ -436,7 +436,8 @@ class Buffer:
         self._low_latency().query_mask(mask_status)
 
     def low_latency_clean_mask_buffer(self):
-        """Unmask every rank."""
+        """Unmask every rank. A rank masked after a timeout may have written into this rank's buffer late: when
+        such a rank rejoins, call clean_low_latency_buffer on every rank before the next low-latency call."""
         self._low_latency().clean_mask()
 
     def get_next_low_latency_combine_buffer(self, handle):
