@@ -110,10 +110,15 @@ def check_wait_stats(ll, wait_stats, name, triton_payload):
     rt.check_tensor(wait_stats, name)
 
 
-def check_mask_rank(ll, rank_to_mask):
-    """low_latency_update_mask_buffer's rank: another rank of the group, on a Buffer(enable_shrink=True)."""
+def check_shrink(ll):
+    """The rank mask calls need a Buffer(enable_shrink=True)."""
     if ll.mask is None:
         raise RuntimeError("the low-latency rank mask needs Buffer(..., low_latency_mode=True, enable_shrink=True)")
+
+
+def check_mask_rank(ll, rank_to_mask):
+    """low_latency_update_mask_buffer's rank: another rank of the group, on a Buffer(enable_shrink=True)."""
+    check_shrink(ll)
     if not isinstance(rank_to_mask, int) or not 0 <= rank_to_mask < ll.rt.world_size:
         raise ValueError(f"rank_to_mask must be a rank of the group, in [0, {ll.rt.world_size}), got {rank_to_mask!r}")
     if rank_to_mask == ll.rt.rank:

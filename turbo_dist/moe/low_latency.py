@@ -36,7 +36,8 @@ from ..kernels import moe_ll, moe_ll_logfmt, moe_ll_place
 from ..runtime import EventOverlap
 from ..runtime.config import env_str, peer_timeout_s
 from . import ll_collective
-from .ll_checks import LowLatencyHandle, check_combine, check_dispatch, check_mask_rank, describe  # noqa: F401
+from .ll_checks import (LowLatencyHandle, check_combine, check_dispatch, check_mask_rank,
+                        check_shrink, describe)
 from .ll_layout import pack_ue8m0, per_token_cast_to_fp8, place_tokens
 
 log = logging.getLogger("turbo_dist")
@@ -192,8 +193,7 @@ class LowLatency:
         self.mask[rank_to_mask] = 1 if mask else 0
 
     def query_mask(self, mask_status):
-        if self.mask is None:
-            check_mask_rank(self, 0)  # raises the enable_shrink error
+        check_shrink(self)
         if not isinstance(mask_status, torch.Tensor) or mask_status.dtype != torch.int32 or \
                 mask_status.numel() < self.rt.world_size or not mask_status.is_contiguous():
             raise ValueError(f"mask_status must be a contiguous int32 tensor of at least {self.rt.world_size} "
@@ -202,8 +202,7 @@ class LowLatency:
         mask_status.view(-1)[:self.rt.world_size].copy_(self.mask)
 
     def clean_mask(self):
-        if self.mask is None:
-            check_mask_rank(self, 0)
+        check_shrink(self)
         self.mask.zero_()
 
     def _live_idx(self, idx, experts_per_rank):
