@@ -243,20 +243,27 @@ def fp8_block_case(args):
                      _uniq(source + EXTRA_BLOCK), run, args, source)
 
 
-def fp8_grouped_block_case(args):
+def _g8_fc1():
+    """DeepSeek-V3 fc1 experts, 8 of them, skewed token counts (~1024 per expert): (lens, a [M, K], b_t [G, N, K])."""
     from bench_ops import skewed_lens
+
+    G, tpe, K, N = 8, max(16, 1024 // SHRINK), max(128, 7168 // SHRINK), max(128, 4096 // SHRINK)
+    lens = skewed_lens(G, tpe, seed=G)
+    g = torch.Generator(device="cpu").manual_seed(2)
+    a = torch.randn(int(lens.sum()), K, generator=g).to(DEVICE, DTYPE)
+    b_t = (torch.randn(G, N, K, generator=g) * K ** -0.5).to(DEVICE, DTYPE)
+    return lens, a, b_t
+
+
+def fp8_grouped_block_case(args):
     from turbo_dist.kernels import fp8_gemm, grouped_gemm as kgg
     from turbo_dist.ops import ScalingGranularity, quantize_fp8
     from turbo_dist.ops.fp8_grouped import _reference_grouped_scaled
 
     B = ScalingGranularity.BLOCKWISE
     E4M3 = torch.float8_e4m3fn
-    G, tpe, K, N = 8, max(16, 1024 // SHRINK), max(128, 7168 // SHRINK), max(128, 4096 // SHRINK)
-    lens = skewed_lens(G, tpe, seed=G)
-    M = int(lens.sum())
-    g = torch.Generator(device="cpu").manual_seed(2)
-    a = torch.randn(M, K, generator=g).to(DEVICE, DTYPE)
-    b_t = (torch.randn(G, N, K, generator=g) * K ** -0.5).to(DEVICE, DTYPE)  # [G, N, K] as nn.Linear stores it
+    lens, a, b_t = _g8_fc1()
+    M, K, N = a.shape[0], a.shape[1], b_t.shape[1]
     aq, sa = quantize_fp8(a, E4M3, B)
     wq, sw = quantize_fp8(b_t, E4M3, B, weight=True)
     sw = sw.transpose(1, 2)  # [G, K/128, N/128]
@@ -291,18 +298,6 @@ def fp8_grouped_block_case(args):
                      _uniq(source + EXTRA_GROUPED_BLOCK), run, args, source)
 
 
-def _g8_fc1():
-    """DeepSeek-V3 fc1 experts, 8 of them, skewed token counts (~1024 per expert): (lens, a [M, K], b_t [G, N, K])."""
-    from bench_ops import skewed_lens
-
-    G, tpe, K, N = 8, max(16, 1024 // SHRINK), max(128, 7168 // SHRINK), max(128, 4096 // SHRINK)
-    lens = skewed_lens(G, tpe, seed=G)
-    g = torch.Generator(device="cpu").manual_seed(2)
-    a = torch.randn(int(lens.sum()), K, generator=g).to(DEVICE, DTYPE)
-    b_t = (torch.randn(G, N, K, generator=g) * K ** -0.5).to(DEVICE, DTYPE)
-    return lens, a, b_t
-
-
 def grouped_bf16_case(args):
     """bf16 grouped GEMM (kernels/grouped_gemm.py CONFIGS_16 and their TWO_PER_SM variants) vs torch._grouped_mm."""
     from turbo_dist.kernels import grouped_gemm as kgg
@@ -311,14 +306,17 @@ def grouped_bf16_case(args):
     M, K, N = a.shape[0], a.shape[1], b_t.shape[1]
     offs = torch.cumsum(lens.to(DEVICE), 0)
     b = b_t.transpose(1, 2)  # [G, K, N] view
-    ref = torch.cat([a[s:e].float() @ b[g].float() for g, (s, e) in
-                     enumerate(zip([0] + offs.tolist()[:-1], offs.tolist()))])
+    ends = offs.tolist()
+
+    def fp32_loop():
+        return torch.cat([a[s:e].float() @ b[g].float() for g, (s, e) in enumerate(zip([0] + ends[:-1], ends))])
+    ref = fp32_loop()
     baselines = {}
     if not DRY:
         offs32 = offs.to(torch.int32)
         baselines["bf16_torch_grouped_mm"] = lambda: torch._grouped_mm(a, b, offs=offs32, out_dtype=torch.bfloat16)
     else:
-        baselines["fp32_loop"] = lambda: [a[:1].float() @ b[g].float() for g in range(b.shape[0])]
+        baselines["fp32_loop"] = fp32_loop
     source = [tuple(c) for c in kgg.CONFIGS_16]
     run = lambda cfg: kgg.grouped_gemm(a, b, offs, config=cfg)  # noqa: E731
     return tune_case("grouped_bf16_G8_fc1", 2.0 * M * K * N, ref, 2e-2, baselines, lambda: run(None),
