@@ -77,6 +77,9 @@ def main(argv=None):
         print("probe_moe_host: needs CUDA")
         return 0
     from turbo_dist.kernels import moe_layout, moe_ll
+    from turbo_dist.runtime.config import apply_safety_env
+
+    apply_safety_env()  # NCCL / symmetric memory below: the NVLink-multicast safety variables, as bench_moe.py
     from turbo_dist.moe import Buffer
     from turbo_dist.moe.layout import dispatch_layout_torch
 
