@@ -55,6 +55,13 @@ EXTRA_16 = [
     (128, 256, 64, 8, 8, 3, 8),
     (128, 128, 64, 8, 8, 4, 8),
 ]
+# more narrow-edge candidates (7th entry 32; only where N % BLOCK_N <= BLOCK_N / 2, e.g. dsv3_qkv_a)
+EXTRA_EDGE_16 = [
+    (256, 128, 64, 8, 8, 4),
+    (128, 256, 64, 8, 8, 4),
+    (256, 128, 64, 4, 8, 3),
+    (128, 128, 64, 8, 8, 4),
+]
 EXTRA_BLOCK = [
     (128, 128, 128, 16, 8, 4),
     (128, 128, 128, 4, 8, 4),
@@ -194,12 +201,14 @@ def tune_case(case, flops, ref, tol, baselines, default_fn, candidates, run, arg
 def gemm_cases(names, args):
     from turbo_dist.kernels import gemm as kgemm
 
-    source = [tuple(c) for c in kgemm.CONFIGS_16]
-    cands = _uniq(source + EXTRA_16)
     for name, M, N, K in GEMM_CASES:
         if name not in names:
             continue
         M, N, K = (max(16, d // SHRINK) for d in (M, N, K))
+        # the narrow-edge configs (7th entry 32) where N leaves a narrow last tile column, as the tuner has them
+        edge = [(*c, kgemm.NARROW_EDGE) for c in kgemm.CONFIGS_EDGE_16 if kgemm.edge_n(N, c[1])]
+        source = [tuple(c) for c in kgemm.CONFIGS_16] + edge
+        cands = _uniq(source + EXTRA_16 + [(*c, kgemm.NARROW_EDGE) for c in EXTRA_EDGE_16 if kgemm.edge_n(N, c[1])])
         g = torch.Generator(device="cpu").manual_seed(0)
         a = torch.randn(M, K, generator=g).to(DEVICE, DTYPE)
         w = torch.randn(N, K, generator=g).to(DEVICE, DTYPE)

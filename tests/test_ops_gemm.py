@@ -200,6 +200,64 @@ def test_gemm_triton_split_tail(m, n, k, pieces):
 
 
 @needs_interp
+@pytest.mark.parametrize("m,n,k,trans_b", [
+    (72, 80, 72, True),    # N = 2 x 32 + 16: 3 x 2 full tiles + 3 edge tiles, 2 per program (2 programs)
+    (40, 72, 40, False),   # N = 2 x 32 + 8: a 16-wide edge tile over 8 columns, B as stored [K, N]
+    (16, 16, 32, True),    # N < BLOCK_N: edge tiles only
+])
+def test_gemm_triton_narrow_edge(m, n, k, trans_b):
+    """NARROW_EDGE (7th entry 32): the last tile column (N % 32 <= 16) in 32 x 16 tiles, two per program after the
+    full tiles; the same result as the plain kernel, with rowwise and blockwise scales too (blockwise: scale_b
+    blocks 16 wide, so the full tiles take the per-column path and the edge tiles the one-scalar path)."""
+    from turbo_dist.kernels import gemm as kgemm
+
+    a, b = make_gemm(m, n, k, False, trans_b, torch.float16)
+    A, Bm = a, op_(b, trans_b)
+    assert kgemm.tma_operands(A, Bm) is not None and kgemm.edge_n(n, 32) == 16
+    pm = -(-m // 32)
+    assert kgemm._grid_tiles(m, n, 32, 32, 16) == pm * (n // 32) + -(-pm // 2)
+    cfg, edge = (32, 32, 32, 2, 4, 1), (32, 32, 32, 2, 4, 1, kgemm.NARROW_EDGE)
+    out = kgemm.gemm(A, Bm, config=edge)
+    ref = A.double() @ Bm.double()
+    torch.testing.assert_close(out.double(), ref, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(out, kgemm.gemm(A, Bm, config=cfg), rtol=1e-3, atol=1e-3)
+    sa, sb = torch.rand(m) + 0.5, torch.rand(n) + 0.5
+    row = kgemm.scaled_gemm(A, Bm, sa, sb, kgemm.SCALE_ROW, out_dtype=torch.float32, config=edge)
+    torch.testing.assert_close(row.double(), ref * sa.double()[:, None] * sb.double()[None, :], rtol=1e-2, atol=1e-2)
+    sab, sbb = torch.rand(m, -(-k // 128)) + 0.5, torch.rand(-(-k // 128), -(-n // 16)) + 0.5
+    blk = [kgemm.scaled_gemm(A, Bm, sab, sbb, kgemm.SCALE_BLOCK, out_dtype=torch.float32, block_n=16,
+                             config=(32, 32, 128, 2, 4, 1, flags)) for flags in (kgemm.NARROW_EDGE, 0)]
+    torch.testing.assert_close(blk[0], blk[1], rtol=1e-5, atol=1e-5)
+    blk_ref = (A.double() * sab.double()[:, :1]) @ (Bm.double() * sbb.double()[0].repeat_interleave(16)[None, :n])
+    torch.testing.assert_close(blk[0].double(), blk_ref, rtol=1e-2, atol=1e-2)  # K <= 128: one scale step
+
+
+@needs_interp
+def test_gemm_narrow_edge_refusals_and_candidates():
+    """NARROW_EDGE is refused where the edge column is not narrow and with the persistent kernels; the tuner's
+    candidates gain the narrow-edge configs exactly where edge_n allows them."""
+    from turbo_dist.kernels import gemm as kgemm
+
+    a, b = make_gemm(40, 80, 40, False, True, torch.float16)
+    with pytest.raises(ValueError, match="NARROW_EDGE needs"):
+        kgemm.gemm(a, b.t(), config=(32, 128, 32, 2, 4, 1, kgemm.NARROW_EDGE))  # 80 % 128 = 80 > 64
+    with pytest.raises(NotImplementedError, match="NARROW_EDGE"):
+        kgemm.gemm(a, b.t(), config=(32, 32, 32, 2, 4, 1, kgemm.NARROW_EDGE | kgemm.PERSISTENT))
+    with pytest.raises(NotImplementedError, match="narrow-edge"):
+        kgemm.gemm(a.float(), b.float().t(), config=(32, 32, 32, 2, 4, 1, kgemm.NARROW_EDGE))  # pointer kernel
+    assert [kgemm.edge_n(n, 128) for n in (2112, 2048, 2176, 2200, 100)] == [64, 0, 0, 32, 0]
+    assert kgemm.edge_n(2112, 256) == 64 and kgemm.edge_n(16, 32) == 16
+    def edge_cands(N, split_tail=None, mode=kgemm.SCALE_NONE, es=2):
+        return [c[:6] for c in kgemm._candidates(mode, es, 2, 8192, N, 132, split_tail)
+                if len(c) == 7 and c[6] == kgemm.NARROW_EDGE]
+
+    assert edge_cands(2112) == edge_cands(2112, False) == [tuple(c) for c in kgemm.tune_rows(kgemm.CONFIGS_EDGE_16)]
+    assert edge_cands(2112, mode=kgemm.SCALE_BLOCK, es=1) == [tuple(c) for c in kgemm.tune_rows(
+        kgemm.CONFIGS_EDGE_BLOCK)]
+    assert edge_cands(2048) == [] and edge_cands(2112, True) == []
+
+
+@needs_interp
 def test_gemm_tuned_path_builds_candidates_and_reuses_the_choice(monkeypatch):
     """The tuned TMA path (what runs on a GPU; _launch forces one config under the interpreter): the candidates
     are this operand type's list plus, for a nearly empty last wave, the split-tail ones; the tuner's choice
@@ -210,6 +268,7 @@ def test_gemm_tuned_path_builds_candidates_and_reuses_the_choice(monkeypatch):
 
     small = [(32, 32, 32, 4, 4, 1)]
     monkeypatch.setattr(kgemm, "CONFIGS_16", small)
+    monkeypatch.setattr(kgemm, "CONFIGS_EDGE_16", [])
     monkeypatch.setattr(gp, "CONFIGS_TAIL_16", [(16, 16, 32, 2, 4, 1)])
     monkeypatch.setattr(gp, "SPLIT_TAIL_AUTO", True)
     monkeypatch.setattr(gp, "split_tail_pays", lambda M, N, sms: True)
@@ -478,6 +537,38 @@ def test_gemm_gpu_split_tail(m, n, k):
     q = kgemm.scaled_gemm(aq, bq.t(), sa.reshape(-1), sb.reshape(-1), kgemm.SCALE_ROW, split_tail=True)
     q_whole = kgemm.scaled_gemm(aq, bq.t(), sa.reshape(-1), sb.reshape(-1), kgemm.SCALE_ROW, split_tail=False)
     assert rel(q, q_whole) < 1e-2 and rel(q, ref) < 0.1  # bf16 outputs: the sums' order flips last bits
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,n,k,cfg", [
+    (8192, 2112, 7168, (256, 128, 64, 16, 8, 4)),  # 512 full tiles + 16 programs of two 256 x 64 edge tiles
+    (8192, 2112, 7168, (128, 256, 64, 8, 8, 3)),   # 512 full tiles + 16 programs of four 128 x 64 edge tiles
+    (1000, 2088, 1024, (128, 128, 64, 8, 8, 4)),   # edge 40 wide in 64-wide tiles, a partial last row block
+])
+def test_gemm_gpu_narrow_edge(m, n, k, cfg):
+    """NARROW_EDGE on the GPU: bf16 against cuBLAS and the plain kernel, both B layouts; FP8 rowwise and
+    blockwise (1x128 / 128x128 scales: the edge tiles read one scale_b per K step) against the plain kernel."""
+    from turbo_dist.kernels import gemm as kgemm
+    from turbo_dist.ops import fp8
+
+    a, b = make_gemm(m, n, k, False, True, torch.bfloat16, device="cuda")
+    assert kgemm.edge_n(n, cfg[1])
+    ref = a.float() @ b.float().t()
+    out = kgemm.gemm(a, b.t(), config=(*cfg, kgemm.NARROW_EDGE))
+    assert rel(out, ref) < 1e-2
+    assert rel(out, kgemm.gemm(a, b.t(), config=cfg)) < 1e-3
+    bkn = b.t().contiguous()  # B stored [K, N]
+    assert rel(kgemm.gemm(a, bkn, config=(*cfg, kgemm.NARROW_EDGE)), ref) < 1e-2
+    row = fp8.ScalingGranularity.ROWWISE
+    (aq, sa), (bq, sb) = fp8.quantize_fp8(a, granularity=row), fp8.quantize_fp8(b, granularity=row)
+    q = [kgemm.scaled_gemm(aq, bq.t(), sa.reshape(-1), sb.reshape(-1), kgemm.SCALE_ROW,
+                           config=(cfg[0], cfg[1], 128, cfg[3], 8, 3, flags)) for flags in (kgemm.NARROW_EDGE, 0)]
+    assert rel(q[0], q[1]) < 1e-3 and rel(q[0], ref) < 0.1
+    blk = fp8.ScalingGranularity.BLOCKWISE
+    (aq, sa), (bq, sb) = fp8.quantize_fp8(a, granularity=blk), fp8.quantize_fp8(b, granularity=blk, weight=True)
+    q = [kgemm.scaled_gemm(aq, bq.t(), sa, sb.t(), kgemm.SCALE_BLOCK, config=(128, 128, 128, 8, 8, 4, flags))
+         for flags in (kgemm.NARROW_EDGE, 0)]
+    assert rel(q[0], q[1]) < 1e-3 and rel(q[0], ref) < 0.1
 
 
 @pytest.mark.gpu

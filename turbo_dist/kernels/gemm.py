@@ -16,7 +16,9 @@ GPU) and taking the first untimed during CUDA graph capture; under TRITON_INTERP
 (`config=`, tests and benchmarks/tune_ops.py) may add a 7th entry of flags (see _unpack) for the kernels of
 kernels/gemm_persistent.py: persistent (one program per SM walking the tiles), and its split-tail modes that
 cut the partial last wave's tiles along K so no SM idles through it; the tuner times those beside the plain
-configs for shapes whose last wave is at most half full (`split_tail_pays`, e.g. 8192 x 2112).
+configs for shapes whose last wave is at most half full (`split_tail_pays`, e.g. 8192 x 2112). Where N leaves a
+narrow last tile column (0 < N % BLOCK_N <= BLOCK_N / 2) the NARROW_EDGE configs join the candidates: the
+plain kernel with that column in narrower tiles, several per program (`edge_n`).
 """
 import collections
 import os
@@ -72,6 +74,21 @@ CONFIGS_BLOCK = [
     (64, 128, 128, 8, 4, 5),
     (128, 128, 128, 8, 4, 4),
     (128, 64, 128, 8, 4, 4),
+]
+# NARROW_EDGE candidates (the plain TMA kernel with its last, narrow tile column in BLOCK_M x edge_n tiles),
+# timed beside the lists above where edge_n(N, BLOCK_N) > 0, e.g. N = 2112 = 16 x 128 + 64.
+CONFIGS_EDGE_16 = [
+    (256, 128, 64, 16, 8, 4),
+    (256, 128, 64, 8, 8, 3),
+    (128, 256, 64, 8, 8, 3),
+    (128, 256, 64, 16, 8, 4),
+]
+CONFIGS_EDGE_8 = [
+    (256, 128, 128, 8, 8, 3),
+    (128, 256, 128, 8, 8, 3),
+]
+CONFIGS_EDGE_BLOCK = [
+    (128, 128, 128, 8, 8, 4),
 ]
 INTERPRET_CONFIG = (32, 32, 32, 4, 4, 1)
 
@@ -253,22 +270,70 @@ def _gemm_tma_kernel(
     A_T: tl.constexpr, B_T: tl.constexpr,
     SCALE_MODE: tl.constexpr, SB_N: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    WS: tl.constexpr = False, RESCALE: tl.constexpr = False,
+    WS: tl.constexpr = False, RESCALE: tl.constexpr = False, EDGE_N: tl.constexpr = 0, be_desc=None,
 ):
     # a_desc covers A as stored: [M, K] (A_T=False) or [K, M] (A_T=True); b_desc: [K, N] or [N, K] (B_T=True).
-    off_m, off_n, offs_m, mask_m, offs_n, mask_n = _tile_coords(tl.program_id(0), tl.cdiv(M, BLOCK_M),
-                                                                tl.cdiv(N, BLOCK_N), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    acc = _tma_tile(a_desc, b_desc, sa_ptr, sb_ptr, 0, tl.cdiv(K, BLOCK_K), off_m, off_n, offs_m, mask_m, offs_n,
-                    mask_n, stride_sam, stride_sak, stride_sbk, stride_sbn, A_T, B_T, SCALE_MODE, SB_N, BLOCK_M,
-                    BLOCK_N, BLOCK_K, WS, RESCALE)
-    _store_tile(c_ptr, acc, offs_m, mask_m, offs_n, mask_n, stride_cm, stride_cn)
+    # EDGE_N > 0 (NARROW_EDGE; 0 < N % BLOCK_N <= EDGE_N <= BLOCK_N // 2): the last, narrow column of tiles is
+    # cut into BLOCK_M x EDGE_N tiles (be_desc: b_desc with that block), BLOCK_N // EDGE_N of them per program
+    # after the full-width tiles, so it costs what its columns need instead of full tiles: 8192 x 2112 with
+    # 256 x 128 tiles is 512 full tiles + 16 programs of two 256 x 64 tiles = 4 waves on 132 SMs, not 4 + 16.
+    pid = tl.program_id(0)
+    num_k = tl.cdiv(K, BLOCK_K)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    n_cols = tl.cdiv(N, BLOCK_N)
+    if EDGE_N > 0:
+        n_cols = N // BLOCK_N
+    if pid < num_pid_m * n_cols:
+        off_m, off_n, offs_m, mask_m, offs_n, mask_n = _tile_coords(pid, num_pid_m, n_cols, M, N, BLOCK_M,
+                                                                    BLOCK_N, GROUP_M)
+        acc = _tma_tile(a_desc, b_desc, sa_ptr, sb_ptr, 0, num_k, off_m, off_n, offs_m, mask_m, offs_n, mask_n,
+                        stride_sam, stride_sak, stride_sbk, stride_sbn, A_T, B_T, SCALE_MODE, SB_N, BLOCK_M,
+                        BLOCK_N, BLOCK_K, WS, RESCALE)
+        _store_tile(c_ptr, acc, offs_m, mask_m, offs_n, mask_n, stride_cm, stride_cn)
+    elif EDGE_N > 0:
+        per: tl.constexpr = BLOCK_N // EDGE_N
+        off_n = n_cols * BLOCK_N
+        offs_n = off_n + tl.arange(0, EDGE_N)
+        mask_n = offs_n < N
+        for j in range(0, per):
+            pid_m = (pid - num_pid_m * n_cols) * per + j
+            if pid_m < num_pid_m:
+                off_m = pid_m * BLOCK_M
+                offs_m = off_m + tl.arange(0, BLOCK_M)
+                mask_m = offs_m < M
+                acc = _tma_tile(a_desc, be_desc, sa_ptr, sb_ptr, 0, num_k, off_m, off_n, offs_m, mask_m, offs_n,
+                                mask_n, stride_sam, stride_sak, stride_sbk, stride_sbn, A_T, B_T, SCALE_MODE, SB_N,
+                                BLOCK_M, EDGE_N, BLOCK_K, WS, RESCALE)
+                _store_tile(c_ptr, acc, offs_m, mask_m, offs_n, mask_n, stride_cm, stride_cn)
+
+
+def edge_n(N, bn):
+    """NARROW_EDGE's edge tile width for N columns in tiles bn wide: the power of two (>= 16) covering N % bn
+    when that is at most bn // 2, else 0 (no narrow edge)."""
+    rem = N % bn
+    if rem == 0:
+        return 0
+    e = max(16, triton.next_power_of_2(rem))
+    return e if e <= bn // 2 else 0
+
+
+def _grid_tiles(M, N, bm, bn, edge):
+    """Programs of a plain TMA launch: one per tile, or with a narrow edge the full-width tiles plus one per
+    bn // edge edge tiles."""
+    pm = -(-M // bm)
+    if not edge:
+        return pm * -(-N // bn)
+    return pm * (N // bn) + -(-pm // (bn // edge))
 
 
 def _set_tma_blocks(nargs):
-    """The descriptors' block shapes follow the config about to run."""
+    """The descriptors' block shapes follow the config about to run (be_desc: the narrow edge's B blocks)."""
     bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
     nargs["a_desc"].block_shape = [bk, bm] if nargs["A_T"] else [bm, bk]
     nargs["b_desc"].block_shape = [bn, bk] if nargs["B_T"] else [bk, bn]
+    if nargs.get("EDGE_N"):
+        en = nargs["EDGE_N"]
+        nargs["be_desc"].block_shape = [en, bk] if nargs["B_T"] else [bk, en]
 
 
 # configs are chosen by _tuner (interleaved timing, CUDA-graph-capture safe): see _launch and _launch_tma
@@ -304,8 +369,8 @@ def tma_operands(a, b):
     return la, lb
 
 
-PERSISTENT, WARP_SPECIALIZE, RESCALE_ACC, SPLIT_TAIL, TAIL_LAUNCH = 1, 2, 4, 8, 16  # a config's 7th entry's bits
-Cfg = collections.namedtuple("Cfg", "bm bn bk gm warps stages persistent ws rescale tail two_launch")
+PERSISTENT, WARP_SPECIALIZE, RESCALE_ACC, SPLIT_TAIL, TAIL_LAUNCH, NARROW_EDGE = 1, 2, 4, 8, 16, 32  # 7th entry
+Cfg = collections.namedtuple("Cfg", "bm bn bk gm warps stages persistent ws rescale tail two_launch edge")
 
 
 def _unpack(config):
@@ -313,15 +378,20 @@ def _unpack(config):
     kernels: tests / tune_ops force them, _launch_tma's candidates use SPLIT_TAIL and TAIL_LAUNCH):
     PERSISTENT one program per SM; WARP_SPECIALIZE; RESCALE_ACC (blockwise); SPLIT_TAIL the persistent kernel
     with the last partial wave cut along K; TAIL_LAUNCH the same split tail as a second launch after a plain
-    launch of the full waves."""
-    if len(config) not in (6, 7) or (len(config) == 7 and not 0 <= int(config[6]) <= 31):
-        raise ValueError(f"a gemm config is (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages[, flags 0-31]), "
+    launch of the full waves; NARROW_EDGE the plain kernel with the last, narrow tile column in narrower tiles
+    (edge_n; not with the persistent / split-tail ones)."""
+    if len(config) not in (6, 7) or (len(config) == 7 and not 0 <= int(config[6]) <= 63):
+        raise ValueError(f"a gemm config is (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages[, flags 0-63]), "
                          f"got {config}")
     flags = int(config[6]) if len(config) == 7 else 0
     two = bool(flags & TAIL_LAUNCH)
     tail = bool(flags & SPLIT_TAIL) or two
+    edge = bool(flags & NARROW_EDGE)
+    if edge and (tail or flags & PERSISTENT):
+        raise NotImplementedError(f"gemm config {config}: NARROW_EDGE (32) runs on the plain TMA kernel only, not "
+                                  f"with PERSISTENT / SPLIT_TAIL / TAIL_LAUNCH")
     return Cfg(*config[:6], bool(flags & PERSISTENT) or (tail and not two), bool(flags & WARP_SPECIALIZE),
-               bool(flags & RESCALE_ACC), tail, two)
+               bool(flags & RESCALE_ACC), tail, two, edge)
 
 
 _SMS = {}
@@ -377,10 +447,11 @@ def _launch(a, b, c, sa, sb, mode, sb_n=128, config=None, split_tail=None):
     meta = dict(SCALE_MODE=mode, SB_N=sb_n, ALLOW_TF32=allow_tf32)
 
     def launcher(cfg):
-        bm, bn, bk, gm, w, s, persistent, ws, rescale, tail, _ = _unpack(cfg)
-        if persistent or ws or rescale or tail:
-            raise NotImplementedError(f"persistent / split-tail / warp-specialized / rescaled config {cfg} runs on "
-                                      f"the TMA kernel only; these operands take the pointer kernel (see tma_operands)")
+        bm, bn, bk, gm, w, s, persistent, ws, rescale, tail, _, edge = _unpack(cfg)
+        if persistent or ws or rescale or tail or edge:
+            raise NotImplementedError(f"persistent / split-tail / narrow-edge / warp-specialized / rescaled config {cfg} "
+                                      f"runs on the TMA kernel only; these operands take the pointer kernel (see "
+                                      f"tma_operands)")
         grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
         return lambda: _gemm_kernel[grid](*args, **meta, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm,
                                           num_warps=w, num_stages=s)
@@ -396,11 +467,15 @@ def _launch(a, b, c, sa, sb, mode, sb_n=128, config=None, split_tail=None):
 
 
 def _candidates(mode, es, c_es, M, N, nprog, split_tail):
-    """The configs the tuner times for one TMA call: this operand type's list and, where the last wave is at
-    most half full, the split-tail ones (both variants) beside them; split_tail=True: those only, False: never."""
+    """The configs the tuner times for one TMA call: this operand type's list, the narrow-edge ones where N leaves
+    a narrow last tile column, and, where the last wave is at most half full, the split-tail ones (both
+    variants) beside them; split_tail=True: those only, False: never."""
     from . import gemm_persistent as gp
 
     cands = tuple(tune_rows(CONFIGS_BLOCK if mode == SCALE_BLOCK else (CONFIGS_8 if es == 1 else CONFIGS_16)))
+    if not split_tail:
+        edges = CONFIGS_EDGE_BLOCK if mode == SCALE_BLOCK else (CONFIGS_EDGE_8 if es == 1 else CONFIGS_EDGE_16)
+        cands += tuple((*cfg, NARROW_EDGE) for cfg in tune_rows(edges) if edge_n(N, cfg[1]))
     if split_tail is False or (split_tail is None and not (gp.SPLIT_TAIL_AUTO and gp.split_tail_pays(M, N, nprog))):
         return cands
     if (mode == SCALE_BLOCK and es != 1) or c_es != 2:
@@ -424,19 +499,29 @@ def _launch_tma(a, b, c, sa, sb, tma, s_strides, mode, sb_n, config, split_tail=
     # block shapes are placeholders here: each launch sets its config's (_set_tma_blocks)
     a_desc = TensorDescriptor.from_tensor(a_st, [16, 16])
     b_desc = TensorDescriptor.from_tensor(b_st, [16, 16])
+    be_desc = None  # NARROW_EDGE's B descriptor, made by the first config that asks for it
     args = (a_desc, b_desc, c, sa, sb, M, N, K, c.stride(0), c.stride(1), *s_strides)
     meta = dict(A_T=a_t, B_T=b_t, SCALE_MODE=mode, SB_N=sb_n)
     nprog = _num_sms(a.device)
 
     def launcher(config):
+        nonlocal be_desc
         cf = _unpack(config)
         kw = dict(BLOCK_M=cf.bm, BLOCK_N=cf.bn, BLOCK_K=cf.bk, GROUP_M=cf.gm, WS=cf.ws, RESCALE=cf.rescale,
                   num_warps=cf.warps, num_stages=cf.stages)
         tiles = -(-M // cf.bm) * -(-N // cf.bn)
+        en = edge_n(N, cf.bn) if cf.edge else 0
+        if cf.edge:
+            if not en:
+                raise ValueError(f"gemm config {config}: NARROW_EDGE needs 0 < N % BLOCK_N <= BLOCK_N // 2 (N = {N})")
+            if be_desc is None:
+                be_desc = TensorDescriptor.from_tensor(b_st, [16, 16])
+            kw.update(EDGE_N=en, be_desc=be_desc)
+            tiles = _grid_tiles(M, N, cf.bm, cf.bn, en)
 
         def launch():
-            _set_tma_blocks(dict(a_desc=a_desc, b_desc=b_desc, A_T=a_t, B_T=b_t, BLOCK_M=cf.bm, BLOCK_N=cf.bn,
-                                 BLOCK_K=cf.bk))
+            _set_tma_blocks(dict(a_desc=a_desc, b_desc=b_desc, be_desc=be_desc, A_T=a_t, B_T=b_t, BLOCK_M=cf.bm,
+                                 BLOCK_N=cf.bn, BLOCK_K=cf.bk, EDGE_N=en))
             tb = gp.tail_buffers(a.device, nprog, cf.bm * cf.bn) if cf.tail else (c, c)
             if cf.two_launch:  # the full waves plain, then the partial wave cut along K
                 if tiles >= nprog:
