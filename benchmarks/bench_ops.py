@@ -151,6 +151,15 @@ def _no_split_tail(fn):
     return run
 
 
+def _tuned_configs(M, N, K):
+    """The configs our GEMM tuner picked for this shape (one per candidate list it tuned: default, no split
+    tail, ...), as 'BMxBNxBKxGMxWxS[xflags]'."""
+    from turbo_dist.kernels import _tuner
+
+    return sorted({"x".join(map(str, key[-1][idx])) for key, idx in _tuner._CACHE.items()
+                   if key[0] == "gemm" and key[1:4] == (M, N, K)})
+
+
 def run_gemm(quick, errors):
     from turbo_dist.kernels import gemm as kgemm
     from turbo_dist.kernels import gemm_persistent as gp
@@ -176,7 +185,8 @@ def run_gemm(quick, errors):
         default_is = dispatcher.last_backend("gemm")
         best = min((v for k, v in res.items() if k != "default" and v), default=None)
         extra = {"shape": f"{M}x{N}x{K}", "default_backend": default_is,
-                 "default_vs_best": (best / res["default"]) if best and res["default"] else None}
+                 "default_vs_best": (best / res["default"]) if best and res["default"] else None,
+                 "triton_configs": _tuned_configs(M, N, K)}
         rows += _rows_for("gemm", name, res, "cublas", 2.0 * M * N * K, "bf16", extra)
         del a, w
     return rows
