@@ -278,33 +278,50 @@ def _gemm_tma_kernel(
     # after the full-width tiles, so it costs what its columns need instead of full tiles: 8192 x 2112 with
     # 256 x 128 tiles is 512 full tiles + 16 programs of two 256 x 64 tiles = 4 waves on 132 SMs, not 4 + 16.
     pid = tl.program_id(0)
-    num_k = tl.cdiv(K, BLOCK_K)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     n_cols = tl.cdiv(N, BLOCK_N)
     if EDGE_N > 0:
         n_cols = N // BLOCK_N
+    # the two kinds of program in helpers: Triton wants a name set in both branches of an `if` to have one type
     if pid < num_pid_m * n_cols:
         off_m, off_n, offs_m, mask_m, offs_n, mask_n = _tile_coords(pid, num_pid_m, n_cols, M, N, BLOCK_M,
                                                                     BLOCK_N, GROUP_M)
-        acc = _tma_tile(a_desc, b_desc, sa_ptr, sb_ptr, 0, num_k, off_m, off_n, offs_m, mask_m, offs_n, mask_n,
-                        stride_sam, stride_sak, stride_sbk, stride_sbn, A_T, B_T, SCALE_MODE, SB_N, BLOCK_M,
-                        BLOCK_N, BLOCK_K, WS, RESCALE)
-        _store_tile(c_ptr, acc, offs_m, mask_m, offs_n, mask_n, stride_cm, stride_cn)
+        _tma_tile_store(a_desc, b_desc, c_ptr, sa_ptr, sb_ptr, K, off_m, off_n, offs_m, mask_m, offs_n, mask_n,
+                        stride_cm, stride_cn, stride_sam, stride_sak, stride_sbk, stride_sbn, A_T, B_T, SCALE_MODE,
+                        SB_N, BLOCK_M, BLOCK_N, BLOCK_K, WS, RESCALE)
     elif EDGE_N > 0:
-        per: tl.constexpr = BLOCK_N // EDGE_N
-        off_n = n_cols * BLOCK_N
-        offs_n = off_n + tl.arange(0, EDGE_N)
-        mask_n = offs_n < N
-        for j in range(0, per):
-            pid_m = (pid - num_pid_m * n_cols) * per + j
-            if pid_m < num_pid_m:
-                off_m = pid_m * BLOCK_M
-                offs_m = off_m + tl.arange(0, BLOCK_M)
-                mask_m = offs_m < M
-                acc = _tma_tile(a_desc, be_desc, sa_ptr, sb_ptr, 0, num_k, off_m, off_n, offs_m, mask_m, offs_n,
-                                mask_n, stride_sam, stride_sak, stride_sbk, stride_sbn, A_T, B_T, SCALE_MODE, SB_N,
-                                BLOCK_M, EDGE_N, BLOCK_K, WS, RESCALE)
-                _store_tile(c_ptr, acc, offs_m, mask_m, offs_n, mask_n, stride_cm, stride_cn)
+        _edge_tiles(a_desc, be_desc, c_ptr, sa_ptr, sb_ptr, M, N, K, (pid - num_pid_m * n_cols) * (BLOCK_N // EDGE_N),
+                    n_cols * BLOCK_N, num_pid_m, stride_cm, stride_cn, stride_sam, stride_sak, stride_sbk, stride_sbn,
+                    A_T, B_T, SCALE_MODE, SB_N, BLOCK_M, BLOCK_N // EDGE_N, EDGE_N, BLOCK_K, WS, RESCALE)
+
+
+@triton.jit
+def _tma_tile_store(a_desc, b_desc, c_ptr, sa_ptr, sb_ptr, K, off_m, off_n, offs_m, mask_m, offs_n, mask_n,
+                    stride_cm, stride_cn, stride_sam, stride_sak, stride_sbk, stride_sbn,
+                    A_T: tl.constexpr, B_T: tl.constexpr, SCALE_MODE: tl.constexpr, SB_N: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WS: tl.constexpr,
+                    RESCALE: tl.constexpr):
+    acc = _tma_tile(a_desc, b_desc, sa_ptr, sb_ptr, 0, tl.cdiv(K, BLOCK_K), off_m, off_n, offs_m, mask_m, offs_n,
+                    mask_n, stride_sam, stride_sak, stride_sbk, stride_sbn, A_T, B_T, SCALE_MODE, SB_N, BLOCK_M,
+                    BLOCK_N, BLOCK_K, WS, RESCALE)
+    _store_tile(c_ptr, acc, offs_m, mask_m, offs_n, mask_n, stride_cm, stride_cn)
+
+
+@triton.jit
+def _edge_tiles(a_desc, be_desc, c_ptr, sa_ptr, sb_ptr, M, N, K, first_m, off_n, num_pid_m,
+                stride_cm, stride_cn, stride_sam, stride_sak, stride_sbk, stride_sbn,
+                A_T: tl.constexpr, B_T: tl.constexpr, SCALE_MODE: tl.constexpr, SB_N: tl.constexpr,
+                BLOCK_M: tl.constexpr, PER: tl.constexpr, EDGE_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                WS: tl.constexpr, RESCALE: tl.constexpr):
+    """NARROW_EDGE: row blocks [first_m, first_m + PER) of the last tile column (from off_n, EDGE_N wide)."""
+    offs_n = off_n + tl.arange(0, EDGE_N)
+    mask_n = offs_n < N
+    for pid_m in range(first_m, tl.minimum(first_m + PER, num_pid_m)):
+        off_m = pid_m * BLOCK_M
+        offs_m = off_m + tl.arange(0, BLOCK_M)
+        _tma_tile_store(a_desc, be_desc, c_ptr, sa_ptr, sb_ptr, K, off_m, off_n, offs_m, offs_m < M, offs_n, mask_n,
+                        stride_cm, stride_cn, stride_sam, stride_sak, stride_sbk, stride_sbn, A_T, B_T, SCALE_MODE,
+                        SB_N, BLOCK_M, EDGE_N, BLOCK_K, WS, RESCALE)
 
 
 def edge_n(N, bn):
@@ -449,9 +466,9 @@ def _launch(a, b, c, sa, sb, mode, sb_n=128, config=None, split_tail=None):
     def launcher(cfg):
         bm, bn, bk, gm, w, s, persistent, ws, rescale, tail, _, edge = _unpack(cfg)
         if persistent or ws or rescale or tail or edge:
-            raise NotImplementedError(f"persistent / split-tail / narrow-edge / warp-specialized / rescaled config {cfg} "
-                                      f"runs on the TMA kernel only; these operands take the pointer kernel (see "
-                                      f"tma_operands)")
+            raise NotImplementedError(f"persistent / split-tail / narrow-edge / warp-specialized / rescaled config "
+                                      f"{cfg} runs on the TMA kernel only; these operands take the pointer kernel "
+                                      f"(see tma_operands)")
         grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
         return lambda: _gemm_kernel[grid](*args, **meta, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm,
                                           num_warps=w, num_stages=s)
