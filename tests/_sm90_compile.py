@@ -45,6 +45,19 @@ def _split_tail():
     return gp._gemm_tma_persistent_kernel, sig, const, opts
 
 
+def _grouped(dtype, bm, bn, bk, mode, warps, stages, lens=False):
+    from turbo_dist.kernels import grouped_gemm as gg
+
+    sig = dict(a_desc=_desc(dtype, (bm, bk)), b_desc=f"tensordesc<{dtype}[1, {bn}, {bk}]>", c_ptr="*bf16",
+               offs_ptr="*i64", sa_ptr="*fp32", sb_ptr="*fp32", G="i32", N="i32", K="i32", stride_cm="i32",
+               stride_cn="i32", stride_sam="i32", stride_sak="i32", stride_sbg="i32", stride_sbk="i32",
+               stride_sbn="i32")
+    const = dict(NUM_PROGS=132, G_POW2=32, B_T=True, SCALE_MODE=mode, SB_N=128, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                 WS=False, RESCALE=False, LENS=lens)
+    sig.update({k: "constexpr" for k in const})
+    return gg._grouped_gemm_tma_kernel, sig, const, dict(num_warps=warps, num_stages=stages)
+
+
 def _ll_wait():
     from turbo_dist.kernels import moe_ll
 
@@ -53,6 +66,18 @@ def _ll_wait():
                mask_ptr="*i32", HAS_MASK="constexpr")
     const = dict(BLOCK=8, USE_TIMER=True, HAS_STATS=True, HAS_MASK=True)
     return moe_ll._ll_wait_kernel, sig, const, dict(num_warps=1)
+
+
+def _ll_dispatch_send_fp8():
+    from turbo_dist.kernels import moe_ll
+
+    sig = dict(x_ptr="*bf16", s_ptr="*bf16", idx_ptr="*i64", num_tokens="i32", peer_ptrs="*i64", me="i32",
+               experts_per_rank="i32", num_max="i32", x_off="i64", s_off="i64", idx_off="i64", cnt_off="i64",
+               stride_x="i32", mask_ptr="*i32")
+    const = dict(X_WORDS=1, S_WORDS=1, K=8, BLOCK_K=8, BLOCK=1024, HAS_S=True, CAST=True, ROUND_SCALE=True,
+                 GROUPS=56, G_POW2=64, HAS_MASK=True)
+    sig.update({k: "constexpr" for k in const})
+    return moe_ll._ll_dispatch_send_kernel, sig, const, dict(num_warps=4)
 
 
 def _ll_combine_send():
@@ -72,8 +97,11 @@ KERNELS = {
     "gemm_fp8_rowwise_edge": lambda: _gemm("fp8e4nv", 256, 128, 128, 2, 64),
     "gemm_fp8_blockwise_edge": lambda: _gemm("fp8e4nv", 128, 128, 128, 3, 64, stages=4),
     "gemm_split_tail": _split_tail,
+    "grouped_bf16": lambda: _grouped("bf16", 128, 256, 64, 0, 8, 3),
+    "grouped_fp8_blockwise_lens": lambda: _grouped("fp8e4nv", 128, 128, 128, 3, 8, 4, lens=True),
     "ll_wait_stats_mask": _ll_wait,
     "ll_combine_send_mask": _ll_combine_send,
+    "ll_dispatch_send_fp8_mask": _ll_dispatch_send_fp8,
 }
 
 
