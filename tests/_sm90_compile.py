@@ -90,6 +90,26 @@ def _ll_combine_send():
     return moe_ll._ll_combine_send_kernel, sig, const, dict(num_warps=4)
 
 
+def _attn(which, varlen, causal=True, d=128):
+    from turbo_dist.kernels import flash_attn as fa
+    from turbo_dist.kernels import flash_attn_bwd as fb
+
+    fn, cfgs = {"fwd": (fa._fwd_kernel, fa.FWD_CONFIGS), "dkdv": (fb._bwd_dkdv_kernel, fa.BWD_DKDV_CONFIGS),
+                "dq": (fb._bwd_dq_kernel, fa.BWD_DQ_CONFIGS)}[which]
+    cfg = cfgs[d]
+    const = dict(CAUSAL=causal, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=d, PRECISION="tf32",
+                 VARLEN=varlen, WIDE=False)
+    if which == "fwd":
+        const["EVEN_D"] = True
+    meta = "*i32" if varlen else "*fp32"
+    sig = {a: "i32" for a in fn.arg_names}  # strides and sizes
+    sig.update({a: "*bf16" for a in ("Q", "K", "V", "O", "DO", "DK", "DV", "DQ")},
+               LSE="*fp32", DELTA="*fp32", qk_scale="fp32", sm_scale="fp32", CU_Q=meta, CU_K=meta, SID_Q=meta,
+               SID_K=meta)
+    sig.update({k: "constexpr" for k in const})
+    return fn, sig, const, dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
 KERNELS = {
     "gemm_bf16": lambda: _gemm("bf16", 128, 256, 64, 0, 0),
     "gemm_bf16_edge_256x128": lambda: _gemm("bf16", 256, 128, 64, 0, 64, stages=4),
@@ -102,6 +122,10 @@ KERNELS = {
     "ll_wait_stats_mask": _ll_wait,
     "ll_combine_send_mask": _ll_combine_send,
     "ll_dispatch_send_fp8_mask": _ll_dispatch_send_fp8,
+    "attn_fwd_causal": lambda: _attn("fwd", False),
+    "attn_fwd_varlen": lambda: _attn("fwd", True),
+    "attn_bwd_dkdv_causal": lambda: _attn("dkdv", False),
+    "attn_bwd_dq_varlen": lambda: _attn("dq", True),
 }
 
 
