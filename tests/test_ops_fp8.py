@@ -525,7 +525,7 @@ def test_tma_only_config_flags_refused_on_pointer_kernels(monkeypatch):
 
     monkeypatch.setattr(kgemm, "USE_TMA", False)
     aq, wq, sa, sb = _block_operands(32, 128, 128, 128, seed=34)
-    for flags in (1, 2, 4, 8, 16):
+    for flags in (1, 2, 4, 8, 16, 32):
         with pytest.raises(NotImplementedError, match="TMA"):
             kgemm.scaled_gemm(aq, wq.t(), sa, sb, kgemm.SCALE_BLOCK, out_dtype=torch.float32,
                               config=(32, 32, 128, 4, 4, 1, flags))
@@ -537,7 +537,7 @@ def test_tma_only_config_flags_refused_on_pointer_kernels(monkeypatch):
             fp8_gemm.grouped_scaled_mm(aq, wq.t().unsqueeze(0), sa, sb.unsqueeze(0), offs, fp8_gemm.SCALE_BLOCK,
                                        out_dtype=torch.float32, config=(32, 32, 128, 4, 1, flags))
     with pytest.raises(ValueError, match="flags"):
-        kgemm.scaled_gemm(aq, wq.t(), sa, sb, kgemm.SCALE_BLOCK, config=(32, 32, 128, 4, 4, 1, 32))
+        kgemm.scaled_gemm(aq, wq.t(), sa, sb, kgemm.SCALE_BLOCK, config=(32, 32, 128, 4, 4, 1, 64))
 
 
 @needs_interp
@@ -571,7 +571,9 @@ def test_blockwise_tma_configs_need_block_k_128(monkeypatch):
     assert all(len(c) == 7 for c in kgemm._candidates(kgemm.SCALE_BLOCK, 1, 2, 8192, 2112, 132, True))  # FP8
     with pytest.raises(NotImplementedError, match="split_tail=True"):
         kgemm._candidates(kgemm.SCALE_NONE, 2, 4, 8192, 2112, 132, True)
-    assert all(len(c) == 6 for c in kgemm._candidates(kgemm.SCALE_BLOCK, 2, 2, 8192, 2112, 132, None))
+    # no split-tail candidates there; the narrow-edge ones (BLOCK_K 128) are fine
+    assert all(len(c) == 6 or c[6] == kgemm.NARROW_EDGE
+               for c in kgemm._candidates(kgemm.SCALE_BLOCK, 2, 2, 8192, 2112, 132, None))
     assert any(len(c) == 7 for c in kgemm._candidates(kgemm.SCALE_NONE, 2, 2, 8192, 2112, 132, None))
 
 
