@@ -57,10 +57,10 @@ EXTRA_16 = [
 ]
 # more narrow-edge candidates (7th entry 32; only where N % BLOCK_N <= BLOCK_N / 2, e.g. dsv3_qkv_a)
 EXTRA_EDGE_16 = [
-    (256, 128, 64, 8, 8, 4),
     (128, 256, 64, 8, 8, 4),
     (256, 128, 64, 4, 8, 3),
     (128, 128, 64, 8, 8, 4),
+    (128, 128, 64, 8, 4, 4),
 ]
 EXTRA_BLOCK = [
     (128, 128, 128, 16, 8, 4),
