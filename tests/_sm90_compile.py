@@ -110,6 +110,172 @@ def _attn(which, varlen, causal=True, d=128):
     return fn, sig, const, dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
+def _kernel(fn, const, opts, types):
+    """(fn, signature, const, opts): the type `types` gives a parameter, constexpr for the names in `const`, i32
+    for the rest (sizes, strides, ranks, epochs: Python ints below 2**31 at the real launches)."""
+    sig = {a: types.get(a, "i32") for a in fn.arg_names}
+    sig.update({k: "constexpr" for k in const})
+    return fn, sig, const, opts
+
+
+def _gemm_ptr(dtype, mode, bm, bn, bk, warps, stages):
+    from turbo_dist.kernels import gemm as kg
+
+    # the scales are fp32 in FP8 modes; without scales the launch passes C as the (unread) dummy
+    s = "*fp32" if mode else "*bf16"
+    const = dict(SCALE_MODE=mode, SB_N=128, ALLOW_TF32=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8)
+    types = dict(a_ptr=f"*{dtype}", b_ptr=f"*{dtype}", c_ptr="*bf16", sa_ptr=s, sb_ptr=s)
+    return _kernel(kg._gemm_kernel, const, dict(num_warps=warps, num_stages=stages), types)
+
+
+def _grouped_ptr_fp8_blockwise():
+    from turbo_dist.kernels import grouped_gemm as gg
+
+    # FP8 with B stored [G, K, N] (not K-major) takes this kernel on Hopper too (see grouped_gemm.tma_operands)
+    const = dict(NUM_PROGS=132, G_POW2=32, SCALE_MODE=3, SB_N=128, IEEE=False, BLOCK_M=128, BLOCK_N=128,
+                 BLOCK_K=128, LENS=False)
+    types = dict(a_ptr="*fp8e4nv", b_ptr="*fp8e4nv", c_ptr="*bf16", offs_ptr="*i64", sa_ptr="*fp32", sb_ptr="*fp32")
+    return _kernel(gg._grouped_gemm_kernel, const, dict(num_warps=8, num_stages=4), types)
+
+
+def _grouped_wgrad():
+    from turbo_dist.kernels import grouped_gemm as gg
+
+    const = dict(IEEE=False, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64)
+    types = dict(x_ptr="*bf16", y_ptr="*bf16", c_ptr="*bf16", offs_ptr="*i64")
+    return _kernel(gg._grouped_wgrad_kernel, const, dict(num_warps=8, num_stages=4), types)
+
+
+# kernels/moe_nvlink.py as moe/nvlink.py launches it: 8 ranks, 20 channels (Config.num_sms), hidden 7168 moved as
+# int32 words (1792 for FP8, 3584 for bf16), 56 fp32 scales and top-8 per token, the global-timer waits.
+_NVL = dict(data_ptrs="*i64", sig_ptrs="*i64", sig_local="*i32", err_ptr="*i32", timeout_ns="i64",
+            off_x="i64", off_s="i64", off_i="i64", off_w="i64", off_src="i64")  # byte offsets into the buffer
+
+
+def _nvl_notify():
+    from turbo_dist.kernels import moe_nvlink as kn
+
+    types = dict(_NVL, row_ptr="*i32", expert_ptr="*i32", out_ptr="*i32")
+    const = dict(BLOCK_R=8, BLOCK_L=32, USE_TIMER=True)  # 32 local experts (256 over 8 ranks)
+    return _kernel(kn._notify_kernel, const, dict(num_warps=1), types)
+
+
+def _nvl_dispatch_send():
+    from turbo_dist.kernels import moe_nvlink as kn
+
+    types = dict(_NVL, x_ptr="*i32", scales_ptr="*fp32", idx_ptr="*i64", w_ptr="*fp32", in_rank_ptr="*i8",
+                 send_head_ptr="*i32", recv_off_ptr="*i32", recv_total_ptr="*i32")
+    # every branch: the dispatch's top-k and weights with the cached dispatch's barrier
+    const = dict(BLOCK_T=4, BLOCK_H=1024, BLOCK_S=64, BLOCK_K=8, BLOCK_R=8, HAS_SCALES=True, HAS_TOPK=True,
+                 HAS_W=True, BARRIER=True, USE_TIMER=True)
+    return _kernel(kn._dispatch_send_kernel, const, dict(num_warps=8), types)
+
+
+def _nvl_dispatch_recv():
+    from turbo_dist.kernels import moe_nvlink as kn
+
+    types = dict(_NVL, num_recv_ptr="*i32")
+    for side in ("buf", "out"):
+        types.update({f"{side}_x": "*i32", f"{side}_s": "*fp32", f"{side}_i": "*i64", f"{side}_w": "*fp32",
+                      f"{side}_src": "*i32"})
+    const = dict(BLOCK_T=4, BLOCK_H=1024, BLOCK_S=64, BLOCK_K=8, BLOCK_RC=256, HAS_SCALES=True, HAS_TOPK=True,
+                 HAS_W=True, USE_TIMER=True)
+    return _kernel(kn._dispatch_recv_kernel, const, dict(num_warps=4), types)
+
+
+def _nvl_combine_send():
+    from turbo_dist.kernels import moe_nvlink as kn
+
+    types = dict(_NVL, x_ptr="*i32", w_ptr="*fp32", seg_end_ptr="*i32", seg_cnt_ptr="*i32", dst_off_ptr="*i32",
+                 send_total_ptr="*i32")
+    const = dict(BLOCK_T=4, BLOCK_H=1024, BLOCK_K=8, BLOCK_R=8, HAS_W=True, USE_TIMER=True)
+    return _kernel(kn._combine_send_kernel, const, dict(num_warps=8), types)
+
+
+def _nvl_combine_recv():
+    from turbo_dist.kernels import moe_nvlink as kn
+
+    # the rows come back as bf16 (not words): the receiver sums them in fp32, plus two biases
+    types = dict(_NVL, buf_x="*bf16", buf_w="*fp32", in_rank_ptr="*i8", send_head_ptr="*i32", send_off_ptr="*i32",
+                 out_ptr="*bf16", out_w="*fp32", bias0="*bf16", bias1="*bf16")
+    const = dict(BLOCK_T=4, BLOCK_H=512, BLOCK_K=8, BLOCK_RC=256, HAS_W=True, NUM_BIAS=2, USE_TIMER=True)
+    return _kernel(kn._combine_recv_kernel, const, dict(num_warps=4), types)
+
+
+# The low-latency receive side (moe/low_latency.py): 8 ranks x 128 tokens, top-8, hidden 7168, 32 local experts.
+def _ll_place_index():
+    from turbo_dist.kernels import moe_ll_place as lp
+
+    types = dict(idx_ptr="*i32", dst_ptr="*i64", src_info_ptr="*i32", count_ptr="*i32", range_ptr="*i64",
+                 stats_ptr="*i32")
+    return _kernel(lp._ll_place_index_kernel, dict(K=8, HAS_STATS=True, BLOCK=1024), dict(num_warps=4), types)
+
+
+def _ll_place_rows():
+    from turbo_dist.kernels import moe_ll_place as lp
+
+    # FP8 rows (1792 words) with their scales packed as UE8M0 bytes into int32 words
+    types = dict(src_ptr="*i32", target_ptr="*i64", out_ptr="*i32", s_src_ptr="*fp32", s_out_ptr="*i32")
+    const = dict(K=8, WORDS=1792, BLOCK=1024, HAS_S=True, GROUPS=56, G_POW2=64, UE8M0=True)
+    return _kernel(lp._ll_place_rows_kernel, const, dict(num_warps=4), types)
+
+
+def _ll_reduce(logfmt):
+    from turbo_dist.kernels import moe_ll_logfmt as lf
+    from turbo_dist.kernels import moe_ll_place as lp
+
+    types = dict(rows_ptr="*u8" if logfmt else "*bf16", idx_ptr="*i64", w_ptr="*fp32", out_ptr="*bf16")
+    if logfmt:
+        return _kernel(lf._ll_combine_reduce_logfmt_kernel, dict(H=7168, K=8, BLOCK_H=1024), dict(num_warps=4), types)
+    return _kernel(lp._ll_combine_reduce_kernel, dict(K=8, BLOCK_H=1024), dict(num_warps=4), types)
+
+
+def _ll_combine_send_logfmt():
+    from turbo_dist.kernels import moe_ll_logfmt as lf
+
+    types = dict(y_ptr="*bf16", dst_ptr="*i64", peer_ptrs="*i64", comb_off="i64", cnt_off="i64", mask_ptr="*i32")
+    const = dict(H=7168, K=8, GB=16, HAS_MASK=True)
+    return _kernel(lf._ll_combine_send_logfmt_kernel, const, dict(num_warps=4), types)
+
+
+def _tp_signal(wait):
+    from turbo_dist.kernels import tp_signal as ts
+
+    if wait:
+        types = dict(pad_ptr="*i32", err_ptr="*i32", timeout_ns="i64")
+        return _kernel(ts._wait_signal_kernel, dict(USE_TIMER=True), dict(num_warps=1), types)
+    return _kernel(ts._put_signal_kernel, {}, dict(num_warps=1), dict(pad_ptrs="*i64"))
+
+
+def _fp8_quant(row):
+    from turbo_dist.kernels import fp8_quant as fq
+
+    # bf16 -> e4m3 as the GPU runs it (EXACT_ROUND only under the interpreter); the tile kernel with 1 x 128
+    # blocks (activations: a scale vector per tile, where 128 x 128 blocks have one scalar)
+    types = dict(x_ptr="*bf16", q_ptr="*fp8e4nv", s_ptr="*fp32")
+    const = dict(FP8_MAX=448.0, EXACT_ROUND=False, MBITS=3, EMIN=-6)
+    if row:
+        return _kernel(fq._quant_row_kernel, dict(const, BLOCK_R=16, BLOCK_C=512), {}, types)
+    const.update(MODE=fq.MODE_1XB, BLOCK_R=32, BLOCK_C=128)
+    return _kernel(fq._quant_tile_kernel, const, dict(num_warps=4), types)
+
+
+def _fp8_grouped_m_major():
+    from turbo_dist.kernels import fp8_quant as fq
+
+    types = dict(src_ptr="*fp32", dst_ptr="*fp32", offs_ptr="*i64")
+    return _kernel(fq._grouped_m_major_kernel, dict(G_POW2=32, BLOCK_R=128, BLOCK_K=16), {}, types)
+
+
+def _dispatch_layout():
+    from turbo_dist.kernels import moe_layout as ml
+
+    # 256 experts over 8 ranks, top-8: BLOCK_T = min(128, 8192 // (8 * 8)); is_token_in_rank is bool (*i1)
+    types = dict(idx_ptr="*i64", per_rank_ptr="*i32", per_expert_ptr="*i32", in_rank_ptr="*i1")
+    const = dict(K=8, K_POW2=8, R=8, R_POW2=8, BLOCK_T=128)
+    return _kernel(ml._dispatch_layout_kernel, const, dict(num_warps=4), types)
+
+
 KERNELS = {
     "gemm_bf16": lambda: _gemm("bf16", 128, 256, 64, 0, 0),
     "gemm_bf16_edge_256x128": lambda: _gemm("bf16", 256, 128, 64, 0, 64, stages=4),
@@ -126,6 +292,26 @@ KERNELS = {
     "attn_fwd_varlen": lambda: _attn("fwd", True),
     "attn_bwd_dkdv_causal": lambda: _attn("dkdv", False),
     "attn_bwd_dq_varlen": lambda: _attn("dq", True),
+    "gemm_ptr_bf16": lambda: _gemm_ptr("bf16", 0, 128, 256, 64, 8, 3),
+    "gemm_ptr_fp8_blockwise": lambda: _gemm_ptr("fp8e4nv", 3, 128, 128, 128, 8, 4),
+    "grouped_ptr_fp8_blockwise": _grouped_ptr_fp8_blockwise,
+    "grouped_wgrad_bf16": _grouped_wgrad,
+    "nvl_notify": _nvl_notify,
+    "nvl_dispatch_send_fp8_barrier": _nvl_dispatch_send,
+    "nvl_dispatch_recv_fp8": _nvl_dispatch_recv,
+    "nvl_combine_send": _nvl_combine_send,
+    "nvl_combine_recv_bias": _nvl_combine_recv,
+    "ll_place_index_stats": _ll_place_index,
+    "ll_place_rows_fp8_ue8m0": _ll_place_rows,
+    "ll_combine_reduce": lambda: _ll_reduce(False),
+    "ll_combine_send_logfmt_mask": _ll_combine_send_logfmt,
+    "ll_combine_reduce_logfmt": lambda: _ll_reduce(True),
+    "tp_put_signal": lambda: _tp_signal(False),
+    "tp_wait_signal": lambda: _tp_signal(True),
+    "fp8_quant_1x128": lambda: _fp8_quant(False),
+    "fp8_quant_row": lambda: _fp8_quant(True),
+    "fp8_grouped_m_major": _fp8_grouped_m_major,
+    "moe_dispatch_layout": _dispatch_layout,
 }
 
 
