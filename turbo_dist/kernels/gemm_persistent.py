@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .gemm import _store_tile, _tile_coords, _tma_tile
+from .gemm_tiles import _store_tile, _tile_coords, _tma_tile
 
 # Split-tail candidates, tried beside gemm.py's lists where split_tail_pays: the large tiles those lists pick
 # for such shapes (16-bit inputs: BLOCK_K 64; FP8: 128).

@@ -25,8 +25,8 @@ import triton.language as tl
 
 from . import _tuner
 from . import gemm as _gemm
-from .gemm import (SCALE_BLOCK, SCALE_NONE, TensorDescriptor, _block_scales, _mma_step, _scale_epilogue,
-                   _store_tile, interpreting)
+from .gemm import SCALE_BLOCK, SCALE_NONE, TensorDescriptor, interpreting
+from .gemm_tiles import _block_scales, _mma_step, _scale_epilogue, _store_tile
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
 CONFIGS_16 = [
