@@ -5,8 +5,13 @@ Run by tests/test_sm90_compile.py in a subprocess without TRITON_INTERPRET (whic
 into interpreted ones); prints one line per kernel and exits 1 if any failed.
 
     python tests/_sm90_compile.py [name ...]
+    python tests/_sm90_compile.py --ptxas [name ...]   # also registers / spills per kernel (ptxas -v; no GPU)
 """
+import os
+import re
+import subprocess
 import sys
+import tempfile
 import traceback
 
 import triton
@@ -329,18 +334,38 @@ def probe():
         return f"{type(exc).__name__}: {exc}"
 
 
+def ptxas_usage(ptx):
+    """'R registers, S bytes spilled' from ptxas -v on the PTX (Triton's bundled ptxas, sm_90a): register pressure
+    and spills can be read without a GPU (Triton's own n_regs / n_spills need the driver to load the binary)."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    ptxas = get_ptxas(TARGET.arch)
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        log = subprocess.run([getattr(ptxas, "path", ptxas), "-v", "--gpu-name", "sm_90a", src, "-o",
+                              os.path.join(tmp, "k.cubin")], capture_output=True, text=True).stderr
+    regs = re.findall(r"Used (\d+) registers", log)
+    spills = re.findall(r"(\d+) bytes spill stores", log)
+    return f"{regs[-1] if regs else '?'} registers, {spills[-1] if spills else '?'} bytes spilled"
+
+
 def main(names):
     if names == ["--probe"]:
         why = probe()
         print(why or "ok")
         return 2 if why else 0
+    usage = names[:1] == ["--ptxas"]
+    names = names[1:] if usage else names
     failed = 0
     for name in names or KERNELS:
         try:
             fn, sig, const, opts = KERNELS[name]()
             sig = {a: sig[a] for a in fn.arg_names}  # every parameter, in order (KeyError: one left out)
             k = triton.compile(ASTSource(fn, sig, const), target=TARGET, options=opts)
-            print(f"{name}: ok ({len(k.asm['ptx'])} chars of PTX)")
+            extra = f"; {ptxas_usage(k.asm['ptx'])}" if usage else ""
+            print(f"{name}: ok ({len(k.asm['ptx'])} chars of PTX{extra})")
         except Exception as exc:  # report every kernel, then fail
             failed += 1
             print(f"{name}: FAILED {type(exc).__name__}: {exc}")
