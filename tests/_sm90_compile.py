@@ -23,76 +23,77 @@ TARGET = GPUTarget("cuda", 90, 32)
 
 
 def _desc(dtype, block):
-    return f"tensordesc<{dtype}[{block[0]}, {block[1]}]>"
+    return f"tensordesc<{dtype}[{', '.join(map(str, block))}]>"
+
+
+def _kernel(fn, const, opts, types):
+    """(fn, signature, const, opts): the type `types` gives a parameter, constexpr for the names in `const`, i32
+    for the rest (sizes, strides, ranks, epochs: Python ints below 2**31 at the real launches)."""
+    sig = {a: types.get(a, "i32") for a in fn.arg_names}
+    sig.update({k: "constexpr" for k in const})
+    return fn, sig, const, opts
+
+
+def _gemm_tma_types(dtype, bm, bn, bk, b_t):
+    return dict(a_desc=_desc(dtype, (bm, bk)), b_desc=_desc(dtype, (bn, bk) if b_t else (bk, bn)), c_ptr="*bf16",
+                sa_ptr="*fp32", sb_ptr="*fp32")
 
 
 def _gemm(dtype, bm, bn, bk, mode, edge, b_t=True, warps=8, stages=3):
     from turbo_dist.kernels import gemm as kg
 
-    sig = dict(a_desc=_desc(dtype, (bm, bk)), b_desc=_desc(dtype, (bn, bk) if b_t else (bk, bn)), c_ptr="*bf16",
-               sa_ptr="*fp32", sb_ptr="*fp32", M="i32", N="i32", K="i32", stride_cm="i32", stride_cn="i32",
-               stride_sam="i32", stride_sak="i32", stride_sbk="i32", stride_sbn="i32")
+    types = _gemm_tma_types(dtype, bm, bn, bk, b_t)
+    types["be_desc"] = _desc(dtype, ((edge or bn), bk) if b_t else (bk, (edge or bn)))
     const = dict(A_T=False, B_T=b_t, SCALE_MODE=mode, SB_N=128, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
                  WS=False, RESCALE=False, EDGE_N=edge)
-    sig.update({k: "constexpr" for k in const})
-    sig["be_desc"] = _desc(dtype, ((edge or bn), bk) if b_t else (bk, (edge or bn)))
-    return kg._gemm_tma_kernel, sig, const, dict(num_warps=warps, num_stages=stages)
+    return _kernel(kg._gemm_tma_kernel, const, dict(num_warps=warps, num_stages=stages), types)
 
 
 def _split_tail():
     from turbo_dist.kernels import gemm_persistent as gp
 
-    _, sig, const, opts = _gemm("bf16", 256, 128, 64, 0, 0)
-    sig.update(ws_ptr="*fp32", cnt_ptr="*i32")
-    const.pop("EDGE_N")
-    const.update(NUM_PROGS=132, SPLIT_TAIL=True, MAX_SPLIT=16, MIN_SPLIT_STEPS=4, TAIL_ONLY=False)
-    sig.update({k: "constexpr" for k in const})
-    return gp._gemm_tma_persistent_kernel, sig, const, opts
+    types = dict(_gemm_tma_types("bf16", 256, 128, 64, True), ws_ptr="*fp32", cnt_ptr="*i32")
+    const = dict(A_T=False, B_T=True, SCALE_MODE=0, SB_N=128, BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, GROUP_M=8,
+                 NUM_PROGS=132, WS=False, RESCALE=False, SPLIT_TAIL=True, MAX_SPLIT=16, MIN_SPLIT_STEPS=4,
+                 TAIL_ONLY=False)
+    return _kernel(gp._gemm_tma_persistent_kernel, const, dict(num_warps=8, num_stages=3), types)
 
 
 def _grouped(dtype, bm, bn, bk, mode, warps, stages, lens=False):
     from turbo_dist.kernels import grouped_gemm as gg
 
-    sig = dict(a_desc=_desc(dtype, (bm, bk)), b_desc=f"tensordesc<{dtype}[1, {bn}, {bk}]>", c_ptr="*bf16",
-               offs_ptr="*i64", sa_ptr="*fp32", sb_ptr="*fp32", G="i32", N="i32", K="i32", stride_cm="i32",
-               stride_cn="i32", stride_sam="i32", stride_sak="i32", stride_sbg="i32", stride_sbk="i32",
-               stride_sbn="i32")
+    types = dict(a_desc=_desc(dtype, (bm, bk)), b_desc=_desc(dtype, (1, bn, bk)), c_ptr="*bf16", offs_ptr="*i64",
+                 sa_ptr="*fp32", sb_ptr="*fp32")
     const = dict(NUM_PROGS=132, G_POW2=32, B_T=True, SCALE_MODE=mode, SB_N=128, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
                  WS=False, RESCALE=False, LENS=lens)
-    sig.update({k: "constexpr" for k in const})
-    return gg._grouped_gemm_tma_kernel, sig, const, dict(num_warps=warps, num_stages=stages)
+    return _kernel(gg._grouped_gemm_tma_kernel, const, dict(num_warps=warps, num_stages=stages), types)
 
 
 def _ll_wait():
     from turbo_dist.kernels import moe_ll
 
-    sig = dict(cnt_ptr="*i64", err_addr="i64", stats_ptr="*i64", num_src="i32", expected="i64", code="i32",
-               timeout_ns="i64", max_iters="i64", BLOCK="constexpr", USE_TIMER="constexpr", HAS_STATS="constexpr",
-               mask_ptr="*i32", HAS_MASK="constexpr")
+    types = dict(cnt_ptr="*i64", err_addr="i64", stats_ptr="*i64", expected="i64", timeout_ns="i64",
+                 max_iters="i64", mask_ptr="*i32")
     const = dict(BLOCK=8, USE_TIMER=True, HAS_STATS=True, HAS_MASK=True)
-    return moe_ll._ll_wait_kernel, sig, const, dict(num_warps=1)
+    return _kernel(moe_ll._ll_wait_kernel, const, dict(num_warps=1), types)
 
 
 def _ll_dispatch_send_fp8():
     from turbo_dist.kernels import moe_ll
 
-    sig = dict(x_ptr="*bf16", s_ptr="*bf16", idx_ptr="*i64", num_tokens="i32", peer_ptrs="*i64", me="i32",
-               experts_per_rank="i32", num_max="i32", x_off="i64", s_off="i64", idx_off="i64", cnt_off="i64",
-               stride_x="i32", mask_ptr="*i32")
+    types = dict(x_ptr="*bf16", s_ptr="*bf16", idx_ptr="*i64", peer_ptrs="*i64", x_off="i64", s_off="i64",
+                 idx_off="i64", cnt_off="i64", mask_ptr="*i32")
     const = dict(X_WORDS=1, S_WORDS=1, K=8, BLOCK_K=8, BLOCK=1024, HAS_S=True, CAST=True, ROUND_SCALE=True,
                  GROUPS=56, G_POW2=64, HAS_MASK=True)
-    sig.update({k: "constexpr" for k in const})
-    return moe_ll._ll_dispatch_send_kernel, sig, const, dict(num_warps=4)
+    return _kernel(moe_ll._ll_dispatch_send_kernel, const, dict(num_warps=4), types)
 
 
 def _ll_combine_send():
     from turbo_dist.kernels import moe_ll
 
-    sig = dict(y_ptr="*i32", dst_ptr="*i64", peer_ptrs="*i64", me="i32", num_max="i32", comb_off="i64",
-               cnt_off="i64", Y_WORDS="constexpr", K="constexpr", BLOCK="constexpr", mask_ptr="*i32",
-               HAS_MASK="constexpr")
+    types = dict(y_ptr="*i32", dst_ptr="*i64", peer_ptrs="*i64", comb_off="i64", cnt_off="i64", mask_ptr="*i32")
     const = dict(Y_WORDS=3584, K=8, BLOCK=1024, HAS_MASK=True)
-    return moe_ll._ll_combine_send_kernel, sig, const, dict(num_warps=4)
+    return _kernel(moe_ll._ll_combine_send_kernel, const, dict(num_warps=4), types)
 
 
 def _attn(which, varlen, causal=True, d=128):
@@ -107,20 +108,10 @@ def _attn(which, varlen, causal=True, d=128):
     if which == "fwd":
         const["EVEN_D"] = True
     meta = "*i32" if varlen else "*fp32"
-    sig = {a: "i32" for a in fn.arg_names}  # strides and sizes
-    sig.update({a: "*bf16" for a in ("Q", "K", "V", "O", "DO", "DK", "DV", "DQ")},
-               LSE="*fp32", DELTA="*fp32", qk_scale="fp32", sm_scale="fp32", CU_Q=meta, CU_K=meta, SID_Q=meta,
-               SID_K=meta)
-    sig.update({k: "constexpr" for k in const})
-    return fn, sig, const, dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-
-
-def _kernel(fn, const, opts, types):
-    """(fn, signature, const, opts): the type `types` gives a parameter, constexpr for the names in `const`, i32
-    for the rest (sizes, strides, ranks, epochs: Python ints below 2**31 at the real launches)."""
-    sig = {a: types.get(a, "i32") for a in fn.arg_names}
-    sig.update({k: "constexpr" for k in const})
-    return fn, sig, const, opts
+    types = {a: "*bf16" for a in ("Q", "K", "V", "O", "DO", "DK", "DV", "DQ")}
+    types.update(LSE="*fp32", DELTA="*fp32", qk_scale="fp32", sm_scale="fp32", CU_Q=meta, CU_K=meta, SID_Q=meta,
+                 SID_K=meta)
+    return _kernel(fn, const, dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages), types)
 
 
 def _gemm_ptr(dtype, mode, bm, bn, bk, warps, stages):
