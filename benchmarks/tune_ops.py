@@ -265,7 +265,7 @@ def fp8_block_case(args):
                      _uniq(source + EXTRA_BLOCK), run, args, source)
 
 
-def _g8_fc1(G=8, tokens_per_expert=1024):
+def _fc1_experts(G=8, tokens_per_expert=1024):
     """DeepSeek-V3 fc1 experts, G of them, skewed token counts (~tokens_per_expert each; bench_ops' split):
     (lens, a [M, K], b_t [G, N, K])."""
     from bench_ops import skewed_lens
@@ -278,6 +278,12 @@ def _g8_fc1(G=8, tokens_per_expert=1024):
     return lens, a, b_t
 
 
+def _grouped_mm_baseline(a, b, offs):
+    """bf16 torch._grouped_mm on a [M, K] and b [G, K, N] at the group end offsets offs (int64 on the device)."""
+    offs32 = offs.to(torch.int32)
+    return lambda: torch._grouped_mm(a, b, offs=offs32, out_dtype=torch.bfloat16)
+
+
 def fp8_grouped_block_case(args):
     from turbo_dist.kernels import fp8_gemm, grouped_gemm as kgg
     from turbo_dist.ops import ScalingGranularity, quantize_fp8
@@ -285,7 +291,7 @@ def fp8_grouped_block_case(args):
 
     B = ScalingGranularity.BLOCKWISE
     E4M3 = torch.float8_e4m3fn
-    lens, a, b_t = _g8_fc1()
+    lens, a, b_t = _fc1_experts()
     M, K, N = a.shape[0], a.shape[1], b_t.shape[1]
     aq, sa = quantize_fp8(a, E4M3, B)
     wq, sw = quantize_fp8(b_t, E4M3, B, weight=True)
@@ -295,9 +301,7 @@ def fp8_grouped_block_case(args):
     ref = _reference_grouped_scaled(aq, wq.transpose(1, 2), sa, sw, lens, "block", torch.float32)
     baselines = {}
     if not DRY:
-        offs32 = offs.to(torch.int32)
-        baselines["bf16_torch_grouped_mm"] = lambda: torch._grouped_mm(a, b_t.transpose(1, 2), offs=offs32,
-                                                                       out_dtype=torch.bfloat16)
+        baselines["bf16_torch_grouped_mm"] = _grouped_mm_baseline(a, b_t.transpose(1, 2), offs)
         # the cuBLASLt-per-group backend (torch_loop) on the same counts, when this torch/cuBLAS and these
         # counts (host, multiples of the probed row alignment) allow it
         from turbo_dist.ops.fp8_grouped import _torch_loop_grouped_scaled, _torch_loop_grouped_scaled_can
@@ -326,20 +330,19 @@ def grouped_bf16_case(args, name="grouped_bf16_G8_fc1", G=8, tokens_per_expert=1
     torch._grouped_mm and a per-expert torch.mm loop over host-side splits (issue 3's "per-group loop")."""
     from turbo_dist.kernels import grouped_gemm as kgg
 
-    lens, a, b_t = _g8_fc1(G, tokens_per_expert)
+    lens, a, b_t = _fc1_experts(G, tokens_per_expert)
     M, K, N = a.shape[0], a.shape[1], b_t.shape[1]
     offs = torch.cumsum(lens.to(DEVICE), 0)
     b = b_t.transpose(1, 2)  # [G, K, N] view
     ends = offs.tolist()
+    splits = list(zip([0] + ends[:-1], ends))
 
     def fp32_loop():
-        return torch.cat([a[s:e].float() @ b[g].float() for g, (s, e) in enumerate(zip([0] + ends[:-1], ends))])
+        return torch.cat([a[s:e].float() @ b[g].float() for g, (s, e) in enumerate(splits)])
     ref = fp32_loop()
     baselines = {}
     if not DRY:
-        offs32 = offs.to(torch.int32)
-        baselines["bf16_torch_grouped_mm"] = lambda: torch._grouped_mm(a, b, offs=offs32, out_dtype=torch.bfloat16)
-        splits = list(zip([0] + ends[:-1], ends))
+        baselines["bf16_torch_grouped_mm"] = _grouped_mm_baseline(a, b, offs)
         baselines["bf16_loop_mm"] = lambda: [torch.mm(a[s:e], b[g]) for g, (s, e) in enumerate(splits)]
     else:
         baselines["fp32_loop"] = fp32_loop
@@ -356,7 +359,7 @@ def fp8_grouped_row_case(args):
     from turbo_dist.ops.fp8_grouped import _reference_grouped_scaled
 
     R = ScalingGranularity.ROWWISE
-    lens, a, b_t = _g8_fc1()
+    lens, a, b_t = _fc1_experts()
     G, M, K, N = b_t.shape[0], a.shape[0], a.shape[1], b_t.shape[1]
     aq, sa = quantize_fp8(a, torch.float8_e4m3fn, R)
     wq, sw = quantize_fp8(b_t, torch.float8_e4m3fn, R, weight=True)
@@ -365,9 +368,7 @@ def fp8_grouped_row_case(args):
     ref = _reference_grouped_scaled(aq, wq.transpose(1, 2), sa, sw, lens, "row", torch.float32)
     baselines = {}
     if not DRY:
-        offs32 = offs.to(torch.int32)
-        baselines["bf16_torch_grouped_mm"] = lambda: torch._grouped_mm(a, b_t.transpose(1, 2), offs=offs32,
-                                                                       out_dtype=torch.bfloat16)
+        baselines["bf16_torch_grouped_mm"] = _grouped_mm_baseline(a, b_t.transpose(1, 2), offs)
     else:
         baselines["fp32_loop"] = lambda: _reference_grouped_scaled(aq, wq.transpose(1, 2), sa, sw, lens, "row",
                                                                    torch.float32)
