@@ -412,7 +412,6 @@ def _launch_tma(a, b, c, sa, sb, tma, s_strides, mode, sb_n, config, split_tail=
         cf = _unpack(config)
         kw = dict(BLOCK_M=cf.bm, BLOCK_N=cf.bn, BLOCK_K=cf.bk, GROUP_M=cf.gm, WS=cf.ws, RESCALE=cf.rescale,
                   num_warps=cf.warps, num_stages=cf.stages)
-        tiles = -(-M // cf.bm) * -(-N // cf.bn)
         en = edge_n(N, cf.bn) if cf.edge else 0
         if cf.edge:
             if not en:
@@ -420,7 +419,7 @@ def _launch_tma(a, b, c, sa, sb, tma, s_strides, mode, sb_n, config, split_tail=
             if be_desc is None:
                 be_desc = TensorDescriptor.from_tensor(b_st, [16, 16])
             kw.update(EDGE_N=en, be_desc=be_desc)
-            tiles = _grid_tiles(M, N, cf.bm, cf.bn, en)
+        tiles = _grid_tiles(M, N, cf.bm, cf.bn, en)  # all tiles of the output when en == 0
 
         def launch():
             _set_tma_blocks(dict(a_desc=a_desc, b_desc=b_desc, be_desc=be_desc, A_T=a_t, B_T=b_t, BLOCK_M=cf.bm,
