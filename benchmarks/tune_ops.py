@@ -10,7 +10,9 @@ at 8192^3 against bf16 cuBLAS and rowwise torch._scaled_mm; blockwise FP8 groupe
 shape (8 experts, 1024 tokens each on average, skewed) against bf16 torch._grouped_mm; on the same shape the
 rowwise FP8 and the bf16 grouped GEMM, each module list followed by its TWO_PER_SM variants (two programs per SM);
 the bf16 grouped GEMM also at 32 experts x ~256 tokens (grouped_bf16_G32_t256_fc1), where issue 3 asks for >= 1.3x
-a per-expert loop (`bf16_loop_mm`, torch.mm per expert over host-side splits).
+a per-expert loop (`bf16_loop_mm`, torch.mm per expert over host-side splits); the grouped backward's halves
+(grouped_wgrad_*: dB = A^T dC per expert, the TMA kernel's configs against the pointer kernel, torch._grouped_mm
+and the loop; grouped_dgrad_*: dA = dC B^T per expert) at 32 x ~128 / ~256 and 8 x ~1024 tokens.
 
 For each case: every candidate (the module's config list, then extra candidates) is compiled, run once and
 compared with the reference (relative Frobenius error; `ok` = below the case's tolerance), then timed with
@@ -33,8 +35,12 @@ import torch  # noqa: E402
 from common import bench, bench_interleaved, machine_info, print_table, write_json  # noqa: E402
 
 GEMM_CASES = [("cube4096", 4096, 4096, 4096), ("dsv3_qkv_a", 8192, 2112, 7168), ("cube8192", 8192, 8192, 8192)]
+# the grouped GEMM's backward on DeepSeek-V3 fc1 experts: (case, kind, experts, tokens per expert)
+GROUPED_BWD_CASES = [("grouped_wgrad_G32_t128_fc1", "wgrad", 32, 128), ("grouped_wgrad_G32_t256_fc1", "wgrad", 32, 256),
+                     ("grouped_wgrad_G8_fc1", "wgrad", 8, 1024), ("grouped_dgrad_G32_t256_fc1", "dgrad", 32, 256)]
 CASES = [c[0] for c in GEMM_CASES] + ["fp8_block_8192", "fp8_grouped_block_G8_fc1", "fp8_grouped_row_G8_fc1",
-                                      "grouped_bf16_G8_fc1", "grouped_bf16_G32_t256_fc1"]
+                                      "grouped_bf16_G8_fc1", "grouped_bf16_G32_t256_fc1"] + [
+                                      c[0] for c in GROUPED_BWD_CASES]
 
 # Candidates beyond the module lists: (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages).
 EXTRA_16 = [
@@ -117,6 +123,19 @@ EXTRA_GROUPED_16 = [
     (256, 128, 64, 8, 4),
     (128, 256, 64, 8, 4),
     (128, 128, 64, 8, 5),
+]
+
+
+# weight-gradient candidates beyond CONFIGS_WGRAD_TMA (BLOCK_M of P, BLOCK_N of Q, BLOCK_K rows, warps, stages):
+# with ~128-256 rows per expert the K loop is short (2-4 steps), so the output write and the tile's setup count
+EXTRA_WGRAD = [
+    (128, 128, 64, 8, 3),
+    (128, 128, 64, 8, 5),
+    (128, 256, 64, 8, 4),
+    (256, 128, 64, 8, 4),
+    (128, 128, 32, 4, 4),
+    (128, 64, 64, 4, 4),
+    (64, 256, 64, 8, 3),
 ]
 
 
@@ -352,6 +371,62 @@ def grouped_bf16_case(args, name="grouped_bf16_G8_fc1", G=8, tokens_per_expert=1
                      _uniq(source + _two_per_sm(source) + EXTRA_GROUPED_16), run, args, source)
 
 
+def grouped_bwd_case(args, name, kind, G, tokens_per_expert):
+    """The bf16 grouped GEMM's backward halves on fc1 experts (weights b [G, K, N] as bench_ops' grouped
+    section): kind "wgrad", dB[g] = a_g^T dC_g (kernels/grouped_gemm.grouped_wgrad: the TMA kernel's configs,
+    the pointer kernel as a baseline), or "dgrad", dA = dC b^T per group (the forward kernel, b transposed).
+    Baselines: torch._grouped_mm and a per-expert torch.mm loop over host-side splits."""
+    from turbo_dist.kernels import gemm as kgemm
+    from turbo_dist.kernels import grouped_gemm as kgg
+
+    lens, a, b_t = _fc1_experts(G, tokens_per_expert)
+    M, K, N = a.shape[0], a.shape[1], b_t.shape[1]
+    b = b_t.transpose(1, 2).contiguous()  # [G, K, N]
+    g = torch.Generator(device="cpu").manual_seed(3)
+    dc = torch.randn(M, N, generator=g).to(DEVICE, DTYPE)
+    offs = torch.cumsum(lens.to(DEVICE), 0)
+    offs32 = offs.to(torch.int32)
+    ends = offs.tolist()
+    splits = list(zip([0] + ends[:-1], ends))
+    baselines = {}
+    if kind == "wgrad":
+        def fp32_loop():
+            return torch.stack([a[s:e].float().t() @ dc[s:e].float() for s, e in splits])
+
+        def pointer():  # the pointer kernel (tuned on its first call)
+            prev, kgemm.USE_TMA = kgemm.USE_TMA, False
+            try:
+                return kgg.grouped_wgrad(a, dc, offs, G)
+            finally:
+                kgemm.USE_TMA = prev
+
+        if not DRY:
+            baselines["bf16_torch_grouped_mm"] = lambda: torch._grouped_mm(a.t(), dc, offs=offs32,
+                                                                           out_dtype=torch.bfloat16)
+            baselines["bf16_loop_mm"] = lambda: [torch.mm(a[s:e].t(), dc[s:e]) for s, e in splits]
+        else:
+            baselines["fp32_loop"] = fp32_loop
+        baselines["triton_pointer"] = pointer
+        source = [tuple(c) for c in kgg.CONFIGS_WGRAD_TMA]
+        run = lambda cfg: kgg.grouped_wgrad(a, dc, offs, G, config=cfg)  # noqa: E731
+        cands = _uniq(source + EXTRA_WGRAD)
+    else:
+        def fp32_loop():
+            return torch.cat([dc[s:e].float() @ b[i].float().t() for i, (s, e) in enumerate(splits)])
+
+        if not DRY:
+            baselines["bf16_torch_grouped_mm"] = lambda: torch._grouped_mm(dc, b.transpose(1, 2), offs=offs32,
+                                                                           out_dtype=torch.bfloat16)
+            baselines["bf16_loop_mm"] = lambda: [torch.mm(dc[s:e], b[i].t()) for i, (s, e) in enumerate(splits)]
+        else:
+            baselines["fp32_loop"] = fp32_loop
+        source = [tuple(c) for c in kgg.CONFIGS_16]
+        run = lambda cfg: kgg.grouped_gemm(dc, b.transpose(1, 2), offs, config=cfg)  # noqa: E731
+        cands = _uniq(source + EXTRA_GROUPED_16)
+    ref = fp32_loop()
+    return tune_case(name, 2.0 * M * K * N, ref, 2e-2, baselines, lambda: run(None), cands, run, args, source)
+
+
 def fp8_grouped_row_case(args):
     """Rowwise FP8 grouped GEMM (CONFIGS_8 and their TWO_PER_SM variants) vs bf16 torch._grouped_mm."""
     from turbo_dist.kernels import fp8_gemm, grouped_gemm as kgg
@@ -426,6 +501,9 @@ def main(argv=None):
         done(grouped_bf16_case(args))
     if "grouped_bf16_G32_t256_fc1" in names:
         done(grouped_bf16_case(args, "grouped_bf16_G32_t256_fc1", 32, 256))
+    for case, kind, G, tpe in GROUPED_BWD_CASES:
+        if case in names:
+            done(grouped_bwd_case(args, case, kind, G, tpe))
     print("\n## best config per case (rank by ms, correct results only)")
     best = []
     for case in names:

@@ -142,6 +142,15 @@ def _grouped_wgrad():
     return _kernel(gg._grouped_wgrad_kernel, const, dict(num_warps=8, num_stages=4), types)
 
 
+def _grouped_wgrad_tma(bm=128, bn=128, bk=64, warps=8, stages=4):
+    from turbo_dist.kernels import grouped_gemm as gg
+
+    const = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+    types = dict(x_desc=_desc("bf16", (bk, bm)), y_desc=_desc("bf16", (bk, bn)), x_ptr="*bf16", y_ptr="*bf16",
+                 c_ptr="*bf16", offs_ptr="*i64")
+    return _kernel(gg._grouped_wgrad_tma_kernel, const, dict(num_warps=warps, num_stages=stages), types)
+
+
 # kernels/moe_nvlink.py as moe/nvlink.py launches it: 8 ranks, 20 channels (Config.num_sms), hidden 7168 moved as
 # int32 words (1792 for FP8, 3584 for bf16), 56 fp32 scales and top-8 per token, the global-timer waits.
 _NVL = dict(data_ptrs="*i64", sig_ptrs="*i64", sig_local="*i32", err_ptr="*i32", timeout_ns="i64",
@@ -292,6 +301,8 @@ KERNELS = {
     "gemm_ptr_fp8_blockwise": lambda: _gemm_ptr("fp8e4nv", 3, 128, 128, 128, 8, 4),
     "grouped_ptr_fp8_blockwise": _grouped_ptr_fp8_blockwise,
     "grouped_wgrad_bf16": _grouped_wgrad,
+    "grouped_wgrad_tma_bf16": _grouped_wgrad_tma,
+    "grouped_wgrad_tma_bf16_128x256": lambda: _grouped_wgrad_tma(128, 256, 64, 8, 3),
     "nvl_notify": _nvl_notify,
     "nvl_dispatch_send_fp8_barrier": _nvl_dispatch_send,
     "nvl_dispatch_recv_fp8": _nvl_dispatch_recv,

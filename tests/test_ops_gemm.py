@@ -422,6 +422,7 @@ def test_grouped_tuned_path_picks_per_rows_bucket(monkeypatch, tma):
     monkeypatch.setattr(kgg, "interpreter_config", lambda mode: None)
     monkeypatch.setattr(kgg, "CONFIGS_16", [(32, 32, 32, 4, 1), (16, 32, 32, 4, 1)])
     monkeypatch.setattr(kgg, "CONFIGS_WGRAD", [(32, 32, 32, 4, 1), (16, 16, 32, 4, 1)])
+    monkeypatch.setattr(kgg, "CONFIGS_WGRAD_TMA", [(32, 32, 32, 4, 1), (16, 16, 16, 4, 1)])
     monkeypatch.setattr(kgemm, "TUNE_FIRST_ONLY", False)
     monkeypatch.setattr(_tuner, "_CACHE", {})
     calls = []
@@ -442,9 +443,42 @@ def test_grouped_tuned_path_picks_per_rows_bucket(monkeypatch, tma):
         ref = torch.stack([a[s:e].double().t() @ dc[s:e].double() for s, e in
                            zip([0] + offs.tolist()[:-1], offs.tolist())])
         torch.testing.assert_close(db.double(), ref, rtol=1e-2, atol=1e-2)
-    fwd = "grouped_tma" if tma else "grouped"
-    assert calls == [(fwd, 2, False), ("grouped_wgrad", 2, False)] * 2
+    fwd, wgrad = ("grouped_tma", "grouped_wgrad_tma") if tma else ("grouped", "grouped_wgrad")
+    assert calls == [(fwd, 2, False), (wgrad, 2, False)] * 2
     assert kgg.rows_bucket(50, 4) == 16 and kgg.rows_bucket(0, 4) == 1 and kgg.rows_bucket(201, 4) == 64
+
+
+def _wgrad_paths(monkeypatch, lens, P, Q, trans_b, dtype, device):
+    """grouped_wgrad through the TMA kernel and the pointer kernel (USE_TMA on / off) into a NaN-filled dB
+    (strided [G, Q, P]^T when trans_b, as the autograd's dB for a trans_b weight), and the fp64 reference."""
+    from turbo_dist.kernels import gemm as kgemm
+    from turbo_dist.kernels import grouped_gemm as kgg
+
+    G, M = len(lens), sum(lens)
+    x, y = rnd(M, P, dtype=dtype, device=device, seed=11), rnd(M, Q, dtype=dtype, device=device, seed=12)
+    offs = torch.cumsum(torch.tensor(lens, device=device), 0)
+    outs = []
+    for tma in (True, False):
+        monkeypatch.setattr(kgemm, "USE_TMA", tma)
+        assert kgg.wgrad_tma_ok(x, y) == tma
+        out = torch.full((G, Q, P) if trans_b else (G, P, Q), float("nan"), dtype=dtype, device=device)
+        out = out.transpose(1, 2) if trans_b else out
+        outs.append(kgg.grouped_wgrad(x, y, offs, G, out=out))
+    ends = offs.tolist()
+    ref = torch.stack([x[s:e].double().t() @ y[s:e].double() for s, e in zip([0] + ends[:-1], ends)])
+    return outs, ref
+
+
+@needs_interp
+@pytest.mark.parametrize("trans_b", [False, True])
+def test_grouped_wgrad_tma_and_pointer_paths(monkeypatch, trans_b):
+    """The TMA weight-gradient kernel (whole BLOCK_K-row steps by TMA, each group's last partial step masked,
+    interpreter config BLOCK_K 32): groups of exactly one step, empty, shorter than a step, steps plus a tail;
+    P and Q off the tile. Same result as the pointer kernel and the reference, zeros for the empty group."""
+    outs, ref = _wgrad_paths(monkeypatch, [32, 0, 5, 70, 64], 40, 24, trans_b, torch.float16, "cpu")
+    for out in outs:
+        torch.testing.assert_close(out.double(), ref, rtol=1e-2, atol=1e-2)
+        assert bool((out[1] == 0).all())
 
 
 @pytest.mark.parametrize("backend", CPU_GROUPED)
@@ -663,6 +697,19 @@ def test_grouped_gpu_config_chosen_during_graph_capture(monkeypatch, tma):
     assert rel(out, grouped_ref(a, b, gl, False)) < 1e-2
     kgg.grouped_gemm(a, b, offs)
     assert len(_tuner._CACHE) == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("trans_b", [False, True])
+def test_grouped_gpu_wgrad_tma_matches_pointer_kernel(monkeypatch, trans_b):
+    """bf16 weight gradient on DeepSeek-V3-like sizes (tokens x 7168 by tokens x 2048), ragged groups (one
+    empty, one shorter than any BLOCK_K, the rest with a partial last step): TMA and pointer kernels agree."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the TMA kernel needs Hopper")
+    outs, ref = _wgrad_paths(monkeypatch, [300, 0, 1000, 77, 5, 256], 7168, 2048, trans_b, torch.bfloat16, "cuda")
+    assert rel(outs[0], ref) < 1e-2 and rel(outs[1], ref) < 1e-2
+    assert bool((outs[0][1] == 0).all())
+    torch.testing.assert_close(outs[0].float(), outs[1].float(), rtol=2e-2, atol=2e-1)
 
 
 @pytest.mark.gpu
