@@ -127,8 +127,13 @@ EXTRA_GROUPED_16 = [
 
 
 # weight-gradient candidates beyond CONFIGS_WGRAD_TMA (BLOCK_M of P, BLOCK_N of Q, BLOCK_K rows, warps, stages):
-# with ~128-256 rows per expert the K loop is short (2-4 steps), so the output write and the tile's setup count
+# with ~128-256 rows per expert the K loop is short (2-4 steps), so the output write and the tile's setup count:
+# shallow pipelines and 4-warp tiles small enough for two programs per SM (one's epilogue under the other's loop)
 EXTRA_WGRAD = [
+    (128, 128, 64, 4, 3),
+    (128, 128, 64, 4, 2),
+    (128, 128, 64, 8, 2),
+    (128, 256, 64, 8, 2),
     (128, 128, 64, 8, 3),
     (128, 128, 64, 8, 5),
     (128, 256, 64, 8, 4),
