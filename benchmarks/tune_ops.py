@@ -12,7 +12,7 @@ rowwise FP8 and the bf16 grouped GEMM, each module list followed by its TWO_PER_
 the bf16 grouped GEMM also at 32 experts x ~256 tokens (grouped_bf16_G32_t256_fc1), where issue 3 asks for >= 1.3x
 a per-expert loop (`bf16_loop_mm`, torch.mm per expert over host-side splits); the grouped backward's halves
 (grouped_wgrad_*: dB = A^T dC per expert, the TMA kernel's configs against the pointer kernel, torch._grouped_mm
-and the loop; grouped_dgrad_*: dA = dC B^T per expert) at 32 x ~128 / ~256 and 8 x ~1024 tokens.
+and the loop; grouped_dgrad_*: dA = dC B^T per expert) on fc1 and fc2 at 32 x ~128 / ~256 and 8 x ~1024 tokens.
 
 For each case: every candidate (the module's config list, then extra candidates) is compiled, run once and
 compared with the reference (relative Frobenius error; `ok` = below the case's tolerance), then timed with
@@ -36,8 +36,9 @@ from common import bench, bench_interleaved, machine_info, print_table, write_js
 
 GEMM_CASES = [("cube4096", 4096, 4096, 4096), ("dsv3_qkv_a", 8192, 2112, 7168), ("cube8192", 8192, 8192, 8192)]
 # the grouped GEMM's backward on DeepSeek-V3 fc1 experts: (case, kind, experts, tokens per expert)
-GROUPED_BWD_CASES = [("grouped_wgrad_G32_t128_fc1", "wgrad", 32, 128), ("grouped_wgrad_G32_t256_fc1", "wgrad", 32, 256),
-                     ("grouped_wgrad_G8_fc1", "wgrad", 8, 1024), ("grouped_dgrad_G32_t256_fc1", "dgrad", 32, 256)]
+GROUPED_BWD_CASES = [(f"grouped_{kind}_G{G}{'' if tpe == 1024 else f'_t{tpe}'}_{layer}", kind, G, tpe, layer)
+                     for kind in ("wgrad", "dgrad") for layer in ("fc1", "fc2")
+                     for G, tpe in ((32, 128), (32, 256), (8, 1024))]
 CASES = [c[0] for c in GEMM_CASES] + ["fp8_block_8192", "fp8_grouped_block_G8_fc1", "fp8_grouped_row_G8_fc1",
                                       "grouped_bf16_G8_fc1", "grouped_bf16_G32_t256_fc1"] + [
                                       c[0] for c in GROUPED_BWD_CASES]
@@ -134,6 +135,18 @@ EXTRA_WGRAD = [
     (128, 128, 64, 4, 2),
     (128, 128, 64, 8, 2),
     (128, 256, 64, 8, 2),
+    # BLOCK_K 32 (H200: 128x128x32x4x4 the best of the first round at 128 / 256 / 1024 tokens per expert)
+    (128, 128, 32, 4, 3),
+    (128, 128, 32, 4, 5),
+    (128, 128, 32, 4, 6),
+    (128, 128, 32, 8, 4),
+    (128, 256, 32, 8, 3),
+    (128, 256, 32, 8, 4),
+    (256, 128, 32, 8, 4),
+    (64, 128, 32, 4, 4),
+    (128, 64, 32, 4, 4),
+    (64, 256, 32, 4, 4),
+    (128, 128, 16, 4, 6),
     (128, 128, 64, 8, 3),
     (128, 128, 64, 8, 5),
     (128, 256, 64, 8, 4),
@@ -289,12 +302,13 @@ def fp8_block_case(args):
                      _uniq(source + EXTRA_BLOCK), run, args, source)
 
 
-def _fc1_experts(G=8, tokens_per_expert=1024):
-    """DeepSeek-V3 fc1 experts, G of them, skewed token counts (~tokens_per_expert each; bench_ops' split):
-    (lens, a [M, K], b_t [G, N, K])."""
+def _fc1_experts(G=8, tokens_per_expert=1024, layer="fc1"):
+    """DeepSeek-V3 fc1 experts (K 7168, N 4096; "fc2": K 2048, N 7168), G of them, skewed token counts
+    (~tokens_per_expert each; bench_ops' split): (lens, a [M, K], b_t [G, N, K])."""
     from bench_ops import skewed_lens
 
-    tpe, K, N = max(16, tokens_per_expert // SHRINK), max(128, 7168 // SHRINK), max(128, 4096 // SHRINK)
+    K, N = (7168, 4096) if layer == "fc1" else (2048, 7168)
+    tpe, K, N = max(16, tokens_per_expert // SHRINK), max(128, K // SHRINK), max(128, N // SHRINK)
     lens = skewed_lens(G, tpe, seed=G)
     g = torch.Generator(device="cpu").manual_seed(2)
     a = torch.randn(int(lens.sum()), K, generator=g).to(DEVICE, DTYPE)
@@ -376,15 +390,15 @@ def grouped_bf16_case(args, name="grouped_bf16_G8_fc1", G=8, tokens_per_expert=1
                      _uniq(source + _two_per_sm(source) + EXTRA_GROUPED_16), run, args, source)
 
 
-def grouped_bwd_case(args, name, kind, G, tokens_per_expert):
-    """The bf16 grouped GEMM's backward halves on fc1 experts (weights b [G, K, N] as bench_ops' grouped
+def grouped_bwd_case(args, name, kind, G, tokens_per_expert, layer):
+    """The bf16 grouped GEMM's backward halves on fc1 / fc2 experts (weights b [G, K, N] as bench_ops' grouped
     section): kind "wgrad", dB[g] = a_g^T dC_g (kernels/grouped_gemm.grouped_wgrad: the TMA kernel's configs,
     the pointer kernel as a baseline), or "dgrad", dA = dC b^T per group (the forward kernel, b transposed).
     Baselines: torch._grouped_mm and a per-expert torch.mm loop over host-side splits."""
     from turbo_dist.kernels import gemm as kgemm
     from turbo_dist.kernels import grouped_gemm as kgg
 
-    lens, a, b_t = _fc1_experts(G, tokens_per_expert)
+    lens, a, b_t = _fc1_experts(G, tokens_per_expert, layer)
     M, K, N = a.shape[0], a.shape[1], b_t.shape[1]
     b = b_t.transpose(1, 2).contiguous()  # [G, K, N]
     g = torch.Generator(device="cpu").manual_seed(3)
@@ -506,9 +520,9 @@ def main(argv=None):
         done(grouped_bf16_case(args))
     if "grouped_bf16_G32_t256_fc1" in names:
         done(grouped_bf16_case(args, "grouped_bf16_G32_t256_fc1", 32, 256))
-    for case, kind, G, tpe in GROUPED_BWD_CASES:
+    for case, kind, G, tpe, layer in GROUPED_BWD_CASES:
         if case in names:
-            done(grouped_bwd_case(args, case, kind, G, tpe))
+            done(grouped_bwd_case(args, case, kind, G, tpe, layer))
     print("\n## best config per case (rank by ms, correct results only)")
     best = []
     for case in names:
