@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from turbo_dist.ops import dispatcher
-from turbo_dist.ops.grouped_gemm import _grouped_preference
+from turbo_dist.ops.grouped_gemm import _grouped_preference, _wgrad_preference
 
 
 @pytest.fixture
@@ -48,18 +48,33 @@ class _Fake:  # shape/device stand-in: the rule looks at nothing else
         self.shape, self.is_cuda = shape, cuda
 
 
-def test_grouped_gemm_rule_is_cuda_forward_small_groups_only():
+def test_grouped_gemm_rule_is_cuda_small_groups_only():
     lens = None
     assert _grouped_preference(_Fake(32 * 128, 7168), _Fake(32, 7168, 4096), lens, False) == "triton"
     assert _grouped_preference(_Fake(32 * 256, 7168), _Fake(32, 7168, 4096), lens, False) == "triton"
     assert _grouped_preference(_Fake(32 * 1024, 7168), _Fake(32, 7168, 4096), lens, False) is None
-    assert _grouped_preference(_Fake(32 * 128, 4096), _Fake(32, 7168, 4096), lens, True) is None  # dgrad
+    # dgrad (b [G, K, N] used transposed): same rule, N read from b's middle dim
+    assert _grouped_preference(_Fake(32 * 128, 4096), _Fake(32, 7168, 4096), lens, True) == "triton"
+    assert _grouped_preference(_Fake(32 * 1024, 4096), _Fake(32, 7168, 4096), lens, True) is None
+    assert _grouped_preference(_Fake(8 * 128, 7168), _Fake(8, 2048, 7168), lens, True) is None  # 30 GFLOP
     assert _grouped_preference(_Fake(32 * 128, 7168, cuda=False), _Fake(32, 7168, 4096, cuda=False), lens,
                                False) is None
     assert _grouped_preference(torch.zeros(4, 8), torch.zeros(2, 8, 4), torch.tensor([2, 2])) is None  # CPU
     # too little work: host-bound, where torch._grouped_mm's cheaper launch wins (G=8 x 128 tokens, fc2 7168)
     assert _grouped_preference(_Fake(8 * 128, 2048), _Fake(8, 2048, 7168), lens, False) is None
     assert _grouped_preference(_Fake(32 * 128, 2048), _Fake(32, 2048, 7168), lens, False) == "triton"  # 120 GFLOP
+
+
+def test_grouped_wgrad_rule_follows_the_tma_kernel(monkeypatch):
+    from turbo_dist.kernels import grouped_gemm as kgg
+
+    monkeypatch.setattr(kgg, "wgrad_tma_ok", lambda x, y: True)
+    assert _wgrad_preference(_Fake(32 * 128, 7168), _Fake(32 * 128, 4096), None) == "triton"
+    assert _wgrad_preference(_Fake(8 * 1024, 7168), _Fake(8 * 1024, 4096), None, True) == "triton"
+    assert _wgrad_preference(_Fake(8 * 128, 2048), _Fake(8 * 128, 7168), None) is None  # 30 GFLOP: host-bound
+    assert _wgrad_preference(_Fake(32 * 128, 7168, cuda=False), _Fake(32 * 128, 4096, cuda=False), None) is None
+    monkeypatch.setattr(kgg, "wgrad_tma_ok", lambda x, y: False)  # fp32, strided or pre-Hopper: torch's
+    assert _wgrad_preference(_Fake(32 * 128, 7168), _Fake(32 * 128, 4096), None) is None
 
 
 def test_choice_cache_follows_signature_and_settings(monkeypatch):

@@ -61,14 +61,15 @@ CONFIGS_WGRAD = [
     (64, 128, 64, 4, 4),
 ]
 # the TMA weight-gradient kernel (x, y row-major 16-bit). H200, DeepSeek-V3 fc1 (tune_ops grouped_wgrad_*,
-# benchmarks/results/tune_grouped_bwd_h200.json): 128x128x32 with 4 warps first at 128, 256 and 1024 tokens per
-# expert (0.85 / 1.16 / 0.76 ms; the pointer kernel 1.14 / 1.51 / 0.98): small tiles that fit several programs per
-# SM, so one's epilogue (the [P, Q] output write dominates with short groups) runs under another's K loop
+# benchmarks/results/tune_grouped_bwd_h200.json, fc2 alike): 128x128 by 32 (or 16) rows with 4 warps first at 128,
+# 256 and 1024 tokens per expert (0.85 / 1.12-1.16 / 0.72-0.76 ms; the pointer kernel 1.14 / 1.51 / 0.93-0.98; every
+# BLOCK_K 64 config 1.04+ / 1.36+ / 0.77+): small tiles that fit several programs per SM, so one's epilogue (the
+# [P, Q] output write dominates with short groups) runs under another's K loop
 CONFIGS_WGRAD_TMA = [
     (128, 128, 32, 4, 4),
-    (128, 128, 64, 8, 3),
-    (128, 128, 64, 4, 3),
-    (256, 128, 64, 8, 3),
+    (128, 128, 32, 4, 3),
+    (128, 128, 16, 4, 6),
+    (256, 128, 32, 8, 4),
 ]
 INTERPRET_CONFIG = (32, 32, 32, 4, 1)
 INTERPRET_PROGRAMS = 4

@@ -188,11 +188,14 @@ dispatcher.register_backend("grouped_gemm_wgrad", "torch", _torch_wgrad, _torch_
 dispatcher.register_backend("grouped_gemm_wgrad", "triton", _triton_wgrad, _triton_wgrad_can, priority=20)
 dispatcher.register_backend("grouped_gemm_wgrad", "loop", _loop_wgrad, priority=30)
 
-# Measured rule (benchmarks/results/ops_h200.json, G=32 DeepSeek-V3 experts): with few tokens per expert
-# our persistent Triton kernel beats torch._grouped_mm in the forward (a @ b, b [G, K, N]): 0.63 vs
-# 0.84 ms at 128 tokens/expert (fc1), 0.35 vs 0.45 (fc2), 0.99 vs 1.09 / 0.55 vs 0.58 at 256; at 1024
-# they tie. With b transposed (dgrad) torch stays faster, so the rule covers the plain forward only.
-# The rule also needs enough work: our Triton launch costs ~65 us of host time (kernel wrapper with offsets
+# Measured rules (H200; benchmarks/results/ops_h200.json and tune_grouped_bwd_h200.json, DeepSeek-V3 experts,
+# skewed counts). With few tokens per expert our persistent Triton kernel beats torch._grouped_mm, forward and
+# dgrad (b transposed) alike: fc1 forward 0.63 vs 0.84 ms at 128 tokens/expert, 0.93 vs 1.12 at 256; dgrad
+# 0.66 vs 0.97 (fc1) and 0.30 vs 0.46 (fc2) at 128, 1.00 vs 1.17 and 0.44 vs 0.59 at 256; at 1024 they tie.
+# The TMA weight-gradient kernel is at least torch's speed at 128 to 1024 tokens per expert (fc1 0.86 / 1.18 /
+# 0.78 ms vs 0.87 / 1.18 / 0.84; fc2 0.43 / 0.58 / 0.40 vs 0.45 / 0.61 / 0.45), so it is the default wherever
+# it runs (16-bit, row-major operands on Hopper).
+# The rules also need enough work: our Triton launch costs ~65 us of host time (kernel wrapper with offsets
 # ready; 93 us before the launch was trimmed) against torch._grouped_mm's ~18 us per call
 # (benchmarks/results/probe_host_overhead_h200.json), so below ~64 GFLOP per call (~150 us of GPU time) the
 # host would set the pace and torch stays the default.
@@ -201,13 +204,24 @@ TRITON_MIN_FLOP = 64e9
 
 
 def _grouped_preference(a, b, group_lens, trans_b=False):
-    if a.is_cuda and not trans_b and b.shape[0] > 0 and a.shape[0] <= SMALL_GROUP_ROWS * b.shape[0] and \
-            2.0 * a.shape[0] * a.shape[1] * b.shape[2] >= TRITON_MIN_FLOP:
+    n = b.shape[1] if trans_b else b.shape[2]
+    if a.is_cuda and b.shape[0] > 0 and a.shape[0] <= SMALL_GROUP_ROWS * b.shape[0] and \
+            2.0 * a.shape[0] * a.shape[1] * n >= TRITON_MIN_FLOP:
         return "triton"
     return None
 
 
+def _wgrad_preference(a, dc, group_lens, trans_b=False):
+    if a.is_cuda and 2.0 * a.shape[0] * a.shape[1] * dc.shape[1] >= TRITON_MIN_FLOP:
+        from turbo_dist.kernels import grouped_gemm as kgg
+
+        if kgg.wgrad_tma_ok(a, dc):
+            return "triton"
+    return None
+
+
 dispatcher.set_preference("grouped_gemm", _grouped_preference)
+dispatcher.set_preference("grouped_gemm_wgrad", _wgrad_preference)
 
 
 def _lens_signature(a, b, group_lens, trans_b=False):
