@@ -38,7 +38,7 @@ GEMM_CASES = [("cube4096", 4096, 4096, 4096), ("dsv3_qkv_a", 8192, 2112, 7168), 
 # the grouped GEMM's backward on DeepSeek-V3 fc1 experts: (case, kind, experts, tokens per expert)
 GROUPED_BWD_CASES = [(f"grouped_{kind}_G{G}{'' if tpe == 1024 else f'_t{tpe}'}_{layer}", kind, G, tpe, layer)
                      for kind in ("wgrad", "dgrad") for layer in ("fc1", "fc2")
-                     for G, tpe in ((32, 128), (32, 256), (8, 1024))]
+                     for G, tpe in ((32, 128), (32, 256), (8, 1024), (32, 1024))]
 CASES = [c[0] for c in GEMM_CASES] + ["fp8_block_8192", "fp8_grouped_block_G8_fc1", "fp8_grouped_row_G8_fc1",
                                       "grouped_bf16_G8_fc1", "grouped_bf16_G32_t256_fc1"] + [
                                       c[0] for c in GROUPED_BWD_CASES]
