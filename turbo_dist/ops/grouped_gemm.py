@@ -193,8 +193,10 @@ dispatcher.register_backend("grouped_gemm_wgrad", "loop", _loop_wgrad, priority=
 # dgrad (b transposed) alike: fc1 forward 0.63 vs 0.84 ms at 128 tokens/expert, 0.93 vs 1.12 at 256; dgrad
 # 0.66 vs 0.97 (fc1) and 0.30 vs 0.46 (fc2) at 128, 1.00 vs 1.17 and 0.44 vs 0.59 at 256; at 1024 they tie.
 # The TMA weight-gradient kernel is at least torch's speed at 128 to 1024 tokens per expert (fc1 0.86 / 1.18 /
-# 0.78 ms vs 0.87 / 1.18 / 0.84; fc2 0.43 / 0.58 / 0.40 vs 0.45 / 0.61 / 0.45), so it is the default wherever
-# it runs (16-bit, row-major operands on Hopper).
+# 0.78 ms vs 0.87 / 1.18 / 0.84; fc2 0.43 / 0.58 / 0.40 vs 0.45 / 0.61 / 0.45; 32 x 1024 tokens 3.25 vs 3.27,
+# 1.57 vs 1.69, tune_grouped_bwd_g32_h200.json), so it is the default wherever it runs (16-bit, row-major operands
+# on Hopper). (The dgrad is also faster at 1024 tokens there, 1.51 vs 1.68 ms on fc2, but the forward ties: the
+# rule keeps the one bound.)
 # The rules also need enough work: our Triton launch costs ~65 us of host time (kernel wrapper with offsets
 # ready; 93 us before the launch was trimmed) against torch._grouped_mm's ~18 us per call
 # (benchmarks/results/probe_host_overhead_h200.json), so below ~64 GFLOP per call (~150 us of GPU time) the
