@@ -392,11 +392,12 @@ def grouped_bf16_case(args, name="grouped_bf16_G8_fc1", G=8, tokens_per_expert=1
 
 def grouped_bwd_case(args, name, kind, G, tokens_per_expert, layer):
     """The bf16 grouped GEMM's backward halves on fc1 / fc2 experts (weights b [G, K, N] as bench_ops' grouped
-    section): kind "wgrad", dB[g] = a_g^T dC_g (kernels/grouped_gemm.grouped_wgrad: the TMA kernel's configs,
+    section): kind "wgrad", dB[g] = a_g^T dC_g (kernels/grouped_wgrad.grouped_wgrad: the TMA kernel's configs,
     the pointer kernel as a baseline), or "dgrad", dA = dC b^T per group (the forward kernel, b transposed).
     Baselines: torch._grouped_mm and a per-expert torch.mm loop over host-side splits."""
     from turbo_dist.kernels import gemm as kgemm
     from turbo_dist.kernels import grouped_gemm as kgg
+    from turbo_dist.kernels import grouped_wgrad as kgw
 
     lens, a, b_t = _fc1_experts(G, tokens_per_expert, layer)
     M, K, N = a.shape[0], a.shape[1], b_t.shape[1]
@@ -415,7 +416,7 @@ def grouped_bwd_case(args, name, kind, G, tokens_per_expert, layer):
         def pointer():  # the pointer kernel (tuned on its first call)
             prev, kgemm.USE_TMA = kgemm.USE_TMA, False
             try:
-                return kgg.grouped_wgrad(a, dc, offs, G)
+                return kgw.grouped_wgrad(a, dc, offs, G)
             finally:
                 kgemm.USE_TMA = prev
 
@@ -426,8 +427,8 @@ def grouped_bwd_case(args, name, kind, G, tokens_per_expert, layer):
         else:
             baselines["fp32_loop"] = fp32_loop
         baselines["triton_pointer"] = pointer
-        source = [tuple(c) for c in kgg.CONFIGS_WGRAD_TMA]
-        run = lambda cfg: kgg.grouped_wgrad(a, dc, offs, G, config=cfg)  # noqa: E731
+        source = [tuple(c) for c in kgw.CONFIGS_WGRAD_TMA]
+        run = lambda cfg: kgw.grouped_wgrad(a, dc, offs, G, config=cfg)  # noqa: E731
         cands = _uniq(source + EXTRA_WGRAD)
     else:
         def fp32_loop():

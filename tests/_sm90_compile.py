@@ -135,20 +135,20 @@ def _grouped_ptr_fp8_blockwise():
 
 
 def _grouped_wgrad():
-    from turbo_dist.kernels import grouped_gemm as gg
+    from turbo_dist.kernels import grouped_wgrad as gw
 
     const = dict(IEEE=False, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64)
     types = dict(x_ptr="*bf16", y_ptr="*bf16", c_ptr="*bf16", offs_ptr="*i64")
-    return _kernel(gg._grouped_wgrad_kernel, const, dict(num_warps=8, num_stages=4), types)
+    return _kernel(gw._grouped_wgrad_kernel, const, dict(num_warps=8, num_stages=4), types)
 
 
 def _grouped_wgrad_tma(bm=128, bn=128, bk=64, warps=8, stages=4):
-    from turbo_dist.kernels import grouped_gemm as gg
+    from turbo_dist.kernels import grouped_wgrad as gw
 
     const = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
     types = dict(x_desc=_desc("bf16", (bk, bm)), y_desc=_desc("bf16", (bk, bn)), x_ptr="*bf16", y_ptr="*bf16",
                  c_ptr="*bf16", offs_ptr="*i64")
-    return _kernel(gg._grouped_wgrad_tma_kernel, const, dict(num_warps=warps, num_stages=stages), types)
+    return _kernel(gw._grouped_wgrad_tma_kernel, const, dict(num_warps=warps, num_stages=stages), types)
 
 
 # kernels/moe_nvlink.py as moe/nvlink.py launches it: 8 ranks, 20 channels (Config.num_sms), hidden 7168 moved as

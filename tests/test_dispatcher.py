@@ -66,14 +66,14 @@ def test_grouped_gemm_rule_is_cuda_small_groups_only():
 
 
 def test_grouped_wgrad_rule_follows_the_tma_kernel(monkeypatch):
-    from turbo_dist.kernels import grouped_gemm as kgg
+    from turbo_dist.kernels import grouped_wgrad as kgw
 
-    monkeypatch.setattr(kgg, "wgrad_tma_ok", lambda x, y: True)
+    monkeypatch.setattr(kgw, "wgrad_tma_ok", lambda x, y: True)
     assert _wgrad_preference(_Fake(32 * 128, 7168), _Fake(32 * 128, 4096), None) == "triton"
     assert _wgrad_preference(_Fake(8 * 1024, 7168), _Fake(8 * 1024, 4096), None, True) == "triton"
     assert _wgrad_preference(_Fake(8 * 128, 2048), _Fake(8 * 128, 7168), None) is None  # 30 GFLOP: host-bound
     assert _wgrad_preference(_Fake(32 * 128, 7168, cuda=False), _Fake(32 * 128, 4096, cuda=False), None) is None
-    monkeypatch.setattr(kgg, "wgrad_tma_ok", lambda x, y: False)  # fp32, strided or pre-Hopper: torch's
+    monkeypatch.setattr(kgw, "wgrad_tma_ok", lambda x, y: False)  # fp32, strided or pre-Hopper: torch's
     assert _wgrad_preference(_Fake(32 * 128, 7168), _Fake(32 * 128, 4096), None) is None
 
 

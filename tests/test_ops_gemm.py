@@ -416,13 +416,14 @@ def test_grouped_tuned_path_picks_per_rows_bucket(monkeypatch, tma):
     from turbo_dist.kernels import _tuner
     from turbo_dist.kernels import gemm as kgemm
     from turbo_dist.kernels import grouped_gemm as kgg
+    from turbo_dist.kernels import grouped_wgrad as kgw
     from turbo_dist.ops.grouped_gemm import group_offsets
 
     monkeypatch.setattr(kgemm, "USE_TMA", tma)
     monkeypatch.setattr(kgg, "interpreter_config", lambda mode: None)
     monkeypatch.setattr(kgg, "CONFIGS_16", [(32, 32, 32, 4, 1), (16, 32, 32, 4, 1)])
-    monkeypatch.setattr(kgg, "CONFIGS_WGRAD", [(32, 32, 32, 4, 1), (16, 16, 32, 4, 1)])
-    monkeypatch.setattr(kgg, "CONFIGS_WGRAD_TMA", [(32, 32, 32, 4, 1), (16, 16, 16, 4, 1)])
+    monkeypatch.setattr(kgw, "CONFIGS_WGRAD", [(32, 32, 32, 4, 1), (16, 16, 32, 4, 1)])
+    monkeypatch.setattr(kgw, "CONFIGS_WGRAD_TMA", [(32, 32, 32, 4, 1), (16, 16, 16, 4, 1)])
     monkeypatch.setattr(kgemm, "TUNE_FIRST_ONLY", False)
     monkeypatch.setattr(_tuner, "_CACHE", {})
     calls = []
@@ -439,7 +440,7 @@ def test_grouped_tuned_path_picks_per_rows_bucket(monkeypatch, tma):
         out = kgg.grouped_gemm(a, b, offs)
         torch.testing.assert_close(out.double(), grouped_ref(a, b, gl, False), rtol=1e-2, atol=1e-2)
         dc = rnd(*out.shape, dtype=torch.float16, seed=9)
-        db = kgg.grouped_wgrad(a, dc, offs, len(lens))
+        db = kgw.grouped_wgrad(a, dc, offs, len(lens))
         ref = torch.stack([a[s:e].double().t() @ dc[s:e].double() for s, e in
                            zip([0] + offs.tolist()[:-1], offs.tolist())])
         torch.testing.assert_close(db.double(), ref, rtol=1e-2, atol=1e-2)
@@ -452,7 +453,7 @@ def _wgrad_paths(monkeypatch, lens, P, Q, trans_b, dtype, device):
     """grouped_wgrad through the TMA kernel and the pointer kernel (USE_TMA on / off) into a NaN-filled dB
     (strided [G, Q, P]^T when trans_b, as the autograd's dB for a trans_b weight), and the fp64 reference."""
     from turbo_dist.kernels import gemm as kgemm
-    from turbo_dist.kernels import grouped_gemm as kgg
+    from turbo_dist.kernels import grouped_wgrad as kgw
 
     G, M = len(lens), sum(lens)
     x, y = rnd(M, P, dtype=dtype, device=device, seed=11), rnd(M, Q, dtype=dtype, device=device, seed=12)
@@ -460,10 +461,10 @@ def _wgrad_paths(monkeypatch, lens, P, Q, trans_b, dtype, device):
     outs = []
     for tma in (True, False):
         monkeypatch.setattr(kgemm, "USE_TMA", tma)
-        assert kgg.wgrad_tma_ok(x, y) == tma
+        assert kgw.wgrad_tma_ok(x, y) == tma
         out = torch.full((G, Q, P) if trans_b else (G, P, Q), float("nan"), dtype=dtype, device=device)
         out = out.transpose(1, 2) if trans_b else out
-        outs.append(kgg.grouped_wgrad(x, y, offs, G, out=out))
+        outs.append(kgw.grouped_wgrad(x, y, offs, G, out=out))
     ends = offs.tolist()
     ref = torch.stack([x[s:e].double().t() @ y[s:e].double() for s, e in zip([0] + ends[:-1], ends)])
     return outs, ref

@@ -1,13 +1,11 @@
-"""Persistent Triton grouped GEMM (MoE experts) and its weight-gradient kernel.
+"""Persistent Triton grouped GEMM (MoE experts): forward and dgrad.
 
 Forward / dgrad: out[rows of g] = A[rows of g] @ B[g] for g in groups, A [M, K], B [G, K, N] (any strides;
 pass B.transpose(1, 2) for trans_b), rows of group g are `group_offs[g-1]:group_offs[g]` (int32/int64
 cumulative ends, zero-length groups allowed). The tile schedule is computed on the device from
 `group_offs` (no host sync): a fixed grid of programs walks the (group, m-tile, n-tile) list.
 
-Weight gradient: out[g] = X[rows of g]^T @ Y[rows of g], X [M, P], Y [M, Q] -> out [G, P, Q]
-(zeros for an empty group); dB = A^T dC (or dC^T A when trans_b). Two variants as well: TMA descriptors for
-the whole BLOCK_K-row steps of each group (x, y row-major 16-bit; `wgrad_tma_ok`) and plain pointer loads.
+The weight gradient (per-group X^T Y) is in kernels/grouped_wgrad.py.
 
 The forward has two variants, as kernels/gemm.py: TMA descriptors (a row-major and 16-byte aligned, each
 b[g] with a unit stride; Hopper+ or the interpreter) and plain pointer loads (any strides).
@@ -53,23 +51,6 @@ CONFIGS_BLOCK = [
     (128, 128, 128, 4, 4),
     (64, 128, 128, 4, 4, 4),  # TWO_PER_SM: G=8 fc1 (DeepSeek-V3), H200: 0.61-0.63 ms, the best above 0.63-0.68
     (64, 128, 128, 4, 3, 4),
-]
-CONFIGS_WGRAD = [
-    (128, 128, 64, 8, 4),
-    (128, 256, 64, 8, 3),
-    (128, 128, 64, 4, 4),
-    (64, 128, 64, 4, 4),
-]
-# the TMA weight-gradient kernel (x, y row-major 16-bit). H200, DeepSeek-V3 fc1 (tune_ops grouped_wgrad_*,
-# benchmarks/results/tune_grouped_bwd_h200.json, fc2 alike): 128x128 by 32 (or 16) rows with 4 warps first at 128,
-# 256 and 1024 tokens per expert (0.85 / 1.12-1.16 / 0.72-0.76 ms; the pointer kernel 1.14 / 1.51 / 0.93-0.98; every
-# BLOCK_K 64 config 1.04+ / 1.36+ / 0.77+): small tiles that fit several programs per SM, so one's epilogue (the
-# [P, Q] output write dominates with short groups) runs under another's K loop
-CONFIGS_WGRAD_TMA = [
-    (128, 128, 32, 4, 4),
-    (128, 128, 32, 4, 3),
-    (128, 128, 16, 4, 6),
-    (256, 128, 32, 8, 4),
 ]
 INTERPRET_CONFIG = (32, 32, 32, 4, 1)
 INTERPRET_PROGRAMS = 4
@@ -236,107 +217,6 @@ def _set_tma_blocks(nargs):
     nargs["b_desc"].block_shape = [1, bn, bk] if nargs["B_T"] else [1, bk, bn]
 
 
-@triton.jit
-def _grouped_wgrad_kernel(
-    x_ptr, y_ptr, c_ptr, offs_ptr,
-    G, P, Q,
-    stride_xm, stride_xp, stride_ym, stride_yq, stride_cg, stride_cp, stride_cq,
-    IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    # out[g] tile (BLOCK_M of P) x (BLOCK_N of Q), reducing over the group's rows in steps of BLOCK_K.
-    pid = tl.program_id(0)
-    num_p = tl.cdiv(P, BLOCK_M)
-    num_q = tl.cdiv(Q, BLOCK_N)
-    g = pid // (num_p * num_q)
-    local = pid % (num_p * num_q)
-    pid_p = local // num_q
-    pid_q = local % num_q
-    row0 = tl.load(offs_ptr + g - 1, mask=g > 0, other=0).to(tl.int32)
-    row1 = tl.load(offs_ptr + g).to(tl.int32)
-    offs_p = pid_p * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_q = pid_q * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_p = offs_p < P
-    mask_q = offs_q < Q
-    rm = row0 + tl.arange(0, BLOCK_K)
-    x_ptrs = x_ptr + rm[None, :].to(tl.int64) * stride_xm + offs_p[:, None] * stride_xp
-    y_ptrs = y_ptr + rm[:, None].to(tl.int64) * stride_ym + offs_q[None, :] * stride_yq
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for mb in range(0, tl.cdiv(row1 - row0, BLOCK_K)):
-        m_left = row1 - row0 - mb * BLOCK_K
-        rr = tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptrs, mask=mask_p[:, None] & (rr[None, :] < m_left), other=0.0)
-        y = tl.load(y_ptrs, mask=(rr[:, None] < m_left) & mask_q[None, :], other=0.0)
-        if IEEE:
-            acc = tl.dot(x, y, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(x, y, acc)
-        x_ptrs += BLOCK_K * stride_xm
-        y_ptrs += BLOCK_K * stride_ym
-    c_ptrs = c_ptr + g.to(tl.int64) * stride_cg + offs_p[:, None] * stride_cp + offs_q[None, :] * stride_cq
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_p[:, None] & mask_q[None, :])
-
-
-@triton.jit
-def _grouped_wgrad_tma_kernel(
-    x_desc, y_desc, x_ptr, y_ptr, c_ptr, offs_ptr,
-    G, P, Q,
-    stride_xm, stride_ym, stride_cg, stride_cp, stride_cq,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    # As _grouped_wgrad_kernel, the whole BLOCK_K-row steps of a group from TMA descriptors (x [M, P] and
-    # y [M, Q] row-major; x's tile [BLOCK_K, BLOCK_M] enters the MMA transposed, as the GEMM kernels' A_T), the
-    # group's last partial step (rows that a box would take from the next group) with masked pointer loads.
-    pid = tl.program_id(0)
-    num_p = tl.cdiv(P, BLOCK_M)
-    num_q = tl.cdiv(Q, BLOCK_N)
-    g = pid // (num_p * num_q)
-    local = pid % (num_p * num_q)
-    off_p = (local // num_q) * BLOCK_M
-    off_q = (local % num_q) * BLOCK_N
-    row0 = tl.load(offs_ptr + g - 1, mask=g > 0, other=0).to(tl.int32)
-    row1 = tl.load(offs_ptr + g).to(tl.int32)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    full = (row1 - row0) // BLOCK_K
-    for kb in tl.range(0, full):
-        r = row0 + kb * BLOCK_K
-        acc = tl.dot(x_desc.load([r, off_p]).T, y_desc.load([r, off_q]), acc)
-    offs_p = off_p + tl.arange(0, BLOCK_M)
-    offs_q = off_q + tl.arange(0, BLOCK_N)
-    mask_p = offs_p < P
-    mask_q = offs_q < Q
-    rr = row0 + full * BLOCK_K + tl.arange(0, BLOCK_K)
-    if row0 + full * BLOCK_K < row1:
-        mask_r = rr < row1
-        x = tl.load(x_ptr + rr[:, None].to(tl.int64) * stride_xm + offs_p[None, :],
-                    mask=mask_r[:, None] & mask_p[None, :], other=0.0)
-        y = tl.load(y_ptr + rr[:, None].to(tl.int64) * stride_ym + offs_q[None, :],
-                    mask=mask_r[:, None] & mask_q[None, :], other=0.0)
-        acc = tl.dot(x.T, y, acc)
-    c_ptrs = c_ptr + g.to(tl.int64) * stride_cg + offs_p[:, None] * stride_cp + offs_q[None, :] * stride_cq
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_p[:, None] & mask_q[None, :])
-
-
-def _set_wgrad_blocks(nargs):
-    nargs["x_desc"].block_shape = [nargs["BLOCK_K"], nargs["BLOCK_M"]]
-    nargs["y_desc"].block_shape = [nargs["BLOCK_K"], nargs["BLOCK_N"]]
-
-
-def wgrad_tma_ok(x, y):
-    """Whether the TMA weight-gradient kernel takes x [M, P], y [M, Q]: 2-byte dtypes (the transposed x tile is
-    an MN-major MMA operand, which Hopper's tensor cores take for 16-bit types only), both row-major with
-    16-byte aligned rows and bases; Hopper+ or the interpreter."""
-    if not _gemm.USE_TMA or TensorDescriptor is None or 0 in x.shape or 0 in y.shape:
-        return False
-    if x.is_cuda:
-        if _sm_major(x.device) < 9:
-            return False
-    elif not interpreting():
-        return False
-    return all(t.element_size() == 2 and t.stride(1) == 1 and (t.stride(0) * 2) % 16 == 0 and t.data_ptr() % 16 == 0
-               for t in (x, y))
-
-
 def rows_bucket(M, G):
     """The tuning key's stand-in for the token counts (on the GPU, unread): rows per group on average, rounded
     up to a power of two. A config is chosen once per bucket (MoE batches vary every step, buckets seldom)."""
@@ -475,49 +355,4 @@ def _launch_tma(a, tma, out, group_offs, sa, sb, s_strides, scale_mode, sb_n, co
     key = ("grouped_tma", N, K, G, scale_mode, sb_n, b_t, a.dtype, b_st.dtype, out.dtype,
            rows_bucket(a.shape[0], G), str(a.device), tuple(rows))
     _tuner.launch_best(key, rows, launcher, a.device)
-    return out
-
-
-def grouped_wgrad(x, y, group_offs, G, out=None, out_dtype=None, config=None):
-    """out [G, P, Q] = per-group x[rows]^T @ y[rows]; x [M, P], y [M, Q]; `out` may be a strided view
-    (e.g. a [G, Q, P] tensor transposed) so dB lands in B's layout."""
-    M, P = x.shape
-    Q = y.shape[1]
-    if out is None:
-        out = torch.empty((G, P, Q), dtype=out_dtype or x.dtype, device=x.device)
-    if G == 0 or P == 0 or Q == 0:
-        return out
-    if M == 0:
-        return out.zero_()
-    tma = wgrad_tma_ok(x, y)
-    if tma:
-        x_desc = TensorDescriptor.from_tensor(x, [16, 16])  # block shapes: set per config at launch
-        y_desc = TensorDescriptor.from_tensor(y, [16, 16])
-        args = (x_desc, y_desc, x, y, out, group_offs, G, P, Q, x.stride(0), y.stride(0),
-                out.stride(0), out.stride(1), out.stride(2))
-    else:
-        args = (x, y, out, group_offs, G, P, Q, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
-                out.stride(0), out.stride(1), out.stride(2), _ieee(x))
-    if config is None:
-        config = interpreter_config(SCALE_NONE)
-
-    def launcher(cfg):
-        bm, bn, bk, w, s = cfg
-        grid = (G * triton.cdiv(P, bm) * triton.cdiv(Q, bn),)
-        if not tma:
-            return lambda: _grouped_wgrad_kernel[grid](*args, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=w,
-                                                       num_stages=s)
-
-        def launch():
-            _set_wgrad_blocks(dict(x_desc=x_desc, y_desc=y_desc, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk))
-            _grouped_wgrad_tma_kernel[grid](*args, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=s)
-        return launch
-
-    if config is not None:
-        launcher(config)()
-        return out
-    rows = _gemm.tune_rows(CONFIGS_WGRAD_TMA if tma else CONFIGS_WGRAD)
-    key = ("grouped_wgrad_tma" if tma else "grouped_wgrad", P, Q, G, x.dtype, y.dtype, out.dtype, out.stride(),
-           rows_bucket(M, G), str(x.device), tuple(rows))
-    _tuner.launch_best(key, rows, launcher, x.device)
     return out

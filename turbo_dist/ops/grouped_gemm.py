@@ -4,7 +4,7 @@ Ops behind the dispatcher:
 - "grouped_gemm"       (a [M, K], b [G, K, N] or [G, N, K], group_lens, trans_b) -> [M, N]
 - "grouped_gemm_wgrad" (a [M, K], dc [M, N], group_lens, trans_b) -> dB in b's shape ([G, K, N] / [G, N, K])
 Backends: "torch" (torch._grouped_mm: CUDA, bf16, SM90+, 16-byte aligned K/N), "triton" (persistent
-kernel, kernels/grouped_gemm.py; no host sync) and "loop" (one torch.mm per group; any device/dtype,
+kernel, kernels/grouped_gemm.py, and the weight gradient in kernels/grouped_wgrad.py; no host sync) and "loop" (one torch.mm per group; any device/dtype,
 syncs to read group_lens).
 """
 import torch
@@ -163,17 +163,17 @@ def _triton_grouped_can(a, b, group_lens, trans_b=False):
 
 
 def _triton_wgrad(a, dc, group_lens, trans_b=False):
-    from turbo_dist.kernels import grouped_gemm as kgg
+    from turbo_dist.kernels import grouped_wgrad as kgw
 
     G = group_lens.shape[0]
     K, N = a.shape[1], dc.shape[1]
     offs = group_offsets(group_lens, a.device)
     if trans_b:
         db = torch.empty((G, N, K), dtype=a.dtype, device=a.device)
-        kgg.grouped_wgrad(dc, a, offs, G, out=db)
+        kgw.grouped_wgrad(dc, a, offs, G, out=db)
     else:
         db = torch.empty((G, K, N), dtype=a.dtype, device=a.device)
-        kgg.grouped_wgrad(a, dc, offs, G, out=db)
+        kgw.grouped_wgrad(a, dc, offs, G, out=db)
     return db
 
 
@@ -215,9 +215,9 @@ def _grouped_preference(a, b, group_lens, trans_b=False):
 
 def _wgrad_preference(a, dc, group_lens, trans_b=False):
     if a.is_cuda and 2.0 * a.shape[0] * a.shape[1] * dc.shape[1] >= TRITON_MIN_FLOP:
-        from turbo_dist.kernels import grouped_gemm as kgg
+        from turbo_dist.kernels import grouped_wgrad as kgw
 
-        if kgg.wgrad_tma_ok(a, dc):
+        if kgw.wgrad_tma_ok(a, dc):
             return "triton"
     return None
 
