@@ -53,9 +53,9 @@ def test_grouped_gemm_rule_is_cuda_small_groups_only():
     assert _grouped_preference(_Fake(32 * 128, 7168), _Fake(32, 7168, 4096), lens, False) == "triton"
     assert _grouped_preference(_Fake(32 * 256, 7168), _Fake(32, 7168, 4096), lens, False) == "triton"
     assert _grouped_preference(_Fake(32 * 1024, 7168), _Fake(32, 7168, 4096), lens, False) is None
-    # dgrad (b [G, K, N] used transposed): same rule, N read from b's middle dim
+    # b transposed (dgrad of a [G, K, N] weight): ours at any rows per group, N read from b's middle dim
     assert _grouped_preference(_Fake(32 * 128, 4096), _Fake(32, 7168, 4096), lens, True) == "triton"
-    assert _grouped_preference(_Fake(32 * 1024, 4096), _Fake(32, 7168, 4096), lens, True) is None
+    assert _grouped_preference(_Fake(32 * 1024, 4096), _Fake(32, 7168, 4096), lens, True) == "triton"
     assert _grouped_preference(_Fake(8 * 128, 7168), _Fake(8, 2048, 7168), lens, True) is None  # 30 GFLOP
     assert _grouped_preference(_Fake(32 * 128, 7168, cuda=False), _Fake(32, 7168, 4096, cuda=False), lens,
                                False) is None
