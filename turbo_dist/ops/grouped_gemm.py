@@ -4,8 +4,8 @@ Ops behind the dispatcher:
 - "grouped_gemm"       (a [M, K], b [G, K, N] or [G, N, K], group_lens, trans_b) -> [M, N]
 - "grouped_gemm_wgrad" (a [M, K], dc [M, N], group_lens, trans_b) -> dB in b's shape ([G, K, N] / [G, N, K])
 Backends: "torch" (torch._grouped_mm: CUDA, bf16, SM90+, 16-byte aligned K/N), "triton" (persistent
-kernel, kernels/grouped_gemm.py, and the weight gradient in kernels/grouped_wgrad.py; no host sync) and "loop" (one torch.mm per group; any device/dtype,
-syncs to read group_lens).
+kernel, kernels/grouped_gemm.py, and the weight gradient in kernels/grouped_wgrad.py; no host sync) and
+"loop" (one torch.mm per group; any device/dtype, syncs to read group_lens).
 """
 import torch
 
