@@ -197,9 +197,9 @@ dispatcher.register_backend("grouped_gemm_wgrad", "loop", _loop_wgrad, priority=
 # 0.78 ms vs 0.87 / 1.18 / 0.84; fc2 0.43 / 0.58 / 0.40 vs 0.45 / 0.61 / 0.45; 32 x 1024 tokens 3.25 vs 3.27,
 # 1.57 vs 1.69, tune_grouped_bwd_g32_h200.json), so it is the default wherever it runs (16-bit, row-major operands
 # on Hopper). With b transposed (K-major b, as the dgrad reads a [G, K, N] weight, or a forward on [G, N, K]
-# weights) our kernel also leads at 1024 tokens per expert: dgrad 1.51 vs 1.68 ms (32 experts, fc2), 0.78 vs 0.79
-# and 0.43 vs 0.44 (8 experts, fc1 / fc2), forward on [G, N, K] weights 0.81 vs 0.83 (8 experts, fc1,
-# tune_grouped_g8_fc1_two_per_sm_h200.json); without the transpose it ties or loses there (fc2 0.43 vs 0.39 at
+# weights) our kernel also leads at 1024 tokens per expert: dgrad 1.51 vs 1.68 ms (32 experts, fc2), 3.12 vs 3.23
+# (32, fc1), 0.78 vs 0.80 and 0.43 vs 0.44 (8 experts, fc1 / fc2; tune_grouped_dgrad_fc1_h200.json), forward on
+# [G, N, K] weights 0.81 vs 0.83 (8 experts, fc1, tune_grouped_g8_fc1_two_per_sm_h200.json); without the transpose it ties or loses there (fc2 0.43 vs 0.39 at
 # 8 experts), so only the transposed case drops the rows-per-group bound.
 # The rules also need enough work: our Triton launch costs ~65 us of host time (kernel wrapper with offsets
 # ready; 93 us before the launch was trimmed) against torch._grouped_mm's ~18 us per call
