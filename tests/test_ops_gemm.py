@@ -449,9 +449,10 @@ def test_grouped_tuned_path_picks_per_rows_bucket(monkeypatch, tma):
     assert kgg.rows_bucket(50, 4) == 16 and kgg.rows_bucket(0, 4) == 1 and kgg.rows_bucket(201, 4) == 64
 
 
-def _wgrad_paths(monkeypatch, lens, P, Q, trans_b, dtype, device):
+def _wgrad_paths(monkeypatch, lens, P, Q, trans_b, dtype, device, config=None):
     """grouped_wgrad through the TMA kernel and the pointer kernel (USE_TMA on / off) into a NaN-filled dB
-    (strided [G, Q, P]^T when trans_b, as the autograd's dB for a trans_b weight), and the fp64 reference."""
+    (strided [G, Q, P]^T when trans_b, as the autograd's dB for a trans_b weight), and the fp64 reference;
+    `config` forces the TMA kernel's config."""
     from turbo_dist.kernels import gemm as kgemm
     from turbo_dist.kernels import grouped_wgrad as kgw
 
@@ -464,7 +465,7 @@ def _wgrad_paths(monkeypatch, lens, P, Q, trans_b, dtype, device):
         assert kgw.wgrad_tma_ok(x, y) == tma
         out = torch.full((G, Q, P) if trans_b else (G, P, Q), float("nan"), dtype=dtype, device=device)
         out = out.transpose(1, 2) if trans_b else out
-        outs.append(kgw.grouped_wgrad(x, y, offs, G, out=out))
+        outs.append(kgw.grouped_wgrad(x, y, offs, G, out=out, config=config if tma else None))
     ends = offs.tolist()
     ref = torch.stack([x[s:e].double().t() @ y[s:e].double() for s, e in zip([0] + ends[:-1], ends)])
     return outs, ref
@@ -472,14 +473,35 @@ def _wgrad_paths(monkeypatch, lens, P, Q, trans_b, dtype, device):
 
 @needs_interp
 @pytest.mark.parametrize("trans_b", [False, True])
-def test_grouped_wgrad_tma_and_pointer_paths(monkeypatch, trans_b):
+@pytest.mark.parametrize("config", [None, (32, 32, 32, 4, 1, 1)], ids=["masked_loads_tail", "tma_tail"])
+def test_grouped_wgrad_tma_and_pointer_paths(monkeypatch, trans_b, config):
     """The TMA weight-gradient kernel (whole BLOCK_K-row steps by TMA, each group's last partial step masked,
-    interpreter config BLOCK_K 32): groups of exactly one step, empty, shorter than a step, steps plus a tail;
-    P and Q off the tile. Same result as the pointer kernel and the reference, zeros for the empty group."""
-    outs, ref = _wgrad_paths(monkeypatch, [32, 0, 5, 70, 64], 40, 24, trans_b, torch.float16, "cpu")
+    BLOCK_K 32; the tail by masked loads or, TMA_TAIL, by boxes masked in registers): groups of exactly one step,
+    empty, shorter than a step, steps plus a tail; P and Q off the tile. Same result as the pointer kernel and the
+    reference, zeros for the empty group."""
+    outs, ref = _wgrad_paths(monkeypatch, [32, 0, 5, 70, 64], 40, 24, trans_b, torch.float16, "cpu", config)
     for out in outs:
         torch.testing.assert_close(out.double(), ref, rtol=1e-2, atol=1e-2)
         assert bool((out[1] == 0).all())
+
+
+@needs_interp
+def test_grouped_wgrad_tma_tail_ignores_next_groups_rows():
+    """An inf in the rows right after a group's partial last step (the next group's) must not reach that
+    group's dB through the masked tail (0 * inf would be NaN)."""
+    from turbo_dist.kernels import grouped_wgrad as kgw
+
+    lens = [5, 3]
+    x, y = rnd(8, 40, dtype=torch.float16, seed=11), rnd(8, 24, dtype=torch.float16, seed=12)
+    x[5:], y[5:] = float("inf"), float("inf")  # +inf times +inf: the next group's own dB is inf, not NaN
+    offs = torch.cumsum(torch.tensor(lens), 0)
+    ref0 = x[:5].double().t() @ y[:5].double()
+    for config in ((32, 32, 32, 4, 1), (32, 32, 32, 4, 1, 1)):
+        out = kgw.grouped_wgrad(x, y, offs, 2, config=config)
+        assert bool(torch.isfinite(out[0]).all()), config
+        torch.testing.assert_close(out[0].double(), ref0, rtol=1e-2, atol=1e-2)
+    with pytest.raises(ValueError, match="weight-gradient config"):
+        kgw.grouped_wgrad(x, y, offs, 2, config=(32, 32, 32, 4, 1, 2))
 
 
 @pytest.mark.parametrize("backend", CPU_GROUPED)

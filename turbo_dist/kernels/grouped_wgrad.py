@@ -16,7 +16,7 @@ from . import gemm as _gemm
 from .gemm import SCALE_NONE, TensorDescriptor, interpreting
 from . import grouped_gemm as _gg
 
-# (BLOCK_M of P, BLOCK_N of Q, BLOCK_K rows, num_warps, num_stages)
+# (BLOCK_M of P, BLOCK_N of Q, BLOCK_K rows, num_warps, num_stages[, flags: TMA_TAIL below])
 CONFIGS_WGRAD = [
     (128, 128, 64, 8, 4),
     (128, 256, 64, 8, 3),
@@ -82,11 +82,12 @@ def _grouped_wgrad_tma_kernel(
     x_desc, y_desc, x_ptr, y_ptr, c_ptr, offs_ptr,
     G, P, Q,
     stride_xm, stride_ym, stride_cg, stride_cp, stride_cq,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TMA_TAIL: tl.constexpr = False,
 ):
     # As _grouped_wgrad_kernel, the whole BLOCK_K-row steps of a group from TMA descriptors (x [M, P] and
     # y [M, Q] row-major; x's tile [BLOCK_K, BLOCK_M] enters the MMA transposed, as the GEMM kernels' A_T), the
-    # group's last partial step (rows that a box would take from the next group) with masked pointer loads.
+    # group's last partial step (rows that a box would take from the next group) with masked pointer loads or,
+    # TMA_TAIL, with boxes masked in registers (sm_90: 166-199 registers instead of 204-250 with 4 warps).
     pid = tl.program_id(0)
     num_p = tl.cdiv(P, BLOCK_M)
     num_q = tl.cdiv(Q, BLOCK_N)
@@ -105,16 +106,32 @@ def _grouped_wgrad_tma_kernel(
     offs_q = off_q + tl.arange(0, BLOCK_N)
     mask_p = offs_p < P
     mask_q = offs_q < Q
-    rr = row0 + full * BLOCK_K + tl.arange(0, BLOCK_K)
-    if row0 + full * BLOCK_K < row1:
+    r = row0 + full * BLOCK_K
+    if r < row1:
+        rr = r + tl.arange(0, BLOCK_K)
         mask_r = rr < row1
-        x = tl.load(x_ptr + rr[:, None].to(tl.int64) * stride_xm + offs_p[None, :],
-                    mask=mask_r[:, None] & mask_p[None, :], other=0.0)
-        y = tl.load(y_ptr + rr[:, None].to(tl.int64) * stride_ym + offs_q[None, :],
-                    mask=mask_r[:, None] & mask_q[None, :], other=0.0)
+        if TMA_TAIL:  # the two boxes, the next group's rows zeroed in registers (in both: no 0 * inf from there)
+            x = tl.where(mask_r[:, None], x_desc.load([r, off_p]), 0.0)
+            y = tl.where(mask_r[:, None], y_desc.load([r, off_q]), 0.0)
+        else:
+            x = tl.load(x_ptr + rr[:, None].to(tl.int64) * stride_xm + offs_p[None, :],
+                        mask=mask_r[:, None] & mask_p[None, :], other=0.0)
+            y = tl.load(y_ptr + rr[:, None].to(tl.int64) * stride_ym + offs_q[None, :],
+                        mask=mask_r[:, None] & mask_q[None, :], other=0.0)
         acc = tl.dot(x.T, y, acc)
     c_ptrs = c_ptr + g.to(tl.int64) * stride_cg + offs_p[:, None] * stride_cp + offs_q[None, :] * stride_cq
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_p[:, None] & mask_q[None, :])
+
+
+TMA_TAIL = 1  # bit of a config's optional 6th entry (the TMA kernel's last partial step from boxes)
+
+
+def _unpack(config):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages[, flags]) -> the five and TMA_TAIL (bool)."""
+    if len(config) not in (5, 6) or (len(config) == 6 and int(config[5]) not in (0, TMA_TAIL)):
+        raise ValueError(f"a weight-gradient config is (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages"
+                         f"[, flags 0-1]), got {config}")
+    return (*config[:5], bool(len(config) == 6 and int(config[5]) & TMA_TAIL))
 
 
 def _set_wgrad_blocks(nargs):
@@ -161,15 +178,19 @@ def grouped_wgrad(x, y, group_offs, G, out=None, out_dtype=None, config=None):
         config = _gg.interpreter_config(SCALE_NONE)
 
     def launcher(cfg):
-        bm, bn, bk, w, s = cfg
+        bm, bn, bk, w, s, tma_tail = _unpack(cfg)
         grid = (G * triton.cdiv(P, bm) * triton.cdiv(Q, bn),)
         if not tma:
+            if tma_tail:
+                raise NotImplementedError(f"TMA_TAIL config {cfg} runs on the TMA kernel only; these operands take "
+                                          f"the pointer kernel (see wgrad_tma_ok)")
             return lambda: _grouped_wgrad_kernel[grid](*args, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=w,
                                                        num_stages=s)
 
         def launch():
             _set_wgrad_blocks(dict(x_desc=x_desc, y_desc=y_desc, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk))
-            _grouped_wgrad_tma_kernel[grid](*args, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=s)
+            _grouped_wgrad_tma_kernel[grid](*args, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, TMA_TAIL=tma_tail,
+                                            num_warps=w, num_stages=s)
         return launch
 
     if config is not None:
