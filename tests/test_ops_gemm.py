@@ -492,7 +492,8 @@ def test_grouped_wgrad_tma_tail_ignores_next_groups_rows():
     from turbo_dist.kernels import grouped_wgrad as kgw
 
     lens = [5, 3]
-    x, y = rnd(8, 40, dtype=torch.float16, seed=11), rnd(8, 24, dtype=torch.float16, seed=12)
+    # P, Q whole tiles: no padding lanes where a masked 0 meets an inf (harmless there, but numpy warns)
+    x, y = rnd(8, 64, dtype=torch.float16, seed=11), rnd(8, 32, dtype=torch.float16, seed=12)
     x[5:], y[5:] = float("inf"), float("inf")  # +inf times +inf: the next group's own dB is inf, not NaN
     offs = torch.cumsum(torch.tensor(lens), 0)
     ref0 = x[:5].double().t() @ y[:5].double()
