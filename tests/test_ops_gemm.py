@@ -725,12 +725,15 @@ def test_grouped_gpu_config_chosen_during_graph_capture(monkeypatch, tma):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("trans_b", [False, True])
-def test_grouped_gpu_wgrad_tma_matches_pointer_kernel(monkeypatch, trans_b):
+@pytest.mark.parametrize("config", [None, (128, 128, 16, 4, 6, 1)], ids=["tuned", "tma_tail"])
+def test_grouped_gpu_wgrad_tma_matches_pointer_kernel(monkeypatch, trans_b, config):
     """bf16 weight gradient on DeepSeek-V3-like sizes (tokens x 7168 by tokens x 2048), ragged groups (one
-    empty, one shorter than any BLOCK_K, the rest with a partial last step): TMA and pointer kernels agree."""
+    empty, one shorter than any BLOCK_K, the rest with a partial last step): TMA (tuned, or forced TMA_TAIL) and
+    pointer kernels agree."""
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("the TMA kernel needs Hopper")
-    outs, ref = _wgrad_paths(monkeypatch, [300, 0, 1000, 77, 5, 256], 7168, 2048, trans_b, torch.bfloat16, "cuda")
+    outs, ref = _wgrad_paths(monkeypatch, [300, 0, 1000, 77, 5, 256], 7168, 2048, trans_b, torch.bfloat16, "cuda",
+                             config)
     assert rel(outs[0], ref) < 1e-2 and rel(outs[1], ref) < 1e-2
     assert bool((outs[0][1] == 0).all())
     torch.testing.assert_close(outs[0].float(), outs[1].float(), rtol=2e-2, atol=2e-1)
