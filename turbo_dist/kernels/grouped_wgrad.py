@@ -4,7 +4,8 @@ Y [M, Q] -> out [G, P, Q] (zeros for an empty group); dB = A^T dC (or dC^T A whe
 of one group, reducing over the group's rows.
 
 Two variants: TMA descriptors for each group's whole BLOCK_K-row steps (x, y row-major 16-bit; `wgrad_tma_ok`),
-the last partial step by masked loads, and plain pointer loads (any strides, fp32). Configs (`CONFIGS_WGRAD*`)
+the last partial step by masked loads (or, config flag TMA_TAIL, by boxes masked in registers), and plain pointer
+loads (any strides, fp32). Configs (`CONFIGS_WGRAD*`)
 are chosen by kernels/_tuner per shape and rows-per-group bucket, as the forward's (kernels/grouped_gemm.py).
 """
 import torch
@@ -13,8 +14,8 @@ import triton.language as tl
 
 from . import _tuner
 from . import gemm as _gemm
-from .gemm import SCALE_NONE, TensorDescriptor, interpreting
 from . import grouped_gemm as _gg
+from .gemm import SCALE_NONE, TensorDescriptor, interpreting
 
 # (BLOCK_M of P, BLOCK_N of Q, BLOCK_K rows, num_warps, num_stages[, flags: TMA_TAIL below])
 CONFIGS_WGRAD = [
