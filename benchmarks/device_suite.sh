@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One batched device session: install, GPU test suite, main-job demo, single-GPU benches.
-#   bash benchmarks/device_suite.sh "install tests gputests ll moe1 dist demo ops opsq attn moe moell moeinter tp cp cpvarlen native tune cublaslt prof opstests"
+#   bash benchmarks/device_suite.sh "install tests gputests ll moe1 dist demo ops opsq attn moe moell moeinter tp cp cpvarlen native tune cublaslt prof opstests wgrad"
 #   (phases to run, in order; default "install tests demo ops attn"; on a multi-GPU kind start with
 #   "install dist demo moe moell moeinter tp cp cpvarlen")
 # Logs and JSON go under $OUT (default ./out). Safety variables are always set. One-off verification phases of
@@ -75,6 +75,16 @@ for ph in $PHASES; do
             TURBO_DIST_TRITON_TUNE=first timeout ${GPUTESTS_S:-400} python -m pytest tests/ -q -rs -p no:cacheprovider \
               -k "gpu or self_loop or cuda_graph" > "$OUT/pytest_gpu_$TAG.log" 2>&1; echo "gputests rc=$?"
             tail -2 "$OUT/pytest_gpu_$TAG.log"; grep -E "^(FAILED|ERROR)|Error:" "$OUT/pytest_gpu_$TAG.log" | head -12;;
+    wgrad) # one GPU: the grouped GEMM's weight gradient: its GPU tests (TMA vs pointer, incl. a forced TMA_TAIL config),
+            # then every weight-gradient candidate (benchmarks/tune_candidates.py EXTRA_WGRAD, TMA_TAIL ones included) at
+            # 32 x 128 / 256 / 1024 and 8 x 1024 tokens per expert, fc1 and fc2
+            TURBO_DIST_TRITON_TUNE=first timeout 150 python -m pytest -q -rs -p no:cacheprovider tests/test_ops_gemm.py \
+              -k "wgrad or grouped_gpu_bf16" > "$OUT/pytest_wgrad_$TAG.log" 2>&1; echo "wgrad tests rc=$?"
+            tail -2 "$OUT/pytest_wgrad_$TAG.log"; grep -E "^(FAILED|ERROR)|Error:" "$OUT/pytest_wgrad_$TAG.log" | head -8
+            timeout ${TUNE_S:-300} python benchmarks/tune_ops.py --rep-ms 15 --final-top 5 --cases \
+              grouped_wgrad_G32_t128_fc1,grouped_wgrad_G32_t256_fc1,grouped_wgrad_G8_fc1,grouped_wgrad_G32_fc1,grouped_wgrad_G32_t128_fc2,grouped_wgrad_G32_t256_fc2 \
+              --json "$OUT/tune_wgrad_$TAG.json" > "$OUT/tune_wgrad_$TAG.log" 2>&1; echo "wgrad tune rc=$?"
+            grep -A9 "best config per case" "$OUT/tune_wgrad_$TAG.log";;
     opstests) TURBO_DIST_TRITON_TUNE=first timeout 200 python -m pytest -q -rs -p no:cacheprovider tests/test_ops_gemm.py tests/test_ops_fp8.py tests/test_ops_fp8_per_group.py tests/test_tuner.py tests/test_dispatcher.py > "$OUT/pytest_ops_$TAG.log" 2>&1; echo "opstests rc=$?"; tail -3 "$OUT/pytest_ops_$TAG.log";;
     *) echo "unknown phase $ph";;
   esac
