@@ -255,14 +255,31 @@ def _tma_layout(t):
     return None
 
 
+_MAJOR = {}
+
+
+def sm_major(device):
+    """The CUDA device's compute capability major, cached (~8 us per get_device_capability call)."""
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _MAJOR:
+        _MAJOR[idx] = torch.cuda.get_device_capability(idx)[0]
+    return _MAJOR[idx]
+
+
+def tma_device_ok(*tensors):
+    """Whether the TMA kernels (GEMM, grouped GEMM, weight gradient) may run on these operands at all: TMA on
+    (TURBO_DIST_TRITON_TMA), Triton's TensorDescriptor present, no empty operand, a Hopper+ GPU or the
+    interpreter. Each caller checks its own layouts."""
+    if not USE_TMA or TensorDescriptor is None or any(0 in t.shape for t in tensors):
+        return False
+    if tensors[0].is_cuda:
+        return sm_major(tensors[0].device) >= 9
+    return interpreting()
+
+
 def tma_operands(a, b):
     """((a_stored, A_T), (b_stored, B_T)) when the TMA kernel can run C = a @ b, else None."""
-    if not USE_TMA or TensorDescriptor is None or 0 in a.shape or 0 in b.shape:
-        return None
-    if a.is_cuda:
-        if torch.cuda.get_device_capability(a.device)[0] < 9:
-            return None
-    elif not interpreting():
+    if not tma_device_ok(a, b):
         return None
     la, lb = _tma_layout(a), _tma_layout(b)
     if la is None or lb is None:

@@ -232,24 +232,9 @@ def _ieee(t):
     return t.dtype == torch.float32 and not (t.is_cuda and torch.backends.cuda.matmul.allow_tf32)
 
 
-_MAJOR = {}
-
-
-def _sm_major(device):
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _MAJOR:  # ~8 us per get_device_capability call: once per device
-        _MAJOR[idx] = torch.cuda.get_device_capability(idx)[0]
-    return _MAJOR[idx]
-
-
 def tma_operands(a, b):
     """(b_stored [G, *, *], B_T) when the TMA kernel can run a [M, K] @ b [G, K, N], else None."""
-    if not _gemm.USE_TMA or TensorDescriptor is None or 0 in a.shape or 0 in b.shape:
-        return None
-    if a.is_cuda:
-        if _sm_major(a.device) < 9:
-            return None
-    elif not interpreting():
+    if not _gemm.tma_device_ok(a, b):
         return None
     es = a.element_size()
     if es not in (1, 2) or a.stride(1) != 1 or (a.stride(0) * es) % 16 or a.data_ptr() % 16 or b.data_ptr() % 16:

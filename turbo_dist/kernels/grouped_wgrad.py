@@ -15,7 +15,7 @@ import triton.language as tl
 from . import _tuner
 from . import gemm as _gemm
 from . import grouped_gemm as _gg
-from .gemm import SCALE_NONE, TensorDescriptor, interpreting
+from .gemm import SCALE_NONE, TensorDescriptor
 
 # (BLOCK_M of P, BLOCK_N of Q, BLOCK_K rows, num_warps, num_stages[, flags: TMA_TAIL below])
 CONFIGS_WGRAD = [
@@ -144,12 +144,7 @@ def wgrad_tma_ok(x, y):
     """Whether the TMA weight-gradient kernel takes x [M, P], y [M, Q]: 2-byte dtypes (the transposed x tile is
     an MN-major MMA operand, which Hopper's tensor cores take for 16-bit types only), both row-major with
     16-byte aligned rows and bases; Hopper+ or the interpreter."""
-    if not _gemm.USE_TMA or TensorDescriptor is None or 0 in x.shape or 0 in y.shape:
-        return False
-    if x.is_cuda:
-        if _gg._sm_major(x.device) < 9:
-            return False
-    elif not interpreting():
+    if not _gemm.tma_device_ok(x, y):
         return False
     return all(t.element_size() == 2 and t.stride(1) == 1 and (t.stride(0) * 2) % 16 == 0 and t.data_ptr() % 16 == 0
                for t in (x, y))
