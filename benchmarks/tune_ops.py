@@ -206,9 +206,16 @@ def _fc1_experts(G=8, tokens_per_expert=1024, layer="fc1"):
 
 
 def _grouped_mm_baseline(a, b, offs):
-    """bf16 torch._grouped_mm on a [M, K] and b [G, K, N] at the group end offsets offs (int64 on the device)."""
+    """bf16 torch._grouped_mm on a and b as it takes them (a [M, K] with b [G, K, N]; or a^T [K, M] with dC
+    [M, N], the weight gradient) at the group end offsets offs (int64 on the device)."""
     offs32 = offs.to(torch.int32)
     return lambda: torch._grouped_mm(a, b, offs=offs32, out_dtype=torch.bfloat16)
+
+
+def _splits(offs):
+    """[(start, end)] row range per group from the end offsets (host-side, for the per-expert loops)."""
+    ends = offs.tolist()
+    return list(zip([0] + ends[:-1], ends))
 
 
 def fp8_grouped_block_case(args):
@@ -261,8 +268,7 @@ def grouped_bf16_case(args, name="grouped_bf16_G8_fc1", G=8, tokens_per_expert=1
     M, K, N = a.shape[0], a.shape[1], b_t.shape[1]
     offs = torch.cumsum(lens.to(DEVICE), 0)
     b = b_t.transpose(1, 2)  # [G, K, N] view
-    ends = offs.tolist()
-    splits = list(zip([0] + ends[:-1], ends))
+    splits = _splits(offs)
 
     def fp32_loop():
         return torch.cat([a[s:e].float() @ b[g].float() for g, (s, e) in enumerate(splits)])
@@ -294,9 +300,7 @@ def grouped_bwd_case(args, name, kind, G, tokens_per_expert, layer):
     g = torch.Generator(device="cpu").manual_seed(3)
     dc = torch.randn(M, N, generator=g).to(DEVICE, DTYPE)
     offs = torch.cumsum(lens.to(DEVICE), 0)
-    offs32 = offs.to(torch.int32)
-    ends = offs.tolist()
-    splits = list(zip([0] + ends[:-1], ends))
+    splits = _splits(offs)
     baselines = {}
     if kind == "wgrad":
         def fp32_loop():
@@ -310,8 +314,7 @@ def grouped_bwd_case(args, name, kind, G, tokens_per_expert, layer):
                 kgemm.USE_TMA = prev
 
         if not DRY:
-            baselines["bf16_torch_grouped_mm"] = lambda: torch._grouped_mm(a.t(), dc, offs=offs32,
-                                                                           out_dtype=torch.bfloat16)
+            baselines["bf16_torch_grouped_mm"] = _grouped_mm_baseline(a.t(), dc, offs)
             baselines["bf16_loop_mm"] = lambda: [torch.mm(a[s:e].t(), dc[s:e]) for s, e in splits]
         else:
             baselines["fp32_loop"] = fp32_loop
@@ -324,8 +327,7 @@ def grouped_bwd_case(args, name, kind, G, tokens_per_expert, layer):
             return torch.cat([dc[s:e].float() @ b[i].float().t() for i, (s, e) in enumerate(splits)])
 
         if not DRY:
-            baselines["bf16_torch_grouped_mm"] = lambda: torch._grouped_mm(dc, b.transpose(1, 2), offs=offs32,
-                                                                           out_dtype=torch.bfloat16)
+            baselines["bf16_torch_grouped_mm"] = _grouped_mm_baseline(dc, b.transpose(1, 2), offs)
             baselines["bf16_loop_mm"] = lambda: [torch.mm(dc[s:e], b[i].t()) for i, (s, e) in enumerate(splits)]
         else:
             baselines["fp32_loop"] = fp32_loop

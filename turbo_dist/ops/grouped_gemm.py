@@ -199,8 +199,8 @@ dispatcher.register_backend("grouped_gemm_wgrad", "loop", _loop_wgrad, priority=
 # on Hopper). With b transposed (K-major b, as the dgrad reads a [G, K, N] weight, or a forward on [G, N, K]
 # weights) our kernel also leads at 1024 tokens per expert: dgrad 1.51 vs 1.68 ms (32 experts, fc2), 3.12 vs 3.23
 # (32, fc1), 0.78 vs 0.80 and 0.43 vs 0.44 (8 experts, fc1 / fc2; tune_grouped_dgrad_fc1_h200.json), forward on
-# [G, N, K] weights 0.81 vs 0.83 (8 experts, fc1, tune_grouped_g8_fc1_two_per_sm_h200.json); without the transpose it ties or loses there (fc2 0.43 vs 0.39 at
-# 8 experts), so only the transposed case drops the rows-per-group bound.
+# [G, N, K] weights 0.81 vs 0.83 (8 experts, fc1, tune_grouped_g8_fc1_two_per_sm_h200.json); without the transpose
+# it ties or loses there (fc2 0.43 vs 0.39 at 8 experts), so only the transposed case drops the rows-per-group bound.
 # The rules also need enough work: our Triton launch costs ~65 us of host time (kernel wrapper with offsets
 # ready; 93 us before the launch was trimmed) against torch._grouped_mm's ~18 us per call
 # (benchmarks/results/probe_host_overhead_h200.json), so below ~64 GFLOP per call (~150 us of GPU time) the
