@@ -70,6 +70,11 @@ EXTRA_GROUPED_BLOCK = [
     (128, 64, 128, 4, 4, 4),
     (128, 128, 128, 8, 3, 4),
     (64, 128, 128, 4, 4, 6),
+    # 6th entry 6: TWO_PER_SM + RESCALE_ACC: 128 x 128 tiles, two per SM under the 128-register cap (one fp32 tile
+    # live; ptxas -v for sm_90: 186 registers uncapped, 128 with 112 bytes spilled, against 448 without RESCALE)
+    (128, 128, 128, 8, 3, 6),
+    (128, 128, 128, 8, 2, 6),
+    (128, 128, 128, 8, 2, 4),
 ]
 
 

@@ -492,7 +492,9 @@ def test_scaled_gemm_blockwise_scale_paths(monkeypatch, tma, sb_n, cfg):
                                           (1, (32, 32, 128, 4, 1, 2), True),
                                           (128, (32, 32, 128, 4, 1, 4), True),  # TWO_PER_SM
                                           (128, (32, 32, 128, 4, 1, 4), False),
-                                          (128, (32, 32, 128, 4, 1, 6), True)])
+                                          (128, (32, 32, 128, 4, 1, 6), True),
+                                          (128, (32, 32, 128, 8, 1, 6), True),  # 8 warps: maxnreg 128
+                                          (128, (32, 32, 128, 8, 1, 4), False)])
 def test_grouped_scaled_blockwise_scale_paths(monkeypatch, tma, sb_n, cfg):
     from turbo_dist.kernels import fp8_gemm
     from turbo_dist.kernels import gemm as kgemm
@@ -514,6 +516,16 @@ def test_grouped_scaled_blockwise_scale_paths(monkeypatch, tma, sb_n, cfg):
     out = fp8_gemm.grouped_scaled_mm(aq, wq.transpose(1, 2), sa, sb, torch.cumsum(lens, 0), fp8_gemm.SCALE_BLOCK,
                                      out_dtype=torch.float32, sb_n=sb_n, config=cfg)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-3)
+
+
+def test_two_per_sm_register_cap():
+    from turbo_dist.kernels import grouped_gemm as kgg
+
+    # two programs of 8 warps share 65536 registers: 128 each; 4 warps could take 256, above Hopper's 255
+    assert kgg.max_regs(8, 2) == 128
+    assert kgg.max_regs(4, 2) is None
+    assert kgg.max_regs(8, 1) is None
+    assert kgg._unpack((128, 128, 128, 8, 3, 6))[5:] == (False, True, 2)
 
 
 @needs_interp

@@ -66,8 +66,19 @@ def interpreter_config(scale_mode):
 # Bits of a config's optional 6th entry. WARP_SPECIALIZE, RESCALE_ACC: TMA kernel only. TWO_PER_SM: a persistent
 # grid of two programs per SM (either kernel), so two tiles' K loops share an SM where their registers and shared
 # memory fit (e.g. 64 x 128 x 128 FP8 tiles, 4 warps): one tile's blockwise promotion can overlap the other's MMAs
-# (in CONFIGS_BLOCK, where it was measured; not yet tried on the bf16 / rowwise lists).
+# (in CONFIGS_BLOCK, where it was measured; not yet tried on the bf16 / rowwise lists). A TWO_PER_SM launch caps
+# the registers per thread (Triton's maxnreg) at what two programs of that many warps can hold, 65536 / (2 x 32 x
+# warps): 128 with 8 warps; without the cap ptxas may take more and the second program waits for the first.
 WARP_SPECIALIZE, RESCALE_ACC, TWO_PER_SM = 1, 2, 4
+
+
+def max_regs(num_warps, per_sm):
+    """The maxnreg launch option for `per_sm` programs of `num_warps` warps on one SM (65536 registers), or None
+    when the cap would not bind (Hopper allows at most 255 per thread)."""
+    if per_sm == 1:
+        return None
+    cap = (65536 // (per_sm * 32 * num_warps)) // 8 * 8
+    return cap if cap < 255 else None
 
 
 def _unpack(config):
@@ -297,7 +308,7 @@ def grouped_gemm(a, b, group_offs, out=None, scale_a=None, scale_b=None, scale_m
                                       f"take the pointer kernel (see tma_operands)")
         n = nprog * per_sm
         return lambda: _grouped_gemm_kernel[(n,)](*args, **meta, NUM_PROGS=n, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-                                                  num_warps=w, num_stages=s)
+                                                  num_warps=w, num_stages=s, maxnreg=max_regs(w, per_sm))
 
     if config is not None:
         launcher(config)()
@@ -330,7 +341,7 @@ def _launch_tma(a, tma, out, group_offs, sa, sb, s_strides, scale_mode, sb_n, co
         def launch():
             _set_tma_blocks(dict(a_desc=a_desc, b_desc=b_desc, B_T=b_t, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk))
             _grouped_gemm_tma_kernel[(n,)](*args, **meta, NUM_PROGS=n, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, WS=ws,
-                                           RESCALE=rescale, num_warps=w, num_stages=s)
+                                           RESCALE=rescale, num_warps=w, num_stages=s, maxnreg=max_regs(w, per_sm))
         return launch
 
     if config is not None:
