@@ -75,8 +75,8 @@ for ph in $PHASES; do
             TURBO_DIST_TRITON_TUNE=first timeout ${GPUTESTS_S:-400} python -m pytest tests/ -q -rs -p no:cacheprovider \
               -k "gpu or self_loop or cuda_graph" > "$OUT/pytest_gpu_$TAG.log" 2>&1; echo "gputests rc=$?"
             tail -2 "$OUT/pytest_gpu_$TAG.log"; grep -E "^(FAILED|ERROR)|Error:" "$OUT/pytest_gpu_$TAG.log" | head -12;;
-    wgrad) # one GPU: the grouped GEMM's weight gradient: its GPU tests (TMA vs pointer, incl. a forced TMA_TAIL config),
-            # then every weight-gradient candidate (benchmarks/tune_candidates.py EXTRA_WGRAD, TMA_TAIL ones included) at
+    wgrad) # one GPU: the grouped GEMM's weight gradient: its GPU tests (TMA vs pointer kernel),
+            # then every weight-gradient candidate (benchmarks/tune_candidates.py EXTRA_WGRAD) at
             # 32 x 128 / 256 / 1024 and 8 x 1024 tokens per expert, fc1 and fc2
             TURBO_DIST_TRITON_TUNE=first timeout 150 python -m pytest -q -rs -p no:cacheprovider tests/test_ops_gemm.py \
               -k "wgrad or grouped_gpu_bf16" > "$OUT/pytest_wgrad_$TAG.log" 2>&1; echo "wgrad tests rc=$?"

@@ -117,10 +117,6 @@ EXTRA_WGRAD = [
     (128, 128, 32, 4, 4),
     (128, 64, 64, 4, 4),
     (64, 256, 64, 8, 3),
-    # 6th entry 1: TMA_TAIL (the last partial step from TMA boxes, masked in registers; 162-199 registers on sm_90
-    # instead of 204-250: the 4-warp tiles may fit three programs per SM), not yet timed
-    (128, 128, 16, 4, 6, 1),
-    (128, 128, 16, 4, 4, 1),
-    (128, 128, 32, 4, 4, 1),
-    (128, 128, 32, 4, 3, 1),
 ]
+# (A TMA_TAIL flag, the last partial step from boxes masked in registers, was 5-10% slower than the masked loads in
+# every final round, H200: benchmarks/results/tune_wgrad_tail_h200.json; removed.)

@@ -142,10 +142,10 @@ def _grouped_wgrad():
     return _kernel(gw._grouped_wgrad_kernel, const, dict(num_warps=8, num_stages=4), types)
 
 
-def _grouped_wgrad_tma(bm=128, bn=128, bk=64, warps=8, stages=4, tma_tail=False):
+def _grouped_wgrad_tma(bm=128, bn=128, bk=64, warps=8, stages=4):
     from turbo_dist.kernels import grouped_wgrad as gw
 
-    const = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, TMA_TAIL=tma_tail)
+    const = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
     types = dict(x_desc=_desc("bf16", (bk, bm)), y_desc=_desc("bf16", (bk, bn)), x_ptr="*bf16", y_ptr="*bf16",
                  c_ptr="*bf16", offs_ptr="*i64")
     return _kernel(gw._grouped_wgrad_tma_kernel, const, dict(num_warps=warps, num_stages=stages), types)
@@ -303,7 +303,7 @@ KERNELS = {
     "grouped_wgrad_bf16": _grouped_wgrad,
     "grouped_wgrad_tma_bf16": _grouped_wgrad_tma,
     "grouped_wgrad_tma_bf16_128x256": lambda: _grouped_wgrad_tma(128, 256, 64, 8, 3),
-    "grouped_wgrad_tma_tail_bf16": lambda: _grouped_wgrad_tma(128, 128, 16, 4, 6, True),
+    "grouped_wgrad_tma_bf16_128x128x16": lambda: _grouped_wgrad_tma(128, 128, 16, 4, 6),
     "nvl_notify": _nvl_notify,
     "nvl_dispatch_send_fp8_barrier": _nvl_dispatch_send,
     "nvl_dispatch_recv_fp8": _nvl_dispatch_recv,

@@ -4,8 +4,7 @@ Y [M, Q] -> out [G, P, Q] (zeros for an empty group); dB = A^T dC (or dC^T A whe
 of one group, reducing over the group's rows.
 
 Two variants: TMA descriptors for each group's whole BLOCK_K-row steps (x, y row-major 16-bit; `wgrad_tma_ok`),
-the last partial step by masked loads (or, config flag TMA_TAIL, by boxes masked in registers), and plain pointer
-loads (any strides, fp32). Configs (`CONFIGS_WGRAD*`)
+the last partial step by masked loads, and plain pointer loads (any strides, fp32). Configs (`CONFIGS_WGRAD*`)
 are chosen by kernels/_tuner per shape and rows-per-group bucket, as the forward's (kernels/grouped_gemm.py).
 """
 import torch
@@ -17,7 +16,7 @@ from . import gemm as _gemm
 from . import grouped_gemm as _gg
 from .gemm import SCALE_NONE, TensorDescriptor
 
-# (BLOCK_M of P, BLOCK_N of Q, BLOCK_K rows, num_warps, num_stages[, flags: TMA_TAIL below])
+# (BLOCK_M of P, BLOCK_N of Q, BLOCK_K rows, num_warps, num_stages)
 CONFIGS_WGRAD = [
     (128, 128, 64, 8, 4),
     (128, 256, 64, 8, 3),
@@ -83,12 +82,13 @@ def _grouped_wgrad_tma_kernel(
     x_desc, y_desc, x_ptr, y_ptr, c_ptr, offs_ptr,
     G, P, Q,
     stride_xm, stride_ym, stride_cg, stride_cp, stride_cq,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TMA_TAIL: tl.constexpr = False,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # As _grouped_wgrad_kernel, the whole BLOCK_K-row steps of a group from TMA descriptors (x [M, P] and
     # y [M, Q] row-major; x's tile [BLOCK_K, BLOCK_M] enters the MMA transposed, as the GEMM kernels' A_T), the
-    # group's last partial step (rows that a box would take from the next group) with masked pointer loads or,
-    # TMA_TAIL, with boxes masked in registers (sm_90: 166-199 registers instead of 204-250 with 4 warps).
+    # group's last partial step (rows that a box would take from the next group) with masked pointer loads.
+    # (Boxes masked in registers instead, sm_90 166-199 registers against 204-250, were 5-10% slower on H200:
+    # benchmarks/results/tune_wgrad_tail_h200.json.)
     pid = tl.program_id(0)
     num_p = tl.cdiv(P, BLOCK_M)
     num_q = tl.cdiv(Q, BLOCK_N)
@@ -111,28 +111,21 @@ def _grouped_wgrad_tma_kernel(
     if r < row1:
         rr = r + tl.arange(0, BLOCK_K)
         mask_r = rr < row1
-        if TMA_TAIL:  # the two boxes, the next group's rows zeroed in registers (in both: no 0 * inf from there)
-            x = tl.where(mask_r[:, None], x_desc.load([r, off_p]), 0.0)
-            y = tl.where(mask_r[:, None], y_desc.load([r, off_q]), 0.0)
-        else:
-            x = tl.load(x_ptr + rr[:, None].to(tl.int64) * stride_xm + offs_p[None, :],
-                        mask=mask_r[:, None] & mask_p[None, :], other=0.0)
-            y = tl.load(y_ptr + rr[:, None].to(tl.int64) * stride_ym + offs_q[None, :],
-                        mask=mask_r[:, None] & mask_q[None, :], other=0.0)
+        x = tl.load(x_ptr + rr[:, None].to(tl.int64) * stride_xm + offs_p[None, :],
+                    mask=mask_r[:, None] & mask_p[None, :], other=0.0)
+        y = tl.load(y_ptr + rr[:, None].to(tl.int64) * stride_ym + offs_q[None, :],
+                    mask=mask_r[:, None] & mask_q[None, :], other=0.0)
         acc = tl.dot(x.T, y, acc)
     c_ptrs = c_ptr + g.to(tl.int64) * stride_cg + offs_p[:, None] * stride_cp + offs_q[None, :] * stride_cq
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_p[:, None] & mask_q[None, :])
 
 
-TMA_TAIL = 1  # bit of a config's optional 6th entry (the TMA kernel's last partial step from boxes)
-
-
 def _unpack(config):
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages[, flags]) -> the five and TMA_TAIL (bool)."""
-    if len(config) not in (5, 6) or (len(config) == 6 and int(config[5]) not in (0, TMA_TAIL)):
-        raise ValueError(f"a weight-gradient config is (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages"
-                         f"[, flags 0-1]), got {config}")
-    return (*config[:5], bool(len(config) == 6 and int(config[5]) & TMA_TAIL))
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), checked."""
+    if len(config) != 5:
+        raise ValueError(f"a weight-gradient config is (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), "
+                         f"got {config}")
+    return tuple(config)
 
 
 def _set_wgrad_blocks(nargs):
@@ -174,19 +167,16 @@ def grouped_wgrad(x, y, group_offs, G, out=None, out_dtype=None, config=None):
         config = _gg.interpreter_config(SCALE_NONE)
 
     def launcher(cfg):
-        bm, bn, bk, w, s, tma_tail = _unpack(cfg)
+        bm, bn, bk, w, s = _unpack(cfg)
         grid = (G * triton.cdiv(P, bm) * triton.cdiv(Q, bn),)
         if not tma:
-            if tma_tail:
-                raise NotImplementedError(f"TMA_TAIL config {cfg} runs on the TMA kernel only; these operands take "
-                                          f"the pointer kernel (see wgrad_tma_ok)")
             return lambda: _grouped_wgrad_kernel[grid](*args, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=w,
                                                        num_stages=s)
 
         def launch():
             _set_wgrad_blocks(dict(x_desc=x_desc, y_desc=y_desc, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk))
-            _grouped_wgrad_tma_kernel[grid](*args, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, TMA_TAIL=tma_tail,
-                                            num_warps=w, num_stages=s)
+            _grouped_wgrad_tma_kernel[grid](*args, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=w,
+                                            num_stages=s)
         return launch
 
     if config is not None:
