@@ -286,26 +286,30 @@ def run_fp8(quick, errors):
     return rows
 
 
-def _bf16_grouped_base(a, b_t, lens, case, flops, errors):
-    """The faster bf16 grouped GEMM (torch._grouped_mm or our Triton) on these counts: (label, ms, rows) or None."""
+def _bf16_grouped_fns(a, b_t, lens):
+    """The bf16 grouped GEMM baselines on these counts (torch._grouped_mm and our Triton), timed interleaved with
+    the FP8 implementations (alone, one after the other, the same bf16 kernel timed up to ~15% slower on H200)."""
     from turbo_dist.ops import dispatcher
 
     bf16_fn = lambda: dispatcher.dispatch("grouped_gemm", a, b_t, lens, True)  # noqa: E731
-    bf16 = _time({"bf16_torch": _forced(bf16_fn, grouped_gemm="torch"),
-                  "bf16_triton": _forced(bf16_fn, grouped_gemm="triton")}, f"fp8_grouped {case} bf16", errors)
-    timed = {k: v for k, v in bf16.items() if v}
-    if not timed:
-        return None
-    label = min(timed, key=timed.get)
-    return label, timed[label], _rows_for("fp8_grouped", case, {label: timed[label]}, label, flops, "bf16")
+    return {"bf16_torch": _forced(bf16_fn, grouped_gemm="torch"),
+            "bf16_triton": _forced(bf16_fn, grouped_gemm="triton")}
 
 
-def _fp8_grouped_rows(case, fns, base, flops, extra, errors):
-    """Time the FP8 implementations `fns` ("mm_<backend>", "mm_default", "e2e_..."), note what the default ran
-    and how it compares with the best forced backend; rows with ratios against the bf16 `base` (label, ms)."""
+def _fp8_grouped_rows(case, fns, base_fns, flops, extra, errors):
+    """Time the FP8 implementations `fns` ("mm_<backend>", "mm_default", "e2e_...") interleaved with the bf16
+    baselines `base_fns`, note what the default ran and how it compares with the best forced backend; rows with
+    ratios against the faster bf16 baseline (its own row first)."""
     from turbo_dist.ops import dispatcher
 
-    res = _time(fns, f"fp8_grouped {case}", errors)
+    res = _time(dict(base_fns, **fns), f"fp8_grouped {case}", errors)
+    bf16 = {k: res.pop(k) for k in base_fns}
+    timed = {k: v for k, v in bf16.items() if v}
+    if not timed:
+        return []
+    label = min(timed, key=timed.get)
+    base = (label, timed[label])
+    base_rows = _rows_for("fp8_grouped", case, {label: timed[label]}, label, flops, "bf16")
     dflt = None
     if res["mm_default"] is not None:
         fns["mm_default"]()
@@ -313,7 +317,7 @@ def _fp8_grouped_rows(case, fns, base, flops, extra, errors):
     best = min((v for k, v in res.items() if k.startswith("mm_") and k != "mm_default" and v), default=None)
     extra = dict(extra, default_backend=dflt,
                  default_vs_best=(best / res["mm_default"]) if best and res["mm_default"] else None)
-    rows = []
+    rows = base_rows
     for r in _rows_for("fp8_grouped", case, res, "-", flops, "fp8", extra):
         r["x_baseline"] = base[1] / r["ms"]
         r["baseline"] = base[0]
@@ -348,10 +352,7 @@ def run_fp8_grouped(quick, errors):
         b_t = b.transpose(1, 2).contiguous()  # [G, N, K]: the weight as nn.Linear stores it
         k_, n_ = a.shape[1], b_t.shape[1]  # shrunk under --dry-run (K, N stay the layer's)
         flops = 2.0 * M * k_ * n_
-        base = _bf16_grouped_base(a, b_t, gl, f"G{G}_{layer}", flops, errors)
-        if base is None:
-            continue
-        rows += base[2]
+        base_fns = _bf16_grouped_fns(a, b_t, gl)
         grans = (ScalingGranularity.ROWWISE, ScalingGranularity.BLOCKWISE) if quick else tuple(ScalingGranularity)
         for gran in grans:
             aq, sa = quantize_fp8(a, E4M3, gran)
@@ -362,7 +363,7 @@ def run_fp8_grouped(quick, errors):
             elif gran == ScalingGranularity.BLOCKWISE:
                 sw = sw.transpose(1, 2)
             fns = _fp8_grouped_fns(aq, wq, sa, sw, gl, mode, a, b_t, gran, ("torch", "triton"))
-            rows += _fp8_grouped_rows(f"G{G}_{layer} {gran.name}", fns, base, flops,
+            rows += _fp8_grouped_rows(f"G{G}_{layer} {gran.name}", fns, base_fns, flops,
                                       {"granularity": gran.name, "shape": f"G={G} M={M} K={k_} N={n_}"}, errors)
             del aq, wq
         rows += _fp8_grouped_block_aligned(G, layer, lens, a, b_t, errors)
@@ -392,9 +393,7 @@ def _fp8_grouped_block_aligned(G, layer, lens, a, b_t, errors, align=128):
     N = b_t.shape[1]
     flops = 2.0 * M * K * N
     case = f"G{G}_{layer} BLOCKWISE lens%{align}==0 host"
-    base = _bf16_grouped_base(a, b_t, lens_h, case, flops, errors)
-    if base is None:
-        return []
+    lens_d = lens_h.to(a.device)
     aq, sa = quantize_fp8(a, torch.float8_e4m3fn, gran)
     wq, sw = quantize_fp8(b_t, torch.float8_e4m3fn, gran, weight=True)
     backends = ("triton",)
@@ -403,8 +402,9 @@ def _fp8_grouped_block_aligned(G, layer, lens, a, b_t, errors, align=128):
 
         backends = (("cublaslt",) if fp8_grouped.native_module() is not None else ()) + ("torch_loop", "triton")
     fns = _fp8_grouped_fns(aq, wq, sa, sw.transpose(1, 2), lens_h, "block", a, b_t, gran, backends)
-    return base[2] + _fp8_grouped_rows(case, fns, base, flops, {"granularity": gran.name, "lens": lens_h.tolist(),
-                                                                "shape": f"G={G} M={M} K={K} N={N}"}, errors)
+    return _fp8_grouped_rows(case, fns, _bf16_grouped_fns(a, b_t, lens_d), flops,
+                             {"granularity": gran.name, "lens": lens_h.tolist(), "shape": f"G={G} M={M} K={K} N={N}"},
+                             errors)
 
 
 def run_overhead(quick, errors):
