@@ -86,28 +86,39 @@ def _rows_for(section, case, results, baseline, flops, peak_key, extra=None):
     return rows
 
 
+_FORCED_OPS = set()  # ops some _forced fn has set; back to automatic choice after each _time
+
+
 def _time(fns, what, errors):
     """{label: fn} -> {label: ms or None}, timed interleaved; failures go to `errors` as '<what> <label>: ...'."""
+    from turbo_dist.ops import dispatcher
+
     def on_error(label, exc):
         errors.append(f"{what} {label}: {type(exc).__name__}: {exc}"[:400])
 
-    return bench_interleaved(fns, rounds=ROUNDS, rep_ms=REP_MS, on_error=on_error, warm=DEVICE == "cuda")
+    try:
+        return bench_interleaved(fns, rounds=ROUNDS, rep_ms=REP_MS, on_error=on_error, warm=DEVICE == "cuda")
+    finally:
+        for op in _FORCED_OPS:
+            dispatcher.set_backend(op, None)
+        _FORCED_OPS.clear()
 
 
 def _forced(fn, **op_backends):
-    """fn run with dispatcher backends forced ({op: backend or None for the default}), restored afterwards,
-    so implementations timed interleaved do not see each other's settings."""
+    """fn run with dispatcher backends forced ({op: backend or None for the default}). Each fn of an interleaved
+    group sets every op it dispatches, so the labels do not see each other's settings; the settings stay between
+    its calls (set_backend only when they differ), so a label timed alone pays what a user who forces a backend
+    pays per call, not a set/restore of the dispatcher per call (which cleared its choice cache twice a call and,
+    with do_bench's L2 flush hiding only ~60 us of host time, slowed the forced labels of host-heavy paths by up
+    to ~10%). _time sets them back to automatic afterwards."""
     from turbo_dist.ops import dispatcher
 
     def run():
-        prev = {op: dispatcher.get_backend(op) for op in op_backends}
         for op, name in op_backends.items():
-            dispatcher.set_backend(op, name)
-        try:
-            return fn()
-        finally:
-            for op, name in prev.items():
+            if dispatcher.get_backend(op) != name:
                 dispatcher.set_backend(op, name)
+            _FORCED_OPS.add(op)
+        return fn()
     return run
 
 
