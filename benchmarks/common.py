@@ -2,7 +2,7 @@
 
 Stable API (other benches import it):
     bench(fn, warmup_ms=25, rep_ms=100) -> median milliseconds
-    bench_interleaved({label: fn}, rounds=5, rep_ms=40, on_error=None, warm=True) -> {label: ms or None}
+    bench_interleaved({label: fn}, rounds=5, rep_ms=40, on_error=None, warm=True, order=None) -> {label: ms}
     write_json(path, rows, meta)        -> writes {"command", "machine", "meta", "rows"}
     print_table(rows, cols)             -> prints an aligned text table
     machine_info()                      -> dict describing host, GPU, versions
@@ -12,6 +12,7 @@ import datetime
 import json
 import os
 import platform
+import random
 import shlex
 import statistics
 import sys
@@ -37,16 +38,22 @@ def bench(fn, warmup_ms=25, rep_ms=100):
     return _bench_cpu(fn, warmup_ms, rep_ms)
 
 
-def bench_interleaved(fns, rounds=5, warmup_ms=10, rep_ms=40, on_error=None, warm=True):
+def bench_interleaved(fns, rounds=5, warmup_ms=10, rep_ms=40, on_error=None, warm=True, order=None):
     """Time several implementations of one case fairly: {label: fn} -> {label: ms, None if it raised}.
 
     Each fn runs once untimed (compile / autotune / caches), then `rounds` rounds each time every fn with
-    bench(fn, warmup_ms, rep_ms), the order rotated by one per round; a label's time is the median of its
-    round medians. Clock, thermal and allocator drift then hit every label alike, so two labels running
-    the same kernel agree to ~1% (one back-to-back do_bench per label does not: up to 6% apart on H200).
+    bench(fn, warmup_ms, rep_ms); a label's time is the median of its round medians. Clock, thermal and
+    allocator drift then hit every label alike, so two labels running the same kernel agree to ~1% (one
+    back-to-back do_bench per label does not: up to 6% apart on H200).
+    order: "rotate" (the list rotated by one per round: each label keeps its neighbours) or "shuffle" (a
+    seeded permutation per round: no label always follows the same one); default TURBO_DIST_BENCH_ORDER or
+    "rotate".
     A fn that raises is reported through on_error(label, exc) and not timed again (on_error None: it raises).
     warm=False skips the untimed first call (CPU dry runs, where every call is slow and nothing compiles).
     """
+    order = order or os.environ.get("TURBO_DIST_BENCH_ORDER", "rotate")
+    if order not in ("rotate", "shuffle"):
+        raise ValueError(f"bench order is 'rotate' or 'shuffle', got {order!r}")
     labels = list(fns)
     alive = []
     for label in labels:
@@ -62,8 +69,12 @@ def bench_interleaved(fns, rounds=5, warmup_ms=10, rep_ms=40, on_error=None, war
         torch.cuda.synchronize()
     times = {label: [] for label in alive}
     for r in range(max(1, rounds)):
-        order = alive[r % len(alive):] + alive[:r % len(alive)] if alive else []
-        for label in order:
+        if order == "shuffle":
+            seq = list(alive)
+            random.Random(r).shuffle(seq)
+        else:
+            seq = alive[r % len(alive):] + alive[:r % len(alive)] if alive else []
+        for label in seq:
             if label not in times:
                 continue
             try:
