@@ -43,15 +43,17 @@ def bench_interleaved(fns, rounds=5, warmup_ms=10, rep_ms=40, on_error=None, war
 
     Each fn runs once untimed (compile / autotune / caches), then `rounds` rounds each time every fn with
     bench(fn, warmup_ms, rep_ms); a label's time is the median of its round medians. Clock, thermal and
-    allocator drift then hit every label alike, so two labels running the same kernel agree to ~1% (one
+    allocator drift then hit every label alike, so two labels running the same kernel agree to ~1-2% (one
     back-to-back do_bench per label does not: up to 6% apart on H200).
-    order: "rotate" (the list rotated by one per round: each label keeps its neighbours) or "shuffle" (a
-    seeded permutation per round: no label always follows the same one); default TURBO_DIST_BENCH_ORDER or
-    "rotate".
+    order: "shuffle" (default; a seeded permutation per round, so no label always follows the same one) or
+    "rotate" (the list rotated by one per round: each label keeps its neighbours, and a label timed right
+    after a power-hungry one is timed slower: on H200 a bf16 GEMM 12-15% slower after an 8192^3 bf16 GEMM
+    than after an idle GPU, an FP8 grouped GEMM 4%; shuffled, 0-2%; benchmarks/results/
+    probe_interleave_bias_h200.json); TURBO_DIST_BENCH_ORDER overrides the default.
     A fn that raises is reported through on_error(label, exc) and not timed again (on_error None: it raises).
     warm=False skips the untimed first call (CPU dry runs, where every call is slow and nothing compiles).
     """
-    order = order or os.environ.get("TURBO_DIST_BENCH_ORDER", "rotate")
+    order = order or os.environ.get("TURBO_DIST_BENCH_ORDER", "shuffle")
     if order not in ("rotate", "shuffle"):
         raise ValueError(f"bench order is 'rotate' or 'shuffle', got {order!r}")
     labels = list(fns)
