@@ -53,9 +53,10 @@ def test_grouped_gemm_rule_is_cuda_small_groups_only():
     assert _grouped_preference(_Fake(32 * 128, 7168), _Fake(32, 7168, 4096), lens, False) == "triton"
     assert _grouped_preference(_Fake(32 * 256, 7168), _Fake(32, 7168, 4096), lens, False) == "triton"
     assert _grouped_preference(_Fake(32 * 1024, 7168), _Fake(32, 7168, 4096), lens, False) is None
-    # b transposed (dgrad of a [G, K, N] weight): ours at any rows per group, N read from b's middle dim
+    # b transposed (dgrad of a [G, K, N] weight): ours up to 512 rows per group, N read from b's middle dim
     assert _grouped_preference(_Fake(32 * 128, 4096), _Fake(32, 7168, 4096), lens, True) == "triton"
-    assert _grouped_preference(_Fake(32 * 1024, 4096), _Fake(32, 7168, 4096), lens, True) == "triton"
+    assert _grouped_preference(_Fake(32 * 512, 4096), _Fake(32, 7168, 4096), lens, True) == "triton"
+    assert _grouped_preference(_Fake(32 * 1024, 4096), _Fake(32, 7168, 4096), lens, True) is None
     assert _grouped_preference(_Fake(8 * 128, 7168), _Fake(8, 2048, 7168), lens, True) is None  # 30 GFLOP
     assert _grouped_preference(_Fake(32 * 128, 7168, cuda=False), _Fake(32, 7168, 4096, cuda=False), lens,
                                False) is None
@@ -69,12 +70,16 @@ def test_grouped_wgrad_rule_follows_the_tma_kernel(monkeypatch):
     from turbo_dist.kernels import grouped_wgrad as kgw
 
     monkeypatch.setattr(kgw, "wgrad_tma_ok", lambda x, y: True)
-    assert _wgrad_preference(_Fake(32 * 128, 7168), _Fake(32 * 128, 4096), None) == "triton"
-    assert _wgrad_preference(_Fake(8 * 1024, 7168), _Fake(8 * 1024, 4096), None, True) == "triton"
-    assert _wgrad_preference(_Fake(8 * 128, 2048), _Fake(8 * 128, 7168), None) is None  # 30 GFLOP: host-bound
-    assert _wgrad_preference(_Fake(32 * 128, 7168, cuda=False), _Fake(32 * 128, 4096, cuda=False), None) is None
+    g32, g8 = _Fake(32, cuda=False), _Fake(8, cuda=False)  # group_lens: only its length is read
+    assert _wgrad_preference(_Fake(32 * 128, 7168), _Fake(32 * 128, 4096), g32) == "triton"
+    assert _wgrad_preference(_Fake(8 * 512, 7168), _Fake(8 * 512, 4096), g8, True) == "triton"
+    # ~1024 rows per group: every backend within a few percent, torch's (maintained upstream) stays
+    assert _wgrad_preference(_Fake(8 * 1024, 7168), _Fake(8 * 1024, 4096), g8, True) is None
+    assert _wgrad_preference(_Fake(8 * 128, 2048), _Fake(8 * 128, 7168), g8) is None  # 30 GFLOP: host-bound
+    assert _wgrad_preference(_Fake(32 * 128, 7168, cuda=False), _Fake(32 * 128, 4096, cuda=False), g32) is None
+    assert _wgrad_preference(_Fake(0, 7168), _Fake(0, 4096), _Fake(0, cuda=False)) is None  # no groups
     monkeypatch.setattr(kgw, "wgrad_tma_ok", lambda x, y: False)  # fp32, strided or pre-Hopper: torch's
-    assert _wgrad_preference(_Fake(32 * 128, 7168), _Fake(32 * 128, 4096), None) is None
+    assert _wgrad_preference(_Fake(32 * 128, 7168), _Fake(32 * 128, 4096), g32) is None
 
 
 def test_choice_cache_follows_signature_and_settings(monkeypatch):
