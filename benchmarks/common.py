@@ -9,6 +9,7 @@ Stable API (other benches import it):
     time_across_ranks(fn, warmup, iters)-> median ms on each rank (CUDA events), max over the group
 """
 import datetime
+import itertools
 import json
 import os
 import platform
@@ -38,14 +39,18 @@ def bench(fn, warmup_ms=25, rep_ms=100):
     return _bench_cpu(fn, warmup_ms, rep_ms)
 
 
+_INTERLEAVED_CALLS = itertools.count()
+
+
 def bench_interleaved(fns, rounds=5, warmup_ms=10, rep_ms=40, on_error=None, warm=True, order=None):
     """Time several implementations of one case fairly: {label: fn} -> {label: ms, None if it raised}.
 
     Each fn runs once untimed (compile / autotune / caches), then `rounds` rounds each time every fn with
     bench(fn, warmup_ms, rep_ms); a label's time is the median of its round medians. Clock, thermal and
-    allocator drift then hit every label alike, so two labels running the same kernel agree to ~1-2% (one
+    allocator drift then hit every label alike, so two labels running the same kernel agree to ~1-3% (one
     back-to-back do_bench per label does not: up to 6% apart on H200).
-    order: "shuffle" (default; a seeded permutation per round, so no label always follows the same one) or
+    order: "shuffle" (default; a permutation per round, seeded by the call's number in this process and the
+    round, so no label always follows the same one, in one case or across cases) or
     "rotate" (the list rotated by one per round: each label keeps its neighbours, and a label timed right
     after a power-hungry one is timed slower: on H200 a bf16 GEMM 12-15% slower after an 8192^3 bf16 GEMM
     than after an idle GPU, an FP8 grouped GEMM 4%; shuffled, 0-2%; benchmarks/results/
@@ -54,6 +59,7 @@ def bench_interleaved(fns, rounds=5, warmup_ms=10, rep_ms=40, on_error=None, war
     warm=False skips the untimed first call (CPU dry runs, where every call is slow and nothing compiles).
     """
     order = order or os.environ.get("TURBO_DIST_BENCH_ORDER", "shuffle")
+    call = next(_INTERLEAVED_CALLS)
     if order not in ("rotate", "shuffle"):
         raise ValueError(f"bench order is 'rotate' or 'shuffle', got {order!r}")
     labels = list(fns)
@@ -71,9 +77,9 @@ def bench_interleaved(fns, rounds=5, warmup_ms=10, rep_ms=40, on_error=None, war
         torch.cuda.synchronize()
     times = {label: [] for label in alive}
     for r in range(max(1, rounds)):
-        if order == "shuffle":
+        if order == "shuffle":  # seeded by call and round: reproducible, and no case repeats another's orders
             seq = list(alive)
-            random.Random(r).shuffle(seq)
+            random.Random(call * 1000 + r).shuffle(seq)
         else:
             seq = alive[r % len(alive):] + alive[:r % len(alive)] if alive else []
         for label in seq:
