@@ -2,20 +2,16 @@
 end to end, every forced config and the tuned default is checked against the fp32 reference and written."""
 import json
 import os
-import sys
 
 import pytest
 import torch
+from bench_utils import import_benchmark
 
 
 def test_tune_ops_dry_run_grouped_backward(tmp_path):
     if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("the CPU dry run (the GPU run is the tuning itself)")
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
-    try:
-        import tune_ops
-    finally:
-        sys.path.pop(0)
+    tune_ops = import_benchmark("tune_ops")
     out = tmp_path / "tune.json"
     cases = ["grouped_wgrad_G8_fc2", "grouped_dgrad_G8_fc2"]
     assert tune_ops.main(["--dry-run", "--cases", ",".join(cases), "--final-top", "1", "--candidates",

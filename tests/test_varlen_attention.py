@@ -549,15 +549,12 @@ def test_bench_varlen_dry_run(tmp_path, capsys):
     """benchmarks/bench_varlen_attention.py end to end on CPU (tiny sizes): every row checked and written."""
     import json
     import os
-    import sys
+
+    from bench_utils import import_benchmark
 
     if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("the CPU dry run (the GPU run is the benchmark itself)")
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
-    try:
-        import bench_varlen_attention as bench
-    finally:
-        sys.path.pop(0)
+    bench = import_benchmark("bench_varlen_attention")
     out = tmp_path / "varlen.json"
     assert bench.main(["--dry-run", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]

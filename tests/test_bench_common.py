@@ -1,0 +1,53 @@
+"""benchmarks/common.py's interleaved timing: every label timed every round, in a shuffled order that changes
+from round to round and from call to call (the rotated order kept each label's neighbours, which biased a label
+timed after a power-hungry one on the GPU), failures reported, not timed."""
+import pytest
+from bench_utils import import_benchmark
+
+
+def _recording(common, monkeypatch):
+    seen = []
+
+    def fake_bench(fn, warmup_ms, rep_ms):
+        seen.append(fn())
+        return float(len(seen))
+    monkeypatch.setattr(common, "bench", fake_bench)
+    return seen
+
+
+def test_shuffled_rounds_time_every_label_once_per_round(monkeypatch):
+    common = import_benchmark("common")
+    seen = _recording(common, monkeypatch)
+    labels = [f"l{i}" for i in range(6)]
+    fns = {name: (lambda name=name: name) for name in labels}
+    res = common.bench_interleaved(fns, rounds=4, warm=False, order="shuffle")
+    rounds = [seen[i * 6:(i + 1) * 6] for i in range(4)]
+    assert all(sorted(r) == labels for r in rounds)
+    assert len({tuple(r) for r in rounds}) > 1  # not one fixed order
+    assert set(res) == set(labels) and all(isinstance(v, float) for v in res.values())
+    seen.clear()
+    common.bench_interleaved(fns, rounds=4, warm=False, order="shuffle")
+    assert [seen[i * 6:(i + 1) * 6] for i in range(4)] != rounds  # the next call gets other orders
+
+
+def test_rotated_rounds_keep_neighbours(monkeypatch):
+    common = import_benchmark("common")
+    seen = _recording(common, monkeypatch)
+    fns = {name: (lambda name=name: name) for name in ("a", "b", "c")}
+    common.bench_interleaved(fns, rounds=3, warm=False, order="rotate")
+    assert seen == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+
+
+def test_failing_label_is_reported_and_not_timed(monkeypatch):
+    common = import_benchmark("common")
+    seen = _recording(common, monkeypatch)
+    errors = []
+
+    def boom():
+        raise RuntimeError("no such backend here")
+    res = common.bench_interleaved({"ok": lambda: "ok", "bad": boom}, rounds=2, order="shuffle",
+                                   on_error=lambda label, exc: errors.append((label, str(exc))))
+    assert res["bad"] is None and isinstance(res["ok"], float)
+    assert errors == [("bad", "no such backend here")] and seen.count("ok") == 2
+    with pytest.raises(ValueError, match="shuffle"):
+        common.bench_interleaved({"ok": lambda: "ok"}, order="random")
