@@ -58,3 +58,27 @@ def test_pick_during_capture_is_untimed_and_uncached():
     assert _tuner.pick("k4", launches_for(2), timer=timer, capturing=True) == 0
     assert timer.samples == 0 and "k4" not in _tuner._CACHE
     assert _tuner.pick("k5", launches_for(1), timer=timer) == 0 and timer.samples == 0
+
+
+class OrderTimer:
+    """Records the order candidates are timed in; candidate 1 is the fastest."""
+
+    def __init__(self):
+        self.order = []
+
+    def __call__(self, launch, reps):
+        i = launch()
+        self.order.append(i)
+        return 1.0 if i != 1 else 0.5
+
+
+def test_pick_orders_are_mirrored_pairs_of_varying_permutations():
+    timer = OrderTimer()
+    assert _tuner.pick("k6", launches_for(6), timer=timer) == 1
+    n = 6
+    timed = timer.order[n:]  # after one untimed-reps probe per candidate
+    pairs = [timed[p * 2 * n:(p + 1) * 2 * n] for p in range(_tuner.PAIRS)]
+    for pair in pairs:
+        first, second = pair[:n], pair[n:]
+        assert sorted(first) == list(range(n)) and second == first[::-1]  # drift cancels within a pair
+    assert len({tuple(p[:n]) for p in pairs}) > 1  # no candidate always follows the same one

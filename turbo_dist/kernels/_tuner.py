@@ -5,13 +5,16 @@ triton.autotune times each config alone, in list order (~100 ms each). On a powe
 drifts over those seconds, so configs late in the list are measured slower than they are: on 8192x2112x7168
 it kept a config 8-13% slower than the best one (benchmarks/results/tune_ops_h200.json: autotuned 0.424-0.43
 ms, best forced config 0.375-0.394 ms, the same configs). Here each candidate is compiled and run once, then
-all are timed round-robin in pairs of rounds, forward then reversed (so a drifting clock favours no one),
+all are timed round-robin in pairs of rounds, a shuffled order then its reverse (so a drifting clock and the
+candidate timed before favour no one),
 and the fastest median over pairs wins; each launch is timed alone with L2 flushed before it, as do_bench
 does. Candidates may be different kernels (the split-tail ones beside the
 plain one), so the choice
 between them is measured too. Choices are cached per key for the process.
 """
+import itertools
 import logging
+import random
 import statistics
 
 import torch
@@ -21,6 +24,7 @@ log = logging.getLogger("turbo_dist")
 PAIRS = 3  # of timed rounds (forward + reversed)
 TARGET_MS = 2.0  # per timed sample: enough launches (each timed alone) to make event timing noise small
 _CACHE = {}
+_PICKS = itertools.count()  # seeds the candidate orders of each pick
 
 
 def _errors_that_skip():
@@ -122,12 +126,18 @@ def _pick(key, launches, timer):
         raise first_error
     one = {i: timer(launches[i], 1) for i in alive}
     reps = {i: max(1, min(20, int(TARGET_MS / max(one[i], 1e-3)))) for i in alive}
-    # rounds in pairs, forward then reversed order: a pair's mean puts every candidate at the same average
-    # position, so a clock drifting linearly cancels; the median over pairs drops a disturbed pair
+    # rounds in pairs, an order then the same reversed: a pair's mean puts every candidate at the same average
+    # position, so a clock drifting linearly cancels; the median over pairs drops a disturbed pair. Each pair's
+    # order is a fresh permutation (seeded: reproducible per process), so no candidate is always timed right
+    # after the same one: on H200 a GEMM timed right after a power-hungry one ran up to 12-15% slower
+    # (benchmarks/results/probe_interleave_bias_h200.json).
+    rng = random.Random(next(_PICKS))
     times = {i: [] for i in alive}
     for _ in range(PAIRS):
         pair = {}
-        for i in alive + alive[::-1]:
+        order = list(alive)
+        rng.shuffle(order)
+        for i in order + order[::-1]:
             pair[i] = pair.get(i, 0.0) + timer(launches[i], reps[i]) / 2
         for i in alive:
             times[i].append(pair[i])
