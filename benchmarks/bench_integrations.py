@@ -41,6 +41,7 @@ forward, CPU or GPU; the bench defines that name as None (Megatron's torch.mm pa
 """
 import argparse
 import os
+import random
 import statistics
 import sys
 import time
@@ -126,11 +127,15 @@ def time_ms(fn, warmup, iters, device):
 
 
 def time_interleaved(steps, args, device):
-    """{label: step fn} -> {label: ms}: rounds alternate the order; per label the median of its rounds."""
+    """{label: step fn} -> {label: ms}: each round in a shuffled order (seeded by the round, so every rank runs
+    the same order; a fixed rotation kept each label's neighbours, see common.bench_interleaved); per label the
+    median of its rounds."""
     labels = list(steps)
     times = {label: [] for label in labels}
     for r in range(args.rounds):
-        for label in labels[r % len(labels):] + labels[:r % len(labels)]:
+        order = list(labels)
+        random.Random(r).shuffle(order)
+        for label in order:
             times[label].append(time_ms(steps[label], args.warmup, args.iters, device))
     return {label: statistics.median(ts) for label, ts in times.items()}
 

@@ -4,8 +4,9 @@
                                    [--rounds 5] [--rep-ms 40]
 
 Timing: the implementations of one case are timed interleaved, `--rounds` rounds of do_bench(rep `--rep-ms`)
-each with the order rotated per round, and each reports the median of its round medians (common.bench_interleaved):
-rows that run the same kernel (e.g. `default` when it is torch.mm, and `cublas`) agree to ~1%.
+each in a shuffled order (common.bench_interleaved; TURBO_DIST_BENCH_ORDER=rotate for the old rotation), and each
+reports the median of its round medians: rows that run the same kernel (e.g. `default` when it is torch.mm, and
+`cublas`) agree to ~1-3%.
 
 Sections (each row: time, TFLOP/s, ratio to the section's baseline measured in the same run, fraction of the
 GPU's datasheet dense peak, common.peak_tflops: 989 TFLOP/s bf16 / 1979 FP8 on H100/H200 SXM):
