@@ -108,10 +108,10 @@ def _time(fns, what, errors):
 def _forced(fn, **op_backends):
     """fn run with dispatcher backends forced ({op: backend or None for the default}). Each fn of an interleaved
     group sets every op it dispatches, so the labels do not see each other's settings; the settings stay between
-    its calls (set_backend only when they differ), so a label timed alone pays what a user who forces a backend
-    pays per call, not a set/restore of the dispatcher per call (which cleared its choice cache twice a call and,
-    with do_bench's L2 flush hiding only ~60 us of host time, slowed the forced labels of host-heavy paths by up
-    to ~10%). _time sets them back to automatic afterwards."""
+    its calls (set_backend only when they differ), so a label pays per call what a user who forces a backend
+    pays, not a set/restore of the dispatcher (which cleared its choice cache twice a call). _time sets them back
+    to automatic afterwards. (The forced labels' lag behind `default` on the same kernel that prompted this was
+    mostly the rotated timing order's neighbour bias, see common.bench_interleaved.)"""
     from turbo_dist.ops import dispatcher
 
     def run():
