@@ -1,0 +1,41 @@
+"""benchmarks/bench_ops.py --dry-run --quick on CPU under the interpreter (sizes / 64, one round): every section
+runs end to end through the dispatcher and our Triton kernels, with its baselines timed in the same group and the
+ratios computed from them (the GPU run is the benchmark itself)."""
+import json
+import os
+
+import pytest
+import torch
+from bench_utils import import_benchmark
+
+
+def test_bench_ops_dry_run_every_section(tmp_path):
+    if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the CPU dry run (the GPU run is the benchmark itself)")
+    bench_ops = import_benchmark("bench_ops")
+    out = tmp_path / "ops.json"
+    assert bench_ops.main(["--dry-run", "--quick", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    by = {}
+    for r in rows:
+        by.setdefault(r["section"], []).append(r)
+    assert set(by) == {"gemm", "grouped", "fp8", "fp8_grouped", "overhead"}
+    assert all(r["ms"] > 0 for r in rows if "ms" in r)
+    impls = {(r["section"], r["impl"]) for r in rows}
+    for need in (("gemm", "triton"), ("grouped", "triton"), ("grouped", "loop"), ("fp8", "mm_triton"),
+                 ("fp8_grouped", "mm_triton"), ("fp8_grouped", "bf16_triton"), ("fp8_grouped", "e2e_weights_cached")):
+        assert need in impls, need
+    # FP8 grouped: each case's rows start with its bf16 baseline, timed in the same group, and every FP8 row's
+    # ratio is against that baseline's time
+    cases = {}
+    for r in by["fp8_grouped"]:
+        cases.setdefault(r["case"], []).append(r)
+    for case, rs in cases.items():
+        base = rs[0]
+        assert base["impl"].startswith("bf16_"), case
+        for r in rs[1:]:
+            assert r["baseline"] == base["impl"] and r["x_baseline"] == pytest.approx(base["ms"] / r["ms"]), case
+    # grouped: fwd and bwd per case; the ratio to torch's grouped mm, which cannot run on CPU, is left empty (not
+    # faked), the ratio to the per-expert loop is there
+    assert {r["phase"] for r in by["grouped"]} == {"fwd", "bwd"}
+    assert all(r["x_baseline"] is None and r["x_loop"] > 0 for r in by["grouped"])
