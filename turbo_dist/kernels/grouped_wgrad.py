@@ -15,6 +15,7 @@ from . import _tuner
 from . import gemm as _gemm
 from . import grouped_gemm as _gg
 from .gemm import SCALE_NONE, TensorDescriptor
+from .gemm_tiles import _store_tile
 
 # (BLOCK_M of P, BLOCK_N of Q, BLOCK_K rows, num_warps, num_stages)
 CONFIGS_WGRAD = [
@@ -37,6 +38,20 @@ CONFIGS_WGRAD_TMA = [
 
 
 @triton.jit
+def _wgrad_tile(offs_ptr, P, Q, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's output tile, one grid of (P tiles x Q tiles) per group: (group, first P index, first Q
+    index, the group's rows row0:row1 from the cumulative ends)."""
+    pid = tl.program_id(0)
+    num_p = tl.cdiv(P, BLOCK_M)
+    num_q = tl.cdiv(Q, BLOCK_N)
+    g = pid // (num_p * num_q)
+    local = pid % (num_p * num_q)
+    row0 = tl.load(offs_ptr + g - 1, mask=g > 0, other=0).to(tl.int32)
+    row1 = tl.load(offs_ptr + g).to(tl.int32)
+    return g, (local // num_q) * BLOCK_M, (local % num_q) * BLOCK_N, row0, row1
+
+
+@triton.jit
 def _grouped_wgrad_kernel(
     x_ptr, y_ptr, c_ptr, offs_ptr,
     G, P, Q,
@@ -45,17 +60,9 @@ def _grouped_wgrad_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # out[g] tile (BLOCK_M of P) x (BLOCK_N of Q), reducing over the group's rows in steps of BLOCK_K.
-    pid = tl.program_id(0)
-    num_p = tl.cdiv(P, BLOCK_M)
-    num_q = tl.cdiv(Q, BLOCK_N)
-    g = pid // (num_p * num_q)
-    local = pid % (num_p * num_q)
-    pid_p = local // num_q
-    pid_q = local % num_q
-    row0 = tl.load(offs_ptr + g - 1, mask=g > 0, other=0).to(tl.int32)
-    row1 = tl.load(offs_ptr + g).to(tl.int32)
-    offs_p = pid_p * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_q = pid_q * BLOCK_N + tl.arange(0, BLOCK_N)
+    g, off_p, off_q, row0, row1 = _wgrad_tile(offs_ptr, P, Q, BLOCK_M, BLOCK_N)
+    offs_p = off_p + tl.arange(0, BLOCK_M)
+    offs_q = off_q + tl.arange(0, BLOCK_N)
     mask_p = offs_p < P
     mask_q = offs_q < Q
     rm = row0 + tl.arange(0, BLOCK_K)
@@ -73,8 +80,7 @@ def _grouped_wgrad_kernel(
             acc = tl.dot(x, y, acc)
         x_ptrs += BLOCK_K * stride_xm
         y_ptrs += BLOCK_K * stride_ym
-    c_ptrs = c_ptr + g.to(tl.int64) * stride_cg + offs_p[:, None] * stride_cp + offs_q[None, :] * stride_cq
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_p[:, None] & mask_q[None, :])
+    _store_tile(c_ptr + g.to(tl.int64) * stride_cg, acc, offs_p, mask_p, offs_q, mask_q, stride_cp, stride_cq)
 
 
 @triton.jit
@@ -89,15 +95,7 @@ def _grouped_wgrad_tma_kernel(
     # group's last partial step (rows that a box would take from the next group) with masked pointer loads.
     # (Boxes masked in registers instead, sm_90 166-199 registers against 204-250, were 5-10% slower on H200:
     # benchmarks/results/tune_wgrad_tail_h200.json.)
-    pid = tl.program_id(0)
-    num_p = tl.cdiv(P, BLOCK_M)
-    num_q = tl.cdiv(Q, BLOCK_N)
-    g = pid // (num_p * num_q)
-    local = pid % (num_p * num_q)
-    off_p = (local // num_q) * BLOCK_M
-    off_q = (local % num_q) * BLOCK_N
-    row0 = tl.load(offs_ptr + g - 1, mask=g > 0, other=0).to(tl.int32)
-    row1 = tl.load(offs_ptr + g).to(tl.int32)
+    g, off_p, off_q, row0, row1 = _wgrad_tile(offs_ptr, P, Q, BLOCK_M, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     full = (row1 - row0) // BLOCK_K
     for kb in tl.range(0, full):
@@ -116,8 +114,7 @@ def _grouped_wgrad_tma_kernel(
         y = tl.load(y_ptr + rr[:, None].to(tl.int64) * stride_ym + offs_q[None, :],
                     mask=mask_r[:, None] & mask_q[None, :], other=0.0)
         acc = tl.dot(x.T, y, acc)
-    c_ptrs = c_ptr + g.to(tl.int64) * stride_cg + offs_p[:, None] * stride_cp + offs_q[None, :] * stride_cq
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_p[:, None] & mask_q[None, :])
+    _store_tile(c_ptr + g.to(tl.int64) * stride_cg, acc, offs_p, mask_p, offs_q, mask_q, stride_cp, stride_cq)
 
 
 def _unpack(config):
