@@ -59,6 +59,7 @@ GEMM_QUICK = ("cube4096", "cube8192", "llama70b_up", "dsv3_mlp_down", "dsv3_qkv_
 GROUPED_LAYERS = [("fc1", 7168, 4096), ("fc2", 2048, 7168)]  # (name, K, N)
 GROUPED_CASES = [(8, 1024), (16, 1024), (32, 1024), (32, 256), (32, 128)]  # (experts, avg tokens per expert)
 GROUPED_QUICK = [(8, 1024), (32, 1024), (32, 128)]
+GROUPED_LABELS = {"torch": "torch_grouped_mm", "triton": "triton", "loop": "loop"}  # backend -> label
 
 
 def skewed_lens(num_experts, tokens_per_expert, seed=0):
@@ -85,6 +86,22 @@ def _rows_for(section, case, results, baseline, flops, peak_key, extra=None):
         row.update(extra or {})
         rows.append(row)
     return rows
+
+
+def _default_fields(res, default_label, chosen, label_of):
+    """How the dispatcher's default did, from one interleaved measurement `res` {label: ms}:
+    default_vs_best: the fastest forced backend / the default label's time (dispatch included; a separate
+    timing, so it also carries the bench's noise: two labels of one kernel differ by ~1-3%, up to ~7% on H200);
+    choice_vs_best: the fastest forced backend / the backend the default chose (`chosen`, a backend name,
+    mapped to its label by `label_of`), from the same numbers: whether the dispatcher picked right;
+    default_over_chosen: the default's time / its chosen backend's, the noise plus dispatch overhead."""
+    backends = {label: res.get(label) for label in label_of.values() if res.get(label)}
+    best = min(backends.values(), default=None)
+    dflt = res.get(default_label)
+    picked = backends.get(label_of.get(chosen))
+    return {"default_vs_best": (best / dflt) if best and dflt else None,
+            "choice_vs_best": (best / picked) if best and picked else None,
+            "default_over_chosen": (dflt / picked) if dflt and picked else None}
 
 
 _FORCED_OPS = set()  # ops some _forced fn has set; back to automatic choice after each _time
@@ -195,10 +212,8 @@ def run_gemm(quick, errors):
         if res["default"] is not None:
             fns["default"]()
         default_is = dispatcher.last_backend("gemm")
-        best = min((v for k, v in res.items() if k != "default" and v), default=None)
-        extra = {"shape": f"{M}x{N}x{K}", "default_backend": default_is,
-                 "default_vs_best": (best / res["default"]) if best and res["default"] else None,
-                 "triton_configs": _tuned_configs(M, N, K)}
+        extra = {"shape": f"{M}x{N}x{K}", "default_backend": default_is, "triton_configs": _tuned_configs(M, N, K),
+                 **_default_fields(res, "default", default_is, {"torch": "cublas", "triton": "triton"})}
         rows += _rows_for("gemm", name, res, "cublas", 2.0 * M * N * K, "bf16", extra)
         del a, w
     return rows
@@ -228,8 +243,7 @@ def run_grouped(quick, errors):
             bwd_fn = lambda: (dispatcher.dispatch("grouped_gemm", dc, b, gl, True),  # noqa: E731
                               dispatcher.dispatch("grouped_gemm_wgrad", a, dc, gl, False))
             fwd_fns, bwd_fns = {}, {}
-            for backend, label in (("torch", "torch_grouped_mm"), ("triton", "triton"), ("loop", "loop"),
-                                   (None, "default")):
+            for backend, label in [*GROUPED_LABELS.items(), (None, "default")]:
                 fwd_fns[label] = _forced(fwd_fn, grouped_gemm=backend)
                 bwd_fns[label] = _forced(bwd_fn, grouped_gemm=backend, grouped_gemm_wgrad=backend)
             fwd = _time(fwd_fns, f"grouped {tag} {layer} fwd", errors)
@@ -239,12 +253,11 @@ def run_grouped(quick, errors):
                 fwd_fns["default"]()
                 dflt = dispatcher.last_backend("grouped_gemm")
             for phase, res, mult in (("fwd", fwd, 1), ("bwd", bwd, 2)):
-                best = min((v for k, v in res.items() if k != "default" and v), default=None)
                 loop = res.get("loop")
                 extra = {"shape": f"G={G} M={M} K={K} N={N}", "phase": phase, "tokens_per_expert": tpe,
                          "default_backend": dflt,
                          "lens": lens.tolist() if G <= 8 else f"min {int(lens.min())} max {int(lens.max())}",
-                         "default_vs_best": (best / res["default"]) if best and res.get("default") else None}
+                         **_default_fields(res, "default", dflt, GROUPED_LABELS)}
                 for r in _rows_for("grouped", f"{tag}_{layer}_{phase}", res, "torch_grouped_mm",
                                    mult * 2.0 * M * K * N, "bf16", extra):
                     r["x_loop"] = (loop / r["ms"]) if loop else None
@@ -286,9 +299,8 @@ def run_fp8(quick, errors):
         if res["mm_default"] is not None:
             fns["mm_default"]()
             dflt = dispatcher.last_backend("scaled_mm")
-        best = min((v for k, v in res.items() if k in ("mm_torch", "mm_triton") and v), default=None)
         extra = {"granularity": gran.name, "default_backend": dflt, "quant_a_ms": res.pop("quant_a"),
-                 "default_vs_best": (best / res["mm_default"]) if best and res["mm_default"] else None}
+                 **_default_fields(res, "mm_default", dflt, {"torch": "mm_torch", "triton": "mm_triton"})}
         same_run_base = res.pop("bf16_cublas")
         for r in _rows_for("fp8", f"8192^3 {gran.name}", res, "-", flops, "fp8", extra):
             r["x_baseline"] = (same_run_base / r["ms"]) if same_run_base else None
@@ -326,9 +338,8 @@ def _fp8_grouped_rows(case, fns, base_fns, flops, extra, errors):
     if res["mm_default"] is not None:
         fns["mm_default"]()
         dflt = dispatcher.last_backend("grouped_scaled_mm")
-    best = min((v for k, v in res.items() if k.startswith("mm_") and k != "mm_default" and v), default=None)
-    extra = dict(extra, default_backend=dflt,
-                 default_vs_best=(best / res["mm_default"]) if best and res["mm_default"] else None)
+    label_of = {k[3:]: k for k in res if k.startswith("mm_") and k != "mm_default"}
+    extra = dict(extra, default_backend=dflt, **_default_fields(res, "mm_default", dflt, label_of))
     rows = base_rows
     for r in _rows_for("fp8_grouped", case, res, "-", flops, "fp8", extra):
         r["x_baseline"] = base[1] / r["ms"]
@@ -474,7 +485,7 @@ def run_overhead(quick, errors):
 SECTIONS = {"gemm": run_gemm, "grouped": run_grouped, "fp8": run_fp8, "fp8_grouped": run_fp8_grouped,
             "overhead": run_overhead}
 COLS = ["section", "case", "impl", "ms", "host_us", "tflops", "x_baseline", "baseline", "frac_peak", "default_backend",
-        "default_vs_best", "x_loop"]
+        "default_vs_best", "choice_vs_best", "x_loop"]
 
 
 def main(argv=None):

@@ -41,3 +41,29 @@ def test_bench_ops_dry_run_every_section(tmp_path, monkeypatch):
     # faked), the ratio to the per-expert loop is there
     assert {r["phase"] for r in by["grouped"]} == {"fwd", "bwd"}
     assert all(r["x_baseline"] is None and r["x_loop"] > 0 for r in by["grouped"])
+    # the dispatcher's default: what it ran is named, and how it compares with the forced backends is computed
+    # from the same group's times
+    for r in by["grouped"]:
+        assert r["default_backend"] in ("triton", "loop"), r
+        assert r["choice_vs_best"] is not None and 0 < r["choice_vs_best"] <= 1.0
+
+
+def test_default_fields_separate_choice_from_noise():
+    bench_ops = import_benchmark("bench_ops")
+    label_of = {"torch": "torch_grouped_mm", "triton": "triton"}
+    # the default ran triton, the fastest backend, but its own label timed 5% slower: the choice was right,
+    # the gap is the second timing of one kernel (noise + dispatch)
+    res = {"torch_grouped_mm": 1.2, "triton": 1.0, "default": 1.05}
+    f = bench_ops._default_fields(res, "default", "triton", label_of)
+    assert f["choice_vs_best"] == pytest.approx(1.0)
+    assert f["default_vs_best"] == pytest.approx(1.0 / 1.05)
+    assert f["default_over_chosen"] == pytest.approx(1.05)
+    # a wrong choice shows in choice_vs_best; labels that are not backends (variants, the loop baseline when not
+    # in label_of) never count as "best"
+    res = {"torch_grouped_mm": 1.2, "triton": 1.0, "default": 1.2, "triton_ptr": 0.5}
+    f = bench_ops._default_fields(res, "default", "torch", label_of)
+    assert f["choice_vs_best"] == pytest.approx(1.0 / 1.2)
+    # a backend that failed (None) or a default that did not run leaves the fields empty, not guessed
+    f = bench_ops._default_fields({"torch_grouped_mm": None, "triton": 1.0, "default": None}, "default", "torch",
+                                  label_of)
+    assert f == {"default_vs_best": None, "choice_vs_best": None, "default_over_chosen": None}
