@@ -229,6 +229,19 @@ def _grouped_case(G, tpe, K, N):
     return lens, a, b, dc
 
 
+def _grouped_default_backend(fns, phase):
+    """The backend the default ran for this phase: the forward's, or the backward's when its dgrad and weight
+    gradient ran the same one ("dgrad/wgrad" names when they differ: no single forced label matches it then)."""
+    from turbo_dist.ops import dispatcher
+
+    fns["default"]()
+    dgrad = dispatcher.last_backend("grouped_gemm")
+    if phase == "fwd":
+        return dgrad
+    wgrad = dispatcher.last_backend("grouped_gemm_wgrad")
+    return dgrad if dgrad == wgrad else f"{dgrad}/{wgrad}"
+
+
 def run_grouped(quick, errors):
     from turbo_dist.ops import dispatcher
 
@@ -248,11 +261,9 @@ def run_grouped(quick, errors):
                 bwd_fns[label] = _forced(bwd_fn, grouped_gemm=backend, grouped_gemm_wgrad=backend)
             fwd = _time(fwd_fns, f"grouped {tag} {layer} fwd", errors)
             bwd = _time(bwd_fns, f"grouped {tag} {layer} bwd", errors)
-            dflt = None
-            if fwd["default"] is not None:
-                fwd_fns["default"]()
-                dflt = dispatcher.last_backend("grouped_gemm")
             for phase, res, mult in (("fwd", fwd, 1), ("bwd", bwd, 2)):
+                dflt = _grouped_default_backend(fwd_fns if phase == "fwd" else bwd_fns, phase) \
+                    if res.get("default") is not None else None
                 loop = res.get("loop")
                 extra = {"shape": f"G={G} M={M} K={K} N={N}", "phase": phase, "tokens_per_expert": tpe,
                          "default_backend": dflt,

@@ -52,7 +52,12 @@ def test_grouped_gemm_rule_is_cuda_small_groups_only():
     lens = None
     assert _grouped_preference(_Fake(32 * 128, 7168), _Fake(32, 7168, 4096), lens, False) == "triton"
     assert _grouped_preference(_Fake(32 * 256, 7168), _Fake(32, 7168, 4096), lens, False) == "triton"
-    assert _grouped_preference(_Fake(32 * 1024, 7168), _Fake(32, 7168, 4096), lens, False) is None
+    # ~1024 rows per group: torch's kernel, except an fc1-shaped forward (K >= N) over >= 16 experts
+    assert _grouped_preference(_Fake(32 * 1024, 7168), _Fake(32, 7168, 4096), lens, False) == "triton"
+    assert _grouped_preference(_Fake(16 * 1024, 7168), _Fake(16, 7168, 4096), lens, False) == "triton"
+    assert _grouped_preference(_Fake(32 * 2048, 7168), _Fake(32, 7168, 4096), lens, False) is None
+    assert _grouped_preference(_Fake(8 * 1024, 7168), _Fake(8, 7168, 4096), lens, False) is None
+    assert _grouped_preference(_Fake(32 * 1024, 2048), _Fake(32, 2048, 7168), lens, False) is None  # fc2
     # b transposed (dgrad of a [G, K, N] weight): ours up to 512 rows per group, N read from b's middle dim
     assert _grouped_preference(_Fake(32 * 128, 4096), _Fake(32, 7168, 4096), lens, True) == "triton"
     assert _grouped_preference(_Fake(32 * 512, 4096), _Fake(32, 7168, 4096), lens, True) == "triton"

@@ -199,20 +199,31 @@ dispatcher.register_backend("grouped_gemm_wgrad", "loop", _loop_wgrad, priority=
 # 1024, see probe_interleave_bias_h200.json for that bias.) The bound is on the average rows per group: 256 for
 # a non-transposed b (measured at 256 and 1024 only), 512 (between the measured 256 and 1024) for a transposed b
 # (the dgrad of a [G, K, N] weight, a forward on [G, N, K] weights) and the weight gradient.
+# One exception at ~1024 tokens per expert, from three shuffled-order runs (ops_grouped_rule512 / _shuffled /
+# _choice_h200.json): a forward whose reduction is at least as deep as its output is wide (fc1: K 7168, N 4096)
+# over 16 or 32 experts ran faster on ours in all six measurements (mean 1.036x / 1.037x torch's, 0.5-6% per run),
+# while at 8 experts torch's was ahead (mean 1.02x) and fc2 (K 2048 < N 7168) stays torch's (ours 0.953x at 32
+# experts): up to 1024 rows per group such a forward runs ours (FC1_GROUP_ROWS, FC1_MIN_GROUPS).
 # The rules also need enough work: our Triton launch costs ~65 us of host time (kernel wrapper with offsets
 # ready; 93 us before the launch was trimmed) against torch._grouped_mm's ~18 us per call
 # (benchmarks/results/probe_host_overhead_h200.json), so below ~64 GFLOP per call (~150 us of GPU time) the
 # host would set the pace and torch stays the default.
 SMALL_GROUP_ROWS = 256
 BWD_GROUP_ROWS = 512
+FC1_GROUP_ROWS, FC1_MIN_GROUPS = 1024, 16
 TRITON_MIN_FLOP = 64e9
 
 
 def _grouped_preference(a, b, group_lens, trans_b=False):
+    G, k = b.shape[0], a.shape[1]
     n = b.shape[1] if trans_b else b.shape[2]
-    rows = BWD_GROUP_ROWS if trans_b else SMALL_GROUP_ROWS
-    if a.is_cuda and b.shape[0] > 0 and a.shape[0] <= rows * b.shape[0] and \
-            2.0 * a.shape[0] * a.shape[1] * n >= TRITON_MIN_FLOP:
+    if trans_b:
+        rows = BWD_GROUP_ROWS
+    elif G >= FC1_MIN_GROUPS and k >= n:
+        rows = FC1_GROUP_ROWS
+    else:
+        rows = SMALL_GROUP_ROWS
+    if a.is_cuda and G > 0 and a.shape[0] <= rows * G and 2.0 * a.shape[0] * k * n >= TRITON_MIN_FLOP:
         return "triton"
     return None
 
