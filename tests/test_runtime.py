@@ -209,7 +209,7 @@ def test_symm_handle_checks_own_pointer():
     with pytest.raises(RuntimeError, match="maps 2048 bytes per rank, fewer than the 4096"):
         symm.check_handle(_FakeHandle([123, local.data_ptr()], 1, 2, 2048), local, "buf", 4096, 1, 2)
     # The nvshmem backend's handle (no buffer_size) passes the same check.
-    from turbo_dist.shmem import SymmHandle
+    from turbo_dist.runtime.shmem_backend import SymmHandle
 
     symm.check_handle(SymmHandle(local, [None, local], 1), local, "buf", 4096, 1, 2)
 

@@ -140,9 +140,9 @@ def allocate(backend, name, nbytes, group, device, rank, world_size):
                 f"({exc}); install NVSHMEM (pip install nvidia-nvshmem-cu13 or set NVSHMEM_HOME) and "
                 "reinstall, or set TURBO_DIST_SHMEM=torch"
             ) from None
-        from turbo_dist import shmem
+        from turbo_dist.runtime import shmem_backend
 
-        local, handle = shmem.symmetric_buffer(nbytes, group, device)  # peers off-node: None, pointer 0
+        local, handle = shmem_backend.symmetric_buffer(nbytes, group, device)  # peers off-node: None, pointer 0
         check_handle(handle, local, name, nbytes, rank, world_size)
         peer_ptrs = torch.tensor(handle.buffer_ptrs, dtype=torch.int64, device=device)
         return SymmBuffer(name, nbytes, local, handle, peer_ptrs, rank, world_size)
