@@ -9,8 +9,8 @@ Cases (one GPU): bf16 GEMM C = A @ W^T (nn.Linear layout, the TMA kernel) at cub
 at 8192^3 against bf16 cuBLAS and rowwise torch._scaled_mm; blockwise FP8 grouped GEMM on the DeepSeek-V3 fc1
 shape (8 experts, 1024 tokens each on average, skewed) against bf16 torch._grouped_mm; on the same shape the
 rowwise FP8 and the bf16 grouped GEMM, each module list followed by its TWO_PER_SM variants (two programs per SM);
-the bf16 grouped GEMM also at 32 experts x ~256 tokens (grouped_bf16_G32_t256_fc1), where issue 3 asks for >= 1.3x
-a per-expert loop (`bf16_loop_mm`, torch.mm per expert over host-side splits); the grouped backward's halves
+the bf16 grouped GEMM forward also at 32 experts x ~256 / ~128 tokens, fc1 and fc2 (grouped_bf16_G32_t256_fc1, ...),
+where issue 3 asks for >= 1.3x a per-expert loop (`bf16_loop_mm`, torch.mm per expert over host-side splits); the grouped backward's halves
 (grouped_wgrad_*: dB = A^T dC per expert, the TMA kernel's configs against the pointer kernel, torch._grouped_mm
 and the loop; grouped_dgrad_*: dA = dC B^T per expert) on fc1 and fc2 at 32 x ~128 / ~256 and 8 x ~1024 tokens.
 
@@ -41,9 +41,11 @@ GEMM_CASES = [("cube4096", 4096, 4096, 4096), ("dsv3_qkv_a", 8192, 2112, 7168), 
 GROUPED_BWD_CASES = [(f"grouped_{kind}_G{G}{'' if tpe == 1024 else f'_t{tpe}'}_{layer}", kind, G, tpe, layer)
                      for kind in ("wgrad", "dgrad") for layer in ("fc1", "fc2")
                      for G, tpe in ((32, 128), (32, 256), (8, 1024), (32, 1024))]
-CASES = [c[0] for c in GEMM_CASES] + ["fp8_block_8192", "fp8_grouped_block_G8_fc1", "fp8_grouped_row_G8_fc1",
-                                      "grouped_bf16_G8_fc1", "grouped_bf16_G32_t256_fc1"] + [
-                                      c[0] for c in GROUPED_BWD_CASES]
+# the bf16 grouped forward: (case, experts, tokens per expert, layer)
+GROUPED_FWD_CASES = [(f"grouped_bf16_G{G}{'' if tpe == 1024 else f'_t{tpe}'}_{layer}", G, tpe, layer)
+                     for layer in ("fc1", "fc2") for G, tpe in ((8, 1024), (32, 256), (32, 128))]
+CASES = [c[0] for c in GEMM_CASES] + ["fp8_block_8192", "fp8_grouped_block_G8_fc1", "fp8_grouped_row_G8_fc1"] + [
+    c[0] for c in GROUPED_FWD_CASES] + [c[0] for c in GROUPED_BWD_CASES]
 
 
 def _two_per_sm(configs):
@@ -259,12 +261,12 @@ def fp8_grouped_block_case(args):
                      _uniq(source + EXTRA_GROUPED_BLOCK), run, args, source)
 
 
-def grouped_bf16_case(args, name="grouped_bf16_G8_fc1", G=8, tokens_per_expert=1024):
+def grouped_bf16_case(args, name="grouped_bf16_G8_fc1", G=8, tokens_per_expert=1024, layer="fc1"):
     """bf16 grouped GEMM (kernels/grouped_gemm.py CONFIGS_16, their TWO_PER_SM variants, EXTRA_GROUPED_16) vs
     torch._grouped_mm and a per-expert torch.mm loop over host-side splits (issue 3's "per-group loop")."""
     from turbo_dist.kernels import grouped_gemm as kgg
 
-    lens, a, b_t = _fc1_experts(G, tokens_per_expert)
+    lens, a, b_t = _fc1_experts(G, tokens_per_expert, layer)
     M, K, N = a.shape[0], a.shape[1], b_t.shape[1]
     offs = torch.cumsum(lens.to(DEVICE), 0)
     b = b_t.transpose(1, 2)  # [G, K, N] view
@@ -408,10 +410,9 @@ def main(argv=None):
         done(fp8_grouped_block_case(args))
     if "fp8_grouped_row_G8_fc1" in names:
         done(fp8_grouped_row_case(args))
-    if "grouped_bf16_G8_fc1" in names:
-        done(grouped_bf16_case(args))
-    if "grouped_bf16_G32_t256_fc1" in names:
-        done(grouped_bf16_case(args, "grouped_bf16_G32_t256_fc1", 32, 256))
+    for case, G, tpe, layer in GROUPED_FWD_CASES:
+        if case in names:
+            done(grouped_bf16_case(args, case, G, tpe, layer))
     for case, kind, G, tpe, layer in GROUPED_BWD_CASES:
         if case in names:
             done(grouped_bwd_case(args, case, kind, G, tpe, layer))
