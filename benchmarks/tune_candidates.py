@@ -87,11 +87,6 @@ EXTRA_GROUPED_16 = [
     (256, 128, 64, 8, 4),
     (128, 256, 64, 8, 4),
     (128, 128, 64, 8, 5),
-    # 6th entry 8: HALF_EDGE (a group's last row tile of <= BLOCK_M / 2 rows at half height, after the full ones)
-    (128, 256, 64, 8, 3, 8),
-    (128, 256, 64, 8, 4, 8),
-    (128, 128, 64, 8, 4, 8),
-    (256, 128, 64, 8, 3, 8),
 ]
 
 

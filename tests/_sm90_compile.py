@@ -59,13 +59,13 @@ def _split_tail():
     return _kernel(gp._gemm_tma_persistent_kernel, const, dict(num_warps=8, num_stages=3), types)
 
 
-def _grouped(dtype, bm, bn, bk, mode, warps, stages, lens=False, half=False):
+def _grouped(dtype, bm, bn, bk, mode, warps, stages, lens=False):
     from turbo_dist.kernels import grouped_gemm as gg
 
-    types = dict(a_desc=_desc(dtype, (bm, bk)), a_desc_h=_desc(dtype, (bm // 2 if half else bm, bk)),
-                 b_desc=_desc(dtype, (1, bn, bk)), c_ptr="*bf16", offs_ptr="*i64", sa_ptr="*fp32", sb_ptr="*fp32")
+    types = dict(a_desc=_desc(dtype, (bm, bk)), b_desc=_desc(dtype, (1, bn, bk)), c_ptr="*bf16", offs_ptr="*i64",
+                 sa_ptr="*fp32", sb_ptr="*fp32")
     const = dict(NUM_PROGS=132, G_POW2=32, B_T=True, SCALE_MODE=mode, SB_N=128, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-                 WS=False, RESCALE=False, LENS=lens, HALF=half)
+                 WS=False, RESCALE=False, LENS=lens)
     return _kernel(gg._grouped_gemm_tma_kernel, const, dict(num_warps=warps, num_stages=stages), types)
 
 
@@ -289,7 +289,6 @@ KERNELS = {
     "gemm_fp8_blockwise_edge": lambda: _gemm("fp8e4nv", 128, 128, 128, 3, 64, stages=4),
     "gemm_split_tail": _split_tail,
     "grouped_bf16": lambda: _grouped("bf16", 128, 256, 64, 0, 8, 3),
-    "grouped_bf16_half_edge": lambda: _grouped("bf16", 128, 256, 64, 0, 8, 3, half=True),
     "grouped_fp8_blockwise_lens": lambda: _grouped("fp8e4nv", 128, 128, 128, 3, 8, 4, lens=True),
     "ll_wait_stats_mask": _ll_wait,
     "ll_combine_send_mask": _ll_combine_send,

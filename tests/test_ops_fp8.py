@@ -525,7 +525,7 @@ def test_two_per_sm_register_cap():
     assert kgg.max_regs(8, 2) == 128
     assert kgg.max_regs(4, 2) is None
     assert kgg.max_regs(8, 1) is None
-    assert kgg._unpack((128, 128, 128, 8, 3, 6))[5:] == (False, True, 2, False)
+    assert kgg._unpack((128, 128, 128, 8, 3, 6))[5:] == (False, True, 2)
 
 
 @needs_interp

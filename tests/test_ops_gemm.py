@@ -407,63 +407,6 @@ def test_grouped_triton_tma_and_pointer_paths(monkeypatch, trans_b, tma):
 
 
 @needs_interp
-@pytest.mark.parametrize("trans_b", [False, True])
-def test_grouped_half_edge_tiles(trans_b):
-    """HALF_EDGE: a group's last row tile of <= BLOCK_M / 2 rows runs as a half-height tile, scheduled after every
-    full one. Groups here end with 0, 1, 16 (= half), 17 and 32 rows past a tile, some have only a half tile,
-    one is empty; the half tiles read past their group into the next group's rows (and past the last row)
-    without storing them. The result equals the plain config's and the reference; rows past the last group stay
-    untouched; a rowwise-scaled (FP8-style) call takes the flag too. fp16 (the TMA kernel takes 1- and 2-byte
-    operands; fp32 runs the pointer kernel, which has no half-edge schedule)."""
-    from turbo_dist.kernels import grouped_gemm as kgg
-    from turbo_dist.ops.grouped_gemm import group_offsets
-
-    lens = [33, 0, 48, 16, 5, 49, 64, 1]
-    dtype = torch.float16
-    a, b, gl = make_grouped(lens, 40, 48, trans_b, dtype)
-    b_kn = b.transpose(1, 2) if trans_b else b
-    offs = group_offsets(gl, "cpu")
-    half = kgg.grouped_gemm(a, b_kn, offs, config=(32, 16, 16, 4, 1, kgg.HALF_EDGE))
-    plain = kgg.grouped_gemm(a, b_kn, offs, config=(32, 16, 16, 4, 1))
-    torch.testing.assert_close(half.double(), grouped_ref(a, b, gl, trans_b), rtol=1e-2, atol=1e-2)
-    torch.testing.assert_close(half, plain, rtol=1e-3, atol=1e-3)
-    # fewer rows than a has: the rows past the last group are left as they were
-    out = torch.full((a.shape[0], 48), 7.0, dtype=dtype)
-    short = group_offsets(torch.tensor(lens[:-2]), "cpu")
-    kgg.grouped_gemm(a, b_kn[:-2], short, out=out, config=(32, 16, 16, 4, 1, kgg.HALF_EDGE))
-    assert (out[int(short[-1]):] == 7.0).all()
-    sa, sb = torch.rand(a.shape[0]) + 0.5, torch.rand(len(lens), 48) + 0.5
-    row = kgg.grouped_gemm(a, b_kn, offs, scale_a=sa, scale_b=sb, scale_mode=2, out_dtype=torch.float32,
-                           config=(32, 16, 16, 4, 1, kgg.HALF_EDGE))
-    ref = grouped_ref(a, b, gl, trans_b) * sa[:, None].double() * sb.repeat_interleave(gl, 0).double()
-    torch.testing.assert_close(row.double(), ref, rtol=1e-2, atol=1e-2)
-
-
-@needs_interp
-def test_grouped_half_edge_config_errors():
-    from turbo_dist.kernels import gemm as kgemm
-    from turbo_dist.kernels import grouped_gemm as kgg
-    from turbo_dist.ops.grouped_gemm import group_offsets
-
-    a, b, gl = make_grouped([5, 40], 32, 16, False, torch.float16)
-    offs = group_offsets(gl, "cpu")
-    assert kgg._unpack((128, 256, 64, 8, 3, kgg.HALF_EDGE))[5:] == (False, False, 1, True)
-    with pytest.raises(ValueError, match="flags 0-15"):
-        kgg._unpack((128, 256, 64, 8, 3, 16))
-    with pytest.raises(NotImplementedError, match="half-edge"):  # BLOCK_M not a multiple of 32
-        kgg.grouped_gemm(a, b, offs, config=(16, 16, 16, 4, 1, kgg.HALF_EDGE))
-    with pytest.raises(NotImplementedError, match="half-edge"):
-        kgg.grouped_gemm(a, b, offs, config=(32, 16, 16, 4, 1, kgg.HALF_EDGE | kgg.WARP_SPECIALIZE))
-    kgemm_use_tma = kgemm.USE_TMA
-    try:
-        kgemm.USE_TMA = False  # the pointer kernel has no half-edge schedule
-        with pytest.raises(NotImplementedError, match="TMA kernel only"):
-            kgg.grouped_gemm(a, b, offs, config=(32, 16, 16, 4, 1, kgg.HALF_EDGE))
-    finally:
-        kgemm.USE_TMA = kgemm_use_tma
-
-
-@needs_interp
 @pytest.mark.parametrize("tma", [True, False])
 def test_grouped_tuned_path_picks_per_rows_bucket(monkeypatch, tma):
     """The tuned path of the grouped kernels (what runs on a GPU; under the interpreter one config is forced

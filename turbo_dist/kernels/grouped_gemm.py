@@ -69,13 +69,12 @@ def interpreter_config(scale_mode):
 # (in CONFIGS_BLOCK, where it was measured; not yet tried on the bf16 / rowwise lists). A TWO_PER_SM launch caps
 # the registers per thread (Triton's maxnreg) at what two programs of that many warps can hold, 65536 / (2 x 32 x
 # warps): 128 with 8 warps; without the cap ptxas may take more and the second program waits for the first.
-# HALF_EDGE (TMA kernel, not with WARP_SPECIALIZE or blockwise scales): a group's last row tile that holds at most
-# BLOCK_M / 2 rows runs as a BLOCK_M / 2-row tile (its own A descriptor), so a group of 130 rows computes 192 rows,
-# not 256; with a few hundred tokens per expert a quarter of the computed rows are such padding
-# (benchmarks/bench_ops.py skewed counts, 32 experts x 256: 1.27x the real rows at BLOCK_M 128, 1.13x at 64). The
-# persistent schedule lists every full-height tile first, then the half ones, so the lighter tiles even out the
-# last rounds instead of landing on whichever programs their group happens to map to.
-WARP_SPECIALIZE, RESCALE_ACC, TWO_PER_SM, HALF_EDGE = 1, 2, 4, 8
+# Tried and removed (2026-12-03): half-height edge tiles (a group's last row tile of <= BLOCK_M / 2 rows run as a
+# BLOCK_M / 2-row tile from a second A descriptor, every full tile scheduled first), against the ~27% of computed
+# rows that are padding at 32 experts x ~256 tokens: 1.003 vs 0.936 ms there and 0.650 vs 0.609 at ~128 tokens
+# with 128x256 tiles (the 64x256 half tiles run far below the full ones' rate, and the kernel with both paths
+# spills more), benchmarks/results/tune_half_edge_h200.json.
+WARP_SPECIALIZE, RESCALE_ACC, TWO_PER_SM = 1, 2, 4
 
 
 def max_regs(num_warps, per_sm):
@@ -88,15 +87,13 @@ def max_regs(num_warps, per_sm):
 
 
 def _unpack(config):
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages[, flags]) -> 9 values: the five, warp-specialize,
-    rescaled blockwise accumulator (see kernels/gemm.py _tma_tile), programs per SM (1 or 2), half-height edge
-    tiles."""
-    if len(config) not in (5, 6) or (len(config) == 6 and not 0 <= int(config[5]) <= 15):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages[, flags]) -> 8 values: the five, warp-specialize,
+    rescaled blockwise accumulator (see kernels/gemm.py _tma_tile), programs per SM (1 or 2)."""
+    if len(config) not in (5, 6) or (len(config) == 6 and not 0 <= int(config[5]) <= 7):
         raise ValueError(f"a grouped gemm config is (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages"
-                         f"[, flags 0-15]), got {config}")
+                         f"[, flags 0-7]), got {config}")
     flags = int(config[5]) if len(config) == 6 else 0
-    return (*config[:5], bool(flags & WARP_SPECIALIZE), bool(flags & RESCALE_ACC), 2 if flags & TWO_PER_SM else 1,
-            bool(flags & HALF_EDGE))
+    return (*config[:5], bool(flags & WARP_SPECIALIZE), bool(flags & RESCALE_ACC), 2 if flags & TWO_PER_SM else 1)
 
 
 _SM_COUNT = {}
@@ -130,35 +127,6 @@ def _group_tiles(offs_ptr, G, N, G_POW2: tl.constexpr, BLOCK_M: tl.constexpr, BL
     tiles = tl.cdiv(ends - starts, BLOCK_M) * num_n
     tile_end = tl.cumsum(tiles, 0)
     return gi, starts, ends, tiles, tile_end, tl.sum(tiles, 0), num_n
-
-
-@triton.jit
-def _half_edge_tiles(starts, ends, num_n, BLOCK_M: tl.constexpr):
-    """HALF_EDGE schedule: per group its full-height tiles (every row tile but a last one of <= BLOCK_M / 2
-    rows), their running end, its half-height tiles (0 or num_n) and theirs; full tiles come first."""
-    rows = ends - starts
-    n_m = tl.cdiv(rows, BLOCK_M)
-    tail = rows - (n_m - 1) * BLOCK_M
-    half = ((rows > 0) & (tail <= BLOCK_M // 2)).to(tl.int32)
-    full_tiles = (n_m - half) * num_n
-    half_tiles = half * num_n
-    return full_tiles, tl.cumsum(full_tiles, 0), half_tiles, tl.cumsum(half_tiles, 0)
-
-
-@triton.jit
-def _tile_of_half_edge(tile, gi, starts, ends, full_tiles, full_end, half_tiles, half_end, total_full, num_n):
-    """_tile_of for the HALF_EDGE schedule: (group, first row, end row, tile row, tile column, is half)."""
-    is_half = tile >= total_full
-    t = tl.where(is_half, tile - total_full, tile)
-    cum = tl.where(is_half, half_end, full_end)
-    cnt = tl.where(is_half, half_tiles, full_tiles)
-    g = tl.sum((cum <= t).to(tl.int32), 0)
-    sel = gi == g
-    row0 = tl.sum(tl.where(sel, starts, 0), 0)
-    row1 = tl.sum(tl.where(sel, ends, 0), 0)
-    local = t - tl.sum(tl.where(sel, cum - cnt, 0), 0)
-    pid_m = tl.where(is_half, tl.sum(tl.where(sel, full_tiles, 0), 0) // num_n, local // num_n)
-    return g, row0, row1, pid_m, local % num_n, is_half
 
 
 @triton.jit
@@ -215,82 +183,53 @@ def _grouped_gemm_kernel(
 
 
 @triton.jit
-def _grouped_tma_tile(a_desc, b_desc, c_ptr, sa_ptr, sb_ptr, g, off_m, off_n, row1, N, K,
-                      stride_cm, stride_cn, stride_sam, stride_sak, stride_sbg, stride_sbk, stride_sbn,
-                      B_T: tl.constexpr, SCALE_MODE: tl.constexpr, SB_N: tl.constexpr, BLOCK_M: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WS: tl.constexpr, RESCALE: tl.constexpr):
-    """One output tile of group g: rows off_m.. (stored up to row1), columns off_n..; a_desc's block is
-    [BLOCK_M, BLOCK_K]. The tile may read past the group's last row into the next group's rows: those rows are
-    computed and never stored (the store is masked to the group), so no masking is needed on the loads."""
-    offs_m = off_m + tl.arange(0, BLOCK_M)
-    offs_n = off_n + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < row1
-    mask_n = offs_n < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    f_prev = 1.0  # the scale factor acc is in (RESCALE only)
-    if SCALE_MODE == 3 and RESCALE:  # see kernels/gemm.py _tma_tile: accumulate in units of the current f
-        f_prev = _block_scales(sa_ptr, sb_ptr + g * stride_sbg, 0, offs_m, mask_m, off_n, offs_n,
-                               mask_n, stride_sam, stride_sak, stride_sbk, stride_sbn, SB_N, BLOCK_N)
-    for kb in tl.range(0, tl.cdiv(K, BLOCK_K), warp_specialize=WS):
-        k0 = kb * BLOCK_K
-        a = a_desc.load([off_m, k0])
-        if B_T:
-            b = b_desc.load([g, off_n, k0]).reshape(BLOCK_N, BLOCK_K).T
-        else:
-            b = b_desc.load([g, k0, off_n]).reshape(BLOCK_K, BLOCK_N)
-        acc, f_prev = _mma_step(acc, f_prev, a, b, sa_ptr, sb_ptr + g * stride_sbg, kb, offs_m, mask_m, off_n,
-                                offs_n, mask_n, stride_sam, stride_sak, stride_sbk, stride_sbn, SCALE_MODE, SB_N,
-                                BLOCK_N, RESCALE)
-    if SCALE_MODE == 3 and RESCALE:
-        acc = acc * f_prev
-    acc = _scale_epilogue(acc, sa_ptr, sb_ptr + g * stride_sbg, offs_m, mask_m, offs_n, mask_n, stride_sam,
-                          stride_sbn, SCALE_MODE)
-    _store_tile(c_ptr, acc, offs_m, mask_m, offs_n, mask_n, stride_cm, stride_cn)
-
-
-@triton.jit
 def _grouped_gemm_tma_kernel(
-    a_desc, a_desc_h, b_desc, c_ptr, offs_ptr, sa_ptr, sb_ptr,
+    a_desc, b_desc, c_ptr, offs_ptr, sa_ptr, sb_ptr,
     G, N, K,
     stride_cm, stride_cn, stride_sam, stride_sak, stride_sbg, stride_sbk, stride_sbn,
     NUM_PROGS: tl.constexpr, G_POW2: tl.constexpr, B_T: tl.constexpr,
     SCALE_MODE: tl.constexpr, SB_N: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WS: tl.constexpr = False,
-    RESCALE: tl.constexpr = False, LENS: tl.constexpr = False, HALF: tl.constexpr = False,
+    RESCALE: tl.constexpr = False, LENS: tl.constexpr = False,
 ):
-    # a_desc: A [M, K] in [BLOCK_M, BLOCK_K] blocks (a_desc_h: in [BLOCK_M // 2, BLOCK_K] blocks, HALF only);
-    # b_desc: B as stored, [G, K, N] (B_T=False) or [G, N, K] (B_T=True).
+    # a_desc: A [M, K]; b_desc: B as stored, [G, K, N] (B_T=False) or [G, N, K] (B_T=True).
+    # A tile may run past its group's last row into the next group's rows: those rows are computed and
+    # never stored (the store is masked to the group), so no masking is needed on the loads.
     pid = tl.program_id(0)
     gi, starts, ends, tiles, tile_end, total, num_n = _group_tiles(offs_ptr, G, N, G_POW2, BLOCK_M, BLOCK_N, LENS)
-    if HALF:
-        full_tiles, full_end, half_tiles, half_end = _half_edge_tiles(starts, ends, num_n, BLOCK_M)
-        total_full = tl.sum(full_tiles, 0)
-        for tile in range(pid, total_full + tl.sum(half_tiles, 0), NUM_PROGS):
-            g, row0, row1, pid_m, pid_n, is_half = _tile_of_half_edge(
-                tile, gi, starts, ends, full_tiles, full_end, half_tiles, half_end, total_full, num_n)
-            if is_half:
-                _grouped_tma_tile(a_desc_h, b_desc, c_ptr, sa_ptr, sb_ptr, g, row0 + pid_m * BLOCK_M,
-                                  pid_n * BLOCK_N, row1, N, K, stride_cm, stride_cn, stride_sam, stride_sak,
-                                  stride_sbg, stride_sbk, stride_sbn, B_T, SCALE_MODE, SB_N, BLOCK_M // 2, BLOCK_N,
-                                  BLOCK_K, False, False)
+    for tile in range(pid, total, NUM_PROGS):
+        g, row0, row1, pid_m, pid_n = _tile_of(tile, gi, starts, ends, tiles, tile_end, num_n)
+        off_m = row0 + pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        offs_m = off_m + tl.arange(0, BLOCK_M)
+        offs_n = off_n + tl.arange(0, BLOCK_N)
+        mask_m = offs_m < row1
+        mask_n = offs_n < N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        f_prev = 1.0  # the scale factor acc is in (RESCALE only)
+        if SCALE_MODE == 3 and RESCALE:  # see kernels/gemm.py _tma_tile: accumulate in units of the current f
+            f_prev = _block_scales(sa_ptr, sb_ptr + g * stride_sbg, 0, offs_m, mask_m, pid_n * BLOCK_N, offs_n,
+                                   mask_n, stride_sam, stride_sak, stride_sbk, stride_sbn, SB_N, BLOCK_N)
+        for kb in tl.range(0, tl.cdiv(K, BLOCK_K), warp_specialize=WS):
+            k0 = kb * BLOCK_K
+            a = a_desc.load([off_m, k0])
+            if B_T:
+                b = b_desc.load([g, off_n, k0]).reshape(BLOCK_N, BLOCK_K).T
             else:
-                _grouped_tma_tile(a_desc, b_desc, c_ptr, sa_ptr, sb_ptr, g, row0 + pid_m * BLOCK_M,
-                                  pid_n * BLOCK_N, row1, N, K, stride_cm, stride_cn, stride_sam, stride_sak,
-                                  stride_sbg, stride_sbk, stride_sbn, B_T, SCALE_MODE, SB_N, BLOCK_M, BLOCK_N,
-                                  BLOCK_K, False, False)
-    else:
-        for tile in range(pid, total, NUM_PROGS):
-            g, row0, row1, pid_m, pid_n = _tile_of(tile, gi, starts, ends, tiles, tile_end, num_n)
-            _grouped_tma_tile(a_desc, b_desc, c_ptr, sa_ptr, sb_ptr, g, row0 + pid_m * BLOCK_M, pid_n * BLOCK_N,
-                              row1, N, K, stride_cm, stride_cn, stride_sam, stride_sak, stride_sbg, stride_sbk,
-                              stride_sbn, B_T, SCALE_MODE, SB_N, BLOCK_M, BLOCK_N, BLOCK_K, WS, RESCALE)
+                b = b_desc.load([g, k0, off_n]).reshape(BLOCK_K, BLOCK_N)
+            acc, f_prev = _mma_step(acc, f_prev, a, b, sa_ptr, sb_ptr + g * stride_sbg, kb, offs_m, mask_m, off_n,
+                                    offs_n, mask_n, stride_sam, stride_sak, stride_sbk, stride_sbn, SCALE_MODE, SB_N,
+                                    BLOCK_N, RESCALE)
+        if SCALE_MODE == 3 and RESCALE:
+            acc = acc * f_prev
+        acc = _scale_epilogue(acc, sa_ptr, sb_ptr + g * stride_sbg, offs_m, mask_m, offs_n, mask_n, stride_sam,
+                              stride_sbn, SCALE_MODE)
+        _store_tile(c_ptr, acc, offs_m, mask_m, offs_n, mask_n, stride_cm, stride_cn)
 
 
 def _set_tma_blocks(nargs):
     bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
     nargs["a_desc"].block_shape = [bm, bk]
-    if nargs.get("a_desc_h") is not None:
-        nargs["a_desc_h"].block_shape = [bm // 2, bk]
     nargs["b_desc"].block_shape = [1, bn, bk] if nargs["B_T"] else [1, bk, bn]
 
 
@@ -368,10 +307,10 @@ def grouped_gemm(a, b, group_offs, out=None, scale_a=None, scale_b=None, scale_m
         config = interpreter_config(scale_mode)
 
     def launcher(cfg):
-        bm, bn, bk, w, s, ws, rescale, per_sm, half = _unpack(cfg)
-        if ws or rescale or half:
-            raise NotImplementedError(f"warp-specialized / rescaled / half-edge config {cfg} runs on the TMA kernel only; "
-                                      f"these operands take the pointer kernel (see tma_operands)")
+        bm, bn, bk, w, s, ws, rescale, per_sm = _unpack(cfg)
+        if ws or rescale:
+            raise NotImplementedError(f"warp-specialized / rescaled config {cfg} runs on the TMA kernel only; these operands "
+                                      f"take the pointer kernel (see tma_operands)")
         n = nprog * per_sm
         return lambda: _grouped_gemm_kernel[(n,)](*args, **meta, NUM_PROGS=n, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
                                                   num_warps=w, num_stages=s, maxnreg=max_regs(w, per_sm))
@@ -393,28 +332,21 @@ def _launch_tma(a, tma, out, group_offs, sa, sb, s_strides, scale_mode, sb_n, co
     G = b_st.shape[0]
     N = b_st.shape[1] if b_t else b_st.shape[2]
     a_desc = TensorDescriptor.from_tensor(a, [16, 16])  # block shapes: set by the pre-hook / forced config
-    a_desc_h = TensorDescriptor.from_tensor(a, [16, 16])  # HALF_EDGE configs' [BLOCK_M // 2, BLOCK_K] blocks
     b_desc = TensorDescriptor.from_tensor(b_st, [1, 16, 16])
     nprog = num_programs(a.device)
+    args = (a_desc, b_desc, out, group_offs, sa, sb, G, N, K, out.stride(0), out.stride(1), *s_strides)
     meta = dict(G_POW2=max(triton.next_power_of_2(G), 2), B_T=b_t, SCALE_MODE=scale_mode, SB_N=sb_n, LENS=bool(lens))
     if config is None:
         config = interpreter_config(scale_mode)
 
     def launcher(cfg):
-        bm, bn, bk, w, s, ws, rescale, per_sm, half = _unpack(cfg)
+        bm, bn, bk, w, s, ws, rescale, per_sm = _unpack(cfg)
         n = nprog * per_sm
-        if half and (ws or rescale or scale_mode == SCALE_BLOCK or bm % 32):
-            raise NotImplementedError(f"half-edge config {cfg}: not with warp specialization, blockwise scales or a "
-                                      f"BLOCK_M that is not a multiple of 32")
-        args = (a_desc, a_desc_h if half else a_desc, b_desc, out, group_offs, sa, sb, G, N, K, out.stride(0),
-                out.stride(1), *s_strides)
 
         def launch():
-            _set_tma_blocks(dict(a_desc=a_desc, a_desc_h=a_desc_h if half else None, b_desc=b_desc, B_T=b_t,
-                                 BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk))
+            _set_tma_blocks(dict(a_desc=a_desc, b_desc=b_desc, B_T=b_t, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk))
             _grouped_gemm_tma_kernel[(n,)](*args, **meta, NUM_PROGS=n, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, WS=ws,
-                                           RESCALE=rescale, HALF=half, num_warps=w, num_stages=s,
-                                           maxnreg=max_regs(w, per_sm))
+                                           RESCALE=rescale, num_warps=w, num_stages=s, maxnreg=max_regs(w, per_sm))
         return launch
 
     if config is not None:
