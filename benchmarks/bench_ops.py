@@ -19,8 +19,9 @@ GPU's datasheet dense peak, common.peak_tflops: 989 TFLOP/s bf16 / 1979 FP8 on H
                counts with an empty expert, forward and backward (dgrad + wgrad): our persistent Triton kernel
                vs torch._grouped_mm (baseline) vs a per-group torch.mm loop (x_loop: speed-up over the loop).
 - fp8:         (this and fp8_grouped: code in bench_ops_fp8.py) 8192^3 FP8 GEMM, pre-quantized operands
-               (torch._scaled_mm vs our Triton; tensorwise / rowwise / blockwise 1x128 x 128x128) and end to end (`gemm_fp8`, quantization included; e2e_weights_cached:
-               inside `ops.cache_fp8_weights()`, the weight quantized once), vs bf16 cuBLAS.
+               (torch._scaled_mm vs our Triton; tensorwise / rowwise / blockwise 1x128 x 128x128) and end to end
+               (`gemm_fp8`, quantization included; e2e_weights_cached: inside `ops.cache_fp8_weights()`, the
+               weight quantized once), vs bf16 cuBLAS.
 - fp8_grouped: FP8 grouped GEMM on the DeepSeek-V3 fc1 shape (pre-quantized and end to end) vs the best bf16
                grouped GEMM; plus BLOCKWISE on host token counts aligned to 128 (as FP8 MoE training pads
                them), where cuBLASLt's blockwise GEMM runs once per group (backend torch_loop).
