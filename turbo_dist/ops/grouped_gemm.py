@@ -203,7 +203,9 @@ dispatcher.register_backend("grouped_gemm_wgrad", "loop", _loop_wgrad, priority=
 # _choice_h200.json): a forward whose reduction is at least as deep as its output is wide (fc1: K 7168, N 4096)
 # over 16 or 32 experts ran faster on ours in all six measurements (mean 1.036x / 1.037x torch's, 0.5-6% per run),
 # while at 8 experts torch's was ahead (mean 1.02x) and fc2 (K 2048 < N 7168) stays torch's (ours 0.953x at 32
-# experts): up to 1024 rows per group such a forward runs ours (FC1_GROUP_ROWS, FC1_MIN_GROUPS).
+# experts): up to 1024 rows per group such a forward runs ours (FC1_GROUP_ROWS, FC1_MIN_GROUPS). In two more runs
+# with the rule (ops_grouped_fc1rule1 / 2_h200.json) ours was the faster in 3 of the 4 measurements; over all five
+# runs 1.033x / 1.027x torch's.
 # The rules also need enough work: our Triton launch costs ~65 us of host time (kernel wrapper with offsets
 # ready; 93 us before the launch was trimmed) against torch._grouped_mm's ~18 us per call
 # (benchmarks/results/probe_host_overhead_h200.json), so below ~64 GFLOP per call (~150 us of GPU time) the
