@@ -41,7 +41,6 @@ forward, CPU or GPU; the bench defines that name as None (Megatron's torch.mm pa
 """
 import argparse
 import os
-import random
 import statistics
 import sys
 import time
@@ -55,7 +54,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:  # runnable from a checkout without `pip install -e .`
     sys.path.insert(1, _ROOT)
-from common import command_line, machine_info, print_table, time_across_ranks, write_json  # noqa: E402
+from common import (bench_order, command_line, machine_info, print_table, round_order, time_across_ranks,  # noqa: E402
+                    write_json)
 
 FRAMEWORKS = ("megatron", "torchtitan")
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -127,15 +127,14 @@ def time_ms(fn, warmup, iters, device):
 
 
 def time_interleaved(steps, args, device):
-    """{label: step fn} -> {label: ms}: each round in a shuffled order (seeded by the round, so every rank runs
-    the same order; a fixed rotation kept each label's neighbours, see common.bench_interleaved); per label the
-    median of its rounds."""
+    """{label: step fn} -> {label: ms}: each round in common.bench_order's order (shuffled, seeded by the round
+    alone, so every rank runs the same order; a fixed rotation kept each label's neighbours, see
+    common.bench_interleaved); per label the median of its rounds."""
     labels = list(steps)
     times = {label: [] for label in labels}
+    order = bench_order()
     for r in range(args.rounds):
-        order = list(labels)
-        random.Random(r).shuffle(order)
-        for label in order:
+        for label in round_order(labels, r, order):
             times[label].append(time_ms(steps[label], args.warmup, args.iters, device))
     return {label: statistics.median(ts) for label, ts in times.items()}
 

@@ -3,6 +3,7 @@
 Stable API (other benches import it):
     bench(fn, warmup_ms=25, rep_ms=100) -> median milliseconds
     bench_interleaved({label: fn}, rounds=5, rep_ms=40, on_error=None, warm=True, order=None) -> {label: ms}
+    bench_order(order=None), round_order(labels, r, order, seed=0) -> the rounds' label order (shuffle / rotate)
     write_json(path, rows, meta)        -> writes {"command", "machine", "meta", "rows"}
     print_table(rows, cols)             -> prints an aligned text table
     machine_info()                      -> dict describing host, GPU, versions
@@ -42,6 +43,25 @@ def bench(fn, warmup_ms=25, rep_ms=100):
 _INTERLEAVED_CALLS = itertools.count()
 
 
+def bench_order(order=None):
+    """The order interleaved rounds time their labels in: `order`, else TURBO_DIST_BENCH_ORDER, else "shuffle"
+    (see bench_interleaved); anything else raises ValueError."""
+    order = order or os.environ.get("TURBO_DIST_BENCH_ORDER", "shuffle")
+    if order not in ("rotate", "shuffle"):
+        raise ValueError(f"bench order is 'rotate' or 'shuffle', got {order!r}")
+    return order
+
+
+def round_order(labels, r, order, seed=0):
+    """Round r's sequence of `labels` under `order` (bench_order): a permutation seeded by (seed, r), or the
+    list rotated by r."""
+    if order == "shuffle":
+        seq = list(labels)
+        random.Random(seed * 1000 + r).shuffle(seq)
+        return seq
+    return labels[r % len(labels):] + labels[:r % len(labels)] if labels else []
+
+
 def bench_interleaved(fns, rounds=5, warmup_ms=10, rep_ms=40, on_error=None, warm=True, order=None):
     """Time several implementations of one case fairly: {label: fn} -> {label: ms, None if it raised}.
 
@@ -58,10 +78,8 @@ def bench_interleaved(fns, rounds=5, warmup_ms=10, rep_ms=40, on_error=None, war
     A fn that raises is reported through on_error(label, exc) and not timed again (on_error None: it raises).
     warm=False skips the untimed first call (CPU dry runs, where every call is slow and nothing compiles).
     """
-    order = order or os.environ.get("TURBO_DIST_BENCH_ORDER", "shuffle")
+    order = bench_order(order)
     call = next(_INTERLEAVED_CALLS)
-    if order not in ("rotate", "shuffle"):
-        raise ValueError(f"bench order is 'rotate' or 'shuffle', got {order!r}")
     labels = list(fns)
     alive = []
     for label in labels:
@@ -77,12 +95,8 @@ def bench_interleaved(fns, rounds=5, warmup_ms=10, rep_ms=40, on_error=None, war
         torch.cuda.synchronize()
     times = {label: [] for label in alive}
     for r in range(max(1, rounds)):
-        if order == "shuffle":  # seeded by call and round: reproducible, and no case repeats another's orders
-            seq = list(alive)
-            random.Random(call * 1000 + r).shuffle(seq)
-        else:
-            seq = alive[r % len(alive):] + alive[:r % len(alive)] if alive else []
-        for label in seq:
+        # seeded by call and round: reproducible, and no case repeats another's orders
+        for label in round_order(alive, r, order, seed=call):
             if label not in times:
                 continue
             try:

@@ -51,3 +51,26 @@ def test_failing_label_is_reported_and_not_timed(monkeypatch):
     assert errors == [("bad", "no such backend here")] and seen.count("ok") == 2
     with pytest.raises(ValueError, match="shuffle"):
         common.bench_interleaved({"ok": lambda: "ok"}, order="random")
+
+
+def test_multi_rank_bench_takes_the_same_round_orders(monkeypatch):
+    """bench_integrations times its steps in common.round_order's rounds: seeded by the round alone (every rank
+    the same order) and TURBO_DIST_BENCH_ORDER=rotate honoured there too."""
+    bench_integrations = import_benchmark("bench_integrations")
+    seen = []
+    monkeypatch.setattr(bench_integrations, "time_ms", lambda fn, warmup, iters, device: (seen.append(fn()), 1.0)[1])
+
+    class Args:
+        rounds, warmup, iters = 3, 0, 1
+    steps = {name: (lambda name=name: name) for name in ("a", "b", "c")}
+    monkeypatch.setenv("TURBO_DIST_BENCH_ORDER", "rotate")
+    assert bench_integrations.time_interleaved(steps, Args, "cpu") == {"a": 1.0, "b": 1.0, "c": 1.0}
+    assert seen == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    seen.clear()
+    monkeypatch.delenv("TURBO_DIST_BENCH_ORDER")
+    bench_integrations.time_interleaved(steps, Args, "cpu")
+    common = import_benchmark("common")
+    assert seen == sum((common.round_order(list(steps), r, "shuffle") for r in range(3)), [])
+    monkeypatch.setenv("TURBO_DIST_BENCH_ORDER", "random")
+    with pytest.raises(ValueError, match="shuffle"):
+        bench_integrations.time_interleaved(steps, Args, "cpu")
