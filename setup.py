@@ -9,7 +9,7 @@ import glob
 import os
 import sys
 
-from setuptools import find_packages, setup
+from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 
@@ -87,7 +87,7 @@ def _native_extensions():
     if os.environ.get("TURBO_DIST_SKIP_NATIVE", "0") == "1":
         return []
     found = []
-    for detect in (_detect_native_extensions, _detect_cublaslt_extension):
+    for detect in (_detect_native_extensions, _detect_cublaslt_extension, _detect_wgmma_extension):
         try:
             found += detect()
         except Exception as exc:  # a broken toolchain layout must not break the install
@@ -137,7 +137,6 @@ def _detect_cublaslt_extension():
         print("turbo_dist: cuBLASLt headers/library (or pybind11) not found, skipping turbo_dist._cublaslt "
               "(the FP8 blockwise grouped GEMM backend 'cublaslt')", file=sys.stderr)
         return []
-    from setuptools import Extension
 
     incs, lib = found
     return [Extension("turbo_dist._cublaslt", sources, include_dirs=[pybind_inc] + incs, extra_link_args=[lib],
@@ -145,11 +144,73 @@ def _detect_cublaslt_extension():
                       extra_compile_args=["-std=c++17", "-fvisibility=hidden", "-g0", "-O2"])]
 
 
+def _find_nvcc():
+    """nvcc: CUDA_HOME/CUDA_PATH's, /usr/local/cuda's, else the one on PATH; None when there is none."""
+    import shutil
+
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
+            return os.path.join(home, "bin", "nvcc")
+    return shutil.which("nvcc")
+
+
+def _torch_is_cpu_build():
+    """True when the torch installed here is a CPU build (its version.py says cuda = None), without importing
+    torch (pip's build isolation may hide it from this interpreter, not from its site-packages)."""
+    import re
+
+    for site in _site_dirs():
+        path = os.path.join(site, "torch", "version.py")
+        if os.path.exists(path):
+            with open(path) as f:
+                return re.search(r"^cuda(: [^=]+)? = None", f.read(), re.M) is not None
+    return False
+
+
+class NvccExtension(Extension):
+    """A module compiled and linked by nvcc in one step (OptionalBuildExt.build_extension): CUDA kernels with
+    their pybind11 binding, the CUDA runtime linked statically."""
+
+    def __init__(self, name, sources, nvcc, include_dirs, flags):
+        super().__init__(name, sources, include_dirs=include_dirs, extra_compile_args=list(flags), language="c++")
+        self.nvcc = nvcc
+
+    def command(self, target):
+        incs = [f"-I{d}" for d in self.include_dirs]
+        return [self.nvcc, *self.extra_compile_args, *incs, *self.sources, "-o", target]
+
+
+# nvcc flags of turbo_dist._fp8_wgmma: Hopper only (sm_90a: WGMMA, TMA, setmaxnreg), one shared object
+WGMMA_NVCC_FLAGS = ["-O3", "-std=c++17", "-gencode", "arch=compute_90a,code=sm_90a", "--shared", "-Xcompiler",
+                    "-fPIC,-fvisibility=hidden", "-Xcudafe", "--diag_suppress=177"]
+
+
+def _detect_wgmma_extension():
+    """turbo_dist._fp8_wgmma (csrc/fp8_wgmma/: the FP8 blockwise grouped GEMM for Hopper) where nvcc and
+    pybind11 are found and torch is a CUDA build (TURBO_DIST_BUILD_WGMMA=1 builds it anyway, =0 never)."""
+    sources = sorted(glob.glob(os.path.join("csrc", "fp8_wgmma", "*.cu")))
+    want = os.environ.get("TURBO_DIST_BUILD_WGMMA")
+    if not sources or want == "0":
+        return []
+    if want != "1" and _torch_is_cpu_build():
+        print("turbo_dist: torch is a CPU build, skipping turbo_dist._fp8_wgmma (the Hopper FP8 grouped GEMM; "
+              "TURBO_DIST_BUILD_WGMMA=1 builds it anyway)", file=sys.stderr)
+        return []
+    nvcc, pybind_inc = _find_nvcc(), _pybind11_include()
+    if nvcc is None or pybind_inc is None:
+        print("turbo_dist: nvcc (or pybind11) not found, skipping turbo_dist._fp8_wgmma (the FP8 blockwise "
+              "grouped GEMM backend 'wgmma')", file=sys.stderr)
+        return []
+    import sysconfig
+
+    return [NvccExtension("turbo_dist._fp8_wgmma", sources, nvcc, [pybind_inc, sysconfig.get_paths()["include"]],
+                          WGMMA_NVCC_FLAGS)]
+
+
 def _detect_native_extensions():
     sources = sorted(glob.glob(os.path.join("csrc", "shmem", "*.cpp")))
     if not sources:
         return []
-    from setuptools import Extension
 
     pybind_inc = _pybind11_include()
     if pybind_inc is None:
@@ -223,7 +284,13 @@ class OptionalBuildExt(build_ext):
                 shutil.copyfile(cached, target)
                 print(f"turbo_dist: reused {ext.name} from {cached}", file=sys.stderr)
                 return
-            super().build_extension(ext)
+            if isinstance(ext, NvccExtension):
+                import subprocess
+
+                os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
+                subprocess.run(ext.command(target), check=True)
+            else:
+                super().build_extension(ext)
         except Exception as exc:
             print(f"turbo_dist: could not build {ext.name} ({exc}); skipping it", file=sys.stderr)
             return

@@ -125,13 +125,23 @@ def run_fp8_grouped(quick, errors):
                 sw = sw.reshape(G, -1)
             elif gran == ScalingGranularity.BLOCKWISE:
                 sw = sw.transpose(1, 2)
-            fns = _fp8_grouped_fns(aq, wq, sa, sw, gl, mode, a, b_t, gran, ("torch", "triton"))
+            backends = ("torch", "triton") + (_wgmma() if gran == ScalingGranularity.BLOCKWISE else ())
+            fns = _fp8_grouped_fns(aq, wq, sa, sw, gl, mode, a, b_t, gran, backends)
             rows += _fp8_grouped_rows(f"G{G}_{layer} {gran.name}", fns, base_fns, flops,
                                       {"granularity": gran.name, "shape": f"G={G} M={M} K={k_} N={n_}"}, errors)
             del aq, wq
         rows += _fp8_grouped_block_aligned(G, layer, lens, a, b_t, errors)
         del a, b, b_t
     return rows
+
+
+def _wgmma():
+    """("wgmma",) where our Hopper kernel (turbo_dist._fp8_wgmma) was built and the GPU is an SM90, else ()."""
+    if B.DEVICE != "cuda" or torch.cuda.get_device_capability() != (9, 0):
+        return ()
+    from turbo_dist.ops import fp8_wgmma
+
+    return ("wgmma",) if fp8_wgmma.wgmma_module() is not None else ()
 
 
 def _fp8_grouped_block_aligned(G, layer, lens, a, b_t, errors, align=128):
@@ -156,6 +166,7 @@ def _fp8_grouped_block_aligned(G, layer, lens, a, b_t, errors, align=128):
         from turbo_dist.ops import fp8_grouped
 
         backends = (("cublaslt",) if fp8_grouped.native_module() is not None else ()) + ("torch_loop", "triton")
+        backends += _wgmma()
     fns = _fp8_grouped_fns(aq, wq, sa, sw.transpose(1, 2), lens_h, "block", a, b_t, gran, backends)
     return _fp8_grouped_rows(case, fns, _bf16_grouped_fns(a, b_t, lens_d), flops,
                              {"granularity": gran.name, "lens": lens_h.tolist(), "shape": f"G={G} M={M} K={K} N={N}"},

@@ -1,0 +1,111 @@
+"""Our Hopper FP8 BLOCKWISE grouped GEMM (backend "wgmma", turbo_dist._fp8_wgmma) against bf16 grouped GEMM
+(torch._grouped_mm, the issue's baseline) and the other FP8 backends, DeepSeek-V3 expert shapes, skewed token
+counts on the GPU (and, for cublaslt, the same counts aligned to 128 on the host); both column tiles (128, 256).
+
+    python benchmarks/probe_fp8_wgmma.py --json probe.json [--cases G8_fc1_1024,...] [--rounds 5]
+
+Every case is checked first (SNR against the fp32 product of the dequantized operands, and bit-level agreement
+of the two tiles); times are bench_interleaved medians (L2 flushed, shuffled order), ratios against bf16 in the
+same call, fraction of the FP8 datasheet peak.
+"""
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_ops import aligned_lens, skewed_lens  # noqa: E402
+from common import bench_interleaved, peak_tflops, print_table, write_json  # noqa: E402
+
+LAYERS = {"fc1": (7168, 4096), "fc2": (2048, 7168)}  # (K, N)
+CASES = ["G8_fc1_1024", "G32_fc1_1024", "G32_fc1_256", "G8_fc2_1024", "G32_fc2_256", "G32_fc1_128"]
+
+
+def _snr(out, ref):
+    err = (out.float() - ref).pow(2).mean()
+    return float(10 * torch.log10(ref.pow(2).mean() / err.clamp_min(1e-30)))
+
+
+def run_case(name, rounds):
+    from turbo_dist.ops import ScalingGranularity, dispatcher, fp8_grouped, fp8_wgmma, quantize_fp8
+    from turbo_dist.ops.fp8_grouped import _reference_grouped_scaled
+
+    g, layer, tpe = name.split("_")
+    G, tpe = int(g[1:]), int(tpe)
+    K, N = LAYERS[layer]
+    lens = skewed_lens(G, tpe, seed=G)
+    M = int(lens.sum())
+    a = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(G, N, K, device="cuda", dtype=torch.bfloat16) * K ** -0.5
+    gran = ScalingGranularity.BLOCKWISE
+    aq, sa = quantize_fp8(a, torch.float8_e4m3fn, gran)
+    wq, sw = quantize_fp8(w, torch.float8_e4m3fn, gran, weight=True)
+    b, sb = wq.transpose(1, 2), sw.transpose(1, 2)
+    lens_d = lens.cuda()
+    offs = torch.cumsum(lens_d, 0)
+    check = {}
+    ref = _reference_grouped_scaled(aq, b, sa, sb, lens, "block", torch.float32)
+    outs = {bn: fp8_wgmma.wgmma_grouped_scaled(aq, b, sa, sb, lens_d, "block", torch.bfloat16, block_n=bn)
+            for bn in fp8_wgmma.BLOCK_N_CHOICES}
+    check["snr_db_wgmma128"] = _snr(outs[128], ref)
+    check["snr_db_wgmma256"] = _snr(outs[256], ref)
+    check["wgmma128_equals_256"] = bool(torch.equal(outs[128], outs[256]))
+    dispatcher.set_backend("grouped_scaled_mm", "triton")
+    check["snr_db_triton"] = _snr(dispatcher.dispatch("grouped_scaled_mm", aq, b, sa, sb, lens_d, "block",
+                                                      torch.bfloat16), ref)
+    dispatcher.set_backend("grouped_scaled_mm", None)
+    del ref, outs
+
+    def forced(backend, lens_arg):
+        def run():
+            dispatcher.set_backend("grouped_scaled_mm", backend)
+            try:
+                return dispatcher.dispatch("grouped_scaled_mm", aq, b, sa, sb, lens_arg, "block", torch.bfloat16)
+            finally:
+                dispatcher.set_backend("grouped_scaled_mm", None)
+        return run
+
+    fns = {"bf16_torch_grouped_mm": lambda: torch._grouped_mm(a, w.transpose(1, 2), offs=offs.int()),
+           "fp8_triton": forced("triton", lens_d)}
+    for bn in fp8_wgmma.BLOCK_N_CHOICES:
+        fns[f"fp8_wgmma{bn}"] = (lambda bn=bn: fp8_wgmma.wgmma_grouped_scaled(aq, b, sa, sb, lens_d, "block",
+                                                                            torch.bfloat16, block_n=bn))
+    lens_h = aligned_lens(lens, 128)
+    if fp8_grouped.native_module() is not None and int(lens_h.sum()) == M:  # cuBLASLt per group, host counts
+        fns["fp8_cublaslt_aligned_host"] = forced("cublaslt", lens_h)
+        fns["fp8_wgmma128_aligned"] = (lambda: fp8_wgmma.wgmma_grouped_scaled(aq, b, sa, sb, lens_h.cuda(), "block",
+                                                                            torch.bfloat16, block_n=128))
+    res = bench_interleaved(fns, rounds=rounds)
+    flops = 2.0 * M * K * N
+    base = res["bf16_torch_grouped_mm"]
+    peak = peak_tflops("fp8")
+    rows = []
+    for label, ms in res.items():
+        if ms is None:
+            continue
+        tf = flops / ms / 1e9
+        rows.append({"case": name, "impl": label, "ms": ms, "tflops": tf, "x_bf16": base / ms if base else None,
+                     "frac_peak": tf / peak if peak and label.startswith("fp8") else None,
+                     "shape": f"G={G} M={M} K={K} N={N}", **check})
+    return rows
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json", default=None)
+    p.add_argument("--cases", default=",".join(CASES))
+    p.add_argument("--rounds", type=int, default=5)
+    args = p.parse_args()
+    torch.manual_seed(0)
+    rows = []
+    for name in args.cases.split(","):
+        rows += run_case(name, args.rounds)
+        print_table(rows[-6:], ["case", "impl", "ms", "tflops", "x_bf16", "frac_peak", "snr_db_wgmma128",
+                                "wgmma128_equals_256"])
+    if args.json:
+        write_json(args.json, rows)
+
+
+if __name__ == "__main__":
+    main()

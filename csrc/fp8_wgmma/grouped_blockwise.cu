@@ -1,0 +1,445 @@
+// turbo_dist._fp8_wgmma: FP8 BLOCKWISE grouped GEMM (MoE experts) for Hopper (sm_90a) in one persistent launch
+// that reads the group boundaries on the GPU.
+//
+// out[rows of g] = (a * scale_a)[rows of g] @ (w[g] * scale_w[g])^T with 1x128 activation scales and 128x128
+// weight scales (DeepSeek-V3's recipe). Our Triton kernel for this promotes each 128-deep partial product in
+// registers and Triton 3.6 makes the tensor cores wait for it (README, "Benchmarks"); cuBLASLt does it well but
+// only one GEMM per call, which needs the group sizes on the host. Here each CTA is warp-specialized: one
+// producer warp streams A and B tiles with TMA into a ring of shared-memory stages, and two consumer warpgroups
+// (64 rows of the 128-row tile each) run the K loop on WGMMA. A consumer promotes its partial product (scale_a
+// of its rows x scale_w of the block) while the other consumer's WGMMA keeps the tensor cores busy.
+//
+// Tiles: 128 rows x BN (128 or 256) columns x 128-deep K stages. A tile never spans two groups' weights: each
+// group's rows start a new tile; rows past the group's end are computed with its weights and not stored. The
+// tile order (a band of 8 row tiles x all column tiles, rows fastest) keeps a band's A and the weights it needs
+// in L2. Operands: a [M, K] row-major e4m3/e5m2; w [G, N, K] with K contiguous (each expert's weight as
+// nn.Linear stores it); K, row strides and pointers 16-byte aligned (TMA); out bf16 [M, N] row-major.
+//
+// Built without torch headers, like turbo_dist._cublaslt: tensors travel as addresses, the caller (backend
+// "wgmma" in turbo_dist/ops/fp8_grouped.py) checks dtypes, shapes, strides and devices first.
+#include <pybind11/pybind11.h>
+
+#include <cuda.h>
+#include <cudaTypedefs.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+
+namespace py = pybind11;
+
+namespace {
+
+constexpr int kBM = 128;              // tile rows: two consumer warpgroups of 64
+constexpr int kBK = 128;              // K per stage = the scale block
+constexpr int kThreads = 3 * 128;     // producer warpgroup + two consumer warpgroups
+constexpr int kBand = 8;              // row tiles per band of the tile order
+constexpr int kSmemAlign = 1024;      // 128-byte swizzle atoms: 8 rows x 128 bytes
+
+struct Args {
+  const int64_t* offs;  // cumulative group ends [G] (group g: rows offs[g-1] .. offs[g])
+  const float* sa;      // activation scales: sa[row * sa_row + kb * sa_k]
+  const float* sb;      // weight scales: sb[g * sb_g + kb * sb_k + nb * sb_n]
+  __nv_bfloat16* out;   // out[row * ldo + col]
+  int64_t sa_row, sa_k, sb_g, sb_k, sb_n, ldo;
+  int M, N, K, G;
+};
+
+template <int BN>
+struct Shape {
+  static constexpr int kRounds = BN / 128;                  // 64x128 WGMMA rounds per stage and consumer
+  static constexpr int kStages = BN == 128 ? 6 : 4;
+  static constexpr int kABytes = kBM * kBK;                  // one byte per FP8 element
+  static constexpr int kBBytes = BN * kBK;
+  static constexpr int kStageBytes = kABytes + kBBytes;
+  static constexpr int kSmemBytes = kStages * kStageBytes + kSmemAlign + 2 * kStages * 8;
+};
+
+// ------------------------------------------------------------------------------------------- PTX helpers
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void bar_init(uint64_t* bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(bar)), "r"(count));
+}
+
+__device__ __forceinline__ void bar_expect_tx(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)), "r"(bytes)
+               : "memory");
+}
+
+__device__ __forceinline__ void bar_arrive(uint64_t* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_addr(bar)) : "memory");
+}
+
+// Wait until the barrier's phase of this parity has completed.
+__device__ __forceinline__ void bar_wait(uint64_t* bar, uint32_t parity) {
+  uint32_t done = 0;
+  do {
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(smem_addr(bar)), "r"(parity)
+        : "memory");
+  } while (!done);
+}
+
+__device__ __forceinline__ void tma_load_2d(void* dst, const CUtensorMap* map, uint64_t* bar, int c0, int c1) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4}], [%2];" ::
+          "r"(smem_addr(dst)),
+      "l"(map), "r"(smem_addr(bar)), "r"(c0), "r"(c1)
+      : "memory");
+}
+
+__device__ __forceinline__ void tma_load_3d(void* dst, const CUtensorMap* map, uint64_t* bar, int c0, int c1,
+                                            int c2) {
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4, %5}], "
+      "[%2];" ::"r"(smem_addr(dst)),
+      "l"(map), "r"(smem_addr(bar)), "r"(c0), "r"(c1), "r"(c2)
+      : "memory");
+}
+
+// WGMMA shared-memory descriptor of a K-major tile in 128-byte swizzle atoms (what TMA's SWIZZLE_128B writes
+// for 128-byte rows): start address, stride between 8-row groups 1024 bytes, layout "128B swizzle".
+__device__ __forceinline__ uint64_t smem_desc(const void* p) {
+  const uint64_t addr = smem_addr(p);
+  return ((addr & 0x3FFFF) >> 4) | (1ull << 16) | (uint64_t(1024 >> 4) << 32) | (1ull << 62);
+}
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory"); }
+
+// Keep the compiler from moving accumulator reads/writes across the asynchronous WGMMA.
+template <int N>
+__device__ __forceinline__ void fence_regs(float (&d)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+
+#define TD_ACC64_REGS \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, " \
+  "%22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, " \
+  "%42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, " \
+  "%62, %63}"
+#define TD_ACC64_OUTS(d) \
+  "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
+  "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), \
+  "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), \
+  "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), \
+  "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), \
+  "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), \
+  "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), \
+  "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), \
+  "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+
+// D[64 x 128] (+)= A[64 x 32] * B[128 x 32]^T, FP8 operands from shared memory, f32 accumulators.
+#define TD_WGMMA_64x128x32(ATYPE, BTYPE)                                                      \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"                                  \
+               "wgmma.mma_async.sync.aligned.m64n128k32.f32." ATYPE "." BTYPE " " TD_ACC64_REGS \
+               ", %64, %65, p, 1, 1;\n}\n"                                                     \
+               : TD_ACC64_OUTS(d)                                                              \
+               : "l"(desc_a), "l"(desc_b), "r"(accumulate))
+
+template <bool AE5M2, bool BE5M2>
+__device__ __forceinline__ void mma_64x128x32(float (&d)[64], uint64_t desc_a, uint64_t desc_b, int accumulate) {
+  if constexpr (!AE5M2 && !BE5M2) {
+    TD_WGMMA_64x128x32("e4m3", "e4m3");
+  } else if constexpr (AE5M2 && !BE5M2) {
+    TD_WGMMA_64x128x32("e5m2", "e4m3");
+  } else if constexpr (!AE5M2 && BE5M2) {
+    TD_WGMMA_64x128x32("e4m3", "e5m2");
+  } else {
+    TD_WGMMA_64x128x32("e5m2", "e5m2");
+  }
+}
+
+// ------------------------------------------------------------------------------------------ tile order
+// Walks the tiles in increasing index; every warp of the CTA walks the same sequence.
+struct TileWalk {
+  int g = -1, tiles_before = 0, group_start = 0, group_end = 0, row_tiles = 0;
+
+  // Position on tile t (>= every earlier t); false when t is past the last tile.
+  __device__ __forceinline__ bool seek(const Args& p, int col_tiles, int t) {
+    while (g < p.G && (g < 0 || t >= tiles_before + row_tiles * col_tiles)) {
+      if (g >= 0) tiles_before += row_tiles * col_tiles;
+      ++g;
+      if (g < p.G) {
+        group_start = group_end;
+        group_end = static_cast<int>(p.offs[g]);
+        row_tiles = (group_end - group_start + kBM - 1) / kBM;
+      }
+    }
+    return g < p.G;
+  }
+
+  // (first row, first column) of tile t in the current group: bands of kBand row tiles, rows fastest.
+  __device__ __forceinline__ void coords(int col_tiles, int bn, int t, int& m0, int& n0) const {
+    const int u = t - tiles_before;
+    const int band = u / (kBand * col_tiles);
+    const int first = band * kBand;
+    const int height = min(kBand, row_tiles - first);
+    const int v = u - band * kBand * col_tiles;
+    m0 = group_start + (first + v % height) * kBM;
+    n0 = (v / height) * bn;
+  }
+};
+
+// --------------------------------------------------------------------------------------------- kernel
+template <int BN, bool AE5M2, bool BE5M2>
+__global__ void __launch_bounds__(kThreads, 1)
+    grouped_blockwise_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_b,
+                             const Args p) {
+  using S = Shape<BN>;
+  extern __shared__ uint8_t smem_raw[];
+  const uint32_t raw = smem_addr(smem_raw);
+  uint8_t* smem = smem_raw + ((kSmemAlign - raw % kSmemAlign) % kSmemAlign);
+  uint8_t* smem_a = smem;                                   // [stages][128 rows][128 bytes]
+  uint8_t* smem_b = smem + S::kStages * S::kABytes;         // [stages][BN rows][128 bytes]
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem + S::kStages * S::kStageBytes);
+  uint64_t* empty = full + S::kStages;
+
+  const int wg = threadIdx.x / 128;
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < S::kStages; ++s) {
+      bar_init(&full[s], 1);   // the producer's expect_tx arrival; TMA completes the bytes
+      bar_init(&empty[s], 8);  // one arrival per consumer warp
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  __syncthreads();
+
+  const int col_tiles = (p.N + BN - 1) / BN;
+  const int k_steps = (p.K + kBK - 1) / kBK;
+  TileWalk walk;
+
+  if (wg == 0) {  // producer: one thread issues every TMA load
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
+    if (threadIdx.x != 0) return;
+    int s = 0;
+    uint32_t phase = 0;
+    for (int t = blockIdx.x; walk.seek(p, col_tiles, t); t += gridDim.x) {
+      int m0, n0;
+      walk.coords(col_tiles, BN, t, m0, n0);
+      for (int kb = 0; kb < k_steps; ++kb) {
+        bar_wait(&empty[s], phase ^ 1);
+        bar_expect_tx(&full[s], S::kStageBytes);
+        tma_load_2d(smem_a + s * S::kABytes, &map_a, &full[s], kb * kBK, m0);
+        tma_load_3d(smem_b + s * S::kBBytes, &map_b, &full[s], kb * kBK, n0, walk.g);
+        if (++s == S::kStages) {
+          s = 0;
+          phase ^= 1;
+        }
+      }
+    }
+    return;
+  }
+
+  // consumers: warpgroup c owns rows c*64 .. c*64+63 of each tile
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;");
+  const int c = wg - 1;
+  const int lane = threadIdx.x % 32, warp = (threadIdx.x % 128) / 32;
+  const int row_in_tile = c * 64 + warp * 16 + lane / 4;  // this thread's rows: row_in_tile and row_in_tile + 8
+  const int col_in_chunk = (lane % 4) * 2;                // and columns col_in_chunk, +1 of every 8-column chunk
+  int s = 0;
+  uint32_t phase = 0;
+  for (int t = blockIdx.x; walk.seek(p, col_tiles, t); t += gridDim.x) {
+    int m0, n0;
+    walk.coords(col_tiles, BN, t, m0, n0);
+    const int r0 = m0 + row_in_tile, r1 = r0 + 8;
+    const float* sa0 = p.sa + int64_t(min(r0, p.M - 1)) * p.sa_row;  // rows past M: read, never stored
+    const float* sa1 = p.sa + int64_t(min(r1, p.M - 1)) * p.sa_row;
+    const int nb_last = (p.N - 1) / 128;
+    const float* sb = p.sb + int64_t(walk.g) * p.sb_g;
+    int64_t sb_col[S::kRounds];
+#pragma unroll
+    for (int r = 0; r < S::kRounds; ++r) sb_col[r] = int64_t(min(n0 / 128 + r, nb_last)) * p.sb_n;
+
+    float acc[S::kRounds][64];
+#pragma unroll
+    for (int r = 0; r < S::kRounds; ++r)
+#pragma unroll
+      for (int i = 0; i < 64; ++i) acc[r][i] = 0.f;
+
+    for (int kb = 0; kb < k_steps; ++kb) {
+      const float a0 = __ldg(sa0 + kb * p.sa_k), a1 = __ldg(sa1 + kb * p.sa_k);
+      float w[S::kRounds];
+#pragma unroll
+      for (int r = 0; r < S::kRounds; ++r) w[r] = __ldg(sb + kb * p.sb_k + sb_col[r]);
+      bar_wait(&full[s], phase);
+      const uint64_t desc_a = smem_desc(smem_a + s * S::kABytes + c * 64 * kBK);
+#pragma unroll
+      for (int r = 0; r < S::kRounds; ++r) {
+        const uint64_t desc_b = smem_desc(smem_b + s * S::kBBytes + r * 128 * kBK);
+        float part[64];
+        fence_regs(part);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < kBK / 32; ++kk)  // 32 bytes further along K: +2 in the descriptor's 16-byte units
+          mma_64x128x32<AE5M2, BE5M2>(part, desc_a + 2 * kk, desc_b + 2 * kk, kk > 0);
+        wgmma_commit();
+        wgmma_wait_all();
+        fence_regs(part);
+        if (r == S::kRounds - 1 && lane == 0) bar_arrive(&empty[s]);  // this warp is done with the stage
+        const float s0 = a0 * w[r], s1 = a1 * w[r];
+#pragma unroll
+        for (int i = 0; i < 64; i += 4) {
+          acc[r][i] += part[i] * s0;
+          acc[r][i + 1] += part[i + 1] * s0;
+          acc[r][i + 2] += part[i + 2] * s1;
+          acc[r][i + 3] += part[i + 3] * s1;
+        }
+      }
+      if (++s == S::kStages) {
+        s = 0;
+        phase ^= 1;
+      }
+    }
+
+    // epilogue: rows of this group only, columns inside N
+    const bool ok0 = r0 < walk.group_end, ok1 = r1 < walk.group_end;
+#pragma unroll
+    for (int r = 0; r < S::kRounds; ++r) {
+#pragma unroll
+      for (int j = 0; j < 16; ++j) {
+        const int col = n0 + r * 128 + j * 8 + col_in_chunk;
+        if (col < p.N) {
+          if (ok0)
+            *reinterpret_cast<__nv_bfloat162*>(p.out + int64_t(r0) * p.ldo + col) =
+                __floats2bfloat162_rn(acc[r][4 * j], acc[r][4 * j + 1]);
+          if (ok1)
+            *reinterpret_cast<__nv_bfloat162*>(p.out + int64_t(r1) * p.ldo + col) =
+                __floats2bfloat162_rn(acc[r][4 * j + 2], acc[r][4 * j + 3]);
+        }
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------ host
+void check_cuda(cudaError_t err, const char* what) {
+  if (err != cudaSuccess)
+    throw std::runtime_error(std::string("turbo_dist._fp8_wgmma: ") + what + " failed: " + cudaGetErrorString(err));
+}
+
+PFN_cuTensorMapEncodeTiled_v12000 encode_tiled() {
+  static PFN_cuTensorMapEncodeTiled_v12000 fn = nullptr;
+  static std::once_flag once;
+  std::call_once(once, [] {
+    void* ptr = nullptr;
+    cudaDriverEntryPointQueryResult found{};
+#if CUDART_VERSION >= 12050
+    const cudaError_t err = cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &ptr, 12000,
+                                                             cudaEnableDefault, &found);
+#else
+    const cudaError_t err = cudaGetDriverEntryPoint("cuTensorMapEncodeTiled", &ptr, cudaEnableDefault, &found);
+#endif
+    if (err == cudaSuccess && found == cudaDriverEntryPointSuccess)
+      fn = reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(ptr);
+  });
+  if (!fn) throw std::runtime_error("turbo_dist._fp8_wgmma: the CUDA driver has no cuTensorMapEncodeTiled");
+  return fn;
+}
+
+// An FP8 tensor of `rank` dims (innermost first, byte strides of the outer dims) read in boxes of 128-byte rows,
+// written to shared memory in 128-byte swizzle atoms; out-of-bounds elements read as zero.
+CUtensorMap make_map(uint64_t addr, int rank, const uint64_t* dims, const uint64_t* strides, const uint32_t* box) {
+  CUtensorMap map;
+  const uint32_t elem_strides[3] = {1, 1, 1};
+  const CUresult res = encode_tiled()(&map, CU_TENSOR_MAP_DATA_TYPE_UINT8, rank, reinterpret_cast<void*>(addr), dims,
+                                      strides, box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                                      CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                                      CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (res != CUDA_SUCCESS)
+    throw std::runtime_error("turbo_dist._fp8_wgmma: cuTensorMapEncodeTiled failed (CUresult " +
+                             std::to_string(int(res)) + "): operands must be 16-byte aligned, strides too");
+  return map;
+}
+
+template <int BN, bool AE5M2, bool BE5M2>
+void launch(const CUtensorMap& map_a, const CUtensorMap& map_b, const Args& args, int grid, cudaStream_t stream) {
+  using S = Shape<BN>;
+  auto kernel = grouped_blockwise_kernel<BN, AE5M2, BE5M2>;
+  static std::once_flag once;  // per instantiation; the attribute holds for every device of the process
+  static cudaError_t attr_err = cudaSuccess;
+  std::call_once(once, [&] {
+    attr_err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, S::kSmemBytes);
+  });
+  check_cuda(attr_err, "cudaFuncSetAttribute(max dynamic shared memory)");
+  kernel<<<grid, kThreads, S::kSmemBytes, stream>>>(map_a, map_b, args);
+  check_cuda(cudaGetLastError(), "kernel launch");
+}
+
+template <int BN>
+void launch_types(bool a_e5m2, bool b_e5m2, const CUtensorMap& ma, const CUtensorMap& mb, const Args& args, int grid,
+                  cudaStream_t stream) {
+  if (!a_e5m2 && !b_e5m2) launch<BN, false, false>(ma, mb, args, grid, stream);
+  else if (a_e5m2 && !b_e5m2) launch<BN, true, false>(ma, mb, args, grid, stream);
+  else if (!a_e5m2 && b_e5m2) launch<BN, false, true>(ma, mb, args, grid, stream);
+  else launch<BN, true, true>(ma, mb, args, grid, stream);
+}
+
+// out [M, N] bf16 = per group g (rows offs[g-1] .. offs[g]): (a * scale_a) @ (w[g] * scale_w[g])^T.
+// a [M, K] at a_addr, row stride lda bytes; w [G, N, K] at w_addr, row stride ldw and group stride w_group bytes;
+// offs: int64 cumulative group ends [G] on the GPU; scales fp32 with the element strides given.
+void grouped_blockwise(int device, uint64_t stream, uint64_t a_addr, uint64_t w_addr, uint64_t out_addr,
+                       uint64_t offs_addr, uint64_t sa_addr, int64_t sa_row, int64_t sa_k, uint64_t sb_addr,
+                       int64_t sb_g, int64_t sb_k, int64_t sb_n, int64_t M, int64_t N, int64_t K, int64_t G,
+                       int64_t lda, int64_t ldw, int64_t w_group, int64_t ldo, bool a_e5m2, bool b_e5m2, int block_n,
+                       int num_sms) {
+  if (block_n != 128 && block_n != 256) throw std::invalid_argument("turbo_dist._fp8_wgmma: block_n must be 128 or 256");
+  if (M <= 0 || N <= 0 || G <= 0) return;
+  if (K <= 0 || K % 16 || lda % 16 || ldw % 16 || w_group % 16 || a_addr % 16 || w_addr % 16)
+    throw std::invalid_argument("turbo_dist._fp8_wgmma: K, the row/group strides and the operand addresses must be "
+                                "multiples of 16 bytes");
+  if (M > INT32_MAX || N > INT32_MAX || K > INT32_MAX || G > INT32_MAX)
+    throw std::invalid_argument("turbo_dist._fp8_wgmma: M, N, K and G must fit in 32 bits");
+  check_cuda(cudaSetDevice(device), "cudaSetDevice");
+  const uint64_t dims_a[2] = {uint64_t(K), uint64_t(M)}, strides_a[1] = {uint64_t(lda)};
+  const uint32_t box_a[2] = {kBK, kBM};
+  const uint64_t dims_b[3] = {uint64_t(K), uint64_t(N), uint64_t(G)}, strides_b[2] = {uint64_t(ldw),
+                                                                                          uint64_t(w_group)};
+  const uint32_t box_b[3] = {kBK, uint32_t(block_n), 1};
+  const CUtensorMap map_a = make_map(a_addr, 2, dims_a, strides_a, box_a);
+  const CUtensorMap map_b = make_map(w_addr, 3, dims_b, strides_b, box_b);
+  Args args;
+  args.offs = reinterpret_cast<const int64_t*>(offs_addr);
+  args.sa = reinterpret_cast<const float*>(sa_addr);
+  args.sb = reinterpret_cast<const float*>(sb_addr);
+  args.out = reinterpret_cast<__nv_bfloat16*>(out_addr);
+  args.sa_row = sa_row;
+  args.sa_k = sa_k;
+  args.sb_g = sb_g;
+  args.sb_k = sb_k;
+  args.sb_n = sb_n;
+  args.ldo = ldo;
+  args.M = int(M);
+  args.N = int(N);
+  args.K = int(K);
+  args.G = int(G);
+  // at most one tile more per group than M's rows need (each group starts a tile)
+  const int64_t tiles = ((M + kBM - 1) / kBM + G) * ((N + block_n - 1) / block_n);
+  const int grid = int(std::min<int64_t>(tiles, num_sms));
+  auto s = reinterpret_cast<cudaStream_t>(stream);
+  if (block_n == 128) launch_types<128>(a_e5m2, b_e5m2, map_a, map_b, args, grid, s);
+  else launch_types<256>(a_e5m2, b_e5m2, map_a, map_b, args, grid, s);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_fp8_wgmma, m) {
+  m.doc() = "FP8 blockwise grouped GEMM for Hopper (WGMMA + TMA), group boundaries read on the GPU";
+  m.def("grouped_blockwise", &grouped_blockwise, py::arg("device"), py::arg("stream"), py::arg("a"), py::arg("w"),
+        py::arg("out"), py::arg("offs"), py::arg("scale_a"), py::arg("sa_row"), py::arg("sa_k"), py::arg("scale_w"),
+        py::arg("sw_g"), py::arg("sw_k"), py::arg("sw_n"), py::arg("M"), py::arg("N"), py::arg("K"), py::arg("G"),
+        py::arg("lda"), py::arg("ldw"), py::arg("w_group"), py::arg("ldo"), py::arg("a_e5m2"), py::arg("w_e5m2"),
+        py::arg("block_n"), py::arg("num_sms"));
+  m.attr("SMEM_BYTES_128") = Shape<128>::kSmemBytes;
+  m.attr("SMEM_BYTES_256") = Shape<256>::kSmemBytes;
+}

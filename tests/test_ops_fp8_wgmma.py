@@ -1,0 +1,144 @@
+"""Backend "wgmma" of grouped_scaled_mm: our Hopper FP8 BLOCKWISE grouped GEMM (turbo_dist._fp8_wgmma,
+csrc/fp8_wgmma/). CPU: the CUDA source compiles for sm_90a where nvcc is found, and the backend declines what it
+cannot run with the reason; GPU (marker `gpu`, SM90): against the exact product of the dequantized operands on
+odd shapes, token counts on the GPU and on the host, empty groups, e5m2 activations, both column tiles.
+"""
+import ast
+import glob
+import os
+import shutil
+import subprocess
+import sysconfig
+
+import pytest
+import torch
+
+from turbo_dist.ops import ScalingGranularity, dispatcher, fp8_wgmma, grouped_scaled_mm, quantize_fp8
+from turbo_dist.ops.fp8_grouped import _reference_grouped_scaled
+
+from test_ops_fp8 import E4M3, E5M2, rnd, snr
+
+B = ScalingGranularity.BLOCKWISE
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True)
+def _reset_backends():
+    yield
+    dispatcher.set_backend("grouped_scaled_mm", None)
+
+
+def _operands(lens, K, N, a_dtype=E4M3, device="cpu", seed=0):
+    G = len(lens)
+    a = rnd(sum(lens), K, device=device, seed=seed)
+    w = rnd(G, N, K, device=device, seed=seed + 1) * K ** -0.5
+    aq, sa = quantize_fp8(a, a_dtype, B)
+    wq, sw = quantize_fp8(w, E4M3, B, weight=True)
+    return aq, wq, sa, sw
+
+
+def _nvcc():
+    for home in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
+        if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
+            return os.path.join(home, "bin", "nvcc")
+    return shutil.which("nvcc")
+
+
+def _setup_nvcc_flags():
+    """setup.py's WGMMA_NVCC_FLAGS (read, not imported: importing setup.py would run setup())."""
+    with open(os.path.join(ROOT, "setup.py")) as f:
+        tree = ast.parse(f.read())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "WGMMA_NVCC_FLAGS" for t in node.targets):
+            return ast.literal_eval(node.value)
+    raise AssertionError("setup.py has no WGMMA_NVCC_FLAGS")
+
+
+def test_wgmma_source_compiles_for_sm90a(tmp_path):
+    """nvcc (ptxas included) accepts every instantiation of the kernel for sm_90a: the CPU CI's check of the
+    CUDA source, which its machines run nowhere else."""
+    nvcc = _nvcc()
+    if nvcc is None:
+        pytest.skip("nvcc not found")
+    pybind11 = pytest.importorskip("pybind11")
+    sources = sorted(glob.glob(os.path.join(ROOT, "csrc", "fp8_wgmma", "*.cu")))
+    assert sources
+    flags = [f for f in _setup_nvcc_flags() if f != "--shared"]
+    cmd = [nvcc, *flags, "-c", f"-I{pybind11.get_include()}", f"-I{sysconfig.get_paths()['include']}", *sources,
+           "-o", str(tmp_path / "k.o")]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert os.path.getsize(tmp_path / "k.o") > 0
+
+
+def test_wgmma_declines_with_reasons(monkeypatch):
+    aq, wq, sa, sw = _operands([3, 5], 256, 128)
+    args = (aq, wq.transpose(1, 2), sa, sw.transpose(1, 2), torch.tensor([3, 5]))
+    can = fp8_wgmma._wgmma_grouped_scaled_can
+    assert "BLOCKWISE only" in can(*args, "row", torch.bfloat16)
+    monkeypatch.setitem(fp8_wgmma._MOD, "mod", None)
+    monkeypatch.setitem(fp8_wgmma._MOD, "why", "turbo_dist._fp8_wgmma is not built (test)")
+    assert "not built" in can(*args, "block", torch.bfloat16)
+    monkeypatch.setitem(fp8_wgmma._MOD, "mod", object())  # built, but these are CPU tensors
+    assert "CUDA" in can(*args, "block", torch.bfloat16)
+    with pytest.raises(ValueError, match="block_n"):
+        fp8_wgmma.wgmma_grouped_scaled(*args, "block", torch.bfloat16, block_n=64)
+    # in the registry, after triton (the measured rule moves it, see ops/fp8_wgmma.py)
+    assert "wgmma" in dispatcher.backends("grouped_scaled_mm")
+
+
+def _wgmma_or_skip():
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("needs an SM90 GPU")
+    if fp8_wgmma.wgmma_module() is None:
+        pytest.skip(fp8_wgmma._MOD["why"])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("block_n", fp8_wgmma.BLOCK_N_CHOICES)
+@pytest.mark.parametrize("lens,K,N,a_dtype", [
+    ([300, 0, 77, 1, 129, 0, 512, 5], 7168, 4096, E4M3),  # skewed, empty groups, rows off every tile
+    ([1], 256, 128, E4M3),                                   # one row
+    ([130, 60], 320, 200, E4M3),                             # K and N off 128 (TMA zero-fills, stores masked)
+    ([0, 0, 0], 512, 256, E4M3),                             # nothing to compute
+    ([200, 57, 384], 1024, 512, E5M2),                       # e5m2 activations (dgrad's format)
+    ([1000], 2048, 7168, E4M3),                              # one group: fc2's shape
+])
+def test_wgmma_matches_reference_gpu(block_n, lens, K, N, a_dtype):
+    _wgmma_or_skip()
+    aq, wq, sa, sw = _operands(lens, K, N, a_dtype, device="cuda", seed=len(lens) + K)
+    b, sb = wq.transpose(1, 2), sw.transpose(1, 2)
+    lens_d = torch.tensor(lens, device="cuda")
+    assert fp8_wgmma._wgmma_grouped_scaled_can(aq, b, sa, sb, lens_d, "block", torch.bfloat16) is True
+    out = fp8_wgmma.wgmma_grouped_scaled(aq, b, sa, sb, lens_d, "block", torch.bfloat16, block_n=block_n)
+    torch.cuda.synchronize()
+    assert out.shape == (sum(lens), N) and out.dtype == torch.bfloat16
+    if sum(lens) == 0:
+        return
+    ref = _reference_grouped_scaled(aq, b, sa, sb, torch.tensor(lens), "block", torch.float32)
+    # the same products summed in another order, rounded to bf16 once: bf16's own precision
+    assert snr(out.float(), ref) >= 45, f"SNR {snr(out.float(), ref):.1f} dB"
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.gpu
+def test_wgmma_through_the_api_gpu():
+    """grouped_scaled_mm with the backend forced: device counts, host counts (copied to the GPU), the same
+    result from both tiles, and a strided scale_a (a transposed copy's view) read through its strides."""
+    _wgmma_or_skip()
+    lens = [256, 0, 100, 3000, 17]
+    aq, wq, sa, sw = _operands(lens, 7168, 2048, device="cuda", seed=5)
+    dispatcher.set_backend("grouped_scaled_mm", "wgmma")
+    out_d = grouped_scaled_mm(aq, wq, sa, sw, torch.tensor(lens, device="cuda"))
+    assert dispatcher.last_backend("grouped_scaled_mm") == "wgmma"
+    out_h = grouped_scaled_mm(aq, wq, sa, sw, torch.tensor(lens))
+    assert torch.equal(out_d, out_h)
+    sa_t = sa.t().contiguous().t()  # same values, M-major strides
+    assert torch.equal(grouped_scaled_mm(aq, wq, sa_t, sw, torch.tensor(lens, device="cuda")), out_d)
+    b, sb = wq.transpose(1, 2), sw.transpose(1, 2)
+    out_256 = fp8_wgmma.wgmma_grouped_scaled(aq, b, sa, sb, torch.tensor(lens, device="cuda"), "block",
+                                             torch.bfloat16, block_n=256)
+    assert torch.equal(out_256, out_d)  # same products, same promotion order per element
+    dispatcher.set_backend("grouped_scaled_mm", "triton")
+    out_t = grouped_scaled_mm(aq, wq, sa, sw, torch.tensor(lens, device="cuda"))
+    assert snr(out_d.float(), out_t.float()) >= 40

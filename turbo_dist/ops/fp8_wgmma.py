@@ -1,0 +1,103 @@
+"""Backend "wgmma" of grouped_scaled_mm: FP8 BLOCKWISE grouped GEMM on Hopper in one persistent launch of our
+CUDA kernel (turbo_dist._fp8_wgmma, csrc/fp8_wgmma/; setup.py builds it where nvcc is found and torch is a CUDA
+build). It reads the group boundaries on the GPU, so unlike "cublaslt" / "torch_loop" it takes token counts that
+live on the device and any row counts, with no host sync (CUDA-graph safe); unlike "triton" its consumers
+promote each 128-deep partial product while the other warpgroup's WGMMA runs (README, "Benchmarks").
+
+Takes grouped_scaled_mm's block mode: a_q [M, K] row-major e4m3/e5m2 with scale_a [M, cdiv(K, 128)] fp32,
+b_q [G, K, N] as a view of w [G, N, K] (K contiguous) e4m3/e5m2 with scale_b [G, cdiv(K, 128), cdiv(N, 128)]
+fp32 (any strides), bf16 out; SM90 only.
+"""
+import torch
+
+from . import dispatcher
+from .fp8 import E4M3, E5M2, _sb_n
+from .grouped_gemm import group_offsets
+
+# Column tile of the kernel: 128 (six 32 KB stages) or 256 (four 48 KB stages; a 128x256 tile reads 25% fewer
+# bytes from L2 per multiply-add). BLOCK_N_RULE picks it per call; benchmarks/probe_fp8_wgmma.py measures both.
+BLOCK_N_CHOICES = (128, 256)
+BLOCK_N = 128
+_MOD = {}
+_SMS = {}
+
+
+def wgmma_module():
+    """turbo_dist._fp8_wgmma, or None when it was not built here (the reason: _MOD["why"])."""
+    if "mod" not in _MOD:
+        try:
+            from turbo_dist import _fp8_wgmma as mod
+            _MOD["why"] = ""
+        except ImportError as exc:
+            mod = None
+            _MOD["why"] = (f"turbo_dist._fp8_wgmma is not built ({exc}); `pip install -e .` builds it where nvcc is "
+                           f"found and torch is a CUDA build")
+        _MOD["mod"] = mod
+    return _MOD["mod"]
+
+
+def _num_sms(device):
+    if device.index not in _SMS:
+        _SMS[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _SMS[device.index]
+
+
+def wgmma_grouped_scaled(a_q, b_q, scale_a, scale_b, group_lens, mode, out_dtype, block_n=None):
+    """out [M, N] bf16: per group (a_q * scale_a)[rows] @ (b_q[g] * scale_b[g]); what the backend runs
+    (block_n: 128 / 256, default BLOCK_N)."""
+    block_n = BLOCK_N if block_n is None else block_n
+    if block_n not in BLOCK_N_CHOICES:
+        raise ValueError(f"wgmma: block_n must be one of {BLOCK_N_CHOICES}, got {block_n}")
+    M, K = a_q.shape
+    G, _, N = b_q.shape
+    out = torch.empty((M, N), dtype=out_dtype, device=a_q.device)
+    if M == 0 or N == 0:
+        return out
+    offs = group_offsets(group_lens, a_q.device)  # int64 cumulative ends, read by the kernel
+    sa, sb = scale_a, scale_b
+    wgmma_module().grouped_blockwise(
+        device=a_q.device.index, stream=torch.cuda.current_stream(a_q.device).cuda_stream, a=a_q.data_ptr(),
+        w=b_q.data_ptr(), out=out.data_ptr(), offs=offs.data_ptr(), scale_a=sa.data_ptr(), sa_row=sa.stride(0),
+        sa_k=sa.stride(1), scale_w=sb.data_ptr(), sw_g=sb.stride(0), sw_k=sb.stride(1), sw_n=sb.stride(2), M=M, N=N,
+        K=K, G=G, lda=a_q.stride(0), ldw=b_q.stride(2), w_group=b_q.stride(0) if G > 1 else N * b_q.stride(2),
+        ldo=out.stride(0),
+        a_e5m2=a_q.dtype == E5M2, w_e5m2=b_q.dtype == E5M2, block_n=block_n, num_sms=_num_sms(a_q.device))
+    return out
+
+
+def _wgmma_grouped_scaled(a_q, b_q, scale_a, scale_b, group_lens, mode, out_dtype):
+    return wgmma_grouped_scaled(a_q, b_q, scale_a, scale_b, group_lens, mode, out_dtype)
+
+
+def _wgmma_grouped_scaled_can(a_q, b_q, scale_a, scale_b, group_lens, mode, out_dtype):
+    if mode != "block":
+        return f"wgmma runs BLOCKWISE only, not {mode}"
+    if wgmma_module() is None:
+        return _MOD["why"]
+    if not (a_q.is_cuda and b_q.is_cuda and scale_a.is_cuda and scale_b.is_cuda):
+        return "wgmma needs CUDA tensors"
+    if torch.cuda.get_device_capability(a_q.device) != (9, 0):
+        return "wgmma runs on SM90 (Hopper) only"
+    if a_q.dtype not in (E4M3, E5M2) or b_q.dtype not in (E4M3, E5M2) or out_dtype != torch.bfloat16:
+        return "wgmma needs e4m3/e5m2 operands and a bf16 output"
+    if scale_a.dtype != torch.float32 or scale_b.dtype != torch.float32:
+        return "wgmma needs fp32 scales"
+    M, K = a_q.shape
+    G, _, N = b_q.shape
+    if _sb_n(b_q, scale_b) != 128:
+        return "wgmma needs 128x128 weight blocks"
+    if a_q.stride(1) != 1 or b_q.stride(1) != 1:
+        return "wgmma needs a row-major and each b[g] column-major (w [G, N, K] with K contiguous)"
+    if K % 16 or N % 8:
+        return f"wgmma needs K a multiple of 16 and N of 8, got K={K}, N={N}"
+    if (a_q.data_ptr() % 16 or b_q.data_ptr() % 16 or a_q.stride(0) % 16 or b_q.stride(2) % 16
+            or (G > 1 and b_q.stride(0) % 16)):
+        return "wgmma needs 16-byte aligned operands and row / group strides (TMA)"
+    if max(M, N, K, G) >= 2 ** 31:
+        return "wgmma needs M, N, K and G below 2**31"
+    return True
+
+
+# After "triton" in the default order until the measured rule below moves it first.
+dispatcher.register_backend("grouped_scaled_mm", "wgmma", _wgmma_grouped_scaled, _wgmma_grouped_scaled_can,
+                            priority=12)
