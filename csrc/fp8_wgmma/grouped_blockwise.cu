@@ -105,10 +105,6 @@ __device__ __forceinline__ void tma_load_3d(void* dst, const CUtensorMap* map, u
       : "memory");
 }
 
-// Named barriers 1 and 2 (0 is __syncthreads'): the two consumer warpgroups take turns issuing WGMMA.
-__device__ __forceinline__ void named_sync(int id) { asm volatile("bar.sync %0, 256;" ::"r"(id) : "memory"); }
-__device__ __forceinline__ void named_arrive(int id) { asm volatile("bar.arrive %0, 256;" ::"r"(id) : "memory"); }
-
 // WGMMA shared-memory descriptor of a K-major tile in 128-byte swizzle atoms (what TMA's SWIZZLE_128B writes
 // for 128-byte rows): start address, stride between 8-row groups 1024 bytes, layout "128B swizzle".
 __device__ __forceinline__ uint64_t smem_desc(const void* p) {
@@ -196,9 +192,7 @@ struct TileWalk {
 };
 
 // --------------------------------------------------------------------------------------------- kernel
-// ALTERNATE: the consumers issue their WGMMA rounds in turns (0, 1, 0, 1, ...), so the tensor cores run one
-// warpgroup's products while the other promotes its last ones; without it both may promote at once.
-template <int BN, bool AE5M2, bool BE5M2, bool ALTERNATE>
+template <int BN, bool AE5M2, bool BE5M2>
 __global__ void __launch_bounds__(kThreads, 1)
     grouped_blockwise_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_b,
                              const Args p) {
@@ -255,7 +249,6 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int col_in_chunk = (lane % 4) * 2;                // and columns col_in_chunk, +1 of every 8-column chunk
   int s = 0;
   uint32_t phase = 0;
-  bool first_turn = true;
   for (int t = blockIdx.x; walk.seek(p, col_tiles, t); t += gridDim.x) {
     int m0, n0;
     walk.coords(col_tiles, BN, t, m0, n0);
@@ -286,14 +279,11 @@ __global__ void __launch_bounds__(kThreads, 1)
         const uint64_t desc_b = smem_desc(smem_b + s * S::kBBytes + r * 128 * kBK);
         float part[64];
         fence_regs(part);
-        if (ALTERNATE && !(c == 0 && first_turn)) named_sync(1 + c);  // my turn: the other one has issued
-        first_turn = false;
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < kBK / 32; ++kk)  // 32 bytes further along K: +2 in the descriptor's 16-byte units
           mma_64x128x32<AE5M2, BE5M2>(part, desc_a + 2 * kk, desc_b + 2 * kk, kk > 0);
         wgmma_commit();
-        if (ALTERNATE) named_arrive(2 - c);  // the other one's turn
         wgmma_wait_all();
         fence_regs(part);
         if (r == S::kRounds - 1 && lane == 0) bar_arrive(&empty[s]);  // this warp is done with the stage
@@ -330,7 +320,6 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
     }
   }
-  if (ALTERNATE && c == 0 && !first_turn) named_sync(1);  // the last turn consumer 1 handed back
 }
 
 // ------------------------------------------------------------------------------------------------ host
@@ -373,10 +362,10 @@ CUtensorMap make_map(uint64_t addr, int rank, const uint64_t* dims, const uint64
   return map;
 }
 
-template <int BN, bool AE5M2, bool BE5M2, bool ALTERNATE>
+template <int BN, bool AE5M2, bool BE5M2>
 void launch(const CUtensorMap& map_a, const CUtensorMap& map_b, const Args& args, int grid, cudaStream_t stream) {
   using S = Shape<BN>;
-  auto kernel = grouped_blockwise_kernel<BN, AE5M2, BE5M2, ALTERNATE>;
+  auto kernel = grouped_blockwise_kernel<BN, AE5M2, BE5M2>;
   static std::once_flag once;  // per instantiation; the attribute holds for every device of the process
   static cudaError_t attr_err = cudaSuccess;
   std::call_once(once, [&] {
@@ -387,13 +376,13 @@ void launch(const CUtensorMap& map_a, const CUtensorMap& map_b, const Args& args
   check_cuda(cudaGetLastError(), "kernel launch");
 }
 
-template <int BN, bool ALTERNATE>
+template <int BN>
 void launch_types(bool a_e5m2, bool b_e5m2, const CUtensorMap& ma, const CUtensorMap& mb, const Args& args, int grid,
                   cudaStream_t stream) {
-  if (!a_e5m2 && !b_e5m2) launch<BN, false, false, ALTERNATE>(ma, mb, args, grid, stream);
-  else if (a_e5m2 && !b_e5m2) launch<BN, true, false, ALTERNATE>(ma, mb, args, grid, stream);
-  else if (!a_e5m2 && b_e5m2) launch<BN, false, true, ALTERNATE>(ma, mb, args, grid, stream);
-  else launch<BN, true, true, ALTERNATE>(ma, mb, args, grid, stream);
+  if (!a_e5m2 && !b_e5m2) launch<BN, false, false>(ma, mb, args, grid, stream);
+  else if (a_e5m2 && !b_e5m2) launch<BN, true, false>(ma, mb, args, grid, stream);
+  else if (!a_e5m2 && b_e5m2) launch<BN, false, true>(ma, mb, args, grid, stream);
+  else launch<BN, true, true>(ma, mb, args, grid, stream);
 }
 
 // out [M, N] bf16 = per group g (rows offs[g-1] .. offs[g]): (a * scale_a) @ (w[g] * scale_w[g])^T.
@@ -403,7 +392,7 @@ void grouped_blockwise(int device, uint64_t stream, uint64_t a_addr, uint64_t w_
                        uint64_t offs_addr, uint64_t sa_addr, int64_t sa_row, int64_t sa_k, uint64_t sb_addr,
                        int64_t sb_g, int64_t sb_k, int64_t sb_n, int64_t M, int64_t N, int64_t K, int64_t G,
                        int64_t lda, int64_t ldw, int64_t w_group, int64_t ldo, bool a_e5m2, bool b_e5m2, int block_n,
-                       bool alternate, int num_sms) {
+                       int num_sms) {
   if (block_n != 128 && block_n != 256) throw std::invalid_argument("turbo_dist._fp8_wgmma: block_n must be 128 or 256");
   if (M <= 0 || N <= 0 || G <= 0) return;
   if (K <= 0 || K % 16 || lda % 16 || ldw % 16 || w_group % 16 || a_addr % 16 || w_addr % 16)
@@ -438,10 +427,8 @@ void grouped_blockwise(int device, uint64_t stream, uint64_t a_addr, uint64_t w_
   const int64_t tiles = ((M + kBM - 1) / kBM + G) * ((N + block_n - 1) / block_n);
   const int grid = int(std::min<int64_t>(tiles, num_sms));
   auto s = reinterpret_cast<cudaStream_t>(stream);
-  if (block_n == 128 && alternate) launch_types<128, true>(a_e5m2, b_e5m2, map_a, map_b, args, grid, s);
-  else if (block_n == 128) launch_types<128, false>(a_e5m2, b_e5m2, map_a, map_b, args, grid, s);
-  else if (alternate) launch_types<256, true>(a_e5m2, b_e5m2, map_a, map_b, args, grid, s);
-  else launch_types<256, false>(a_e5m2, b_e5m2, map_a, map_b, args, grid, s);
+  if (block_n == 128) launch_types<128>(a_e5m2, b_e5m2, map_a, map_b, args, grid, s);
+  else launch_types<256>(a_e5m2, b_e5m2, map_a, map_b, args, grid, s);
 }
 
 }  // namespace
@@ -452,7 +439,7 @@ PYBIND11_MODULE(_fp8_wgmma, m) {
         py::arg("out"), py::arg("offs"), py::arg("scale_a"), py::arg("sa_row"), py::arg("sa_k"), py::arg("scale_w"),
         py::arg("sw_g"), py::arg("sw_k"), py::arg("sw_n"), py::arg("M"), py::arg("N"), py::arg("K"), py::arg("G"),
         py::arg("lda"), py::arg("ldw"), py::arg("w_group"), py::arg("ldo"), py::arg("a_e5m2"), py::arg("w_e5m2"),
-        py::arg("block_n"), py::arg("alternate"), py::arg("num_sms"));
+        py::arg("block_n"), py::arg("num_sms"));
   m.attr("SMEM_BYTES_128") = Shape<128>::kSmemBytes;
   m.attr("SMEM_BYTES_256") = Shape<256>::kSmemBytes;
 }

@@ -18,9 +18,6 @@ from .grouped_gemm import group_offsets
 # bytes from L2 per multiply-add). BLOCK_N_RULE picks it per call; benchmarks/probe_fp8_wgmma.py measures both.
 BLOCK_N_CHOICES = (128, 256)
 BLOCK_N = 128
-# The two consumer warpgroups issue their WGMMA in turns (named barriers), so one promotes while the other's
-# products run; False lets them issue freely.
-ALTERNATE = False
 _MOD = {}
 _SMS = {}
 
@@ -45,11 +42,10 @@ def _num_sms(device):
     return _SMS[device.index]
 
 
-def wgmma_grouped_scaled(a_q, b_q, scale_a, scale_b, group_lens, mode, out_dtype, block_n=None, alternate=None):
+def wgmma_grouped_scaled(a_q, b_q, scale_a, scale_b, group_lens, mode, out_dtype, block_n=None):
     """out [M, N] bf16: per group (a_q * scale_a)[rows] @ (b_q[g] * scale_b[g]); what the backend runs
-    (block_n: 128 / 256, default BLOCK_N; alternate: default ALTERNATE)."""
+    (block_n: 128 / 256, default BLOCK_N)."""
     block_n = BLOCK_N if block_n is None else block_n
-    alternate = ALTERNATE if alternate is None else bool(alternate)
     if block_n not in BLOCK_N_CHOICES:
         raise ValueError(f"wgmma: block_n must be one of {BLOCK_N_CHOICES}, got {block_n}")
     M, K = a_q.shape
@@ -65,8 +61,7 @@ def wgmma_grouped_scaled(a_q, b_q, scale_a, scale_b, group_lens, mode, out_dtype
         sa_k=sa.stride(1), scale_w=sb.data_ptr(), sw_g=sb.stride(0), sw_k=sb.stride(1), sw_n=sb.stride(2), M=M, N=N,
         K=K, G=G, lda=a_q.stride(0), ldw=b_q.stride(2), w_group=b_q.stride(0) if G > 1 else N * b_q.stride(2),
         ldo=out.stride(0),
-        a_e5m2=a_q.dtype == E5M2, w_e5m2=b_q.dtype == E5M2, block_n=block_n, alternate=alternate,
-        num_sms=_num_sms(a_q.device))
+        a_e5m2=a_q.dtype == E5M2, w_e5m2=b_q.dtype == E5M2, block_n=block_n, num_sms=_num_sms(a_q.device))
     return out
 
 
