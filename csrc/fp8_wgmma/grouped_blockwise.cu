@@ -105,6 +105,33 @@ __device__ __forceinline__ void tma_load_3d(void* dst, const CUtensorMap* map, u
       : "memory");
 }
 
+// The same load delivered to the same shared-memory offset (and barrier) of every CTA in cta_mask.
+__device__ __forceinline__ void tma_load_2d_multicast(void* dst, const CUtensorMap* map, uint64_t* bar, int c0, int c1,
+                                                      uint16_t cta_mask) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster [%0], [%1, "
+      "{%3, %4}], [%2], %5;" ::"r"(smem_addr(dst)),
+      "l"(map), "r"(smem_addr(bar)), "r"(c0), "r"(c1), "h"(cta_mask)
+      : "memory");
+}
+
+__device__ __forceinline__ uint32_t cluster_rank() {
+  uint32_t r;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+  return r;
+}
+
+__device__ __forceinline__ void cluster_sync() {
+  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+}
+
+// Arrive on the barrier at this shared-memory offset in CTA `rank` of the cluster (this one included).
+__device__ __forceinline__ void bar_arrive_cluster(uint64_t* bar, uint32_t rank) {
+  uint32_t remote;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(smem_addr(bar)), "r"(rank));
+  asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];" ::"r"(remote) : "memory");
+}
+
 // WGMMA shared-memory descriptor of a K-major tile in 128-byte swizzle atoms (what TMA's SWIZZLE_128B writes
 // for 128-byte rows): start address, stride between 8-row groups 1024 bytes, layout "128B swizzle".
 __device__ __forceinline__ uint64_t smem_desc(const void* p) {
@@ -192,7 +219,10 @@ struct TileWalk {
 };
 
 // --------------------------------------------------------------------------------------------- kernel
-template <int BN, bool AE5M2, bool BE5M2>
+// CLUSTER 2: two CTAs (one cluster) take the two column tiles of a 128 x 2BN unit; each loads half of the
+// shared A tile and multicasts it to both, so a CTA reads (BN + 64) x 128 bytes from L2 per stage, not
+// (BN + 128) x 128. A stage is then free only when the consumers of both CTAs have released it.
+template <int BN, bool AE5M2, bool BE5M2, int CLUSTER>
 __global__ void __launch_bounds__(kThreads, 1)
     grouped_blockwise_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_b,
                              const Args p) {
@@ -209,29 +239,48 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (threadIdx.x == 0) {
     for (int s = 0; s < S::kStages; ++s) {
       bar_init(&full[s], 1);   // the producer's expect_tx arrival; TMA completes the bytes
-      bar_init(&empty[s], 8);  // one arrival per consumer warp
+      bar_init(&empty[s], 8 * CLUSTER);  // one arrival per consumer warp of each CTA reading the stage
     }
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
-  __syncthreads();
+  if constexpr (CLUSTER > 1) cluster_sync();  // the peer's barriers exist before anything reaches them
+  else __syncthreads();
 
-  const int col_tiles = (p.N + BN - 1) / BN;
+  // a unit: CLUSTER column tiles of one row tile, one per CTA of the cluster
+  const uint32_t rank = CLUSTER > 1 ? cluster_rank() : 0;
+  const int units_per_row = (p.N + CLUSTER * BN - 1) / (CLUSTER * BN);
+  const int first_unit = blockIdx.x / CLUSTER, unit_stride = gridDim.x / CLUSTER;
   const int k_steps = (p.K + kBK - 1) / kBK;
   TileWalk walk;
 
   if (wg == 0) {  // producer: one thread issues every TMA load
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 24;");
     if (threadIdx.x != 0) return;
     int s = 0;
     uint32_t phase = 0;
-    for (int t = blockIdx.x; walk.seek(p, col_tiles, t); t += gridDim.x) {
+    for (int t = first_unit; walk.seek(p, units_per_row, t); t += unit_stride) {
       int m0, n0;
-      walk.coords(col_tiles, BN, t, m0, n0);
+      walk.coords(units_per_row, CLUSTER * BN, t, m0, n0);
+      n0 += rank * BN;
       for (int kb = 0; kb < k_steps; ++kb) {
         bar_wait(&empty[s], phase ^ 1);
         bar_expect_tx(&full[s], S::kStageBytes);
-        tma_load_2d(smem_a + s * S::kABytes, &map_a, &full[s], kb * kBK, m0);
+        if constexpr (CLUSTER > 1) {  // our half of A's rows, to both CTAs
+          tma_load_2d_multicast(smem_a + s * S::kABytes + rank * (kBM / 2) * kBK, &map_a, &full[s], kb * kBK,
+                                m0 + rank * (kBM / 2), 0x3);
+        } else {
+          tma_load_2d(smem_a + s * S::kABytes, &map_a, &full[s], kb * kBK, m0);
+        }
         tma_load_3d(smem_b + s * S::kBBytes, &map_b, &full[s], kb * kBK, n0, walk.g);
+        if (++s == S::kStages) {
+          s = 0;
+          phase ^= 1;
+        }
+      }
+    }
+    if constexpr (CLUSTER > 1) {  // stay until the peer's consumers have released every stage (their arrivals
+      for (int i = 0; i < S::kStages; ++i) {  // reach our barriers), then leave
+        bar_wait(&empty[s], phase ^ 1);
         if (++s == S::kStages) {
           s = 0;
           phase ^= 1;
@@ -242,16 +291,26 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 
   // consumers: warpgroup c owns rows c*64 .. c*64+63 of each tile
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;");
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 240;");
   const int c = wg - 1;
   const int lane = threadIdx.x % 32, warp = (threadIdx.x % 128) / 32;
   const int row_in_tile = c * 64 + warp * 16 + lane / 4;  // this thread's rows: row_in_tile and row_in_tile + 8
   const int col_in_chunk = (lane % 4) * 2;                // and columns col_in_chunk, +1 of every 8-column chunk
   int s = 0;
   uint32_t phase = 0;
-  for (int t = blockIdx.x; walk.seek(p, col_tiles, t); t += gridDim.x) {
+  auto release = [&](int stage) {  // this warp is done with the stage (in every CTA that reads it)
+    if (lane == 0) {
+      if constexpr (CLUSTER > 1) {
+        for (uint32_t r = 0; r < CLUSTER; ++r) bar_arrive_cluster(&empty[stage], r);
+      } else {
+        bar_arrive(&empty[stage]);
+      }
+    }
+  };
+  for (int t = first_unit; walk.seek(p, units_per_row, t); t += unit_stride) {
     int m0, n0;
-    walk.coords(col_tiles, BN, t, m0, n0);
+    walk.coords(units_per_row, CLUSTER * BN, t, m0, n0);
+    n0 += rank * BN;
     const int r0 = m0 + row_in_tile, r1 = r0 + 8;
     const float* sa0 = p.sa + int64_t(min(r0, p.M - 1)) * p.sa_row;  // rows past M: read, never stored
     const float* sa1 = p.sa + int64_t(min(r1, p.M - 1)) * p.sa_row;
@@ -267,6 +326,17 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
       for (int i = 0; i < 64; ++i) acc[r][i] = 0.f;
 
+    if (m0 + c * 64 >= walk.group_end) {  // a group's last tile with <= 64 rows: nothing of ours to compute
+      for (int kb = 0; kb < k_steps; ++kb) {
+        bar_wait(&full[s], phase);  // (each stage use is released once, in order)
+        release(s);
+        if (++s == S::kStages) {
+          s = 0;
+          phase ^= 1;
+        }
+      }
+      continue;
+    }
     for (int kb = 0; kb < k_steps; ++kb) {
       const float a0 = __ldg(sa0 + kb * p.sa_k), a1 = __ldg(sa1 + kb * p.sa_k);
       float w[S::kRounds];
@@ -286,7 +356,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         wgmma_commit();
         wgmma_wait_all();
         fence_regs(part);
-        if (r == S::kRounds - 1 && lane == 0) bar_arrive(&empty[s]);  // this warp is done with the stage
+        if (r == S::kRounds - 1) release(s);
         const float s0 = a0 * w[r], s1 = a1 * w[r];
 #pragma unroll
         for (int i = 0; i < 64; i += 4) {
@@ -362,27 +432,62 @@ CUtensorMap make_map(uint64_t addr, int rank, const uint64_t* dims, const uint64
   return map;
 }
 
-template <int BN, bool AE5M2, bool BE5M2>
+template <int BN, bool AE5M2, bool BE5M2, int CLUSTER>
 void launch(const CUtensorMap& map_a, const CUtensorMap& map_b, const Args& args, int grid, cudaStream_t stream) {
   using S = Shape<BN>;
-  auto kernel = grouped_blockwise_kernel<BN, AE5M2, BE5M2>;
+  auto kernel = grouped_blockwise_kernel<BN, AE5M2, BE5M2, CLUSTER>;
   static std::once_flag once;  // per instantiation; the attribute holds for every device of the process
   static cudaError_t attr_err = cudaSuccess;
   std::call_once(once, [&] {
     attr_err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, S::kSmemBytes);
   });
   check_cuda(attr_err, "cudaFuncSetAttribute(max dynamic shared memory)");
-  kernel<<<grid, kThreads, S::kSmemBytes, stream>>>(map_a, map_b, args);
-  check_cuda(cudaGetLastError(), "kernel launch");
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(grid);
+  config.blockDim = dim3(kThreads);
+  config.dynamicSmemBytes = S::kSmemBytes;
+  config.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = CLUSTER;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  config.attrs = attr;
+  config.numAttrs = 1;
+  check_cuda(cudaLaunchKernelEx(&config, kernel, map_a, map_b, args), "kernel launch");
 }
 
-template <int BN>
+// How many clusters of `cluster` CTAs of this kernel fit on the GPU at once (1-CTA "clusters": SMs).
+template <int BN, int CLUSTER>
+int max_clusters(int num_sms) {
+  if (CLUSTER == 1) return num_sms;
+  using S = Shape<BN>;
+  auto kernel = grouped_blockwise_kernel<BN, false, false, CLUSTER>;
+  check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, S::kSmemBytes),
+             "cudaFuncSetAttribute(max dynamic shared memory)");
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(2 * num_sms);
+  config.blockDim = dim3(kThreads);
+  config.dynamicSmemBytes = S::kSmemBytes;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = CLUSTER;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  config.attrs = attr;
+  config.numAttrs = 1;
+  int clusters = 0;
+  check_cuda(cudaOccupancyMaxActiveClusters(&clusters, kernel, &config), "cudaOccupancyMaxActiveClusters");
+  return clusters;
+}
+
+template <int BN, int CLUSTER>
 void launch_types(bool a_e5m2, bool b_e5m2, const CUtensorMap& ma, const CUtensorMap& mb, const Args& args, int grid,
                   cudaStream_t stream) {
-  if (!a_e5m2 && !b_e5m2) launch<BN, false, false>(ma, mb, args, grid, stream);
-  else if (a_e5m2 && !b_e5m2) launch<BN, true, false>(ma, mb, args, grid, stream);
-  else if (!a_e5m2 && b_e5m2) launch<BN, false, true>(ma, mb, args, grid, stream);
-  else launch<BN, true, true>(ma, mb, args, grid, stream);
+  if (!a_e5m2 && !b_e5m2) launch<BN, false, false, CLUSTER>(ma, mb, args, grid, stream);
+  else if (a_e5m2 && !b_e5m2) launch<BN, true, false, CLUSTER>(ma, mb, args, grid, stream);
+  else if (!a_e5m2 && b_e5m2) launch<BN, false, true, CLUSTER>(ma, mb, args, grid, stream);
+  else launch<BN, true, true, CLUSTER>(ma, mb, args, grid, stream);
 }
 
 // out [M, N] bf16 = per group g (rows offs[g-1] .. offs[g]): (a * scale_a) @ (w[g] * scale_w[g])^T.
@@ -392,8 +497,10 @@ void grouped_blockwise(int device, uint64_t stream, uint64_t a_addr, uint64_t w_
                        uint64_t offs_addr, uint64_t sa_addr, int64_t sa_row, int64_t sa_k, uint64_t sb_addr,
                        int64_t sb_g, int64_t sb_k, int64_t sb_n, int64_t M, int64_t N, int64_t K, int64_t G,
                        int64_t lda, int64_t ldw, int64_t w_group, int64_t ldo, bool a_e5m2, bool b_e5m2, int block_n,
-                       int num_sms) {
+                       int cluster, int num_sms) {
   if (block_n != 128 && block_n != 256) throw std::invalid_argument("turbo_dist._fp8_wgmma: block_n must be 128 or 256");
+  if (cluster != 1 && !(cluster == 2 && block_n == 256))
+    throw std::invalid_argument("turbo_dist._fp8_wgmma: cluster must be 1, or 2 with block_n 256");
   if (M <= 0 || N <= 0 || G <= 0) return;
   if (K <= 0 || K % 16 || lda % 16 || ldw % 16 || w_group % 16 || a_addr % 16 || w_addr % 16)
     throw std::invalid_argument("turbo_dist._fp8_wgmma: K, the row/group strides and the operand addresses must be "
@@ -402,7 +509,7 @@ void grouped_blockwise(int device, uint64_t stream, uint64_t a_addr, uint64_t w_
     throw std::invalid_argument("turbo_dist._fp8_wgmma: M, N, K and G must fit in 32 bits");
   check_cuda(cudaSetDevice(device), "cudaSetDevice");
   const uint64_t dims_a[2] = {uint64_t(K), uint64_t(M)}, strides_a[1] = {uint64_t(lda)};
-  const uint32_t box_a[2] = {kBK, kBM};
+  const uint32_t box_a[2] = {kBK, uint32_t(kBM / cluster)};  // clusters: each CTA loads half the rows
   const uint64_t dims_b[3] = {uint64_t(K), uint64_t(N), uint64_t(G)}, strides_b[2] = {uint64_t(ldw),
                                                                                           uint64_t(w_group)};
   const uint32_t box_b[3] = {kBK, uint32_t(block_n), 1};
@@ -423,12 +530,20 @@ void grouped_blockwise(int device, uint64_t stream, uint64_t a_addr, uint64_t w_
   args.N = int(N);
   args.K = int(K);
   args.G = int(G);
-  // at most one tile more per group than M's rows need (each group starts a tile)
-  const int64_t tiles = ((M + kBM - 1) / kBM + G) * ((N + block_n - 1) / block_n);
-  const int grid = int(std::min<int64_t>(tiles, num_sms));
+  // at most one row tile more per group than M's rows need (each group starts a tile)
+  const int64_t units = ((M + kBM - 1) / kBM + G) * ((N + cluster * block_n - 1) / (cluster * block_n));
   auto s = reinterpret_cast<cudaStream_t>(stream);
-  if (block_n == 128) launch_types<128>(a_e5m2, b_e5m2, map_a, map_b, args, grid, s);
-  else launch_types<256>(a_e5m2, b_e5m2, map_a, map_b, args, grid, s);
+  if (block_n == 128) {
+    launch_types<128, 1>(a_e5m2, b_e5m2, map_a, map_b, args, int(std::min<int64_t>(units, num_sms)), s);
+  } else if (cluster == 1) {
+    launch_types<256, 1>(a_e5m2, b_e5m2, map_a, map_b, args, int(std::min<int64_t>(units, num_sms)), s);
+  } else {
+    static int clusters = 0;  // per process: the first device's count (one GPU model per job)
+    static std::once_flag once;
+    std::call_once(once, [&] { clusters = max_clusters<256, 2>(num_sms); });
+    if (clusters < 1) throw std::runtime_error("turbo_dist._fp8_wgmma: no 2-CTA cluster of this kernel fits");
+    launch_types<256, 2>(a_e5m2, b_e5m2, map_a, map_b, args, 2 * int(std::min<int64_t>(units, clusters)), s);
+  }
 }
 
 }  // namespace
@@ -439,7 +554,7 @@ PYBIND11_MODULE(_fp8_wgmma, m) {
         py::arg("out"), py::arg("offs"), py::arg("scale_a"), py::arg("sa_row"), py::arg("sa_k"), py::arg("scale_w"),
         py::arg("sw_g"), py::arg("sw_k"), py::arg("sw_n"), py::arg("M"), py::arg("N"), py::arg("K"), py::arg("G"),
         py::arg("lda"), py::arg("ldw"), py::arg("w_group"), py::arg("ldo"), py::arg("a_e5m2"), py::arg("w_e5m2"),
-        py::arg("block_n"), py::arg("num_sms"));
+        py::arg("block_n"), py::arg("cluster"), py::arg("num_sms"));
   m.attr("SMEM_BYTES_128") = Shape<128>::kSmemBytes;
   m.attr("SMEM_BYTES_256") = Shape<256>::kSmemBytes;
 }

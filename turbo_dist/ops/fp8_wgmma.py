@@ -14,10 +14,11 @@ from . import dispatcher
 from .fp8 import E4M3, E5M2, _sb_n
 from .grouped_gemm import group_offsets
 
-# Column tile of the kernel: 128 (six 32 KB stages) or 256 (four 48 KB stages; a 128x256 tile reads 25% fewer
-# bytes from L2 per multiply-add). BLOCK_N_RULE picks it per call; benchmarks/probe_fp8_wgmma.py measures both.
-BLOCK_N_CHOICES = (128, 256)
-BLOCK_N = 128
+# Kernel configurations (block_n, cluster): column tile 128 (six 32 KB stages) or 256 (four 48 KB stages; a
+# 128x256 tile reads 25% fewer bytes from L2 per multiply-add); cluster 2: two CTAs share (multicast) the A tile
+# of a 128 x 512 unit. benchmarks/probe_fp8_wgmma.py measures each.
+CONFIGS = ((128, 1), (256, 1), (256, 2))
+CONFIG = (256, 1)
 _MOD = {}
 _SMS = {}
 
@@ -42,12 +43,13 @@ def _num_sms(device):
     return _SMS[device.index]
 
 
-def wgmma_grouped_scaled(a_q, b_q, scale_a, scale_b, group_lens, mode, out_dtype, block_n=None):
+def wgmma_grouped_scaled(a_q, b_q, scale_a, scale_b, group_lens, mode, out_dtype, config=None):
     """out [M, N] bf16: per group (a_q * scale_a)[rows] @ (b_q[g] * scale_b[g]); what the backend runs
-    (block_n: 128 / 256, default BLOCK_N)."""
-    block_n = BLOCK_N if block_n is None else block_n
-    if block_n not in BLOCK_N_CHOICES:
-        raise ValueError(f"wgmma: block_n must be one of {BLOCK_N_CHOICES}, got {block_n}")
+    (config: (block_n, cluster) of CONFIGS, default CONFIG)."""
+    config = CONFIG if config is None else tuple(config)
+    if config not in CONFIGS:
+        raise ValueError(f"wgmma: config must be one of {CONFIGS}, got {config}")
+    block_n, cluster = config
     M, K = a_q.shape
     G, _, N = b_q.shape
     out = torch.empty((M, N), dtype=out_dtype, device=a_q.device)
@@ -61,7 +63,8 @@ def wgmma_grouped_scaled(a_q, b_q, scale_a, scale_b, group_lens, mode, out_dtype
         sa_k=sa.stride(1), scale_w=sb.data_ptr(), sw_g=sb.stride(0), sw_k=sb.stride(1), sw_n=sb.stride(2), M=M, N=N,
         K=K, G=G, lda=a_q.stride(0), ldw=b_q.stride(2), w_group=b_q.stride(0) if G > 1 else N * b_q.stride(2),
         ldo=out.stride(0),
-        a_e5m2=a_q.dtype == E5M2, w_e5m2=b_q.dtype == E5M2, block_n=block_n, num_sms=_num_sms(a_q.device))
+        a_e5m2=a_q.dtype == E5M2, w_e5m2=b_q.dtype == E5M2, block_n=block_n, cluster=cluster,
+        num_sms=_num_sms(a_q.device))
     return out
 
 
