@@ -73,6 +73,9 @@ def run_case(name, rounds):
 
     for cfg in fp8_wgmma.CONFIGS:
         fns[f"fp8_wgmma{cfg[0]}_c{cfg[1]}"] = wgmma(cfg, lens_d)
+    fns["fp8_wgmma256_c1_noskip"] = lambda: fp8_wgmma.wgmma_grouped_scaled(aq, b, sa, sb, lens_d, "block",
+                                                                          torch.bfloat16, config=(256, 1),
+                                                                          _skip_idle=False)
     lens_h = aligned_lens(lens, 128)
     if fp8_grouped.native_module() is not None and int(lens_h.sum()) == M:  # cuBLASLt per group, host counts
         fns["fp8_cublaslt_aligned_host"] = forced("cublaslt", lens_h)
@@ -101,6 +104,11 @@ def main():
     p.add_argument("--rounds", type=int, default=5)
     args = p.parse_args()
     torch.manual_seed(0)
+    from turbo_dist.ops import fp8_wgmma
+
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    print(f"SMs {sms}, 2-CTA clusters of the (256, 2) kernel at once: "
+          f"{fp8_wgmma.wgmma_module().max_clusters(device=0, num_sms=sms)}")
     rows = []
     for name in args.cases.split(","):
         rows += run_case(name, args.rounds)

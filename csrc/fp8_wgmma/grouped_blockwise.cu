@@ -46,6 +46,7 @@ struct Args {
   __nv_bfloat16* out;   // out[row * ldo + col]
   int64_t sa_row, sa_k, sb_g, sb_k, sb_n, ldo;
   int M, N, K, G;
+  int skip_idle;        // 1: a consumer with no rows of the group in a tile skips its products (probe knob)
 };
 
 template <int BN>
@@ -254,7 +255,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   TileWalk walk;
 
   if (wg == 0) {  // producer: one thread issues every TMA load
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 24;");
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
     if (threadIdx.x != 0) return;
     int s = 0;
     uint32_t phase = 0;
@@ -291,7 +292,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 
   // consumers: warpgroup c owns rows c*64 .. c*64+63 of each tile
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 240;");
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;");
   const int c = wg - 1;
   const int lane = threadIdx.x % 32, warp = (threadIdx.x % 128) / 32;
   const int row_in_tile = c * 64 + warp * 16 + lane / 4;  // this thread's rows: row_in_tile and row_in_tile + 8
@@ -326,7 +327,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
       for (int i = 0; i < 64; ++i) acc[r][i] = 0.f;
 
-    if (m0 + c * 64 >= walk.group_end) {  // a group's last tile with <= 64 rows: nothing of ours to compute
+    if (p.skip_idle && m0 + c * 64 >= walk.group_end) {  // a group's last tile with <= 64 rows: none of ours
       for (int kb = 0; kb < k_steps; ++kb) {
         bar_wait(&full[s], phase);  // (each stage use is released once, in order)
         release(s);
@@ -497,7 +498,7 @@ void grouped_blockwise(int device, uint64_t stream, uint64_t a_addr, uint64_t w_
                        uint64_t offs_addr, uint64_t sa_addr, int64_t sa_row, int64_t sa_k, uint64_t sb_addr,
                        int64_t sb_g, int64_t sb_k, int64_t sb_n, int64_t M, int64_t N, int64_t K, int64_t G,
                        int64_t lda, int64_t ldw, int64_t w_group, int64_t ldo, bool a_e5m2, bool b_e5m2, int block_n,
-                       int cluster, int num_sms) {
+                       int cluster, int num_sms, bool skip_idle) {
   if (block_n != 128 && block_n != 256) throw std::invalid_argument("turbo_dist._fp8_wgmma: block_n must be 128 or 256");
   if (cluster != 1 && !(cluster == 2 && block_n == 256))
     throw std::invalid_argument("turbo_dist._fp8_wgmma: cluster must be 1, or 2 with block_n 256");
@@ -530,6 +531,7 @@ void grouped_blockwise(int device, uint64_t stream, uint64_t a_addr, uint64_t w_
   args.N = int(N);
   args.K = int(K);
   args.G = int(G);
+  args.skip_idle = skip_idle ? 1 : 0;
   // at most one row tile more per group than M's rows need (each group starts a tile)
   const int64_t units = ((M + kBM - 1) / kBM + G) * ((N + cluster * block_n - 1) / (cluster * block_n));
   auto s = reinterpret_cast<cudaStream_t>(stream);
@@ -554,7 +556,11 @@ PYBIND11_MODULE(_fp8_wgmma, m) {
         py::arg("out"), py::arg("offs"), py::arg("scale_a"), py::arg("sa_row"), py::arg("sa_k"), py::arg("scale_w"),
         py::arg("sw_g"), py::arg("sw_k"), py::arg("sw_n"), py::arg("M"), py::arg("N"), py::arg("K"), py::arg("G"),
         py::arg("lda"), py::arg("ldw"), py::arg("w_group"), py::arg("ldo"), py::arg("a_e5m2"), py::arg("w_e5m2"),
-        py::arg("block_n"), py::arg("cluster"), py::arg("num_sms"));
+        py::arg("block_n"), py::arg("cluster"), py::arg("num_sms"), py::arg("skip_idle") = true);
+  m.def("max_clusters", [](int device, int num_sms) {
+    check_cuda(cudaSetDevice(device), "cudaSetDevice");
+    return max_clusters<256, 2>(num_sms);
+  }, py::arg("device"), py::arg("num_sms"), "2-CTA clusters of the (256, 2) kernel that fit on the GPU at once");
   m.attr("SMEM_BYTES_128") = Shape<128>::kSmemBytes;
   m.attr("SMEM_BYTES_256") = Shape<256>::kSmemBytes;
 }

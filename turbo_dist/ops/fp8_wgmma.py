@@ -43,7 +43,7 @@ def _num_sms(device):
     return _SMS[device.index]
 
 
-def wgmma_grouped_scaled(a_q, b_q, scale_a, scale_b, group_lens, mode, out_dtype, config=None):
+def wgmma_grouped_scaled(a_q, b_q, scale_a, scale_b, group_lens, mode, out_dtype, config=None, _skip_idle=True):
     """out [M, N] bf16: per group (a_q * scale_a)[rows] @ (b_q[g] * scale_b[g]); what the backend runs
     (config: (block_n, cluster) of CONFIGS, default CONFIG)."""
     config = CONFIG if config is None else tuple(config)
@@ -64,7 +64,7 @@ def wgmma_grouped_scaled(a_q, b_q, scale_a, scale_b, group_lens, mode, out_dtype
         K=K, G=G, lda=a_q.stride(0), ldw=b_q.stride(2), w_group=b_q.stride(0) if G > 1 else N * b_q.stride(2),
         ldo=out.stride(0),
         a_e5m2=a_q.dtype == E5M2, w_e5m2=b_q.dtype == E5M2, block_n=block_n, cluster=cluster,
-        num_sms=_num_sms(a_q.device))
+        num_sms=_num_sms(a_q.device), skip_idle=_skip_idle)
     return out
 
 
