@@ -438,9 +438,11 @@ def test_grouped_gemm_fp8_gpu(gran):
 
 # ------------------------------------------------------------------------- default order, blockwise paths
 def test_grouped_scaled_mm_default_order():
-    # triton first: on SM90 it beats torch._scaled_grouped_mm on rowwise (the one mode both take); on CPU
-    # the triton backend declines unless asked for, so the reference runs
-    assert dispatcher.backends("grouped_scaled_mm") == ["triton", "wgmma", "cublaslt", "torch_loop", "torch", "reference"]
+    # wgmma first (blockwise only, SM90, where built: faster than our Triton kernel, ops/fp8_wgmma.py); then
+    # triton: on SM90 it beats torch._scaled_grouped_mm on rowwise (the one mode both take); on CPU both decline
+    # unless asked for, so the reference runs
+    assert dispatcher.backends("grouped_scaled_mm") == ["wgmma", "triton", "cublaslt", "torch_loop", "torch",
+                                                        "reference"]
     if not torch.cuda.is_available():
         lens = [9, 0, 30, 5]
         a, b = rnd(44, 144, seed=30), rnd(4, 144, 40, seed=31)

@@ -9,14 +9,20 @@
 // (64 rows of the 128-row tile each) run the K loop on WGMMA. A consumer promotes its partial product (scale_a
 // of its rows x scale_w of the block) while the other consumer's WGMMA keeps the tensor cores busy.
 //
-// Tiles: 128 rows x BN (128 or 256) columns x 128-deep K stages. A tile never spans two groups' weights: each
-// group's rows start a new tile; rows past the group's end are computed with its weights and not stored. The
-// tile order (a band of 8 row tiles x all column tiles, rows fastest) keeps a band's A and the weights it needs
-// in L2. Operands: a [M, K] row-major e4m3/e5m2; w [G, N, K] with K contiguous (each expert's weight as
-// nn.Linear stores it); K, row strides and pointers 16-byte aligned (TMA); out bf16 [M, N] row-major.
+// Tiles: 128 rows x 256 columns x 128-deep K stages (four 48 KB stages). A tile never spans two groups' weights:
+// each group's rows start a new tile; rows past the group's end are not stored, and a group's last tile with at
+// most 64 rows is computed as 64 x 256 (each consumer one 128-column half), so at a few hundred rows per expert
+// the padding costs half as much. The tile order (a band of 8 row tiles x all column tiles, rows fastest) keeps
+// a band's A and the weights it needs in L2. Operands: a [M, K] row-major e4m3/e5m2; w [G, N, K] with K
+// contiguous (each expert's weight as nn.Linear stores it); K, row strides and pointers 16-byte aligned (TMA);
+// out bf16 [M, N] row-major.
+//
+// Measured and left out (benchmarks/results/probe_fp8_wgmma_*_h200.json): 128-column tiles (5-15% slower),
+// the consumers issuing WGMMA in strict turns (0-10% slower), 2-CTA clusters sharing A by TMA multicast (~50%
+// slower), and the second consumer idling on a half tile instead of taking columns (5% slower).
 //
 // Built without torch headers, like turbo_dist._cublaslt: tensors travel as addresses, the caller (backend
-// "wgmma" in turbo_dist/ops/fp8_grouped.py) checks dtypes, shapes, strides and devices first.
+// "wgmma" in turbo_dist/ops/fp8_wgmma.py) checks dtypes, shapes, strides and devices first.
 #include <pybind11/pybind11.h>
 
 #include <cuda.h>
@@ -34,10 +40,16 @@ namespace py = pybind11;
 namespace {
 
 constexpr int kBM = 128;              // tile rows: two consumer warpgroups of 64
+constexpr int kBN = 256;              // tile columns: two 64x128 WGMMA rounds per consumer and stage
 constexpr int kBK = 128;              // K per stage = the scale block
 constexpr int kThreads = 3 * 128;     // producer warpgroup + two consumer warpgroups
 constexpr int kBand = 8;              // row tiles per band of the tile order
 constexpr int kSmemAlign = 1024;      // 128-byte swizzle atoms: 8 rows x 128 bytes
+constexpr int kStages = 4;
+constexpr int kABytes = kBM * kBK;    // one byte per FP8 element
+constexpr int kBBytes = kBN * kBK;
+constexpr int kStageBytes = kABytes + kBBytes;
+constexpr int kSmemBytes = kStages * kStageBytes + kSmemAlign + 2 * kStages * 8;
 
 struct Args {
   const int64_t* offs;  // cumulative group ends [G] (group g: rows offs[g-1] .. offs[g])
@@ -46,17 +58,6 @@ struct Args {
   __nv_bfloat16* out;   // out[row * ldo + col]
   int64_t sa_row, sa_k, sb_g, sb_k, sb_n, ldo;
   int M, N, K, G;
-  int skip_idle;        // 1: a consumer with no rows of the group in a tile skips its products (probe knob)
-};
-
-template <int BN>
-struct Shape {
-  static constexpr int kRounds = BN / 128;                  // 64x128 WGMMA rounds per stage and consumer
-  static constexpr int kStages = BN == 128 ? 6 : 4;
-  static constexpr int kABytes = kBM * kBK;                  // one byte per FP8 element
-  static constexpr int kBBytes = BN * kBK;
-  static constexpr int kStageBytes = kABytes + kBBytes;
-  static constexpr int kSmemBytes = kStages * kStageBytes + kSmemAlign + 2 * kStages * 8;
 };
 
 // ------------------------------------------------------------------------------------------- PTX helpers
@@ -104,33 +105,6 @@ __device__ __forceinline__ void tma_load_3d(void* dst, const CUtensorMap* map, u
       "[%2];" ::"r"(smem_addr(dst)),
       "l"(map), "r"(smem_addr(bar)), "r"(c0), "r"(c1), "r"(c2)
       : "memory");
-}
-
-// The same load delivered to the same shared-memory offset (and barrier) of every CTA in cta_mask.
-__device__ __forceinline__ void tma_load_2d_multicast(void* dst, const CUtensorMap* map, uint64_t* bar, int c0, int c1,
-                                                      uint16_t cta_mask) {
-  asm volatile(
-      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster [%0], [%1, "
-      "{%3, %4}], [%2], %5;" ::"r"(smem_addr(dst)),
-      "l"(map), "r"(smem_addr(bar)), "r"(c0), "r"(c1), "h"(cta_mask)
-      : "memory");
-}
-
-__device__ __forceinline__ uint32_t cluster_rank() {
-  uint32_t r;
-  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
-  return r;
-}
-
-__device__ __forceinline__ void cluster_sync() {
-  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;" ::: "memory");
-}
-
-// Arrive on the barrier at this shared-memory offset in CTA `rank` of the cluster (this one included).
-__device__ __forceinline__ void bar_arrive_cluster(uint64_t* bar, uint32_t rank) {
-  uint32_t remote;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(smem_addr(bar)), "r"(rank));
-  asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];" ::"r"(remote) : "memory");
 }
 
 // WGMMA shared-memory descriptor of a K-major tile in 128-byte swizzle atoms (what TMA's SWIZZLE_128B writes
@@ -220,37 +194,29 @@ struct TileWalk {
 };
 
 // --------------------------------------------------------------------------------------------- kernel
-// CLUSTER 2: two CTAs (one cluster) take the two column tiles of a 128 x 2BN unit; each loads half of the
-// shared A tile and multicasts it to both, so a CTA reads (BN + 64) x 128 bytes from L2 per stage, not
-// (BN + 128) x 128. A stage is then free only when the consumers of both CTAs have released it.
-template <int BN, bool AE5M2, bool BE5M2, int CLUSTER>
+template <bool AE5M2, bool BE5M2>
 __global__ void __launch_bounds__(kThreads, 1)
     grouped_blockwise_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_b,
                              const Args p) {
-  using S = Shape<BN>;
   extern __shared__ uint8_t smem_raw[];
   const uint32_t raw = smem_addr(smem_raw);
   uint8_t* smem = smem_raw + ((kSmemAlign - raw % kSmemAlign) % kSmemAlign);
-  uint8_t* smem_a = smem;                                   // [stages][128 rows][128 bytes]
-  uint8_t* smem_b = smem + S::kStages * S::kABytes;         // [stages][BN rows][128 bytes]
-  uint64_t* full = reinterpret_cast<uint64_t*>(smem + S::kStages * S::kStageBytes);
-  uint64_t* empty = full + S::kStages;
+  uint8_t* smem_a = smem;                               // [stages][128 rows][128 bytes]
+  uint8_t* smem_b = smem + kStages * kABytes;           // [stages][256 rows][128 bytes]
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem + kStages * kStageBytes);
+  uint64_t* empty = full + kStages;
 
   const int wg = threadIdx.x / 128;
   if (threadIdx.x == 0) {
-    for (int s = 0; s < S::kStages; ++s) {
+    for (int s = 0; s < kStages; ++s) {
       bar_init(&full[s], 1);   // the producer's expect_tx arrival; TMA completes the bytes
-      bar_init(&empty[s], 8 * CLUSTER);  // one arrival per consumer warp of each CTA reading the stage
+      bar_init(&empty[s], 8);  // one arrival per consumer warp
     }
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
-  if constexpr (CLUSTER > 1) cluster_sync();  // the peer's barriers exist before anything reaches them
-  else __syncthreads();
+  __syncthreads();
 
-  // a unit: CLUSTER column tiles of one row tile, one per CTA of the cluster
-  const uint32_t rank = CLUSTER > 1 ? cluster_rank() : 0;
-  const int units_per_row = (p.N + CLUSTER * BN - 1) / (CLUSTER * BN);
-  const int first_unit = blockIdx.x / CLUSTER, unit_stride = gridDim.x / CLUSTER;
+  const int col_tiles = (p.N + kBN - 1) / kBN;
   const int k_steps = (p.K + kBK - 1) / kBK;
   TileWalk walk;
 
@@ -259,30 +225,15 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (threadIdx.x != 0) return;
     int s = 0;
     uint32_t phase = 0;
-    for (int t = first_unit; walk.seek(p, units_per_row, t); t += unit_stride) {
+    for (int t = blockIdx.x; walk.seek(p, col_tiles, t); t += gridDim.x) {
       int m0, n0;
-      walk.coords(units_per_row, CLUSTER * BN, t, m0, n0);
-      n0 += rank * BN;
+      walk.coords(col_tiles, kBN, t, m0, n0);
       for (int kb = 0; kb < k_steps; ++kb) {
         bar_wait(&empty[s], phase ^ 1);
-        bar_expect_tx(&full[s], S::kStageBytes);
-        if constexpr (CLUSTER > 1) {  // our half of A's rows, to both CTAs
-          tma_load_2d_multicast(smem_a + s * S::kABytes + rank * (kBM / 2) * kBK, &map_a, &full[s], kb * kBK,
-                                m0 + rank * (kBM / 2), 0x3);
-        } else {
-          tma_load_2d(smem_a + s * S::kABytes, &map_a, &full[s], kb * kBK, m0);
-        }
-        tma_load_3d(smem_b + s * S::kBBytes, &map_b, &full[s], kb * kBK, n0, walk.g);
-        if (++s == S::kStages) {
-          s = 0;
-          phase ^= 1;
-        }
-      }
-    }
-    if constexpr (CLUSTER > 1) {  // stay until the peer's consumers have released every stage (their arrivals
-      for (int i = 0; i < S::kStages; ++i) {  // reach our barriers), then leave
-        bar_wait(&empty[s], phase ^ 1);
-        if (++s == S::kStages) {
+        bar_expect_tx(&full[s], kStageBytes);
+        tma_load_2d(smem_a + s * kABytes, &map_a, &full[s], kb * kBK, m0);
+        tma_load_3d(smem_b + s * kBBytes, &map_b, &full[s], kb * kBK, n0, walk.g);
+        if (++s == kStages) {
           s = 0;
           phase ^= 1;
         }
@@ -291,63 +242,51 @@ __global__ void __launch_bounds__(kThreads, 1)
     return;
   }
 
-  // consumers: warpgroup c owns rows c*64 .. c*64+63 of each tile
+  // Consumers. A full tile: warpgroup c computes rows c*64 .. c*64+63, all 256 columns (two rounds of 128). A
+  // group's last tile with <= 64 rows ("half" tile, common with a few hundred rows per expert): both compute
+  // rows 0..63, warpgroup c columns c*128 .. c*128+127 (one round each), so no product is of rows past the group.
   asm volatile("setmaxnreg.inc.sync.aligned.u32 232;");
   const int c = wg - 1;
   const int lane = threadIdx.x % 32, warp = (threadIdx.x % 128) / 32;
-  const int row_in_tile = c * 64 + warp * 16 + lane / 4;  // this thread's rows: row_in_tile and row_in_tile + 8
-  const int col_in_chunk = (lane % 4) * 2;                // and columns col_in_chunk, +1 of every 8-column chunk
+  const int row_in_wg = warp * 16 + lane / 4;  // this thread's rows: row_in_wg and row_in_wg + 8 of the 64
+  const int col_in_chunk = (lane % 4) * 2;     // and columns col_in_chunk, +1 of every 8-column chunk
+  const int nb_last = (p.N - 1) / 128;
   int s = 0;
   uint32_t phase = 0;
-  auto release = [&](int stage) {  // this warp is done with the stage (in every CTA that reads it)
-    if (lane == 0) {
-      if constexpr (CLUSTER > 1) {
-        for (uint32_t r = 0; r < CLUSTER; ++r) bar_arrive_cluster(&empty[stage], r);
-      } else {
-        bar_arrive(&empty[stage]);
-      }
-    }
-  };
-  for (int t = first_unit; walk.seek(p, units_per_row, t); t += unit_stride) {
+  for (int t = blockIdx.x; walk.seek(p, col_tiles, t); t += gridDim.x) {
     int m0, n0;
-    walk.coords(units_per_row, CLUSTER * BN, t, m0, n0);
-    n0 += rank * BN;
-    const int r0 = m0 + row_in_tile, r1 = r0 + 8;
+    walk.coords(col_tiles, kBN, t, m0, n0);
+    const bool half = walk.group_end - m0 <= 64;
+    const int rows_at = half ? 0 : c * 64;  // first row of ours in the tile
+    const int rounds = half ? 1 : 2;
+    int block_of[2];                         // round -> 128-column block of the tile
+    block_of[0] = half ? c : 0;
+    block_of[1] = 1;
+    const int r0 = m0 + rows_at + row_in_wg, r1 = r0 + 8;
     const float* sa0 = p.sa + int64_t(min(r0, p.M - 1)) * p.sa_row;  // rows past M: read, never stored
     const float* sa1 = p.sa + int64_t(min(r1, p.M - 1)) * p.sa_row;
-    const int nb_last = (p.N - 1) / 128;
     const float* sb = p.sb + int64_t(walk.g) * p.sb_g;
-    int64_t sb_col[S::kRounds];
+    int64_t sb_col[2];
 #pragma unroll
-    for (int r = 0; r < S::kRounds; ++r) sb_col[r] = int64_t(min(n0 / 128 + r, nb_last)) * p.sb_n;
+    for (int r = 0; r < 2; ++r) sb_col[r] = int64_t(min(n0 / 128 + block_of[r], nb_last)) * p.sb_n;
 
-    float acc[S::kRounds][64];
+    float acc[2][64];
 #pragma unroll
-    for (int r = 0; r < S::kRounds; ++r)
+    for (int r = 0; r < 2; ++r)
 #pragma unroll
       for (int i = 0; i < 64; ++i) acc[r][i] = 0.f;
 
-    if (p.skip_idle && m0 + c * 64 >= walk.group_end) {  // a group's last tile with <= 64 rows: none of ours
-      for (int kb = 0; kb < k_steps; ++kb) {
-        bar_wait(&full[s], phase);  // (each stage use is released once, in order)
-        release(s);
-        if (++s == S::kStages) {
-          s = 0;
-          phase ^= 1;
-        }
-      }
-      continue;
-    }
     for (int kb = 0; kb < k_steps; ++kb) {
       const float a0 = __ldg(sa0 + kb * p.sa_k), a1 = __ldg(sa1 + kb * p.sa_k);
-      float w[S::kRounds];
+      float w[2];
 #pragma unroll
-      for (int r = 0; r < S::kRounds; ++r) w[r] = __ldg(sb + kb * p.sb_k + sb_col[r]);
+      for (int r = 0; r < 2; ++r) w[r] = __ldg(sb + kb * p.sb_k + sb_col[r]);
       bar_wait(&full[s], phase);
-      const uint64_t desc_a = smem_desc(smem_a + s * S::kABytes + c * 64 * kBK);
+      const uint64_t desc_a = smem_desc(smem_a + s * kABytes + rows_at * kBK);
 #pragma unroll
-      for (int r = 0; r < S::kRounds; ++r) {
-        const uint64_t desc_b = smem_desc(smem_b + s * S::kBBytes + r * 128 * kBK);
+      for (int r = 0; r < 2; ++r) {
+        if (r == rounds) break;
+        const uint64_t desc_b = smem_desc(smem_b + s * kBBytes + block_of[r] * 128 * kBK);
         float part[64];
         fence_regs(part);
         wgmma_fence();
@@ -357,7 +296,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         wgmma_commit();
         wgmma_wait_all();
         fence_regs(part);
-        if (r == S::kRounds - 1) release(s);
+        if (r == rounds - 1 && lane == 0) bar_arrive(&empty[s]);  // this warp is done with the stage
         const float s0 = a0 * w[r], s1 = a1 * w[r];
 #pragma unroll
         for (int i = 0; i < 64; i += 4) {
@@ -367,7 +306,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           acc[r][i + 3] += part[i + 3] * s1;
         }
       }
-      if (++s == S::kStages) {
+      if (++s == kStages) {
         s = 0;
         phase ^= 1;
       }
@@ -376,10 +315,11 @@ __global__ void __launch_bounds__(kThreads, 1)
     // epilogue: rows of this group only, columns inside N
     const bool ok0 = r0 < walk.group_end, ok1 = r1 < walk.group_end;
 #pragma unroll
-    for (int r = 0; r < S::kRounds; ++r) {
+    for (int r = 0; r < 2; ++r) {
+      if (r == rounds) break;
 #pragma unroll
       for (int j = 0; j < 16; ++j) {
-        const int col = n0 + r * 128 + j * 8 + col_in_chunk;
+        const int col = n0 + block_of[r] * 128 + j * 8 + col_in_chunk;
         if (col < p.N) {
           if (ok0)
             *reinterpret_cast<__nv_bfloat162*>(p.out + int64_t(r0) * p.ldo + col) =
@@ -433,62 +373,17 @@ CUtensorMap make_map(uint64_t addr, int rank, const uint64_t* dims, const uint64
   return map;
 }
 
-template <int BN, bool AE5M2, bool BE5M2, int CLUSTER>
+template <bool AE5M2, bool BE5M2>
 void launch(const CUtensorMap& map_a, const CUtensorMap& map_b, const Args& args, int grid, cudaStream_t stream) {
-  using S = Shape<BN>;
-  auto kernel = grouped_blockwise_kernel<BN, AE5M2, BE5M2, CLUSTER>;
+  auto kernel = grouped_blockwise_kernel<AE5M2, BE5M2>;
   static std::once_flag once;  // per instantiation; the attribute holds for every device of the process
   static cudaError_t attr_err = cudaSuccess;
   std::call_once(once, [&] {
-    attr_err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, S::kSmemBytes);
+    attr_err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
   });
   check_cuda(attr_err, "cudaFuncSetAttribute(max dynamic shared memory)");
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(grid);
-  config.blockDim = dim3(kThreads);
-  config.dynamicSmemBytes = S::kSmemBytes;
-  config.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = CLUSTER;
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  config.attrs = attr;
-  config.numAttrs = 1;
-  check_cuda(cudaLaunchKernelEx(&config, kernel, map_a, map_b, args), "kernel launch");
-}
-
-// How many clusters of `cluster` CTAs of this kernel fit on the GPU at once (1-CTA "clusters": SMs).
-template <int BN, int CLUSTER>
-int max_clusters(int num_sms) {
-  if (CLUSTER == 1) return num_sms;
-  using S = Shape<BN>;
-  auto kernel = grouped_blockwise_kernel<BN, false, false, CLUSTER>;
-  check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, S::kSmemBytes),
-             "cudaFuncSetAttribute(max dynamic shared memory)");
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(2 * num_sms);
-  config.blockDim = dim3(kThreads);
-  config.dynamicSmemBytes = S::kSmemBytes;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = CLUSTER;
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  config.attrs = attr;
-  config.numAttrs = 1;
-  int clusters = 0;
-  check_cuda(cudaOccupancyMaxActiveClusters(&clusters, kernel, &config), "cudaOccupancyMaxActiveClusters");
-  return clusters;
-}
-
-template <int BN, int CLUSTER>
-void launch_types(bool a_e5m2, bool b_e5m2, const CUtensorMap& ma, const CUtensorMap& mb, const Args& args, int grid,
-                  cudaStream_t stream) {
-  if (!a_e5m2 && !b_e5m2) launch<BN, false, false, CLUSTER>(ma, mb, args, grid, stream);
-  else if (a_e5m2 && !b_e5m2) launch<BN, true, false, CLUSTER>(ma, mb, args, grid, stream);
-  else if (!a_e5m2 && b_e5m2) launch<BN, false, true, CLUSTER>(ma, mb, args, grid, stream);
-  else launch<BN, true, true, CLUSTER>(ma, mb, args, grid, stream);
+  kernel<<<grid, kThreads, kSmemBytes, stream>>>(map_a, map_b, args);
+  check_cuda(cudaGetLastError(), "kernel launch");
 }
 
 // out [M, N] bf16 = per group g (rows offs[g-1] .. offs[g]): (a * scale_a) @ (w[g] * scale_w[g])^T.
@@ -497,11 +392,8 @@ void launch_types(bool a_e5m2, bool b_e5m2, const CUtensorMap& ma, const CUtenso
 void grouped_blockwise(int device, uint64_t stream, uint64_t a_addr, uint64_t w_addr, uint64_t out_addr,
                        uint64_t offs_addr, uint64_t sa_addr, int64_t sa_row, int64_t sa_k, uint64_t sb_addr,
                        int64_t sb_g, int64_t sb_k, int64_t sb_n, int64_t M, int64_t N, int64_t K, int64_t G,
-                       int64_t lda, int64_t ldw, int64_t w_group, int64_t ldo, bool a_e5m2, bool b_e5m2, int block_n,
-                       int cluster, int num_sms, bool skip_idle) {
-  if (block_n != 128 && block_n != 256) throw std::invalid_argument("turbo_dist._fp8_wgmma: block_n must be 128 or 256");
-  if (cluster != 1 && !(cluster == 2 && block_n == 256))
-    throw std::invalid_argument("turbo_dist._fp8_wgmma: cluster must be 1, or 2 with block_n 256");
+                       int64_t lda, int64_t ldw, int64_t w_group, int64_t ldo, bool a_e5m2, bool b_e5m2,
+                       int num_sms) {
   if (M <= 0 || N <= 0 || G <= 0) return;
   if (K <= 0 || K % 16 || lda % 16 || ldw % 16 || w_group % 16 || a_addr % 16 || w_addr % 16)
     throw std::invalid_argument("turbo_dist._fp8_wgmma: K, the row/group strides and the operand addresses must be "
@@ -510,10 +402,10 @@ void grouped_blockwise(int device, uint64_t stream, uint64_t a_addr, uint64_t w_
     throw std::invalid_argument("turbo_dist._fp8_wgmma: M, N, K and G must fit in 32 bits");
   check_cuda(cudaSetDevice(device), "cudaSetDevice");
   const uint64_t dims_a[2] = {uint64_t(K), uint64_t(M)}, strides_a[1] = {uint64_t(lda)};
-  const uint32_t box_a[2] = {kBK, uint32_t(kBM / cluster)};  // clusters: each CTA loads half the rows
+  const uint32_t box_a[2] = {kBK, kBM};
   const uint64_t dims_b[3] = {uint64_t(K), uint64_t(N), uint64_t(G)}, strides_b[2] = {uint64_t(ldw),
                                                                                           uint64_t(w_group)};
-  const uint32_t box_b[3] = {kBK, uint32_t(block_n), 1};
+  const uint32_t box_b[3] = {kBK, kBN, 1};
   const CUtensorMap map_a = make_map(a_addr, 2, dims_a, strides_a, box_a);
   const CUtensorMap map_b = make_map(w_addr, 3, dims_b, strides_b, box_b);
   Args args;
@@ -531,21 +423,14 @@ void grouped_blockwise(int device, uint64_t stream, uint64_t a_addr, uint64_t w_
   args.N = int(N);
   args.K = int(K);
   args.G = int(G);
-  args.skip_idle = skip_idle ? 1 : 0;
   // at most one row tile more per group than M's rows need (each group starts a tile)
-  const int64_t units = ((M + kBM - 1) / kBM + G) * ((N + cluster * block_n - 1) / (cluster * block_n));
+  const int64_t tiles = ((M + kBM - 1) / kBM + G) * ((N + kBN - 1) / kBN);
+  const int grid = int(std::min<int64_t>(tiles, num_sms));
   auto s = reinterpret_cast<cudaStream_t>(stream);
-  if (block_n == 128) {
-    launch_types<128, 1>(a_e5m2, b_e5m2, map_a, map_b, args, int(std::min<int64_t>(units, num_sms)), s);
-  } else if (cluster == 1) {
-    launch_types<256, 1>(a_e5m2, b_e5m2, map_a, map_b, args, int(std::min<int64_t>(units, num_sms)), s);
-  } else {
-    static int clusters = 0;  // per process: the first device's count (one GPU model per job)
-    static std::once_flag once;
-    std::call_once(once, [&] { clusters = max_clusters<256, 2>(num_sms); });
-    if (clusters < 1) throw std::runtime_error("turbo_dist._fp8_wgmma: no 2-CTA cluster of this kernel fits");
-    launch_types<256, 2>(a_e5m2, b_e5m2, map_a, map_b, args, 2 * int(std::min<int64_t>(units, clusters)), s);
-  }
+  if (!a_e5m2 && !b_e5m2) launch<false, false>(map_a, map_b, args, grid, s);
+  else if (a_e5m2 && !b_e5m2) launch<true, false>(map_a, map_b, args, grid, s);
+  else if (!a_e5m2 && b_e5m2) launch<false, true>(map_a, map_b, args, grid, s);
+  else launch<true, true>(map_a, map_b, args, grid, s);
 }
 
 }  // namespace
@@ -556,11 +441,8 @@ PYBIND11_MODULE(_fp8_wgmma, m) {
         py::arg("out"), py::arg("offs"), py::arg("scale_a"), py::arg("sa_row"), py::arg("sa_k"), py::arg("scale_w"),
         py::arg("sw_g"), py::arg("sw_k"), py::arg("sw_n"), py::arg("M"), py::arg("N"), py::arg("K"), py::arg("G"),
         py::arg("lda"), py::arg("ldw"), py::arg("w_group"), py::arg("ldo"), py::arg("a_e5m2"), py::arg("w_e5m2"),
-        py::arg("block_n"), py::arg("cluster"), py::arg("num_sms"), py::arg("skip_idle") = true);
-  m.def("max_clusters", [](int device, int num_sms) {
-    check_cuda(cudaSetDevice(device), "cudaSetDevice");
-    return max_clusters<256, 2>(num_sms);
-  }, py::arg("device"), py::arg("num_sms"), "2-CTA clusters of the (256, 2) kernel that fit on the GPU at once");
-  m.attr("SMEM_BYTES_128") = Shape<128>::kSmemBytes;
-  m.attr("SMEM_BYTES_256") = Shape<256>::kSmemBytes;
+        py::arg("num_sms"));
+  m.attr("SMEM_BYTES") = kSmemBytes;
+  m.attr("BLOCK_M") = kBM;
+  m.attr("BLOCK_N") = kBN;
 }
