@@ -117,6 +117,8 @@ def test_wgmma_matches_reference_gpu(lens, K, N, a_dtype):
     # the same products summed in another order, rounded to bf16 once: bf16's own precision
     assert snr(out.float(), ref) >= 45, f"SNR {snr(out.float(), ref):.1f} dB"
     assert torch.isfinite(out).all()
+    full = fp8_wgmma.wgmma_grouped_scaled(aq, b, sa, sb, lens_d, "block", torch.bfloat16, _half_tiles=False)
+    assert torch.equal(full, out)  # half tiles: the same products in the same order, only fewer of them
 
 
 @pytest.mark.gpu

@@ -34,6 +34,7 @@
 #include <mutex>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 namespace py = pybind11;
 
@@ -58,6 +59,7 @@ struct Args {
   __nv_bfloat16* out;   // out[row * ldo + col]
   int64_t sa_row, sa_k, sb_g, sb_k, sb_n, ldo;
   int M, N, K, G;
+  int half_tiles;       // 1: a group's last tile with <= 64 rows runs as a half tile (0: a full one; probe knob)
 };
 
 // ------------------------------------------------------------------------------------------- PTX helpers
@@ -256,70 +258,72 @@ __global__ void __launch_bounds__(kThreads, 1)
   for (int t = blockIdx.x; walk.seek(p, col_tiles, t); t += gridDim.x) {
     int m0, n0;
     walk.coords(col_tiles, kBN, t, m0, n0);
-    const bool half = walk.group_end - m0 <= 64;
+    const bool half = p.half_tiles && walk.group_end - m0 <= 64;
     const int rows_at = half ? 0 : c * 64;  // first row of ours in the tile
-    const int rounds = half ? 1 : 2;
-    int block_of[2];                         // round -> 128-column block of the tile
-    block_of[0] = half ? c : 0;
-    block_of[1] = 1;
     const int r0 = m0 + rows_at + row_in_wg, r1 = r0 + 8;
     const float* sa0 = p.sa + int64_t(min(r0, p.M - 1)) * p.sa_row;  // rows past M: read, never stored
     const float* sa1 = p.sa + int64_t(min(r1, p.M - 1)) * p.sa_row;
     const float* sb = p.sb + int64_t(walk.g) * p.sb_g;
-    int64_t sb_col[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) sb_col[r] = int64_t(min(n0 / 128 + block_of[r], nb_last)) * p.sb_n;
-
     float acc[2][64];
 #pragma unroll
     for (int r = 0; r < 2; ++r)
 #pragma unroll
       for (int i = 0; i < 64; ++i) acc[r][i] = 0.f;
 
-    for (int kb = 0; kb < k_steps; ++kb) {
-      const float a0 = __ldg(sa0 + kb * p.sa_k), a1 = __ldg(sa1 + kb * p.sa_k);
-      float w[2];
+    // The K loop, compiled twice: ROUNDS 2 (a full tile: 128-column blocks 0 and 1) and 1 (a half tile: block c).
+    auto k_loop = [&](auto rounds_tag) {
+      constexpr int ROUNDS = decltype(rounds_tag)::value;
+      int64_t sb_col[ROUNDS];
 #pragma unroll
-      for (int r = 0; r < 2; ++r) w[r] = __ldg(sb + kb * p.sb_k + sb_col[r]);
-      bar_wait(&full[s], phase);
-      const uint64_t desc_a = smem_desc(smem_a + s * kABytes + rows_at * kBK);
+      for (int r = 0; r < ROUNDS; ++r)
+        sb_col[r] = int64_t(min(n0 / 128 + (ROUNDS == 2 ? r : c), nb_last)) * p.sb_n;
+      for (int kb = 0; kb < k_steps; ++kb) {
+        const float a0 = __ldg(sa0 + kb * p.sa_k), a1 = __ldg(sa1 + kb * p.sa_k);
+        float w[ROUNDS];
 #pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        if (r == rounds) break;
-        const uint64_t desc_b = smem_desc(smem_b + s * kBBytes + block_of[r] * 128 * kBK);
-        float part[64];
-        fence_regs(part);
-        wgmma_fence();
+        for (int r = 0; r < ROUNDS; ++r) w[r] = __ldg(sb + kb * p.sb_k + sb_col[r]);
+        bar_wait(&full[s], phase);
+        const uint64_t desc_a = smem_desc(smem_a + s * kABytes + (ROUNDS == 2 ? c * 64 : 0) * kBK);
 #pragma unroll
-        for (int kk = 0; kk < kBK / 32; ++kk)  // 32 bytes further along K: +2 in the descriptor's 16-byte units
-          mma_64x128x32<AE5M2, BE5M2>(part, desc_a + 2 * kk, desc_b + 2 * kk, kk > 0);
-        wgmma_commit();
-        wgmma_wait_all();
-        fence_regs(part);
-        if (r == rounds - 1 && lane == 0) bar_arrive(&empty[s]);  // this warp is done with the stage
-        const float s0 = a0 * w[r], s1 = a1 * w[r];
+        for (int r = 0; r < ROUNDS; ++r) {
+          const uint64_t desc_b = smem_desc(smem_b + s * kBBytes + (ROUNDS == 2 ? r : c) * 128 * kBK);
+          float part[64];
+          fence_regs(part);
+          wgmma_fence();
 #pragma unroll
-        for (int i = 0; i < 64; i += 4) {
-          acc[r][i] += part[i] * s0;
-          acc[r][i + 1] += part[i + 1] * s0;
-          acc[r][i + 2] += part[i + 2] * s1;
-          acc[r][i + 3] += part[i + 3] * s1;
+          for (int kk = 0; kk < kBK / 32; ++kk)  // 32 bytes further along K: +2 in the descriptor's 16-byte units
+            mma_64x128x32<AE5M2, BE5M2>(part, desc_a + 2 * kk, desc_b + 2 * kk, kk > 0);
+          wgmma_commit();
+          wgmma_wait_all();
+          fence_regs(part);
+          if (r == ROUNDS - 1 && lane == 0) bar_arrive(&empty[s]);  // this warp is done with the stage
+          const float s0 = a0 * w[r], s1 = a1 * w[r];
+#pragma unroll
+          for (int i = 0; i < 64; i += 4) {
+            acc[r][i] += part[i] * s0;
+            acc[r][i + 1] += part[i + 1] * s0;
+            acc[r][i + 2] += part[i + 2] * s1;
+            acc[r][i + 3] += part[i + 3] * s1;
+          }
+        }
+        if (++s == kStages) {
+          s = 0;
+          phase ^= 1;
         }
       }
-      if (++s == kStages) {
-        s = 0;
-        phase ^= 1;
-      }
-    }
+    };
+    if (half) k_loop(std::integral_constant<int, 1>{});
+    else k_loop(std::integral_constant<int, 2>{});
 
     // epilogue: rows of this group only, columns inside N
     const bool ok0 = r0 < walk.group_end, ok1 = r1 < walk.group_end;
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      if (r == rounds) break;
+      if (half && r == 1) break;
+      const int block = half ? c : r;
 #pragma unroll
       for (int j = 0; j < 16; ++j) {
-        const int col = n0 + block_of[r] * 128 + j * 8 + col_in_chunk;
+        const int col = n0 + block * 128 + j * 8 + col_in_chunk;
         if (col < p.N) {
           if (ok0)
             *reinterpret_cast<__nv_bfloat162*>(p.out + int64_t(r0) * p.ldo + col) =
@@ -393,7 +397,7 @@ void grouped_blockwise(int device, uint64_t stream, uint64_t a_addr, uint64_t w_
                        uint64_t offs_addr, uint64_t sa_addr, int64_t sa_row, int64_t sa_k, uint64_t sb_addr,
                        int64_t sb_g, int64_t sb_k, int64_t sb_n, int64_t M, int64_t N, int64_t K, int64_t G,
                        int64_t lda, int64_t ldw, int64_t w_group, int64_t ldo, bool a_e5m2, bool b_e5m2,
-                       int num_sms) {
+                       int num_sms, bool half_tiles) {
   if (M <= 0 || N <= 0 || G <= 0) return;
   if (K <= 0 || K % 16 || lda % 16 || ldw % 16 || w_group % 16 || a_addr % 16 || w_addr % 16)
     throw std::invalid_argument("turbo_dist._fp8_wgmma: K, the row/group strides and the operand addresses must be "
@@ -423,6 +427,7 @@ void grouped_blockwise(int device, uint64_t stream, uint64_t a_addr, uint64_t w_
   args.N = int(N);
   args.K = int(K);
   args.G = int(G);
+  args.half_tiles = half_tiles ? 1 : 0;
   // at most one row tile more per group than M's rows need (each group starts a tile)
   const int64_t tiles = ((M + kBM - 1) / kBM + G) * ((N + kBN - 1) / kBN);
   const int grid = int(std::min<int64_t>(tiles, num_sms));
@@ -441,7 +446,7 @@ PYBIND11_MODULE(_fp8_wgmma, m) {
         py::arg("out"), py::arg("offs"), py::arg("scale_a"), py::arg("sa_row"), py::arg("sa_k"), py::arg("scale_w"),
         py::arg("sw_g"), py::arg("sw_k"), py::arg("sw_n"), py::arg("M"), py::arg("N"), py::arg("K"), py::arg("G"),
         py::arg("lda"), py::arg("ldw"), py::arg("w_group"), py::arg("ldo"), py::arg("a_e5m2"), py::arg("w_e5m2"),
-        py::arg("num_sms"));
+        py::arg("num_sms"), py::arg("half_tiles") = true);
   m.attr("SMEM_BYTES") = kSmemBytes;
   m.attr("BLOCK_M") = kBM;
   m.attr("BLOCK_N") = kBN;
