@@ -65,8 +65,6 @@ def run_case(name, rounds):
     fns = {"bf16_torch_grouped_mm": lambda: torch._grouped_mm(a, w.transpose(1, 2), offs=offs.int()),
            "fp8_triton": forced("triton", lens_d)}
     fns["fp8_wgmma"] = forced("wgmma", lens_d)
-    fns["fp8_wgmma_full_tiles"] = lambda: fp8_wgmma.wgmma_grouped_scaled(aq, b, sa, sb, lens_d, "block",
-                                                                        torch.bfloat16, _half_tiles=False)
     lens_h = aligned_lens(lens, 128)
     if fp8_grouped.native_module() is not None and int(lens_h.sum()) == M:  # cuBLASLt per group, host counts
         fns["fp8_cublaslt_aligned_host"] = forced("cublaslt", lens_h)

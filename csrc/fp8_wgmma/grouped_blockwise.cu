@@ -10,16 +10,15 @@
 // of its rows x scale_w of the block) while the other consumer's WGMMA keeps the tensor cores busy.
 //
 // Tiles: 128 rows x 256 columns x 128-deep K stages (four 48 KB stages). A tile never spans two groups' weights:
-// each group's rows start a new tile; rows past the group's end are not stored, and a group's last tile with at
-// most 64 rows is computed as 64 x 256 (each consumer one 128-column half), so at a few hundred rows per expert
-// the padding costs half as much. The tile order (a band of 8 row tiles x all column tiles, rows fastest) keeps
-// a band's A and the weights it needs in L2. Operands: a [M, K] row-major e4m3/e5m2; w [G, N, K] with K
-// contiguous (each expert's weight as nn.Linear stores it); K, row strides and pointers 16-byte aligned (TMA);
-// out bf16 [M, N] row-major.
+// each group's rows start a new tile; rows past the group's end are computed and not stored. The tile order (a
+// band of 8 row tiles x all column tiles, rows fastest) keeps a band's A and the weights it needs in L2.
+// Operands: a [M, K] row-major e4m3/e5m2; w [G, N, K] with K contiguous (each expert's weight as nn.Linear stores
+// it); K, row strides and pointers 16-byte aligned (TMA); out bf16 [M, N] row-major.
 //
-// Measured and left out (benchmarks/results/probe_fp8_wgmma_*_h200.json): 128-column tiles (5-15% slower),
-// the consumers issuing WGMMA in strict turns (0-10% slower), 2-CTA clusters sharing A by TMA multicast (~50%
-// slower), and the second consumer idling on a half tile instead of taking columns (5% slower).
+// Measured on one H200 and left out (benchmarks/results/probe_fp8_wgmma_*_h200.json): 128-column tiles (5-15%
+// slower), the consumers issuing WGMMA in strict turns (0-10% slower), 2-CTA clusters sharing A by TMA multicast
+// (~50% slower as written), and a group's last <= 64 rows as a 64-row tile, with the second consumer idle (5%
+// slower) or taking half the columns (2-5% slower): the stage loads, not the products, set the pace.
 //
 // Built without torch headers, like turbo_dist._cublaslt: tensors travel as addresses, the caller (backend
 // "wgmma" in turbo_dist/ops/fp8_wgmma.py) checks dtypes, shapes, strides and devices first.
@@ -34,7 +33,6 @@
 #include <mutex>
 #include <stdexcept>
 #include <string>
-#include <type_traits>
 
 namespace py = pybind11;
 
@@ -59,7 +57,6 @@ struct Args {
   __nv_bfloat16* out;   // out[row * ldo + col]
   int64_t sa_row, sa_k, sb_g, sb_k, sb_n, ldo;
   int M, N, K, G;
-  int half_tiles;       // 1: a group's last tile with <= 64 rows runs as a half tile (0: a full one; probe knob)
 };
 
 // ------------------------------------------------------------------------------------------- PTX helpers
@@ -244,86 +241,74 @@ __global__ void __launch_bounds__(kThreads, 1)
     return;
   }
 
-  // Consumers. A full tile: warpgroup c computes rows c*64 .. c*64+63, all 256 columns (two rounds of 128). A
-  // group's last tile with <= 64 rows ("half" tile, common with a few hundred rows per expert): both compute
-  // rows 0..63, warpgroup c columns c*128 .. c*128+127 (one round each), so no product is of rows past the group.
+  // consumers: warpgroup c computes rows c*64 .. c*64+63 of each tile, all 256 columns (two rounds of 128)
   asm volatile("setmaxnreg.inc.sync.aligned.u32 232;");
   const int c = wg - 1;
   const int lane = threadIdx.x % 32, warp = (threadIdx.x % 128) / 32;
-  const int row_in_wg = warp * 16 + lane / 4;  // this thread's rows: row_in_wg and row_in_wg + 8 of the 64
-  const int col_in_chunk = (lane % 4) * 2;     // and columns col_in_chunk, +1 of every 8-column chunk
+  const int row_in_tile = c * 64 + warp * 16 + lane / 4;  // this thread's rows: row_in_tile and row_in_tile + 8
+  const int col_in_chunk = (lane % 4) * 2;                // and columns col_in_chunk, +1 of every 8-column chunk
   const int nb_last = (p.N - 1) / 128;
   int s = 0;
   uint32_t phase = 0;
   for (int t = blockIdx.x; walk.seek(p, col_tiles, t); t += gridDim.x) {
     int m0, n0;
     walk.coords(col_tiles, kBN, t, m0, n0);
-    const bool half = p.half_tiles && walk.group_end - m0 <= 64;
-    const int rows_at = half ? 0 : c * 64;  // first row of ours in the tile
-    const int r0 = m0 + rows_at + row_in_wg, r1 = r0 + 8;
+    const int r0 = m0 + row_in_tile, r1 = r0 + 8;
     const float* sa0 = p.sa + int64_t(min(r0, p.M - 1)) * p.sa_row;  // rows past M: read, never stored
     const float* sa1 = p.sa + int64_t(min(r1, p.M - 1)) * p.sa_row;
     const float* sb = p.sb + int64_t(walk.g) * p.sb_g;
+    int64_t sb_col[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) sb_col[r] = int64_t(min(n0 / 128 + r, nb_last)) * p.sb_n;
+
     float acc[2][64];
 #pragma unroll
     for (int r = 0; r < 2; ++r)
 #pragma unroll
       for (int i = 0; i < 64; ++i) acc[r][i] = 0.f;
 
-    // The K loop, compiled twice: ROUNDS 2 (a full tile: 128-column blocks 0 and 1) and 1 (a half tile: block c).
-    auto k_loop = [&](auto rounds_tag) {
-      constexpr int ROUNDS = decltype(rounds_tag)::value;
-      int64_t sb_col[ROUNDS];
+    for (int kb = 0; kb < k_steps; ++kb) {
+      const float a0 = __ldg(sa0 + kb * p.sa_k), a1 = __ldg(sa1 + kb * p.sa_k);
+      float w[2];
 #pragma unroll
-      for (int r = 0; r < ROUNDS; ++r)
-        sb_col[r] = int64_t(min(n0 / 128 + (ROUNDS == 2 ? r : c), nb_last)) * p.sb_n;
-      for (int kb = 0; kb < k_steps; ++kb) {
-        const float a0 = __ldg(sa0 + kb * p.sa_k), a1 = __ldg(sa1 + kb * p.sa_k);
-        float w[ROUNDS];
+      for (int r = 0; r < 2; ++r) w[r] = __ldg(sb + kb * p.sb_k + sb_col[r]);
+      bar_wait(&full[s], phase);
+      const uint64_t desc_a = smem_desc(smem_a + s * kABytes + c * 64 * kBK);
 #pragma unroll
-        for (int r = 0; r < ROUNDS; ++r) w[r] = __ldg(sb + kb * p.sb_k + sb_col[r]);
-        bar_wait(&full[s], phase);
-        const uint64_t desc_a = smem_desc(smem_a + s * kABytes + (ROUNDS == 2 ? c * 64 : 0) * kBK);
+      for (int r = 0; r < 2; ++r) {
+        const uint64_t desc_b = smem_desc(smem_b + s * kBBytes + r * 128 * kBK);
+        float part[64];
+        fence_regs(part);
+        wgmma_fence();
 #pragma unroll
-        for (int r = 0; r < ROUNDS; ++r) {
-          const uint64_t desc_b = smem_desc(smem_b + s * kBBytes + (ROUNDS == 2 ? r : c) * 128 * kBK);
-          float part[64];
-          fence_regs(part);
-          wgmma_fence();
+        for (int kk = 0; kk < kBK / 32; ++kk)  // 32 bytes further along K: +2 in the descriptor's 16-byte units
+          mma_64x128x32<AE5M2, BE5M2>(part, desc_a + 2 * kk, desc_b + 2 * kk, kk > 0);
+        wgmma_commit();
+        wgmma_wait_all();
+        fence_regs(part);
+        if (r == 1 && lane == 0) bar_arrive(&empty[s]);  // this warp is done with the stage
+        const float s0 = a0 * w[r], s1 = a1 * w[r];
 #pragma unroll
-          for (int kk = 0; kk < kBK / 32; ++kk)  // 32 bytes further along K: +2 in the descriptor's 16-byte units
-            mma_64x128x32<AE5M2, BE5M2>(part, desc_a + 2 * kk, desc_b + 2 * kk, kk > 0);
-          wgmma_commit();
-          wgmma_wait_all();
-          fence_regs(part);
-          if (r == ROUNDS - 1 && lane == 0) bar_arrive(&empty[s]);  // this warp is done with the stage
-          const float s0 = a0 * w[r], s1 = a1 * w[r];
-#pragma unroll
-          for (int i = 0; i < 64; i += 4) {
-            acc[r][i] += part[i] * s0;
-            acc[r][i + 1] += part[i + 1] * s0;
-            acc[r][i + 2] += part[i + 2] * s1;
-            acc[r][i + 3] += part[i + 3] * s1;
-          }
-        }
-        if (++s == kStages) {
-          s = 0;
-          phase ^= 1;
+        for (int i = 0; i < 64; i += 4) {
+          acc[r][i] += part[i] * s0;
+          acc[r][i + 1] += part[i + 1] * s0;
+          acc[r][i + 2] += part[i + 2] * s1;
+          acc[r][i + 3] += part[i + 3] * s1;
         }
       }
-    };
-    if (half) k_loop(std::integral_constant<int, 1>{});
-    else k_loop(std::integral_constant<int, 2>{});
+      if (++s == kStages) {
+        s = 0;
+        phase ^= 1;
+      }
+    }
 
     // epilogue: rows of this group only, columns inside N
     const bool ok0 = r0 < walk.group_end, ok1 = r1 < walk.group_end;
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      if (half && r == 1) break;
-      const int block = half ? c : r;
 #pragma unroll
       for (int j = 0; j < 16; ++j) {
-        const int col = n0 + block * 128 + j * 8 + col_in_chunk;
+        const int col = n0 + r * 128 + j * 8 + col_in_chunk;
         if (col < p.N) {
           if (ok0)
             *reinterpret_cast<__nv_bfloat162*>(p.out + int64_t(r0) * p.ldo + col) =
@@ -397,7 +382,7 @@ void grouped_blockwise(int device, uint64_t stream, uint64_t a_addr, uint64_t w_
                        uint64_t offs_addr, uint64_t sa_addr, int64_t sa_row, int64_t sa_k, uint64_t sb_addr,
                        int64_t sb_g, int64_t sb_k, int64_t sb_n, int64_t M, int64_t N, int64_t K, int64_t G,
                        int64_t lda, int64_t ldw, int64_t w_group, int64_t ldo, bool a_e5m2, bool b_e5m2,
-                       int num_sms, bool half_tiles) {
+                       int num_sms) {
   if (M <= 0 || N <= 0 || G <= 0) return;
   if (K <= 0 || K % 16 || lda % 16 || ldw % 16 || w_group % 16 || a_addr % 16 || w_addr % 16)
     throw std::invalid_argument("turbo_dist._fp8_wgmma: K, the row/group strides and the operand addresses must be "
@@ -427,7 +412,6 @@ void grouped_blockwise(int device, uint64_t stream, uint64_t a_addr, uint64_t w_
   args.N = int(N);
   args.K = int(K);
   args.G = int(G);
-  args.half_tiles = half_tiles ? 1 : 0;
   // at most one row tile more per group than M's rows need (each group starts a tile)
   const int64_t tiles = ((M + kBM - 1) / kBM + G) * ((N + kBN - 1) / kBN);
   const int grid = int(std::min<int64_t>(tiles, num_sms));
@@ -446,7 +430,7 @@ PYBIND11_MODULE(_fp8_wgmma, m) {
         py::arg("out"), py::arg("offs"), py::arg("scale_a"), py::arg("sa_row"), py::arg("sa_k"), py::arg("scale_w"),
         py::arg("sw_g"), py::arg("sw_k"), py::arg("sw_n"), py::arg("M"), py::arg("N"), py::arg("K"), py::arg("G"),
         py::arg("lda"), py::arg("ldw"), py::arg("w_group"), py::arg("ldo"), py::arg("a_e5m2"), py::arg("w_e5m2"),
-        py::arg("num_sms"), py::arg("half_tiles") = true);
+        py::arg("num_sms"));
   m.attr("SMEM_BYTES") = kSmemBytes;
   m.attr("BLOCK_M") = kBM;
   m.attr("BLOCK_N") = kBN;

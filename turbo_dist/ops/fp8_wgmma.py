@@ -38,9 +38,8 @@ def _num_sms(device):
     return _SMS[device.index]
 
 
-def wgmma_grouped_scaled(a_q, b_q, scale_a, scale_b, group_lens, mode, out_dtype, _half_tiles=True):
-    """out [M, N] bf16: per group (a_q * scale_a)[rows] @ (b_q[g] * scale_b[g]) (the checks: the predicate below).
-    _half_tiles=False: a group's last <= 64 rows run as a full tile (benchmarks/probe_fp8_wgmma.py's A/B)."""
+def wgmma_grouped_scaled(a_q, b_q, scale_a, scale_b, group_lens, mode, out_dtype):
+    """out [M, N] bf16: per group (a_q * scale_a)[rows] @ (b_q[g] * scale_b[g]) (the checks: the predicate below)."""
     M, K = a_q.shape
     G, _, N = b_q.shape
     out = torch.empty((M, N), dtype=out_dtype, device=a_q.device)
@@ -54,8 +53,7 @@ def wgmma_grouped_scaled(a_q, b_q, scale_a, scale_b, group_lens, mode, out_dtype
         sa_k=sa.stride(1), scale_w=sb.data_ptr(), sw_g=sb.stride(0), sw_k=sb.stride(1), sw_n=sb.stride(2), M=M, N=N,
         K=K, G=G, lda=a_q.stride(0), ldw=b_q.stride(2), w_group=b_q.stride(0) if G > 1 else N * b_q.stride(2),
         ldo=out.stride(0),
-        a_e5m2=a_q.dtype == E5M2, w_e5m2=b_q.dtype == E5M2, num_sms=_num_sms(a_q.device),
-        half_tiles=_half_tiles)
+        a_e5m2=a_q.dtype == E5M2, w_e5m2=b_q.dtype == E5M2, num_sms=_num_sms(a_q.device))
     return out
 
 
