@@ -31,6 +31,7 @@
 
 #include <cstdint>
 #include <mutex>
+#include <set>
 #include <stdexcept>
 #include <string>
 
@@ -363,14 +364,19 @@ CUtensorMap make_map(uint64_t addr, int rank, const uint64_t* dims, const uint64
 }
 
 template <bool AE5M2, bool BE5M2>
-void launch(const CUtensorMap& map_a, const CUtensorMap& map_b, const Args& args, int grid, cudaStream_t stream) {
+void launch(int device, const CUtensorMap& map_a, const CUtensorMap& map_b, const Args& args, int grid,
+            cudaStream_t stream) {
   auto kernel = grouped_blockwise_kernel<AE5M2, BE5M2>;
-  static std::once_flag once;  // per instantiation; the attribute holds for every device of the process
-  static cudaError_t attr_err = cudaSuccess;
-  std::call_once(once, [&] {
-    attr_err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
-  });
-  check_cuda(attr_err, "cudaFuncSetAttribute(max dynamic shared memory)");
+  static std::mutex mutex;  // per instantiation: the shared-memory limit, raised once per device
+  static std::set<int> raised;
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    if (!raised.count(device)) {
+      check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes),
+                 "cudaFuncSetAttribute(max dynamic shared memory)");
+      raised.insert(device);
+    }
+  }
   kernel<<<grid, kThreads, kSmemBytes, stream>>>(map_a, map_b, args);
   check_cuda(cudaGetLastError(), "kernel launch");
 }
@@ -416,10 +422,10 @@ void grouped_blockwise(int device, uint64_t stream, uint64_t a_addr, uint64_t w_
   const int64_t tiles = ((M + kBM - 1) / kBM + G) * ((N + kBN - 1) / kBN);
   const int grid = int(std::min<int64_t>(tiles, num_sms));
   auto s = reinterpret_cast<cudaStream_t>(stream);
-  if (!a_e5m2 && !b_e5m2) launch<false, false>(map_a, map_b, args, grid, s);
-  else if (a_e5m2 && !b_e5m2) launch<true, false>(map_a, map_b, args, grid, s);
-  else if (!a_e5m2 && b_e5m2) launch<false, true>(map_a, map_b, args, grid, s);
-  else launch<true, true>(map_a, map_b, args, grid, s);
+  if (!a_e5m2 && !b_e5m2) launch<false, false>(device, map_a, map_b, args, grid, s);
+  else if (a_e5m2 && !b_e5m2) launch<true, false>(device, map_a, map_b, args, grid, s);
+  else if (!a_e5m2 && b_e5m2) launch<false, true>(device, map_a, map_b, args, grid, s);
+  else launch<true, true>(device, map_a, map_b, args, grid, s);
 }
 
 }  // namespace
