@@ -136,3 +136,22 @@ def test_wgmma_through_the_api_gpu():
     dispatcher.set_backend("grouped_scaled_mm", "triton")
     out_t = grouped_scaled_mm(aq, wq, sa, sw, torch.tensor(lens, device="cuda"))
     assert snr(out_d.float(), out_t.float()) >= 40
+
+
+@pytest.mark.gpu
+def test_wgmma_bad_device_counts_are_clamped_gpu():
+    """Counts on the GPU are trusted (checking them would sync): the kernel clamps each group's end to [its start,
+    M], so counts summing past M, or negative ones, never make it write outside out; what it computes is then
+    the clamped grouping's product."""
+    _wgmma_or_skip()
+    aq, wq, sa, sw = _operands([100, 60], 256, 128, device="cuda", seed=9)
+    b, sb = wq.transpose(1, 2), sw.transpose(1, 2)
+
+    def run(lens):
+        out = fp8_wgmma.wgmma_grouped_scaled(aq, b, sa, sb, torch.tensor(lens, device="cuda"), "block",
+                                             torch.bfloat16)
+        torch.cuda.synchronize()
+        return out
+
+    assert torch.equal(run([100, 5000]), run([100, 60]))  # group 1 ends at M
+    assert torch.equal(run([-50, 300]), run([0, 160]))    # group 0 ends at its start: empty

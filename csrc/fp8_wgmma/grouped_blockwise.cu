@@ -172,9 +172,9 @@ struct TileWalk {
     while (g < p.G && (g < 0 || t >= tiles_before + row_tiles * col_tiles)) {
       if (g >= 0) tiles_before += row_tiles * col_tiles;
       ++g;
-      if (g < p.G) {
+      if (g < p.G) {  // counts on the GPU are not checked on the host: clamp, so bad ones never write past M
         group_start = group_end;
-        group_end = static_cast<int>(p.offs[g]);
+        group_end = static_cast<int>(max(int64_t(group_start), min(p.offs[g], int64_t(p.M))));
         row_tiles = (group_end - group_start + kBM - 1) / kBM;
       }
     }
