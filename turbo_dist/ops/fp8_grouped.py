@@ -1,7 +1,8 @@
 """Grouped FP8 GEMM (MoE experts): `grouped_scaled_mm` on pre-quantized operands and `grouped_gemm_fp8`
 with autograd; quantization, configs and the dense FP8 GEMM are in fp8.py.
 
-Op behind the dispatcher: "grouped_scaled_mm" (triton: our persistent kernel, every mode | cublaslt: one
+Op behind the dispatcher: "grouped_scaled_mm" (wgmma: our Hopper CUDA kernel, blockwise, registered in
+fp8_wgmma.py | triton: our persistent kernel, every mode | cublaslt: one
 cuBLASLt blockwise GEMM per group from a C++ loop, host group_lens | torch_loop: the same through
 torch._scaled_mm per group | torch: torch._scaled_grouped_mm, rowwise e4m3 on SM90 | reference). Default order
 and the measured rules that move a backend first are next to the registrations.
