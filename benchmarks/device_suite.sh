@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One batched device session: install, GPU test suite, main-job demo, single-GPU benches.
-#   bash benchmarks/device_suite.sh "install tests gputests ll moe1 dist demo ops opsq attn moe moell moeinter tp cp cpvarlen native tune cublaslt prof opstests wgrad"
+#   bash benchmarks/device_suite.sh "install tests gputests ll moe1 dist demo ops opsq attn moe moell moeinter tp cp cpvarlen native tune cublaslt wgmma prof opstests wgrad"
 #   (phases to run, in order; default "install tests demo ops attn"; on a multi-GPU kind start with
 #   "install dist demo moe moell moeinter tp cp cpvarlen")
 # Logs and JSON go under $OUT (default ./out). Safety variables are always set. One-off verification phases of
@@ -36,6 +36,12 @@ for ph in $PHASES; do
     native) timeout 300 python setup.py build_ext --inplace > "$OUT/native.log" 2>&1; echo "native rc=$?"; grep turbo_dist: "$OUT/native.log" | tail -5;
             timeout 200 python -m pytest tests/test_shmem.py -q -rs -p no:cacheprovider > "$OUT/pytest_shmem_$TAG.log" 2>&1; echo "shmem tests rc=$?"; tail -5 "$OUT/pytest_shmem_$TAG.log";;
     tune) timeout ${TUNE_S:-300} python benchmarks/tune_ops.py ${TUNE_ARGS:-} --json "$OUT/tune_ops_$TAG.json" > "$OUT/tune_ops_$TAG.log" 2>&1; echo "tune rc=$?"; tail -12 "$OUT/tune_ops_$TAG.log";;
+    wgmma) # BLOCKWISE FP8 grouped GEMM, our Hopper CUDA kernel (turbo_dist._fp8_wgmma, backend wgmma): tests, then timed
+            timeout 200 python -m pytest -q -rs -p no:cacheprovider tests/test_ops_fp8_wgmma.py tests/test_ops_fp8.py \
+              tests/test_ops_fp8_per_group.py -k "gpu or wgmma" > "$OUT/pytest_wgmma_$TAG.log" 2>&1; echo "wgmma tests rc=$?"
+            tail -3 "$OUT/pytest_wgmma_$TAG.log"; grep -E "^(FAILED|ERROR)|Error:" "$OUT/pytest_wgmma_$TAG.log" | head -10
+            timeout 200 python benchmarks/probe_fp8_wgmma.py --rounds 5 --json "$OUT/probe_fp8_wgmma_$TAG.json" \
+              > "$OUT/probe_fp8_wgmma_$TAG.log" 2>&1; echo "wgmma probe rc=$?"; grep -v "^---" "$OUT/probe_fp8_wgmma_$TAG.log" | cut -c1-90;;
     cublaslt) # BLOCKWISE FP8 grouped GEMM on cuBLASLt with the loop in C++ (turbo_dist._cublaslt)
             python -c "from turbo_dist.ops import fp8_grouped as f; m = f.native_module(); print('native cublaslt:', m and m.version(), f._NATIVE.get('why'))" 2>&1 | tail -2
             TURBO_DIST_TRITON_TUNE=first timeout 150 python -m pytest -q -rs -p no:cacheprovider tests/test_ops_fp8.py tests/test_ops_fp8_per_group.py \
