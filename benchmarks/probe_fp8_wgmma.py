@@ -14,7 +14,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_ops import aligned_lens, skewed_lens  # noqa: E402
+from bench_ops import _forced, aligned_lens, skewed_lens  # noqa: E402
 from common import bench_interleaved, peak_tflops, print_table, write_json  # noqa: E402
 
 LAYERS = {"fc1": (7168, 4096), "fc2": (2048, 7168)}  # (K, N)
@@ -53,14 +53,9 @@ def run_case(name, rounds):
     dispatcher.set_backend("grouped_scaled_mm", None)
     del ref, out
 
-    def forced(backend, lens_arg):
-        def run():
-            dispatcher.set_backend("grouped_scaled_mm", backend)
-            try:
-                return dispatcher.dispatch("grouped_scaled_mm", aq, b, sa, sb, lens_arg, "block", torch.bfloat16)
-            finally:
-                dispatcher.set_backend("grouped_scaled_mm", None)
-        return run
+    def forced(backend, lens_arg):  # bench_ops' forcing: set only when it differs, so no label pays for a reset
+        return _forced(lambda: dispatcher.dispatch("grouped_scaled_mm", aq, b, sa, sb, lens_arg, "block",
+                                                   torch.bfloat16), grouped_scaled_mm=backend)
 
     fns = {"bf16_torch_grouped_mm": lambda: torch._grouped_mm(a, w.transpose(1, 2), offs=offs.int()),
            "fp8_triton": forced("triton", lens_d)}
@@ -71,7 +66,10 @@ def run_case(name, rounds):
         fns["fp8_wgmma_aligned_host"] = forced("wgmma", lens_h)
         lens_hd = lens_h.cuda()  # the same aligned counts on the GPU: what tile padding costs ours
         fns["fp8_wgmma_aligned"] = forced("wgmma", lens_hd)
-    res = bench_interleaved(fns, rounds=rounds)
+    try:
+        res = bench_interleaved(fns, rounds=rounds)
+    finally:
+        dispatcher.set_backend("grouped_scaled_mm", None)
     flops = 2.0 * M * K * N
     base = res["bf16_torch_grouped_mm"]
     peak = peak_tflops("fp8")

@@ -8,6 +8,7 @@ torch._scaled_mm per group | torch: torch._scaled_grouped_mm, rowwise e4m3 on SM
 and the measured rules that move a backend first are next to the registrations.
 """
 import contextlib
+import importlib
 import math
 
 import torch
@@ -186,18 +187,23 @@ NATIVE_WORKSPACE_BYTES = 32 << 20  # cuBLASLt's split-K workspace, what torch gi
 _NATIVE = {}
 
 
-def native_module():
-    """turbo_dist._cublaslt, or None when it was not built here (the reason: _NATIVE["why"])."""
-    if "mod" not in _NATIVE:
+def load_optional_module(cache, name, builds_where):
+    """turbo_dist.<name> (an optional native module), imported once into `cache` ({"mod", "why"}), or None when it
+    was not built here; cache["why"] then says why and where `pip install -e .` builds it."""
+    if "mod" not in cache:
         try:
-            from turbo_dist import _cublaslt as mod
-            _NATIVE["why"] = ""
+            mod = importlib.import_module(f"turbo_dist.{name}")
+            cache["why"] = ""
         except ImportError as exc:
             mod = None
-            _NATIVE["why"] = (f"turbo_dist._cublaslt is not built ({exc}); `pip install -e .` builds it where "
-                              f"cublasLt.h and libcublasLt are found")
-        _NATIVE["mod"] = mod
-    return _NATIVE["mod"]
+            cache["why"] = f"turbo_dist.{name} is not built ({exc}); `pip install -e .` builds it where {builds_where}"
+        cache["mod"] = mod
+    return cache["mod"]
+
+
+def native_module():
+    """turbo_dist._cublaslt, or None when it was not built here (the reason: _NATIVE["why"])."""
+    return load_optional_module(_NATIVE, "_cublaslt", "cublasLt.h and libcublasLt are found")
 
 
 def _weight_block_scales(scale_b):

@@ -12,48 +12,34 @@ import torch
 
 from . import dispatcher
 from .fp8 import E4M3, E5M2, _sb_n
+from .fp8_grouped import load_optional_module
 from .grouped_gemm import group_offsets
 
 _MOD = {}
-_SMS = {}
 
 
 def wgmma_module():
     """turbo_dist._fp8_wgmma, or None when it was not built here (the reason: _MOD["why"])."""
-    if "mod" not in _MOD:
-        try:
-            from turbo_dist import _fp8_wgmma as mod
-            _MOD["why"] = ""
-        except ImportError as exc:
-            mod = None
-            _MOD["why"] = (f"turbo_dist._fp8_wgmma is not built ({exc}); `pip install -e .` builds it where nvcc is "
-                           f"found and torch is a CUDA build")
-        _MOD["mod"] = mod
-    return _MOD["mod"]
-
-
-def _num_sms(device):
-    if device.index not in _SMS:
-        _SMS[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
-    return _SMS[device.index]
+    return load_optional_module(_MOD, "_fp8_wgmma", "nvcc is found and torch is a CUDA build")
 
 
 def wgmma_grouped_scaled(a_q, b_q, scale_a, scale_b, group_lens, mode, out_dtype):
     """out [M, N] bf16: per group (a_q * scale_a)[rows] @ (b_q[g] * scale_b[g]) (the checks: the predicate below)."""
+    from turbo_dist.kernels import gemm as gemm_kernels  # its cached SM count
+
     M, K = a_q.shape
     G, _, N = b_q.shape
     out = torch.empty((M, N), dtype=out_dtype, device=a_q.device)
     if M == 0 or N == 0:
         return out
     offs = group_offsets(group_lens, a_q.device)  # int64 cumulative ends, read by the kernel
-    sa, sb = scale_a, scale_b
     wgmma_module().grouped_blockwise(
         device=a_q.device.index, stream=torch.cuda.current_stream(a_q.device).cuda_stream, a=a_q.data_ptr(),
-        w=b_q.data_ptr(), out=out.data_ptr(), offs=offs.data_ptr(), scale_a=sa.data_ptr(), sa_row=sa.stride(0),
-        sa_k=sa.stride(1), scale_w=sb.data_ptr(), sw_g=sb.stride(0), sw_k=sb.stride(1), sw_n=sb.stride(2), M=M, N=N,
-        K=K, G=G, lda=a_q.stride(0), ldw=b_q.stride(2), w_group=b_q.stride(0) if G > 1 else N * b_q.stride(2),
-        ldo=out.stride(0),
-        a_e5m2=a_q.dtype == E5M2, w_e5m2=b_q.dtype == E5M2, num_sms=_num_sms(a_q.device))
+        w=b_q.data_ptr(), out=out.data_ptr(), offs=offs.data_ptr(), scale_a=scale_a.data_ptr(),
+        sa_row=scale_a.stride(0), sa_k=scale_a.stride(1), scale_w=scale_b.data_ptr(), sw_g=scale_b.stride(0),
+        sw_k=scale_b.stride(1), sw_n=scale_b.stride(2), M=M, N=N, K=K, G=G, lda=a_q.stride(0), ldw=b_q.stride(2),
+        w_group=b_q.stride(0) if G > 1 else N * b_q.stride(2), ldo=out.stride(0), a_e5m2=a_q.dtype == E5M2,
+        w_e5m2=b_q.dtype == E5M2, num_sms=gemm_kernels._num_sms(a_q.device))
     return out
 
 
