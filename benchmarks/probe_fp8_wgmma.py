@@ -4,8 +4,11 @@ counts on the GPU (and, for cublaslt, the same counts aligned to 128 on the host
 
     python benchmarks/probe_fp8_wgmma.py --json probe.json [--cases G8_fc1_1024,...] [--rounds 5]
 
-Every case is checked first (SNR against the fp32 product of the dequantized operands); times are bench_interleaved medians (L2 flushed, shuffled order), ratios against
-bf16 in the same call, fraction of the FP8 datasheet peak.
+Every case is checked first (SNR against the fp32 product of the dequantized operands; one CTA per tile and
+two sharing the weights bit-equal); times are bench_interleaved medians (L2 flushed, shuffled order), ratios
+against bf16 in the same call, fraction of the FP8 datasheet peak. fp8_wgmma is the dispatcher's call (its
+cluster from fp8_wgmma.pick_cluster, column cluster_default); fp8_wgmma_c1 / _c2 call the kernel directly with
+one CTA per tile / two CTAs sharing each weight tile.
 """
 import argparse
 import os
@@ -18,7 +21,7 @@ from bench_ops import _forced, aligned_lens, skewed_lens  # noqa: E402
 from common import bench_interleaved, peak_tflops, print_table, write_json  # noqa: E402
 
 LAYERS = {"fc1": (7168, 4096), "fc2": (2048, 7168)}  # (K, N)
-CASES = ["G8_fc1_1024", "G32_fc1_1024", "G32_fc1_256", "G8_fc2_1024", "G32_fc2_256", "G32_fc1_128"]
+CASES = ["G8_fc1_1024", "G32_fc1_1024", "G16_fc1_512", "G32_fc1_256", "G8_fc2_1024", "G32_fc2_256", "G32_fc1_128"]
 
 
 def _snr(out, ref):
@@ -47,11 +50,16 @@ def run_case(name, rounds):
     ref = _reference_grouped_scaled(aq, b, sa, sb, lens, "block", torch.float32)
     out = fp8_wgmma.wgmma_grouped_scaled(aq, b, sa, sb, lens_d, "block", torch.bfloat16)
     check["snr_db_wgmma"] = _snr(out, ref)
+    out1, out2 = (fp8_wgmma.wgmma_grouped_scaled(aq, b, sa, sb, lens_d, "block", torch.bfloat16, cluster=c)
+                  for c in (1, 2))
+    check["snr_db_wgmma_c2"] = _snr(out2, ref)
+    check["c2_equal"] = bool(torch.equal(out1, out2))  # the same products in the same order: bit-equal
+    check["cluster_default"] = fp8_wgmma.pick_cluster(M, G)
     dispatcher.set_backend("grouped_scaled_mm", "triton")
     check["snr_db_triton"] = _snr(dispatcher.dispatch("grouped_scaled_mm", aq, b, sa, sb, lens_d, "block",
                                                       torch.bfloat16), ref)
     dispatcher.set_backend("grouped_scaled_mm", None)
-    del ref, out
+    del ref, out, out1, out2
 
     def forced(backend, lens_arg):  # bench_ops' forcing: set only when it differs, so no label pays for a reset
         return _forced(lambda: dispatcher.dispatch("grouped_scaled_mm", aq, b, sa, sb, lens_arg, "block",
@@ -60,12 +68,17 @@ def run_case(name, rounds):
     fns = {"bf16_torch_grouped_mm": lambda: torch._grouped_mm(a, w.transpose(1, 2), offs=offs.int()),
            "fp8_triton": forced("triton", lens_d)}
     fns["fp8_wgmma"] = forced("wgmma", lens_d)
+    for cl in (1, 2):  # the kernel called directly, one CTA per tile / two sharing the weight tile
+        fns[f"fp8_wgmma_c{cl}"] = (lambda cl=cl: fp8_wgmma.wgmma_grouped_scaled(aq, b, sa, sb, lens_d, "block",
+                                                                                torch.bfloat16, cluster=cl))
     lens_h = aligned_lens(lens, 128)
     if fp8_grouped.native_module() is not None and int(lens_h.sum()) == M:  # cuBLASLt per group, host counts
         fns["fp8_cublaslt_aligned_host"] = forced("cublaslt", lens_h)
         fns["fp8_wgmma_aligned_host"] = forced("wgmma", lens_h)
         lens_hd = lens_h.cuda()  # the same aligned counts on the GPU: what tile padding costs ours
         fns["fp8_wgmma_aligned"] = forced("wgmma", lens_hd)
+        fns["fp8_wgmma_c2_aligned"] = (lambda: fp8_wgmma.wgmma_grouped_scaled(aq, b, sa, sb, lens_hd, "block",
+                                                                              torch.bfloat16, cluster=2))
     try:
         res = bench_interleaved(fns, rounds=rounds)
     finally:
@@ -95,7 +108,7 @@ def main():
     for name in args.cases.split(","):
         rows += run_case(name, args.rounds)
         print_table([r for r in rows if r["case"] == name], ["case", "impl", "ms", "tflops", "x_bf16", "frac_peak",
-                                                              "snr_db_wgmma", "snr_db_triton"])
+                                                              "snr_db_wgmma", "c2_equal", "cluster_default"])
     if args.json:
         write_json(args.json, rows)
 

@@ -85,6 +85,14 @@ def test_wgmma_declines_with_reasons(monkeypatch):
     assert dispatcher.backends("grouped_scaled_mm")[0] == "wgmma"
 
 
+def test_wgmma_cluster_rule():
+    """Two CTAs sharing the weight tile from 768 rows per group on average (the H200 A/B in ops/fp8_wgmma.py)."""
+    pick = fp8_wgmma.pick_cluster
+    assert pick(8 * 1024, 8) == 2 and pick(32 * 256, 32) == 1
+    assert pick(768 * 4, 4) == 2 and pick(768 * 4 - 1, 4) == 1
+    assert pick(0, 0) == 1
+
+
 def _wgmma_or_skip():
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("needs an SM90 GPU")
@@ -117,6 +125,13 @@ def test_wgmma_matches_reference_gpu(lens, K, N, a_dtype):
     # the same products summed in another order, rounded to bf16 once: bf16's own precision
     assert snr(out.float(), ref) >= 45, f"SNR {snr(out.float(), ref):.1f} dB"
     assert torch.isfinite(out).all()
+    # two CTAs sharing each weight tile (TMA multicast), a group's odd last row tile leaving rank 1 idle and
+    # weight halves past N: the same products in the same order, so the same bits
+    outs = {c: fp8_wgmma.wgmma_grouped_scaled(aq, b, sa, sb, lens_d, "block", torch.bfloat16, cluster=c)
+            for c in (1, 2)}
+    torch.cuda.synchronize()
+    assert torch.equal(outs[1], outs[2]), "one CTA per tile and two sharing the weights differ"
+    assert torch.equal(out, outs[fp8_wgmma.pick_cluster(sum(lens), len(lens))])
 
 
 @pytest.mark.gpu
@@ -147,11 +162,12 @@ def test_wgmma_bad_device_counts_are_clamped_gpu():
     aq, wq, sa, sw = _operands([100, 60], 256, 128, device="cuda", seed=9)
     b, sb = wq.transpose(1, 2), sw.transpose(1, 2)
 
-    def run(lens):
+    def run(lens, cluster):
         out = fp8_wgmma.wgmma_grouped_scaled(aq, b, sa, sb, torch.tensor(lens, device="cuda"), "block",
-                                             torch.bfloat16)
+                                             torch.bfloat16, cluster=cluster)
         torch.cuda.synchronize()
         return out
 
-    assert torch.equal(run([100, 5000]), run([100, 60]))  # group 1 ends at M
-    assert torch.equal(run([-50, 300]), run([0, 160]))    # group 0 ends at its start: empty
+    for cluster in (1, 2):
+        assert torch.equal(run([100, 5000], cluster), run([100, 60], 1))  # group 1 ends at M
+        assert torch.equal(run([-50, 300], cluster), run([0, 160], 1))    # group 0 ends at its start: empty

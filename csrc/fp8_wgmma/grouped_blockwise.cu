@@ -11,14 +11,20 @@
 //
 // Tiles: 128 rows x 256 columns x 128-deep K stages (four 48 KB stages). A tile never spans two groups' weights:
 // each group's rows start a new tile; rows past the group's end are computed and not stored. The tile order (a
-// band of 8 row tiles x all column tiles, rows fastest) keeps a band's A and the weights it needs in L2.
+// band of 8 row tiles x all column tiles, rows fastest) keeps a band's A and the weights it needs in L2. With
+// cluster 2, two CTAs take two row tiles of a group and share each weight tile by TMA multicast (the kernel's
+// comment below).
 // Operands: a [M, K] row-major e4m3/e5m2; w [G, N, K] with K contiguous (each expert's weight as nn.Linear stores
 // it); K, row strides and pointers 16-byte aligned (TMA); out bf16 [M, N] row-major.
 //
-// Measured on one H200 and left out (benchmarks/results/probe_fp8_wgmma_*_h200.json): 128-column tiles (5-15%
-// slower), the consumers issuing WGMMA in strict turns (0-10% slower), 2-CTA clusters sharing A by TMA multicast
-// (~50% slower as written), and a group's last <= 64 rows as a 64-row tile, with the second consumer idle (5%
-// slower) or taking half the columns (2-5% slower): the stage loads, not the products, set the pace.
+// Measured on one H200 (benchmarks/results/probe_fp8_wgmma_*_h200.json; ncu with clocks locked): the tensor pipe
+// is busy ~63% of the active cycles, one CTA per tile or two; L2 throughput ~48% of peak. Sharing the weight
+// tile in 2-CTA clusters is 3-7% faster at ~1024 rows per expert (less L2 traffic, so higher clocks under the
+// power limit) and 4-8% slower at ~256 (a group's odd last row tile leaves one CTA of the pair idle); the
+// Python side picks it by rows per group. Left out: 128-column tiles (5-15% slower), the consumers issuing
+// WGMMA in strict turns (0-10% slower), the next stage's scales loaded a stage ahead (1-8% slower), and a
+// group's last <= 64 rows as a 64-row tile, with the second consumer idle (5% slower) or taking half the
+// columns (2-5% slower).
 //
 // Built without torch headers, like turbo_dist._cublaslt: tensors travel as addresses, the caller (backend
 // "wgmma" in turbo_dist/ops/fp8_wgmma.py) checks dtypes, shapes, strides and devices first.
@@ -30,8 +36,9 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <algorithm>
+#include <map>
 #include <mutex>
-#include <set>
 #include <stdexcept>
 #include <string>
 
@@ -107,6 +114,36 @@ __device__ __forceinline__ void tma_load_3d(void* dst, const CUtensorMap* map, u
       : "memory");
 }
 
+// The same load delivered to the same shared-memory offset (and barrier) of every CTA in cta_mask.
+__device__ __forceinline__ void tma_load_3d_multicast(void* dst, const CUtensorMap* map, uint64_t* bar, int c0, int c1,
+                                                      int c2, uint16_t cta_mask) {
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster [%0], [%1, "
+      "{%3, %4, %5}], [%2], %6;" ::"r"(smem_addr(dst)),
+      "l"(map), "r"(smem_addr(bar)), "r"(c0), "r"(c1), "r"(c2), "h"(cta_mask)
+      : "memory");
+}
+
+__device__ __forceinline__ uint32_t cluster_rank() {
+  uint32_t r;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+  return r;
+}
+
+__device__ __forceinline__ void cluster_sync() {
+  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+}
+
+// Arrive on the barrier at this shared-memory offset in CTA `rank` of the cluster (this one included). No
+// .release.cluster: what the arrival publishes is that this warp's WGMMA has read the stage (wgmma.wait_group
+// before it), not memory writes, and a cluster-scope release costs a memory barrier per arrival (ncu: "membar"
+// became the first stall reason, the 2-CTA kernel 40% slower than one CTA per tile).
+__device__ __forceinline__ void bar_arrive_cluster(uint64_t* bar, uint32_t rank) {
+  uint32_t remote;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(smem_addr(bar)), "r"(rank));
+  asm volatile("mbarrier.arrive.shared::cluster.b64 _, [%0];" ::"r"(remote) : "memory");
+}
+
 // WGMMA shared-memory descriptor of a K-major tile in 128-byte swizzle atoms (what TMA's SWIZZLE_128B writes
 // for 128-byte rows): start address, stride between 8-row groups 1024 bytes, layout "128B swizzle".
 __device__ __forceinline__ uint64_t smem_desc(const void* p) {
@@ -163,41 +200,51 @@ __device__ __forceinline__ void mma_64x128x32(float (&d)[64], uint64_t desc_a, u
 }
 
 // ------------------------------------------------------------------------------------------ tile order
-// Walks the tiles in increasing index; every warp of the CTA walks the same sequence.
+// Walks the units in increasing index; every warp of the cluster walks the same sequence. A unit is CLUSTER row
+// tiles (one per CTA of the cluster, sharing the weight tile) x one column tile.
+template <int CLUSTER>
 struct TileWalk {
-  int g = -1, tiles_before = 0, group_start = 0, group_end = 0, row_tiles = 0;
+  static constexpr int kUnitRows = kBM * CLUSTER;
+  static constexpr int kBandUnits = kBand / CLUSTER;
+  int g = -1, units_before = 0, group_start = 0, group_end = 0, row_units = 0;
 
-  // Position on tile t (>= every earlier t); false when t is past the last tile.
+  // Position on unit t (>= every earlier t); false when t is past the last unit.
   __device__ __forceinline__ bool seek(const Args& p, int col_tiles, int t) {
-    while (g < p.G && (g < 0 || t >= tiles_before + row_tiles * col_tiles)) {
-      if (g >= 0) tiles_before += row_tiles * col_tiles;
+    while (g < p.G && (g < 0 || t >= units_before + row_units * col_tiles)) {
+      if (g >= 0) units_before += row_units * col_tiles;
       ++g;
       if (g < p.G) {  // counts on the GPU are not checked on the host: clamp, so bad ones never write past M
         group_start = group_end;
         group_end = static_cast<int>(max(int64_t(group_start), min(p.offs[g], int64_t(p.M))));
-        row_tiles = (group_end - group_start + kBM - 1) / kBM;
+        row_units = (group_end - group_start + kUnitRows - 1) / kUnitRows;
       }
     }
     return g < p.G;
   }
 
-  // (first row, first column) of tile t in the current group: bands of kBand row tiles, rows fastest.
-  __device__ __forceinline__ void coords(int col_tiles, int bn, int t, int& m0, int& n0) const {
-    const int u = t - tiles_before;
-    const int band = u / (kBand * col_tiles);
-    const int first = band * kBand;
-    const int height = min(kBand, row_tiles - first);
-    const int v = u - band * kBand * col_tiles;
-    m0 = group_start + (first + v % height) * kBM;
-    n0 = (v / height) * bn;
+  // (first row, first column) of unit t in the current group: bands of kBandUnits row units, rows fastest.
+  __device__ __forceinline__ void coords(int col_tiles, int t, int& m0, int& n0) const {
+    const int u = t - units_before;
+    const int band = u / (kBandUnits * col_tiles);
+    const int first = band * kBandUnits;
+    const int height = min(kBandUnits, row_units - first);
+    const int v = u - band * kBandUnits * col_tiles;
+    m0 = group_start + (first + v % height) * kUnitRows;
+    n0 = (v / height) * kBN;
   }
 };
 
 // --------------------------------------------------------------------------------------------- kernel
-template <bool AE5M2, bool BE5M2>
+// CLUSTER 2: the two CTAs of a cluster take two row tiles of one group with the same columns, so they need the
+// same weight tile: each loads half of its rows and multicasts them to both, and reads (128 + 128) x 128 bytes
+// per stage from L2 instead of (128 + 256) x 128. A stage is then free only when the consumers of both CTAs have
+// released it. When a group's row tiles are odd in number, its last unit leaves rank 1 without rows: that CTA
+// still loads and multicasts its half of the weights, and its consumers only release the stages.
+template <bool AE5M2, bool BE5M2, int CLUSTER>
 __global__ void __launch_bounds__(kThreads, 1)
     grouped_blockwise_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_b,
                              const Args p) {
+  static_assert(CLUSTER == 1 || CLUSTER == 2, "one CTA, or two sharing the weight tile");
   extern __shared__ uint8_t smem_raw[];
   const uint32_t raw = smem_addr(smem_raw);
   uint8_t* smem = smem_raw + ((kSmemAlign - raw % kSmemAlign) % kSmemAlign);
@@ -209,30 +256,51 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int wg = threadIdx.x / 128;
   if (threadIdx.x == 0) {
     for (int s = 0; s < kStages; ++s) {
-      bar_init(&full[s], 1);   // the producer's expect_tx arrival; TMA completes the bytes
-      bar_init(&empty[s], 8);  // one arrival per consumer warp
+      bar_init(&full[s], 1);             // the producer's expect_tx arrival; TMA completes the bytes
+      bar_init(&empty[s], 8 * CLUSTER);  // one arrival per consumer warp of each CTA reading the stage
     }
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
-  __syncthreads();
+  if constexpr (CLUSTER > 1) cluster_sync();  // the peer's barriers exist before anything reaches them
+  else __syncthreads();
 
+  const uint32_t rank = CLUSTER > 1 ? cluster_rank() : 0;
+  const int first_unit = blockIdx.x / CLUSTER, unit_stride = gridDim.x / CLUSTER;
   const int col_tiles = (p.N + kBN - 1) / kBN;
   const int k_steps = (p.K + kBK - 1) / kBK;
-  TileWalk walk;
+  TileWalk<CLUSTER> walk;
 
   if (wg == 0) {  // producer: one thread issues every TMA load
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
     if (threadIdx.x != 0) return;
     int s = 0;
     uint32_t phase = 0;
-    for (int t = blockIdx.x; walk.seek(p, col_tiles, t); t += gridDim.x) {
+    for (int t = first_unit; walk.seek(p, col_tiles, t); t += unit_stride) {
       int m0, n0;
-      walk.coords(col_tiles, kBN, t, m0, n0);
+      walk.coords(col_tiles, t, m0, n0);
+      m0 += int(rank) * kBM;
+      const bool rows = m0 < walk.group_end;  // rank 1 of a group's odd last unit has none
+      constexpr int kHalf = kBN / CLUSTER;    // weight rows this CTA loads (for every CTA of the cluster)
+      // a half wholly past N loads the first half's rows again: columns >= N are computed, never stored
+      const int nb = n0 + int(rank) * kHalf < p.N ? n0 + int(rank) * kHalf : n0;
       for (int kb = 0; kb < k_steps; ++kb) {
         bar_wait(&empty[s], phase ^ 1);
-        bar_expect_tx(&full[s], kStageBytes);
-        tma_load_2d(smem_a + s * kABytes, &map_a, &full[s], kb * kBK, m0);
-        tma_load_3d(smem_b + s * kBBytes, &map_b, &full[s], kb * kBK, n0, walk.g);
+        bar_expect_tx(&full[s], (rows ? kABytes : 0) + kBBytes);
+        if (rows) tma_load_2d(smem_a + s * kABytes, &map_a, &full[s], kb * kBK, m0);
+        if constexpr (CLUSTER > 1)
+          tma_load_3d_multicast(smem_b + s * kBBytes + int(rank) * kHalf * kBK, &map_b, &full[s], kb * kBK, nb,
+                                walk.g, uint16_t((1u << CLUSTER) - 1));
+        else
+          tma_load_3d(smem_b + s * kBBytes, &map_b, &full[s], kb * kBK, n0, walk.g);
+        if (++s == kStages) {
+          s = 0;
+          phase ^= 1;
+        }
+      }
+    }
+    if constexpr (CLUSTER > 1) {  // stay until the peer's consumers have released every stage (their arrivals
+      for (int i = 0; i < kStages; ++i) {  // reach our barriers, our loads reach theirs), then leave
+        bar_wait(&empty[s], phase ^ 1);
         if (++s == kStages) {
           s = 0;
           phase ^= 1;
@@ -251,9 +319,31 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int nb_last = (p.N - 1) / 128;
   int s = 0;
   uint32_t phase = 0;
-  for (int t = blockIdx.x; walk.seek(p, col_tiles, t); t += gridDim.x) {
+  auto release = [&](int stage) {  // this warp is done with the stage (in every CTA whose loads it holds)
+    if (lane == 0) {
+      if constexpr (CLUSTER > 1) {
+#pragma unroll
+        for (uint32_t r = 0; r < CLUSTER; ++r) bar_arrive_cluster(&empty[stage], r);
+      } else {
+        bar_arrive(&empty[stage]);
+      }
+    }
+  };
+  for (int t = first_unit; walk.seek(p, col_tiles, t); t += unit_stride) {
     int m0, n0;
-    walk.coords(col_tiles, kBN, t, m0, n0);
+    walk.coords(col_tiles, t, m0, n0);
+    m0 += int(rank) * kBM;
+    if (CLUSTER > 1 && m0 >= walk.group_end) {  // no rows here: hand the stages back
+      for (int kb = 0; kb < k_steps; ++kb) {
+        bar_wait(&full[s], phase);
+        release(s);
+        if (++s == kStages) {
+          s = 0;
+          phase ^= 1;
+        }
+      }
+      continue;
+    }
     const int r0 = m0 + row_in_tile, r1 = r0 + 8;
     const float* sa0 = p.sa + int64_t(min(r0, p.M - 1)) * p.sa_row;  // rows past M: read, never stored
     const float* sa1 = p.sa + int64_t(min(r1, p.M - 1)) * p.sa_row;
@@ -268,7 +358,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
       for (int i = 0; i < 64; ++i) acc[r][i] = 0.f;
 
-    for (int kb = 0; kb < k_steps; ++kb) {
+    for (int kb = 0; kb < k_steps; ++kb) {  // scales loaded here, not a stage ahead (measured: 1-8% faster)
       const float a0 = __ldg(sa0 + kb * p.sa_k), a1 = __ldg(sa1 + kb * p.sa_k);
       float w[2];
 #pragma unroll
@@ -287,7 +377,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         wgmma_commit();
         wgmma_wait_all();
         fence_regs(part);
-        if (r == 1 && lane == 0) bar_arrive(&empty[s]);  // this warp is done with the stage
+        if (r == 1) release(s);
         const float s0 = a0 * w[r], s1 = a1 * w[r];
 #pragma unroll
         for (int i = 0; i < 64; i += 4) {
@@ -363,44 +453,87 @@ CUtensorMap make_map(uint64_t addr, int rank, const uint64_t* dims, const uint64
   return map;
 }
 
-template <bool AE5M2, bool BE5M2>
-void launch(int device, const CUtensorMap& map_a, const CUtensorMap& map_b, const Args& args, int grid,
-            cudaStream_t stream) {
-  auto kernel = grouped_blockwise_kernel<AE5M2, BE5M2>;
-  static std::mutex mutex;  // per instantiation: the shared-memory limit, raised once per device
-  static std::set<int> raised;
-  {
-    std::lock_guard<std::mutex> lock(mutex);
-    if (!raised.count(device)) {
-      check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes),
-                 "cudaFuncSetAttribute(max dynamic shared memory)");
-      raised.insert(device);
-    }
-  }
-  kernel<<<grid, kThreads, kSmemBytes, stream>>>(map_a, map_b, args);
-  check_cuda(cudaGetLastError(), "kernel launch");
+template <int CLUSTER>
+cudaLaunchConfig_t launch_config(int grid, cudaStream_t stream, cudaLaunchAttribute* attr) {
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(grid);
+  config.blockDim = dim3(kThreads);
+  config.dynamicSmemBytes = kSmemBytes;
+  config.stream = stream;
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = CLUSTER;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  config.attrs = attr;
+  config.numAttrs = 1;
+  return config;
+}
+
+// Per device and instantiation, once: raise the shared-memory limit, count the clusters that fit at once.
+template <bool AE5M2, bool BE5M2, int CLUSTER>
+int prepare(int device) {
+  auto kernel = grouped_blockwise_kernel<AE5M2, BE5M2, CLUSTER>;
+  static std::mutex mutex;
+  static std::map<int, int> clusters;
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = clusters.find(device);
+  if (it != clusters.end()) return it->second;
+  check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes),
+             "cudaFuncSetAttribute(max dynamic shared memory)");
+  int n = 0;
+  cudaLaunchAttribute attr[1];
+  const cudaLaunchConfig_t config = launch_config<CLUSTER>(1024, nullptr, attr);
+  check_cuda(cudaOccupancyMaxActiveClusters(&n, kernel, &config), "cudaOccupancyMaxActiveClusters");
+  if (n < 1)
+    throw std::runtime_error("turbo_dist._fp8_wgmma: no cluster of " + std::to_string(CLUSTER) +
+                             " CTAs of this kernel fits on the GPU");
+  clusters[device] = n;
+  return n;
+}
+
+template <bool AE5M2, bool BE5M2, int CLUSTER>
+void launch(int device, const CUtensorMap& map_a, const CUtensorMap& map_b, const Args& args, int64_t units,
+            int num_sms, cudaStream_t stream) {
+  const int fit = prepare<AE5M2, BE5M2, CLUSTER>(device);
+  const int grid = CLUSTER * int(std::min<int64_t>({units, int64_t(fit), int64_t(num_sms / CLUSTER)}));
+  cudaLaunchAttribute attr[1];
+  const cudaLaunchConfig_t config = launch_config<CLUSTER>(grid, stream, attr);
+  check_cuda(cudaLaunchKernelEx(&config, grouped_blockwise_kernel<AE5M2, BE5M2, CLUSTER>, map_a, map_b, args),
+             "kernel launch");
+}
+
+template <int CLUSTER>
+void launch_types(int device, bool a_e5m2, bool b_e5m2, const CUtensorMap& ma, const CUtensorMap& mb,
+                  const Args& args, int64_t units, int num_sms, cudaStream_t s) {
+  if (!a_e5m2 && !b_e5m2) launch<false, false, CLUSTER>(device, ma, mb, args, units, num_sms, s);
+  else if (a_e5m2 && !b_e5m2) launch<true, false, CLUSTER>(device, ma, mb, args, units, num_sms, s);
+  else if (!a_e5m2 && b_e5m2) launch<false, true, CLUSTER>(device, ma, mb, args, units, num_sms, s);
+  else launch<true, true, CLUSTER>(device, ma, mb, args, units, num_sms, s);
 }
 
 // out [M, N] bf16 = per group g (rows offs[g-1] .. offs[g]): (a * scale_a) @ (w[g] * scale_w[g])^T.
 // a [M, K] at a_addr, row stride lda bytes; w [G, N, K] at w_addr, row stride ldw and group stride w_group bytes;
-// offs: int64 cumulative group ends [G] on the GPU; scales fp32 with the element strides given.
+// offs: int64 cumulative group ends [G] on the GPU; scales fp32 with the element strides given. cluster 1: one
+// CTA per 128 x 256 tile; 2: two CTAs per 256 x 256 unit sharing the weight tile (TMA multicast).
 void grouped_blockwise(int device, uint64_t stream, uint64_t a_addr, uint64_t w_addr, uint64_t out_addr,
                        uint64_t offs_addr, uint64_t sa_addr, int64_t sa_row, int64_t sa_k, uint64_t sb_addr,
                        int64_t sb_g, int64_t sb_k, int64_t sb_n, int64_t M, int64_t N, int64_t K, int64_t G,
                        int64_t lda, int64_t ldw, int64_t w_group, int64_t ldo, bool a_e5m2, bool b_e5m2,
-                       int num_sms) {
+                       int num_sms, int cluster) {
+  if (cluster != 1 && cluster != 2) throw std::invalid_argument("turbo_dist._fp8_wgmma: cluster must be 1 or 2");
   if (M <= 0 || N <= 0 || G <= 0) return;
   if (K <= 0 || K % 16 || lda % 16 || ldw % 16 || w_group % 16 || a_addr % 16 || w_addr % 16)
     throw std::invalid_argument("turbo_dist._fp8_wgmma: K, the row/group strides and the operand addresses must be "
                                 "multiples of 16 bytes");
   if (M > INT32_MAX || N > INT32_MAX || K > INT32_MAX || G > INT32_MAX)
     throw std::invalid_argument("turbo_dist._fp8_wgmma: M, N, K and G must fit in 32 bits");
+  if (num_sms < cluster) throw std::invalid_argument("turbo_dist._fp8_wgmma: num_sms must be >= cluster");
   check_cuda(cudaSetDevice(device), "cudaSetDevice");
   const uint64_t dims_a[2] = {uint64_t(K), uint64_t(M)}, strides_a[1] = {uint64_t(lda)};
   const uint32_t box_a[2] = {kBK, kBM};
   const uint64_t dims_b[3] = {uint64_t(K), uint64_t(N), uint64_t(G)}, strides_b[2] = {uint64_t(ldw),
                                                                                           uint64_t(w_group)};
-  const uint32_t box_b[3] = {kBK, kBN, 1};
+  const uint32_t box_b[3] = {kBK, uint32_t(kBN / cluster), 1};  // clusters: each CTA loads its share of the rows
   const CUtensorMap map_a = make_map(a_addr, 2, dims_a, strides_a, box_a);
   const CUtensorMap map_b = make_map(w_addr, 3, dims_b, strides_b, box_b);
   Args args;
@@ -418,14 +551,12 @@ void grouped_blockwise(int device, uint64_t stream, uint64_t a_addr, uint64_t w_
   args.N = int(N);
   args.K = int(K);
   args.G = int(G);
-  // at most one row tile more per group than M's rows need (each group starts a tile)
-  const int64_t tiles = ((M + kBM - 1) / kBM + G) * ((N + kBN - 1) / kBN);
-  const int grid = int(std::min<int64_t>(tiles, num_sms));
+  // at most one row unit more per group than M's rows need (each group starts a unit)
+  const int64_t unit_rows = int64_t(kBM) * cluster;
+  const int64_t units = ((M + unit_rows - 1) / unit_rows + G) * ((N + kBN - 1) / kBN);
   auto s = reinterpret_cast<cudaStream_t>(stream);
-  if (!a_e5m2 && !b_e5m2) launch<false, false>(device, map_a, map_b, args, grid, s);
-  else if (a_e5m2 && !b_e5m2) launch<true, false>(device, map_a, map_b, args, grid, s);
-  else if (!a_e5m2 && b_e5m2) launch<false, true>(device, map_a, map_b, args, grid, s);
-  else launch<true, true>(device, map_a, map_b, args, grid, s);
+  if (cluster == 1) launch_types<1>(device, a_e5m2, b_e5m2, map_a, map_b, args, units, num_sms, s);
+  else launch_types<2>(device, a_e5m2, b_e5m2, map_a, map_b, args, units, num_sms, s);
 }
 
 }  // namespace
@@ -436,7 +567,7 @@ PYBIND11_MODULE(_fp8_wgmma, m) {
         py::arg("out"), py::arg("offs"), py::arg("scale_a"), py::arg("sa_row"), py::arg("sa_k"), py::arg("scale_w"),
         py::arg("sw_g"), py::arg("sw_k"), py::arg("sw_n"), py::arg("M"), py::arg("N"), py::arg("K"), py::arg("G"),
         py::arg("lda"), py::arg("ldw"), py::arg("w_group"), py::arg("ldo"), py::arg("a_e5m2"), py::arg("w_e5m2"),
-        py::arg("num_sms"));
+        py::arg("num_sms"), py::arg("cluster") = 1);
   m.attr("SMEM_BYTES") = kSmemBytes;
   m.attr("BLOCK_M") = kBM;
   m.attr("BLOCK_N") = kBN;

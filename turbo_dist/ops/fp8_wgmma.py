@@ -23,8 +23,20 @@ def wgmma_module():
     return load_optional_module(_MOD, "_fp8_wgmma", "nvcc is found and torch is a CUDA build")
 
 
-def wgmma_grouped_scaled(a_q, b_q, scale_a, scale_b, group_lens, mode, out_dtype):
-    """out [M, N] bf16: per group (a_q * scale_a)[rows] @ (b_q[g] * scale_b[g]) (the checks: the predicate below)."""
+# CTAs per cluster: 2 = two row tiles of a group share each weight tile by TMA multicast (half the weight
+# traffic from L2), 1 = one CTA per 128 x 256 tile. Measured on an H200 (benchmarks/probe_fp8_wgmma.py, labels
+# fp8_wgmma_c1 / _c2): 2 is 3-7% faster at ~1024 rows per expert, 4-8% slower at ~256 (a group's odd last row
+# tile idles one CTA of the pair), so 2 from CLUSTER_MIN_ROWS rows per group on average (M / G, known on the host).
+CLUSTER_MIN_ROWS = 768
+
+
+def pick_cluster(M, G):
+    return 2 if M >= CLUSTER_MIN_ROWS * max(G, 1) else 1
+
+
+def wgmma_grouped_scaled(a_q, b_q, scale_a, scale_b, group_lens, mode, out_dtype, cluster=None):
+    """out [M, N] bf16: per group (a_q * scale_a)[rows] @ (b_q[g] * scale_b[g]) (the checks: the predicate below);
+    cluster: CTAs per cluster (1 or 2; default pick_cluster(M, G))."""
     from turbo_dist.kernels import gemm as gemm_kernels  # its cached SM count
 
     M, K = a_q.shape
@@ -39,7 +51,8 @@ def wgmma_grouped_scaled(a_q, b_q, scale_a, scale_b, group_lens, mode, out_dtype
         sa_row=scale_a.stride(0), sa_k=scale_a.stride(1), scale_w=scale_b.data_ptr(), sw_g=scale_b.stride(0),
         sw_k=scale_b.stride(1), sw_n=scale_b.stride(2), M=M, N=N, K=K, G=G, lda=a_q.stride(0), ldw=b_q.stride(2),
         w_group=b_q.stride(0) if G > 1 else N * b_q.stride(2), ldo=out.stride(0), a_e5m2=a_q.dtype == E5M2,
-        w_e5m2=b_q.dtype == E5M2, num_sms=gemm_kernels._num_sms(a_q.device))
+        w_e5m2=b_q.dtype == E5M2, num_sms=gemm_kernels._num_sms(a_q.device),
+        cluster=pick_cluster(M, G) if cluster is None else cluster)
     return out
 
 
