@@ -314,8 +314,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   asm volatile("setmaxnreg.inc.sync.aligned.u32 232;");
   const int c = wg - 1;
   const int lane = threadIdx.x % 32, warp = (threadIdx.x % 128) / 32;
-  const int row_in_tile = c * 64 + warp * 16 + lane / 4;  // this thread's rows: row_in_tile and row_in_tile + 8
-  const int col_in_chunk = (lane % 4) * 2;                // and columns col_in_chunk, +1 of every 8-column chunk
+  const int row_in_tile = c * 64 + warp * 16 + lane / 4;  // this thread's rows: row_in_tile and row_in_tile + 8,
+                                                          // columns 2 (lane % 4), +1 of every 8-column chunk
   const int nb_last = (p.N - 1) / 128;
   int s = 0;
   uint32_t phase = 0;
@@ -393,20 +393,43 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
     }
 
-    // epilogue: rows of this group only, columns inside N
+    // epilogue: rows of this group only, columns inside N (a multiple of 8: whole 8-column chunks), in 16-byte
+    // stores: a quad (4 lanes, the same rows) holds 4 chunks x 2 columns each per row; a 4x4 transpose by xor
+    // shuffles gives lane q all 8 columns of chunk q (a quarter of the store instructions and whole 32-byte
+    // sectors; measured against each thread's 4-byte column pairs: 11-13% faster on fc2's K=2048, 0-4% on
+    // fc1, benchmarks/results/diag_fp8_wgmma_stores_h200.json)
     const bool ok0 = r0 < walk.group_end, ok1 = r1 < walk.group_end;
+    const int q = lane % 4;
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
 #pragma unroll
-      for (int j = 0; j < 16; ++j) {
-        const int col = n0 + r * 128 + j * 8 + col_in_chunk;
-        if (col < p.N) {
-          if (ok0)
-            *reinterpret_cast<__nv_bfloat162*>(p.out + int64_t(r0) * p.ldo + col) =
-                __floats2bfloat162_rn(acc[r][4 * j], acc[r][4 * j + 1]);
-          if (ok1)
-            *reinterpret_cast<__nv_bfloat162*>(p.out + int64_t(r1) * p.ldo + col) =
-                __floats2bfloat162_rn(acc[r][4 * j + 2], acc[r][4 * j + 3]);
+      for (int g = 0; g < 4; ++g) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {  // h 0: row r0 (acc pairs 0, 1), h 1: row r1 (pairs 2, 3)
+          uint32_t v[4];
+#pragma unroll
+          for (int c = 0; c < 4; ++c) {
+            const __nv_bfloat162 pair =
+                __floats2bfloat162_rn(acc[r][4 * (4 * g + c) + 2 * h], acc[r][4 * (4 * g + c) + 2 * h + 1]);
+            v[c] = *reinterpret_cast<const uint32_t*>(&pair);
+          }
+          // round i: lane q sends its pair of chunk q^i and gets lane q^i's pair of chunk q (position q^i);
+          // selects on named values, not a runtime index (which would put v in local memory)
+          uint32_t o0 = 0u, o1 = 0u, o2 = 0u, o3 = 0u;
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            const int x = q ^ i;
+            const uint32_t send = (x & 2) ? ((x & 1) ? v[3] : v[2]) : ((x & 1) ? v[1] : v[0]);
+            const uint32_t got = i ? __shfl_xor_sync(0xffffffffu, send, i) : send;
+            o0 = x == 0 ? got : o0;
+            o1 = x == 1 ? got : o1;
+            o2 = x == 2 ? got : o2;
+            o3 = x == 3 ? got : o3;
+          }
+          const int col = n0 + r * 128 + (4 * g + q) * 8;
+          const int row = h ? r1 : r0;
+          if (col < p.N && (h ? ok1 : ok0))
+            *reinterpret_cast<uint4*>(p.out + int64_t(row) * p.ldo + col) = make_uint4(o0, o1, o2, o3);
         }
       }
     }
@@ -527,6 +550,9 @@ void grouped_blockwise(int device, uint64_t stream, uint64_t a_addr, uint64_t w_
                                 "multiples of 16 bytes");
   if (M > INT32_MAX || N > INT32_MAX || K > INT32_MAX || G > INT32_MAX)
     throw std::invalid_argument("turbo_dist._fp8_wgmma: M, N, K and G must fit in 32 bits");
+  if (N % 8 || ldo % 8 || out_addr % 16)
+    throw std::invalid_argument("turbo_dist._fp8_wgmma: N and the output's row stride must be multiples of 8 "
+                                "elements, the output 16-byte aligned");
   if (num_sms < cluster) throw std::invalid_argument("turbo_dist._fp8_wgmma: num_sms must be >= cluster");
   check_cuda(cudaSetDevice(device), "cudaSetDevice");
   const uint64_t dims_a[2] = {uint64_t(K), uint64_t(M)}, strides_a[1] = {uint64_t(lda)};
