@@ -138,7 +138,8 @@ def test_grouped_scaled_torch_loop_gpu():
     a2 = rnd(sum(big), 7168, dtype=torch.bfloat16, device="cuda", seed=46)
     aq2, sa2 = quantize_fp8(a2, E4M3, B)
     out_big = grouped_scaled_mm(aq2, wq, sa2, sw, torch.tensor(big))  # the default's rule: the per-group loop
-    assert dispatcher.last_backend("grouped_scaled_mm") == ("torch_loop" if fp8.native_module() is None else "cublaslt")
+    loop = "torch_loop" if _one_launch() != "wgmma" else "wgmma"  # torch_loop never ahead of wgmma
+    assert dispatcher.last_backend("grouped_scaled_mm") == ("cublaslt" if fp8.native_module() is not None else loop)
     dispatcher.set_backend("grouped_scaled_mm", "torch_loop")
     out_big_loop = grouped_scaled_mm(aq2, wq, sa2, sw, torch.tensor(big))
     dispatcher.set_backend("grouped_scaled_mm", None)
@@ -269,6 +270,14 @@ def test_grouped_scaled_cublaslt_declines_and_rule(monkeypatch):
     assert "16-byte" in fp8._cublaslt_grouped_scaled_can(mis, *args[1:], big, "block", torch.bfloat16)
     monkeypatch.setattr(fp8, "LOOP_MIN_GROUP_FLOP", 2 * 512 * 256 * 128)
     assert fp8._grouped_scaled_preference(mis, *args[1:], big, "block", torch.bfloat16) == "torch_loop"
+    # where backend wgmma takes the call: cublaslt only from WGMMA_NATIVE_MIN_GROUP_FLOP, torch_loop never
+    monkeypatch.setattr(fp8, "_wgmma_takes", lambda *a: True)
+    monkeypatch.setattr(fp8, "WGMMA_NATIVE_MIN_GROUP_FLOP", 2 * 1024 * 256 * 128)
+    assert fp8._grouped_scaled_preference(*args, big, "block", torch.bfloat16) is None  # 128 rows/group < 1024
+    assert fp8._grouped_scaled_preference(mis, *args[1:], big, "block", torch.bfloat16) is None  # not torch_loop
+    monkeypatch.setattr(fp8, "WGMMA_NATIVE_MIN_GROUP_FLOP", 2 * 64 * 256 * 128)
+    assert fp8._grouped_scaled_preference(*args, big, "block", torch.bfloat16) == "cublaslt"
+    monkeypatch.setattr(fp8, "_wgmma_takes", lambda *a: False)
     monkeypatch.setattr(fp8, "LOOP_MIN_GROUP_FLOP", 2 * 512 * 256 * 1024)
     monkeypatch.setitem(fp8._NATIVE, "mod", None)
     assert fp8._grouped_scaled_preference(*args, big, "block", torch.bfloat16) is None  # below torch_loop's bar

@@ -183,6 +183,12 @@ def _torch_loop_grouped_scaled_can(a_q, b_q, scale_a, scale_b, group_lens, mode,
 # cublaslt goes first when a launched group averages >= 512 rows' work at 7168 x 4096 (NATIVE_MIN_GROUP_FLOP,
 # between the measured points); below that the persistent Triton kernel stays first.
 NATIVE_MIN_GROUP_FLOP = 2 * 512 * 7168 * 4096
+# Where backend "wgmma" (our Hopper CUDA kernel, ops/fp8_wgmma.py) takes the call, cublaslt goes first only from
+# 1024 rows' work per group and torch_loop never. H200, the same aligned host counts for both (labels
+# fp8_cublaslt_aligned_host / fp8_wgmma_aligned_host of benchmarks/results/probe_fp8_wgmma_clusters_h200.json
+# and probe_fp8_wgmma_h200.json): at ~1024 rows cuBLASLt is ~10% ahead on G=8 fc1, tied on G=32 fc1, ahead 8%
+# then behind 6% on G=8 fc2; at ~512 rows (G=16 fc1) wgmma is 11-15% ahead; torch_loop trails both.
+WGMMA_NATIVE_MIN_GROUP_FLOP = 2 * 1024 * 7168 * 4096
 NATIVE_WORKSPACE_BYTES = 32 << 20  # cuBLASLt's split-K workspace, what torch gives it on Hopper
 _NATIVE = {}
 
@@ -262,7 +268,8 @@ def _grouped_scaled_choice_key(a_q, b_q, scale_a, scale_b, group_lens, mode, out
     if group_lens.device.type != "cpu" or mode != "block":
         return None
     return (_lens_alignment(group_lens), _loop_pays(a_q, b_q, group_lens),
-            _loop_pays(a_q, b_q, group_lens, NATIVE_MIN_GROUP_FLOP))
+            _loop_pays(a_q, b_q, group_lens, NATIVE_MIN_GROUP_FLOP),
+            _loop_pays(a_q, b_q, group_lens, WGMMA_NATIVE_MIN_GROUP_FLOP))
 
 
 def _loop_pays(a_q, b_q, group_lens, min_flop=None):
@@ -273,16 +280,29 @@ def _loop_pays(a_q, b_q, group_lens, min_flop=None):
     return launched > 0 and 2.0 * a_q.shape[0] * a_q.shape[1] * b_q.shape[2] / launched >= min_flop
 
 
+def _wgmma_takes(*args):
+    from . import fp8_wgmma  # it imports this module
+
+    try:
+        return fp8_wgmma._wgmma_grouped_scaled_can(*args) is True
+    except Exception:  # cannot judge: the rules without it apply
+        return False
+
+
 def _grouped_scaled_preference(a_q, b_q, scale_a, scale_b, group_lens, mode, out_dtype):
     if mode != "block" or group_lens.device.type != "cpu":
         return None
-    if native_module() is not None and _loop_pays(a_q, b_q, group_lens, NATIVE_MIN_GROUP_FLOP):
+    wgmma = _wgmma_takes(a_q, b_q, scale_a, scale_b, group_lens, mode, out_dtype)
+    native_min = WGMMA_NATIVE_MIN_GROUP_FLOP if wgmma else NATIVE_MIN_GROUP_FLOP
+    if native_module() is not None and _loop_pays(a_q, b_q, group_lens, native_min):
         try:
             ok = _cublaslt_grouped_scaled_can(a_q, b_q, scale_a, scale_b, group_lens, mode, out_dtype)
         except Exception as exc:  # cannot judge: torch_loop's rule below still applies
             ok = repr(exc)
         if ok is True:
             return "cublaslt"  # (when it declines, e.g. misaligned rows, torch_loop's rule below still applies)
+    if wgmma:
+        return None  # the default order: wgmma first
     if _loop_pays(a_q, b_q, group_lens):
         return "torch_loop"
     return None

@@ -87,7 +87,8 @@ def _wgmma_grouped_scaled_can(a_q, b_q, scale_a, scale_b, group_lens, mode, out_
 
 # First in the default order (it takes BLOCKWISE only; "triton" runs the other modes). Measured (H200, DeepSeek-V3
 # fc1 / fc2, skewed counts on the GPU; benchmarks/results/probe_fp8_wgmma_h200.json): faster than our Triton
-# kernel in every case, 128 to 1024 rows per expert. With host counts aligned to 128 and >= 512 rows per group
-# on average, fp8_grouped's preference still moves "cublaslt" (cuBLASLt per group) ahead of it.
+# kernel in every case, 128 to 1024 rows per expert. With host counts aligned to 128 and >= 1024 rows per group
+# on average, fp8_grouped's preference still moves "cublaslt" (cuBLASLt per group) ahead of it
+# (WGMMA_NATIVE_MIN_GROUP_FLOP there); "torch_loop" never.
 dispatcher.register_backend("grouped_scaled_mm", "wgmma", wgmma_grouped_scaled, _wgmma_grouped_scaled_can,
                             priority=5)
