@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One batched device session: install, GPU test suite, main-job demo, single-GPU benches.
-#   bash benchmarks/device_suite.sh "install tests gputests ll moe1 dist demo ops opsq attn moe moell moeinter tp cp cpvarlen native tune cublaslt wgmma prof opstests wgrad"
+#   bash benchmarks/device_suite.sh "install tests gputests ll moe1 dist demo ops opsq attn moe moell moeinter tp cp cpvarlen native tune cublaslt wgmma bf16wgmma prof opstests wgrad"
 #   (phases to run, in order; default "install tests demo ops attn"; on a multi-GPU kind start with
 #   "install dist demo moe moell moeinter tp cp cpvarlen")
 # Logs and JSON go under $OUT (default ./out). Safety variables are always set. One-off verification phases of
@@ -42,6 +42,12 @@ for ph in $PHASES; do
             tail -3 "$OUT/pytest_wgmma_$TAG.log"; grep -E "^(FAILED|ERROR)|Error:" "$OUT/pytest_wgmma_$TAG.log" | head -10
             timeout 200 python benchmarks/probe_fp8_wgmma.py --rounds 5 --json "$OUT/probe_fp8_wgmma_$TAG.json" \
               > "$OUT/probe_fp8_wgmma_$TAG.log" 2>&1; echo "wgmma probe rc=$?"; grep -v "^---" "$OUT/probe_fp8_wgmma_$TAG.log" | cut -c1-90;;
+    bf16wgmma) # our Hopper bf16 grouped GEMM (opt-in backend wgmma of grouped_gemm): tests, then timed
+            timeout 200 python -m pytest -q -rs -p no:cacheprovider tests/test_ops_grouped_wgmma.py \
+              > "$OUT/pytest_bf16wgmma_$TAG.log" 2>&1; echo "bf16wgmma tests rc=$?"
+            tail -3 "$OUT/pytest_bf16wgmma_$TAG.log"; grep -E "^(FAILED|ERROR)|Error" "$OUT/pytest_bf16wgmma_$TAG.log" | head -10
+            timeout 240 python benchmarks/probe_grouped_wgmma.py --rounds 5 --json "$OUT/probe_grouped_wgmma_$TAG.json" \
+              > "$OUT/probe_grouped_wgmma_$TAG.log" 2>&1; echo "bf16wgmma probe rc=$?"; grep -v "^---" "$OUT/probe_grouped_wgmma_$TAG.log" | cut -c1-110;;
     cublaslt) # BLOCKWISE FP8 grouped GEMM on cuBLASLt with the loop in C++ (turbo_dist._cublaslt)
             python -c "from turbo_dist.ops import fp8_grouped as f; m = f.native_module(); print('native cublaslt:', m and m.version(), f._NATIVE.get('why'))" 2>&1 | tail -2
             TURBO_DIST_TRITON_TUNE=first timeout 150 python -m pytest -q -rs -p no:cacheprovider tests/test_ops_fp8.py tests/test_ops_fp8_per_group.py \

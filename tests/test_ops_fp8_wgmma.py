@@ -64,11 +64,13 @@ def test_wgmma_source_compiles_for_sm90a(tmp_path):
     sources = sorted(glob.glob(os.path.join(ROOT, "csrc", "fp8_wgmma", "*.cu")))
     assert sources
     flags = [f for f in _setup_nvcc_flags() if f != "--shared"]
-    cmd = [nvcc, *flags, "-c", f"-I{pybind11.get_include()}", f"-I{sysconfig.get_paths()['include']}", *sources,
-           "-o", str(tmp_path / "k.o")]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-4000:]
-    assert os.path.getsize(tmp_path / "k.o") > 0
+    for i, src in enumerate(sources):  # one object each (nvcc -c -o takes one source)
+        obj = tmp_path / f"k{i}.o"
+        cmd = [nvcc, *flags, "-c", f"-I{pybind11.get_include()}", f"-I{sysconfig.get_paths()['include']}", src,
+               "-o", str(obj)]
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, f"{src}: {res.stderr[-4000:]}"
+        assert os.path.getsize(obj) > 0
 
 
 def test_wgmma_declines_with_reasons(monkeypatch):

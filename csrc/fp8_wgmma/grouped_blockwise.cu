@@ -42,18 +42,14 @@
 #include <stdexcept>
 #include <string>
 
+#include "common.h"
 #include "ptx.h"
 
 namespace py = pybind11;
 
 namespace {
 
-constexpr int kBM = 128;              // tile rows: two consumer warpgroups of 64
-constexpr int kBN = 256;              // tile columns: two 64x128 WGMMA rounds per consumer and stage
-constexpr int kBK = 128;              // K per stage = the scale block
-constexpr int kThreads = 3 * 128;     // producer warpgroup + two consumer warpgroups
-constexpr int kBand = 8;              // row tiles per band of the tile order
-constexpr int kSmemAlign = 1024;      // 128-byte swizzle atoms: 8 rows x 128 bytes
+constexpr int kBK = 128;              // K per stage = the scale block (128 FP8 bytes)
 constexpr int kStages = 4;
 constexpr int kABytes = kBM * kBK;    // one byte per FP8 element
 constexpr int kBBytes = kBN * kBK;
@@ -67,41 +63,6 @@ struct Args {
   __nv_bfloat16* out;   // out[row * ldo + col]
   int64_t sa_row, sa_k, sb_g, sb_k, sb_n, ldo;
   int M, N, K, G;
-};
-
-// ------------------------------------------------------------------------------------------ tile order
-// Walks the units in increasing index; every warp of the cluster walks the same sequence. A unit is CLUSTER row
-// tiles (one per CTA of the cluster, sharing the weight tile) x one column tile.
-template <int CLUSTER>
-struct TileWalk {
-  static constexpr int kUnitRows = kBM * CLUSTER;
-  static constexpr int kBandUnits = kBand / CLUSTER;
-  int g = -1, units_before = 0, group_start = 0, group_end = 0, row_units = 0;
-
-  // Position on unit t (>= every earlier t); false when t is past the last unit.
-  __device__ __forceinline__ bool seek(const Args& p, int col_tiles, int t) {
-    while (g < p.G && (g < 0 || t >= units_before + row_units * col_tiles)) {
-      if (g >= 0) units_before += row_units * col_tiles;
-      ++g;
-      if (g < p.G) {  // counts on the GPU are not checked on the host: clamp, so bad ones never write past M
-        group_start = group_end;
-        group_end = static_cast<int>(max(int64_t(group_start), min(p.offs[g], int64_t(p.M))));
-        row_units = (group_end - group_start + kUnitRows - 1) / kUnitRows;
-      }
-    }
-    return g < p.G;
-  }
-
-  // (first row, first column) of unit t in the current group: bands of kBandUnits row units, rows fastest.
-  __device__ __forceinline__ void coords(int col_tiles, int t, int& m0, int& n0) const {
-    const int u = t - units_before;
-    const int band = u / (kBandUnits * col_tiles);
-    const int first = band * kBandUnits;
-    const int height = min(kBandUnits, row_units - first);
-    const int v = u - band * kBandUnits * col_tiles;
-    m0 = group_start + (first + v % height) * kUnitRows;
-    n0 = (v / height) * kBN;
-  }
 };
 
 // --------------------------------------------------------------------------------------------- kernel
@@ -263,136 +224,22 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
     }
 
-    // epilogue: rows of this group only, columns inside N (a multiple of 8: whole 8-column chunks), in 16-byte
-    // stores: a quad (4 lanes, the same rows) holds 4 chunks x 2 columns each per row; a 4x4 transpose by xor
-    // shuffles gives lane q all 8 columns of chunk q (a quarter of the store instructions and whole 32-byte
-    // sectors; measured against each thread's 4-byte column pairs: 11-13% faster on fc2's K=2048, 0-4% on
-    // fc1, benchmarks/results/diag_fp8_wgmma_stores_h200.json)
-    const bool ok0 = r0 < walk.group_end, ok1 = r1 < walk.group_end;
-    const int q = lane % 4;
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-#pragma unroll
-      for (int g = 0; g < 4; ++g) {
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {  // h 0: row r0 (acc pairs 0, 1), h 1: row r1 (pairs 2, 3)
-          uint32_t v[4];
-#pragma unroll
-          for (int c = 0; c < 4; ++c) {
-            const __nv_bfloat162 pair =
-                __floats2bfloat162_rn(acc[r][4 * (4 * g + c) + 2 * h], acc[r][4 * (4 * g + c) + 2 * h + 1]);
-            v[c] = *reinterpret_cast<const uint32_t*>(&pair);
-          }
-          // round i: lane q sends its pair of chunk q^i and gets lane q^i's pair of chunk q (position q^i);
-          // selects on named values, not a runtime index (which would put v in local memory)
-          uint32_t o0 = 0u, o1 = 0u, o2 = 0u, o3 = 0u;
-#pragma unroll
-          for (int i = 0; i < 4; ++i) {
-            const int x = q ^ i;
-            const uint32_t send = (x & 2) ? ((x & 1) ? v[3] : v[2]) : ((x & 1) ? v[1] : v[0]);
-            const uint32_t got = i ? __shfl_xor_sync(0xffffffffu, send, i) : send;
-            o0 = x == 0 ? got : o0;
-            o1 = x == 1 ? got : o1;
-            o2 = x == 2 ? got : o2;
-            o3 = x == 3 ? got : o3;
-          }
-          const int col = n0 + r * 128 + (4 * g + q) * 8;
-          const int row = h ? r1 : r0;
-          if (col < p.N && (h ? ok1 : ok0))
-            *reinterpret_cast<uint4*>(p.out + int64_t(row) * p.ldo + col) = make_uint4(o0, o1, o2, o3);
-        }
-      }
-    }
+    store_tile(acc, p.out, p.ldo, p.N, n0, r0, r1, walk.group_end, lane);
   }
 }
 
 // ------------------------------------------------------------------------------------------------ host
-void check_cuda(cudaError_t err, const char* what) {
-  if (err != cudaSuccess)
-    throw std::runtime_error(std::string("turbo_dist._fp8_wgmma: ") + what + " failed: " + cudaGetErrorString(err));
-}
-
-PFN_cuTensorMapEncodeTiled_v12000 encode_tiled() {
-  static PFN_cuTensorMapEncodeTiled_v12000 fn = nullptr;
-  static std::once_flag once;
-  std::call_once(once, [] {
-    void* ptr = nullptr;
-    cudaDriverEntryPointQueryResult found{};
-#if CUDART_VERSION >= 12050
-    const cudaError_t err = cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &ptr, 12000,
-                                                             cudaEnableDefault, &found);
-#else
-    const cudaError_t err = cudaGetDriverEntryPoint("cuTensorMapEncodeTiled", &ptr, cudaEnableDefault, &found);
-#endif
-    if (err == cudaSuccess && found == cudaDriverEntryPointSuccess)
-      fn = reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(ptr);
-  });
-  if (!fn) throw std::runtime_error("turbo_dist._fp8_wgmma: the CUDA driver has no cuTensorMapEncodeTiled");
-  return fn;
-}
-
-// An FP8 tensor of `rank` dims (innermost first, byte strides of the outer dims) read in boxes of 128-byte rows,
-// written to shared memory in 128-byte swizzle atoms; out-of-bounds elements read as zero.
-CUtensorMap make_map(uint64_t addr, int rank, const uint64_t* dims, const uint64_t* strides, const uint32_t* box) {
-  CUtensorMap map;
-  const uint32_t elem_strides[3] = {1, 1, 1};
-  const CUresult res = encode_tiled()(&map, CU_TENSOR_MAP_DATA_TYPE_UINT8, rank, reinterpret_cast<void*>(addr), dims,
-                                      strides, box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
-                                      CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-                                      CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  if (res != CUDA_SUCCESS)
-    throw std::runtime_error("turbo_dist._fp8_wgmma: cuTensorMapEncodeTiled failed (CUresult " +
-                             std::to_string(int(res)) + "): operands must be 16-byte aligned, strides too");
-  return map;
-}
-
-template <int CLUSTER>
-cudaLaunchConfig_t launch_config(int grid, cudaStream_t stream, cudaLaunchAttribute* attr) {
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(grid);
-  config.blockDim = dim3(kThreads);
-  config.dynamicSmemBytes = kSmemBytes;
-  config.stream = stream;
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = CLUSTER;
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  config.attrs = attr;
-  config.numAttrs = 1;
-  return config;
-}
-
-// Per device and instantiation, once: raise the shared-memory limit, count the clusters that fit at once.
-template <bool AE5M2, bool BE5M2, int CLUSTER>
-int prepare(int device) {
-  auto kernel = grouped_blockwise_kernel<AE5M2, BE5M2, CLUSTER>;
-  static std::mutex mutex;
-  static std::map<int, int> clusters;
-  std::lock_guard<std::mutex> lock(mutex);
-  auto it = clusters.find(device);
-  if (it != clusters.end()) return it->second;
-  check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes),
-             "cudaFuncSetAttribute(max dynamic shared memory)");
-  int n = 0;
-  cudaLaunchAttribute attr[1];
-  const cudaLaunchConfig_t config = launch_config<CLUSTER>(1024, nullptr, attr);
-  check_cuda(cudaOccupancyMaxActiveClusters(&n, kernel, &config), "cudaOccupancyMaxActiveClusters");
-  if (n < 1)
-    throw std::runtime_error("turbo_dist._fp8_wgmma: no cluster of " + std::to_string(CLUSTER) +
-                             " CTAs of this kernel fits on the GPU");
-  clusters[device] = n;
-  return n;
-}
-
 template <bool AE5M2, bool BE5M2, int CLUSTER>
 void launch(int device, const CUtensorMap& map_a, const CUtensorMap& map_b, const Args& args, int64_t units,
             int num_sms, cudaStream_t stream) {
-  const int fit = prepare<AE5M2, BE5M2, CLUSTER>(device);
+  auto kernel = grouped_blockwise_kernel<AE5M2, BE5M2, CLUSTER>;
+  static std::mutex mutex;  // per instantiation
+  static std::map<int, int> fit_per_device;
+  const int fit = clusters_that_fit(kernel, CLUSTER, kSmemBytes, device, mutex, fit_per_device);
   const int grid = CLUSTER * int(std::min<int64_t>({units, int64_t(fit), int64_t(num_sms / CLUSTER)}));
   cudaLaunchAttribute attr[1];
-  const cudaLaunchConfig_t config = launch_config<CLUSTER>(grid, stream, attr);
-  check_cuda(cudaLaunchKernelEx(&config, grouped_blockwise_kernel<AE5M2, BE5M2, CLUSTER>, map_a, map_b, args),
-             "kernel launch");
+  const cudaLaunchConfig_t config = cluster_config(grid, CLUSTER, kSmemBytes, stream, attr);
+  check_cuda(cudaLaunchKernelEx(&config, kernel, map_a, map_b, args), "kernel launch");
 }
 
 template <int CLUSTER>
@@ -457,8 +304,12 @@ void grouped_blockwise(int device, uint64_t stream, uint64_t a_addr, uint64_t w_
 
 }  // namespace
 
+namespace turbo_dist_wgmma {
+void register_bf16(py::module_& m);  // grouped_bf16.cu: the bf16 grouped GEMM
+}  // namespace turbo_dist_wgmma
+
 PYBIND11_MODULE(_fp8_wgmma, m) {
-  m.doc() = "FP8 blockwise grouped GEMM for Hopper (WGMMA + TMA), group boundaries read on the GPU";
+  m.doc() = "FP8 blockwise and bf16 grouped GEMMs for Hopper (WGMMA + TMA), group boundaries read on the GPU";
   m.def("grouped_blockwise", &grouped_blockwise, py::arg("device"), py::arg("stream"), py::arg("a"), py::arg("w"),
         py::arg("out"), py::arg("offs"), py::arg("scale_a"), py::arg("sa_row"), py::arg("sa_k"), py::arg("scale_w"),
         py::arg("sw_g"), py::arg("sw_k"), py::arg("sw_n"), py::arg("M"), py::arg("N"), py::arg("K"), py::arg("G"),
@@ -467,4 +318,5 @@ PYBIND11_MODULE(_fp8_wgmma, m) {
   m.attr("SMEM_BYTES") = kSmemBytes;
   m.attr("BLOCK_M") = kBM;
   m.attr("BLOCK_N") = kBN;
+  turbo_dist_wgmma::register_bf16(m);
 }

@@ -1,6 +1,6 @@
 // PTX wrappers for sm_90a kernels: shared-memory mbarriers, TMA loads (multicast included), cluster barriers and
-// remote arrivals, WGMMA descriptors and the FP8 m64n128k32 WGMMA. Included by grouped_blockwise.cu (one
-// translation unit: an anonymous namespace, like the kernel's).
+// remote arrivals, WGMMA descriptors, the FP8 m64n128k32 and bf16 m64n256k16 WGMMAs. Included by the kernels of
+// turbo_dist._fp8_wgmma (an anonymous namespace, like theirs: one copy per translation unit).
 #pragma once
 
 #include <cuda.h>
@@ -95,6 +95,9 @@ __device__ __forceinline__ uint64_t smem_desc(const void* p) {
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
 __device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory"); }
+// Wait until at most N committed WGMMA groups are still in flight.
+template <int N>
+__device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory"); }
 
 // Keep the compiler from moving accumulator reads/writes across the asynchronous WGMMA.
 template <int N>
@@ -137,6 +140,42 @@ __device__ __forceinline__ void mma_64x128x32(float (&d)[64], uint64_t desc_a, u
     TD_WGMMA_64x128x32("e4m3", "e5m2");
   } else {
     TD_WGMMA_64x128x32("e5m2", "e5m2");
+  }
+}
+
+// WGMMA shared-memory descriptor of an MN-major tile in 128-byte swizzle atoms (64 bf16 along MN x 8 along K,
+// what TMA's SWIZZLE_128B writes for boxes of 64 MN elements): LBO = bytes from one 64-wide MN atom column to the
+// next, SBO = bytes from one 8-deep K group to the next.
+__device__ __forceinline__ uint64_t smem_desc_mn(const void* p, uint32_t lbo, uint32_t sbo) {
+  const uint64_t addr = smem_addr(p);
+  return ((addr & 0x3FFFF) >> 4) | (uint64_t(lbo >> 4) << 16) | (uint64_t(sbo >> 4) << 32) | (1ull << 62);
+}
+
+#define TD_ACC128_REGS                                                                                         \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, "   \
+  "%23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, "   \
+  "%44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, "   \
+  "%65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, "   \
+  "%86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, " \
+  "%106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, "      \
+  "%123, %124, %125, %126, %127}"
+
+// D[64 x 256] (+)= A[64 x 16] * B[256 x 16]^T, bf16 operands from shared memory (A K-major; B K-major, or
+// MN-major when TRANS_B is "1"), f32 accumulators d[0] (columns 0-127) and d[1] (128-255).
+#define TD_WGMMA_64x256x16_BF16(TRANS_B)                                                                      \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"                                                \
+               "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 " TD_ACC128_REGS                       \
+               ", %128, %129, p, 1, 1, 0, " TRANS_B ";\n}\n"                                                 \
+               : TD_ACC64_OUTS(d[0]), TD_ACC64_OUTS(d[1])                                                     \
+               : "l"(desc_a), "l"(desc_b), "r"(accumulate))
+
+template <bool TRANS_B>
+__device__ __forceinline__ void mma_64x256x16_bf16(float (&d)[2][64], uint64_t desc_a, uint64_t desc_b,
+                                                   int accumulate) {
+  if constexpr (TRANS_B) {
+    TD_WGMMA_64x256x16_BF16("1");
+  } else {
+    TD_WGMMA_64x256x16_BF16("0");
   }
 }
 

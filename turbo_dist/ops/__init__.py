@@ -8,6 +8,7 @@ from .fp8 import (Float8QuantConfig, Format, ScalingGranularity, cache_fp8_weigh
                   quantize_fp8, scaled_mm)
 from .fp8_grouped import grouped_gemm_fp8, grouped_scaled_mm
 from . import fp8_wgmma  # noqa: E402,F401  (registers grouped_scaled_mm's backend "wgmma")
+from . import grouped_wgmma  # noqa: E402,F401  (registers grouped_gemm's backend "wgmma", opt-in)
 
 
 def flash_attn_func(q, k, v, softmax_scale=None, causal=False, cp_param_bundle=None):

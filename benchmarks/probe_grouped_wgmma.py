@@ -1,0 +1,95 @@
+"""Our Hopper bf16 grouped GEMM (backend "wgmma" of grouped_gemm, opt-in; turbo_dist._fp8_wgmma.grouped_bf16)
+against torch._grouped_mm, our Triton kernel and the per-expert loop (the issue's baselines), DeepSeek-V3 expert
+shapes, skewed token counts on the GPU: the forward (b [G, K, N], N-major) and the dgrad (dC @ b^T, K-major).
+
+    python benchmarks/probe_grouped_wgmma.py --json probe.json [--cases G8_fc1_1024,...] [--rounds 5]
+
+Every case is checked first (relative error against torch._grouped_mm; one CTA per tile and two sharing the
+weights bit-equal); times are bench_interleaved medians (L2 flushed, shuffled order); x_torch / x_loop: the
+baseline's time over the label's, same call; frac_peak against the bf16 datasheet peak.
+"""
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_ops import GROUPED_LAYERS, _forced, skewed_lens  # noqa: E402
+from common import bench_interleaved, peak_tflops, print_table, write_json  # noqa: E402
+
+CASES = ["G8_fc1_1024", "G32_fc1_1024", "G8_fc2_1024", "G32_fc1_256", "G32_fc2_256", "G32_fc1_128"]
+
+
+def _rel(x, ref):
+    return float((x.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30))
+
+
+def run_case(name, rounds):
+    from turbo_dist.ops import dispatcher, grouped_wgmma
+
+    g, layer, tpe = name.split("_")
+    G, tpe = int(g[1:]), int(tpe)
+    K, N = dict((n, (k, nn)) for n, k, nn in GROUPED_LAYERS)[layer]
+    lens = skewed_lens(G, tpe, seed=G)
+    M = int(lens.sum())
+    a = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(G, K, N, device="cuda", dtype=torch.bfloat16) * K ** -0.5
+    dc = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
+    gl = lens.cuda()
+    offs = torch.cumsum(gl, 0).int()
+    rows = []
+    for phase, x, trans_b in (("fwd", a, False), ("dgrad", dc, True)):
+        bb = b.transpose(1, 2) if trans_b else b  # what torch._grouped_mm takes: [G, K', N']
+        check = {}
+        ref = torch._grouped_mm(x, bb, offs=offs)
+        out1, out2 = (grouped_wgmma.wgmma_grouped(x, b, gl, trans_b, cluster=c) for c in (1, 2))
+        check["rel_err_vs_torch"] = _rel(out1, ref)
+        check["c2_equal"] = bool(torch.equal(out1, out2))
+        del ref, out1, out2
+
+        def forced(backend):
+            return _forced(lambda: dispatcher.dispatch("grouped_gemm", x, b, gl, trans_b), grouped_gemm=backend)
+
+        fns = {"torch_grouped_mm": lambda: torch._grouped_mm(x, bb, offs=offs), "triton": forced("triton"),
+               "loop": forced("loop")}
+        for cl in (1, 2):
+            fns[f"wgmma_c{cl}"] = (lambda cl=cl: grouped_wgmma.wgmma_grouped(x, b, gl, trans_b, cluster=cl))
+        try:
+            res = bench_interleaved(fns, rounds=rounds)
+        finally:
+            dispatcher.set_backend("grouped_gemm", None)
+        kk, nn = (N, K) if trans_b else (K, N)
+        flops = 2.0 * M * kk * nn
+        peak = peak_tflops("bf16")
+        base, loop = res.get("torch_grouped_mm"), res.get("loop")
+        for label, ms in res.items():
+            if ms is None:
+                continue
+            tf = flops / ms / 1e9
+            rows.append({"case": f"{name}_{phase}", "impl": label, "ms": ms, "tflops": tf,
+                         "x_torch": base / ms if base else None, "x_loop": loop / ms if loop else None,
+                         "frac_peak": tf / peak if peak else None, "shape": f"G={G} M={M} K={kk} N={nn}", **check})
+    return rows
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json", default=None)
+    p.add_argument("--cases", default=",".join(CASES))
+    p.add_argument("--rounds", type=int, default=5)
+    args = p.parse_args()
+    torch.manual_seed(0)
+    rows = []
+    for name in args.cases.split(","):
+        rows += run_case(name, args.rounds)
+        for phase in ("fwd", "dgrad"):
+            print_table([r for r in rows if r["case"] == f"{name}_{phase}"],
+                        ["case", "impl", "ms", "tflops", "x_torch", "x_loop", "frac_peak", "rel_err_vs_torch",
+                         "c2_equal"])
+    if args.json:
+        write_json(args.json, rows)
+
+
+if __name__ == "__main__":
+    main()

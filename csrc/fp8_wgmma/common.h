@@ -1,0 +1,187 @@
+// What the Hopper kernels of turbo_dist._fp8_wgmma share: the tile shape and order (128 x 256 tiles, a group's
+// rows start a new tile, bands of row tiles), the 16-byte bf16 epilogue, and the host side of TMA descriptors
+// and cluster launches.
+#pragma once
+
+#include <cuda.h>
+#include <cudaTypedefs.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <map>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+
+namespace {
+
+constexpr int kBM = 128;              // tile rows: two consumer warpgroups of 64
+constexpr int kBN = 256;              // tile columns
+constexpr int kThreads = 3 * 128;     // producer warpgroup + two consumer warpgroups
+constexpr int kBand = 8;              // row tiles per band of the tile order
+constexpr int kSmemAlign = 1024;      // 128-byte swizzle atoms: 8 rows x 128 bytes
+
+// Walks the units in increasing index; every warp of the cluster walks the same sequence. A unit is CLUSTER row
+// tiles (one per CTA of the cluster, sharing the weight tile) x one column tile.
+template <int CLUSTER>
+struct TileWalk {
+  static constexpr int kUnitRows = kBM * CLUSTER;
+  static constexpr int kBandUnits = kBand / CLUSTER;
+  int g = -1, units_before = 0, group_start = 0, group_end = 0, row_units = 0;
+
+  // Position on unit t (>= every earlier t); false when t is past the last unit.
+  template <class P>  // P: the kernel's arguments (offs, M, G read here)
+  __device__ __forceinline__ bool seek(const P& p, int col_tiles, int t) {
+    while (g < p.G && (g < 0 || t >= units_before + row_units * col_tiles)) {
+      if (g >= 0) units_before += row_units * col_tiles;
+      ++g;
+      if (g < p.G) {  // counts on the GPU are not checked on the host: clamp, so bad ones never write past M
+        group_start = group_end;
+        group_end = static_cast<int>(max(int64_t(group_start), min(p.offs[g], int64_t(p.M))));
+        row_units = (group_end - group_start + kUnitRows - 1) / kUnitRows;
+      }
+    }
+    return g < p.G;
+  }
+
+  // (first row, first column) of unit t in the current group: bands of kBandUnits row units, rows fastest.
+  __device__ __forceinline__ void coords(int col_tiles, int t, int& m0, int& n0) const {
+    const int u = t - units_before;
+    const int band = u / (kBandUnits * col_tiles);
+    const int first = band * kBandUnits;
+    const int height = min(kBandUnits, row_units - first);
+    const int v = u - band * kBandUnits * col_tiles;
+    m0 = group_start + (first + v % height) * kUnitRows;
+    n0 = (v / height) * kBN;
+  }
+};
+
+// The epilogue of a 128 x 256 tile: a consumer warpgroup's 64 x 256 fp32 accumulators (acc[r][i]: WGMMA's
+// m64n128 fragment of columns r*128 .. r*128+127; the same registers as one m64n256 fragment) to bf16 out: this
+// thread's rows r0 and r1 (= r0 + 8) where below row_end, its columns of n0 .. n0+255 inside N.
+__device__ __forceinline__ void store_tile(const float (&acc)[2][64], __nv_bfloat16* out, int64_t ldo, int N, int n0,
+                                           int r0, int r1, int row_end, int lane) {
+  // rows of this group only (< row_end), columns inside N (a multiple of 8: whole 8-column chunks), in 16-byte
+  // stores: a quad (4 lanes, the same rows) holds 4 chunks x 2 columns each per row; a 4x4 transpose by xor
+  // shuffles gives lane q all 8 columns of chunk q (a quarter of the store instructions and whole 32-byte
+  // sectors; measured against each thread's 4-byte column pairs: 11-13% faster on fc2's K=2048, 0-4% on
+  // fc1, benchmarks/results/diag_fp8_wgmma_stores_h200.json)
+  const bool ok0 = r0 < row_end, ok1 = r1 < row_end;
+  const int q = lane % 4;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+#pragma unroll
+    for (int g = 0; g < 4; ++g) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {  // h 0: row r0 (acc pairs 0, 1), h 1: row r1 (pairs 2, 3)
+        uint32_t v[4];
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          const __nv_bfloat162 pair =
+              __floats2bfloat162_rn(acc[r][4 * (4 * g + c) + 2 * h], acc[r][4 * (4 * g + c) + 2 * h + 1]);
+          v[c] = *reinterpret_cast<const uint32_t*>(&pair);
+        }
+        // round i: lane q sends its pair of chunk q^i and gets lane q^i's pair of chunk q (position q^i);
+        // selects on named values, not a runtime index (which would put v in local memory)
+        uint32_t o0 = 0u, o1 = 0u, o2 = 0u, o3 = 0u;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int x = q ^ i;
+          const uint32_t send = (x & 2) ? ((x & 1) ? v[3] : v[2]) : ((x & 1) ? v[1] : v[0]);
+          const uint32_t got = i ? __shfl_xor_sync(0xffffffffu, send, i) : send;
+          o0 = x == 0 ? got : o0;
+          o1 = x == 1 ? got : o1;
+          o2 = x == 2 ? got : o2;
+          o3 = x == 3 ? got : o3;
+        }
+        const int col = n0 + r * 128 + (4 * g + q) * 8;
+        const int row = h ? r1 : r0;
+        if (col < N && (h ? ok1 : ok0))
+          *reinterpret_cast<uint4*>(out + int64_t(row) * ldo + col) = make_uint4(o0, o1, o2, o3);
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------ host
+inline void check_cuda(cudaError_t err, const char* what) {
+  if (err != cudaSuccess)
+    throw std::runtime_error(std::string("turbo_dist._fp8_wgmma: ") + what + " failed: " + cudaGetErrorString(err));
+}
+
+inline PFN_cuTensorMapEncodeTiled_v12000 encode_tiled() {
+  static PFN_cuTensorMapEncodeTiled_v12000 fn = nullptr;
+  static std::once_flag once;
+  std::call_once(once, [] {
+    void* ptr = nullptr;
+    cudaDriverEntryPointQueryResult found{};
+#if CUDART_VERSION >= 12050
+    const cudaError_t err = cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &ptr, 12000,
+                                                             cudaEnableDefault, &found);
+#else
+    const cudaError_t err = cudaGetDriverEntryPoint("cuTensorMapEncodeTiled", &ptr, cudaEnableDefault, &found);
+#endif
+    if (err == cudaSuccess && found == cudaDriverEntryPointSuccess)
+      fn = reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(ptr);
+  });
+  if (!fn) throw std::runtime_error("turbo_dist._fp8_wgmma: the CUDA driver has no cuTensorMapEncodeTiled");
+  return fn;
+}
+
+// A tensor of `rank` (<= 5) dims (innermost first, byte strides of the outer dims) of one- or two-byte elements,
+// read in boxes of 128-byte rows, written to shared memory in 128-byte swizzle atoms; out-of-bounds elements
+// read as zero.
+inline CUtensorMap make_map(uint64_t addr, int rank, const uint64_t* dims, const uint64_t* strides, const uint32_t* box,
+                     CUtensorMapDataType dtype = CU_TENSOR_MAP_DATA_TYPE_UINT8) {
+  CUtensorMap map;
+  const uint32_t elem_strides[5] = {1, 1, 1, 1, 1};
+  const CUresult res = encode_tiled()(&map, dtype, rank, reinterpret_cast<void*>(addr), dims,
+                                      strides, box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                                      CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                                      CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (res != CUDA_SUCCESS)
+    throw std::runtime_error("turbo_dist._fp8_wgmma: cuTensorMapEncodeTiled failed (CUresult " +
+                             std::to_string(int(res)) + "): operands must be 16-byte aligned, strides too");
+  return map;
+}
+
+// The launch configuration of a persistent kernel in clusters of `cluster` CTAs along x.
+inline cudaLaunchConfig_t cluster_config(int grid, int cluster, int smem_bytes, cudaStream_t stream,
+                                         cudaLaunchAttribute* attr) {
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(grid);
+  config.blockDim = dim3(kThreads);
+  config.dynamicSmemBytes = smem_bytes;
+  config.stream = stream;
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = cluster;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  config.attrs = attr;
+  config.numAttrs = 1;
+  return config;
+}
+
+// Per device, once per kernel (the caller's static cache): raise its shared-memory limit and count the clusters
+// that fit on the GPU at once.
+template <class Kernel>
+int clusters_that_fit(Kernel kernel, int cluster, int smem_bytes, int device, std::mutex& mutex,
+                      std::map<int, int>& cache) {
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = cache.find(device);
+  if (it != cache.end()) return it->second;
+  check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes),
+             "cudaFuncSetAttribute(max dynamic shared memory)");
+  int n = 0;
+  cudaLaunchAttribute attr[1];
+  const cudaLaunchConfig_t config = cluster_config(1024, cluster, smem_bytes, nullptr, attr);
+  check_cuda(cudaOccupancyMaxActiveClusters(&n, kernel, &config), "cudaOccupancyMaxActiveClusters");
+  if (n < 1)
+    throw std::runtime_error("turbo_dist._fp8_wgmma: no cluster of " + std::to_string(cluster) +
+                             " CTAs of this kernel fits on the GPU");
+  cache[device] = n;
+  return n;
+}
+
+}  // namespace

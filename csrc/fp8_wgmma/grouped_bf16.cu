@@ -1,0 +1,269 @@
+// bf16 grouped GEMM (MoE experts) for Hopper (sm_90a) in one persistent launch that reads the group boundaries
+// on the GPU: the FP8 kernel's structure (grouped_blockwise.cu) without the scales, for backend "wgmma" of
+// ops.grouped_gemm (opt-in until measured, turbo_dist/ops/grouped_wgmma.py).
+//
+// out[rows of g] = a[rows of g] @ B_g, B_g [K, N] read from b: "K-major" b [G, N, K] with K contiguous (the
+// dgrad's operand, grouped_gemm(..., trans_b=True)) or "N-major" b [G, K, N] with N contiguous (the forward's,
+// trans_b=False), both by TMA in 128-byte swizzled rows. Per CTA a producer warp streams 128 x 64 A and 256 x 64
+// B stages (48 KB, four stages); two consumer warpgroups (64 rows each) run WGMMA m64n256k16 and keep one stage's
+// products in flight while the next is issued (no promotion: one accumulator of 128 registers per thread). With
+// cluster 2 the two CTAs take two row tiles of a group and share each weight tile by TMA multicast. Tiles, tile
+// order and the epilogue: common.h.
+#include <pybind11/pybind11.h>
+
+#include <algorithm>
+
+#include "common.h"
+#include "ptx.h"
+
+namespace py = pybind11;
+
+namespace {
+
+constexpr int kBK16 = 64;                           // K per stage: 64 bf16 = one 128-byte swizzle row
+constexpr int kStages16 = 4;
+constexpr int kABytes16 = kBM * kBK16 * 2;          // 16 KB
+constexpr int kBBytes16 = kBN * kBK16 * 2;          // 32 KB
+constexpr int kChunkBytes16 = 64 * kBK16 * 2;       // N-major B: one box of 64 columns x 64 K rows, 8 KB
+constexpr int kStageBytes16 = kABytes16 + kBBytes16;
+constexpr int kSmemBytes16 = kStages16 * kStageBytes16 + kSmemAlign + 2 * kStages16 * 8;
+
+struct Args16 {
+  const int64_t* offs;  // cumulative group ends [G]
+  __nv_bfloat16* out;   // out[row * ldo + col]
+  int64_t ldo;
+  int M, N, K, G;
+};
+
+template <bool N_MAJOR, int CLUSTER>
+__global__ void __launch_bounds__(kThreads, 1)
+    grouped_bf16_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_b,
+                        const Args16 p) {
+  static_assert(CLUSTER == 1 || CLUSTER == 2, "one CTA, or two sharing the weight tile");
+  extern __shared__ uint8_t smem_raw[];
+  const uint32_t raw = smem_addr(smem_raw);
+  uint8_t* smem = smem_raw + ((kSmemAlign - raw % kSmemAlign) % kSmemAlign);
+  uint8_t* smem_a = smem;                                // [stages][128 rows][128 bytes]
+  uint8_t* smem_b = smem + kStages16 * kABytes16;        // K-major: [stages][256 rows][128 bytes];
+                                                         // N-major: [stages][4 chunks][64 K rows][128 bytes]
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem + kStages16 * kStageBytes16);
+  uint64_t* empty = full + kStages16;
+
+  const int wg = threadIdx.x / 128;
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < kStages16; ++s) {
+      bar_init(&full[s], 1);
+      bar_init(&empty[s], 8 * CLUSTER);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  if constexpr (CLUSTER > 1) cluster_sync();
+  else __syncthreads();
+
+  const uint32_t rank = CLUSTER > 1 ? cluster_rank() : 0;
+  const int first_unit = blockIdx.x / CLUSTER, unit_stride = gridDim.x / CLUSTER;
+  const int col_tiles = (p.N + kBN - 1) / kBN;
+  const int k_steps = (p.K + kBK16 - 1) / kBK16;
+  TileWalk<CLUSTER> walk;
+
+  if (wg == 0) {  // producer
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
+    if (threadIdx.x != 0) return;
+    int s = 0;
+    uint32_t phase = 0;
+    constexpr uint16_t kMask = uint16_t((1u << CLUSTER) - 1);
+    for (int t = first_unit; walk.seek(p, col_tiles, t); t += unit_stride) {
+      int m0, n0;
+      walk.coords(col_tiles, t, m0, n0);
+      m0 += int(rank) * kBM;
+      const bool rows = m0 < walk.group_end;
+      for (int kb = 0; kb < k_steps; ++kb) {
+        bar_wait(&empty[s], phase ^ 1);
+        bar_expect_tx(&full[s], (rows ? kABytes16 : 0) + kBBytes16);
+        if (rows) tma_load_2d(smem_a + s * kABytes16, &map_a, &full[s], kb * kBK16, m0);
+        uint8_t* b_stage = smem_b + s * kBBytes16;
+        if constexpr (N_MAJOR) {  // this CTA's share of the four 64-column chunks
+#pragma unroll
+          for (int c = int(rank) * (4 / CLUSTER); c < int(rank + 1) * (4 / CLUSTER); ++c) {
+            const int nc = n0 + c * 64 < p.N ? n0 + c * 64 : n0;  // chunks wholly past N: columns never stored
+            if constexpr (CLUSTER > 1)
+              tma_load_3d_multicast(b_stage + c * kChunkBytes16, &map_b, &full[s], nc, kb * kBK16, walk.g, kMask);
+            else
+              tma_load_3d(b_stage + c * kChunkBytes16, &map_b, &full[s], nc, kb * kBK16, walk.g);
+          }
+        } else {
+          constexpr int kHalf = kBN / CLUSTER;
+          const int nb = n0 + int(rank) * kHalf < p.N ? n0 + int(rank) * kHalf : n0;
+          if constexpr (CLUSTER > 1)
+            tma_load_3d_multicast(b_stage + int(rank) * kHalf * 128, &map_b, &full[s], kb * kBK16, nb, walk.g,
+                                  kMask);
+          else
+            tma_load_3d(b_stage, &map_b, &full[s], kb * kBK16, n0, walk.g);
+        }
+        if (++s == kStages16) {
+          s = 0;
+          phase ^= 1;
+        }
+      }
+    }
+    if constexpr (CLUSTER > 1) {  // stay until the peer's consumers have released every stage
+      for (int i = 0; i < kStages16; ++i) {
+        bar_wait(&empty[s], phase ^ 1);
+        if (++s == kStages16) {
+          s = 0;
+          phase ^= 1;
+        }
+      }
+    }
+    return;
+  }
+
+  // consumers: warpgroup c computes rows c*64 .. c*64+63 of each tile, all 256 columns
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;");
+  const int c = wg - 1;
+  const int lane = threadIdx.x % 32, warp = (threadIdx.x % 128) / 32;
+  const int row_in_tile = c * 64 + warp * 16 + lane / 4;
+  int s = 0;
+  uint32_t phase = 0;
+  auto release = [&](int stage) {
+    if (lane == 0) {
+      if constexpr (CLUSTER > 1) {
+#pragma unroll
+        for (uint32_t r = 0; r < CLUSTER; ++r) bar_arrive_cluster(&empty[stage], r);
+      } else {
+        bar_arrive(&empty[stage]);
+      }
+    }
+  };
+  auto advance = [&] {
+    if (++s == kStages16) {
+      s = 0;
+      phase ^= 1;
+    }
+  };
+  for (int t = first_unit; walk.seek(p, col_tiles, t); t += unit_stride) {
+    int m0, n0;
+    walk.coords(col_tiles, t, m0, n0);
+    m0 += int(rank) * kBM;
+    if (CLUSTER > 1 && m0 >= walk.group_end) {  // no rows here: hand the stages back
+      for (int kb = 0; kb < k_steps; ++kb) {
+        bar_wait(&full[s], phase);
+        release(s);
+        advance();
+      }
+      continue;
+    }
+    float acc[2][64];
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+#pragma unroll
+      for (int i = 0; i < 64; ++i) acc[r][i] = 0.f;
+    int prev = -1;  // the stage whose products are still in flight
+    for (int kb = 0; kb < k_steps; ++kb) {
+      bar_wait(&full[s], phase);
+      fence_regs(acc[0]);
+      fence_regs(acc[1]);
+      wgmma_fence();
+      const uint8_t* a_stage = smem_a + s * kABytes16 + c * 64 * 128;
+      const uint8_t* b_stage = smem_b + s * kBBytes16;
+#pragma unroll
+      for (int kk = 0; kk < kBK16 / 16; ++kk) {  // 16 K per WGMMA: 32 bytes along A's rows
+        const uint64_t desc_a = smem_desc(a_stage) + 2 * kk;
+        if constexpr (N_MAJOR)  // 16 K rows of 128 bytes further; chunks 8 KB apart, 8-row groups 1 KB apart
+          mma_64x256x16_bf16<true>(acc, desc_a, smem_desc_mn(b_stage + kk * 16 * 128, kChunkBytes16, 1024), 1);
+        else
+          mma_64x256x16_bf16<false>(acc, desc_a, smem_desc(b_stage) + 2 * kk, 1);
+      }
+      wgmma_commit();
+      wgmma_wait<1>();  // the previous stage's products are done: hand it back
+      fence_regs(acc[0]);
+      fence_regs(acc[1]);
+      if (prev >= 0) release(prev);
+      prev = s;
+      advance();
+    }
+    wgmma_wait<0>();
+    fence_regs(acc[0]);
+    fence_regs(acc[1]);
+    if (prev >= 0) release(prev);
+    const int r0 = m0 + row_in_tile;
+    store_tile(acc, p.out, p.ldo, p.N, n0, r0, r0 + 8, walk.group_end, lane);
+  }
+}
+
+template <bool N_MAJOR, int CLUSTER>
+void launch16(int device, const CUtensorMap& map_a, const CUtensorMap& map_b, const Args16& args, int64_t units,
+              int num_sms, cudaStream_t stream) {
+  auto kernel = grouped_bf16_kernel<N_MAJOR, CLUSTER>;
+  static std::mutex mutex;  // per instantiation
+  static std::map<int, int> fit_per_device;
+  const int fit = clusters_that_fit(kernel, CLUSTER, kSmemBytes16, device, mutex, fit_per_device);
+  const int grid = CLUSTER * int(std::min<int64_t>({units, int64_t(fit), int64_t(num_sms / CLUSTER)}));
+  cudaLaunchAttribute attr[1];
+  const cudaLaunchConfig_t config = cluster_config(grid, CLUSTER, kSmemBytes16, stream, attr);
+  check_cuda(cudaLaunchKernelEx(&config, kernel, map_a, map_b, args), "kernel launch");
+}
+
+// out [M, N] bf16 = per group g (rows offs[g-1] .. offs[g]): a[rows] @ B_g. a [M, K] bf16 at a_addr, row stride
+// lda elements; b: n_major ? [G, K, N] (row stride ldb, N contiguous) : [G, N, K] (row stride ldb, K contiguous),
+// group stride b_group elements; offs: int64 cumulative group ends [G] on the GPU.
+void grouped_bf16(int device, uint64_t stream, uint64_t a_addr, uint64_t b_addr, uint64_t out_addr,
+                  uint64_t offs_addr, int64_t M, int64_t N, int64_t K, int64_t G, int64_t lda, int64_t ldb,
+                  int64_t b_group, int64_t ldo, bool n_major, int num_sms, int cluster) {
+  if (cluster != 1 && cluster != 2) throw std::invalid_argument("turbo_dist._fp8_wgmma: cluster must be 1 or 2");
+  if (M <= 0 || N <= 0 || G <= 0) return;
+  if (K <= 0 || K % 8 || lda % 8 || ldb % 8 || b_group % 8 || a_addr % 16 || b_addr % 16)
+    throw std::invalid_argument("turbo_dist._fp8_wgmma: K, the row/group strides (elements) must be multiples of "
+                                "8 and the operands 16-byte aligned");
+  if (N % 8 || ldo % 8 || out_addr % 16)
+    throw std::invalid_argument("turbo_dist._fp8_wgmma: N and the output's row stride must be multiples of 8 "
+                                "elements, the output 16-byte aligned");
+  if (M > INT32_MAX || N > INT32_MAX || K > INT32_MAX || G > INT32_MAX)
+    throw std::invalid_argument("turbo_dist._fp8_wgmma: M, N, K and G must fit in 32 bits");
+  if (num_sms < cluster) throw std::invalid_argument("turbo_dist._fp8_wgmma: num_sms must be >= cluster");
+  check_cuda(cudaSetDevice(device), "cudaSetDevice");
+  constexpr CUtensorMapDataType kBf16 = CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
+  const uint64_t dims_a[2] = {uint64_t(K), uint64_t(M)}, strides_a[1] = {uint64_t(lda) * 2};
+  const uint32_t box_a[2] = {kBK16, kBM};
+  const CUtensorMap map_a = make_map(a_addr, 2, dims_a, strides_a, box_a, kBf16);
+  const uint64_t strides_b[2] = {uint64_t(ldb) * 2, uint64_t(b_group) * 2};
+  CUtensorMap map_b;
+  if (n_major) {  // boxes of 64 columns x 64 K rows
+    const uint64_t dims_b[3] = {uint64_t(N), uint64_t(K), uint64_t(G)};
+    const uint32_t box_b[3] = {64, kBK16, 1};
+    map_b = make_map(b_addr, 3, dims_b, strides_b, box_b, kBf16);
+  } else {  // boxes of (256 / cluster) rows x 64 K
+    const uint64_t dims_b[3] = {uint64_t(K), uint64_t(N), uint64_t(G)};
+    const uint32_t box_b[3] = {kBK16, uint32_t(kBN / cluster), 1};
+    map_b = make_map(b_addr, 3, dims_b, strides_b, box_b, kBf16);
+  }
+  Args16 args;
+  args.offs = reinterpret_cast<const int64_t*>(offs_addr);
+  args.out = reinterpret_cast<__nv_bfloat16*>(out_addr);
+  args.ldo = ldo;
+  args.M = int(M);
+  args.N = int(N);
+  args.K = int(K);
+  args.G = int(G);
+  const int64_t unit_rows = int64_t(kBM) * cluster;
+  const int64_t units = ((M + unit_rows - 1) / unit_rows + G) * ((N + kBN - 1) / kBN);
+  auto s = reinterpret_cast<cudaStream_t>(stream);
+  if (n_major && cluster == 1) launch16<true, 1>(device, map_a, map_b, args, units, num_sms, s);
+  else if (n_major) launch16<true, 2>(device, map_a, map_b, args, units, num_sms, s);
+  else if (cluster == 1) launch16<false, 1>(device, map_a, map_b, args, units, num_sms, s);
+  else launch16<false, 2>(device, map_a, map_b, args, units, num_sms, s);
+}
+
+}  // namespace
+
+namespace turbo_dist_wgmma {
+
+void register_bf16(py::module_& m) {
+  m.def("grouped_bf16", &grouped_bf16, py::arg("device"), py::arg("stream"), py::arg("a"), py::arg("b"),
+        py::arg("out"), py::arg("offs"), py::arg("M"), py::arg("N"), py::arg("K"), py::arg("G"), py::arg("lda"),
+        py::arg("ldb"), py::arg("b_group"), py::arg("ldo"), py::arg("n_major"), py::arg("num_sms"),
+        py::arg("cluster") = 1);
+  m.attr("SMEM_BYTES_BF16") = kSmemBytes16;
+}
+
+}  // namespace turbo_dist_wgmma

@@ -1,0 +1,98 @@
+"""Backend "wgmma" of grouped_gemm: our Hopper bf16 grouped GEMM (turbo_dist._fp8_wgmma's grouped_bf16,
+csrc/fp8_wgmma/grouped_bf16.cu), opt-in. CPU: it runs only when asked for and declines what it cannot run, with
+the reason (its source compiles in test_ops_fp8_wgmma's nvcc check, which covers every .cu of the folder); GPU
+(marker `gpu`, SM90): against the float64 product on odd shapes, both b layouts (N-major forward, K-major dgrad),
+one CTA per tile and two sharing the weights (bit-equal), and through ops.grouped_gemm with autograd.
+"""
+import pytest
+import torch
+
+from turbo_dist.ops import dispatcher, grouped_gemm, grouped_wgmma
+
+from test_ops_gemm import grouped_ref, make_grouped, rel, rnd
+
+
+@pytest.fixture(autouse=True)
+def _reset_backends():
+    yield
+    for op in ("grouped_gemm", "grouped_gemm_wgrad"):
+        dispatcher.set_backend(op, None)
+
+
+def test_wgmma_grouped_runs_only_when_asked(monkeypatch):
+    a, b, gl = make_grouped([3, 5], 16, 8, False, torch.bfloat16)
+    can = grouped_wgmma._wgmma_grouped_can
+    monkeypatch.delenv("TURBO_DIST_GROUPED_GEMM_BACKEND", raising=False)
+    assert "only when asked" in can(a, b, gl)
+    assert dispatcher.backends("grouped_gemm")[-1] == "wgmma"  # registered, last
+    assert dispatcher.choose("grouped_gemm", a, b, gl, False).name != "wgmma"
+    monkeypatch.setenv("TURBO_DIST_GROUPED_GEMM_BACKEND", "wgmma")
+    assert "only when asked" not in str(can(a, b, gl))
+    monkeypatch.delenv("TURBO_DIST_GROUPED_GEMM_BACKEND")
+    dispatcher.set_backend("grouped_gemm", "wgmma")
+    monkeypatch.setitem(grouped_wgmma._MOD, "mod", None)
+    monkeypatch.setitem(grouped_wgmma._MOD, "why", "turbo_dist._fp8_wgmma is not built (test)")
+    assert "not built" in can(a, b, gl)
+    with pytest.raises(ValueError, match="not built"):  # asked for and unable: a clear error, no fallback
+        grouped_gemm(a, b, gl)
+    monkeypatch.setitem(grouped_wgmma._MOD, "mod", object())  # built without the bf16 kernel
+    assert "rebuild" in can(a, b, gl)
+    monkeypatch.setitem(grouped_wgmma._MOD, "mod", type("M", (), {"grouped_bf16": None})())
+    assert "CUDA" in can(a, b, gl)  # CPU tensors
+
+
+def _gpu_or_skip():
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("needs an SM90 GPU")
+    mod = grouped_wgmma.wgmma_module()
+    if mod is None:
+        pytest.skip(grouped_wgmma._MOD["why"])
+    if not hasattr(mod, "grouped_bf16"):
+        pytest.skip("turbo_dist._fp8_wgmma built without grouped_bf16")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("trans_b", [False, True])
+@pytest.mark.parametrize("lens,K,N", [
+    ([300, 0, 77, 1, 129, 0, 512, 5], 7168, 2048),  # skewed, empty groups, rows off every tile, odd row tiles
+    ([64, 65, 192, 193, 63], 512, 768),              # rows around the tile halves
+    ([1], 64, 64),                                     # one row, one chunk of columns
+    ([130, 60], 328, 200),                             # K off 64 and N off 64 / 128 / 256 (zero-filled, masked)
+    ([0, 0, 0], 256, 256),                             # nothing to compute
+    ([1000], 2048, 7168),                              # one group: fc2's shape
+])
+def test_wgmma_grouped_matches_reference_gpu(lens, K, N, trans_b):
+    _gpu_or_skip()
+    a, b, gl = make_grouped(lens, K, N, trans_b, torch.bfloat16, device="cuda")
+    dispatcher.set_backend("grouped_gemm", "wgmma")
+    assert grouped_wgmma._wgmma_grouped_can(a, b, gl.cuda(), trans_b) is True
+    outs = {c: grouped_wgmma.wgmma_grouped(a, b, gl.cuda(), trans_b, cluster=c) for c in (1, 2)}
+    torch.cuda.synchronize()
+    assert outs[1].shape == (sum(lens), N) and outs[1].dtype == torch.bfloat16
+    assert torch.equal(outs[1], outs[2]), "one CTA per tile and two sharing the weights differ"
+    if sum(lens) == 0:
+        return
+    assert rel(outs[1], grouped_ref(a, b, gl, trans_b)) < 1e-2
+    ref_torch = torch._grouped_mm(a, b.transpose(1, 2) if trans_b else b, offs=torch.cumsum(gl.cuda(), 0).int())
+    assert rel(outs[1], ref_torch) < 1e-2
+
+
+@pytest.mark.gpu
+def test_wgmma_grouped_autograd_gpu():
+    """ops.grouped_gemm with the backend forced: the forward (N-major b) and the dgrad (K-major) run our kernel,
+    the weight gradient the default's; all against float64."""
+    _gpu_or_skip()
+    lens = [0, 900, 17, 0, 3000, 256, 1, 0]
+    a, b, gl = make_grouped(lens, 7168, 2048, False, torch.bfloat16, device="cuda")
+    a.requires_grad_()
+    b.requires_grad_()
+    dispatcher.set_backend("grouped_gemm", "wgmma")
+    out = grouped_gemm(a, b, gl.cuda())
+    assert dispatcher.last_backend("grouped_gemm") == "wgmma"
+    dc = rnd(*out.shape, dtype=torch.bfloat16, device="cuda", seed=7)
+    out.backward(dc)
+    assert dispatcher.last_backend("grouped_gemm") == "wgmma"  # the dgrad
+    a64, b64 = a.detach().double().requires_grad_(), b.detach().double().requires_grad_()
+    ref = grouped_ref(a64, b64, gl, False)
+    ref.backward(dc.double())
+    assert rel(out, ref) < 1e-2 and rel(a.grad, a64.grad) < 1e-2 and rel(b.grad, b64.grad) < 1e-2

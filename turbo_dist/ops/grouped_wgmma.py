@@ -1,0 +1,69 @@
+"""Backend "wgmma" of grouped_gemm: bf16 grouped GEMM on Hopper in one persistent launch of our CUDA kernel
+(turbo_dist._fp8_wgmma's grouped_bf16, csrc/fp8_wgmma/grouped_bf16.cu: the FP8 blockwise kernel's TMA + WGMMA
+pipeline without the scales, 2-CTA clusters sharing each weight tile by TMA multicast from 768 rows per group,
+which Triton 3.6 cannot express). Reads the group boundaries on the GPU; b [G, K, N] (N contiguous, the forward)
+or b [G, N, K] with trans_b (K contiguous, the dgrad); a row-major; bf16 in and out.
+
+Opt-in until checked and timed on a GPU (its predicate declines unless asked for, autotuning included):
+`ops.dispatcher.set_backend("grouped_gemm", "wgmma")` or TURBO_DIST_GROUPED_GEMM_BACKEND=wgmma;
+benchmarks/probe_grouped_wgmma.py times it against torch._grouped_mm, our Triton kernel and the per-expert loop.
+"""
+import torch
+
+from . import dispatcher
+from .fp8_wgmma import _MOD, pick_cluster, wgmma_module
+from .grouped_gemm import group_offsets
+
+
+def wgmma_grouped(a, b, group_lens, trans_b=False, cluster=None):
+    """out [M, N] bf16: per group a[rows] @ (b[g]^T if trans_b else b[g]) (checks: the predicate below);
+    cluster: CTAs per cluster (1 or 2; default fp8_wgmma.pick_cluster(M, G))."""
+    from turbo_dist.kernels import gemm as gemm_kernels  # its cached SM count
+
+    M, K = a.shape
+    G = b.shape[0]
+    N = b.shape[1] if trans_b else b.shape[2]
+    out = torch.empty((M, N), dtype=a.dtype, device=a.device)
+    if M == 0 or N == 0:
+        return out
+    if K == 0:
+        return out.zero_()
+    offs = group_offsets(group_lens, a.device)  # int64 cumulative ends, read by the kernel
+    wgmma_module().grouped_bf16(
+        device=a.device.index, stream=torch.cuda.current_stream(a.device).cuda_stream, a=a.data_ptr(),
+        b=b.data_ptr(), out=out.data_ptr(), offs=offs.data_ptr(), M=M, N=N, K=K, G=G, lda=a.stride(0),
+        ldb=b.stride(1), b_group=b.stride(0) if G > 1 else b.shape[1] * b.stride(1), ldo=out.stride(0),
+        n_major=not trans_b, num_sms=gemm_kernels._num_sms(a.device),
+        cluster=pick_cluster(M, G) if cluster is None else cluster)
+    return out
+
+
+def _wgmma_grouped_can(a, b, group_lens, trans_b=False):
+    if not dispatcher.asked_for("grouped_gemm", "wgmma"):  # autotuning included: not timed on a GPU yet
+        return "wgmma (bf16 grouped) runs only when asked for: set_backend or TURBO_DIST_GROUPED_GEMM_BACKEND"
+    mod = wgmma_module()
+    if mod is None:
+        return _MOD["why"]
+    if not hasattr(mod, "grouped_bf16"):
+        return "turbo_dist._fp8_wgmma was built without grouped_bf16: rebuild it (pip install -e .)"
+    if not (a.is_cuda and b.is_cuda) or a.device != b.device:
+        return "wgmma needs a and b on one CUDA device"
+    if torch.cuda.get_device_capability(a.device) != (9, 0):
+        return "wgmma runs on SM90 (Hopper) only"
+    if a.dtype != torch.bfloat16 or b.dtype != torch.bfloat16:
+        return f"wgmma's grouped GEMM takes bf16 only, got {a.dtype} and {b.dtype}"
+    if a.stride(1) != 1 or b.stride(2) != 1:
+        return "wgmma needs a row-major and b's last dim contiguous"
+    M, K = a.shape
+    N = b.shape[1] if trans_b else b.shape[2]
+    if K % 8 or N % 8 or a.stride(0) % 8 or b.stride(1) % 8 or (b.shape[0] > 1 and b.stride(0) % 8):
+        return f"wgmma needs K, N and the row / group strides multiples of 8 elements, got K={K}, N={N}"
+    if a.data_ptr() % 16 or b.data_ptr() % 16:
+        return "wgmma needs 16-byte aligned operands (TMA)"
+    if max(M, N, K, b.shape[0]) >= 2 ** 31:
+        return "wgmma needs M, N, K and G below 2**31"
+    return True
+
+
+# Last in the order; its predicate declines unless asked for.
+dispatcher.register_backend("grouped_gemm", "wgmma", wgmma_grouped, _wgmma_grouped_can, priority=40)
