@@ -275,6 +275,28 @@ def print_table(rows, cols=None, file=None):
     sys.stdout.flush()
 
 
+def probe_main(doc, cases, run_case, columns, case_keys=lambda name: [name]):
+    """The command line of a per-case probe: --json, --cases (comma-separated, default `cases`), --rounds;
+    rows += run_case(name, rounds) per case, printed as tables over `columns` (one per key of case_keys(name),
+    rows whose "case" equals it), written with write_json at the end."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json", default=None)
+    p.add_argument("--cases", default=",".join(cases))
+    p.add_argument("--rounds", type=int, default=5)
+    args = p.parse_args()
+    torch.manual_seed(0)
+    rows = []
+    for name in args.cases.split(","):
+        rows += run_case(name, args.rounds)
+        for key in case_keys(name):
+            print_table([r for r in rows if r["case"] == key], columns)
+    if args.json:
+        write_json(args.json, rows)
+    return rows
+
+
 def time_across_ranks(fn, warmup, iters, device="cuda"):
     """Median ms of `fn` per rank (the same call count on every rank: CUDA events, or perf_counter with
     device="cpu"), max over the ranks of the default process group: the time the slowest rank sees, which

@@ -10,7 +10,6 @@ against bf16 in the same call, fraction of the FP8 datasheet peak. fp8_wgmma is 
 cluster from fp8_wgmma.pick_cluster, column cluster_default); fp8_wgmma_c1 / _c2 call the kernel directly with
 one CTA per tile / two CTAs sharing each weight tile.
 """
-import argparse
 import os
 import sys
 
@@ -18,7 +17,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_ops import _forced, aligned_lens, skewed_lens  # noqa: E402
-from common import bench_interleaved, peak_tflops, print_table, write_json  # noqa: E402
+from common import bench_interleaved, peak_tflops, probe_main  # noqa: E402
 
 LAYERS = {"fc1": (7168, 4096), "fc2": (2048, 7168)}  # (K, N)
 CASES = ["G8_fc1_1024", "G32_fc1_1024", "G16_fc1_512", "G32_fc1_256", "G8_fc2_1024", "G32_fc2_256", "G32_fc1_128"]
@@ -98,19 +97,8 @@ def run_case(name, rounds):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--json", default=None)
-    p.add_argument("--cases", default=",".join(CASES))
-    p.add_argument("--rounds", type=int, default=5)
-    args = p.parse_args()
-    torch.manual_seed(0)
-    rows = []
-    for name in args.cases.split(","):
-        rows += run_case(name, args.rounds)
-        print_table([r for r in rows if r["case"] == name], ["case", "impl", "ms", "tflops", "x_bf16", "frac_peak",
-                                                              "snr_db_wgmma", "c2_equal", "cluster_default"])
-    if args.json:
-        write_json(args.json, rows)
+    probe_main(__doc__, CASES, run_case, ["case", "impl", "ms", "tflops", "x_bf16", "frac_peak", "snr_db_wgmma",
+                                          "c2_equal", "cluster_default"])
 
 
 if __name__ == "__main__":

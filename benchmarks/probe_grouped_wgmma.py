@@ -8,7 +8,6 @@ Every case is checked first (relative error against torch._grouped_mm; one CTA p
 weights bit-equal); times are bench_interleaved medians (L2 flushed, shuffled order); x_torch / x_loop: the
 baseline's time over the label's, same call; frac_peak against the bf16 datasheet peak.
 """
-import argparse
 import os
 import sys
 
@@ -16,7 +15,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_ops import GROUPED_LAYERS, _forced, skewed_lens  # noqa: E402
-from common import bench_interleaved, peak_tflops, print_table, write_json  # noqa: E402
+from common import bench_interleaved, peak_tflops, probe_main  # noqa: E402
 
 CASES = ["G8_fc1_1024", "G32_fc1_1024", "G8_fc2_1024", "G32_fc1_256", "G32_fc2_256", "G32_fc1_128"]
 
@@ -74,21 +73,9 @@ def run_case(name, rounds):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--json", default=None)
-    p.add_argument("--cases", default=",".join(CASES))
-    p.add_argument("--rounds", type=int, default=5)
-    args = p.parse_args()
-    torch.manual_seed(0)
-    rows = []
-    for name in args.cases.split(","):
-        rows += run_case(name, args.rounds)
-        for phase in ("fwd", "dgrad"):
-            print_table([r for r in rows if r["case"] == f"{name}_{phase}"],
-                        ["case", "impl", "ms", "tflops", "x_torch", "x_loop", "frac_peak", "rel_err_vs_torch",
-                         "c2_equal"])
-    if args.json:
-        write_json(args.json, rows)
+    probe_main(__doc__, CASES, run_case, ["case", "impl", "ms", "tflops", "x_torch", "x_loop", "frac_peak",
+                                          "rel_err_vs_torch", "c2_equal"],
+               case_keys=lambda name: [f"{name}_fwd", f"{name}_dgrad"])
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@
 #include <stdexcept>
 #include <string>
 
+#include "ptx.h"
+
 namespace {
 
 constexpr int kBM = 128;              // tile rows: two consumer warpgroups of 64
@@ -56,6 +58,92 @@ struct TileWalk {
     n0 = (v / height) * kBN;
   }
 };
+
+// ------------------------------------------------------------------------------------- the stage pipeline
+// The ring of shared-memory stages the producer and the consumers walk in the same order: the stage and the
+// parity of its current pass.
+template <int STAGES>
+struct StageRing {
+  int s = 0;
+  uint32_t phase = 0;
+  __device__ __forceinline__ void advance() {
+    if (++s == STAGES) {
+      s = 0;
+      phase ^= 1;
+    }
+  }
+};
+
+// The dynamic shared memory of a kernel, aligned to the 1 KB of a 128-byte swizzle pattern: STAGES A tiles, then
+// STAGES B tiles, then the full and empty barriers.
+template <int STAGES, int A_BYTES, int B_BYTES>
+struct StageSmem {
+  uint8_t* a;
+  uint8_t* b;
+  uint64_t* full;
+  uint64_t* empty;
+  static constexpr int kBytes = STAGES * (A_BYTES + B_BYTES) + kSmemAlign + 2 * STAGES * 8;  // the launch's size
+
+  __device__ __forceinline__ explicit StageSmem(uint8_t* raw) {
+    uint8_t* base = raw + ((kSmemAlign - smem_addr(raw) % kSmemAlign) % kSmemAlign);
+    a = base;
+    b = base + STAGES * A_BYTES;
+    full = reinterpret_cast<uint64_t*>(base + STAGES * (A_BYTES + B_BYTES));
+    empty = full + STAGES;
+  }
+};
+
+// Thread 0 sets up the stage barriers: full[s] completes on the producer's expect_tx arrival and TMA's bytes,
+// empty[s] on one arrival per consumer warp of every CTA reading the stage. Then the cluster (or CTA) syncs, so a
+// peer's barriers exist before anything reaches them.
+template <int STAGES, int CLUSTER>
+__device__ __forceinline__ void init_stage_barriers(uint64_t* full, uint64_t* empty) {
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < STAGES; ++s) {
+      bar_init(&full[s], 1);
+      bar_init(&empty[s], 8 * CLUSTER);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  if constexpr (CLUSTER > 1) cluster_sync();
+  else __syncthreads();
+}
+
+// The producer's exit with clusters: stay until the peer's consumers have released every stage (their arrivals
+// reach our barriers, our loads reach theirs).
+template <int STAGES, int CLUSTER>
+__device__ __forceinline__ void drain_stages(uint64_t* empty, StageRing<STAGES>& ring) {
+  if constexpr (CLUSTER > 1) {
+    for (int i = 0; i < STAGES; ++i) {
+      bar_wait(&empty[ring.s], ring.phase ^ 1);
+      ring.advance();
+    }
+  }
+}
+
+// A consumer warp is done with `stage` (in every CTA whose loads it holds).
+template <int CLUSTER>
+__device__ __forceinline__ void release_stage(uint64_t* empty, int stage, int lane) {
+  if (lane == 0) {
+    if constexpr (CLUSTER > 1) {
+#pragma unroll
+      for (uint32_t r = 0; r < CLUSTER; ++r) bar_arrive_cluster(&empty[stage], r);
+    } else {
+      bar_arrive(&empty[stage]);
+    }
+  }
+}
+
+// A unit with no rows for this CTA (rank 1 of a group's odd last row tile): hand its stages back unread.
+template <int STAGES, int CLUSTER>
+__device__ __forceinline__ void skip_stages(uint64_t* full, uint64_t* empty, StageRing<STAGES>& ring, int k_steps,
+                                            int lane) {
+  for (int kb = 0; kb < k_steps; ++kb) {
+    bar_wait(&full[ring.s], ring.phase);
+    release_stage<CLUSTER>(empty, ring.s, lane);
+    ring.advance();
+  }
+}
 
 // The epilogue of a 128 x 256 tile: a consumer warpgroup's 64 x 256 fp32 accumulators (acc[r][i]: WGMMA's
 // m64n128 fragment of columns r*128 .. r*128+127; the same registers as one m64n256 fragment) to bf16 out: this

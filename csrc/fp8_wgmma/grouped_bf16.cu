@@ -14,7 +14,6 @@
 #include <algorithm>
 
 #include "common.h"
-#include "ptx.h"
 
 namespace py = pybind11;
 
@@ -25,8 +24,8 @@ constexpr int kStages16 = 4;
 constexpr int kABytes16 = kBM * kBK16 * 2;          // 16 KB
 constexpr int kBBytes16 = kBN * kBK16 * 2;          // 32 KB
 constexpr int kChunkBytes16 = 64 * kBK16 * 2;       // N-major B: one box of 64 columns x 64 K rows, 8 KB
-constexpr int kStageBytes16 = kABytes16 + kBBytes16;
-constexpr int kSmemBytes16 = kStages16 * kStageBytes16 + kSmemAlign + 2 * kStages16 * 8;
+using Smem16 = StageSmem<kStages16, kABytes16, kBBytes16>;
+constexpr int kSmemBytes16 = Smem16::kBytes;
 
 struct Args16 {
   const int64_t* offs;  // cumulative group ends [G]
@@ -41,24 +40,14 @@ __global__ void __launch_bounds__(kThreads, 1)
                         const Args16 p) {
   static_assert(CLUSTER == 1 || CLUSTER == 2, "one CTA, or two sharing the weight tile");
   extern __shared__ uint8_t smem_raw[];
-  const uint32_t raw = smem_addr(smem_raw);
-  uint8_t* smem = smem_raw + ((kSmemAlign - raw % kSmemAlign) % kSmemAlign);
-  uint8_t* smem_a = smem;                                // [stages][128 rows][128 bytes]
-  uint8_t* smem_b = smem + kStages16 * kABytes16;        // K-major: [stages][256 rows][128 bytes];
-                                                         // N-major: [stages][4 chunks][64 K rows][128 bytes]
-  uint64_t* full = reinterpret_cast<uint64_t*>(smem + kStages16 * kStageBytes16);
-  uint64_t* empty = full + kStages16;
+  const Smem16 smem(smem_raw);  // A [stages][128 rows][128 bytes]; B K-major [stages][256 rows][128 bytes],
+  uint8_t* smem_a = smem.a;     // N-major [stages][4 chunks][64 K rows][128 bytes]
+  uint8_t* smem_b = smem.b;
+  uint64_t* full = smem.full;
+  uint64_t* empty = smem.empty;
 
   const int wg = threadIdx.x / 128;
-  if (threadIdx.x == 0) {
-    for (int s = 0; s < kStages16; ++s) {
-      bar_init(&full[s], 1);
-      bar_init(&empty[s], 8 * CLUSTER);
-    }
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-  }
-  if constexpr (CLUSTER > 1) cluster_sync();
-  else __syncthreads();
+  init_stage_barriers<kStages16, CLUSTER>(full, empty);
 
   const uint32_t rank = CLUSTER > 1 ? cluster_rank() : 0;
   const int first_unit = blockIdx.x / CLUSTER, unit_stride = gridDim.x / CLUSTER;
@@ -69,8 +58,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (wg == 0) {  // producer
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
     if (threadIdx.x != 0) return;
-    int s = 0;
-    uint32_t phase = 0;
+    StageRing<kStages16> ring;
     constexpr uint16_t kMask = uint16_t((1u << CLUSTER) - 1);
     for (int t = first_unit; walk.seek(p, col_tiles, t); t += unit_stride) {
       int m0, n0;
@@ -78,7 +66,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       m0 += int(rank) * kBM;
       const bool rows = m0 < walk.group_end;
       for (int kb = 0; kb < k_steps; ++kb) {
-        bar_wait(&empty[s], phase ^ 1);
+        const int s = ring.s;
+        bar_wait(&empty[s], ring.phase ^ 1);
         bar_expect_tx(&full[s], (rows ? kABytes16 : 0) + kBBytes16);
         if (rows) tma_load_2d(smem_a + s * kABytes16, &map_a, &full[s], kb * kBK16, m0);
         uint8_t* b_stage = smem_b + s * kBBytes16;
@@ -100,21 +89,10 @@ __global__ void __launch_bounds__(kThreads, 1)
           else
             tma_load_3d(b_stage, &map_b, &full[s], kb * kBK16, n0, walk.g);
         }
-        if (++s == kStages16) {
-          s = 0;
-          phase ^= 1;
-        }
+        ring.advance();
       }
     }
-    if constexpr (CLUSTER > 1) {  // stay until the peer's consumers have released every stage
-      for (int i = 0; i < kStages16; ++i) {
-        bar_wait(&empty[s], phase ^ 1);
-        if (++s == kStages16) {
-          s = 0;
-          phase ^= 1;
-        }
-      }
-    }
+    drain_stages<kStages16, CLUSTER>(empty, ring);
     return;
   }
 
@@ -123,34 +101,13 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int c = wg - 1;
   const int lane = threadIdx.x % 32, warp = (threadIdx.x % 128) / 32;
   const int row_in_tile = c * 64 + warp * 16 + lane / 4;
-  int s = 0;
-  uint32_t phase = 0;
-  auto release = [&](int stage) {
-    if (lane == 0) {
-      if constexpr (CLUSTER > 1) {
-#pragma unroll
-        for (uint32_t r = 0; r < CLUSTER; ++r) bar_arrive_cluster(&empty[stage], r);
-      } else {
-        bar_arrive(&empty[stage]);
-      }
-    }
-  };
-  auto advance = [&] {
-    if (++s == kStages16) {
-      s = 0;
-      phase ^= 1;
-    }
-  };
+  StageRing<kStages16> ring;
   for (int t = first_unit; walk.seek(p, col_tiles, t); t += unit_stride) {
     int m0, n0;
     walk.coords(col_tiles, t, m0, n0);
     m0 += int(rank) * kBM;
-    if (CLUSTER > 1 && m0 >= walk.group_end) {  // no rows here: hand the stages back
-      for (int kb = 0; kb < k_steps; ++kb) {
-        bar_wait(&full[s], phase);
-        release(s);
-        advance();
-      }
+    if (CLUSTER > 1 && m0 >= walk.group_end) {  // no rows here
+      skip_stages<kStages16, CLUSTER>(full, empty, ring, k_steps, lane);
       continue;
     }
     float acc[2][64];
@@ -160,7 +117,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int i = 0; i < 64; ++i) acc[r][i] = 0.f;
     int prev = -1;  // the stage whose products are still in flight
     for (int kb = 0; kb < k_steps; ++kb) {
-      bar_wait(&full[s], phase);
+      const int s = ring.s;
+      bar_wait(&full[s], ring.phase);
       fence_regs(acc[0]);
       fence_regs(acc[1]);
       wgmma_fence();
@@ -178,14 +136,14 @@ __global__ void __launch_bounds__(kThreads, 1)
       wgmma_wait<1>();  // the previous stage's products are done: hand it back
       fence_regs(acc[0]);
       fence_regs(acc[1]);
-      if (prev >= 0) release(prev);
+      if (prev >= 0) release_stage<CLUSTER>(empty, prev, lane);
       prev = s;
-      advance();
+      ring.advance();
     }
     wgmma_wait<0>();
     fence_regs(acc[0]);
     fence_regs(acc[1]);
-    if (prev >= 0) release(prev);
+    if (prev >= 0) release_stage<CLUSTER>(empty, prev, lane);
     const int r0 = m0 + row_in_tile;
     store_tile(acc, p.out, p.ldo, p.N, n0, r0, r0 + 8, walk.group_end, lane);
   }

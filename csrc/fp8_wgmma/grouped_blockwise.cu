@@ -43,7 +43,6 @@
 #include <string>
 
 #include "common.h"
-#include "ptx.h"
 
 namespace py = pybind11;
 
@@ -53,8 +52,8 @@ constexpr int kBK = 128;              // K per stage = the scale block (128 FP8 
 constexpr int kStages = 4;
 constexpr int kABytes = kBM * kBK;    // one byte per FP8 element
 constexpr int kBBytes = kBN * kBK;
-constexpr int kStageBytes = kABytes + kBBytes;
-constexpr int kSmemBytes = kStages * kStageBytes + kSmemAlign + 2 * kStages * 8;
+using Smem = StageSmem<kStages, kABytes, kBBytes>;
+constexpr int kSmemBytes = Smem::kBytes;
 
 struct Args {
   const int64_t* offs;  // cumulative group ends [G] (group g: rows offs[g-1] .. offs[g])
@@ -77,23 +76,14 @@ __global__ void __launch_bounds__(kThreads, 1)
                              const Args p) {
   static_assert(CLUSTER == 1 || CLUSTER == 2, "one CTA, or two sharing the weight tile");
   extern __shared__ uint8_t smem_raw[];
-  const uint32_t raw = smem_addr(smem_raw);
-  uint8_t* smem = smem_raw + ((kSmemAlign - raw % kSmemAlign) % kSmemAlign);
-  uint8_t* smem_a = smem;                               // [stages][128 rows][128 bytes]
-  uint8_t* smem_b = smem + kStages * kABytes;           // [stages][256 rows][128 bytes]
-  uint64_t* full = reinterpret_cast<uint64_t*>(smem + kStages * kStageBytes);
-  uint64_t* empty = full + kStages;
+  const Smem smem(smem_raw);  // A [stages][128 rows][128 bytes], B [stages][256 rows][128 bytes]
+  uint8_t* smem_a = smem.a;
+  uint8_t* smem_b = smem.b;
+  uint64_t* full = smem.full;
+  uint64_t* empty = smem.empty;
 
   const int wg = threadIdx.x / 128;
-  if (threadIdx.x == 0) {
-    for (int s = 0; s < kStages; ++s) {
-      bar_init(&full[s], 1);             // the producer's expect_tx arrival; TMA completes the bytes
-      bar_init(&empty[s], 8 * CLUSTER);  // one arrival per consumer warp of each CTA reading the stage
-    }
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-  }
-  if constexpr (CLUSTER > 1) cluster_sync();  // the peer's barriers exist before anything reaches them
-  else __syncthreads();
+  init_stage_barriers<kStages, CLUSTER>(full, empty);
 
   const uint32_t rank = CLUSTER > 1 ? cluster_rank() : 0;
   const int first_unit = blockIdx.x / CLUSTER, unit_stride = gridDim.x / CLUSTER;
@@ -104,8 +94,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (wg == 0) {  // producer: one thread issues every TMA load
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
     if (threadIdx.x != 0) return;
-    int s = 0;
-    uint32_t phase = 0;
+    StageRing<kStages> ring;
     for (int t = first_unit; walk.seek(p, col_tiles, t); t += unit_stride) {
       int m0, n0;
       walk.coords(col_tiles, t, m0, n0);
@@ -115,7 +104,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       // a half wholly past N loads the first half's rows again: columns >= N are computed, never stored
       const int nb = n0 + int(rank) * kHalf < p.N ? n0 + int(rank) * kHalf : n0;
       for (int kb = 0; kb < k_steps; ++kb) {
-        bar_wait(&empty[s], phase ^ 1);
+        const int s = ring.s;
+        bar_wait(&empty[s], ring.phase ^ 1);
         bar_expect_tx(&full[s], (rows ? kABytes : 0) + kBBytes);
         if (rows) tma_load_2d(smem_a + s * kABytes, &map_a, &full[s], kb * kBK, m0);
         if constexpr (CLUSTER > 1)
@@ -123,21 +113,10 @@ __global__ void __launch_bounds__(kThreads, 1)
                                 walk.g, uint16_t((1u << CLUSTER) - 1));
         else
           tma_load_3d(smem_b + s * kBBytes, &map_b, &full[s], kb * kBK, n0, walk.g);
-        if (++s == kStages) {
-          s = 0;
-          phase ^= 1;
-        }
+        ring.advance();
       }
     }
-    if constexpr (CLUSTER > 1) {  // stay until the peer's consumers have released every stage (their arrivals
-      for (int i = 0; i < kStages; ++i) {  // reach our barriers, our loads reach theirs), then leave
-        bar_wait(&empty[s], phase ^ 1);
-        if (++s == kStages) {
-          s = 0;
-          phase ^= 1;
-        }
-      }
-    }
+    drain_stages<kStages, CLUSTER>(empty, ring);
     return;
   }
 
@@ -148,31 +127,13 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int row_in_tile = c * 64 + warp * 16 + lane / 4;  // this thread's rows: row_in_tile and row_in_tile + 8,
                                                           // columns 2 (lane % 4), +1 of every 8-column chunk
   const int nb_last = (p.N - 1) / 128;
-  int s = 0;
-  uint32_t phase = 0;
-  auto release = [&](int stage) {  // this warp is done with the stage (in every CTA whose loads it holds)
-    if (lane == 0) {
-      if constexpr (CLUSTER > 1) {
-#pragma unroll
-        for (uint32_t r = 0; r < CLUSTER; ++r) bar_arrive_cluster(&empty[stage], r);
-      } else {
-        bar_arrive(&empty[stage]);
-      }
-    }
-  };
+  StageRing<kStages> ring;
   for (int t = first_unit; walk.seek(p, col_tiles, t); t += unit_stride) {
     int m0, n0;
     walk.coords(col_tiles, t, m0, n0);
     m0 += int(rank) * kBM;
-    if (CLUSTER > 1 && m0 >= walk.group_end) {  // no rows here: hand the stages back
-      for (int kb = 0; kb < k_steps; ++kb) {
-        bar_wait(&full[s], phase);
-        release(s);
-        if (++s == kStages) {
-          s = 0;
-          phase ^= 1;
-        }
-      }
+    if (CLUSTER > 1 && m0 >= walk.group_end) {  // no rows here
+      skip_stages<kStages, CLUSTER>(full, empty, ring, k_steps, lane);
       continue;
     }
     const int r0 = m0 + row_in_tile, r1 = r0 + 8;
@@ -194,7 +155,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       float w[2];
 #pragma unroll
       for (int r = 0; r < 2; ++r) w[r] = __ldg(sb + kb * p.sb_k + sb_col[r]);
-      bar_wait(&full[s], phase);
+      const int s = ring.s;
+      bar_wait(&full[s], ring.phase);
       const uint64_t desc_a = smem_desc(smem_a + s * kABytes + c * 64 * kBK);
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
@@ -208,7 +170,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         wgmma_commit();
         wgmma_wait_all();
         fence_regs(part);
-        if (r == 1) release(s);
+        if (r == 1) release_stage<CLUSTER>(empty, s, lane);
         const float s0 = a0 * w[r], s1 = a1 * w[r];
 #pragma unroll
         for (int i = 0; i < 64; i += 4) {
@@ -218,10 +180,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           acc[r][i + 3] += part[i + 3] * s1;
         }
       }
-      if (++s == kStages) {
-        s = 0;
-        phase ^= 1;
-      }
+      ring.advance();
     }
 
     store_tile(acc, p.out, p.ldo, p.N, n0, r0, r1, walk.group_end, lane);
