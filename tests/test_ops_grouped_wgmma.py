@@ -4,6 +4,8 @@ the reason (its source compiles in test_ops_fp8_wgmma's nvcc check, which covers
 (marker `gpu`, SM90): against the float64 product on odd shapes, both b layouts (N-major forward, K-major dgrad),
 one CTA per tile and two sharing the weights (bit-equal), and through ops.grouped_gemm with autograd.
 """
+import types
+
 import pytest
 import torch
 
@@ -39,6 +41,39 @@ def test_wgmma_grouped_runs_only_when_asked(monkeypatch):
     assert "rebuild" in can(a, b, gl)
     monkeypatch.setitem(grouped_wgmma._MOD, "mod", type("M", (), {"grouped_bf16": None})())
     assert "CUDA" in can(a, b, gl)  # CPU tensors
+
+
+def test_wgmma_grouped_passes_both_layouts(monkeypatch):
+    """What the wrapper hands the kernel (a fake module records it, CPU): sizes, b's row and group strides in
+    elements for b [G, K, N] (N-major) and [G, N, K] (K-major, trans_b), one expert's whole matrix as its group
+    stride, the cluster rule; K = 0 gives zeros without a launch."""
+    from turbo_dist.kernels import gemm as gemm_kernels
+
+    calls = []
+
+    class Fake:
+        def grouped_bf16(self, **kw):
+            calls.append(kw)
+
+    monkeypatch.setattr(grouped_wgmma, "wgmma_module", lambda: Fake())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: types.SimpleNamespace(cuda_stream=7))
+    monkeypatch.setattr(gemm_kernels, "_num_sms", lambda device: 132)
+    a = torch.zeros(10, 64, dtype=torch.bfloat16)
+    for trans_b, shape in ((False, (3, 64, 48)), (True, (3, 48, 64)), (False, (1, 64, 48))):
+        b = torch.zeros(*shape, dtype=torch.bfloat16)
+        lens = torch.tensor([4, 0, 6] if shape[0] == 3 else [10])
+        out = grouped_wgmma.wgmma_grouped(a, b, lens, trans_b)
+        kw = calls[-1]
+        assert out.shape == (10, 48) and out.dtype == torch.bfloat16
+        assert (kw["M"], kw["N"], kw["K"], kw["G"]) == (10, 48, 64, shape[0])
+        assert kw["ldb"] == shape[2] and kw["b_group"] == shape[1] * shape[2] and kw["n_major"] == (not trans_b)
+        assert kw["lda"] == 64 and kw["ldo"] == 48 and kw["stream"] == 7 and kw["num_sms"] == 132
+        assert kw["cluster"] == 1  # 10 rows over the groups: below pick_cluster's 768 per group
+    assert grouped_wgmma.wgmma_grouped(a, b, torch.tensor([10]), cluster=2) is not None and calls[-1]["cluster"] == 2
+    n = len(calls)
+    out = grouped_wgmma.wgmma_grouped(torch.zeros(10, 0, dtype=torch.bfloat16),
+                                      torch.zeros(1, 0, 48, dtype=torch.bfloat16), torch.tensor([10]))
+    assert len(calls) == n and out.shape == (10, 48) and not out.any()
 
 
 def _gpu_or_skip():
