@@ -8,6 +8,8 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
+#include <climits>
 #include <cstdint>
 #include <map>
 #include <mutex>
@@ -251,25 +253,54 @@ inline cudaLaunchConfig_t cluster_config(int grid, int cluster, int smem_bytes, 
   return config;
 }
 
-// Per device, once per kernel (the caller's static cache): raise its shared-memory limit and count the clusters
-// that fit on the GPU at once.
-template <class Kernel>
-int clusters_that_fit(Kernel kernel, int cluster, int smem_bytes, int device, std::mutex& mutex,
-                      std::map<int, int>& cache) {
-  std::lock_guard<std::mutex> lock(mutex);
-  auto it = cache.find(device);
-  if (it != cache.end()) return it->second;
-  check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes),
-             "cudaFuncSetAttribute(max dynamic shared memory)");
-  int n = 0;
+// The checks both host entry points make before building a descriptor (sizes in elements, addresses in bytes;
+// the cluster size is checked first, before the early return of an empty problem).
+inline void check_launch(int64_t M, int64_t N, int64_t K, int64_t G, int64_t ldo, uint64_t out_addr, int num_sms,
+                         int cluster) {
+  if (M > INT32_MAX || N > INT32_MAX || K > INT32_MAX || G > INT32_MAX)
+    throw std::invalid_argument("turbo_dist._fp8_wgmma: M, N, K and G must fit in 32 bits");
+  if (N % 8 || ldo % 8 || out_addr % 16)
+    throw std::invalid_argument("turbo_dist._fp8_wgmma: N and the output's row stride must be multiples of 8 "
+                                "elements, the output 16-byte aligned");
+  if (num_sms < cluster) throw std::invalid_argument("turbo_dist._fp8_wgmma: num_sms must be >= cluster");
+}
+
+// Units of work (CLUSTER row tiles x one column tile): at most one row unit more per group than M's rows need,
+// since each group starts a unit.
+inline int64_t unit_count(int64_t M, int64_t N, int64_t G, int cluster) {
+  const int64_t unit_rows = int64_t(kBM) * cluster;
+  return ((M + unit_rows - 1) / unit_rows + G) * ((N + kBN - 1) / kBN);
+}
+
+// Launch KERNEL persistently in clusters of CLUSTER CTAs: as many clusters as fit on the GPU at once (counted,
+// with the shared-memory limit raised, once per device for this kernel), at most one CTA per SM, no more than
+// there are units.
+template <auto KERNEL, int CLUSTER, int SMEM_BYTES, class... Args>
+void launch_persistent(int device, int64_t units, int num_sms, cudaStream_t stream, const Args&... args) {
+  static std::mutex mutex;  // per kernel
+  static std::map<int, int> fit_per_device;
+  int fit;
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    auto it = fit_per_device.find(device);
+    if (it == fit_per_device.end()) {
+      check_cuda(cudaFuncSetAttribute(KERNEL, cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM_BYTES),
+                 "cudaFuncSetAttribute(max dynamic shared memory)");
+      int n = 0;
+      cudaLaunchAttribute attr[1];
+      const cudaLaunchConfig_t config = cluster_config(1024, CLUSTER, SMEM_BYTES, nullptr, attr);
+      check_cuda(cudaOccupancyMaxActiveClusters(&n, KERNEL, &config), "cudaOccupancyMaxActiveClusters");
+      if (n < 1)
+        throw std::runtime_error("turbo_dist._fp8_wgmma: no cluster of " + std::to_string(CLUSTER) +
+                                 " CTAs of this kernel fits on the GPU");
+      it = fit_per_device.emplace(device, n).first;
+    }
+    fit = it->second;
+  }
+  const int grid = CLUSTER * int(std::min<int64_t>({units, int64_t(fit), int64_t(num_sms / CLUSTER)}));
   cudaLaunchAttribute attr[1];
-  const cudaLaunchConfig_t config = cluster_config(1024, cluster, smem_bytes, nullptr, attr);
-  check_cuda(cudaOccupancyMaxActiveClusters(&n, kernel, &config), "cudaOccupancyMaxActiveClusters");
-  if (n < 1)
-    throw std::runtime_error("turbo_dist._fp8_wgmma: no cluster of " + std::to_string(cluster) +
-                             " CTAs of this kernel fits on the GPU");
-  cache[device] = n;
-  return n;
+  const cudaLaunchConfig_t config = cluster_config(grid, CLUSTER, SMEM_BYTES, stream, attr);
+  check_cuda(cudaLaunchKernelEx(&config, KERNEL, args...), "kernel launch");
 }
 
 }  // namespace

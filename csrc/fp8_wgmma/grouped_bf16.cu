@@ -11,8 +11,6 @@
 // order and the epilogue: common.h.
 #include <pybind11/pybind11.h>
 
-#include <algorithm>
-
 #include "common.h"
 
 namespace py = pybind11;
@@ -152,14 +150,8 @@ __global__ void __launch_bounds__(kThreads, 1)
 template <bool N_MAJOR, int CLUSTER>
 void launch16(int device, const CUtensorMap& map_a, const CUtensorMap& map_b, const Args16& args, int64_t units,
               int num_sms, cudaStream_t stream) {
-  auto kernel = grouped_bf16_kernel<N_MAJOR, CLUSTER>;
-  static std::mutex mutex;  // per instantiation
-  static std::map<int, int> fit_per_device;
-  const int fit = clusters_that_fit(kernel, CLUSTER, kSmemBytes16, device, mutex, fit_per_device);
-  const int grid = CLUSTER * int(std::min<int64_t>({units, int64_t(fit), int64_t(num_sms / CLUSTER)}));
-  cudaLaunchAttribute attr[1];
-  const cudaLaunchConfig_t config = cluster_config(grid, CLUSTER, kSmemBytes16, stream, attr);
-  check_cuda(cudaLaunchKernelEx(&config, kernel, map_a, map_b, args), "kernel launch");
+  launch_persistent<grouped_bf16_kernel<N_MAJOR, CLUSTER>, CLUSTER, kSmemBytes16>(device, units, num_sms, stream,
+                                                                                  map_a, map_b, args);
 }
 
 // out [M, N] bf16 = per group g (rows offs[g-1] .. offs[g]): a[rows] @ B_g. a [M, K] bf16 at a_addr, row stride
@@ -173,12 +165,7 @@ void grouped_bf16(int device, uint64_t stream, uint64_t a_addr, uint64_t b_addr,
   if (K <= 0 || K % 8 || lda % 8 || ldb % 8 || b_group % 8 || a_addr % 16 || b_addr % 16)
     throw std::invalid_argument("turbo_dist._fp8_wgmma: K, the row/group strides (elements) must be multiples of "
                                 "8 and the operands 16-byte aligned");
-  if (N % 8 || ldo % 8 || out_addr % 16)
-    throw std::invalid_argument("turbo_dist._fp8_wgmma: N and the output's row stride must be multiples of 8 "
-                                "elements, the output 16-byte aligned");
-  if (M > INT32_MAX || N > INT32_MAX || K > INT32_MAX || G > INT32_MAX)
-    throw std::invalid_argument("turbo_dist._fp8_wgmma: M, N, K and G must fit in 32 bits");
-  if (num_sms < cluster) throw std::invalid_argument("turbo_dist._fp8_wgmma: num_sms must be >= cluster");
+  check_launch(M, N, K, G, ldo, out_addr, num_sms, cluster);
   check_cuda(cudaSetDevice(device), "cudaSetDevice");
   constexpr CUtensorMapDataType kBf16 = CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
   const uint64_t dims_a[2] = {uint64_t(K), uint64_t(M)}, strides_a[1] = {uint64_t(lda) * 2};
@@ -203,8 +190,7 @@ void grouped_bf16(int device, uint64_t stream, uint64_t a_addr, uint64_t b_addr,
   args.N = int(N);
   args.K = int(K);
   args.G = int(G);
-  const int64_t unit_rows = int64_t(kBM) * cluster;
-  const int64_t units = ((M + unit_rows - 1) / unit_rows + G) * ((N + kBN - 1) / kBN);
+  const int64_t units = unit_count(M, N, G, cluster);
   auto s = reinterpret_cast<cudaStream_t>(stream);
   if (n_major && cluster == 1) launch16<true, 1>(device, map_a, map_b, args, units, num_sms, s);
   else if (n_major) launch16<true, 2>(device, map_a, map_b, args, units, num_sms, s);

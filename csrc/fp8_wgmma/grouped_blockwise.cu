@@ -35,13 +35,6 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
-#include <cstdint>
-#include <algorithm>
-#include <map>
-#include <mutex>
-#include <stdexcept>
-#include <string>
-
 #include "common.h"
 
 namespace py = pybind11;
@@ -188,26 +181,21 @@ __global__ void __launch_bounds__(kThreads, 1)
 }
 
 // ------------------------------------------------------------------------------------------------ host
-template <bool AE5M2, bool BE5M2, int CLUSTER>
-void launch(int device, const CUtensorMap& map_a, const CUtensorMap& map_b, const Args& args, int64_t units,
-            int num_sms, cudaStream_t stream) {
-  auto kernel = grouped_blockwise_kernel<AE5M2, BE5M2, CLUSTER>;
-  static std::mutex mutex;  // per instantiation
-  static std::map<int, int> fit_per_device;
-  const int fit = clusters_that_fit(kernel, CLUSTER, kSmemBytes, device, mutex, fit_per_device);
-  const int grid = CLUSTER * int(std::min<int64_t>({units, int64_t(fit), int64_t(num_sms / CLUSTER)}));
-  cudaLaunchAttribute attr[1];
-  const cudaLaunchConfig_t config = cluster_config(grid, CLUSTER, kSmemBytes, stream, attr);
-  check_cuda(cudaLaunchKernelEx(&config, kernel, map_a, map_b, args), "kernel launch");
-}
-
 template <int CLUSTER>
 void launch_types(int device, bool a_e5m2, bool b_e5m2, const CUtensorMap& ma, const CUtensorMap& mb,
                   const Args& args, int64_t units, int num_sms, cudaStream_t s) {
-  if (!a_e5m2 && !b_e5m2) launch<false, false, CLUSTER>(device, ma, mb, args, units, num_sms, s);
-  else if (a_e5m2 && !b_e5m2) launch<true, false, CLUSTER>(device, ma, mb, args, units, num_sms, s);
-  else if (!a_e5m2 && b_e5m2) launch<false, true, CLUSTER>(device, ma, mb, args, units, num_sms, s);
-  else launch<true, true, CLUSTER>(device, ma, mb, args, units, num_sms, s);
+  if (!a_e5m2 && !b_e5m2)
+    launch_persistent<grouped_blockwise_kernel<false, false, CLUSTER>, CLUSTER, kSmemBytes>(device, units, num_sms, s,
+                                                                                            ma, mb, args);
+  else if (a_e5m2 && !b_e5m2)
+    launch_persistent<grouped_blockwise_kernel<true, false, CLUSTER>, CLUSTER, kSmemBytes>(device, units, num_sms, s,
+                                                                                           ma, mb, args);
+  else if (!a_e5m2 && b_e5m2)
+    launch_persistent<grouped_blockwise_kernel<false, true, CLUSTER>, CLUSTER, kSmemBytes>(device, units, num_sms, s,
+                                                                                           ma, mb, args);
+  else
+    launch_persistent<grouped_blockwise_kernel<true, true, CLUSTER>, CLUSTER, kSmemBytes>(device, units, num_sms, s,
+                                                                                          ma, mb, args);
 }
 
 // out [M, N] bf16 = per group g (rows offs[g-1] .. offs[g]): (a * scale_a) @ (w[g] * scale_w[g])^T.
@@ -224,12 +212,7 @@ void grouped_blockwise(int device, uint64_t stream, uint64_t a_addr, uint64_t w_
   if (K <= 0 || K % 16 || lda % 16 || ldw % 16 || w_group % 16 || a_addr % 16 || w_addr % 16)
     throw std::invalid_argument("turbo_dist._fp8_wgmma: K, the row/group strides and the operand addresses must be "
                                 "multiples of 16 bytes");
-  if (M > INT32_MAX || N > INT32_MAX || K > INT32_MAX || G > INT32_MAX)
-    throw std::invalid_argument("turbo_dist._fp8_wgmma: M, N, K and G must fit in 32 bits");
-  if (N % 8 || ldo % 8 || out_addr % 16)
-    throw std::invalid_argument("turbo_dist._fp8_wgmma: N and the output's row stride must be multiples of 8 "
-                                "elements, the output 16-byte aligned");
-  if (num_sms < cluster) throw std::invalid_argument("turbo_dist._fp8_wgmma: num_sms must be >= cluster");
+  check_launch(M, N, K, G, ldo, out_addr, num_sms, cluster);
   check_cuda(cudaSetDevice(device), "cudaSetDevice");
   const uint64_t dims_a[2] = {uint64_t(K), uint64_t(M)}, strides_a[1] = {uint64_t(lda)};
   const uint32_t box_a[2] = {kBK, kBM};
@@ -253,9 +236,7 @@ void grouped_blockwise(int device, uint64_t stream, uint64_t a_addr, uint64_t w_
   args.N = int(N);
   args.K = int(K);
   args.G = int(G);
-  // at most one row unit more per group than M's rows need (each group starts a unit)
-  const int64_t unit_rows = int64_t(kBM) * cluster;
-  const int64_t units = ((M + unit_rows - 1) / unit_rows + G) * ((N + kBN - 1) / kBN);
+  const int64_t units = unit_count(M, N, G, cluster);
   auto s = reinterpret_cast<cudaStream_t>(stream);
   if (cluster == 1) launch_types<1>(device, a_e5m2, b_e5m2, map_a, map_b, args, units, num_sms, s);
   else launch_types<2>(device, a_e5m2, b_e5m2, map_a, map_b, args, units, num_sms, s);
