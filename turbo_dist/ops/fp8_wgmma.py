@@ -25,8 +25,9 @@ def wgmma_module():
 
 # CTAs per cluster: 2 = two row tiles of a group share each weight tile by TMA multicast (half the weight
 # traffic from L2), 1 = one CTA per 128 x 256 tile. Measured on an H200 (benchmarks/probe_fp8_wgmma.py, labels
-# fp8_wgmma_c1 / _c2): 2 is 3-7% faster at ~1024 rows per expert, 4-8% slower at ~256 (a group's odd last row
-# tile idles one CTA of the pair), so 2 from CLUSTER_MIN_ROWS rows per group on average (M / G, known on the host).
+# fp8_wgmma_c1 / _c2, and probe_fp8_wgmma_cluster.py): 2 is 1-8% faster at ~1024 rows per expert, 3-13% slower at
+# ~256 (a group's odd last row tile idles one CTA of the pair), even at ~512, so 2 from CLUSTER_MIN_ROWS rows per
+# group on average (M / G, known on the host).
 CLUSTER_MIN_ROWS = 768
 
 
