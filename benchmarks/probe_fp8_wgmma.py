@@ -49,10 +49,12 @@ def run_case(name, rounds):
     ref = _reference_grouped_scaled(aq, b, sa, sb, lens, "block", torch.float32)
     out = fp8_wgmma.wgmma_grouped_scaled(aq, b, sa, sb, lens_d, "block", torch.bfloat16)
     check["snr_db_wgmma"] = _snr(out, ref)
-    out1, out2 = (fp8_wgmma.wgmma_grouped_scaled(aq, b, sa, sb, lens_d, "block", torch.bfloat16, cluster=c)
-                  for c in (1, 2))
+    out1, out2 = (fp8_wgmma.wgmma_grouped_scaled(aq, b, sa, sb, lens_d, "block", torch.bfloat16, cluster=c,
+                                                 tail_pct=0) for c in (1, 2))
     check["snr_db_wgmma_c2"] = _snr(out2, ref)
     check["c2_equal"] = bool(torch.equal(out1, out2))  # the same products in the same order: bit-equal
+    check["snr_db_wgmma_sk"] = _snr(fp8_wgmma.wgmma_grouped_scaled(aq, b, sa, sb, lens_d, "block", torch.bfloat16,
+                                                                   cluster=1, tail_pct=100), ref)
     check["cluster_default"] = fp8_wgmma.pick_cluster(M, G)
     dispatcher.set_backend("grouped_scaled_mm", "triton")
     check["snr_db_triton"] = _snr(dispatcher.dispatch("grouped_scaled_mm", aq, b, sa, sb, lens_d, "block",
@@ -67,9 +69,11 @@ def run_case(name, rounds):
     fns = {"bf16_torch_grouped_mm": lambda: torch._grouped_mm(a, w.transpose(1, 2), offs=offs.int()),
            "fp8_triton": forced("triton", lens_d)}
     fns["fp8_wgmma"] = forced("wgmma", lens_d)
-    for cl in (1, 2):  # the kernel called directly, one CTA per tile / two sharing the weight tile
-        fns[f"fp8_wgmma_c{cl}"] = (lambda cl=cl: fp8_wgmma.wgmma_grouped_scaled(aq, b, sa, sb, lens_d, "block",
-                                                                                torch.bfloat16, cluster=cl))
+    # the kernel called directly: one CTA per tile / two sharing the weight tile, whole tiles only; one CTA per
+    # tile with the stream-K tail on whenever the last wave is partial (sk) or at most half full (sk50)
+    for label, cl, pct in (("c1", 1, 0), ("c2", 2, 0), ("sk", 1, 100), ("sk50", 1, 50)):
+        fns[f"fp8_wgmma_{label}"] = (lambda cl=cl, pct=pct: fp8_wgmma.wgmma_grouped_scaled(
+            aq, b, sa, sb, lens_d, "block", torch.bfloat16, cluster=cl, tail_pct=pct))
     lens_h = aligned_lens(lens, 128)
     if fp8_grouped.native_module() is not None and int(lens_h.sum()) == M:  # cuBLASLt per group, host counts
         fns["fp8_cublaslt_aligned_host"] = forced("cublaslt", lens_h)
@@ -78,6 +82,9 @@ def run_case(name, rounds):
         fns["fp8_wgmma_aligned"] = forced("wgmma", lens_hd)
         fns["fp8_wgmma_c2_aligned"] = (lambda: fp8_wgmma.wgmma_grouped_scaled(aq, b, sa, sb, lens_hd, "block",
                                                                               torch.bfloat16, cluster=2))
+        fns["fp8_wgmma_sk_aligned"] = (lambda: fp8_wgmma.wgmma_grouped_scaled(aq, b, sa, sb, lens_hd, "block",
+                                                                              torch.bfloat16, cluster=1,
+                                                                              tail_pct=100))
     try:
         res = bench_interleaved(fns, rounds=rounds)
     finally:
@@ -98,7 +105,7 @@ def run_case(name, rounds):
 
 def main():
     probe_main(__doc__, CASES, run_case, ["case", "impl", "ms", "tflops", "x_bf16", "frac_peak", "snr_db_wgmma",
-                                          "c2_equal", "cluster_default"])
+                                          "snr_db_wgmma_sk", "c2_equal", "cluster_default"])
 
 
 if __name__ == "__main__":

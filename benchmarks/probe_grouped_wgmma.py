@@ -42,18 +42,23 @@ def run_case(name, rounds):
         bb = b.transpose(1, 2) if trans_b else b  # what torch._grouped_mm takes: [G, K', N']
         check = {}
         ref = torch._grouped_mm(x, bb, offs=offs)
-        out1, out2 = (grouped_wgmma.wgmma_grouped(x, b, gl, trans_b, cluster=c) for c in (1, 2))
+        out1, out2 = (grouped_wgmma.wgmma_grouped(x, b, gl, trans_b, cluster=c, tail_pct=0) for c in (1, 2))
+        out_sk = grouped_wgmma.wgmma_grouped(x, b, gl, trans_b, cluster=1, tail_pct=100)
         check["rel_err_vs_torch"] = _rel(out1, ref)
+        check["rel_err_sk"] = _rel(out_sk, ref)
         check["c2_equal"] = bool(torch.equal(out1, out2))
-        del ref, out1, out2
+        del ref, out1, out2, out_sk
 
         def forced(backend):
             return _forced(lambda: dispatcher.dispatch("grouped_gemm", x, b, gl, trans_b), grouped_gemm=backend)
 
         fns = {"torch_grouped_mm": lambda: torch._grouped_mm(x, bb, offs=offs), "triton": forced("triton"),
                "loop": forced("loop")}
-        for cl in (1, 2):
-            fns[f"wgmma_c{cl}"] = (lambda cl=cl: grouped_wgmma.wgmma_grouped(x, b, gl, trans_b, cluster=cl))
+        # one CTA per tile / two sharing the weight tile, whole tiles; the stream-K tail whenever the last wave is
+        # partial (sk) or at most half full (sk50)
+        for label, cl, pct in (("c1", 1, 0), ("c2", 2, 0), ("sk", 1, 100), ("sk50", 1, 50)):
+            fns[f"wgmma_{label}"] = (lambda cl=cl, pct=pct: grouped_wgmma.wgmma_grouped(x, b, gl, trans_b,
+                                                                                        cluster=cl, tail_pct=pct))
         try:
             res = bench_interleaved(fns, rounds=rounds)
         finally:
@@ -74,7 +79,7 @@ def run_case(name, rounds):
 
 def main():
     probe_main(__doc__, CASES, run_case, ["case", "impl", "ms", "tflops", "x_torch", "x_loop", "frac_peak",
-                                          "rel_err_vs_torch", "c2_equal"],
+                                          "rel_err_vs_torch", "rel_err_sk", "c2_equal"],
                case_keys=lambda name: [f"{name}_fwd", f"{name}_dgrad"])
 
 

@@ -129,11 +129,65 @@ def test_wgmma_matches_reference_gpu(lens, K, N, a_dtype):
     assert torch.isfinite(out).all()
     # two CTAs sharing each weight tile (TMA multicast), a group's odd last row tile leaving rank 1 idle and
     # weight halves past N: the same products in the same order, so the same bits
-    outs = {c: fp8_wgmma.wgmma_grouped_scaled(aq, b, sa, sb, lens_d, "block", torch.bfloat16, cluster=c)
-            for c in (1, 2)}
+    outs = {c: fp8_wgmma.wgmma_grouped_scaled(aq, b, sa, sb, lens_d, "block", torch.bfloat16, cluster=c,
+                                              tail_pct=0) for c in (1, 2)}
     torch.cuda.synchronize()
     assert torch.equal(outs[1], outs[2]), "one CTA per tile and two sharing the weights differ"
-    assert torch.equal(out, outs[fp8_wgmma.pick_cluster(sum(lens), len(lens))])
+    if fp8_wgmma.pick_cluster(sum(lens), len(lens)) == 2 or not fp8_wgmma.TAIL_PCT:
+        assert torch.equal(out, outs[fp8_wgmma.pick_cluster(sum(lens), len(lens))])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_sms", [3, 7, 16])
+def test_wgmma_stream_k_tail_gpu(num_sms):
+    """The stream-K tail (csrc/fp8_wgmma/common.h) on a few CTAs, so that tiles split at many K positions: the same
+    product as whole tiles up to the order of fp32 sums (SNR) and against the dequantized reference."""
+    _wgmma_or_skip()
+    lens = [300, 0, 77, 129, 512, 5, 1000]  # 18 row tiles x 2 column tiles, 21 K steps each
+    aq, wq, sa, sw = _operands(lens, 2688, 384, device="cuda", seed=3)
+    b, sb = wq.transpose(1, 2), sw.transpose(1, 2)
+    lens_d = torch.tensor(lens, device="cuda")
+
+    def run(pct):
+        return fp8_wgmma.wgmma_grouped_scaled(aq, b, sa, sb, lens_d, "block", torch.bfloat16, cluster=1,
+                                              tail_pct=pct, num_sms=num_sms)
+
+    whole = run(0)
+    ref = _reference_grouped_scaled(aq, b, sa, sb, torch.tensor(lens), "block", torch.float32)
+    for pct in (25, 100):
+        out = run(pct)
+        torch.cuda.synchronize()
+        assert snr(out.float(), whole.float()) >= 45 and snr(out.float(), ref) >= 45, (pct, num_sms)
+    with pytest.raises(ValueError, match="cluster 1"):
+        fp8_wgmma.wgmma_grouped_scaled(aq, b, sa, sb, lens_d, "block", torch.bfloat16, cluster=2, tail_pct=50)
+
+
+@pytest.mark.parametrize("tiles,stride,k", [(9, 4, 5), (17, 8, 3), (544, 132, 112), (1088, 132, 56), (20, 7, 1),
+                                            (12, 4, 6), (3, 8, 4), (131, 132, 16), (133, 132, 16)])
+@pytest.mark.parametrize("pct", [0, 25, 100])
+def test_stream_k_pieces_cover_every_step_once(tiles, stride, k, pct):
+    """fp8_wgmma.work_pieces, the host mirror of the kernels' schedule: every (tile, K step) once; a tile in at
+    most two pieces, its head (from step 0) the last piece of CTA c and its tail one of CTA c + 1 with only whole
+    tiles before it (published before that CTA waits on anyone: no chain of waits); no CTA runs more steps than
+    whole tiles would give the busiest one."""
+    pieces = {c: fp8_wgmma.work_pieces(tiles, c, stride, k, pct) for c in range(stride)}
+    seen = {}
+    for c, ps in pieces.items():
+        for i, (t, kb0, kb1) in enumerate(ps):
+            assert 0 <= t < tiles and 0 <= kb0 < kb1 <= k
+            for kb in range(kb0, kb1):
+                assert (t, kb) not in seen
+                seen[(t, kb)] = c
+            if kb0 > 0:  # a tail: published before this CTA waits on anyone (only whole tiles before it)
+                assert all(p[1:] == (0, k) for p in ps[:i]) and pieces[c - 1][-1] == (t, 0, kb0)
+            if kb1 < k:  # a head: its CTA's last piece, the tail CTA c + 1's
+                assert i == len(ps) - 1 and (t, kb1, k) in pieces[c + 1]
+    assert len(seen) == tiles * k
+    busiest = max(sum(kb1 - kb0 for _, kb0, kb1 in ps) for ps in pieces.values())
+    assert busiest <= -(-tiles // stride) * k
+    full, rest = divmod(tiles, stride)
+    if pct and full >= 1 and 0 < rest * 100 <= pct * stride:  # the tail: balanced within one step
+        assert busiest == -(-(tiles - (full - 1) * stride) * k // stride) + (full - 1) * k
 
 
 @pytest.mark.gpu

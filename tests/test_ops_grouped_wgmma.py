@@ -2,7 +2,8 @@
 csrc/fp8_wgmma/grouped_bf16.cu), opt-in. CPU: it runs only when asked for and declines what it cannot run, with
 the reason (its source compiles in test_ops_fp8_wgmma's nvcc check, which covers every .cu of the folder); GPU
 (marker `gpu`, SM90): against the float64 product on odd shapes, both b layouts (N-major forward, K-major dgrad),
-one CTA per tile and two sharing the weights (bit-equal), and through ops.grouped_gemm with autograd.
+one CTA per tile and two sharing the weights (bit-equal), the stream-K tail on few CTAs, and through
+ops.grouped_gemm with autograd.
 """
 import types
 
@@ -68,8 +69,14 @@ def test_wgmma_grouped_passes_both_layouts(monkeypatch):
         assert (kw["M"], kw["N"], kw["K"], kw["G"]) == (10, 48, 64, shape[0])
         assert kw["ldb"] == shape[2] and kw["b_group"] == shape[1] * shape[2] and kw["n_major"] == (not trans_b)
         assert kw["lda"] == 64 and kw["ldo"] == 48 and kw["stream"] == 7 and kw["num_sms"] == 132
-        assert kw["cluster"] == 1  # 10 rows over the groups: below pick_cluster's 768 per group
+        assert kw["cluster"] == grouped_wgmma.CLUSTER == 1
+        assert ("tail_pct" in kw) == bool(grouped_wgmma.TAIL_PCT)
     assert grouped_wgmma.wgmma_grouped(a, b, torch.tensor([10]), cluster=2) is not None and calls[-1]["cluster"] == 2
+    assert "tail_pct" not in calls[-1]  # clusters: no stream-K tail by default
+    grouped_wgmma.wgmma_grouped(a, b, torch.tensor([10]), tail_pct=60, num_sms=5)
+    kw = calls[-1]
+    assert kw["tail_pct"] == 60 and kw["num_sms"] == kw["ws_ctas"] == 5 and kw["cluster"] == 1
+    assert kw["ws"] and kw["flags"] and kw["timeout_s"] > 0
     n = len(calls)
     out = grouped_wgmma.wgmma_grouped(torch.zeros(10, 0, dtype=torch.bfloat16),
                                       torch.zeros(1, 0, 48, dtype=torch.bfloat16), torch.tensor([10]))
@@ -101,7 +108,7 @@ def test_wgmma_grouped_matches_reference_gpu(lens, K, N, trans_b):
     a, b, gl = make_grouped(lens, K, N, trans_b, torch.bfloat16, device="cuda")
     dispatcher.set_backend("grouped_gemm", "wgmma")
     assert grouped_wgmma._wgmma_grouped_can(a, b, gl.cuda(), trans_b) is True
-    outs = {c: grouped_wgmma.wgmma_grouped(a, b, gl.cuda(), trans_b, cluster=c) for c in (1, 2)}
+    outs = {c: grouped_wgmma.wgmma_grouped(a, b, gl.cuda(), trans_b, cluster=c, tail_pct=0) for c in (1, 2)}
     torch.cuda.synchronize()
     assert outs[1].shape == (sum(lens), N) and outs[1].dtype == torch.bfloat16
     assert torch.equal(outs[1], outs[2]), "one CTA per tile and two sharing the weights differ"
@@ -110,6 +117,23 @@ def test_wgmma_grouped_matches_reference_gpu(lens, K, N, trans_b):
     assert rel(outs[1], grouped_ref(a, b, gl, trans_b)) < 1e-2
     ref_torch = torch._grouped_mm(a, b.transpose(1, 2) if trans_b else b, offs=torch.cumsum(gl.cuda(), 0).int())
     assert rel(outs[1], ref_torch) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("trans_b", [False, True])
+@pytest.mark.parametrize("num_sms", [3, 7, 16])
+def test_wgmma_grouped_stream_k_tail_gpu(num_sms, trans_b):
+    """The stream-K tail (csrc/fp8_wgmma/common.h) on a few CTAs, so that tiles split at many K positions: the same
+    product as whole tiles (fp32 partial sums added in another order: within bf16 rounding) and as float64."""
+    _gpu_or_skip()
+    lens = [300, 0, 77, 129, 512, 5, 1000]  # 2+1+2+4+1+8 = 18 row tiles x 2 column tiles
+    a, b, gl = make_grouped(lens, 1344, 384, trans_b, torch.bfloat16, device="cuda")
+    whole = grouped_wgmma.wgmma_grouped(a, b, gl.cuda(), trans_b, tail_pct=0, num_sms=num_sms)
+    for pct in (25, 100):
+        out = grouped_wgmma.wgmma_grouped(a, b, gl.cuda(), trans_b, tail_pct=pct, num_sms=num_sms)
+        torch.cuda.synchronize()
+        assert rel(out, whole) < 5e-3, (pct, num_sms)
+        assert rel(out, grouped_ref(a, b, gl, trans_b)) < 1e-2
 
 
 @pytest.mark.gpu

@@ -49,6 +49,18 @@ struct TileWalk {
     return g < p.G;
   }
 
+  // Every unit of the launch (the tile count the stream-K split needs): the groups' row units x col_tiles.
+  template <class P>
+  __device__ __forceinline__ static int count(const P& p, int col_tiles) {
+    int start = 0, rows = 0;
+    for (int g = 0; g < p.G; ++g) {
+      const int end = static_cast<int>(max(int64_t(start), min(p.offs[g], int64_t(p.M))));
+      rows += (end - start + kUnitRows - 1) / kUnitRows;
+      start = end;
+    }
+    return rows * col_tiles;
+  }
+
   // (first row, first column) of unit t in the current group: bands of kBandUnits row units, rows fastest.
   __device__ __forceinline__ void coords(int col_tiles, int t, int& m0, int& n0) const {
     const int u = t - units_before;
@@ -60,6 +72,84 @@ struct TileWalk {
     n0 = (v / height) * kBN;
   }
 };
+
+// ------------------------------------------------------------------------------------ the stream-K tail
+// A persistent launch of P CTAs over T tiles of k_steps K steps each ends with a partial wave when T % P != 0:
+// T = 9 x 132 + 32 leaves 100 SMs idle for the last tile's time (~9% of a G=8 x 1024 fc1). With a stream-K tail
+// the first (T / P - 1) waves stay whole tiles, round robin ("data parallel"), and the last P + T % P tiles are
+// cut into P equal runs of K steps, one per CTA: each CTA then ends after T / P + (T % P) / P tiles' time. A run is
+// at least one tile long, so a tile is cut in at most two parts: its head (K steps 0 .. x) ends the run of CTA c,
+// its tail (x .. k_steps) starts the run of CTA c + 1. The tail's CTA publishes its fp32 partial sums first thing
+// (Fixup::publish, a flag per CTA); the head's CTA, at the end of its run, adds them (Fixup::merge) and stores the
+// tile. Nobody waits before publishing, so no chain of waits forms; a wait is bounded by Fixup::timeout_ns.
+// Used when tail_pct > 0 and T % P <= tail_pct % of P (a fuller last wave gains too little to pay the fix-up).
+struct Fixup {
+  float* ws = nullptr;    // [P][kBM * kBN] fp32 partial sums, in the consumers' register order
+  int* flags = nullptr;   // [P] zeroed before the launch; CTA c sets flags[c] once its partial is written
+  int64_t timeout_ns = 0;
+  int tail_pct = 0;       // 0: no stream-K tail
+
+  // The 256 consumer threads (ctid 0..255) of this CTA write their accumulators and raise the CTA's flag.
+  __device__ __forceinline__ void publish(const float (&acc)[2][64], int cta, int ctid) const {
+    float* w = ws + int64_t(cta) * (kBM * kBN) + ctid;
+#pragma unroll
+    for (int i = 0; i < 128; ++i) __stcg(w + i * 256, acc[i / 64][i % 64]);
+    __threadfence();
+    consumers_sync();
+    if (ctid == 0) st_release_gpu(flags + cta, 1);
+  }
+
+  // Wait for CTA `from`'s partial sums (each thread acquires the flag itself) and add them to acc.
+  __device__ __forceinline__ void merge(float (&acc)[2][64], int from, int ctid) const {
+    const uint64_t t0 = global_ns();
+    while (ld_acquire_gpu(flags + from) == 0) {
+      if (global_ns() - t0 > uint64_t(timeout_ns)) {
+        if (ctid == 0)
+          printf("turbo_dist._fp8_wgmma: CTA %d waited more than %.1f s for CTA %d's stream-K partial sums "
+                 "(fewer SMs free than CTAs launched? TURBO_DIST_TIMEOUT_S sets the bound)\n",
+                 from - 1, timeout_ns * 1e-9, from);
+        __trap();
+      }
+      __nanosleep(64);
+    }
+    const float* w = ws + int64_t(from) * (kBM * kBN) + ctid;
+#pragma unroll
+    for (int i = 0; i < 128; ++i) acc[i / 64][i % 64] += __ldcg(w + i * 256);
+  }
+};
+
+// Piece i of one CTA's (or cluster's) work: whole tiles t = first, first + stride, ... below dp, then its
+// stream-K run of K steps [start, end) over the tiles from dp on (global step index t * k_steps + kb; make_fixup
+// keeps every launch's units x k_steps below 2^31). Tile t, K steps kb0 .. kb1 (0 .. k_steps for a whole tile);
+// false when done. Recomputed from the piece index at each tile (a few integer divisions) instead of kept in
+// registers: the FP8 kernel's consumers have none to spare. tiles: every unit of the launch (TileWalk::count),
+// 0 when the tail is off (whole tiles until TileWalk::seek finds no more).
+__device__ __forceinline__ bool work_piece(int i, int tiles, int first, int stride, int k_steps, int tail_pct, int& t,
+                                           int& kb0, int& kb1) {
+  const int full = tiles / stride, rest = tiles % stride;
+  if (!(tail_pct > 0 && full >= 1 && rest > 0 && rest * 100 <= tail_pct * stride)) {
+    t = first + i * stride;
+    kb0 = 0;
+    kb1 = k_steps;
+    return true;
+  }
+  const int dp = (full - 1) * stride;
+  const int whole = first < dp ? (dp - first + stride - 1) / stride : 0;  // this CTA's whole tiles
+  if (i < whole) {
+    t = first + i * stride;
+    kb0 = 0;
+    kb1 = k_steps;
+    return true;
+  }
+  const int run = ((tiles - dp) * k_steps + stride - 1) / stride;
+  const int start = dp * k_steps + first * run, end = min(tiles * k_steps, start + run);
+  const int j = i - whole, t0 = start / k_steps;
+  t = t0 + j;
+  kb0 = j == 0 ? start - t0 * k_steps : 0;
+  if (t * k_steps + kb0 >= end) return false;
+  kb1 = min(k_steps, end - t * k_steps);
+  return true;
+}
 
 // ------------------------------------------------------------------------------------- the stage pipeline
 // The ring of shared-memory stages the producer and the consumers walk in the same order: the stage and the
@@ -84,7 +174,8 @@ struct StageSmem {
   uint8_t* b;
   uint64_t* full;
   uint64_t* empty;
-  static constexpr int kBytes = STAGES * (A_BYTES + B_BYTES) + kSmemAlign + 2 * STAGES * 8;  // the launch's size
+  int* tiles;  // the launch's unit count for the stream-K tail (work_piece), written before the first sync
+  static constexpr int kBytes = STAGES * (A_BYTES + B_BYTES) + kSmemAlign + 2 * STAGES * 8 + 16;  // launch size
 
   __device__ __forceinline__ explicit StageSmem(uint8_t* raw) {
     uint8_t* base = raw + ((kSmemAlign - smem_addr(raw) % kSmemAlign) % kSmemAlign);
@@ -92,6 +183,7 @@ struct StageSmem {
     b = base + STAGES * A_BYTES;
     full = reinterpret_cast<uint64_t*>(base + STAGES * (A_BYTES + B_BYTES));
     empty = full + STAGES;
+    tiles = reinterpret_cast<int*>(empty + STAGES);
   }
 };
 
@@ -263,6 +355,28 @@ inline void check_launch(int64_t M, int64_t N, int64_t K, int64_t G, int64_t ldo
     throw std::invalid_argument("turbo_dist._fp8_wgmma: N and the output's row stride must be multiples of 8 "
                                 "elements, the output 16-byte aligned");
   if (num_sms < cluster) throw std::invalid_argument("turbo_dist._fp8_wgmma: num_sms must be >= cluster");
+}
+
+// The stream-K tail's buffers, checked: ws holds ws_ctas x kBM x kBN fp32 partials, flags ws_ctas zeroed ints;
+// tail_pct 0 (no tail) needs neither. One CTA per tile only (a cluster's CTAs would split differently).
+inline Fixup make_fixup(uint64_t ws, uint64_t flags, int ws_ctas, int tail_pct, double timeout_s, int num_sms,
+                        int cluster) {
+  Fixup fix;
+  if (tail_pct < 0 || tail_pct > 100)
+    throw std::invalid_argument("turbo_dist._fp8_wgmma: tail_pct must be in 0..100");
+  if (tail_pct == 0) return fix;
+  if (cluster != 1) throw std::invalid_argument("turbo_dist._fp8_wgmma: the stream-K tail needs cluster 1");
+  if (!ws || !flags || ws % 16 || flags % 4 || ws_ctas < num_sms)
+    throw std::invalid_argument("turbo_dist._fp8_wgmma: the stream-K tail needs ws (num_sms x " +
+                                std::to_string(kBM * kBN) + " fp32) and flags (num_sms zeroed int32), ws_ctas >= "
+                                "num_sms");
+  if (!(timeout_s > 0.0 && timeout_s < 1e9))
+    throw std::invalid_argument("turbo_dist._fp8_wgmma: timeout_s must be positive and finite");
+  fix.ws = reinterpret_cast<float*>(ws);
+  fix.flags = reinterpret_cast<int*>(flags);
+  fix.timeout_ns = int64_t(timeout_s * 1e9);
+  fix.tail_pct = tail_pct;
+  return fix;
 }
 
 // Units of work (CLUSTER row tiles x one column tile): at most one row unit more per group than M's rows need,

@@ -30,6 +30,7 @@ struct Args16 {
   __nv_bfloat16* out;   // out[row * ldo + col]
   int64_t ldo;
   int M, N, K, G;
+  Fixup fix;            // the stream-K tail (common.h), tail_pct 0: none
 };
 
 template <bool N_MAJOR, int CLUSTER>
@@ -45,25 +46,32 @@ __global__ void __launch_bounds__(kThreads, 1)
   uint64_t* empty = smem.empty;
 
   const int wg = threadIdx.x / 128;
-  init_stage_barriers<kStages16, CLUSTER>(full, empty);
 
   const uint32_t rank = CLUSTER > 1 ? cluster_rank() : 0;
   const int first_unit = blockIdx.x / CLUSTER, unit_stride = gridDim.x / CLUSTER;
   const int col_tiles = (p.N + kBN - 1) / kBN;
   const int k_steps = (p.K + kBK16 - 1) / kBK16;
   TileWalk<CLUSTER> walk;
+  if (threadIdx.x == 0) *smem.tiles = p.fix.tail_pct > 0 ? walk.count(p, col_tiles) : 0;
+  init_stage_barriers<kStages16, CLUSTER>(full, empty);
+  int t, kb0, kb1;  // piece i of this CTA's work (work_piece): tile t, K steps kb0 .. kb1
+// piece i, on a group's tile (a macro: a lambda capturing t, kb0, kb1 puts the FP8 consumers over their registers)
+#define TD_NEXT_PIECE(i)                                                                          \
+  (work_piece(i, *smem.tiles, first_unit, unit_stride, k_steps, p.fix.tail_pct, t, kb0, kb1) && \
+   walk.seek(p, col_tiles, t))
+
 
   if (wg == 0) {  // producer
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
     if (threadIdx.x != 0) return;
     StageRing<kStages16> ring;
     constexpr uint16_t kMask = uint16_t((1u << CLUSTER) - 1);
-    for (int t = first_unit; walk.seek(p, col_tiles, t); t += unit_stride) {
+    for (int i = 0; TD_NEXT_PIECE(i); ++i) {
       int m0, n0;
       walk.coords(col_tiles, t, m0, n0);
       m0 += int(rank) * kBM;
       const bool rows = m0 < walk.group_end;
-      for (int kb = 0; kb < k_steps; ++kb) {
+      for (int kb = kb0; kb < kb1; ++kb) {
         const int s = ring.s;
         bar_wait(&empty[s], ring.phase ^ 1);
         bar_expect_tx(&full[s], (rows ? kABytes16 : 0) + kBBytes16);
@@ -100,12 +108,12 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int lane = threadIdx.x % 32, warp = (threadIdx.x % 128) / 32;
   const int row_in_tile = c * 64 + warp * 16 + lane / 4;
   StageRing<kStages16> ring;
-  for (int t = first_unit; walk.seek(p, col_tiles, t); t += unit_stride) {
+  for (int i = 0; TD_NEXT_PIECE(i); ++i) {
     int m0, n0;
     walk.coords(col_tiles, t, m0, n0);
     m0 += int(rank) * kBM;
     if (CLUSTER > 1 && m0 >= walk.group_end) {  // no rows here
-      skip_stages<kStages16, CLUSTER>(full, empty, ring, k_steps, lane);
+      skip_stages<kStages16, CLUSTER>(full, empty, ring, kb1 - kb0, lane);
       continue;
     }
     float acc[2][64];
@@ -114,7 +122,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
       for (int i = 0; i < 64; ++i) acc[r][i] = 0.f;
     int prev = -1;  // the stage whose products are still in flight
-    for (int kb = 0; kb < k_steps; ++kb) {
+    for (int kb = kb0; kb < kb1; ++kb) {
       const int s = ring.s;
       bar_wait(&full[s], ring.phase);
       fence_regs(acc[0]);
@@ -142,10 +150,16 @@ __global__ void __launch_bounds__(kThreads, 1)
     fence_regs(acc[0]);
     fence_regs(acc[1]);
     if (prev >= 0) release_stage<CLUSTER>(empty, prev, lane);
+    if (kb0 > 0) {  // a stream-K tail piece: the partial sums go to the CTA holding the tile's head
+      p.fix.publish(acc, first_unit, threadIdx.x - 128);
+      continue;
+    }
+    if (kb1 < k_steps) p.fix.merge(acc, first_unit + 1, threadIdx.x - 128);  // a head piece: add the tail's
     const int r0 = m0 + row_in_tile;
     store_tile(acc, p.out, p.ldo, p.N, n0, r0, r0 + 8, walk.group_end, lane);
   }
 }
+#undef TD_NEXT_PIECE
 
 template <bool N_MAJOR, int CLUSTER>
 void launch16(int device, const CUtensorMap& map_a, const CUtensorMap& map_b, const Args16& args, int64_t units,
@@ -159,8 +173,10 @@ void launch16(int device, const CUtensorMap& map_a, const CUtensorMap& map_b, co
 // group stride b_group elements; offs: int64 cumulative group ends [G] on the GPU.
 void grouped_bf16(int device, uint64_t stream, uint64_t a_addr, uint64_t b_addr, uint64_t out_addr,
                   uint64_t offs_addr, int64_t M, int64_t N, int64_t K, int64_t G, int64_t lda, int64_t ldb,
-                  int64_t b_group, int64_t ldo, bool n_major, int num_sms, int cluster) {
+                  int64_t b_group, int64_t ldo, bool n_major, int num_sms, int cluster, uint64_t ws, uint64_t flags,
+                  int ws_ctas, int tail_pct, double timeout_s) {
   if (cluster != 1 && cluster != 2) throw std::invalid_argument("turbo_dist._fp8_wgmma: cluster must be 1 or 2");
+  const Fixup fix = make_fixup(ws, flags, ws_ctas, tail_pct, timeout_s, num_sms, cluster);
   if (M <= 0 || N <= 0 || G <= 0) return;
   if (K <= 0 || K % 8 || lda % 8 || ldb % 8 || b_group % 8 || a_addr % 16 || b_addr % 16)
     throw std::invalid_argument("turbo_dist._fp8_wgmma: K, the row/group strides (elements) must be multiples of "
@@ -191,6 +207,8 @@ void grouped_bf16(int device, uint64_t stream, uint64_t a_addr, uint64_t b_addr,
   args.K = int(K);
   args.G = int(G);
   const int64_t units = unit_count(M, N, G, cluster);
+  args.fix = fix;
+  if (units * ((K + kBK16 - 1) / kBK16) >= INT32_MAX) args.fix.tail_pct = 0;  // step indices in 32 bits: no tail
   auto s = reinterpret_cast<cudaStream_t>(stream);
   if (n_major && cluster == 1) launch16<true, 1>(device, map_a, map_b, args, units, num_sms, s);
   else if (n_major) launch16<true, 2>(device, map_a, map_b, args, units, num_sms, s);
@@ -206,7 +224,8 @@ void register_bf16(py::module_& m) {
   m.def("grouped_bf16", &grouped_bf16, py::arg("device"), py::arg("stream"), py::arg("a"), py::arg("b"),
         py::arg("out"), py::arg("offs"), py::arg("M"), py::arg("N"), py::arg("K"), py::arg("G"), py::arg("lda"),
         py::arg("ldb"), py::arg("b_group"), py::arg("ldo"), py::arg("n_major"), py::arg("num_sms"),
-        py::arg("cluster") = 1);
+        py::arg("cluster") = 1, py::arg("ws") = 0, py::arg("flags") = 0, py::arg("ws_ctas") = 0,
+        py::arg("tail_pct") = 0, py::arg("timeout_s") = 100.0);
   m.attr("SMEM_BYTES_BF16") = kSmemBytes16;
 }
 

@@ -55,6 +55,7 @@ struct Args {
   __nv_bfloat16* out;   // out[row * ldo + col]
   int64_t sa_row, sa_k, sb_g, sb_k, sb_n, ldo;
   int M, N, K, G;
+  Fixup fix;            // the stream-K tail (common.h), tail_pct 0: none
 };
 
 // --------------------------------------------------------------------------------------------- kernel
@@ -76,19 +77,26 @@ __global__ void __launch_bounds__(kThreads, 1)
   uint64_t* empty = smem.empty;
 
   const int wg = threadIdx.x / 128;
-  init_stage_barriers<kStages, CLUSTER>(full, empty);
 
   const uint32_t rank = CLUSTER > 1 ? cluster_rank() : 0;
   const int first_unit = blockIdx.x / CLUSTER, unit_stride = gridDim.x / CLUSTER;
   const int col_tiles = (p.N + kBN - 1) / kBN;
   const int k_steps = (p.K + kBK - 1) / kBK;
   TileWalk<CLUSTER> walk;
+  if (threadIdx.x == 0) *smem.tiles = p.fix.tail_pct > 0 ? walk.count(p, col_tiles) : 0;
+  init_stage_barriers<kStages, CLUSTER>(full, empty);
+  int t, kb0, kb1;  // piece i of this CTA's work (work_piece): tile t, K steps kb0 .. kb1
+// piece i, on a group's tile (a macro: a lambda capturing t, kb0, kb1 puts the FP8 consumers over their registers)
+#define TD_NEXT_PIECE(i)                                                                          \
+  (work_piece(i, *smem.tiles, first_unit, unit_stride, k_steps, p.fix.tail_pct, t, kb0, kb1) && \
+   walk.seek(p, col_tiles, t))
+
 
   if (wg == 0) {  // producer: one thread issues every TMA load
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
     if (threadIdx.x != 0) return;
     StageRing<kStages> ring;
-    for (int t = first_unit; walk.seek(p, col_tiles, t); t += unit_stride) {
+    for (int i = 0; TD_NEXT_PIECE(i); ++i) {
       int m0, n0;
       walk.coords(col_tiles, t, m0, n0);
       m0 += int(rank) * kBM;
@@ -96,7 +104,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       constexpr int kHalf = kBN / CLUSTER;    // weight rows this CTA loads (for every CTA of the cluster)
       // a half wholly past N loads the first half's rows again: columns >= N are computed, never stored
       const int nb = n0 + int(rank) * kHalf < p.N ? n0 + int(rank) * kHalf : n0;
-      for (int kb = 0; kb < k_steps; ++kb) {
+      for (int kb = kb0; kb < kb1; ++kb) {
         const int s = ring.s;
         bar_wait(&empty[s], ring.phase ^ 1);
         bar_expect_tx(&full[s], (rows ? kABytes : 0) + kBBytes);
@@ -121,12 +129,12 @@ __global__ void __launch_bounds__(kThreads, 1)
                                                           // columns 2 (lane % 4), +1 of every 8-column chunk
   const int nb_last = (p.N - 1) / 128;
   StageRing<kStages> ring;
-  for (int t = first_unit; walk.seek(p, col_tiles, t); t += unit_stride) {
+  for (int i = 0; TD_NEXT_PIECE(i); ++i) {
     int m0, n0;
     walk.coords(col_tiles, t, m0, n0);
     m0 += int(rank) * kBM;
     if (CLUSTER > 1 && m0 >= walk.group_end) {  // no rows here
-      skip_stages<kStages, CLUSTER>(full, empty, ring, k_steps, lane);
+      skip_stages<kStages, CLUSTER>(full, empty, ring, kb1 - kb0, lane);
       continue;
     }
     const int r0 = m0 + row_in_tile, r1 = r0 + 8;
@@ -143,7 +151,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
       for (int i = 0; i < 64; ++i) acc[r][i] = 0.f;
 
-    for (int kb = 0; kb < k_steps; ++kb) {  // scales loaded here, not a stage ahead (measured: 1-8% faster)
+    for (int kb = kb0; kb < kb1; ++kb) {  // scales loaded here, not a stage ahead (measured: 1-8% faster)
       const float a0 = __ldg(sa0 + kb * p.sa_k), a1 = __ldg(sa1 + kb * p.sa_k);
       float w[2];
 #pragma unroll
@@ -175,10 +183,15 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
       ring.advance();
     }
-
+    if (kb0 > 0) {  // a stream-K tail piece: the partial sums go to the CTA holding the tile's head
+      p.fix.publish(acc, first_unit, threadIdx.x - 128);
+      continue;
+    }
+    if (kb1 < k_steps) p.fix.merge(acc, first_unit + 1, threadIdx.x - 128);  // a head piece: add the tail's
     store_tile(acc, p.out, p.ldo, p.N, n0, r0, r1, walk.group_end, lane);
   }
 }
+#undef TD_NEXT_PIECE
 
 // ------------------------------------------------------------------------------------------------ host
 template <int CLUSTER>
@@ -206,8 +219,10 @@ void grouped_blockwise(int device, uint64_t stream, uint64_t a_addr, uint64_t w_
                        uint64_t offs_addr, uint64_t sa_addr, int64_t sa_row, int64_t sa_k, uint64_t sb_addr,
                        int64_t sb_g, int64_t sb_k, int64_t sb_n, int64_t M, int64_t N, int64_t K, int64_t G,
                        int64_t lda, int64_t ldw, int64_t w_group, int64_t ldo, bool a_e5m2, bool b_e5m2,
-                       int num_sms, int cluster) {
+                       int num_sms, int cluster, uint64_t ws, uint64_t flags, int ws_ctas, int tail_pct,
+                       double timeout_s) {
   if (cluster != 1 && cluster != 2) throw std::invalid_argument("turbo_dist._fp8_wgmma: cluster must be 1 or 2");
+  const Fixup fix = make_fixup(ws, flags, ws_ctas, tail_pct, timeout_s, num_sms, cluster);
   if (M <= 0 || N <= 0 || G <= 0) return;
   if (K <= 0 || K % 16 || lda % 16 || ldw % 16 || w_group % 16 || a_addr % 16 || w_addr % 16)
     throw std::invalid_argument("turbo_dist._fp8_wgmma: K, the row/group strides and the operand addresses must be "
@@ -237,6 +252,8 @@ void grouped_blockwise(int device, uint64_t stream, uint64_t a_addr, uint64_t w_
   args.K = int(K);
   args.G = int(G);
   const int64_t units = unit_count(M, N, G, cluster);
+  args.fix = fix;
+  if (units * ((K + kBK - 1) / kBK) >= INT32_MAX) args.fix.tail_pct = 0;  // step indices in 32 bits: no tail
   auto s = reinterpret_cast<cudaStream_t>(stream);
   if (cluster == 1) launch_types<1>(device, a_e5m2, b_e5m2, map_a, map_b, args, units, num_sms, s);
   else launch_types<2>(device, a_e5m2, b_e5m2, map_a, map_b, args, units, num_sms, s);
@@ -254,7 +271,9 @@ PYBIND11_MODULE(_fp8_wgmma, m) {
         py::arg("out"), py::arg("offs"), py::arg("scale_a"), py::arg("sa_row"), py::arg("sa_k"), py::arg("scale_w"),
         py::arg("sw_g"), py::arg("sw_k"), py::arg("sw_n"), py::arg("M"), py::arg("N"), py::arg("K"), py::arg("G"),
         py::arg("lda"), py::arg("ldw"), py::arg("w_group"), py::arg("ldo"), py::arg("a_e5m2"), py::arg("w_e5m2"),
-        py::arg("num_sms"), py::arg("cluster") = 1);
+        py::arg("num_sms"), py::arg("cluster") = 1, py::arg("ws") = 0, py::arg("flags") = 0, py::arg("ws_ctas") = 0,
+        py::arg("tail_pct") = 0, py::arg("timeout_s") = 100.0);
+  m.attr("FIXUP_FLOATS_PER_CTA") = kBM * kBN;
   m.attr("SMEM_BYTES") = kSmemBytes;
   m.attr("BLOCK_M") = kBM;
   m.attr("BLOCK_N") = kBN;

@@ -35,9 +35,53 @@ def pick_cluster(M, G):
     return 2 if M >= CLUSTER_MIN_ROWS * max(G, 1) else 1
 
 
-def wgmma_grouped_scaled(a_q, b_q, scale_a, scale_b, group_lens, mode, out_dtype, cluster=None):
+# The stream-K tail (csrc/fp8_wgmma/common.h, "the stream-K tail"): when the launch's tiles leave a last wave at
+# most TAIL_PCT % full, the last full wave and that partial one are cut into equal runs of K steps, one per CTA,
+# a tile split in at most two parts whose fp32 partial sums one CTA hands the other through a workspace. One CTA per
+# tile only (cluster 1). 0 turns it off.
+TAIL_PCT = 0
+FIXUP_FLOATS_PER_CTA = 128 * 256  # one 128 x 256 fp32 tile of partial sums per CTA
+
+
+def stream_k_args(device, num_sms, tail_pct):
+    """(keyword arguments of the kernels' stream-K tail, the buffers to keep alive until the launch): a
+    [num_sms, 128 x 256] fp32 workspace and num_sms zeroed flags, fresh per call from the caching allocator (stream
+    ordered, so they may be freed once launched); ({}, ()) when tail_pct is 0."""
+    if not tail_pct:
+        return {}, ()
+    from ..runtime.config import peer_timeout_s
+
+    ws = torch.empty(num_sms * FIXUP_FLOATS_PER_CTA, dtype=torch.float32, device=device)
+    flags = torch.zeros(num_sms, dtype=torch.int32, device=device)
+    return dict(ws=ws.data_ptr(), flags=flags.data_ptr(), ws_ctas=num_sms, tail_pct=int(tail_pct),
+                timeout_s=peer_timeout_s()), (ws, flags)
+
+
+def work_pieces(tiles, first, stride, k_steps, tail_pct):
+    """The host mirror of common.h's work_piece: the pieces (tile, kb0, kb1) CTA `first` of `stride` runs over
+    `tiles` tiles of k_steps K steps (tests check it covers each step once, splitting a tile in at most two)."""
+    full, rest = divmod(tiles, stride)
+    if not (tail_pct > 0 and full >= 1 and rest > 0 and rest * 100 <= tail_pct * stride):
+        return [(t, 0, k_steps) for t in range(first, tiles, stride)]
+    dp = (full - 1) * stride
+    pieces = [(t, 0, k_steps) for t in range(first, dp, stride)]
+    run = -(-(tiles - dp) * k_steps // stride)
+    start = dp * k_steps + first * run
+    end = min(tiles * k_steps, start + run)
+    pos = start
+    while pos < end:
+        t, kb0 = divmod(pos, k_steps)
+        kb1 = min(k_steps, kb0 + end - pos)
+        pieces.append((t, kb0, kb1))
+        pos += kb1 - kb0
+    return pieces
+
+
+def wgmma_grouped_scaled(a_q, b_q, scale_a, scale_b, group_lens, mode, out_dtype, cluster=None, tail_pct=None,
+                         num_sms=None):
     """out [M, N] bf16: per group (a_q * scale_a)[rows] @ (b_q[g] * scale_b[g]) (the checks: the predicate below);
-    cluster: CTAs per cluster (1 or 2; default pick_cluster(M, G))."""
+    cluster: CTAs per cluster (1 or 2; default pick_cluster(M, G)); tail_pct: the stream-K tail (default TAIL_PCT
+    with one CTA per tile, off with clusters); num_sms: CTAs at most (default: the GPU's SMs; tests use fewer)."""
     from turbo_dist.kernels import gemm as gemm_kernels  # its cached SM count
 
     M, K = a_q.shape
@@ -46,14 +90,17 @@ def wgmma_grouped_scaled(a_q, b_q, scale_a, scale_b, group_lens, mode, out_dtype
     if M == 0 or N == 0:
         return out
     offs = group_offsets(group_lens, a_q.device)  # int64 cumulative ends, read by the kernel
+    num_sms = gemm_kernels._num_sms(a_q.device) if num_sms is None else num_sms
+    cluster = pick_cluster(M, G) if cluster is None else cluster
+    sk, _keep = stream_k_args(a_q.device, num_sms, (TAIL_PCT if cluster == 1 else 0) if tail_pct is None
+                              else tail_pct)
     wgmma_module().grouped_blockwise(
         device=a_q.device.index, stream=torch.cuda.current_stream(a_q.device).cuda_stream, a=a_q.data_ptr(),
         w=b_q.data_ptr(), out=out.data_ptr(), offs=offs.data_ptr(), scale_a=scale_a.data_ptr(),
         sa_row=scale_a.stride(0), sa_k=scale_a.stride(1), scale_w=scale_b.data_ptr(), sw_g=scale_b.stride(0),
         sw_k=scale_b.stride(1), sw_n=scale_b.stride(2), M=M, N=N, K=K, G=G, lda=a_q.stride(0), ldw=b_q.stride(2),
         w_group=b_q.stride(0) if G > 1 else N * b_q.stride(2), ldo=out.stride(0), a_e5m2=a_q.dtype == E5M2,
-        w_e5m2=b_q.dtype == E5M2, num_sms=gemm_kernels._num_sms(a_q.device),
-        cluster=pick_cluster(M, G) if cluster is None else cluster)
+        w_e5m2=b_q.dtype == E5M2, num_sms=num_sms, cluster=cluster, **sk)
     return out
 
 

@@ -1,7 +1,7 @@
 """Backend "wgmma" of grouped_gemm: bf16 grouped GEMM on Hopper in one persistent launch of our CUDA kernel
 (turbo_dist._fp8_wgmma's grouped_bf16, csrc/fp8_wgmma/grouped_bf16.cu: the FP8 blockwise kernel's TMA + WGMMA
-pipeline without the scales, 2-CTA clusters sharing each weight tile by TMA multicast from 768 rows per group,
-which Triton 3.6 cannot express). Reads the group boundaries on the GPU; b [G, K, N] (N contiguous, the forward)
+pipeline without the scales; 2-CTA clusters sharing each weight tile by TMA multicast, which Triton 3.6 cannot
+express, on request; a stream-K tail for the last wave). Reads the group boundaries on the GPU; b [G, K, N] (N contiguous, the forward)
 or b [G, N, K] with trans_b (K contiguous, the dgrad); a row-major; bf16 in and out.
 
 Opt-in until checked and timed on a GPU (its predicate declines unless asked for, autotuning included):
@@ -11,13 +11,21 @@ benchmarks/probe_grouped_wgmma.py times it against torch._grouped_mm, our Triton
 import torch
 
 from . import dispatcher
-from .fp8_wgmma import _MOD, pick_cluster, wgmma_module
+from .fp8_wgmma import _MOD, stream_k_args, wgmma_module
 from .grouped_gemm import group_offsets
 
 
-def wgmma_grouped(a, b, group_lens, trans_b=False, cluster=None):
+# bf16 defaults, measured apart from the FP8 kernel's (benchmarks/probe_grouped_wgmma.py): two CTAs sharing the
+# weight tile were slower in 10 of 12 cases (G=8 fc2 at ~1024 rows per expert 2-4% faster), so one CTA per tile.
+CLUSTER = 1
+TAIL_PCT = 0
+
+
+def wgmma_grouped(a, b, group_lens, trans_b=False, cluster=None, tail_pct=None, num_sms=None):
     """out [M, N] bf16: per group a[rows] @ (b[g]^T if trans_b else b[g]) (checks: the predicate below);
-    cluster: CTAs per cluster (1 or 2; default fp8_wgmma.pick_cluster(M, G))."""
+    cluster: CTAs per cluster (1 or 2; default CLUSTER); tail_pct: the stream-K tail (fp8_wgmma.TAIL_PCT's
+    meaning; default TAIL_PCT with one CTA per tile, off with clusters); num_sms: CTAs at most (default: the
+    GPU's SMs; tests use fewer)."""
     from turbo_dist.kernels import gemm as gemm_kernels  # its cached SM count
 
     M, K = a.shape
@@ -29,12 +37,15 @@ def wgmma_grouped(a, b, group_lens, trans_b=False, cluster=None):
     if K == 0:
         return out.zero_()
     offs = group_offsets(group_lens, a.device)  # int64 cumulative ends, read by the kernel
+    num_sms = gemm_kernels._num_sms(a.device) if num_sms is None else num_sms
+    cluster = CLUSTER if cluster is None else cluster
+    sk, _keep = stream_k_args(a.device, num_sms, (TAIL_PCT if cluster == 1 else 0) if tail_pct is None
+                              else tail_pct)
     wgmma_module().grouped_bf16(
         device=a.device.index, stream=torch.cuda.current_stream(a.device).cuda_stream, a=a.data_ptr(),
         b=b.data_ptr(), out=out.data_ptr(), offs=offs.data_ptr(), M=M, N=N, K=K, G=G, lda=a.stride(0),
         ldb=b.stride(1), b_group=b.stride(0) if G > 1 else b.shape[1] * b.stride(1), ldo=out.stride(0),
-        n_major=not trans_b, num_sms=gemm_kernels._num_sms(a.device),
-        cluster=pick_cluster(M, G) if cluster is None else cluster)
+        n_major=not trans_b, num_sms=num_sms, cluster=cluster, **sk)
     return out
 
 
