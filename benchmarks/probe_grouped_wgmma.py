@@ -43,7 +43,7 @@ def run_case(name, rounds):
         check = {}
         ref = torch._grouped_mm(x, bb, offs=offs)
         out1, out2 = (grouped_wgmma.wgmma_grouped(x, b, gl, trans_b, cluster=c, tail_pct=0) for c in (1, 2))
-        out_sk = grouped_wgmma.wgmma_grouped(x, b, gl, trans_b, cluster=1, tail_pct=100)
+        out_sk = grouped_wgmma.wgmma_grouped(x, b, gl, trans_b, cluster=1, tail_pct=100, tail_waves=1)
         check["rel_err_vs_torch"] = _rel(out1, ref)
         check["rel_err_sk"] = _rel(out_sk, ref)
         check["c2_equal"] = bool(torch.equal(out1, out2))
@@ -56,9 +56,11 @@ def run_case(name, rounds):
                "loop": forced("loop")}
         # one CTA per tile / two sharing the weight tile, whole tiles; the stream-K tail whenever the last wave is
         # partial (sk) or at most half full (sk50)
-        for label, cl, pct in (("c1", 1, 0), ("c2", 2, 0), ("sk", 1, 100), ("sk50", 1, 50)):
-            fns[f"wgmma_{label}"] = (lambda cl=cl, pct=pct: grouped_wgmma.wgmma_grouped(x, b, gl, trans_b,
-                                                                                        cluster=cl, tail_pct=pct))
+        # (skr: the partial wave alone cut into runs, tail_waves 1)
+        for label, cl, pct, waves in (("c1", 1, 0, 2), ("c2", 2, 0, 2), ("sk", 1, 100, 2), ("sk50", 1, 50, 2),
+                                      ("skr", 1, 100, 1)):
+            fns[f"wgmma_{label}"] = (lambda cl=cl, pct=pct, waves=waves: grouped_wgmma.wgmma_grouped(
+                x, b, gl, trans_b, cluster=cl, tail_pct=pct, tail_waves=waves))
         try:
             res = bench_interleaved(fns, rounds=rounds)
         finally:

@@ -138,7 +138,7 @@ def test_wgmma_matches_reference_gpu(lens, K, N, a_dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("num_sms", [3, 7, 16])
+@pytest.mark.parametrize("num_sms", [3, 7, 16, 40])
 def test_wgmma_stream_k_tail_gpu(num_sms):
     """The stream-K tail (csrc/fp8_wgmma/common.h) on a few CTAs, so that tiles split at many K positions: the same
     product as whole tiles up to the order of fp32 sums (SNR) and against the dequantized reference."""
@@ -148,46 +148,58 @@ def test_wgmma_stream_k_tail_gpu(num_sms):
     b, sb = wq.transpose(1, 2), sw.transpose(1, 2)
     lens_d = torch.tensor(lens, device="cuda")
 
-    def run(pct):
+    def run(pct, waves=2):
         return fp8_wgmma.wgmma_grouped_scaled(aq, b, sa, sb, lens_d, "block", torch.bfloat16, cluster=1,
-                                              tail_pct=pct, num_sms=num_sms)
+                                              tail_pct=pct, num_sms=num_sms, tail_waves=waves)
 
     whole = run(0)
     ref = _reference_grouped_scaled(aq, b, sa, sb, torch.tensor(lens), "block", torch.float32)
-    for pct in (25, 100):
-        out = run(pct)
+    for pct, waves in ((25, 2), (100, 2), (100, 1)):
+        out = run(pct, waves)
         torch.cuda.synchronize()
-        assert snr(out.float(), whole.float()) >= 45 and snr(out.float(), ref) >= 45, (pct, num_sms)
+        assert snr(out.float(), whole.float()) >= 45 and snr(out.float(), ref) >= 45, (pct, waves, num_sms)
     with pytest.raises(ValueError, match="cluster 1"):
         fp8_wgmma.wgmma_grouped_scaled(aq, b, sa, sb, lens_d, "block", torch.bfloat16, cluster=2, tail_pct=50)
 
 
 @pytest.mark.parametrize("tiles,stride,k", [(9, 4, 5), (17, 8, 3), (544, 132, 112), (1088, 132, 56), (20, 7, 1),
-                                            (12, 4, 6), (3, 8, 4), (131, 132, 16), (133, 132, 16)])
+                                            (12, 4, 6), (3, 8, 4), (131, 132, 16), (133, 132, 16), (150, 132, 7)])
 @pytest.mark.parametrize("pct", [0, 25, 100])
-def test_stream_k_pieces_cover_every_step_once(tiles, stride, k, pct):
-    """fp8_wgmma.work_pieces, the host mirror of the kernels' schedule: every (tile, K step) once; a tile in at
-    most two pieces, its head (from step 0) the last piece of CTA c and its tail one of CTA c + 1 with only whole
-    tiles before it (published before that CTA waits on anyone: no chain of waits); no CTA runs more steps than
-    whole tiles would give the busiest one."""
-    pieces = {c: fp8_wgmma.work_pieces(tiles, c, stride, k, pct) for c in range(stride)}
-    seen = {}
+@pytest.mark.parametrize("waves", [1, 2])
+def test_stream_k_pieces_cover_every_step_once(tiles, stride, k, pct, waves):
+    """fp8_wgmma.work_pieces, the host mirror of the kernels' schedule: every (tile, K step) once; a split tile's
+    head (from step 0) is the last piece of CTA c, its other pieces belong to CTAs c + 1 .. TailSplit.last_owner
+    (whom Fixup::merge waits for), each with only whole tiles before it (published before that CTA waits on
+    anyone: no chain of waits); with waves 2 a tile is in at most two pieces; no CTA runs more steps than whole
+    tiles would give the busiest one, and with the tail on they are balanced within a step."""
+    pieces = {c: fp8_wgmma.work_pieces(tiles, c, stride, k, pct, waves) for c in range(stride)}
+    dp, run = fp8_wgmma.tail_split(tiles, stride, k, pct, waves)
+    seen, by_tile = {}, {}
     for c, ps in pieces.items():
         for i, (t, kb0, kb1) in enumerate(ps):
             assert 0 <= t < tiles and 0 <= kb0 < kb1 <= k
             for kb in range(kb0, kb1):
                 assert (t, kb) not in seen
                 seen[(t, kb)] = c
-            if kb0 > 0:  # a tail: published before this CTA waits on anyone (only whole tiles before it)
-                assert all(p[1:] == (0, k) for p in ps[:i]) and pieces[c - 1][-1] == (t, 0, kb0)
-            if kb1 < k:  # a head: its CTA's last piece, the tail CTA c + 1's
-                assert i == len(ps) - 1 and (t, kb1, k) in pieces[c + 1]
+            by_tile.setdefault(t, []).append((kb0, c, i))
     assert len(seen) == tiles * k
-    busiest = max(sum(kb1 - kb0 for _, kb0, kb1 in ps) for ps in pieces.values())
-    assert busiest <= -(-tiles // stride) * k
-    full, rest = divmod(tiles, stride)
-    if pct and full >= 1 and 0 < rest * 100 <= pct * stride:  # the tail: balanced within one step
-        assert busiest == -(-(tiles - (full - 1) * stride) * k // stride) + (full - 1) * k
+    for t, parts in by_tile.items():
+        parts.sort()
+        if len(parts) == 1:
+            continue
+        assert waves == 1 or len(parts) == 2
+        (_, head, i), others = parts[0], parts[1:]
+        assert i == len(pieces[head]) - 1, "a head ends its CTA's run"
+        assert [c for _, c, _ in others] == list(range(head + 1, head + 1 + len(others)))
+        assert head + len(others) == ((t + 1) * k - 1 - dp * k) // run  # TailSplit.last_owner
+        for _, c, j in others:
+            assert all(p[1:] == (0, k) for p in pieces[c][:j])
+    steps = [sum(kb1 - kb0 for _, kb0, kb1 in ps) for ps in pieces.values()]
+    assert max(steps) <= -(-tiles // stride) * k
+    if run:
+        assert max(steps) - min(s for s in steps if s) <= run
+        assert max(steps) == run + dp // stride * k
+
 
 
 @pytest.mark.gpu

@@ -121,7 +121,7 @@ def test_wgmma_grouped_matches_reference_gpu(lens, K, N, trans_b):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("trans_b", [False, True])
-@pytest.mark.parametrize("num_sms", [3, 7, 16])
+@pytest.mark.parametrize("num_sms", [3, 7, 16, 40])
 def test_wgmma_grouped_stream_k_tail_gpu(num_sms, trans_b):
     """The stream-K tail (csrc/fp8_wgmma/common.h) on a few CTAs, so that tiles split at many K positions: the same
     product as whole tiles (fp32 partial sums added in another order: within bf16 rounding) and as float64."""
@@ -129,10 +129,10 @@ def test_wgmma_grouped_stream_k_tail_gpu(num_sms, trans_b):
     lens = [300, 0, 77, 129, 512, 5, 1000]  # 2+1+2+4+1+8 = 18 row tiles x 2 column tiles
     a, b, gl = make_grouped(lens, 1344, 384, trans_b, torch.bfloat16, device="cuda")
     whole = grouped_wgmma.wgmma_grouped(a, b, gl.cuda(), trans_b, tail_pct=0, num_sms=num_sms)
-    for pct in (25, 100):
-        out = grouped_wgmma.wgmma_grouped(a, b, gl.cuda(), trans_b, tail_pct=pct, num_sms=num_sms)
+    for pct, waves in ((25, 2), (100, 2), (100, 1)):
+        out = grouped_wgmma.wgmma_grouped(a, b, gl.cuda(), trans_b, tail_pct=pct, num_sms=num_sms, tail_waves=waves)
         torch.cuda.synchronize()
-        assert rel(out, whole) < 5e-3, (pct, num_sms)
+        assert rel(out, whole) < 5e-3, (pct, waves, num_sms)
         assert rel(out, grouped_ref(a, b, gl, trans_b)) < 1e-2
 
 

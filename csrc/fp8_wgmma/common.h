@@ -75,19 +75,21 @@ struct TileWalk {
 
 // ------------------------------------------------------------------------------------ the stream-K tail
 // A persistent launch of P CTAs over T tiles of k_steps K steps each ends with a partial wave when T % P != 0:
-// T = 9 x 132 + 32 leaves 100 SMs idle for the last tile's time (~9% of a G=8 x 1024 fc1). With a stream-K tail
-// the first (T / P - 1) waves stay whole tiles, round robin ("data parallel"), and the last P + T % P tiles are
-// cut into P equal runs of K steps, one per CTA: each CTA then ends after T / P + (T % P) / P tiles' time. A run is
-// at least one tile long, so a tile is cut in at most two parts: its head (K steps 0 .. x) ends the run of CTA c,
-// its tail (x .. k_steps) starts the run of CTA c + 1. The tail's CTA publishes its fp32 partial sums first thing
-// (Fixup::publish, a flag per CTA); the head's CTA, at the end of its run, adds them (Fixup::merge) and stores the
+// T = 8 x 132 + 32 leaves 100 SMs idle for the last tile's time. With a stream-K tail the first waves stay whole
+// tiles, round robin ("data parallel"), and the last tiles are cut into P equal runs of K steps, one per CTA:
+// waves 2 (Fixup::waves) cuts the last full wave and the partial one (P + T % P tiles, runs of at least a tile:
+// a tile in at most two pieces), waves 1 the partial one alone (the full waves keep their order and L2 reuse; a
+// tile in up to P / (T % P) + 1 pieces). A tile's head (K steps 0 .. x) ends the run of CTA c; its other pieces
+// start the runs of CTAs c + 1, c + 2, ..., which publish their fp32 partial sums first thing after their whole
+// tiles (Fixup::publish, a flag per CTA); CTA c, at the end of its run, adds them (Fixup::merge) and stores the
 // tile. Nobody waits before publishing, so no chain of waits forms; a wait is bounded by Fixup::timeout_ns.
-// Used when tail_pct > 0 and T % P <= tail_pct % of P (a fuller last wave gains too little to pay the fix-up).
+// Used when tail_pct > 0 and T % P <= tail_pct % of P.
 struct Fixup {
   float* ws = nullptr;    // [P][kBM * kBN] fp32 partial sums, in the consumers' register order
   int* flags = nullptr;   // [P] zeroed before the launch; CTA c sets flags[c] once its partial is written
   int64_t timeout_ns = 0;
   int tail_pct = 0;       // 0: no stream-K tail
+  int waves = 2;          // waves cut into runs: 2 the last full one and the partial one, 1 the partial one
 
   // The 256 consumer threads (ctid 0..255) of this CTA write their accumulators and raise the CTA's flag.
   __device__ __forceinline__ void publish(const float (&acc)[2][64], int cta, int ctid) const {
@@ -99,22 +101,41 @@ struct Fixup {
     if (ctid == 0) st_release_gpu(flags + cta, 1);
   }
 
-  // Wait for CTA `from`'s partial sums (each thread acquires the flag itself) and add them to acc.
-  __device__ __forceinline__ void merge(float (&acc)[2][64], int from, int ctid) const {
-    const uint64_t t0 = global_ns();
-    while (ld_acquire_gpu(flags + from) == 0) {
-      if (global_ns() - t0 > uint64_t(timeout_ns)) {
-        if (ctid == 0)
-          printf("turbo_dist._fp8_wgmma: CTA %d waited more than %.1f s for CTA %d's stream-K partial sums "
-                 "(fewer SMs free than CTAs launched? TURBO_DIST_TIMEOUT_S sets the bound)\n",
-                 from - 1, timeout_ns * 1e-9, from);
-        __trap();
+  // Wait for the partial sums of CTAs from .. last (each thread acquires their flags itself) and add them.
+  __device__ __forceinline__ void merge(float (&acc)[2][64], int from, int last, int ctid) const {
+    for (int c = from; c <= last; ++c) {
+      const uint64_t t0 = global_ns();
+      while (ld_acquire_gpu(flags + c) == 0) {
+        if (global_ns() - t0 > uint64_t(timeout_ns)) {
+          if (ctid == 0)
+            printf("turbo_dist._fp8_wgmma: CTA %d waited more than %.1f s for CTA %d's stream-K partial sums "
+                   "(fewer SMs free than CTAs launched? TURBO_DIST_TIMEOUT_S sets the bound)\n",
+                   from - 1, timeout_ns * 1e-9, c);
+          __trap();
+        }
+        __nanosleep(64);
       }
-      __nanosleep(64);
-    }
-    const float* w = ws + int64_t(from) * (kBM * kBN) + ctid;
+      const float* w = ws + int64_t(c) * (kBM * kBN) + ctid;
 #pragma unroll
-    for (int i = 0; i < 128; ++i) acc[i / 64][i % 64] += __ldcg(w + i * 256);
+      for (int i = 0; i < 128; ++i) acc[i / 64][i % 64] += __ldcg(w + i * 256);
+    }
+  }
+};
+
+// The stream-K split of a launch: dp whole tiles first, then runs of `run` K steps from step dp * k_steps; run 0:
+// no tail (whole tiles until TileWalk::seek finds no more).
+struct TailSplit {
+  int dp = 0, run = 0;
+  __device__ __forceinline__ TailSplit(int tiles, int stride, int k_steps, const Fixup& fix) {
+    const int full = tiles / stride, rest = tiles % stride;
+    if (fix.tail_pct > 0 && full >= fix.waves - 1 && rest > 0 && rest * 100 <= fix.tail_pct * stride) {
+      dp = (full - (fix.waves - 1)) * stride;
+      run = ((tiles - dp) * k_steps + stride - 1) / stride;
+    }
+  }
+  // The last CTA holding a piece of tile t (whose head is the caller's): the owner of its last K step.
+  __device__ __forceinline__ int last_owner(int t, int k_steps) const {
+    return ((t + 1) * k_steps - 1 - dp * k_steps) / run;
   }
 };
 
@@ -123,26 +144,19 @@ struct Fixup {
 // keeps every launch's units x k_steps below 2^31). Tile t, K steps kb0 .. kb1 (0 .. k_steps for a whole tile);
 // false when done. Recomputed from the piece index at each tile (a few integer divisions) instead of kept in
 // registers: the FP8 kernel's consumers have none to spare. tiles: every unit of the launch (TileWalk::count),
-// 0 when the tail is off (whole tiles until TileWalk::seek finds no more).
-__device__ __forceinline__ bool work_piece(int i, int tiles, int first, int stride, int k_steps, int tail_pct, int& t,
-                                           int& kb0, int& kb1) {
-  const int full = tiles / stride, rest = tiles % stride;
-  if (!(tail_pct > 0 && full >= 1 && rest > 0 && rest * 100 <= tail_pct * stride)) {
-    t = first + i * stride;
-    kb0 = 0;
-    kb1 = k_steps;
-    return true;
-  }
-  const int dp = (full - 1) * stride;
-  const int whole = first < dp ? (dp - first + stride - 1) / stride : 0;  // this CTA's whole tiles
+// 0 when the tail is off.
+__device__ __forceinline__ bool work_piece(int i, int tiles, int first, int stride, int k_steps, const Fixup& fix,
+                                           int& t, int& kb0, int& kb1) {
+  const TailSplit split(tiles, stride, k_steps, fix);
+  const int whole = split.run == 0 ? INT_MAX : first < split.dp ? (split.dp - first + stride - 1) / stride : 0;
   if (i < whole) {
     t = first + i * stride;
     kb0 = 0;
     kb1 = k_steps;
     return true;
   }
-  const int run = ((tiles - dp) * k_steps + stride - 1) / stride;
-  const int start = dp * k_steps + first * run, end = min(tiles * k_steps, start + run);
+  const int start = split.dp * k_steps + first * split.run;
+  const int end = min(tiles * k_steps, start + split.run);
   const int j = i - whole, t0 = start / k_steps;
   t = t0 + j;
   kb0 = j == 0 ? start - t0 * k_steps : 0;
@@ -359,11 +373,12 @@ inline void check_launch(int64_t M, int64_t N, int64_t K, int64_t G, int64_t ldo
 
 // The stream-K tail's buffers, checked: ws holds ws_ctas x kBM x kBN fp32 partials, flags ws_ctas zeroed ints;
 // tail_pct 0 (no tail) needs neither. One CTA per tile only (a cluster's CTAs would split differently).
-inline Fixup make_fixup(uint64_t ws, uint64_t flags, int ws_ctas, int tail_pct, double timeout_s, int num_sms,
-                        int cluster) {
+inline Fixup make_fixup(uint64_t ws, uint64_t flags, int ws_ctas, int tail_pct, int waves, double timeout_s,
+                        int num_sms, int cluster) {
   Fixup fix;
   if (tail_pct < 0 || tail_pct > 100)
     throw std::invalid_argument("turbo_dist._fp8_wgmma: tail_pct must be in 0..100");
+  if (waves != 1 && waves != 2) throw std::invalid_argument("turbo_dist._fp8_wgmma: tail_waves must be 1 or 2");
   if (tail_pct == 0) return fix;
   if (cluster != 1) throw std::invalid_argument("turbo_dist._fp8_wgmma: the stream-K tail needs cluster 1");
   if (!ws || !flags || ws % 16 || flags % 4 || ws_ctas < num_sms)
@@ -376,6 +391,7 @@ inline Fixup make_fixup(uint64_t ws, uint64_t flags, int ws_ctas, int tail_pct, 
   fix.flags = reinterpret_cast<int*>(flags);
   fix.timeout_ns = int64_t(timeout_s * 1e9);
   fix.tail_pct = tail_pct;
+  fix.waves = waves;
   return fix;
 }
 

@@ -57,7 +57,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   int t, kb0, kb1;  // piece i of this CTA's work (work_piece): tile t, K steps kb0 .. kb1
 // piece i, on a group's tile (a macro: a lambda capturing t, kb0, kb1 puts the FP8 consumers over their registers)
 #define TD_NEXT_PIECE(i)                                                                          \
-  (work_piece(i, *smem.tiles, first_unit, unit_stride, k_steps, p.fix.tail_pct, t, kb0, kb1) && \
+  (work_piece(i, *smem.tiles, first_unit, unit_stride, k_steps, p.fix, t, kb0, kb1) && \
    walk.seek(p, col_tiles, t))
 
 
@@ -154,7 +154,9 @@ __global__ void __launch_bounds__(kThreads, 1)
       p.fix.publish(acc, first_unit, threadIdx.x - 128);
       continue;
     }
-    if (kb1 < k_steps) p.fix.merge(acc, first_unit + 1, threadIdx.x - 128);  // a head piece: add the tail's
+    if (kb1 < k_steps)  // a head piece: add the others'
+      p.fix.merge(acc, first_unit + 1, TailSplit(*smem.tiles, unit_stride, k_steps, p.fix).last_owner(t, k_steps),
+                  threadIdx.x - 128);
     const int r0 = m0 + row_in_tile;
     store_tile(acc, p.out, p.ldo, p.N, n0, r0, r0 + 8, walk.group_end, lane);
   }
@@ -174,9 +176,9 @@ void launch16(int device, const CUtensorMap& map_a, const CUtensorMap& map_b, co
 void grouped_bf16(int device, uint64_t stream, uint64_t a_addr, uint64_t b_addr, uint64_t out_addr,
                   uint64_t offs_addr, int64_t M, int64_t N, int64_t K, int64_t G, int64_t lda, int64_t ldb,
                   int64_t b_group, int64_t ldo, bool n_major, int num_sms, int cluster, uint64_t ws, uint64_t flags,
-                  int ws_ctas, int tail_pct, double timeout_s) {
+                  int ws_ctas, int tail_pct, int tail_waves, double timeout_s) {
   if (cluster != 1 && cluster != 2) throw std::invalid_argument("turbo_dist._fp8_wgmma: cluster must be 1 or 2");
-  const Fixup fix = make_fixup(ws, flags, ws_ctas, tail_pct, timeout_s, num_sms, cluster);
+  const Fixup fix = make_fixup(ws, flags, ws_ctas, tail_pct, tail_waves, timeout_s, num_sms, cluster);
   if (M <= 0 || N <= 0 || G <= 0) return;
   if (K <= 0 || K % 8 || lda % 8 || ldb % 8 || b_group % 8 || a_addr % 16 || b_addr % 16)
     throw std::invalid_argument("turbo_dist._fp8_wgmma: K, the row/group strides (elements) must be multiples of "
@@ -225,7 +227,7 @@ void register_bf16(py::module_& m) {
         py::arg("out"), py::arg("offs"), py::arg("M"), py::arg("N"), py::arg("K"), py::arg("G"), py::arg("lda"),
         py::arg("ldb"), py::arg("b_group"), py::arg("ldo"), py::arg("n_major"), py::arg("num_sms"),
         py::arg("cluster") = 1, py::arg("ws") = 0, py::arg("flags") = 0, py::arg("ws_ctas") = 0,
-        py::arg("tail_pct") = 0, py::arg("timeout_s") = 100.0);
+        py::arg("tail_pct") = 0, py::arg("tail_waves") = 2, py::arg("timeout_s") = 100.0);
   m.attr("SMEM_BYTES_BF16") = kSmemBytes16;
 }
 

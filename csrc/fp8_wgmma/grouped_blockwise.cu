@@ -88,7 +88,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   int t, kb0, kb1;  // piece i of this CTA's work (work_piece): tile t, K steps kb0 .. kb1
 // piece i, on a group's tile (a macro: a lambda capturing t, kb0, kb1 puts the FP8 consumers over their registers)
 #define TD_NEXT_PIECE(i)                                                                          \
-  (work_piece(i, *smem.tiles, first_unit, unit_stride, k_steps, p.fix.tail_pct, t, kb0, kb1) && \
+  (work_piece(i, *smem.tiles, first_unit, unit_stride, k_steps, p.fix, t, kb0, kb1) && \
    walk.seek(p, col_tiles, t))
 
 
@@ -187,7 +187,9 @@ __global__ void __launch_bounds__(kThreads, 1)
       p.fix.publish(acc, first_unit, threadIdx.x - 128);
       continue;
     }
-    if (kb1 < k_steps) p.fix.merge(acc, first_unit + 1, threadIdx.x - 128);  // a head piece: add the tail's
+    if (kb1 < k_steps)  // a head piece: add the others'
+      p.fix.merge(acc, first_unit + 1, TailSplit(*smem.tiles, unit_stride, k_steps, p.fix).last_owner(t, k_steps),
+                  threadIdx.x - 128);
     store_tile(acc, p.out, p.ldo, p.N, n0, r0, r1, walk.group_end, lane);
   }
 }
@@ -220,9 +222,9 @@ void grouped_blockwise(int device, uint64_t stream, uint64_t a_addr, uint64_t w_
                        int64_t sb_g, int64_t sb_k, int64_t sb_n, int64_t M, int64_t N, int64_t K, int64_t G,
                        int64_t lda, int64_t ldw, int64_t w_group, int64_t ldo, bool a_e5m2, bool b_e5m2,
                        int num_sms, int cluster, uint64_t ws, uint64_t flags, int ws_ctas, int tail_pct,
-                       double timeout_s) {
+                       int tail_waves, double timeout_s) {
   if (cluster != 1 && cluster != 2) throw std::invalid_argument("turbo_dist._fp8_wgmma: cluster must be 1 or 2");
-  const Fixup fix = make_fixup(ws, flags, ws_ctas, tail_pct, timeout_s, num_sms, cluster);
+  const Fixup fix = make_fixup(ws, flags, ws_ctas, tail_pct, tail_waves, timeout_s, num_sms, cluster);
   if (M <= 0 || N <= 0 || G <= 0) return;
   if (K <= 0 || K % 16 || lda % 16 || ldw % 16 || w_group % 16 || a_addr % 16 || w_addr % 16)
     throw std::invalid_argument("turbo_dist._fp8_wgmma: K, the row/group strides and the operand addresses must be "
@@ -272,7 +274,7 @@ PYBIND11_MODULE(_fp8_wgmma, m) {
         py::arg("sw_g"), py::arg("sw_k"), py::arg("sw_n"), py::arg("M"), py::arg("N"), py::arg("K"), py::arg("G"),
         py::arg("lda"), py::arg("ldw"), py::arg("w_group"), py::arg("ldo"), py::arg("a_e5m2"), py::arg("w_e5m2"),
         py::arg("num_sms"), py::arg("cluster") = 1, py::arg("ws") = 0, py::arg("flags") = 0, py::arg("ws_ctas") = 0,
-        py::arg("tail_pct") = 0, py::arg("timeout_s") = 100.0);
+        py::arg("tail_pct") = 0, py::arg("tail_waves") = 2, py::arg("timeout_s") = 100.0);
   m.attr("FIXUP_FLOATS_PER_CTA") = kBM * kBN;
   m.attr("SMEM_BYTES") = kSmemBytes;
   m.attr("BLOCK_M") = kBM;

@@ -36,14 +36,16 @@ def pick_cluster(M, G):
 
 
 # The stream-K tail (csrc/fp8_wgmma/common.h, "the stream-K tail"): when the launch's tiles leave a last wave at
-# most TAIL_PCT % full, the last full wave and that partial one are cut into equal runs of K steps, one per CTA,
-# a tile split in at most two parts whose fp32 partial sums one CTA hands the other through a workspace. One CTA per
-# tile only (cluster 1). 0 turns it off.
+# most TAIL_PCT % full, the last waves are cut into equal runs of K steps, one per CTA (TAIL_WAVES 2: the last full
+# wave and the partial one, a tile in at most two pieces; 1: the partial wave alone), the pieces' fp32 partial sums
+# handed to the CTA holding the tile's head through a workspace. One CTA per tile only (cluster 1). 0 turns it off:
+# the default, measured mixed (README, "Benchmarks").
 TAIL_PCT = 0
+TAIL_WAVES = 2
 FIXUP_FLOATS_PER_CTA = 128 * 256  # one 128 x 256 fp32 tile of partial sums per CTA
 
 
-def stream_k_args(device, num_sms, tail_pct):
+def stream_k_args(device, num_sms, tail_pct, tail_waves=None):
     """(keyword arguments of the kernels' stream-K tail, the buffers to keep alive until the launch): a
     [num_sms, 128 x 256] fp32 workspace and num_sms zeroed flags, fresh per call from the caching allocator (stream
     ordered, so they may be freed once launched); ({}, ()) when tail_pct is 0."""
@@ -54,21 +56,28 @@ def stream_k_args(device, num_sms, tail_pct):
     ws = torch.empty(num_sms * FIXUP_FLOATS_PER_CTA, dtype=torch.float32, device=device)
     flags = torch.zeros(num_sms, dtype=torch.int32, device=device)
     return dict(ws=ws.data_ptr(), flags=flags.data_ptr(), ws_ctas=num_sms, tail_pct=int(tail_pct),
+                tail_waves=TAIL_WAVES if tail_waves is None else int(tail_waves),
                 timeout_s=peer_timeout_s()), (ws, flags)
 
 
-def work_pieces(tiles, first, stride, k_steps, tail_pct):
-    """The host mirror of common.h's work_piece: the pieces (tile, kb0, kb1) CTA `first` of `stride` runs over
-    `tiles` tiles of k_steps K steps (tests check it covers each step once, splitting a tile in at most two)."""
+def tail_split(tiles, stride, k_steps, tail_pct, waves):
+    """(dp, run) of common.h's TailSplit: whole tiles below dp, then runs of `run` K steps; run 0: no tail."""
     full, rest = divmod(tiles, stride)
-    if not (tail_pct > 0 and full >= 1 and rest > 0 and rest * 100 <= tail_pct * stride):
+    if tail_pct > 0 and full >= waves - 1 and rest > 0 and rest * 100 <= tail_pct * stride:
+        dp = (full - (waves - 1)) * stride
+        return dp, -(-(tiles - dp) * k_steps // stride)
+    return 0, 0
+
+
+def work_pieces(tiles, first, stride, k_steps, tail_pct, waves=2):
+    """The host mirror of common.h's work_piece: the pieces (tile, kb0, kb1) CTA `first` of `stride` runs over
+    `tiles` tiles of k_steps K steps (tests check it covers each step once and who merges whose partials)."""
+    dp, run = tail_split(tiles, stride, k_steps, tail_pct, waves)
+    if not run:
         return [(t, 0, k_steps) for t in range(first, tiles, stride)]
-    dp = (full - 1) * stride
     pieces = [(t, 0, k_steps) for t in range(first, dp, stride)]
-    run = -(-(tiles - dp) * k_steps // stride)
-    start = dp * k_steps + first * run
-    end = min(tiles * k_steps, start + run)
-    pos = start
+    pos = dp * k_steps + first * run
+    end = min(tiles * k_steps, pos + run)
     while pos < end:
         t, kb0 = divmod(pos, k_steps)
         kb1 = min(k_steps, kb0 + end - pos)
@@ -78,10 +87,11 @@ def work_pieces(tiles, first, stride, k_steps, tail_pct):
 
 
 def wgmma_grouped_scaled(a_q, b_q, scale_a, scale_b, group_lens, mode, out_dtype, cluster=None, tail_pct=None,
-                         num_sms=None):
+                         num_sms=None, tail_waves=None):
     """out [M, N] bf16: per group (a_q * scale_a)[rows] @ (b_q[g] * scale_b[g]) (the checks: the predicate below);
     cluster: CTAs per cluster (1 or 2; default pick_cluster(M, G)); tail_pct: the stream-K tail (default TAIL_PCT
-    with one CTA per tile, off with clusters); num_sms: CTAs at most (default: the GPU's SMs; tests use fewer)."""
+    with one CTA per tile, off with clusters), tail_waves (default TAIL_WAVES); num_sms: CTAs at most (default:
+    the GPU's SMs; tests use fewer)."""
     from turbo_dist.kernels import gemm as gemm_kernels  # its cached SM count
 
     M, K = a_q.shape
@@ -93,7 +103,7 @@ def wgmma_grouped_scaled(a_q, b_q, scale_a, scale_b, group_lens, mode, out_dtype
     num_sms = gemm_kernels._num_sms(a_q.device) if num_sms is None else num_sms
     cluster = pick_cluster(M, G) if cluster is None else cluster
     sk, _keep = stream_k_args(a_q.device, num_sms, (TAIL_PCT if cluster == 1 else 0) if tail_pct is None
-                              else tail_pct)
+                              else tail_pct, tail_waves)
     wgmma_module().grouped_blockwise(
         device=a_q.device.index, stream=torch.cuda.current_stream(a_q.device).cuda_stream, a=a_q.data_ptr(),
         w=b_q.data_ptr(), out=out.data_ptr(), offs=offs.data_ptr(), scale_a=scale_a.data_ptr(),

@@ -1,8 +1,8 @@
 """Backend "wgmma" of grouped_gemm: bf16 grouped GEMM on Hopper in one persistent launch of our CUDA kernel
 (turbo_dist._fp8_wgmma's grouped_bf16, csrc/fp8_wgmma/grouped_bf16.cu: the FP8 blockwise kernel's TMA + WGMMA
-pipeline without the scales; 2-CTA clusters sharing each weight tile by TMA multicast, which Triton 3.6 cannot
-express, on request; a stream-K tail for the last wave). Reads the group boundaries on the GPU; b [G, K, N] (N contiguous, the forward)
-or b [G, N, K] with trans_b (K contiguous, the dgrad); a row-major; bf16 in and out.
+pipeline without the scales; on request 2-CTA clusters sharing each weight tile by TMA multicast, which Triton
+3.6 cannot express, and a stream-K tail for the last wave). Reads the group boundaries on the GPU; b [G, K, N]
+(N contiguous, the forward) or b [G, N, K] with trans_b (K contiguous, the dgrad); a row-major; bf16 in and out.
 
 Opt-in until checked and timed on a GPU (its predicate declines unless asked for, autotuning included):
 `ops.dispatcher.set_backend("grouped_gemm", "wgmma")` or TURBO_DIST_GROUPED_GEMM_BACKEND=wgmma;
@@ -21,11 +21,11 @@ CLUSTER = 1
 TAIL_PCT = 0
 
 
-def wgmma_grouped(a, b, group_lens, trans_b=False, cluster=None, tail_pct=None, num_sms=None):
+def wgmma_grouped(a, b, group_lens, trans_b=False, cluster=None, tail_pct=None, num_sms=None, tail_waves=None):
     """out [M, N] bf16: per group a[rows] @ (b[g]^T if trans_b else b[g]) (checks: the predicate below);
     cluster: CTAs per cluster (1 or 2; default CLUSTER); tail_pct: the stream-K tail (fp8_wgmma.TAIL_PCT's
-    meaning; default TAIL_PCT with one CTA per tile, off with clusters); num_sms: CTAs at most (default: the
-    GPU's SMs; tests use fewer)."""
+    meaning; default TAIL_PCT with one CTA per tile, off with clusters), tail_waves (fp8_wgmma.TAIL_WAVES);
+    num_sms: CTAs at most (default: the GPU's SMs; tests use fewer)."""
     from turbo_dist.kernels import gemm as gemm_kernels  # its cached SM count
 
     M, K = a.shape
@@ -40,7 +40,7 @@ def wgmma_grouped(a, b, group_lens, trans_b=False, cluster=None, tail_pct=None, 
     num_sms = gemm_kernels._num_sms(a.device) if num_sms is None else num_sms
     cluster = CLUSTER if cluster is None else cluster
     sk, _keep = stream_k_args(a.device, num_sms, (TAIL_PCT if cluster == 1 else 0) if tail_pct is None
-                              else tail_pct)
+                              else tail_pct, tail_waves)
     wgmma_module().grouped_bf16(
         device=a.device.index, stream=torch.cuda.current_stream(a.device).cuda_stream, a=a.data_ptr(),
         b=b.data_ptr(), out=out.data_ptr(), offs=offs.data_ptr(), M=M, N=N, K=K, G=G, lda=a.stride(0),
