@@ -139,6 +139,12 @@ struct TailSplit {
   }
 };
 
+// Piece i without the tail (TAIL false: the instantiation every default launch runs, whole tiles round robin, as
+// before the tail existed) or with it (work_piece below, the tile count read from shared memory).
+template <bool TAIL>
+__device__ __forceinline__ bool next_piece(int i, const int* tiles, int first, int stride, int k_steps,
+                                           const struct Fixup& fix, int& t, int& kb0, int& kb1);
+
 // Piece i of one CTA's (or cluster's) work: whole tiles t = first, first + stride, ... below dp, then its
 // stream-K run of K steps [start, end) over the tiles from dp on (global step index t * k_steps + kb; make_fixup
 // keeps every launch's units x k_steps below 2^31). Tile t, K steps kb0 .. kb1 (0 .. k_steps for a whole tile);
@@ -163,6 +169,19 @@ __device__ __forceinline__ bool work_piece(int i, int tiles, int first, int stri
   if (t * k_steps + kb0 >= end) return false;
   kb1 = min(k_steps, end - t * k_steps);
   return true;
+}
+
+template <bool TAIL>
+__device__ __forceinline__ bool next_piece(int i, const int* tiles, int first, int stride, int k_steps,
+                                           const Fixup& fix, int& t, int& kb0, int& kb1) {
+  if constexpr (TAIL) {
+    return work_piece(i, *tiles, first, stride, k_steps, fix, t, kb0, kb1);
+  } else {
+    t = first + i * stride;
+    kb0 = 0;
+    kb1 = k_steps;
+    return true;
+  }
 }
 
 // ------------------------------------------------------------------------------------- the stage pipeline

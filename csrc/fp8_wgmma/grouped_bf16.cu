@@ -33,11 +33,12 @@ struct Args16 {
   Fixup fix;            // the stream-K tail (common.h), tail_pct 0: none
 };
 
-template <bool N_MAJOR, int CLUSTER>
+template <bool N_MAJOR, int CLUSTER, bool TAIL>
 __global__ void __launch_bounds__(kThreads, 1)
     grouped_bf16_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_b,
                         const Args16 p) {
   static_assert(CLUSTER == 1 || CLUSTER == 2, "one CTA, or two sharing the weight tile");
+  static_assert(!TAIL || CLUSTER == 1, "the stream-K tail: one CTA per tile");
   extern __shared__ uint8_t smem_raw[];
   const Smem16 smem(smem_raw);  // A [stages][128 rows][128 bytes]; B K-major [stages][256 rows][128 bytes],
   uint8_t* smem_a = smem.a;     // N-major [stages][4 chunks][64 K rows][128 bytes]
@@ -52,12 +53,14 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int col_tiles = (p.N + kBN - 1) / kBN;
   const int k_steps = (p.K + kBK16 - 1) / kBK16;
   TileWalk<CLUSTER> walk;
-  if (threadIdx.x == 0) *smem.tiles = p.fix.tail_pct > 0 ? walk.count(p, col_tiles) : 0;
+  if constexpr (TAIL) {
+    if (threadIdx.x == 0) *smem.tiles = walk.count(p, col_tiles);
+  }
   init_stage_barriers<kStages16, CLUSTER>(full, empty);
   int t, kb0, kb1;  // piece i of this CTA's work (work_piece): tile t, K steps kb0 .. kb1
 // piece i, on a group's tile (a macro: a lambda capturing t, kb0, kb1 puts the FP8 consumers over their registers)
 #define TD_NEXT_PIECE(i)                                                                          \
-  (work_piece(i, *smem.tiles, first_unit, unit_stride, k_steps, p.fix, t, kb0, kb1) && \
+  (next_piece<TAIL>(i, smem.tiles, first_unit, unit_stride, k_steps, p.fix, t, kb0, kb1) && \
    walk.seek(p, col_tiles, t))
 
 
@@ -150,23 +153,25 @@ __global__ void __launch_bounds__(kThreads, 1)
     fence_regs(acc[0]);
     fence_regs(acc[1]);
     if (prev >= 0) release_stage<CLUSTER>(empty, prev, lane);
-    if (kb0 > 0) {  // a stream-K tail piece: the partial sums go to the CTA holding the tile's head
-      p.fix.publish(acc, first_unit, threadIdx.x - 128);
-      continue;
+    if constexpr (TAIL) {
+      if (kb0 > 0) {  // a stream-K tail piece: the partial sums go to the CTA holding the tile's head
+        p.fix.publish(acc, first_unit, threadIdx.x - 128);
+        continue;
+      }
+      if (kb1 < k_steps)  // a head piece: add the others'
+        p.fix.merge(acc, first_unit + 1, TailSplit(*smem.tiles, unit_stride, k_steps, p.fix).last_owner(t, k_steps),
+                    threadIdx.x - 128);
     }
-    if (kb1 < k_steps)  // a head piece: add the others'
-      p.fix.merge(acc, first_unit + 1, TailSplit(*smem.tiles, unit_stride, k_steps, p.fix).last_owner(t, k_steps),
-                  threadIdx.x - 128);
     const int r0 = m0 + row_in_tile;
     store_tile(acc, p.out, p.ldo, p.N, n0, r0, r0 + 8, walk.group_end, lane);
   }
 }
 #undef TD_NEXT_PIECE
 
-template <bool N_MAJOR, int CLUSTER>
+template <bool N_MAJOR, int CLUSTER, bool TAIL = false>
 void launch16(int device, const CUtensorMap& map_a, const CUtensorMap& map_b, const Args16& args, int64_t units,
               int num_sms, cudaStream_t stream) {
-  launch_persistent<grouped_bf16_kernel<N_MAJOR, CLUSTER>, CLUSTER, kSmemBytes16>(device, units, num_sms, stream,
+  launch_persistent<grouped_bf16_kernel<N_MAJOR, CLUSTER, TAIL>, CLUSTER, kSmemBytes16>(device, units, num_sms, stream,
                                                                                   map_a, map_b, args);
 }
 
@@ -212,7 +217,10 @@ void grouped_bf16(int device, uint64_t stream, uint64_t a_addr, uint64_t b_addr,
   args.fix = fix;
   if (units * ((K + kBK16 - 1) / kBK16) >= INT32_MAX) args.fix.tail_pct = 0;  // step indices in 32 bits: no tail
   auto s = reinterpret_cast<cudaStream_t>(stream);
-  if (n_major && cluster == 1) launch16<true, 1>(device, map_a, map_b, args, units, num_sms, s);
+  const bool tail = args.fix.tail_pct > 0;
+  if (n_major && tail) launch16<true, 1, true>(device, map_a, map_b, args, units, num_sms, s);
+  else if (tail) launch16<false, 1, true>(device, map_a, map_b, args, units, num_sms, s);
+  else if (n_major && cluster == 1) launch16<true, 1>(device, map_a, map_b, args, units, num_sms, s);
   else if (n_major) launch16<true, 2>(device, map_a, map_b, args, units, num_sms, s);
   else if (cluster == 1) launch16<false, 1>(device, map_a, map_b, args, units, num_sms, s);
   else launch16<false, 2>(device, map_a, map_b, args, units, num_sms, s);

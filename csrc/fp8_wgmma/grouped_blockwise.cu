@@ -64,11 +64,12 @@ struct Args {
 // per stage from L2 instead of (128 + 256) x 128. A stage is then free only when the consumers of both CTAs have
 // released it. When a group's row tiles are odd in number, its last unit leaves rank 1 without rows: that CTA
 // still loads and multicasts its half of the weights, and its consumers only release the stages.
-template <bool AE5M2, bool BE5M2, int CLUSTER>
+template <bool AE5M2, bool BE5M2, int CLUSTER, bool TAIL>
 __global__ void __launch_bounds__(kThreads, 1)
     grouped_blockwise_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_b,
                              const Args p) {
   static_assert(CLUSTER == 1 || CLUSTER == 2, "one CTA, or two sharing the weight tile");
+  static_assert(!TAIL || CLUSTER == 1, "the stream-K tail: one CTA per tile");
   extern __shared__ uint8_t smem_raw[];
   const Smem smem(smem_raw);  // A [stages][128 rows][128 bytes], B [stages][256 rows][128 bytes]
   uint8_t* smem_a = smem.a;
@@ -83,12 +84,14 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int col_tiles = (p.N + kBN - 1) / kBN;
   const int k_steps = (p.K + kBK - 1) / kBK;
   TileWalk<CLUSTER> walk;
-  if (threadIdx.x == 0) *smem.tiles = p.fix.tail_pct > 0 ? walk.count(p, col_tiles) : 0;
+  if constexpr (TAIL) {
+    if (threadIdx.x == 0) *smem.tiles = walk.count(p, col_tiles);
+  }
   init_stage_barriers<kStages, CLUSTER>(full, empty);
   int t, kb0, kb1;  // piece i of this CTA's work (work_piece): tile t, K steps kb0 .. kb1
 // piece i, on a group's tile (a macro: a lambda capturing t, kb0, kb1 puts the FP8 consumers over their registers)
 #define TD_NEXT_PIECE(i)                                                                          \
-  (work_piece(i, *smem.tiles, first_unit, unit_stride, k_steps, p.fix, t, kb0, kb1) && \
+  (next_piece<TAIL>(i, smem.tiles, first_unit, unit_stride, k_steps, p.fix, t, kb0, kb1) && \
    walk.seek(p, col_tiles, t))
 
 
@@ -183,33 +186,35 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
       ring.advance();
     }
-    if (kb0 > 0) {  // a stream-K tail piece: the partial sums go to the CTA holding the tile's head
-      p.fix.publish(acc, first_unit, threadIdx.x - 128);
-      continue;
+    if constexpr (TAIL) {
+      if (kb0 > 0) {  // a stream-K tail piece: the partial sums go to the CTA holding the tile's head
+        p.fix.publish(acc, first_unit, threadIdx.x - 128);
+        continue;
+      }
+      if (kb1 < k_steps)  // a head piece: add the others'
+        p.fix.merge(acc, first_unit + 1, TailSplit(*smem.tiles, unit_stride, k_steps, p.fix).last_owner(t, k_steps),
+                    threadIdx.x - 128);
     }
-    if (kb1 < k_steps)  // a head piece: add the others'
-      p.fix.merge(acc, first_unit + 1, TailSplit(*smem.tiles, unit_stride, k_steps, p.fix).last_owner(t, k_steps),
-                  threadIdx.x - 128);
     store_tile(acc, p.out, p.ldo, p.N, n0, r0, r1, walk.group_end, lane);
   }
 }
 #undef TD_NEXT_PIECE
 
 // ------------------------------------------------------------------------------------------------ host
-template <int CLUSTER>
+template <int CLUSTER, bool TAIL>
 void launch_types(int device, bool a_e5m2, bool b_e5m2, const CUtensorMap& ma, const CUtensorMap& mb,
                   const Args& args, int64_t units, int num_sms, cudaStream_t s) {
   if (!a_e5m2 && !b_e5m2)
-    launch_persistent<grouped_blockwise_kernel<false, false, CLUSTER>, CLUSTER, kSmemBytes>(device, units, num_sms, s,
+    launch_persistent<grouped_blockwise_kernel<false, false, CLUSTER, TAIL>, CLUSTER, kSmemBytes>(device, units, num_sms, s,
                                                                                             ma, mb, args);
   else if (a_e5m2 && !b_e5m2)
-    launch_persistent<grouped_blockwise_kernel<true, false, CLUSTER>, CLUSTER, kSmemBytes>(device, units, num_sms, s,
+    launch_persistent<grouped_blockwise_kernel<true, false, CLUSTER, TAIL>, CLUSTER, kSmemBytes>(device, units, num_sms, s,
                                                                                            ma, mb, args);
   else if (!a_e5m2 && b_e5m2)
-    launch_persistent<grouped_blockwise_kernel<false, true, CLUSTER>, CLUSTER, kSmemBytes>(device, units, num_sms, s,
+    launch_persistent<grouped_blockwise_kernel<false, true, CLUSTER, TAIL>, CLUSTER, kSmemBytes>(device, units, num_sms, s,
                                                                                            ma, mb, args);
   else
-    launch_persistent<grouped_blockwise_kernel<true, true, CLUSTER>, CLUSTER, kSmemBytes>(device, units, num_sms, s,
+    launch_persistent<grouped_blockwise_kernel<true, true, CLUSTER, TAIL>, CLUSTER, kSmemBytes>(device, units, num_sms, s,
                                                                                           ma, mb, args);
 }
 
@@ -257,8 +262,9 @@ void grouped_blockwise(int device, uint64_t stream, uint64_t a_addr, uint64_t w_
   args.fix = fix;
   if (units * ((K + kBK - 1) / kBK) >= INT32_MAX) args.fix.tail_pct = 0;  // step indices in 32 bits: no tail
   auto s = reinterpret_cast<cudaStream_t>(stream);
-  if (cluster == 1) launch_types<1>(device, a_e5m2, b_e5m2, map_a, map_b, args, units, num_sms, s);
-  else launch_types<2>(device, a_e5m2, b_e5m2, map_a, map_b, args, units, num_sms, s);
+  if (args.fix.tail_pct > 0) launch_types<1, true>(device, a_e5m2, b_e5m2, map_a, map_b, args, units, num_sms, s);
+  else if (cluster == 1) launch_types<1, false>(device, a_e5m2, b_e5m2, map_a, map_b, args, units, num_sms, s);
+  else launch_types<2, false>(device, a_e5m2, b_e5m2, map_a, map_b, args, units, num_sms, s);
 }
 
 }  // namespace
