@@ -391,9 +391,10 @@ inline void check_launch(int64_t M, int64_t N, int64_t K, int64_t G, int64_t ldo
 }
 
 // The stream-K tail's buffers, checked: ws holds ws_ctas x kBM x kBN fp32 partials, flags ws_ctas zeroed ints;
-// tail_pct 0 (no tail) needs neither. One CTA per tile only (a cluster's CTAs would split differently).
+// tail_pct 0 (no tail) needs neither. One CTA per tile only (a cluster's CTAs would split differently). steps: the
+// launch's units x K steps; from 2^31 on the kernels' 32-bit step indices would overflow, so no tail.
 inline Fixup make_fixup(uint64_t ws, uint64_t flags, int ws_ctas, int tail_pct, int waves, double timeout_s,
-                        int num_sms, int cluster) {
+                        int num_sms, int cluster, int64_t steps) {
   Fixup fix;
   if (tail_pct < 0 || tail_pct > 100)
     throw std::invalid_argument("turbo_dist._fp8_wgmma: tail_pct must be in 0..100");
@@ -409,7 +410,7 @@ inline Fixup make_fixup(uint64_t ws, uint64_t flags, int ws_ctas, int tail_pct, 
   fix.ws = reinterpret_cast<float*>(ws);
   fix.flags = reinterpret_cast<int*>(flags);
   fix.timeout_ns = int64_t(timeout_s * 1e9);
-  fix.tail_pct = tail_pct;
+  fix.tail_pct = steps < INT32_MAX ? tail_pct : 0;
   fix.waves = waves;
   return fix;
 }

@@ -183,7 +183,9 @@ void grouped_bf16(int device, uint64_t stream, uint64_t a_addr, uint64_t b_addr,
                   int64_t b_group, int64_t ldo, bool n_major, int num_sms, int cluster, uint64_t ws, uint64_t flags,
                   int ws_ctas, int tail_pct, int tail_waves, double timeout_s) {
   if (cluster != 1 && cluster != 2) throw std::invalid_argument("turbo_dist._fp8_wgmma: cluster must be 1 or 2");
-  const Fixup fix = make_fixup(ws, flags, ws_ctas, tail_pct, tail_waves, timeout_s, num_sms, cluster);
+  const int64_t units = unit_count(M, N, G, cluster);
+  const Fixup fix = make_fixup(ws, flags, ws_ctas, tail_pct, tail_waves, timeout_s, num_sms, cluster,
+                               units * ((K + kBK16 - 1) / kBK16));
   if (M <= 0 || N <= 0 || G <= 0) return;
   if (K <= 0 || K % 8 || lda % 8 || ldb % 8 || b_group % 8 || a_addr % 16 || b_addr % 16)
     throw std::invalid_argument("turbo_dist._fp8_wgmma: K, the row/group strides (elements) must be multiples of "
@@ -213,11 +215,9 @@ void grouped_bf16(int device, uint64_t stream, uint64_t a_addr, uint64_t b_addr,
   args.N = int(N);
   args.K = int(K);
   args.G = int(G);
-  const int64_t units = unit_count(M, N, G, cluster);
   args.fix = fix;
-  if (units * ((K + kBK16 - 1) / kBK16) >= INT32_MAX) args.fix.tail_pct = 0;  // step indices in 32 bits: no tail
   auto s = reinterpret_cast<cudaStream_t>(stream);
-  const bool tail = args.fix.tail_pct > 0;
+  const bool tail = fix.tail_pct > 0;
   if (n_major && tail) launch16<true, 1, true>(device, map_a, map_b, args, units, num_sms, s);
   else if (tail) launch16<false, 1, true>(device, map_a, map_b, args, units, num_sms, s);
   else if (n_major && cluster == 1) launch16<true, 1>(device, map_a, map_b, args, units, num_sms, s);

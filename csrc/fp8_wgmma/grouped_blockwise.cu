@@ -229,7 +229,9 @@ void grouped_blockwise(int device, uint64_t stream, uint64_t a_addr, uint64_t w_
                        int num_sms, int cluster, uint64_t ws, uint64_t flags, int ws_ctas, int tail_pct,
                        int tail_waves, double timeout_s) {
   if (cluster != 1 && cluster != 2) throw std::invalid_argument("turbo_dist._fp8_wgmma: cluster must be 1 or 2");
-  const Fixup fix = make_fixup(ws, flags, ws_ctas, tail_pct, tail_waves, timeout_s, num_sms, cluster);
+  const int64_t units = unit_count(M, N, G, cluster);
+  const Fixup fix = make_fixup(ws, flags, ws_ctas, tail_pct, tail_waves, timeout_s, num_sms, cluster,
+                               units * ((K + kBK - 1) / kBK));
   if (M <= 0 || N <= 0 || G <= 0) return;
   if (K <= 0 || K % 16 || lda % 16 || ldw % 16 || w_group % 16 || a_addr % 16 || w_addr % 16)
     throw std::invalid_argument("turbo_dist._fp8_wgmma: K, the row/group strides and the operand addresses must be "
@@ -258,11 +260,9 @@ void grouped_blockwise(int device, uint64_t stream, uint64_t a_addr, uint64_t w_
   args.N = int(N);
   args.K = int(K);
   args.G = int(G);
-  const int64_t units = unit_count(M, N, G, cluster);
   args.fix = fix;
-  if (units * ((K + kBK - 1) / kBK) >= INT32_MAX) args.fix.tail_pct = 0;  // step indices in 32 bits: no tail
   auto s = reinterpret_cast<cudaStream_t>(stream);
-  if (args.fix.tail_pct > 0) launch_types<1, true>(device, a_e5m2, b_e5m2, map_a, map_b, args, units, num_sms, s);
+  if (fix.tail_pct > 0) launch_types<1, true>(device, a_e5m2, b_e5m2, map_a, map_b, args, units, num_sms, s);
   else if (cluster == 1) launch_types<1, false>(device, a_e5m2, b_e5m2, map_a, map_b, args, units, num_sms, s);
   else launch_types<2, false>(device, a_e5m2, b_e5m2, map_a, map_b, args, units, num_sms, s);
 }
