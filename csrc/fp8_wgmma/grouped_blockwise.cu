@@ -281,7 +281,6 @@ PYBIND11_MODULE(_fp8_wgmma, m) {
         py::arg("lda"), py::arg("ldw"), py::arg("w_group"), py::arg("ldo"), py::arg("a_e5m2"), py::arg("w_e5m2"),
         py::arg("num_sms"), py::arg("cluster") = 1, py::arg("ws") = 0, py::arg("flags") = 0, py::arg("ws_ctas") = 0,
         py::arg("tail_pct") = 0, py::arg("tail_waves") = 2, py::arg("timeout_s") = 100.0);
-  m.attr("FIXUP_FLOATS_PER_CTA") = kBM * kBN;
   m.attr("SMEM_BYTES") = kSmemBytes;
   m.attr("BLOCK_M") = kBM;
   m.attr("BLOCK_N") = kBN;

@@ -45,10 +45,13 @@ TAIL_WAVES = 2
 FIXUP_FLOATS_PER_CTA = 128 * 256  # one 128 x 256 fp32 tile of partial sums per CTA
 
 
-def stream_k_args(device, num_sms, tail_pct, tail_waves=None):
+def stream_k_args(device, num_sms, cluster, tail_pct, tail_waves, default_pct):
     """(keyword arguments of the kernels' stream-K tail, the buffers to keep alive until the launch): a
     [num_sms, 128 x 256] fp32 workspace and num_sms zeroed flags, fresh per call from the caching allocator (stream
-    ordered, so they may be freed once launched); ({}, ()) when tail_pct is 0."""
+    ordered, so they may be freed once launched); ({}, ()) when the tail is off. tail_pct None: the caller's
+    default_pct with one CTA per tile, off with clusters."""
+    if tail_pct is None:
+        tail_pct = default_pct if cluster == 1 else 0
     if not tail_pct:
         return {}, ()
     from ..runtime.config import peer_timeout_s
@@ -102,8 +105,7 @@ def wgmma_grouped_scaled(a_q, b_q, scale_a, scale_b, group_lens, mode, out_dtype
     offs = group_offsets(group_lens, a_q.device)  # int64 cumulative ends, read by the kernel
     num_sms = gemm_kernels._num_sms(a_q.device) if num_sms is None else num_sms
     cluster = pick_cluster(M, G) if cluster is None else cluster
-    sk, _keep = stream_k_args(a_q.device, num_sms, (TAIL_PCT if cluster == 1 else 0) if tail_pct is None
-                              else tail_pct, tail_waves)
+    sk, _keep = stream_k_args(a_q.device, num_sms, cluster, tail_pct, tail_waves, TAIL_PCT)
     wgmma_module().grouped_blockwise(
         device=a_q.device.index, stream=torch.cuda.current_stream(a_q.device).cuda_stream, a=a_q.data_ptr(),
         w=b_q.data_ptr(), out=out.data_ptr(), offs=offs.data_ptr(), scale_a=scale_a.data_ptr(),

@@ -39,8 +39,7 @@ def wgmma_grouped(a, b, group_lens, trans_b=False, cluster=None, tail_pct=None, 
     offs = group_offsets(group_lens, a.device)  # int64 cumulative ends, read by the kernel
     num_sms = gemm_kernels._num_sms(a.device) if num_sms is None else num_sms
     cluster = CLUSTER if cluster is None else cluster
-    sk, _keep = stream_k_args(a.device, num_sms, (TAIL_PCT if cluster == 1 else 0) if tail_pct is None
-                              else tail_pct, tail_waves)
+    sk, _keep = stream_k_args(a.device, num_sms, cluster, tail_pct, tail_waves, TAIL_PCT)
     wgmma_module().grouped_bf16(
         device=a.device.index, stream=torch.cuda.current_stream(a.device).cuda_stream, a=a.data_ptr(),
         b=b.data_ptr(), out=out.data_ptr(), offs=offs.data_ptr(), M=M, N=N, K=K, G=G, lda=a.stride(0),
