@@ -2,8 +2,8 @@
 csrc/fp8_wgmma/grouped_bf16.cu), opt-in. CPU: it runs only when asked for and declines what it cannot run, with
 the reason (its source compiles in test_ops_fp8_wgmma's nvcc check, which covers every .cu of the folder); GPU
 (marker `gpu`, SM90): against the float64 product on odd shapes, both b layouts (N-major forward, K-major dgrad),
-one CTA per tile and two sharing the weights (bit-equal), the stream-K tail on few CTAs, and through
-ops.grouped_gemm with autograd.
+one CTA per tile and two sharing the weights (bit-equal), the stream-K tail and dynamic half tiles on few CTAs,
+and through ops.grouped_gemm with autograd.
 """
 import types
 
@@ -77,7 +77,20 @@ def test_wgmma_grouped_passes_both_layouts(monkeypatch):
     kw = calls[-1]
     assert kw["tail_pct"] == 60 and kw["num_sms"] == kw["ws_ctas"] == 5 and kw["cluster"] == 1
     assert kw["ws"] and kw["flags"] and kw["timeout_s"] > 0
+    assert "counter" not in kw  # a stream-K tail: the fixed round robin
+    grouped_wgmma.wgmma_grouped(a, b, torch.tensor([10]), half_tiles=True, num_sms=5)
+    kw = calls[-1]
+    assert kw["counter"] and kw["cluster"] == 1 and "tail_pct" not in kw
+    monkeypatch.setattr(grouped_wgmma, "HALF_TILES", True)
+    grouped_wgmma.wgmma_grouped(a, b, torch.tensor([10]))
+    assert calls[-1]["counter"]
+    grouped_wgmma.wgmma_grouped(a, b, torch.tensor([10]), cluster=2)  # the default yields to a cluster
+    assert "counter" not in calls[-1]
     n = len(calls)
+    for bad in (dict(cluster=2), dict(tail_pct=50)):
+        with pytest.raises(ValueError, match="half_tiles needs cluster=1 and no stream-K tail"):
+            grouped_wgmma.wgmma_grouped(a, b, torch.tensor([10]), half_tiles=True, **bad)
+    assert len(calls) == n
     out = grouped_wgmma.wgmma_grouped(torch.zeros(10, 0, dtype=torch.bfloat16),
                                       torch.zeros(1, 0, 48, dtype=torch.bfloat16), torch.tensor([10]))
     assert len(calls) == n and out.shape == (10, 48) and not out.any()
@@ -108,12 +121,16 @@ def test_wgmma_grouped_matches_reference_gpu(lens, K, N, trans_b):
     a, b, gl = make_grouped(lens, K, N, trans_b, torch.bfloat16, device="cuda")
     dispatcher.set_backend("grouped_gemm", "wgmma")
     assert grouped_wgmma._wgmma_grouped_can(a, b, gl.cuda(), trans_b) is True
-    outs = {c: grouped_wgmma.wgmma_grouped(a, b, gl.cuda(), trans_b, cluster=c, tail_pct=0) for c in (1, 2)}
+    outs = {c: grouped_wgmma.wgmma_grouped(a, b, gl.cuda(), trans_b, cluster=c, tail_pct=0, half_tiles=False)
+            for c in (1, 2)}
+    half = grouped_wgmma.wgmma_grouped(a, b, gl.cuda(), trans_b, cluster=1, tail_pct=0, half_tiles=True)
     torch.cuda.synchronize()
     assert outs[1].shape == (sum(lens), N) and outs[1].dtype == torch.bfloat16
     assert torch.equal(outs[1], outs[2]), "one CTA per tile and two sharing the weights differ"
     if sum(lens) == 0:
         return
+    # half tiles sum the same K steps in the same order (m64n128 instead of m64n256 WGMMAs)
+    assert rel(half, outs[1]) < 1e-3, "dynamic half tiles differ from whole tiles"
     assert rel(outs[1], grouped_ref(a, b, gl, trans_b)) < 1e-2
     ref_torch = torch._grouped_mm(a, b.transpose(1, 2) if trans_b else b, offs=torch.cumsum(gl.cuda(), 0).int())
     assert rel(outs[1], ref_torch) < 1e-2
@@ -134,6 +151,27 @@ def test_wgmma_grouped_stream_k_tail_gpu(num_sms, trans_b):
         torch.cuda.synchronize()
         assert rel(out, whole) < 5e-3, (pct, waves, num_sms)
         assert rel(out, grouped_ref(a, b, gl, trans_b)) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("trans_b", [False, True])
+@pytest.mark.parametrize("num_sms", [1, 3, 7, 40, None])
+def test_wgmma_grouped_dynamic_half_tiles_gpu(num_sms, trans_b):
+    """Dynamic tiles with half tiles (a group's last <= 64 rows: m64n128 per consumer warpgroup) on 1 to all CTAs,
+    so that the atomic counter hands tiles out under contention, and twice in a row on one stream (the counter is
+    fresh per call): whole-tile results, float64."""
+    _gpu_or_skip()
+    lens = [64, 1, 0, 65, 128, 129, 192, 300, 63, 2, 0, 257, 700, 33]  # half tiles in 10 of the 14 groups
+    a, b, gl = make_grouped(lens, 704, 640, trans_b, torch.bfloat16, device="cuda")
+    whole = grouped_wgmma.wgmma_grouped(a, b, gl.cuda(), trans_b, tail_pct=0, half_tiles=False, num_sms=num_sms)
+    outs = [grouped_wgmma.wgmma_grouped(a, b, gl.cuda(), trans_b, tail_pct=0, half_tiles=True, num_sms=num_sms)
+            for _ in range(2)]
+    torch.cuda.synchronize()
+    ref = grouped_ref(a, b, gl, trans_b)
+    for out in outs:
+        assert rel(out, whole) < 1e-3, num_sms
+        assert rel(out, ref) < 1e-2
+    assert torch.equal(outs[0], outs[1])
 
 
 @pytest.mark.gpu

@@ -204,7 +204,8 @@ struct StageSmem {
   uint64_t* full;
   uint64_t* empty;
   int* tiles;  // the launch's unit count for the stream-K tail (work_piece), written before the first sync
-  static constexpr int kBytes = STAGES * (A_BYTES + B_BYTES) + kSmemAlign + 2 * STAGES * 8 + 16;  // launch size
+  int* slot;   // [STAGES] dynamic tile order: the tile whose first K step stage s holds (-1: no more tiles)
+  static constexpr int kBytes = STAGES * (A_BYTES + B_BYTES) + kSmemAlign + 2 * STAGES * 8 + 16 + 4 * STAGES;
 
   __device__ __forceinline__ explicit StageSmem(uint8_t* raw) {
     uint8_t* base = raw + ((kSmemAlign - smem_addr(raw) % kSmemAlign) % kSmemAlign);
@@ -213,6 +214,7 @@ struct StageSmem {
     full = reinterpret_cast<uint64_t*>(base + STAGES * (A_BYTES + B_BYTES));
     empty = full + STAGES;
     tiles = reinterpret_cast<int*>(empty + STAGES);
+    slot = tiles + 4;
   }
 };
 
@@ -270,7 +272,9 @@ __device__ __forceinline__ void skip_stages(uint64_t* full, uint64_t* empty, Sta
 
 // The epilogue of a 128 x 256 tile: a consumer warpgroup's 64 x 256 fp32 accumulators (acc[r][i]: WGMMA's
 // m64n128 fragment of columns r*128 .. r*128+127; the same registers as one m64n256 fragment) to bf16 out: this
-// thread's rows r0 and r1 (= r0 + 8) where below row_end, its columns of n0 .. n0+255 inside N.
+// thread's rows r0 and r1 (= r0 + 8) where below row_end, its columns of n0 .. n0+255 inside N. FRAGS 1: acc[0]
+// alone, columns n0 .. n0+127 (a half tile's share, grouped_bf16.cu).
+template <int FRAGS = 2>
 __device__ __forceinline__ void store_tile(const float (&acc)[2][64], __nv_bfloat16* out, int64_t ldo, int N, int n0,
                                            int r0, int r1, int row_end, int lane) {
   // rows of this group only (< row_end), columns inside N (a multiple of 8: whole 8-column chunks), in 16-byte
@@ -281,7 +285,7 @@ __device__ __forceinline__ void store_tile(const float (&acc)[2][64], __nv_bfloa
   const bool ok0 = r0 < row_end, ok1 = r1 < row_end;
   const int q = lane % 4;
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
+  for (int r = 0; r < FRAGS; ++r) {
 #pragma unroll
     for (int g = 0; g < 4; ++g) {
 #pragma unroll

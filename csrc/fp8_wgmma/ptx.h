@@ -1,6 +1,6 @@
 // PTX wrappers for sm_90a kernels: shared-memory mbarriers, TMA loads (multicast included), cluster barriers and
-// remote arrivals, WGMMA descriptors, the FP8 m64n128k32 and bf16 m64n256k16 WGMMAs. Included by the kernels of
-// turbo_dist._fp8_wgmma (an anonymous namespace, like theirs: one copy per translation unit).
+// remote arrivals, WGMMA descriptors, the FP8 m64n128k32 and bf16 m64n256k16 / m64n128k16 WGMMAs. Included by the
+// kernels of turbo_dist._fp8_wgmma (an anonymous namespace, like theirs: one copy per translation unit).
 #pragma once
 
 #include <cuda.h>
@@ -193,6 +193,24 @@ __device__ __forceinline__ void mma_64x256x16_bf16(float (&d)[2][64], uint64_t d
     TD_WGMMA_64x256x16_BF16("1");
   } else {
     TD_WGMMA_64x256x16_BF16("0");
+  }
+}
+
+// D[64 x 128] (+)= A[64 x 16] * B[128 x 16]^T, bf16 (the bf16 kernel's half tiles: each consumer warpgroup takes
+// half of a 64 x 256 tile's columns), B K-major or MN-major as above.
+#define TD_WGMMA_64x128x16_BF16(TRANS_B)                                                      \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"                                \
+               "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 " TD_ACC64_REGS        \
+               ", %64, %65, p, 1, 1, 0, " TRANS_B ";\n}\n"                                  \
+               : TD_ACC64_OUTS(d)                                                             \
+               : "l"(desc_a), "l"(desc_b), "r"(accumulate))
+
+template <bool TRANS_B>
+__device__ __forceinline__ void mma_64x128x16_bf16(float (&d)[64], uint64_t desc_a, uint64_t desc_b, int accumulate) {
+  if constexpr (TRANS_B) {
+    TD_WGMMA_64x128x16_BF16("1");
+  } else {
+    TD_WGMMA_64x128x16_BF16("0");
   }
 }
 

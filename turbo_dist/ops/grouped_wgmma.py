@@ -19,13 +19,18 @@ from .grouped_gemm import group_offsets
 # weight tile were slower in 10 of 12 cases (G=8 fc2 at ~1024 rows per expert 2-4% faster), so one CTA per tile.
 CLUSTER = 1
 TAIL_PCT = 0
+# Dynamic tiles with half tiles (csrc/fp8_wgmma/grouped_bf16.cu, DYN): a group's last <= 64 rows take half a tile's
+# WGMMA work, tiles handed out by an atomic counter so that their two costs balance. One CTA per tile, no tail.
+HALF_TILES = False
 
 
-def wgmma_grouped(a, b, group_lens, trans_b=False, cluster=None, tail_pct=None, num_sms=None, tail_waves=None):
+def wgmma_grouped(a, b, group_lens, trans_b=False, cluster=None, tail_pct=None, num_sms=None, tail_waves=None,
+                  half_tiles=None):
     """out [M, N] bf16: per group a[rows] @ (b[g]^T if trans_b else b[g]) (checks: the predicate below);
     cluster: CTAs per cluster (1 or 2; default CLUSTER); tail_pct: the stream-K tail (fp8_wgmma.TAIL_PCT's
     meaning; default TAIL_PCT with one CTA per tile, off with clusters), tail_waves (fp8_wgmma.TAIL_WAVES);
-    num_sms: CTAs at most (default: the GPU's SMs; tests use fewer)."""
+    half_tiles: dynamic tiles with half tiles (default HALF_TILES where one CTA per tile and no tail run; asked
+    for with a cluster or a tail: ValueError); num_sms: CTAs at most (default: the GPU's SMs; tests use fewer)."""
     from turbo_dist.kernels import gemm as gemm_kernels  # its cached SM count
 
     M, K = a.shape
@@ -40,6 +45,13 @@ def wgmma_grouped(a, b, group_lens, trans_b=False, cluster=None, tail_pct=None, 
     num_sms = gemm_kernels._num_sms(a.device) if num_sms is None else num_sms
     cluster = CLUSTER if cluster is None else cluster
     sk, _keep = stream_k_args(a.device, num_sms, cluster, tail_pct, tail_waves, TAIL_PCT)
+    if half_tiles is None:
+        half_tiles = HALF_TILES and cluster == 1 and not sk
+    elif half_tiles and (cluster != 1 or sk):
+        raise ValueError("wgmma_grouped: half_tiles needs cluster=1 and no stream-K tail (tail_pct=0)")
+    if half_tiles:  # the tile counter, zeroed in stream order (kept alive like the tail's buffers)
+        counter = torch.zeros(1, dtype=torch.int32, device=a.device)
+        sk, _keep = dict(sk, counter=counter.data_ptr()), (*_keep, counter)
     wgmma_module().grouped_bf16(
         device=a.device.index, stream=torch.cuda.current_stream(a.device).cuda_stream, a=a.data_ptr(),
         b=b.data_ptr(), out=out.data_ptr(), offs=offs.data_ptr(), M=M, N=N, K=K, G=G, lda=a.stride(0),
