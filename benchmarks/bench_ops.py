@@ -248,12 +248,18 @@ def _grouped_default_backend(fns, phase):
     if phase == "fwd":
         return dgrad
     wgrad = dispatcher.last_backend("grouped_gemm_wgrad")
+    if dgrad == "wgmma":  # the wgmma label's backward: that dgrad and the default's weight gradient
+        return dgrad
     return dgrad if dgrad == wgrad else f"{dgrad}/{wgrad}"
 
 
 def run_grouped(quick, errors):
-    from turbo_dist.ops import dispatcher
+    from turbo_dist.ops import dispatcher, grouped_wgmma
 
+    labels = dict(GROUPED_LABELS)
+    probe = torch.zeros(8, 8, device=DEVICE, dtype=DTYPE)
+    if grouped_wgmma._wgmma_grouped_can(probe, probe.view(1, 8, 8), torch.tensor([8])) is True:
+        labels["wgmma"] = "wgmma"  # our Hopper kernel (SM90, turbo_dist._fp8_wgmma built)
     rows = []
     for G, tpe in (GROUPED_QUICK if quick else GROUPED_CASES):
         for layer, K, N in GROUPED_LAYERS:
@@ -265,9 +271,11 @@ def run_grouped(quick, errors):
             bwd_fn = lambda: (dispatcher.dispatch("grouped_gemm", dc, b, gl, True),  # noqa: E731
                               dispatcher.dispatch("grouped_gemm_wgrad", a, dc, gl, False))
             fwd_fns, bwd_fns = {}, {}
-            for backend, label in [*GROUPED_LABELS.items(), (None, "default")]:
+            for backend, label in [*labels.items(), (None, "default")]:
                 fwd_fns[label] = _forced(fwd_fn, grouped_gemm=backend)
-                bwd_fns[label] = _forced(bwd_fn, grouped_gemm=backend, grouped_gemm_wgrad=backend)
+                # wgmma has no weight-gradient backend: its bwd label runs the default's weight gradient
+                bwd_fns[label] = _forced(bwd_fn, grouped_gemm=backend,
+                                         grouped_gemm_wgrad=None if backend == "wgmma" else backend)
             fwd = _time(fwd_fns, f"grouped {tag} {layer} fwd", errors)
             bwd = _time(bwd_fns, f"grouped {tag} {layer} bwd", errors)
             for phase, res, mult in (("fwd", fwd, 1), ("bwd", bwd, 2)):
@@ -277,7 +285,7 @@ def run_grouped(quick, errors):
                 extra = {"shape": f"G={G} M={M} K={K} N={N}", "phase": phase, "tokens_per_expert": tpe,
                          "default_backend": dflt,
                          "lens": lens.tolist() if G <= 8 else f"min {int(lens.min())} max {int(lens.max())}",
-                         **_default_fields(res, "default", dflt, GROUPED_LABELS)}
+                         **_default_fields(res, "default", dflt, labels)}
                 for r in _rows_for("grouped", f"{tag}_{layer}_{phase}", res, "torch_grouped_mm",
                                    mult * 2.0 * M * K * N, "bf16", extra):
                     r["x_loop"] = (loop / r["ms"]) if loop else None

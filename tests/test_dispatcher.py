@@ -48,7 +48,10 @@ class _Fake:  # shape/device stand-in: the rule looks at nothing else
         self.shape, self.is_cuda = shape, cuda
 
 
-def test_grouped_gemm_rule_is_cuda_small_groups_only():
+def test_grouped_gemm_rule_is_cuda_small_groups_only(monkeypatch):
+    from turbo_dist.ops import grouped_wgmma
+
+    monkeypatch.setattr(grouped_wgmma, "PREFERRED", False)  # "ours" = the Triton kernel here; the Hopper one below
     lens = None
     assert _grouped_preference(_Fake(32 * 128, 7168), _Fake(32, 7168, 4096), lens, False) == "triton"
     assert _grouped_preference(_Fake(32 * 256, 7168), _Fake(32, 7168, 4096), lens, False) == "triton"
@@ -69,6 +72,15 @@ def test_grouped_gemm_rule_is_cuda_small_groups_only():
     # too little work: host-bound, where torch._grouped_mm's cheaper launch wins (G=8 x 128 tokens, fc2 7168)
     assert _grouped_preference(_Fake(8 * 128, 2048), _Fake(8, 2048, 7168), lens, False) is None
     assert _grouped_preference(_Fake(32 * 128, 2048), _Fake(32, 2048, 7168), lens, False) == "triton"  # 120 GFLOP
+    # on SM90 with turbo_dist._fp8_wgmma built, our Hopper kernel takes what the rule gives to ours, where it
+    # accepts the inputs; the Triton kernel where it declines; torch's stays torch's
+    monkeypatch.setattr(grouped_wgmma, "PREFERRED", True)
+    monkeypatch.setattr(grouped_wgmma, "_wgmma_grouped_can", lambda *args: True)
+    assert _grouped_preference(_Fake(32 * 256, 7168), _Fake(32, 7168, 4096), lens, False) == "wgmma"
+    assert _grouped_preference(_Fake(32 * 512, 4096), _Fake(32, 7168, 4096), lens, True) == "wgmma"
+    assert _grouped_preference(_Fake(8 * 1024, 7168), _Fake(8, 7168, 4096), lens, False) is None
+    monkeypatch.setattr(grouped_wgmma, "_wgmma_grouped_can", lambda *args: "wgmma runs on SM90 (Hopper) only")
+    assert _grouped_preference(_Fake(32 * 256, 7168), _Fake(32, 7168, 4096), lens, False) == "triton"
 
 
 def test_grouped_wgrad_rule_follows_the_tma_kernel(monkeypatch):

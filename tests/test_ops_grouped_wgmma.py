@@ -1,6 +1,6 @@
 """Backend "wgmma" of grouped_gemm: our Hopper bf16 grouped GEMM (turbo_dist._fp8_wgmma's grouped_bf16,
-csrc/fp8_wgmma/grouped_bf16.cu), opt-in. CPU: it runs only when asked for and declines what it cannot run, with
-the reason (its source compiles in test_ops_fp8_wgmma's nvcc check, which covers every .cu of the folder); GPU
+csrc/fp8_wgmma/grouped_bf16.cu), which grouped_gemm's rule prefers on SM90. CPU: it declines what it cannot run,
+with the reason (its source compiles in test_ops_fp8_wgmma's nvcc check, which covers every .cu of the folder); GPU
 (marker `gpu`, SM90): against the float64 product on odd shapes, both b layouts (N-major forward, K-major dgrad),
 one CTA per tile and two sharing the weights (bit-equal), the stream-K tail and dynamic half tiles on few CTAs,
 and through ops.grouped_gemm with autograd.
@@ -22,26 +22,29 @@ def _reset_backends():
         dispatcher.set_backend(op, None)
 
 
-def test_wgmma_grouped_runs_only_when_asked(monkeypatch):
+def test_wgmma_grouped_declines_with_a_reason(monkeypatch):
+    """Measured, so no longer opt-in: registered last, chosen by grouped_gemm's rule (test_dispatcher); where it
+    cannot run it says why, and asked for anyway it raises that reason (no fallback)."""
     a, b, gl = make_grouped([3, 5], 16, 8, False, torch.bfloat16)
     can = grouped_wgmma._wgmma_grouped_can
-    monkeypatch.delenv("TURBO_DIST_GROUPED_GEMM_BACKEND", raising=False)
-    assert "only when asked" in can(a, b, gl)
     assert dispatcher.backends("grouped_gemm")[-1] == "wgmma"  # registered, last
+    assert "CUDA" in can(a, b, gl)  # CPU tensors
+    assert grouped_wgmma.preferred(a, b, gl) is False
     assert dispatcher.choose("grouped_gemm", a, b, gl, False).name != "wgmma"
-    monkeypatch.setenv("TURBO_DIST_GROUPED_GEMM_BACKEND", "wgmma")
-    assert "only when asked" not in str(can(a, b, gl))
-    monkeypatch.delenv("TURBO_DIST_GROUPED_GEMM_BACKEND")
-    dispatcher.set_backend("grouped_gemm", "wgmma")
+    monkeypatch.setattr(grouped_wgmma, "_wgmma_grouped_can", lambda *args: True)
+    assert grouped_wgmma.preferred(a, b, gl) is True
+    monkeypatch.setattr(grouped_wgmma, "PREFERRED", False)
+    assert grouped_wgmma.preferred(a, b, gl) is False
+    monkeypatch.undo()
+    cuda_like = types.SimpleNamespace(is_cuda=True)
     monkeypatch.setitem(grouped_wgmma._MOD, "mod", None)
     monkeypatch.setitem(grouped_wgmma._MOD, "why", "turbo_dist._fp8_wgmma is not built (test)")
-    assert "not built" in can(a, b, gl)
-    with pytest.raises(ValueError, match="not built"):  # asked for and unable: a clear error, no fallback
+    assert "not built" in can(cuda_like, cuda_like, gl)
+    dispatcher.set_backend("grouped_gemm", "wgmma")
+    with pytest.raises(ValueError, match="CUDA"):  # asked for and unable: a clear error, no fallback
         grouped_gemm(a, b, gl)
     monkeypatch.setitem(grouped_wgmma._MOD, "mod", object())  # built without the bf16 kernel
-    assert "rebuild" in can(a, b, gl)
-    monkeypatch.setitem(grouped_wgmma._MOD, "mod", type("M", (), {"grouped_bf16": None})())
-    assert "CUDA" in can(a, b, gl)  # CPU tensors
+    assert "rebuild" in can(cuda_like, cuda_like, gl)
 
 
 def test_wgmma_grouped_passes_both_layouts(monkeypatch):
