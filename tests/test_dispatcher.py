@@ -79,6 +79,9 @@ def test_grouped_gemm_rule_is_cuda_small_groups_only(monkeypatch):
     assert _grouped_preference(_Fake(32 * 256, 7168), _Fake(32, 7168, 4096), lens, False) == "wgmma"
     assert _grouped_preference(_Fake(32 * 512, 4096), _Fake(32, 7168, 4096), lens, True) == "wgmma"
     assert _grouped_preference(_Fake(8 * 1024, 7168), _Fake(8, 7168, 4096), lens, False) is None
+    # ... except a transposed b with K > N (fc2's dgrad: K 7168, N 2048), measured behind the Triton kernel
+    assert _grouped_preference(_Fake(32 * 256, 7168), _Fake(32, 2048, 7168), lens, True) == "triton"
+    assert _grouped_preference(_Fake(32 * 256, 2048), _Fake(32, 2048, 7168), lens, False) == "wgmma"  # fc2 fwd
     monkeypatch.setattr(grouped_wgmma, "_wgmma_grouped_can", lambda *args: "wgmma runs on SM90 (Hopper) only")
     assert _grouped_preference(_Fake(32 * 256, 7168), _Fake(32, 7168, 4096), lens, False) == "triton"
 

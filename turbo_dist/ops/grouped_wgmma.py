@@ -23,15 +23,22 @@ TAIL_PCT = 0
 # Dynamic tiles with half tiles (csrc/fp8_wgmma/grouped_bf16.cu, DYN): a group's last <= 64 rows take half a tile's
 # WGMMA work, tiles handed out by an atomic counter so that their two costs balance. One CTA per tile, no tail.
 HALF_TILES = True
-# Measured (benchmarks/results/probe_grouped_wgmma_half_h200.json, DeepSeek-V3 experts, skewed counts): with half
-# tiles 4-11% faster than whole tiles at 128-256 rows per expert and within ~2% at 1024, ahead of our Triton kernel
-# in 10 of 12 cases and within 2% in the other two, so grouped_gemm's rule runs it wherever it would run Triton.
+# Measured on an H200 (DeepSeek-V3 experts, skewed counts on the GPU; benchmarks/results/
+# probe_grouped_wgmma_half_h200.json, _half2_h200.json, ops_grouped_wgmma_h200.json, _wgmma2_h200.json): half tiles
+# 0.93-1.13x whole tiles (gains up to 13% at 128-256 rows per expert, mostly within the ~3% noise at 1024); against
+# our Triton kernel, where grouped_gemm's rule runs ours, ahead or within 2% on the forward (fc1 1.00-1.03x, fc2
+# 1.04-1.09x at 128-256 rows per expert) and the fc1 dgrad (1.01-1.04x), behind on the fc2 dgrad (a transposed b
+# with K = 7168 > N = 2048: 0.91-0.98x in all four runs). So the rule runs this kernel where it would run Triton,
+# except a transposed b with K > N.
 PREFERRED = True
 
 
 def preferred(a, b, group_lens, trans_b=False):
-    """Whether grouped_gemm's rule should run this kernel instead of our Triton one: PREFERRED and it accepts."""
-    return PREFERRED and _wgmma_grouped_can(a, b, group_lens, trans_b) is True
+    """Whether grouped_gemm's rule should run this kernel instead of our Triton one: PREFERRED, not a transposed b
+    with K > N (the measured exception above), and it accepts the inputs."""
+    if not PREFERRED or (trans_b and a.shape[1] > b.shape[1]):
+        return False
+    return _wgmma_grouped_can(a, b, group_lens, trans_b) is True
 
 
 def wgmma_grouped(a, b, group_lens, trans_b=False, cluster=None, tail_pct=None, num_sms=None, tail_waves=None,
