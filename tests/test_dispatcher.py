@@ -82,6 +82,10 @@ def test_grouped_gemm_rule_is_cuda_small_groups_only(monkeypatch):
     # ... except a transposed b with K > N (fc2's dgrad: K 7168, N 2048), measured behind the Triton kernel
     assert _grouped_preference(_Fake(32 * 256, 7168), _Fake(32, 2048, 7168), lens, True) == "triton"
     assert _grouped_preference(_Fake(32 * 256, 2048), _Fake(32, 2048, 7168), lens, False) == "wgmma"  # fc2 fwd
+    # and a forward wider than deep (fc2) up to 1024 rows per group, where torch's kernel ran before
+    assert _grouped_preference(_Fake(8 * 1024, 2048), _Fake(8, 2048, 7168), lens, False) == "wgmma"
+    assert _grouped_preference(_Fake(8 * 2048, 2048), _Fake(8, 2048, 7168), lens, False) is None
+    assert _grouped_preference(_Fake(8 * 1024, 7168), _Fake(8, 2048, 7168), lens, True) is None  # its dgrad
     monkeypatch.setattr(grouped_wgmma, "_wgmma_grouped_can", lambda *args: "wgmma runs on SM90 (Hopper) only")
     assert _grouped_preference(_Fake(32 * 256, 7168), _Fake(32, 7168, 4096), lens, False) == "triton"
 

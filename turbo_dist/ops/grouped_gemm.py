@@ -210,6 +210,10 @@ dispatcher.register_backend("grouped_gemm_wgrad", "loop", _loop_wgrad, priority=
 # ready; 93 us before the launch was trimmed) against torch._grouped_mm's ~18 us per call
 # (benchmarks/results/probe_host_overhead_h200.json), so below ~64 GFLOP per call (~150 us of GPU time) the
 # host would set the pace and torch stays the default.
+# On Hopper our CUDA kernel also leads torch's on a forward whose output is wider than its reduction (fc2: K 2048,
+# N 7168) at ~1024 rows per group: 1.01-1.10x in all nine measurements of three runs (G = 8 / 16 / 32;
+# ops_grouped_wgmma_h200.json, _wgmma2, _wgmma3), where the Triton kernel does not; up to WGMMA_WIDE_GROUP_ROWS.
+WGMMA_WIDE_GROUP_ROWS = 1024
 SMALL_GROUP_ROWS = 256
 BWD_GROUP_ROWS = 512
 FC1_GROUP_ROWS, FC1_MIN_GROUPS = 1024, 16
@@ -225,8 +229,15 @@ def _grouped_preference(a, b, group_lens, trans_b=False):
         rows = FC1_GROUP_ROWS
     else:
         rows = SMALL_GROUP_ROWS
-    if a.is_cuda and G > 0 and a.shape[0] <= rows * G and 2.0 * a.shape[0] * k * n >= TRITON_MIN_FLOP:
+    if not (a.is_cuda and G > 0 and 2.0 * a.shape[0] * k * n >= TRITON_MIN_FLOP):
+        return None
+    if a.shape[0] <= rows * G:
         return _ours(a, b, group_lens, trans_b)
+    if not trans_b and k < n and a.shape[0] <= WGMMA_WIDE_GROUP_ROWS * G:
+        from . import grouped_wgmma
+
+        if grouped_wgmma.preferred(a, b, group_lens, trans_b):
+            return "wgmma"
     return None
 
 
