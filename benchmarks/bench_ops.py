@@ -248,8 +248,6 @@ def _grouped_default_backend(fns, phase):
     if phase == "fwd":
         return dgrad
     wgrad = dispatcher.last_backend("grouped_gemm_wgrad")
-    if dgrad == "wgmma":  # the wgmma label's backward: that dgrad and the default's weight gradient
-        return dgrad
     return dgrad if dgrad == wgrad else f"{dgrad}/{wgrad}"
 
 
@@ -273,9 +271,7 @@ def run_grouped(quick, errors):
             fwd_fns, bwd_fns = {}, {}
             for backend, label in [*labels.items(), (None, "default")]:
                 fwd_fns[label] = _forced(fwd_fn, grouped_gemm=backend)
-                # wgmma has no weight-gradient backend: its bwd label runs the default's weight gradient
-                bwd_fns[label] = _forced(bwd_fn, grouped_gemm=backend,
-                                         grouped_gemm_wgrad=None if backend == "wgmma" else backend)
+                bwd_fns[label] = _forced(bwd_fn, grouped_gemm=backend, grouped_gemm_wgrad=backend)
             fwd = _time(fwd_fns, f"grouped {tag} {layer} fwd", errors)
             bwd = _time(bwd_fns, f"grouped {tag} {layer} bwd", errors)
             for phase, res, mult in (("fwd", fwd, 1), ("bwd", bwd, 2)):

@@ -177,21 +177,112 @@ def test_wgmma_grouped_dynamic_half_tiles_gpu(num_sms, trans_b):
     assert torch.equal(outs[0], outs[1])
 
 
+def test_wgmma_wgrad_passes_the_operands(monkeypatch):
+    """What the weight-gradient wrapper hands the kernel (a fake module, CPU): x = a and y = dc for dB [G, K, N],
+    swapped for trans_b ([G, N, K]); out's strides; a fresh counter; no launch without rows or columns."""
+    from turbo_dist.kernels import gemm as gemm_kernels
+
+    calls = []
+
+    class Fake:
+        def grouped_wgrad(self, **kw):
+            calls.append(kw)
+
+    monkeypatch.setattr(grouped_wgmma, "wgmma_module", lambda: Fake())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: types.SimpleNamespace(cuda_stream=7))
+    monkeypatch.setattr(gemm_kernels, "_num_sms", lambda device: 132)
+    a, dc = torch.zeros(10, 64, dtype=torch.bfloat16), torch.zeros(10, 48, dtype=torch.bfloat16)
+    lens = torch.tensor([4, 0, 6])
+    out = grouped_wgmma.wgmma_wgrad(a, dc, lens)
+    kw = calls[-1]
+    assert out.shape == (3, 64, 48) and kw["x"] == a.data_ptr() and kw["y"] == dc.data_ptr()
+    assert (kw["M"], kw["P"], kw["Q"], kw["G"]) == (10, 64, 48, 3) and kw["ldo"] == 48 and kw["out_group"] == 64 * 48
+    assert kw["ldx"] == 64 and kw["ldy"] == 48 and kw["counter"] and kw["num_sms"] == 132 and kw["stream"] == 7
+    out = grouped_wgmma.wgmma_wgrad(a, dc, lens, trans_b=True, num_sms=5)
+    kw = calls[-1]
+    assert out.shape == (3, 48, 64) and kw["x"] == dc.data_ptr() and kw["y"] == a.data_ptr()
+    assert (kw["P"], kw["Q"], kw["ldo"], kw["num_sms"]) == (48, 64, 64, 5)
+    n = len(calls)
+    out = grouped_wgmma.wgmma_wgrad(a[:0], dc[:0], torch.tensor([0, 0, 0]))
+    assert len(calls) == n and out.shape == (3, 64, 48) and not out.any()  # no rows: zeros, no launch
+    assert "CUDA" in grouped_wgmma._wgmma_wgrad_can(a, dc, lens)
+    assert dispatcher.backends("grouped_gemm_wgrad")[-1] == "wgmma"
+
+
+def _wgrad_ref(a, dc, lens, trans_b):
+    out, start = [], 0
+    for n in lens:
+        x, y = a[start:start + n].double(), dc[start:start + n].double()
+        out.append(y.t() @ x if trans_b else x.t() @ y)
+        start += n
+    return torch.stack(out)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("trans_b", [False, True])
+@pytest.mark.parametrize("lens,K,N,num_sms", [
+    ([300, 0, 77, 1, 129, 0, 512, 5], 7168, 2048, None),  # skewed, empty groups, rows off every 64-row stage
+    ([64, 65, 63, 128, 0, 1], 328, 200, 3),                # K, N off the 128 x 256 tiles; few CTAs
+    ([1000], 2048, 7168, 1),                                # one group, one CTA
+    ([0, 0, 0], 256, 256, None),                            # no rows: zeros
+])
+def test_wgmma_wgrad_matches_reference_gpu(lens, K, N, num_sms, trans_b):
+    _gpu_or_skip()
+    if not hasattr(grouped_wgmma.wgmma_module(), "grouped_wgrad"):
+        pytest.skip("turbo_dist._fp8_wgmma built without grouped_wgrad")
+    M = sum(lens)
+    a = rnd(M, K, dtype=torch.bfloat16, device="cuda", seed=1)
+    dc = rnd(M, N, dtype=torch.bfloat16, device="cuda", seed=2)
+    gl = torch.tensor(lens).cuda()
+    assert grouped_wgmma._wgmma_wgrad_can(a, dc, gl, trans_b) is True
+    out = grouped_wgmma.wgmma_wgrad(a, dc, gl, trans_b, num_sms=num_sms)
+    again = grouped_wgmma.wgmma_wgrad(a, dc, gl, trans_b, num_sms=num_sms)
+    torch.cuda.synchronize()
+    ref = _wgrad_ref(a, dc, lens, trans_b)
+    assert out.shape == ref.shape and torch.equal(out, again)
+    for g, n in enumerate(lens):
+        if n == 0:
+            assert not out[g].any(), "a group without rows must get a zero gradient"
+        else:
+            assert rel(out[g], ref[g]) < 1e-2, g
+
+
+@pytest.mark.gpu
+def test_wgmma_wgrad_keeps_groups_apart_gpu():
+    """A group's last 64-row stage holds the next group's rows: zeroed before the WGMMA, so even inf / NaN there
+    (group 1's gradient) leaves group 0's weight gradient finite and right."""
+    _gpu_or_skip()
+    if not hasattr(grouped_wgmma.wgmma_module(), "grouped_wgrad"):
+        pytest.skip("turbo_dist._fp8_wgmma built without grouped_wgrad")
+    lens = [70, 30, 100]
+    a = rnd(200, 256, dtype=torch.bfloat16, device="cuda", seed=1)
+    dc = rnd(200, 512, dtype=torch.bfloat16, device="cuda", seed=2)
+    a[70:100] = float("nan")
+    dc[70:100] = float("inf")
+    out = grouped_wgmma.wgmma_wgrad(a, dc, torch.tensor(lens).cuda())
+    torch.cuda.synchronize()
+    ref = _wgrad_ref(a, dc, lens, False)
+    for g in (0, 2):
+        assert torch.isfinite(out[g]).all() and rel(out[g], ref[g]) < 1e-2, g
+
+
 @pytest.mark.gpu
 def test_wgmma_grouped_autograd_gpu():
     """ops.grouped_gemm with the backend forced: the forward (N-major b) and the dgrad (K-major) run our kernel,
-    the weight gradient the default's; all against float64."""
+    the weight gradient (forced too) ours as well; all against float64."""
     _gpu_or_skip()
     lens = [0, 900, 17, 0, 3000, 256, 1, 0]
     a, b, gl = make_grouped(lens, 7168, 2048, False, torch.bfloat16, device="cuda")
     a.requires_grad_()
     b.requires_grad_()
     dispatcher.set_backend("grouped_gemm", "wgmma")
+    dispatcher.set_backend("grouped_gemm_wgrad", "wgmma")
     out = grouped_gemm(a, b, gl.cuda())
     assert dispatcher.last_backend("grouped_gemm") == "wgmma"
     dc = rnd(*out.shape, dtype=torch.bfloat16, device="cuda", seed=7)
     out.backward(dc)
     assert dispatcher.last_backend("grouped_gemm") == "wgmma"  # the dgrad
+    assert dispatcher.last_backend("grouped_gemm_wgrad") == "wgmma"
     a64, b64 = a.detach().double().requires_grad_(), b.detach().double().requires_grad_()
     ref = grouped_ref(a64, b64, gl, False)
     ref.backward(dc.double())

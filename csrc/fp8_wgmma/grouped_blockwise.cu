@@ -270,7 +270,8 @@ void grouped_blockwise(int device, uint64_t stream, uint64_t a_addr, uint64_t w_
 }  // namespace
 
 namespace turbo_dist_wgmma {
-void register_bf16(py::module_& m);  // grouped_bf16.cu: the bf16 grouped GEMM
+void register_bf16(py::module_& m);   // grouped_bf16.cu: the bf16 grouped GEMM
+void register_wgrad(py::module_& m);  // grouped_wgrad.cu: its weight gradient
 }  // namespace turbo_dist_wgmma
 
 PYBIND11_MODULE(_fp8_wgmma, m) {
@@ -285,4 +286,5 @@ PYBIND11_MODULE(_fp8_wgmma, m) {
   m.attr("BLOCK_M") = kBM;
   m.attr("BLOCK_N") = kBN;
   turbo_dist_wgmma::register_bf16(m);
+  turbo_dist_wgmma::register_wgrad(m);
 }

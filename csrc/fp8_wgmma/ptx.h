@@ -179,21 +179,31 @@ __device__ __forceinline__ uint64_t smem_desc_mn(const void* p, uint32_t lbo, ui
 
 // D[64 x 256] (+)= A[64 x 16] * B[256 x 16]^T, bf16 operands from shared memory (A K-major; B K-major, or
 // MN-major when TRANS_B is "1"), f32 accumulators d[0] (columns 0-127) and d[1] (128-255).
-#define TD_WGMMA_64x256x16_BF16(TRANS_B)                                                                      \
+#define TD_WGMMA_64x256x16_BF16(TRANS_A, TRANS_B)                                                             \
   asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"                                                \
                "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 " TD_ACC128_REGS                       \
-               ", %128, %129, p, 1, 1, 0, " TRANS_B ";\n}\n"                                                 \
+               ", %128, %129, p, 1, 1, " TRANS_A ", " TRANS_B ";\n}\n"                                       \
                : TD_ACC64_OUTS(d[0]), TD_ACC64_OUTS(d[1])                                                     \
                : "l"(desc_a), "l"(desc_b), "r"(accumulate))
 
-template <bool TRANS_B>
+// TRANS_A: A MN-major too (the weight gradient's x^T, grouped_wgrad.cu), its descriptor as B's (smem_desc_mn).
+template <bool TRANS_B, bool TRANS_A = false>
 __device__ __forceinline__ void mma_64x256x16_bf16(float (&d)[2][64], uint64_t desc_a, uint64_t desc_b,
                                                    int accumulate) {
-  if constexpr (TRANS_B) {
-    TD_WGMMA_64x256x16_BF16("1");
+  if constexpr (TRANS_A && TRANS_B) {
+    TD_WGMMA_64x256x16_BF16("1", "1");
+  } else if constexpr (TRANS_A) {
+    TD_WGMMA_64x256x16_BF16("1", "0");
+  } else if constexpr (TRANS_B) {
+    TD_WGMMA_64x256x16_BF16("0", "1");
   } else {
-    TD_WGMMA_64x256x16_BF16("0");
+    TD_WGMMA_64x256x16_BF16("0", "0");
   }
+}
+
+// Make this thread's generic-proxy writes to shared memory visible to the async proxy (WGMMA operand reads, TMA).
+__device__ __forceinline__ void fence_proxy_async_smem() {
+  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
 }
 
 // D[64 x 128] (+)= A[64 x 16] * B[128 x 16]^T, bf16 (the bf16 kernel's half tiles: each consumer warpgroup takes

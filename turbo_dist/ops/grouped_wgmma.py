@@ -104,5 +104,55 @@ def _wgmma_grouped_can(a, b, group_lens, trans_b=False):
     return True
 
 
+def wgmma_wgrad(a, dc, group_lens, trans_b=False, num_sms=None):
+    """grouped_gemm_wgrad on Hopper (csrc/fp8_wgmma/grouped_wgrad.cu): dB [G, K, N] = per group a[rows]^T @ dc[rows]
+    (trans_b: [G, N, K] = dc[rows]^T @ a[rows]); a group without rows gets zeros. num_sms: CTAs at most (default:
+    the GPU's SMs; tests use fewer)."""
+    from turbo_dist.kernels import gemm as gemm_kernels
+
+    x, y = (dc, a) if trans_b else (a, dc)
+    M, P = x.shape
+    Q, G = y.shape[1], group_lens.shape[0]
+    out = torch.empty((G, P, Q), dtype=a.dtype, device=a.device)
+    if G == 0 or P == 0 or Q == 0:
+        return out
+    if M == 0:
+        return out.zero_()
+    offs = group_offsets(group_lens, a.device)
+    counter = torch.zeros(1, dtype=torch.int32, device=a.device)  # the dynamic tile order, zeroed in stream order
+    wgmma_module().grouped_wgrad(
+        device=a.device.index, stream=torch.cuda.current_stream(a.device).cuda_stream, x=x.data_ptr(),
+        y=y.data_ptr(), out=out.data_ptr(), offs=offs.data_ptr(), M=M, P=P, Q=Q, G=G, ldx=x.stride(0),
+        ldy=y.stride(0), ldo=Q, out_group=P * Q,
+        num_sms=gemm_kernels._num_sms(a.device) if num_sms is None else num_sms, counter=counter.data_ptr())
+    return out
+
+
+def _wgmma_wgrad_can(a, dc, group_lens, trans_b=False):
+    if not (getattr(a, "is_cuda", False) and getattr(dc, "is_cuda", False)) or a.device != dc.device:
+        return "wgmma needs a and dc on one CUDA device"
+    mod = wgmma_module()
+    if mod is None:
+        return _MOD["why"]
+    if not hasattr(mod, "grouped_wgrad"):
+        return "turbo_dist._fp8_wgmma was built without grouped_wgrad: rebuild it (pip install -e .)"
+    if torch.cuda.get_device_capability(a.device) != (9, 0):
+        return "wgmma runs on SM90 (Hopper) only"
+    if a.dtype != torch.bfloat16 or dc.dtype != torch.bfloat16:
+        return f"wgmma's weight gradient takes bf16 only, got {a.dtype} and {dc.dtype}"
+    if a.stride(1) != 1 or dc.stride(1) != 1:
+        return "wgmma needs a and dc row-major"
+    (M, K), N = a.shape, dc.shape[1]
+    if K % 8 or N % 8 or a.stride(0) % 8 or dc.stride(0) % 8:
+        return f"wgmma needs K, N and the row strides multiples of 8 elements, got K={K}, N={N}"
+    if a.data_ptr() % 16 or dc.data_ptr() % 16:
+        return "wgmma needs 16-byte aligned operands (TMA)"
+    G = group_lens.shape[0]
+    if max(M, K, N, G) >= 2 ** 31 or G * -(-K // 128) * -(-N // 128) >= 2 ** 31:
+        return "wgmma needs M, N, K, G and the tile count below 2**31"
+    return True
+
+
 # Last in the default order; grouped_gemm's rule names it first where it fits (preferred above).
+dispatcher.register_backend("grouped_gemm_wgrad", "wgmma", wgmma_wgrad, _wgmma_wgrad_can, priority=40)
 dispatcher.register_backend("grouped_gemm", "wgmma", wgmma_grouped, _wgmma_grouped_can, priority=40)

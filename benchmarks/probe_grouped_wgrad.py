@@ -1,0 +1,68 @@
+"""The grouped GEMM's weight gradient (op grouped_gemm_wgrad: dB[g] = a[rows of g]^T @ dc[rows of g]) on Hopper:
+our CUDA kernel (backend "wgmma", csrc/fp8_wgmma/grouped_wgrad.cu) against torch._grouped_mm, our Triton TMA
+kernel and the per-expert loop, DeepSeek-V3 expert shapes, skewed token counts on the GPU.
+
+    python benchmarks/probe_grouped_wgrad.py --json probe.json [--cases G32_fc1_256,...] [--rounds 5]
+
+Every case is checked first (relative error of each backend against torch._grouped_mm); times are
+bench_interleaved medians (L2 flushed, shuffled order); x_torch / x_loop: the baseline's time over the label's,
+same call; frac_peak against the bf16 datasheet peak.
+"""
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_ops import GROUPED_LAYERS, _forced, skewed_lens  # noqa: E402
+from common import bench_interleaved, peak_tflops, probe_main  # noqa: E402
+
+CASES = ["G32_fc1_256", "G32_fc2_256", "G32_fc1_128", "G32_fc2_128", "G8_fc1_1024", "G32_fc1_1024"]
+BACKENDS = {"torch": "torch_grouped_mm", "triton": "triton", "loop": "loop", "wgmma": "wgmma"}
+
+
+def _rel(x, ref):
+    return float((x.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30))
+
+
+def run_case(name, rounds):
+    from turbo_dist.ops import dispatcher
+
+    g, layer, tpe = name.split("_")
+    G, tpe = int(g[1:]), int(tpe)
+    K, N = dict((n, (k, nn)) for n, k, nn in GROUPED_LAYERS)[layer]
+    lens = skewed_lens(G, tpe, seed=G)
+    M = int(lens.sum())
+    a = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    dc = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
+    gl = lens.cuda()
+    fns = {label: _forced(lambda: dispatcher.dispatch("grouped_gemm_wgrad", a, dc, gl, False),
+                          grouped_gemm_wgrad=backend) for backend, label in BACKENDS.items()}
+    try:
+        ref = fns["torch_grouped_mm"]()
+        check = {f"rel_err_{label}": _rel(fns[label](), ref) for label in ("triton", "wgmma")}
+        del ref
+        res = bench_interleaved(fns, rounds=rounds)
+    finally:
+        dispatcher.set_backend("grouped_gemm_wgrad", None)
+    flops = 2.0 * M * K * N
+    peak = peak_tflops("bf16")
+    base, loop = res.get("torch_grouped_mm"), res.get("loop")
+    rows = []
+    for label, ms in res.items():
+        if ms is None:
+            continue
+        tf = flops / ms / 1e9
+        rows.append({"case": name, "impl": label, "ms": ms, "tflops": tf, "x_torch": base / ms if base else None,
+                     "x_loop": loop / ms if loop else None, "frac_peak": tf / peak if peak else None,
+                     "shape": f"G={G} M={M} K={K} N={N}", **check})
+    return rows
+
+
+def main():
+    probe_main(__doc__, CASES, run_case, ["case", "impl", "ms", "tflops", "x_torch", "x_loop", "frac_peak",
+                                          "rel_err_triton", "rel_err_wgmma"])
+
+
+if __name__ == "__main__":
+    main()

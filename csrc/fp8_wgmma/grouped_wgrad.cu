@@ -1,0 +1,221 @@
+// Weight gradient of the bf16 grouped GEMM (MoE experts) for Hopper (sm_90a), backend "wgmma" of
+// grouped_gemm_wgrad (turbo_dist/ops/grouped_wgmma.py): out[g] = x[rows of g]^T @ y[rows of g] with x [M, P] and
+// y [M, Q] row-major, out [G, P, Q] (P x Q row-major per group); the group boundaries are read on the GPU.
+//
+// The reduction runs over a group's rows, so both operands are MN-major: TMA boxes of 64 rows x 64 elements
+// (128-byte lines, 128-byte swizzle), 2 boxes of x (128 P) and 4 of y (256 Q) per 64-row stage, four stages; the
+// consumers' WGMMA m64n256k16 reads both transposed (x^T as A, y as B). A group's rows start anywhere, so its last
+// stage may hold the next group's rows (or zeros past M): the consumers zero those lines in both operands before
+// the WGMMA (whole 128-byte lines: the swizzle permutes 16-byte units within a line), so no value of another group,
+// not even an inf or NaN, reaches the sum. Tiles are 128 P x 256 Q of one group (ceil(rows / 64) stages each, one
+// empty stage for a group without rows, whose gradient is zero); their costs follow the groups' row counts, so they
+// are handed out at run time by an atomic counter (the first wave by block index), each tile's index passed to the
+// consumers in its first stage's slot, as in grouped_bf16.cu's dynamic tiles. Epilogue: common.h's store_tile.
+#include <pybind11/pybind11.h>
+
+#include "common.h"
+
+namespace py = pybind11;
+
+namespace {
+
+constexpr int kStepRows = 64;                 // a group's rows (the reduction) per stage
+constexpr int kStagesW = 4;
+constexpr int kChunkW = kStepRows * 128;      // one box: 64 rows x 128 bytes (64 bf16), 8 KB
+constexpr int kXBytes = (kBM / 64) * kChunkW;  // 128 P: 16 KB
+constexpr int kYBytes = (kBN / 64) * kChunkW;  // 256 Q: 32 KB
+using SmemW = StageSmem<kStagesW, kXBytes, kYBytes>;
+constexpr int kSmemBytesW = SmemW::kBytes;
+
+struct ArgsW {
+  const int64_t* offs;  // cumulative group ends [G]
+  __nv_bfloat16* out;   // out[g * out_group + p * ldo + q]
+  int* counter;         // tiles handed out past the first wave, zeroed before the launch
+  int64_t out_group, ldo;
+  int M, P, Q, G;
+};
+
+// Tile t: group g, rows p0 .. p0+127 of out[g], columns q0 .. q0+255 (P tiles fastest: consecutive tiles share
+// y's columns), the group's rows start .. end (clamped like TileWalk, so bad counts never read past M), steps.
+struct WTile {
+  int g, p0, q0, start, end, steps;
+  __device__ __forceinline__ WTile(const ArgsW& p, int t) {
+    const int pt = (p.P + kBM - 1) / kBM, qt = (p.Q + kBN - 1) / kBN;
+    g = t / (pt * qt);
+    const int r = t - g * pt * qt;
+    p0 = (r % pt) * kBM;
+    q0 = (r / pt) * kBN;
+    start = g ? static_cast<int>(max(int64_t(0), min(p.offs[g - 1], int64_t(p.M)))) : 0;
+    end = static_cast<int>(max(int64_t(start), min(p.offs[g], int64_t(p.M))));
+    steps = (end - start + kStepRows - 1) / kStepRows;
+  }
+};
+
+__global__ void __launch_bounds__(kThreads, 1)
+    grouped_wgrad_kernel(const __grid_constant__ CUtensorMap map_x, const __grid_constant__ CUtensorMap map_y,
+                         const ArgsW p) {
+  extern __shared__ uint8_t smem_raw[];
+  const SmemW smem(smem_raw);  // x [stages][2 boxes][64 rows][128 bytes], y [stages][4 boxes][64 rows][128 bytes]
+  uint64_t* full = smem.full;
+  uint64_t* empty = smem.empty;
+  const int wg = threadIdx.x / 128;
+  const int total = p.G * ((p.P + kBM - 1) / kBM) * ((p.Q + kBN - 1) / kBN);
+  init_stage_barriers<kStagesW, 1>(full, empty);
+
+  if (wg == 0) {  // producer
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
+    if (threadIdx.x != 0) return;
+    StageRing<kStagesW> ring;
+    for (int i = 0;; ++i) {
+      const int t = i == 0 ? int(blockIdx.x) : int(gridDim.x) + atomicAdd(p.counter, 1);
+      if (t >= total) {  // no more: the consumers read -1 in the next stage's slot
+        bar_wait(&empty[ring.s], ring.phase ^ 1);
+        smem.slot[ring.s] = -1;
+        bar_arrive(&full[ring.s]);
+        break;
+      }
+      const WTile w(p, t);
+      const int n = w.steps > 0 ? w.steps : 1;  // a group without rows passes its tile in one empty stage
+      for (int kb = 0; kb < n; ++kb) {
+        const int s = ring.s;
+        bar_wait(&empty[s], ring.phase ^ 1);
+        if (kb == 0) smem.slot[s] = t;  // published by the arrival below (release, CTA scope)
+        if (w.steps == 0) {
+          bar_arrive(&full[s]);
+        } else {
+          bar_expect_tx(&full[s], kXBytes + kYBytes);
+          const int row = w.start + kb * kStepRows;
+          uint8_t* xs = smem.a + s * kXBytes;
+          uint8_t* ys = smem.b + s * kYBytes;
+#pragma unroll
+          for (int c = 0; c < kBM / 64; ++c) {  // boxes wholly past P / Q load the first again: never stored
+            const int pc = w.p0 + c * 64 < p.P ? w.p0 + c * 64 : w.p0;
+            tma_load_2d(xs + c * kChunkW, &map_x, &full[s], pc, row);
+          }
+#pragma unroll
+          for (int c = 0; c < kBN / 64; ++c) {
+            const int qc = w.q0 + c * 64 < p.Q ? w.q0 + c * 64 : w.q0;
+            tma_load_2d(ys + c * kChunkW, &map_y, &full[s], qc, row);
+          }
+        }
+        ring.advance();
+      }
+    }
+    return;
+  }
+
+  // consumers: warpgroup c computes rows c*64 .. c*64+63 of each tile (x's box c), all 256 columns
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;");
+  const int c = wg - 1;
+  const int ctid = threadIdx.x - 128;
+  const int lane = threadIdx.x % 32, warp = (threadIdx.x % 128) / 32;
+  StageRing<kStagesW> ring;
+  for (;;) {
+    bar_wait(&full[ring.s], ring.phase);  // the tile's first stage
+    const int t = smem.slot[ring.s];
+    if (t < 0) break;
+    const WTile w(p, t);
+    float acc[2][64];
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+#pragma unroll
+      for (int i = 0; i < 64; ++i) acc[r][i] = 0.f;
+    if (w.steps == 0) {  // no rows: a zero gradient
+      release_stage<1>(empty, ring.s, lane);
+      ring.advance();
+    } else {
+      int prev = -1;  // the stage whose products are still in flight
+      for (int kb = 0; kb < w.steps; ++kb) {
+        const int s = ring.s;
+        bar_wait(&full[s], ring.phase);
+        uint8_t* xs = smem.a + s * kXBytes;
+        uint8_t* ys = smem.b + s * kYBytes;
+        const int valid = w.end - (w.start + kb * kStepRows);
+        if (valid < kStepRows) {  // the group's last stage: its lines past the group's end zeroed in all 6 boxes
+          const int lines = kStepRows - valid;
+          const int units = (kXBytes + kYBytes) / kChunkW * lines * 8;  // 16-byte units
+          for (int u = ctid; u < units; u += 256) {
+            const int box = u / (lines * 8), rem = u - box * lines * 8;
+            uint8_t* base = box < kBM / 64 ? xs + box * kChunkW : ys + (box - kBM / 64) * kChunkW;
+            *reinterpret_cast<uint4*>(base + (valid + rem / 8) * 128 + (rem % 8) * 16) = make_uint4(0, 0, 0, 0);
+          }
+          fence_proxy_async_smem();  // the zeros, visible to the WGMMAs of both warpgroups
+          consumers_sync();
+        }
+        fence_regs(acc[0]);
+        fence_regs(acc[1]);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < kStepRows / 16; ++kk) {  // 16 rows per WGMMA: 16 lines of 128 bytes further
+          const uint64_t desc_a = smem_desc_mn(xs + c * kChunkW + kk * 16 * 128, kChunkW, 1024);
+          const uint64_t desc_b = smem_desc_mn(ys + kk * 16 * 128, kChunkW, 1024);
+          mma_64x256x16_bf16<true, true>(acc, desc_a, desc_b, 1);
+        }
+        wgmma_commit();
+        wgmma_wait<1>();  // the previous stage's products are done: hand it back
+        fence_regs(acc[0]);
+        fence_regs(acc[1]);
+        if (prev >= 0) release_stage<1>(empty, prev, lane);
+        prev = s;
+        ring.advance();
+      }
+      wgmma_wait<0>();
+      fence_regs(acc[0]);
+      fence_regs(acc[1]);
+      release_stage<1>(empty, prev, lane);
+    }
+    const int r0 = w.p0 + c * 64 + warp * 16 + lane / 4;
+    store_tile(acc, p.out + int64_t(w.g) * p.out_group, p.ldo, p.Q, w.q0, r0, r0 + 8, p.P, lane);
+  }
+}
+
+// out [G, P, Q] bf16 (row stride ldo, group stride out_group elements) = per group g (rows offs[g-1] .. offs[g])
+// x[rows]^T @ y[rows]; x [M, P], y [M, Q] bf16, row strides ldx, ldy elements; offs: int64 cumulative group ends
+// [G] on the GPU; counter: a zeroed int32 on the GPU (the dynamic tile order).
+void grouped_wgrad(int device, uint64_t stream, uint64_t x_addr, uint64_t y_addr, uint64_t out_addr,
+                   uint64_t offs_addr, int64_t M, int64_t P, int64_t Q, int64_t G, int64_t ldx, int64_t ldy,
+                   int64_t ldo, int64_t out_group, int num_sms, uint64_t counter) {
+  if (!counter || counter % 4)
+    throw std::invalid_argument("turbo_dist._fp8_wgmma: grouped_wgrad needs a zeroed, 4-byte aligned int32 counter");
+  if (P <= 0 || Q <= 0 || G <= 0) return;
+  if (M <= 0)
+    throw std::invalid_argument("turbo_dist._fp8_wgmma: grouped_wgrad needs M >= 1 (no rows: the gradient is zero, "
+                                "no launch needed)");
+  if (P % 8 || ldx % 8 || ldy % 8 || out_group % 8 || x_addr % 16 || y_addr % 16)
+    throw std::invalid_argument("turbo_dist._fp8_wgmma: grouped_wgrad needs P, the row strides and the output's "
+                                "group stride multiples of 8 elements and the operands 16-byte aligned");
+  check_launch(M, Q, P, G, ldo, out_addr, num_sms, 1);
+  const int64_t tiles = G * ((P + kBM - 1) / kBM) * ((Q + kBN - 1) / kBN);
+  if (tiles >= INT32_MAX) throw std::invalid_argument("turbo_dist._fp8_wgmma: grouped_wgrad: too many tiles");
+  check_cuda(cudaSetDevice(device), "cudaSetDevice");
+  constexpr CUtensorMapDataType kBf16 = CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
+  const uint32_t box[2] = {64, kStepRows};
+  const uint64_t dims_x[2] = {uint64_t(P), uint64_t(M)}, strides_x[1] = {uint64_t(ldx) * 2};
+  const uint64_t dims_y[2] = {uint64_t(Q), uint64_t(M)}, strides_y[1] = {uint64_t(ldy) * 2};
+  const CUtensorMap map_x = make_map(x_addr, 2, dims_x, strides_x, box, kBf16);
+  const CUtensorMap map_y = make_map(y_addr, 2, dims_y, strides_y, box, kBf16);
+  ArgsW args;
+  args.offs = reinterpret_cast<const int64_t*>(offs_addr);
+  args.out = reinterpret_cast<__nv_bfloat16*>(out_addr);
+  args.counter = reinterpret_cast<int*>(counter);
+  args.out_group = out_group;
+  args.ldo = ldo;
+  args.M = int(M);
+  args.P = int(P);
+  args.Q = int(Q);
+  args.G = int(G);
+  launch_persistent<grouped_wgrad_kernel, 1, kSmemBytesW>(device, tiles, num_sms,
+                                                          reinterpret_cast<cudaStream_t>(stream), map_x, map_y, args);
+}
+
+}  // namespace
+
+namespace turbo_dist_wgmma {
+
+void register_wgrad(py::module_& m) {
+  m.def("grouped_wgrad", &grouped_wgrad, py::arg("device"), py::arg("stream"), py::arg("x"), py::arg("y"),
+        py::arg("out"), py::arg("offs"), py::arg("M"), py::arg("P"), py::arg("Q"), py::arg("G"), py::arg("ldx"),
+        py::arg("ldy"), py::arg("ldo"), py::arg("out_group"), py::arg("num_sms"), py::arg("counter"));
+}
+
+}  // namespace turbo_dist_wgmma
