@@ -270,18 +270,42 @@ __device__ __forceinline__ void skip_stages(uint64_t* full, uint64_t* empty, Sta
   }
 }
 
+// Lane q of a quad (4 lanes holding the same two rows of WGMMA's m64n128 fragment acc[r], 2 columns of each of 4
+// 8-column chunks per row) gets all 8 columns of chunk 4g+q of row r0 (h 0: acc pairs 0, 1) or r1 (h 1: pairs 2,
+// 3) as bf16: a 4x4 transpose by xor shuffles (16-byte stores, a quarter of the instructions and whole 32-byte
+// sectors against each thread's 4-byte column pairs: 11-13% faster on fc2's K=2048, 0-4% on fc1,
+// benchmarks/results/diag_fp8_wgmma_stores_h200.json). Selects on named values, not a runtime index (which would
+// put v in local memory).
+__device__ __forceinline__ uint4 quad_chunk(const float (&frag)[64], int g, int h, int q) {
+  uint32_t v[4];
+#pragma unroll
+  for (int c = 0; c < 4; ++c) {
+    const __nv_bfloat162 pair = __floats2bfloat162_rn(frag[4 * (4 * g + c) + 2 * h], frag[4 * (4 * g + c) + 2 * h + 1]);
+    v[c] = *reinterpret_cast<const uint32_t*>(&pair);
+  }
+  // round i: lane q sends its pair of chunk q^i and gets lane q^i's pair of chunk q (position q^i)
+  uint32_t o0 = 0u, o1 = 0u, o2 = 0u, o3 = 0u;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int x = q ^ i;
+    const uint32_t send = (x & 2) ? ((x & 1) ? v[3] : v[2]) : ((x & 1) ? v[1] : v[0]);
+    const uint32_t got = i ? __shfl_xor_sync(0xffffffffu, send, i) : send;
+    o0 = x == 0 ? got : o0;
+    o1 = x == 1 ? got : o1;
+    o2 = x == 2 ? got : o2;
+    o3 = x == 3 ? got : o3;
+  }
+  return make_uint4(o0, o1, o2, o3);
+}
+
 // The epilogue of a 128 x 256 tile: a consumer warpgroup's 64 x 256 fp32 accumulators (acc[r][i]: WGMMA's
 // m64n128 fragment of columns r*128 .. r*128+127; the same registers as one m64n256 fragment) to bf16 out: this
-// thread's rows r0 and r1 (= r0 + 8) where below row_end, its columns of n0 .. n0+255 inside N. FRAGS 1: acc[0]
-// alone, columns n0 .. n0+127 (a half tile's share, grouped_bf16.cu).
+// thread's rows r0 and r1 (= r0 + 8) where below row_end, its columns of n0 .. n0+255 inside N (a multiple of 8:
+// whole 8-column chunks), 16 bytes a store (quad_chunk). FRAGS 1: acc[0] alone, columns n0 .. n0+127 (a half
+// tile's share, grouped_bf16.cu).
 template <int FRAGS = 2>
 __device__ __forceinline__ void store_tile(const float (&acc)[2][64], __nv_bfloat16* out, int64_t ldo, int N, int n0,
                                            int r0, int r1, int row_end, int lane) {
-  // rows of this group only (< row_end), columns inside N (a multiple of 8: whole 8-column chunks), in 16-byte
-  // stores: a quad (4 lanes, the same rows) holds 4 chunks x 2 columns each per row; a 4x4 transpose by xor
-  // shuffles gives lane q all 8 columns of chunk q (a quarter of the store instructions and whole 32-byte
-  // sectors; measured against each thread's 4-byte column pairs: 11-13% faster on fc2's K=2048, 0-4% on
-  // fc1, benchmarks/results/diag_fp8_wgmma_stores_h200.json)
   const bool ok0 = r0 < row_end, ok1 = r1 < row_end;
   const int q = lane % 4;
 #pragma unroll
@@ -289,31 +313,11 @@ __device__ __forceinline__ void store_tile(const float (&acc)[2][64], __nv_bfloa
 #pragma unroll
     for (int g = 0; g < 4; ++g) {
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {  // h 0: row r0 (acc pairs 0, 1), h 1: row r1 (pairs 2, 3)
-        uint32_t v[4];
-#pragma unroll
-        for (int c = 0; c < 4; ++c) {
-          const __nv_bfloat162 pair =
-              __floats2bfloat162_rn(acc[r][4 * (4 * g + c) + 2 * h], acc[r][4 * (4 * g + c) + 2 * h + 1]);
-          v[c] = *reinterpret_cast<const uint32_t*>(&pair);
-        }
-        // round i: lane q sends its pair of chunk q^i and gets lane q^i's pair of chunk q (position q^i);
-        // selects on named values, not a runtime index (which would put v in local memory)
-        uint32_t o0 = 0u, o1 = 0u, o2 = 0u, o3 = 0u;
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          const int x = q ^ i;
-          const uint32_t send = (x & 2) ? ((x & 1) ? v[3] : v[2]) : ((x & 1) ? v[1] : v[0]);
-          const uint32_t got = i ? __shfl_xor_sync(0xffffffffu, send, i) : send;
-          o0 = x == 0 ? got : o0;
-          o1 = x == 1 ? got : o1;
-          o2 = x == 2 ? got : o2;
-          o3 = x == 3 ? got : o3;
-        }
+      for (int h = 0; h < 2; ++h) {
+        const uint4 chunk = quad_chunk(acc[r], g, h, q);
         const int col = n0 + r * 128 + (4 * g + q) * 8;
         const int row = h ? r1 : r0;
-        if (col < N && (h ? ok1 : ok0))
-          *reinterpret_cast<uint4*>(out + int64_t(row) * ldo + col) = make_uint4(o0, o1, o2, o3);
+        if (col < N && (h ? ok1 : ok0)) *reinterpret_cast<uint4*>(out + int64_t(row) * ldo + col) = chunk;
       }
     }
   }

@@ -3,14 +3,14 @@
 // y [M, Q] row-major, out [G, P, Q] (P x Q row-major per group); the group boundaries are read on the GPU.
 //
 // The reduction runs over a group's rows, so both operands are MN-major: TMA boxes of 64 rows x 64 elements
-// (128-byte lines, 128-byte swizzle), 2 boxes of x (128 P) and 4 of y (256 Q) per 64-row stage, four stages; the
+// (128-byte lines, 128-byte swizzle), 2 boxes of x (128 P) and 4 of y (256 Q) per 64-row stage, three stages; the
 // consumers' WGMMA m64n256k16 reads both transposed (x^T as A, y as B). A group's rows start anywhere, so its last
 // stage may hold the next group's rows (or zeros past M): the consumers zero those lines in both operands before
 // the WGMMA (whole 128-byte lines: the swizzle permutes 16-byte units within a line), so no value of another group,
 // not even an inf or NaN, reaches the sum. Tiles are 128 P x 256 Q of one group (ceil(rows / 64) stages each, one
 // empty stage for a group without rows, whose gradient is zero); their costs follow the groups' row counts, so they
 // are handed out at run time by an atomic counter (the first wave by block index), each tile's index passed to the
-// consumers in its first stage's slot, as in grouped_bf16.cu's dynamic tiles. Epilogue: common.h's store_tile.
+// consumers in its first stage's slot, as in grouped_bf16.cu's dynamic tiles. Epilogue: a TMA store (stage_out).
 #include <pybind11/pybind11.h>
 
 #include "common.h"
@@ -20,12 +20,36 @@ namespace py = pybind11;
 namespace {
 
 constexpr int kStepRows = 64;                 // a group's rows (the reduction) per stage
-constexpr int kStagesW = 4;
+constexpr int kStagesW = 3;                   // three stages: the fourth's 48 KB hold the bf16 output tile
 constexpr int kChunkW = kStepRows * 128;      // one box: 64 rows x 128 bytes (64 bf16), 8 KB
 constexpr int kXBytes = (kBM / 64) * kChunkW;  // 128 P: 16 KB
 constexpr int kYBytes = (kBN / 64) * kChunkW;  // 256 Q: 32 KB
 using SmemW = StageSmem<kStagesW, kXBytes, kYBytes>;
-constexpr int kSmemBytesW = SmemW::kBytes;
+constexpr int kOutBytes = kBM * kBN * 2;       // the bf16 tile staged for its TMA store: 4 boxes of 64 columns
+constexpr int kSmemBytesW = SmemW::kBytes + kSmemAlign + kOutBytes;
+
+// The epilogue: the consumers write the tile in bf16 to shared memory, in the 128-byte swizzle of map_out's boxes
+// (128 rows x 64 columns each), and one thread stores it by TMA, which drains while the next tile's WGMMAs run (with
+// direct 16-byte stores from registers the kernel ran at ~0.35 of peak at ~256 rows per group: each tile's 64 KB
+// took about as long as its 4 stages of WGMMA, in series; benchmarks/results/probe_grouped_wgrad_plain_h200.json).
+// Rows past P and columns past Q are not written (map_out is [G][P][Q]).
+__device__ __forceinline__ void stage_out(const float (&acc)[2][64], uint8_t* out_smem, int c, int warp, int lane) {
+  const int q = lane % 4;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+#pragma unroll
+    for (int g = 0; g < 4; ++g) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const uint4 chunk = quad_chunk(acc[r], g, h, q);
+        const int row = c * 64 + warp * 16 + lane / 4 + 8 * h;  // in the tile
+        const int col8 = r * 16 + 4 * g + q;                     // 8-column chunk in the tile, 0 .. 31
+        const int box = col8 / 8, unit = (col8 % 8) ^ (row % 8);
+        *reinterpret_cast<uint4*>(out_smem + box * (kBM * 128) + row * 128 + unit * 16) = chunk;
+      }
+    }
+  }
+}
 
 struct ArgsW {
   const int64_t* offs;  // cumulative group ends [G]
@@ -53,11 +77,12 @@ struct WTile {
 
 __global__ void __launch_bounds__(kThreads, 1)
     grouped_wgrad_kernel(const __grid_constant__ CUtensorMap map_x, const __grid_constant__ CUtensorMap map_y,
-                         const ArgsW p) {
+                         const __grid_constant__ CUtensorMap map_out, const ArgsW p) {
   extern __shared__ uint8_t smem_raw[];
   const SmemW smem(smem_raw);  // x [stages][2 boxes][64 rows][128 bytes], y [stages][4 boxes][64 rows][128 bytes]
   uint64_t* full = smem.full;
   uint64_t* empty = smem.empty;
+  uint8_t* out_smem = smem.a + kStagesW * (kXBytes + kYBytes) + kSmemAlign;  // past the barriers, 1 KB aligned
   const int wg = threadIdx.x / 128;
   const int total = p.G * ((p.P + kBM - 1) / kBM) * ((p.Q + kBN - 1) / kBN);
   init_stage_barriers<kStagesW, 1>(full, empty);
@@ -164,9 +189,18 @@ __global__ void __launch_bounds__(kThreads, 1)
       fence_regs(acc[1]);
       release_stage<1>(empty, prev, lane);
     }
-    const int r0 = w.p0 + c * 64 + warp * 16 + lane / 4;
-    store_tile(acc, p.out + int64_t(w.g) * p.out_group, p.ldo, p.Q, w.q0, r0, r0 + 8, p.P, lane);
+    if (ctid == 0) bulk_wait_all<true>();  // the previous tile's TMA store has read out_smem
+    consumers_sync();
+    stage_out(acc, out_smem, c, warp, lane);
+    fence_proxy_async_smem();  // the tile, visible to TMA
+    consumers_sync();
+    if (ctid == 0) {
+#pragma unroll
+      for (int b = 0; b < kBN / 64; ++b) tma_store_3d(&map_out, out_smem + b * (kBM * 128), w.q0 + b * 64, w.p0, w.g);
+      bulk_commit();
+    }
   }
+  if (ctid == 0) bulk_wait_all<false>();  // out_smem must outlive the stores' reads; the writes done too
 }
 
 // out [G, P, Q] bf16 (row stride ldo, group stride out_group elements) = per group g (rows offs[g-1] .. offs[g])
@@ -194,6 +228,10 @@ void grouped_wgrad(int device, uint64_t stream, uint64_t x_addr, uint64_t y_addr
   const uint64_t dims_y[2] = {uint64_t(Q), uint64_t(M)}, strides_y[1] = {uint64_t(ldy) * 2};
   const CUtensorMap map_x = make_map(x_addr, 2, dims_x, strides_x, box, kBf16);
   const CUtensorMap map_y = make_map(y_addr, 2, dims_y, strides_y, box, kBf16);
+  const uint64_t dims_o[3] = {uint64_t(Q), uint64_t(P), uint64_t(G)};
+  const uint64_t strides_o[2] = {uint64_t(ldo) * 2, uint64_t(out_group) * 2};
+  const uint32_t box_o[3] = {64, kBM, 1};
+  const CUtensorMap map_out = make_map(out_addr, 3, dims_o, strides_o, box_o, kBf16);
   ArgsW args;
   args.offs = reinterpret_cast<const int64_t*>(offs_addr);
   args.out = reinterpret_cast<__nv_bfloat16*>(out_addr);
@@ -205,7 +243,8 @@ void grouped_wgrad(int device, uint64_t stream, uint64_t x_addr, uint64_t y_addr
   args.Q = int(Q);
   args.G = int(G);
   launch_persistent<grouped_wgrad_kernel, 1, kSmemBytesW>(device, tiles, num_sms,
-                                                          reinterpret_cast<cudaStream_t>(stream), map_x, map_y, args);
+                                                          reinterpret_cast<cudaStream_t>(stream), map_x, map_y,
+                                                          map_out, args);
 }
 
 }  // namespace
