@@ -92,7 +92,9 @@ def test_grouped_gemm_rule_is_cuda_small_groups_only(monkeypatch):
 
 def test_grouped_wgrad_rule_follows_the_tma_kernel(monkeypatch):
     from turbo_dist.kernels import grouped_wgrad as kgw
+    from turbo_dist.ops import grouped_wgmma
 
+    monkeypatch.setattr(grouped_wgmma, "WGRAD_PREFERRED", False)  # the Triton kernel here; the Hopper one below
     monkeypatch.setattr(kgw, "wgrad_tma_ok", lambda x, y: True)
     g32, g8 = _Fake(32, cuda=False), _Fake(8, cuda=False)  # group_lens: only its length is read
     assert _wgrad_preference(_Fake(32 * 128, 7168), _Fake(32 * 128, 4096), g32) == "triton"
@@ -104,6 +106,11 @@ def test_grouped_wgrad_rule_follows_the_tma_kernel(monkeypatch):
     assert _wgrad_preference(_Fake(0, 7168), _Fake(0, 4096), _Fake(0, cuda=False)) is None  # no groups
     monkeypatch.setattr(kgw, "wgrad_tma_ok", lambda x, y: False)  # fp32, strided or pre-Hopper: torch's
     assert _wgrad_preference(_Fake(32 * 128, 7168), _Fake(32 * 128, 4096), g32) is None
+    # on SM90 with turbo_dist._fp8_wgmma built: our Hopper kernel where the rule runs ours and it accepts
+    monkeypatch.setattr(grouped_wgmma, "WGRAD_PREFERRED", True)
+    monkeypatch.setattr(grouped_wgmma, "_wgmma_wgrad_can", lambda *args: True)
+    assert _wgrad_preference(_Fake(32 * 128, 7168), _Fake(32 * 128, 4096), g32) == "wgmma"
+    assert _wgrad_preference(_Fake(8 * 1024, 7168), _Fake(8 * 1024, 4096), g8, True) is None
 
 
 def test_choice_cache_follows_signature_and_settings(monkeypatch):

@@ -197,7 +197,10 @@ def test_wgmma_wgrad_passes_the_operands(monkeypatch):
     kw = calls[-1]
     assert out.shape == (3, 64, 48) and kw["x"] == a.data_ptr() and kw["y"] == dc.data_ptr()
     assert (kw["M"], kw["P"], kw["Q"], kw["G"]) == (10, 64, 48, 3) and kw["ldo"] == 48 and kw["out_group"] == 64 * 48
-    assert kw["ldx"] == 64 and kw["ldy"] == 48 and kw["counter"] and kw["num_sms"] == 132 and kw["stream"] == 7
+    assert kw["ldx"] == 64 and kw["ldy"] == 48 and kw["num_sms"] == 132 and kw["stream"] == 7
+    assert kw["cluster"] == grouped_wgmma.WGRAD_CLUSTER and bool(kw["counter"]) == (kw["cluster"] == 1)
+    grouped_wgmma.wgmma_wgrad(a, dc, lens, cluster=1)
+    assert calls[-1]["cluster"] == 1 and calls[-1]["counter"]  # one CTA per tile: the dynamic order's counter
     out = grouped_wgmma.wgmma_wgrad(a, dc, lens, trans_b=True, num_sms=5)
     kw = calls[-1]
     assert out.shape == (3, 48, 64) and kw["x"] == dc.data_ptr() and kw["y"] == a.data_ptr()
@@ -235,11 +238,14 @@ def test_wgmma_wgrad_matches_reference_gpu(lens, K, N, num_sms, trans_b):
     dc = rnd(M, N, dtype=torch.bfloat16, device="cuda", seed=2)
     gl = torch.tensor(lens).cuda()
     assert grouped_wgmma._wgmma_wgrad_can(a, dc, gl, trans_b) is True
-    out = grouped_wgmma.wgmma_wgrad(a, dc, gl, trans_b, num_sms=num_sms)
-    again = grouped_wgmma.wgmma_wgrad(a, dc, gl, trans_b, num_sms=num_sms)
+    out = grouped_wgmma.wgmma_wgrad(a, dc, gl, trans_b, num_sms=num_sms, cluster=1)
+    again = grouped_wgmma.wgmma_wgrad(a, dc, gl, trans_b, num_sms=num_sms, cluster=1)
+    pair = grouped_wgmma.wgmma_wgrad(a, dc, gl, trans_b, num_sms=None if num_sms is None else 2 * num_sms,
+                                     cluster=2)
     torch.cuda.synchronize()
     ref = _wgrad_ref(a, dc, lens, trans_b)
     assert out.shape == ref.shape and torch.equal(out, again)
+    assert torch.equal(out, pair), "one CTA per tile and two sharing dc's boxes differ"
     for g, n in enumerate(lens):
         if n == 0:
             assert not out[g].any(), "a group without rows must get a zero gradient"
@@ -259,11 +265,12 @@ def test_wgmma_wgrad_keeps_groups_apart_gpu():
     dc = rnd(200, 512, dtype=torch.bfloat16, device="cuda", seed=2)
     a[70:100] = float("nan")
     dc[70:100] = float("inf")
-    out = grouped_wgmma.wgmma_wgrad(a, dc, torch.tensor(lens).cuda())
-    torch.cuda.synchronize()
     ref = _wgrad_ref(a, dc, lens, False)
-    for g in (0, 2):
-        assert torch.isfinite(out[g]).all() and rel(out[g], ref[g]) < 1e-2, g
+    for cluster in (1, 2):
+        out = grouped_wgmma.wgmma_wgrad(a, dc, torch.tensor(lens).cuda(), cluster=cluster)
+        torch.cuda.synchronize()
+        for g in (0, 2):
+            assert torch.isfinite(out[g]).all() and rel(out[g], ref[g]) < 1e-2, (cluster, g)
 
 
 @pytest.mark.gpu

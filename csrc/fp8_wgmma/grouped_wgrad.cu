@@ -59,52 +59,72 @@ struct ArgsW {
   int M, P, Q, G;
 };
 
-// Tile t: group g, rows p0 .. p0+127 of out[g], columns q0 .. q0+255 (P tiles fastest: consecutive tiles share
-// y's columns), the group's rows start .. end (clamped like TileWalk, so bad counts never read past M), steps.
+// Unit t: group g, CLUSTER row tiles of out[g] (this CTA's: rows p0 .. p0+127), columns q0 .. q0+255 (row units
+// fastest: consecutive units share y's columns), the group's rows start .. end (clamped like TileWalk, so bad
+// counts never read past M), steps.
+template <int CLUSTER>
 struct WTile {
   int g, p0, q0, start, end, steps;
-  __device__ __forceinline__ WTile(const ArgsW& p, int t) {
-    const int pt = (p.P + kBM - 1) / kBM, qt = (p.Q + kBN - 1) / kBN;
-    g = t / (pt * qt);
-    const int r = t - g * pt * qt;
-    p0 = (r % pt) * kBM;
-    q0 = (r / pt) * kBN;
+  __device__ __forceinline__ WTile(const ArgsW& p, int t, uint32_t rank) {
+    const int pu = ((p.P + kBM - 1) / kBM + CLUSTER - 1) / CLUSTER, qt = (p.Q + kBN - 1) / kBN;
+    g = t / (pu * qt);
+    const int r = t - g * pu * qt;
+    p0 = ((r % pu) * CLUSTER + int(rank)) * kBM;
+    q0 = (r / pu) * kBN;
     start = g ? static_cast<int>(max(int64_t(0), min(p.offs[g - 1], int64_t(p.M)))) : 0;
     end = static_cast<int>(max(int64_t(start), min(p.offs[g], int64_t(p.M))));
     steps = (end - start + kStepRows - 1) / kStepRows;
   }
+  __device__ __forceinline__ static int count(const ArgsW& p) {
+    return p.G * (((p.P + kBM - 1) / kBM + CLUSTER - 1) / CLUSTER) * ((p.Q + kBN - 1) / kBN);
+  }
 };
 
+// CLUSTER 1: tiles handed out at run time (their costs follow the groups' rows). CLUSTER 2: the two CTAs of a
+// cluster take two row tiles of one group with the same columns and share y's boxes by TMA multicast (each loads
+// two of the four), so a CTA reads 32 KB per stage from L2 instead of 48; units in a fixed round robin (units run
+// group by group and a cluster takes every (clusters)-th, so every cluster gets about the same rows).
+template <int CLUSTER>
 __global__ void __launch_bounds__(kThreads, 1)
     grouped_wgrad_kernel(const __grid_constant__ CUtensorMap map_x, const __grid_constant__ CUtensorMap map_y,
                          const __grid_constant__ CUtensorMap map_out, const ArgsW p) {
+  static_assert(CLUSTER == 1 || CLUSTER == 2, "one CTA, or two sharing y");
   extern __shared__ uint8_t smem_raw[];
   const SmemW smem(smem_raw);  // x [stages][2 boxes][64 rows][128 bytes], y [stages][4 boxes][64 rows][128 bytes]
   uint64_t* full = smem.full;
   uint64_t* empty = smem.empty;
   uint8_t* out_smem = smem.a + kStagesW * (kXBytes + kYBytes) + kSmemAlign;  // past the barriers, 1 KB aligned
   const int wg = threadIdx.x / 128;
-  const int total = p.G * ((p.P + kBM - 1) / kBM) * ((p.Q + kBN - 1) / kBN);
-  init_stage_barriers<kStagesW, 1>(full, empty);
+  const uint32_t rank = CLUSTER > 1 ? cluster_rank() : 0;
+  const int total = WTile<CLUSTER>::count(p);
+  const int first = blockIdx.x / CLUSTER, stride = gridDim.x / CLUSTER;
+  init_stage_barriers<kStagesW, CLUSTER>(full, empty);
 
   if (wg == 0) {  // producer
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
     if (threadIdx.x != 0) return;
     StageRing<kStagesW> ring;
     for (int i = 0;; ++i) {
-      const int t = i == 0 ? int(blockIdx.x) : int(gridDim.x) + atomicAdd(p.counter, 1);
-      if (t >= total) {  // no more: the consumers read -1 in the next stage's slot
-        bar_wait(&empty[ring.s], ring.phase ^ 1);
-        smem.slot[ring.s] = -1;
-        bar_arrive(&full[ring.s]);
-        break;
+      int t;
+      if constexpr (CLUSTER == 1) {
+        t = i == 0 ? first : stride + atomicAdd(p.counter, 1);
+        if (t >= total) {  // no more: the consumers read -1 in the next stage's slot
+          bar_wait(&empty[ring.s], ring.phase ^ 1);
+          smem.slot[ring.s] = -1;
+          bar_arrive(&full[ring.s]);
+          break;
+        }
+      } else {
+        t = first + i * stride;
+        if (t >= total) break;
       }
-      const WTile w(p, t);
-      const int n = w.steps > 0 ? w.steps : 1;  // a group without rows passes its tile in one empty stage
+      const WTile<CLUSTER> w(p, t, rank);
+      // a group without rows: one CTA passes its tile in one empty stage (dynamic order), a cluster none
+      const int n = w.steps > 0 ? w.steps : CLUSTER == 1 ? 1 : 0;
       for (int kb = 0; kb < n; ++kb) {
         const int s = ring.s;
         bar_wait(&empty[s], ring.phase ^ 1);
-        if (kb == 0) smem.slot[s] = t;  // published by the arrival below (release, CTA scope)
+        if (CLUSTER == 1 && kb == 0) smem.slot[s] = t;  // published by the arrival below (release, CTA scope)
         if (w.steps == 0) {
           bar_arrive(&full[s]);
         } else {
@@ -113,19 +133,23 @@ __global__ void __launch_bounds__(kThreads, 1)
           uint8_t* xs = smem.a + s * kXBytes;
           uint8_t* ys = smem.b + s * kYBytes;
 #pragma unroll
-          for (int c = 0; c < kBM / 64; ++c) {  // boxes wholly past P / Q load the first again: never stored
-            const int pc = w.p0 + c * 64 < p.P ? w.p0 + c * 64 : w.p0;
+          for (int c = 0; c < kBM / 64; ++c) {  // boxes wholly past P / Q load others: never stored
+            const int pc = w.p0 + c * 64 < p.P ? w.p0 + c * 64 : 0;
             tma_load_2d(xs + c * kChunkW, &map_x, &full[s], pc, row);
           }
 #pragma unroll
-          for (int c = 0; c < kBN / 64; ++c) {
+          for (int c = int(rank) * (4 / CLUSTER); c < int(rank + 1) * (4 / CLUSTER); ++c) {
             const int qc = w.q0 + c * 64 < p.Q ? w.q0 + c * 64 : w.q0;
-            tma_load_2d(ys + c * kChunkW, &map_y, &full[s], qc, row);
+            if constexpr (CLUSTER > 1)
+              tma_load_2d_multicast(ys + c * kChunkW, &map_y, &full[s], qc, row, uint16_t(3));
+            else
+              tma_load_2d(ys + c * kChunkW, &map_y, &full[s], qc, row);
           }
         }
         ring.advance();
       }
     }
+    drain_stages<kStagesW, CLUSTER>(empty, ring);
     return;
   }
 
@@ -135,19 +159,27 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int ctid = threadIdx.x - 128;
   const int lane = threadIdx.x % 32, warp = (threadIdx.x % 128) / 32;
   StageRing<kStagesW> ring;
-  for (;;) {
-    bar_wait(&full[ring.s], ring.phase);  // the tile's first stage
-    const int t = smem.slot[ring.s];
-    if (t < 0) break;
-    const WTile w(p, t);
+  for (int i = 0;; ++i) {
+    int t;
+    if constexpr (CLUSTER == 1) {
+      bar_wait(&full[ring.s], ring.phase);  // the tile's first stage
+      t = smem.slot[ring.s];
+      if (t < 0) break;
+    } else {
+      t = first + i * stride;
+      if (t >= total) break;
+    }
+    const WTile<CLUSTER> w(p, t, rank);
     float acc[2][64];
 #pragma unroll
     for (int r = 0; r < 2; ++r)
 #pragma unroll
       for (int i = 0; i < 64; ++i) acc[r][i] = 0.f;
     if (w.steps == 0) {  // no rows: a zero gradient
-      release_stage<1>(empty, ring.s, lane);
-      ring.advance();
+      if constexpr (CLUSTER == 1) {
+        release_stage<1>(empty, ring.s, lane);
+        ring.advance();
+      }
     } else {
       int prev = -1;  // the stage whose products are still in flight
       for (int kb = 0; kb < w.steps; ++kb) {
@@ -180,21 +212,21 @@ __global__ void __launch_bounds__(kThreads, 1)
         wgmma_wait<1>();  // the previous stage's products are done: hand it back
         fence_regs(acc[0]);
         fence_regs(acc[1]);
-        if (prev >= 0) release_stage<1>(empty, prev, lane);
+        if (prev >= 0) release_stage<CLUSTER>(empty, prev, lane);
         prev = s;
         ring.advance();
       }
       wgmma_wait<0>();
       fence_regs(acc[0]);
       fence_regs(acc[1]);
-      release_stage<1>(empty, prev, lane);
+      release_stage<CLUSTER>(empty, prev, lane);
     }
     if (ctid == 0) bulk_wait_all<true>();  // the previous tile's TMA store has read out_smem
     consumers_sync();
     stage_out(acc, out_smem, c, warp, lane);
     fence_proxy_async_smem();  // the tile, visible to TMA
     consumers_sync();
-    if (ctid == 0) {
+    if (ctid == 0 && w.p0 < p.P) {  // (rank 1 of a group's odd last row tile has no rows of out)
 #pragma unroll
       for (int b = 0; b < kBN / 64; ++b) tma_store_3d(&map_out, out_smem + b * (kBM * 128), w.q0 + b * 64, w.p0, w.g);
       bulk_commit();
@@ -208,9 +240,11 @@ __global__ void __launch_bounds__(kThreads, 1)
 // [G] on the GPU; counter: a zeroed int32 on the GPU (the dynamic tile order).
 void grouped_wgrad(int device, uint64_t stream, uint64_t x_addr, uint64_t y_addr, uint64_t out_addr,
                    uint64_t offs_addr, int64_t M, int64_t P, int64_t Q, int64_t G, int64_t ldx, int64_t ldy,
-                   int64_t ldo, int64_t out_group, int num_sms, uint64_t counter) {
-  if (!counter || counter % 4)
-    throw std::invalid_argument("turbo_dist._fp8_wgmma: grouped_wgrad needs a zeroed, 4-byte aligned int32 counter");
+                   int64_t ldo, int64_t out_group, int num_sms, uint64_t counter, int cluster) {
+  if (cluster != 1 && cluster != 2) throw std::invalid_argument("turbo_dist._fp8_wgmma: cluster must be 1 or 2");
+  if (cluster == 1 && (!counter || counter % 4))
+    throw std::invalid_argument("turbo_dist._fp8_wgmma: grouped_wgrad with cluster 1 needs a zeroed, 4-byte aligned "
+                                "int32 counter");
   if (P <= 0 || Q <= 0 || G <= 0) return;
   if (M <= 0)
     throw std::invalid_argument("turbo_dist._fp8_wgmma: grouped_wgrad needs M >= 1 (no rows: the gradient is zero, "
@@ -218,8 +252,8 @@ void grouped_wgrad(int device, uint64_t stream, uint64_t x_addr, uint64_t y_addr
   if (P % 8 || ldx % 8 || ldy % 8 || out_group % 8 || x_addr % 16 || y_addr % 16)
     throw std::invalid_argument("turbo_dist._fp8_wgmma: grouped_wgrad needs P, the row strides and the output's "
                                 "group stride multiples of 8 elements and the operands 16-byte aligned");
-  check_launch(M, Q, P, G, ldo, out_addr, num_sms, 1);
-  const int64_t tiles = G * ((P + kBM - 1) / kBM) * ((Q + kBN - 1) / kBN);
+  check_launch(M, Q, P, G, ldo, out_addr, num_sms, cluster);
+  const int64_t tiles = G * (((P + kBM - 1) / kBM + cluster - 1) / cluster) * ((Q + kBN - 1) / kBN);  // units
   if (tiles >= INT32_MAX) throw std::invalid_argument("turbo_dist._fp8_wgmma: grouped_wgrad: too many tiles");
   check_cuda(cudaSetDevice(device), "cudaSetDevice");
   constexpr CUtensorMapDataType kBf16 = CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
@@ -242,9 +276,13 @@ void grouped_wgrad(int device, uint64_t stream, uint64_t x_addr, uint64_t y_addr
   args.P = int(P);
   args.Q = int(Q);
   args.G = int(G);
-  launch_persistent<grouped_wgrad_kernel, 1, kSmemBytesW>(device, tiles, num_sms,
-                                                          reinterpret_cast<cudaStream_t>(stream), map_x, map_y,
-                                                          map_out, args);
+  const auto st = reinterpret_cast<cudaStream_t>(stream);
+  if (cluster == 2)
+    launch_persistent<grouped_wgrad_kernel<2>, 2, kSmemBytesW>(device, tiles, num_sms, st, map_x, map_y, map_out,
+                                                               args);
+  else
+    launch_persistent<grouped_wgrad_kernel<1>, 1, kSmemBytesW>(device, tiles, num_sms, st, map_x, map_y, map_out,
+                                                               args);
 }
 
 }  // namespace
@@ -254,7 +292,8 @@ namespace turbo_dist_wgmma {
 void register_wgrad(py::module_& m) {
   m.def("grouped_wgrad", &grouped_wgrad, py::arg("device"), py::arg("stream"), py::arg("x"), py::arg("y"),
         py::arg("out"), py::arg("offs"), py::arg("M"), py::arg("P"), py::arg("Q"), py::arg("G"), py::arg("ldx"),
-        py::arg("ldy"), py::arg("ldo"), py::arg("out_group"), py::arg("num_sms"), py::arg("counter"));
+        py::arg("ldy"), py::arg("ldo"), py::arg("out_group"), py::arg("num_sms"), py::arg("counter") = 0,
+        py::arg("cluster") = 1);
 }
 
 }  // namespace turbo_dist_wgmma

@@ -256,6 +256,11 @@ def _wgrad_preference(a, dc, group_lens, trans_b=False):
             2.0 * a.shape[0] * a.shape[1] * dc.shape[1] >= TRITON_MIN_FLOP:
         from turbo_dist.kernels import grouped_wgrad as kgw
 
+        from . import grouped_wgmma
+
+        if grouped_wgmma.wgrad_preferred(a, dc, group_lens, trans_b):
+            return "wgmma"
+
         if kgw.wgrad_tma_ok(a, dc):
             return "triton"
     return None

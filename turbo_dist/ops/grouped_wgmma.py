@@ -104,10 +104,15 @@ def _wgmma_grouped_can(a, b, group_lens, trans_b=False):
     return True
 
 
-def wgmma_wgrad(a, dc, group_lens, trans_b=False, num_sms=None):
+# The weight gradient's CTAs per cluster: 2 = two row tiles of a group share dc's (y's) boxes by TMA multicast, 1 =
+# one CTA per tile, tiles handed out at run time.
+WGRAD_CLUSTER = 2
+
+
+def wgmma_wgrad(a, dc, group_lens, trans_b=False, num_sms=None, cluster=None):
     """grouped_gemm_wgrad on Hopper (csrc/fp8_wgmma/grouped_wgrad.cu): dB [G, K, N] = per group a[rows]^T @ dc[rows]
     (trans_b: [G, N, K] = dc[rows]^T @ a[rows]); a group without rows gets zeros. num_sms: CTAs at most (default:
-    the GPU's SMs; tests use fewer)."""
+    the GPU's SMs; tests use fewer); cluster: 1 or 2 (default WGRAD_CLUSTER)."""
     from turbo_dist.kernels import gemm as gemm_kernels
 
     x, y = (dc, a) if trans_b else (a, dc)
@@ -119,13 +124,25 @@ def wgmma_wgrad(a, dc, group_lens, trans_b=False, num_sms=None):
     if M == 0:
         return out.zero_()
     offs = group_offsets(group_lens, a.device)
-    counter = torch.zeros(1, dtype=torch.int32, device=a.device)  # the dynamic tile order, zeroed in stream order
+    cluster = WGRAD_CLUSTER if cluster is None else cluster
+    # cluster 1: the dynamic tile order's counter, zeroed in stream order
+    counter = torch.zeros(1, dtype=torch.int32, device=a.device) if cluster == 1 else None
     wgmma_module().grouped_wgrad(
         device=a.device.index, stream=torch.cuda.current_stream(a.device).cuda_stream, x=x.data_ptr(),
         y=y.data_ptr(), out=out.data_ptr(), offs=offs.data_ptr(), M=M, P=P, Q=Q, G=G, ldx=x.stride(0),
         ldy=y.stride(0), ldo=Q, out_group=P * Q,
-        num_sms=gemm_kernels._num_sms(a.device) if num_sms is None else num_sms, counter=counter.data_ptr())
+        num_sms=gemm_kernels._num_sms(a.device) if num_sms is None else num_sms,
+        counter=0 if counter is None else counter.data_ptr(), cluster=cluster)
     return out
+
+
+# Whether grouped_gemm_wgrad's rule runs this kernel where it would run our Triton one (rows per group up to
+# grouped_gemm.BWD_GROUP_ROWS): see README, "Benchmarks" for the runs behind it.
+WGRAD_PREFERRED = True
+
+
+def wgrad_preferred(a, dc, group_lens, trans_b=False):
+    return WGRAD_PREFERRED and _wgmma_wgrad_can(a, dc, group_lens, trans_b) is True
 
 
 def _wgmma_wgrad_can(a, dc, group_lens, trans_b=False):
