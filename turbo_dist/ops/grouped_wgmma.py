@@ -137,8 +137,13 @@ def wgmma_wgrad(a, dc, group_lens, trans_b=False, num_sms=None, cluster=None):
 
 
 # Whether grouped_gemm_wgrad's rule runs this kernel where it would run our Triton one (rows per group up to
-# grouped_gemm.BWD_GROUP_ROWS): see README, "Benchmarks" for the runs behind it.
-WGRAD_PREFERRED = True
+# grouped_gemm.BWD_GROUP_ROWS). Off: measured behind torch._grouped_mm and the Triton kernel at 128-256 rows per
+# expert (0.88-0.95x torch's with the TMA-store epilogue and 2-CTA clusters, ~0.95-1.0x at ~1024;
+# benchmarks/results/probe_grouped_wgrad_*_h200.json, ops_grouped_wgrad_h200.json with it on): each tile's 2-4
+# stages of WGMMA run in series with its epilogue and its last stage's zeroing in the same warps, so the tensor
+# cores idle between tiles; warpgroups alternating tiles (ping-pong) would hide that. Opt-in until then:
+# set_backend("grouped_gemm_wgrad", "wgmma").
+WGRAD_PREFERRED = False
 
 
 def wgrad_preferred(a, dc, group_lens, trans_b=False):
