@@ -5,7 +5,8 @@ Ops behind the dispatcher:
 - "grouped_gemm_wgrad" (a [M, K], dc [M, N], group_lens, trans_b) -> dB in b's shape ([G, K, N] / [G, N, K])
 Backends: "torch" (torch._grouped_mm: CUDA, bf16, SM90+, 16-byte aligned K/N), "triton" (persistent
 kernel, kernels/grouped_gemm.py, and the weight gradient in kernels/grouped_wgrad.py; no host sync) and
-"loop" (one torch.mm per group; any device/dtype, syncs to read group_lens).
+"loop" (one torch.mm per group; any device/dtype, syncs to read group_lens); on Hopper "wgmma" (our CUDA kernels,
+grouped_wgmma.py: the forward/dgrad one chosen by the rule below, the weight-gradient one opt-in).
 """
 import torch
 

@@ -5,9 +5,13 @@ tile; on request 2-CTA clusters sharing each weight tile by TMA multicast, which
 stream-K tail for the last wave). Reads the group boundaries on the GPU; b [G, K, N] (N contiguous, the forward)
 or b [G, N, K] with trans_b (K contiguous, the dgrad); a row-major; bf16 in and out.
 
-Chosen by grouped_gemm's rule (grouped_gemm._grouped_preference) where it would run our Triton kernel, on SM90
-with the extension built (PREFERRED); last in the default order otherwise. benchmarks/probe_grouped_wgmma.py times
-it against torch._grouped_mm, our Triton kernel and the per-expert loop.
+Chosen by grouped_gemm's rule (grouped_gemm._grouped_preference) where it would run our Triton kernel (except a
+transposed b with K > N) and on a forward wider than deep up to 1024 rows per group, on SM90 with the extension
+built (PREFERRED); last in the default order otherwise. benchmarks/probe_grouped_wgmma.py times it against
+torch._grouped_mm, our Triton kernel and the per-expert loop.
+
+Also backend "wgmma" of grouped_gemm_wgrad (csrc/fp8_wgmma/grouped_wgrad.cu, wgmma_wgrad): opt-in, measured slower
+than torch's and the Triton kernel so far (WGRAD_PREFERRED; benchmarks/probe_grouped_wgrad.py).
 """
 import torch
 
