@@ -86,6 +86,8 @@ def test_grouped_gemm_rule_is_cuda_small_groups_only(monkeypatch):
     assert _grouped_preference(_Fake(8 * 1024, 2048), _Fake(8, 2048, 7168), lens, False) == "wgmma"
     assert _grouped_preference(_Fake(8 * 2048, 2048), _Fake(8, 2048, 7168), lens, False) is None
     assert _grouped_preference(_Fake(8 * 1024, 7168), _Fake(8, 2048, 7168), lens, True) is None  # its dgrad
+    assert _grouped_preference(_Fake(8 * 1024, 4096), _Fake(8, 7168, 4096), lens, True) == "wgmma"  # fc1's dgrad
+    assert _grouped_preference(_Fake(8 * 1024, 7168), _Fake(8, 7168, 4096), lens, False) is None  # G=8 fc1 fwd
     monkeypatch.setattr(grouped_wgmma, "_wgmma_grouped_can", lambda *args: "wgmma runs on SM90 (Hopper) only")
     assert _grouped_preference(_Fake(32 * 256, 7168), _Fake(32, 7168, 4096), lens, False) == "triton"
 

@@ -211,9 +211,11 @@ dispatcher.register_backend("grouped_gemm_wgrad", "loop", _loop_wgrad, priority=
 # ready; 93 us before the launch was trimmed) against torch._grouped_mm's ~18 us per call
 # (benchmarks/results/probe_host_overhead_h200.json), so below ~64 GFLOP per call (~150 us of GPU time) the
 # host would set the pace and torch stays the default.
-# On Hopper our CUDA kernel also leads torch's on a forward whose output is wider than its reduction (fc2: K 2048,
-# N 7168) at ~1024 rows per group: 1.01-1.10x in all nine measurements of three runs (G = 8 / 16 / 32;
-# ops_grouped_wgmma_h200.json, _wgmma2, _wgmma3), where the Triton kernel does not; up to WGMMA_WIDE_GROUP_ROWS.
+# On Hopper our CUDA kernel also leads torch's where the output is wider than the reduction (K < N) at ~1024 rows
+# per group: the fc2 forward (K 2048, N 7168) 1.01-1.10x in all nine measurements of three runs (G = 8 / 16 / 32;
+# ops_grouped_wgmma_h200.json, _wgmma2, _wgmma3), where the Triton kernel does not; fc1's dgrad (b transposed,
+# K 4096, N 7168) in all fifteen of four runs and two probes (its backward with torch's weight gradient 1.005-1.05x,
+# the dgrad alone 1.03-1.04x; probe_grouped_wgmma_half*_h200.json). Up to WGMMA_WIDE_GROUP_ROWS.
 WGMMA_WIDE_GROUP_ROWS = 1024
 SMALL_GROUP_ROWS = 256
 BWD_GROUP_ROWS = 512
@@ -234,7 +236,7 @@ def _grouped_preference(a, b, group_lens, trans_b=False):
         return None
     if a.shape[0] <= rows * G:
         return _ours(a, b, group_lens, trans_b)
-    if not trans_b and k < n and a.shape[0] <= WGMMA_WIDE_GROUP_ROWS * G:
+    if k < n and a.shape[0] <= WGMMA_WIDE_GROUP_ROWS * G:
         from . import grouped_wgmma
 
         if grouped_wgmma.preferred(a, b, group_lens, trans_b):
