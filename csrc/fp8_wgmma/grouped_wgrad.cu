@@ -8,9 +8,12 @@
 // stage may hold the next group's rows (or zeros past M): the consumers zero those lines in both operands before
 // the WGMMA (whole 128-byte lines: the swizzle permutes 16-byte units within a line), so no value of another group,
 // not even an inf or NaN, reaches the sum. Tiles are 128 P x 256 Q of one group (ceil(rows / 64) stages each, one
-// empty stage for a group without rows, whose gradient is zero); their costs follow the groups' row counts, so they
-// are handed out at run time by an atomic counter (the first wave by block index), each tile's index passed to the
-// consumers in its first stage's slot, as in grouped_bf16.cu's dynamic tiles. Epilogue: a TMA store (stage_out).
+// empty stage for a group without rows, whose gradient is zero); their costs follow the groups' row counts, so with
+// one CTA per tile they are handed out at run time by an atomic counter (the first wave by block index). A tile
+// reduces only 2-4 stages at 128-256 rows per group, so the hand-off between tiles is kept off the consumers'
+// path: the producer claims the next tile while it issues the current one's stages and passes (tile, the group's
+// rows) in shared memory with the tile's first stage (info), so the consumers never wait on global memory between
+// tiles; -1 there ends the walk. Epilogue: a TMA store (stage_out).
 #include <pybind11/pybind11.h>
 
 #include "common.h"
@@ -26,7 +29,7 @@ constexpr int kXBytes = (kBM / 64) * kChunkW;  // 128 P: 16 KB
 constexpr int kYBytes = (kBN / 64) * kChunkW;  // 256 Q: 32 KB
 using SmemW = StageSmem<kStagesW, kXBytes, kYBytes>;
 constexpr int kOutBytes = kBM * kBN * 2;       // the bf16 tile staged for its TMA store: 4 boxes of 64 columns
-constexpr int kSmemBytesW = SmemW::kBytes + kSmemAlign + kOutBytes;
+constexpr int kSmemBytesW = SmemW::kBytes + kSmemAlign + kOutBytes + 16 * kStagesW;
 
 // The epilogue: the consumers write the tile in bf16 to shared memory, in the 128-byte swizzle of map_out's boxes
 // (128 rows x 64 columns each), and one thread stores it by TMA, which drains while the next tile's WGMMAs run (with
@@ -65,15 +68,23 @@ struct ArgsW {
 template <int CLUSTER>
 struct WTile {
   int g, p0, q0, start, end, steps;
-  __device__ __forceinline__ WTile(const ArgsW& p, int t, uint32_t rank) {
+  // The coordinates of unit t; rows start .. end (read by the producer from offs, passed to the consumers in
+  // shared memory so that they never wait on global memory between tiles).
+  __device__ __forceinline__ WTile(const ArgsW& p, int t, uint32_t rank, int row_start, int row_end) {
     const int pu = ((p.P + kBM - 1) / kBM + CLUSTER - 1) / CLUSTER, qt = (p.Q + kBN - 1) / kBN;
     g = t / (pu * qt);
     const int r = t - g * pu * qt;
     p0 = ((r % pu) * CLUSTER + int(rank)) * kBM;
     q0 = (r / pu) * kBN;
-    start = g ? static_cast<int>(max(int64_t(0), min(p.offs[g - 1], int64_t(p.M)))) : 0;
-    end = static_cast<int>(max(int64_t(start), min(p.offs[g], int64_t(p.M))));
+    start = row_start;
+    end = row_end;
     steps = (end - start + kStepRows - 1) / kStepRows;
+  }
+  // Group g's rows, clamped like TileWalk (bad counts never read past M).
+  __device__ __forceinline__ static int2 rows(const ArgsW& p, int t) {
+    const int g = t / ((((p.P + kBM - 1) / kBM + CLUSTER - 1) / CLUSTER) * ((p.Q + kBN - 1) / kBN));
+    const int start = g ? static_cast<int>(max(int64_t(0), min(p.offs[g - 1], int64_t(p.M)))) : 0;
+    return make_int2(start, static_cast<int>(max(int64_t(start), min(p.offs[g], int64_t(p.M)))));
   }
   __device__ __forceinline__ static int count(const ArgsW& p) {
     return p.G * (((p.P + kBM - 1) / kBM + CLUSTER - 1) / CLUSTER) * ((p.Q + kBN - 1) / kBN);
@@ -94,6 +105,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   uint64_t* full = smem.full;
   uint64_t* empty = smem.empty;
   uint8_t* out_smem = smem.a + kStagesW * (kXBytes + kYBytes) + kSmemAlign;  // past the barriers, 1 KB aligned
+  int4* info = reinterpret_cast<int4*>(out_smem + kOutBytes);  // [stages] (unit, rows start, rows end) or -1
   const int wg = threadIdx.x / 128;
   const uint32_t rank = CLUSTER > 1 ? cluster_rank() : 0;
   const int total = WTile<CLUSTER>::count(p);
@@ -104,27 +116,24 @@ __global__ void __launch_bounds__(kThreads, 1)
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
     if (threadIdx.x != 0) return;
     StageRing<kStagesW> ring;
-    for (int i = 0;; ++i) {
-      int t;
-      if constexpr (CLUSTER == 1) {
-        t = i == 0 ? first : stride + atomicAdd(p.counter, 1);
-        if (t >= total) {  // no more: the consumers read -1 in the next stage's slot
-          bar_wait(&empty[ring.s], ring.phase ^ 1);
-          smem.slot[ring.s] = -1;
-          bar_arrive(&full[ring.s]);
-          break;
-        }
-      } else {
-        t = first + i * stride;
-        if (t >= total) break;
+    int t = first;
+    int2 rows = t < total ? WTile<CLUSTER>::rows(p, t) : make_int2(0, 0);
+    for (;;) {
+      if (t >= total) {  // no more: the consumers read -1 in the next stage's info (and release it)
+        bar_wait(&empty[ring.s], ring.phase ^ 1);
+        info[ring.s] = make_int4(-1, 0, 0, 0);
+        bar_arrive(&full[ring.s]);
+        ring.advance();
+        break;
       }
-      const WTile<CLUSTER> w(p, t, rank);
-      // a group without rows: one CTA passes its tile in one empty stage (dynamic order), a cluster none
-      const int n = w.steps > 0 ? w.steps : CLUSTER == 1 ? 1 : 0;
+      // the next unit claimed now: the atomic's round trip runs while this unit's stages are issued
+      const int t_next = CLUSTER == 1 ? stride + atomicAdd(p.counter, 1) : t + stride;
+      const WTile<CLUSTER> w(p, t, rank, rows.x, rows.y);
+      const int n = w.steps > 0 ? w.steps : 1;  // a group without rows passes its unit in one empty stage
       for (int kb = 0; kb < n; ++kb) {
         const int s = ring.s;
         bar_wait(&empty[s], ring.phase ^ 1);
-        if (CLUSTER == 1 && kb == 0) smem.slot[s] = t;  // published by the arrival below (release, CTA scope)
+        if (kb == 0) info[s] = make_int4(t, w.start, w.end, 0);  // published by the arrival below (release)
         if (w.steps == 0) {
           bar_arrive(&full[s]);
         } else {
@@ -148,6 +157,8 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
         ring.advance();
       }
+      t = t_next;
+      if (t < total) rows = WTile<CLUSTER>::rows(p, t);
     }
     drain_stages<kStagesW, CLUSTER>(empty, ring);
     return;
@@ -159,27 +170,22 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int ctid = threadIdx.x - 128;
   const int lane = threadIdx.x % 32, warp = (threadIdx.x % 128) / 32;
   StageRing<kStagesW> ring;
-  for (int i = 0;; ++i) {
-    int t;
-    if constexpr (CLUSTER == 1) {
-      bar_wait(&full[ring.s], ring.phase);  // the tile's first stage
-      t = smem.slot[ring.s];
-      if (t < 0) break;
-    } else {
-      t = first + i * stride;
-      if (t >= total) break;
+  for (;;) {
+    bar_wait(&full[ring.s], ring.phase);  // the unit's first stage
+    const int4 in = info[ring.s];
+    if (in.x < 0) {  // done: hand the stage back (a cluster's producers drain every stage before they exit)
+      release_stage<CLUSTER>(empty, ring.s, lane);
+      break;
     }
-    const WTile<CLUSTER> w(p, t, rank);
+    const WTile<CLUSTER> w(p, in.x, rank, in.y, in.z);
     float acc[2][64];
 #pragma unroll
     for (int r = 0; r < 2; ++r)
 #pragma unroll
       for (int i = 0; i < 64; ++i) acc[r][i] = 0.f;
     if (w.steps == 0) {  // no rows: a zero gradient
-      if constexpr (CLUSTER == 1) {
-        release_stage<1>(empty, ring.s, lane);
-        ring.advance();
-      }
+      release_stage<CLUSTER>(empty, ring.s, lane);
+      ring.advance();
     } else {
       int prev = -1;  // the stage whose products are still in flight
       for (int kb = 0; kb < w.steps; ++kb) {
