@@ -6,6 +6,7 @@ odd shapes, token counts on the GPU and on the host, empty groups, e5m2 activati
 import ast
 import glob
 import os
+import re
 import shutil
 import subprocess
 import sysconfig
@@ -66,12 +67,16 @@ def test_wgmma_source_compiles_for_sm90a(tmp_path):
     flags = [f for f in _setup_nvcc_flags() if f != "--shared"]
     for i, src in enumerate(sources):  # one object each (nvcc -c -o takes one source)
         obj = tmp_path / f"k{i}.o"
-        cmd = [nvcc, *flags, "-c", f"-I{pybind11.get_include()}", f"-I{sysconfig.get_paths()['include']}", src,
-               "-o", str(obj)]
+        cmd = [nvcc, *flags, "-Xptxas=-v", "-c", f"-I{pybind11.get_include()}",
+               f"-I{sysconfig.get_paths()['include']}", src, "-o", str(obj)]
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         assert res.returncode == 0, f"{src}: {res.stderr[-4000:]}"
-        # ptxas serializes a kernel's WGMMAs when it makes a call (a printf is one): a silent slowdown
-        assert "C7510" not in res.stdout + res.stderr, f"{src}: {res.stderr[-4000:]}"
+        # ptxas serializes a kernel's WGMMAs, a silent slowdown, when it makes a call (a printf is one: C7510) or
+        # when other instructions read the accumulators while they are in flight (C7514, e.g. accumulators kept in
+        # local memory); reported with -v
+        log = res.stdout + res.stderr
+        assert not re.search(r"C751\d", log), f"{src}: {log[-4000:]}"
+        assert not re.search(r"[1-9]\d* bytes stack frame", log), f"{src}: a kernel uses local memory: {log[-4000:]}"
         assert os.path.getsize(obj) > 0
 
 

@@ -201,6 +201,10 @@ def test_wgmma_wgrad_passes_the_operands(monkeypatch):
     assert kw["cluster"] == grouped_wgmma.WGRAD_CLUSTER and bool(kw["counter"]) == (kw["cluster"] == 1)
     grouped_wgmma.wgmma_wgrad(a, dc, lens, cluster=1)
     assert calls[-1]["cluster"] == 1 and calls[-1]["counter"]  # one CTA per tile: the dynamic order's counter
+    grouped_wgmma.wgmma_wgrad(a, dc, lens, pipes=2)
+    assert (calls[-1]["pipes"], calls[-1]["cluster"]) == (2, 1) and calls[-1]["counter"]
+    with pytest.raises(ValueError, match="pipes=2"):
+        grouped_wgmma.wgmma_wgrad(a, dc, lens, pipes=2, cluster=2)
     out = grouped_wgmma.wgmma_wgrad(a, dc, lens, trans_b=True, num_sms=5)
     kw = calls[-1]
     assert out.shape == (3, 48, 64) and kw["x"] == dc.data_ptr() and kw["y"] == a.data_ptr()
@@ -242,10 +246,12 @@ def test_wgmma_wgrad_matches_reference_gpu(lens, K, N, num_sms, trans_b):
     again = grouped_wgmma.wgmma_wgrad(a, dc, gl, trans_b, num_sms=num_sms, cluster=1)
     pair = grouped_wgmma.wgmma_wgrad(a, dc, gl, trans_b, num_sms=None if num_sms is None else 2 * num_sms,
                                      cluster=2)
+    pipes = grouped_wgmma.wgmma_wgrad(a, dc, gl, trans_b, num_sms=num_sms, pipes=2)
     torch.cuda.synchronize()
     ref = _wgrad_ref(a, dc, lens, trans_b)
     assert out.shape == ref.shape and torch.equal(out, again)
     assert torch.equal(out, pair), "one CTA per tile and two sharing dc's boxes differ"
+    assert rel(pipes, out) < 1e-3, "two pipelines per CTA (128 x 128 tiles) differ from one"
     for g, n in enumerate(lens):
         if n == 0:
             assert not out[g].any(), "a group without rows must get a zero gradient"
@@ -266,11 +272,11 @@ def test_wgmma_wgrad_keeps_groups_apart_gpu():
     a[70:100] = float("nan")
     dc[70:100] = float("inf")
     ref = _wgrad_ref(a, dc, lens, False)
-    for cluster in (1, 2):
-        out = grouped_wgmma.wgmma_wgrad(a, dc, torch.tensor(lens).cuda(), cluster=cluster)
+    for cluster, pipes in ((1, 1), (2, 1), (1, 2)):
+        out = grouped_wgmma.wgmma_wgrad(a, dc, torch.tensor(lens).cuda(), cluster=cluster, pipes=pipes)
         torch.cuda.synchronize()
         for g in (0, 2):
-            assert torch.isfinite(out[g]).all() and rel(out[g], ref[g]) < 1e-2, (cluster, g)
+            assert torch.isfinite(out[g]).all() and rel(out[g], ref[g]) < 1e-2, (cluster, pipes, g)
 
 
 @pytest.mark.gpu

@@ -62,6 +62,12 @@ struct ArgsW {
   int M, P, Q, G;
 };
 
+// Group g's rows start .. end, clamped like TileWalk (bad counts never read past M).
+__device__ __forceinline__ int2 group_rows(const ArgsW& p, int g) {
+  const int start = g ? static_cast<int>(max(int64_t(0), min(p.offs[g - 1], int64_t(p.M)))) : 0;
+  return make_int2(start, static_cast<int>(max(int64_t(start), min(p.offs[g], int64_t(p.M)))));
+}
+
 // Unit t: group g, CLUSTER row tiles of out[g] (this CTA's: rows p0 .. p0+127), columns q0 .. q0+255 (row units
 // fastest: consecutive units share y's columns), the group's rows start .. end (clamped like TileWalk, so bad
 // counts never read past M), steps.
@@ -80,11 +86,9 @@ struct WTile {
     end = row_end;
     steps = (end - start + kStepRows - 1) / kStepRows;
   }
-  // Group g's rows, clamped like TileWalk (bad counts never read past M).
+  // The rows of unit t's group.
   __device__ __forceinline__ static int2 rows(const ArgsW& p, int t) {
-    const int g = t / ((((p.P + kBM - 1) / kBM + CLUSTER - 1) / CLUSTER) * ((p.Q + kBN - 1) / kBN));
-    const int start = g ? static_cast<int>(max(int64_t(0), min(p.offs[g - 1], int64_t(p.M)))) : 0;
-    return make_int2(start, static_cast<int>(max(int64_t(start), min(p.offs[g], int64_t(p.M)))));
+    return group_rows(p, t / ((((p.P + kBM - 1) / kBM + CLUSTER - 1) / CLUSTER) * ((p.Q + kBN - 1) / kBN)));
   }
   __device__ __forceinline__ static int count(const ArgsW& p) {
     return p.G * (((p.P + kBM - 1) / kBM + CLUSTER - 1) / CLUSTER) * ((p.Q + kBN - 1) / kBN);
@@ -241,13 +245,193 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (ctid == 0) bulk_wait_all<false>();  // out_smem must outlive the stores' reads; the writes done too
 }
 
+// ------------------------------------------------------------------------------- two pipelines per CTA
+// The same product with each consumer warpgroup running its own pipeline (PIPES): producer thread h (lane 0 of
+// warp h) claims tiles of 128 P x 128 Q for warpgroup h and streams their 64-row stages (x 16 KB + y 16 KB) through
+// ring h (three stages); the warpgroup reduces them with two WGMMA m64n128k16 per 16 rows (its 128 P rows as two
+// m64 halves) and stores its tile from registers. Like two CTAs per SM: while one warpgroup is in its epilogue or
+// zeroing a last stage, the other's WGMMAs keep the tensor cores busy (the cooperative kernel above runs both
+// warpgroups through each tile's 2-4 stages and its epilogue in step, so at 128-256 rows per group the tensor cores
+// idle between tiles; benchmarks/results/probe_grouped_wgrad_*_h200.json). The price: 128-column tiles read 4/3
+// the bytes per multiply-add from L2. One CTA per tile, dynamic order (the first two tiles by block index).
+constexpr int kPipes = 2;
+constexpr int kStagesP = 3;
+constexpr int kBNP = 128;                              // a pipeline's tile: 128 P x 128 Q
+constexpr int kXBytesP = (kBM / 64) * kChunkW;         // 16 KB
+constexpr int kYBytesP = (kBNP / 64) * kChunkW;        // 16 KB
+constexpr int kStageBytesP = kXBytesP + kYBytesP;
+constexpr int kSmemBytesP = kSmemAlign + kPipes * kStagesP * (kStageBytesP + 8 + 8 + 16);
+
+__device__ __forceinline__ void pipe_sync(int h) {  // the 128 threads of consumer warpgroup h
+  asm volatile("bar.sync %0, 128;" ::"r"(2 + h) : "memory");
+}
+
+// 64 P rows of a pipeline's tile (one m64n128 fragment: this thread's rows r0, r0 + 8) to out, inside P x Q. (A
+// function per fragment: with acc[i] in a loop around these loops ptxas kept the accumulators in local memory and
+// serialized the WGMMAs, C7514.)
+__device__ __forceinline__ void store_rows(const float (&frag)[64], __nv_bfloat16* out, int64_t ldo, int P, int Q,
+                                           int r0, int q0, int q) {
+#pragma unroll
+  for (int gq = 0; gq < 4; ++gq)
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+      const uint4 chunk = quad_chunk(frag, gq, hh, q);
+      const int row = r0 + 8 * hh, col = q0 + (4 * gq + q) * 8;
+      if (row < P && col < Q) *reinterpret_cast<uint4*>(out + int64_t(row) * ldo + col) = chunk;
+    }
+}
+
+__global__ void __launch_bounds__(kThreads, 1)
+    grouped_wgrad_pipes_kernel(const __grid_constant__ CUtensorMap map_x, const __grid_constant__ CUtensorMap map_y,
+                               const ArgsW p) {
+  extern __shared__ uint8_t smem_raw[];
+  uint8_t* base = smem_raw + ((kSmemAlign - smem_addr(smem_raw) % kSmemAlign) % kSmemAlign);
+  uint64_t* bars = reinterpret_cast<uint64_t*>(base + kPipes * kStagesP * kStageBytesP);  // full [pipe][stage], empty
+  int4* info_all = reinterpret_cast<int4*>(bars + 2 * kPipes * kStagesP);  // [pipe][stage]: (tile, rows) or -1
+  const int pt = (p.P + kBM - 1) / kBM, qt = (p.Q + kBNP - 1) / kBNP;
+  const int total = p.G * pt * qt;
+  if (threadIdx.x == 0) {
+    for (int i = 0; i < kPipes * kStagesP; ++i) {
+      bar_init(&bars[i], 1);
+      bar_init(&bars[kPipes * kStagesP + i], 4);  // one arrival per warp of the pipeline's warpgroup
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  __syncthreads();
+  const int wg = threadIdx.x / 128;
+  // this thread's pipeline: producer warp h, or consumer warpgroup h + 1
+  const int h = wg == 0 ? int(threadIdx.x / 32) : wg - 1;
+  uint64_t* full = bars + (h % kPipes) * kStagesP;
+  uint64_t* empty = bars + kPipes * kStagesP + (h % kPipes) * kStagesP;
+  int4* info = info_all + (h % kPipes) * kStagesP;
+  uint8_t* stages = base + (h % kPipes) * kStagesP * kStageBytesP;
+
+  if (wg == 0) {  // producers: lane 0 of warps 0 and 1
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
+    if (threadIdx.x % 32 != 0 || h >= kPipes) return;
+    StageRing<kStagesP> ring;
+    int t = int(blockIdx.x) * kPipes + h;
+    int2 rows = t < total ? group_rows(p, t / (pt * qt)) : make_int2(0, 0);
+    for (;;) {
+      if (t >= total) {  // no more: the consumers read -1 in the next stage's info
+        bar_wait(&empty[ring.s], ring.phase ^ 1);
+        info[ring.s] = make_int4(-1, 0, 0, 0);
+        bar_arrive(&full[ring.s]);
+        break;
+      }
+      const int t_next = kPipes * int(gridDim.x) + atomicAdd(p.counter, 1);  // claimed while t's stages go out
+      const int r = t % (pt * qt), p0 = (r % pt) * kBM, q0 = (r / pt) * kBNP;
+      const int steps = (rows.y - rows.x + kStepRows - 1) / kStepRows;
+      const int n = steps > 0 ? steps : 1;  // a group without rows passes its tile in one empty stage
+      for (int kb = 0; kb < n; ++kb) {
+        const int s = ring.s;
+        bar_wait(&empty[s], ring.phase ^ 1);
+        if (kb == 0) info[s] = make_int4(t, rows.x, rows.y, 0);  // published by the arrival below (release)
+        if (steps == 0) {
+          bar_arrive(&full[s]);
+        } else {
+          bar_expect_tx(&full[s], kStageBytesP);
+          const int row = rows.x + kb * kStepRows;
+          uint8_t* xs = stages + s * kStageBytesP;
+          uint8_t* ys = xs + kXBytesP;
+#pragma unroll
+          for (int c = 0; c < kBM / 64; ++c) {  // boxes wholly past P / Q load others: never stored
+            const int pc = p0 + c * 64 < p.P ? p0 + c * 64 : 0;
+            tma_load_2d(xs + c * kChunkW, &map_x, &full[s], pc, row);
+          }
+#pragma unroll
+          for (int c = 0; c < kBNP / 64; ++c) {
+            const int qc = q0 + c * 64 < p.Q ? q0 + c * 64 : q0;
+            tma_load_2d(ys + c * kChunkW, &map_y, &full[s], qc, row);
+          }
+        }
+        ring.advance();
+      }
+      t = t_next;
+      if (t < total) rows = group_rows(p, t / (pt * qt));
+    }
+    return;
+  }
+
+  // consumer warpgroup h: tiles of its pipeline, acc[r] = P rows r*64 .. r*64+63 x the tile's 128 Q columns
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;");
+  const int wtid = threadIdx.x % 128;
+  const int lane = threadIdx.x % 32, warp = wtid / 32, q = lane % 4;
+  StageRing<kStagesP> ring;
+  for (;;) {
+    bar_wait(&full[ring.s], ring.phase);  // the tile's first stage
+    const int4 in = info[ring.s];
+    if (in.x < 0) break;
+    const int g = in.x / (pt * qt), r = in.x % (pt * qt), p0 = (r % pt) * kBM, q0 = (r / pt) * kBNP;
+    const int steps = (in.z - in.y + kStepRows - 1) / kStepRows;
+    float acc[2][64];
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+      for (int j = 0; j < 64; ++j) acc[i][j] = 0.f;
+    if (steps == 0) {  // no rows: a zero gradient
+      release_stage<1>(empty, ring.s, lane);
+      ring.advance();
+    } else {
+      int prev = -1;  // the stage whose products are still in flight
+      for (int kb = 0; kb < steps; ++kb) {
+        const int s = ring.s;
+        bar_wait(&full[s], ring.phase);
+        uint8_t* xs = stages + s * kStageBytesP;
+        uint8_t* ys = xs + kXBytesP;
+        const int valid = in.z - (in.y + kb * kStepRows);
+        if (valid < kStepRows) {  // the group's last stage: its lines past the group's end zeroed in all 4 boxes
+          const int lines = kStepRows - valid;
+          const int units = (kStageBytesP / kChunkW) * lines * 8;  // 16-byte units
+          for (int u = wtid; u < units; u += 128) {
+            const int box = u / (lines * 8), rem = u - box * lines * 8;
+            *reinterpret_cast<uint4*>(xs + box * kChunkW + (valid + rem / 8) * 128 + (rem % 8) * 16) =
+                make_uint4(0, 0, 0, 0);  // x's boxes then y's, contiguous
+          }
+          fence_proxy_async_smem();
+          pipe_sync(h);
+        }
+        fence_regs(acc[0]);
+        fence_regs(acc[1]);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < kStepRows / 16; ++kk) {
+          const uint64_t desc_b = smem_desc_mn(ys + kk * 16 * 128, kChunkW, 1024);
+#pragma unroll
+          for (int i = 0; i < 2; ++i)
+            mma_64x128x16_bf16<true, true>(acc[i], smem_desc_mn(xs + i * kChunkW + kk * 16 * 128, kChunkW, 1024),
+                                           desc_b, 1);
+        }
+        wgmma_commit();
+        wgmma_wait<1>();
+        fence_regs(acc[0]);
+        fence_regs(acc[1]);
+        if (prev >= 0) release_stage<1>(empty, prev, lane);
+        prev = s;
+        ring.advance();
+      }
+      wgmma_wait<0>();
+      fence_regs(acc[0]);
+      fence_regs(acc[1]);
+      release_stage<1>(empty, prev, lane);
+    }
+    // epilogue from registers, 16-byte stores (quad_chunk): the other pipeline's WGMMAs run meanwhile
+    __nv_bfloat16* out = p.out + int64_t(g) * p.out_group;
+    store_rows(acc[0], out, p.ldo, p.P, p.Q, p0 + warp * 16 + lane / 4, q0, q);
+    store_rows(acc[1], out, p.ldo, p.P, p.Q, p0 + 64 + warp * 16 + lane / 4, q0, q);
+  }
+}
+
 // out [G, P, Q] bf16 (row stride ldo, group stride out_group elements) = per group g (rows offs[g-1] .. offs[g])
 // x[rows]^T @ y[rows]; x [M, P], y [M, Q] bf16, row strides ldx, ldy elements; offs: int64 cumulative group ends
 // [G] on the GPU; counter: a zeroed int32 on the GPU (the dynamic tile order).
 void grouped_wgrad(int device, uint64_t stream, uint64_t x_addr, uint64_t y_addr, uint64_t out_addr,
                    uint64_t offs_addr, int64_t M, int64_t P, int64_t Q, int64_t G, int64_t ldx, int64_t ldy,
-                   int64_t ldo, int64_t out_group, int num_sms, uint64_t counter, int cluster) {
+                   int64_t ldo, int64_t out_group, int num_sms, uint64_t counter, int cluster, int pipes) {
   if (cluster != 1 && cluster != 2) throw std::invalid_argument("turbo_dist._fp8_wgmma: cluster must be 1 or 2");
+  if (pipes != 1 && pipes != 2) throw std::invalid_argument("turbo_dist._fp8_wgmma: pipes must be 1 or 2");
+  if (pipes == 2 && cluster != 1)
+    throw std::invalid_argument("turbo_dist._fp8_wgmma: grouped_wgrad with two pipelines per CTA needs cluster 1");
   if (cluster == 1 && (!counter || counter % 4))
     throw std::invalid_argument("turbo_dist._fp8_wgmma: grouped_wgrad with cluster 1 needs a zeroed, 4-byte aligned "
                                 "int32 counter");
@@ -283,6 +467,13 @@ void grouped_wgrad(int device, uint64_t stream, uint64_t x_addr, uint64_t y_addr
   args.Q = int(Q);
   args.G = int(G);
   const auto st = reinterpret_cast<cudaStream_t>(stream);
+  if (pipes == 2) {  // two tiles of 128 x 128 per CTA at a time
+    const int64_t tiles_p = G * ((P + kBM - 1) / kBM) * ((Q + kBNP - 1) / kBNP);
+    if (tiles_p >= INT32_MAX) throw std::invalid_argument("turbo_dist._fp8_wgmma: grouped_wgrad: too many tiles");
+    launch_persistent<grouped_wgrad_pipes_kernel, 1, kSmemBytesP>(device, (tiles_p + kPipes - 1) / kPipes, num_sms,
+                                                                  st, map_x, map_y, args);
+    return;
+  }
   if (cluster == 2)
     launch_persistent<grouped_wgrad_kernel<2>, 2, kSmemBytesW>(device, tiles, num_sms, st, map_x, map_y, map_out,
                                                                args);
@@ -299,7 +490,7 @@ void register_wgrad(py::module_& m) {
   m.def("grouped_wgrad", &grouped_wgrad, py::arg("device"), py::arg("stream"), py::arg("x"), py::arg("y"),
         py::arg("out"), py::arg("offs"), py::arg("M"), py::arg("P"), py::arg("Q"), py::arg("G"), py::arg("ldx"),
         py::arg("ldy"), py::arg("ldo"), py::arg("out_group"), py::arg("num_sms"), py::arg("counter") = 0,
-        py::arg("cluster") = 1);
+        py::arg("cluster") = 1, py::arg("pipes") = 1);
 }
 
 }  // namespace turbo_dist_wgmma

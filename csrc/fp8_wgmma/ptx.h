@@ -230,20 +230,24 @@ __device__ __forceinline__ void fence_proxy_async_smem() {
 }
 
 // D[64 x 128] (+)= A[64 x 16] * B[128 x 16]^T, bf16 (the bf16 kernel's half tiles: each consumer warpgroup takes
-// half of a 64 x 256 tile's columns), B K-major or MN-major as above.
-#define TD_WGMMA_64x128x16_BF16(TRANS_B)                                                      \
+// half of a 64 x 256 tile's columns; the weight gradient's two pipelines), A and B K-major or MN-major as above.
+#define TD_WGMMA_64x128x16_BF16(TRANS_A, TRANS_B)                                             \
   asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"                                \
                "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 " TD_ACC64_REGS        \
-               ", %64, %65, p, 1, 1, 0, " TRANS_B ";\n}\n"                                  \
+               ", %64, %65, p, 1, 1, " TRANS_A ", " TRANS_B ";\n}\n"                         \
                : TD_ACC64_OUTS(d)                                                             \
                : "l"(desc_a), "l"(desc_b), "r"(accumulate))
 
-template <bool TRANS_B>
+template <bool TRANS_B, bool TRANS_A = false>
 __device__ __forceinline__ void mma_64x128x16_bf16(float (&d)[64], uint64_t desc_a, uint64_t desc_b, int accumulate) {
-  if constexpr (TRANS_B) {
-    TD_WGMMA_64x128x16_BF16("1");
+  if constexpr (TRANS_A && TRANS_B) {
+    TD_WGMMA_64x128x16_BF16("1", "1");
+  } else if constexpr (TRANS_A) {
+    TD_WGMMA_64x128x16_BF16("1", "0");
+  } else if constexpr (TRANS_B) {
+    TD_WGMMA_64x128x16_BF16("0", "1");
   } else {
-    TD_WGMMA_64x128x16_BF16("0");
+    TD_WGMMA_64x128x16_BF16("0", "0");
   }
 }
 

@@ -109,14 +109,17 @@ def _wgmma_grouped_can(a, b, group_lens, trans_b=False):
 
 
 # The weight gradient's CTAs per cluster: 2 = two row tiles of a group share dc's (y's) boxes by TMA multicast, 1 =
-# one CTA per tile, tiles handed out at run time.
+# one CTA per tile, tiles handed out at run time. WGRAD_PIPES 2: each consumer warpgroup runs its own pipeline of
+# 128 x 128 tiles (grouped_wgrad_pipes_kernel; one CTA per tile), not yet run on a GPU, so not the default.
 WGRAD_CLUSTER = 2
+WGRAD_PIPES = 1
 
 
-def wgmma_wgrad(a, dc, group_lens, trans_b=False, num_sms=None, cluster=None):
+def wgmma_wgrad(a, dc, group_lens, trans_b=False, num_sms=None, cluster=None, pipes=None):
     """grouped_gemm_wgrad on Hopper (csrc/fp8_wgmma/grouped_wgrad.cu): dB [G, K, N] = per group a[rows]^T @ dc[rows]
     (trans_b: [G, N, K] = dc[rows]^T @ a[rows]); a group without rows gets zeros. num_sms: CTAs at most (default:
-    the GPU's SMs; tests use fewer); cluster: 1 or 2 (default WGRAD_CLUSTER)."""
+    the GPU's SMs; tests use fewer); pipes: 1 or 2 (default WGRAD_PIPES); cluster: 1 or 2 (default WGRAD_CLUSTER
+    with one pipeline, 1 with two; 2 with two pipelines: ValueError)."""
     from turbo_dist.kernels import gemm as gemm_kernels
 
     x, y = (dc, a) if trans_b else (a, dc)
@@ -128,7 +131,10 @@ def wgmma_wgrad(a, dc, group_lens, trans_b=False, num_sms=None, cluster=None):
     if M == 0:
         return out.zero_()
     offs = group_offsets(group_lens, a.device)
-    cluster = WGRAD_CLUSTER if cluster is None else cluster
+    pipes = WGRAD_PIPES if pipes is None else pipes
+    cluster = (WGRAD_CLUSTER if pipes == 1 else 1) if cluster is None else cluster
+    if pipes == 2 and cluster != 1:
+        raise ValueError("wgmma_wgrad: two pipelines per CTA (pipes=2) need cluster=1")
     # cluster 1: the dynamic tile order's counter, zeroed in stream order
     counter = torch.zeros(1, dtype=torch.int32, device=a.device) if cluster == 1 else None
     wgmma_module().grouped_wgrad(
@@ -136,7 +142,7 @@ def wgmma_wgrad(a, dc, group_lens, trans_b=False, num_sms=None, cluster=None):
         y=y.data_ptr(), out=out.data_ptr(), offs=offs.data_ptr(), M=M, P=P, Q=Q, G=G, ldx=x.stride(0),
         ldy=y.stride(0), ldo=Q, out_group=P * Q,
         num_sms=gemm_kernels._num_sms(a.device) if num_sms is None else num_sms,
-        counter=0 if counter is None else counter.data_ptr(), cluster=cluster)
+        counter=0 if counter is None else counter.data_ptr(), cluster=cluster, pipes=pipes)
     return out
 
 
