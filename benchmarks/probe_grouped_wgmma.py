@@ -27,14 +27,19 @@ def _rel(x, ref):
     return float((x.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30))
 
 
+def grouped_case(name):
+    """A case name like G32_fc1_256 -> (G, K, N, skewed token counts [G] on the CPU, their sum M)."""
+    g, layer, tpe = name.split("_")
+    G = int(g[1:])
+    K, N = dict((n, (k, nn)) for n, k, nn in GROUPED_LAYERS)[layer]
+    lens = skewed_lens(G, int(tpe), seed=G)
+    return G, K, N, lens, int(lens.sum())
+
+
 def run_case(name, rounds, stream_k=os.environ.get("PROBE_STREAM_K") == "1"):
     from turbo_dist.ops import dispatcher, grouped_wgmma
 
-    g, layer, tpe = name.split("_")
-    G, tpe = int(g[1:]), int(tpe)
-    K, N = dict((n, (k, nn)) for n, k, nn in GROUPED_LAYERS)[layer]
-    lens = skewed_lens(G, tpe, seed=G)
-    M = int(lens.sum())
+    G, K, N, lens, M = grouped_case(name)
     a = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(G, K, N, device="cuda", dtype=torch.bfloat16) * K ** -0.5
     dc = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)

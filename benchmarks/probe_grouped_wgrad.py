@@ -15,25 +15,18 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_ops import GROUPED_LAYERS, _forced, skewed_lens  # noqa: E402
+from bench_ops import _forced  # noqa: E402
 from common import bench_interleaved, peak_tflops, probe_main  # noqa: E402
+from probe_grouped_wgmma import _rel, grouped_case  # noqa: E402
 
 CASES = ["G32_fc1_256", "G32_fc2_256", "G32_fc1_128", "G32_fc2_128", "G8_fc1_1024", "G32_fc1_1024"]
 BACKENDS = {"torch": "torch_grouped_mm", "triton": "triton", "loop": "loop", "wgmma": "wgmma"}
 
 
-def _rel(x, ref):
-    return float((x.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30))
-
-
 def run_case(name, rounds):
     from turbo_dist.ops import dispatcher, grouped_wgmma
 
-    g, layer, tpe = name.split("_")
-    G, tpe = int(g[1:]), int(tpe)
-    K, N = dict((n, (k, nn)) for n, k, nn in GROUPED_LAYERS)[layer]
-    lens = skewed_lens(G, tpe, seed=G)
-    M = int(lens.sum())
+    G, K, N, lens, M = grouped_case(name)
     a = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
     dc = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
     gl = lens.cuda()

@@ -22,6 +22,25 @@ def _reset_backends():
         dispatcher.set_backend(op, None)
 
 
+@pytest.fixture
+def fake_kernels(monkeypatch):
+    """The extension replaced by a recorder (CPU): each call's keyword arguments, in order; stream 7, 132 SMs."""
+    from turbo_dist.kernels import gemm as gemm_kernels
+
+    calls = []
+
+    class Fake:
+        def grouped_bf16(self, **kw):
+            calls.append(kw)
+
+        grouped_wgrad = grouped_bf16
+
+    monkeypatch.setattr(grouped_wgmma, "wgmma_module", lambda: Fake())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: types.SimpleNamespace(cuda_stream=7))
+    monkeypatch.setattr(gemm_kernels, "_num_sms", lambda device: 132)
+    return calls
+
+
 def test_wgmma_grouped_declines_with_a_reason(monkeypatch):
     """Measured, so no longer opt-in: registered last, chosen by grouped_gemm's rule (test_dispatcher); where it
     cannot run it says why, and asked for anyway it raises that reason (no fallback)."""
@@ -36,7 +55,7 @@ def test_wgmma_grouped_declines_with_a_reason(monkeypatch):
     monkeypatch.setattr(grouped_wgmma, "PREFERRED", False)
     assert grouped_wgmma.preferred(a, b, gl) is False
     monkeypatch.undo()
-    cuda_like = types.SimpleNamespace(is_cuda=True)
+    cuda_like = types.SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0))
     monkeypatch.setitem(grouped_wgmma._MOD, "mod", None)
     monkeypatch.setitem(grouped_wgmma._MOD, "why", "turbo_dist._fp8_wgmma is not built (test)")
     assert "not built" in can(cuda_like, cuda_like, gl)
@@ -47,21 +66,11 @@ def test_wgmma_grouped_declines_with_a_reason(monkeypatch):
     assert "rebuild" in can(cuda_like, cuda_like, gl)
 
 
-def test_wgmma_grouped_passes_both_layouts(monkeypatch):
+def test_wgmma_grouped_passes_both_layouts(fake_kernels, monkeypatch):
     """What the wrapper hands the kernel (a fake module records it, CPU): sizes, b's row and group strides in
     elements for b [G, K, N] (N-major) and [G, N, K] (K-major, trans_b), one expert's whole matrix as its group
     stride, the cluster rule; K = 0 gives zeros without a launch."""
-    from turbo_dist.kernels import gemm as gemm_kernels
-
-    calls = []
-
-    class Fake:
-        def grouped_bf16(self, **kw):
-            calls.append(kw)
-
-    monkeypatch.setattr(grouped_wgmma, "wgmma_module", lambda: Fake())
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: types.SimpleNamespace(cuda_stream=7))
-    monkeypatch.setattr(gemm_kernels, "_num_sms", lambda device: 132)
+    calls = fake_kernels
     a = torch.zeros(10, 64, dtype=torch.bfloat16)
     for trans_b, shape in ((False, (3, 64, 48)), (True, (3, 48, 64)), (False, (1, 64, 48))):
         b = torch.zeros(*shape, dtype=torch.bfloat16)
@@ -177,20 +186,10 @@ def test_wgmma_grouped_dynamic_half_tiles_gpu(num_sms, trans_b):
     assert torch.equal(outs[0], outs[1])
 
 
-def test_wgmma_wgrad_passes_the_operands(monkeypatch):
+def test_wgmma_wgrad_passes_the_operands(fake_kernels):
     """What the weight-gradient wrapper hands the kernel (a fake module, CPU): x = a and y = dc for dB [G, K, N],
     swapped for trans_b ([G, N, K]); out's strides; a fresh counter; no launch without rows or columns."""
-    from turbo_dist.kernels import gemm as gemm_kernels
-
-    calls = []
-
-    class Fake:
-        def grouped_wgrad(self, **kw):
-            calls.append(kw)
-
-    monkeypatch.setattr(grouped_wgmma, "wgmma_module", lambda: Fake())
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: types.SimpleNamespace(cuda_stream=7))
-    monkeypatch.setattr(gemm_kernels, "_num_sms", lambda device: 132)
+    calls = fake_kernels
     a, dc = torch.zeros(10, 64, dtype=torch.bfloat16), torch.zeros(10, 48, dtype=torch.bfloat16)
     lens = torch.tensor([4, 0, 6])
     out = grouped_wgmma.wgmma_wgrad(a, dc, lens)

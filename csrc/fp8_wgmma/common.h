@@ -259,6 +259,31 @@ __device__ __forceinline__ void release_stage(uint64_t* empty, int stage, int la
   }
 }
 
+// After a stage's WGMMAs are issued (the weight-gradient kernels; the FP8 one promotes in between, and
+// grouped_bf16.cu keeps its own copy of these lines: through the helper ptxas allocated and scheduled its measured
+// kernels differently): commit them, wait until the previous stage's are done and hand that stage back, keep this
+// one in flight (prev), move the ring on.
+template <int CLUSTER, int STAGES, int FRAGS>
+__device__ __forceinline__ void stage_issued(float (&acc)[FRAGS][64], uint64_t* empty, int& prev, int s,
+                                             StageRing<STAGES>& ring, int lane) {
+  wgmma_commit();
+  wgmma_wait<1>();  // the previous stage's products are done: hand it back
+#pragma unroll
+  for (int f = 0; f < FRAGS; ++f) fence_regs(acc[f]);
+  if (prev >= 0) release_stage<CLUSTER>(empty, prev, lane);
+  prev = s;
+  ring.advance();
+}
+
+// After a tile's last stage: wait for all its WGMMAs, hand the last stage back.
+template <int CLUSTER, int FRAGS>
+__device__ __forceinline__ void stages_done(float (&acc)[FRAGS][64], uint64_t* empty, int prev, int lane) {
+  wgmma_wait<0>();
+#pragma unroll
+  for (int f = 0; f < FRAGS; ++f) fence_regs(acc[f]);
+  if (prev >= 0) release_stage<CLUSTER>(empty, prev, lane);
+}
+
 // A unit with no rows for this CTA (rank 1 of a group's odd last row tile): hand its stages back unread.
 template <int STAGES, int CLUSTER>
 __device__ __forceinline__ void skip_stages(uint64_t* full, uint64_t* empty, StageRing<STAGES>& ring, int k_steps,

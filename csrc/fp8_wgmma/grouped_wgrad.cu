@@ -218,18 +218,9 @@ __global__ void __launch_bounds__(kThreads, 1)
           const uint64_t desc_b = smem_desc_mn(ys + kk * 16 * 128, kChunkW, 1024);
           mma_64x256x16_bf16<true, true>(acc, desc_a, desc_b, 1);
         }
-        wgmma_commit();
-        wgmma_wait<1>();  // the previous stage's products are done: hand it back
-        fence_regs(acc[0]);
-        fence_regs(acc[1]);
-        if (prev >= 0) release_stage<CLUSTER>(empty, prev, lane);
-        prev = s;
-        ring.advance();
+        stage_issued<CLUSTER>(acc, empty, prev, s, ring, lane);
       }
-      wgmma_wait<0>();
-      fence_regs(acc[0]);
-      fence_regs(acc[1]);
-      release_stage<CLUSTER>(empty, prev, lane);
+      stages_done<CLUSTER>(acc, empty, prev, lane);
     }
     if (ctid == 0) bulk_wait_all<true>();  // the previous tile's TMA store has read out_smem
     consumers_sync();
@@ -402,18 +393,9 @@ __global__ void __launch_bounds__(kThreads, 1)
             mma_64x128x16_bf16<true, true>(acc[i], smem_desc_mn(xs + i * kChunkW + kk * 16 * 128, kChunkW, 1024),
                                            desc_b, 1);
         }
-        wgmma_commit();
-        wgmma_wait<1>();
-        fence_regs(acc[0]);
-        fence_regs(acc[1]);
-        if (prev >= 0) release_stage<1>(empty, prev, lane);
-        prev = s;
-        ring.advance();
+        stage_issued<1>(acc, empty, prev, s, ring, lane);
       }
-      wgmma_wait<0>();
-      fence_regs(acc[0]);
-      fence_regs(acc[1]);
-      release_stage<1>(empty, prev, lane);
+      stages_done<1>(acc, empty, prev, lane);
     }
     // epilogue from registers, 16-byte stores (quad_chunk): the other pipeline's WGMMAs run meanwhile
     __nv_bfloat16* out = p.out + int64_t(g) * p.out_group;

@@ -81,20 +81,27 @@ def wgmma_grouped(a, b, group_lens, trans_b=False, cluster=None, tail_pct=None, 
     return out
 
 
-def _wgmma_grouped_can(a, b, group_lens, trans_b=False):
-    if not (getattr(a, "is_cuda", False) and getattr(b, "is_cuda", False)):
-        return "wgmma needs a and b on one CUDA device"
+def _hopper_bf16(kernel, a, b, names):
+    """The checks both kernels share: the extension built with `kernel`, a and b bf16 on one SM90 device; None
+    when they pass, else the reason."""
+    if not (getattr(a, "is_cuda", False) and getattr(b, "is_cuda", False)) or a.device != b.device:
+        return f"wgmma needs {names} on one CUDA device"
     mod = wgmma_module()
     if mod is None:
         return _MOD["why"]
-    if not hasattr(mod, "grouped_bf16"):
-        return "turbo_dist._fp8_wgmma was built without grouped_bf16: rebuild it (pip install -e .)"
-    if not (a.is_cuda and b.is_cuda) or a.device != b.device:
-        return "wgmma needs a and b on one CUDA device"
+    if not hasattr(mod, kernel):
+        return f"turbo_dist._fp8_wgmma was built without {kernel}: rebuild it (pip install -e .)"
     if torch.cuda.get_device_capability(a.device) != (9, 0):
         return "wgmma runs on SM90 (Hopper) only"
     if a.dtype != torch.bfloat16 or b.dtype != torch.bfloat16:
-        return f"wgmma's grouped GEMM takes bf16 only, got {a.dtype} and {b.dtype}"
+        return f"wgmma's {kernel} takes bf16 only, got {a.dtype} and {b.dtype}"
+    return None
+
+
+def _wgmma_grouped_can(a, b, group_lens, trans_b=False):
+    why = _hopper_bf16("grouped_bf16", a, b, "a and b")
+    if why:
+        return why
     if a.stride(1) != 1 or b.stride(2) != 1:
         return "wgmma needs a row-major and b's last dim contiguous"
     M, K = a.shape
@@ -161,17 +168,9 @@ def wgrad_preferred(a, dc, group_lens, trans_b=False):
 
 
 def _wgmma_wgrad_can(a, dc, group_lens, trans_b=False):
-    if not (getattr(a, "is_cuda", False) and getattr(dc, "is_cuda", False)) or a.device != dc.device:
-        return "wgmma needs a and dc on one CUDA device"
-    mod = wgmma_module()
-    if mod is None:
-        return _MOD["why"]
-    if not hasattr(mod, "grouped_wgrad"):
-        return "turbo_dist._fp8_wgmma was built without grouped_wgrad: rebuild it (pip install -e .)"
-    if torch.cuda.get_device_capability(a.device) != (9, 0):
-        return "wgmma runs on SM90 (Hopper) only"
-    if a.dtype != torch.bfloat16 or dc.dtype != torch.bfloat16:
-        return f"wgmma's weight gradient takes bf16 only, got {a.dtype} and {dc.dtype}"
+    why = _hopper_bf16("grouped_wgrad", a, dc, "a and dc")
+    if why:
+        return why
     if a.stride(1) != 1 or dc.stride(1) != 1:
         return "wgmma needs a and dc row-major"
     (M, K), N = a.shape, dc.shape[1]
