@@ -75,7 +75,10 @@ def run_case(name, rounds):
     for label, cl, pct, waves in (("c1", 1, 0, 2), ("c2", 2, 0, 2), ("sk", 1, 100, 2), ("sk50", 1, 50, 2),
                                   ("skr", 1, 100, 1)):
         fns[f"fp8_wgmma_{label}"] = (lambda cl=cl, pct=pct, waves=waves: fp8_wgmma.wgmma_grouped_scaled(
-            aq, b, sa, sb, lens_d, "block", torch.bfloat16, cluster=cl, tail_pct=pct, tail_waves=waves))
+            aq, b, sa, sb, lens_d, "block", torch.bfloat16, cluster=cl, tail_pct=pct, tail_waves=waves,
+            half_tiles=False))
+    fns["fp8_wgmma_half"] = (lambda: fp8_wgmma.wgmma_grouped_scaled(  # dynamic half tiles (HALF_TILES)
+        aq, b, sa, sb, lens_d, "block", torch.bfloat16, cluster=1, tail_pct=0, half_tiles=True))
     lens_h = aligned_lens(lens, 128)
     if fp8_grouped.native_module() is not None and int(lens_h.sum()) == M:  # cuBLASLt per group, host counts
         fns["fp8_cublaslt_aligned_host"] = forced("cublaslt", lens_h)

@@ -94,6 +94,20 @@ def test_wgmma_declines_with_reasons(monkeypatch):
     assert dispatcher.backends("grouped_scaled_mm")[0] == "wgmma"
 
 
+def test_half_tile_args():
+    """The counter of the dynamic tile order (both Hopper wrappers): added where half tiles run (one CTA per tile,
+    no stream-K tail), left out by default where they cannot, a ValueError where asked for anyway."""
+    sk, keep = fp8_wgmma.half_tile_args("cpu", True, True, 1, {}, ())
+    assert sk["counter"] == keep[0].data_ptr() and keep[0].dtype == torch.int32 and int(keep[0]) == 0
+    assert fp8_wgmma.half_tile_args("cpu", False, True, 1, {}, ()) == ({}, ())
+    tail = {"tail_pct": 50}
+    assert fp8_wgmma.half_tile_args("cpu", True, False, 1, tail, ()) == (tail, ())  # the default yields
+    assert fp8_wgmma.half_tile_args("cpu", True, False, 2, {}, ()) == ({}, ())
+    for cluster, sk in ((2, {}), (1, tail)):
+        with pytest.raises(ValueError, match="half_tiles needs cluster=1"):
+            fp8_wgmma.half_tile_args("cpu", True, True, cluster, sk, ())
+
+
 def test_wgmma_cluster_rule():
     """Two CTAs sharing the weight tile from 768 rows per group on average (the H200 A/B in ops/fp8_wgmma.py)."""
     pick = fp8_wgmma.pick_cluster
@@ -138,8 +152,12 @@ def test_wgmma_matches_reference_gpu(lens, K, N, a_dtype):
     # weight halves past N: the same products in the same order, so the same bits
     outs = {c: fp8_wgmma.wgmma_grouped_scaled(aq, b, sa, sb, lens_d, "block", torch.bfloat16, cluster=c,
                                               tail_pct=0) for c in (1, 2)}
+    half = fp8_wgmma.wgmma_grouped_scaled(aq, b, sa, sb, lens_d, "block", torch.bfloat16, cluster=1, tail_pct=0,
+                                          half_tiles=True)
     torch.cuda.synchronize()
     assert torch.equal(outs[1], outs[2]), "one CTA per tile and two sharing the weights differ"
+    # dynamic half tiles: the same products and promotions in the same order (one round instead of two)
+    assert snr(half.float(), outs[1].float()) >= 60, "dynamic half tiles differ from whole tiles"
     if fp8_wgmma.pick_cluster(sum(lens), len(lens)) == 2 or not fp8_wgmma.TAIL_PCT:
         assert torch.equal(out, outs[fp8_wgmma.pick_cluster(sum(lens), len(lens))])
 

@@ -180,6 +180,41 @@ __device__ __forceinline__ bool next_piece(int i, const int* tiles, int first, i
   }
 }
 
+// ------------------------------------------------------------------------------------- dynamic tiles
+// Tiles handed out at run time (grouped_bf16.cu and grouped_blockwise.cu with DYN): the producer takes the first
+// wave by block index, then one atomicAdd on `counter` per tile, and passes the tile index to the consumers in the
+// slot of the tile's first stage (published by that stage's mbarrier arrival, release at CTA scope); past the last
+// tile it writes -1 into the next stage's slot and arrives without data. Producer side: tile t of piece i, false
+// when done (after the -1).
+template <class P, class WALK, class RING>
+__device__ __forceinline__ bool producer_next_tile(int i, int* counter, const P& p, WALK& walk, int col_tiles,
+                                                   int k_steps, int* slot, uint64_t* full, uint64_t* empty,
+                                                   RING& ring, int& t, int& kb0, int& kb1) {
+  t = i == 0 ? int(blockIdx.x) : int(gridDim.x) + atomicAdd(counter, 1);
+  kb0 = 0;
+  kb1 = k_steps;
+  if (walk.seek(p, col_tiles, t)) return true;
+  bar_wait(&empty[ring.s], ring.phase ^ 1);
+  slot[ring.s] = -1;
+  bar_arrive(&full[ring.s]);
+  return false;
+}
+
+// Consumer side: the next tile from the slot of the ring's current stage (its wait passes again at once in the
+// K loop); false at -1.
+template <class P, class WALK, class RING>
+__device__ __forceinline__ bool consumer_next_tile(const P& p, WALK& walk, int col_tiles, int k_steps,
+                                                   const int* slot, uint64_t* full, RING& ring, int& t, int& kb0,
+                                                   int& kb1) {
+  bar_wait(&full[ring.s], ring.phase);
+  t = slot[ring.s];
+  if (t < 0) return false;
+  walk.seek(p, col_tiles, t);
+  kb0 = 0;
+  kb1 = k_steps;
+  return true;
+}
+
 // ------------------------------------------------------------------------------------- the stage pipeline
 // The ring of shared-memory stages the producer and the consumers walk in the same order: the stage and the
 // parity of its current pass.

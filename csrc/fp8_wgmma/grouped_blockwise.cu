@@ -55,8 +55,8 @@ struct Args {
   __nv_bfloat16* out;   // out[row * ldo + col]
   int64_t sa_row, sa_k, sb_g, sb_k, sb_n, ldo;
   int M, N, K, G;
-  Fixup fix;            // the stream-K tail (common.h), tail_pct 0: none
-};
+  Fixup fix;            // the stream-K tail (common.h), tail_pct 0: none; DYN (no tail): fix.flags is the tile
+};                      // counter (a field of its own changed the default kernels' code)
 
 // --------------------------------------------------------------------------------------------- kernel
 // CLUSTER 2: the two CTAs of a cluster take two row tiles of one group with the same columns, so they need the
@@ -64,12 +64,17 @@ struct Args {
 // per stage from L2 instead of (128 + 256) x 128. A stage is then free only when the consumers of both CTAs have
 // released it. When a group's row tiles are odd in number, its last unit leaves rank 1 without rows: that CTA
 // still loads and multicasts its half of the weights, and its consumers only release the stages.
-template <bool AE5M2, bool BE5M2, int CLUSTER, bool TAIL>
+// DYN: grouped_bf16.cu's dynamic tiles with half tiles (a group's last <= 64 rows: each consumer warpgroup all 64
+// rows of one 128-column half, one round of WGMMA and promotion instead of two; the A stage still holds 128 rows,
+// of which the half tile reads the first 64). Tiles handed out by an atomic counter, the index passed to the
+// consumers in the slot of each tile's first stage. One CTA per tile, no stream-K tail.
+template <bool AE5M2, bool BE5M2, int CLUSTER, bool TAIL, bool DYN = false>
 __global__ void __launch_bounds__(kThreads, 1)
     grouped_blockwise_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_b,
                              const Args p) {
   static_assert(CLUSTER == 1 || CLUSTER == 2, "one CTA, or two sharing the weight tile");
   static_assert(!TAIL || CLUSTER == 1, "the stream-K tail: one CTA per tile");
+  static_assert(!DYN || (CLUSTER == 1 && !TAIL), "dynamic tiles: one CTA per tile, no stream-K tail");
   extern __shared__ uint8_t smem_raw[];
   const Smem smem(smem_raw);  // A [stages][128 rows][128 bytes], B [stages][256 rows][128 bytes]
   uint8_t* smem_a = smem.a;
@@ -99,7 +104,12 @@ __global__ void __launch_bounds__(kThreads, 1)
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
     if (threadIdx.x != 0) return;
     StageRing<kStages> ring;
-    for (int i = 0; TD_NEXT_PIECE(i); ++i) {
+    // DYN: the first wave by block index, then the next tile nobody has taken; past the last, -1 in the next
+    // stage's slot for the consumers
+    for (int i = 0; DYN ? producer_next_tile(i, p.fix.flags, p, walk, col_tiles, k_steps, smem.slot, full, empty,
+                                             ring, t, kb0, kb1)
+                        : TD_NEXT_PIECE(i);
+         ++i) {
       int m0, n0;
       walk.coords(col_tiles, t, m0, n0);
       m0 += int(rank) * kBM;
@@ -110,6 +120,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int kb = kb0; kb < kb1; ++kb) {
         const int s = ring.s;
         bar_wait(&empty[s], ring.phase ^ 1);
+        if (DYN && kb == kb0) smem.slot[s] = t;  // published by the arrival below (release, CTA scope)
         bar_expect_tx(&full[s], (rows ? kABytes : 0) + kBBytes);
         if (rows) tma_load_2d(smem_a + s * kABytes, &map_a, &full[s], kb * kBK, m0);
         if constexpr (CLUSTER > 1)
@@ -132,12 +143,51 @@ __global__ void __launch_bounds__(kThreads, 1)
                                                           // columns 2 (lane % 4), +1 of every 8-column chunk
   const int nb_last = (p.N - 1) / 128;
   StageRing<kStages> ring;
-  for (int i = 0; TD_NEXT_PIECE(i); ++i) {
+  for (int i = 0; DYN ? consumer_next_tile(p, walk, col_tiles, k_steps, smem.slot, full, ring, t, kb0, kb1)
+                      : TD_NEXT_PIECE(i);
+       ++i) {
     int m0, n0;
     walk.coords(col_tiles, t, m0, n0);
     m0 += int(rank) * kBM;
     if (CLUSTER > 1 && m0 >= walk.group_end) {  // no rows here
       skip_stages<kStages, CLUSTER>(full, empty, ring, kb1 - kb0, lane);
+      continue;
+    }
+    if (DYN && walk.group_end - m0 <= 64) {  // a half tile: rows 0 .. 63, this warpgroup's 128 columns, in acc[0]
+      const int h0 = m0 + warp * 16 + lane / 4, h1 = h0 + 8;
+      const float* ha0 = p.sa + int64_t(min(h0, p.M - 1)) * p.sa_row;
+      const float* ha1 = p.sa + int64_t(min(h1, p.M - 1)) * p.sa_row;
+      const float* hb = p.sb + int64_t(walk.g) * p.sb_g + int64_t(min(n0 / 128 + c, nb_last)) * p.sb_n;
+      float acc[2][64];
+#pragma unroll
+      for (int i = 0; i < 64; ++i) acc[0][i] = 0.f;
+      for (int kb = kb0; kb < kb1; ++kb) {
+        const float s0 = __ldg(ha0 + kb * p.sa_k) * __ldg(hb + kb * p.sb_k);
+        const float s1 = __ldg(ha1 + kb * p.sa_k) * __ldg(hb + kb * p.sb_k);
+        const int s = ring.s;
+        bar_wait(&full[s], ring.phase);
+        const uint64_t desc_a = smem_desc(smem_a + s * kABytes);
+        const uint64_t desc_b = smem_desc(smem_b + s * kBBytes + c * 128 * kBK);
+        float part[64];
+        fence_regs(part);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < kBK / 32; ++kk)
+          mma_64x128x32<AE5M2, BE5M2>(part, desc_a + 2 * kk, desc_b + 2 * kk, kk > 0);
+        wgmma_commit();
+        wgmma_wait_all();
+        fence_regs(part);
+        release_stage<CLUSTER>(empty, s, lane);
+#pragma unroll
+        for (int i = 0; i < 64; i += 4) {
+          acc[0][i] += part[i] * s0;
+          acc[0][i + 1] += part[i + 1] * s0;
+          acc[0][i + 2] += part[i + 2] * s1;
+          acc[0][i + 3] += part[i + 3] * s1;
+        }
+        ring.advance();
+      }
+      store_tile<1>(acc, p.out, p.ldo, p.N, n0 + c * 128, h0, h1, walk.group_end, lane);
       continue;
     }
     const int r0 = m0 + row_in_tile, r1 = r0 + 8;
@@ -201,21 +251,21 @@ __global__ void __launch_bounds__(kThreads, 1)
 #undef TD_NEXT_PIECE
 
 // ------------------------------------------------------------------------------------------------ host
-template <int CLUSTER, bool TAIL>
+template <int CLUSTER, bool TAIL, bool DYN = false>
 void launch_types(int device, bool a_e5m2, bool b_e5m2, const CUtensorMap& ma, const CUtensorMap& mb,
                   const Args& args, int64_t units, int num_sms, cudaStream_t s) {
   if (!a_e5m2 && !b_e5m2)
-    launch_persistent<grouped_blockwise_kernel<false, false, CLUSTER, TAIL>, CLUSTER, kSmemBytes>(device, units, num_sms, s,
-                                                                                            ma, mb, args);
+    launch_persistent<grouped_blockwise_kernel<false, false, CLUSTER, TAIL, DYN>, CLUSTER, kSmemBytes>(
+        device, units, num_sms, s, ma, mb, args);
   else if (a_e5m2 && !b_e5m2)
-    launch_persistent<grouped_blockwise_kernel<true, false, CLUSTER, TAIL>, CLUSTER, kSmemBytes>(device, units, num_sms, s,
-                                                                                           ma, mb, args);
+    launch_persistent<grouped_blockwise_kernel<true, false, CLUSTER, TAIL, DYN>, CLUSTER, kSmemBytes>(
+        device, units, num_sms, s, ma, mb, args);
   else if (!a_e5m2 && b_e5m2)
-    launch_persistent<grouped_blockwise_kernel<false, true, CLUSTER, TAIL>, CLUSTER, kSmemBytes>(device, units, num_sms, s,
-                                                                                           ma, mb, args);
+    launch_persistent<grouped_blockwise_kernel<false, true, CLUSTER, TAIL, DYN>, CLUSTER, kSmemBytes>(
+        device, units, num_sms, s, ma, mb, args);
   else
-    launch_persistent<grouped_blockwise_kernel<true, true, CLUSTER, TAIL>, CLUSTER, kSmemBytes>(device, units, num_sms, s,
-                                                                                          ma, mb, args);
+    launch_persistent<grouped_blockwise_kernel<true, true, CLUSTER, TAIL, DYN>, CLUSTER, kSmemBytes>(
+        device, units, num_sms, s, ma, mb, args);
 }
 
 // out [M, N] bf16 = per group g (rows offs[g-1] .. offs[g]): (a * scale_a) @ (w[g] * scale_w[g])^T.
@@ -227,11 +277,14 @@ void grouped_blockwise(int device, uint64_t stream, uint64_t a_addr, uint64_t w_
                        int64_t sb_g, int64_t sb_k, int64_t sb_n, int64_t M, int64_t N, int64_t K, int64_t G,
                        int64_t lda, int64_t ldw, int64_t w_group, int64_t ldo, bool a_e5m2, bool b_e5m2,
                        int num_sms, int cluster, uint64_t ws, uint64_t flags, int ws_ctas, int tail_pct,
-                       int tail_waves, double timeout_s) {
+                       int tail_waves, double timeout_s, uint64_t counter) {
   if (cluster != 1 && cluster != 2) throw std::invalid_argument("turbo_dist._fp8_wgmma: cluster must be 1 or 2");
   const int64_t units = unit_count(M, N, G, cluster);
   const Fixup fix = make_fixup(ws, flags, ws_ctas, tail_pct, tail_waves, timeout_s, num_sms, cluster,
                                units * ((K + kBK - 1) / kBK));
+  if (counter && (cluster != 1 || tail_pct > 0 || counter % 4))
+    throw std::invalid_argument("turbo_dist._fp8_wgmma: dynamic tiles (counter) need cluster 1, no stream-K tail "
+                                "and a 4-byte aligned counter");
   if (M <= 0 || N <= 0 || G <= 0) return;
   if (K <= 0 || K % 16 || lda % 16 || ldw % 16 || w_group % 16 || a_addr % 16 || w_addr % 16)
     throw std::invalid_argument("turbo_dist._fp8_wgmma: K, the row/group strides and the operand addresses must be "
@@ -261,8 +314,10 @@ void grouped_blockwise(int device, uint64_t stream, uint64_t a_addr, uint64_t w_
   args.K = int(K);
   args.G = int(G);
   args.fix = fix;
+  if (counter) args.fix.flags = reinterpret_cast<int*>(counter);  // DYN's tile counter (no tail: flags unused)
   auto s = reinterpret_cast<cudaStream_t>(stream);
-  if (fix.tail_pct > 0) launch_types<1, true>(device, a_e5m2, b_e5m2, map_a, map_b, args, units, num_sms, s);
+  if (counter) launch_types<1, false, true>(device, a_e5m2, b_e5m2, map_a, map_b, args, units, num_sms, s);
+  else if (fix.tail_pct > 0) launch_types<1, true>(device, a_e5m2, b_e5m2, map_a, map_b, args, units, num_sms, s);
   else if (cluster == 1) launch_types<1, false>(device, a_e5m2, b_e5m2, map_a, map_b, args, units, num_sms, s);
   else launch_types<2, false>(device, a_e5m2, b_e5m2, map_a, map_b, args, units, num_sms, s);
 }
@@ -281,7 +336,7 @@ PYBIND11_MODULE(_fp8_wgmma, m) {
         py::arg("sw_g"), py::arg("sw_k"), py::arg("sw_n"), py::arg("M"), py::arg("N"), py::arg("K"), py::arg("G"),
         py::arg("lda"), py::arg("ldw"), py::arg("w_group"), py::arg("ldo"), py::arg("a_e5m2"), py::arg("w_e5m2"),
         py::arg("num_sms"), py::arg("cluster") = 1, py::arg("ws") = 0, py::arg("flags") = 0, py::arg("ws_ctas") = 0,
-        py::arg("tail_pct") = 0, py::arg("tail_waves") = 2, py::arg("timeout_s") = 100.0);
+        py::arg("tail_pct") = 0, py::arg("tail_waves") = 2, py::arg("timeout_s") = 100.0, py::arg("counter") = 0);
   m.attr("SMEM_BYTES") = kSmemBytes;
   m.attr("BLOCK_M") = kBM;
   m.attr("BLOCK_N") = kBN;

@@ -63,6 +63,20 @@ def stream_k_args(device, num_sms, cluster, tail_pct, tail_waves, default_pct):
                 timeout_s=peer_timeout_s()), (ws, flags)
 
 
+def half_tile_args(device, half_tiles, asked, cluster, sk, keep):
+    """(kernel arguments, buffers to keep alive) with the dynamic tile order's counter added (a zeroed int32, fresh
+    per call, stream ordered) where half tiles run: they need one CTA per tile and no stream-K tail (`sk` empty);
+    asked for (`asked`) where they cannot run: ValueError, otherwise they are left out."""
+    if not half_tiles:
+        return sk, keep
+    if cluster != 1 or sk:
+        if asked:
+            raise ValueError("half_tiles needs cluster=1 and no stream-K tail (tail_pct=0)")
+        return sk, keep
+    counter = torch.zeros(1, dtype=torch.int32, device=device)
+    return dict(sk, counter=counter.data_ptr()), (*keep, counter)
+
+
 def tail_split(tiles, stride, k_steps, tail_pct, waves):
     """(dp, run) of common.h's TailSplit: whole tiles below dp, then runs of `run` K steps; run 0: no tail."""
     full, rest = divmod(tiles, stride)
@@ -89,12 +103,19 @@ def work_pieces(tiles, first, stride, k_steps, tail_pct, waves=2):
     return pieces
 
 
+# Dynamic tiles with half tiles (grouped_blockwise.cu's DYN, as the bf16 kernel's default): a group's last <= 64
+# rows take half a tile's WGMMA and promotion work, tiles handed out by an atomic counter. Written after the bf16
+# kernel's measurements (+4-13% at 128-256 rows per expert there), not yet run on a GPU: off until then.
+HALF_TILES = False
+
+
 def wgmma_grouped_scaled(a_q, b_q, scale_a, scale_b, group_lens, mode, out_dtype, cluster=None, tail_pct=None,
-                         num_sms=None, tail_waves=None):
+                         num_sms=None, tail_waves=None, half_tiles=None):
     """out [M, N] bf16: per group (a_q * scale_a)[rows] @ (b_q[g] * scale_b[g]) (the checks: the predicate below);
     cluster: CTAs per cluster (1 or 2; default pick_cluster(M, G)); tail_pct: the stream-K tail (default TAIL_PCT
-    with one CTA per tile, off with clusters), tail_waves (default TAIL_WAVES); num_sms: CTAs at most (default:
-    the GPU's SMs; tests use fewer)."""
+    with one CTA per tile, off with clusters), tail_waves (default TAIL_WAVES); half_tiles: dynamic half tiles
+    (default HALF_TILES where one CTA per tile and no tail run; asked for with either: ValueError); num_sms: CTAs
+    at most (default: the GPU's SMs; tests use fewer)."""
     from turbo_dist.kernels import gemm as gemm_kernels  # its cached SM count
 
     M, K = a_q.shape
@@ -106,6 +127,8 @@ def wgmma_grouped_scaled(a_q, b_q, scale_a, scale_b, group_lens, mode, out_dtype
     num_sms = gemm_kernels._num_sms(a_q.device) if num_sms is None else num_sms
     cluster = pick_cluster(M, G) if cluster is None else cluster
     sk, _keep = stream_k_args(a_q.device, num_sms, cluster, tail_pct, tail_waves, TAIL_PCT)
+    sk, _keep = half_tile_args(a_q.device, HALF_TILES if half_tiles is None else half_tiles, half_tiles is not None,
+                               cluster, sk, _keep)
     wgmma_module().grouped_blockwise(
         device=a_q.device.index, stream=torch.cuda.current_stream(a_q.device).cuda_stream, a=a_q.data_ptr(),
         w=b_q.data_ptr(), out=out.data_ptr(), offs=offs.data_ptr(), scale_a=scale_a.data_ptr(),

@@ -16,7 +16,7 @@ than torch's and the Triton kernel so far (WGRAD_PREFERRED; benchmarks/probe_gro
 import torch
 
 from . import dispatcher
-from .fp8_wgmma import _MOD, stream_k_args, wgmma_module
+from .fp8_wgmma import _MOD, half_tile_args, stream_k_args, wgmma_module
 from .grouped_gemm import group_offsets
 
 
@@ -66,13 +66,8 @@ def wgmma_grouped(a, b, group_lens, trans_b=False, cluster=None, tail_pct=None, 
     num_sms = gemm_kernels._num_sms(a.device) if num_sms is None else num_sms
     cluster = CLUSTER if cluster is None else cluster
     sk, _keep = stream_k_args(a.device, num_sms, cluster, tail_pct, tail_waves, TAIL_PCT)
-    if half_tiles is None:
-        half_tiles = HALF_TILES and cluster == 1 and not sk
-    elif half_tiles and (cluster != 1 or sk):
-        raise ValueError("wgmma_grouped: half_tiles needs cluster=1 and no stream-K tail (tail_pct=0)")
-    if half_tiles:  # the tile counter, zeroed in stream order (kept alive like the tail's buffers)
-        counter = torch.zeros(1, dtype=torch.int32, device=a.device)
-        sk, _keep = dict(sk, counter=counter.data_ptr()), (*_keep, counter)
+    sk, _keep = half_tile_args(a.device, HALF_TILES if half_tiles is None else half_tiles, half_tiles is not None,
+                               cluster, sk, _keep)
     wgmma_module().grouped_bf16(
         device=a.device.index, stream=torch.cuda.current_stream(a.device).cuda_stream, a=a.data_ptr(),
         b=b.data_ptr(), out=out.data_ptr(), offs=offs.data_ptr(), M=M, N=N, K=K, G=G, lda=a.stride(0),
