@@ -202,8 +202,11 @@ def test_wgmma_wgrad_passes_the_operands(fake_kernels):
     assert calls[-1]["cluster"] == 1 and calls[-1]["counter"]  # one CTA per tile: the dynamic order's counter
     grouped_wgmma.wgmma_wgrad(a, dc, lens, pipes=2)
     assert (calls[-1]["pipes"], calls[-1]["cluster"]) == (2, 1) and calls[-1]["counter"]
-    with pytest.raises(ValueError, match="pipes=2"):
-        grouped_wgmma.wgmma_wgrad(a, dc, lens, pipes=2, cluster=2)
+    n = len(calls)
+    for bad in (dict(pipes=2, cluster=2), dict(pipes=3), dict(cluster=4)):
+        with pytest.raises(ValueError, match="pipes=2"):  # before any allocation or launch
+            grouped_wgmma.wgmma_wgrad(a, dc, lens, **bad)
+    assert len(calls) == n
     out = grouped_wgmma.wgmma_wgrad(a, dc, lens, trans_b=True, num_sms=5)
     kw = calls[-1]
     assert out.shape == (3, 48, 64) and kw["x"] == dc.data_ptr() and kw["y"] == a.data_ptr()

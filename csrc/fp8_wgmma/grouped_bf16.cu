@@ -123,20 +123,11 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (threadIdx.x != 0) return;
     StageRing<kStages16> ring;
     constexpr uint16_t kMask = uint16_t((1u << CLUSTER) - 1);
-    for (int i = 0;; ++i) {
-      if constexpr (DYN) {  // the first wave by block index, then the next tile nobody has taken
-        t = i == 0 ? int(blockIdx.x) : int(gridDim.x) + atomicAdd(p.counter, 1);
-        kb0 = 0;
-        kb1 = k_steps;
-        if (!walk.seek(p, col_tiles, t)) {  // no more: the consumers read -1 in the next stage's slot
-          bar_wait(&empty[ring.s], ring.phase ^ 1);
-          smem.slot[ring.s] = -1;
-          bar_arrive(&full[ring.s]);
-          break;
-        }
-      } else if (!TD_NEXT_PIECE(i)) {
-        break;
-      }
+    // DYN: the first wave by block index, then the next tile nobody has taken (common.h, dynamic tiles)
+    for (int i = 0; DYN ? producer_next_tile(i, p.counter, p, walk, col_tiles, k_steps, smem.slot, full, empty,
+                                             ring, t, kb0, kb1)
+                        : TD_NEXT_PIECE(i);
+         ++i) {
       int m0, n0;
       walk.coords(col_tiles, t, m0, n0);
       m0 += int(rank) * kBM;
@@ -181,17 +172,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int c = wg - 1;
   const int lane = threadIdx.x % 32, warp = (threadIdx.x % 128) / 32;
   StageRing<kStages16> ring;
-  for (int i = 0;; ++i) {
-    if constexpr (DYN) {
-      bar_wait(&full[ring.s], ring.phase);  // the tile's first stage (its wait in consume16 passes at once)
-      t = smem.slot[ring.s];
-      if (t < 0) break;
-      walk.seek(p, col_tiles, t);
-      kb0 = 0;
-      kb1 = k_steps;
-    } else if (!TD_NEXT_PIECE(i)) {
-      break;
-    }
+  for (int i = 0; DYN ? consumer_next_tile(p, walk, col_tiles, k_steps, smem.slot, full, ring, t, kb0, kb1)
+                      : TD_NEXT_PIECE(i);
+       ++i) {
     int m0, n0;
     walk.coords(col_tiles, t, m0, n0);
     m0 += int(rank) * kBM;

@@ -62,6 +62,17 @@ struct ArgsW {
   int M, P, Q, G;
 };
 
+// A group's last stage: lines valid .. 63 (rows past the group's end) of `boxes` consecutive 64-line boxes from
+// `base` zeroed, whole 128-byte lines (the swizzle permutes 16-byte units within a line), by `threads` threads (tid).
+__device__ __forceinline__ void zero_lines_past(uint8_t* base, int boxes, int valid, int tid, int threads) {
+  const int lines = kStepRows - valid;
+  for (int u = tid; u < boxes * lines * 8; u += threads) {  // 16-byte units
+    const int box = u / (lines * 8), rem = u - box * lines * 8;
+    *reinterpret_cast<uint4*>(base + box * kChunkW + (valid + rem / 8) * 128 + (rem % 8) * 16) =
+        make_uint4(0, 0, 0, 0);
+  }
+}
+
 // Group g's rows start .. end, clamped like TileWalk (bad counts never read past M).
 __device__ __forceinline__ int2 group_rows(const ArgsW& p, int g) {
   const int start = g ? static_cast<int>(max(int64_t(0), min(p.offs[g - 1], int64_t(p.M)))) : 0;
@@ -199,13 +210,8 @@ __global__ void __launch_bounds__(kThreads, 1)
         uint8_t* ys = smem.b + s * kYBytes;
         const int valid = w.end - (w.start + kb * kStepRows);
         if (valid < kStepRows) {  // the group's last stage: its lines past the group's end zeroed in all 6 boxes
-          const int lines = kStepRows - valid;
-          const int units = (kXBytes + kYBytes) / kChunkW * lines * 8;  // 16-byte units
-          for (int u = ctid; u < units; u += 256) {
-            const int box = u / (lines * 8), rem = u - box * lines * 8;
-            uint8_t* base = box < kBM / 64 ? xs + box * kChunkW : ys + (box - kBM / 64) * kChunkW;
-            *reinterpret_cast<uint4*>(base + (valid + rem / 8) * 128 + (rem % 8) * 16) = make_uint4(0, 0, 0, 0);
-          }
+          zero_lines_past(xs, kXBytes / kChunkW, valid, ctid, 256);
+          zero_lines_past(ys, kYBytes / kChunkW, valid, ctid, 256);
           fence_proxy_async_smem();  // the zeros, visible to the WGMMAs of both warpgroups
           consumers_sync();
         }
@@ -372,13 +378,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         uint8_t* ys = xs + kXBytesP;
         const int valid = in.z - (in.y + kb * kStepRows);
         if (valid < kStepRows) {  // the group's last stage: its lines past the group's end zeroed in all 4 boxes
-          const int lines = kStepRows - valid;
-          const int units = (kStageBytesP / kChunkW) * lines * 8;  // 16-byte units
-          for (int u = wtid; u < units; u += 128) {
-            const int box = u / (lines * 8), rem = u - box * lines * 8;
-            *reinterpret_cast<uint4*>(xs + box * kChunkW + (valid + rem / 8) * 128 + (rem % 8) * 16) =
-                make_uint4(0, 0, 0, 0);  // x's boxes then y's, contiguous
-          }
+          zero_lines_past(xs, kStageBytesP / kChunkW, valid, wtid, 128);  // x's boxes then y's, contiguous
           fence_proxy_async_smem();
           pipe_sync(h);
         }

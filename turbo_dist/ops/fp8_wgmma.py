@@ -63,9 +63,15 @@ def stream_k_args(device, num_sms, cluster, tail_pct, tail_waves, default_pct):
                 timeout_s=peer_timeout_s()), (ws, flags)
 
 
+def tile_counter(device):
+    """The dynamic tile order's counter (common.h, dynamic tiles): a zeroed int32, fresh per call from the caching
+    allocator, so it is zero in stream order and a CUDA graph captures the zeroing with the launch."""
+    return torch.zeros(1, dtype=torch.int32, device=device)
+
+
 def half_tile_args(device, half_tiles, asked, cluster, sk, keep):
-    """(kernel arguments, buffers to keep alive) with the dynamic tile order's counter added (a zeroed int32, fresh
-    per call, stream ordered) where half tiles run: they need one CTA per tile and no stream-K tail (`sk` empty);
+    """(kernel arguments, buffers to keep alive) with the dynamic tile order's counter (tile_counter) added where
+    half tiles run: they need one CTA per tile and no stream-K tail (`sk` empty);
     asked for (`asked`) where they cannot run: ValueError, otherwise they are left out."""
     if not half_tiles:
         return sk, keep
@@ -73,7 +79,7 @@ def half_tile_args(device, half_tiles, asked, cluster, sk, keep):
         if asked:
             raise ValueError("half_tiles needs cluster=1 and no stream-K tail (tail_pct=0)")
         return sk, keep
-    counter = torch.zeros(1, dtype=torch.int32, device=device)
+    counter = tile_counter(device)
     return dict(sk, counter=counter.data_ptr()), (*keep, counter)
 
 

@@ -16,7 +16,7 @@ than torch's and the Triton kernel so far (WGRAD_PREFERRED; benchmarks/probe_gro
 import torch
 
 from . import dispatcher
-from .fp8_wgmma import _MOD, half_tile_args, stream_k_args, wgmma_module
+from .fp8_wgmma import _MOD, half_tile_args, stream_k_args, tile_counter, wgmma_module
 from .grouped_gemm import group_offsets
 
 
@@ -124,6 +124,11 @@ def wgmma_wgrad(a, dc, group_lens, trans_b=False, num_sms=None, cluster=None, pi
     with one pipeline, 1 with two; 2 with two pipelines: ValueError)."""
     from turbo_dist.kernels import gemm as gemm_kernels
 
+    pipes = WGRAD_PIPES if pipes is None else pipes
+    cluster = (WGRAD_CLUSTER if pipes == 1 else 1) if cluster is None else cluster
+    if pipes not in (1, 2) or cluster not in (1, 2) or (pipes == 2 and cluster != 1):
+        raise ValueError(f"wgmma_wgrad: pipes and cluster must be 1 or 2, and two pipelines per CTA (pipes=2) need "
+                         f"cluster=1; got pipes={pipes}, cluster={cluster}")
     x, y = (dc, a) if trans_b else (a, dc)
     M, P = x.shape
     Q, G = y.shape[1], group_lens.shape[0]
@@ -133,12 +138,7 @@ def wgmma_wgrad(a, dc, group_lens, trans_b=False, num_sms=None, cluster=None, pi
     if M == 0:
         return out.zero_()
     offs = group_offsets(group_lens, a.device)
-    pipes = WGRAD_PIPES if pipes is None else pipes
-    cluster = (WGRAD_CLUSTER if pipes == 1 else 1) if cluster is None else cluster
-    if pipes == 2 and cluster != 1:
-        raise ValueError("wgmma_wgrad: two pipelines per CTA (pipes=2) need cluster=1")
-    # cluster 1: the dynamic tile order's counter, zeroed in stream order
-    counter = torch.zeros(1, dtype=torch.int32, device=a.device) if cluster == 1 else None
+    counter = tile_counter(a.device) if cluster == 1 else None  # cluster 1: the dynamic tile order
     wgmma_module().grouped_wgrad(
         device=a.device.index, stream=torch.cuda.current_stream(a.device).cuda_stream, x=x.data_ptr(),
         y=y.data_ptr(), out=out.data_ptr(), offs=offs.data_ptr(), M=M, P=P, Q=Q, G=G, ldx=x.stride(0),
