@@ -180,6 +180,13 @@ __device__ __forceinline__ bool next_piece(int i, const int* tiles, int first, i
   }
 }
 
+// Piece i of a kernel's work, on a group's tile, in the names both grouped kernels use (smem, first_unit,
+// unit_stride, k_steps, p, t, kb0, kb1, walk, col_tiles): a macro, as a lambda capturing t, kb0, kb1 puts the FP8
+// consumers over their registers.
+#define TD_NEXT_PIECE(i)                                                                          \
+  (next_piece<TAIL>(i, smem.tiles, first_unit, unit_stride, k_steps, p.fix, t, kb0, kb1) && \
+   walk.seek(p, col_tiles, t))
+
 // ------------------------------------------------------------------------------------- dynamic tiles
 // Tiles handed out at run time (grouped_bf16.cu and grouped_blockwise.cu with DYN): the producer takes the first
 // wave by block index, then one atomicAdd on `counter` per tile, and passes the tile index to the consumers in the

@@ -112,10 +112,6 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
   init_stage_barriers<kStages16, CLUSTER>(full, empty);
   int t, kb0, kb1;  // piece i of this CTA's work (work_piece): tile t, K steps kb0 .. kb1
-// piece i, on a group's tile (a macro: a lambda capturing t, kb0, kb1 puts the FP8 consumers over their registers)
-#define TD_NEXT_PIECE(i)                                                                          \
-  (next_piece<TAIL>(i, smem.tiles, first_unit, unit_stride, k_steps, p.fix, t, kb0, kb1) && \
-   walk.seek(p, col_tiles, t))
 
 
   if (wg == 0) {  // producer
@@ -207,7 +203,6 @@ __global__ void __launch_bounds__(kThreads, 1)
     store_tile(acc, p.out, p.ldo, p.N, n0, r0, r0 + 8, walk.group_end, lane);
   }
 }
-#undef TD_NEXT_PIECE
 
 template <bool N_MAJOR, int CLUSTER, bool TAIL = false, bool DYN = false>
 void launch16(int device, const CUtensorMap& map_a, const CUtensorMap& map_a64, const CUtensorMap& map_b,
