@@ -200,11 +200,12 @@ def test_wgmma_wgrad_passes_the_operands(fake_kernels):
     assert kw["cluster"] == grouped_wgmma.WGRAD_CLUSTER and bool(kw["counter"]) == (kw["cluster"] == 1)
     grouped_wgmma.wgmma_wgrad(a, dc, lens, cluster=1)
     assert calls[-1]["cluster"] == 1 and calls[-1]["counter"]  # one CTA per tile: the dynamic order's counter
-    grouped_wgmma.wgmma_wgrad(a, dc, lens, pipes=2)
-    assert (calls[-1]["pipes"], calls[-1]["cluster"]) == (2, 1) and calls[-1]["counter"]
+    assert calls[-1]["stagger"] is grouped_wgmma.WGRAD_STAGGER
+    grouped_wgmma.wgmma_wgrad(a, dc, lens, stagger=True)
+    assert (calls[-1]["stagger"], calls[-1]["cluster"]) == (True, 1) and calls[-1]["counter"]
     n = len(calls)
-    for bad in (dict(pipes=2, cluster=2), dict(pipes=3), dict(cluster=4)):
-        with pytest.raises(ValueError, match="pipes=2"):  # before any allocation or launch
+    for bad in (dict(stagger=True, cluster=2), dict(stagger=2), dict(cluster=4)):
+        with pytest.raises(ValueError, match="stagger=True"):  # before any allocation or launch
             grouped_wgmma.wgmma_wgrad(a, dc, lens, **bad)
     assert len(calls) == n
     out = grouped_wgmma.wgmma_wgrad(a, dc, lens, trans_b=True, num_sms=5)
@@ -248,12 +249,14 @@ def test_wgmma_wgrad_matches_reference_gpu(lens, K, N, num_sms, trans_b):
     again = grouped_wgmma.wgmma_wgrad(a, dc, gl, trans_b, num_sms=num_sms, cluster=1)
     pair = grouped_wgmma.wgmma_wgrad(a, dc, gl, trans_b, num_sms=None if num_sms is None else 2 * num_sms,
                                      cluster=2)
-    pipes = grouped_wgmma.wgmma_wgrad(a, dc, gl, trans_b, num_sms=num_sms, pipes=2)
+    staggered = grouped_wgmma.wgmma_wgrad(a, dc, gl, trans_b, num_sms=num_sms, stagger=True)
     torch.cuda.synchronize()
     ref = _wgrad_ref(a, dc, lens, trans_b)
     assert out.shape == ref.shape and torch.equal(out, again)
     assert torch.equal(out, pair), "one CTA per tile and two sharing dc's boxes differ"
-    assert rel(pipes, out) < 1e-3, "two pipelines per CTA (128 x 128 tiles) differ from one"
+    assert rel(staggered, out) < 1e-3, "staggered warpgroups (column halves) differ from cooperative ones"
+    if lens == [0, 0, 0]:
+        assert not staggered.any()
     for g, n in enumerate(lens):
         if n == 0:
             assert not out[g].any(), "a group without rows must get a zero gradient"
@@ -274,11 +277,11 @@ def test_wgmma_wgrad_keeps_groups_apart_gpu():
     a[70:100] = float("nan")
     dc[70:100] = float("inf")
     ref = _wgrad_ref(a, dc, lens, False)
-    for cluster, pipes in ((1, 1), (2, 1), (1, 2)):
-        out = grouped_wgmma.wgmma_wgrad(a, dc, torch.tensor(lens).cuda(), cluster=cluster, pipes=pipes)
+    for cluster, stagger in ((1, False), (2, False), (1, True)):
+        out = grouped_wgmma.wgmma_wgrad(a, dc, torch.tensor(lens).cuda(), cluster=cluster, stagger=stagger)
         torch.cuda.synchronize()
         for g in (0, 2):
-            assert torch.isfinite(out[g]).all() and rel(out[g], ref[g]) < 1e-2, (cluster, pipes, g)
+            assert torch.isfinite(out[g]).all() and rel(out[g], ref[g]) < 1e-2, (cluster, stagger, g)
 
 
 @pytest.mark.gpu

@@ -36,7 +36,11 @@ constexpr int kSmemBytesW = SmemW::kBytes + kSmemAlign + kOutBytes + 16 * kStage
 // direct 16-byte stores from registers the kernel ran at ~0.35 of peak at ~256 rows per group: each tile's 64 KB
 // took about as long as its 4 stages of WGMMA, in series; benchmarks/results/probe_grouped_wgrad_plain_h200.json).
 // Rows past P and columns past Q are not written (map_out is [G][P][Q]).
-__device__ __forceinline__ void stage_out(const float (&acc)[2][64], uint8_t* out_smem, int c, int warp, int lane) {
+__device__ __forceinline__ void stage_out(const float (&acc)[2][64], uint8_t* out_smem, int row_base, int row_step,
+                                          int col8_base, int col8_step, int warp, int lane) {
+  // acc[r]: one m64n128 fragment, tile rows row_base + r * row_step .. +63, 8-column chunks col8_base + r * col8_step
+  // .. +15 (the cooperative kernel: a warpgroup's 64 rows, both column halves; STAGGER: both row halves, the
+  // warpgroup's column half)
   const int q = lane % 4;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
@@ -45,8 +49,8 @@ __device__ __forceinline__ void stage_out(const float (&acc)[2][64], uint8_t* ou
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const uint4 chunk = quad_chunk(acc[r], g, h, q);
-        const int row = c * 64 + warp * 16 + lane / 4 + 8 * h;  // in the tile
-        const int col8 = r * 16 + 4 * g + q;                     // 8-column chunk in the tile, 0 .. 31
+        const int row = row_base + r * row_step + warp * 16 + lane / 4 + 8 * h;  // in the tile
+        const int col8 = col8_base + r * col8_step + 4 * g + q;                  // 8-column chunk, 0 .. 31
         const int box = col8 / 8, unit = (col8 % 8) ^ (row % 8);
         *reinterpret_cast<uint4*>(out_smem + box * (kBM * 128) + row * 128 + unit * 16) = chunk;
       }
@@ -106,15 +110,34 @@ struct WTile {
   }
 };
 
+// Named barriers of STAGGER (0 is __syncthreads, 1 consumers_sync): 2 + c, warpgroup c's epilogue turn (it waits
+// there, the other warpgroup arrives); 4 + c, warpgroup c's 128 threads.
+__device__ __forceinline__ void warpgroup_sync(int c) { asm volatile("bar.sync %0, 128;" ::"r"(4 + c) : "memory"); }
+__device__ __forceinline__ void epilogue_turn_wait(int c) {
+  asm volatile("bar.sync %0, 256;" ::"r"(2 + c) : "memory");
+}
+__device__ __forceinline__ void epilogue_turn_pass(int c) {  // to the other warpgroup
+  asm volatile("bar.arrive %0, 256;" ::"r"(3 - c) : "memory");
+}
+
 // CLUSTER 1: tiles handed out at run time (their costs follow the groups' rows). CLUSTER 2: the two CTAs of a
 // cluster take two row tiles of one group with the same columns and share y's boxes by TMA multicast (each loads
 // two of the four), so a CTA reads 32 KB per stage from L2 instead of 48; units in a fixed round robin (units run
 // group by group and a cluster takes every (clusters)-th, so every cluster gets about the same rows).
-template <int CLUSTER>
+//
+// STAGGER (one CTA per tile): the two consumer warpgroups split a tile by columns instead of rows (each all 128 rows
+// x its 128 columns: two WGMMA m64n128k16 per 16 rows, the same stages and bytes) and take turns for the epilogue.
+// Cooperatively both warpgroups reduce a tile's 2-4 stages, then both zero, stage and store, so at 128-256 rows per
+// group the tensor cores idled a third of the time (ncu, G32_fc1_256: the tile's epilogue ~27% and the last-stage
+// zeroing ~8% of the consumers' stall samples). Staggered, one warpgroup's WGMMAs run during the other's epilogue:
+// the stages are shared (each is handed back once both warpgroups are done with it), so the leading warpgroup can
+// be at most the ring's depth ahead.
+template <int CLUSTER, bool STAGGER>
 __global__ void __launch_bounds__(kThreads, 1)
     grouped_wgrad_kernel(const __grid_constant__ CUtensorMap map_x, const __grid_constant__ CUtensorMap map_y,
                          const __grid_constant__ CUtensorMap map_out, const ArgsW p) {
   static_assert(CLUSTER == 1 || CLUSTER == 2, "one CTA, or two sharing y");
+  static_assert(!STAGGER || CLUSTER == 1, "staggered warpgroups: one CTA per tile");
   extern __shared__ uint8_t smem_raw[];
   const SmemW smem(smem_raw);  // x [stages][2 boxes][64 rows][128 bytes], y [stages][4 boxes][64 rows][128 bytes]
   uint64_t* full = smem.full;
@@ -179,12 +202,17 @@ __global__ void __launch_bounds__(kThreads, 1)
     return;
   }
 
-  // consumers: warpgroup c computes rows c*64 .. c*64+63 of each tile (x's box c), all 256 columns
+  // consumers. Cooperative: warpgroup c computes rows c*64 .. c*64+63 of each tile (x's box c), all 256 columns.
+  // STAGGER: warpgroup c computes all 128 rows, columns c*128 .. c*128+127 (y's boxes 2c, 2c+1).
   asm volatile("setmaxnreg.inc.sync.aligned.u32 232;");
   const int c = wg - 1;
   const int ctid = threadIdx.x - 128;
-  const int lane = threadIdx.x % 32, warp = (threadIdx.x % 128) / 32;
+  const int wtid = threadIdx.x % 128;
+  const int lane = threadIdx.x % 32, warp = wtid / 32;
+  // the thread that waits for and issues this warpgroup's (STAGGER) or the CTA's TMA stores
+  const bool storer = STAGGER ? wtid == 0 : ctid == 0;
   StageRing<kStagesW> ring;
+  int tiles = 0;  // STAGGER: epilogues done (the turns taken)
   for (;;) {
     bar_wait(&full[ring.s], ring.phase);  // the unit's first stage
     const int4 in = info[ring.s];
@@ -209,199 +237,77 @@ __global__ void __launch_bounds__(kThreads, 1)
         uint8_t* xs = smem.a + s * kXBytes;
         uint8_t* ys = smem.b + s * kYBytes;
         const int valid = w.end - (w.start + kb * kStepRows);
-        if (valid < kStepRows) {  // the group's last stage: its lines past the group's end zeroed in all 6 boxes
-          zero_lines_past(xs, kXBytes / kChunkW, valid, ctid, 256);
-          zero_lines_past(ys, kYBytes / kChunkW, valid, ctid, 256);
-          fence_proxy_async_smem();  // the zeros, visible to the WGMMAs of both warpgroups
-          consumers_sync();
+        if (valid < kStepRows) {  // the group's last stage: its lines past the group's end zeroed
+          if constexpr (STAGGER) {
+            // the boxes this warpgroup reads: x's two (the other warpgroup writes the same zeros to them, before or
+            // after: no value read by either WGMMA changes) and its two of y's
+            zero_lines_past(xs, kXBytes / kChunkW, valid, wtid, 128);
+            zero_lines_past(ys + 2 * c * kChunkW, 2, valid, wtid, 128);
+            fence_proxy_async_smem();  // the zeros, visible to this warpgroup's WGMMAs
+            warpgroup_sync(c);
+          } else {  // all 6 boxes, by both warpgroups
+            zero_lines_past(xs, kXBytes / kChunkW, valid, ctid, 256);
+            zero_lines_past(ys, kYBytes / kChunkW, valid, ctid, 256);
+            fence_proxy_async_smem();  // the zeros, visible to the WGMMAs of both warpgroups
+            consumers_sync();
+          }
         }
         fence_regs(acc[0]);
         fence_regs(acc[1]);
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < kStepRows / 16; ++kk) {  // 16 rows per WGMMA: 16 lines of 128 bytes further
-          const uint64_t desc_a = smem_desc_mn(xs + c * kChunkW + kk * 16 * 128, kChunkW, 1024);
-          const uint64_t desc_b = smem_desc_mn(ys + kk * 16 * 128, kChunkW, 1024);
-          mma_64x256x16_bf16<true, true>(acc, desc_a, desc_b, 1);
+          if constexpr (STAGGER) {
+            const uint64_t desc_b = smem_desc_mn(ys + 2 * c * kChunkW + kk * 16 * 128, kChunkW, 1024);
+#pragma unroll
+            for (int r = 0; r < 2; ++r)
+              mma_64x128x16_bf16<true, true>(acc[r], smem_desc_mn(xs + r * kChunkW + kk * 16 * 128, kChunkW, 1024),
+                                             desc_b, 1);
+          } else {
+            const uint64_t desc_a = smem_desc_mn(xs + c * kChunkW + kk * 16 * 128, kChunkW, 1024);
+            const uint64_t desc_b = smem_desc_mn(ys + kk * 16 * 128, kChunkW, 1024);
+            mma_64x256x16_bf16<true, true>(acc, desc_a, desc_b, 1);
+          }
         }
         stage_issued<CLUSTER>(acc, empty, prev, s, ring, lane);
       }
       stages_done<CLUSTER>(acc, empty, prev, lane);
     }
-    if (ctid == 0) bulk_wait_all<true>();  // the previous tile's TMA store has read out_smem
-    consumers_sync();
-    stage_out(acc, out_smem, c, warp, lane);
-    fence_proxy_async_smem();  // the tile, visible to TMA
-    consumers_sync();
-    if (ctid == 0 && w.p0 < p.P) {  // (rank 1 of a group's odd last row tile has no rows of out)
+    if constexpr (STAGGER) {
+      // the epilogues take turns (warpgroup 0 first): while one warpgroup stages and stores its half of the tile,
+      // the other's WGMMAs run alone, and the offset this leaves between them persists, so the tensor cores see one
+      // warpgroup's WGMMAs during the other's epilogue (and its last-stage zeroing) instead of idling
+      if (c == 1 || tiles > 0) epilogue_turn_wait(c);
+      if (storer) bulk_wait_all<true>();  // this warpgroup's previous TMA store has read its half of out_smem
+      warpgroup_sync(c);
+      stage_out(acc, out_smem, 0, 64, c * 16, 0, warp, lane);
+      fence_proxy_async_smem();  // the half tile, visible to TMA
+      warpgroup_sync(c);
+      if (storer && w.p0 < p.P) {
 #pragma unroll
-      for (int b = 0; b < kBN / 64; ++b) tma_store_3d(&map_out, out_smem + b * (kBM * 128), w.q0 + b * 64, w.p0, w.g);
-      bulk_commit();
-    }
-  }
-  if (ctid == 0) bulk_wait_all<false>();  // out_smem must outlive the stores' reads; the writes done too
-}
-
-// ------------------------------------------------------------------------------- two pipelines per CTA
-// The same product with each consumer warpgroup running its own pipeline (PIPES): producer thread h (lane 0 of
-// warp h) claims tiles of 128 P x 128 Q for warpgroup h and streams their 64-row stages (x 16 KB + y 16 KB) through
-// ring h (three stages); the warpgroup reduces them with two WGMMA m64n128k16 per 16 rows (its 128 P rows as two
-// m64 halves) and stores its tile from registers. Like two CTAs per SM: while one warpgroup is in its epilogue or
-// zeroing a last stage, the other's WGMMAs keep the tensor cores busy (the cooperative kernel above runs both
-// warpgroups through each tile's 2-4 stages and its epilogue in step, so at 128-256 rows per group the tensor cores
-// idle between tiles; benchmarks/results/probe_grouped_wgrad_*_h200.json). The price: 128-column tiles read 4/3
-// the bytes per multiply-add from L2. One CTA per tile, dynamic order (the first two tiles by block index).
-constexpr int kPipes = 2;
-constexpr int kStagesP = 3;
-constexpr int kBNP = 128;                              // a pipeline's tile: 128 P x 128 Q
-constexpr int kXBytesP = (kBM / 64) * kChunkW;         // 16 KB
-constexpr int kYBytesP = (kBNP / 64) * kChunkW;        // 16 KB
-constexpr int kStageBytesP = kXBytesP + kYBytesP;
-constexpr int kSmemBytesP = kSmemAlign + kPipes * kStagesP * (kStageBytesP + 8 + 8 + 16);
-
-__device__ __forceinline__ void pipe_sync(int h) {  // the 128 threads of consumer warpgroup h
-  asm volatile("bar.sync %0, 128;" ::"r"(2 + h) : "memory");
-}
-
-// 64 P rows of a pipeline's tile (one m64n128 fragment: this thread's rows r0, r0 + 8) to out, inside P x Q. (A
-// function per fragment: with acc[i] in a loop around these loops ptxas kept the accumulators in local memory and
-// serialized the WGMMAs, C7514.)
-__device__ __forceinline__ void store_rows(const float (&frag)[64], __nv_bfloat16* out, int64_t ldo, int P, int Q,
-                                           int r0, int q0, int q) {
-#pragma unroll
-  for (int gq = 0; gq < 4; ++gq)
-#pragma unroll
-    for (int hh = 0; hh < 2; ++hh) {
-      const uint4 chunk = quad_chunk(frag, gq, hh, q);
-      const int row = r0 + 8 * hh, col = q0 + (4 * gq + q) * 8;
-      if (row < P && col < Q) *reinterpret_cast<uint4*>(out + int64_t(row) * ldo + col) = chunk;
-    }
-}
-
-__global__ void __launch_bounds__(kThreads, 1)
-    grouped_wgrad_pipes_kernel(const __grid_constant__ CUtensorMap map_x, const __grid_constant__ CUtensorMap map_y,
-                               const ArgsW p) {
-  extern __shared__ uint8_t smem_raw[];
-  uint8_t* base = smem_raw + ((kSmemAlign - smem_addr(smem_raw) % kSmemAlign) % kSmemAlign);
-  uint64_t* bars = reinterpret_cast<uint64_t*>(base + kPipes * kStagesP * kStageBytesP);  // full [pipe][stage], empty
-  int4* info_all = reinterpret_cast<int4*>(bars + 2 * kPipes * kStagesP);  // [pipe][stage]: (tile, rows) or -1
-  const int pt = (p.P + kBM - 1) / kBM, qt = (p.Q + kBNP - 1) / kBNP;
-  const int total = p.G * pt * qt;
-  if (threadIdx.x == 0) {
-    for (int i = 0; i < kPipes * kStagesP; ++i) {
-      bar_init(&bars[i], 1);
-      bar_init(&bars[kPipes * kStagesP + i], 4);  // one arrival per warp of the pipeline's warpgroup
-    }
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-  }
-  __syncthreads();
-  const int wg = threadIdx.x / 128;
-  // this thread's pipeline: producer warp h, or consumer warpgroup h + 1
-  const int h = wg == 0 ? int(threadIdx.x / 32) : wg - 1;
-  uint64_t* full = bars + (h % kPipes) * kStagesP;
-  uint64_t* empty = bars + kPipes * kStagesP + (h % kPipes) * kStagesP;
-  int4* info = info_all + (h % kPipes) * kStagesP;
-  uint8_t* stages = base + (h % kPipes) * kStagesP * kStageBytesP;
-
-  if (wg == 0) {  // producers: lane 0 of warps 0 and 1
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
-    if (threadIdx.x % 32 != 0 || h >= kPipes) return;
-    StageRing<kStagesP> ring;
-    int t = int(blockIdx.x) * kPipes + h;
-    int2 rows = t < total ? group_rows(p, t / (pt * qt)) : make_int2(0, 0);
-    for (;;) {
-      if (t >= total) {  // no more: the consumers read -1 in the next stage's info
-        bar_wait(&empty[ring.s], ring.phase ^ 1);
-        info[ring.s] = make_int4(-1, 0, 0, 0);
-        bar_arrive(&full[ring.s]);
-        break;
+        for (int b = 2 * c; b < 2 * c + 2; ++b)
+          tma_store_3d(&map_out, out_smem + b * (kBM * 128), w.q0 + b * 64, w.p0, w.g);
+        bulk_commit();
       }
-      const int t_next = kPipes * int(gridDim.x) + atomicAdd(p.counter, 1);  // claimed while t's stages go out
-      const int r = t % (pt * qt), p0 = (r % pt) * kBM, q0 = (r / pt) * kBNP;
-      const int steps = (rows.y - rows.x + kStepRows - 1) / kStepRows;
-      const int n = steps > 0 ? steps : 1;  // a group without rows passes its tile in one empty stage
-      for (int kb = 0; kb < n; ++kb) {
-        const int s = ring.s;
-        bar_wait(&empty[s], ring.phase ^ 1);
-        if (kb == 0) info[s] = make_int4(t, rows.x, rows.y, 0);  // published by the arrival below (release)
-        if (steps == 0) {
-          bar_arrive(&full[s]);
-        } else {
-          bar_expect_tx(&full[s], kStageBytesP);
-          const int row = rows.x + kb * kStepRows;
-          uint8_t* xs = stages + s * kStageBytesP;
-          uint8_t* ys = xs + kXBytesP;
-#pragma unroll
-          for (int c = 0; c < kBM / 64; ++c) {  // boxes wholly past P / Q load others: never stored
-            const int pc = p0 + c * 64 < p.P ? p0 + c * 64 : 0;
-            tma_load_2d(xs + c * kChunkW, &map_x, &full[s], pc, row);
-          }
-#pragma unroll
-          for (int c = 0; c < kBNP / 64; ++c) {
-            const int qc = q0 + c * 64 < p.Q ? q0 + c * 64 : q0;
-            tma_load_2d(ys + c * kChunkW, &map_y, &full[s], qc, row);
-          }
-        }
-        ring.advance();
-      }
-      t = t_next;
-      if (t < total) rows = group_rows(p, t / (pt * qt));
-    }
-    return;
-  }
-
-  // consumer warpgroup h: tiles of its pipeline, acc[r] = P rows r*64 .. r*64+63 x the tile's 128 Q columns
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;");
-  const int wtid = threadIdx.x % 128;
-  const int lane = threadIdx.x % 32, warp = wtid / 32, q = lane % 4;
-  StageRing<kStagesP> ring;
-  for (;;) {
-    bar_wait(&full[ring.s], ring.phase);  // the tile's first stage
-    const int4 in = info[ring.s];
-    if (in.x < 0) break;
-    const int g = in.x / (pt * qt), r = in.x % (pt * qt), p0 = (r % pt) * kBM, q0 = (r / pt) * kBNP;
-    const int steps = (in.z - in.y + kStepRows - 1) / kStepRows;
-    float acc[2][64];
-#pragma unroll
-    for (int i = 0; i < 2; ++i)
-#pragma unroll
-      for (int j = 0; j < 64; ++j) acc[i][j] = 0.f;
-    if (steps == 0) {  // no rows: a zero gradient
-      release_stage<1>(empty, ring.s, lane);
-      ring.advance();
+      epilogue_turn_pass(c);
+      ++tiles;
     } else {
-      int prev = -1;  // the stage whose products are still in flight
-      for (int kb = 0; kb < steps; ++kb) {
-        const int s = ring.s;
-        bar_wait(&full[s], ring.phase);
-        uint8_t* xs = stages + s * kStageBytesP;
-        uint8_t* ys = xs + kXBytesP;
-        const int valid = in.z - (in.y + kb * kStepRows);
-        if (valid < kStepRows) {  // the group's last stage: its lines past the group's end zeroed in all 4 boxes
-          zero_lines_past(xs, kStageBytesP / kChunkW, valid, wtid, 128);  // x's boxes then y's, contiguous
-          fence_proxy_async_smem();
-          pipe_sync(h);
-        }
-        fence_regs(acc[0]);
-        fence_regs(acc[1]);
-        wgmma_fence();
+      if (storer) bulk_wait_all<true>();  // the previous tile's TMA store has read out_smem
+      consumers_sync();
+      stage_out(acc, out_smem, c * 64, 0, 0, 16, warp, lane);
+      fence_proxy_async_smem();  // the tile, visible to TMA
+      consumers_sync();
+      if (storer && w.p0 < p.P) {  // (rank 1 of a group's odd last row tile has no rows of out)
 #pragma unroll
-        for (int kk = 0; kk < kStepRows / 16; ++kk) {
-          const uint64_t desc_b = smem_desc_mn(ys + kk * 16 * 128, kChunkW, 1024);
-#pragma unroll
-          for (int i = 0; i < 2; ++i)
-            mma_64x128x16_bf16<true, true>(acc[i], smem_desc_mn(xs + i * kChunkW + kk * 16 * 128, kChunkW, 1024),
-                                           desc_b, 1);
-        }
-        stage_issued<1>(acc, empty, prev, s, ring, lane);
+        for (int b = 0; b < kBN / 64; ++b)
+          tma_store_3d(&map_out, out_smem + b * (kBM * 128), w.q0 + b * 64, w.p0, w.g);
+        bulk_commit();
       }
-      stages_done<1>(acc, empty, prev, lane);
     }
-    // epilogue from registers, 16-byte stores (quad_chunk): the other pipeline's WGMMAs run meanwhile
-    __nv_bfloat16* out = p.out + int64_t(g) * p.out_group;
-    store_rows(acc[0], out, p.ldo, p.P, p.Q, p0 + warp * 16 + lane / 4, q0, q);
-    store_rows(acc[1], out, p.ldo, p.P, p.Q, p0 + 64 + warp * 16 + lane / 4, q0, q);
   }
+  // STAGGER: warpgroup 1's last turn handed to warpgroup 0 is taken, so no named barrier is left half arrived
+  if (STAGGER && c == 0 && tiles > 0) epilogue_turn_wait(0);
+  if (storer) bulk_wait_all<false>();  // out_smem must outlive the stores' reads; the writes done too
 }
 
 // out [G, P, Q] bf16 (row stride ldo, group stride out_group elements) = per group g (rows offs[g-1] .. offs[g])
@@ -409,11 +315,10 @@ __global__ void __launch_bounds__(kThreads, 1)
 // [G] on the GPU; counter: a zeroed int32 on the GPU (the dynamic tile order).
 void grouped_wgrad(int device, uint64_t stream, uint64_t x_addr, uint64_t y_addr, uint64_t out_addr,
                    uint64_t offs_addr, int64_t M, int64_t P, int64_t Q, int64_t G, int64_t ldx, int64_t ldy,
-                   int64_t ldo, int64_t out_group, int num_sms, uint64_t counter, int cluster, int pipes) {
+                   int64_t ldo, int64_t out_group, int num_sms, uint64_t counter, int cluster, bool stagger) {
   if (cluster != 1 && cluster != 2) throw std::invalid_argument("turbo_dist._fp8_wgmma: cluster must be 1 or 2");
-  if (pipes != 1 && pipes != 2) throw std::invalid_argument("turbo_dist._fp8_wgmma: pipes must be 1 or 2");
-  if (pipes == 2 && cluster != 1)
-    throw std::invalid_argument("turbo_dist._fp8_wgmma: grouped_wgrad with two pipelines per CTA needs cluster 1");
+  if (stagger && cluster != 1)
+    throw std::invalid_argument("turbo_dist._fp8_wgmma: grouped_wgrad with staggered warpgroups needs cluster 1");
   if (cluster == 1 && (!counter || counter % 4))
     throw std::invalid_argument("turbo_dist._fp8_wgmma: grouped_wgrad with cluster 1 needs a zeroed, 4-byte aligned "
                                 "int32 counter");
@@ -449,19 +354,15 @@ void grouped_wgrad(int device, uint64_t stream, uint64_t x_addr, uint64_t y_addr
   args.Q = int(Q);
   args.G = int(G);
   const auto st = reinterpret_cast<cudaStream_t>(stream);
-  if (pipes == 2) {  // two tiles of 128 x 128 per CTA at a time
-    const int64_t tiles_p = G * ((P + kBM - 1) / kBM) * ((Q + kBNP - 1) / kBNP);
-    if (tiles_p >= INT32_MAX) throw std::invalid_argument("turbo_dist._fp8_wgmma: grouped_wgrad: too many tiles");
-    launch_persistent<grouped_wgrad_pipes_kernel, 1, kSmemBytesP>(device, (tiles_p + kPipes - 1) / kPipes, num_sms,
-                                                                  st, map_x, map_y, args);
-    return;
-  }
-  if (cluster == 2)
-    launch_persistent<grouped_wgrad_kernel<2>, 2, kSmemBytesW>(device, tiles, num_sms, st, map_x, map_y, map_out,
-                                                               args);
+  if (stagger)
+    launch_persistent<grouped_wgrad_kernel<1, true>, 1, kSmemBytesW>(device, tiles, num_sms, st, map_x, map_y,
+                                                                     map_out, args);
+  else if (cluster == 2)
+    launch_persistent<grouped_wgrad_kernel<2, false>, 2, kSmemBytesW>(device, tiles, num_sms, st, map_x, map_y,
+                                                                      map_out, args);
   else
-    launch_persistent<grouped_wgrad_kernel<1>, 1, kSmemBytesW>(device, tiles, num_sms, st, map_x, map_y, map_out,
-                                                               args);
+    launch_persistent<grouped_wgrad_kernel<1, false>, 1, kSmemBytesW>(device, tiles, num_sms, st, map_x, map_y,
+                                                                      map_out, args);
 }
 
 }  // namespace
@@ -472,7 +373,7 @@ void register_wgrad(py::module_& m) {
   m.def("grouped_wgrad", &grouped_wgrad, py::arg("device"), py::arg("stream"), py::arg("x"), py::arg("y"),
         py::arg("out"), py::arg("offs"), py::arg("M"), py::arg("P"), py::arg("Q"), py::arg("G"), py::arg("ldx"),
         py::arg("ldy"), py::arg("ldo"), py::arg("out_group"), py::arg("num_sms"), py::arg("counter") = 0,
-        py::arg("cluster") = 1, py::arg("pipes") = 1);
+        py::arg("cluster") = 1, py::arg("stagger") = false);
 }
 
 }  // namespace turbo_dist_wgmma
