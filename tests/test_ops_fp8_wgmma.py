@@ -78,6 +78,39 @@ def test_wgmma_source_compiles_for_sm90a(tmp_path):
         assert not re.search(r"C751\d", log), f"{src}: {log[-4000:]}"
         assert not re.search(r"[1-9]\d* bytes stack frame", log), f"{src}: a kernel uses local memory: {log[-4000:]}"
         assert os.path.getsize(obj) > 0
+        lone = _lone_waited_wgmmas(obj)
+        assert not lone, f"{src}: WGMMAs serialized without a warning (each alone and waited for): {lone}"
+
+
+def _cuobjdump():
+    nvcc = _nvcc()
+    found = [os.path.join(os.path.dirname(nvcc), "cuobjdump")] if nvcc else []
+    try:  # triton ships one
+        import triton
+        found.append(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump"))
+    except ImportError:
+        pass
+    return next((c for c in found if os.path.exists(c)), shutil.which("cuobjdump"))
+
+
+def _lone_waited_wgmmas(obj):
+    """Per kernel, how often the SASS has a WGMMA alone in its group and waited for at once (WARPGROUP.ARRIVE,
+    HGMMA ... gsb0, WARPGROUP.DEPBAR.LE gsb0, 0x0): ptxas's serialization, which it also does without any C751x
+    warning (a stage's WGMMAs chosen by branches around them did it). Every stage of our kernels issues two or more
+    WGMMAs before it waits, and waits for all only after the next stage is issued or for promotion."""
+    tool = _cuobjdump()
+    if tool is None:
+        return {}
+    res = subprocess.run([tool, "-sass", str(obj)], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    lone = {}
+    for part in res.stdout.split("Function : ")[1:]:
+        ops = [line for line in part.splitlines() if "HGMMA" in line or "WARPGROUP." in line]
+        n = sum(1 for a, h, w in zip(ops, ops[1:], ops[2:])
+                if "WARPGROUP.ARRIVE" in a and "HGMMA" in h and "gsb0" in h and "DEPBAR.LE gsb0, 0x0" in w)
+        if n:
+            lone[part.splitlines()[0].strip()[:120]] = n
+    return lone
 
 
 def test_wgmma_declines_with_reasons(monkeypatch):

@@ -5,8 +5,9 @@
 // The reduction runs over a group's rows, so both operands are MN-major: TMA boxes of 64 rows x 64 elements
 // (128-byte lines, 128-byte swizzle), 2 boxes of x (128 P) and 4 of y (256 Q) per 64-row stage, three stages; the
 // consumers' WGMMA m64n256k16 reads both transposed (x^T as A, y as B). A group's rows start anywhere, so its last
-// stage may hold the next group's rows (or zeros past M): the consumers zero those lines in both operands before
-// the WGMMA (whole 128-byte lines: the swizzle permutes 16-byte units within a line), so no value of another group,
+// stage may hold the next group's rows (or zeros past M): only its 16-row WGMMA steps holding rows of the group
+// are multiplied, and the lines past the group's end inside the last of them are zeroed in both operands before the
+// WGMMA (whole 128-byte lines: the swizzle permutes 16-byte units within a line), so no value of another group,
 // not even an inf or NaN, reaches the sum. Tiles are 128 P x 256 Q of one group (ceil(rows / 64) stages each, one
 // empty stage for a group without rows, whose gradient is zero); their costs follow the groups' row counts, so with
 // one CTA per tile they are handed out at run time by an atomic counter (the first wave by block index). A tile
@@ -36,11 +37,7 @@ constexpr int kSmemBytesW = SmemW::kBytes + kSmemAlign + kOutBytes + 16 * kStage
 // direct 16-byte stores from registers the kernel ran at ~0.35 of peak at ~256 rows per group: each tile's 64 KB
 // took about as long as its 4 stages of WGMMA, in series; benchmarks/results/probe_grouped_wgrad_plain_h200.json).
 // Rows past P and columns past Q are not written (map_out is [G][P][Q]).
-__device__ __forceinline__ void stage_out(const float (&acc)[2][64], uint8_t* out_smem, int row_base, int row_step,
-                                          int col8_base, int col8_step, int warp, int lane) {
-  // acc[r]: one m64n128 fragment, tile rows row_base + r * row_step .. +63, 8-column chunks col8_base + r * col8_step
-  // .. +15 (the cooperative kernel: a warpgroup's 64 rows, both column halves; STAGGER: both row halves, the
-  // warpgroup's column half)
+__device__ __forceinline__ void stage_out(const float (&acc)[2][64], uint8_t* out_smem, int c, int warp, int lane) {
   const int q = lane % 4;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
@@ -49,8 +46,8 @@ __device__ __forceinline__ void stage_out(const float (&acc)[2][64], uint8_t* ou
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const uint4 chunk = quad_chunk(acc[r], g, h, q);
-        const int row = row_base + r * row_step + warp * 16 + lane / 4 + 8 * h;  // in the tile
-        const int col8 = col8_base + r * col8_step + 4 * g + q;                  // 8-column chunk, 0 .. 31
+        const int row = c * 64 + warp * 16 + lane / 4 + 8 * h;  // in the tile
+        const int col8 = r * 16 + 4 * g + q;                     // 8-column chunk in the tile, 0 .. 31
         const int box = col8 / 8, unit = (col8 % 8) ^ (row % 8);
         *reinterpret_cast<uint4*>(out_smem + box * (kBM * 128) + row * 128 + unit * 16) = chunk;
       }
@@ -66,15 +63,66 @@ struct ArgsW {
   int M, P, Q, G;
 };
 
-// A group's last stage: lines valid .. 63 (rows past the group's end) of `boxes` consecutive 64-line boxes from
-// `base` zeroed, whole 128-byte lines (the swizzle permutes 16-byte units within a line), by `threads` threads (tid).
-__device__ __forceinline__ void zero_lines_past(uint8_t* base, int boxes, int valid, int tid, int threads) {
-  const int lines = kStepRows - valid;
+// A group's last stage: lines from .. to-1 (rows past the group's end inside its last 16-row WGMMA step) of `boxes`
+// consecutive 64-line boxes from `base` zeroed, whole 128-byte lines (the swizzle permutes 16-byte units within a
+// line), by `threads` threads (tid).
+__device__ __forceinline__ void zero_lines(uint8_t* base, int boxes, int from, int to, int tid, int threads) {
+  const int lines = to - from;
   for (int u = tid; u < boxes * lines * 8; u += threads) {  // 16-byte units
     const int box = u / (lines * 8), rem = u - box * lines * 8;
-    *reinterpret_cast<uint4*>(base + box * kChunkW + (valid + rem / 8) * 128 + (rem % 8) * 16) =
+    *reinterpret_cast<uint4*>(base + box * kChunkW + (from + rem / 8) * 128 + (rem % 8) * 16) =
         make_uint4(0, 0, 0, 0);
   }
+}
+
+// One stage's WGMMAs for warpgroup c (x's box c as A, y's 4 boxes as B): its first N16 steps of 16 rows (a group's
+// last stage: the steps holding its rows; the rest of the stage is never read).
+template <int N16>
+__device__ __forceinline__ void stage_mma(float (&acc)[2][64], uint8_t* xs, uint8_t* ys, int c) {
+#pragma unroll
+  for (int kk = 0; kk < N16; ++kk) {  // 16 rows per WGMMA: 16 lines of 128 bytes further
+    const uint64_t desc_a = smem_desc_mn(xs + c * kChunkW + kk * 16 * 128, kChunkW, 1024);
+    const uint64_t desc_b = smem_desc_mn(ys + kk * 16 * 128, kChunkW, 1024);
+    mma_64x256x16_bf16<true, true>(acc, desc_a, desc_b, 1);
+  }
+}
+
+// One stage of warpgroup c's tile: wait for it, zero the lines valid .. N16*16-1 if any (a group's last stage: rows
+// past the group's end in the last 16-row step multiplied), its first N16 16-row steps of WGMMA, then commit and hand
+// back the previous stage (stage_issued).
+template <int CLUSTER, int N16>
+__device__ __forceinline__ void reduce_stage(float (&acc)[2][64], uint8_t* xs0, uint8_t* ys0, uint64_t* full,
+                                             uint64_t* empty, StageRing<kStagesW>& ring, int& prev, int valid, int c,
+                                             int ctid, int lane) {
+  const int s = ring.s;
+  bar_wait(&full[s], ring.phase);
+  uint8_t* xs = xs0 + s * kXBytes;
+  uint8_t* ys = ys0 + s * kYBytes;
+  if (valid < N16 * 16) {
+    zero_lines(xs, kXBytes / kChunkW, valid, N16 * 16, ctid, 256);
+    zero_lines(ys, kYBytes / kChunkW, valid, N16 * 16, ctid, 256);
+    fence_proxy_async_smem();  // the zeros, visible to the WGMMAs of both warpgroups
+    consumers_sync();
+  }
+  fence_regs(acc[0]);
+  fence_regs(acc[1]);
+  wgmma_fence();
+  stage_mma<N16>(acc, xs, ys, c);
+  stage_issued<CLUSTER>(acc, empty, prev, s, ring, lane);
+}
+
+// A tile's stages: all but the last whole (4 steps of 16 rows), the last NL steps (a template argument, so that
+// each stage's WGMMAs are straight-line code: with the count chosen by branches around them ptxas serialized every
+// WGMMA, no warning given).
+template <int CLUSTER, int NL>
+__device__ __forceinline__ void reduce_tile(float (&acc)[2][64], uint8_t* xs0, uint8_t* ys0, uint64_t* full,
+                                            uint64_t* empty, StageRing<kStagesW>& ring, int steps, int last_valid,
+                                            int c, int ctid, int lane) {
+  int prev = -1;  // the stage whose products are still in flight
+  for (int kb = 0; kb + 1 < steps; ++kb)
+    reduce_stage<CLUSTER, kStepRows / 16>(acc, xs0, ys0, full, empty, ring, prev, kStepRows, c, ctid, lane);
+  reduce_stage<CLUSTER, NL>(acc, xs0, ys0, full, empty, ring, prev, last_valid, c, ctid, lane);
+  stages_done<CLUSTER>(acc, empty, prev, lane);
 }
 
 // Group g's rows start .. end, clamped like TileWalk (bad counts never read past M).
@@ -110,34 +158,16 @@ struct WTile {
   }
 };
 
-// Named barriers of STAGGER (0 is __syncthreads, 1 consumers_sync): 2 + c, warpgroup c's epilogue turn (it waits
-// there, the other warpgroup arrives); 4 + c, warpgroup c's 128 threads.
-__device__ __forceinline__ void warpgroup_sync(int c) { asm volatile("bar.sync %0, 128;" ::"r"(4 + c) : "memory"); }
-__device__ __forceinline__ void epilogue_turn_wait(int c) {
-  asm volatile("bar.sync %0, 256;" ::"r"(2 + c) : "memory");
-}
-__device__ __forceinline__ void epilogue_turn_pass(int c) {  // to the other warpgroup
-  asm volatile("bar.arrive %0, 256;" ::"r"(3 - c) : "memory");
-}
-
 // CLUSTER 1: tiles handed out at run time (their costs follow the groups' rows). CLUSTER 2: the two CTAs of a
 // cluster take two row tiles of one group with the same columns and share y's boxes by TMA multicast (each loads
 // two of the four), so a CTA reads 32 KB per stage from L2 instead of 48; units in a fixed round robin (units run
 // group by group and a cluster takes every (clusters)-th, so every cluster gets about the same rows).
-//
-// STAGGER (one CTA per tile): the two consumer warpgroups split a tile by columns instead of rows (each all 128 rows
-// x its 128 columns: two WGMMA m64n128k16 per 16 rows, the same stages and bytes) and take turns for the epilogue.
-// Cooperatively both warpgroups reduce a tile's 2-4 stages, then both zero, stage and store, so at 128-256 rows per
-// group the tensor cores idled a third of the time (ncu, G32_fc1_256: the tile's epilogue ~27% and the last-stage
-// zeroing ~8% of the consumers' stall samples). Staggered, one warpgroup's WGMMAs run during the other's epilogue:
-// the stages are shared (each is handed back once both warpgroups are done with it), so the leading warpgroup can
-// be at most the ring's depth ahead.
-template <int CLUSTER, bool STAGGER>
+
+template <int CLUSTER>
 __global__ void __launch_bounds__(kThreads, 1)
     grouped_wgrad_kernel(const __grid_constant__ CUtensorMap map_x, const __grid_constant__ CUtensorMap map_y,
                          const __grid_constant__ CUtensorMap map_out, const ArgsW p) {
   static_assert(CLUSTER == 1 || CLUSTER == 2, "one CTA, or two sharing y");
-  static_assert(!STAGGER || CLUSTER == 1, "staggered warpgroups: one CTA per tile");
   extern __shared__ uint8_t smem_raw[];
   const SmemW smem(smem_raw);  // x [stages][2 boxes][64 rows][128 bytes], y [stages][4 boxes][64 rows][128 bytes]
   uint64_t* full = smem.full;
@@ -202,17 +232,12 @@ __global__ void __launch_bounds__(kThreads, 1)
     return;
   }
 
-  // consumers. Cooperative: warpgroup c computes rows c*64 .. c*64+63 of each tile (x's box c), all 256 columns.
-  // STAGGER: warpgroup c computes all 128 rows, columns c*128 .. c*128+127 (y's boxes 2c, 2c+1).
+  // consumers: warpgroup c computes rows c*64 .. c*64+63 of each tile (x's box c), all 256 columns
   asm volatile("setmaxnreg.inc.sync.aligned.u32 232;");
   const int c = wg - 1;
   const int ctid = threadIdx.x - 128;
-  const int wtid = threadIdx.x % 128;
-  const int lane = threadIdx.x % 32, warp = wtid / 32;
-  // the thread that waits for and issues this warpgroup's (STAGGER) or the CTA's TMA stores
-  const bool storer = STAGGER ? wtid == 0 : ctid == 0;
+  const int lane = threadIdx.x % 32, warp = (threadIdx.x % 128) / 32;
   StageRing<kStagesW> ring;
-  int tiles = 0;  // STAGGER: epilogues done (the turns taken)
   for (;;) {
     bar_wait(&full[ring.s], ring.phase);  // the unit's first stage
     const int4 in = info[ring.s];
@@ -230,84 +255,36 @@ __global__ void __launch_bounds__(kThreads, 1)
       release_stage<CLUSTER>(empty, ring.s, lane);
       ring.advance();
     } else {
-      int prev = -1;  // the stage whose products are still in flight
-      for (int kb = 0; kb < w.steps; ++kb) {
-        const int s = ring.s;
-        bar_wait(&full[s], ring.phase);
-        uint8_t* xs = smem.a + s * kXBytes;
-        uint8_t* ys = smem.b + s * kYBytes;
-        const int valid = w.end - (w.start + kb * kStepRows);
-        if (valid < kStepRows) {  // the group's last stage: its lines past the group's end zeroed
-          if constexpr (STAGGER) {
-            // the boxes this warpgroup reads: x's two (the other warpgroup writes the same zeros to them, before or
-            // after: no value read by either WGMMA changes) and its two of y's
-            zero_lines_past(xs, kXBytes / kChunkW, valid, wtid, 128);
-            zero_lines_past(ys + 2 * c * kChunkW, 2, valid, wtid, 128);
-            fence_proxy_async_smem();  // the zeros, visible to this warpgroup's WGMMAs
-            warpgroup_sync(c);
-          } else {  // all 6 boxes, by both warpgroups
-            zero_lines_past(xs, kXBytes / kChunkW, valid, ctid, 256);
-            zero_lines_past(ys, kYBytes / kChunkW, valid, ctid, 256);
-            fence_proxy_async_smem();  // the zeros, visible to the WGMMAs of both warpgroups
-            consumers_sync();
-          }
-        }
-        fence_regs(acc[0]);
-        fence_regs(acc[1]);
-        wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < kStepRows / 16; ++kk) {  // 16 rows per WGMMA: 16 lines of 128 bytes further
-          if constexpr (STAGGER) {
-            const uint64_t desc_b = smem_desc_mn(ys + 2 * c * kChunkW + kk * 16 * 128, kChunkW, 1024);
-#pragma unroll
-            for (int r = 0; r < 2; ++r)
-              mma_64x128x16_bf16<true, true>(acc[r], smem_desc_mn(xs + r * kChunkW + kk * 16 * 128, kChunkW, 1024),
-                                             desc_b, 1);
-          } else {
-            const uint64_t desc_a = smem_desc_mn(xs + c * kChunkW + kk * 16 * 128, kChunkW, 1024);
-            const uint64_t desc_b = smem_desc_mn(ys + kk * 16 * 128, kChunkW, 1024);
-            mma_64x256x16_bf16<true, true>(acc, desc_a, desc_b, 1);
-          }
-        }
-        stage_issued<CLUSTER>(acc, empty, prev, s, ring, lane);
+      // the group's last stage: only its 16-row steps holding rows of the group are multiplied (at 128-256 rows
+      // per group about a tenth of the WGMMAs were on rows past the end), the lines past the end inside the last
+      // of them zeroed (at most 15)
+      const int last_valid = w.end - w.start - (w.steps - 1) * kStepRows;  // 1 .. 64
+      switch ((last_valid + 15) / 16) {
+        case 1:
+          reduce_tile<CLUSTER, 1>(acc, smem.a, smem.b, full, empty, ring, w.steps, last_valid, c, ctid, lane);
+          break;
+        case 2:
+          reduce_tile<CLUSTER, 2>(acc, smem.a, smem.b, full, empty, ring, w.steps, last_valid, c, ctid, lane);
+          break;
+        case 3:
+          reduce_tile<CLUSTER, 3>(acc, smem.a, smem.b, full, empty, ring, w.steps, last_valid, c, ctid, lane);
+          break;
+        default:
+          reduce_tile<CLUSTER, 4>(acc, smem.a, smem.b, full, empty, ring, w.steps, last_valid, c, ctid, lane);
       }
-      stages_done<CLUSTER>(acc, empty, prev, lane);
     }
-    if constexpr (STAGGER) {
-      // the epilogues take turns (warpgroup 0 first): while one warpgroup stages and stores its half of the tile,
-      // the other's WGMMAs run alone, and the offset this leaves between them persists, so the tensor cores see one
-      // warpgroup's WGMMAs during the other's epilogue (and its last-stage zeroing) instead of idling
-      if (c == 1 || tiles > 0) epilogue_turn_wait(c);
-      if (storer) bulk_wait_all<true>();  // this warpgroup's previous TMA store has read its half of out_smem
-      warpgroup_sync(c);
-      stage_out(acc, out_smem, 0, 64, c * 16, 0, warp, lane);
-      fence_proxy_async_smem();  // the half tile, visible to TMA
-      warpgroup_sync(c);
-      if (storer && w.p0 < p.P) {
+    if (ctid == 0) bulk_wait_all<true>();  // the previous tile's TMA store has read out_smem
+    consumers_sync();
+    stage_out(acc, out_smem, c, warp, lane);
+    fence_proxy_async_smem();  // the tile, visible to TMA
+    consumers_sync();
+    if (ctid == 0 && w.p0 < p.P) {  // (rank 1 of a group's odd last row tile has no rows of out)
 #pragma unroll
-        for (int b = 2 * c; b < 2 * c + 2; ++b)
-          tma_store_3d(&map_out, out_smem + b * (kBM * 128), w.q0 + b * 64, w.p0, w.g);
-        bulk_commit();
-      }
-      epilogue_turn_pass(c);
-      ++tiles;
-    } else {
-      if (storer) bulk_wait_all<true>();  // the previous tile's TMA store has read out_smem
-      consumers_sync();
-      stage_out(acc, out_smem, c * 64, 0, 0, 16, warp, lane);
-      fence_proxy_async_smem();  // the tile, visible to TMA
-      consumers_sync();
-      if (storer && w.p0 < p.P) {  // (rank 1 of a group's odd last row tile has no rows of out)
-#pragma unroll
-        for (int b = 0; b < kBN / 64; ++b)
-          tma_store_3d(&map_out, out_smem + b * (kBM * 128), w.q0 + b * 64, w.p0, w.g);
-        bulk_commit();
-      }
+      for (int b = 0; b < kBN / 64; ++b) tma_store_3d(&map_out, out_smem + b * (kBM * 128), w.q0 + b * 64, w.p0, w.g);
+      bulk_commit();
     }
   }
-  // STAGGER: warpgroup 1's last turn handed to warpgroup 0 is taken, so no named barrier is left half arrived
-  if (STAGGER && c == 0 && tiles > 0) epilogue_turn_wait(0);
-  if (storer) bulk_wait_all<false>();  // out_smem must outlive the stores' reads; the writes done too
+  if (ctid == 0) bulk_wait_all<false>();  // out_smem must outlive the stores' reads; the writes done too
 }
 
 // out [G, P, Q] bf16 (row stride ldo, group stride out_group elements) = per group g (rows offs[g-1] .. offs[g])
@@ -315,10 +292,8 @@ __global__ void __launch_bounds__(kThreads, 1)
 // [G] on the GPU; counter: a zeroed int32 on the GPU (the dynamic tile order).
 void grouped_wgrad(int device, uint64_t stream, uint64_t x_addr, uint64_t y_addr, uint64_t out_addr,
                    uint64_t offs_addr, int64_t M, int64_t P, int64_t Q, int64_t G, int64_t ldx, int64_t ldy,
-                   int64_t ldo, int64_t out_group, int num_sms, uint64_t counter, int cluster, bool stagger) {
+                   int64_t ldo, int64_t out_group, int num_sms, uint64_t counter, int cluster) {
   if (cluster != 1 && cluster != 2) throw std::invalid_argument("turbo_dist._fp8_wgmma: cluster must be 1 or 2");
-  if (stagger && cluster != 1)
-    throw std::invalid_argument("turbo_dist._fp8_wgmma: grouped_wgrad with staggered warpgroups needs cluster 1");
   if (cluster == 1 && (!counter || counter % 4))
     throw std::invalid_argument("turbo_dist._fp8_wgmma: grouped_wgrad with cluster 1 needs a zeroed, 4-byte aligned "
                                 "int32 counter");
@@ -354,15 +329,12 @@ void grouped_wgrad(int device, uint64_t stream, uint64_t x_addr, uint64_t y_addr
   args.Q = int(Q);
   args.G = int(G);
   const auto st = reinterpret_cast<cudaStream_t>(stream);
-  if (stagger)
-    launch_persistent<grouped_wgrad_kernel<1, true>, 1, kSmemBytesW>(device, tiles, num_sms, st, map_x, map_y,
-                                                                     map_out, args);
-  else if (cluster == 2)
-    launch_persistent<grouped_wgrad_kernel<2, false>, 2, kSmemBytesW>(device, tiles, num_sms, st, map_x, map_y,
-                                                                      map_out, args);
+  if (cluster == 2)
+    launch_persistent<grouped_wgrad_kernel<2>, 2, kSmemBytesW>(device, tiles, num_sms, st, map_x, map_y, map_out,
+                                                               args);
   else
-    launch_persistent<grouped_wgrad_kernel<1, false>, 1, kSmemBytesW>(device, tiles, num_sms, st, map_x, map_y,
-                                                                      map_out, args);
+    launch_persistent<grouped_wgrad_kernel<1>, 1, kSmemBytesW>(device, tiles, num_sms, st, map_x, map_y, map_out,
+                                                               args);
 }
 
 }  // namespace
@@ -373,7 +345,7 @@ void register_wgrad(py::module_& m) {
   m.def("grouped_wgrad", &grouped_wgrad, py::arg("device"), py::arg("stream"), py::arg("x"), py::arg("y"),
         py::arg("out"), py::arg("offs"), py::arg("M"), py::arg("P"), py::arg("Q"), py::arg("G"), py::arg("ldx"),
         py::arg("ldy"), py::arg("ldo"), py::arg("out_group"), py::arg("num_sms"), py::arg("counter") = 0,
-        py::arg("cluster") = 1, py::arg("stagger") = false);
+        py::arg("cluster") = 1);
 }
 
 }  // namespace turbo_dist_wgmma

@@ -111,27 +111,22 @@ def _wgmma_grouped_can(a, b, group_lens, trans_b=False):
 
 
 # The weight gradient's CTAs per cluster: 2 = two row tiles of a group share dc's (y's) boxes by TMA multicast, 1 =
-# one CTA per tile, tiles handed out at run time. WGRAD_STAGGER: one CTA per tile, its two consumer warpgroups
-# splitting it by columns and taking turns for the epilogue, so one's WGMMAs run during the other's epilogue
-# (grouped_wgrad.cu, STAGGER); not yet run on a GPU, so not the default. (Two independent pipelines of 128 x 128
-# tiles per CTA measured 0.84-0.92x torch's at 128-1024 rows per expert, below one CTA per tile:
-# benchmarks/results/probe_grouped_wgrad_p2_h200.json; removed.)
+# one CTA per tile, tiles handed out at run time. (Measured and removed: two independent pipelines of 128 x 128
+# tiles per CTA, 0.84-0.92x torch's at 128-1024 rows per expert, probe_grouped_wgrad_p2_h200.json; warpgroups
+# splitting a tile by columns and taking turns for the epilogue, 0.96-1.04x one CTA per tile,
+# probe_grouped_wgrad_stagger_h200.json.)
 WGRAD_CLUSTER = 2
-WGRAD_STAGGER = False
 
 
-def wgmma_wgrad(a, dc, group_lens, trans_b=False, num_sms=None, cluster=None, stagger=None):
+def wgmma_wgrad(a, dc, group_lens, trans_b=False, num_sms=None, cluster=None):
     """grouped_gemm_wgrad on Hopper (csrc/fp8_wgmma/grouped_wgrad.cu): dB [G, K, N] = per group a[rows]^T @ dc[rows]
     (trans_b: [G, N, K] = dc[rows]^T @ a[rows]); a group without rows gets zeros. num_sms: CTAs at most (default:
-    the GPU's SMs; tests use fewer); stagger: staggered warpgroups (default WGRAD_STAGGER; one CTA per tile);
-    cluster: 1 or 2 (default WGRAD_CLUSTER, 1 when staggered; 2 with stagger: ValueError)."""
+    the GPU's SMs; tests use fewer); cluster: 1 or 2 (default WGRAD_CLUSTER)."""
     from turbo_dist.kernels import gemm as gemm_kernels
 
-    stagger = WGRAD_STAGGER if stagger is None else stagger
-    cluster = (1 if stagger else WGRAD_CLUSTER) if cluster is None else cluster
-    if stagger not in (True, False) or cluster not in (1, 2) or (stagger and cluster != 1):
-        raise ValueError(f"wgmma_wgrad: cluster must be 1 or 2, and staggered warpgroups (stagger=True) need "
-                         f"cluster=1; got stagger={stagger}, cluster={cluster}")
+    cluster = WGRAD_CLUSTER if cluster is None else cluster
+    if cluster not in (1, 2):
+        raise ValueError(f"wgmma_wgrad: cluster must be 1 or 2, got cluster={cluster}")
     x, y = (dc, a) if trans_b else (a, dc)
     M, P = x.shape
     Q, G = y.shape[1], group_lens.shape[0]
@@ -147,7 +142,7 @@ def wgmma_wgrad(a, dc, group_lens, trans_b=False, num_sms=None, cluster=None, st
         y=y.data_ptr(), out=out.data_ptr(), offs=offs.data_ptr(), M=M, P=P, Q=Q, G=G, ldx=x.stride(0),
         ldy=y.stride(0), ldo=Q, out_group=P * Q,
         num_sms=gemm_kernels._num_sms(a.device) if num_sms is None else num_sms,
-        counter=0 if counter is None else counter.data_ptr(), cluster=cluster, stagger=bool(stagger))
+        counter=0 if counter is None else counter.data_ptr(), cluster=cluster)
     return out
 
 
@@ -156,7 +151,7 @@ def wgmma_wgrad(a, dc, group_lens, trans_b=False, num_sms=None, cluster=None, st
 # expert (0.88-0.95x torch's with the TMA-store epilogue and 2-CTA clusters, ~0.95-1.0x at ~1024;
 # benchmarks/results/probe_grouped_wgrad_*_h200.json, ops_grouped_wgrad_h200.json with it on): each tile's 2-4
 # stages of WGMMA run in series with its epilogue and its last stage's zeroing in the same warps, so the tensor
-# cores idle between tiles; staggered warpgroups (WGRAD_STAGGER) are meant to hide that. Opt-in until then:
+# cores idle between tiles. Opt-in until then:
 # set_backend("grouped_gemm_wgrad", "wgmma").
 WGRAD_PREFERRED = False
 
