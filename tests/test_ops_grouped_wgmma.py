@@ -96,13 +96,11 @@ def test_wgmma_grouped_passes_both_layouts(fake_kernels, monkeypatch):
     monkeypatch.setattr(grouped_wgmma, "HALF_TILES", True)
     grouped_wgmma.wgmma_grouped(a, b, torch.tensor([10]))
     assert calls[-1]["counter"]
-    grouped_wgmma.wgmma_grouped(a, b, torch.tensor([10]), cluster=2)  # with a cluster: column pairs, dynamic
-    assert calls[-1]["counter"] and calls[-1]["cluster"] == 2
-    grouped_wgmma.wgmma_grouped(a, b, torch.tensor([10]), cluster=2, half_tiles=False)  # row pairs, fixed order
-    assert "counter" not in calls[-1] and calls[-1]["cluster"] == 2
+    grouped_wgmma.wgmma_grouped(a, b, torch.tensor([10]), cluster=2)  # the default yields to a cluster
+    assert "counter" not in calls[-1]
     n = len(calls)
-    for bad in (dict(tail_pct=50), dict(cluster=2, tail_pct=50)):
-        with pytest.raises(ValueError, match="half_tiles needs no stream-K tail"):
+    for bad in (dict(cluster=2), dict(tail_pct=50)):
+        with pytest.raises(ValueError, match="half_tiles needs cluster=1 and no stream-K tail"):
             grouped_wgmma.wgmma_grouped(a, b, torch.tensor([10]), half_tiles=True, **bad)
     assert len(calls) == n
     out = grouped_wgmma.wgmma_grouped(torch.zeros(10, 0, dtype=torch.bfloat16),
@@ -138,11 +136,9 @@ def test_wgmma_grouped_matches_reference_gpu(lens, K, N, trans_b):
     outs = {c: grouped_wgmma.wgmma_grouped(a, b, gl.cuda(), trans_b, cluster=c, tail_pct=0, half_tiles=False)
             for c in (1, 2)}
     half = grouped_wgmma.wgmma_grouped(a, b, gl.cuda(), trans_b, cluster=1, tail_pct=0, half_tiles=True)
-    pairs = grouped_wgmma.wgmma_grouped(a, b, gl.cuda(), trans_b, cluster=2, tail_pct=0, half_tiles=True)
     torch.cuda.synchronize()
     assert outs[1].shape == (sum(lens), N) and outs[1].dtype == torch.bfloat16
     assert torch.equal(outs[1], outs[2]), "one CTA per tile and two sharing the weights differ"
-    assert torch.equal(half, pairs), "column pairs sharing A differ from one CTA per (half) tile"
     if sum(lens) == 0:
         return
     # half tiles sum the same K steps in the same order (m64n128 instead of m64n256 WGMMAs)
@@ -182,18 +178,12 @@ def test_wgmma_grouped_dynamic_half_tiles_gpu(num_sms, trans_b):
     whole = grouped_wgmma.wgmma_grouped(a, b, gl.cuda(), trans_b, tail_pct=0, half_tiles=False, num_sms=num_sms)
     outs = [grouped_wgmma.wgmma_grouped(a, b, gl.cuda(), trans_b, tail_pct=0, half_tiles=True, num_sms=num_sms)
             for _ in range(2)]
-    # column pairs (2-CTA clusters sharing A, units handed from rank 0 to rank 1) on 2 to all CTAs; N = 640: three
-    # column tiles, so rank 1 of each unit's second pair has no columns
-    pairs = [grouped_wgmma.wgmma_grouped(a, b, gl.cuda(), trans_b, tail_pct=0, half_tiles=True, cluster=2,
-                                         num_sms=None if num_sms is None else 2 * num_sms) for _ in range(2)]
     torch.cuda.synchronize()
     ref = grouped_ref(a, b, gl, trans_b)
     for out in outs:
         assert rel(out, whole) < 1e-3, num_sms
         assert rel(out, ref) < 1e-2
     assert torch.equal(outs[0], outs[1])
-    for out in pairs:
-        assert torch.equal(out, outs[0]), num_sms
 
 
 def test_wgmma_wgrad_passes_the_operands(fake_kernels):

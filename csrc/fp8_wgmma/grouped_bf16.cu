@@ -27,12 +27,6 @@ constexpr int kBBytes16 = kBN * kBK16 * 2;          // 32 KB
 constexpr int kChunkBytes16 = 64 * kBK16 * 2;       // N-major B: one box of 64 columns x 64 K rows, 8 KB
 using Smem16 = StageSmem<kStages16, kABytes16, kBBytes16>;
 constexpr int kSmemBytes16 = Smem16::kBytes;
-constexpr int kSmemBytes16Pair = Smem16::kBytes + 8 * kStages16;  // PAIR: the stages' ready barriers
-
-// PAIR: rank 1's barriers [stages] on which rank 0 publishes a unit's index (past the stage slots, 8-byte aligned)
-__device__ __forceinline__ uint64_t* pair_ready(const Smem16& smem) {
-  return reinterpret_cast<uint64_t*>(smem.slot + kStages16);
-}
 
 struct Args16 {
   const int64_t* offs;  // cumulative group ends [G]
@@ -88,53 +82,17 @@ __device__ __forceinline__ void consume16(float (&acc)[2][64], const uint8_t* sm
   if (prev >= 0) release_stage<CLUSTER>(empty, prev, lane);
 }
 
-// PAIR: the cluster's next unit (one row tile, two column tiles). Rank 0 claims it (the first wave by cluster index,
-// then the counter) and hands it to rank 1 in the slot of the unit's first stage, with a cluster-scope release on
-// rank 1's ready[s] (once per unit); -1 past the last unit, on which both producers arrive without data on that
-// stage's full barrier (each CTA's consumers read -1 there and hand the stage back) and leave the ring past it.
-template <class WALK>  // TileWalk<1> (a template only so that the other kernels' code names it without using it)
-__device__ __forceinline__ bool pair_next_unit(int i, uint32_t rank, const Args16& p, WALK& walk,
-                                               int col_units, int* slot, uint64_t* ready, uint32_t& ready_bits,
-                                               uint64_t* full, uint64_t* empty, StageRing<kStages16>& ring,
-                                               int& t) {
-  const int s = ring.s;
-  if (rank == 0) {
-    t = i == 0 ? int(blockIdx.x) / 2 : int(gridDim.x) / 2 + atomicAdd(p.counter, 1);
-    if (!walk.seek(p, col_units, t)) t = -1;
-    bar_wait(&empty[s], ring.phase ^ 1);  // both CTAs' consumers are done with stage s: both slots are free
-    slot[s] = t;
-    st_cluster_then_arrive(&slot[s], t, &ready[s], 1);
-  } else {
-    bar_wait_cluster(&ready[s], (ready_bits >> s) & 1u);
-    ready_bits ^= 1u << s;
-    t = slot[s];
-    slot[s] = t;  // (the same value, written here too: published to this CTA's consumers by our arrival below)
-    if (t >= 0) walk.seek(p, col_units, t);
-  }
-  if (t >= 0) return true;
-  bar_arrive(&full[s]);
-  ring.advance();
-  return false;
-}
-
 // DYN: tiles handed out at run time (the first wave by block index, then one atomicAdd on p.counter per tile by the
 // producer, its tile index passed to the consumers in the slot of the tile's first stage), and a group's last <= 64
 // rows as a half tile (the 64-row box map_a64, each consumer warpgroup half the columns): tiles of two costs, which
 // a fixed round robin would leave unbalanced. One CTA per tile, no stream-K tail.
-// PAIR (with DYN, CLUSTER 2): the two CTAs of a cluster take one row tile (or half tile) and two adjacent column tiles,
-// and share A by TMA multicast (each loads one 64-row half of it for both): a CTA reads 40 KB per stage from L2
-// instead of 48 (a half tile: 36 instead of 40), with no padding (the row-pair clusters above pad groups with an odd
-// row-tile count and take no half tiles). The forward at G=32 x 256 fc1 is L2-bound (ncu: 91% of the L2's
-// throughput) and holds the GPU at its power cap; the units are handed out at run time like DYN's, rank 0 claiming
-// and passing them to rank 1 (pair_next_unit).
-template <bool N_MAJOR, int CLUSTER, bool TAIL, bool DYN, bool PAIR = false>
+template <bool N_MAJOR, int CLUSTER, bool TAIL, bool DYN>
 __global__ void __launch_bounds__(kThreads, 1)
     grouped_bf16_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_a64,
                         const __grid_constant__ CUtensorMap map_b, const Args16 p) {
   static_assert(CLUSTER == 1 || CLUSTER == 2, "one CTA, or two sharing the weight tile");
   static_assert(!TAIL || CLUSTER == 1, "the stream-K tail: one CTA per tile");
-  static_assert(!DYN || ((CLUSTER == 1 || PAIR) && !TAIL), "dynamic tiles: one CTA per tile or column pairs, no tail");
-  static_assert(!PAIR || (CLUSTER == 2 && DYN), "column pairs: clusters of 2, dynamic units");
+  static_assert(!DYN || (CLUSTER == 1 && !TAIL), "dynamic tiles: one CTA per tile, no stream-K tail");
   extern __shared__ uint8_t smem_raw[];
   const Smem16 smem(smem_raw);  // A [stages][128 rows][128 bytes]; B K-major [stages][256 rows][128 bytes],
   uint8_t* smem_a = smem.a;     // N-major [stages][4 chunks][64 K rows][128 bytes]
@@ -146,16 +104,11 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   const uint32_t rank = CLUSTER > 1 ? cluster_rank() : 0;
   const int first_unit = blockIdx.x / CLUSTER, unit_stride = gridDim.x / CLUSTER;
-  // PAIR: units of two column tiles (the name kept for the shared walk and TD_NEXT_PIECE)
-  const int col_tiles = PAIR ? ((p.N + kBN - 1) / kBN + 1) / 2 : (p.N + kBN - 1) / kBN;
+  const int col_tiles = (p.N + kBN - 1) / kBN;
   const int k_steps = (p.K + kBK16 - 1) / kBK16;
-  TileWalk<PAIR ? 1 : CLUSTER> walk;
+  TileWalk<CLUSTER> walk;
   if constexpr (TAIL) {
     if (threadIdx.x == 0) *smem.tiles = walk.count(p, col_tiles);
-  }
-  if constexpr (PAIR) {  // before init_stage_barriers' fence and cluster sync
-    if (threadIdx.x == 0)
-      for (int i = 0; i < kStages16; ++i) bar_init(&pair_ready(smem)[i], 1);
   }
   init_stage_barriers<kStages16, CLUSTER>(full, empty);
   int t, kb0, kb1;  // piece i of this CTA's work (work_piece): tile t, K steps kb0 .. kb1
@@ -167,51 +120,24 @@ __global__ void __launch_bounds__(kThreads, 1)
     StageRing<kStages16> ring;
     constexpr uint16_t kMask = uint16_t((1u << CLUSTER) - 1);
     // DYN: the first wave by block index, then the next tile nobody has taken (common.h, dynamic tiles)
-    uint32_t ready_bits = 0;  // PAIR, rank 1: the parity of each stage's ready barrier
-    for (int i = 0; PAIR  ? (pair_next_unit(i, rank, p, walk, col_tiles, smem.slot, pair_ready(smem), ready_bits,
-                                            full, empty, ring, t) &&
-                             ((kb0 = 0), (kb1 = k_steps), true))
-                    : DYN ? producer_next_tile(i, p.counter, p, walk, col_tiles, k_steps, smem.slot, full, empty,
-                                               ring, t, kb0, kb1)
-                          : TD_NEXT_PIECE(i);
+    for (int i = 0; DYN ? producer_next_tile(i, p.counter, p, walk, col_tiles, k_steps, smem.slot, full, empty,
+                                             ring, t, kb0, kb1)
+                        : TD_NEXT_PIECE(i);
          ++i) {
       int m0, n0;
       walk.coords(col_tiles, t, m0, n0);
-      if constexpr (PAIR) n0 = n0 * 2 + int(rank) * kBN;
-      else m0 += int(rank) * kBM;
+      m0 += int(rank) * kBM;
       const bool rows = m0 < walk.group_end;
       const bool half = DYN && walk.group_end - m0 <= 64;
-      const bool cols = !PAIR || n0 < p.N;  // PAIR: rank 1 of an odd last column tile has no columns (loads A only)
       for (int kb = kb0; kb < kb1; ++kb) {
         const int s = ring.s;
         bar_wait(&empty[s], ring.phase ^ 1);
-        if constexpr (PAIR) {  // A: this CTA's 64-row half for both CTAs (a half tile's 64 rows: rank 0's)
-          bar_expect_tx(&full[s], (half ? kABytes16 / 2 : kABytes16) + (cols ? kBBytes16 : 0));
-          if (!half || rank == 0)
-            tma_load_2d_multicast(smem_a + s * kABytes16 + int(rank) * 64 * 128, &map_a64, &full[s], kb * kBK16,
-                                  m0 + int(rank) * 64, uint16_t(3));
-          if (!cols) {
-            ring.advance();
-            continue;
-          }
-        } else {
-          if (DYN && kb == kb0) smem.slot[s] = t;  // published by the arrival below (release, CTA scope)
-          bar_expect_tx(&full[s], (rows ? (half ? kABytes16 / 2 : kABytes16) : 0) + kBBytes16);
-          if (half) tma_load_2d(smem_a + s * kABytes16, &map_a64, &full[s], kb * kBK16, m0);
-          else if (rows) tma_load_2d(smem_a + s * kABytes16, &map_a, &full[s], kb * kBK16, m0);
-        }
+        if (DYN && kb == kb0) smem.slot[s] = t;  // published by the arrival below (release, CTA scope)
+        bar_expect_tx(&full[s], (rows ? (half ? kABytes16 / 2 : kABytes16) : 0) + kBBytes16);
+        if (half) tma_load_2d(smem_a + s * kABytes16, &map_a64, &full[s], kb * kBK16, m0);
+        else if (rows) tma_load_2d(smem_a + s * kABytes16, &map_a, &full[s], kb * kBK16, m0);
         uint8_t* b_stage = smem_b + s * kBBytes16;
-        if constexpr (PAIR) {  // this CTA's own weight tile
-          if constexpr (N_MAJOR) {
-#pragma unroll
-            for (int c = 0; c < 4; ++c) {
-              const int nc = n0 + c * 64 < p.N ? n0 + c * 64 : n0;  // chunks wholly past N: columns never stored
-              tma_load_3d(b_stage + c * kChunkBytes16, &map_b, &full[s], nc, kb * kBK16, walk.g);
-            }
-          } else {
-            tma_load_3d(b_stage, &map_b, &full[s], kb * kBK16, n0, walk.g);
-          }
-        } else if constexpr (N_MAJOR) {  // this CTA's share of the four 64-column chunks
+        if constexpr (N_MAJOR) {  // this CTA's share of the four 64-column chunks
 #pragma unroll
           for (int c = int(rank) * (4 / CLUSTER); c < int(rank + 1) * (4 / CLUSTER); ++c) {
             const int nc = n0 + c * 64 < p.N ? n0 + c * 64 : n0;  // chunks wholly past N: columns never stored
@@ -247,9 +173,8 @@ __global__ void __launch_bounds__(kThreads, 1)
        ++i) {
     int m0, n0;
     walk.coords(col_tiles, t, m0, n0);
-    if constexpr (PAIR) n0 = n0 * 2 + int(rank) * kBN;
-    else m0 += int(rank) * kBM;
-    if (PAIR ? n0 >= p.N : CLUSTER > 1 && m0 >= walk.group_end) {  // no rows (no columns) here
+    m0 += int(rank) * kBM;
+    if (CLUSTER > 1 && m0 >= walk.group_end) {  // no rows here
       skip_stages<kStages16, CLUSTER>(full, empty, ring, kb1 - kb0, lane);
       continue;
     }
@@ -277,37 +202,31 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int r0 = m0 + c * 64 + warp * 16 + lane / 4;
     store_tile(acc, p.out, p.ldo, p.N, n0, r0, r0 + 8, walk.group_end, lane);
   }
-  // PAIR: the -1 stage handed back too (the producers drain every stage before they exit)
-  if constexpr (PAIR) release_stage<CLUSTER>(empty, ring.s, lane);
 }
 
-template <bool N_MAJOR, int CLUSTER, bool TAIL = false, bool DYN = false, bool PAIR = false>
+template <bool N_MAJOR, int CLUSTER, bool TAIL = false, bool DYN = false>
 void launch16(int device, const CUtensorMap& map_a, const CUtensorMap& map_a64, const CUtensorMap& map_b,
               const Args16& args, int64_t units, int num_sms, cudaStream_t stream) {
-  launch_persistent<grouped_bf16_kernel<N_MAJOR, CLUSTER, TAIL, DYN, PAIR>, CLUSTER,
-                    PAIR ? kSmemBytes16Pair : kSmemBytes16>(device, units, num_sms, stream, map_a, map_a64, map_b,
-                                                           args);
+  launch_persistent<grouped_bf16_kernel<N_MAJOR, CLUSTER, TAIL, DYN>, CLUSTER, kSmemBytes16>(
+      device, units, num_sms, stream, map_a, map_a64, map_b, args);
 }
 
 // out [M, N] bf16 = per group g (rows offs[g-1] .. offs[g]): a[rows] @ B_g. a [M, K] bf16 at a_addr, row stride
 // lda elements; b: n_major ? [G, K, N] (row stride ldb, N contiguous) : [G, N, K] (row stride ldb, K contiguous),
 // group stride b_group elements; offs: int64 cumulative group ends [G] on the GPU. counter: a zeroed int32 on the
-// GPU for dynamic tiles with half tiles (0: the fixed round robin of whole tiles); with cluster 2 the clusters take
-// column pairs (PAIR: one row tile, two column tiles, A shared) instead of row pairs.
+// GPU for dynamic tiles with half tiles (0: the fixed round robin of whole tiles).
 void grouped_bf16(int device, uint64_t stream, uint64_t a_addr, uint64_t b_addr, uint64_t out_addr,
                   uint64_t offs_addr, int64_t M, int64_t N, int64_t K, int64_t G, int64_t lda, int64_t ldb,
                   int64_t b_group, int64_t ldo, bool n_major, int num_sms, int cluster, uint64_t ws, uint64_t flags,
                   int ws_ctas, int tail_pct, int tail_waves, double timeout_s, uint64_t counter) {
   if (cluster != 1 && cluster != 2) throw std::invalid_argument("turbo_dist._fp8_wgmma: cluster must be 1 or 2");
-  const bool pair = counter && cluster == 2;
-  const int64_t units = pair ? ((M + kBM - 1) / kBM + G) * (((N + kBN - 1) / kBN + 1) / 2)
-                             : unit_count(M, N, G, cluster);
+  const int64_t units = unit_count(M, N, G, cluster);
   const Fixup fix = make_fixup(ws, flags, ws_ctas, tail_pct, tail_waves, timeout_s, num_sms, cluster,
                                units * ((K + kBK16 - 1) / kBK16));
   const bool tail = fix.tail_pct > 0;
-  if (counter && (tail_pct > 0 || counter % 4))
-    throw std::invalid_argument("turbo_dist._fp8_wgmma: dynamic tiles (counter) need no stream-K tail and a 4-byte "
-                                "aligned counter");
+  if (counter && (cluster != 1 || tail_pct > 0 || counter % 4))
+    throw std::invalid_argument("turbo_dist._fp8_wgmma: dynamic tiles (counter) need cluster 1, no stream-K tail "
+                                "and a 4-byte aligned counter");
   if (M <= 0 || N <= 0 || G <= 0) return;
   if (K <= 0 || K % 8 || lda % 8 || ldb % 8 || b_group % 8 || a_addr % 16 || b_addr % 16)
     throw std::invalid_argument("turbo_dist._fp8_wgmma: K, the row/group strides (elements) must be multiples of "
@@ -327,7 +246,7 @@ void grouped_bf16(int device, uint64_t stream, uint64_t a_addr, uint64_t b_addr,
     map_b = make_map(b_addr, 3, dims_b, strides_b, box_b, kBf16);
   } else {  // boxes of (256 / cluster) rows x 64 K
     const uint64_t dims_b[3] = {uint64_t(K), uint64_t(N), uint64_t(G)};
-    const uint32_t box_b[3] = {kBK16, uint32_t(pair ? kBN : kBN / cluster), 1};
+    const uint32_t box_b[3] = {kBK16, uint32_t(kBN / cluster), 1};
     map_b = make_map(b_addr, 3, dims_b, strides_b, box_b, kBf16);
   }
   Args16 args;
@@ -342,9 +261,7 @@ void grouped_bf16(int device, uint64_t stream, uint64_t a_addr, uint64_t b_addr,
   args.fix = fix;
   auto s = reinterpret_cast<cudaStream_t>(stream);
   const CUtensorMap& a64 = map_a64;
-  if (pair && n_major) launch16<true, 2, false, true, true>(device, map_a, a64, map_b, args, units, num_sms, s);
-  else if (pair) launch16<false, 2, false, true, true>(device, map_a, a64, map_b, args, units, num_sms, s);
-  else if (counter && n_major) launch16<true, 1, false, true>(device, map_a, a64, map_b, args, units, num_sms, s);
+  if (counter && n_major) launch16<true, 1, false, true>(device, map_a, a64, map_b, args, units, num_sms, s);
   else if (counter) launch16<false, 1, false, true>(device, map_a, a64, map_b, args, units, num_sms, s);
   else if (n_major && tail) launch16<true, 1, true>(device, map_a, a64, map_b, args, units, num_sms, s);
   else if (tail) launch16<false, 1, true>(device, map_a, a64, map_b, args, units, num_sms, s);

@@ -94,30 +94,6 @@ __device__ __forceinline__ void bar_arrive_cluster(uint64_t* bar, uint32_t rank)
   asm volatile("mbarrier.arrive.shared::cluster.b64 _, [%0];" ::"r"(remote) : "memory");
 }
 
-// A 32-bit store to this shared-memory offset in CTA `rank` of the cluster, then an arrival on the barrier at `bar`'s
-// offset there with release at cluster scope: what the peer reads after its acquiring wait (bar_wait_cluster) sees
-// the store. For rare hand-offs (once per tile), not per stage (see bar_arrive_cluster).
-__device__ __forceinline__ void st_cluster_then_arrive(int* dst, int value, uint64_t* bar, uint32_t rank) {
-  uint32_t remote_dst, remote_bar;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote_dst) : "r"(smem_addr(dst)), "r"(rank));
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote_bar) : "r"(smem_addr(bar)), "r"(rank));
-  asm volatile("st.shared::cluster.u32 [%0], %1;" ::"r"(remote_dst), "r"(value) : "memory");
-  asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];" ::"r"(remote_bar) : "memory");
-}
-
-// Wait for this parity of a barrier that a peer CTA arrives on (st_cluster_then_arrive), acquiring at cluster scope.
-__device__ __forceinline__ void bar_wait_cluster(uint64_t* bar, uint32_t parity) {
-  uint32_t done = 0;
-  do {
-    asm volatile(
-        "{\n.reg .pred p;\nmbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, "
-        "0, p;\n}\n"
-        : "=r"(done)
-        : "r"(smem_addr(bar)), "r"(parity)
-        : "memory");
-  } while (!done);
-}
-
 // WGMMA shared-memory descriptor of a K-major tile in 128-byte swizzle atoms (what TMA's SWIZZLE_128B writes
 // for 128-byte rows): start address, stride between 8-row groups 1024 bytes, layout "128B swizzle".
 __device__ __forceinline__ uint64_t smem_desc(const void* p) {

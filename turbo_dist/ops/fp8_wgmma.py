@@ -69,16 +69,15 @@ def tile_counter(device):
     return torch.zeros(1, dtype=torch.int32, device=device)
 
 
-def half_tile_args(device, half_tiles, asked, cluster, sk, keep, pairs=False):
+def half_tile_args(device, half_tiles, asked, cluster, sk, keep):
     """(kernel arguments, buffers to keep alive) with the dynamic tile order's counter (tile_counter) added where
-    half tiles run: they need one CTA per tile (or, pairs: the bf16 kernel's clusters of two column tiles) and no
-    stream-K tail (`sk` empty); asked for (`asked`) where they cannot run: ValueError, otherwise they are left out."""
+    half tiles run: they need one CTA per tile and no stream-K tail (`sk` empty);
+    asked for (`asked`) where they cannot run: ValueError, otherwise they are left out."""
     if not half_tiles:
         return sk, keep
-    if (cluster != 1 and not pairs) or sk:
+    if cluster != 1 or sk:
         if asked:
-            raise ValueError("half_tiles needs cluster=1 and no stream-K tail (tail_pct=0)" if not pairs else
-                             "half_tiles needs no stream-K tail (tail_pct=0)")
+            raise ValueError("half_tiles needs cluster=1 and no stream-K tail (tail_pct=0)")
         return sk, keep
     counter = tile_counter(device)
     return dict(sk, counter=counter.data_ptr()), (*keep, counter)

@@ -50,10 +50,8 @@ def wgmma_grouped(a, b, group_lens, trans_b=False, cluster=None, tail_pct=None, 
     """out [M, N] bf16: per group a[rows] @ (b[g]^T if trans_b else b[g]) (checks: the predicate below);
     cluster: CTAs per cluster (1 or 2; default CLUSTER); tail_pct: the stream-K tail (fp8_wgmma.TAIL_PCT's
     meaning; default TAIL_PCT with one CTA per tile, off with clusters), tail_waves (fp8_wgmma.TAIL_WAVES);
-    half_tiles: dynamic tiles with half tiles (default HALF_TILES where no tail runs; asked for with a tail:
-    ValueError). With cluster 2 and half tiles a cluster takes one row tile and two column tiles and shares A
-    (column pairs, PAIR in grouped_bf16.cu); with cluster 2 and half_tiles=False, two row tiles sharing the weight
-    tile, in a fixed order. num_sms: CTAs at most (default: the GPU's SMs; tests use fewer)."""
+    half_tiles: dynamic tiles with half tiles (default HALF_TILES where one CTA per tile and no tail run; asked
+    for with a cluster or a tail: ValueError); num_sms: CTAs at most (default: the GPU's SMs; tests use fewer)."""
     from turbo_dist.kernels import gemm as gemm_kernels  # its cached SM count
 
     M, K = a.shape
@@ -69,7 +67,7 @@ def wgmma_grouped(a, b, group_lens, trans_b=False, cluster=None, tail_pct=None, 
     cluster = CLUSTER if cluster is None else cluster
     sk, _keep = stream_k_args(a.device, num_sms, cluster, tail_pct, tail_waves, TAIL_PCT)
     sk, _keep = half_tile_args(a.device, HALF_TILES if half_tiles is None else half_tiles, half_tiles is not None,
-                               cluster, sk, _keep, pairs=True)
+                               cluster, sk, _keep)
     wgmma_module().grouped_bf16(
         device=a.device.index, stream=torch.cuda.current_stream(a.device).cuda_stream, a=a.data_ptr(),
         b=b.data_ptr(), out=out.data_ptr(), offs=offs.data_ptr(), M=M, N=N, K=K, G=G, lda=a.stride(0),
