@@ -10,8 +10,8 @@ transposed b with K > N) and on a forward wider than deep up to 1024 rows per gr
 built (PREFERRED); last in the default order otherwise. benchmarks/probe_grouped_wgmma.py times it against
 torch._grouped_mm, our Triton kernel and the per-expert loop.
 
-Also backend "wgmma" of grouped_gemm_wgrad (csrc/fp8_wgmma/grouped_wgrad.cu, wgmma_wgrad): opt-in, measured slower
-than torch's and the Triton kernel so far (WGRAD_PREFERRED; benchmarks/probe_grouped_wgrad.py).
+Also backend "wgmma" of grouped_gemm_wgrad (csrc/fp8_wgmma/grouped_wgrad.cu, wgmma_wgrad): opt-in, at parity with
+torch's and behind the Triton kernel so far (WGRAD_PREFERRED; benchmarks/probe_grouped_wgrad.py).
 """
 import torch
 
@@ -147,12 +147,11 @@ def wgmma_wgrad(a, dc, group_lens, trans_b=False, num_sms=None, cluster=None):
 
 
 # Whether grouped_gemm_wgrad's rule runs this kernel where it would run our Triton one (rows per group up to
-# grouped_gemm.BWD_GROUP_ROWS). Off: measured behind torch._grouped_mm and the Triton kernel at 128-256 rows per
-# expert (0.88-0.95x torch's with the TMA-store epilogue and 2-CTA clusters, ~0.95-1.0x at ~1024;
-# benchmarks/results/probe_grouped_wgrad_*_h200.json, ops_grouped_wgrad_h200.json with it on): each tile's 2-4
-# stages of WGMMA run in series with its epilogue and its last stage's zeroing in the same warps, so the tensor
-# cores idle between tiles. Opt-in until then:
-# set_backend("grouped_gemm_wgrad", "wgmma").
+# grouped_gemm.BWD_GROUP_ROWS). Off: at parity with torch._grouped_mm (0.95-1.01x at 128-1024 rows per expert, a
+# group's last stage cut to its 16-row steps) and behind the Triton kernel (0.99-1.04x torch's in the same run;
+# benchmarks/results/probe_grouped_wgrad_tail_h200.json; ops_grouped_wgrad_h200.json: an earlier version in the
+# default cost the backward 2-9%). ncu: at 2-4 stages per tile its tensor pipe is busy ~47% (torch's ~52%), each
+# tile's epilogue in series with its WGMMAs. Opt-in until it leads: set_backend("grouped_gemm_wgrad", "wgmma").
 WGRAD_PREFERRED = False
 
 
