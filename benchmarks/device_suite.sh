@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One batched device session: install, GPU test suite, main-job demo, single-GPU benches.
-#   bash benchmarks/device_suite.sh "install tests gputests ll moe1 dist demo ops opsq attn moe moell moeinter tp cp cpvarlen native tune cublaslt wgmma bf16wgmma prof opstests wgrad"
+#   bash benchmarks/device_suite.sh "install tests gputests ll moe1 dist demo ops opsq attn moe moell moeinter tp cp cpvarlen native tune cublaslt wgmma bf16wgmma prof opstests wgrad clocks"
 #   (phases to run, in order; default "install tests demo ops attn"; on a multi-GPU kind start with
 #   "install dist demo moe moell moeinter tp cp cpvarlen")
 # Logs and JSON go under $OUT (default ./out). Safety variables are always set. One-off verification phases of
@@ -48,6 +48,18 @@ for ph in $PHASES; do
             tail -3 "$OUT/pytest_bf16wgmma_$TAG.log"; grep -E "^(FAILED|ERROR)|Error" "$OUT/pytest_bf16wgmma_$TAG.log" | head -10
             timeout 240 python benchmarks/probe_grouped_wgmma.py --rounds 5 --json "$OUT/probe_grouped_wgmma_$TAG.json" \
               > "$OUT/probe_grouped_wgmma_$TAG.log" 2>&1; echo "bf16wgmma probe rc=$?"; grep -v "^---" "$OUT/probe_grouped_wgmma_$TAG.log" | cut -c1-110;;
+    wgrad) # the bf16 grouped weight gradient: our Hopper kernel's GPU tests, then timed against torch's / Triton / the loop
+            timeout 120 python -m pytest -q -rs -p no:cacheprovider tests/test_ops_grouped_wgmma.py -k "wgrad or autograd" \
+              > "$OUT/pytest_wgrad_$TAG.log" 2>&1; echo "wgrad tests rc=$?"; tail -3 "$OUT/pytest_wgrad_$TAG.log"
+            timeout 240 python benchmarks/probe_grouped_wgrad.py --rounds 5 --json "$OUT/probe_grouped_wgrad_$TAG.json" \
+              > "$OUT/probe_grouped_wgrad_$TAG.log" 2>&1; echo "wgrad probe rc=$?"; grep -v "^---" "$OUT/probe_grouped_wgrad_$TAG.log" | cut -c1-110;;
+    clocks) # SM clock / power while each grouped kernel runs back to back, then ncu's speed-of-light on one case
+            timeout 120 python benchmarks/probe_grouped_clocks.py --json "$OUT/probe_grouped_clocks_$TAG.json" \
+              > "$OUT/probe_grouped_clocks_$TAG.log" 2>&1; echo "clocks rc=$?"; cat "$OUT/probe_grouped_clocks_$TAG.log" | cut -c1-130
+            timeout 200 ncu --profile-from-start off --clock-control none --section SpeedOfLight \
+              --metrics lts__t_bytes.sum,dram__bytes_read.sum,dram__bytes_write.sum \
+              python benchmarks/probe_grouped_clocks.py --ncu --cases G32_fc1_256 > "$OUT/ncu_grouped_$TAG.log" 2>&1
+            echo "ncu rc=$?"; grep -E "Context|Duration|SM Freq|Throughput|lts__t_bytes" "$OUT/ncu_grouped_$TAG.log" | cut -c1-110;;
     cublaslt) # BLOCKWISE FP8 grouped GEMM on cuBLASLt with the loop in C++ (turbo_dist._cublaslt)
             python -c "from turbo_dist.ops import fp8_grouped as f; m = f.native_module(); print('native cublaslt:', m and m.version(), f._NATIVE.get('why'))" 2>&1 | tail -2
             TURBO_DIST_TRITON_TUNE=first timeout 150 python -m pytest -q -rs -p no:cacheprovider tests/test_ops_fp8.py tests/test_ops_fp8_per_group.py \

@@ -74,3 +74,17 @@ def test_multi_rank_bench_takes_the_same_round_orders(monkeypatch):
     monkeypatch.setenv("TURBO_DIST_BENCH_ORDER", "random")
     with pytest.raises(ValueError, match="shuffle"):
         bench_integrations.time_interleaved(steps, Args, "cpu")
+
+
+def test_clock_probe_reads_nvidia_smi_samples(tmp_path):
+    """probe_grouped_clocks parses nvidia-smi's CSV (local timestamps, MHz, W, throttle reasons) and skips what is
+    not a sample (a header, a cut line), so each label's clock is the mean of its own window's samples."""
+    clocks = import_benchmark("probe_grouped_clocks")
+    log = tmp_path / "smi.csv"
+    log.write_text("timestamp, clocks.sm [MHz], power.draw [W], clocks_throttle_reasons.active\n"
+                   "2026/12/04 20:40:10.314, 1323, 658.20, 0x0000000000000004\n"
+                   "2026/12/04 20:40:10.364, 1980, 87.29, 0x0000000000000000\n"
+                   "2026/12/04 20:40:10.4\n")
+    samples = clocks.parse_smi(str(log))
+    assert [s[1:] for s in samples] == [(1323.0, 658.2, "0x0000000000000004"), (1980.0, 87.29, "0x0000000000000000")]
+    assert samples[1][0] - samples[0][0] == pytest.approx(0.05, abs=1e-4)
