@@ -162,7 +162,6 @@ struct WTile {
 // cluster take two row tiles of one group with the same columns and share y's boxes by TMA multicast (each loads
 // two of the four), so a CTA reads 32 KB per stage from L2 instead of 48; units in a fixed round robin (units run
 // group by group and a cluster takes every (clusters)-th, so every cluster gets about the same rows).
-
 template <int CLUSTER>
 __global__ void __launch_bounds__(kThreads, 1)
     grouped_wgrad_kernel(const __grid_constant__ CUtensorMap map_x, const __grid_constant__ CUtensorMap map_y,
