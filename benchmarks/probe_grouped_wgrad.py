@@ -5,7 +5,8 @@ kernel and the per-expert loop, DeepSeek-V3 expert shapes, skewed token counts o
     python benchmarks/probe_grouped_wgrad.py --json probe.json [--cases G32_fc1_256,...] [--rounds 5]
 
 Labels: the backends through the dispatcher (wgmma: its default cluster), and our kernel called directly with
-one CTA per tile (wgmma_c1) or two sharing dc's boxes (wgmma_c2). Every case is checked first (relative error of each backend against torch._grouped_mm); times are
+one CTA per tile (wgmma_c1) or two sharing dc's boxes (wgmma_c2), and the default cluster with the stmatrix
+epilogue (wgmma_stsm). Every case is checked first (relative error of each backend against torch._grouped_mm); times are
 bench_interleaved medians (L2 flushed, shuffled order); x_torch / x_loop: the baseline's time over the label's,
 same call; frac_peak against the bf16 datasheet peak.
 """
@@ -33,11 +34,13 @@ def run_case(name, rounds):
     fns = {label: _forced(lambda: dispatcher.dispatch("grouped_gemm_wgrad", a, dc, gl, False),
                           grouped_gemm_wgrad=backend) for backend, label in BACKENDS.items()}
     for cl in (1, 2):  # our kernel called directly: one CTA per tile (dynamic order), two sharing dc's boxes
-        fns[f"wgmma_c{cl}"] = lambda cl=cl: grouped_wgmma.wgmma_wgrad(a, dc, gl, cluster=cl)
+        fns[f"wgmma_c{cl}"] = lambda cl=cl: grouped_wgmma.wgmma_wgrad(a, dc, gl, cluster=cl, stsm=False)
+    fns["wgmma_stsm"] = lambda: grouped_wgmma.wgmma_wgrad(a, dc, gl, stsm=True)
     try:
         ref = fns["torch_grouped_mm"]()
         check = {f"rel_err_{label}": _rel(fns[label](), ref)
                  for label in ("triton", "wgmma_c1", "wgmma_c2")}
+        check["stsm_equal"] = bool(torch.equal(fns["wgmma_stsm"](), fns["wgmma_c1"]()))
         del ref
         res = bench_interleaved(fns, rounds=rounds)
     finally:
@@ -58,7 +61,7 @@ def run_case(name, rounds):
 
 def main():
     probe_main(__doc__, CASES, run_case, ["case", "impl", "ms", "tflops", "x_torch", "x_loop", "frac_peak",
-                                          "rel_err_triton", "rel_err_wgmma_c1", "rel_err_wgmma_c2"])
+                                          "rel_err_triton", "rel_err_wgmma_c1", "stsm_equal"])
 
 
 if __name__ == "__main__":

@@ -198,8 +198,10 @@ def test_wgmma_wgrad_passes_the_operands(fake_kernels):
     assert (kw["M"], kw["P"], kw["Q"], kw["G"]) == (10, 64, 48, 3) and kw["ldo"] == 48 and kw["out_group"] == 64 * 48
     assert kw["ldx"] == 64 and kw["ldy"] == 48 and kw["num_sms"] == 132 and kw["stream"] == 7
     assert kw["cluster"] == grouped_wgmma.WGRAD_CLUSTER and bool(kw["counter"]) == (kw["cluster"] == 1)
-    grouped_wgmma.wgmma_wgrad(a, dc, lens, cluster=1)
+    assert calls[-1]["stsm"] is grouped_wgmma.WGRAD_STSM
+    grouped_wgmma.wgmma_wgrad(a, dc, lens, cluster=1, stsm=True)
     assert calls[-1]["cluster"] == 1 and calls[-1]["counter"]  # one CTA per tile: the dynamic order's counter
+    assert calls[-1]["stsm"] is True
     n = len(calls)
     for bad in (dict(cluster=0), dict(cluster=4)):
         with pytest.raises(ValueError, match="cluster must be 1 or 2"):  # before any allocation or launch
@@ -247,10 +249,13 @@ def test_wgmma_wgrad_matches_reference_gpu(lens, K, N, num_sms, trans_b):
     again = grouped_wgmma.wgmma_wgrad(a, dc, gl, trans_b, num_sms=num_sms, cluster=1)
     pair = grouped_wgmma.wgmma_wgrad(a, dc, gl, trans_b, num_sms=None if num_sms is None else 2 * num_sms,
                                      cluster=2)
+    stsm = [grouped_wgmma.wgmma_wgrad(a, dc, gl, trans_b, num_sms=num_sms if cl == 1 or num_sms is None else
+                                      2 * num_sms, cluster=cl, stsm=True) for cl in (1, 2)]
     torch.cuda.synchronize()
     ref = _wgrad_ref(a, dc, lens, trans_b)
     assert out.shape == ref.shape and torch.equal(out, again)
     assert torch.equal(out, pair), "one CTA per tile and two sharing dc's boxes differ"
+    assert torch.equal(out, stsm[0]) and torch.equal(out, stsm[1]), "the stmatrix epilogue stores other values"
     for g, n in enumerate(lens):
         if n == 0:
             assert not out[g].any(), "a group without rows must get a zero gradient"

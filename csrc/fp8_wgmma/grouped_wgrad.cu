@@ -55,6 +55,33 @@ __device__ __forceinline__ void stage_out(const float (&acc)[2][64], uint8_t* ou
   }
 }
 
+// The same tile by stmatrix (STSM, opt-in: not yet run on a GPU): per warp its 16 rows x 256 columns as 16 stores of
+// four 8x8 matrices (two n8 blocks x both 8-row halves), straight from the accumulator layout: no shuffles
+// (stage_out's quad_chunk: 3 per 16-byte chunk) and one instruction per 4 x 16 bytes. Meant to be bit-equal to
+// stage_out (the same bf16 values at the same addresses; the GPU test checks it). The tile's epilogue is ~27% of the
+// consumers' stall samples (ncu, G=32 x 256 fc1).
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+__device__ __forceinline__ void stage_out_stsm(const float (&acc)[2][64], uint8_t* out_smem, int c, int warp,
+                                               int lane) {
+  const int q = lane / 8;                                     // the matrix whose row address this lane gives
+  const int row = c * 64 + warp * 16 + 8 * (q % 2) + lane % 8;  // in the tile
+  const uint32_t base = smem_addr(out_smem) + row * 128;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+#pragma unroll
+    for (int j = 0; j < 16; j += 2) {  // n8 blocks j, j+1 of acc[r] (columns r*128 + 8j ..)
+      const int col8 = r * 16 + j + q / 2;
+      const uint32_t addr = base + (col8 / 8) * (kBM * 128) + (((col8 % 8) ^ (row % 8)) * 16);
+      stmatrix_x4(addr, pack_bf16(acc[r][4 * j], acc[r][4 * j + 1]), pack_bf16(acc[r][4 * j + 2], acc[r][4 * j + 3]),
+                  pack_bf16(acc[r][4 * j + 4], acc[r][4 * j + 5]), pack_bf16(acc[r][4 * j + 6], acc[r][4 * j + 7]));
+    }
+  }
+}
+
 struct ArgsW {
   const int64_t* offs;  // cumulative group ends [G]
   __nv_bfloat16* out;   // out[g * out_group + p * ldo + q]
@@ -162,7 +189,7 @@ struct WTile {
 // cluster take two row tiles of one group with the same columns and share y's boxes by TMA multicast (each loads
 // two of the four), so a CTA reads 32 KB per stage from L2 instead of 48; units in a fixed round robin (units run
 // group by group and a cluster takes every (clusters)-th, so every cluster gets about the same rows).
-template <int CLUSTER>
+template <int CLUSTER, bool STSM = false>
 __global__ void __launch_bounds__(kThreads, 1)
     grouped_wgrad_kernel(const __grid_constant__ CUtensorMap map_x, const __grid_constant__ CUtensorMap map_y,
                          const __grid_constant__ CUtensorMap map_out, const ArgsW p) {
@@ -274,7 +301,10 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     if (ctid == 0) bulk_wait_all<true>();  // the previous tile's TMA store has read out_smem
     consumers_sync();
-    stage_out(acc, out_smem, c, warp, lane);
+    if constexpr (STSM)
+      stage_out_stsm(acc, out_smem, c, warp, lane);
+    else
+      stage_out(acc, out_smem, c, warp, lane);
     fence_proxy_async_smem();  // the tile, visible to TMA
     consumers_sync();
     if (ctid == 0 && w.p0 < p.P) {  // (rank 1 of a group's odd last row tile has no rows of out)
@@ -288,10 +318,10 @@ __global__ void __launch_bounds__(kThreads, 1)
 
 // out [G, P, Q] bf16 (row stride ldo, group stride out_group elements) = per group g (rows offs[g-1] .. offs[g])
 // x[rows]^T @ y[rows]; x [M, P], y [M, Q] bf16, row strides ldx, ldy elements; offs: int64 cumulative group ends
-// [G] on the GPU; counter: a zeroed int32 on the GPU (the dynamic tile order).
+// [G] on the GPU; counter: a zeroed int32 on the GPU (the dynamic tile order); stsm: the epilogue by stmatrix.
 void grouped_wgrad(int device, uint64_t stream, uint64_t x_addr, uint64_t y_addr, uint64_t out_addr,
                    uint64_t offs_addr, int64_t M, int64_t P, int64_t Q, int64_t G, int64_t ldx, int64_t ldy,
-                   int64_t ldo, int64_t out_group, int num_sms, uint64_t counter, int cluster) {
+                   int64_t ldo, int64_t out_group, int num_sms, uint64_t counter, int cluster, bool stsm) {
   if (cluster != 1 && cluster != 2) throw std::invalid_argument("turbo_dist._fp8_wgmma: cluster must be 1 or 2");
   if (cluster == 1 && (!counter || counter % 4))
     throw std::invalid_argument("turbo_dist._fp8_wgmma: grouped_wgrad with cluster 1 needs a zeroed, 4-byte aligned "
@@ -328,7 +358,13 @@ void grouped_wgrad(int device, uint64_t stream, uint64_t x_addr, uint64_t y_addr
   args.Q = int(Q);
   args.G = int(G);
   const auto st = reinterpret_cast<cudaStream_t>(stream);
-  if (cluster == 2)
+  if (stsm && cluster == 2)
+    launch_persistent<grouped_wgrad_kernel<2, true>, 2, kSmemBytesW>(device, tiles, num_sms, st, map_x, map_y,
+                                                                     map_out, args);
+  else if (stsm)
+    launch_persistent<grouped_wgrad_kernel<1, true>, 1, kSmemBytesW>(device, tiles, num_sms, st, map_x, map_y,
+                                                                     map_out, args);
+  else if (cluster == 2)
     launch_persistent<grouped_wgrad_kernel<2>, 2, kSmemBytesW>(device, tiles, num_sms, st, map_x, map_y, map_out,
                                                                args);
   else
@@ -344,7 +380,7 @@ void register_wgrad(py::module_& m) {
   m.def("grouped_wgrad", &grouped_wgrad, py::arg("device"), py::arg("stream"), py::arg("x"), py::arg("y"),
         py::arg("out"), py::arg("offs"), py::arg("M"), py::arg("P"), py::arg("Q"), py::arg("G"), py::arg("ldx"),
         py::arg("ldy"), py::arg("ldo"), py::arg("out_group"), py::arg("num_sms"), py::arg("counter") = 0,
-        py::arg("cluster") = 1);
+        py::arg("cluster") = 1, py::arg("stsm") = false);
 }
 
 }  // namespace turbo_dist_wgmma

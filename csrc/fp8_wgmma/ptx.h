@@ -94,6 +94,14 @@ __device__ __forceinline__ void bar_arrive_cluster(uint64_t* bar, uint32_t rank)
   asm volatile("mbarrier.arrive.shared::cluster.b64 _, [%0];" ::"r"(remote) : "memory");
 }
 
+// Four 8x8 b16 matrices to shared memory: lanes 8q .. 8q+7 give the row addresses of matrix q, each lane's r_q is
+// its pair of matrix q (row lane / 4, columns 2 (lane % 4), +1): WGMMA's accumulator layout, packed to bf16.
+__device__ __forceinline__ void stmatrix_x4(uint32_t addr, uint32_t r0, uint32_t r1, uint32_t r2, uint32_t r3) {
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};" ::"r"(addr), "r"(r0), "r"(r1),
+               "r"(r2), "r"(r3)
+               : "memory");
+}
+
 // WGMMA shared-memory descriptor of a K-major tile in 128-byte swizzle atoms (what TMA's SWIZZLE_128B writes
 // for 128-byte rows): start address, stride between 8-row groups 1024 bytes, layout "128B swizzle".
 __device__ __forceinline__ uint64_t smem_desc(const void* p) {

@@ -116,12 +116,16 @@ def _wgmma_grouped_can(a, b, group_lens, trans_b=False):
 # splitting a tile by columns and taking turns for the epilogue, 0.96-1.04x one CTA per tile,
 # probe_grouped_wgrad_stagger_h200.json.)
 WGRAD_CLUSTER = 2
+# The tile's epilogue by stmatrix instead of shuffles and 16-byte stores (grouped_wgrad.cu, stage_out_stsm): written,
+# not yet run on a GPU, so off.
+WGRAD_STSM = False
 
 
-def wgmma_wgrad(a, dc, group_lens, trans_b=False, num_sms=None, cluster=None):
+def wgmma_wgrad(a, dc, group_lens, trans_b=False, num_sms=None, cluster=None, stsm=None):
     """grouped_gemm_wgrad on Hopper (csrc/fp8_wgmma/grouped_wgrad.cu): dB [G, K, N] = per group a[rows]^T @ dc[rows]
     (trans_b: [G, N, K] = dc[rows]^T @ a[rows]); a group without rows gets zeros. num_sms: CTAs at most (default:
-    the GPU's SMs; tests use fewer); cluster: 1 or 2 (default WGRAD_CLUSTER)."""
+    the GPU's SMs; tests use fewer); cluster: 1 or 2 (default WGRAD_CLUSTER); stsm: the epilogue by stmatrix
+    (default WGRAD_STSM)."""
     from turbo_dist.kernels import gemm as gemm_kernels
 
     cluster = WGRAD_CLUSTER if cluster is None else cluster
@@ -142,7 +146,8 @@ def wgmma_wgrad(a, dc, group_lens, trans_b=False, num_sms=None, cluster=None):
         y=y.data_ptr(), out=out.data_ptr(), offs=offs.data_ptr(), M=M, P=P, Q=Q, G=G, ldx=x.stride(0),
         ldy=y.stride(0), ldo=Q, out_group=P * Q,
         num_sms=gemm_kernels._num_sms(a.device) if num_sms is None else num_sms,
-        counter=0 if counter is None else counter.data_ptr(), cluster=cluster)
+        counter=0 if counter is None else counter.data_ptr(), cluster=cluster,
+        stsm=bool(WGRAD_STSM if stsm is None else stsm))
     return out
 
 
