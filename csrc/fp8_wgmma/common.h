@@ -337,6 +337,12 @@ __device__ __forceinline__ void skip_stages(uint64_t* full, uint64_t* empty, Sta
   }
 }
 
+// Two floats as a bf16 pair (lo in the low half), round to nearest.
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+
 // Lane q of a quad (4 lanes holding the same two rows of WGMMA's m64n128 fragment acc[r], 2 columns of each of 4
 // 8-column chunks per row) gets all 8 columns of chunk 4g+q of row r0 (h 0: acc pairs 0, 1) or r1 (h 1: pairs 2,
 // 3) as bf16: a 4x4 transpose by xor shuffles (16-byte stores, a quarter of the instructions and whole 32-byte
@@ -347,8 +353,7 @@ __device__ __forceinline__ uint4 quad_chunk(const float (&frag)[64], int g, int 
   uint32_t v[4];
 #pragma unroll
   for (int c = 0; c < 4; ++c) {
-    const __nv_bfloat162 pair = __floats2bfloat162_rn(frag[4 * (4 * g + c) + 2 * h], frag[4 * (4 * g + c) + 2 * h + 1]);
-    v[c] = *reinterpret_cast<const uint32_t*>(&pair);
+    v[c] = pack_bf16(frag[4 * (4 * g + c) + 2 * h], frag[4 * (4 * g + c) + 2 * h + 1]);
   }
   // round i: lane q sends its pair of chunk q^i and gets lane q^i's pair of chunk q (position q^i)
   uint32_t o0 = 0u, o1 = 0u, o2 = 0u, o3 = 0u;

@@ -60,11 +60,6 @@ __device__ __forceinline__ void stage_out(const float (&acc)[2][64], uint8_t* ou
 // (stage_out's quad_chunk: 3 per 16-byte chunk) and one instruction per 4 x 16 bytes. Meant to be bit-equal to
 // stage_out (the same bf16 values at the same addresses; the GPU test checks it). The tile's epilogue is ~27% of the
 // consumers' stall samples (ncu, G=32 x 256 fc1).
-__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
-  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<const uint32_t*>(&v);
-}
-
 __device__ __forceinline__ void stage_out_stsm(const float (&acc)[2][64], uint8_t* out_smem, int c, int warp,
                                                int lane) {
   const int q = lane / 8;                                     // the matrix whose row address this lane gives
