@@ -27,6 +27,22 @@ def _rel(x, ref):
     return float((x.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30))
 
 
+def timing_rows(res, case, flops, shape, check):
+    """A grouped probe's rows from bench_interleaved's {label: ms}: TFLOP/s, x_torch / x_loop (torch._grouped_mm's
+    and the loop's time of the same call over the label's), the fraction of the bf16 peak, the case's checks."""
+    peak = peak_tflops("bf16")
+    base, loop = res.get("torch_grouped_mm"), res.get("loop")
+    rows = []
+    for label, ms in res.items():
+        if ms is None:
+            continue
+        tf = flops / ms / 1e9
+        rows.append({"case": case, "impl": label, "ms": ms, "tflops": tf, "x_torch": base / ms if base else None,
+                     "x_loop": loop / ms if loop else None, "frac_peak": tf / peak if peak else None,
+                     "shape": shape, **check})
+    return rows
+
+
 def grouped_case(name):
     """A case name like G32_fc1_256 -> (G, K, N, skewed token counts [G] on the CPU, their sum M)."""
     g, layer, tpe = name.split("_")
@@ -80,16 +96,7 @@ def run_case(name, rounds, stream_k=os.environ.get("PROBE_STREAM_K") == "1"):
         finally:
             dispatcher.set_backend("grouped_gemm", None)
         kk, nn = (N, K) if trans_b else (K, N)
-        flops = 2.0 * M * kk * nn
-        peak = peak_tflops("bf16")
-        base, loop = res.get("torch_grouped_mm"), res.get("loop")
-        for label, ms in res.items():
-            if ms is None:
-                continue
-            tf = flops / ms / 1e9
-            rows.append({"case": f"{name}_{phase}", "impl": label, "ms": ms, "tflops": tf,
-                         "x_torch": base / ms if base else None, "x_loop": loop / ms if loop else None,
-                         "frac_peak": tf / peak if peak else None, "shape": f"G={G} M={M} K={kk} N={nn}", **check})
+        rows += timing_rows(res, f"{name}_{phase}", 2.0 * M * kk * nn, f"G={G} M={M} K={kk} N={nn}", check)
     return rows
 
 

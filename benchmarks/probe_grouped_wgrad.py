@@ -17,8 +17,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_ops import _forced  # noqa: E402
-from common import bench_interleaved, peak_tflops, probe_main  # noqa: E402
-from probe_grouped_wgmma import _rel, grouped_case  # noqa: E402
+from common import bench_interleaved, probe_main  # noqa: E402
+from probe_grouped_wgmma import _rel, grouped_case, timing_rows  # noqa: E402
 
 CASES = ["G32_fc1_256", "G32_fc2_256", "G32_fc1_128", "G32_fc2_128", "G8_fc1_1024", "G32_fc1_1024"]
 BACKENDS = {"torch": "torch_grouped_mm", "triton": "triton", "loop": "loop", "wgmma": "wgmma"}
@@ -45,18 +45,7 @@ def run_case(name, rounds):
         res = bench_interleaved(fns, rounds=rounds)
     finally:
         dispatcher.set_backend("grouped_gemm_wgrad", None)
-    flops = 2.0 * M * K * N
-    peak = peak_tflops("bf16")
-    base, loop = res.get("torch_grouped_mm"), res.get("loop")
-    rows = []
-    for label, ms in res.items():
-        if ms is None:
-            continue
-        tf = flops / ms / 1e9
-        rows.append({"case": name, "impl": label, "ms": ms, "tflops": tf, "x_torch": base / ms if base else None,
-                     "x_loop": loop / ms if loop else None, "frac_peak": tf / peak if peak else None,
-                     "shape": f"G={G} M={M} K={K} N={N}", **check})
-    return rows
+    return timing_rows(res, name, 2.0 * M * K * N, f"G={G} M={M} K={K} N={N}", check)
 
 
 def main():
