@@ -110,8 +110,9 @@ def work_pieces(tiles, first, stride, k_steps, tail_pct, waves=2):
 
 
 # Dynamic tiles with half tiles (grouped_blockwise.cu's DYN, as the bf16 kernel's default): a group's last <= 64
-# rows take half a tile's WGMMA and promotion work, tiles handed out by an atomic counter. Written after the bf16
-# kernel's measurements (+4-13% at 128-256 rows per expert there), not yet run on a GPU: off until then.
+# rows take half a tile's WGMMA and promotion work, tiles handed out by an atomic counter. Correct on the GPU but
+# mixed: 0.89-1.07x whole tiles over two runs (+5-7% at G=32 x 256 fc2, -2% / -11% at G=32 x 128 fc1;
+# benchmarks/results/probe_fp8_wgmma_half_h200.json, _half2_h200.json), so off.
 HALF_TILES = False
 
 
