@@ -84,6 +84,9 @@ def init_dist(cpu=False):
             port = s.getsockname()[1]
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(port))
+    from turbo_dist.runtime import apply_safety_env
+
+    apply_safety_env()  # before NCCL starts (device_id: eagerly): NVLink multicast stays off under any launcher
     if cpu:
         dist.init_process_group("gloo")
         return torch.device("cpu")

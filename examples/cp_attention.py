@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from turbo_dist import cp
+from turbo_dist.runtime import apply_safety_env
 from turbo_dist.ops import flash_attn_func
 
 
@@ -30,6 +31,7 @@ def main():
     p.add_argument("--tol", type=float, default=None, help="max relative error accepted (o, dq, dk, dv)")
     args = p.parse_args()
 
+    apply_safety_env()  # before NCCL starts: NVLink multicast stays off under any launcher
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group("nccl")

@@ -45,8 +45,7 @@ def torch_env_from_mpi(comm=None):
 def main():
     if len(sys.argv) < 2:
         sys.exit("usage: mpirun -np N python3 launch/mpi_bootstrap.py script.py [args...]")
-    for key, value in SAFETY_ENV.items():
-        os.environ.setdefault(key, value)
+    os.environ.update(SAFETY_ENV)  # forced, whatever mpirun forwarded
     os.environ.update(torch_env_from_mpi())
     script = sys.argv[1]
     sys.argv = sys.argv[1:]

@@ -2,9 +2,8 @@
 # Single node, N GPUs: launch/torchrun.sh [NPROC] script.py [args...]
 # NPROC defaults to every visible GPU. The NVLink-multicast guards are always set.
 set -euo pipefail
-export NCCL_NVLS_ENABLE="${NCCL_NVLS_ENABLE:-0}"
-export TORCH_SYMM_MEM_DISABLE_MULTICAST="${TORCH_SYMM_MEM_DISABLE_MULTICAST:-1}"
-export NVSHMEM_DISABLE_NVLS="${NVSHMEM_DISABLE_NVLS:-1}"
+# forced, never inherited: NVLink multicast can take a shared host's GPUs down
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 if [[ $# -ge 1 && "$1" =~ ^[0-9]+$ ]]; then
   nproc="$1"; shift
 else

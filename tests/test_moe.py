@@ -253,6 +253,11 @@ def _async_and_errors_body(rank, world, transport):
                      num_tokens_per_expert=n_expert)
     with pytest.raises(ValueError, match="cached handle"):
         buf.dispatch(x, handle=handle, topk_idx=idx)
+    # num_worst_tokens below the busiest rank's count: every rank raises (none is left waiting in the exchange)
+    if handle.max_recv_tokens > 1:
+        with pytest.raises(ValueError, match=f"smaller than the {handle.max_recv_tokens} tokens"):
+            buf.dispatch(x, num_tokens_per_rank=n_rank, is_token_in_rank=in_rank, num_tokens_per_expert=n_expert,
+                         topk_idx=idx, topk_weights=w, num_worst_tokens=handle.max_recv_tokens - 1)
     with pytest.raises(ValueError, match="rows"):
         buf.combine(recv_x[:-1] if recv_x.size(0) else torch.zeros(1, HIDDEN, dtype=x.dtype, device=dev), handle)
     with pytest.raises(ValueError, match="float32"):

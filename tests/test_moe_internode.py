@@ -109,6 +109,11 @@ def _internode_body(rank, world, routing, num_tokens, num_experts):
     _same(hier.combine(expert_fn(wgot[0], rank), wgot[4])[0], flat.combine(expert_fn(wref[0], rank), wref[4])[0],
           "combine of padded rows")
 
+    # num_worst_tokens below the busiest rank's count: every rank raises (none is left waiting in the exchange)
+    if handle.max_recv_tokens > 1:
+        for buf in (hier, flat):
+            with pytest.raises(ValueError, match=f"smaller than the {handle.max_recv_tokens} tokens rank"):
+                buf.dispatch(x, topk_idx=idx, topk_weights=w, num_worst_tokens=handle.max_recv_tokens - 1, **layout)
     with pytest.raises(ValueError, match="num_tokens_per_rdma_rank"):
         hier.dispatch(x, num_tokens_per_rdma_rank=n_rdma[:1].repeat(rt.num_nodes + 1), **layout)
     with pytest.raises(NotImplementedError, match="num_tokens_per_rdma_rank"):

@@ -20,9 +20,14 @@ def test_get_runtime_without_init_raises():
         get_runtime()
 
 
-def test_safety_env_defaults():
-    env = apply_safety_env({})
-    assert env == {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+def test_safety_env_forced(caplog):
+    guards = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+    assert apply_safety_env({}) == guards
+    # an inherited other value (an empty NCCL_NVLS_ENABLE reads as unset: NVLS on) is replaced, with a warning
+    with caplog.at_level("WARNING", logger="turbo_dist"):
+        env = apply_safety_env({"NCCL_NVLS_ENABLE": "", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "0", "OTHER": "x"})
+    assert env == {**guards, "OTHER": "x"}
+    assert "TORCH_SYMM_MEM_DISABLE_MULTICAST='0' overridden" in caplog.text
 
 
 def test_event_overlap_cpu_noop():
@@ -100,9 +105,13 @@ def _symm_buffer(rank, world_size):
     local.copy_(torch.arange(250, dtype=torch.float32) + 1000 * rank)
     with pytest.raises(ValueError, match="needs"):
         buf.local(torch.float32, (buf.nbytes,))
-    # Growing keeps one rendezvous per size; every rank asks for a different size, the max wins.
-    big = rt.symm_buffer("t", 5000 + rank)
-    assert big.nbytes >= 5000 + world_size - 1
+    # Sizes that differ across ranks are refused on every rank at once (a rank whose request fit would not join
+    # the exchange of one that grows); then the same size grows the buffer on all.
+    with pytest.raises(ValueError, match=f"different sizes \\(5000 .. {5000 + world_size - 1} bytes\\)"):
+        rt.symm_buffer("t", 5000 + rank)
+    assert rt.symm_buffer("t", 10) is buf, "a refused growth keeps the buffer"
+    big = rt.symm_buffer("t", 5000)
+    assert big.nbytes >= 5000
     with pytest.raises(ValueError, match="TURBO_DIST_MAX_SYMM_BYTES"):
         rt.symm_buffer("huge", 1 << 62)
     if not rt.has_peer_access:

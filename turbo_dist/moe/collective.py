@@ -120,7 +120,7 @@ def dispatch(rt, x, x_scales, topk_idx, topk_weights, num_tokens_per_rank, is_to
     send_counts = matrix_host[rank]
     recv_counts = [matrix_host[s][rank] for s in range(world)]
     num_send, num_recv = sum(send_counts), sum(recv_counts)
-    _check_worst(num_worst_tokens, num_recv)
+    _check_worst(num_worst_tokens, matrix_host)
 
     send_head = token_positions(is_token_in_rank)
     send_offsets = (torch.cumsum(matrix[rank], 0, dtype=torch.int32) - matrix[rank]).contiguous()
@@ -241,9 +241,15 @@ def _pad(t, rows, fill):
     return out
 
 
-def _check_worst(num_worst_tokens, num_recv):
-    if num_worst_tokens and num_recv > num_worst_tokens:
-        raise ValueError(f"num_worst_tokens={num_worst_tokens} is smaller than the {num_recv} tokens this rank "
+def _check_worst(num_worst_tokens, matrix_host):
+    """Every rank checks every rank's receive count (matrix_host[s][r]: tokens s sends r, the same on all ranks), so
+    all raise together instead of one raising while the others block in the exchange."""
+    if not num_worst_tokens:
+        return
+    recv = [sum(row[r] for row in matrix_host) for r in range(len(matrix_host))]
+    worst = max(range(len(recv)), key=recv.__getitem__)
+    if recv[worst] > num_worst_tokens:
+        raise ValueError(f"num_worst_tokens={num_worst_tokens} is smaller than the {recv[worst]} tokens rank {worst} "
                          "receives; pass at least num_ranks * num_tokens")
 
 

@@ -124,7 +124,7 @@ class HierarchicalTransport:
         device = x.device
         rt_info = self._routing(is_token_in_rank, num_tokens_per_rank, num_tokens_per_expert)
         num_recv = sum(rt_info["node_recv"])
-        _check_worst(num_worst_tokens, num_recv)
+        _check_worst(num_worst_tokens, rt_info["mat"])
 
         # Rail hop: token order per destination node; each row carries its node's L routing bits.
         in_node = rt_info["in_node"]

@@ -1,4 +1,5 @@
 """`TURBO_DIST_*` environment variables, read in one place (documented in README's table)."""
+import logging
 import os
 
 SAFETY_ENV = {
@@ -10,10 +11,16 @@ SAFETY_ENV = {
 
 
 def apply_safety_env(env=None):
-    """Set the NVLink-multicast safety variables in `env` (default: os.environ) unless already set to a value."""
+    """Force the NVLink-multicast safety variables in `env` (default: os.environ): an inherited other value
+    (NCCL_NVLS_ENABLE=1, an empty string, which NCCL reads as unset) is replaced, with a warning, never kept."""
     env = os.environ if env is None else env
     for key, value in SAFETY_ENV.items():
-        env.setdefault(key, value)
+        old = env.get(key)
+        if old is not None and old != value:
+            logging.getLogger("turbo_dist").warning(
+                "%s=%r overridden to %r: NVLink multicast stays off (it can take a shared host's GPUs down)", key,
+                old, value)
+        env[key] = value
     return env
 
 

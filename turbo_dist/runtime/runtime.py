@@ -31,6 +31,10 @@ class Runtime:
                 "torch.distributed is not initialized: call torch.distributed.init_process_group() "
                 "(or launch with launch/torchrun.sh) before turbo_dist.get_runtime()"
             )
+        # The NVLink-multicast guards, forced before this runtime's first NCCL collective or symmetric allocation
+        # (NCCL creates its communicators lazily, torch's rendezvous reads TORCH_SYMM_MEM_DISABLE_MULTICAST when it
+        # runs): under a framework's own launcher nothing else sets them.
+        config.apply_safety_env()
         self.group = group if group is not None else dist.group.WORLD
         self.rank = dist.get_rank(self.group)
         if self.rank < 0:
@@ -128,8 +132,9 @@ class Runtime:
         """The symmetric buffer `name`, at least `nbytes` large on every rank.
 
         Collective when it allocates or grows: every rank of the group must call it with the same
-        name (sizes may differ: the group agrees on the maximum, in one host-side exchange). A call
-        that fits the current size costs nothing and involves no peer.
+        name and the same nbytes (a call that fits the current size costs nothing and involves no peer,
+        so a rank whose request fits would not join the exchange of a rank that grows: sizes that
+        differ are refused, on every rank at once, when they meet in that exchange).
         """
         self._check_alive()
         nbytes = int(nbytes)
@@ -146,7 +151,12 @@ class Runtime:
             return buf
         nbytes = max(nbytes, 1)
         if self.world_size > 1:
-            nbytes = symm.group_max(nbytes, self.group, self.device)
+            low, high = symm.group_min_max(nbytes, self.group, self.device)
+            if low != high:
+                raise ValueError(
+                    f"symm_buffer({name!r}): the ranks of the group asked for different sizes ({low} .. {high} "
+                    "bytes); every rank must ask for the same size (derive it from values equal on all ranks, e.g. "
+                    "the maximum token count, not this rank's own)")
         # Round up so small growth steps do not rendezvous again and again.
         nbytes = max(1 << (nbytes - 1).bit_length(), 4096) if nbytes > 4096 else 4096
         nbytes = min(nbytes, max(cap, 4096))

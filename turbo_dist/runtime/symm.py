@@ -9,6 +9,8 @@ import logging
 import torch
 import torch.distributed as dist
 
+from . import config
+
 log = logging.getLogger("turbo_dist")
 
 
@@ -115,6 +117,7 @@ def allocate(backend, name, nbytes, group, device, rank, world_size):
     if backend == "none":
         local = torch.zeros(nbytes, dtype=torch.uint8, device=device)
         return SymmBuffer(name, nbytes, local, None, None, rank, world_size)
+    config.apply_safety_env()  # no multicast object, whoever built this process's environment
     if backend == "torch":
         import torch.distributed._symmetric_memory as symm_mem
 
@@ -149,8 +152,8 @@ def allocate(backend, name, nbytes, group, device, rank, world_size):
     raise ValueError(f"unknown symmetric-memory backend {backend!r}; expected torch, nvshmem or none")
 
 
-def group_max(value, group, device):
-    """Max of an int over the group (host-side collective; used only when a buffer grows)."""
-    t = torch.tensor([int(value)], dtype=torch.int64, device=device)
+def group_min_max(value, group, device):
+    """(min, max) of an int over the group, in one host-side collective (used only when a buffer grows)."""
+    t = torch.tensor([-int(value), int(value)], dtype=torch.int64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    return int(t.item())
+    return int(-t[0]), int(t[1])
