@@ -58,7 +58,8 @@ def main():
     for mode in (["ring", "a2a", "allgather"] if args.mode == "all" else [args.mode]):
         # This rank's shard (zigzag: chunks r and 2*cp-1-r of 2*cp, so causal work is balanced).
         ql, kl, vl = (cp.shard(t, group).detach().requires_grad_() for t in (q, k, v))
-        o = flash_attn_func(ql, kl, vl, causal=causal, cp_param_bundle={"cp_group": group, "cp_comm_type": mode})
+        o = flash_attn_func(ql, kl, vl, causal=causal,
+                            cp_param_bundle={"cp_group": group, "cp_comm_type": mode, "load_balance": True})
         o.backward(cp.shard(do, group))
         errs = []
         for got, ref in ((o.detach(), o_full), (ql.grad, qf.grad), (kl.grad, kf.grad), (vl.grad, vf.grad)):

@@ -251,3 +251,50 @@ def test_cp_attention_gpu_bf16_single_rank():
 def test_cp_attention_gpu_bf16(world_size):
     results = run_distributed(_check_modes, world_size, args=(MODES, "bfloat16", GPU_CONFIGS, 256, 1, 64))
     assert all(len(r) == len(GPU_CONFIGS) * len(MODES) for r in results)
+
+
+# ---------------------------------------------------------------- flash_attn_func as flash-attn / Primus-Turbo call it
+def _facade_compat(rank, world_size):
+    g = seeded(11)
+    full = [torch.randn(1, 4 * world_size, h, 8, generator=g) for h in (4, 2, 2)]
+    # flash-attn's positions: the 4th argument is dropout_p, never the scale
+    ref, ref_lse = flash_attn_func(*full, causal=True, return_lse=True)
+    torch.testing.assert_close(flash_attn_func(*full, 0.0, None, True), ref, rtol=0, atol=0)
+    assert ref_lse.shape == (1, 4, 4 * world_size) and ref_lse.dtype == torch.float32
+    for kw, what in ((dict(dropout_p=0.1), "dropout"), (dict(window_size=(8, 0)), "sliding-window"),
+                     (dict(alibi_slopes=torch.ones(4)), "alibi"), (dict(deterministic=True), "deterministic"),
+                     (dict(return_attn_probs=True), "return_attn_probs")):
+        with pytest.raises(NotImplementedError, match=what):
+            flash_attn_func(*full, causal=True, **kw)
+    # Primus-Turbo's bundle: cp_stream accepted, "all2all" spelled its way; the layout must be named for causal
+    local = [cp.shard(t, None, 1, False) for t in full]
+    primus = {"cp_group": dist.group.WORLD, "cp_stream": None, "cp_comm_type": "all2all", "load_balance": False}
+    o = flash_attn_func(*local, causal=True, cp_param_bundle=primus)
+    torch.testing.assert_close(cp.unshard(o, None, 1, False), ref, rtol=1e-5, atol=1e-5)
+    if world_size > 1:
+        with pytest.raises(ValueError, match="name the shards' layout"):
+            flash_attn_func(*local, causal=True, cp_param_bundle={"cp_group": None, "cp_comm_type": "ring"})
+    flash_attn_func(*local, causal=False, cp_param_bundle={"cp_group": None, "cp_comm_type": "ring"})  # no layout
+    with pytest.raises(TypeError, match="unknown keys \\['cp_size'\\]"):
+        flash_attn_func(*local, cp_param_bundle={"cp_group": None, "cp_size": world_size})
+    return True
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("world_size", world_sizes_for_device(2, 1))
+def test_flash_attn_func_flash_attn_and_primus_compat(world_size):
+    assert all(run_distributed(_facade_compat, world_size))
+
+
+def _single_rank_odd_causal(rank, world_size):
+    x = torch.randn(1, 7, 2, 8)
+    ref = flash_attn_func(x, x, x, causal=True)
+    for mode in MODES:  # one rank: the layout does not matter, an odd length is fine
+        o = cp.context_parallel_attention(x, x, x, causal=True, cp_group=None, cp_comm_type=mode)
+        torch.testing.assert_close(o, ref, rtol=1e-5, atol=1e-5)
+    return True
+
+
+@pytest.mark.dist
+def test_single_rank_odd_length_causal():
+    assert run_distributed(_single_rank_odd_causal, 1) == [True]

@@ -260,6 +260,11 @@ def _async_and_errors_body(rank, world, transport):
                          topk_idx=idx, topk_weights=w, num_worst_tokens=handle.max_recv_tokens - 1)
     with pytest.raises(ValueError, match="rows"):
         buf.combine(recv_x[:-1] if recv_x.size(0) else torch.zeros(1, HIDDEN, dtype=x.dtype, device=dev), handle)
+    ones = torch.ones_like(x)
+    with pytest.raises(ValueError, match="a pair of tensors"):  # a third bias would be dropped by some transports
+        buf.combine(recv_x, handle, bias=(ones, ones, ones))
+    with pytest.raises(ValueError, match="x's dtype"):
+        buf.combine(recv_x, handle, bias=ones.float())
     with pytest.raises(ValueError, match="float32"):
         buf.dispatch((x.to(torch.float8_e4m3fn), torch.ones(x.size(0), 1, device=dev)),
                      num_tokens_per_rank=n_rank, is_token_in_rank=in_rank, num_tokens_per_expert=n_expert)
@@ -294,6 +299,13 @@ def _async_and_errors_body(rank, world, transport):
     # (low-latency and internode modes are tested with their own modules)
     with pytest.raises(ValueError, match="even"):
         Buffer.set_num_sms(3)
+    # DeepEP's positional order (..., allow_mnnvl, use_fabric, explicitly_destroy, enable_shrink, comm), then a
+    # destroyed Buffer says so on use
+    gone = Buffer(buf.group, 0, 0, False, 24, True, False, False, True)
+    assert gone.explicitly_destroy is True and gone.enable_shrink is False
+    gone.destroy()
+    with pytest.raises(RuntimeError, match="was destroyed"):
+        gone.dispatch(x, num_tokens_per_rank=n_rank, is_token_in_rank=in_rank, num_tokens_per_expert=n_expert)
     return True
 
 
@@ -363,6 +375,8 @@ def test_config_validation():
         Config(24, 256, 256)
     assert Buffer.get_dispatch_config(8).num_sms == Buffer.num_sms
     assert Config(24, 8, 256).get_nvl_buffer_size_hint(7168 * 2, 8) > 0
+    # DeepEP's rule: no RDMA bytes within one NVLink domain (8 ranks), some beyond
+    assert Config().get_rdma_buffer_size_hint(7168 * 2, 8) == 0 < Config().get_rdma_buffer_size_hint(7168 * 2, 16)
 
 
 def _token_dispatcher_body(rank, world):
@@ -382,6 +396,10 @@ def _token_dispatcher_body(rank, world):
     td = TokenDispatcher(num_experts, buffer=buf, expert_alignment=4)
     expert_in, tokens_per_expert = td.dispatch(x, idx, w)
     assert all(c % 4 == 0 for c in tokens_per_expert) and sum(tokens_per_expert) == expert_in.size(0)
+    # Padded rows too many or too few are refused before anything moves, and the pair stays usable.
+    for bad in (torch.cat([expert_in, expert_in[:1]]), expert_in[:-1]):
+        with pytest.raises(ValueError, match=f"expert_output must be \\[{expert_in.size(0)}, width\\]"):
+            td.combine(bad)
     # Identity experts: every token comes back as x times the sum of the weights of its valid slots.
     y = td.combine(expert_in)
     expected = x * torch.where(idx >= 0, w, torch.zeros_like(w)).sum(1, keepdim=True)

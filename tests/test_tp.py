@@ -301,6 +301,13 @@ def _errors(rank, world):
         tp.scaled_matmul_reduce_scatter(a8, b8, torch.ones(1), torch.ones(1, 5))
     with pytest.raises(ValueError, match="b_scales"):
         tp.all_gather_scaled_matmul(a8, [b8], torch.ones(1), [torch.ones(1), torch.ones(1)])
+    with pytest.raises(TypeError, match="b_scales\\[0\\] must be float32"):  # before anything is gathered
+        tp.all_gather_scaled_matmul(a8, [b8], torch.ones(1), [torch.ones(1, dtype=torch.int64)])
+    with pytest.raises(TypeError, match="a_scale must be float32"):
+        tp.scaled_matmul_reduce_scatter(a8, b8, torch.ones(1, dtype=torch.float16), torch.ones(1))
+    e5 = torch.float8_e5m2
+    with pytest.raises(NotImplementedError, match="e5m2 x float8_e5m2"):
+        tp.scaled_matmul_reduce_scatter(a.to(e5), b.to(e5), torch.ones(1), torch.ones(1))
     with pytest.raises(NotImplementedError, match="last"):
         tp.all_gather_scaled_matmul(a8, [torch.randn(8 * world, 6).to(E4M3)], torch.ones(1), [torch.ones(1)],
                                     gather_dim=1)

@@ -395,3 +395,23 @@ def test_sim_all_gather_buffer_reuse_across_shapes(sim):
 
 def test_sim_reduce_scatter_buffer_reuse_across_shapes(sim):
     assert sim(2, _rs_reuse) == [True, True]
+
+
+def _timeout_raised_once(rank, world_size):
+    rt = _TLS.rt
+    a, b = torch.randn(4, 8), torch.randn(8, 4)
+    tp.all_gather_matmul(a, [b], algo="ring")  # creates the state
+    state = pipeline.get_state(rt)
+    record = torch.tensor([1, 0, 3, 6], dtype=state.err.dtype)  # what a timed-out wait leaves behind
+    state.err.copy_(record)
+    state.record_errors(None)
+    with pytest.raises(RuntimeError, match="peer rank 0 timed out .* output of the call whose wait timed out is "
+                                           "invalid"):
+        tp.all_gather_matmul(a, [b], algo="ring")
+    _, (o,) = tp.all_gather_matmul(a, [b], algo="ring")  # raised once: the record is cleared, calls run again
+    torch.testing.assert_close(o, a @ b)
+    return True
+
+
+def test_sim_timeout_raises_once_then_clears(sim):
+    assert sim(1, _timeout_raised_once) == [True]

@@ -40,8 +40,8 @@ from .ring import ring_attention, ring_varlen_attention
 
 log = logging.getLogger("turbo_dist")
 
-COMM_TYPES = {"ring": "ring", "p2p": "ring", "a2a": "a2a", "ulysses": "a2a", "allgather": "allgather",
-              "all_gather": "allgather"}
+COMM_TYPES = {"ring": "ring", "p2p": "ring", "a2a": "a2a", "all2all": "a2a", "ulysses": "a2a",
+              "allgather": "allgather", "all_gather": "allgather"}
 # flash-attn spellings we do not take (ours: cu_seqlens_q/_k, max_seqlen_q/_k): named in the error
 _OTHER_VARLEN_KW = ("cu_seqlens", "cu_seqlens_kv", "max_seqlen")
 
@@ -92,7 +92,7 @@ def context_parallel_attention(q, k, v, causal=False, softmax_scale=None, cp_gro
     rt = get_runtime(cp_group)
     for name, t in (("q", q), ("k", k), ("v", v)):
         rt.check_tensor(t, name)
-    load_balance = bool(load_balance)
+    load_balance = bool(load_balance) and rt.world_size > 1  # one rank: both layouts are the natural order
     if causal and load_balance and q.shape[1] % 2:
         raise ValueError(
             f"a zigzag (load_balance=True) shard holds two equal chunks: local length must be even, got "

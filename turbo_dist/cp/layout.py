@@ -154,8 +154,8 @@ def unshard(x, group=None, seq_dim=1, load_balance=True):
     group = group if group is not None else dist.group.WORLD
     rank, cp = _group_info(group)
     seq_dim = _norm_dim(seq_dim, x.dim())
+    if cp == 1:  # one rank: both layouts are the natural order
+        return x
     if load_balance and x.shape[seq_dim] % 2:
         raise ValueError(f"unshard: a zigzag shard has an even local length, got {x.shape[seq_dim]} (seq_dim={seq_dim})")
-    if cp == 1:
-        return x
     return _Unshard.apply(x, group, seq_dim, load_balance, rank, cp)

@@ -462,7 +462,8 @@ class TurboDistCoreAttention(MegatronModule):
         if query.dim() != 4 or key.dim() != 4 or value.shape != key.shape:
             raise ValueError(f"expected query [sq, b, np, hn] and key/value [sk, b, ng, hn], got "
                              f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}")
-        bundle = None if self.cp_group is None else {"cp_group": self.cp_group, "cp_comm_type": self.cp_comm_type}
+        bundle = None if self.cp_group is None else {"cp_group": self.cp_group, "cp_comm_type": self.cp_comm_type,
+                                                     "load_balance": True}  # Megatron's zigzag CP shards
         q, k, v = (t.transpose(0, 1).contiguous() for t in (query, key, value))  # -> [b, s, heads, hn]
         out = flash_attn_func(q, k, v, softmax_scale=self.softmax_scale, causal=mask_type == AttnMaskType.causal,
                               cp_param_bundle=bundle)

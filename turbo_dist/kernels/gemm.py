@@ -121,8 +121,10 @@ def _gemm_kernel(
     mask_m = offs_m < M
     mask_n = offs_n < N
     rk = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + offs_m[:, None] * stride_am + rk[None, :] * stride_ak
-    b_ptrs = b_ptr + rk[:, None] * stride_bk + offs_n[None, :] * stride_bn
+    # 64-bit row / column offsets: past 2**31 elements (an fp32 8192 x 262144 operand, a transposed b) the 32-bit
+    # products wrap (as _store_tile and the grouped kernels do)
+    a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * stride_am + rk[None, :] * stride_ak
+    b_ptrs = b_ptr + rk[:, None] * stride_bk + offs_n[None, :].to(tl.int64) * stride_bn
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     num_k = tl.cdiv(K, BLOCK_K)
@@ -144,7 +146,7 @@ def _gemm_kernel(
 
     acc = _scale_epilogue(acc, sa_ptr, sb_ptr, offs_m, mask_m, offs_n, mask_n, stride_sam, stride_sbn, SCALE_MODE)
     c = acc.to(c_ptr.dtype.element_ty)
-    c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :].to(tl.int64) * stride_cn
     tl.store(c_ptrs, c, mask=mask_m[:, None] & mask_n[None, :])
 
 

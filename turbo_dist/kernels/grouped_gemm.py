@@ -270,6 +270,7 @@ def grouped_gemm(a, b, group_offs, out=None, scale_a=None, scale_b=None, scale_m
     (summed in the kernel). Rows past the last group's end are left untouched."""
     M, K = a.shape
     G, _, N = b.shape
+    group_offs = group_offs.contiguous()  # the kernels index it as a dense [G] array (a strided view would be misread)
     if out is None:
         out = torch.empty((M, N), dtype=out_dtype or a.dtype, device=a.device)
     if M == 0 or N == 0 or G == 0:

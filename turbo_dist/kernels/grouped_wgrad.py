@@ -145,6 +145,7 @@ def grouped_wgrad(x, y, group_offs, G, out=None, out_dtype=None, config=None):
     (e.g. a [G, Q, P] tensor transposed) so dB lands in B's layout."""
     M, P = x.shape
     Q = y.shape[1]
+    group_offs = group_offs.contiguous()  # read as a dense [G] array
     if out is None:
         out = torch.empty((G, P, Q), dtype=out_dtype or x.dtype, device=x.device)
     if G == 0 or P == 0 or Q == 0:

@@ -10,6 +10,8 @@
 Autograd: `dispatch`/`combine` (each one's backward is the other), and `TokenDispatcher`, which
 hands experts their tokens grouped by local expert (ready for turbo_dist.ops.grouped_gemm).
 """
+import torch
+
 from ..runtime import EventOverlap
 from .autograd import combine, dispatch
 from .buffer import Buffer
@@ -17,5 +19,7 @@ from .config import Config, DispatchHandle
 from .layout import dispatch_layout
 from .token_dispatcher import TokenDispatcher
 
+topk_idx_t = torch.int64  # DeepEP's `from deep_ep_cpp import topk_idx_t`: the dtype topk_idx must have
+
 __all__ = ["Buffer", "Config", "EventOverlap", "DispatchHandle", "dispatch", "combine", "TokenDispatcher",
-           "dispatch_layout"]
+           "dispatch_layout", "topk_idx_t"]

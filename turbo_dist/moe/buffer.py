@@ -18,9 +18,23 @@ TRANSPORTS = ("nvlink", "collective")
 _PAYLOAD_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
+def _dense(t):
+    """t contiguous (None stays None). Called inside the launched function: a copy is then made on the stream
+    the transport runs on, after previous_event, never on the caller's stream where the transport would not wait
+    for it."""
+    return None if t is None else t.contiguous()
+
+
 def _not_here(what, instead):
     """The one place unsupported uses of Buffer are refused (listed in README, "Not supported")."""
     raise NotImplementedError(f"turbo_dist.moe.Buffer: {what} is not supported; {instead}")
+
+
+class _Destroyed:
+    """Stands in for a destroyed Buffer's transports: any use says so."""
+
+    def __getattr__(self, name):
+        raise RuntimeError("this turbo_dist.moe.Buffer was destroyed (Buffer.destroy()); build a new Buffer")
 
 
 class Buffer:
@@ -28,20 +42,19 @@ class Buffer:
 
     Arguments (DeepEP's, same order): group (None: WORLD), num_nvl_bytes (bytes of the symmetric buffer
     the `nvlink` transport writes tokens into; size it with `Buffer.get_nvl_buffer_size_hint`),
-    num_rdma_bytes (> 0 on more than one node selects the `hierarchical` internode transport; with
-    low_latency_mode, the initial size of the low-latency path's symmetric buffer (triton path), see
+    num_rdma_bytes (unused by the normal modes: more than one node selects the `hierarchical` internode
+    transport whatever it says; with low_latency_mode, the initial size of the low-latency path's symmetric buffer (triton path), see
     `get_low_latency_rdma_size_hint`; it grows on demand), low_latency_mode (enables
     `low_latency_dispatch` / `low_latency_combine`, see moe/low_latency.py), num_qps_per_rank, allow_mnnvl
     (accepted, unused), allow_nvlink_for_low_latency_mode (accepted, unused: the low-latency triton path
     stores into peers over NVLink/CUDA IPC whatever it says; TURBO_DIST_MOE_LL_PATH=collective avoids
     that), explicitly_destroy, enable_shrink (low-latency mode: a rank mask, see low_latency_update_mask_buffer; on
     the triton path a receive that times out waiting for a rank masks it and completes without it, DeepEP's
-    fault-tolerant decode), use_fabric (keyword only; accepted, unused: CUDA IPC / NVSHMEM decide the memory
-    handles), comm (an mpi4py communicator used when group is None: torch.distributed is
+    fault-tolerant decode), use_fabric (accepted, unused: CUDA IPC / NVSHMEM decide the memory handles), comm (an mpi4py communicator used when group is None: torch.distributed is
     initialized over it if it is not yet, and it must span the default group in its rank order, see
     runtime/mpi.py; ignored when a group is given). Ours, keyword only: transport = "nvlink" | "collective" |
-    "hierarchical" | None (TURBO_DIST_MOE_TRANSPORT, else `hierarchical` when num_rdma_bytes > 0, not
-    low_latency_mode and more than one node; else `nvlink` when the runtime has peer access, one node and
+    "hierarchical" | None (TURBO_DIST_MOE_TRANSPORT, else `hierarchical` when not low_latency_mode and
+    more than one node; else `nvlink` when the runtime has peer access, one node and
     num_nvl_bytes > 0; else `collective`).
 
     Attributes: rank, group_size, group, num_nvl_bytes, num_rdma_bytes, low_latency_mode,
@@ -51,8 +64,8 @@ class Buffer:
     num_sms: int = 20
 
     def __init__(self, group=None, num_nvl_bytes=0, num_rdma_bytes=0, low_latency_mode=False, num_qps_per_rank=24,
-                 allow_nvlink_for_low_latency_mode=True, allow_mnnvl=False, explicitly_destroy=False,
-                 enable_shrink=False, comm=None, *, use_fabric=False, transport=None):
+                 allow_nvlink_for_low_latency_mode=True, allow_mnnvl=False, use_fabric=False, explicitly_destroy=False,
+                 enable_shrink=False, comm=None, *, transport=None):
         if not isinstance(num_rdma_bytes, int) or num_rdma_bytes < 0:
             raise ValueError(f"num_rdma_bytes must be a non-negative int, got {num_rdma_bytes!r}")
         if group is None and comm is not None:
@@ -70,6 +83,7 @@ class Buffer:
         self.num_rdma_bytes = num_rdma_bytes
         self.low_latency_mode = bool(low_latency_mode)
         self.explicitly_destroy = explicitly_destroy
+        self.enable_shrink = bool(enable_shrink)
         self.transport = self._pick_transport(transport)
         if self.transport == "nvlink":
             from .nvlink import NvlinkTransport
@@ -95,8 +109,10 @@ class Buffer:
         rt = self.runtime
         requested = requested or env_str("TURBO_DIST_MOE_TRANSPORT")
         if requested is None:
-            if self.num_rdma_bytes > 0 and not self.low_latency_mode and rt.num_nodes > 1:
-                return "hierarchical"  # DeepEP's internode mode
+            if not self.low_latency_mode and rt.num_nodes > 1:
+                # DeepEP's internode mode, whatever num_rdma_bytes says (the transport sizes itself; DeepEP's
+                # own hint is 0 up to 8 ranks, which spread over 2+ nodes still need the two hops)
+                return "hierarchical"
             if rt.has_peer_access and rt.num_nodes == 1 and self.num_nvl_bytes > 0:
                 return "nvlink"
             return "collective"
@@ -119,7 +135,9 @@ class Buffer:
         """Release the symmetric buffer and streams' references (DeepEP: needs explicitly_destroy=True)."""
         if not self.explicitly_destroy:
             raise RuntimeError("`explicitly_destroy` flag must be set to call destroy()")
-        self._impl = None
+        self._impl = _Destroyed()
+        if self._ll is not None:
+            self._ll = _Destroyed()
 
     @staticmethod
     def is_sm90_compiled():
@@ -236,15 +254,17 @@ class Buffer:
         """
         check_topk_idx(topk_idx, num_experts, self.group_size)
         self.runtime.check_tensor(topk_idx, "topk_idx")
-        out, event = self._launch(lambda: dispatch_layout(topk_idx, num_experts, self.group_size),
-                                  previous_event, async_finish, allocate_on_comm_stream, (topk_idx,))
-        num_tokens_per_rank, num_tokens_per_expert, is_token_in_rank = out
-        num_tokens_per_rdma_rank = None
-        if self.transport == "hierarchical":
-            from .hierarchical import rdma_layout
+        def run():  # the per-node counts too, on the launch's stream (async_finish: ready with its event)
+            per_rank, per_expert, in_rank = dispatch_layout(topk_idx, num_experts, self.group_size)
+            per_rdma = None
+            if self.transport == "hierarchical":
+                from .hierarchical import rdma_layout
 
-            num_tokens_per_rdma_rank = rdma_layout(is_token_in_rank, self.runtime.num_nodes)[0]
-        return num_tokens_per_rank, num_tokens_per_rdma_rank, num_tokens_per_expert, is_token_in_rank, event
+                per_rdma = rdma_layout(in_rank, self.runtime.num_nodes)[0]
+            return per_rank, per_rdma, per_expert, in_rank
+
+        out, event = self._launch(run, previous_event, async_finish, allocate_on_comm_stream, (topk_idx,))
+        return (*out, event)
 
     def dispatch(self, x, handle=None, num_tokens_per_rank=None, num_tokens_per_rdma_rank=None,
                  is_token_in_rank=None, num_tokens_per_expert=None, topk_idx=None, topk_weights=None,
@@ -274,7 +294,7 @@ class Buffer:
         if num_tokens_per_rdma_rank is not None:
             if self.transport != "hierarchical":
                 _not_here(f"num_tokens_per_rdma_rank (internode dispatch) on the {self.transport} transport",
-                          "pass None, or use transport='hierarchical' (or num_rdma_bytes > 0 on more than one node)")
+                          "pass None, or use transport='hierarchical' (the default on more than one node)")
             if num_tokens_per_rdma_rank.shape != (self.runtime.num_nodes,) or \
                     num_tokens_per_rdma_rank.dtype != torch.int32:
                 raise ValueError(f"num_tokens_per_rdma_rank must be int32 [{self.runtime.num_nodes}], got "
@@ -298,7 +318,8 @@ class Buffer:
                 raise ValueError(f"x has {x.size(0)} tokens but the handle was made for "
                                  f"{handle.is_token_in_rank.size(0)}")
             (recv_x, recv_scales), event = self._launch(
-                lambda: self._impl.cached_dispatch(x, x_scales, handle, config), previous_event, async_finish,
+                lambda: self._impl.cached_dispatch(_dense(x), _dense(x_scales), handle, config), previous_event,
+                async_finish,
                 allocate_on_comm_stream, (x, x_scales))
             return (recv_x, recv_scales) if x_scales is not None else recv_x, None, None, None, None, event
 
@@ -318,8 +339,8 @@ class Buffer:
         inputs = (x, x_scales, topk_idx, topk_weights, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert)
 
         def run():
-            return self._impl.dispatch(x, x_scales, topk_idx, topk_weights, num_tokens_per_rank, is_token_in_rank,
-                                       num_tokens_per_expert, num_worst_tokens, config)
+            return self._impl.dispatch(_dense(x), _dense(x_scales), topk_idx, topk_weights, num_tokens_per_rank,
+                                       is_token_in_rank, num_tokens_per_expert, num_worst_tokens, config)
 
         out, event = self._launch(run, previous_event, async_finish, allocate_on_comm_stream, inputs)
         recv_x, recv_scales, recv_topk_idx, recv_topk_weights, expert_counts, handle = out
@@ -348,17 +369,22 @@ class Buffer:
             raise ValueError(f"combine x has {x.size(0)} rows; the handle received {rows}")
         self.runtime.check_tensor(x, "x")
         if topk_weights is not None:
-            if topk_weights.dim() != 2 or topk_weights.size(0) != x.size(0) or topk_weights.dtype != torch.float32:
+            if not isinstance(topk_weights, torch.Tensor) or topk_weights.dim() != 2 or \
+                    topk_weights.size(0) != x.size(0) or topk_weights.dtype != torch.float32:
                 raise ValueError(f"topk_weights must be float32 [{x.size(0)}, num_topk], got {_describe(topk_weights)}")
-        biases = () if bias is None else ((bias,) if isinstance(bias, torch.Tensor) else tuple(bias))
+            self.runtime.check_tensor(topk_weights, "topk_weights")
+        biases = () if bias is None else ((bias,) if isinstance(bias, torch.Tensor) else bias)
+        if not isinstance(biases, (tuple, list)) or len(biases) > 2:
+            raise ValueError(f"bias must be None, a tensor or a pair of tensors (DeepEP's rule), got {_describe(bias)}")
         num_tokens = handle.is_token_in_rank.size(0)
         for b in biases:
-            if b.shape != (num_tokens, x.size(1)):
-                raise ValueError(f"bias must be [{num_tokens}, {x.size(1)}], got {tuple(b.shape)}")
+            if not isinstance(b, torch.Tensor) or b.shape != (num_tokens, x.size(1)) or b.dtype != x.dtype:
+                raise ValueError(f"bias must be {x.dtype} [{num_tokens}, {x.size(1)}] (x's dtype), got {_describe(b)}")
+            self.runtime.check_tensor(b, "bias")
+        biases = tuple(biases)
         config = self.get_combine_config(self.group_size) if config is None else config
         self._impl.check_error()
-        x = x.contiguous()
-        out, event = self._launch(lambda: self._impl.combine(x, topk_weights, biases, handle, config),
+        out, event = self._launch(lambda: self._impl.combine(_dense(x), topk_weights, biases, handle, config),
                                   previous_event, async_finish, allocate_on_comm_stream, (x, topk_weights) + biases)
         combined_x, combined_w = out
         return combined_x, combined_w, event
@@ -474,13 +500,13 @@ class Buffer:
                 raise ValueError(f"x scales must be float32 [{x.size(0)}, {x.size(1) // 128}], got {_describe(scales)}")
             self.runtime.check_tensor(x, "x")
             self.runtime.check_tensor(scales, "x scales")
-            return x.contiguous(), scales.contiguous()
+            return x, scales
         if not isinstance(x, torch.Tensor) or x.dim() != 2:
             raise ValueError(f"x must be a [num_tokens, hidden] tensor, got {_describe(x)}")
         if x.dtype not in _PAYLOAD_DTYPES:
             raise TypeError(f"x must be bf16 (or fp16/fp32), or a (float8_e4m3fn, scales) tuple; got {x.dtype}")
         self.runtime.check_tensor(x, "x")
-        return x.contiguous(), None
+        return x, None
 
     def _check_layout(self, num_tokens, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert):
         r = self.group_size

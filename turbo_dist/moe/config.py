@@ -49,7 +49,16 @@ class Config:
         return (n + 127) // 128 * 128
 
     def get_rdma_buffer_size_hint(self, hidden_bytes, num_ranks):
-        return 0
+        """DeepEP's rule: 0 up to 8 ranks (one NVLink domain), else the bytes of its RDMA ring buffers. Our
+        `hierarchical` transport allocates nothing from it (on more than one node it is picked whatever
+        num_rdma_bytes says); the value keeps DeepEP's sizing code meaningful."""
+        if num_ranks <= 8:
+            return 0
+        channels = max(self.num_sms // 2, 1)
+        rdma_ranks = (num_ranks + 7) // 8
+        per_token = hidden_bytes + 128 * 8 + 128 * 4 + 128 * 4  # row, top-k, scales, metadata (DeepEP's bound)
+        n = channels * rdma_ranks * self.num_max_rdma_chunked_recv_tokens * per_token * 2  # send + recv halves
+        return (n + 127) // 128 * 128
 
     def __repr__(self):
         return (f"Config(num_sms={self.num_sms}, num_max_nvl_chunked_send_tokens={self.num_max_nvl_chunked_send_tokens}, "

@@ -70,18 +70,19 @@ class TokenDispatcher:
             dest = _padded_positions(counts, padded, recv_x.device)
             out = torch.zeros(sum(padded), recv_x.size(1), dtype=recv_x.dtype, device=recv_x.device)
             expert_in = out.index_copy(0, dest, expert_in)
-        self._state = (handle, rows, probs, dest, num_recv, recv_x.dtype)
+        self._state = (handle, rows, probs, dest, num_recv, recv_x.dtype, expert_in.size(0))
         return expert_in, padded
 
     def combine(self, expert_output):
         if self._state is None:
             raise RuntimeError("TokenDispatcher.combine called before dispatch")
-        handle, rows, probs, dest, num_recv, dtype = self._state
-        self._state = None
+        handle, rows, probs, dest, num_recv, dtype, expect = self._state
+        if not isinstance(expert_output, torch.Tensor) or expert_output.dim() != 2 or expert_output.size(0) != expect:
+            shape = tuple(expert_output.shape) if isinstance(expert_output, torch.Tensor) else type(expert_output)
+            raise ValueError(f"expert_output must be [{expect}, width] (the rows dispatch handed out, padding "
+                             f"included), got {shape}")
+        self._state = None  # only once the call is valid: a refused call can be retried
         y = expert_output if dest is None else expert_output.index_select(0, dest)
-        if y.size(0) != rows.numel():
-            raise ValueError(f"expert_output has {expert_output.size(0)} rows, expected the dispatched layout's "
-                             f"{rows.numel() if dest is None else dest.numel()}")
         weighted = y.to(torch.float32) * probs.view(-1, 1)
         per_token = torch.zeros(num_recv, y.size(1), dtype=torch.float32, device=y.device).index_add(0, rows, weighted)
         return _combine(self.buffer, per_token.to(dtype), handle)

@@ -14,8 +14,9 @@ Implementations (`algo=` argument or TURBO_DIST_TP_ALGO, default 'auto'):
 - 'collective': all_gather_into_tensor / reduce_scatter_tensor + GEMM (gloo/NCCL; CPU, no peer access).
 'auto' takes 'collective' without peer access, else 'direct' for shards under
 TURBO_DIST_TP_DIRECT_BYTES (default 2 MiB) or of fewer than 128 rows, and 'ring' above.
-Waits on peers are bounded by TURBO_DIST_TIMEOUT_S; a timeout raises RuntimeError at the next call
-(or at `check_errors(group)`).
+Waits on peers are bounded by TURBO_DIST_TIMEOUT_S; a timeout raises RuntimeError once, at a later call
+(or at `check_errors(group)`, which waits for the device): the output of the call whose wait timed out
+is invalid, and the record is cleared once raised.
 """
 from turbo_dist.runtime import get_runtime
 

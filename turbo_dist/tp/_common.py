@@ -105,9 +105,23 @@ def check_fp8(t, name):
         raise TypeError(f"{name} must be FP8 ({', '.join(map(str, FP8_DTYPES))}), got {t.dtype}")
 
 
+def check_scale(t, name):
+    """A dequantization scale: an fp32 tensor (torch._scaled_mm's rule, applied on every device)."""
+    check_tensor(t, name)
+    if t.dtype != torch.float32:
+        raise TypeError(f"{name} must be float32 (a dequantization scale), got {t.dtype}")
+
+
+def check_fp8_pair(a, b, name):
+    """The FP8 operand pairs the GPU GEMMs take: e5m2 x e5m2 has no tensor-core GEMM (cuBLAS refuses it)."""
+    if a.dtype == b.dtype == torch.float8_e5m2:
+        raise NotImplementedError(f"{name}: float8_e5m2 x float8_e5m2 is not supported (no such GEMM on the GPU); "
+                                  "quantize one operand to float8_e4m3fn")
+
+
 def check_b_scale(b_scale, n, name):
     """b_scale: tensor-wise (one element) or per output column ([1, N] or [N])."""
-    check_tensor(b_scale, name)
+    check_scale(b_scale, name)
     if b_scale.numel() == 1:
         return b_scale.reshape(1, 1).float()
     if b_scale.numel() == n and (b_scale.dim() == 1 or (b_scale.dim() == 2 and b_scale.shape[0] == 1)):

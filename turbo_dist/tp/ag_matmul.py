@@ -151,7 +151,12 @@ def all_gather_scaled_matmul(a_shard, bs, a_scale, b_scales, gather_dim=0, group
     b_scales = list(b_scales) if not isinstance(b_scales, torch.Tensor) else [b_scales]
     if len(b_scales) != len(bs):
         raise ValueError(f"got {len(bs)} matrices in bs but {len(b_scales)} b_scales")
+    for i, (s, b) in enumerate(zip(b_scales, bs)):  # all before anything is gathered
+        C.check_fp8_pair(a_shard, b, f"all_gather_scaled_matmul (a_shard, bs[{i}])")
+        C.check_scale(s, f"b_scales[{i}]")
+        rt.check_tensor(s, f"b_scales[{i}]")
     b_scales = [C.check_b_scale(s, b.shape[1], f"b_scales[{i}]") for i, (s, b) in enumerate(zip(b_scales, bs))]
+    C.check_scale(a_scale, "a_scale")
     mode = _a_scale_mode(a_shard, a_scale, gather_dim, w)
     for name, t in [("a_scale", a_scale)] + [(f"bs[{i}]", b) for i, b in enumerate(bs)]:
         rt.check_tensor(t, name)

@@ -109,8 +109,11 @@ def scaled_matmul_reduce_scatter(a, b, a_scale, b_scale, scatter_dim=0, reduce_o
     GEMMs: torch._scaled_mm on CUDA; on CPU a dequantize-then-fp32-matmul reference.
     """
     rt, scatter_dim = _prepare(a, b, scatter_dim, reduce_op, group, fp8=True)
-    C.check_tensor(a_scale, "a_scale")
+    C.check_fp8_pair(a, b, "scaled_matmul_reduce_scatter")
+    C.check_scale(a_scale, "a_scale")
     rt.check_tensor(a_scale, "a_scale")
+    C.check_scale(b_scale, "b_scale")
+    rt.check_tensor(b_scale, "b_scale")
     b_scale = C.check_b_scale(b_scale, b.shape[1], "b_scale")
     row_scale = tensor_scale = None
     if a_scale.numel() == 1:  # tensor-wise (also the row-wise scale of a one-row a: the same thing)
