@@ -71,6 +71,28 @@ def test_ranks_per_node_override(world_size):
     assert results == [(2, 2, r // 2, r % 2) for r in range(world_size)]
 
 
+def _subgroup_topology(rank, world_size):
+    out = {}
+    for ranks in ([0, 2], [1, 2], [0, 1], [2, 3], [0, 1, 2]):
+        g = dist.new_group(ranks)  # collective: every rank creates every group
+        if rank in ranks:
+            rt = get_runtime(g)
+            out[tuple(ranks)] = (rt.num_nodes, rt.local_world_size, rt.node_rank, rt.local_rank)
+    return out
+
+
+@pytest.mark.dist
+def test_subgroup_topology_follows_global_ranks():
+    """Nodes hold consecutive global ranks (2 per node here): a subgroup's topology is its members' nodes, not
+    the environment's count applied to its own numbering; an irregular group gets one rank per node."""
+    got = run_distributed(_subgroup_topology, 4, env={"TURBO_DIST_RANKS_PER_NODE": "2"})
+    assert got[0][(0, 2)] == (2, 1, 0, 0) and got[2][(0, 2)] == (2, 1, 1, 0)
+    assert got[1][(1, 2)] == (2, 1, 0, 0) and got[2][(1, 2)] == (2, 1, 1, 0)
+    assert got[0][(0, 1)] == (1, 2, 0, 0) and got[1][(0, 1)] == (1, 2, 0, 1)
+    assert got[2][(2, 3)] == (1, 2, 0, 0) and got[3][(2, 3)] == (1, 2, 0, 1)
+    assert [got[r][(0, 1, 2)] for r in range(3)] == [(3, 1, r, 0) for r in range(3)]  # 2 + 1: irregular
+
+
 def _subgroups(rank, world_size):
     evens = dist.new_group([0, 2])
     odds = dist.new_group([1, 3])

@@ -19,8 +19,8 @@ class Runtime:
     """Communication resources of one process group.
 
     Attributes: `rank`, `world_size` (in the group), `device`, `backend` (torch.distributed
-    backend name), `local_world_size` (ranks per node: TURBO_DIST_RANKS_PER_NODE, else
-    LOCAL_WORLD_SIZE, else the whole group), `num_nodes`, `node_rank`, `local_rank`,
+    backend name), `local_world_size` (the group's ranks per node: nodes hold consecutive
+    global ranks, TURBO_DIST_RANKS_PER_NODE, else LOCAL_WORLD_SIZE, of them; neither set: one node), `num_nodes`, `node_rank`, `local_rank`,
     `comm_stream` (a CUDA stream for communication; None on CPU), `shmem_backend`, `shares_gpu`
     (True only in the TURBO_DIST_TEST_SHARE_GPU test mode: a gloo group on CUDA, ranks may share a GPU).
     """
@@ -45,17 +45,8 @@ class Runtime:
         self.shares_gpu = False
         self.device = self._pick_device()
 
-        lws = config.env_int("TURBO_DIST_RANKS_PER_NODE", 0) or config.env_int("LOCAL_WORLD_SIZE", 0)
-        lws = min(lws, self.world_size) if lws > 0 else self.world_size
-        if self.world_size % lws:
-            raise ValueError(
-                f"ranks per node ({lws}, from TURBO_DIST_RANKS_PER_NODE or LOCAL_WORLD_SIZE) does not divide "
-                f"the group size {self.world_size}"
-            )
-        self.local_world_size = lws
-        self.num_nodes = self.world_size // lws
-        self.node_rank = self.rank // lws
-        self.local_rank = self.rank % lws
+        self._set_topology()
+        lws = self.local_world_size
 
         self.comm_stream = torch.cuda.Stream(device=self.device) if self.device.type == "cuda" else None
         self.shmem_backend = self._pick_shmem_backend()
@@ -66,6 +57,28 @@ class Runtime:
             self.rank, self.world_size, self.device, self.backend, self.num_nodes, lws, self.shmem_backend,
             " (shared-GPU test mode)" if self.shares_gpu else "",
         )
+
+    def _set_topology(self):
+        """local_world_size, num_nodes, node_rank, local_rank of this group: nodes hold consecutive GLOBAL ranks
+        (TURBO_DIST_RANKS_PER_NODE, else LOCAL_WORLD_SIZE, per node: torchrun's and our launchers' numbering;
+        neither set: one node), mapped onto the group's members, so a subgroup such as ranks [0, 2] of two
+        2-rank nodes spans two nodes. A group whose members are not node-major with equal counts per node gets
+        one rank per node: nothing assumes peer access between its ranks (logged)."""
+        per_node = config.env_int("TURBO_DIST_RANKS_PER_NODE", 0) or config.env_int("LOCAL_WORLD_SIZE", 0)
+        members = dist.get_process_group_ranks(self.group) if self.group is not dist.group.WORLD else \
+            list(range(self.world_size))
+        nodes = [g // per_node if per_node > 0 else 0 for g in members]
+        order = list(dict.fromkeys(nodes))  # nodes in the order the group's ranks reach them
+        lws = len(members) // len(order)
+        regular = len(members) % len(order) == 0 and nodes == [n for n in order for _ in range(lws)]
+        if not regular:
+            log.warning("runtime: the group's ranks %s are not node-major with equal ranks per node (%s per node): "
+                        "treating each rank as its own node (no peer access assumed)", members, per_node)
+            lws = 1
+        self.local_world_size = lws
+        self.num_nodes = self.world_size // lws
+        self.node_rank = self.rank // lws
+        self.local_rank = self.rank % lws
 
     def _pick_device(self):
         if "nccl" in self.backend:
