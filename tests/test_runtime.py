@@ -254,3 +254,36 @@ def test_peer_timeout_must_be_positive_and_finite(raw, monkeypatch):
         config.peer_timeout_s()
     monkeypatch.setenv("TURBO_DIST_TIMEOUT_S", "2.5")
     assert config.peer_timeout_s() == 2.5
+
+
+def _nvshmem_growth_frees(rank, world_size):
+    import turbo_dist.shmem as shmem_mod
+    from turbo_dist.runtime import symm
+
+    rt = get_runtime()
+    rt.shmem_backend = "nvshmem"  # the allocation and free are stubbed: no NVSHMEM on this machine
+    freed, made = [], []
+
+    def allocate(backend, name, nbytes, group, device, r, w):
+        local = torch.zeros(nbytes, dtype=torch.uint8)
+        made.append(local)
+        return symm.SymmBuffer(name, nbytes, local, None, None, r, w)
+
+    orig = (symm.allocate, shmem_mod.free, torch.cuda.synchronize)
+    symm.allocate, shmem_mod.free, torch.cuda.synchronize = allocate, freed.append, lambda *a: None
+    try:
+        rt.symm_buffer("grow", 100)
+        rt.symm_buffer("grow", 50)  # fits: nothing allocated or freed
+        rt.symm_buffer("grow", 10000)
+    finally:
+        symm.allocate, shmem_mod.free, torch.cuda.synchronize = orig
+        rt.shmem_backend = "none"
+    assert len(made) == 2 and len(freed) == 1 and freed[0].data_ptr() == made[0].data_ptr()
+    return True
+
+
+@pytest.mark.dist
+def test_nvshmem_buffer_growth_frees_the_old_allocation():
+    """NVSHMEM releases nothing on garbage collection: a growing buffer frees its old allocation (collectively),
+    or every growth would leak symmetric heap."""
+    assert run_distributed(_nvshmem_growth_frees, 2) == [True, True]

@@ -434,3 +434,23 @@ def _mpi_child():
 
 if __name__ == "__main__" and "--mpi-child" in sys.argv:
     _mpi_child()
+
+
+def test_nvshmem_backend_refuses_a_group_of_other_processes(monkeypatch):
+    """The same PE index and count are not enough: a group of other processes (ranks [0, 2] after SHMEM came up
+    over [0, 1]) would map process 1's memory as its peer. Refused before anything is allocated."""
+    import torch.distributed as dist
+
+    from turbo_dist import shmem as shmem_mod
+    from turbo_dist.runtime import shmem_backend
+
+    monkeypatch.setattr(shmem_mod, "is_initialized", lambda: True)
+    monkeypatch.setattr(shmem_mod, "my_pe", lambda: 0)
+    monkeypatch.setattr(shmem_mod, "n_pes", lambda: 2)
+    monkeypatch.setattr(shmem_mod, "members", lambda: (0, 1))
+    monkeypatch.setattr(shmem_mod, "malloc", lambda n: pytest.fail("allocated for the wrong group"))
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 0)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(dist, "get_process_group_ranks", lambda group: [0, 2])
+    with pytest.raises(NotImplementedError, match="serves only the group SHMEM was initialised on"):
+        shmem_backend.symmetric_buffer(64, object(), "cpu")

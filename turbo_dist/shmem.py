@@ -33,7 +33,7 @@ _FALLBACK_HINT = (
 
 _native = None
 _LOCK = threading.Lock()
-_STATE = {"device": None, "rank": None, "nranks": None, "via": None}
+_STATE = {"device": None, "rank": None, "nranks": None, "via": None, "members": None}
 _ALLOCS = {}  # base address -> _Allocation, live allocations only
 _ALLOC_ADDRS = []  # sorted base addresses of _ALLOCS, to find the allocation holding an address
 _NODE_TEAMS = {}  # ranks_per_node -> team handle (or None)
@@ -215,6 +215,13 @@ def init(group=None, device=None):
             raise _init_failed(native, "rank 0 could not create the unique id (its error says why)", rank, nranks,
                                device, "no id received")
         _init_native(native, uid, rank, nranks, device, "torch.distributed")
+        _STATE["members"] = tuple(dist.get_process_group_ranks(group))  # which processes the PEs are
+
+
+def members():
+    """The global torch.distributed ranks of PEs 0..n-1 when SHMEM came up over a torch.distributed group
+    (init()); None when it came up another way (init_mpi) or is not up."""
+    return _STATE.get("members")
 
 
 def _broadcast_unique_id(group, device, make_id, nbytes):
@@ -288,7 +295,7 @@ def finalize():
         _ALLOCS.clear()
         _ALLOC_ADDRS.clear()
         _native.finalize()
-        _STATE.update(device=None, rank=None, nranks=None, via=None)
+        _STATE.update(device=None, rank=None, nranks=None, via=None, members=None)
 
 
 def _require_init(what):

@@ -173,7 +173,15 @@ class Runtime:
         # Round up so small growth steps do not rendezvous again and again.
         nbytes = max(1 << (nbytes - 1).bit_length(), 4096) if nbytes > 4096 else 4096
         nbytes = min(nbytes, max(cap, 4096))
-        self._buffers.pop(name, None)
+        old = self._buffers.pop(name, None)
+        if old is not None and self.shmem_backend == "nvshmem":
+            # NVSHMEM frees nothing on garbage collection: release the old allocation (collective, as this growth
+            # is; shmem.free drains the GPU first, the barrier makes sure no peer still writes into it)
+            from turbo_dist import shmem
+
+            torch.cuda.synchronize(self.device)
+            self.barrier()
+            shmem.free(old.local(torch.uint8, (old.nbytes,)))
         buf = symm.allocate(self.shmem_backend, name, nbytes, self.group, self.device, self.rank, self.world_size)
         self._buffers[name] = buf
         log.debug("runtime: symmetric buffer %r now %d bytes (%s)", name, nbytes, self.shmem_backend)

@@ -52,7 +52,9 @@ def symmetric_buffer(nbytes, group, device):
     rank, nranks = dist.get_rank(group), dist.get_world_size(group)
     if not shmem.is_initialized():
         shmem.init(group, device)
-    if (shmem.my_pe(), shmem.n_pes()) != (rank, nranks):
+    known = shmem.members()  # the same PE count and index are not enough: the same processes, in the same order
+    if (shmem.my_pe(), shmem.n_pes()) != (rank, nranks) or \
+            (known is not None and known != tuple(dist.get_process_group_ranks(group))):
         raise NotImplementedError(
             f"the nvshmem backend serves only the group SHMEM was initialised on ({shmem.n_pes()} PEs); this group has "
             f"{nranks} ranks. Use TURBO_DIST_SHMEM=torch for subgroups"
