@@ -1,4 +1,6 @@
 """The backend dispatcher's order of choice: setter > env var > preference rule > default order."""
+import time
+
 import pytest
 import torch
 
@@ -212,3 +214,63 @@ def test_env_backend_override_read_on_every_call(monkeypatch):
         assert config.getenv(key) == __import__("os").environ.get(key)
     monkeypatch.setattr(config.os, "environ", {var: "b"})  # a plain dict: no _data, read with .get
     assert config.getenv(var) == "b" and dispatcher.dispatch(name, x) == "b"
+
+
+def test_autotune_order_and_cache(monkeypatch):
+    """TURBO_DIST_AUTOTUNE=1: setter > env var > autotune (timed once per signature) > default order."""
+    name = "test_op_autotune"
+    runs = {"slow": 0, "fast": 0}
+
+    def make(which, delay):
+        def fn(x):
+            runs[which] += 1
+            time.sleep(delay)
+            return which
+        return fn
+
+    dispatcher.register_backend(name, "slow", make("slow", 0.004), priority=10)  # first in the default order
+    dispatcher.register_backend(name, "fast", make("fast", 0.0), priority=20)
+    dispatcher.set_signature(name, lambda x: x.shape[1])  # rows do not matter, like tokens per step
+    monkeypatch.delenv("TURBO_DIST_TEST_OP_AUTOTUNE_BACKEND", raising=False)
+    try:
+        monkeypatch.delenv("TURBO_DIST_AUTOTUNE", raising=False)
+        assert dispatcher.dispatch(name, torch.zeros(2, 3)) == "slow"  # default order
+        monkeypatch.setenv("TURBO_DIST_AUTOTUNE", "1")
+        assert dispatcher.dispatch(name, torch.zeros(2, 3)) == "fast"  # timed: the faster one
+        tuned = dict(runs)
+        assert dispatcher.dispatch(name, torch.zeros(5, 3)) == "fast"  # other rows, same signature: no new timing
+        assert runs == {"slow": tuned["slow"], "fast": tuned["fast"] + 1}
+        monkeypatch.setenv("TURBO_DIST_TEST_OP_AUTOTUNE_BACKEND", "slow")
+        assert dispatcher.dispatch(name, torch.zeros(2, 3)) == "slow"  # env var beats autotune
+        dispatcher.set_backend(name, "fast")
+        assert dispatcher.dispatch(name, torch.zeros(2, 3)) == "fast"  # setter beats env var
+    finally:
+        dispatcher.set_backend(name, None)
+        dispatcher.set_signature(name, None)
+
+
+def test_grouped_autotune_signatures_ignore_token_count():
+    """Token counts change every step: the grouped ops autotune per expert shapes, or they would re-time every
+    backend on every step (and grow the cache without bound)."""
+    from turbo_dist.ops import fp8_grouped, grouped_gemm as gg  # noqa: F401  (registers the ops)
+
+    lens_a, lens_b = torch.tensor([3, 5]), torch.tensor([10, 20])
+    sig = dispatcher._op("grouped_gemm_wgrad").signature
+    assert sig(torch.zeros(8, 4), torch.zeros(8, 6), lens_a, False) == \
+        sig(torch.zeros(30, 4), torch.zeros(30, 6), lens_b, False)
+    assert sig(torch.zeros(8, 4), torch.zeros(8, 6), lens_a) != sig(torch.zeros(8, 4), torch.zeros(8, 7), lens_a)
+    sig = dispatcher._op("grouped_scaled_mm").signature
+    b = torch.zeros(2, 6, 4)
+    assert sig(torch.zeros(8, 4), b, None, None, lens_a, "row", torch.bfloat16) == \
+        sig(torch.zeros(30, 4), b, None, None, lens_b, "row", torch.bfloat16)
+    assert sig(torch.zeros(8, 4), b, None, None, lens_a, "row", torch.bfloat16) != \
+        sig(torch.zeros(8, 4), b, None, None, lens_a, "row", torch.float32)
+    assert dispatcher._default_signature((torch.bfloat16,), {}) != dispatcher._default_signature((torch.float32,), {})
+
+
+def test_backend_variable_naming_no_op_is_logged(monkeypatch, caplog):
+    monkeypatch.setattr(dispatcher, "_ENV_CHECKED", [])
+    monkeypatch.setenv("TURBO_DIST_ATTENTION_BACKEND", "triton")  # the ops are ATTENTION_FWD / ATTENTION_BWD
+    with caplog.at_level("WARNING", logger="turbo_dist"):
+        dispatcher.choose("gemm", torch.zeros(2, 2), torch.zeros(2, 2))
+    assert "TURBO_DIST_ATTENTION_BACKEND names no op" in caplog.text and "TURBO_DIST_ATTENTION_FWD_BACKEND" in caplog.text

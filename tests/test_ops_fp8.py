@@ -107,6 +107,18 @@ def test_quantize_zero_and_errors():
         quantize_fp8(torch.zeros(4, 8), torch.float16)
     with pytest.raises(TypeError, match="ScalingGranularity"):
         quantize_fp8(torch.zeros(4, 8), E4M3, "rowwise")
+    with pytest.raises(NotImplementedError, match="block_size=128 only, got 100"):  # before any kernel compiles
+        quantize_fp8(torch.zeros(4, 8), E4M3, B, block_size=100)
+    with pytest.raises(ValueError, match="positive int"):
+        quantize_fp8(torch.zeros(4, 8), E4M3, R, block_size=0)
+    q, s = quantize_fp8(torch.randn(4, 8), E4M3, R)
+    with pytest.raises(ValueError, match="needs the scale quantize_fp8 returned \\(1 elements\\)"):
+        dequantize_fp8(q, s)  # rowwise scales read as tensorwise
+    with pytest.raises(TypeError, match="fp8 tensor"):
+        dequantize_fp8(q.float(), s, R)
+    torch.testing.assert_close(dequantize_fp8(q, s, R), q.float() * s)
+    with pytest.raises(TypeError, match="granularity must be a ScalingGranularity"):
+        scaled_mm(q, q.t(), s, s.t(), granularity="rowwise")
 
 
 def test_config_validation():
@@ -607,3 +619,37 @@ def test_block_scales_for_cublas_layout():
         if kb > 1:  # a row slice of an M-major scale keeps stride (1, M): copied to (1, rows)
             a3, _ = _block_scales_for_cublas(a[3:11], b)
             assert a3.stride() == (1, 8) and torch.equal(a3, sa[3:11])
+
+
+@pytest.mark.parametrize("fmt", [Format.E4M3, Format.E5M2, Format.HYBRID])
+def test_autograd_quantizes_gradients_in_the_config_format(monkeypatch, fmt):
+    """Which FP8 format each operand is quantized in (a wrong gradient format still passes the SNR floors:
+    E4M3 meets E5M2's): forward operands in fwd_dtype, the output gradient in grad_dtype, for gemm_fp8 and the
+    grouped GEMM's dA."""
+    import turbo_dist.ops.fp8 as fp8_mod
+    import turbo_dist.ops.fp8_grouped as fp8g_mod
+
+    seen = []
+    real = fp8_mod.quantize_fp8
+
+    def spy(x, dtype=E4M3, *args, **kwargs):
+        seen.append((tuple(x.shape), dtype))
+        return real(x, dtype, *args, **kwargs)
+
+    monkeypatch.setattr(fp8_mod, "quantize_fp8", spy)
+    monkeypatch.setattr(fp8g_mod, "quantize_fp8", spy)
+    cfg = Float8QuantConfig(format=fmt, granularity=R)
+    M, K, N = 4, 16, 8  # distinct sizes: each quantized operand is told apart by its shape
+    a = torch.randn(M, K, requires_grad=True)
+    b = torch.randn(K, N, requires_grad=True)
+    gemm_fp8(a, b, config=cfg).backward(torch.randn(M, N))
+    grads = {d for shape, d in seen if shape in ((M, N), (N, M))}
+    fwd = {d for shape, d in seen if shape not in ((M, N), (N, M))}
+    assert grads == {cfg.grad_dtype} and fwd == {cfg.fwd_dtype}, seen
+    seen.clear()
+    a = torch.randn(M, K, requires_grad=True)
+    w = torch.randn(2, K, N, requires_grad=True)
+    grouped_gemm_fp8(a, w, torch.tensor([1, 3]), config=cfg).backward(torch.randn(M, N))
+    assert (M, N) in [shape for shape, _ in seen]
+    assert {d for shape, d in seen if shape == (M, N)} == {cfg.grad_dtype}, seen
+    assert {d for shape, d in seen if shape != (M, N)} == {cfg.fwd_dtype}, seen

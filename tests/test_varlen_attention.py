@@ -4,13 +4,10 @@ dense attention sequence by sequence, and context-parallel ring / a2a (Ulysses) 
 CPU: the Triton kernels run in the interpreter (fp32/fp16), CP on gloo. GPU (marked `gpu`): Triton in
 bf16/fp16 against the reference, and the three CP modes over NCCL on 2 GPUs (`--dist-only`).
 """
-import importlib
-
 import pytest
 import torch
 import torch.distributed as dist
 
-attn = importlib.import_module("turbo_dist.ops.attention")  # the module (turbo_dist.ops.attention is a function)
 from turbo_dist import cp
 from turbo_dist.ops import dispatcher, flash_attn_varlen_func, varlen_attention_backward, varlen_attention_forward
 from turbo_dist.testing import run_distributed
@@ -40,24 +37,46 @@ def make_packed(lq, lk, hq, hkv, d, dtype, device="cpu", seed=0):
     return mk(tq, hq, d), mk(tk, hkv, d), mk(tk, hkv, d), mk(tq, hq, d), cu_of(lq, device), cu_of(lk, device)
 
 
+def _math_sequence(q, k, v, do, causal, scale):
+    """One sequence ([L, H, D], GQA) in float64 with autograd, written here and not through the library's own
+    reference (the "reference" varlen backend wraps that one). Bottom-right causal; rows that see no key are
+    left out (o = 0, lse = -inf, dq = 0)."""
+    lq, lk = q.shape[0], k.shape[0]
+    keep = torch.ones(lq, lk, dtype=torch.bool)
+    if causal:
+        keep = torch.arange(lk)[None, :] <= torch.arange(lq)[:, None] + lk - lq
+    live = keep.any(1)
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    rep = q.shape[1] // k.shape[1]
+    s = torch.einsum("qhd,khd->hqk", qd[live], kd.repeat_interleave(rep, 1)) * scale
+    s = s.masked_fill(~keep[live][None], float("-inf"))
+    o_live = torch.einsum("hqk,khd->qhd", torch.softmax(s, -1), vd.repeat_interleave(rep, 1))
+    (o_live * do.double()[live]).sum().backward()
+    o = torch.zeros(lq, q.shape[1], v.shape[2], dtype=torch.float64)
+    o[live] = o_live.detach()
+    lse = torch.full((q.shape[1], lq), float("-inf"), dtype=torch.float64)
+    lse[:, live] = torch.logsumexp(s, -1).detach()
+    return o, lse, qd.grad, kd.grad, vd.grad
+
+
 def per_sequence_dense(q, k, v, do, cu_q, cu_k, causal, scale=None):
-    """Ground truth: the dense fp32 reference op on each sequence alone ([1, L, H, D]), outputs packed back.
+    """Ground truth: plain float64 attention on each sequence alone (_math_sequence), outputs packed back.
     Rows with no visible key: o = 0, lse = -inf, dq = 0; keys no query sees: dk = dv = 0."""
-    qf, kf, vf, dof = (t.float() for t in (q, k, v, do))
-    o = torch.zeros_like(qf)
-    lse = torch.full((q.shape[1], q.shape[0]), float("-inf"))
-    dq, dk, dv = torch.zeros_like(qf), torch.zeros_like(kf), torch.zeros_like(vf)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    qc, kc, vc, doc = (t.detach().cpu() for t in (q, k, v, do))
+    o = torch.zeros(qc.shape, dtype=torch.float64)
+    lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=torch.float64)
+    dq, dk, dv = torch.zeros(qc.shape, dtype=torch.float64), torch.zeros(kc.shape, dtype=torch.float64), \
+        torch.zeros(vc.shape, dtype=torch.float64)
     vq, vk = cu_q.tolist(), cu_k.tolist()
     for i in range(len(vq) - 1):
         a, b, c, e = vq[i], vq[i + 1], vk[i], vk[i + 1]
         if b == a or e == c:
             continue
-        o_s, lse_s = attn.reference_forward(qf[None, a:b], kf[None, c:e], vf[None, c:e], causal, scale)
-        g = attn.reference_backward(dof[None, a:b], qf[None, a:b], kf[None, c:e], vf[None, c:e], o_s, lse_s, causal,
-                                    scale)
-        o[a:b], lse[:, a:b] = o_s[0], lse_s[0].cpu()
-        dq[a:b], dk[c:e], dv[c:e] = g[0][0], g[1][0], g[2][0]
-    return o, lse.to(q.device), dq, dk, dv
+        o[a:b], lse[:, a:b], dq[a:b], dk[c:e], dv[c:e] = _math_sequence(qc[a:b], kc[c:e], vc[c:e], doc[a:b], causal,
+                                                                        scale)
+    dev = q.device
+    return o.float().to(dev), lse.float().to(dev), dq.float().to(dev), dk.float().to(dev), dv.float().to(dev)
 
 
 def check_varlen(name, lq, lk, hq, hkv, d, causal, dtype, tol_o, tol_g, device="cpu", seed=0):

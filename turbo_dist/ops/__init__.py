@@ -23,7 +23,7 @@ def _unsupported_flash_args(dropout_p, window_size, bias, alibi_slopes, determin
     if deterministic:
         raise NotImplementedError("deterministic=True is not promised by every backend (cuDNN / flash SDPA "
                                   "backwards may use atomics); our Triton backward has none: "
-                                  "TURBO_DIST_ATTENTION_BACKEND=triton, deterministic=False")
+                                  "TURBO_DIST_ATTENTION_BWD_BACKEND=triton (and _VARLEN_BWD_), deterministic=False")
     if return_attn_probs:
         raise NotImplementedError("return_attn_probs is not supported (the probabilities are never materialized)")
 

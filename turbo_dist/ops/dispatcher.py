@@ -17,6 +17,7 @@ Registering a backend or changing a setter/preference clears it;
 `clear_cache()` does by hand (e.g. after monkeypatching what a `can_handle` reads).
 """
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
@@ -138,7 +139,7 @@ def _default_signature(args, kwargs):
     for v in list(args) + [kwargs[k] for k in sorted(kwargs)]:
         if isinstance(v, torch.Tensor):
             key.append((tuple(v.shape), v.dtype, v.device.type, v.is_contiguous()))
-        elif isinstance(v, (int, float, bool, str, type(None))):
+        elif isinstance(v, (int, float, bool, str, type(None), torch.dtype)):  # dtypes by value (out_dtype)
             key.append(v)
         else:
             key.append(type(v).__name__)
@@ -202,8 +203,23 @@ def choose(op, *args, **kwargs) -> Backend:
     return _choose(_op(op), args, kwargs)
 
 
+_ENV_CHECKED = []
+
+
+def _check_backend_env():
+    """Once per process: a TURBO_DIST_*_BACKEND variable that names no op (a typo, a guessed name) is logged,
+    not silently ignored."""
+    _ENV_CHECKED.append(True)
+    known = {o.env_var for o in _OPS.values()}
+    for key in sorted(os.environ):
+        if key.startswith("TURBO_DIST_") and key.endswith("_BACKEND") and key not in known:
+            log.warning("dispatcher: %s names no op and is ignored; the ops' variables: %s", key, sorted(known))
+
+
 def _choose(o, args, kwargs) -> Backend:
     op = o.name
+    if not _ENV_CHECKED:
+        _check_backend_env()
     explicit = o.forced or getenv(o.env_var) or None
     if explicit:
         source = "set_backend" if o.forced else o.env_var

@@ -81,6 +81,10 @@ class Float8QuantConfig:
         return E4M3 if self.format == Format.E4M3 else E5M2
 
 
+def _describe(t):
+    return f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+
+
 # ------------------------------------------------------------------------------------ quantization
 _MODE = {"tensor": 0, "row": 1, "1xb": 2, "bxb": 3}
 
@@ -155,7 +159,15 @@ def quantize_fp8(x, dtype=E4M3, granularity=ScalingGranularity.TENSORWISE, block
         raise TypeError(f"quantize_fp8: dtype must be float8_e4m3fn or float8_e5m2, got {dtype}")
     if not isinstance(granularity, ScalingGranularity):
         raise TypeError(f"quantize_fp8: granularity must be a ScalingGranularity, got {granularity!r}")
+    _check_block_size(block_size, granularity, "quantize_fp8")
     return dispatcher.dispatch("quantize_fp8", x, dtype, _mode_of(granularity, weight), block_size)
+
+
+def _check_block_size(block_size, granularity, name):
+    if not isinstance(block_size, int) or block_size <= 0:
+        raise ValueError(f"{name}: block_size must be a positive int, got {block_size!r}")
+    if granularity == ScalingGranularity.BLOCKWISE and block_size != 128:
+        raise NotImplementedError(f"{name}: BLOCKWISE supports block_size=128 only, got {block_size!r}")
 
 
 _WEIGHT_CACHE = None  # {key: (weakref to the base tensor, its _version, (w_q, scale))} inside cache_fp8_weights
@@ -208,9 +220,21 @@ def quantize_weight(w, dtype, granularity, weight=True):
 def dequantize_fp8(x_q, scale, granularity=ScalingGranularity.TENSORWISE, block_size=128, weight=False,
                    out_dtype=torch.float32):
     """Inverse of quantize_fp8 (same scale layout): returns x_q * scale in out_dtype."""
+    if not isinstance(x_q, torch.Tensor) or x_q.dim() not in (2, 3) or x_q.dtype not in (E4M3, E5M2):
+        raise TypeError(f"dequantize_fp8: x_q must be a 2-D or 3-D fp8 tensor, got {_describe(x_q)}")
+    if not isinstance(granularity, ScalingGranularity):
+        raise TypeError(f"dequantize_fp8: granularity must be a ScalingGranularity, got {granularity!r}")
+    if not isinstance(scale, torch.Tensor) or scale.dtype != torch.float32:
+        raise TypeError(f"dequantize_fp8: scale must be an fp32 tensor, got {_describe(scale)}")
+    _check_block_size(block_size, granularity, "dequantize_fp8")
     batched = x_q.dim() == 3
     q = (x_q if batched else x_q.unsqueeze(0)).float()
     E, R, C = q.shape
+    rb, cb = -(-R // block_size), -(-C // block_size)
+    per = {"tensor": 1, "row": R, "1xb": R * cb, "bxb": rb * cb}[_mode_of(granularity, weight)]
+    if scale.numel() != E * per:
+        raise ValueError(f"dequantize_fp8: {granularity.name} (weight={weight}) of x_q {tuple(x_q.shape)} needs the "
+                         f"scale quantize_fp8 returned ({E * per} elements), got {tuple(scale.shape)}")
     s = scale if batched or granularity == ScalingGranularity.TENSORWISE else scale.unsqueeze(0)
     B = block_size
     mode = _mode_of(granularity, weight)
@@ -370,6 +394,8 @@ def scaled_mm(a_q, b_q, scale_a, scale_b, out_dtype=torch.bfloat16, granularity=
         raise TypeError(f"scaled_mm: scales must be fp32, got {scale_a.dtype} and {scale_b.dtype}")
     M, K = a_q.shape
     N = b_q.shape[1]
+    if granularity is not None and not isinstance(granularity, ScalingGranularity):
+        raise TypeError(f"scaled_mm: granularity must be a ScalingGranularity or None, got {granularity!r}")
     if granularity is None:
         if scale_a.numel() == 1 and scale_b.numel() == 1:
             granularity = ScalingGranularity.TENSORWISE

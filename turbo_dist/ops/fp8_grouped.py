@@ -322,6 +322,14 @@ dispatcher.register_backend("grouped_scaled_mm", "torch_loop", _torch_loop_group
                             _torch_loop_grouped_scaled_can, priority=15)
 dispatcher.register_backend("grouped_scaled_mm", "reference", _reference_grouped_scaled, priority=90)
 dispatcher.set_choice_key("grouped_scaled_mm", _grouped_scaled_choice_key)
+
+
+def _grouped_scaled_signature(a_q, b_q, scale_a, scale_b, group_lens, mode, out_dtype):
+    # autotune per expert shapes, not per token count (M changes every step)
+    return (a_q.shape[1], tuple(b_q.shape), a_q.dtype, b_q.dtype, mode, out_dtype, a_q.device.type)
+
+
+dispatcher.set_signature("grouped_scaled_mm", _grouped_scaled_signature)
 dispatcher.set_preference("grouped_scaled_mm", _grouped_scaled_preference)
 
 

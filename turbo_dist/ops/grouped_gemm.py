@@ -281,6 +281,14 @@ def _lens_signature(a, b, group_lens, trans_b=False):
 dispatcher.set_signature("grouped_gemm", _lens_signature)
 
 
+def _wgrad_signature(a, dc, group_lens, trans_b=False):
+    # the same for the weight gradient: M (the tokens) changes every step, the expert shapes do not
+    return (a.shape[1], dc.shape[1], group_lens.shape[0], a.dtype, a.device.type, bool(trans_b))
+
+
+dispatcher.set_signature("grouped_gemm_wgrad", _wgrad_signature)
+
+
 class _GroupedGemmFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, b, group_lens, trans_b):
