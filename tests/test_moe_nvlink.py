@@ -19,8 +19,8 @@ from turbo_dist.moe import Buffer, Config
 from turbo_dist.testing import run_distributed
 
 from dist_utils import rank_device
-from test_moe import (_async_and_errors_body, _dispatch_combine_body, _fp8_body, expert_fn, from_fp8, make_buffer,
-                      make_inputs, ref_dispatch, to_fp8)
+from test_moe import (_async_and_errors_body, _autograd_body, _dispatch_combine_body, _fp8_body, expert_fn, from_fp8,
+                      make_buffer, make_inputs, ref_dispatch, to_fp8)
 
 HAS_CUDA = torch.cuda.is_available()
 cpu_only = pytest.mark.skipif(HAS_CUDA, reason="interpreter self-loop; on GPU the compiled kernels are tested")
@@ -227,6 +227,7 @@ def test_nvlink_reference_fp8_backward_errors(world_size):
                                args=("random", torch.bfloat16, 24, 4 * world_size, "nvlink"))) > 0
     assert all(run_distributed(_fp8_body, world_size, args=(20, 4 * world_size, "nvlink")))
     assert all(run_distributed(_async_and_errors_body, world_size, args=("nvlink",)))
+    assert all(run_distributed(_autograd_body, world_size, args=("nvlink",)))
     assert all(run_distributed(_backward_body, world_size, args=(torch.bfloat16, 40, 4 * world_size, 256)))
     assert all(run_distributed(_errors_body, world_size))
 
