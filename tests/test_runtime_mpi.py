@@ -69,6 +69,14 @@ def _comm_init_body(rank, world):
     t = torch.full((1,), float(rank + 1))
     dist.all_reduce(t, group=buf.group)
     assert t.item() == world * (world + 1) / 2
+    # torch.distributed torn down and initialized again: the communicator maps to the new WORLD, not the dead one
+    destroy_all()
+    dist.destroy_process_group()
+    again = Buffer(None, comm=comm, transport="collective")
+    assert again.group is dist.group.WORLD and again.group is not buf.group
+    t = torch.ones(1)
+    dist.all_reduce(t, group=again.group)
+    assert t.item() == world
     return True
 
 

@@ -454,3 +454,17 @@ def test_nvshmem_backend_refuses_a_group_of_other_processes(monkeypatch):
     monkeypatch.setattr(dist, "get_process_group_ranks", lambda group: [0, 2])
     with pytest.raises(NotImplementedError, match="serves only the group SHMEM was initialised on"):
         shmem_backend.symmetric_buffer(64, object(), "cpu")
+
+
+def test_ptr_refuses_addresses_outside_the_heap(monkeypatch):
+    """nvshmem_ptr of a non-symmetric address is undefined behaviour: refused before the native call."""
+    from turbo_dist import shmem as shmem_mod
+
+    native = type("Native", (), {"ptr": staticmethod(lambda addr, pe: pytest.fail("native ptr reached"))})
+    monkeypatch.setattr(shmem_mod, "is_initialized", lambda: True)
+    monkeypatch.setattr(shmem_mod, "_native", native)
+    monkeypatch.setitem(shmem_mod._STATE, "nranks", 2)
+    with pytest.raises(ValueError, match="not inside a live symmetric allocation"):
+        shmem_mod.ptr(torch.zeros(4), 1)
+    with pytest.raises(ValueError, match="not inside a live symmetric allocation"):
+        shmem_mod.ptr(0x1000, 1)

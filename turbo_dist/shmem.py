@@ -386,9 +386,22 @@ def ptr(t, pe):
     `t` is a symmetric tensor or an int address inside the symmetric heap.
     """
     native = _require_init("ptr")
-    addr = t if isinstance(t, int) else t.data_ptr()
-    out = native.ptr(addr, int(pe))
+    if isinstance(t, int):
+        _address_in_heap(t, "ptr")
+        addr = t
+    else:
+        _allocation_of(t, "ptr")  # nvshmem_ptr of an address outside the symmetric heap is undefined
+        addr = t.data_ptr()
+    if not isinstance(pe, int) or not 0 <= pe < _STATE["nranks"]:
+        raise ValueError(f"shmem.ptr: pe must be an int in [0, {_STATE['nranks']}), got {pe!r}")
+    out = native.ptr(addr, pe)
     return out or None
+
+
+def _address_in_heap(addr, what):
+    i = bisect.bisect_right(_ALLOC_ADDRS, addr) - 1
+    if i < 0 or addr >= _ALLOC_ADDRS[i] + _ALLOCS[_ALLOC_ADDRS[i]].nbytes:
+        raise ValueError(f"shmem.{what}: address {addr:#x} is not inside a live symmetric allocation")
 
 
 def peer_tensor(t, pe):

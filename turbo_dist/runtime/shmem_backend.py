@@ -59,6 +59,12 @@ def symmetric_buffer(nbytes, group, device):
             f"the nvshmem backend serves only the group SHMEM was initialised on ({shmem.n_pes()} PEs); this group has "
             f"{nranks} ranks. Use TURBO_DIST_SHMEM=torch for subgroups"
         )
+    # nvshmem_malloc is a collective with no timeout: a missing or dead peer would block it for good, so the
+    # group's barrier (bounded by the process group's timeout) runs first and raises instead
+    if "nccl" in str(dist.get_backend(group)).lower() and getattr(device, "index", None) is not None:
+        dist.barrier(group=group, device_ids=[device.index])
+    else:
+        dist.barrier(group=group)
     local = shmem.malloc(int(nbytes))
     local.zero_()
     shmem.barrier_all()  # every PE's zeros land before any peer writes
