@@ -766,3 +766,21 @@ def test_grouped_gpu_tma_matches_pointer_kernel(monkeypatch, trans_b):
         outs.append(grouped_gemm(a, b, gl.cuda(), trans_b=trans_b))
     ref = grouped_ref(a, b, gl, trans_b)
     assert rel(outs[0], ref) < 1e-2 and rel(outs[1], ref) < 1e-2
+
+
+@needs_interp
+@pytest.mark.parametrize("lens_mode", [True, False])
+def test_grouped_triton_kernel_clamps_counts_past_m(lens_mode):
+    """Counts on the GPU are not checked on the host (a sync): sizes summing past M must not write past the
+    output (guard rows below it stay untouched); rows inside M still get their group's product."""
+    from turbo_dist.kernels import grouped_gemm as kgg
+
+    M, K, N = 8, 16, 8
+    a = torch.randn(M, K)
+    b = torch.randn(2, K, N)
+    whole = torch.full((M + 32, N), 7.0)  # the output, then guard rows
+    counts = torch.tensor([4, 12])       # sums to 16 > M = 8
+    kgg.grouped_gemm(a, b, counts if lens_mode else counts.cumsum(0), out=whole[:M], lens=lens_mode)
+    assert bool((whole[M:] == 7.0).all()), "rows past M were written"
+    torch.testing.assert_close(whole[:4], a[:4] @ b[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(whole[4:M], a[4:M] @ b[1], rtol=1e-4, atol=1e-4)

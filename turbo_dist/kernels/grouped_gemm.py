@@ -109,11 +109,12 @@ def num_programs(device):
 
 
 @triton.jit
-def _group_tiles(offs_ptr, G, N, G_POW2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+def _group_tiles(offs_ptr, G, M, N, G_POW2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  LENS: tl.constexpr = False):
     """The persistent schedule's table from the group end offsets (LENS: from the group sizes, summed here,
     which saves the caller a cumsum launch): per group (padded to G_POW2) its row range, its number of output
-    tiles and their running end, plus the total tile count."""
+    tiles and their running end, plus the total tile count. Row ranges are clamped to [0, M]: counts on the
+    GPU are not checked on the host (a sync), and sizes that overrun M must not write past the output."""
     gi = tl.arange(0, G_POW2)
     if LENS:
         lens = tl.load(offs_ptr + gi, mask=gi < G, other=0).to(tl.int32)
@@ -123,6 +124,8 @@ def _group_tiles(offs_ptr, G, N, G_POW2: tl.constexpr, BLOCK_M: tl.constexpr, BL
         ends = tl.load(offs_ptr + gi, mask=gi < G, other=0).to(tl.int32)
         starts = tl.load(offs_ptr + gi - 1, mask=(gi > 0) & (gi < G), other=0).to(tl.int32)
         ends = tl.where(gi < G, ends, starts)
+    starts = tl.minimum(tl.maximum(starts, 0), M)
+    ends = tl.minimum(tl.maximum(ends, starts), M)
     num_n = tl.cdiv(N, BLOCK_N)
     tiles = tl.cdiv(ends - starts, BLOCK_M) * num_n
     tile_end = tl.cumsum(tiles, 0)
@@ -140,10 +143,10 @@ def _tile_of(tile, gi, starts, ends, tiles, tile_end, num_n):
     return g, row0, row1, local // num_n, local % num_n
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])  # the token count changes every step: one compile for all
 def _grouped_gemm_kernel(
     a_ptr, b_ptr, c_ptr, offs_ptr, sa_ptr, sb_ptr,
-    G, N, K,
+    G, M, N, K,
     stride_am, stride_ak, stride_bg, stride_bk, stride_bn, stride_cm, stride_cn,
     stride_sam, stride_sak, stride_sbg, stride_sbk, stride_sbn,
     NUM_PROGS: tl.constexpr, G_POW2: tl.constexpr,
@@ -151,7 +154,7 @@ def _grouped_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, LENS: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
-    gi, starts, ends, tiles, tile_end, total, num_n = _group_tiles(offs_ptr, G, N, G_POW2, BLOCK_M, BLOCK_N, LENS)
+    gi, starts, ends, tiles, tile_end, total, num_n = _group_tiles(offs_ptr, G, M, N, G_POW2, BLOCK_M, BLOCK_N, LENS)
     rk = tl.arange(0, BLOCK_K)
     for tile in range(pid, total, NUM_PROGS):
         g, row0, row1, pid_m, pid_n = _tile_of(tile, gi, starts, ends, tiles, tile_end, num_n)
@@ -182,10 +185,10 @@ def _grouped_gemm_kernel(
         _store_tile(c_ptr, acc, offs_m, mask_m, offs_n, mask_n, stride_cm, stride_cn)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])  # the token count changes every step: one compile for all
 def _grouped_gemm_tma_kernel(
     a_desc, b_desc, c_ptr, offs_ptr, sa_ptr, sb_ptr,
-    G, N, K,
+    G, M, N, K,
     stride_cm, stride_cn, stride_sam, stride_sak, stride_sbg, stride_sbk, stride_sbn,
     NUM_PROGS: tl.constexpr, G_POW2: tl.constexpr, B_T: tl.constexpr,
     SCALE_MODE: tl.constexpr, SB_N: tl.constexpr,
@@ -196,7 +199,7 @@ def _grouped_gemm_tma_kernel(
     # A tile may run past its group's last row into the next group's rows: those rows are computed and
     # never stored (the store is masked to the group), so no masking is needed on the loads.
     pid = tl.program_id(0)
-    gi, starts, ends, tiles, tile_end, total, num_n = _group_tiles(offs_ptr, G, N, G_POW2, BLOCK_M, BLOCK_N, LENS)
+    gi, starts, ends, tiles, tile_end, total, num_n = _group_tiles(offs_ptr, G, M, N, G_POW2, BLOCK_M, BLOCK_N, LENS)
     for tile in range(pid, total, NUM_PROGS):
         g, row0, row1, pid_m, pid_n = _tile_of(tile, gi, starts, ends, tiles, tile_end, num_n)
         off_m = row0 + pid_m * BLOCK_M
@@ -298,7 +301,7 @@ def grouped_gemm(a, b, group_offs, out=None, scale_a=None, scale_b=None, scale_m
     if tma is not None:
         return _launch_tma(a, tma, out, group_offs, sa, sb, (s_am, s_ak, s_bg, s_bk, s_bn), scale_mode, sb_n,
                            config, lens)
-    args = (a, b, out, group_offs, sa, sb, G, N, K,
+    args = (a, b, out, group_offs, sa, sb, G, M, N, K,
             a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2), out.stride(0), out.stride(1),
             s_am, s_ak, s_bg, s_bk, s_bn)
     nprog = num_programs(a.device)
@@ -335,7 +338,7 @@ def _launch_tma(a, tma, out, group_offs, sa, sb, s_strides, scale_mode, sb_n, co
     a_desc = TensorDescriptor.from_tensor(a, [16, 16])  # block shapes: set by the pre-hook / forced config
     b_desc = TensorDescriptor.from_tensor(b_st, [1, 16, 16])
     nprog = num_programs(a.device)
-    args = (a_desc, b_desc, out, group_offs, sa, sb, G, N, K, out.stride(0), out.stride(1), *s_strides)
+    args = (a_desc, b_desc, out, group_offs, sa, sb, G, a.shape[0], N, K, out.stride(0), out.stride(1), *s_strides)
     meta = dict(G_POW2=max(triton.next_power_of_2(G), 2), B_T=b_t, SCALE_MODE=scale_mode, SB_N=sb_n, LENS=bool(lens))
     if config is None:
         config = interpreter_config(scale_mode)
