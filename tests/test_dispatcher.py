@@ -274,3 +274,21 @@ def test_backend_variable_naming_no_op_is_logged(monkeypatch, caplog):
     with caplog.at_level("WARNING", logger="turbo_dist"):
         dispatcher.choose("gemm", torch.zeros(2, 2), torch.zeros(2, 2))
     assert "TURBO_DIST_ATTENTION_BACKEND names no op" in caplog.text and "TURBO_DIST_ATTENTION_FWD_BACKEND" in caplog.text
+
+
+def test_choice_made_during_graph_capture_is_not_cached(monkeypatch):
+    """Predicates decline some backends only while a CUDA graph is captured (a probe that cannot run then): that
+    choice must not stick to the signature after the capture."""
+    name = "test_op_capture"
+    capturing = [True]
+    dispatcher.register_backend(name, "eager_only", lambda x: "eager_only",
+                                lambda x: True if not capturing[0] else "not during capture", priority=10)
+    dispatcher.register_backend(name, "any", lambda x: "any", priority=20)
+    monkeypatch.setattr(dispatcher, "_capturing", lambda: capturing[0])
+    monkeypatch.delenv("TURBO_DIST_AUTOTUNE", raising=False)
+    monkeypatch.delenv("TURBO_DIST_TEST_OP_CAPTURE_BACKEND", raising=False)
+    x = torch.zeros(3)
+    assert dispatcher.dispatch(name, x) == "any"
+    capturing[0] = False
+    assert dispatcher.dispatch(name, x) == "eager_only"  # judged again, then cached
+    assert dispatcher.dispatch(name, x) == "eager_only"

@@ -198,6 +198,12 @@ def _choice_key(o, args, kwargs):
     return tuple(key)
 
 
+def _capturing():
+    """A CUDA graph is being captured on the current stream (checked on a cache miss only; never initializes
+    CUDA: without a context there is no capture)."""
+    return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
+
+
 def choose(op, *args, **kwargs) -> Backend:
     """The backend `dispatch` would run for these inputs (see the module docstring for the order)."""
     return _choose(_op(op), args, kwargs)
@@ -254,7 +260,7 @@ def _choose(o, args, kwargs) -> Backend:
         candidates.sort(key=lambda b: b.name != first)
     if len(candidates) > 1 and autotune:
         return _autotune(o, candidates, args, kwargs)
-    if key is not None:
+    if key is not None and not _capturing():  # predicates decline some backends only while a graph is captured
         if len(_CHOICE_CACHE) >= _CHOICE_CACHE_MAX:
             _CHOICE_CACHE.clear()
         _CHOICE_CACHE[key] = candidates[0]  # the Backend: registering one clears the cache
