@@ -29,6 +29,7 @@ splits each call into the send (returned at once) and the receive (the hook): wi
 hook waits on the asynchronous collective; with `triton` it waits on the counters.
 """
 import logging
+import weakref
 
 import torch
 
@@ -44,6 +45,7 @@ log = logging.getLogger("turbo_dist")
 
 PATHS = ("triton", "collective")
 _ALIGN = 256
+_TAGS = weakref.WeakKeyDictionary()  # runtime -> how many low-latency Buffers it made (symmetric buffer names)
 _COUNTER_BYTES = 1 << 16  # [2 kinds][2 parities][R] int64 counters at offset 0: up to 2048 ranks
 _HINT_TOPK = 16
 _DISPATCH, _COMBINE = 0, 1
@@ -67,8 +69,13 @@ class LowLatency:
         self.last_path = {"dispatch": None, "combine": None}  # the path each op's last call took
         self._zero_copy = {}  # (E_l, R * M, hidden) -> two bf16 combine-input buffers, used in turn
         self._zero_copy_next = 0
+        # one symmetric buffer per low-latency Buffer (DeepEP gives each its own RDMA memory): named by the
+        # order of construction, the same on every rank (construction is collective)
+        tag = _TAGS.get(rt, 0)
+        _TAGS[rt] = tag + 1
+        self._buffer_name = f"moe_low_latency.{tag}"
         if self.path == "triton" and num_rdma_bytes > 0:
-            self._buffer = rt.symm_buffer("moe_low_latency", num_rdma_bytes)
+            self._buffer = rt.symm_buffer(self._buffer_name, num_rdma_bytes)
         log.info("moe low-latency: rank %d/%d path %s", rt.rank, rt.world_size, self.path)
 
     def _takes_triton(self, op, payload):
@@ -127,7 +134,7 @@ class LowLatency:
         if self._layout_key is not None:
             torch.cuda.synchronize(self.rt.device)
             self.rt.barrier()
-        buf = self.rt.symm_buffer("moe_low_latency", nbytes)
+        buf = self.rt.symm_buffer(self._buffer_name, nbytes)
         if buf is not self._buffer:
             self._parity = [0, 0]
         self._buffer, self._regions, self._layout_key = buf, regions, key
@@ -329,9 +336,7 @@ class LowLatency:
                              "get_next_low_latency_combine_buffer(handle); call it first (or pass zero_copy=False)")
         if not isinstance(x, torch.Tensor) or tuple(x.shape) != key:
             raise ValueError(f"low_latency_combine x must be {list(key)}, got {describe(x)}")
-        src = self._zero_copy[key][self._zero_copy_next]
-        self._zero_copy_next ^= 1
-        return src
+        return self._zero_copy[key][self._zero_copy_next]  # flipped once the call is accepted (combine)
 
     def combine(self, x, topk_idx, topk_weights, handle, use_logfmt=False, zero_copy=False, async_finish=False,
                 return_recv_hook=False, out=None, combine_wait_recv_cost_stats=None):
@@ -340,6 +345,8 @@ class LowLatency:
             x = self._zero_copy_source(x, handle)
         check_combine(self, x, topk_idx, topk_weights, handle, use_logfmt, out, combine_wait_recv_cost_stats)
         self.check_error()
+        if zero_copy:  # only now: a refused call leaves the buffer the caller writes next where it was
+            self._zero_copy_next ^= 1
         num_max, hidden = handle[2], handle[3]
         t, k = topk_idx.shape
 
@@ -363,7 +370,8 @@ class LowLatency:
                 return
             acc = torch.zeros(t, hidden, dtype=torch.float32, device=x.device)
             for r in range(rt.world_size):  # [R, M, H] fp32 partial sums, one per expert rank, summed in rank order
-                acc += data[r, :t] if self.mask is None else data[r, :t] * (self.mask[r] == 0)
+                # a masked rank's partial sums are left out, not multiplied by 0 (inf * 0 is NaN)
+                acc += data[r, :t] if self.mask is None else torch.where(self.mask[r] == 0, data[r, :t], 0.0)
             result.copy_(acc)
 
         return self._run(send, receive, async_finish, return_recv_hook, (x, topk_idx, topk_weights), (result,))
