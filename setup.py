@@ -1,9 +1,10 @@
-"""Install turbo_dist; build the optional native SHMEM module only when its toolchain is found.
+"""Install turbo_dist; build the optional native modules only where their toolchains are found.
 
-`pip install -e .` must always work: on a CPU-only machine, on a CUDA machine without
-NVSHMEM, and on one with it. The native module (`turbo_dist._shmem`, csrc/shmem/) is built
-only when its sources exist and NVSHMEM (CUDA) or rocSHMEM (ROCm) headers and libraries are
-found; any failure to build it is reported and skipped, never fatal.
+`pip install -e .` must always work: on a CPU-only machine, on a CUDA machine without NVSHMEM, and on one
+with it. The native modules -- `turbo_dist._shmem` (csrc/shmem/: NVSHMEM or rocSHMEM headers and libraries),
+`turbo_dist._cublaslt` (csrc/cublaslt/: cuBLASLt >= 12.9) and `turbo_dist._fp8_wgmma` (csrc/fp8_wgmma/: nvcc
+and a CUDA build of torch) -- are each built only when their sources and toolchain are found; a failure to build
+one is reported (`python -m pip install -v` shows it) and skipped, never fatal, and never stops the others.
 """
 import glob
 import os
@@ -266,6 +267,10 @@ class OptionalBuildExt(build_ext):
     """Build native extensions, but never fail the install because one could not be built."""
 
     def run(self):
+        # optional: an editable install copies each built module into turbo_dist/; one that failed to build must
+        # not stop the copy of the others (setuptools raises on the first missing non-optional one)
+        for ext in self.extensions:
+            ext.optional = True
         try:
             super().run()
         except Exception as exc:  # toolchain missing or broken
@@ -318,6 +323,12 @@ def _native_cache_path(ext):
         for path in deps:
             with open(os.path.join(here, path) if not os.path.isabs(path) else path, "rb") as f:
                 h.update(f.read())
+        if isinstance(ext, NvccExtension):  # another toolkit (CUDA_HOME) must rebuild, not reuse
+            import subprocess
+
+            h.update(ext.nvcc.encode())
+            version = subprocess.run([ext.nvcc, "--version"], capture_output=True, text=True, timeout=60).stdout
+            h.update(version.encode())
         for lib in ext.extra_link_args:  # the linked library, by size and time (its headers travel with it)
             if os.path.exists(lib):
                 st = os.stat(lib)

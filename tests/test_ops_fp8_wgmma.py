@@ -297,3 +297,34 @@ def test_wgmma_bad_device_counts_are_clamped_gpu():
     for cluster in (1, 2):
         assert torch.equal(run([100, 5000], cluster), run([100, 60], 1))  # group 1 ends at M
         assert torch.equal(run([-50, 300], cluster), run([0, 160], 1))    # group 0 ends at its start: empty
+
+
+def test_wgmma_blockwise_predicate_and_empty_k(monkeypatch):
+    """The FP8 predicate past its device checks (faked): well-formed BLOCKWISE operands pass, a base or stride
+    off 16 bytes and K off 16 are refused with the reason; K == 0 returns zeros without reaching the launcher
+    (which refuses K <= 0)."""
+    import types
+
+    from turbo_dist.kernels import gemm as gemm_kernels
+
+    B = ScalingGranularity.BLOCKWISE
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    calls = []
+    monkeypatch.setattr(fp8_wgmma, "wgmma_module",
+                        lambda: types.SimpleNamespace(grouped_blockwise=lambda **kw: calls.append(kw)))
+    can = fp8_wgmma._wgmma_grouped_scaled_can
+    aq, sa = quantize_fp8(rnd(256, 512, seed=60), E4M3, B)
+    wq, sw = quantize_fp8(rnd(2, 256, 512, seed=61), E4M3, B, weight=True)
+    bq, sb = wq.transpose(1, 2), sw.transpose(1, 2)
+    gl = torch.tensor([128, 128])
+    assert can(aq, bq, sa, sb, gl, "block", torch.bfloat16) is True
+    buf = torch.empty(256 * 512 + 8, dtype=torch.uint8).view(E4M3)
+    mis = buf[8:].view(256, 512)
+    assert "16-byte" in can(mis, bq, sa, sb, gl, "block", torch.bfloat16)
+    assert "row-major" in can(aq.t().contiguous().t(), bq, sa, sb, gl, "block", torch.bfloat16)
+    assert "BLOCKWISE" in can(aq, bq, sa, sb, gl, "row", torch.bfloat16)
+    assert "bf16 output" in can(aq, bq, sa, sb, gl, "block", torch.float32)
+    monkeypatch.setattr(gemm_kernels, "_num_sms", lambda device: 132)
+    empty_k = fp8_wgmma.wgmma_grouped_scaled(aq[:, :0], bq[:, :0], sa[:, :0], sb[:, :0], gl, "block", torch.bfloat16)
+    assert empty_k.shape == (256, 256) and not empty_k.any() and calls == []

@@ -304,3 +304,30 @@ def test_wgmma_grouped_autograd_gpu():
     ref = grouped_ref(a64, b64, gl, False)
     ref.backward(dc.double())
     assert rel(out, ref) < 1e-2 and rel(a.grad, a64.grad) < 1e-2 and rel(b.grad, b64.grad) < 1e-2
+
+
+def test_wgmma_predicates_refuse_what_tma_cannot_take(monkeypatch):
+    """Past the device checks (faked here: CUDA tensors on an SM90, the extension built), the bf16 forward and
+    weight-gradient predicates accept well-formed inputs and refuse, with the reason, what the kernels' TMA
+    descriptors cannot take: a base off 16 bytes, strides or K / N off 8 elements, a transposed operand."""
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(grouped_wgmma, "wgmma_module",
+                        lambda: types.SimpleNamespace(grouped_bf16=None, grouped_wgrad=None))
+    can, wgrad_can = grouped_wgmma._wgmma_grouped_can, grouped_wgmma._wgmma_wgrad_can
+    gl = torch.tensor([16, 16])
+    a = torch.zeros(32, 64, dtype=torch.bfloat16)
+    b = torch.zeros(2, 64, 32, dtype=torch.bfloat16)
+    dc = torch.zeros(32, 32, dtype=torch.bfloat16)
+    assert can(a, b, gl) is True and can(a, b.transpose(1, 2).contiguous(), gl, True) is True
+    assert wgrad_can(a, dc, gl) is True
+    off = torch.zeros(32 * 64 + 4, dtype=torch.bfloat16)[4:].view(32, 64)  # base 8 bytes off
+    assert "16-byte" in can(off, b, gl) and "16-byte" in wgrad_can(off, dc, gl)
+    assert "multiples of 8" in can(a[:, :60], b[:, :60], gl)  # K = 60
+    assert "multiples of 8" in can(a, b[:, :, :30], gl)  # N = 30
+    assert "multiples of 8" in wgrad_can(torch.zeros(32, 66, dtype=torch.bfloat16)[:, :64], dc[:, :30], gl)
+    assert "row-major" in can(a.t().contiguous().t(), b, gl)
+    assert "row-major" in wgrad_can(a, dc.t().contiguous().t(), gl)
+    assert "bf16" in can(a.half(), b.half(), gl)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (10, 0))
+    assert "SM90" in can(a, b, gl)

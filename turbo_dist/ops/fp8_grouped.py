@@ -9,6 +9,7 @@ and the measured rules that move a backend first are next to the registrations.
 """
 import contextlib
 import importlib
+import logging
 import math
 
 import torch
@@ -205,6 +206,16 @@ def load_optional_module(cache, name, builds_where):
             cache["why"] = f"turbo_dist.{name} is not built ({exc}); `pip install -e .` builds it where {builds_where}"
         cache["mod"] = mod
     return cache["mod"]
+
+
+def warn_missing_once(cache, device, backend):
+    """A Hopper GPU whose native module was not built: say so once (pip hides the build's messages without -v),
+    since the dispatcher then quietly takes another backend."""
+    if cache.get("mod") is None and not cache.get("warned") and getattr(device, "type", None) == "cuda" and \
+            torch.cuda.is_available() and torch.cuda.get_device_capability(device) == (9, 0):
+        cache["warned"] = True
+        logging.getLogger("turbo_dist").warning("backend %r is unavailable on this Hopper GPU: %s (python -m pip "
+                                                "install -v ... shows the build's messages)", backend, cache["why"])
 
 
 def native_module():

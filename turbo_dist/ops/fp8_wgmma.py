@@ -8,11 +8,13 @@ Takes grouped_scaled_mm's block mode: a_q [M, K] row-major e4m3/e5m2 with scale_
 b_q [G, K, N] as a view of w [G, N, K] (K contiguous) e4m3/e5m2 with scale_b [G, cdiv(K, 128), cdiv(N, 128)]
 fp32 (any strides), bf16 out; SM90 only.
 """
+import contextlib
+
 import torch
 
 from . import dispatcher
 from .fp8 import E4M3, E5M2, _sb_n
-from .fp8_grouped import load_optional_module
+from .fp8_grouped import load_optional_module, warn_missing_once
 from .grouped_gemm import group_offsets
 
 _MOD = {}
@@ -21,6 +23,14 @@ _MOD = {}
 def wgmma_module():
     """turbo_dist._fp8_wgmma, or None when it was not built here (the reason: _MOD["why"])."""
     return load_optional_module(_MOD, "_fp8_wgmma", "nvcc is found and torch is a CUDA build")
+
+
+def on_device(device):
+    """The launchers call cudaSetDevice(device): make `device` current for the launch and restore the caller's
+    afterwards (otherwise later `device="cuda"` allocations land on the tensors' GPU, not the caller's)."""
+    if device.type != "cuda" or device.index == torch.cuda.current_device():  # (CPU: the tests' fake module)
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)
 
 
 # CTAs per cluster: 2 = two row tiles of a group share each weight tile by TMA multicast (half the weight
@@ -130,12 +140,20 @@ def wgmma_grouped_scaled(a_q, b_q, scale_a, scale_b, group_lens, mode, out_dtype
     out = torch.empty((M, N), dtype=out_dtype, device=a_q.device)
     if M == 0 or N == 0:
         return out
+    if K == 0:  # an empty sum (the launcher refuses K <= 0)
+        return out.zero_()
     offs = group_offsets(group_lens, a_q.device)  # int64 cumulative ends, read by the kernel
     num_sms = gemm_kernels._num_sms(a_q.device) if num_sms is None else num_sms
     cluster = pick_cluster(M, G) if cluster is None else cluster
     sk, _keep = stream_k_args(a_q.device, num_sms, cluster, tail_pct, tail_waves, TAIL_PCT)
     sk, _keep = half_tile_args(a_q.device, HALF_TILES if half_tiles is None else half_tiles, half_tiles is not None,
                                cluster, sk, _keep)
+    with on_device(a_q.device):
+        _launch_blockwise(a_q, b_q, scale_a, scale_b, out, offs, M, N, K, G, num_sms, cluster, sk)
+    return out
+
+
+def _launch_blockwise(a_q, b_q, scale_a, scale_b, out, offs, M, N, K, G, num_sms, cluster, sk):
     wgmma_module().grouped_blockwise(
         device=a_q.device.index, stream=torch.cuda.current_stream(a_q.device).cuda_stream, a=a_q.data_ptr(),
         w=b_q.data_ptr(), out=out.data_ptr(), offs=offs.data_ptr(), scale_a=scale_a.data_ptr(),
@@ -143,13 +161,13 @@ def wgmma_grouped_scaled(a_q, b_q, scale_a, scale_b, group_lens, mode, out_dtype
         sw_k=scale_b.stride(1), sw_n=scale_b.stride(2), M=M, N=N, K=K, G=G, lda=a_q.stride(0), ldw=b_q.stride(2),
         w_group=b_q.stride(0) if G > 1 else N * b_q.stride(2), ldo=out.stride(0), a_e5m2=a_q.dtype == E5M2,
         w_e5m2=b_q.dtype == E5M2, num_sms=num_sms, cluster=cluster, **sk)
-    return out
 
 
 def _wgmma_grouped_scaled_can(a_q, b_q, scale_a, scale_b, group_lens, mode, out_dtype):
     if mode != "block":
         return f"wgmma runs BLOCKWISE only, not {mode}"
     if wgmma_module() is None:
+        warn_missing_once(_MOD, a_q.device, "wgmma")
         return _MOD["why"]
     if not (a_q.is_cuda and b_q.is_cuda and scale_a.is_cuda and scale_b.is_cuda):
         return "wgmma needs CUDA tensors"

@@ -16,7 +16,8 @@ torch's and behind the Triton kernel so far (WGRAD_PREFERRED; benchmarks/probe_g
 import torch
 
 from . import dispatcher
-from .fp8_wgmma import _MOD, half_tile_args, stream_k_args, tile_counter, wgmma_module
+from .fp8_wgmma import _MOD, half_tile_args, on_device, stream_k_args, tile_counter, wgmma_module
+from .fp8_grouped import warn_missing_once
 from .grouped_gemm import group_offsets
 
 
@@ -68,12 +69,17 @@ def wgmma_grouped(a, b, group_lens, trans_b=False, cluster=None, tail_pct=None, 
     sk, _keep = stream_k_args(a.device, num_sms, cluster, tail_pct, tail_waves, TAIL_PCT)
     sk, _keep = half_tile_args(a.device, HALF_TILES if half_tiles is None else half_tiles, half_tiles is not None,
                                cluster, sk, _keep)
+    with on_device(a.device):
+        _launch_bf16(a, b, out, offs, M, N, K, G, trans_b, num_sms, cluster, sk)
+    return out
+
+
+def _launch_bf16(a, b, out, offs, M, N, K, G, trans_b, num_sms, cluster, sk):
     wgmma_module().grouped_bf16(
         device=a.device.index, stream=torch.cuda.current_stream(a.device).cuda_stream, a=a.data_ptr(),
         b=b.data_ptr(), out=out.data_ptr(), offs=offs.data_ptr(), M=M, N=N, K=K, G=G, lda=a.stride(0),
         ldb=b.stride(1), b_group=b.stride(0) if G > 1 else b.shape[1] * b.stride(1), ldo=out.stride(0),
         n_major=not trans_b, num_sms=num_sms, cluster=cluster, **sk)
-    return out
 
 
 def _hopper_bf16(kernel, a, b, names):
@@ -83,6 +89,7 @@ def _hopper_bf16(kernel, a, b, names):
         return f"wgmma needs {names} on one CUDA device"
     mod = wgmma_module()
     if mod is None:
+        warn_missing_once(_MOD, a.device, "wgmma")
         return _MOD["why"]
     if not hasattr(mod, kernel):
         return f"turbo_dist._fp8_wgmma was built without {kernel}: rebuild it (pip install -e .)"
@@ -141,13 +148,14 @@ def wgmma_wgrad(a, dc, group_lens, trans_b=False, num_sms=None, cluster=None, st
         return out.zero_()
     offs = group_offsets(group_lens, a.device)
     counter = tile_counter(a.device) if cluster == 1 else None  # cluster 1: the dynamic tile order
-    wgmma_module().grouped_wgrad(
-        device=a.device.index, stream=torch.cuda.current_stream(a.device).cuda_stream, x=x.data_ptr(),
-        y=y.data_ptr(), out=out.data_ptr(), offs=offs.data_ptr(), M=M, P=P, Q=Q, G=G, ldx=x.stride(0),
-        ldy=y.stride(0), ldo=Q, out_group=P * Q,
-        num_sms=gemm_kernels._num_sms(a.device) if num_sms is None else num_sms,
-        counter=0 if counter is None else counter.data_ptr(), cluster=cluster,
-        stsm=bool(WGRAD_STSM if stsm is None else stsm))
+    with on_device(a.device):
+        wgmma_module().grouped_wgrad(
+            device=a.device.index, stream=torch.cuda.current_stream(a.device).cuda_stream, x=x.data_ptr(),
+            y=y.data_ptr(), out=out.data_ptr(), offs=offs.data_ptr(), M=M, P=P, Q=Q, G=G, ldx=x.stride(0),
+            ldy=y.stride(0), ldo=Q, out_group=P * Q,
+            num_sms=gemm_kernels._num_sms(a.device) if num_sms is None else num_sms,
+            counter=0 if counter is None else counter.data_ptr(), cluster=cluster,
+            stsm=bool(WGRAD_STSM if stsm is None else stsm))
     return out
 
 
