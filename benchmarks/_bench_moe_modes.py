@@ -6,8 +6,13 @@ low-latency path (and the `use_logfmt` combine on triton) (`triton`: stores into
 `collective`: NCCL all_gather / all_to_all with fixed-size slots), beside the normal-mode `collective`
 transport of the same run (NCCL all_to_all + permute: dispatch with layout, and combine) as the baseline.
 GB/s as DeepEP's test counts it: per selected (token, expert) pair, hidden + hidden / 128 * 4 + 16 bytes
-(FP8) or hidden * 2 (BF16) for dispatch, hidden * 2 for combine; averaged over ranks, over the slowest
-rank's median time. Dispatch outputs of the two paths are checked equal (valid rows) before timing.
+(FP8) or hidden * 2 (BF16) for dispatch, hidden * 2 for combine (LogFMT: its wire rows,
+kernels/moe_ll_logfmt.row_bytes, 88 bytes per 64 values); averaged over ranks, over the slowest rank's median
+time, eager (`<path>_GBps`) and CUDA-graph replay (`<path>_graph_GBps`); `frac_peak` / `frac_peak_graph` divide
+them by bench_moe.peak_gbps. Same-run ratios: `speedup_vs_a2a` (the normal-mode collective transport, eager,
+over the fastest low-latency path) and `graph_x_collective` (the low-latency collective path's graph replay over
+triton's). Dispatch outputs of the two paths are checked equal (valid rows) before timing; a graph capture that
+fails leaves its `_graph_us` empty and is listed in meta["errors"].
 
 internode: the `hierarchical` transport (tokens cross nodes once per node, then are forwarded inside the
 node) against the flat `collective` transport (one NCCL all_to_all) in the same run. The node split comes
@@ -25,7 +30,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from bench_moe import HBM_GBPS, LINK_GBPS, _equal, finish, init_dist, make_routing, mean_over_ranks, to_fp8
+from bench_moe import _equal, finish, frac, init_dist, make_routing, mean_over_ranks, peak_gbps, to_fp8
 from common import time_across_ranks
 
 
@@ -75,8 +80,9 @@ def run_low_latency(args):
 
     rank, world, dev = init_dist()
     rt = get_runtime()
-    link = HBM_GBPS if world == 1 else LINK_GBPS
+    link, link_note = peak_gbps(world)
     paths = _ll_paths(rt)
+    errors = []  # graph captures that failed: the rows' _graph_us are None there
     e_l = args.experts // world
     rows = []
     for num_tokens in args.token_list:
@@ -107,7 +113,7 @@ def run_low_latency(args):
                     return buf.low_latency_dispatch(x, topk_idx, num_tokens, args.experts, use_fp8=fp8)
                 outs[p] = disp()[:3]
                 times[p] = time_across_ranks(disp, args.warmup, args.reps)
-                graphed[p] = _graph_time(disp, args)
+                graphed[p] = _graph_time(disp, args, f"dispatch {dtype} {p} tokens {num_tokens}", errors)
             exact = _same_dispatch(outs["triton"], outs["collective"], fp8) if len(outs) == 2 else None
             nbytes = selections * ((args.hidden + args.hidden // 128 * 4 + 16) if fp8 else args.hidden * 2)
             rows.append(_ll_row("dispatch", dtype, num_tokens, world, times, graphed, base[dtype], nbytes, link, exact))
@@ -124,7 +130,7 @@ def run_low_latency(args):
                 return buf.low_latency_combine(y, topk_idx, topk_weights, h)
             results[p] = comb()[0]
             times[p] = time_across_ranks(comb, args.warmup, args.reps)
-            graphed[p] = _graph_time(comb, args)
+            graphed[p] = _graph_time(comb, args, f"combine bf16 {p} tokens {num_tokens}", errors)
         close = None
         if len(results) == 2:
             ok = torch.allclose(results["triton"].float(), results["collective"].float(), rtol=2e-2, atol=2e-2)
@@ -137,7 +143,9 @@ def run_low_latency(args):
             print(f"[bench_moe low-latency] tokens {num_tokens} combine: " + ", ".join(
                 f"{p} {t * 1e3:.1f} us" for p, t in times.items()) + f", normal collective {base['combine'] * 1e3:.1f} us",
                 flush=True)
-        if "triton" in buffers:  # use_logfmt: 10-bit log-magnitude rows (96 B per 64 values), triton path only
+        if "triton" in buffers:  # use_logfmt: 10-bit log-magnitude rows (88 B per 64 values), triton path only
+            from turbo_dist.kernels.moe_ll_logfmt import row_bytes
+
             buf, h = buffers["triton"], _handle_of(buffers["triton"], x, topk_idx, num_tokens, args)
 
             def comb_lf(buf=buf, h=h):
@@ -146,8 +154,9 @@ def run_low_latency(args):
             ref = results["triton"].float()
             rel = float((lf.float() - ref).norm() / ref.norm().clamp_min(1e-30))
             t_lf = {"triton_logfmt": time_across_ranks(comb_lf, args.warmup, args.reps)}
-            row = _ll_row("combine", "logfmt", num_tokens, world, t_lf, {"triton_logfmt": _graph_time(comb_lf, args)},
-                          base["combine"], selections * (args.hidden // 64) * 96, link, rel < 0.05)
+            g_lf = _graph_time(comb_lf, args, f"combine logfmt triton tokens {num_tokens}", errors)
+            row = _ll_row("combine", "logfmt", num_tokens, world, t_lf, {"triton_logfmt": g_lf},
+                          base["combine"], selections * row_bytes(args.hidden), link, rel < 0.05)
             row["rel_err_vs_bf16"] = rel
             rows.append(row)
             if rank == 0:
@@ -155,7 +164,7 @@ def run_low_latency(args):
                       f" us (graph {row['triton_logfmt_graph_us'] or float('nan'):.1f} us), rel. err vs bf16 {rel:.4f}",
                       flush=True)
     meta = {"mode": "low-latency", "world_size": world, "hidden": args.hidden, "topk": args.topk,
-            "experts": args.experts, "paths": paths, "peak_GBps": link,
+            "experts": args.experts, "paths": paths, "peak_GBps": link, "peak_note": link_note, "errors": errors,
             "baseline": "normal-mode collective transport (NCCL all_to_all + permute; dispatch includes its "
                         "count exchange) on the same tokens",
             "timing": f"median of {args.reps} after {args.warmup} warm-up, max over ranks; bytes averaged over ranks"}
@@ -167,9 +176,10 @@ def _handle_of(buf, x, topk_idx, num_tokens, args):
     return buf.low_latency_dispatch(x, topk_idx, num_tokens, args.experts, use_fp8=False)[2]
 
 
-def _graph_time(fn, args):
+def _graph_time(fn, args, what, errors):
     """Median ms of `fn` replayed from a CUDA graph (two calls per graph: both buffer parities), or None
-    if capture fails. Decode loops run these calls in graphs: this is the GPU time without launch cost."""
+    if capture fails (then '<what>: ...' is appended to `errors`, which the JSON's meta keeps). Decode loops run
+    these calls in graphs: this is the GPU time without launch cost."""
     try:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -183,24 +193,30 @@ def _graph_time(fn, args):
             fn()
         return time_across_ranks(graph.replay, args.warmup, args.reps) / 2
     except Exception as exc:  # report, keep benchmarking the eager calls
+        msg = f"{what}: CUDA graph capture failed: {type(exc).__name__}: {exc}"[:400]
+        errors.append(msg)
         if dist.get_rank() == 0:
-            print(f"[bench_moe low-latency] CUDA graph capture failed: {type(exc).__name__}: {exc}", flush=True)
+            print(f"[bench_moe low-latency] {msg}", flush=True)
         torch.cuda.synchronize()
         return None
 
 
 def _ll_row(op, dtype, tokens, world, times, graphed, base_ms, nbytes, link, check):
-    row = {"op": op, "dtype": dtype, "tokens": tokens, "world": world}
+    row = {"op": op, "dtype": dtype, "tokens": tokens, "world": world, "bytes": nbytes}
     for p, t in times.items():
         row[f"{p}_us"] = t * 1e3
         row[f"{p}_GBps"] = nbytes / (t * 1e-3) / 1e9
         g = graphed.get(p)
         row[f"{p}_graph_us"] = None if g is None else g * 1e3
+        row[f"{p}_graph_GBps"] = None if g is None else nbytes / (g * 1e-3) / 1e9
     row["nccl_a2a_us"] = base_ms * 1e3
     best = min(times, key=times.get)
     row["best"] = best
     row["speedup_vs_a2a"] = base_ms / times[best]
-    row["frac_peak"] = row[f"{best}_GBps"] / link
+    row["frac_peak"] = frac(row[f"{best}_GBps"], link)
+    row["frac_peak_graph"] = frac(row[f"{best}_graph_GBps"], link) if row[f"{best}_graph_GBps"] else None
+    g_tr, g_co = graphed.get("triton"), graphed.get("collective")
+    row["graph_x_collective"] = (g_co / g_tr) if g_tr and g_co else None
     row["paths_agree"] = check
     return row
 
@@ -213,7 +229,7 @@ def run_internode(args):
     hier = Buffer(None, transport="hierarchical")
     flat = Buffer(None, transport="collective")
     rt = hier.runtime
-    link = HBM_GBPS if world == 1 else LINK_GBPS
+    link, link_note = peak_gbps(world)
     rows = []
     for num_tokens in args.token_list:
         topk_idx, topk_weights = make_routing(num_tokens, args.experts, args.topk, rank, args.seed, dev)
@@ -263,7 +279,7 @@ def run_internode(args):
                       f"flat {t_f * 1e3:.0f} us", flush=True)
     meta = {"mode": "internode", "world_size": world, "num_nodes": rt.num_nodes,
             "ranks_per_node": rt.local_world_size, "hidden": args.hidden, "topk": args.topk,
-            "experts": args.experts, "peak_GBps": link,
+            "experts": args.experts, "peak_GBps": link, "peak_note": link_note,
             "bytes": "rdma: one row per (token, destination node); nvl: rows received (dispatch) / sent (combine)",
             "timing": f"median of {args.reps} after {args.warmup} warm-up, max over ranks; bytes averaged over ranks"}
     finish(args, rows, meta)
@@ -275,4 +291,4 @@ def _inter_row(op, dtype, tokens, world, rt, t_h, t_f, rdma_bytes, nvl_bytes, li
             "hier_us": t_h * 1e3, "hier_rdma_GBps": rdma_bytes / (t_h * 1e-3) / 1e9,
             "hier_nvl_GBps": nvl_bytes / (t_h * 1e-3) / 1e9, "flat_us": t_f * 1e3,
             "flat_GBps": nvl_bytes / (t_f * 1e-3) / 1e9, "speedup": t_f / t_h,
-            "frac_peak": nvl_bytes / (t_h * 1e-3) / 1e9 / link, "matches_flat": check}
+            "frac_peak": frac(nvl_bytes / (t_h * 1e-3) / 1e9, link), "matches_flat": check}

@@ -14,9 +14,11 @@ or cuBLAS then reduce_scatter_tensor), `torch_fused` (torch.ops.symm_mem.fused_a
 fused_matmul_reduce_scatter), `ours_<algo>` (turbo_dist.tp with algo ring / direct / collective /
 auto), and the ideal max(gemm alone, comm alone). Each row gives the median time (the slowest rank's),
 TFLOP/s, the fraction of the hardware peak (--peak-tflops), and ratios: x_seq = sequential / this,
-x_torch = torch_fused / this, vs_ideal = this / ideal (1.0 = communication fully hidden).
-Every rank runs the same fixed number of iterations (agreed over the group), so collectives never
-mismatch. Without CUDA it prints a message and exits.
+x_torch = torch_fused / this, vs_ideal = this / ideal (1.0 = communication fully hidden); `algo`: what an
+ours_<algo> row ran (tp.last_algo(): ours_auto's choice). Every rank runs the same fixed number of iterations
+(agreed over the group), so collectives never mismatch; implementations are timed one after another in a fixed
+order (not interleaved). What did not run is in the JSON's meta: `fallbacks` (algos dropped without peer access,
+no torch fused op) and `errors` (an implementation that raised). Without CUDA it prints a message and exits.
 """
 import argparse
 import os
@@ -299,19 +301,25 @@ def main(argv=None):
         raise SystemExit(f"unknown models {unknown}; known: {sorted(MODELS)}")
     rep_ms = 60.0 if args.quick else args.rep_ms
     rt = turbo_dist.get_runtime()
+    fallbacks, errors = [], []  # into the JSON's meta: what the rows do not show
     if not (rt.has_peer_access and DEVICE.type == "cuda"):
         skipped = [a for a in algos if a in ("ring", "direct")]
         algos = tuple(a for a in algos if a not in ("ring", "direct"))
-        if skipped and rank == 0:
-            print(f"no peer access (shmem backend {rt.shmem_backend!r}): skipping algos {skipped}")
+        if skipped:
+            fallbacks.append(f"no peer access (shmem backend {rt.shmem_backend!r}): algos {skipped} not run")
+            if rank == 0:
+                print(f"no peer access (shmem backend {rt.shmem_backend!r}): skipping algos {skipped}")
+    if DEVICE.type == "cuda" and not torch_fused_available():
+        fallbacks.append("torch.ops.symm_mem fused ops not in this torch: no torch_fused rows")
     if rank == 0:
         print(f"async TP bench: world {world}, weights sharded for TP={tp_deg}, shmem backend {rt.shmem_backend}, "
               f"{torch.cuda.get_device_name() if DEVICE.type == 'cuda' else 'CPU'}, torch fused ops: "
               f"{torch_fused_available()}", flush=True)
-    rows = []
+    rows, peaks = [], {}
     for precision in (["bf16", "fp8"] if args.fp8 else ["bf16"]):
         fp8 = precision == "fp8"
         peak = args.peak_tflops or (peak_tflops("fp8" if fp8 else "bf16") if DEVICE.type == "cuda" else None)
+        peaks[precision] = peak
         for model in models:
             cfg = MODELS[model]
             token_list = [int(t) for t in args.tokens.split(",")] if args.tokens else cfg["tokens"]
@@ -319,14 +327,17 @@ def main(argv=None):
                 for op in args.ops.split(","):
                     impls, flops, (m, n, k) = make_problem(op, tokens, cfg["hidden"], cfg["ffn"], tp_deg, world,
                                                            rank, dtype, fp8, algos)
-                    times, errs = {}, {}
+                    times, errs, ran = {}, {}, {}
                     ref = impls["sequential"]()
                     for name, fn in impls.items():
                         try:
                             times[name] = timed(fn, rep_ms)
                             if name.startswith("ours") or name == "torch_fused":
                                 errs[name] = rel_err(fn(), ref)
+                            if name.startswith("ours"):
+                                ran[name] = tp.last_algo()  # ours_auto: the algo it picked
                         except Exception as exc:  # report and go on with the other implementations
+                            errors.append(f"{precision} {model} {op} {tokens}: {name}: {repr(exc)[:300]}")
                             if rank == 0:
                                 print(f"  {model} {op} {tokens}: {name} failed: {repr(exc)[:300]}", flush=True)
                     tp.check_errors()
@@ -339,7 +350,7 @@ def main(argv=None):
                                    ms=ms, tflops=flops / ms / 1e9, frac_peak=(flops / ms / 1e9 / peak) if peak else None,
                                    x_seq=(seq / ms) if seq else None, x_torch=(fused / ms) if fused else None,
                                    vs_ideal=ms / ideal if ideal else None, rel_err=errs.get(name),
-                                   best_ours=(name == best) or None)
+                                   algo=ran.get(name), best_ours=(name == best) or None)
                         rows.append(row)
                     del impls
                     if DEVICE.type == "cuda":
@@ -348,7 +359,7 @@ def main(argv=None):
                         print_table([r for r in rows if r["model"] == model and r["op"] == op and r["tokens"] == tokens
                                      and r["precision"] == precision],
                                     ["precision", "model", "op", "tokens", "M", "N", "K", "impl", "ms", "tflops",
-                                     "frac_peak", "x_seq", "x_torch", "vs_ideal", "rel_err"])
+                                     "frac_peak", "x_seq", "x_torch", "vs_ideal", "rel_err", "algo"])
                         print(flush=True)
     if rank == 0:
         summary = [r for r in rows if r["best_ours"]]
@@ -356,9 +367,14 @@ def main(argv=None):
         print_table(summary, ["precision", "model", "op", "tokens", "impl", "ms", "x_seq", "x_torch", "vs_ideal"])
         if args.json:
             write_json(args.json, rows, meta=dict(world_size=world, tp=tp_deg, dtype=args.dtype,
-                                                  shmem_backend=rt.shmem_backend, peak_tflops=args.peak_tflops,
+                                                  shmem_backend=rt.shmem_backend, peak_tflops=peaks,
+                                                  peak_tflops_from="--peak-tflops" if args.peak_tflops else
+                                                  "common.peak_tflops (datasheet)", fallbacks=fallbacks,
+                                                  errors=errors, algos=list(algos),
+                                                  timing_order="one implementation after another, fixed order "
+                                                               "(sequential first), not interleaved",
                                                   note="ms = the slowest rank's median; ideal = max(gemm_alone, "
-                                                       "comm_alone)"))
+                                                       "comm_alone); errors: rank 0's"))
             print(f"wrote {args.json}")
     dist.barrier()
     dist.destroy_process_group()

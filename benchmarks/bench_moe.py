@@ -11,8 +11,10 @@ rank (128..8192), BF16 and FP8 (e4m3 + one fp32 scale per 128 channels) payloads
 and `combine` (bf16 rows back, summed per token). Each is checked bit-exact against the collective
 path before timing. GB/s as DeepEP counts it: bytes a rank receives (dispatch: rows x (hidden bytes +
 scales)) or sends (combine: rows x hidden x 2), averaged over ranks, over the slowest rank's median time.
-`frac_peak` divides by the link: ~450 GB/s per direction per H100/H200 NVLink-4 port set, or ~3000
-GB/s HBM copy for a world_size 1 self-loop (all traffic is local then).
+`frac_peak` divides by the link (peak_gbps): ~450 GB/s per direction per H100/H200 NVLink-4 port set, or,
+for a world_size 1 self-loop (all traffic local), this GPU's datasheet HBM bandwidth (common.peak_hbm_gbps:
+H100 SXM 3350, H200 4800 GB/s). The self-loop's copy reads and writes each counted byte once, so it moves
+twice the bytes counted: a copy at the datasheet rate shows frac_peak ~0.5.
 
 Shared with benchmarks/_bench_moe_modes.py: parse_args, init_dist, make_routing, to_fp8, _equal,
 finish (rank 0 prints the table and writes the JSON).
@@ -25,12 +27,25 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine_info, print_table, time_across_ranks, write_json  # noqa: E402
+from common import machine_info, peak_hbm_gbps, print_table, time_across_ranks, write_json  # noqa: E402
 
 LINK_GBPS = 450.0   # NVLink-4, one direction, per GPU
-HBM_GBPS = 3000.0   # H100 HBM3 copy
 DEFAULT_TOKENS = {"intranode": "128,256,512,1024,2048,4096,8192", "internode": "128,1024,4096",
                   "low-latency": "128"}
+
+
+def peak_gbps(world):
+    """(GB/s, what it is): what `frac_peak` divides by. Across ranks the NVLink bandwidth one direction per GPU;
+    in a world of one (a self-loop) this GPU's datasheet HBM bandwidth, None for a GPU not in common's table (the
+    fraction is then left empty, not divided by another GPU's number)."""
+    if world > 1:
+        return LINK_GBPS, "NVLink one direction per GPU"
+    return peak_hbm_gbps(), ("datasheet HBM bandwidth (world 1 self-loop; the copy reads and writes each counted "
+                             "byte, so HBM moves 2x the bytes counted)")
+
+
+def frac(gbps, peak):
+    return gbps / peak if peak else None
 
 
 def parse_args(argv=None):
@@ -105,7 +120,9 @@ def finish(args, rows, meta, cols=None):
         return
     print_table(rows, cols)
     if args.json:
-        write_json(args.json, rows, dict(meta, machine=machine_info()))
+        write_json(args.json, rows, dict({"timing_order": "each op and path timed alone (time_across_ranks), one "
+                                          "after another in a fixed order, not interleaved"},
+                                         **meta, machine=machine_info()))
         print(f"wrote {args.json}")
 
 
@@ -128,7 +145,7 @@ def run_intranode(args):
     buffers = {}
     for name in args.transport_list:
         buffers[name] = Buffer(None, num_nvl_bytes=nbytes if name == "nvlink" else 0, transport=name)
-    link = HBM_GBPS if world == 1 else LINK_GBPS
+    link, link_note = peak_gbps(world)
     rows = []
     for num_tokens in args.token_list:
         topk_idx, topk_weights = make_routing(num_tokens, args.experts, args.topk, rank, args.seed, dev)
@@ -186,7 +203,7 @@ def run_intranode(args):
                 if "nvlink" in row_t and "collective" in row_t:
                     row["speedup"] = row["collective_us"] / row["nvlink_us"]
                 if "nvlink" in row_t:
-                    row["frac_peak"] = row["nvlink_GBps"] / link
+                    row["frac_peak"] = frac(row["nvlink_GBps"], link)
                 row["exact"] = exact
                 if op == "combine" and dtype != args.dtype_list[0]:
                     continue  # combine is bf16 whatever the dispatch payload: reported once
@@ -196,8 +213,7 @@ def run_intranode(args):
                     f"{n} dispatch {t['dispatch'] * 1e3:.0f} us / cached {t['dispatch_cached'] * 1e3:.0f} us / "
                     f"combine {t['combine'] * 1e3:.0f} us" for n, (_, t) in row_t.items()), flush=True)
     meta = {"mode": "intranode", "world_size": world, "hidden": args.hidden, "topk": args.topk,
-            "experts": args.experts, "num_nvl_bytes": nbytes, "peak_GBps": link,
-            "peak_note": "HBM copy (world 1 self-loop)" if world == 1 else "NVLink one direction per GPU",
+            "experts": args.experts, "num_nvl_bytes": nbytes, "peak_GBps": link, "peak_note": link_note,
             "timing": f"median of {args.reps} after {args.warmup} warm-up, max over ranks; bytes averaged over ranks"}
     finish(args, rows, meta)
     return rows

@@ -17,7 +17,6 @@ def run_fp8(quick, errors):
     a = torch.randn(M, K, device=B.DEVICE, dtype=B.DTYPE)
     w = torch.randn(N, K, device=B.DEVICE, dtype=B.DTYPE)
     grans = (ScalingGranularity.ROWWISE, ScalingGranularity.BLOCKWISE) if quick else tuple(ScalingGranularity)
-    base = None
     for gran in grans:
         aq, sa = quantize_fp8(a, E4M3, gran)
         wq, sw = quantize_fp8(w, E4M3, gran, weight=True)
@@ -31,20 +30,23 @@ def run_fp8(quick, errors):
                                                                  scaled_mm=None)),
                "quant_a": lambda: quantize_fp8(a, E4M3, gran)}
         res = B._time(fns, f"fp8 {gran.name}", errors)
-        if base is None:  # the bf16 baseline row, once (it is timed with every granularity's rows)
-            base = res["bf16_cublas"]
-            rows += B._rows_for("fp8", "8192^3", {"bf16_cublas": base}, "bf16_cublas", flops, "bf16",
-                                {"granularity": "-"})
+        case = f"8192^3 {gran.name}"
+        # each granularity's group times bf16 cuBLAS again and its rows divide by that time, so each group gets
+        # its own baseline row (one row for all groups recorded only the first group's time: the others' ratios
+        # then divided by a baseline the JSON did not hold)
+        base = res.pop("bf16_cublas")
+        rows += B._rows_for("fp8", case, {"bf16_cublas": base}, "bf16_cublas", flops, "bf16",
+                            {"granularity": gran.name})
         dflt = None
         if res["mm_default"] is not None:
             fns["mm_default"]()
             dflt = dispatcher.last_backend("scaled_mm")
         extra = {"granularity": gran.name, "default_backend": dflt, "quant_a_ms": res.pop("quant_a"),
                  **B._default_fields(res, "mm_default", dflt, {"torch": "mm_torch", "triton": "mm_triton"})}
-        same_run_base = res.pop("bf16_cublas")
-        for r in B._rows_for("fp8", f"8192^3 {gran.name}", res, "-", flops, "fp8", extra):
-            r["x_baseline"] = (same_run_base / r["ms"]) if same_run_base else None
+        for r in B._rows_for("fp8", case, res, "-", flops, "fp8", extra):
+            r["x_baseline"] = (base / r["ms"]) if base else None
             r["baseline"] = "bf16_cublas"
+            r["baseline_ms"] = base
             rows.append(r)
         del aq, wq
     return rows
@@ -84,6 +86,7 @@ def _fp8_grouped_rows(case, fns, base_fns, flops, extra, errors):
     for r in B._rows_for("fp8_grouped", case, res, "-", flops, "fp8", extra):
         r["x_baseline"] = base[1] / r["ms"]
         r["baseline"] = base[0]
+        r["baseline_ms"] = base[1]
         rows.append(r)
     return rows
 

@@ -12,7 +12,9 @@ forward+backward, beside the same-run baselines:
 Document lengths are drawn log-uniformly in [--min-doc, --max-doc] (seeded) and the last one is cut to
 fill --tokens. FLOPs count the visible (query, key) pairs of each document (causal: L*(L+1)/2), forward
 4*pairs*H*D, forward+backward 3.5x that; `frac_peak` is against the GPU's datasheet bf16 peak.
-Every implementation is checked against the fp32 per-document reference on one kv-head group first.
+Every implementation is checked against the fp32 per-document reference on one kv-head group first; one that
+fails the check or raises while timed has no rows and is listed in the JSON's meta["errors"], one this torch
+lacks in meta["fallbacks"]. Each row's `backend` is what the dispatcher ran (fwd, or fwd/bwd).
 """
 import argparse
 import math
@@ -41,7 +43,7 @@ def visible_pairs(lens, causal):
     return sum(n * (n + 1) // 2 if causal else n * n for n in lens)
 
 
-def _impls(q, k, v, do, cu, lens, causal, dry):
+def _impls(q, k, v, do, cu, lens, causal, dry, fallbacks=None):
     from turbo_dist import ops
 
     mx = max(lens)
@@ -86,6 +88,8 @@ def _impls(q, k, v, do, cu, lens, causal, dry):
             from torch.nn.attention.varlen import varlen_attn
         except ImportError:
             varlen_attn = None
+            if fallbacks is not None:
+                fallbacks.append(f"torch {torch.__version__} has no torch.nn.attention.varlen: no torch_varlen rows")
         if varlen_attn is not None:
             window = (-1, 0) if causal else (-1, -1)
             kw = {"enable_gqa": True} if hq != hkv else {}
@@ -116,7 +120,21 @@ def _check(fwd, q, k, v, lens, causal):
     return err
 
 
-def run(args):
+def _backend(name, phase):
+    """What the dispatcher ran in the last call of impl `name` (call it first): "fwd" or "fwd/bwd" backends."""
+    from turbo_dist.ops import dispatcher
+
+    if name == "torch_varlen":
+        return "torch"
+    ops = ("attention_varlen_fwd", "attention_varlen_bwd") if name == "ours" else ("attention_fwd", "attention_bwd")
+    ran = [dispatcher.last_backend(op) for op in ops[:1 if phase == "fwd" else 2]]
+    return "/".join(str(b) for b in ran)
+
+
+def run(args, meta=None):
+    """rows; `meta` (a dict, optional) gets "errors" (implementations not timed and why) and "fallbacks"."""
+    meta = {} if meta is None else meta
+    errors_out, fallbacks = meta.setdefault("errors", []), meta.setdefault("fallbacks", [])
     dry = args.dry_run
     dev = "cpu" if dry else "cuda"
     dtype = torch.float32 if dry else torch.bfloat16
@@ -129,7 +147,9 @@ def run(args):
     q, do = (torch.randn(tokens, hq, d, generator=g).to(dev, dtype) for _ in range(2))
     k, v = (torch.randn(tokens, hkv, d, generator=g).to(dev, dtype) for _ in range(2))
     cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=dev)
-    fns = _impls(q, k, v, do, cu, lens, causal, dry)
+    fns = _impls(q, k, v, do, cu, lens, causal, dry, fallbacks)
+    if dry:
+        fallbacks.append("--dry-run: no dense_packed / torch_varlen rows")
     errors = {}
     for name, (fwd, _) in list(fns.items()):
         if name == "dense_packed":
@@ -138,20 +158,25 @@ def run(args):
             errors[name] = _check(fwd, q, k, v, lens, causal)
         except Exception as exc:  # an implementation this torch/GPU cannot run: reported, not timed
             print(f"{name}: {type(exc).__name__}: {exc}", flush=True)
+            errors_out.append(f"{name}: check raised {type(exc).__name__}: {exc}"[:400])
             del fns[name]
     pairs = visible_pairs(lens, causal)
     peak = None if dry else peak_tflops("bf16")
     rows = []
     for i, phase in enumerate(("fwd", "fwd+bwd")):
+        def on_error(label, exc, phase=phase):
+            print(f"{label} {phase}: {exc}", flush=True)
+            errors_out.append(f"{label} {phase}: {type(exc).__name__}: {exc}"[:400])
         res = bench_interleaved({name: f[i] for name, f in fns.items()}, rounds=1 if dry else args.rounds,
-                                rep_ms=1.0 if dry else args.rep_ms, warm=not dry,
-                                on_error=lambda label, exc: print(f"{label} {phase}: {exc}", flush=True))
+                                rep_ms=1.0 if dry else args.rep_ms, warm=not dry, on_error=on_error)
         flops = 4.0 * pairs * hq * d * (1.0 if phase == "fwd" else 3.5)
         for name, ms in res.items():
             if ms is None:
                 continue
+            fns[name][i]()
+            backend = _backend(name, phase)
             tf = flops / ms / 1e9
-            rows.append({"phase": phase, "impl": name, "ms": ms, "tflops": tf,
+            rows.append({"phase": phase, "impl": name, "backend": backend, "ms": ms, "tflops": tf,
                          "x_torch_varlen": (res["torch_varlen"] / ms) if res.get("torch_varlen") else None,
                          "x_per_doc_loop": (res["per_doc_loop"] / ms) if res.get("per_doc_loop") else None,
                          "frac_peak": (tf / peak) if peak else None, "max_rel_err": errors.get(name),
@@ -180,11 +205,12 @@ def main(argv=None):
     if not args.dry_run and not torch.cuda.is_available():
         print("bench_varlen_attention needs a CUDA GPU (--dry-run checks the script on CPU)")
         return 0
-    rows = run(args)
-    print_table(rows, ["phase", "impl", "ms", "tflops", "x_torch_varlen", "x_per_doc_loop", "frac_peak",
+    meta = {"args": vars(args)}
+    rows = run(args, meta)
+    print_table(rows, ["phase", "impl", "backend", "ms", "tflops", "x_torch_varlen", "x_per_doc_loop", "frac_peak",
                        "max_rel_err", "docs", "shape"])
     if args.json:
-        write_json(args.json, rows, {"args": vars(args)})
+        write_json(args.json, rows, meta)
     return 0
 
 

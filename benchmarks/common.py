@@ -4,9 +4,11 @@ Stable API (other benches import it):
     bench(fn, warmup_ms=25, rep_ms=100) -> median milliseconds
     bench_interleaved({label: fn}, rounds=5, rep_ms=40, on_error=None, warm=True, order=None) -> {label: ms}
     bench_order(order=None), round_order(labels, r, order, seed=0) -> the rounds' label order (shuffle / rotate)
-    write_json(path, rows, meta)        -> writes {"command", "machine", "meta", "rows"}
+    write_json(path, rows, meta)        -> writes {"command", "machine", "timing_order", "timestamp_utc", "meta", "rows"}
     print_table(rows, cols)             -> prints an aligned text table
-    machine_info()                      -> dict describing host, GPU, versions
+    machine_info()                      -> dict describing host, GPU, versions, git commit, TURBO_DIST_* settings
+    git_info(path=None)                 -> {"git_commit", "git_dirty", "git_changed", "source_digest"} of the checkout
+    turbo_dist_env()                    -> the TURBO_DIST_* environment variables (they change what the defaults run)
     time_across_ranks(fn, warmup, iters)-> median ms on each rank (CUDA events), max over the group
 """
 import datetime
@@ -35,7 +37,9 @@ def bench(fn, warmup_ms=25, rep_ms=100):
 
             return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
         except ImportError:  # pragma: no cover - triton always ships with CUDA torch
-            pass
+            if not _CUDA_EVENTS_FALLBACK:
+                _CUDA_EVENTS_FALLBACK.append("triton.testing.do_bench not importable: bench() timed with CUDA events "
+                                             "back to back, no L2 flush between launches")
         return _bench_cuda_events(fn, warmup_ms, rep_ms)
     return _bench_cpu(fn, warmup_ms, rep_ms)
 
@@ -109,6 +113,9 @@ def bench_interleaved(fns, rounds=5, warmup_ms=10, rep_ms=40, on_error=None, war
     return {label: (statistics.median(times[label]) if label in times else None) for label in labels}
 
 
+_CUDA_EVENTS_FALLBACK = []  # set once bench() timed without triton's do_bench (no L2 flush): machine_info says so
+
+
 def _bench_cuda_events(fn, warmup_ms, rep_ms):
     fn()
     torch.cuda.synchronize()
@@ -174,7 +181,60 @@ def machine_info():
         )
     else:
         info.update(gpu=None, gpu_count=0, cpu_count=os.cpu_count())
+    if _CUDA_EVENTS_FALLBACK:
+        info["timing_fallback"] = _CUDA_EVENTS_FALLBACK[0]
+    info.update(git_info())
+    info["env"] = turbo_dist_env()
     return info
+
+
+def git_info(path=None):
+    """The commit of the checkout `path` (default: the one benchmarks/ is in) and whether tracked files differ from
+    it (git_dirty; git_changed: up to 20 of their paths), so a JSON names the code that produced it. None values
+    where git or the repository is missing (a copy of the tree without .git); source_digest (a hash of the sources
+    under turbo_dist/, csrc/ and benchmarks/) names the code there too: compare it with a checkout's."""
+    import subprocess
+
+    root = path or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    info = {"git_commit": None, "git_dirty": None, "git_changed": None, "source_digest": source_digest(root)}
+    try:
+        head = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        if head.returncode != 0:
+            return info
+        status = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return info
+    info["git_commit"] = head.stdout.strip() or None
+    if status.returncode == 0:
+        changed = [line[3:] for line in status.stdout.splitlines() if line.strip()]
+        info.update(git_dirty=bool(changed), git_changed=changed[:20])
+    return info
+
+
+def source_digest(root):
+    """sha256 (16 hex digits) over the paths and bytes of the .py / .cu / .cuh / .h / .cpp files under root's
+    turbo_dist/, csrc/ and benchmarks/ (None where root has none of them)."""
+    import hashlib
+
+    h, seen = hashlib.sha256(), 0
+    for top in ("turbo_dist", "csrc", "benchmarks"):
+        for d, dirs, files in sorted(os.walk(os.path.join(root, top))):
+            dirs[:] = sorted(x for x in dirs if x != "__pycache__")
+            for name in sorted(files):
+                if name.endswith((".py", ".cu", ".cuh", ".h", ".cpp")):
+                    full = os.path.join(d, name)
+                    h.update(os.path.relpath(full, root).encode() + b"\0")
+                    with open(full, "rb") as f:
+                        h.update(f.read())
+                    seen += 1
+    return h.hexdigest()[:16] if seen else None
+
+
+def turbo_dist_env():
+    """{name: value} of the TURBO_DIST_* environment variables set now: backend choices, rules and the bench order
+    they select change what a run measured."""
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith("TURBO_DIST_")}
 
 
 # Dense tensor-core peaks from NVIDIA's datasheets, TFLOP/s (no sparsity): the "hardware limit" every
@@ -191,14 +251,36 @@ DATASHEET_PEAK_TFLOPS = {
 def peak_tflops(kind="bf16", device_name=None):
     """Datasheet dense peak (TFLOP/s) of this GPU for `kind` ("bf16" also covers fp16, "fp8"), or None for a GPU
     not in DATASHEET_PEAK_TFLOPS (then frac_peak columns are left empty rather than guessed)."""
+    peaks = _datasheet(DATASHEET_PEAK_TFLOPS, device_name)
+    return None if peaks is None else peaks[kind]
+
+
+# HBM bandwidth from NVIDIA's datasheets, GB/s: the bound of a copy inside one GPU (bench_moe's world-1 self-loop,
+# where every byte DeepEP's count counts once is read and written once in HBM).
+DATASHEET_HBM_GBPS = {
+    "H100 PCIe": 2000.0,
+    "H100 NVL": 3900.0,
+    "H100": 3350.0,
+    "H200 NVL": 4800.0,
+    "H200": 4800.0,
+}
+
+
+def _datasheet(table, device_name):
     if device_name is None:
         if not torch.cuda.is_available():
             return None
         device_name = torch.cuda.get_device_name()
-    for key, peaks in DATASHEET_PEAK_TFLOPS.items():  # most specific names first
+    for key, value in table.items():  # most specific names first
         if all(word in device_name for word in key.split()):
-            return peaks[kind]
+            return value
     return None
+
+
+def peak_hbm_gbps(device_name=None):
+    """Datasheet HBM bandwidth (GB/s) of this GPU, or None for a GPU not in DATASHEET_HBM_GBPS (frac_peak columns
+    are then left empty rather than divided by another GPU's number)."""
+    return _datasheet(DATASHEET_HBM_GBPS, device_name)
 
 
 def gpu_state():
@@ -224,11 +306,20 @@ def command_line():
 
 
 def write_json(path, rows, meta=None):
-    """Write `rows` (list of dicts) with the command line and machine info to `path`."""
+    """Write `rows` (list of dicts) with the command line and machine info to `path`. `timing_order`: meta's (a
+    bench that does not time through bench_interleaved says how it timed), else bench_interleaved's order now
+    ("shuffle" / "rotate", TURBO_DIST_BENCH_ORDER)."""
     meta = dict(meta or {})
+    order = meta.pop("timing_order", None)
+    if order is None:
+        try:
+            order = bench_order()
+        except ValueError as exc:
+            order = str(exc)
     doc = {
         "command": meta.pop("command", command_line()),
         "machine": meta.pop("machine", machine_info()),
+        "timing_order": order,
         "timestamp_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "meta": meta,
         "rows": rows,

@@ -18,8 +18,10 @@ For each case: every candidate (the module's config list, then extra candidates)
 compared with the reference (relative Frobenius error; `ok` = below the case's tolerance), then timed with
 do_bench (rep --rep-ms); the baselines and the autotuned default are timed alongside; finally the top
 --final-top candidates and the baselines are re-timed interleaved (--rounds rounds, common.bench_interleaved),
-which is the number to rank by (`ms`; `ms_single` is the first pass). A config that fails to compile or run
-(e.g. too much shared memory) is a row with `error`, not a crash. The JSON is rewritten after each case.
+which is the number to rank by: `ms`, `rank` and the x_<baseline> ratio come from those rounds only (`final`
+rows); the other rows keep `ms_single` (the first pass, each timed alone: not comparable with `ms`) and have
+`ms` / `rank` None. A config that fails to compile or run (e.g. too much shared memory) is a row with `error`,
+not a crash. The JSON is rewritten after each case.
 --dry-run: CPU under TRITON_INTERPRET=1, sizes / 32, fp16 instead of bf16 (the interpreter mishandles bf16;
 fp16 keeps the 2-byte TMA kernel path that the GPU run tunes, fp32 would take the pointer kernel).
 """
@@ -123,16 +125,17 @@ def tune_case(case, flops, ref, tol, baselines, default_fn, candidates, run, arg
     else:
         res = bench_interleaved({k: fns[k] for k in final}, rounds=args.rounds, rep_ms=args.rep_ms)
     first_base = next(iter(baselines))
+    base = res.get(first_base)
     for r in rows:
-        r["ms"] = res.get(r["impl"]) or r.get("ms_single")
+        # ranks and ratios from the interleaved rounds only: a first-pass time (timed alone, minutes earlier, the
+        # clock elsewhere) ranked among them would compare two measurements, not two configs
         r["final"] = r["impl"] in res
-        if r.get("ms"):
-            r["tflops"] = flops / r["ms"] / 1e9
-            base = res.get(first_base)
-            r["x_" + first_base] = (base / r["ms"]) if base else None
-    rows.sort(key=lambda r: (r.get("ms") is None, r.get("ms") or 0))
+        r["ms"] = res.get(r["impl"]) if r["final"] else None
+        r["tflops"] = (flops / r["ms"] / 1e9) if r["ms"] else None
+        r["x_" + first_base] = (base / r["ms"]) if base and r["ms"] else None
+    rows.sort(key=lambda r: (r["ms"] is None, r["ms"] or 0, r.get("ms_single") is None, r.get("ms_single") or 0))
     for i, r in enumerate(rows):
-        r["rank"] = i + 1
+        r["rank"] = (i + 1) if r["ms"] else None
     print(f"\n## {case}  ({time.perf_counter() - t_case:.1f} s)")
     print_table(rows, ["rank", "kind", "impl", "ms", "ms_single", "tflops", "x_" + first_base, "ok", "rel_err",
                        "in_module_list", "final", "error"])

@@ -1,6 +1,8 @@
 """benchmarks/common.py's interleaved timing: every label timed every round, in a shuffled order that changes
 from round to round and from call to call (the rotated order kept each label's neighbours, which biased a label
 timed after a power-hungry one on the GPU), failures reported, not timed."""
+import os
+
 import pytest
 from bench_utils import import_benchmark
 
@@ -88,3 +90,51 @@ def test_clock_probe_reads_nvidia_smi_samples(tmp_path):
     samples = clocks.parse_smi(str(log))
     assert [s[1:] for s in samples] == [(1323.0, 658.2, "0x0000000000000004"), (1980.0, 87.29, "0x0000000000000000")]
     assert samples[1][0] - samples[0][0] == pytest.approx(0.05, abs=1e-4)
+
+
+def test_json_records_commit_order_and_settings(tmp_path, monkeypatch):
+    """write_json names the code (commit, whether tracked files differ from it), the order bench_interleaved timed
+    in and the TURBO_DIST_* settings that change what the defaults run; a bench that times otherwise says so."""
+    import json
+    import re
+    import subprocess
+
+    common = import_benchmark("common")
+    monkeypatch.setenv("TURBO_DIST_BENCH_ORDER", "rotate")
+    monkeypatch.setenv("TURBO_DIST_SOME_RULE", "1")
+    doc = json.loads(json.dumps(common.write_json(str(tmp_path / "a.json"), [{"x": 1}], {"k": 2})))
+    assert json.loads((tmp_path / "a.json").read_text()) == doc
+    assert doc["timing_order"] == "rotate" and doc["meta"] == {"k": 2}
+    env = doc["machine"]["env"]
+    assert env["TURBO_DIST_SOME_RULE"] == "1" and env["TURBO_DIST_BENCH_ORDER"] == "rotate"
+    assert all(k.startswith("TURBO_DIST_") for k in env)
+    root = os.path.dirname(common.__file__)
+    head = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode == 0:  # a checkout: the commit and a dirty flag
+        assert doc["machine"]["git_commit"] == head.stdout.strip()
+        assert re.fullmatch(r"[0-9a-f]{40}", doc["machine"]["git_commit"])
+        assert isinstance(doc["machine"]["git_dirty"], bool)
+    doc = common.write_json(str(tmp_path / "b.json"), [], {"timing_order": "each op alone, fixed order"})
+    assert doc["timing_order"] == "each op alone, fixed order" and "timing_order" not in doc["meta"]
+    monkeypatch.delenv("TURBO_DIST_BENCH_ORDER")
+    assert common.write_json(str(tmp_path / "c.json"), [])["timing_order"] == "shuffle"
+    assert re.fullmatch(r"[0-9a-f]{16}", doc["machine"]["source_digest"])
+    # outside a repository: empty, not an error; the source digest follows the files' bytes
+    assert common.git_info(str(tmp_path)) == {"git_commit": None, "git_dirty": None, "git_changed": None,
+                                              "source_digest": None}
+    (tmp_path / "benchmarks").mkdir()
+    (tmp_path / "benchmarks" / "x.py").write_text("a = 1\n")
+    first = common.source_digest(str(tmp_path))
+    (tmp_path / "benchmarks" / "x.py").write_text("a = 2\n")
+    assert first and common.source_digest(str(tmp_path)) not in (None, first)
+
+
+def test_datasheet_peaks_by_gpu_name():
+    """frac_peak divides by this GPU's own datasheet number (HBM: H100 SXM 3350, H200 4800 GB/s), none for an
+    unknown GPU; the most specific name wins (an H100 PCIe is not an SXM H100)."""
+    common = import_benchmark("common")
+    assert common.peak_hbm_gbps("NVIDIA H200") == 4800.0
+    assert common.peak_hbm_gbps("NVIDIA H100 80GB HBM3") == 3350.0
+    assert common.peak_hbm_gbps("NVIDIA H100 PCIe") == 2000.0
+    assert common.peak_hbm_gbps("NVIDIA A100-SXM4-80GB") is None
+    assert common.peak_tflops("bf16", "NVIDIA H200") == 989.4 and common.peak_tflops("fp8", "NVIDIA GB200") is None

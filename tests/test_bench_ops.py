@@ -27,6 +27,19 @@ def test_bench_ops_dry_run_every_section(tmp_path, monkeypatch):
     for need in (("gemm", "triton"), ("grouped", "triton"), ("grouped", "loop"), ("fp8", "mm_triton"),
                  ("fp8_grouped", "mm_triton"), ("fp8_grouped", "bf16_triton"), ("fp8_grouped", "e2e_weights_cached")):
         assert need in impls, need
+    # every ratio is against a baseline row the JSON holds, of the same section and case (timed in the same
+    # interleaved group): x_baseline == that row's time / this row's (FP8 dense once kept one bf16 row for all
+    # granularities while each group's ratios divided by its own re-timed bf16)
+    for r in rows:
+        if r.get("x_baseline") is None:
+            continue
+        key = "ms" if "ms" in r else "host_us"
+        base = [b for b in rows if (b["section"], b["case"], b["impl"]) == (r["section"], r["case"], r["baseline"])]
+        assert len(base) == 1, (r["section"], r["case"], r["impl"], r["baseline"])
+        assert r["x_baseline"] == pytest.approx(base[0][key] / r[key]), (r["section"], r["case"], r["impl"])
+        if "baseline_ms" in r:
+            assert r["baseline_ms"] == base[0]["ms"]
+    assert {r["case"] for r in by["fp8"] if r["impl"] == "bf16_cublas"} == {r["case"] for r in by["fp8"]}
     # FP8 grouped: each case's rows start with its bf16 baseline, timed in the same group, and every FP8 row's
     # ratio is against that baseline's time
     cases = {}
