@@ -92,6 +92,9 @@ def train(rank, world, args):
         loss = nn.functional.mse_loss(y.float(), target.float(), reduction="sum") / (args.tokens * world)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        for p in model.router.parameters():  # replicated (data parallel over the EP group): average its gradient,
+            dist.all_reduce(p.grad)          # or the ranks' routers drift apart; the experts are sharded, not
+            p.grad /= world                  # replicated, and keep their own
         opt.step()
         total = loss.detach().clone()
         dist.all_reduce(total)

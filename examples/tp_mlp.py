@@ -45,7 +45,7 @@ class TPMLPBlock(nn.Module):
 def train(rank, world, args):
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     dev = torch.device("cuda", torch.cuda.current_device()) if "nccl" in dist.get_backend() else torch.device("cpu")
-    torch.manual_seed(0)  # same full weights on every rank; each layer keeps its own shard
+    torch.manual_seed(0)  # the same seed on every rank: each rank draws its own weight shard, biases match
     model = TPMLPBlock(args.hidden, args.ffn, dtype=dtype, algo=args.algo)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
     if args.tokens % world:

@@ -151,7 +151,20 @@ def _enable_disable(rank, world_size):
              "set_deepep_num_sms", "HAVE_DEEP_EP")
     before = {n: getattr(fused_a2a, n, "absent") for n in names}
     before_td = {n: getattr(token_dispatcher, n) for n in ("fused_dispatch", "fused_combine", "set_deepep_num_sms")}
-    assert tdm.enable() == {"moe_dispatcher": True, "async_tp": False, "cp_attention": False}
+    import logging
+
+    seen = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logger = logging.getLogger("turbo_dist")
+    logger.addHandler(handler)
+    level, logger.level = logger.level, logging.INFO
+    try:
+        assert tdm.enable() == {"moe_dispatcher": True, "async_tp": False, "cp_attention": False}
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert any("fused_a2a.Buffer" in m for m in seen), seen  # each rebinding is logged
     tdm.enable()  # idempotent: rebinding twice would make disable() restore our own functions
     assert fused_a2a.Buffer is Buffer and token_dispatcher.fused_dispatch is tdm.fused_dispatch
     buf = fused_a2a.get_buffer(torch.distributed.group.WORLD, 2 * HIDDEN)
@@ -167,7 +180,7 @@ def _enable_disable(rank, world_size):
 
 @needs_megatron
 @pytest.mark.dist
-def test_enable_is_logged_and_reversible(caplog):
+def test_enable_is_logged_and_reversible():
     out = run_distributed(_enable_disable, 2, env=_ENV)
     assert all(o == {"moe_dispatcher": False, "async_tp": False, "cp_attention": False} for o in out)
 
@@ -622,9 +635,12 @@ def _core_attention_vs_megatron_step(rank, world_size):
     from megatron.core.transformer.enums import AttnMaskType
     from megatron.core.transformer.transformer_config import TransformerConfig
 
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
     import turbo_dist.integrations.megatron as tdm
 
     parallel_state.initialize_model_parallel()
+    model_parallel_cuda_manual_seed(0)  # DotProductAttention forks the model-parallel RNG (it raised without it)
     try:
         config = TransformerConfig(num_layers=1, hidden_size=HEADS * HEAD_DIM, num_attention_heads=HEADS,
                                    num_query_groups=KV_HEADS, attention_dropout=0.0, use_cpu_initialization=True)
@@ -668,3 +684,51 @@ def test_linears_log_when_megatron_runs_its_own_path(caplog, monkeypatch):
     assert len(calls) == 2
     logged = [r.getMessage() for r in caplog.records if "Megatron's own implementation runs" in r.getMessage()]
     assert len(logged) == 1 and "TurboDistColumnParallelLinear: sequence_parallel is off" in logged[0], logged
+
+
+def _core_attention_vs_dot_product_attention_cpu(rank, world, layer_number, scaling):
+    """Megatron's own DotProductAttention on the CPU (its global memory buffer and CUDA RNG tracker replaced by
+    CPU stand-ins, in this spawned rank only) against TurboDistCoreAttention, same config and inputs."""
+    import contextlib
+
+    import megatron.core.transformer.dot_product_attention as dpa
+    from megatron.core import parallel_state
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    import turbo_dist.integrations.megatron as tdm
+
+    class _CpuBuffer:
+        def get_tensor(self, shape, dtype, name, mem_alloc_context=None):
+            return torch.empty(shape, dtype=dtype)
+
+    class _NoRng:
+        def fork(self, *a, **k):
+            return contextlib.nullcontext()
+
+    parallel_state.initialize_model_parallel()
+    parallel_state.get_global_memory_buffer = lambda: _CpuBuffer()
+    dpa.tensor_parallel.get_cuda_rng_tracker = lambda *a, **k: _NoRng()
+    try:
+        cfg = TransformerConfig(num_layers=4, hidden_size=32, num_attention_heads=4, attention_dropout=0.0,
+                                apply_query_key_layer_scaling=scaling, use_cpu_initialization=True,
+                                masked_softmax_fusion=False)
+        g = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(8, 1, 4, 8, generator=g) for _ in range(3))
+        mask = torch.ones(1, 1, 8, 8, dtype=torch.bool).triu(1)
+        ref = dpa.DotProductAttention(cfg, layer_number, AttnMaskType.causal, "self")(q, k, v, mask)
+        ours = tdm.TurboDistCoreAttention(cfg, layer_number, AttnMaskType.causal, "self")(q, k, v, mask)
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+        return True
+    finally:
+        parallel_state.destroy_model_parallel()
+
+
+@needs_megatron
+@pytest.mark.parametrize("layer_number,scaling", [(1, False), (3, False), (3, True)])
+def test_core_attention_matches_megatron_dot_product_attention_cpu(layer_number, scaling):
+    """apply_query_key_layer_scaling divides the scores' scale by the layer number and Megatron's softmax multiplies
+    it back: the net scale is unchanged (the hook divided and never multiplied: layer 3 attended with a third of
+    the scale)."""
+    assert run_distributed(_core_attention_vs_dot_product_attention_cpu, 1, args=(layer_number, scaling),
+                           backend="gloo", env=_ENV) == [True]

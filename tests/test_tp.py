@@ -320,6 +320,25 @@ def _errors(rank, world):
         col(torch.randn(4, 9))
     with pytest.raises(TypeError, match="weight"):
         col(torch.randn(4, 8, dtype=torch.float64))
+    with pytest.raises(ValueError, match="feature \\(last\\) dim"):  # it would scatter the output features
+        tp.RowParallelLinear(8 * world, 8, seq_dim=-1)(torch.randn(4, 8))
+    for bad in (0, -4, 8.0):
+        with pytest.raises(ValueError, match="positive int"):
+            tp.ColumnParallelLinear(bad, 4 * world)
+    with pytest.raises(ValueError, match="full \\[" + str(4 * world) + ", 8\\]"):
+        col.load_full(torch.randn(4 * world + 3, 8))
+    with pytest.raises(ValueError, match="has none"):
+        tp.ColumnParallelLinear(8, 4 * world, bias=False).load_full(torch.randn(4 * world, 8), torch.zeros(4 * world))
+    # default init: each rank its own shard (ranks seeded alike drew the same one), within nn.Linear's bound, and
+    # the parameters carry Megatron's tensor-parallel attributes
+    torch.manual_seed(5)
+    col, row = tp.ColumnParallelLinear(8, 4 * world), tp.RowParallelLinear(4 * world, 8)
+    shards = [torch.empty_like(col.weight) for _ in range(world)]
+    dist.all_gather(shards, col.weight.detach().contiguous())
+    assert world == 1 or not torch.equal(shards[0], shards[1]), "every rank drew the same column shard"
+    assert float(col.weight.abs().max()) <= 8 ** -0.5 and float(row.weight.abs().max()) <= (4 * world) ** -0.5
+    assert (col.weight.tensor_model_parallel, col.weight.partition_dim, row.weight.partition_dim) == (True, 0, 1)
+    assert row.bias.sequence_parallel is True
     # a group this rank is not a member of
     only_zero = dist.new_group([0])
     if rank != 0:

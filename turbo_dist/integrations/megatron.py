@@ -444,9 +444,9 @@ class TurboDistCoreAttention(MegatronModule):
         self.attn_mask_type = attn_mask_type
         self.cp_comm_type = _CP_COMM_TYPES[cp_comm_type]
         head_dim = config.kv_channels
+        # apply_query_key_layer_scaling: Megatron divides the scores' scale by the layer number for fp16 range and
+        # multiplies it back inside its softmax (FusedScaleMaskSoftmax(scale=layer_number)): the net scale is this
         self.softmax_scale = softmax_scale if softmax_scale is not None else head_dim ** -0.5
-        if config.apply_query_key_layer_scaling:  # Megatron folds the layer number into the scale
-            self.softmax_scale /= self.layer_number
         cp_group = getattr(pg_collection, "cp", None) if pg_collection is not None else None
         if cp_group is None and config.context_parallel_size > 1:
             cp_group = _parallel_state.get_context_parallel_group()

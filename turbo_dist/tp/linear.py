@@ -9,6 +9,12 @@ sequence dim `seq_dim`:
   backward's all_gather_matmul(dy, [W_local]) returns both the gathered dy (for dW) and dx.
 Without sequence parallelism they are the classic pair: Column copies x in and all-reduces dx;
 Row all-reduces y.
+
+Not drop-ins for Megatron's classes: no gather_output / input_is_parallel / skip_bias_add (Megatron users take
+turbo_dist.integrations.megatron, which keeps Megatron's own modules), but the parameters carry the attributes
+Megatron's gradient clipping reads (tensor_model_parallel, partition_dim, partition_stride; the row bias's
+sequence_parallel). Memory: with sequence parallelism the column layer keeps the gathered input for dW (TP times
+the shard Megatron keeps and re-gathers in backward).
 """
 import math
 
@@ -118,10 +124,29 @@ class _ReduceFromTP(torch.autograd.Function):
         return dy, None
 
 
-def _init_weight(weight, fan_in):
+def _init_weight(weight, fan_in, tp_rank):
+    """U(-1/sqrt(fan_in), 1/sqrt(fan_in)), nn.Linear's bound for the full layer, drawn for this rank's shard from
+    its own generator: a base seed taken from the global RNG (the same on every rank when the ranks seed alike, and
+    advancing it alike), offset by the TP rank. Drawn from the global RNG directly, every rank got the same shard
+    (as Megatron, which forks a model-parallel RNG per TP rank, the shards must differ). load_full() takes the
+    shards of one given full weight instead."""
     bound = 1.0 / math.sqrt(fan_in)
+    base = int(torch.randint(0, 2 ** 62, (1,)).item())
+    gen = torch.Generator().manual_seed(base + 1_000_003 * (tp_rank + 1))
     with torch.no_grad():
-        weight.uniform_(-bound, bound)
+        shard = torch.empty(weight.shape, dtype=torch.float32).uniform_(-bound, bound, generator=gen)
+        weight.copy_(shard)
+
+
+def _check_size(name, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def _mark_tp(param, partition_dim):
+    """The attributes Megatron's gradient clipping / finalize_model_grads read on tensor-parallel parameters."""
+    if param is not None:
+        param.tensor_model_parallel, param.partition_dim, param.partition_stride = True, partition_dim, 1
 
 
 class _TPLinearBase(nn.Module):
@@ -147,7 +172,24 @@ class _TPLinearBase(nn.Module):
             raise ValueError(f"input has last dim {x.shape[-1]}, expected {in_features} (shape {tuple(x.shape)})")
         if x.dtype != self.weight.dtype:
             raise TypeError(f"input is {x.dtype} but the weight is {self.weight.dtype}")
-        return C.normalize_dim(self.seq_dim, x.dim(), "seq_dim")
+        seq_dim = C.normalize_dim(self.seq_dim, x.dim(), "seq_dim")
+        if self.sequence_parallel and seq_dim == x.dim() - 1:
+            raise ValueError(f"seq_dim={self.seq_dim} is the feature (last) dim of the input {tuple(x.shape)}: the "
+                             "sequence must be another dim")
+        return seq_dim
+
+
+def _check_full(layer, weight, bias):
+    full = (layer.out_features, layer.in_features)
+    if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != full:
+        raise ValueError(f"load_full: weight must be the full [{full[0]}, {full[1]}], got "
+                         f"{tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__}")
+    if bias is not None:
+        if layer.bias is None:
+            raise ValueError("load_full: a bias was given but this layer has none (bias=False)")
+        if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (layer.out_features,):
+            raise ValueError(f"load_full: bias must be the full [{layer.out_features}], got "
+                             f"{tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__}")
 
 
 class ColumnParallelLinear(_TPLinearBase):
@@ -163,6 +205,8 @@ class ColumnParallelLinear(_TPLinearBase):
     def __init__(self, in_features, out_features, bias=True, group=None, sequence_parallel=True, seq_dim=0,
                  device=None, dtype=None, algo=None):
         super().__init__(group, sequence_parallel, seq_dim, algo)
+        _check_size("in_features", in_features)
+        _check_size("out_features", out_features)
         if out_features % self.tp_size:
             raise ValueError(f"out_features={out_features} is not divisible by the TP size {self.tp_size}")
         self.in_features, self.out_features = in_features, out_features
@@ -170,11 +214,14 @@ class ColumnParallelLinear(_TPLinearBase):
         kw = dict(device=device or self._device, dtype=dtype)
         self.weight = nn.Parameter(torch.empty(self.out_per_rank, in_features, **kw))
         self.bias = nn.Parameter(torch.zeros(self.out_per_rank, **kw)) if bias else None
-        _init_weight(self.weight, in_features)
+        _init_weight(self.weight, in_features, self.tp_rank)
+        _mark_tp(self.weight, 0)
+        _mark_tp(self.bias, 0)
 
     @torch.no_grad()
     def load_full(self, weight, bias=None):
         """Take this rank's rows of a full [out_features, in_features] weight (and [out_features] bias)."""
+        _check_full(self, weight, bias)
         sl = slice(self.tp_rank * self.out_per_rank, (self.tp_rank + 1) * self.out_per_rank)
         self.weight.copy_(weight[sl])
         if bias is not None and self.bias is not None:
@@ -206,6 +253,8 @@ class RowParallelLinear(_TPLinearBase):
     def __init__(self, in_features, out_features, bias=True, group=None, sequence_parallel=True, seq_dim=0,
                  device=None, dtype=None, algo=None):
         super().__init__(group, sequence_parallel, seq_dim, algo)
+        _check_size("in_features", in_features)
+        _check_size("out_features", out_features)
         if in_features % self.tp_size:
             raise ValueError(f"in_features={in_features} is not divisible by the TP size {self.tp_size}")
         self.in_features, self.out_features = in_features, out_features
@@ -213,11 +262,15 @@ class RowParallelLinear(_TPLinearBase):
         kw = dict(device=device or self._device, dtype=dtype)
         self.weight = nn.Parameter(torch.empty(out_features, self.in_per_rank, **kw))
         self.bias = nn.Parameter(torch.zeros(out_features, **kw)) if bias else None
-        _init_weight(self.weight, in_features)
+        _init_weight(self.weight, in_features, self.tp_rank)
+        _mark_tp(self.weight, 1)
+        if self.bias is not None:  # replicated; Megatron all-reduces its gradient under sequence parallelism
+            self.bias.sequence_parallel = self.sequence_parallel
 
     @torch.no_grad()
     def load_full(self, weight, bias=None):
         """Take this rank's columns of a full [out_features, in_features] weight (and the full bias)."""
+        _check_full(self, weight, bias)
         sl = slice(self.tp_rank * self.in_per_rank, (self.tp_rank + 1) * self.in_per_rank)
         self.weight.copy_(weight[:, sl])
         if bias is not None and self.bias is not None:
