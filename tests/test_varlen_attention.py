@@ -607,3 +607,33 @@ def test_bench_cp_varlen_cpu_check(tmp_path):
     assert {r["impl"] for r in ours} == {"a2a", "ring", "allgather"} and all(r["docs"] > 1 for r in rows)
     assert all(r["rel_err_o"] < 1e-5 for r in ours)
     assert all(r["rel_err_dq"] < 1e-5 for r in ours if r["pass"] == "fwd+bwd")
+
+
+def _single_rank_packed(rank, world_size):
+    """One CP rank: both layouts are the natural order, so load_balance=True with odd sequence lengths is the
+    plain packed attention in every mode (ring cut each sequence into two halves of L // 2 and dropped rows);
+    an empty packed batch gives empty outputs."""
+    torch.set_num_threads(1)
+    lens = [5, 3, 1, 7]
+    g = seeded(81)
+    q, do = (torch.randn(sum(lens), 4, 8, generator=g) for _ in range(2))
+    k, v = (torch.randn(sum(lens), 2, 8, generator=g) for _ in range(2))
+    cu = cu_of(lens)
+    o_ref, lse_ref, dq_ref, _, _ = per_sequence_dense(q, k, v, do, cu, cu, True)
+    for mode in ("ring", "a2a", "allgather"):
+        ql = q.clone().requires_grad_()
+        o, lse = flash_attn_varlen_func(ql, k, v, cu, cu, 7, 7, causal=True, return_lse=True,
+                                        cp_param_bundle={"cp_group": None, "cp_comm_type": mode, "load_balance": True})
+        o.backward(do)
+        assert rel(o, o_ref) < 1e-5 and rel(ql.grad, dq_ref) < 1e-5, mode
+        assert torch.equal(torch.isfinite(lse), torch.isfinite(lse_ref)), mode
+        e = torch.zeros(0, 4, 8, requires_grad=True)
+        o0, lse0 = flash_attn_varlen_func(e, e[:, :2], e[:, :2], cu_of([0]), cu_of([0]), None, None, causal=True,
+                                          return_lse=True, cp_param_bundle={"cp_group": None, "cp_comm_type": mode})
+        assert o0.shape == (0, 4, 8) and lse0.shape == (4, 0), mode
+    return True
+
+
+@pytest.mark.dist
+def test_cp_single_rank_packed_zigzag_and_empty():
+    assert run_distributed(_single_rank_packed, 1) == [True]

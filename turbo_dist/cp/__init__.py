@@ -113,9 +113,9 @@ def _varlen(q, k, v, causal, softmax_scale, cp_group, mode, load_balance, num_ch
     """-> (o, lse or an empty tensor when not want_lse and the mode does not compute it anyway)."""
     if cu_seqlens_q is None or cu_seqlens_k is None:
         raise ValueError("packed sequences need both cu_seqlens_q and cu_seqlens_k")
-    zigzag = bool(load_balance)
     rt = get_runtime(cp_group)
     cp = rt.world_size
+    zigzag = bool(load_balance) and cp > 1  # one rank: both layouts are the natural order (ring cut odd lengths)
     for name, t in (("q", q), ("k", k), ("v", v)):
         if getattr(t, "dim", lambda: 0)() != 3:
             raise ValueError(f"with cu_seqlens, {name} must be this rank's packed shard [T/cp, heads, head_dim], "
@@ -139,6 +139,9 @@ def _varlen(q, k, v, causal, softmax_scale, cp_group, mode, load_balance, num_ch
     for name, t in (("q", q), ("k", k), ("v", v)):
         rt.check_tensor(t, name)
     scale = default_scale(q, softmax_scale)
+    if q.shape[0] == 0:  # nothing packed (the same on every rank: T = cp * local length): empty outputs, joined
+        o = q.new_zeros(0, q.shape[1], v.shape[2]) + (q.sum() + k.sum() + v.sum()) * 0  # to q/k/v for autograd
+        return o, torch.empty(q.shape[1], 0, dtype=torch.float32, device=q.device)
     if mode == "ring":
         if causal and host_q != host_k:
             raise NotImplementedError("ring attention on packed sequences with a causal mask needs cu_seqlens_q == "

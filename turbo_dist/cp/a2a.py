@@ -2,9 +2,10 @@
 
 Rank j receives every rank's sequence shard of heads [j*Hq/cp, (j+1)*Hq/cp) (and the matching K/V
 heads), runs ordinary attention on the full sequence, and returns each rank its sequence shard of
-those heads. Heads are cut into `num_chunks` groups that are pipelined: the all-to-alls of group
-g+1 (q and packed k/v, in flight together) and the output all-to-all of group g-1 overlap with
-group g's attention.
+those heads. Heads are cut into `num_chunks` groups that are pipelined: every group's input all-to-alls
+(q and packed k/v) are launched up front, so those of groups g+1.. and the output all-to-all of group g-1
+overlap with group g's attention (all groups' received inputs are alive at the start, each released once
+its attention has run).
 
 GQA: with Hkv divisible by cp each rank receives Hkv/cp K/V heads; with Hkv < cp (cp divisible by
 Hkv) each K/V head is replicated cp/Hkv times before the exchange (its gradients summed after).
@@ -84,8 +85,10 @@ def a2a_forward(q, k, v, causal, scale, rt, load_balance, num_chunks, kernels=No
     saved, pend_out, pend_lse = [], [], []
     for j in range(nc):
         rq, rkv = pend_in[j][0].wait(), pend_in[j][1].wait()
+        pend_in[j] = None  # its received buffers are not held past their use
         q_h = gathered_to_natural(rq, cp, reorder, seq_dim=1).contiguous()  # [B, S, qc, D]
         kv_h = gathered_to_natural(rkv, cp, reorder, seq_dim=2).contiguous()  # [2, B, S, kc, D]
+        del rq, rkv
         o_h, lse_h = attn_fwd(q_h, kv_h[0], kv_h[1], causal, scale)
         pend_out.append(_comm.all_to_all(natural_to_scattered(o_h, cp, reorder, seq_dim=1), rt))
         if want_lse:  # the output's way back, lse [B, qc, S] viewed as [B, S, qc, 1]
@@ -118,6 +121,7 @@ def a2a_backward(do, saved, causal, scale, rt, load_balance, rep, nc, k_shape, k
     for j in range(nc):
         q_h, kv_h, o_h, lse_h = saved[4 * j: 4 * j + 4]
         do_h = gathered_to_natural(pend_do[j].wait(), cp, reorder, seq_dim=1).contiguous()
+        pend_do[j] = None
         dq_h, dk_h, dv_h = attn_bwd(do_h, q_h, kv_h[0], kv_h[1], o_h, lse_h, causal, scale)
         send_dq = natural_to_scattered(dq_h, cp, reorder, seq_dim=1)
         send_dkv = natural_to_scattered(torch.stack([dk_h, dv_h]), cp, reorder, seq_dim=2)

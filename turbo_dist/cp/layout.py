@@ -97,6 +97,7 @@ def shard_local(x, rank, cp, seq_dim=1, load_balance=True):
     """This rank's shard of the full-sequence tensor `x` (no communication; differentiable)."""
     seq_dim = _norm_dim(seq_dim, x.dim())
     s = x.shape[seq_dim]
+    load_balance = load_balance and cp > 1  # one rank: both layouts are the natural order
     _check_seq(s, cp, load_balance, "shard")
     size = s // num_chunks(cp, load_balance)
     pieces = [x.narrow(seq_dim, c * size, size) for c in chunk_ids(rank, cp, load_balance)]
@@ -118,6 +119,7 @@ def shard(x, group=None, seq_dim=1, load_balance=True):
 def local_positions(seq_len, group=None, load_balance=True, device=None):
     """Global positions [S/cp] (int64) of this rank's tokens in a sequence of `seq_len` (e.g. for RoPE)."""
     rank, cp = _group_info(group)
+    load_balance = load_balance and cp > 1  # one rank: both layouts are the natural order
     _check_seq(seq_len, cp, load_balance, "local_positions")
     size = seq_len // num_chunks(cp, load_balance)
     return torch.cat([torch.arange(c * size, (c + 1) * size, device=device) for c in chunk_ids(rank, cp, load_balance)])
