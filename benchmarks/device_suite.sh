@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # One batched device session: install, GPU test suite, main-job demo, single-GPU benches.
-#   bash benchmarks/device_suite.sh "install tests gputests ll moe1 dist demo ops opsq attn moe moell moeinter tp cp cpvarlen native tune cublaslt wgmma bf16wgmma prof opstests wgrad clocks"
+#   bash benchmarks/device_suite.sh "install tests gputests ll moe1 dist demo ops opsq attn moe moell moeinter tp cp cpvarlen native tune cublaslt wgmma bf16wgmma prof opstests wgrad wgradtune clocks"
 #   (phases to run, in order; default "install tests demo ops attn"; on a multi-GPU kind start with
 #   "install dist demo moe moell moeinter tp cp cpvarlen")
 # Logs and JSON go under $OUT (default ./out). Safety variables are always set. One-off verification phases of
 # earlier sessions (verify1, fp8loop, tail, ...) are in git history.
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+# one hung multi-rank test must not use up a whole phase's timeout (pytest killed before it reports anything)
+export TURBO_DIST_TEST_TIMEOUT_S=${TURBO_DIST_TEST_TIMEOUT_S:-150}
 OUT=${OUT:-$PWD/out}; mkdir -p "$OUT"
 PHASES=${1:-"install tests demo ops attn"}
 NGPU=$(nvidia-smi -L 2>/dev/null | wc -l)
@@ -99,7 +101,7 @@ for ph in $PHASES; do
             TURBO_DIST_TRITON_TUNE=first timeout ${GPUTESTS_S:-400} python -m pytest tests/ -q -rs -p no:cacheprovider \
               -k "gpu or self_loop or cuda_graph" > "$OUT/pytest_gpu_$TAG.log" 2>&1; echo "gputests rc=$?"
             tail -2 "$OUT/pytest_gpu_$TAG.log"; grep -E "^(FAILED|ERROR)|Error:" "$OUT/pytest_gpu_$TAG.log" | head -12;;
-    wgrad) # one GPU: the grouped GEMM's weight gradient: its GPU tests (TMA vs pointer kernel),
+    wgradtune) # one GPU: the grouped GEMM's weight gradient: its GPU tests (TMA vs pointer kernel),
             # then every weight-gradient candidate (benchmarks/tune_candidates.py EXTRA_WGRAD) at
             # 32 x 128 / 256 / 1024 and 8 x 1024 tokens per expert, fc1 and fc2
             TURBO_DIST_TRITON_TUNE=first timeout 150 python -m pytest -q -rs -p no:cacheprovider tests/test_ops_gemm.py \

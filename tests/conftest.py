@@ -18,12 +18,12 @@ from turbo_dist.runtime.config import SHARE_GPU_VAR, apply_safety_env, share_gpu
 
 apply_safety_env()  # every process this test session spawns inherits the NVLink-multicast guards
 
-# Modules whose multi-rank GPU tests were written to run on shared GPUs (gloo control plane, CUDA
-# tensors, torch symmetric memory over CUDA IPC). Not test_moe / test_moe_internode (gloo has no
-# all_to_all on CUDA tensors) nor test_shmem (NVSHMEM wants one PE per GPU). test_moe_low_latency (its
-# triton path needs only peer pointers and barriers), test_cp and test_varlen_attention (cp/_comm stages
-# its collectives and ring shifts through host memory under gloo on CUDA tensors) ran in this mode on one
-# H200 on 2026-12-02 (third session).
+# Modules whose multi-rank GPU tests run on shared GPUs (gloo control plane, CUDA tensors, torch symmetric
+# memory over CUDA IPC; collectives gloo cannot run on CUDA tensors are staged through host memory). Not
+# test_shmem (NVSHMEM wants one PE per GPU). test_moe_low_latency (its triton path needs only peer pointers and
+# barriers), test_cp and test_varlen_attention (cp/_comm stages its collectives and ring shifts through host
+# memory) ran in this mode on one H200 on 2026-12-02 (third session); test_moe and test_moe_internode since
+# (tests/GPU_RUNS.md).
 SHARE_GPU_MODULES = ("test_runtime", "test_moe_nvlink", "test_moe_low_latency", "test_tp", "test_share_gpu",
                      "test_cp", "test_varlen_attention", "test_moe", "test_moe_internode")
 

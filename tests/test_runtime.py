@@ -212,7 +212,8 @@ def _sleeps(rank, world_size):
 
 @pytest.mark.dist
 def test_harness_times_out():
-    with pytest.raises(TimeoutError, match="timed out"):
+    # the task's timeout, not the pool start's (which has its own, longer bound)
+    with pytest.raises(TimeoutError, match="_sleeps timed out after 3s"):
         run_distributed(_sleeps, 2, backend="gloo", timeout=3)
 
 
@@ -287,3 +288,27 @@ def test_nvshmem_buffer_growth_frees_the_old_allocation():
     """NVSHMEM releases nothing on garbage collection: a growing buffer frees its old allocation (collectively),
     or every growth would leak symmetric heap."""
     assert run_distributed(_nvshmem_growth_frees, 2) == [True, True]
+
+
+def _env_of(rank, world_size):
+    return os.environ.get("NCCL_NVLS_ENABLE"), os.environ.get("TORCH_SYMM_MEM_DISABLE_MULTICAST")
+
+
+@pytest.mark.dist
+def test_harness_keeps_the_multicast_guards_over_a_tests_env():
+    assert run_distributed(_env_of, 2, env={"NCCL_NVLS_ENABLE": "1", "TORCH_SYMM_MEM_DISABLE_MULTICAST": ""}) == \
+        [("0", "1")] * 2
+
+
+def _dies_on_one(rank, world_size):
+    import torch.distributed as dist
+
+    if rank == 1:
+        os._exit(3)
+    dist.barrier()
+
+
+@pytest.mark.dist
+def test_harness_reports_the_rank_that_died_first():
+    with pytest.raises(RuntimeError, match="(?s)failed on rank 1 .*rank 1 died \\(exit code 3\\)"):
+        run_distributed(_dies_on_one, 2, backend="gloo", timeout=60)

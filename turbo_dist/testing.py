@@ -70,8 +70,8 @@ def resolve_launch(world_size, backend=None, share_gpu=None):
 
 
 def _worker(rank, world_size, port, backend, share_gpu, env, conn):
-    os.environ.update(SAFETY_ENV)
     os.environ.update(env)
+    os.environ.update(SAFETY_ENV)  # after the caller's env: a test cannot switch NVLink multicast back on
     if share_gpu:
         os.environ.update(SHARE_GPU_RANK_ENV)
     else:
@@ -119,10 +119,29 @@ def _worker(rank, world_size, port, backend, share_gpu, env, conn):
         pass
 
 
+# Starting a pool (spawn, import torch, rendezvous) takes seconds, 10+ on a loaded 2-core machine: its own bound,
+# never shorter than this, so a short task timeout times the task, not the start.
+START_TIMEOUT_S = 120.0
+
+
 class _Pool:
     def __init__(self, world_size, backend, share_gpu, env, timeout):
-        ctx = mp.get_context("spawn")
         self.world_size = world_size
+        for attempt in range(3):
+            self._spawn(world_size, backend, share_gpu, env)
+            try:
+                self._collect(max(timeout, START_TIMEOUT_S), what="process-group start")
+                return
+            except BaseException as exc:
+                self.close(kill=True)  # no rank outlives a failed start
+                # the free port was taken by another process before rank 0 bound it: another port
+                port_taken = "EADDRINUSE" in str(exc) or "address already in use" in str(exc).lower()
+                if attempt < 2 and port_taken:
+                    continue
+                raise
+
+    def _spawn(self, world_size, backend, share_gpu, env):
+        ctx = mp.get_context("spawn")
         self.procs, self.conns = [], []
         port = free_port()
         for rank in range(world_size):
@@ -133,11 +152,10 @@ class _Pool:
             child.close()
             self.procs.append(p)
             self.conns.append(parent)
-        self._collect(timeout, what="process-group start")
 
     def _collect(self, timeout, what):
         deadline = time.monotonic() + timeout
-        results, errors = [None] * self.world_size, {}
+        results, errors, order = [None] * self.world_size, {}, []
         pending = set(range(self.world_size))
         grace_deadline = None
         while pending:
@@ -155,6 +173,7 @@ class _Pool:
                     pending.discard(rank)
                     if kind == "error":
                         errors[rank] = payload
+                        order.append(rank)
                         # Peers of a failed rank are usually stuck in a collective: give them a moment.
                         grace_deadline = grace_deadline or time.monotonic() + 5.0
                     else:
@@ -162,10 +181,14 @@ class _Pool:
                 elif not self.procs[rank].is_alive():
                     pending.discard(rank)
                     errors[rank] = f"rank {rank} died (exit code {self.procs[rank].exitcode})"
+                    order.append(rank)
                     grace_deadline = grace_deadline or time.monotonic() + 5.0
         if errors:
-            first = min(errors)
-            others = f" (ranks {sorted(errors)} failed)" if len(errors) > 1 else ""
+            # the cause first: a rank that died, else the first to report (its peers then fail in a collective)
+            died = [r for r in order if errors[r].startswith(f"rank {r} died")]
+            first = (died or order)[0]
+            others = "".join(f"\n  rank {r}: {errors[r].strip().splitlines()[-1]}" for r in order if r != first)
+            others = f" (ranks {sorted(errors)} failed; the others' last lines:{others})" if len(errors) > 1 else ""
             raise RuntimeError(f"{what} failed on rank {first}{others}:\n{errors[first]}")
         if pending:
             raise TimeoutError(f"{what} timed out after {timeout:.0f}s; ranks {sorted(pending)} did not finish")
