@@ -44,3 +44,24 @@ def backend_switch(ops):
         use(None)
 
     return reset, use
+
+
+def run_script(cmd, timeout, **kwargs):
+    """subprocess.run(cmd, capture_output=True, text=True) in a session of its own: on a timeout the whole process
+    group is killed (the script's spawned ranks too, which subprocess.run would leave running), then it raises.
+    The child's own harness timeout is set below `timeout`, so a hung rank reports itself first."""
+    import os
+    import signal
+    import subprocess
+
+    env = dict(kwargs.pop("env", None) or os.environ)
+    env.setdefault("TURBO_DIST_TEST_TIMEOUT_S", str(max(30, int(timeout * 0.8))))
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env=env, **kwargs)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(f"{cmd} timed out after {timeout}s (process group killed):\n{out}\n{err}") from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
