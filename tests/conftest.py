@@ -96,6 +96,7 @@ def world_sizes_for_device(*sizes):
         n = torch.cuda.device_count()
         if _sharing():
             return [s if s <= n else pytest.param(s, marks=pytest.mark.shared_gpu(world_size=s)) for s in sizes]
-        return [s for s in sizes if s <= n] or [pytest.param(sizes[0], marks=pytest.mark.skip(
-            reason=f"needs {sizes[0]} GPUs"))]
+        # sizes past the GPU count are reported as skipped (with the reason), not dropped from the count
+        return [s if s <= n else pytest.param(s, marks=pytest.mark.skip(reason=f"needs {s} GPUs, found {n}"))
+                for s in sizes]
     return list(sizes)
