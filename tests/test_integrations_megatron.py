@@ -158,12 +158,18 @@ def _enable_disable(rank, world_size):
     handler.emit = lambda record: seen.append(record.getMessage())
     logger = logging.getLogger("turbo_dist")
     logger.addHandler(handler)
-    level, logger.level = logger.level, logging.INFO
+    # (a framework configuring logging earlier in this pooled process may have disabled existing loggers)
+    level, disabled, off = logger.level, logger.disabled, logging.root.manager.disable
+    logger.setLevel(logging.INFO)
+    logger.disabled = False
+    logging.disable(logging.NOTSET)
     try:
         assert tdm.enable() == {"moe_dispatcher": True, "async_tp": False, "cp_attention": False}
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
+        logger.disabled = disabled
+        logging.disable(off)
     assert any("fused_a2a.Buffer" in m for m in seen), seen  # each rebinding is logged
     tdm.enable()  # idempotent: rebinding twice would make disable() restore our own functions
     assert fused_a2a.Buffer is Buffer and token_dispatcher.fused_dispatch is tdm.fused_dispatch

@@ -242,9 +242,16 @@ def test_grouped_scaled_cublaslt_declines_and_rule(monkeypatch):
 
     from turbo_dist.ops import fp8_grouped as fp8
 
+    def aligned(t, align=256):  # a copy at a 256-byte aligned address (what CUDA's allocator gives; CPU's less)
+        nbytes = t.numel() * t.element_size()
+        buf = torch.empty(nbytes + align, dtype=torch.uint8)
+        off = -buf.data_ptr() % align
+        return buf[off:off + nbytes].view(t.dtype).view(t.shape).copy_(t)
+
     lens = torch.tensor([128, 128])
     aq, sa = quantize_fp8(rnd(256, 512, seed=54), E4M3, B)
     wq, sw = quantize_fp8(rnd(2, 256, 512, seed=55), E4M3, B, weight=True)
+    aq, wq = aligned(aq), aligned(wq)
     args = (aq, wq.transpose(1, 2), sa, sw.transpose(1, 2))
     monkeypatch.setitem(fp8._NATIVE, "mod", None)
     monkeypatch.setitem(fp8._NATIVE, "why", "turbo_dist._cublaslt is not built (test)")
@@ -263,11 +270,11 @@ def test_grouped_scaled_cublaslt_declines_and_rule(monkeypatch):
     assert fp8._grouped_scaled_preference(*args, small, "block", torch.bfloat16) is None
     assert fp8._grouped_scaled_choice_key(*args, big, "block", torch.bfloat16) != \
         fp8._grouped_scaled_choice_key(*args, small, "block", torch.bfloat16)
-    # rows off 16 bytes: cublaslt declines, and torch_loop's rule (here met) still moves the loop first
+    # a base off 256 bytes: cublaslt declines, and torch_loop's rule (here met) still moves the loop first
     buf = torch.empty(256 * 512 + 8, dtype=torch.uint8).view(E4M3)
     mis = buf[8:].view(256, 512)
     mis.copy_(aq)
-    assert "16-byte" in fp8._cublaslt_grouped_scaled_can(mis, *args[1:], big, "block", torch.bfloat16)
+    assert "256-byte" in fp8._cublaslt_grouped_scaled_can(mis, *args[1:], big, "block", torch.bfloat16)
     monkeypatch.setattr(fp8, "LOOP_MIN_GROUP_FLOP", 2 * 512 * 256 * 128)
     assert fp8._grouped_scaled_preference(mis, *args[1:], big, "block", torch.bfloat16) == "torch_loop"
     # where backend wgmma takes the call: cublaslt only from WGMMA_NATIVE_MIN_GROUP_FLOP, torch_loop never

@@ -65,11 +65,21 @@ def test_wgmma_source_compiles_for_sm90a(tmp_path):
     sources = sorted(glob.glob(os.path.join(ROOT, "csrc", "fp8_wgmma", "*.cu")))
     assert sources
     flags = [f for f in _setup_nvcc_flags() if f != "--shared"]
-    for i, src in enumerate(sources):  # one object each (nvcc -c -o takes one source)
+    procs = []
+    for i, src in enumerate(sources):  # one object each (nvcc -c -o takes one source), compiled side by side
         obj = tmp_path / f"k{i}.o"
         cmd = [nvcc, *flags, "-Xptxas=-v", "-c", f"-I{pybind11.get_include()}",
                f"-I{sysconfig.get_paths()['include']}", src, "-o", str(obj)]
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        procs.append((src, obj, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)))
+    try:
+        done = [(src, obj, subprocess.CompletedProcess(p.args, None, *p.communicate(timeout=600)), p)
+                for src, obj, p in procs]
+    finally:
+        for _, _, p in procs:  # none outlives a timeout
+            if p.poll() is None:
+                p.kill()
+    for src, obj, res, p in done:
+        res.returncode = p.returncode
         assert res.returncode == 0, f"{src}: {res.stderr[-4000:]}"
         # ptxas serializes a kernel's WGMMAs, a silent slowdown, when it makes a call (a printf is one: C7510) or
         # when other instructions read the accumulators while they are in flight (C7514, e.g. accumulators kept in

@@ -169,6 +169,7 @@ class _Pool:
                     try:
                         kind, payload = conn.recv()
                     except EOFError:
+                        self.procs[rank].join(timeout=2)  # its pipe closed: reap it, so the exit code is known
                         kind, payload = "error", f"rank {rank} died (exit code {self.procs[rank].exitcode})"
                     pending.discard(rank)
                     if kind == "error":

@@ -261,9 +261,13 @@ def _cublaslt_grouped_scaled_can(a_q, b_q, scale_a, scale_b, group_lens, mode, o
     ok = _per_group_cublas_can("cublaslt", a_q, b_q, scale_b, group_lens, mode, out_dtype)
     if ok is not True:
         return ok
-    # 16-byte aligned operand rows and starts (FP8: one byte per element)
-    if a_q.data_ptr() % 16 or b_q.data_ptr() % 16 or a_q.stride(0) % 16 or b_q.stride(2) % 16 or b_q.stride(0) % 16:
-        return "cublaslt needs 16-byte aligned operands and row strides"
+    # Every group's A / B / D pointer 256-byte aligned: the plans are chosen with cuBLASLt's default minimum
+    # alignment preference (256 bytes), so a kernel that needs it may be picked; a group's pointers are the bases
+    # plus whole rows (FP8: one byte per element; the output bf16 [M, N]) or whole groups
+    if a_q.data_ptr() % 256 or b_q.data_ptr() % 256 or a_q.stride(0) % 256 or b_q.stride(0) % 256 or \
+            b_q.stride(2) % 16 or (2 * b_q.shape[2]) % 256:
+        return ("cublaslt needs 256-byte aligned operands, row strides and group strides (and output rows, "
+                "2 * N bytes): its plans assume cuBLASLt's default 256-byte alignment")
     return True
 
 
