@@ -562,3 +562,31 @@ def test_simulated_ranks(world, routing, dtype, monkeypatch):
     assert ops == (plain + cached + combine) * 2 + plain + cached, ops
     epochs = [e for _, e in sim.rounds]
     assert epochs == sorted(epochs) and len(set(epochs)) == 8, epochs  # one epoch per op, the same on every rank
+
+
+def test_size_hint_with_fp8_sizes_the_combine_by_dtype():
+    """fp8=True sizes the FP8 dispatch rows; the combine rows follow `dtype` (an fp32 combine needs twice bf16's),
+    as the too-small message advises."""
+    bf16 = Buffer.get_nvl_buffer_size_hint(6, 256, 2, 2, fp8=True, dtype=torch.bfloat16)
+    fp32 = Buffer.get_nvl_buffer_size_hint(6, 256, 2, 2, fp8=True, dtype=torch.float32)
+    assert fp32 > bf16 >= 6 * 2 * 256 * 2
+    assert fp32 >= 6 * 2 * 256 * 4
+
+
+def _destroy_releases(rank, world):
+    from turbo_dist.moe.nvlink import NvlinkTransport
+
+    buf = Buffer(None, transport="collective", explicitly_destroy=True)
+    buf._impl = NvlinkTransport(buf.runtime, 1 << 16)  # the self-loop (interpreter): one rank, no peer access
+    names = {buf._impl.buffer.name, buf._impl.signal.name}
+    assert names <= set(buf.runtime._buffers)
+    buf.destroy()
+    assert not names & set(buf.runtime._buffers), "destroy() left the symmetric buffers allocated"
+    return True
+
+
+@pytest.mark.dist
+def test_destroy_releases_the_symmetric_buffers():
+    """Each nvlink Buffer allocates buffers under its own names: destroy() frees them (they stayed in the
+    runtime for good, e.g. every time Megatron's get_buffer made a bigger Buffer)."""
+    assert run_distributed(_destroy_releases, 1) == [True]

@@ -287,7 +287,7 @@ def test_errors():
         attention_backward(do[:, :4], q, k, v, o, lse)
     with pytest.raises(ValueError, match="o "):
         attention_backward(do, q, k, v, o[:, :4], lse)
-    with pytest.raises(TypeError, match="floating point"):
+    with pytest.raises(TypeError, match="lse must be float32"):
         attention_backward(do, q, k, v, o, lse.long())
     if not torch.cuda.is_available():
         dispatcher.set_backend("attention_fwd", "triton")
@@ -375,3 +375,48 @@ def test_gpu_default_order():
     # fp32 goes to our kernel (SDPA's fused kernels are fp16/bf16 only)
     q32 = q.float()
     assert dispatcher.choose("attention_fwd", q32, q32, q32, True, None).name == "triton"
+
+
+def test_double_backward_is_refused_not_wrong():
+    """Second derivatives through attention are not implemented: create_graph=True must raise, not return the
+    reference backend's wrong numbers (its backward was itself differentiable, but not the right derivative)."""
+    from turbo_dist.ops import attention
+
+    q, k, v = (torch.randn(1, 6, 2, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    o = attention(q.float(), k.float(), v.float(), causal=True)
+    (dq,) = torch.autograd.grad(o.sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad|double backward"):
+        torch.autograd.grad(dq.sum(), q)
+
+
+def test_backward_input_checks():
+    from turbo_dist.ops import attention_backward, attention_forward
+
+    q, k, v = (torch.randn(1, 6, 2, 8) for _ in range(3))
+    o, lse = attention_forward(q, k, v, True)
+    with pytest.raises(TypeError, match="lse must be float32"):
+        attention_backward(torch.ones_like(o), q, k, v, o, lse.half(), True)
+    with pytest.raises(TypeError, match="o must be the forward's floating-point output"):
+        attention_backward(torch.ones_like(o), q, k, v, o.int(), lse, True)
+    with pytest.raises(ValueError, match="head_dim must be >= 1"):
+        attention_forward(q[..., :0], k[..., :0], v[..., :0], True)
+    with pytest.raises(ValueError, match="must have one shape"):
+        attention_forward(q, k, v[:, :5], True)
+
+
+def test_sdpa_predicates_follow_torchs_switches(monkeypatch):
+    """PyTorch's own SDPA switches and deterministic mode rule out backends here too (faked CUDA tensors past the
+    device check), and they are part of the choice key, so a cached choice is not reused after a switch."""
+    from turbo_dist.ops import attention as attn_fn  # noqa: F401  (registers the ops)
+    import importlib
+
+    attn = importlib.import_module("turbo_dist.ops.attention")
+    q = torch.zeros(1, 8, 2, 64, dtype=torch.bfloat16)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    monkeypatch.setattr(torch.backends.cuda, "flash_sdp_enabled", lambda: False)
+    assert "enable_flash_sdp(False)" in attn._sdpa_reason("flash", q, q, q, True)
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    assert "not deterministic" in attn._sdpa_reason("cudnn", q, q, q, True)
+    key = attn._torch_sdpa_gates()
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: False)
+    assert attn._torch_sdpa_gates() != key

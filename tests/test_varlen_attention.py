@@ -221,7 +221,7 @@ def test_errors_before_any_kernel(monkeypatch):
         (ValueError, "lse must be", lambda: varlen_attention_backward(do, q, k, v, o, lse.t(), cu_q, cu_k, 5, 5)),
         (ValueError, "does not match q", lambda: varlen_attention_backward(do[:4], q, k, v, o, lse, cu_q, cu_k)),
         (ValueError, "o ", lambda: varlen_attention_backward(do, q, k, v, o[:, :2], lse, cu_q, cu_k)),
-        (TypeError, "floating point", lambda: varlen_attention_backward(do, q, k, v, o, lse.long(), cu_q, cu_k)),
+        (TypeError, "lse must be float32", lambda: varlen_attention_backward(do, q, k, v, o, lse.long(), cu_q, cu_k)),
         (ValueError, "non-decreasing",
          lambda: varlen_attention_forward(q, k, v, torch.tensor([0, 9, 8]), cu_k)),
     ]

@@ -154,6 +154,7 @@ class A2AAttention(torch.autograd.Function):
         return out, lse
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # no double backward: a clear error, not wrong numbers
     def backward(ctx, do, dlse=None):
         causal, scale, rt, load_balance, rep, nc, k_shape, kernels = ctx.args
         dq, dk, dv = a2a_backward(do.contiguous(), list(ctx.saved_tensors), causal, scale, rt, load_balance,

@@ -132,9 +132,14 @@ class Buffer:
 
     # ----------------------------------------------------------------- DeepEP's static helpers
     def destroy(self):
-        """Release the symmetric buffer and streams' references (DeepEP: needs explicitly_destroy=True)."""
+        """Release the symmetric buffers (collective: every rank, after its last call; DeepEP: needs
+        explicitly_destroy=True)."""
         if not self.explicitly_destroy:
             raise RuntimeError("`explicitly_destroy` flag must be set to call destroy()")
+        for part in (self._impl, self._ll):
+            close = getattr(part, "close", None)
+            if close is not None:
+                close()
         self._impl = _Destroyed()
         if self._ll is not None:
             self._ll = _Destroyed()
@@ -171,11 +176,11 @@ class Buffer:
         hidden / dtype: the widest row (columns) and the payload dtype any dispatch, cached dispatch or
         combine of this Buffer moves. Experts that map hidden -> ffn and combine ffn-wide rows (and the
         autograd backward, which dispatches those rows' gradients) need hidden=max(hidden, ffn); an fp32
-        payload needs dtype=torch.float32."""
+        payload needs dtype=torch.float32. fp8=True: dispatches move FP8 rows and their scales, and `dtype`
+        sizes the combines (and cached dispatches of `dtype` rows, as autograd's backward makes)."""
         from .nvlink import required_nvl_bytes
 
-        return required_nvl_bytes(num_max_tokens_per_rank * num_ranks, hidden, num_topk, num_ranks,
-                                  torch.float8_e4m3fn if fp8 else dtype, fp8)
+        return required_nvl_bytes(num_max_tokens_per_rank * num_ranks, hidden, num_topk, num_ranks, dtype, fp8)
 
     def get_comm_stream(self):
         return self.runtime.comm_stream

@@ -78,6 +78,12 @@ class LowLatency:
             self._buffer = rt.symm_buffer(self._buffer_name, num_rdma_bytes)
         log.info("moe low-latency: rank %d/%d path %s", rt.rank, rt.world_size, self.path)
 
+    def close(self):
+        """Release this Buffer's symmetric buffer (collective: every rank, after its last call)."""
+        if self._buffer is not None:
+            self.rt.release_buffer(self._buffer_name)
+            self._buffer = None
+
     def _takes_triton(self, op, payload):
         """Whether this call of `op` runs the triton kernels (2-byte or FP8 payloads) or the collective path;
         payload: the tensor that travels, or its dtype."""

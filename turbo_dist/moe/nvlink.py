@@ -75,13 +75,13 @@ def _combine_widths(hidden_bytes, num_topk):
 def required_nvl_bytes(num_rows, hidden, num_topk, num_ranks, dtype, fp8=False):
     """num_nvl_bytes for `num_rows` received rows (dispatch) and rows sent back (combine).
 
-    dtype: the dispatch payload (float8_e4m3fn with fp8=True, then the combine is sized for bf16).
+    dtype: the 16/32-bit payload (the combine's rows, and the dispatch's without fp8); fp8=True: dispatches move
+    float8_e4m3fn rows and their scales, combines `dtype` rows.
     """
     elt = torch.empty((), dtype=dtype).element_size()
     scales = hidden // 128 if fp8 else 0
-    d = sum(_dispatch_widths(hidden * elt, scales, num_topk, True))
-    c_elt = 2 if fp8 else elt
-    c = sum(_combine_widths(hidden * c_elt, num_topk))
+    d = sum(_dispatch_widths(hidden * (1 if fp8 else elt), scales, num_topk, True))
+    c = sum(_combine_widths(hidden * elt, num_topk))  # also covers a cached dispatch of `dtype` rows (autograd)
     return int(num_rows) * max(d, c) + 5 * _ALIGN
 
 
@@ -140,6 +140,18 @@ class NvlinkTransport:
             rt.barrier()
 
     # ----------------------------------------------------------------- helpers
+    def _refuse_capture(self):
+        """The kernels' epochs are host ints baked into a captured graph: from its second replay every wait would
+        already be met and receivers would read before peers wrote."""
+        if self.rt.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise NotImplementedError("the nvlink transport cannot be captured in a CUDA graph (its flag epochs are "
+                                      "host values); capture the low-latency mode, or run this call eagerly")
+
+    def close(self):
+        """Release this transport's symmetric buffers (collective: every rank, after its last call)."""
+        for buf in (self.buffer, self.signal):
+            self.rt.release_buffer(buf.name)
+
     def _next_epoch(self):
         self.epoch += 1
         if self.epoch >= 2 ** 31 - 1:
@@ -176,10 +188,13 @@ class NvlinkTransport:
                 "different sequence of dispatch/combine calls (or another Config.num_sms). Raise "
                 "TURBO_DIST_TIMEOUT_S if it is only slow. This Buffer is unusable now.")
         if code == K.ERR_CAPACITY:
-            raise self._too_small(a, c, "(device check)")
+            raise ValueError(f"{self._too_small(a, c, '(device check)')}. This Buffer is unusable now (its kernels "
+                             "skip every wait once an error is recorded): create a new Buffer")
         if code == K.ERR_WORST:
-            raise ValueError(f"num_worst_tokens={b} is smaller than the {a} tokens a rank receives; pass at "
-                             "least num_ranks * num_tokens")
+            raise ValueError(f"num_worst_tokens={b} was smaller than the {a} tokens a rank received in an earlier "
+                             "call (checked on the GPU, reported now); pass at least num_ranks * num_tokens. This "
+                             "Buffer is unusable now (its kernels skip every wait once an error is recorded): "
+                             "create a new Buffer")
         if code:
             raise RuntimeError(f"nvlink transport: unknown device error record {vals}")
 
@@ -214,6 +229,7 @@ class NvlinkTransport:
     def dispatch(self, x, x_scales, topk_idx, topk_weights, num_tokens_per_rank, is_token_in_rank,
                  num_tokens_per_expert, num_worst_tokens, config):
         rt = self.rt
+        self._refuse_capture()
         R, me = rt.world_size, rt.rank
         T = x.size(0)
         L = num_tokens_per_expert.numel() // R
@@ -290,6 +306,7 @@ class NvlinkTransport:
 
     def cached_dispatch(self, x, x_scales, handle, config):
         rt = self.rt
+        self._refuse_capture()
         R, me = rt.world_size, rt.rank
         nv = self._handle_tensors(handle)
         C = self._channels(config)
@@ -321,6 +338,7 @@ class NvlinkTransport:
     # ----------------------------------------------------------------- combine
     def combine(self, x, topk_weights, bias, handle, config):
         rt = self.rt
+        self._refuse_capture()
         R, me = rt.world_size, rt.rank
         nv = self._handle_tensors(handle)
         C = self._channels(config)

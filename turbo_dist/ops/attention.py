@@ -31,8 +31,12 @@ def check_attention_inputs(q, k, v):
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v devices differ: {q.device}, {k.device}, {v.device}")
     b, sq, hq, d = q.shape
-    if k.shape != v.shape or k.shape[0] != b or k.shape[3] != d:
-        raise ValueError(f"k {tuple(k.shape)} / v {tuple(v.shape)} do not match q {tuple(q.shape)} (batch, head_dim)")
+    if d == 0:
+        raise ValueError(f"head_dim must be >= 1, got q {tuple(q.shape)}")
+    if k.shape != v.shape:
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must have one shape")
+    if k.shape[0] != b or k.shape[3] != d:
+        raise ValueError(f"k / v {tuple(k.shape)} do not match q {tuple(q.shape)} (batch, head_dim)")
     hkv = k.shape[2]
     if hkv == 0 or hq % hkv:
         raise ValueError(f"q heads ({hq}) must be a multiple of kv heads ({hkv}) for GQA")
@@ -107,10 +111,28 @@ _CAUSAL_SQ_LT_SK = {"flash": True, "cudnn": False, "efficient": True}
 _MAX_HEAD_DIM = {"flash": 256, "cudnn": 128, "efficient": 256}
 
 
+def _torch_sdpa_gates():
+    """PyTorch's own SDPA switches (torch.backends.cuda.enable_*_sdp) and deterministic mode: part of the
+    attention ops' choice key, so a choice cached before a switch changed is not reused."""
+    cuda = torch.backends.cuda
+    flag = lambda fn: bool(getattr(cuda, fn, lambda: True)())  # noqa: E731
+    return (flag("cudnn_sdp_enabled"), flag("flash_sdp_enabled"), flag("mem_efficient_sdp_enabled"),
+            torch.are_deterministic_algorithms_enabled())
+
+
+_SDP_SWITCH = {"cudnn": ("cudnn_sdp_enabled", "enable_cudnn_sdp"), "flash": ("flash_sdp_enabled", "enable_flash_sdp"),
+               "efficient": ("mem_efficient_sdp_enabled", "enable_mem_efficient_sdp")}
+
+
 def _sdpa_reason(name, q, k, v, causal):
     """True, or why backend `name` cannot run these inputs."""
     if not q.is_cuda:
         return f"{name} needs CUDA tensors, got {q.device}"
+    enabled, switch = _SDP_SWITCH[name]
+    if not getattr(torch.backends.cuda, enabled, lambda: True)():
+        return f"{name} SDPA is switched off (torch.backends.cuda.{switch}(False))"
+    if name == "cudnn" and torch.are_deterministic_algorithms_enabled():
+        return "cudnn attention is not deterministic (torch.use_deterministic_algorithms(True)), as PyTorch rules"
     if torch.version.hip is not None and name == "cudnn":
         return "cudnn attention is CUDA-only"
     if q.dtype not in _SDPA_DTYPES:
@@ -340,6 +362,8 @@ def _register():
                                 can_handle=lambda q, k, v, *a, **kw: _triton_reason("attention_fwd", q, k, v))
     dispatcher.register_backend("attention_bwd", "triton", triton_backward, priority=bwd_p["triton"],
                                 can_handle=lambda do, q, k, v, *a, **kw: _triton_reason("attention_bwd", q, k, v))
+    for op in ("attention_fwd", "attention_bwd"):
+        dispatcher.set_choice_key(op, lambda *a, **kw: _torch_sdpa_gates())
 
 
 _register()
@@ -374,8 +398,10 @@ def _check_grad_inputs(do, q, o, lse, lse_shape, lse_layout):
             raise ValueError(f"{name} {tuple(getattr(t, 'shape', ()))} does not match q {tuple(q.shape)}")
     if not isinstance(lse, torch.Tensor) or tuple(lse.shape) != tuple(lse_shape):
         raise ValueError(f"lse must be {lse_layout} = {tuple(lse_shape)}, got {tuple(getattr(lse, 'shape', ()))}")
-    if not lse.is_floating_point():
-        raise TypeError(f"lse must be floating point (fp32), got {lse.dtype}")
+    if lse.dtype != torch.float32:  # a bf16 / fp16 lse costs the gradients 2-3 digits
+        raise TypeError(f"lse must be float32 (what the forward returns), got {lse.dtype}")
+    if not o.is_floating_point():
+        raise TypeError(f"o must be the forward's floating-point output, got {o.dtype}")
     for name, t in (("do", do), ("o", o), ("lse", lse)):
         if t.device != q.device:
             raise ValueError(f"{name} is on {t.device}, q on {q.device}")
@@ -392,6 +418,7 @@ class _Attention(torch.autograd.Function):
         return o, lse
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # no double backward: a clear error, not wrong numbers
     def backward(ctx, do, dlse):
         q, k, v, o, lse = ctx.saved_tensors
         dq, dk, dv = attention_backward(do.contiguous(), q, k, v, o, lse, ctx.causal, ctx.softmax_scale)

@@ -178,6 +178,7 @@ class _VarlenAttention(torch.autograd.Function):
         return o, lse
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # no double backward: a clear error, not wrong numbers
     def backward(ctx, do, dlse):
         q, k, v, o, lse, cu_q, cu_k = ctx.saved_tensors
         max_q, max_k, causal, scale = ctx.args

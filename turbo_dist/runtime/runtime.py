@@ -187,6 +187,23 @@ class Runtime:
         log.debug("runtime: symmetric buffer %r now %d bytes (%s)", name, nbytes, self.shmem_backend)
         return buf
 
+    def release_buffer(self, name):
+        """Free the symmetric buffer `name` (collective: every rank, once no kernel uses it any more; the GPU is
+        drained and the group synchronized first, so no peer still writes into it). Unknown names are ignored."""
+        self._check_alive()
+        buf = self._buffers.get(name)
+        if buf is None:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        if self.world_size > 1:
+            self.barrier()
+        del self._buffers[name]
+        if self.shmem_backend == "nvshmem":  # NVSHMEM frees nothing on garbage collection
+            from turbo_dist import shmem
+
+            shmem.free(buf.local(torch.uint8, (buf.nbytes,)))
+
     def barrier(self):
         self._check_alive()
         if self.shares_gpu:
