@@ -252,6 +252,7 @@ class _SimRuntime:
         self.global_rank, self.group, self.device = rank, None, world.device
         self.num_nodes, self.local_world_size, self.comm_stream = 1, world.size, None
         self.has_peer_access, self.shmem_backend = True, "simulated"
+        self.names = 0  # new_buffer_name
 
     def check_tensor(self, t, name="tensor"):
         if t.device.type != self.device.type:
@@ -259,6 +260,10 @@ class _SimRuntime:
 
     def symm_buffer(self, name, nbytes):
         return self.world.symm_buffer(name, nbytes, self.rank)
+
+    def new_buffer_name(self, prefix):
+        self.names += 1
+        return f"{prefix}.{self.names - 1}"
 
     def barrier(self):  # ranks are built one after another in the main thread: nothing to wait for
         pass

@@ -357,13 +357,17 @@ def empty(shape, dtype=torch.uint8):
 def _allocation_of(t, what):
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"shmem.{what}: expected a tensor from shmem.malloc/empty, got {type(t).__name__}")
-    addr = t.data_ptr()
+    return _allocation_at(t.data_ptr(), t.numel() * t.element_size(), what)
+
+
+def _allocation_at(addr, nbytes, what):
+    """The live allocation holding bytes [addr, addr + nbytes), else ValueError."""
     i = bisect.bisect_right(_ALLOC_ADDRS, addr) - 1
     if i >= 0:
         alloc = _ALLOCS[_ALLOC_ADDRS[i]]
-        if addr + t.numel() * t.element_size() <= alloc.addr + alloc.nbytes:
+        if addr + nbytes <= alloc.addr + alloc.nbytes:
             return alloc
-    raise ValueError(f"shmem.{what}: tensor at {addr:#x} is not inside a live symmetric allocation "
+    raise ValueError(f"shmem.{what}: address {addr:#x} is not inside a live symmetric allocation "
                      "(allocate it with shmem.malloc/empty)")
 
 
@@ -386,22 +390,17 @@ def ptr(t, pe):
     `t` is a symmetric tensor or an int address inside the symmetric heap.
     """
     native = _require_init("ptr")
+    # nvshmem_ptr of an address outside the symmetric heap is undefined
     if isinstance(t, int):
-        _address_in_heap(t, "ptr")
+        _allocation_at(t, 1, "ptr")
         addr = t
     else:
-        _allocation_of(t, "ptr")  # nvshmem_ptr of an address outside the symmetric heap is undefined
+        _allocation_of(t, "ptr")
         addr = t.data_ptr()
     if not isinstance(pe, int) or not 0 <= pe < _STATE["nranks"]:
         raise ValueError(f"shmem.ptr: pe must be an int in [0, {_STATE['nranks']}), got {pe!r}")
     out = native.ptr(addr, pe)
     return out or None
-
-
-def _address_in_heap(addr, what):
-    i = bisect.bisect_right(_ALLOC_ADDRS, addr) - 1
-    if i < 0 or addr >= _ALLOC_ADDRS[i] + _ALLOCS[_ALLOC_ADDRS[i]].nbytes:
-        raise ValueError(f"shmem.{what}: address {addr:#x} is not inside a live symmetric allocation")
 
 
 def peer_tensor(t, pe):

@@ -52,10 +52,10 @@ def check_dispatch(ll, x, topk_idx, num_max, num_experts, stats, wait_stats, use
         raise ValueError(f"use_ue8m0 packs 4 scales per int32: hidden must be divisible by 512, got {x.size(1)}")
     e_l = num_experts // rt.world_size
     if stats is not None:
-        if not isinstance(stats, torch.Tensor) or stats.dtype != torch.int32 or stats.shape != (e_l,) or \
-                not stats.is_contiguous():  # the kernels add at stats_ptr + e
+        strided = isinstance(stats, torch.Tensor) and not stats.is_contiguous()  # the kernels add at stats_ptr + e
+        if not isinstance(stats, torch.Tensor) or stats.dtype != torch.int32 or stats.shape != (e_l,) or strided:
             raise ValueError(f"cumulative_local_expert_recv_stats must be a contiguous int32 [{e_l}], got "
-                             f"{describe(stats)}{'' if not isinstance(stats, torch.Tensor) or stats.is_contiguous() else ' (strided)'}")
+                             f"{describe(stats)}{' (strided)' if strided else ''}")
         rt.check_tensor(stats, "cumulative_local_expert_recv_stats")
     if wait_stats is not None:
         check_wait_stats(ll, wait_stats, "dispatch_wait_recv_cost_stats", use_fp8 or x.element_size() <= 2)

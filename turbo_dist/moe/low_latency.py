@@ -29,7 +29,6 @@ splits each call into the send (returned at once) and the receive (the hook): wi
 hook waits on the asynchronous collective; with `triton` it waits on the counters.
 """
 import logging
-import weakref
 
 import torch
 
@@ -45,7 +44,6 @@ log = logging.getLogger("turbo_dist")
 
 PATHS = ("triton", "collective")
 _ALIGN = 256
-_TAGS = weakref.WeakKeyDictionary()  # runtime -> how many low-latency Buffers it made (symmetric buffer names)
 _COUNTER_BYTES = 1 << 16  # [2 kinds][2 parities][R] int64 counters at offset 0: up to 2048 ranks
 _HINT_TOPK = 16
 _DISPATCH, _COMBINE = 0, 1
@@ -69,11 +67,8 @@ class LowLatency:
         self.last_path = {"dispatch": None, "combine": None}  # the path each op's last call took
         self._zero_copy = {}  # (E_l, R * M, hidden) -> two bf16 combine-input buffers, used in turn
         self._zero_copy_next = 0
-        # one symmetric buffer per low-latency Buffer (DeepEP gives each its own RDMA memory): named by the
-        # order of construction, the same on every rank (construction is collective)
-        tag = _TAGS.get(rt, 0)
-        _TAGS[rt] = tag + 1
-        self._buffer_name = f"moe_low_latency.{tag}"
+        # one symmetric buffer per low-latency Buffer (DeepEP gives each its own RDMA memory)
+        self._buffer_name = rt.new_buffer_name("moe_low_latency")
         if self.path == "triton" and num_rdma_bytes > 0:
             self._buffer = rt.symm_buffer(self._buffer_name, num_rdma_bytes)
         log.info("moe low-latency: rank %d/%d path %s", rt.rank, rt.world_size, self.path)

@@ -22,7 +22,6 @@ plain dispatch checks it at once). A batch that does not fit `num_nvl_bytes` rai
 the size to use, on the host when the counts are known there, else from the device guard.
 """
 import logging
-import weakref
 
 import torch
 
@@ -36,7 +35,6 @@ log = logging.getLogger("turbo_dist")
 MAX_CHANNELS = 128        # flags per source in the signal buffer: Config.num_sms above this is clamped
 MAX_LOCAL_EXPERTS = 1024  # experts per rank a notify slot holds
 _ALIGN = 256
-_TAGS = weakref.WeakKeyDictionary()  # runtime -> how many nvlink transports it made (buffer names)
 
 
 def _align(n):
@@ -119,12 +117,11 @@ class NvlinkTransport:
         if not isinstance(num_nvl_bytes, int) or num_nvl_bytes <= 0:
             raise ValueError(f"the nvlink transport needs num_nvl_bytes > 0, got {num_nvl_bytes!r}")
         self.rt = rt
-        tag = _TAGS.get(rt, 0)
-        _TAGS[rt] = tag + 1
+        name = rt.new_buffer_name("moe.nvlink")  # each transport its own buffers
         self.requested_bytes = num_nvl_bytes
-        self.buffer = rt.symm_buffer(f"moe.nvlink.{tag}.data", num_nvl_bytes)
+        self.buffer = rt.symm_buffer(f"{name}.data", num_nvl_bytes)
         self.barrier_off, self.flag_off, self.counts_off, self.slot_width, n_sig = signal_layout(rt.world_size)
-        self.signal = rt.symm_buffer(f"moe.nvlink.{tag}.signal", n_sig * 4)
+        self.signal = rt.symm_buffer(f"{name}.signal", n_sig * 4)
         self.sig_local = self.signal.local(torch.int32, (n_sig,))
         self.data_ptrs = _ptrs(self.buffer, rt)
         self.sig_ptrs = _ptrs(self.signal, rt)

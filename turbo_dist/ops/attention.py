@@ -111,26 +111,27 @@ _CAUSAL_SQ_LT_SK = {"flash": True, "cudnn": False, "efficient": True}
 _MAX_HEAD_DIM = {"flash": 256, "cudnn": 128, "efficient": 256}
 
 
-def _torch_sdpa_gates():
-    """PyTorch's own SDPA switches (torch.backends.cuda.enable_*_sdp) and deterministic mode: part of the
-    attention ops' choice key, so a choice cached before a switch changed is not reused."""
-    cuda = torch.backends.cuda
-    flag = lambda fn: bool(getattr(cuda, fn, lambda: True)())  # noqa: E731
-    return (flag("cudnn_sdp_enabled"), flag("flash_sdp_enabled"), flag("mem_efficient_sdp_enabled"),
-            torch.are_deterministic_algorithms_enabled())
-
-
 _SDP_SWITCH = {"cudnn": ("cudnn_sdp_enabled", "enable_cudnn_sdp"), "flash": ("flash_sdp_enabled", "enable_flash_sdp"),
                "efficient": ("mem_efficient_sdp_enabled", "enable_mem_efficient_sdp")}
+
+
+def _sdp_enabled(name):
+    """PyTorch's own switch for SDPA backend `name` (torch.backends.cuda.enable_*_sdp; on where torch has none)."""
+    return bool(getattr(torch.backends.cuda, _SDP_SWITCH[name][0], lambda: True)())
+
+
+def _torch_sdpa_gates():
+    """PyTorch's SDPA switches and deterministic mode: part of the attention ops' choice key, so a choice cached
+    before a switch changed is not reused."""
+    return (*(_sdp_enabled(name) for name in _SDP_SWITCH), torch.are_deterministic_algorithms_enabled())
 
 
 def _sdpa_reason(name, q, k, v, causal):
     """True, or why backend `name` cannot run these inputs."""
     if not q.is_cuda:
         return f"{name} needs CUDA tensors, got {q.device}"
-    enabled, switch = _SDP_SWITCH[name]
-    if not getattr(torch.backends.cuda, enabled, lambda: True)():
-        return f"{name} SDPA is switched off (torch.backends.cuda.{switch}(False))"
+    if not _sdp_enabled(name):
+        return f"{name} SDPA is switched off (torch.backends.cuda.{_SDP_SWITCH[name][1]}(False))"
     if name == "cudnn" and torch.are_deterministic_algorithms_enabled():
         return "cudnn attention is not deterministic (torch.use_deterministic_algorithms(True)), as PyTorch rules"
     if torch.version.hip is not None and name == "cudnn":

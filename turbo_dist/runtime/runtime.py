@@ -51,6 +51,7 @@ class Runtime:
         self.comm_stream = torch.cuda.Stream(device=self.device) if self.device.type == "cuda" else None
         self.shmem_backend = self._pick_shmem_backend()
         self._buffers = {}
+        self._name_counts = {}  # new_buffer_name
         self._destroyed = False
         log.debug(
             "runtime: rank %d/%d device %s backend %s nodes %d x %d shmem %s%s",
@@ -65,8 +66,7 @@ class Runtime:
         2-rank nodes spans two nodes. A group whose members are not node-major with equal counts per node gets
         one rank per node: nothing assumes peer access between its ranks (logged)."""
         per_node = config.env_int("TURBO_DIST_RANKS_PER_NODE", 0) or config.env_int("LOCAL_WORLD_SIZE", 0)
-        members = dist.get_process_group_ranks(self.group) if self.group is not dist.group.WORLD else \
-            list(range(self.world_size))
+        members = dist.get_process_group_ranks(self.group)
         nodes = [g // per_node if per_node > 0 else 0 for g in members]
         order = list(dict.fromkeys(nodes))  # nodes in the order the group's ranks reach them
         lws = len(members) // len(order)
@@ -174,14 +174,8 @@ class Runtime:
         nbytes = max(1 << (nbytes - 1).bit_length(), 4096) if nbytes > 4096 else 4096
         nbytes = min(nbytes, max(cap, 4096))
         old = self._buffers.pop(name, None)
-        if old is not None and self.shmem_backend == "nvshmem":
-            # NVSHMEM frees nothing on garbage collection: release the old allocation (collective, as this growth
-            # is; shmem.free drains the GPU first, the barrier makes sure no peer still writes into it)
-            from turbo_dist import shmem
-
-            torch.cuda.synchronize(self.device)
-            self.barrier()
-            shmem.free(old.local(torch.uint8, (old.nbytes,)))
+        if old is not None and self.shmem_backend == "nvshmem":  # NVSHMEM frees nothing on garbage collection
+            self._drain_and_free(old)  # collective, as this growth is
         buf = symm.allocate(self.shmem_backend, name, nbytes, self.group, self.device, self.rank, self.world_size)
         self._buffers[name] = buf
         log.debug("runtime: symmetric buffer %r now %d bytes (%s)", name, nbytes, self.shmem_backend)
@@ -191,15 +185,25 @@ class Runtime:
         """Free the symmetric buffer `name` (collective: every rank, once no kernel uses it any more; the GPU is
         drained and the group synchronized first, so no peer still writes into it). Unknown names are ignored."""
         self._check_alive()
-        buf = self._buffers.get(name)
-        if buf is None:
-            return
+        buf = self._buffers.pop(name, None)
+        if buf is not None:
+            self._drain_and_free(buf)
+
+    def new_buffer_name(self, prefix):
+        """`prefix.N`, N counting this runtime's calls with `prefix`: the same name on every rank when the
+        objects owning buffers are made in the same order (their construction is collective)."""
+        n = self._name_counts.get(prefix, 0)
+        self._name_counts[prefix] = n + 1
+        return f"{prefix}.{n}"
+
+    def _drain_and_free(self, buf):
+        """Wait until no kernel of ours, nor of a peer, still uses `buf`, then free it: dropped (torch's
+        allocator frees it), or nvshmem_free'd (NVSHMEM frees nothing on garbage collection)."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         if self.world_size > 1:
             self.barrier()
-        del self._buffers[name]
-        if self.shmem_backend == "nvshmem":  # NVSHMEM frees nothing on garbage collection
+        if self.shmem_backend == "nvshmem":
             from turbo_dist import shmem
 
             shmem.free(buf.local(torch.uint8, (buf.nbytes,)))

@@ -153,12 +153,11 @@ def all_gather_scaled_matmul(a_shard, bs, a_scale, b_scales, gather_dim=0, group
         raise ValueError(f"got {len(bs)} matrices in bs but {len(b_scales)} b_scales")
     for i, (s, b) in enumerate(zip(b_scales, bs)):  # all before anything is gathered
         C.check_fp8_pair(a_shard, b, f"all_gather_scaled_matmul (a_shard, bs[{i}])")
-        C.check_scale(s, f"b_scales[{i}]")
-        rt.check_tensor(s, f"b_scales[{i}]")
     b_scales = [C.check_b_scale(s, b.shape[1], f"b_scales[{i}]") for i, (s, b) in enumerate(zip(b_scales, bs))]
     C.check_scale(a_scale, "a_scale")
     mode = _a_scale_mode(a_shard, a_scale, gather_dim, w)
-    for name, t in [("a_scale", a_scale)] + [(f"bs[{i}]", b) for i, b in enumerate(bs)]:
+    for name, t in [("a_scale", a_scale)] + [(f"bs[{i}]", b) for i, b in enumerate(bs)] + \
+            [(f"b_scales[{i}]", s) for i, s in enumerate(b_scales)]:
         rt.check_tensor(t, name)
 
     a_rows, leading = C.to_rows(a_shard, gather_dim)
