@@ -65,3 +65,19 @@ def run_script(cmd, timeout, **kwargs):
         out, err = proc.communicate()
         raise AssertionError(f"{cmd} timed out after {timeout}s (process group killed):\n{out}\n{err}") from None
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def saved_activation_numel(fn, params=()):
+    """(fn()'s result, elements of the tensors autograd saves for fn's backward, parameters excluded): the
+    activation memory a layer's backward holds."""
+    skip = {p.untyped_storage().data_ptr() for p in params}
+    saved = []
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in skip:
+            saved.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(saved)

@@ -26,6 +26,8 @@ needs_megatron = pytest.mark.skipif(not _HAVE_MEGATRON,
 
 from turbo_dist.testing import run_distributed  # noqa: E402
 
+from dist_utils import saved_activation_numel  # noqa: E402
+
 HIDDEN, NUM_EXPERTS, TOPK, TOKENS = 16, 4, 2, 8
 # Megatron's flex dispatcher preprocess is torch.compile'd (jit_fuser); compiling it on 2 shared CPU
 # cores costs more than the whole test, and it is Megatron's code either way.
@@ -341,7 +343,7 @@ def _tp_step(rank, world_size, path="turbo_dist", fusion=False):
             assert fc1.weight.grad_added_to_main_grad and fc2.weight.grad_added_to_main_grad
             return {"w1_main": fc1.weight.main_grad.cpu() / 2, "w2_main": fc2.weight.main_grad.cpu() / 2,
                     "x": x_local.grad.detach().cpu() / 2}
-        h, _ = fc1(x_local)
+        (h, _), kept = saved_activation_numel(lambda: fc1(x_local), fc1.parameters())
         y, _ = fc2(torch.relu(h))
         (y * loss_w[rank * s:(rank + 1) * s]).sum().backward()
         # SP bias/LayerNorm grads are per-rank partial sums (Megatron all-reduces them at the step).
@@ -349,6 +351,7 @@ def _tp_step(rank, world_size, path="turbo_dist", fusion=False):
         out = {"y": y, "x": x_local.grad, "w1": fc1.weight.grad, "b1": fc1.bias.grad, "w2": fc2.weight.grad,
                "b2": fc2.bias.grad}
         return {"h_shape": tuple(h.shape), "types": (type(fc1).__name__, type(fc2).__name__),
+                "fc1_kept": (kept, x_local.numel()),
                 **{k: v.detach().float().cpu() for k, v in out.items()}}
     finally:
         tdm.disable()
@@ -366,6 +369,8 @@ def test_sequence_parallel_linears_match_reference():
     n, s = TP_FFN // world, TP_SEQ // world
     for rank, got in enumerate(per_rank):
         assert got["h_shape"] == (TP_SEQ, TP_BATCH, n)  # all-gathered sequence, sharded features
+        kept, shard = got["fc1_kept"]  # Megatron's activation memory: fc1 keeps 1/tp of its gathered input
+        assert kept == shard, f"rank {rank}: fc1 saved {kept} activation elements, its input shard has {shard}"
         expected = {"y": ref["y"][rank * s:(rank + 1) * s], "x": ref["x"][rank * s:(rank + 1) * s],
                     "w1": ref["w1"][rank * n:(rank + 1) * n], "b1": ref["b1"][rank * n:(rank + 1) * n],
                     "w2": ref["w2"][:, rank * n:(rank + 1) * n], "b2": ref["b2"]}

@@ -20,6 +20,8 @@ needs_torchtitan = pytest.mark.skipif(importlib.util.find_spec("torchtitan") is 
 
 from turbo_dist.testing import run_distributed  # noqa: E402
 
+from dist_utils import saved_activation_numel  # noqa: E402
+
 DIM, HIDDEN, NUM_EXPERTS, TOPK, SEQ = 16, 32, 4, 2, 12  # dims keep torch._grouped_mm's 16-byte strides
 
 
@@ -257,12 +259,12 @@ def _tp_forward_backward(block, weights, x, loss_w):
         for name, p in params.items():
             p.copy_(weights[name])
     x = x.clone().to(params["wo"].device).requires_grad_(True)
-    q, k, v = block.qkv(x)
+    (q, k, v), qkv_kept = saved_activation_numel(lambda: block.qkv(x), block.qkv.parameters())
     y = block.ffn(block.wo(q.flatten(2)))
     loss = sum((t * loss_w[n].to(t.device)).sum() for n, t in (("y", y), ("k", k), ("v", v)))
     loss.backward()
     out = {"y": y, "k": k, "v": v, "x_grad": x.grad, **{f"{n}_grad": p.grad for n, p in params.items()}}
-    return {n: t.detach().float().cpu() for n, t in out.items()}
+    return {"qkv_kept": (qkv_kept, x.numel()), **{n: t.detach().float().cpu() for n, t in out.items()}}
 
 
 def _tp_step(rank, world_size, overrides):
@@ -310,6 +312,8 @@ def test_async_tp_overrides_match_torchtitan_stock_modules():
         assert got["types"] == ("TurboDistAllGatherFusedQKVLinear", "TurboDistRowParallelLinear",
                                 "TurboDistAllGatherFusedFeedForward")
         assert len(got["lines"]) == 3, got["lines"]
+        kept, shard = got["qkv_kept"]  # 1/tp of the gathered input kept for dW, as TorchTitan's own module
+        assert kept == shard, f"rank {rank}: the QKV projection saved {kept} activation elements, its input {shard}"
         for key, ref in _tp_expected(rank, 2).items():
             assert got[key].shape == ref.shape, f"rank {rank} {key}: {got[key].shape} vs {ref.shape}"
             assert ref.abs().sum() > 0, key

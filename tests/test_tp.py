@@ -6,7 +6,6 @@ symmetric memory, 'collective'), also at world size 1, where a rank signals and 
 (that exercises the pipelines and the signal kernels on one GPU), and compare with
 torch.ops.symm_mem's fused ops.
 """
-import os
 import time
 import warnings
 
@@ -20,7 +19,7 @@ from turbo_dist.kernels import tp_signal
 from turbo_dist.testing import run_distributed
 
 from conftest import world_sizes_for_device
-from dist_utils import rank_device
+from dist_utils import rank_device, saved_activation_numel
 
 E4M3 = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -119,6 +118,12 @@ def _all_gather_matmul(rank, world, dtype_name, algo, m, k, calls=1):
                     assert o.dtype == dtype
                     check_close(o, r, dtype, f"case {ci} (gather_dim {gdim}) out[{j}] call {call}")
                 n_checked += 1
+            out_dtype = torch.bfloat16 if dtype == torch.float32 else torch.float32  # e.g. dW into fp32
+            _, outs = tp.all_gather_matmul(a_shard, bs, gather_dim=gdim, return_a=False, algo=algo,
+                                           out_dtype=out_dtype)
+            for j, (o, r) in enumerate(zip(outs, refs)):
+                assert o.dtype == out_dtype, f"case {ci}: out[{j}] is {o.dtype}, asked for {out_dtype}"
+                check_close(o, r, torch.bfloat16, f"case {ci} (gather_dim {gdim}) out[{j}] as {out_dtype}")
     if dev.type == "cuda":
         tp.check_errors()
     return n_checked
@@ -249,7 +254,10 @@ def _mlp(rank, world, dtype_name, algo, seq_dim, sequence_parallel, tokens, hidd
         dy = dy_full.to(dtype)
         y_exp, dx_exp = y_ref.detach(), x_ref.grad
     for step in range(2):  # twice: the second backward accumulates into .grad like a training step
-        y = row(torch.nn.functional.gelu(col(x)))
+        h, kept = saved_activation_numel(lambda: col(x), col.parameters())
+        # the column layer keeps 1/W of its gathered input for dW (x's size), never the gathered input
+        assert kept == x.numel(), f"column layer saved {kept} activation elements, its input has {x.numel()}"
+        y = row(torch.nn.functional.gelu(h))
         (y * dy).sum().backward()
         check_close(y, y_exp, dtype, f"forward step {step}", tol)
     f_per = ffn // world  # the column layer's output rows = the row layer's input columns
@@ -280,6 +288,8 @@ def _errors(rank, world):
         tp.all_gather_matmul(torch.randn(8), [b])
     with pytest.raises(TypeError, match="all_gather_scaled_matmul"):
         tp.all_gather_matmul(a.to(E4M3), [b.to(E4M3)])
+    with pytest.raises(TypeError, match="out_dtype"):
+        tp.all_gather_matmul(a, [b], out_dtype=torch.int32)
     with pytest.raises(ValueError, match="not divisible"):
         tp.matmul_reduce_scatter(torch.randn(world * 2 + 1, 8), b, scatter_dim=0)
     with pytest.raises(ValueError, match="not divisible"):
@@ -380,10 +390,12 @@ def test_fp8_variants(world_size):
 
 @pytest.mark.dist
 @pytest.mark.parametrize("world_size", world_sizes_for_device(2, 4))
-@pytest.mark.parametrize("seq_dim,sequence_parallel", [(0, True), (1, True), (0, False)])
-def test_parallel_linear_mlp(world_size, seq_dim, sequence_parallel):
+@pytest.mark.parametrize("seq_dim,sequence_parallel,hidden", [(0, True, 8), (1, True, 8), (0, False, 8),
+                                                                 (1, True, 9)])
+def test_parallel_linear_mlp(world_size, seq_dim, sequence_parallel, hidden):
+    # hidden 9: in_features not divisible by W, the column layer keeps its sequence shard and gathers it again
     results = run_distributed(_mlp, world_size, args=("float32", None, seq_dim, sequence_parallel, 4 * world_size,
-                                                       8, 4 * world_size))
+                                                       hidden, 4 * world_size))
     assert all(results)
 
 

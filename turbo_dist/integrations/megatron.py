@@ -38,6 +38,7 @@ import torch
 
 import turbo_dist.ops as _ops
 import turbo_dist.tp as _tp
+from turbo_dist.tp import wgrad as _wgrad
 from turbo_dist.moe import Buffer, EventOverlap
 from turbo_dist.ops import flash_attn_func, flash_attn_varlen_func
 
@@ -254,15 +255,16 @@ def enabled():
 
 
 # ---------------------------------------------------------------------------------------------- async TP
-def _weight_grad(weight, dy2, x2, fusion):
-    """dW = dy2^T x2, Megatron's way: returned as the weight's grad, or with gradient_accumulation_fusion added
-    into weight.main_grad (fp32 accumulation) and a placeholder returned where Megatron's DDP expects one
-    (`grad_added_to_main_grad`), as LinearWithGradAccumulationAndAsyncCommunication does."""
+def _weight_grad(weight, compute, fusion):
+    """dW = compute(out_dtype) ([N, K]), Megatron's way: returned as the weight's grad, or with
+    gradient_accumulation_fusion added into weight.main_grad (computed in main_grad's dtype: fp32 accumulation)
+    and a placeholder returned where Megatron's DDP expects one (`grad_added_to_main_grad`), as
+    LinearWithGradAccumulationAndAsyncCommunication does."""
     if not fusion:
-        return dy2.t() @ x2
+        return compute(None)
     if hasattr(weight, "__fsdp_param__"):  # Megatron-FSDP: the buffer is handed out per call, overwritten
         weight.main_grad = weight.get_main_grad()
-        weight.main_grad.copy_(_ops.gemm(dy2, x2, trans_a=True, out_dtype=weight.main_grad.dtype))
+        weight.main_grad.copy_(compute(weight.main_grad.dtype))
     else:
         main_grad = getattr(weight, "main_grad", None)
         if main_grad is None:
@@ -270,37 +272,44 @@ def _weight_grad(weight, dy2, x2, fusion):
                                "wrapper creates it); wrap the model or turn the fusion off")
         if main_grad.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise RuntimeError(f"gradient_accumulation_fusion: unsupported main_grad dtype {main_grad.dtype}")
-        main_grad.add_(_ops.gemm(dy2, x2, trans_a=True, out_dtype=main_grad.dtype))
+        main_grad.add_(compute(main_grad.dtype))
     if not hasattr(weight, "grad_added_to_main_grad"):
         return None
     shape, dev = weight.main_grad.shape, weight.main_grad.device
-    dummy = (torch.zeros if getattr(weight, "zero_out_wgrad", False) else torch.empty)(shape, dtype=dy2.dtype,
-                                                                                         device=dev)
+    dummy = (torch.zeros if getattr(weight, "zero_out_wgrad", False) else torch.empty)(shape, dtype=weight.dtype,
+                                                                                        device=dev)
     weight.grad_added_to_main_grad = True
     return dummy
 
 
 class _AllGatherLinear(torch.autograd.Function):
-    """y [s, b, n] = all_gather_seq(x [s/tp, b, h]) @ w.T (+ bias); dx by GEMM + reduce-scatter, both fused."""
+    """y [s, b, n] = all_gather_seq(x [s/tp, b, h]) @ w.T (+ bias); dx by GEMM + reduce-scatter, both fused; dW
+    from the 1/tp of the gathered input the forward keeps (turbo_dist.tp.wgrad: Megatron's activation memory),
+    gathered again under the weight-gradient GEMM."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, group, fusion=False):
         s, b, h = x.shape
-        a_full, (y,) = _tp.all_gather_matmul(x.reshape(s * b, h), [weight.t()], gather_dim=0, group=group)
-        ctx.save_for_backward(a_full if weight.requires_grad else None, weight)
+        x2 = x.reshape(s * b, h)
+        a_full, (y,) = _tp.all_gather_matmul(x2, [weight.t()], gather_dim=0, group=group)
+        kept, ctx.kept_how = _wgrad.keep_input(group, x2, a_full, 0) if weight.requires_grad else (None, None)
+        ctx.save_for_backward(kept, weight)
         ctx.group, ctx.has_bias, ctx.fusion = group, bias is not None, fusion
         y = y.view(-1, b, weight.shape[0])
         return y + bias if bias is not None else y
 
     @staticmethod
     def backward(ctx, dy):
-        a_full, weight = ctx.saved_tensors
+        kept, weight = ctx.saved_tensors
         dy2 = dy.reshape(-1, dy.shape[-1]).contiguous()
         dx = None
         if ctx.needs_input_grad[0]:
             dx = _tp.matmul_reduce_scatter(dy2, weight, scatter_dim=0, group=ctx.group)
             dx = dx.view(-1, dy.shape[1], weight.shape[1])
-        dw = _weight_grad(weight, dy2, a_full, ctx.fusion) if ctx.needs_input_grad[1] else None
+        dw = None
+        if ctx.needs_input_grad[1]:
+            dw = _weight_grad(weight, lambda dt: _wgrad.weight_grads(ctx.group, kept, ctx.kept_how, [dy2],
+                                                                     out_dtype=dt)[0], ctx.fusion)
         db = dy2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return dx, dw, db, None, None
 
@@ -322,7 +331,9 @@ class _LinearReduceScatter(torch.autograd.Function):
         x2, weight = ctx.saved_tensors
         dy_full, (dx,) = _tp.all_gather_matmul(dy.reshape(-1, dy.shape[-1]).contiguous(), [weight], gather_dim=0,
                                                group=ctx.group)
-        dw = _weight_grad(weight, dy_full, x2, ctx.fusion) if ctx.needs_input_grad[1] else None
+        dw = None
+        if ctx.needs_input_grad[1]:
+            dw = _weight_grad(weight, lambda dt: _ops.gemm(dy_full, x2, trans_a=True, out_dtype=dt), ctx.fusion)
         return dx.view(ctx.x_shape) if ctx.needs_input_grad[0] else None, dw, None, None
 
 

@@ -50,6 +50,7 @@ from torch.distributed.tensor import DTensor, Shard
 import turbo_dist.moe as _moe
 import turbo_dist.ops as _ops
 import turbo_dist.tp as _tp
+from turbo_dist.tp import wgrad as _wgrad
 from turbo_dist.ops import flash_attn_func
 
 try:
@@ -195,22 +196,25 @@ class TurboDistGroupedExperts(GroupedExperts):
 # same math on turbo_dist.tp instead (any backend: symmetric-memory pipelines on GPU, collectives on gloo).
 
 class _AllGatherLinear(torch.autograd.Function):
-    """y [M, N/R] = all_gather(x [M/R, K]) @ w.T (+ b); dx = reduce_scatter(dy @ w); dw = dy.T @ x_full."""
+    """y [M, N/R] = all_gather(x [M/R, K]) @ w.T (+ b); dx = reduce_scatter(dy @ w); dw = dy.T @ x_full, x_full
+    gathered again in backward from the 1/R the forward keeps (turbo_dist.tp.wgrad), as TorchTitan's own does."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, group):
-        x_full, (y,) = _tp.all_gather_matmul(x.contiguous(), [weight.t()], gather_dim=0, group=group)
-        ctx.save_for_backward(x_full, weight)
+        x = x.contiguous()
+        x_full, (y,) = _tp.all_gather_matmul(x, [weight.t()], gather_dim=0, group=group)
+        kept, ctx.kept_how = _wgrad.keep_input(group, x, x_full, 0) if weight.requires_grad else (None, None)
+        ctx.save_for_backward(kept, weight)
         ctx.group, ctx.has_bias = group, bias is not None
         return y + bias if bias is not None else y
 
     @staticmethod
     def backward(ctx, dy):
-        x_full, weight = ctx.saved_tensors
+        kept, weight = ctx.saved_tensors
         dy = dy.contiguous()
         dx = _tp.matmul_reduce_scatter(dy, weight, scatter_dim=0, group=ctx.group) \
             if ctx.needs_input_grad[0] else None
-        dw = dy.t() @ x_full if ctx.needs_input_grad[1] else None
+        dw = _wgrad.weight_grads(ctx.group, kept, ctx.kept_how, [dy])[0] if ctx.needs_input_grad[1] else None
         db = dy.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return dx, dw, db, None
 
@@ -220,23 +224,27 @@ class _AllGatherLinearPair(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight_a, weight_b, group):
-        x_full, (ya, yb) = _tp.all_gather_matmul(x.contiguous(), [weight_a.t(), weight_b.t()], gather_dim=0,
-                                                 group=group)
-        ctx.save_for_backward(x_full, weight_a, weight_b)
+        x = x.contiguous()
+        x_full, (ya, yb) = _tp.all_gather_matmul(x, [weight_a.t(), weight_b.t()], gather_dim=0, group=group)
+        need = weight_a.requires_grad or weight_b.requires_grad
+        kept, ctx.kept_how = _wgrad.keep_input(group, x, x_full, 0) if need else (None, None)
+        ctx.save_for_backward(kept, weight_a, weight_b)
         ctx.group = group
         return ya, yb
 
     @staticmethod
     def backward(ctx, dya, dyb):
-        x_full, weight_a, weight_b = ctx.saved_tensors
+        kept, weight_a, weight_b = ctx.saved_tensors
         dya, dyb = dya.contiguous(), dyb.contiguous()
         dx = None
         if ctx.needs_input_grad[0]:  # dya @ wa + dyb @ wb as one product: one reduce-scatter
             dx = _tp.matmul_reduce_scatter(torch.cat([dya, dyb], dim=1), torch.cat([weight_a, weight_b], dim=0),
                                            scatter_dim=0, group=ctx.group)
-        dwa = dya.t() @ x_full if ctx.needs_input_grad[1] else None
-        dwb = dyb.t() @ x_full if ctx.needs_input_grad[2] else None
-        return dx, dwa, dwb, None
+        wanted = [(i, dy) for i, dy in ((1, dya), (2, dyb)) if ctx.needs_input_grad[i]]
+        # one gather of the kept input feeds both weight gradients
+        dws = _wgrad.weight_grads(ctx.group, kept, ctx.kept_how, [dy for _, dy in wanted]) if wanted else []
+        grads = {i: dw for (i, _), dw in zip(wanted, dws)}
+        return dx, grads.get(1), grads.get(2), None
 
 
 class _LinearReduceScatter(torch.autograd.Function):

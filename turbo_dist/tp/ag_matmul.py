@@ -41,7 +41,7 @@ def _prepare(a_shard, gather_dim, group, name="a_shard"):
     return rt, gather_dim
 
 
-def all_gather_matmul(a_shard, bs, gather_dim=0, group=None, *, return_a=True, algo=None):
+def all_gather_matmul(a_shard, bs, gather_dim=0, group=None, *, return_a=True, algo=None, out_dtype=None):
     """All-gather `a_shard` along `gather_dim` over `group` and multiply by every matrix of `bs`.
 
     a_shard: [..., K] fp16/bf16/fp32, >= 2-D, this rank's shard (same shape on every rank).
@@ -52,25 +52,31 @@ def all_gather_matmul(a_shard, bs, gather_dim=0, group=None, *, return_a=True, a
     gather_dim multiplied by the group size (a view; not contiguous unless gather_dim == 0);
     outputs are [..., N_i] in the same layout.
     algo: 'auto' (default, or TURBO_DIST_TP_ALGO), 'ring', 'direct' (symmetric memory) or 'collective'.
+    out_dtype: the outputs' dtype (default a_shard's; fp32 keeps the fp32 accumulation, e.g. for a weight
+    gradient added into an fp32 main_grad).
     """
     rt, gather_dim = _prepare(a_shard, gather_dim, group)
     if a_shard.dtype not in C.FLOAT_DTYPES:
         raise TypeError(f"a_shard must be fp16, bf16 or fp32, got {a_shard.dtype} (FP8: all_gather_scaled_matmul)")
+    if out_dtype is None:
+        out_dtype = a_shard.dtype
+    elif out_dtype not in C.FLOAT_DTYPES:
+        raise TypeError(f"out_dtype must be fp16, bf16 or fp32, got {out_dtype}")
     w = rt.world_size
     last = gather_dim == a_shard.dim() - 1
     k_full = a_shard.shape[-1] * (w if last else 1)
     bs = _check_bs(bs, k_full, a_shard)
     if last:
-        return _ag_matmul_last_dim(rt, a_shard, bs, return_a, algo)
+        return _ag_matmul_last_dim(rt, a_shard, bs, return_a, algo, out_dtype)
 
     a_rows, leading = C.to_rows(a_shard, gather_dim)
     m = a_rows.shape[0]
     path = C.choose_algo(rt, algo, a_rows.numel() * a_rows.element_size(), m)
     if path == "collective":
         gathered = collective.all_gather_rows(rt, a_rows)
-        outs = [C.gemm(gathered, b) for b in bs]
+        outs = [C.gemm(gathered, b, out_dtype) for b in bs]
     else:
-        outs = [a_rows.new_empty(w * m, b.shape[1]) for b in bs]
+        outs = [a_rows.new_empty(w * m, b.shape[1], dtype=out_dtype) for b in bs]
 
         def consume(chunks, src):
             for b, o in zip(bs, outs):
@@ -86,7 +92,7 @@ def all_gather_matmul(a_shard, bs, gather_dim=0, group=None, *, return_a=True, a
     return a_out, outs
 
 
-def _ag_matmul_last_dim(rt, a_shard, bs, return_a, algo):
+def _ag_matmul_last_dim(rt, a_shard, bs, return_a, algo, out_dtype):
     # The contraction dim is sharded: out = sum_r A_r @ B[r*Ks:(r+1)*Ks], accumulated in fp32.
     w = rt.world_size
     lead = list(a_shard.shape[:-1])
@@ -96,7 +102,7 @@ def _ag_matmul_last_dim(rt, a_shard, bs, return_a, algo):
     if path == "collective":
         gathered = collective.all_gather_rows(rt, a_rows)
         full = gathered.view(w, m, ks).permute(1, 0, 2).reshape(m, w * ks)
-        outs = [C.gemm(full, b) for b in bs]
+        outs = [C.gemm(full, b, out_dtype) for b in bs]
     else:
         accs = [torch.zeros(m, b.shape[1], dtype=torch.float32, device=a_rows.device) for b in bs]
 
@@ -105,7 +111,7 @@ def _ag_matmul_last_dim(rt, a_shard, bs, return_a, algo):
                 acc.add_(C.gemm(chunks[0], b[src * ks:(src + 1) * ks], out_dtype=torch.float32))
 
         (gathered,) = pipeline.all_gather_consume(rt, [a_rows], consume, None, order=path)
-        outs = [acc.to(a_rows.dtype) for acc in accs]
+        outs = [acc.to(out_dtype) for acc in accs]
         full = gathered.view(w, m, ks).permute(1, 0, 2).reshape(m, w * ks) if return_a else None
     outs = [o.view(*lead, o.shape[-1]) for o in outs]
     return (full.view(*lead, w * ks) if return_a else None), outs

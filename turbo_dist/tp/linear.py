@@ -3,8 +3,8 @@
 With sequence parallelism (the default) activations between TP blocks are sharded along the
 sequence dim `seq_dim`:
 - ColumnParallelLinear: y = all_gather(x) @ W_local^T. Forward is all_gather_matmul; backward's
-  dx is matmul_reduce_scatter(dy, W_local) (GEMM + reduce-scatter), dW uses the gathered x saved
-  by the forward.
+  dx is matmul_reduce_scatter(dy, W_local) (GEMM + reduce-scatter); dW gathers again the 1/W of the
+  input the forward kept (its feature slice, see turbo_dist.tp.wgrad) under the weight-gradient GEMM.
 - RowParallelLinear: y = reduce_scatter(x @ W_local^T) + b. Forward is matmul_reduce_scatter;
   backward's all_gather_matmul(dy, [W_local]) returns both the gathered dy (for dW) and dx.
 Without sequence parallelism they are the classic pair: Column copies x in and all-reduces dx;
@@ -13,8 +13,8 @@ Row all-reduces y.
 Not drop-ins for Megatron's classes: no gather_output / input_is_parallel / skip_bias_add (Megatron users take
 turbo_dist.integrations.megatron, which keeps Megatron's own modules), but the parameters carry the attributes
 Megatron's gradient clipping reads (tensor_model_parallel, partition_dim, partition_stride; the row bias's
-sequence_parallel). Memory: with sequence parallelism the column layer keeps the gathered input for dW (TP times
-the shard Megatron keeps and re-gathers in backward).
+sequence_parallel). Memory: the column layer keeps 1/W of the gathered input for dW (as much as Megatron, which
+keeps the shard and gathers it again in backward).
 """
 import math
 
@@ -25,6 +25,7 @@ from torch import nn
 from turbo_dist.runtime import get_runtime
 
 from . import _common as C
+from . import wgrad
 from .ag_matmul import all_gather_matmul
 from .matmul_rs import matmul_reduce_scatter
 
@@ -50,19 +51,22 @@ class _AllGatherLinear(torch.autograd.Function):
         x_full, (y,) = all_gather_matmul(x, [weight.t()], gather_dim=seq_dim, group=group, algo=algo)
         if bias is not None:
             y = y + bias
-        ctx.save_for_backward(x_full, weight)
+        kept, ctx.kept_how = (wgrad.keep_input(group, x, x_full, seq_dim) if weight.requires_grad
+                              else (None, None))
+        ctx.save_for_backward(kept, weight)
         ctx.has_bias = bias is not None
         ctx.group, ctx.seq_dim, ctx.algo = group, seq_dim, algo
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x_full, weight = ctx.saved_tensors
+        kept, weight = ctx.saved_tensors
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
             dx = matmul_reduce_scatter(dy, weight, scatter_dim=ctx.seq_dim, group=ctx.group, algo=ctx.algo)
         if ctx.needs_input_grad[1]:
-            dw = _weight_grad(dy, x_full)
+            (dw,) = wgrad.weight_grads(ctx.group, kept, ctx.kept_how, [_flat(dy).contiguous()], ctx.seq_dim,
+                                       ctx.algo)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = _bias_grad(dy)
         return dx, dw, db, None, None, None

@@ -1,0 +1,71 @@
+"""The input a column-parallel layer keeps for its weight gradient, at the memory of one shard.
+
+Under sequence parallelism a column layer computes y = all_gather(x) @ W^T, and its weight gradient
+dW = dy^T @ all_gather(x) needs the gathered input again in backward. Keeping the gathered input costs W times
+the shard per layer (Megatron keeps the shard and all-gathers it again in backward, overlapped with dgrad).
+
+Here the forward keeps this rank's 1/W slice of the gathered input's *feature* columns, transposed: [K/W, M],
+the shard's number of elements. The backward gathers those slices along K with `all_gather_matmul`: the
+gathered matrix is x_full^T [K, M], so the product with dy [M, N] is dW^T [K, N] and every peer's chunk makes
+its own rows of it. The gather hides under the weight-gradient GEMMs (symmetric-memory ring on GPU) and nothing
+is accumulated across chunks; dW is returned as the transposed view (autograd lays it out like the weight).
+
+When K does not divide by W the sequence shard itself is kept and all-gathered again before one GEMM (logged
+once). A group of one keeps the input as is.
+"""
+import logging
+
+from turbo_dist.runtime import get_runtime
+
+from . import _common as C
+from . import collective
+from .ag_matmul import all_gather_matmul
+
+log = logging.getLogger("turbo_dist")
+
+FULL, K_SHARD, SEQ_SHARD = "full", "k_shard", "seq_shard"
+_LOGGED = set()
+
+
+def keep_input(group, x_shard, x_full, seq_dim):
+    """What to save for the weight gradient: (tensor, how).
+
+    x_shard: this rank's input (sharded along `seq_dim`); x_full: the gathered input the forward made
+    ([..., K], `seq_dim` W times larger). The tensor is [K/W, M] (M tokens of x_full in its logical order)
+    for how=K_SHARD, the shard itself for SEQ_SHARD, x_full for FULL (a group of one).
+    """
+    rt = get_runtime(group)
+    w, k = rt.world_size, x_full.shape[-1]
+    if w == 1:
+        return x_full, FULL
+    if k % w == 0:
+        ks = k // w
+        cols = x_full[..., rt.rank * ks:(rt.rank + 1) * ks]
+        return cols.reshape(-1, ks).t().contiguous(), K_SHARD
+    if k not in _LOGGED:
+        _LOGGED.add(k)
+        log.info("turbo_dist.tp: a column layer's in_features %d is not divisible by the TP size %d: its backward "
+                 "all-gathers the saved sequence shard again before the weight-gradient GEMM (not overlapped)", k, w)
+    return x_shard, SEQ_SHARD
+
+
+def weight_grads(group, saved, how, dys, seq_dim=0, algo=None, out_dtype=None):
+    """dW_i = dy_i^T @ x_full for every dy_i [M, N_i] (rows = x_full's tokens in its logical order).
+
+    saved, how: from `keep_input`. Returns [N_i, K] tensors (transposed views for K_SHARD), `out_dtype`
+    (default the input's dtype).
+    """
+    if how == K_SHARD:
+        _, outs = all_gather_matmul(saved, list(dys), gather_dim=0, group=group, return_a=False, algo=algo,
+                                    out_dtype=out_dtype)
+        return [o.t() for o in outs]
+    if how == SEQ_SHARD:
+        rt = get_runtime(group)
+        rows, leading = C.to_rows(saved, seq_dim)
+        gathered = collective.all_gather_rows(rt, rows)
+        x_rows = C.gathered_from_rows(gathered, rt.world_size, leading, seq_dim).reshape(-1, saved.shape[-1])
+    elif how == FULL:
+        x_rows = saved.reshape(-1, saved.shape[-1])
+    else:
+        raise ValueError(f"unknown saved-input kind {how!r}")
+    return [C.gemm(dy.t(), x_rows, out_dtype) for dy in dys]
