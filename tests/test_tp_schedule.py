@@ -21,7 +21,7 @@ from turbo_dist import tp
 from turbo_dist.kernels import tp_signal
 from turbo_dist.runtime import symm
 from turbo_dist.tp import _common as C
-from turbo_dist.tp import ag_matmul, linear, matmul_rs, pipeline
+from turbo_dist.tp import ag_matmul, linear, matmul_rs, pipeline, wgrad
 
 from test_tp import ag_cases, check_close, quantize, quantize_weight, rand, rs_cases
 
@@ -153,7 +153,7 @@ def wait_until(world, pred, what):
 def sim(monkeypatch):
     """sim(world_size, fn, *args) runs fn(rank, world_size, *args) on simulated ranks; returns the results."""
     monkeypatch.setattr(C, "choose_algo", lambda rt, algo, *a: C.check_algo(algo))
-    for mod in (ag_matmul, matmul_rs, linear):
+    for mod in (ag_matmul, matmul_rs, linear, wgrad):
         monkeypatch.setattr(mod, "get_runtime", lambda group=None: _TLS.rt)
     monkeypatch.setattr(pipeline, "_cuda", SIM_CUDA)
 
@@ -243,6 +243,12 @@ def _sim_ag_cases(rank, w, algo, m, k):
             assert torch.equal(a_out, a_full), f"case {ci} call {call}: gathered A differs"
             for j, (o, b) in enumerate(zip(outs, bs)):
                 check_close(o, a_full @ b, torch.float32, f"{algo} case {ci} (gather_dim {gdim}) out[{j}] call {call}")
+            if call == 1:  # outputs in another dtype than A (written by each chunk's GEMM)
+                _, outs = tp.all_gather_matmul(a_shard, bs, gather_dim=gdim, algo=algo, return_a=False,
+                                               out_dtype=torch.bfloat16)
+                for j, (o, b) in enumerate(zip(outs, bs)):
+                    assert o.dtype == torch.bfloat16
+                    check_close(o, a_full @ b, torch.bfloat16, f"{algo} case {ci} out[{j}] as bf16")
             n += 1
     return n
 
