@@ -6,6 +6,10 @@
 Shapes (per rank, TP degree `--tp`, default the world size): for each model and token count,
   ag_gemm  (MLP up/gate projection): A shard [tokens/W, hidden] gathered, times B [hidden, 2*ffn/tp]
   gemm_rs  (MLP down projection):    A [tokens, ffn/tp] times B [ffn/tp, hidden], reduce-scattered
+  col_layer (the up projection as a layer, forward + backward): tp.ColumnParallelLinear (SP) vs Megatron's
+           schedule on NCCL (forward all-gather + GEMM; backward: the input's all-gather async under the dgrad
+           GEMM, then dx's reduce-scatter async under the wgrad GEMM); both keep the input shard's worth of
+           activation (`saved_mb`: what autograd holds for ours, the shard for Megatron's), three GEMMs of FLOPs
 Models: llama3-70b (hidden 8192, ffn 28672; tokens 8192, 16384), deepseek-v3 dense MLP (7168, 18432),
 qwen2.5-72b (8192, 29568), qwen3-32b (5120, 25600). B is a weight's transpose (nn.Linear layout).
 
@@ -32,7 +36,7 @@ import torch.distributed as dist
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, _HERE)
-from common import peak_tflops, print_table, write_json  # noqa: E402
+from common import peak_tflops, print_table, saved_activation_bytes, write_json  # noqa: E402
 
 try:
     import turbo_dist  # noqa: F401
@@ -55,7 +59,7 @@ def parse_args(argv=None):
     p.add_argument("--models", default=",".join(MODELS), help=f"comma list of {sorted(MODELS)}")
     p.add_argument("--tokens", default=None, help="comma list overriding every model's token counts")
     p.add_argument("--tp", type=int, default=None, help="TP degree the weights are sharded for (default: world size)")
-    p.add_argument("--ops", default="ag_gemm,gemm_rs")
+    p.add_argument("--ops", default="ag_gemm,gemm_rs,col_layer")
     p.add_argument("--algos", default="ring,direct,collective,auto")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
     p.add_argument("--fp8", action="store_true", help="also time the FP8 (row-wise scaled) variants")
@@ -160,6 +164,10 @@ def make_problem(op, tokens, hidden, ffn, tp_deg, world, rank, dtype, fp8, algos
     def randn(*shape):
         return torch.randn(*shape, generator=g, device=dev, dtype=torch.float32).mul_(0.5).to(dtype)
 
+    if op == "col_layer":
+        if fp8:
+            raise NotImplementedError("col_layer has no FP8 variant (the bf16 layer only)")
+        return _column_layer(tp, tokens, hidden, 2 * ffn // tp_deg, world, randn, algos)
     if op == "ag_gemm":
         n_out = 2 * ffn // tp_deg
         m, k, n = tokens, hidden, n_out
@@ -259,7 +267,56 @@ def make_problem(op, tokens, hidden, ffn, tp_deg, world, rank, dtype, fp8, algos
             for algo in algos:
                 impls[f"ours_{algo}"] = (lambda al: lambda: tp.matmul_reduce_scatter(a, b, scatter_dim=0, algo=al))(
                     algo)
-    return impls, flops, (m, n, k)
+    return impls, flops, (m, n, k), {}
+
+
+def _column_layer(tp, tokens, hidden, n_out, world, randn, algos):
+    """Forward + backward of the SP column layer [tokens/W, hidden] -> [tokens, n_out]: impls, flops, (m, n, k),
+    saved activation MB per impl."""
+    dev = DEVICE
+    x, w, dy = randn(tokens // world, hidden), randn(n_out, hidden), randn(tokens, n_out)
+    dtype = x.dtype
+    x_full, x_full2 = (torch.empty(tokens, hidden, device=dev, dtype=dtype) for _ in range(2))
+    dx, dx_full = torch.empty_like(x), torch.empty(tokens, hidden, device=dev, dtype=dtype)
+
+    def sequential():  # Megatron's LinearWithGradAccumulationAndAsyncCommunication schedule, sequence parallel
+        dist.all_gather_into_tensor(x_full, x)
+        y = torch.mm(x_full, w.t())
+        work = dist.all_gather_into_tensor(x_full2, x, async_op=True)  # the input again, under the dgrad GEMM
+        torch.mm(dy, w, out=dx_full)
+        work.wait()
+        work = dist.reduce_scatter_tensor(dx, dx_full, async_op=True)  # dx, under the wgrad GEMM
+        dw = torch.mm(dy.t(), x_full2)
+        work.wait()
+        return torch.cat([y.flatten(), dx.flatten(), dw.flatten()])
+
+    def gemm_alone():
+        torch.mm(x_full, w.t())
+        torch.mm(dy, w, out=dx_full)
+        return torch.mm(dy.t(), x_full2)
+
+    def comm_alone():
+        dist.all_gather_into_tensor(x_full, x)
+        dist.all_gather_into_tensor(x_full2, x)
+        dist.reduce_scatter_tensor(dx, dx_full)
+
+    impls = {"sequential": sequential, "gemm_alone": gemm_alone, "comm_alone": comm_alone}
+    saved = {"sequential": x.numel() * x.element_size() / 2 ** 20}
+    for algo in algos:
+        layer = tp.ColumnParallelLinear(hidden, n_out * world, bias=False, algo=algo, device=dev, dtype=dtype)
+        with torch.no_grad():
+            layer.weight.copy_(w)
+        x_in = x.detach().clone().requires_grad_(True)
+
+        def ours(layer=layer, x_in=x_in):
+            layer.weight.grad = x_in.grad = None
+            y = layer(x_in)
+            y.backward(dy)
+            return torch.cat([y.detach().flatten(), x_in.grad.flatten(), layer.weight.grad.flatten()])
+
+        impls[f"ours_{algo}"] = ours
+        saved[f"ours_{algo}"] = saved_activation_bytes(lambda: layer(x_in), layer.parameters()) / 2 ** 20
+    return impls, 3 * 2.0 * tokens * n_out * hidden, (tokens, n_out, hidden), saved
 
 
 def main(argv=None):
@@ -325,8 +382,10 @@ def main(argv=None):
             token_list = [int(t) for t in args.tokens.split(",")] if args.tokens else cfg["tokens"]
             for tokens in token_list:
                 for op in args.ops.split(","):
-                    impls, flops, (m, n, k) = make_problem(op, tokens, cfg["hidden"], cfg["ffn"], tp_deg, world,
-                                                           rank, dtype, fp8, algos)
+                    if fp8 and op == "col_layer":
+                        continue  # bf16 only (the FP8 fused ops are timed by ag_gemm / gemm_rs)
+                    impls, flops, (m, n, k), saved = make_problem(op, tokens, cfg["hidden"], cfg["ffn"], tp_deg,
+                                                                  world, rank, dtype, fp8, algos)
                     times, errs, ran = {}, {}, {}
                     ref = impls["sequential"]()
                     for name, fn in impls.items():
@@ -350,7 +409,8 @@ def main(argv=None):
                                    ms=ms, tflops=flops / ms / 1e9, frac_peak=(flops / ms / 1e9 / peak) if peak else None,
                                    x_seq=(seq / ms) if seq else None, x_torch=(fused / ms) if fused else None,
                                    vs_ideal=ms / ideal if ideal else None, rel_err=errs.get(name),
-                                   algo=ran.get(name), best_ours=(name == best) or None)
+                                   algo=ran.get(name), best_ours=(name == best) or None,
+                                   saved_mb=saved.get(name))
                         rows.append(row)
                     del impls
                     if DEVICE.type == "cuda":
@@ -359,7 +419,8 @@ def main(argv=None):
                         print_table([r for r in rows if r["model"] == model and r["op"] == op and r["tokens"] == tokens
                                      and r["precision"] == precision],
                                     ["precision", "model", "op", "tokens", "M", "N", "K", "impl", "ms", "tflops",
-                                     "frac_peak", "x_seq", "x_torch", "vs_ideal", "rel_err", "algo"])
+                                     "frac_peak", "x_seq", "x_torch", "vs_ideal", "rel_err", "algo"]
+                                    + (["saved_mb"] if saved else []))
                         print(flush=True)
     if rank == 0:
         summary = [r for r in rows if r["best_ours"]]
