@@ -7,8 +7,8 @@ sequence dim `seq_dim`:
   input the forward kept (its feature slice, see turbo_dist.tp.wgrad) under the weight-gradient GEMM.
 - RowParallelLinear: y = reduce_scatter(x @ W_local^T) + b. Forward is matmul_reduce_scatter;
   backward's all_gather_matmul(dy, [W_local]) returns both the gathered dy (for dW) and dx.
-Without sequence parallelism they are the classic pair: Column copies x in and all-reduces dx;
-Row all-reduces y.
+Without sequence parallelism they are the classic pair: Column takes the replicated x and all-reduces dx
+(asynchronously, under its weight-gradient GEMM); Row all-reduces y.
 
 Not drop-ins for Megatron's classes: no gather_output / input_is_parallel / skip_bias_add (Megatron users take
 turbo_dist.integrations.megatron, which keeps Megatron's own modules), but the parameters carry the attributes
@@ -99,19 +99,29 @@ class _LinearReduceScatter(torch.autograd.Function):
         return (dx if ctx.needs_input_grad[0] else None), dw, db, None, None, None
 
 
-class _CopyToTP(torch.autograd.Function):
-    """Identity forward, all-reduce of the gradient backward (input of a non-SP column layer)."""
+class _LinearAllReduceDgrad(torch.autograd.Function):
+    """y = x @ w^T (+ b) on a replicated input (a non-SP column layer); backward: dx's all-reduce runs
+    asynchronously under the weight-gradient GEMM (Megatron's allreduce_dgrad)."""
 
     @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return x.view_as(x)
+    def forward(ctx, x, weight, bias, group):
+        ctx.save_for_backward(x if weight.requires_grad else None, weight)
+        ctx.has_bias, ctx.group = bias is not None, group
+        return nn.functional.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, dy):
-        dy = dy.contiguous().clone()
-        dist.all_reduce(dy, group=ctx.group)
-        return dy, None
+        x, weight = ctx.saved_tensors
+        dy2 = _flat(dy)
+        dx = work = None
+        if ctx.needs_input_grad[0]:
+            dx = C.gemm(dy2, weight).view(*dy.shape[:-1], weight.shape[1])
+            work = dist.all_reduce(dx, group=ctx.group, async_op=True)
+        dw = C.gemm(dy2.t(), _flat(x)) if ctx.needs_input_grad[1] else None
+        db = _bias_grad(dy) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        if work is not None:
+            work.wait()
+        return dx, dw, db, None
 
 
 class _ReduceFromTP(torch.autograd.Function):
@@ -236,8 +246,7 @@ class ColumnParallelLinear(_TPLinearBase):
         seq_dim = self._check_input(x, self.in_features)
         if self.sequence_parallel:
             return _AllGatherLinear.apply(x, self.weight, self.bias, self.group, seq_dim, self.algo)
-        x = _CopyToTP.apply(x, self.group)
-        return nn.functional.linear(x, self.weight, self.bias)
+        return _LinearAllReduceDgrad.apply(x, self.weight, self.bias, self.group)
 
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features} ({self.out_per_rank}/rank), "
