@@ -6,6 +6,7 @@ into interpreted ones); prints one line per kernel and exits 1 if any failed.
 
     python tests/_sm90_compile.py [name ...]
     python tests/_sm90_compile.py --ptxas [name ...]   # also registers / spills per kernel (ptxas -v; no GPU)
+    python tests/_sm90_compile.py --count 'trap;' name  # also how often a string occurs in the kernel's PTX
 """
 import os
 import re
@@ -69,12 +70,14 @@ def _grouped(dtype, bm, bn, bk, mode, warps, stages, lens=False):
     return _kernel(gg._grouped_gemm_tma_kernel, const, dict(num_warps=warps, num_stages=stages), types)
 
 
-def _ll_wait():
+def _ll_wait(mask=True):
     from turbo_dist.kernels import moe_ll
 
     types = dict(cnt_ptr="*i64", err_addr="i64", stats_ptr="*i64", expected="i64", timeout_ns="i64",
                  max_iters="i64", mask_ptr="*i32")
-    const = dict(BLOCK=8, USE_TIMER=True, HAS_STATS=True, HAS_MASK=True)
+    const = dict(BLOCK=8, USE_TIMER=True, HAS_STATS=True, HAS_MASK=mask)
+    if not mask:
+        const["mask_ptr"] = None
     return _kernel(moe_ll._ll_wait_kernel, const, dict(num_warps=1), types)
 
 
@@ -291,6 +294,7 @@ KERNELS = {
     "grouped_bf16": lambda: _grouped("bf16", 128, 256, 64, 0, 8, 3),
     "grouped_fp8_blockwise_lens": lambda: _grouped("fp8e4nv", 128, 128, 128, 3, 8, 4, lens=True),
     "ll_wait_stats_mask": _ll_wait,
+    "ll_wait_stats": lambda: _ll_wait(mask=False),
     "ll_combine_send_mask": _ll_combine_send,
     "ll_dispatch_send_fp8_mask": _ll_dispatch_send_fp8,
     "attn_fwd_causal": lambda: _attn("fwd", False),
@@ -359,6 +363,9 @@ def main(names):
         why = probe()
         print(why or "ok")
         return 2 if why else 0
+    count = None
+    if names[:1] == ["--count"]:  # also how often a string occurs in each kernel's PTX (e.g. an instruction)
+        count, names = names[1], names[2:]
     usage = names[:1] == ["--ptxas"]
     names = names[1:] if usage else names
     failed = 0
@@ -368,6 +375,7 @@ def main(names):
             sig = {a: sig[a] for a in fn.arg_names}  # every parameter, in order (KeyError: one left out)
             k = triton.compile(ASTSource(fn, sig, const), target=TARGET, options=opts)
             extra = f"; {ptxas_usage(k.asm['ptx'])}" if usage else ""
+            extra += f"; {count!r} x{k.asm['ptx'].count(count)}" if count else ""
             print(f"{name}: ok ({len(k.asm['ptx'])} chars of PTX{extra})")
         except Exception as exc:  # report every kernel, then fail
             failed += 1

@@ -289,3 +289,30 @@ def test_masked_ranks_and_shrink_on_timeout():
     cnt[0][0, 1, :2] = num_max
     moe_ll.wait_counters(cnt[0][0, 1], errs[0].addr, num_max, moe_ll.ERR_DISPATCH, 5.0, mask=masks[0])
     assert cnt[0][0, 1].tolist() == [0, 0, 1] and masks[0].tolist() == [0, 0, 1]
+
+
+def test_wait_traps_only_when_captured_without_mask(monkeypatch):
+    """A captured wait (CUDA graph: no host code runs at a replay to raise) traps on a timeout instead of returning
+    what arrived; eager waits record and the next call raises; a rank mask (enable_shrink) masks instead."""
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert moe_ll.traps_on_timeout(True, None)
+    assert not moe_ll.traps_on_timeout(True, torch.zeros(2, dtype=torch.int32))
+    assert not moe_ll.traps_on_timeout(False, None)  # no GPU timer (interpreter): never
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    assert not moe_ll.traps_on_timeout(True, None)
+
+
+def test_timeout_record_is_printed_at_exit():
+    """A trapped replay leaves a CUDA error naming nothing of ours: the record is printed when the process exits."""
+    import subprocess
+    import sys
+
+    code = ("import torch\nfrom turbo_dist.kernels import moe_ll\n"
+            "w = moe_ll.ErrorWord(torch.device('cpu'))\nw.tensor.copy_(torch.tensor([moe_ll.ERR_COMBINE, 3, 5, 8]))\n"
+            "clear = moe_ll.ErrorWord(torch.device('cpu'))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = [ln for ln in out.stderr.splitlines() if "turbo_dist low-latency" in ln]
+    assert len(lines) == 1, out.stderr  # the clear record prints nothing
+    assert "combine: the wait for rank 3 timed out (its counter 5 of 8)" in lines[0]
+    assert moe_ll.describe([0, 0, 0, 0]) is None

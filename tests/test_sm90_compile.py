@@ -35,3 +35,18 @@ def test_kernels_compile_for_sm90():
     assert all(p.returncode == 0 for p in procs), stdout + "".join(e[-4000:] for _, e in outs)
     ok = sorted(ln.split(":")[0] for ln in stdout.splitlines() if ln.endswith(")") and ": ok (" in ln)
     assert ok == names, stdout
+
+
+def test_low_latency_wait_traps_in_its_ptx():
+    """The low-latency wait's trap (a timeout inside a CUDA graph replay) is compiled in once, behind its runtime
+    `trap` argument: the eager and the captured launches share one binary."""
+    probe = subprocess.run([sys.executable, SCRIPT, "--probe"], env=_env(), capture_output=True, text=True,
+                           timeout=120)
+    if probe.returncode == 2:
+        pytest.skip(f"this Triton cannot compile for sm_90 here: {probe.stdout.strip()[-300:]}")
+    out = subprocess.run([sys.executable, SCRIPT, "--count", "trap;", "ll_wait_stats", "ll_wait_stats_mask"],
+                         env=_env(), capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr[-3000:]
+    lines = dict(ln.split(": ", 1) for ln in out.stdout.splitlines() if ": ok (" in ln)
+    assert "'trap;' x1" in lines["ll_wait_stats"], out.stdout
+    assert "'trap;' x0" in lines["ll_wait_stats_mask"], out.stdout  # a rank mask shrinks instead: never traps

@@ -12,8 +12,14 @@ The wait is a one-program kernel of its own (`wait_counters`): with every progra
 the counters (system-scope atomics and a host-memory read per program) a dispatch took 1.1 ms, not 16 us (H200).
 A wait never spins forever: after `timeout_s` (GPU global timer; an iteration budget under the
 Triton interpreter) it writes `(code, source rank, counter value, expected)` into `err` (an int32 [4]
-buffer the host can read without a sync, see `ErrorWord`) and returns without consuming.
+buffer the host can read without a sync, see `ErrorWord`) and returns without consuming. A wait captured in a
+CUDA graph (no host code runs at a replay to raise) traps after writing the record, as DeepEP's kernels do: the
+CUDA context fails, so the process stops at its next CUDA call instead of training on what arrived; the record
+is printed at exit (`ErrorWord`).
 """
+import atexit
+import sys
+import weakref
 
 import torch
 import triton
@@ -29,6 +35,12 @@ ERR_DISPATCH, ERR_COMBINE = 1, 2
 def _fence_sys():
     # fence.sc.sys: stores before it are visible system-wide (host included) before stores after it.
     tl.inline_asm_elementwise("fence.sc.sys; mov.u32 $0, 0;", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _trap():
+    # Abort this kernel; CUDA reports a launch failure at the next synchronization and the context is unusable.
+    tl.inline_asm_elementwise("trap; mov.u32 $0, 0;", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
@@ -134,8 +146,8 @@ def clock64():
     return tl.inline_asm_elementwise("mov.u64 $0, %clock64;", "=l", [], dtype=tl.int64, is_pure=False, pack=1)
 
 
-@triton.jit
-def _ll_wait_kernel(cnt_ptr, err_addr, stats_ptr, num_src, expected, code, timeout_ns, max_iters,
+@triton.jit(do_not_specialize=["trap"])
+def _ll_wait_kernel(cnt_ptr, err_addr, stats_ptr, num_src, expected, code, timeout_ns, max_iters, trap,
                     BLOCK: tl.constexpr, USE_TIMER: tl.constexpr, HAS_STATS: tl.constexpr = False, mask_ptr=None,
                     HAS_MASK: tl.constexpr = False):
     # One program spins until each of the num_src counters (int64, acquire loads) reaches `expected`, then
@@ -146,6 +158,9 @@ def _ll_wait_kernel(cnt_ptr, err_addr, stats_ptr, num_src, expected, code, timeo
     # counter was seen complete, DeepEP's dispatch_wait_recv_cost_stats unit; poll iterations under the
     # interpreter, which has no clock). HAS_MASK (Buffer(enable_shrink=True)): masked sources are neither waited
     # for nor consumed, and a timeout masks the sources still short instead of recording an error (DeepEP's shrink).
+    # trap != 0 (a launch captured in a CUDA graph, no mask): after the record is written, trap. A runtime argument,
+    # never specialized: the captured launch runs the kernel the eager warm-up compiled (no compile or module load
+    # during a capture).
     offs = tl.arange(0, BLOCK)
     m = offs < num_src
     if HAS_MASK:
@@ -193,6 +208,10 @@ def _ll_wait_kernel(cnt_ptr, err_addr, stats_ptr, num_src, expected, code, timeo
             if USE_TIMER:
                 _fence_sys()
             tl.store(err, code)
+            if trap != 0:
+                if USE_TIMER:
+                    _fence_sys()
+                    _trap()
         failed = failed | timed_out.to(tl.int32)
         waiting = (lo < expected) & (failed == 0)
     if lo >= expected:  # after a timeout nothing (more) is consumed (Buffer.clean_low_latency_buffer resets)
@@ -269,6 +288,12 @@ def combine_send(y, dst, peer_ptrs, me, num_ranks, num_max, comb_off, cnt_off, m
         Y_WORDS=yw.size(1), K=k, BLOCK=1024, num_warps=4, **masked(mask))
 
 
+def traps_on_timeout(use_timer, mask):
+    """Whether a wait launched now traps on a timeout: when captured in a CUDA graph (a replay's timeout cannot
+    raise on the host and would return what arrived, silently), unless a rank mask shrinks instead."""
+    return bool(use_timer and mask is None and torch.cuda.is_current_stream_capturing())
+
+
 def wait_counters(counters, err_addr, expected, code, timeout_s, stats=None, mask=None):
     """Wait on the current stream until each of `counters` (int64 [R], local) reaches `expected`; consume.
 
@@ -284,6 +309,7 @@ def wait_counters(counters, err_addr, expected, code, timeout_s, stats=None, mas
         raise ValueError(f"counters must be a contiguous int64 [R] tensor, got {counters.dtype} "
                          f"{tuple(counters.shape)} strides {counters.stride()}")
     use_timer = counters.is_cuda and not interpreting()
+    trap = traps_on_timeout(use_timer, mask)
     timeout_ns = int(max(timeout_s, 0.0) * 1e9)
     # No clock under the interpreter: bound by iterations, each a slow Python round trip (as moe_nvlink).
     max_iters = max(int(max(timeout_s, 0.0) * 1000), 1) if not use_timer else 1
@@ -292,7 +318,7 @@ def wait_counters(counters, err_addr, expected, code, timeout_s, stats=None, mas
         raise ValueError(f"wait stats must be a contiguous int64 tensor of at least {counters.numel()} elements, got "
                          f"{stats.dtype} {tuple(stats.shape)}")
     _ll_wait_kernel[(1,)](counters, int(err_addr), stats if stats is not None else counters, counters.numel(),
-                          int(expected), int(code), timeout_ns, max_iters, BLOCK=block, USE_TIMER=use_timer,
+                          int(expected), int(code), timeout_ns, max_iters, int(trap), BLOCK=block, USE_TIMER=use_timer,
                           HAS_STATS=stats is not None, num_warps=1, **masked(mask))
 
 
@@ -305,11 +331,12 @@ class ErrorWord:
     are asynchronous) has written nothing yet. `read(sync=True)` waits for the device first.
     """
 
-    def __init__(self, device):
-        self.device = device
+    def __init__(self, device, what="turbo_dist low-latency"):
+        self.device, self.what = device, what
         pin = device.type == "cuda"
         self.tensor = torch.zeros(ERR_NUMEL, dtype=torch.int32, pin_memory=pin)
         self.addr = self.tensor.data_ptr()
+        _LIVE.add(self)
 
     def read(self, sync=False):
         """[code, source rank, counter value seen, expected]; sync=True: after every queued kernel ran."""
@@ -319,3 +346,29 @@ class ErrorWord:
 
     def clear(self):
         self.tensor.zero_()
+
+
+_LIVE = weakref.WeakSet()
+
+
+def describe(record, what="turbo_dist low-latency"):
+    """One line for a nonzero error record, None for a clear one."""
+    code, src, seen, expected = record
+    if not code:
+        return None
+    op = {ERR_DISPATCH: "dispatch", ERR_COMBINE: "combine"}.get(code, f"wait (code {code})")
+    return (f"{what} {op}: the wait for rank {src} timed out (its counter {seen} of {expected}); if it was "
+            "captured in a CUDA graph, it trapped there (CUDA reports a launch failure or illegal instruction)")
+
+
+@atexit.register
+def _report_at_exit():
+    # A trapped replay leaves the process with a CUDA error that names nothing of ours: say what timed out. The
+    # records are pinned host memory, readable with the CUDA context gone.
+    for word in list(_LIVE):
+        try:
+            line = describe([int(v) for v in word.tensor.tolist()], word.what)
+        except Exception:  # interpreter shutdown
+            continue
+        if line:
+            print(line, file=sys.stderr)
