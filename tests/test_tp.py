@@ -612,3 +612,23 @@ def _gpu_fresh_buffer_race(rank, world):
 @pytest.mark.parametrize("world_size", [pytest.param(2, marks=pytest.mark.gpu(min_gpus=2))])
 def test_gpu_fresh_buffer_first_push(world_size):
     assert all(run_distributed(_gpu_fresh_buffer_race, world_size))
+
+
+def test_pipelines_are_not_captured_in_cuda_graphs(monkeypatch):
+    """The symmetric-memory pipelines' flag epochs are host counters (a replay would not wait for peers): under
+    CUDA-graph capture 'auto' takes the collective path and an explicit 'ring' / 'direct' raises."""
+    from types import SimpleNamespace
+
+    from turbo_dist.tp import _common as C
+
+    rt = SimpleNamespace(has_peer_access=True, device=torch.device("cuda", 0), comm_stream=object(),
+                         shmem_backend="torch")
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    assert C.choose_algo(rt, "auto", 64 << 20, 4096) == "ring"
+    assert C.choose_algo(rt, "direct", 64 << 20, 4096) == "direct"
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert C.choose_algo(rt, "auto", 64 << 20, 4096) == "collective"
+    assert C.choose_algo(rt, "collective", 64 << 20, 4096) == "collective"
+    for algo in ("ring", "direct"):
+        with pytest.raises(NotImplementedError, match="CUDA graph"):
+            C.choose_algo(rt, algo, 64 << 20, 4096)

@@ -179,8 +179,19 @@ def choose_algo(rt, algo, chunk_bytes, chunk_rows):
         raise ValueError(
             f"algo={algo!r} needs peer access to symmetric memory (CUDA with TURBO_DIST_SHMEM=torch); this "
             f"group has shmem backend {rt.shmem_backend!r} on {rt.device}: use algo='collective' or 'auto'")
+    # The pipelines' flag epochs are host counters: a CUDA graph would replay one call's epochs, whose flags are
+    # already raised (no wait, peers' data not there yet). NCCL collectives capture fine.
+    capturing = peer_ok and torch.cuda.is_current_stream_capturing()
+    if capturing and algo in ("ring", "direct"):
+        raise NotImplementedError(
+            f"async TP: algo={algo!r} (symmetric-memory pipeline) cannot be captured in a CUDA graph; capture "
+            "with algo='collective' (or 'auto', which takes it while capturing)")
     if algo == "auto":
-        if not peer_ok:
+        if capturing and not _LOGGED_CAPTURE:
+            _LOGGED_CAPTURE.append(True)
+            log.info("turbo_dist.tp: captured in a CUDA graph: 'auto' runs the collective path (NCCL) while "
+                     "capturing; the symmetric-memory pipelines cannot be replayed")
+        if not peer_ok or capturing:
             algo = "collective"
         elif chunk_bytes < direct_max_bytes() or chunk_rows < 128:
             algo = "direct"
@@ -191,6 +202,7 @@ def choose_algo(rt, algo, chunk_bytes, chunk_rows):
 
 
 _LAST = [None]
+_LOGGED_CAPTURE = []
 
 
 def last_algo():
