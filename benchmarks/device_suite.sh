@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One batched device session: install, GPU test suite, main-job demo, single-GPU benches.
-#   bash benchmarks/device_suite.sh "install tests gputests ll moe1 dist demo ops opsq attn moe moell moeinter tp cp cpvarlen native tune cublaslt wgmma bf16wgmma prof opstests wgrad wgradtune clocks"
+#   bash benchmarks/device_suite.sh "install tests gputests ll moe1 sharetp dist demo ops opsq attn moe moell moeinter tp cp cpvarlen native tune cublaslt wgmma bf16wgmma prof opstests wgrad wgradtune clocks"
 #   (phases to run, in order; default "install tests demo ops attn"; on a multi-GPU kind start with
 #   "install dist demo moe moell moeinter tp cp cpvarlen")
 # Logs and JSON go under $OUT (default ./out). Safety variables are always set. One-off verification phases of
@@ -89,6 +89,14 @@ for ph in $PHASES; do
             TURBO_DIST_TEST_SHARE_GPU=1 TURBO_DIST_TIMEOUT_S=30 TURBO_DIST_TEST_TIMEOUT_S=100 timeout 200 python -m pytest --dist-only -q \
               -rs -p no:cacheprovider tests/test_moe_low_latency.py > "$OUT/pytest_share_ll_$TAG.log" 2>&1
             echo "ll share-GPU rc=$?"; tail -2 "$OUT/pytest_share_ll_$TAG.log"; grep -E "^(FAILED|ERROR)" "$OUT/pytest_share_ll_$TAG.log" | head;;
+    sharetp) # one GPU: async TP with 2/4 processes sharing it (the symmetric-memory pipelines run for real, incl. the
+            # column layers' weight gradient from the kept 1/W of the input), then the layer bench at world 1
+            TURBO_DIST_TEST_SHARE_GPU=1 TURBO_DIST_TIMEOUT_S=30 TURBO_DIST_TEST_TIMEOUT_S=100 timeout 300 python -m pytest --dist-only -q \
+              -rs -p no:cacheprovider tests/test_tp.py > "$OUT/pytest_share_tp_$TAG.log" 2>&1
+            echo "sharetp rc=$?"; tail -2 "$OUT/pytest_share_tp_$TAG.log"; grep -E "^(FAILED|ERROR)" "$OUT/pytest_share_tp_$TAG.log" | head
+            timeout 150 torchrun --standalone --nproc-per-node 1 benchmarks/bench_async_tp.py --tp 4 --quick --ops col_layer \
+              --json "$OUT/async_tp_col_layer_$TAG.json" > "$OUT/tp_col_layer_$TAG.log" 2>&1; echo "col_layer bench rc=$?"
+            tail -8 "$OUT/tp_col_layer_$TAG.log";;
     moe1) # one GPU, MoE: dispatch-layout kernel test, share-GPU nvlink + runtime tests (2/4 processes), host/launch probe
             timeout 120 python -m pytest -q -rs -p no:cacheprovider tests/test_moe.py -k "layout or gpu" > "$OUT/pytest_moe1_$TAG.log" 2>&1
             echo "moe1 tests rc=$?"; tail -2 "$OUT/pytest_moe1_$TAG.log"; grep -E "^(FAILED|ERROR)" "$OUT/pytest_moe1_$TAG.log" | head
