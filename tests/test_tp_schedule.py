@@ -356,6 +356,28 @@ def test_sim_parallel_linear_mlp(sim, algo, seq_dim):
     assert sim(2, _sim_mlp, algo, seq_dim) == [True, True]
 
 
+def _sim_wgrad(rank, w, algo):
+    """tp.wgrad on the pipelines: the kept [K/W, M] slice gathered back into contiguous dW column blocks."""
+    tokens, k = 3 * w, 4 * w
+    x_full = rand((tokens, k), 800)
+    dys = [rand((tokens, n), 801 + n) for n in (5, 7)]
+    x_shard = x_full.chunk(w)[rank].contiguous()
+    kept, how = wgrad.keep_input(None, x_shard, x_full, 0)
+    assert how == wgrad.K_SHARD and kept.shape == (k // w, tokens) and kept.numel() == x_shard.numel()
+    for out_dtype in (None, torch.bfloat16):
+        dws = wgrad.weight_grads(None, kept, how, dys, algo=algo, out_dtype=out_dtype)
+        for dy, dw in zip(dys, dws):
+            assert dw.is_contiguous() and dw.dtype == (out_dtype or torch.float32)
+            check_close(dw, dy.t() @ x_full, out_dtype or torch.float32, f"{algo} dW {tuple(dw.shape)}")
+    return True
+
+
+@pytest.mark.parametrize("algo", ["ring", "direct"])
+@pytest.mark.parametrize("w", [2, 3])
+def test_sim_weight_grad_from_kept_slices(sim, w, algo):
+    assert sim(w, _sim_wgrad, algo) == [True] * w
+
+
 # ----------------------------------------------------------- buffer reuse across calls (W = 2)
 def _ag_reuse(rank, w):
     """Rank 1 is held inside call 1 (before it pulls rank 0's shard) until rank 0 has started call 2

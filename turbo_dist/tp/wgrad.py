@@ -5,21 +5,22 @@ dW = dy^T @ all_gather(x) needs the gathered input again in backward. Keeping th
 the shard per layer (Megatron keeps the shard and all-gathers it again in backward, overlapped with dgrad).
 
 Here the forward keeps this rank's 1/W slice of the gathered input's *feature* columns, transposed: [K/W, M],
-the shard's number of elements. The backward gathers those slices along K with `all_gather_matmul`: the
-gathered matrix is x_full^T [K, M], so the product with dy [M, N] is dW^T [K, N] and every peer's chunk makes
-its own rows of it. The gather hides under the weight-gradient GEMMs (symmetric-memory ring on GPU) and nothing
-is accumulated across chunks; dW is returned as the transposed view (autograd lays it out like the weight).
+the shard's number of elements. The backward gathers those slices along K on the async-TP pipeline (ring or
+direct, like `all_gather_matmul`): rank r's slice is x_full's columns r*K/W.., so its GEMM dy^T @ slice^T makes
+dW's column block r. The gather hides under the weight-gradient GEMMs, nothing is summed across chunks, and dW
+comes out contiguous in the weight's layout.
 
 When K does not divide by W the sequence shard itself is kept and all-gathered again before one GEMM (logged
 once). A group of one keeps the input as is.
 """
 import logging
 
+import torch
+
 from turbo_dist.runtime import get_runtime
 
 from . import _common as C
-from . import collective
-from .ag_matmul import all_gather_matmul
+from . import collective, pipeline
 
 log = logging.getLogger("turbo_dist")
 
@@ -49,16 +50,38 @@ def keep_input(group, x_shard, x_full, seq_dim):
     return x_shard, SEQ_SHARD
 
 
+def _from_k_shards(rt, xt, dys, algo, out_dtype):
+    """dW_i [N_i, K] = dy_i^T @ x_full, x_full^T gathered from every rank's [K/W, M] slice: the chunk of rank r is
+    x_full's columns r*K/W.., so its GEMM dy^T @ chunk^T writes dW's column block r (a row-major view with the
+    row stride K, which cuBLAS writes in place): dW comes out contiguous, with nothing summed across chunks."""
+    w = rt.world_size
+    ks, m = xt.shape
+    path = C.choose_algo(rt, algo, xt.numel() * xt.element_size(), ks)
+    if path == "collective":
+        gathered = collective.all_gather_rows(rt, xt)  # x_full^T [K, M]
+        return [C.gemm(dy.t(), gathered.t(), out_dtype) for dy in dys]
+    outs = [torch.empty(dy.shape[1], w * ks, dtype=out_dtype, device=xt.device) for dy in dys]
+
+    def consume(chunks, src):
+        for dy, o in zip(dys, outs):
+            C.gemm_into(dy.t(), chunks[0].t(), o[:, src * ks:(src + 1) * ks])
+
+    def consume_all(full):
+        for dy, o in zip(dys, outs):
+            C.gemm_into(dy.t(), full[0].t(), o)
+
+    pipeline.all_gather_consume(rt, [xt], consume, consume_all, order=path)
+    return outs
+
+
 def weight_grads(group, saved, how, dys, seq_dim=0, algo=None, out_dtype=None):
     """dW_i = dy_i^T @ x_full for every dy_i [M, N_i] (rows = x_full's tokens in its logical order).
 
-    saved, how: from `keep_input`. Returns [N_i, K] tensors (transposed views for K_SHARD), `out_dtype`
-    (default the input's dtype).
+    saved, how: from `keep_input`. Returns contiguous [N_i, K] tensors of `out_dtype` (default the input's
+    dtype; fp32 for an fp32 main_grad).
     """
     if how == K_SHARD:
-        _, outs = all_gather_matmul(saved, list(dys), gather_dim=0, group=group, return_a=False, algo=algo,
-                                    out_dtype=out_dtype)
-        return [o.t() for o in outs]
+        return _from_k_shards(get_runtime(group), saved, list(dys), algo, out_dtype or saved.dtype)
     if how == SEQ_SHARD:
         rt = get_runtime(group)
         rows, leading = C.to_rows(saved, seq_dim)
