@@ -33,8 +33,9 @@ def test_bench_async_tp_cpu(tmp_path):
         for impl in ("ours_collective", "ours_auto"):
             assert rows[(op, impl)]["rel_err"] < 1e-2, (op, impl, rows[(op, impl)]["rel_err"])
             assert rows[(op, impl)]["algo"] == "collective"  # gloo: no peer access
-    # the layer keeps the input shard's worth of activation: [tokens / 2, hidden] bf16, like Megatron's
+    # the layer keeps the input shard's worth of activation: [tokens / 2, hidden] bf16, what Megatron's keeps (the
+    # sequential row states that size by construction; ours are measured by autograd's saved-tensor hooks)
     shard_mb = 32 // 2 * 64 * 2 / 2 ** 20
-    for impl in ("sequential", "ours_collective", "ours_auto"):
+    for impl in ("ours_collective", "ours_auto"):
         assert rows[("col_layer", impl)]["saved_mb"] == pytest.approx(shard_mb), impl
     assert rows[("col_layer", "sequential")]["M"] == 32 and rows[("col_layer", "sequential")]["N"] == 128

@@ -315,4 +315,6 @@ def test_timeout_record_is_printed_at_exit():
     lines = [ln for ln in out.stderr.splitlines() if "turbo_dist low-latency" in ln]
     assert len(lines) == 1, out.stderr  # the clear record prints nothing
     assert "combine: the wait for rank 3 timed out (its counter 5 of 8)" in lines[0]
+    assert "not cleared" in lines[0] and "trapped" not in lines[0]
+    assert "CUDA graph trapped" in moe_ll.describe([moe_ll.ERR_DISPATCH | moe_ll.TRAPPED, 1, 0, 4])
     assert moe_ll.describe([0, 0, 0, 0]) is None

@@ -435,3 +435,15 @@ def test_triton_path_hands_fp32_payloads_to_collective_and_says_so(caplog):
     assert len(logged) == 1 and logged[0].startswith("moe low-latency combine: torch.float32 payload"), logged
     ll.path = "collective"  # the collective path never claims the kernels
     assert not ll._takes_triton("dispatch", torch.zeros(2, 128, dtype=torch.bfloat16))
+
+
+def test_counter_blocks_are_16_byte_aligned_for_any_rank_count():
+    """Each (kind, parity) block of int64 counters starts 16-byte aligned, also for odd rank counts: Triton compiles
+    an 8-byte aligned pointer / offset as another kernel, which a CUDA graph captured on the other parity than the
+    eager warm-up would have compiled and loaded inside the capture."""
+    from turbo_dist.moe import low_latency as ll
+
+    for r in list(range(1, 10)) + [2047, 2048]:
+        stride = ll._cnt_stride(r)
+        assert stride >= r and (stride * 8) % 16 == 0, r
+        assert 4 * stride * 8 <= ll._COUNTER_BYTES, r

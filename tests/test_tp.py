@@ -632,3 +632,55 @@ def test_pipelines_are_not_captured_in_cuda_graphs(monkeypatch):
     for algo in ("ring", "direct"):
         with pytest.raises(NotImplementedError, match="CUDA graph"):
             C.choose_algo(rt, algo, 64 << 20, 4096)
+
+
+def _autocast_and_no_grad(rank, world):
+    """Under torch.autocast the layers compute in its dtype like nn.Linear (fp32 parameters get fp32 gradients);
+    under no_grad the column layer keeps nothing for dW (no slice copied)."""
+    from turbo_dist.tp import wgrad
+
+    hidden, ffn, tokens = 8, 4 * world, 4 * world
+    torch.manual_seed(0)
+    lin1, lin2 = nn.Linear(hidden, ffn), nn.Linear(ffn, hidden)
+    x_full = rand((tokens, 2, hidden), 31)
+    dy_full = rand((tokens, 2, hidden), 32)
+    for sp in (True, False):
+        col = tp.ColumnParallelLinear(hidden, ffn, sequence_parallel=sp).load_full(lin1.weight, lin1.bias)
+        row = tp.RowParallelLinear(ffn, hidden, sequence_parallel=sp).load_full(lin2.weight, lin2.bias)
+        x_ref = x_full.clone().requires_grad_(True)
+        ref = lin2(torch.nn.functional.gelu(lin1(x_ref)))
+        (ref * dy_full).sum().backward()
+        x = (x_full.chunk(world)[rank] if sp else x_full).clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            h = col(x)
+            y = row(torch.nn.functional.gelu(h))
+        assert h.dtype == y.dtype == torch.bfloat16, (sp, h.dtype, y.dtype)
+        (y.float() * (dy_full.chunk(world)[rank] if sp else dy_full)).sum().backward()
+        assert col.weight.grad.dtype == row.weight.grad.dtype == x.grad.dtype == torch.float32
+        rows = slice(rank * ffn // world, (rank + 1) * ffn // world)
+        check_close(y, ref.detach().chunk(world)[rank] if sp else ref.detach(), torch.bfloat16, f"sp={sp} out", 3e-2)
+        check_close(col.weight.grad, lin1.weight.grad[rows], torch.bfloat16, f"sp={sp} dW1", 3e-2)
+        check_close(row.weight.grad, lin2.weight.grad[:, rows], torch.bfloat16, f"sp={sp} dW2", 3e-2)
+        check_close(x.grad, x_ref.grad.chunk(world)[rank] if sp else x_ref.grad, torch.bfloat16, f"sp={sp} dx", 3e-2)
+        lin1.zero_grad()
+        lin2.zero_grad()
+    kept = []
+    real = wgrad.keep_input
+    wgrad.keep_input = lambda *a: kept.append(1) or real(*a)
+    try:
+        col = tp.ColumnParallelLinear(hidden, ffn)
+        with torch.no_grad():
+            col(x_full.chunk(world)[rank].contiguous())
+        assert not kept, "keep_input ran under no_grad"
+        col(x_full.chunk(world)[rank].contiguous())
+        assert kept == [1]
+    finally:
+        wgrad.keep_input = real
+    return True
+
+
+@pytest.mark.dist
+def test_parallel_linear_autocast_and_no_grad():
+    if torch.cuda.is_available():
+        pytest.skip("CPU autocast (bf16) on gloo")
+    assert run_distributed(_autocast_and_no_grad, 2) == [True, True]

@@ -288,11 +288,11 @@ class _AllGatherLinear(torch.autograd.Function):
     gathered again under the weight-gradient GEMM."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, group, fusion=False):
+    def forward(ctx, x, weight, bias, group, fusion=False, keep=True):
         s, b, h = x.shape
         x2 = x.reshape(s * b, h)
         a_full, (y,) = _tp.all_gather_matmul(x2, [weight.t()], gather_dim=0, group=group)
-        kept, ctx.kept_how = _wgrad.keep_input(group, x2, a_full, 0) if weight.requires_grad else (None, None)
+        kept, ctx.kept_how = _wgrad.keep_input(group, x2, a_full, 0) if keep else (None, None)
         ctx.save_for_backward(kept, weight)
         ctx.group, ctx.has_bias, ctx.fusion = group, bias is not None, fusion
         y = y.view(-1, b, weight.shape[0])
@@ -311,7 +311,7 @@ class _AllGatherLinear(torch.autograd.Function):
             dw = _weight_grad(weight, lambda dt: _wgrad.weight_grads(ctx.group, kept, ctx.kept_how, [dy2],
                                                                      out_dtype=dt)[0], ctx.fusion)
         db = dy2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return dx, dw, db, None, None
+        return dx, dw, db, None, None, None
 
 
 class _LinearReduceScatter(torch.autograd.Function):
@@ -374,7 +374,7 @@ class TurboDistColumnParallelLinear(ColumnParallelLinear):
         if input.dim() != 3:
             raise ValueError(f"{type(self).__name__}: input must be [s/tp, b, h], got {tuple(input.shape)}")
         return _AllGatherLinear.apply(input, weight, bias, tp_group if tp_group is not None else self.tp_group,
-                                      bool(gradient_accumulation_fusion))
+                                      bool(gradient_accumulation_fusion), _wgrad.needed(weight))
 
 
 class TurboDistRowParallelLinear(RowParallelLinear):

@@ -200,10 +200,10 @@ class _AllGatherLinear(torch.autograd.Function):
     gathered again in backward from the 1/R the forward keeps (turbo_dist.tp.wgrad), as TorchTitan's own does."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, group):
+    def forward(ctx, x, weight, bias, group, keep=True):
         x = x.contiguous()
         x_full, (y,) = _tp.all_gather_matmul(x, [weight.t()], gather_dim=0, group=group)
-        kept, ctx.kept_how = _wgrad.keep_input(group, x, x_full, 0) if weight.requires_grad else (None, None)
+        kept, ctx.kept_how = _wgrad.keep_input(group, x, x_full, 0) if keep else (None, None)
         ctx.save_for_backward(kept, weight)
         ctx.group, ctx.has_bias = group, bias is not None
         return y + bias if bias is not None else y
@@ -216,18 +216,17 @@ class _AllGatherLinear(torch.autograd.Function):
             if ctx.needs_input_grad[0] else None
         dw = _wgrad.weight_grads(ctx.group, kept, ctx.kept_how, [dy])[0] if ctx.needs_input_grad[1] else None
         db = dy.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return dx, dw, db, None
+        return dx, dw, db, None, None
 
 
 class _AllGatherLinearPair(torch.autograd.Function):
     """(ya, yb) = all_gather(x) @ (wa.T, wb.T) with one all-gather (SwiGLU's w1/w3); dx is one GEMM + RS."""
 
     @staticmethod
-    def forward(ctx, x, weight_a, weight_b, group):
+    def forward(ctx, x, weight_a, weight_b, group, keep=True):
         x = x.contiguous()
         x_full, (ya, yb) = _tp.all_gather_matmul(x, [weight_a.t(), weight_b.t()], gather_dim=0, group=group)
-        need = weight_a.requires_grad or weight_b.requires_grad
-        kept, ctx.kept_how = _wgrad.keep_input(group, x, x_full, 0) if need else (None, None)
+        kept, ctx.kept_how = _wgrad.keep_input(group, x, x_full, 0) if keep else (None, None)
         ctx.save_for_backward(kept, weight_a, weight_b)
         ctx.group = group
         return ya, yb
@@ -244,7 +243,7 @@ class _AllGatherLinearPair(torch.autograd.Function):
         # one gather of the kept input feeds both weight gradients
         dws = _wgrad.weight_grads(ctx.group, kept, ctx.kept_how, [dy for _, dy in wanted]) if wanted else []
         grads = {i: dw for (i, _), dw in zip(wanted, dws)}
-        return dx, grads.get(1), grads.get(2), None
+        return dx, grads.get(1), grads.get(2), None, None
 
 
 class _LinearReduceScatter(torch.autograd.Function):
@@ -309,7 +308,7 @@ class TurboDistAllGatherFusedQKVLinear(_dist_gemm.AllGatherFusedQKVLinear):
         bsz, _, dim = x.shape
         # Sequence outermost before flattening, so gathered rows are (seq, batch) row-major (as TorchTitan).
         qkv_flat = _AllGatherLinear.apply(x.transpose(0, 1).reshape(-1, dim), self.wqkv.weight, self.wqkv.bias,
-                                          group)
+                                          group, _wgrad.needed(self.wqkv.weight))
         seqlen = qkv_flat.shape[0] // bsz
         qkv = qkv_flat.view(seqlen, bsz, -1, self.r_dim, self.head_dim).transpose(0, 1)
         xq, xk, xv = torch.split(qkv, [self.heads_per_kv, 1, 1], dim=-2)
@@ -352,7 +351,7 @@ class TurboDistAllGatherFusedFeedForward(_dist_gemm.AllGatherFusedFeedForward):
             return super().forward(x)
         bsz, _, dim = x.shape
         h1, h3 = _AllGatherLinearPair.apply(x.transpose(0, 1).reshape(-1, dim), self.w1.weight, self.w3.weight,
-                                            group)
+                                            group, _wgrad.needed(self.w1.weight, self.w3.weight))
         y_flat = _LinearReduceScatter.apply(F.silu(h1) * h3, self.w2.weight, self.w2.bias, group)
         return y_flat.view(-1, bsz, y_flat.shape[-1]).transpose(0, 1).contiguous()
 

@@ -29,6 +29,8 @@ from ._device import globaltimer_ns, interpreting
 
 ERR_NUMEL = 4  # err: [code, source rank, counter value seen, expected]
 ERR_DISPATCH, ERR_COMBINE = 1, 2
+TRAPPED = 0x100  # or-ed into the code by a wait that trapped (captured in a CUDA graph)
+_TRAPPED = tl.constexpr(TRAPPED)
 
 
 @triton.jit
@@ -170,6 +172,14 @@ def _ll_wait_kernel(cnt_ptr, err_addr, stats_ptr, num_src, expected, code, timeo
     vals = tl.atomic_add(ptrs, 0, mask=m, sem="acquire", scope="sys")
     lo = tl.min(tl.where(m, vals, expected), 0)
     failed = (tl.load(err, volatile=True) != 0).to(tl.int32)  # an earlier timeout: no wait (host raises)
+    if not HAS_MASK:
+        if USE_TIMER:
+            if trap != 0:
+                if failed != 0:  # an earlier (eager) timeout left the record set: a replay could neither wait nor
+                    # raise, it would return what is there: trap
+                    tl.store(err, tl.load(err, volatile=True) | _TRAPPED)
+                    _fence_sys()
+                    _trap()
     waiting = (lo < expected) & (failed == 0)
     it = 0
     if HAS_STATS:  # stats[src] = its value before + the cost while src was short, written in the loop: a tensor
@@ -210,6 +220,7 @@ def _ll_wait_kernel(cnt_ptr, err_addr, stats_ptr, num_src, expected, code, timeo
             tl.store(err, code)
             if trap != 0:
                 if USE_TIMER:
+                    tl.store(err, code | _TRAPPED)
                     _fence_sys()
                     _trap()
         failed = failed | timed_out.to(tl.int32)
@@ -356,15 +367,20 @@ def describe(record, what="turbo_dist low-latency"):
     code, src, seen, expected = record
     if not code:
         return None
-    op = {ERR_DISPATCH: "dispatch", ERR_COMBINE: "combine"}.get(code, f"wait (code {code})")
-    return (f"{what} {op}: the wait for rank {src} timed out (its counter {seen} of {expected}); if it was "
-            "captured in a CUDA graph, it trapped there (CUDA reports a launch failure or illegal instruction)")
+    base = code & ~TRAPPED
+    op = {ERR_DISPATCH: "dispatch", ERR_COMBINE: "combine"}.get(base, f"wait (code {base})")
+    line = f"{what} {op}: the wait for rank {src} timed out (its counter {seen} of {expected})"
+    if code & TRAPPED:
+        return line + ("; a wait replayed from a CUDA graph trapped on it (CUDA reports a launch failure or an "
+                       "illegal instruction)")
+    return line + " (recorded, not cleared by Buffer.clean_low_latency_buffer)"
 
 
 @atexit.register
 def _report_at_exit():
     # A trapped replay leaves the process with a CUDA error that names nothing of ours: say what timed out. The
-    # records are pinned host memory, readable with the CUDA context gone.
+    # records are pinned host memory, still mapped while the CUDA context is in its error state after a trap (an
+    # exit through os._exit or a signal, e.g. NCCL's watchdog abort, skips this).
     for word in list(_LIVE):
         try:
             line = describe([int(v) for v in word.tensor.tolist()], word.what)

@@ -44,7 +44,14 @@ log = logging.getLogger("turbo_dist")
 
 PATHS = ("triton", "collective")
 _ALIGN = 256
-_COUNTER_BYTES = 1 << 16  # [2 kinds][2 parities][R] int64 counters at offset 0: up to 2048 ranks
+_COUNTER_BYTES = 1 << 16  # [2 kinds][2 parities][R, padded to even] int64 counters at offset 0: up to 2048 ranks
+
+
+def _cnt_stride(num_ranks):
+    """Counters per (kind, parity) block: R padded to even, so every block starts 16-byte aligned. With an odd R
+    the parity-1 blocks were only 8-byte aligned, which Triton compiles as another kernel: a CUDA graph captured
+    on the other parity than the eager warm-up compiled and loaded a kernel inside the capture."""
+    return num_ranks + num_ranks % 2
 _HINT_TOPK = 16
 _DISPATCH, _COMBINE = 0, 1
 
@@ -175,7 +182,7 @@ class LowLatency:
 
     def _counters(self, kind, parity):
         r = self.rt.world_size
-        return self._buffer.local(torch.int64, (2, 2, r))[kind, parity]
+        return self._buffer.local(torch.int64, (2, 2, _cnt_stride(r)))[kind, parity, :r]
 
     def _next_parity(self, kind):
         p = self._parity[kind]
@@ -187,6 +194,7 @@ class LowLatency:
         if self._err is None:
             return
         code, src, seen, expected = self._err.read()
+        code &= ~moe_ll.TRAPPED
         if code:
             what = "low_latency_dispatch" if code == moe_ll.ERR_DISPATCH else "low_latency_combine"
             raise RuntimeError(
@@ -226,7 +234,7 @@ class LowLatency:
         if self.path == "triton" and self._buffer is not None:
             torch.cuda.synchronize(self.rt.device)
             self.rt.barrier()
-            self._buffer.local(torch.int64, (2, 2, self.rt.world_size)).zero_()
+            self._buffer.local(torch.int64, (2, 2, _cnt_stride(self.rt.world_size))).zero_()
             self._parity = [0, 0]
             torch.cuda.synchronize(self.rt.device)
             self.rt.barrier()
@@ -301,7 +309,7 @@ class LowLatency:
         self._ensure_buffer(num_max, hidden, k)
         p = self._next_parity(_DISPATCH)
         reg = self._regions[p]
-        cnt_off = (_DISPATCH * 2 + p) * rt.world_size * 8
+        cnt_off = (_DISPATCH * 2 + p) * _cnt_stride(rt.world_size) * 8
         moe_ll.dispatch_send(x if use_fp8 else x.contiguous(), None, topk_idx, num_max, self._buffer.peer_ptrs,
                              rt.rank, rt.world_size, e_l, reg["x"], reg["s"], reg["idx"], cnt_off, cast_fp8=use_fp8,
                              round_scale=round_scale, mask=self.mask)
@@ -382,7 +390,7 @@ class LowLatency:
         self._ensure_buffer(num_max, hidden, k)
         p = self._next_parity(_COMBINE)
         reg = self._regions[p]
-        cnt_off = (_COMBINE * 2 + p) * rt.world_size * 8
+        cnt_off = (_COMBINE * 2 + p) * _cnt_stride(rt.world_size) * 8
         send = moe_ll_logfmt.combine_send if use_logfmt else moe_ll.combine_send
         send(x.view(-1, hidden), handle.dst, self._buffer.peer_ptrs, rt.rank, rt.world_size, num_max, reg["comb"],
              cnt_off, mask=self.mask)

@@ -47,12 +47,11 @@ class _AllGatherLinear(torch.autograd.Function):
     """y = all_gather(x, seq_dim) @ w^T (+ b); backward dx = reduce_scatter(dy @ w)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, group, seq_dim, algo):
+    def forward(ctx, x, weight, bias, group, seq_dim, algo, keep):
         x_full, (y,) = all_gather_matmul(x, [weight.t()], gather_dim=seq_dim, group=group, algo=algo)
         if bias is not None:
             y = y + bias
-        kept, ctx.kept_how = (wgrad.keep_input(group, x, x_full, seq_dim) if weight.requires_grad
-                              else (None, None))
+        kept, ctx.kept_how = wgrad.keep_input(group, x, x_full, seq_dim) if keep else (None, None)
         ctx.save_for_backward(kept, weight)
         ctx.has_bias = bias is not None
         ctx.group, ctx.seq_dim, ctx.algo = group, seq_dim, algo
@@ -69,7 +68,7 @@ class _AllGatherLinear(torch.autograd.Function):
                                        ctx.algo)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = _bias_grad(dy)
-        return dx, dw, db, None, None, None
+        return dx, dw, db, None, None, None, None
 
 
 class _LinearReduceScatter(torch.autograd.Function):
@@ -177,15 +176,27 @@ class _TPLinearBase(nn.Module):
         self.algo = C.check_algo(algo)
         self._device = rt.device
 
-    def _check_input(self, x, in_features):
+    def _run(self, x, forward):
+        """forward(x, weight, bias); under torch.autocast in its dtype, as nn.Linear: the input and parameters
+        are cast first (differentiable casts: gradients come back in each one's own dtype) and the layer runs
+        with autocast off (its backward, outside autocast, then sees one dtype)."""
+        dev = x.device.type if isinstance(x, torch.Tensor) else "cpu"
+        if not torch.is_autocast_enabled(dev):
+            return forward(x, self.weight, self.bias)
+        dt = torch.get_autocast_dtype(dev)
+        cast = [t if t is None or not t.is_floating_point() else t.to(dt) for t in (x, self.weight, self.bias)]
+        with torch.autocast(dev, enabled=False):
+            return forward(*cast)
+
+    def _check_input(self, x, in_features, weight):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"input must be a tensor, got {type(x).__name__}")
         if x.dim() < 2:
             raise ValueError(f"input must be at least 2-D [..., {in_features}], got {tuple(x.shape)}")
         if x.shape[-1] != in_features:
             raise ValueError(f"input has last dim {x.shape[-1]}, expected {in_features} (shape {tuple(x.shape)})")
-        if x.dtype != self.weight.dtype:
-            raise TypeError(f"input is {x.dtype} but the weight is {self.weight.dtype}")
+        if x.dtype != weight.dtype:
+            raise TypeError(f"input is {x.dtype} but the weight is {weight.dtype}")
         seq_dim = C.normalize_dim(self.seq_dim, x.dim(), "seq_dim")
         if self.sequence_parallel and seq_dim == x.dim() - 1:
             raise ValueError(f"seq_dim={self.seq_dim} is the feature (last) dim of the input {tuple(x.shape)}: the "
@@ -243,10 +254,13 @@ class ColumnParallelLinear(_TPLinearBase):
         return self
 
     def forward(self, x):
-        seq_dim = self._check_input(x, self.in_features)
+        return self._run(x, self._forward)
+
+    def _forward(self, x, weight, bias):
+        seq_dim = self._check_input(x, self.in_features, weight)
         if self.sequence_parallel:
-            return _AllGatherLinear.apply(x, self.weight, self.bias, self.group, seq_dim, self.algo)
-        return _LinearAllReduceDgrad.apply(x, self.weight, self.bias, self.group)
+            return _AllGatherLinear.apply(x, weight, bias, self.group, seq_dim, self.algo, wgrad.needed(weight))
+        return _LinearAllReduceDgrad.apply(x, weight, bias, self.group)
 
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features} ({self.out_per_rank}/rank), "
@@ -291,11 +305,14 @@ class RowParallelLinear(_TPLinearBase):
         return self
 
     def forward(self, x):
-        seq_dim = self._check_input(x, self.in_per_rank)
+        return self._run(x, self._forward)
+
+    def _forward(self, x, weight, bias):
+        seq_dim = self._check_input(x, self.in_per_rank, weight)
         if self.sequence_parallel:
-            return _LinearReduceScatter.apply(x, self.weight, self.bias, self.group, seq_dim, self.algo)
-        y = _ReduceFromTP.apply(nn.functional.linear(x, self.weight), self.group)
-        return y + self.bias if self.bias is not None else y
+            return _LinearReduceScatter.apply(x, weight, bias, self.group, seq_dim, self.algo)
+        y = _ReduceFromTP.apply(nn.functional.linear(x, weight), self.group)
+        return y + bias if bias is not None else y
 
     def extra_repr(self):
         return (f"in_features={self.in_features} ({self.in_per_rank}/rank), out_features={self.out_features}, "

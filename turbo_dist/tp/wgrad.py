@@ -28,6 +28,13 @@ FULL, K_SHARD, SEQ_SHARD = "full", "k_shard", "seq_shard"
 _LOGGED = set()
 
 
+def needed(*weights):
+    """Whether this call's backward can ask for a weight gradient: grad mode on and a weight requiring grad. Call
+    it before `Function.apply` (grad mode is always off inside a forward): under no_grad (inference, the first pass
+    of reentrant checkpointing) nothing is kept, no slice is copied."""
+    return torch.is_grad_enabled() and any(w is not None and w.requires_grad for w in weights)
+
+
 def keep_input(group, x_shard, x_full, seq_dim):
     """What to save for the weight gradient: (tensor, how).
 
