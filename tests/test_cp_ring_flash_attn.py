@@ -1,0 +1,147 @@
+"""turbo_dist.cp.ring_flash_attn: ring-flash-attn's functions (same names, signatures, layouts) against full-sequence
+attention on one process, forward and backward, on 2 gloo ranks; what it does not take raises."""
+import pytest
+import torch
+
+from turbo_dist.testing import run_distributed
+
+B, S, HQ, HKV, D = 2, 16, 4, 2, 8
+CU = [0, 8, 24, 32]  # packed lengths 8, 16, 8: divisible by 2 * W for W = 2
+
+
+def _rand(shape, seed):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _close(got, ref, what):
+    torch.testing.assert_close(got, ref, rtol=2e-4, atol=2e-4, msg=lambda m: f"{what}: {m}")
+
+
+def _dense_case(rank, world, fn, packing, causal, load_balance, return_probs):
+    from turbo_dist import ops
+    from turbo_dist.cp.layout import shard_local
+
+    q, k, v = _rand((B, S, HQ, D), 1), _rand((B, S, HKV, D), 2), _rand((B, S, HKV, D), 3)
+    dout = _rand((B, S, HQ, D), 4)
+    if packing != "none":  # packed inputs share one head count: no GQA
+        k, v = _rand((B, S, HQ, D), 2), _rand((B, S, HQ, D), 3)
+    refs = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    o_ref, lse_ref = ops.attention(*refs, causal=causal, return_lse=True)
+    (o_ref * dout).sum().backward()
+
+    def cut(t, dim=1):
+        return shard_local(t, rank, world, seq_dim=dim, load_balance=load_balance)
+
+    if packing == "qkv":
+        leaf = torch.stack([cut(q), cut(k), cut(v)], dim=2).requires_grad_(True)
+        out = fn(leaf, causal=causal, return_attn_probs=return_probs)
+    elif packing == "kv":
+        ql, leaf = cut(q).requires_grad_(True), torch.stack([cut(k), cut(v)], dim=2).requires_grad_(True)
+        out = fn(ql, leaf, causal=causal, return_attn_probs=return_probs)
+    else:
+        ql, kl, vl = (cut(t).requires_grad_(True) for t in (q, k, v))
+        out = fn(ql, kl, vl, 0.0, None, causal, return_attn_probs=return_probs)
+    if return_probs:
+        assert isinstance(out, tuple) and len(out) == 3 and out[2] is None
+        o, lse = out[0], out[1]
+        _close(lse, cut(lse_ref.detach(), dim=2), "lse")
+    else:
+        o = out
+    _close(o, cut(o_ref.detach()), "out")
+    (o * cut(dout)).sum().backward()
+    if packing == "qkv":
+        grads = leaf.grad.unbind(2)
+    elif packing == "kv":
+        grads = (ql.grad, *leaf.grad.unbind(2))
+    else:
+        grads = (ql.grad, kl.grad, vl.grad)
+    for name, g, r in zip("qkv", grads, refs):
+        _close(g, cut(r.grad), f"d{name}")
+    del grads
+    return True
+
+
+def _dense(rank, world):
+    from turbo_dist.cp import ring_flash_attn as rfa
+
+    cases = [(rfa.ring_flash_attn_func, "none", True, False, False),
+             (rfa.ring_flash_attn_func, "none", False, False, True),
+             (rfa.zigzag_ring_flash_attn_func, "none", True, True, True),
+             (rfa.zigzag_ring_flash_attn_qkvpacked_func, "qkv", True, True, False),
+             (rfa.zigzag_ring_flash_attn_kvpacked_func, "kv", True, True, False),
+             (rfa.ring_flash_attn_qkvpacked_func, "qkv", True, False, False),
+             (rfa.ring_flash_attn_kvpacked_func, "kv", False, False, False)]
+    return sum(_dense_case(rank, world, *c) for c in cases)
+
+
+def _varlen(rank, world):
+    from turbo_dist import cp, ops
+    from turbo_dist.cp import ring_flash_attn as rfa
+
+    t = CU[-1]
+    cu = torch.tensor(CU, dtype=torch.int32)
+    q, k, v = _rand((t, HQ, D), 5), _rand((t, HKV, D), 6), _rand((t, HKV, D), 7)
+    dout = _rand((t, HQ, D), 8)
+    refs = [x.clone().requires_grad_(True) for x in (q, k, v)]
+    o_ref = ops.varlen_attention(*refs, cu, cu, None, None, causal=True)
+    (o_ref * dout).sum().backward()
+    cu_local = cu // world  # ring-flash-attn's cu_seqlens are the local ones
+    max_local = max(b - a for a, b in zip(CU, CU[1:])) // world
+    ql, kl, vl = (cp.shard_packed(x, cu).clone().requires_grad_(True) for x in (q, k, v))
+    o = rfa.zigzag_ring_flash_attn_varlen_func(ql, kl, vl, cu_local, max_local, causal=True)
+    _close(o, cp.shard_packed(o_ref.detach(), cu), "varlen out")
+    (o * cp.shard_packed(dout, cu)).sum().backward()
+    for name, g, r in zip("qkv", (ql.grad, kl.grad, vl.grad), refs):
+        _close(g, cp.shard_packed(r.grad, cu), f"varlen d{name}")
+    # qkv-packed (one head count)
+    kq, vq = _rand((t, HQ, D), 6), _rand((t, HQ, D), 7)
+    o_ref2 = ops.varlen_attention(q, kq, vq, cu, cu, None, None, causal=True)
+    qkv = torch.stack([cp.shard_packed(x, cu) for x in (q, kq, vq)], dim=1)
+    o2 = rfa.zigzag_ring_flash_attn_varlen_qkvpacked_func(qkv, cu_local, max_local, causal=True)
+    _close(o2, cp.shard_packed(o_ref2, cu), "varlen qkvpacked out")
+    return True
+
+
+def _refusals(rank, world):
+    from turbo_dist.cp import ring_flash_attn as rfa
+
+    q = _rand((B, S // world, HQ, D), 1)
+    with pytest.raises(NotImplementedError, match="dropout"):
+        rfa.zigzag_ring_flash_attn_func(q, q, q, dropout_p=0.1, causal=True)
+    with pytest.raises(NotImplementedError, match="sliding"):
+        rfa.ring_flash_attn_func(q, q, q, window_size=(4, 0))
+    with pytest.raises(NotImplementedError, match="alibi"):
+        rfa.ring_flash_attn_func(q, q, q, alibi_slopes=torch.ones(HQ))
+    with pytest.raises(NotImplementedError, match="deterministic"):
+        rfa.ring_flash_attn_func(q, q, q, deterministic=True)
+    with pytest.raises(NotImplementedError, match="stripe"):
+        rfa.stripe_flash_attn_func(q, q, q, causal=True)
+    with pytest.raises(NotImplementedError, match="per-sequence contiguous"):
+        rfa.ring_flash_attn_varlen_func(q[0], q[0], q[0], torch.tensor([0, 8]), 8)
+    with pytest.raises(NotImplementedError, match="llama3"):
+        rfa.llama3_flash_attn_varlen_func(q[0], q[0], q[0])
+    with pytest.raises(NotImplementedError, match="return_lse"):
+        rfa.zigzag_ring_flash_attn_varlen_func(q[0], q[0], q[0], torch.tensor([0, 8], dtype=torch.int32), 8,
+                                               causal=True, return_attn_probs=True)
+    with pytest.raises(ValueError, match="qkv"):
+        rfa.zigzag_ring_flash_attn_qkvpacked_func(torch.stack([q, q], dim=2), causal=True)
+    return True
+
+
+@pytest.mark.dist
+def test_ring_flash_attn_dense_functions_match_full_attention():
+    if torch.cuda.is_available():
+        pytest.skip("CPU (gloo) comparison")
+    assert run_distributed(_dense, 2) == [7, 7]
+
+
+@pytest.mark.dist
+def test_zigzag_varlen_functions_match_full_attention():
+    if torch.cuda.is_available():
+        pytest.skip("CPU (gloo) comparison")
+    assert run_distributed(_varlen, 2) == [True, True]
+
+
+@pytest.mark.dist
+def test_ring_flash_attn_refuses_what_it_does_not_do():
+    assert run_distributed(_refusals, 2, backend="gloo") == [True, True]

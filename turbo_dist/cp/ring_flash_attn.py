@@ -1,0 +1,180 @@
+"""ring-flash-attn's functions on turbo_dist's context parallelism: code written for `ring_flash_attn` runs by
+changing the import (`from turbo_dist.cp.ring_flash_attn import zigzag_ring_flash_attn_func`).
+
+Same names, signatures, layouts and returns as ring-flash-attn (zhuzilin/ring-flash-attention):
+- `ring_flash_attn_func` (+ `_kvpacked_`, `_qkvpacked_`): q/k/v [B, S/W, H, D], rank r holding the contiguous
+  chunk r of the sequence; `turbo_dist.cp.context_parallel_attention(..., cp_comm_type="ring",
+  load_balance=False)`.
+- `zigzag_ring_flash_attn_func` (+ packed forms): rank r holding chunks r and 2W-1-r of 2W (`load_balance=True`,
+  the layout of `turbo_dist.cp.shard`).
+- `zigzag_ring_flash_attn_varlen_func` (+ packed forms): packed q/k/v [T/W, H, D], every sequence cut into 2W
+  chunks, rank r holding chunks r and 2W-1-r of each, sequence after sequence (Megatron's THD layout,
+  `turbo_dist.cp.shard_packed`); `cu_seqlens` / `max_seqlen` are ring-flash-attn's LOCAL ones (each local length
+  is the global one / W).
+kvpacked: kv [..., 2, H, D]; qkvpacked: qkv [..., 3, H, D] (dense: [B, S/W, 3, H, D], varlen: [T/W, 3, H, D]).
+GQA (fewer k/v heads) is allowed; `group=None` is the default process group; `return_attn_probs=True` returns
+(out, softmax_lse, None) as ring-flash-attn does: lse [B, H, S/W] fp32 for the dense functions (the varlen ones
+refuse it: ring-flash-attn pads their lse per sequence; `context_parallel_attention(return_lse=True)` gives it as
+[H, T/W]). Gradients flow to q, k, v (or the packed tensor).
+
+Refused with NotImplementedError (never ignored): dropout_p != 0, a sliding window, alibi_slopes, deterministic=True
+(as turbo_dist.ops.flash_attn_func); the stripe layouts, `ring_flash_attn_varlen_func` (a per-sequence contiguous
+split, a layout turbo_dist's CP does not take) and `llama3_flash_attn_varlen_func`.
+"""
+import torch
+
+from . import context_parallel_attention
+
+
+def _refuse_unsupported(dropout_p, window_size, alibi_slopes, deterministic):
+    from turbo_dist.ops import _unsupported_flash_args
+
+    _unsupported_flash_args(dropout_p, window_size, None, alibi_slopes, deterministic, False)
+
+
+def _dense(q, k, v, load_balance, dropout_p, softmax_scale, causal, window_size, alibi_slopes, deterministic,
+           return_attn_probs, group):
+    _refuse_unsupported(dropout_p, window_size, alibi_slopes, deterministic)
+    out = context_parallel_attention(q, k, v, causal=causal, softmax_scale=softmax_scale, cp_group=group,
+                                     cp_comm_type="ring", load_balance=load_balance,
+                                     return_lse=bool(return_attn_probs))
+    return (out[0], out[1], None) if return_attn_probs else out
+
+
+def _zigzag_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal, window_size, alibi_slopes,
+                   deterministic, return_attn_probs, group):
+    _refuse_unsupported(dropout_p, window_size, alibi_slopes, deterministic)
+    if return_attn_probs:
+        raise NotImplementedError("zigzag_ring_flash_attn_varlen_func(return_attn_probs=True): ring-flash-attn's "
+                                  "padded per-sequence lse is not produced; turbo_dist.cp.context_parallel_attention"
+                                  "(..., return_lse=True) returns it as [H, T/W]")
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"cu_seqlens must be a tensor, got {type(cu_seqlens).__name__}")
+    import torch.distributed as dist
+
+    w = dist.get_world_size(group)
+    cu_global = cu_seqlens * w  # each rank holds 1/W of every sequence
+    max_global = None if max_seqlen is None else int(max_seqlen) * w
+    return context_parallel_attention(q, k, v, causal=causal, softmax_scale=softmax_scale, cp_group=group,
+                                      cp_comm_type="ring", load_balance=True, cu_seqlens_q=cu_global,
+                                      cu_seqlens_k=cu_global, max_seqlen_q=max_global, max_seqlen_k=max_global)
+
+
+def _unpack(t, n, name, dim):
+    if not isinstance(t, torch.Tensor) or t.dim() <= dim or t.shape[dim] != n:
+        raise ValueError(f"{name} must have {n} at dim {dim} ({'q, k, v' if n == 3 else 'k, v'} packed), got "
+                         f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    return t.unbind(dim)
+
+
+# ------------------------------------------------------------------------- contiguous ring (dense)
+def ring_flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                         alibi_slopes=None, deterministic=False, return_attn_probs=False, group=None):
+    """q [B, S/W, Hq, D], k/v [B, S/W, Hkv, D]: rank r holds the contiguous chunk r of the sequence."""
+    return _dense(q, k, v, False, dropout_p, softmax_scale, causal, window_size, alibi_slopes, deterministic,
+                  return_attn_probs, group)
+
+
+def ring_flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                                  alibi_slopes=None, deterministic=False, return_attn_probs=False, group=None):
+    k, v = _unpack(kv, 2, "kv", 2)
+    return ring_flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, alibi_slopes, deterministic,
+                                return_attn_probs, group)
+
+
+def ring_flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                                   alibi_slopes=None, deterministic=False, return_attn_probs=False, group=None):
+    q, k, v = _unpack(qkv, 3, "qkv", 2)
+    return ring_flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, alibi_slopes, deterministic,
+                                return_attn_probs, group)
+
+
+# --------------------------------------------------------------------------- zigzag ring (dense)
+def zigzag_ring_flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                                alibi_slopes=None, deterministic=False, return_attn_probs=False, group=None):
+    """q [B, S/W, Hq, D], k/v [B, S/W, Hkv, D]: rank r holds chunks r and 2W-1-r of 2W (turbo_dist.cp.shard)."""
+    return _dense(q, k, v, True, dropout_p, softmax_scale, causal, window_size, alibi_slopes, deterministic,
+                  return_attn_probs, group)
+
+
+def zigzag_ring_flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=False,
+                                         window_size=(-1, -1), alibi_slopes=None, deterministic=False,
+                                         return_attn_probs=False, group=None):
+    k, v = _unpack(kv, 2, "kv", 2)
+    return zigzag_ring_flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, alibi_slopes,
+                                       deterministic, return_attn_probs, group)
+
+
+def zigzag_ring_flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False,
+                                          window_size=(-1, -1), alibi_slopes=None, deterministic=False,
+                                          return_attn_probs=False, group=None):
+    q, k, v = _unpack(qkv, 3, "qkv", 2)
+    return zigzag_ring_flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, alibi_slopes,
+                                       deterministic, return_attn_probs, group)
+
+
+# -------------------------------------------------------------------------- zigzag ring (varlen)
+def zigzag_ring_flash_attn_varlen_func(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None,
+                                       causal=False, window_size=(-1, -1), alibi_slopes=None, deterministic=False,
+                                       return_attn_probs=False, group=None):
+    """q [T/W, Hq, D], k/v [T/W, Hkv, D]: every sequence in 2W chunks, rank r holding chunks r and 2W-1-r of
+    each (turbo_dist.cp.shard_packed); cu_seqlens [B+1] / max_seqlen: this rank's (global / W)."""
+    return _zigzag_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal, window_size,
+                          alibi_slopes, deterministic, return_attn_probs, group)
+
+
+def zigzag_ring_flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None,
+                                                causal=False, window_size=(-1, -1), alibi_slopes=None,
+                                                deterministic=False, return_attn_probs=False, group=None):
+    k, v = _unpack(kv, 2, "kv", 1)
+    return _zigzag_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal, window_size,
+                          alibi_slopes, deterministic, return_attn_probs, group)
+
+
+def zigzag_ring_flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None,
+                                                 causal=False, window_size=(-1, -1), alibi_slopes=None,
+                                                 deterministic=False, return_attn_probs=False, group=None):
+    q, k, v = _unpack(qkv, 3, "qkv", 1)
+    return _zigzag_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal, window_size,
+                          alibi_slopes, deterministic, return_attn_probs, group)
+
+
+# ------------------------------------------------------------------------------- not supported
+def _not_supported(name, why):
+    def refuse(*args, **kwargs):
+        raise NotImplementedError(f"turbo_dist.cp.ring_flash_attn.{name}: {why}")
+
+    refuse.__name__ = name
+    refuse.__doc__ = f"Not supported: {why}"
+    return refuse
+
+
+_STRIPE = ("the stripe layout (token i on rank i % W) is not one turbo_dist's CP takes; use the zigzag functions "
+           "(turbo_dist.cp.shard) for load-balanced causal attention")
+_RING_VARLEN = ("ring-flash-attn's per-sequence contiguous split is not a layout turbo_dist's CP takes; use "
+                "zigzag_ring_flash_attn_varlen_func (chunks r and 2W-1-r of every sequence, turbo_dist.cp."
+                "shard_packed) or turbo_dist.cp.context_parallel_attention on a contiguous shard of the packed tokens")
+ring_flash_attn_varlen_func = _not_supported("ring_flash_attn_varlen_func", _RING_VARLEN)
+ring_flash_attn_varlen_kvpacked_func = _not_supported("ring_flash_attn_varlen_kvpacked_func", _RING_VARLEN)
+ring_flash_attn_varlen_qkvpacked_func = _not_supported("ring_flash_attn_varlen_qkvpacked_func", _RING_VARLEN)
+stripe_flash_attn_func = _not_supported("stripe_flash_attn_func", _STRIPE)
+stripe_flash_attn_kvpacked_func = _not_supported("stripe_flash_attn_kvpacked_func", _STRIPE)
+stripe_flash_attn_qkvpacked_func = _not_supported("stripe_flash_attn_qkvpacked_func", _STRIPE)
+stripe_flash_attn_varlen_func = _not_supported("stripe_flash_attn_varlen_func", _STRIPE)
+stripe_flash_attn_varlen_kvpacked_func = _not_supported("stripe_flash_attn_varlen_kvpacked_func", _STRIPE)
+stripe_flash_attn_varlen_qkvpacked_func = _not_supported("stripe_flash_attn_varlen_qkvpacked_func", _STRIPE)
+llama3_flash_attn_varlen_func = _not_supported(
+    "llama3_flash_attn_varlen_func", "its local-k-slice protocol (llama3_flash_attn_prepare_cu_seqlens) is not "
+    "implemented; use zigzag_ring_flash_attn_varlen_func or turbo_dist.cp.context_parallel_attention("
+    "cp_comm_type='allgather')")
+
+__all__ = [
+    "ring_flash_attn_func", "ring_flash_attn_kvpacked_func", "ring_flash_attn_qkvpacked_func",
+    "zigzag_ring_flash_attn_func", "zigzag_ring_flash_attn_kvpacked_func", "zigzag_ring_flash_attn_qkvpacked_func",
+    "zigzag_ring_flash_attn_varlen_func", "zigzag_ring_flash_attn_varlen_kvpacked_func",
+    "zigzag_ring_flash_attn_varlen_qkvpacked_func",
+    "ring_flash_attn_varlen_func", "ring_flash_attn_varlen_kvpacked_func", "ring_flash_attn_varlen_qkvpacked_func",
+    "stripe_flash_attn_func", "stripe_flash_attn_kvpacked_func", "stripe_flash_attn_qkvpacked_func",
+    "stripe_flash_attn_varlen_func", "stripe_flash_attn_varlen_kvpacked_func",
+    "stripe_flash_attn_varlen_qkvpacked_func", "llama3_flash_attn_varlen_func",
+]
