@@ -6,7 +6,7 @@ import torch
 from turbo_dist.testing import run_distributed
 
 B, S, HQ, HKV, D = 2, 16, 4, 2, 8
-CU = [0, 8, 24, 32]  # packed lengths 8, 16, 8: divisible by 2 * W for W = 2
+CU = [0, 8, 24, 32]  # packed lengths 8, 16, 8: divisible by 2 * W for W = 2 and 4
 
 
 def _rand(shape, seed):
@@ -93,6 +93,23 @@ def _varlen(rank, world):
     (o * cp.shard_packed(dout, cu)).sum().backward()
     for name, g, r in zip("qkv", (ql.grad, kl.grad, vl.grad), refs):
         _close(g, cp.shard_packed(r.grad, cu), f"varlen d{name}")
+    # ring_flash_attn_varlen_func: chunk r of W of every sequence (ring-flash-attn's per-sequence split)
+    def split(x):
+        return torch.cat([x[a + rank * (b - a) // world:a + (rank + 1) * (b - a) // world] for a, b in zip(CU, CU[1:])])
+
+    for causal in (True, False):
+        refs = [x.clone().requires_grad_(True) for x in (q, k, v)]
+        o_ref = ops.varlen_attention(*refs, cu, cu, None, None, causal=causal)
+        (o_ref * dout).sum().backward()
+        ql, kl, vl = (split(x).clone().requires_grad_(True) for x in (q, k, v))
+        o = rfa.ring_flash_attn_varlen_func(ql, kl, vl, cu_local, max_local, causal=causal, group=None)
+        _close(o, split(o_ref.detach()), f"split varlen out causal={causal}")
+        (o * split(dout)).sum().backward()
+        for name, g, r in zip("qkv", (ql.grad, kl.grad, vl.grad), refs):
+            _close(g, split(r.grad), f"split varlen d{name} causal={causal}")
+    kv = torch.stack([split(k), split(v)], dim=1)
+    o3 = rfa.ring_flash_attn_varlen_kvpacked_func(split(q), kv, cu_local, max_local, causal=True)
+    _close(o3, split(ops.varlen_attention(q, k, v, cu, cu, None, None, causal=True)), "split varlen kvpacked out")
     # qkv-packed (one head count)
     kq, vq = _rand((t, HQ, D), 6), _rand((t, HQ, D), 7)
     o_ref2 = ops.varlen_attention(q, kq, vq, cu, cu, None, None, causal=True)
@@ -116,8 +133,8 @@ def _refusals(rank, world):
         rfa.ring_flash_attn_func(q, q, q, deterministic=True)
     with pytest.raises(NotImplementedError, match="stripe"):
         rfa.stripe_flash_attn_func(q, q, q, causal=True)
-    with pytest.raises(NotImplementedError, match="per-sequence contiguous"):
-        rfa.ring_flash_attn_varlen_func(q[0], q[0], q[0], torch.tensor([0, 8]), 8)
+    with pytest.raises(ValueError, match="cu_seqlens"):  # local cu_seqlens must end at the local length (8)
+        rfa.ring_flash_attn_varlen_func(q[0], q[0], q[0], torch.tensor([0, 3, 6], dtype=torch.int32), 3)
     with pytest.raises(NotImplementedError, match="llama3"):
         rfa.llama3_flash_attn_varlen_func(q[0], q[0], q[0])
     with pytest.raises(NotImplementedError, match="return_lse"):
@@ -129,17 +146,19 @@ def _refusals(rank, world):
 
 
 @pytest.mark.dist
-def test_ring_flash_attn_dense_functions_match_full_attention():
+@pytest.mark.parametrize("world", [2, 4])
+def test_ring_flash_attn_dense_functions_match_full_attention(world):
     if torch.cuda.is_available():
         pytest.skip("CPU (gloo) comparison")
-    assert run_distributed(_dense, 2) == [7, 7]
+    assert run_distributed(_dense, world) == [7] * world
 
 
 @pytest.mark.dist
-def test_zigzag_varlen_functions_match_full_attention():
+@pytest.mark.parametrize("world", [2, 4])
+def test_varlen_functions_match_full_attention(world):
     if torch.cuda.is_available():
         pytest.skip("CPU (gloo) comparison")
-    assert run_distributed(_varlen, 2) == [True, True]
+    assert run_distributed(_varlen, world) == [True] * world
 
 
 @pytest.mark.dist

@@ -109,13 +109,15 @@ def context_parallel_attention(q, k, v, causal=False, softmax_scale=None, cp_gro
 
 
 def _varlen(q, k, v, causal, softmax_scale, cp_group, mode, load_balance, num_chunks, cu_seqlens_q, cu_seqlens_k,
-            max_seqlen_q, max_seqlen_k, want_lse=False):
-    """-> (o, lse or an empty tensor when not want_lse and the mode does not compute it anyway)."""
+            max_seqlen_q, max_seqlen_k, want_lse=False, split=False):
+    """-> (o, lse or an empty tensor when not want_lse and the mode does not compute it anyway).
+    split (ring only, for ring-flash-attn's varlen functions): rank r holds chunk r of cp of every sequence."""
     if cu_seqlens_q is None or cu_seqlens_k is None:
         raise ValueError("packed sequences need both cu_seqlens_q and cu_seqlens_k")
     rt = get_runtime(cp_group)
     cp = rt.world_size
     zigzag = bool(load_balance) and cp > 1  # one rank: both layouts are the natural order (ring cut odd lengths)
+    split = split and cp > 1
     for name, t in (("q", q), ("k", k), ("v", v)):
         if getattr(t, "dim", lambda: 0)() != 3:
             raise ValueError(f"with cu_seqlens, {name} must be this rank's packed shard [T/cp, heads, head_dim], "
@@ -128,14 +130,17 @@ def _varlen(q, k, v, causal, softmax_scale, cp_group, mode, load_balance, num_ch
         total_k=k.shape[0] * cp, return_cu=True,
         end_hint=(f": the shards hold {q.shape[0]} tokens x cp={cp}; cu_seqlens are global, and the packed length "
                   f"must be divisible by cp (pad it) with rank r holding shard r"))
-    if zigzag and cp > 1:
+    if (zigzag or split) and cp > 1:
+        name, n = ("zigzag", 2 * cp) if zigzag else ("split", cp)
         if host_q != host_k:
-            raise NotImplementedError("the per-sequence zigzag layout needs cu_seqlens_q == cu_seqlens_k")
-        bad = [b - a for a, b in zip(host_q, host_q[1:]) if (b - a) % (2 * cp)]
+            raise NotImplementedError(f"the per-sequence {name} layout needs cu_seqlens_q == cu_seqlens_k")
+        bad = [b - a for a, b in zip(host_q, host_q[1:]) if (b - a) % n]
         if bad:
-            raise ValueError(f"the per-sequence zigzag layout cuts every sequence into 2*cp = {2 * cp} chunks: "
-                             f"lengths {bad[:4]} are not divisible by it (pad each sequence, as Megatron's "
+            raise ValueError(f"the per-sequence {name} layout cuts every sequence into {n} chunks: lengths "
+                             f"{bad[:4]} are not divisible by it (pad each sequence, as Megatron's "
                              f"cu_seqlens_q_padded does)")
+    if split and (zigzag or mode != "ring"):
+        raise NotImplementedError("the per-sequence split layout is taken by cp_comm_type 'ring' only")
     for name, t in (("q", q), ("k", k), ("v", v)):
         rt.check_tensor(t, name)
     scale = default_scale(q, softmax_scale)
@@ -147,7 +152,7 @@ def _varlen(q, k, v, causal, softmax_scale, cp_group, mode, load_balance, num_ch
             raise NotImplementedError("ring attention on packed sequences with a causal mask needs cu_seqlens_q == "
                                       "cu_seqlens_k (self-attention packing); use cp_comm_type 'a2a' or "
                                       "'allgather' for causal cross-attention packing")
-        return ring_varlen_attention(q, k, v, host_q, host_k, bool(causal), scale, rt, zigzag=zigzag)
+        return ring_varlen_attention(q, k, v, host_q, host_k, bool(causal), scale, rt, zigzag=zigzag, split=split)
     if mode == "allgather":
         return allgather_varlen_attention(q, k, v, host_q, host_k, bool(causal), scale, rt, num_chunks, zigzag=zigzag)
     return a2a_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bool(causal),

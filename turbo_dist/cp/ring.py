@@ -177,38 +177,45 @@ def _merge_safe(out, lse, out_blk, lse_blk):
     lse.copy_(new)
 
 
-def ring_zigzag_layout(cu, cp, rank, src, causal):
-    """Packed sequences in the per-sequence zigzag layout (cp.shard_packed: chunks r and 2cp-1-r of every
-    sequence, sequence after sequence), ring step with src's block: (cu_q_local, cu_k_local, key rows of the
-    block) host lists. Query piece "chunk a" of a sequence attends the block's chunks b of the same sequence
-    with b < a fully and b == a (the diagonal step) causally: its keys are those chunks in ascending b, so the
-    bottom-right aligned causal mask of the step covers both."""
+def _chunks_of(rank, cp, zigzag):
+    """The chunk ids rank holds of every sequence: (r, 2cp-1-r) of 2cp (zigzag) or (r,) of cp (split)."""
+    return (rank, 2 * cp - 1 - rank) if zigzag else (rank,)
+
+
+def ring_zigzag_layout(cu, cp, rank, src, causal, zigzag=True):
+    """Packed sequences in a per-sequence layout, sequence after sequence: zigzag (cp.shard_packed, Megatron's
+    THD: chunks r and 2cp-1-r of 2cp of every sequence) or, zigzag=False, split (chunk r of cp of every sequence,
+    ring-flash-attn's varlen layout); ring step with src's block: (cu_q_local, cu_k_local, key rows of the block)
+    host lists. Query piece "chunk a" of a sequence attends the block's chunks b of the same sequence with b < a
+    fully and b == a (the diagonal step) causally: its keys are those chunks in ascending b, so the bottom-right
+    aligned causal mask of the step covers both."""
+    mine, theirs = _chunks_of(rank, cp, zigzag), _chunks_of(src, cp, zigzag)
     cq, ck, rows, off = [0], [0], [], 0
     for s0, s1 in zip(cu, cu[1:]):
-        c = (s1 - s0) // (2 * cp)
+        c = (s1 - s0) // (len(mine) * cp)
         if c == 0:
             continue
-        block = ((src, off), (2 * cp - 1 - src, off + c))  # src's chunks of this sequence, at these block rows
-        for a in (rank, 2 * cp - 1 - rank):
+        block = [(b, off + j * c) for j, b in enumerate(theirs)]  # src's chunks of this sequence, at these rows
+        for a in mine:
             for b, row in sorted(block):
                 if not causal or b <= a:
                     rows.extend(range(row, row + c))
             cq.append(cq[-1] + c)
             ck.append(len(rows))
-        off += 2 * c
+        off += len(theirs) * c
     return cq, ck, rows
 
 
-def _varlen_steps(q, cu_q, cu_k, causal, rt, zigzag=False):
+def _varlen_steps(q, cu_q, cu_k, causal, rt, zigzag=False, split=False):
     """Per ring step: None (nothing to compute) or (cu_q, cu_k, max_q, max_k, keys) on q's device, keys the
-    rows of the step's K/V block it attends: a (start, end) slice, or (zigzag) an index tensor."""
+    rows of the step's K/V block it attends: a (start, end) slice, or (zigzag / split) an index tensor."""
     cp, rank, t_loc = rt.world_size, rt.rank, q.shape[0]
     q_lo = rank * t_loc
     steps = []
     for step in range(cp):
         src = (rank - step) % cp
-        if zigzag:
-            cq, ck, rows = ring_zigzag_layout(cu_q, cp, rank, src, causal)
+        if zigzag or split:
+            cq, ck, rows = ring_zigzag_layout(cu_q, cp, rank, src, causal, zigzag=zigzag)
             steps.append(local_plan(cq, ck, torch.tensor(rows, dtype=torch.int64, device=q.device), q.device)
                          if rows else None)
             continue
@@ -268,11 +275,12 @@ def ring_varlen_backward(do, q, k, v, out, lse, steps, causal, scale, rt):
     return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)
 
 
-def ring_varlen_attention(q, k, v, cu_q, cu_k, causal, scale, rt, zigzag=False):
+def ring_varlen_attention(q, k, v, cu_q, cu_k, causal, scale, rt, zigzag=False, split=False):
     """q: [T/cp, Hq, D], k/v: [T/cp, Hkv, D], rank r's shard of the packed sequence: contiguous, or with
-    zigzag=True the per-sequence zigzag of cp.shard_packed (balanced causal work); cu_seqlens global
-    (validated by the caller; causal needs cu_seqlens_q == cu_seqlens_k, zigzag lengths divisible by 2*cp).
+    zigzag=True the per-sequence zigzag of cp.shard_packed (balanced causal work), or with split=True chunk r of
+    cp of every sequence (ring-flash-attn's varlen layout); cu_seqlens global (validated by the caller; the
+    per-sequence layouts need cu_seqlens_q == cu_seqlens_k and lengths divisible by 2*cp / cp).
     K/V blocks rotate as in ring_attention; each step attends the queries to the rows of the block their
     sequences reach (ring_block_layout / ring_zigzag_layout). Returns o: [T/cp, Hq, D]."""
-    steps = _varlen_steps(q, cu_q, cu_k, causal, rt, zigzag)
+    steps = _varlen_steps(q, cu_q, cu_k, causal, rt, zigzag, split)
     return _Ring.apply(q, k, v, ring_varlen_forward, ring_varlen_backward, steps, causal, scale, rt)  # (o, lse [Hq, T/cp])

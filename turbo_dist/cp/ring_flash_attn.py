@@ -9,8 +9,9 @@ Same names, signatures, layouts and returns as ring-flash-attn (zhuzilin/ring-fl
   the layout of `turbo_dist.cp.shard`).
 - `zigzag_ring_flash_attn_varlen_func` (+ packed forms): packed q/k/v [T/W, H, D], every sequence cut into 2W
   chunks, rank r holding chunks r and 2W-1-r of each, sequence after sequence (Megatron's THD layout,
-  `turbo_dist.cp.shard_packed`); `cu_seqlens` / `max_seqlen` are ring-flash-attn's LOCAL ones (each local length
-  is the global one / W).
+  `turbo_dist.cp.shard_packed`); `ring_flash_attn_varlen_func` (+ packed forms): every sequence cut into W
+  chunks, rank r holding chunk r of each. `cu_seqlens` / `max_seqlen` are ring-flash-attn's LOCAL ones (each
+  local length is the global one / W).
 kvpacked: kv [..., 2, H, D]; qkvpacked: qkv [..., 3, H, D] (dense: [B, S/W, 3, H, D], varlen: [T/W, 3, H, D]).
 GQA (fewer k/v heads) is allowed; `group=None` is the default process group; `return_attn_probs=True` returns
 (out, softmax_lse, None) as ring-flash-attn does: lse [B, H, S/W] fp32 for the dense functions (the varlen ones
@@ -18,12 +19,11 @@ refuse it: ring-flash-attn pads their lse per sequence; `context_parallel_attent
 [H, T/W]). Gradients flow to q, k, v (or the packed tensor).
 
 Refused with NotImplementedError (never ignored): dropout_p != 0, a sliding window, alibi_slopes, deterministic=True
-(as turbo_dist.ops.flash_attn_func); the stripe layouts, `ring_flash_attn_varlen_func` (a per-sequence contiguous
-split, a layout turbo_dist's CP does not take) and `llama3_flash_attn_varlen_func`.
+(as turbo_dist.ops.flash_attn_func); the stripe layouts and `llama3_flash_attn_varlen_func`.
 """
 import torch
 
-from . import context_parallel_attention
+from . import _varlen, context_parallel_attention
 
 
 def _refuse_unsupported(dropout_p, window_size, alibi_slopes, deterministic):
@@ -41,12 +41,12 @@ def _dense(q, k, v, load_balance, dropout_p, softmax_scale, causal, window_size,
     return (out[0], out[1], None) if return_attn_probs else out
 
 
-def _zigzag_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal, window_size, alibi_slopes,
-                   deterministic, return_attn_probs, group):
+def _varlen_ring(q, k, v, cu_seqlens, max_seqlen, zigzag, dropout_p, softmax_scale, causal, window_size,
+                 alibi_slopes, deterministic, return_attn_probs, group):
     _refuse_unsupported(dropout_p, window_size, alibi_slopes, deterministic)
     if return_attn_probs:
-        raise NotImplementedError("zigzag_ring_flash_attn_varlen_func(return_attn_probs=True): ring-flash-attn's "
-                                  "padded per-sequence lse is not produced; turbo_dist.cp.context_parallel_attention"
+        raise NotImplementedError("ring-flash-attn's varlen functions with return_attn_probs=True: its padded "
+                                  "per-sequence lse is not produced; turbo_dist.cp.context_parallel_attention"
                                   "(..., return_lse=True) returns it as [H, T/W]")
     if not isinstance(cu_seqlens, torch.Tensor):
         raise TypeError(f"cu_seqlens must be a tensor, got {type(cu_seqlens).__name__}")
@@ -55,9 +55,9 @@ def _zigzag_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, ca
     w = dist.get_world_size(group)
     cu_global = cu_seqlens * w  # each rank holds 1/W of every sequence
     max_global = None if max_seqlen is None else int(max_seqlen) * w
-    return context_parallel_attention(q, k, v, causal=causal, softmax_scale=softmax_scale, cp_group=group,
-                                      cp_comm_type="ring", load_balance=True, cu_seqlens_q=cu_global,
-                                      cu_seqlens_k=cu_global, max_seqlen_q=max_global, max_seqlen_k=max_global)
+    o, _ = _varlen(q, k, v, bool(causal), softmax_scale, group, "ring", zigzag, 2, cu_global, cu_global,
+                   max_global, max_global, split=not zigzag)
+    return o
 
 
 def _unpack(t, n, name, dim):
@@ -119,24 +119,51 @@ def zigzag_ring_flash_attn_varlen_func(q, k, v, cu_seqlens, max_seqlen, dropout_
                                        return_attn_probs=False, group=None):
     """q [T/W, Hq, D], k/v [T/W, Hkv, D]: every sequence in 2W chunks, rank r holding chunks r and 2W-1-r of
     each (turbo_dist.cp.shard_packed); cu_seqlens [B+1] / max_seqlen: this rank's (global / W)."""
-    return _zigzag_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal, window_size,
-                          alibi_slopes, deterministic, return_attn_probs, group)
+    return _varlen_ring(q, k, v, cu_seqlens, max_seqlen, True, dropout_p, softmax_scale, causal, window_size,
+                        alibi_slopes, deterministic, return_attn_probs, group)
 
 
 def zigzag_ring_flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None,
                                                 causal=False, window_size=(-1, -1), alibi_slopes=None,
                                                 deterministic=False, return_attn_probs=False, group=None):
     k, v = _unpack(kv, 2, "kv", 1)
-    return _zigzag_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal, window_size,
-                          alibi_slopes, deterministic, return_attn_probs, group)
+    return _varlen_ring(q, k, v, cu_seqlens, max_seqlen, True, dropout_p, softmax_scale, causal, window_size,
+                        alibi_slopes, deterministic, return_attn_probs, group)
 
 
 def zigzag_ring_flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None,
                                                  causal=False, window_size=(-1, -1), alibi_slopes=None,
                                                  deterministic=False, return_attn_probs=False, group=None):
     q, k, v = _unpack(qkv, 3, "qkv", 1)
-    return _zigzag_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal, window_size,
-                          alibi_slopes, deterministic, return_attn_probs, group)
+    return _varlen_ring(q, k, v, cu_seqlens, max_seqlen, True, dropout_p, softmax_scale, causal, window_size,
+                        alibi_slopes, deterministic, return_attn_probs, group)
+
+
+# ------------------------------------------------------------------- contiguous ring (varlen)
+def ring_flash_attn_varlen_func(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, causal=False,
+                                window_size=(-1, -1), alibi_slopes=None, deterministic=False,
+                                return_attn_probs=False, group=None):
+    """q [T/W, Hq, D], k/v [T/W, Hkv, D]: every sequence in W chunks, rank r holding chunk r of each, sequence
+    after sequence; cu_seqlens [B+1] / max_seqlen: this rank's (global / W). Causal work is unbalanced (rank r
+    attends r + 1 chunks); the zigzag function balances it."""
+    return _varlen_ring(q, k, v, cu_seqlens, max_seqlen, False, dropout_p, softmax_scale, causal, window_size,
+                        alibi_slopes, deterministic, return_attn_probs, group)
+
+
+def ring_flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None,
+                                         causal=False, window_size=(-1, -1), alibi_slopes=None, deterministic=False,
+                                         return_attn_probs=False, group=None):
+    k, v = _unpack(kv, 2, "kv", 1)
+    return _varlen_ring(q, k, v, cu_seqlens, max_seqlen, False, dropout_p, softmax_scale, causal, window_size,
+                        alibi_slopes, deterministic, return_attn_probs, group)
+
+
+def ring_flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None,
+                                          causal=False, window_size=(-1, -1), alibi_slopes=None, deterministic=False,
+                                          return_attn_probs=False, group=None):
+    q, k, v = _unpack(qkv, 3, "qkv", 1)
+    return _varlen_ring(q, k, v, cu_seqlens, max_seqlen, False, dropout_p, softmax_scale, causal, window_size,
+                        alibi_slopes, deterministic, return_attn_probs, group)
 
 
 # ------------------------------------------------------------------------------- not supported
@@ -151,12 +178,6 @@ def _not_supported(name, why):
 
 _STRIPE = ("the stripe layout (token i on rank i % W) is not one turbo_dist's CP takes; use the zigzag functions "
            "(turbo_dist.cp.shard) for load-balanced causal attention")
-_RING_VARLEN = ("ring-flash-attn's per-sequence contiguous split is not a layout turbo_dist's CP takes; use "
-                "zigzag_ring_flash_attn_varlen_func (chunks r and 2W-1-r of every sequence, turbo_dist.cp."
-                "shard_packed) or turbo_dist.cp.context_parallel_attention on a contiguous shard of the packed tokens")
-ring_flash_attn_varlen_func = _not_supported("ring_flash_attn_varlen_func", _RING_VARLEN)
-ring_flash_attn_varlen_kvpacked_func = _not_supported("ring_flash_attn_varlen_kvpacked_func", _RING_VARLEN)
-ring_flash_attn_varlen_qkvpacked_func = _not_supported("ring_flash_attn_varlen_qkvpacked_func", _RING_VARLEN)
 stripe_flash_attn_func = _not_supported("stripe_flash_attn_func", _STRIPE)
 stripe_flash_attn_kvpacked_func = _not_supported("stripe_flash_attn_kvpacked_func", _STRIPE)
 stripe_flash_attn_qkvpacked_func = _not_supported("stripe_flash_attn_qkvpacked_func", _STRIPE)
