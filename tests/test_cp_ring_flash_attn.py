@@ -99,10 +99,13 @@ def _varlen(rank, world):
 
     for causal in (True, False):
         refs = [x.clone().requires_grad_(True) for x in (q, k, v)]
-        o_ref = ops.varlen_attention(*refs, cu, cu, None, None, causal=causal)
+        o_ref, lse_ref = ops.varlen_attention(*refs, cu, cu, None, None, causal=causal, return_lse=True)
         (o_ref * dout).sum().backward()
         ql, kl, vl = (split(x).clone().requires_grad_(True) for x in (q, k, v))
-        o = rfa.ring_flash_attn_varlen_func(ql, kl, vl, cu_local, max_local, causal=causal, group=None)
+        o, lse, none = rfa.ring_flash_attn_varlen_func(ql, kl, vl, cu_local, max_local, causal=causal, group=None,
+                                                       return_attn_probs=True)
+        assert none is None and lse.dtype == torch.float32
+        _close(lse, split(lse_ref.detach().t()).t(), f"split varlen lse causal={causal}")  # [H, T/W]
         _close(o, split(o_ref.detach()), f"split varlen out causal={causal}")
         (o * split(dout)).sum().backward()
         for name, g, r in zip("qkv", (ql.grad, kl.grad, vl.grad), refs):
@@ -133,13 +136,21 @@ def _refusals(rank, world):
         rfa.ring_flash_attn_func(q, q, q, deterministic=True)
     with pytest.raises(NotImplementedError, match="stripe"):
         rfa.stripe_flash_attn_func(q, q, q, causal=True)
-    with pytest.raises(ValueError, match="cu_seqlens"):  # local cu_seqlens must end at the local length (8)
+    with pytest.raises(ValueError, match="must end at q.shape"):  # local cu_seqlens end at the local length
         rfa.ring_flash_attn_varlen_func(q[0], q[0], q[0], torch.tensor([0, 3, 6], dtype=torch.int32), 3)
-    with pytest.raises(NotImplementedError, match="llama3"):
-        rfa.llama3_flash_attn_varlen_func(q[0], q[0], q[0])
-    with pytest.raises(NotImplementedError, match="return_lse"):
-        rfa.zigzag_ring_flash_attn_varlen_func(q[0], q[0], q[0], torch.tensor([0, 8], dtype=torch.int32), 8,
-                                               causal=True, return_attn_probs=True)
+    for name in ("llama3_flash_attn_varlen_func", "llama3_flash_attn_varlen_kvpacked_func",
+                 "llama3_flash_attn_varlen_qkvpacked_func", "llama3_flash_attn_prepare_cu_seqlens"):
+        with pytest.raises(NotImplementedError, match="llama3"):
+            getattr(rfa, name)(q[0], q[0], q[0])
+    for name in ("substitute_hf_flash_attn", "update_ring_flash_attn_params"):
+        with pytest.raises(NotImplementedError, match="Hugging Face"):
+            getattr(rfa, name)(None)
+    # flash-attn's causal window (-1, 0) is the causal mask: taken
+    o = rfa.zigzag_ring_flash_attn_func(q, q, q, causal=True, window_size=(-1, 0))
+    assert o.shape == q.shape
+    with pytest.raises(ValueError, match="LOCAL"):  # the global cu_seqlens passed by mistake
+        rfa.zigzag_ring_flash_attn_varlen_func(q[0], q[0], q[0], torch.tensor([0, 8 * world], dtype=torch.int32),
+                                               8 * world, causal=True)
     with pytest.raises(ValueError, match="qkv"):
         rfa.zigzag_ring_flash_attn_qkvpacked_func(torch.stack([q, q], dim=2), causal=True)
     return True

@@ -77,8 +77,8 @@ def context_parallel_attention(q, k, v, causal=False, softmax_scale=None, cp_gro
     if mode is None:
         raise ValueError(f"cp_comm_type must be one of 'ring', 'a2a', 'allgather', got {cp_comm_type!r}")
     if cu_seqlens_q is not None or cu_seqlens_k is not None:
-        o, lse = _varlen(q, k, v, causal, softmax_scale, cp_group, mode, load_balance, num_chunks, cu_seqlens_q,
-                         cu_seqlens_k, max_seqlen_q, max_seqlen_k, bool(return_lse))
+        o, lse = _packed_attention(q, k, v, causal, softmax_scale, cp_group, mode, load_balance, num_chunks,
+                                   cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bool(return_lse))
         return (o, lse) if return_lse else o
     if max_seqlen_q is not None or max_seqlen_k is not None:
         raise ValueError("max_seqlen_q/max_seqlen_k are for packed sequences: pass cu_seqlens_q and cu_seqlens_k")
@@ -108,8 +108,8 @@ def context_parallel_attention(q, k, v, causal=False, softmax_scale=None, cp_gro
     return (o, lse) if return_lse else o
 
 
-def _varlen(q, k, v, causal, softmax_scale, cp_group, mode, load_balance, num_chunks, cu_seqlens_q, cu_seqlens_k,
-            max_seqlen_q, max_seqlen_k, want_lse=False, split=False):
+def _packed_attention(q, k, v, causal, softmax_scale, cp_group, mode, load_balance, num_chunks, cu_seqlens_q,
+                      cu_seqlens_k, max_seqlen_q, max_seqlen_k, want_lse=False, split=False):
     """-> (o, lse or an empty tensor when not want_lse and the mode does not compute it anyway).
     split (ring only, for ring-flash-attn's varlen functions): rank r holds chunk r of cp of every sequence."""
     if cu_seqlens_q is None or cu_seqlens_k is None:

@@ -14,27 +14,31 @@ Same names, signatures, layouts and returns as ring-flash-attn (zhuzilin/ring-fl
   local length is the global one / W).
 kvpacked: kv [..., 2, H, D]; qkvpacked: qkv [..., 3, H, D] (dense: [B, S/W, 3, H, D], varlen: [T/W, 3, H, D]).
 GQA (fewer k/v heads) is allowed; `group=None` is the default process group; `return_attn_probs=True` returns
-(out, softmax_lse, None) as ring-flash-attn does: lse [B, H, S/W] fp32 for the dense functions (the varlen ones
-refuse it: ring-flash-attn pads their lse per sequence; `context_parallel_attention(return_lse=True)` gives it as
-[H, T/W]). Gradients flow to q, k, v (or the packed tensor).
+(out, softmax_lse, None) as ring-flash-attn does: lse fp32 [B, H, S/W] for the dense functions, [H, T/W] (flat,
+flash-attn's 2-D varlen lse, as ring-flash-attn returns with such flash-attn versions) for the varlen ones. The zigzag
+functions also take causal=False (ring-flash-attn asserts causal). window_size=(-1, 0) with causal=True is the
+causal mask. Gradients flow to q, k, v (or the packed tensor).
 
-Refused with NotImplementedError (never ignored): dropout_p != 0, a sliding window, alibi_slopes, deterministic=True
-(as turbo_dist.ops.flash_attn_func); the stripe layouts and `llama3_flash_attn_varlen_func`.
+Refused with NotImplementedError (never ignored): dropout_p != 0, another sliding window, alibi_slopes,
+deterministic=True (as turbo_dist.ops.flash_attn_func); the stripe layouts, the llama3 functions and the HF adapter
+(`substitute_hf_flash_attn`, `update_ring_flash_attn_params`): importable, refused when called.
 """
 import torch
 
-from . import _varlen, context_parallel_attention
+from . import _packed_attention, context_parallel_attention
 
 
-def _refuse_unsupported(dropout_p, window_size, alibi_slopes, deterministic):
+def _refuse_unsupported(dropout_p, window_size, alibi_slopes, deterministic, causal):
     from turbo_dist.ops import _unsupported_flash_args
 
+    if causal and tuple(window_size) == (-1, 0):  # flash-attn's causal window: the causal mask itself
+        window_size = (-1, -1)
     _unsupported_flash_args(dropout_p, window_size, None, alibi_slopes, deterministic, False)
 
 
 def _dense(q, k, v, load_balance, dropout_p, softmax_scale, causal, window_size, alibi_slopes, deterministic,
            return_attn_probs, group):
-    _refuse_unsupported(dropout_p, window_size, alibi_slopes, deterministic)
+    _refuse_unsupported(dropout_p, window_size, alibi_slopes, deterministic, causal)
     out = context_parallel_attention(q, k, v, causal=causal, softmax_scale=softmax_scale, cp_group=group,
                                      cp_comm_type="ring", load_balance=load_balance,
                                      return_lse=bool(return_attn_probs))
@@ -43,21 +47,26 @@ def _dense(q, k, v, load_balance, dropout_p, softmax_scale, causal, window_size,
 
 def _varlen_ring(q, k, v, cu_seqlens, max_seqlen, zigzag, dropout_p, softmax_scale, causal, window_size,
                  alibi_slopes, deterministic, return_attn_probs, group):
-    _refuse_unsupported(dropout_p, window_size, alibi_slopes, deterministic)
-    if return_attn_probs:
-        raise NotImplementedError("ring-flash-attn's varlen functions with return_attn_probs=True: its padded "
-                                  "per-sequence lse is not produced; turbo_dist.cp.context_parallel_attention"
-                                  "(..., return_lse=True) returns it as [H, T/W]")
-    if not isinstance(cu_seqlens, torch.Tensor):
-        raise TypeError(f"cu_seqlens must be a tensor, got {type(cu_seqlens).__name__}")
+    _refuse_unsupported(dropout_p, window_size, alibi_slopes, deterministic, causal)
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
+        raise TypeError(f"cu_seqlens must be a 1-D tensor [B+1], got "
+                        f"{tuple(cu_seqlens.shape) if isinstance(cu_seqlens, torch.Tensor) else type(cu_seqlens)}")
+    if not isinstance(q, torch.Tensor) or q.dim() != 3:
+        raise ValueError(f"q must be this rank's packed tokens [T/W, heads, head_dim], got "
+                         f"{tuple(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__}")
+    end = int(cu_seqlens[-1])
+    if end != q.shape[0]:
+        raise ValueError(f"cu_seqlens are this rank's LOCAL ones (ring-flash-attn's): they must end at q.shape[0] = "
+                         f"{q.shape[0]}, got {end}" + (" (the global ones? divide them by the group size)"
+                                                       if end > q.shape[0] else ""))
     import torch.distributed as dist
 
     w = dist.get_world_size(group)
     cu_global = cu_seqlens * w  # each rank holds 1/W of every sequence
     max_global = None if max_seqlen is None else int(max_seqlen) * w
-    o, _ = _varlen(q, k, v, bool(causal), softmax_scale, group, "ring", zigzag, 2, cu_global, cu_global,
-                   max_global, max_global, split=not zigzag)
-    return o
+    o, lse = _packed_attention(q, k, v, bool(causal), softmax_scale, group, "ring", zigzag, 2, cu_global, cu_global,
+                               max_global, max_global, want_lse=bool(return_attn_probs), split=not zigzag)
+    return (o, lse, None) if return_attn_probs else o
 
 
 def _unpack(t, n, name, dim):
@@ -184,10 +193,17 @@ stripe_flash_attn_qkvpacked_func = _not_supported("stripe_flash_attn_qkvpacked_f
 stripe_flash_attn_varlen_func = _not_supported("stripe_flash_attn_varlen_func", _STRIPE)
 stripe_flash_attn_varlen_kvpacked_func = _not_supported("stripe_flash_attn_varlen_kvpacked_func", _STRIPE)
 stripe_flash_attn_varlen_qkvpacked_func = _not_supported("stripe_flash_attn_varlen_qkvpacked_func", _STRIPE)
-llama3_flash_attn_varlen_func = _not_supported(
-    "llama3_flash_attn_varlen_func", "its local-k-slice protocol (llama3_flash_attn_prepare_cu_seqlens) is not "
-    "implemented; use zigzag_ring_flash_attn_varlen_func or turbo_dist.cp.context_parallel_attention("
-    "cp_comm_type='allgather')")
+_LLAMA3 = ("the llama3 local-k-slice protocol is not implemented; use zigzag_ring_flash_attn_varlen_func or "
+           "turbo_dist.cp.context_parallel_attention(cp_comm_type='allgather') on a contiguous shard of the packed "
+           "tokens with the global cu_seqlens")
+llama3_flash_attn_varlen_func = _not_supported("llama3_flash_attn_varlen_func", _LLAMA3)
+llama3_flash_attn_varlen_kvpacked_func = _not_supported("llama3_flash_attn_varlen_kvpacked_func", _LLAMA3)
+llama3_flash_attn_varlen_qkvpacked_func = _not_supported("llama3_flash_attn_varlen_qkvpacked_func", _LLAMA3)
+llama3_flash_attn_prepare_cu_seqlens = _not_supported("llama3_flash_attn_prepare_cu_seqlens", _LLAMA3)
+_HF = ("the Hugging Face adapter (patching transformers' flash attention) is not provided; call the functions "
+       "above from the model's attention")
+substitute_hf_flash_attn = _not_supported("substitute_hf_flash_attn", _HF)
+update_ring_flash_attn_params = _not_supported("update_ring_flash_attn_params", _HF)
 
 __all__ = [
     "ring_flash_attn_func", "ring_flash_attn_kvpacked_func", "ring_flash_attn_qkvpacked_func",
@@ -198,4 +214,6 @@ __all__ = [
     "stripe_flash_attn_func", "stripe_flash_attn_kvpacked_func", "stripe_flash_attn_qkvpacked_func",
     "stripe_flash_attn_varlen_func", "stripe_flash_attn_varlen_kvpacked_func",
     "stripe_flash_attn_varlen_qkvpacked_func", "llama3_flash_attn_varlen_func",
+    "llama3_flash_attn_varlen_kvpacked_func", "llama3_flash_attn_varlen_qkvpacked_func",
+    "llama3_flash_attn_prepare_cu_seqlens", "substitute_hf_flash_attn", "update_ring_flash_attn_params",
 ]
