@@ -122,6 +122,61 @@ def _varlen(rank, world):
     return True
 
 
+def test_llama3_prepare_cu_seqlens():
+    """ring-flash-attn's llama3 plan: local query pieces cut at the sequence boundaries inside the shard, keys from
+    the start of the shard's first sequence to the shard's end (causal) or the last sequence's end."""
+    from turbo_dist.cp.ring_flash_attn import llama3_flash_attn_prepare_cu_seqlens as prep
+
+    cu = torch.tensor([0, 5, 21, 32], dtype=torch.int32)
+    cq, ck, mq, mk, ks = prep(cu, True, 0, 2)
+    assert cq.tolist() == [0, 5, 16] and ck.tolist() == [0, 5, 16] and (mq, mk, ks) == (11, 11, slice(0, 16))
+    assert cq.dtype == torch.int32
+    cq, ck, mq, mk, ks = prep(cu, True, 1, 2)
+    assert cq.tolist() == [0, 5, 16] and ck.tolist() == [0, 16, 27] and (mq, mk, ks) == (11, 16, slice(5, 32))
+    cq, ck, mq, mk, ks = prep(cu, False, 0, 2)
+    assert ck.tolist() == [0, 5, 21] and (mk, ks) == (16, slice(0, 21))
+    cq, ck, mq, mk, ks = prep(torch.tensor([0, 8, 8, 16]), True, 1, 2)  # a boundary on the shard's start
+    assert cq.tolist() == [0, 0, 8] and ck.tolist() == [0, 0, 8] and ks == slice(8, 16)
+    with pytest.raises(ValueError, match="divisible"):
+        prep(torch.tensor([0, 5, 31]), True, 0, 2)
+
+
+def _llama3(rank, world):
+    from turbo_dist import ops
+    from turbo_dist.cp import ring_flash_attn as rfa
+
+    cu = torch.tensor([0, 5, 21, 32], dtype=torch.int32)  # sequences cross the shards' edges
+    t = 32
+    per = t // world
+    q, k, v = _rand((t, HQ, D), 9), _rand((t, HKV, D), 10), _rand((t, HKV, D), 11)
+    dout = _rand((t, HQ, D), 12)
+    mine = slice(rank * per, (rank + 1) * per)
+    for causal in (True, False):
+        refs = [x.clone().requires_grad_(True) for x in (q, k, v)]
+        o_ref, lse_ref = ops.varlen_attention(*refs, cu, cu, None, None, causal=causal, return_lse=True)
+        (o_ref * dout).sum().backward()
+        for stride in (1, HKV):
+            cq, ck, mq, mk, ks = rfa.llama3_flash_attn_prepare_cu_seqlens(cu, causal, rank, world)
+            ql, kl, vl = (x[mine].clone().requires_grad_(True) for x in (q, k, v))
+            o, lse, none = rfa.llama3_flash_attn_varlen_func(ql, kl, vl, cq, ck, mq, mk, stride, ks, causal=causal,
+                                                             return_attn_probs=True)
+            what = f"llama3 causal={causal} stride={stride}"
+            _close(o, o_ref.detach()[mine], f"{what} out")
+            _close(lse, lse_ref.detach()[:, mine], f"{what} lse")
+            (o * dout[mine]).sum().backward()
+            for name, g, r in zip("qkv", (ql.grad, kl.grad, vl.grad), refs):
+                _close(g, r.grad[mine], f"{what} d{name}")
+    return True
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("world", [2, 4])
+def test_llama3_varlen_matches_full_attention(world):
+    if torch.cuda.is_available():
+        pytest.skip("CPU (gloo) comparison")
+    assert run_distributed(_llama3, world) == [True] * world
+
+
 def _refusals(rank, world):
     from turbo_dist.cp import ring_flash_attn as rfa
 
@@ -138,10 +193,9 @@ def _refusals(rank, world):
         rfa.stripe_flash_attn_func(q, q, q, causal=True)
     with pytest.raises(ValueError, match="must end at q.shape"):  # local cu_seqlens end at the local length
         rfa.ring_flash_attn_varlen_func(q[0], q[0], q[0], torch.tensor([0, 3, 6], dtype=torch.int32), 3)
-    for name in ("llama3_flash_attn_varlen_func", "llama3_flash_attn_varlen_kvpacked_func",
-                 "llama3_flash_attn_varlen_qkvpacked_func", "llama3_flash_attn_prepare_cu_seqlens"):
-        with pytest.raises(NotImplementedError, match="llama3"):
-            getattr(rfa, name)(q[0], q[0], q[0])
+    with pytest.raises(ValueError, match="heads_k_stride"):
+        rfa.llama3_flash_attn_varlen_func(q[0], q[0], q[0], torch.tensor([0, 8]), torch.tensor([0, 8]), 8, 8, 3,
+                                          slice(0, 8))
     for name in ("substitute_hf_flash_attn", "update_ring_flash_attn_params"):
         with pytest.raises(NotImplementedError, match="Hugging Face"):
             getattr(rfa, name)(None)

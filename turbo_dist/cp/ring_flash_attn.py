@@ -12,6 +12,9 @@ Same names, signatures, layouts and returns as ring-flash-attn (zhuzilin/ring-fl
   `turbo_dist.cp.shard_packed`); `ring_flash_attn_varlen_func` (+ packed forms): every sequence cut into W
   chunks, rank r holding chunk r of each. `cu_seqlens` / `max_seqlen` are ring-flash-attn's LOCAL ones (each
   local length is the global one / W).
+- `llama3_flash_attn_varlen_func` (+ packed forms) with `llama3_flash_attn_prepare_cu_seqlens`: rank r holding the
+  contiguous shard r of the packed tokens; K/V all-gathered `heads_k_stride` kv heads at a time, the local queries
+  attending the `local_k_slice` rows (Llama 3's CP; not overlapped: an all-gather, then the attention).
 kvpacked: kv [..., 2, H, D]; qkvpacked: qkv [..., 3, H, D] (dense: [B, S/W, 3, H, D], varlen: [T/W, 3, H, D]).
 GQA (fewer k/v heads) is allowed; `group=None` is the default process group; `return_attn_probs=True` returns
 (out, softmax_lse, None) as ring-flash-attn does: lse fp32 [B, H, S/W] for the dense functions, [H, T/W] (flat,
@@ -20,12 +23,16 @@ functions also take causal=False (ring-flash-attn asserts causal). window_size=(
 causal mask. Gradients flow to q, k, v (or the packed tensor).
 
 Refused with NotImplementedError (never ignored): dropout_p != 0, another sliding window, alibi_slopes,
-deterministic=True (as turbo_dist.ops.flash_attn_func); the stripe layouts, the llama3 functions and the HF adapter
+deterministic=True (as turbo_dist.ops.flash_attn_func); the stripe layouts and the Hugging Face adapter
 (`substitute_hf_flash_attn`, `update_ring_flash_attn_params`): importable, refused when called.
 """
+import bisect
+
 import torch
 
-from . import _packed_attention, context_parallel_attention
+from turbo_dist.runtime import get_runtime
+
+from . import _comm, _packed_attention, context_parallel_attention
 
 
 def _refuse_unsupported(dropout_p, window_size, alibi_slopes, deterministic, causal):
@@ -175,6 +182,155 @@ def ring_flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p
                         alibi_slopes, deterministic, return_attn_probs, group)
 
 
+# ----------------------------------------------------------------------- llama3 (all-gathered K/V)
+def llama3_flash_attn_prepare_cu_seqlens(cu_seqlens, causal, rank, world_size):
+    """For rank `rank` of `world_size` holding the contiguous shard `rank` of the packed tokens (global
+    `cu_seqlens` [B+1], total divisible by world_size): (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+    local_k_slice), as ring-flash-attn's. The local queries are cut by the sequence boundaries inside the shard;
+    the keys are the rows `local_k_slice` of the all-gathered K/V, from the start of the shard's first sequence to
+    the shard's end (causal) or to its last sequence's end, so each local piece is bottom-right aligned."""
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError("cu_seqlens must be a 1-D tensor [B+1] of the global sequence boundaries")
+    cu = [int(c) for c in cu_seqlens.tolist()]
+    total = cu[-1]
+    if total % world_size:
+        raise ValueError(f"the packed length {total} is not divisible by the group size {world_size} (pad it)")
+    per = total // world_size
+    lo, hi = rank * per, (rank + 1) * per
+    left = bisect.bisect_left(cu, lo)  # the boundary at lo, else the last one before it
+    if cu[left] != lo:
+        left -= 1
+    right = bisect.bisect_left(cu, hi)  # the first boundary at or after the shard's end
+    seg = cu[left:right + 1]
+    k_lo, k_hi = seg[0], (hi if causal else seg[-1])
+    cu_q = [0] + [c - lo for c in seg[1:-1]] + [per]
+    cu_k = [c - k_lo for c in seg[:-1]] + [k_hi - k_lo]
+
+    def as_cu(vals):
+        return torch.tensor(vals, dtype=cu_seqlens.dtype, device=cu_seqlens.device)
+
+    max_q = max(b - a for a, b in zip(cu_q, cu_q[1:]))
+    max_k = max(b - a for a, b in zip(cu_k, cu_k[1:]))
+    return as_cu(cu_q), as_cu(cu_k), max_q, max_k, slice(k_lo, k_hi)
+
+
+def _gather_heads(k, v, h, stride, rt):
+    """All-gathered K/V of kv heads h .. h+stride: [W * T, 2, stride, D], rank-major (the packed order)."""
+    kv = torch.stack([k[:, h:h + stride], v[:, h:h + stride]], dim=1)
+    return _comm.all_gather(kv, rt).wait().flatten(0, 1)
+
+
+class _Llama3(torch.autograd.Function):
+    """Local queries against the rows `k_slice` of the all-gathered K/V, `stride` kv heads at a time (the gathered
+    buffer holds that many); backward gathers K/V again and reduce-scatters dK/dV (fp32). Keeps the local K/V."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_q, cu_k, max_q, max_k, stride, k_slice, scale, causal, rt):
+        from turbo_dist.ops import varlen_attention_forward
+
+        g = q.shape[1] // k.shape[1]
+        outs, lses = [], []
+        for h in range(0, k.shape[1], stride):
+            kv = _gather_heads(k, v, h, stride, rt)[k_slice]
+            o_h, l_h = varlen_attention_forward(q[:, h * g:(h + stride) * g], kv[:, 0].contiguous(),
+                                                kv[:, 1].contiguous(), cu_q, cu_k, max_q, max_k, causal, scale)
+            outs.append(o_h)
+            lses.append(l_h)
+        o, lse = torch.cat(outs, dim=1), torch.cat(lses, dim=0)
+        ctx.save_for_backward(q, k, v, o, lse, cu_q, cu_k)
+        ctx.args = (max_q, max_k, stride, k_slice, scale, causal, rt)
+        ctx.mark_non_differentiable(lse)
+        return o, lse
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, do, _dlse):
+        from turbo_dist.ops import varlen_attention_backward
+
+        q, k, v, o, lse, cu_q, cu_k = ctx.saved_tensors
+        max_q, max_k, stride, k_slice, scale, causal, rt = ctx.args
+        g = q.shape[1] // k.shape[1]
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        for h in range(0, k.shape[1], stride):
+            qs = slice(h * g, (h + stride) * g)
+            kv = _gather_heads(k, v, h, stride, rt)
+            dq_h, dk_h, dv_h = varlen_attention_backward(
+                do[:, qs].contiguous(), q[:, qs].contiguous(), kv[k_slice, 0].contiguous(),
+                kv[k_slice, 1].contiguous(), o[:, qs].contiguous(), lse[qs].contiguous(), cu_q, cu_k, max_q, max_k,
+                causal, scale)
+            dq[:, qs] = dq_h
+            dkv = torch.zeros(kv.shape, dtype=torch.float32, device=kv.device)
+            dkv[k_slice, 0] = dk_h.float()
+            dkv[k_slice, 1] = dv_h.float()
+            red = _comm.reduce_scatter(dkv.view(rt.world_size, -1, *kv.shape[1:]), rt).wait()
+            dk[:, h:h + stride] = red[:, 0]
+            dv[:, h:h + stride] = red[:, 1]
+        return (dq, dk, dv) + (None,) * 9
+
+
+def _llama3(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, heads_k_stride, local_k_slice,
+            dropout_p, softmax_scale, causal, window_size, alibi_slopes, deterministic, return_attn_probs, group):
+    _refuse_unsupported(dropout_p, window_size, alibi_slopes, deterministic, causal)
+    from turbo_dist.ops.attention import default_scale
+    from turbo_dist.ops.attention_varlen import check_varlen_inputs
+
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 3:
+            raise ValueError(f"{name} must be this rank's packed tokens [T/W, heads, head_dim], got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    if k.shape[0] != q.shape[0] or v.shape != k.shape:
+        raise ValueError(f"q, k and v must be this rank's shard of the same packed tokens: q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    hkv = k.shape[1]
+    if isinstance(heads_k_stride, bool) or not isinstance(heads_k_stride, int) or heads_k_stride < 1 or \
+            hkv % heads_k_stride:
+        raise ValueError(f"heads_k_stride must be a positive divisor of the {hkv} k/v heads, got {heads_k_stride!r}")
+    rt = get_runtime(group)
+    total_k = rt.world_size * k.shape[0]
+    if not isinstance(local_k_slice, slice) or local_k_slice.step not in (None, 1):
+        raise ValueError(f"local_k_slice must be a slice (llama3_flash_attn_prepare_cu_seqlens), got {local_k_slice!r}")
+    k_lo, k_hi, _ = local_k_slice.indices(total_k)
+    max_q, max_k = check_varlen_inputs(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, total_k=max(k_hi - k_lo, 0),
+        end_hint=" (cu_seqlens_q / _k and local_k_slice as llama3_flash_attn_prepare_cu_seqlens makes them: local "
+                 "queries, keys = the local_k_slice rows of the gathered K/V)")
+    o, lse = _Llama3.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, heads_k_stride,
+                           slice(k_lo, k_hi), default_scale(q, softmax_scale), bool(causal), rt)
+    return (o, lse, None) if return_attn_probs else o
+
+
+def llama3_flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, heads_k_stride,
+                                  local_k_slice, dropout_p=0.0, softmax_scale=None, causal=False,
+                                  window_size=(-1, -1), alibi_slopes=None, deterministic=False,
+                                  return_attn_probs=False, group=None):
+    """q/k/v [T/W, H, D]: rank r's contiguous shard r of the packed tokens; cu_seqlens_q/_k, max_seqlen_q/_k and
+    local_k_slice from `llama3_flash_attn_prepare_cu_seqlens`. K/V are all-gathered `heads_k_stride` kv heads at
+    a time (what the gathered buffer holds); return_attn_probs: (out, lse [Hq, T/W] fp32, None)."""
+    return _llama3(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, heads_k_stride, local_k_slice,
+                   dropout_p, softmax_scale, causal, window_size, alibi_slopes, deterministic, return_attn_probs,
+                   group)
+
+
+def llama3_flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                           heads_k_stride, local_k_slice, dropout_p=0.0, softmax_scale=None,
+                                           causal=False, window_size=(-1, -1), alibi_slopes=None, deterministic=False,
+                                           return_attn_probs=False, group=None):
+    k, v = _unpack(kv, 2, "kv", 1)
+    return _llama3(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, heads_k_stride, local_k_slice,
+                   dropout_p, softmax_scale, causal, window_size, alibi_slopes, deterministic, return_attn_probs,
+                   group)
+
+
+def llama3_flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                            heads_k_stride, local_k_slice, dropout_p=0.0, softmax_scale=None,
+                                            causal=False, window_size=(-1, -1), alibi_slopes=None,
+                                            deterministic=False, return_attn_probs=False, group=None):
+    q, k, v = _unpack(qkv, 3, "qkv", 1)
+    return _llama3(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, heads_k_stride, local_k_slice,
+                   dropout_p, softmax_scale, causal, window_size, alibi_slopes, deterministic, return_attn_probs,
+                   group)
+
+
 # ------------------------------------------------------------------------------- not supported
 def _not_supported(name, why):
     def refuse(*args, **kwargs):
@@ -193,13 +349,6 @@ stripe_flash_attn_qkvpacked_func = _not_supported("stripe_flash_attn_qkvpacked_f
 stripe_flash_attn_varlen_func = _not_supported("stripe_flash_attn_varlen_func", _STRIPE)
 stripe_flash_attn_varlen_kvpacked_func = _not_supported("stripe_flash_attn_varlen_kvpacked_func", _STRIPE)
 stripe_flash_attn_varlen_qkvpacked_func = _not_supported("stripe_flash_attn_varlen_qkvpacked_func", _STRIPE)
-_LLAMA3 = ("the llama3 local-k-slice protocol is not implemented; use zigzag_ring_flash_attn_varlen_func or "
-           "turbo_dist.cp.context_parallel_attention(cp_comm_type='allgather') on a contiguous shard of the packed "
-           "tokens with the global cu_seqlens")
-llama3_flash_attn_varlen_func = _not_supported("llama3_flash_attn_varlen_func", _LLAMA3)
-llama3_flash_attn_varlen_kvpacked_func = _not_supported("llama3_flash_attn_varlen_kvpacked_func", _LLAMA3)
-llama3_flash_attn_varlen_qkvpacked_func = _not_supported("llama3_flash_attn_varlen_qkvpacked_func", _LLAMA3)
-llama3_flash_attn_prepare_cu_seqlens = _not_supported("llama3_flash_attn_prepare_cu_seqlens", _LLAMA3)
 _HF = ("the Hugging Face adapter (patching transformers' flash attention) is not provided; call the functions "
        "above from the model's attention")
 substitute_hf_flash_attn = _not_supported("substitute_hf_flash_attn", _HF)
