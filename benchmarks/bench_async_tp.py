@@ -123,7 +123,13 @@ def timed(fn, rep_ms):
     return float(med.item())
 
 
+def _flat_all(x):
+    """A result, or a tuple of results (y, dx, dW of a layer), as one flat tensor (outside the timed call)."""
+    return torch.cat([t.flatten() for t in x]) if isinstance(x, (tuple, list)) else x
+
+
 def rel_err(out, ref):
+    out, ref = _flat_all(out), _flat_all(ref)
     return float(((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-12)).item())
 
 
@@ -288,7 +294,7 @@ def _column_layer(tp, tokens, hidden, n_out, world, randn, algos):
         work = dist.reduce_scatter_tensor(dx, dx_full, async_op=True)  # dx, under the wgrad GEMM
         dw = torch.mm(dy.t(), x_full2)
         work.wait()
-        return torch.cat([y.flatten(), dx.flatten(), dw.flatten()])
+        return y, dx, dw
 
     def gemm_alone():
         torch.mm(x_full, w.t())
@@ -312,7 +318,7 @@ def _column_layer(tp, tokens, hidden, n_out, world, randn, algos):
             layer.weight.grad = x_in.grad = None
             y = layer(x_in)
             y.backward(dy)
-            return torch.cat([y.detach().flatten(), x_in.grad.flatten(), layer.weight.grad.flatten()])
+            return y.detach(), x_in.grad, layer.weight.grad
 
         impls[f"ours_{algo}"] = ours
         saved[f"ours_{algo}"] = saved_activation_bytes(lambda: layer(x_in), layer.parameters()) / 2 ** 20

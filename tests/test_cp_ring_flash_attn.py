@@ -169,6 +169,35 @@ def _llama3(rank, world):
     return True
 
 
+def _llama3_bad_plans(rank, world):
+    """Arguments are per rank: a plan refused on one rank makes every rank raise (none waits in the all-gather),
+    and another rank's valid-looking plan is refused."""
+    from turbo_dist.cp import ring_flash_attn as rfa
+
+    cu = torch.tensor([0, 5, 21, 32], dtype=torch.int32)
+    per = 32 // world
+    q, k = _rand((per, HQ, D), 13), _rand((per, HKV, D), 14)
+    cq, ck, mq, mk, ks = rfa.llama3_flash_attn_prepare_cu_seqlens(cu, True, rank, world)
+    if rank == world - 1:  # one rank's cu_seqlens_k off by one
+        ck = ck.clone()
+        ck[-1] += 1
+    with pytest.raises(ValueError, match="cu_seqlens_k|another rank"):
+        rfa.llama3_flash_attn_varlen_func(q, k, k, cq, ck, mq, mk, 1, ks, causal=True)
+    plan0 = rfa.llama3_flash_attn_prepare_cu_seqlens(cu, True, 0, world)  # rank 0's plan everywhere
+    with pytest.raises(ValueError, match="not rank|another rank"):
+        rfa.llama3_flash_attn_varlen_func(q, k, k, *plan0[:4], 1, plan0[4], causal=True)
+    with pytest.raises(ValueError, match="not rank"):  # past the gathered rows: never clipped
+        rfa.llama3_flash_attn_varlen_func(q, k, k, cq, ck, mq, mk, 1, slice(ks.start, ks.stop + 100), causal=True)
+    o = rfa.llama3_flash_attn_varlen_func(q, k, k, *rfa.llama3_flash_attn_prepare_cu_seqlens(cu, True, rank, world)[:4],
+                                          1, ks, causal=True)  # the group still works afterwards
+    return tuple(o.shape)
+
+
+@pytest.mark.dist
+def test_llama3_refuses_bad_plans_on_every_rank():
+    assert run_distributed(_llama3_bad_plans, 2, backend="gloo") == [(16, HQ, D)] * 2
+
+
 @pytest.mark.dist
 @pytest.mark.parametrize("world", [2, 4])
 def test_llama3_varlen_matches_full_attention(world):

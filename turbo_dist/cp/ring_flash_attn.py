@@ -27,6 +27,7 @@ deterministic=True (as turbo_dist.ops.flash_attn_func); the stripe layouts and t
 (`substitute_hf_flash_attn`, `update_ring_flash_attn_params`): importable, refused when called.
 """
 import bisect
+import operator
 
 import torch
 
@@ -268,34 +269,73 @@ class _Llama3(torch.autograd.Function):
         return (dq, dk, dv) + (None,) * 9
 
 
-def _llama3(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, heads_k_stride, local_k_slice,
-            dropout_p, softmax_scale, causal, window_size, alibi_slopes, deterministic, return_attn_probs, group):
-    _refuse_unsupported(dropout_p, window_size, alibi_slopes, deterministic, causal)
-    from turbo_dist.ops.attention import default_scale
+def _check_llama3(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, heads_k_stride, local_k_slice,
+                  causal, rt):
+    """This rank's arguments against the plan llama3_flash_attn_prepare_cu_seqlens makes for it: (max_q, max_k,
+    stride, k_slice). Raises ValueError / TypeError (the caller makes every rank raise together)."""
     from turbo_dist.ops.attention_varlen import check_varlen_inputs
 
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 3:
             raise ValueError(f"{name} must be this rank's packed tokens [T/W, heads, head_dim], got "
                              f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+        rt.check_tensor(t, name)
     if k.shape[0] != q.shape[0] or v.shape != k.shape:
         raise ValueError(f"q, k and v must be this rank's shard of the same packed tokens: q {tuple(q.shape)}, "
                          f"k {tuple(k.shape)}, v {tuple(v.shape)}")
     hkv = k.shape[1]
-    if isinstance(heads_k_stride, bool) or not isinstance(heads_k_stride, int) or heads_k_stride < 1 or \
-            hkv % heads_k_stride:
+    try:
+        stride = operator.index(heads_k_stride)
+    except TypeError:
+        stride = None
+    if isinstance(heads_k_stride, bool) or stride is None or stride < 1 or hkv % stride:
         raise ValueError(f"heads_k_stride must be a positive divisor of the {hkv} k/v heads, got {heads_k_stride!r}")
-    rt = get_runtime(group)
-    total_k = rt.world_size * k.shape[0]
-    if not isinstance(local_k_slice, slice) or local_k_slice.step not in (None, 1):
-        raise ValueError(f"local_k_slice must be a slice (llama3_flash_attn_prepare_cu_seqlens), got {local_k_slice!r}")
-    k_lo, k_hi, _ = local_k_slice.indices(total_k)
-    max_q, max_k = check_varlen_inputs(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, total_k=max(k_hi - k_lo, 0),
+    t_loc = q.shape[0]
+    lo, hi, total = rt.rank * t_loc, (rt.rank + 1) * t_loc, rt.world_size * t_loc
+    if not isinstance(local_k_slice, slice) or local_k_slice.step not in (None, 1) or \
+            not all(isinstance(x, int) for x in (local_k_slice.start, local_k_slice.stop)):
+        raise ValueError(f"local_k_slice must be slice(start, stop) (llama3_flash_attn_prepare_cu_seqlens), got "
+                         f"{local_k_slice!r}")
+    k_lo, k_hi = local_k_slice.start, local_k_slice.stop
+    # the keys start at the shard's first sequence and end at the shard's end (causal) or its last sequence's end
+    if not (0 <= k_lo <= lo and (k_hi == hi if causal else hi <= k_hi <= total)):
+        raise ValueError(f"local_k_slice {local_k_slice} is not rank {rt.rank}'s plan (its shard is rows {lo}..{hi} of "
+                         f"{total}; keys from its first sequence's start to {'its end' if causal else 'its last sequence end'}"
+                         "): make it with llama3_flash_attn_prepare_cu_seqlens(cu_seqlens, causal, rank, world_size)")
+    max_q, max_k, cq, ck = check_varlen_inputs(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, total_k=k_hi - k_lo, return_cu=True,
         end_hint=" (cu_seqlens_q / _k and local_k_slice as llama3_flash_attn_prepare_cu_seqlens makes them: local "
                  "queries, keys = the local_k_slice rows of the gathered K/V)")
-    o, lse = _Llama3.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, heads_k_stride,
-                           slice(k_lo, k_hi), default_scale(q, softmax_scale), bool(causal), rt)
+    if any(k_lo + b != lo + a for a, b in zip(cq[1:-1], ck[1:-1])):
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k do not cut the same sequences (inner boundaries "
+                         f"{[lo + a for a in cq[1:-1]]} vs {[k_lo + b for b in ck[1:-1]]} in the packed rows): make "
+                         "them with llama3_flash_attn_prepare_cu_seqlens")
+    return max_q, max_k, stride, slice(k_lo, k_hi)
+
+
+def _llama3(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, heads_k_stride, local_k_slice,
+            dropout_p, softmax_scale, causal, window_size, alibi_slopes, deterministic, return_attn_probs, group):
+    _refuse_unsupported(dropout_p, window_size, alibi_slopes, deterministic, causal)
+    from turbo_dist.ops.attention import default_scale
+    from turbo_dist.runtime.symm import group_min_max
+
+    rt = get_runtime(group)
+    err = None
+    try:
+        max_q, max_k, stride, k_slice = _check_llama3(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                                      max_seqlen_k, heads_k_stride, local_k_slice, causal, rt)
+    except (TypeError, ValueError) as exc:
+        err = exc
+    # Arguments are per rank: a rank raising alone would leave the others in the all-gather. Every rank raises.
+    failed = 1 if err is not None else 0
+    worst = group_min_max(failed, rt.group, rt.device)[1] if rt.world_size > 1 else failed
+    if err is not None:
+        raise err
+    if worst:
+        raise ValueError(f"llama3_flash_attn_varlen_func: another rank of the group refused its arguments (its error "
+                         f"says why); rank {rt.rank} raises too instead of waiting in the all-gather")
+    o, lse = _Llama3.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, stride, k_slice,
+                           default_scale(q, softmax_scale), bool(causal), rt)
     return (o, lse, None) if return_attn_probs else o
 
 
