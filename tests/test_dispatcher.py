@@ -110,11 +110,16 @@ def test_grouped_wgrad_rule_follows_the_tma_kernel(monkeypatch):
     assert _wgrad_preference(_Fake(0, 7168), _Fake(0, 4096), _Fake(0, cuda=False)) is None  # no groups
     monkeypatch.setattr(kgw, "wgrad_tma_ok", lambda x, y: False)  # fp32, strided or pre-Hopper: torch's
     assert _wgrad_preference(_Fake(32 * 128, 7168), _Fake(32 * 128, 4096), g32) is None
-    # on SM90 with turbo_dist._fp8_wgmma built: our Hopper kernel where the rule runs ours and it accepts
+    # on SM90 with turbo_dist._fp8_wgmma built: our Hopper kernel (stmatrix epilogue) up to 1024 rows per group,
+    # also where the Triton kernel does not run, above the launch-bound floor
     monkeypatch.setattr(grouped_wgmma, "WGRAD_PREFERRED", True)
     monkeypatch.setattr(grouped_wgmma, "_wgmma_wgrad_can", lambda *args: True)
     assert _wgrad_preference(_Fake(32 * 128, 7168), _Fake(32 * 128, 4096), g32) == "wgmma"
-    assert _wgrad_preference(_Fake(8 * 1024, 7168), _Fake(8 * 1024, 4096), g8, True) is None
+    assert _wgrad_preference(_Fake(8 * 1024, 7168), _Fake(8 * 1024, 4096), g8, True) == "wgmma"
+    assert _wgrad_preference(_Fake(8 * 2048, 7168), _Fake(8 * 2048, 4096), g8) is None  # past 1024: torch's
+    assert _wgrad_preference(_Fake(8 * 128, 2048), _Fake(8 * 128, 7168), g8) is None  # 30 GFLOP: host-bound
+    monkeypatch.setattr(grouped_wgmma, "_wgmma_wgrad_can", lambda *args: "wgmma runs on SM90 (Hopper) only")
+    assert _wgrad_preference(_Fake(32 * 128, 7168), _Fake(32 * 128, 4096), g32) is None  # tma_ok False above
 
 
 def test_choice_cache_follows_signature_and_settings(monkeypatch):

@@ -254,17 +254,18 @@ def _ours(a, b, group_lens, trans_b):
 
 
 def _wgrad_preference(a, dc, group_lens, trans_b=False):
+    """Our Hopper kernel up to grouped_wgmma.WGRAD_GROUP_ROWS rows per group where it runs, else our Triton kernel up
+    to BWD_GROUP_ROWS; torch's above (and below TRITON_MIN_FLOP: launch-bound)."""
     G = group_lens.shape[0]
-    if a.is_cuda and G > 0 and a.shape[0] <= BWD_GROUP_ROWS * G and \
-            2.0 * a.shape[0] * a.shape[1] * dc.shape[1] >= TRITON_MIN_FLOP:
+    if a.is_cuda and G > 0 and 2.0 * a.shape[0] * a.shape[1] * dc.shape[1] >= TRITON_MIN_FLOP:
         from turbo_dist.kernels import grouped_wgrad as kgw
 
         from . import grouped_wgmma
 
-        if grouped_wgmma.wgrad_preferred(a, dc, group_lens, trans_b):
+        if a.shape[0] <= grouped_wgmma.WGRAD_GROUP_ROWS * G and \
+                grouped_wgmma.wgrad_preferred(a, dc, group_lens, trans_b):
             return "wgmma"
-
-        if kgw.wgrad_tma_ok(a, dc):
+        if a.shape[0] <= BWD_GROUP_ROWS * G and kgw.wgrad_tma_ok(a, dc):
             return "triton"
     return None
 

@@ -10,8 +10,9 @@ transposed b with K > N) and on a forward wider than deep up to 1024 rows per gr
 built (PREFERRED); last in the default order otherwise. benchmarks/probe_grouped_wgmma.py times it against
 torch._grouped_mm, our Triton kernel and the per-expert loop.
 
-Also backend "wgmma" of grouped_gemm_wgrad (csrc/fp8_wgmma/grouped_wgrad.cu, wgmma_wgrad): opt-in, at parity with
-torch's and behind the Triton kernel so far (WGRAD_PREFERRED; benchmarks/probe_grouped_wgrad.py).
+Also backend "wgmma" of grouped_gemm_wgrad (csrc/fp8_wgmma/grouped_wgrad.cu, wgmma_wgrad): with its stmatrix
+epilogue the default's choice on SM90 up to WGRAD_GROUP_ROWS rows per group (WGRAD_PREFERRED;
+benchmarks/probe_grouped_wgrad.py).
 """
 import torch
 
@@ -123,9 +124,10 @@ def _wgmma_grouped_can(a, b, group_lens, trans_b=False):
 # splitting a tile by columns and taking turns for the epilogue, 0.96-1.04x one CTA per tile,
 # probe_grouped_wgrad_stagger_h200.json.)
 WGRAD_CLUSTER = 2
-# The tile's epilogue by stmatrix instead of shuffles and 16-byte stores (grouped_wgrad.cu, stage_out_stsm): written,
-# not yet run on a GPU, so off.
-WGRAD_STSM = False
+# The tile's epilogue by stmatrix instead of shuffles and 16-byte stores (grouped_wgrad.cu, stage_out_stsm): bit-equal
+# to the shuffle epilogue and 1.10-1.22x torch._grouped_mm's weight gradient at 128-1024 rows per expert, where the
+# shuffle epilogue was 0.94-1.01x (one H200, 2026-12-05: benchmarks/results/probe_grouped_wgrad_stsm_h200.json).
+WGRAD_STSM = True
 
 
 def wgmma_wgrad(a, dc, group_lens, trans_b=False, num_sms=None, cluster=None, stsm=None):
@@ -159,13 +161,13 @@ def wgmma_wgrad(a, dc, group_lens, trans_b=False, num_sms=None, cluster=None, st
     return out
 
 
-# Whether grouped_gemm_wgrad's rule runs this kernel where it would run our Triton one (rows per group up to
-# grouped_gemm.BWD_GROUP_ROWS). Off: at parity with torch._grouped_mm (0.95-1.01x at 128-1024 rows per expert, a
-# group's last stage cut to its 16-row steps) and behind the Triton kernel (0.99-1.04x torch's in the same run;
-# benchmarks/results/probe_grouped_wgrad_tail_h200.json; ops_grouped_wgrad_h200.json: an earlier version in the
-# default cost the backward 2-9%). ncu: at 2-4 stages per tile its tensor pipe is busy ~47% (torch's ~52%), each
-# tile's epilogue in series with its WGMMAs. Opt-in until it leads: set_backend("grouped_gemm_wgrad", "wgmma").
-WGRAD_PREFERRED = False
+# Whether grouped_gemm_wgrad's rule runs this kernel, up to WGRAD_GROUP_ROWS rows per group on average. With the
+# stmatrix epilogue it leads every backend on the probe's cases (G=32 fc1 / fc2 at 128 and 256 rows per expert,
+# G=8 / 32 fc1 at 1024: 1.08-1.22x torch._grouped_mm, 1.03-1.18x our Triton kernel; probe_grouped_wgrad_stsm_h200
+# .json). Before it (shuffle epilogue) it was at parity with torch's and behind the Triton kernel, so opt-in
+# (probe_grouped_wgrad_tail_h200.json; ops_grouped_wgrad_h200.json: the backward 2-9% slower in the default).
+WGRAD_PREFERRED = True
+WGRAD_GROUP_ROWS = 1024
 
 
 def wgrad_preferred(a, dc, group_lens, trans_b=False):
