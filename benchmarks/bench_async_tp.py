@@ -36,7 +36,7 @@ import torch.distributed as dist
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, _HERE)
-from common import peak_tflops, print_table, saved_activation_bytes, write_json  # noqa: E402
+from common import peak_tflops, print_table, write_json  # noqa: E402
 
 try:
     import turbo_dist  # noqa: F401
@@ -279,6 +279,8 @@ def make_problem(op, tokens, hidden, ffn, tp_deg, world, rank, dtype, fp8, algos
 def _column_layer(tp, tokens, hidden, n_out, world, randn, algos):
     """Forward + backward of the SP column layer [tokens/W, hidden] -> [tokens, n_out]: impls, flops, (m, n, k),
     saved activation MB per impl."""
+    from turbo_dist.testing import saved_activations
+
     dev = DEVICE
     x, w, dy = randn(tokens // world, hidden), randn(n_out, hidden), randn(tokens, n_out)
     dtype = x.dtype
@@ -321,7 +323,7 @@ def _column_layer(tp, tokens, hidden, n_out, world, randn, algos):
             return y.detach(), x_in.grad, layer.weight.grad
 
         impls[f"ours_{algo}"] = ours
-        saved[f"ours_{algo}"] = saved_activation_bytes(lambda: layer(x_in), layer.parameters()) / 2 ** 20
+        saved[f"ours_{algo}"] = saved_activations(lambda: layer(x_in), layer.parameters())[2] / 2 ** 20
     return impls, 3 * 2.0 * tokens * n_out * hidden, (tokens, n_out, hidden), saved
 
 

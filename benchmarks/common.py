@@ -153,21 +153,6 @@ def _bench_cpu(fn, warmup_ms, rep_ms):
     return statistics.median(times)
 
 
-def saved_activation_bytes(fn, params=()):
-    """Bytes of the tensors autograd saves for fn()'s backward, parameters excluded (fn runs once)."""
-    skip = {p.untyped_storage().data_ptr() for p in params}
-    total = [0]
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in skip:
-            total[0] += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return total[0]
-
-
 def machine_info():
     """Host, accelerator and library versions, for the JSON `machine` key."""
     info = {

@@ -4,6 +4,7 @@ import torch
 import torch.distributed as dist
 
 from turbo_dist.runtime.config import share_gpu_mode
+from turbo_dist.testing import saved_activations
 
 
 def rank_device():
@@ -68,16 +69,6 @@ def run_script(cmd, timeout, **kwargs):
 
 
 def saved_activation_numel(fn, params=()):
-    """(fn()'s result, elements of the tensors autograd saves for fn's backward, parameters excluded): the
-    activation memory a layer's backward holds."""
-    skip = {p.untyped_storage().data_ptr() for p in params}
-    saved = []
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in skip:
-            saved.append(t.numel())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return out, sum(saved)
+    """(fn()'s result, elements of the tensors autograd saves for fn's backward, parameters excluded)."""
+    out, numel, _ = saved_activations(fn, params)
+    return out, numel

@@ -198,14 +198,6 @@ def test_llama3_refuses_bad_plans_on_every_rank():
     assert run_distributed(_llama3_bad_plans, 2, backend="gloo") == [(16, HQ, D)] * 2
 
 
-@pytest.mark.dist
-@pytest.mark.parametrize("world", [2, 4])
-def test_llama3_varlen_matches_full_attention(world):
-    if torch.cuda.is_available():
-        pytest.skip("CPU (gloo) comparison")
-    assert run_distributed(_llama3, world) == [True] * world
-
-
 def _refusals(rank, world):
     from turbo_dist.cp import ring_flash_attn as rfa
 
@@ -241,18 +233,13 @@ def _refusals(rank, world):
 
 @pytest.mark.dist
 @pytest.mark.parametrize("world", [2, 4])
-def test_ring_flash_attn_dense_functions_match_full_attention(world):
+@pytest.mark.parametrize("check,expected", [(_dense, 7), (_varlen, True), (_llama3, True)],
+                         ids=["dense", "varlen", "llama3"])
+def test_functions_match_full_attention(check, expected, world):
+    """Every function family against full-sequence attention (dense: 7 cases per rank)."""
     if torch.cuda.is_available():
         pytest.skip("CPU (gloo) comparison")
-    assert run_distributed(_dense, world) == [7] * world
-
-
-@pytest.mark.dist
-@pytest.mark.parametrize("world", [2, 4])
-def test_varlen_functions_match_full_attention(world):
-    if torch.cuda.is_available():
-        pytest.skip("CPU (gloo) comparison")
-    assert run_distributed(_varlen, world) == [True] * world
+    assert run_distributed(check, world) == [expected] * world
 
 
 @pytest.mark.dist

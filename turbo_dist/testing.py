@@ -44,6 +44,26 @@ def _num_gpus():
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
+def saved_activations(fn, params=()):
+    """(fn()'s result, elements, bytes) of the tensors autograd saves for fn's backward, parameters excluded: the
+    activation memory a layer's backward holds (tests and benches compare it with the input shard's)."""
+    import torch
+
+    skip = {p.untyped_storage().data_ptr() for p in params}
+    numel = nbytes = 0
+
+    def pack(t):
+        nonlocal numel, nbytes
+        if t.untyped_storage().data_ptr() not in skip:
+            numel += t.numel()
+            nbytes += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, numel, nbytes
+
+
 def default_backend(world_size):
     """NCCL when there is a GPU for every rank, gloo otherwise."""
     return "nccl" if _num_gpus() >= world_size else "gloo"
