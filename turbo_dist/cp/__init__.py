@@ -108,6 +108,17 @@ def context_parallel_attention(q, k, v, causal=False, softmax_scale=None, cp_gro
     return (o, lse) if return_lse else o
 
 
+def _check_packed_shards(q, k, v):
+    """q / k / v: this rank's packed shards [T/cp, heads, head_dim], q and k/v of one length."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if getattr(t, "dim", lambda: 0)() != 3:
+            raise ValueError(f"with cu_seqlens, {name} must be this rank's packed shard [T/cp, heads, head_dim], "
+                             f"got shape {tuple(getattr(t, 'shape', ()))}")
+    if k.shape[0] != q.shape[0]:
+        raise ValueError(f"context-parallel attention needs q and k/v shards of the same length, got q "
+                         f"{tuple(q.shape)} and k {tuple(k.shape)}")
+
+
 def _packed_attention(q, k, v, causal, softmax_scale, cp_group, mode, load_balance, num_chunks, cu_seqlens_q,
                       cu_seqlens_k, max_seqlen_q, max_seqlen_k, want_lse=False, split=False):
     """-> (o, lse or an empty tensor when not want_lse and the mode does not compute it anyway).
@@ -118,13 +129,7 @@ def _packed_attention(q, k, v, causal, softmax_scale, cp_group, mode, load_balan
     cp = rt.world_size
     zigzag = bool(load_balance) and cp > 1  # one rank: both layouts are the natural order (ring cut odd lengths)
     split = split and cp > 1
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if getattr(t, "dim", lambda: 0)() != 3:
-            raise ValueError(f"with cu_seqlens, {name} must be this rank's packed shard [T/cp, heads, head_dim], "
-                             f"got shape {tuple(getattr(t, 'shape', ()))}")
-    if k.shape[0] != q.shape[0]:
-        raise ValueError(f"context-parallel attention needs q and k/v shards of the same length, got q "
-                         f"{tuple(q.shape)} and k {tuple(k.shape)}")
+    _check_packed_shards(q, k, v)
     max_seqlen_q, max_seqlen_k, host_q, host_k = check_varlen_inputs(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, total_q=q.shape[0] * cp,
         total_k=k.shape[0] * cp, return_cu=True,

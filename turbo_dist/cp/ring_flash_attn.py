@@ -33,7 +33,7 @@ import torch
 
 from turbo_dist.runtime import get_runtime
 
-from . import _comm, _packed_attention, context_parallel_attention
+from . import _check_packed_shards, _comm, _packed_attention, context_parallel_attention
 
 
 def _refuse_unsupported(dropout_p, window_size, alibi_slopes, deterministic, causal):
@@ -59,9 +59,7 @@ def _varlen_ring(q, k, v, cu_seqlens, max_seqlen, zigzag, dropout_p, softmax_sca
     if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
         raise TypeError(f"cu_seqlens must be a 1-D tensor [B+1], got "
                         f"{tuple(cu_seqlens.shape) if isinstance(cu_seqlens, torch.Tensor) else type(cu_seqlens)}")
-    if not isinstance(q, torch.Tensor) or q.dim() != 3:
-        raise ValueError(f"q must be this rank's packed tokens [T/W, heads, head_dim], got "
-                         f"{tuple(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__}")
+    _check_packed_shards(q, k, v)
     end = int(cu_seqlens[-1])
     if end != q.shape[0]:
         raise ValueError(f"cu_seqlens are this rank's LOCAL ones (ring-flash-attn's): they must end at q.shape[0] = "
@@ -275,14 +273,9 @@ def _check_llama3(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
     stride, k_slice). Raises ValueError / TypeError (the caller makes every rank raise together)."""
     from turbo_dist.ops.attention_varlen import check_varlen_inputs
 
+    _check_packed_shards(q, k, v)  # (k and v of one shape: check_varlen_inputs below)
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 3:
-            raise ValueError(f"{name} must be this rank's packed tokens [T/W, heads, head_dim], got "
-                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
         rt.check_tensor(t, name)
-    if k.shape[0] != q.shape[0] or v.shape != k.shape:
-        raise ValueError(f"q, k and v must be this rank's shard of the same packed tokens: q {tuple(q.shape)}, "
-                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
     hkv = k.shape[1]
     try:
         stride = operator.index(heads_k_stride)
