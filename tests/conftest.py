@@ -25,7 +25,7 @@ apply_safety_env()  # every process this test session spawns inherits the NVLink
 # memory) ran in this mode on one H200 on 2026-12-02 (third session); test_moe and test_moe_internode since
 # (tests/GPU_RUNS.md).
 SHARE_GPU_MODULES = ("test_runtime", "test_moe_nvlink", "test_moe_low_latency", "test_tp", "test_share_gpu",
-                     "test_cp", "test_varlen_attention", "test_moe", "test_moe_internode")
+                     "test_cp", "test_cp_ring_flash_attn", "test_varlen_attention", "test_moe", "test_moe_internode")
 
 
 def _sharing():

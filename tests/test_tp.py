@@ -639,19 +639,20 @@ def _autocast_and_no_grad(rank, world):
     under no_grad the column layer keeps nothing for dW (no slice copied)."""
     from turbo_dist.tp import wgrad
 
-    hidden, ffn, tokens = 8, 4 * world, 4 * world
+    dev = rank_device()
+    hidden, ffn, tokens = (8, 4 * world, 4 * world) if dev.type == "cpu" else (64, 64 * world, 32 * world)
     torch.manual_seed(0)
-    lin1, lin2 = nn.Linear(hidden, ffn), nn.Linear(ffn, hidden)
-    x_full = rand((tokens, 2, hidden), 31)
-    dy_full = rand((tokens, 2, hidden), 32)
+    lin1, lin2 = nn.Linear(hidden, ffn).to(dev), nn.Linear(ffn, hidden).to(dev)
+    x_full = rand((tokens, 2, hidden), 31, device=dev)
+    dy_full = rand((tokens, 2, hidden), 32, device=dev)
     for sp in (True, False):
-        col = tp.ColumnParallelLinear(hidden, ffn, sequence_parallel=sp).load_full(lin1.weight, lin1.bias)
-        row = tp.RowParallelLinear(ffn, hidden, sequence_parallel=sp).load_full(lin2.weight, lin2.bias)
+        col = tp.ColumnParallelLinear(hidden, ffn, sequence_parallel=sp).to(dev).load_full(lin1.weight, lin1.bias)
+        row = tp.RowParallelLinear(ffn, hidden, sequence_parallel=sp).to(dev).load_full(lin2.weight, lin2.bias)
         x_ref = x_full.clone().requires_grad_(True)
         ref = lin2(torch.nn.functional.gelu(lin1(x_ref)))
         (ref * dy_full).sum().backward()
         x = (x_full.chunk(world)[rank] if sp else x_full).clone().requires_grad_(True)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(dev.type, dtype=torch.bfloat16):
             h = col(x)
             y = row(torch.nn.functional.gelu(h))
         assert h.dtype == y.dtype == torch.bfloat16, (sp, h.dtype, y.dtype)
@@ -668,7 +669,7 @@ def _autocast_and_no_grad(rank, world):
     real = wgrad.keep_input
     wgrad.keep_input = lambda *a: kept.append(1) or real(*a)
     try:
-        col = tp.ColumnParallelLinear(hidden, ffn)
+        col = tp.ColumnParallelLinear(hidden, ffn).to(dev)
         with torch.no_grad():
             col(x_full.chunk(world)[rank].contiguous())
         assert not kept, "keep_input ran under no_grad"
@@ -680,7 +681,7 @@ def _autocast_and_no_grad(rank, world):
 
 
 @pytest.mark.dist
-def test_parallel_linear_autocast_and_no_grad():
-    if torch.cuda.is_available():
-        pytest.skip("CPU autocast (bf16) on gloo")
-    assert run_distributed(_autocast_and_no_grad, 2) == [True, True]
+@pytest.mark.parametrize("world_size", world_sizes_for_device(2))
+def test_parallel_linear_autocast_and_no_grad(world_size):
+    """CPU: gloo, CPU autocast; CUDA: CUDA autocast through the GPU paths (NCCL, or processes sharing a GPU)."""
+    assert run_distributed(_autocast_and_no_grad, world_size) == [True] * world_size
