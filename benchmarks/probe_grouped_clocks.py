@@ -7,8 +7,11 @@ kernel at 1.32 GHz, torch's at 1.48 GHz, the weight gradients at 1.7-1.8 GHz, G=
     python benchmarks/probe_grouped_clocks.py --json clocks.json [--cases G32_fc1_256,...] [--seconds 2.5]
     ncu --profile-from-start off --section SpeedOfLight python benchmarks/probe_grouped_clocks.py --ncu
 
-Labels: fwd_torch (torch._grouped_mm), fwd_wgmma (our Hopper kernel, its defaults), wgrad_torch, wgrad_triton,
-wgrad_wgmma (grouped_gemm_wgrad's backends). Times here are back to back with L2 warm (not bench_interleaved's
+Labels: fwd_torch (torch._grouped_mm), fwd_wgmma (our Hopper kernel, its defaults), fwd_wgmma_whole (the same
+without half tiles: a group's last rows padded to 128), fwd_loop (one torch.mm per expert: the issue's baseline),
+fwd_dense (torch.mm of all rows by one expert's weight: the same FLOPs with no grouping, the bound the grouped
+kernels approach), wgrad_torch, wgrad_triton, wgrad_wgmma (grouped_gemm_wgrad's backends); mj_per_call: power x
+time. Times here are back to back with L2 warm (not bench_interleaved's
 flushed medians): they go with the clocks measured at the same time. --ncu: each label once between
 cudaProfilerStart / Stop, nothing timed, no nvidia-smi.
 """
@@ -44,8 +47,17 @@ def labels(name):
     def wgrad(backend):
         return _forced(lambda: dispatcher.dispatch("grouped_gemm_wgrad", a, dc, gl, False), grouped_gemm_wgrad=backend)
 
+    bounds = [0] + torch.cumsum(lens, 0).tolist()
+    pieces = [(a[s:e], w[g]) for g, (s, e) in enumerate(zip(bounds, bounds[1:])) if e > s]
+
+    def loop():  # the issue's baseline: one cuBLAS GEMM per expert
+        return [torch.mm(x, y) for x, y in pieces]
+
     fns = {"fwd_torch": lambda: torch._grouped_mm(a, w, offs=offs),
            "fwd_wgmma": lambda: grouped_wgmma.wgmma_grouped(a, w, gl, False),
+           "fwd_wgmma_whole": lambda: grouped_wgmma.wgmma_grouped(a, w, gl, False, half_tiles=False),
+           "fwd_loop": loop,
+           "fwd_dense": lambda: torch.mm(a, w[0]),  # the same FLOPs as one GEMM: one weight, no padding
            "wgrad_torch": wgrad("torch"), "wgrad_triton": wgrad("triton"), "wgrad_wgmma": wgrad("wgmma")}
     return fns, 2.0 * M * K * N, f"G={G} M={M} K={K} N={N}"
 
@@ -99,6 +111,7 @@ def run_case(name, seconds):
         rows.append({"case": name, "impl": label, "ms_back_to_back": ms, "tflops": flops / ms / 1e9,
                      "sm_clock_mhz": sum(s[1] for s in sel) / len(sel) if sel else None,
                      "power_w": sum(s[2] for s in sel) / len(sel) if sel else None,
+                     "mj_per_call": sum(s[2] for s in sel) / len(sel) * ms / 1e3 if sel else None,
                      "throttle_reasons": sorted({s[3] for s in sel}), "samples": len(sel), "shape": shape})
     return rows
 
@@ -129,7 +142,8 @@ def main():
     for name in args.cases.split(","):
         rows += run_case(name, args.seconds)
         print_table([r for r in rows if r["case"] == name],
-                    ["case", "impl", "ms_back_to_back", "tflops", "sm_clock_mhz", "power_w", "throttle_reasons"])
+                    ["case", "impl", "ms_back_to_back", "tflops", "sm_clock_mhz", "power_w", "mj_per_call",
+                     "throttle_reasons"])
     if args.json:
         write_json(args.json, rows)
 
