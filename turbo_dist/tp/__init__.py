@@ -4,6 +4,7 @@
     c_shard = turbo_dist.tp.matmul_reduce_scatter(a, b, scatter_dim=0, reduce_op="sum", group=g)
     # FP8: all_gather_scaled_matmul(...), scaled_matmul_reduce_scatter(...)
     # modules: ColumnParallelLinear / RowParallelLinear (sequence_parallel=True by default)
+    # drop-in for torch.ops.symm_mem's fused ops (TorchTitan async TP): turbo_dist.tp.torch_ops.install()
 
 Semantics match torch.ops.symm_mem.fused_all_gather_matmul / fused_matmul_reduce_scatter.
 Implementations (`algo=` argument or TURBO_DIST_TP_ALGO, default 'auto'):
@@ -24,6 +25,7 @@ from ._common import last_algo
 from .ag_matmul import all_gather_matmul, all_gather_scaled_matmul
 from .linear import ColumnParallelLinear, RowParallelLinear
 from .matmul_rs import matmul_reduce_scatter, scaled_matmul_reduce_scatter
+from . import torch_ops
 
 
 def check_errors(group=None, block=True):
@@ -39,5 +41,5 @@ def check_errors(group=None, block=True):
 __all__ = [
     "last_algo",
     "all_gather_matmul", "matmul_reduce_scatter", "all_gather_scaled_matmul", "scaled_matmul_reduce_scatter",
-    "ColumnParallelLinear", "RowParallelLinear", "check_errors",
+    "ColumnParallelLinear", "RowParallelLinear", "check_errors", "torch_ops",
 ]
