@@ -248,9 +248,8 @@ def _refusals(rank, world):
     with pytest.raises(ValueError, match="heads_k_stride"):
         rfa.llama3_flash_attn_varlen_func(q[0], q[0], q[0], torch.tensor([0, 8]), torch.tensor([0, 8]), 8, 8, 3,
                                           slice(0, 8))
-    for name in ("substitute_hf_flash_attn", "update_ring_flash_attn_params"):
-        with pytest.raises(NotImplementedError, match="Hugging Face"):
-            getattr(rfa, name)(None)
+    with pytest.raises(TypeError, match="cu_seqlens"):  # the Hugging Face adapter's (turbo_dist.cp.hf_adapter)
+        rfa.update_ring_flash_attn_params([0, 8], None)
     # flash-attn's causal window (-1, 0) is the causal mask: taken
     o = rfa.zigzag_ring_flash_attn_func(q, q, q, causal=True, window_size=(-1, 0))
     assert o.shape == q.shape

@@ -23,8 +23,9 @@ functions also take causal=False (ring-flash-attn asserts causal). window_size=(
 causal mask. Gradients flow to q, k, v (or the packed tensor).
 
 Refused with NotImplementedError (never ignored): dropout_p != 0, another sliding window, alibi_slopes,
-deterministic=True (as turbo_dist.ops.flash_attn_func); the stripe layouts and the Hugging Face adapter
-(`substitute_hf_flash_attn`, `update_ring_flash_attn_params`): importable, refused when called.
+deterministic=True (as turbo_dist.ops.flash_attn_func); the stripe layouts: importable, refused when called.
+ring-flash-attn's Hugging Face adapter (`substitute_hf_flash_attn`, `update_ring_flash_attn_params`,
+`use_ring_attn`) is turbo_dist.cp.hf_adapter, re-exported here (transformers is imported when they are called).
 """
 import bisect
 import operator
@@ -382,10 +383,31 @@ stripe_flash_attn_qkvpacked_func = _not_supported("stripe_flash_attn_qkvpacked_f
 stripe_flash_attn_varlen_func = _not_supported("stripe_flash_attn_varlen_func", _STRIPE)
 stripe_flash_attn_varlen_kvpacked_func = _not_supported("stripe_flash_attn_varlen_kvpacked_func", _STRIPE)
 stripe_flash_attn_varlen_qkvpacked_func = _not_supported("stripe_flash_attn_varlen_qkvpacked_func", _STRIPE)
-_HF = ("the Hugging Face adapter (patching transformers' flash attention) is not provided; call the functions "
-       "above from the model's attention")
-substitute_hf_flash_attn = _not_supported("substitute_hf_flash_attn", _HF)
-update_ring_flash_attn_params = _not_supported("update_ring_flash_attn_params", _HF)
+
+
+# ---------------------------------------------------------------- Hugging Face adapter (turbo_dist.cp.hf_adapter)
+def substitute_hf_flash_attn(process_group, heads_k_stride):
+    """turbo_dist.cp.hf_adapter.substitute_hf_flash_attn: transformers' "flash_attention_2" (and "turbo_dist_ring")
+    run llama3 ring attention over `process_group`, `heads_k_stride` kv heads gathered at a time."""
+    from .hf_adapter import substitute_hf_flash_attn as substitute
+
+    return substitute(process_group, heads_k_stride)
+
+
+def update_ring_flash_attn_params(cu_seqlens, process_group):
+    """turbo_dist.cp.hf_adapter.update_ring_flash_attn_params: this rank's plan for the packed row whose global
+    document boundaries are `cu_seqlens` [num_docs + 1]."""
+    from .hf_adapter import update_ring_flash_attn_params as update
+
+    return update(cu_seqlens, process_group)
+
+
+def use_ring_attn(flag):
+    """turbo_dist.cp.hf_adapter.use_ring_attn: ring attention on (True) or transformers' own (False)."""
+    from .hf_adapter import use_ring_attn as use
+
+    return use(flag)
+
 
 __all__ = [
     "ring_flash_attn_func", "ring_flash_attn_kvpacked_func", "ring_flash_attn_qkvpacked_func",
@@ -398,4 +420,5 @@ __all__ = [
     "stripe_flash_attn_varlen_qkvpacked_func", "llama3_flash_attn_varlen_func",
     "llama3_flash_attn_varlen_kvpacked_func", "llama3_flash_attn_varlen_qkvpacked_func",
     "llama3_flash_attn_prepare_cu_seqlens", "substitute_hf_flash_attn", "update_ring_flash_attn_params",
+    "use_ring_attn",
 ]

@@ -1,0 +1,235 @@
+"""turbo_dist.cp.hf_adapter: a tiny transformers Llama (fp32, CPU) fed a packed row of documents sharded
+contiguously over 2 gloo ranks, with the adapter's ring attention ("turbo_dist_ring" and the substituted
+"flash_attention_2"), against the unsharded model run on each document alone with eager attention: the rank's
+logits and the all-reduced parameter gradients; the dtype cast of fp32 queries; what it refuses. Skipped without
+transformers (CI installs it with the optional frameworks)."""
+import sys
+
+import pytest
+import torch
+
+from turbo_dist.testing import run_distributed
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB, HIDDEN, LAYERS, HEADS, KV_HEADS = 64, 32, 2, 4, 2
+PACKS = ((5, 7, 4), (8, 3, 5))  # one document across the shard edge; a boundary on it (2 ranks: 8 tokens each)
+
+
+def _model(attn_implementation):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=2 * HIDDEN, num_hidden_layers=LAYERS,
+                      num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, max_position_embeddings=64)
+    torch.manual_seed(0)  # the same weights on every rank
+    return AutoModelForCausalLM.from_config(cfg, attn_implementation=attn_implementation, dtype=torch.float32)
+
+
+def _packed(lens, seed):
+    """(input_ids [1, T], position_ids [1, T] restarting per document, cu_seqlens [docs + 1] int32)."""
+    ids = torch.randint(0, VOCAB, (1, sum(lens)), generator=torch.Generator().manual_seed(seed))
+    pos = torch.cat([torch.arange(n) for n in lens]).unsqueeze(0)
+    cu = torch.tensor([0] + [sum(lens[:i + 1]) for i in range(len(lens))], dtype=torch.int32)
+    return ids, pos, cu
+
+
+def _reference(model, ids, cu, weight):
+    """Logits [1, T, vocab] and parameter gradients of sum(logits * weight), each document run alone (eager)."""
+    impl = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    model.zero_grad(set_to_none=True)
+    bounds = cu.tolist()
+    logits = torch.cat([model(ids[:, a:b]).logits for a, b in zip(bounds, bounds[1:])], dim=1)
+    (logits * weight).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    model.config._attn_implementation = impl  # as it was (no flash_attn package check for "flash_attention_2")
+    return logits.detach(), grads
+
+
+def _matches_unsharded(rank, world, entry, heads_k_stride):
+    import torch.distributed as dist
+
+    from turbo_dist.cp import hf_adapter
+
+    hf_adapter.substitute_hf_flash_attn(None, heads_k_stride)  # before the model: the name is checked on build
+    try:
+        model = _model(hf_adapter.ATTN_IMPLEMENTATION)
+        if entry == "flash_attention_2":  # set directly: transformers checks for the flash_attn package otherwise
+            model.config._attn_implementation = "flash_attention_2"
+        for i, lens in enumerate(PACKS):
+            ids, pos, cu = _packed(lens, seed=i)
+            weight = torch.randn(1, sum(lens), VOCAB, generator=torch.Generator().manual_seed(10 + i))
+            ref_logits, ref_grads = _reference(model, ids, cu, weight)
+            per = sum(lens) // world
+            mine = slice(rank * per, (rank + 1) * per)
+            hf_adapter.update_ring_flash_attn_params(cu, None)
+            logits = model(ids[:, mine], position_ids=pos[:, mine], use_cache=False).logits  # as trainers call it
+            what = f"{entry} stride={heads_k_stride} docs={lens}"
+            torch.testing.assert_close(logits, ref_logits[:, mine], rtol=1e-4, atol=1e-5,
+                                       msg=lambda m: f"{what} logits: {m}")
+            (logits * weight[:, mine]).sum().backward()
+            for name, p in model.named_parameters():
+                grad = p.grad.clone()
+                dist.all_reduce(grad)
+                torch.testing.assert_close(grad, ref_grads[name], rtol=1e-4, atol=1e-5,
+                                           msg=lambda m: f"{what} d{name}: {m}")
+            model.zero_grad(set_to_none=True)
+    finally:
+        hf_adapter.restore_hf_flash_attn()
+    return True
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("entry,heads_k_stride", [("turbo_dist_ring", 1), ("flash_attention_2", KV_HEADS)])
+def test_sharded_model_matches_unsharded(entry, heads_k_stride):
+    """Logits (the rank's slice) and all-reduced parameter gradients of the CP model equal the unsharded model's with
+    per-document causal attention."""
+    assert run_distributed(_matches_unsharded, 2, args=(entry, heads_k_stride), backend="gloo") == [True, True]
+
+
+class _Attention(torch.nn.Module):
+    """A causal attention module with a Linear of `dtype` (bf16 weights with fp32 activations: norms kept in fp32)."""
+
+    is_causal = True
+
+    def __init__(self, dtype):
+        super().__init__()
+        self.proj = torch.nn.Linear(8, 8).to(dtype)
+
+
+def _rand(shape, seed):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _attention_function(rank, world):
+    """The registered function on hand-made q/k/v [1, H, S/W, D]: the ring result of the whole packed row (scaling
+    and layout), and fp32 queries run in the module's bf16 and returned in fp32."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from turbo_dist import ops
+    from turbo_dist.cp import hf_adapter
+
+    hf_adapter.substitute_hf_flash_attn(None, 1)
+    try:
+        attn = ALL_ATTENTION_FUNCTIONS[hf_adapter.ATTN_IMPLEMENTATION]
+        cu = torch.tensor([0, 5, 16], dtype=torch.int32)
+        hf_adapter.update_ring_flash_attn_params(cu, None)
+        q, k, v = _rand((1, HEADS, 16, 8), 1), _rand((1, KV_HEADS, 16, 8), 2), _rand((1, KV_HEADS, 16, 8), 3)
+        ref = ops.varlen_attention(*(t[0].transpose(0, 1) for t in (q, k, v)), cu, cu, None, None, causal=True,
+                                   softmax_scale=0.3)
+        mine = slice(rank * 8, (rank + 1) * 8)
+        q, k, v = q[:, :, mine], k[:, :, mine], v[:, :, mine]
+        out, weights = attn(_Attention(torch.float32), q, k, v, None, scaling=0.3)
+        assert weights is None and out.dtype == torch.float32 and out.shape == (1, 8, HEADS, 8)
+        torch.testing.assert_close(out[0], ref[mine], rtol=1e-5, atol=1e-6)
+        out, _ = attn(_Attention(torch.bfloat16), q, k, v, None, scaling=0.3)
+        half, _ = attn(_Attention(torch.bfloat16), q.bfloat16(), k.bfloat16(), v.bfloat16(), None, scaling=0.3)
+        assert out.dtype == torch.float32 and torch.equal(out, half.float())  # computed in bf16, returned in fp32
+    finally:
+        hf_adapter.restore_hf_flash_attn()
+    return True
+
+
+@pytest.mark.dist
+def test_attention_function_layout_scaling_and_dtype():
+    assert run_distributed(_attention_function, 2, backend="gloo") == [True, True]
+
+
+def _refusals(rank, world):
+    import torch.distributed as dist
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+
+    from turbo_dist.cp import hf_adapter
+
+    module = _model("sdpa").model.layers[0].self_attn
+    q, k = _rand((1, HEADS, 8, 8), 1), _rand((1, KV_HEADS, 8, 8), 2)
+    cu = torch.tensor([0, 5, 12, 16], dtype=torch.int32)  # longest document: 7 tokens
+    named = ALL_ATTENTION_FUNCTIONS[hf_adapter.ATTN_IMPLEMENTATION] if hf_adapter.ATTN_IMPLEMENTATION in \
+        ALL_ATTENTION_FUNCTIONS else None
+    singles = [dist.new_group([r]) for r in range(world)]  # every rank creates every group
+    with pytest.raises(TypeError, match="heads_k_stride"):
+        hf_adapter.substitute_hf_flash_attn(None, True)
+    with pytest.raises(ValueError, match="heads_k_stride"):
+        hf_adapter.substitute_hf_flash_attn(None, 0)
+    if named is not None:  # registered by an earlier substitution in this process: raises until the next
+        with pytest.raises(ValueError, match="substitute_hf_flash_attn"):
+            named(module, q, k, k, None)
+
+    def sentinel(*args, **kwargs):
+        return "transformers' flash attention"
+
+    saved, class_wide = ALL_ATTENTION_FUNCTIONS["flash_attention_2"], AttentionInterface()["flash_attention_2"]
+    ALL_ATTENTION_FUNCTIONS["flash_attention_2"] = sentinel  # a local override (another adapter's) to restore
+    hf_adapter.substitute_hf_flash_attn(None, 1)
+    try:
+        attn = ALL_ATTENTION_FUNCTIONS[hf_adapter.ATTN_IMPLEMENTATION]
+        fa2 = ALL_ATTENTION_FUNCTIONS["flash_attention_2"]
+        assert fa2 is not sentinel
+        with pytest.raises(ValueError, match="update_ring_flash_attn_params"):
+            fa2(module, q, k, k, None)
+        with pytest.raises(ValueError, match="divisible"):
+            hf_adapter.update_ring_flash_attn_params(torch.tensor([0, 5, 15]), None)
+        with pytest.raises(ValueError, match="start at 0"):
+            hf_adapter.update_ring_flash_attn_params(torch.tensor([0, 9, 6, 16]), None)
+        hf_adapter.update_ring_flash_attn_params(cu, singles[rank])  # a plan for a group of one
+        with pytest.raises(ValueError, match="another group|same process group"):
+            attn(module, q, k, k, None)
+        hf_adapter.update_ring_flash_attn_params(cu, None)
+        cases = [
+            (ValueError, "batch", (q.expand(2, -1, -1, -1), k.expand(2, -1, -1, -1), None), {}),
+            (NotImplementedError, "softcap", (q, k, None), {"softcap": 30.0}),
+            (NotImplementedError, "sliding", (q, k, None), {"sliding_window": 4}),
+            (NotImplementedError, "dropout", (q, k, None), {"dropout": 0.1}),
+            (NotImplementedError, "causal", (q, k, None), {"is_causal": False}),
+            (NotImplementedError, "sinks", (q, k, None), {"s_aux": torch.zeros(HEADS)}),
+            (NotImplementedError, "mask", (q, k, torch.tensor([[1] * 7 + [0]], dtype=torch.bool)), {}),
+            (NotImplementedError, "KV cache", (q, torch.cat([k, k], dim=2), None), {}),
+        ]
+        for fn in (attn, fa2):
+            for exc, match, (qq, kk, mask), kw in cases:
+                with pytest.raises(exc, match=match):
+                    fn(module, qq, kk, kk, mask, **kw)
+        # a shard of the wrong length: every rank raises (none waits in the all-gather)
+        with pytest.raises(ValueError, match="shard has 6 tokens"):
+            attn(module, q[:, :, :6], k[:, :, :6], k[:, :, :6], None)
+        with pytest.raises(ValueError, match="heads_k_stride"):  # a stride that does not divide the kv heads
+            hf_adapter.substitute_hf_flash_attn(None, 3)
+            attn(module, q, k, k, None)
+        hf_adapter.substitute_hf_flash_attn(None, 1)
+        # a window covering the longest document masks nothing: taken, the plain causal result
+        out, _ = attn(module, q, k, k, None, sliding_window=7, scaling=0.5)
+        plain, _ = fa2(module, q, k, k, None, scaling=0.5)
+        assert torch.equal(out, plain)
+        hf_adapter.use_ring_attn(False)
+        assert fa2(module, q, k, k, None) == "transformers' flash attention"
+        with pytest.raises(ValueError, match="use_ring_attn"):
+            attn(module, q, k, k, None)
+        hf_adapter.use_ring_attn(True)
+        assert fa2(module, q, k, k, None)[0].shape == (1, 8, HEADS, 8)
+    finally:
+        hf_adapter.restore_hf_flash_attn()
+        restored = (ALL_ATTENTION_FUNCTIONS["flash_attention_2"], AttentionInterface()["flash_attention_2"])
+        ALL_ATTENTION_FUNCTIONS["flash_attention_2"] = saved
+    assert restored[0] is sentinel and restored[1] is class_wide
+    with pytest.raises(ValueError, match="substitute_hf_flash_attn"):  # restored: the name raises again
+        attn(module, q, k, k, None)
+    return True
+
+
+@pytest.mark.dist
+def test_refuses_what_ring_attention_cannot_do():
+    assert run_distributed(_refusals, 2, backend="gloo") == [True, True]
+
+
+def test_missing_transformers_api_names_the_version(monkeypatch):
+    import transformers.modeling_utils
+
+    from turbo_dist.cp import hf_adapter
+
+    monkeypatch.delattr(transformers.modeling_utils, "AttentionInterface")
+    with pytest.raises(ImportError, match=f"transformers {transformers.__version__} does not have"):
+        hf_adapter.substitute_hf_flash_attn(None, 1)
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    with pytest.raises(ImportError, match="needs transformers"):
+        hf_adapter.substitute_hf_flash_attn(None, 1)
