@@ -4,6 +4,7 @@ contiguously over 2 gloo ranks, with the adapter's ring attention ("turbo_dist_r
 logits and the all-reduced parameter gradients; the dtype cast of fp32 queries; what it refuses. Skipped without
 transformers (CI installs it with the optional frameworks)."""
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -136,6 +137,16 @@ def test_attention_function_layout_scaling_and_dtype():
     assert run_distributed(_attention_function, 2, backend="gloo") == [True, True]
 
 
+class _ChunkedLayer(torch.nn.Module):
+    """An attention layer of a chunked-attention config (Llama 4's attention_chunk_size / layer_types)."""
+    is_causal = True
+
+    def __init__(self, layer_types, chunk):
+        super().__init__()
+        self.layer_idx = 0
+        self.config = SimpleNamespace(attention_chunk_size=chunk, layer_types=layer_types)
+
+
 def _refusals(rank, world):
     import torch.distributed as dist
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
@@ -193,6 +204,23 @@ def _refusals(rank, world):
         # a shard of the wrong length: every rank raises (none waits in the all-gather)
         with pytest.raises(ValueError, match="shard has 6 tokens"):
             attn(module, q[:, :, :6], k[:, :, :6], k[:, :, :6], None)
+        # refused on one rank only (transformers passes a mask to the rank whose slice holds padding, None to the
+        # others; one rank's shard of another length): every rank raises, none waits in the all-gather
+        last = rank == world - 1
+        with pytest.raises(NotImplementedError if last else ValueError, match="mask" if last else "another rank"):
+            attn(module, q, k, k, torch.tensor([[1] * 7 + [0]], dtype=torch.bool) if last else None)
+        n = 6 if last else 8
+        with pytest.raises(ValueError, match="shard has 6 tokens" if last else "another rank"):
+            attn(module, q[:, :, :n], k[:, :, :n], k[:, :, :n], None)
+        # chunked attention (Llama 4): refused on its chunked layers when a document is longer than a chunk
+        for types, chunk, refused in ((["chunked_attention"], 4, True), (None, 4, True), (["full_attention"], 4, False),
+                                      (["chunked_attention"], 7, False)):
+            chunked = _ChunkedLayer(types, chunk)
+            if refused:
+                with pytest.raises(NotImplementedError, match="chunked attention"):
+                    attn(chunked, q, k, k, None)
+            else:
+                assert torch.equal(attn(chunked, q, k, k, None)[0], attn(module, q, k, k, None)[0])
         with pytest.raises(ValueError, match="heads_k_stride"):  # a stride that does not divide the kv heads
             hf_adapter.substitute_hf_flash_attn(None, 3)
             attn(module, q, k, k, None)
@@ -212,6 +240,13 @@ def _refusals(rank, world):
         restored = (ALL_ATTENTION_FUNCTIONS["flash_attention_2"], AttentionInterface()["flash_attention_2"])
         ALL_ATTENTION_FUNCTIONS["flash_attention_2"] = saved
     assert restored[0] is sentinel and restored[1] is class_wide
+    # no local override before: none left behind (a later AttentionInterface.register reaches the models)
+    local = ALL_ATTENTION_FUNCTIONS._local_mapping.pop("flash_attention_2", None)
+    hf_adapter.substitute_hf_flash_attn(None, 1)
+    hf_adapter.restore_hf_flash_attn()
+    assert "flash_attention_2" not in ALL_ATTENTION_FUNCTIONS._local_mapping
+    if local is not None:
+        ALL_ATTENTION_FUNCTIONS["flash_attention_2"] = local
     with pytest.raises(ValueError, match="substitute_hf_flash_attn"):  # restored: the name raises again
         attn(module, q, k, k, None)
     return True

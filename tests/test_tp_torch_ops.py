@@ -343,6 +343,17 @@ def test_context_manager(clean):
     with torch_ops.use_turbo_dist_ops(devices=("cpu",)):  # already installed: nothing to undo
         pass
     assert torch_ops.installed_devices() == ("cpu",)
+    torch_ops.uninstall()
+    # overlapping blocks (two threads), exited out of order: the kernels stay while any block holds them
+    first, second = torch_ops.use_turbo_dist_ops(devices=("cpu",)), torch_ops.use_turbo_dist_ops(devices=("cpu",))
+    first.__enter__()
+    second.__enter__()
+    first.__exit__(None, None, None)
+    assert torch_ops.installed_devices() == ("cpu",)
+    with pytest.raises(ValueError, match=NO_GROUP):  # still ours inside the second block
+        call_ag()
+    second.__exit__(None, None, None)
+    assert not torch_ops.installed()
 
 
 def test_install_errors(clean, monkeypatch):

@@ -129,9 +129,9 @@ def substitute_hf_flash_attn(process_group, heads_k_stride):
         raise ValueError(f"heads_k_stride must be >= 1 (a divisor of the model's kv heads), got {stride}")
     ranks = _group_ranks(process_group)
     if _state["saved"] is None:
-        # the class-wide entry (what every AttentionInterface instance falls back to) and the one the shared
-        # instance answers (a local override, e.g. another adapter's, wins there)
-        _state["saved"] = (interface_cls()[_FA2], functions[_FA2])
+        # the class-wide entry (what every AttentionInterface instance falls back to), the one the shared
+        # instance answers (a local override, e.g. another adapter's, wins there) and whether that was local
+        _state["saved"] = (interface_cls()[_FA2], functions[_FA2], _FA2 in functions._local_mapping)
         interface_cls.register(_FA2, _flash_attention_2_entry)
         functions[_FA2] = _flash_attention_2_entry
     interface_cls.register(ATTN_IMPLEMENTATION, _named_entry)
@@ -146,9 +146,12 @@ def restore_hf_flash_attn():
     and raises until the next substitution) and forgets the plan. Not in ring-flash-attn."""
     if _state["saved"] is not None:
         _, functions, interface_cls, _, _ = _hf_api()
-        class_wide, shared = _state["saved"]
+        class_wide, shared, was_local = _state["saved"]
         interface_cls.register(_FA2, class_wide)
-        functions[_FA2] = shared
+        if was_local:
+            functions[_FA2] = shared
+        else:  # no local override of ours left behind: a later AttentionInterface.register reaches the models
+            functions._local_mapping.pop(_FA2, None)
     _state.update(group=None, ranks=None, heads_k_stride=None, saved=None, plan=None, switch=True)
 
 
@@ -204,9 +207,31 @@ def ring_attention_forward(module, query, key, value, attention_mask, dropout=0.
     [1, Hkv, S/W, D] (this rank's contiguous shard of the packed row, as the plan says), attention_mask None;
     returns (out [1, S/W, Hq, D], None). scaling: default 1/sqrt(D); is_causal (kwarg) defaults to
     module.is_causal. Other kwargs (position_ids, output_attentions, ...) are not used."""
-    from .ring_flash_attn import llama3_flash_attn_varlen_func
+    from .ring_flash_attn import _llama3
 
-    group, stride, plan = _active_plan()
+    group, stride, plan = _active_plan()  # process-wide state, the same on every rank that set it up alike
+    original_dtype, v_dim = getattr(query, "dtype", None), getattr(value, "shape", (0,))[-1]
+    # What this rank's arguments would refuse (a padding mask on one rank's slice only, a shard of another length)
+    # can differ between ranks: the error is raised inside the llama3 call after the group's flag all-reduce, on
+    # every rank together, instead of here, where the other ranks would wait in the K/V all-gather.
+    refused = q = k = v = None
+    try:
+        q, k, v = _checked_inputs(module, query, key, value, attention_mask, dropout, sliding_window, softcap, plan,
+                                  kwargs)
+    except (ValueError, NotImplementedError) as exc:
+        refused = exc
+    if q is not None and plan["cu_seqlens_q"].device != q.device:  # moved once per plan
+        plan["cu_seqlens_q"] = plan["cu_seqlens_q"].to(q.device)
+        plan["cu_seqlens_k"] = plan["cu_seqlens_k"].to(q.device)
+    out = _llama3(q, k, v, plan["cu_seqlens_q"], plan["cu_seqlens_k"], plan["max_seqlen_q"], plan["max_seqlen_k"],
+                  stride, plan["local_k_slice"], 0.0, scaling, True, (-1, -1), None, False, False, group,
+                  refused=refused)
+    out = out[..., :v_dim].unsqueeze(0).to(original_dtype)
+    return out, None
+
+
+def _checked_inputs(module, query, key, value, attention_mask, dropout, sliding_window, softcap, plan, kwargs):
+    """This rank's (q, k, v) [S/W, H, D] in the dtype flash attention would run, or the error refusing the call."""
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             raise ValueError(f"{name} must be [batch, heads, seq, head_dim], got "
@@ -240,12 +265,21 @@ def ring_attention_forward(module, query, key, value, attention_mask, dropout=0.
         # a window at least the longest document's length masks nothing: the plain causal mask is exact
         raise NotImplementedError(f"sliding-window attention (window {sliding_window} < the longest document, "
                                   f"{plan['longest']} tokens) is not supported by ring attention")
+    chunk = _attention_chunk(module)
+    if chunk is not None and plan["longest"] > chunk:  # Llama 4's chunked layers: causal within chunks only
+        raise NotImplementedError(f"chunked attention (attention_chunk_size {chunk} < the longest document, "
+                                  f"{plan['longest']} tokens) is not supported by ring attention")
+    if query.shape[2] != plan["local_tokens"]:
+        raise ValueError(f"this rank's shard has {query.shape[2]} tokens, but the plan (update_ring_flash_attn_params"
+                         f") gives rank {plan['rank']} of {len(plan['ranks'])} the {plan['local_tokens']} tokens "
+                         f"{plan['rank'] * plan['local_tokens']}..{(plan['rank'] + 1) * plan['local_tokens']} of "
+                         f"the packed {plan['total']}: shard the row contiguously and update the plan for every "
+                         "batch")
     head_dim, v_dim = query.shape[-1], value.shape[-1]
     if v_dim > head_dim or key.shape[-1] != head_dim:
         raise NotImplementedError(f"value / key head dims ({v_dim} / {key.shape[-1]}) other than the query's "
                                   f"({head_dim}) are not supported (only smaller value heads, zero-padded)")
 
-    original_dtype = query.dtype
     dtype = _target_dtype(query, module)
 
     def packed(t):  # [1, H, S, D] -> [S, H, D]
@@ -254,23 +288,20 @@ def ring_attention_forward(module, query, key, value, attention_mask, dropout=0.
     q, k, v = packed(query), packed(key), packed(value)
     if v_dim < head_dim:  # as transformers' flash path: pad the value heads, crop the output
         v = torch.nn.functional.pad(v, (0, head_dim - v_dim))
-    if plan["cu_seqlens_q"].device != q.device:  # moved once per plan
-        plan["cu_seqlens_q"] = plan["cu_seqlens_q"].to(q.device)
-        plan["cu_seqlens_k"] = plan["cu_seqlens_k"].to(q.device)
-    try:
-        out = llama3_flash_attn_varlen_func(
-            q, k, v, plan["cu_seqlens_q"], plan["cu_seqlens_k"], plan["max_seqlen_q"], plan["max_seqlen_k"], stride,
-            plan["local_k_slice"], softmax_scale=scaling, causal=True, group=group)
-    except ValueError as exc:
-        if q.shape[0] != plan["local_tokens"]:
-            raise ValueError(f"this rank's shard has {q.shape[0]} tokens, but the plan (update_ring_flash_attn_params"
-                             f") gives rank {plan['rank']} of {len(plan['ranks'])} the {plan['local_tokens']} tokens "
-                             f"{plan['rank'] * plan['local_tokens']}..{(plan['rank'] + 1) * plan['local_tokens']} of "
-                             f"the packed {plan['total']}: shard the row contiguously and update the plan for every "
-                             "batch") from exc
-        raise
-    out = out[..., :v_dim].unsqueeze(0).to(original_dtype)
-    return out, None
+    return q, k, v
+
+
+def _attention_chunk(module):
+    """The attention chunk size of a chunked-attention layer (Llama 4: config.attention_chunk_size on the layers
+    config.layer_types names "chunked_attention"; every layer when the config does not say which), else None."""
+    config = getattr(module, "config", None)
+    chunk = getattr(config, "attention_chunk_size", None)
+    if chunk is None:
+        return None
+    types, idx = getattr(config, "layer_types", None), getattr(module, "layer_idx", None)
+    if types is not None and idx is not None and 0 <= idx < len(types):
+        return chunk if types[idx] == "chunked_attention" else None
+    return chunk
 
 
 __all__ = ["ATTN_IMPLEMENTATION", "substitute_hf_flash_attn", "update_ring_flash_attn_params", "use_ring_attn",

@@ -308,16 +308,20 @@ def _check_llama3(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
 
 
 def _llama3(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, heads_k_stride, local_k_slice,
-            dropout_p, softmax_scale, causal, window_size, alibi_slopes, deterministic, return_attn_probs, group):
+            dropout_p, softmax_scale, causal, window_size, alibi_slopes, deterministic, return_attn_probs, group,
+            refused=None):
+    """refused: an error the caller (turbo_dist.cp.hf_adapter) found on this rank: raised here after the group's
+    flag all-reduce, with every other rank, instead of before it (where the others would wait in the all-gather)."""
     _refuse_unsupported(dropout_p, window_size, alibi_slopes, deterministic, causal)
     from turbo_dist.ops.attention import default_scale
     from turbo_dist.runtime.symm import group_min_max
 
     rt = get_runtime(group)
-    err = None
+    err = refused
     try:
-        max_q, max_k, stride, k_slice = _check_llama3(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                                      max_seqlen_k, heads_k_stride, local_k_slice, causal, rt)
+        if err is None:
+            max_q, max_k, stride, k_slice = _check_llama3(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                                          max_seqlen_k, heads_k_stride, local_k_slice, causal, rt)
     except (TypeError, ValueError) as exc:
         err = exc
     # Arguments are per rank: a rank raising alone would leave the others in the all-gather. Every rank raises.

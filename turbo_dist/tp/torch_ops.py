@@ -22,6 +22,7 @@ fp16/bf16/fp32, `out_dtypes` / `use_fast_accum` that differ between the Bs, and 
 refuses (all_gather_scaled_matmul gathering the last dim, float8_e5m2 x float8_e5m2).
 """
 import contextlib
+import importlib
 import inspect
 import logging
 import math
@@ -208,8 +209,8 @@ def _quiet_override():
 
 def _torch_ops():
     """torch.ops.symm_mem's OpOverloads of the four ops, checked against our signatures."""
-    try:
-        import torch.distributed._symmetric_memory  # noqa: F401  (defines the ops)
+    try:  # defines the ops (import_module: an `import torch.x` here would make `torch` a local name)
+        importlib.import_module("torch.distributed._symmetric_memory")
     except ImportError as exc:
         raise RuntimeError(f"turbo_dist.tp.torch_ops: this torch ({torch.__version__}) has no "
                            f"torch.distributed._symmetric_memory: {exc}") from exc
@@ -241,43 +242,22 @@ def install(devices=("cuda",)):
     """Make torch.ops.symm_mem's four async-TP fused ops run turbo_dist.tp on `devices` ('cuda', 'cpu').
 
     Call after init_process_group and before the compiled model's first step. Idempotent; a later call with
-    more devices adds them. 'cpu': torch has no CPU kernel, so gloo jobs (and CI) can call the ops too.
+    more devices adds them; they stay until uninstall(). 'cpu': torch has no CPU kernel, so gloo jobs (and CI)
+    can call the ops too.
     """
-    global _LIB, _DEVICES, _TORCH_IMPLS
     devices = _dispatch_keys(devices)
     with _LOCK:
-        new = [d for d in devices if d not in _DEVICES]
-        if not new:
-            return
-        ops = _torch_ops()
-        if _LIB is None:
-            impls = getattr(torch.library, "_impls", set())
-            _TORCH_IMPLS = tuple(k for k in (f"symm_mem/{n}/{key}" for n in ops for key in _DISPATCH_KEYS.values())
-                                 if k in impls)
-            _LIB = torch.library.Library("symm_mem", "IMPL")
-        with _quiet_override():
-            for d in new:
-                for name, fn in _OPS.items():
-                    _LIB.impl(name, fn, _DISPATCH_KEYS[d])
-        _DEVICES = _DEVICES + tuple(new)
-    log.info("turbo_dist.tp.torch_ops: torch.ops.symm_mem.{%s} run turbo_dist.tp on %s", ", ".join(_OPS),
-             ", ".join(new))
+        _PINNED.update(devices)
+        _sync()
 
 
 def uninstall():
-    """Remove our kernels: torch's own become active again (CUDA), the CPU kernels are gone. No-op if not installed."""
-    global _LIB, _DEVICES, _TORCH_IMPLS
+    """Remove our kernels, also those of open use_turbo_dist_ops blocks: torch's own become active again (CUDA),
+    the CPU kernels are gone. No-op if not installed."""
     with _LOCK:
-        if _LIB is None:
-            return
-        # _destroy() (and the Library's finalizer, later) drop its keys from torch.library._impls: not torch's own
-        op_impls = getattr(_LIB, "_op_impls", None)
-        if op_impls is not None:
-            op_impls.difference_update(_TORCH_IMPLS)
-        _LIB._destroy()
-        removed, _LIB, _DEVICES, _TORCH_IMPLS = _DEVICES, None, (), ()
-    log.info("turbo_dist.tp.torch_ops: torch.ops.symm_mem's fused ops no longer run turbo_dist.tp on %s",
-             ", ".join(removed))
+        _PINNED.clear()
+        _SCOPES.clear()
+        _sync()
 
 
 def installed():
@@ -286,21 +266,64 @@ def installed():
 
 
 def installed_devices():
-    """The devices whose kernels are ours, in installation order (() when not installed)."""
+    """The devices whose kernels are ours (() when not installed)."""
     return _DEVICES
 
 
 @contextlib.contextmanager
 def use_turbo_dist_ops(devices=("cuda",)):
-    """`install(devices)` for the block; on exit the previous state comes back (not installed, or its devices)."""
+    """Our kernels on `devices` for the block. Blocks may overlap (threads) or nest: a device's kernels stay while
+    any open block or an install() holds them, and go when the last block holding them exits."""
+    devices = _dispatch_keys(devices)
     with _LOCK:
-        previous = _DEVICES
-        install(devices)
+        for d in devices:
+            _SCOPES[d] = _SCOPES.get(d, 0) + 1
+        _sync()
     try:
         yield
     finally:
         with _LOCK:
-            if set(_DEVICES) != set(previous):
-                uninstall()
-                if previous:
-                    install(previous)
+            for d in devices:
+                if _SCOPES.get(d, 0) > 1:
+                    _SCOPES[d] -= 1
+                else:
+                    _SCOPES.pop(d, None)
+            _sync()
+
+
+_PINNED = set()  # devices install() registered (until uninstall())
+_SCOPES = {}     # device -> use_turbo_dist_ops blocks open on it
+
+
+def _sync():
+    """Register exactly the devices an install() or an open block holds (under _LOCK)."""
+    global _LIB, _DEVICES, _TORCH_IMPLS
+    wanted = tuple(d for d in _DISPATCH_KEYS if d in _PINNED or d in _SCOPES)
+    if set(wanted) == set(_DEVICES):
+        return
+    removed = tuple(d for d in _DEVICES if d not in wanted)
+    if removed:  # a Library drops all its registrations at once: rebuild it with those that stay
+        # _destroy() (and the Library's finalizer, later) drop its keys from torch.library._impls: not torch's own
+        op_impls = getattr(_LIB, "_op_impls", None)
+        if op_impls is not None:
+            op_impls.difference_update(_TORCH_IMPLS)
+        _LIB._destroy()
+        _LIB, _DEVICES, _TORCH_IMPLS = None, (), ()
+        log.info("turbo_dist.tp.torch_ops: torch.ops.symm_mem's fused ops no longer run turbo_dist.tp on %s",
+                 ", ".join(removed))
+    new = [d for d in wanted if d not in _DEVICES]
+    if not new:
+        return
+    ops = _torch_ops()
+    if _LIB is None:
+        impls = getattr(torch.library, "_impls", set())
+        _TORCH_IMPLS = tuple(k for k in (f"symm_mem/{n}/{key}" for n in ops for key in _DISPATCH_KEYS.values())
+                             if k in impls)
+        _LIB = torch.library.Library("symm_mem", "IMPL")
+    with _quiet_override():
+        for d in new:
+            for name, fn in _OPS.items():
+                _LIB.impl(name, fn, _DISPATCH_KEYS[d])
+    _DEVICES = _DEVICES + tuple(new)
+    log.info("turbo_dist.tp.torch_ops: torch.ops.symm_mem.{%s} run turbo_dist.tp on %s", ", ".join(_OPS),
+             ", ".join(new))
