@@ -494,3 +494,38 @@ def test_tp_overrides_log_when_torchtitan_runs_its_own_path(caplog, monkeypatch)
         assert layer.forward(torch.zeros(1, 2, 4)) == "own"
     logged = [r.getMessage() for r in caplog.records if "TorchTitan's own implementation runs" in r.getMessage()]
     assert len(logged) == 1 and logged[0].startswith("TurboDistRowParallelLinear: no TP group"), logged
+
+
+@needs_torchtitan
+def test_compiled_async_tp_override_installs_torch_ops():
+    """`compiled_async_tp` on a real model config (llama3 debugmodel): the config is left as it is, TorchTitan
+    reports the override, and torch.ops.symm_mem's fused ops run turbo_dist.tp on CUDA afterwards."""
+    from dataclasses import dataclass
+
+    from torchtitan.config.override import OverrideConfig, apply_overrides
+    from torchtitan.models.llama3 import llama3_configs
+    from torchtitan.protocols.module import Module
+
+    from turbo_dist.tp import torch_ops
+
+    class Tree(Module):  # stands in for the trainer's config tree
+        @dataclass(kw_only=True, slots=True)
+        class Config(Module.Config):
+            model: Module.Config
+
+    model = llama3_configs["debugmodel"]("flex")
+    cfg = Tree.Config(model=model)
+    was = torch_ops.installed_devices()
+    torch_ops.uninstall()
+    try:
+        lines = apply_overrides(OverrideConfig(imports=["turbo_dist.integrations.torchtitan.compiled_async_tp"]), cfg)
+        assert len(lines) == 1 and "compiled_async_tp" in lines[0], lines
+        assert cfg.model is model
+        assert torch_ops.installed_devices() == ("cuda",)
+        cuda = [line for line in torch._C._dispatch_dump("symm_mem::fused_all_gather_matmul").splitlines()
+                if line.startswith("CUDA:")]
+        assert len(cuda) == 1 and "torch_ops.py" in cuda[0], cuda
+    finally:
+        torch_ops.uninstall()
+        if was:
+            torch_ops.install(was)

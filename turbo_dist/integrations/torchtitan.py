@@ -10,6 +10,7 @@ on from the job config; importing this module registers them and changes nothing
     --override.imports turbo_dist.integrations.torchtitan.async_tp_row_linear
     --override.imports turbo_dist.integrations.torchtitan.async_tp_feed_forward
     --override.imports turbo_dist.integrations.torchtitan.cp_attention         # SDPA inner attention, CP
+    --override.imports turbo_dist.integrations.torchtitan.compiled_async_tp    # compiled async TP (default TP path)
     # with options: 'turbo_dist.integrations.torchtitan.moe_token_dispatcher={"transport": "collective"}',
     #               'turbo_dist.integrations.torchtitan.cp_attention={"cp_comm_type": "a2a"}'
 
@@ -29,6 +30,9 @@ TorchTitan logs every node it replaces ("[Override] ...: <fqn> <old Config> -> <
   checks) with subclasses whose all-gather + GEMM and GEMM + reduce-scatter (forward and backward) run on
   turbo_dist.tp. Same parameters and checkpoints. They only apply where the model config selected
   "dist_gemm"; the default TP path (DTensor collectives around plain GEMMs) is left alone.
+- `compiled_async_tp` leaves the config as it is and installs `turbo_dist.tp.torch_ops`: with the default TP path
+  and `--compile.enable_async_tensor_parallel`, inductor's micro-pipeline-TP pass turns the all-gather + GEMM and
+  GEMM + reduce-scatter into torch.ops.symm_mem's fused ops, which then run turbo_dist.tp.
 - `cp_attention` replaces every `ScaledDotProductAttention.Config` (the SDPA inner attention) with
   `TurboDistAttention.Config`: attention on turbo_dist.ops, and with context parallelism on the
   "partial_dtensor" backend (TorchTitan's apply_cp_to_forward + headtail cp_shard) the whole-sequence
@@ -61,6 +65,7 @@ try:
                                                            LocalTokenDispatcher)
     from torchtitan.distributed.spmd_types import current_spmd_mesh
     from torchtitan.models.common.attention import ScaledDotProductAttention
+    from torchtitan.models.common.decoder import Decoder
 except ImportError as _exc:  # pragma: no cover - exercised only without torchtitan
     raise ImportError(
         "turbo_dist.integrations.torchtitan needs torchtitan (tested: 0.3.0): pip install 'turbo_dist[torchtitan]'"
@@ -75,8 +80,9 @@ NOT_SUPPORTED = {
                      "ring/a2a exchange would have to replace that sharding, not the inner attention module. "
                      "TurboDistAttention raises NotImplementedError there; CP works with 'partial_dtensor'",
     "cp_flex_varlen": "FlexAttention / VarlenAttention inner attention (block masks, packed documents)",
-    "async_tp_default_backend": "only tp_gemm_backend='dist_gemm' models are covered; the default TP path "
-                                "(DTensor collectives around plain GEMMs) has no module to replace",
+    "async_tp_default_backend": "the default TP path (DTensor collectives around plain GEMMs) has no module to "
+                                "replace: only its compiled async TP (--compile.enable_async_tensor_parallel) runs "
+                                "ours, through the compiled_async_tp override (turbo_dist.tp.torch_ops)",
 }
 
 
@@ -377,6 +383,17 @@ def async_tp_feed_forward(cfg):
     return derive(cfg, TurboDistAllGatherFusedFeedForward.Config)
 
 
+@override(target=Decoder.Config, description="torch.ops.symm_mem's fused async-TP ops run turbo_dist.tp (compiled "
+          "async TP: --compile.enable_async_tensor_parallel); the config is unchanged")
+def compiled_async_tp(cfg):
+    """Override factory: installs turbo_dist.tp.torch_ops (our CUDA kernels for the fused all-gather + GEMM and
+    GEMM + reduce-scatter ops that inductor's micro-pipeline-TP pass emits for TorchTitan's compiled async TP,
+    the default TP path) and returns the model config unchanged: TorchTitan applies overrides while it builds the
+    trainer, before the first compiled step. Harmless without compiled async TP (nothing calls the ops)."""
+    _tp.torch_ops.install(devices=("cuda",))
+    return cfg
+
+
 # ---------------------------------------------------------------------------------------------- CP attention
 class TurboDistAttention(ScaledDotProductAttention):
     """TorchTitan's SDPA inner attention on turbo_dist.ops.flash_attn_func, context-parallel on turbo_dist.cp.
@@ -454,6 +471,7 @@ def grouped_experts(cfg):
 OVERRIDES = ("turbo_dist.integrations.torchtitan.moe_token_dispatcher",
              "turbo_dist.integrations.torchtitan.grouped_experts")
 CP_OVERRIDES = ("turbo_dist.integrations.torchtitan.cp_attention",)
+COMPILED_ASYNC_TP_OVERRIDES = ("turbo_dist.integrations.torchtitan.compiled_async_tp",)
 ASYNC_TP_OVERRIDES = ("turbo_dist.integrations.torchtitan.async_tp_qkv",
                       "turbo_dist.integrations.torchtitan.async_tp_row_linear",
                       "turbo_dist.integrations.torchtitan.async_tp_feed_forward")
@@ -461,5 +479,6 @@ ASYNC_TP_OVERRIDES = ("turbo_dist.integrations.torchtitan.async_tp_qkv",
 __all__ = ["TurboDistTokenDispatcher", "TurboDistGroupedExperts", "TurboDistDispatchMetadata",
            "TurboDistAllGatherFusedQKVLinear", "TurboDistRowParallelLinear", "TurboDistAllGatherFusedFeedForward",
            "moe_token_dispatcher", "grouped_experts", "async_tp_qkv", "async_tp_row_linear",
-           "async_tp_feed_forward", "TurboDistAttention", "cp_attention", "OVERRIDES", "ASYNC_TP_OVERRIDES",
+           "async_tp_feed_forward", "compiled_async_tp", "TurboDistAttention", "cp_attention", "OVERRIDES",
+           "ASYNC_TP_OVERRIDES", "COMPILED_ASYNC_TP_OVERRIDES",
            "CP_OVERRIDES", "NOT_SUPPORTED", "TESTED_VERSIONS"]
