@@ -325,6 +325,28 @@ def test_install_uninstall(clean, caplog):
         call_ag()
 
 
+def test_install_where_torch_refuses_python_overrides(clean, monkeypatch):
+    """torch < 2.13 (the GPU image's 2.11) refuses Library.impl for a key torch.library._impls holds (torch's own
+    CUDA kernels, registered from Python): install() must still register ours, and uninstall() give torch's back."""
+    real = torch.library.Library.impl
+
+    def strict(self, op_name, fn, dispatch_key="", *args, **kwargs):  # torch 2.11's check, no allow_override
+        key = f"{self.ns}/{str(op_name).split('::')[-1]}/{dispatch_key or self.dispatch_key}"
+        if key in torch.library._impls:
+            raise RuntimeError("This is not allowed since there's already a kernel registered from python "
+                               f"overriding {op_name}")
+        return real(self, op_name, fn, dispatch_key, *args, **kwargs)
+
+    monkeypatch.setattr(torch.library.Library, "impl", strict)
+    torch_cuda = kernels("CUDA")
+    torch_ops.install(devices=("cuda", "cpu"))
+    assert torch_ops.installed_devices() == ("cuda", "cpu")
+    assert "torch_ops.py" in kernels("CUDA")[0]
+    torch_ops.uninstall()
+    assert kernels("CUDA") == torch_cuda
+    assert "symm_mem/fused_all_gather_matmul/CUDA" in torch.library._impls  # torch's own, still registered
+
+
 def test_context_manager(clean):
     with torch_ops.use_turbo_dist_ops(devices=("cpu",)):
         assert torch_ops.installed_devices() == ("cpu",)

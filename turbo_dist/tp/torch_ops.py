@@ -320,9 +320,13 @@ def _sync():
         _TORCH_IMPLS = tuple(k for k in (f"symm_mem/{n}/{key}" for n in ops for key in _DISPATCH_KEYS.values())
                              if k in impls)
         _LIB = torch.library.Library("symm_mem", "IMPL")
+    impls = getattr(torch.library, "_impls", set())
     with _quiet_override():
         for d in new:
             for name, fn in _OPS.items():
+                # torch < 2.13 refuses to override a kernel registered from Python (torch's own CUDA ones) while
+                # its key is in torch.library._impls (2.13: allow_override); impl() adds the key back
+                impls.discard(f"symm_mem/{name}/{_DISPATCH_KEYS[d]}")
                 _LIB.impl(name, fn, _DISPATCH_KEYS[d])
     _DEVICES = _DEVICES + tuple(new)
     log.info("turbo_dist.tp.torch_ops: torch.ops.symm_mem.{%s} run turbo_dist.tp on %s", ", ".join(_OPS),
