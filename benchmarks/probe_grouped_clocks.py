@@ -111,7 +111,7 @@ def run_case(name, seconds):
         rows.append({"case": name, "impl": label, "ms_back_to_back": ms, "tflops": flops / ms / 1e9,
                      "sm_clock_mhz": sum(s[1] for s in sel) / len(sel) if sel else None,
                      "power_w": sum(s[2] for s in sel) / len(sel) if sel else None,
-                     "mj_per_call": sum(s[2] for s in sel) / len(sel) * ms / 1e3 if sel else None,
+                     "mj_per_call": sum(s[2] for s in sel) / len(sel) * ms if sel else None,  # W x ms = mJ
                      "throttle_reasons": sorted({s[3] for s in sel}), "samples": len(sel), "shape": shape})
     return rows
 
