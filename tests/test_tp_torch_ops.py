@@ -612,7 +612,12 @@ def _compiled(rank, world):
     x = rand((2, 64, 256), 90 + rank, torch.bfloat16).to(dev)
     w1 = rand((256, 512), 91 + rank, torch.bfloat16).to(dev)
     w2 = rand((512, 256), 92 + rank, torch.bfloat16).to(dev)
-    ref_y, ref_x2 = (t.wait() if hasattr(t, "wait") else t for t in mlp(x, w1, w2))
+    if dev.type == "cuda" and "gloo" in str(dist.get_backend(group)).lower():
+        # torch's functional collectives crash (SIGSEGV in wait_tensor) on CUDA tensors over gloo, the share-GPU
+        # test mode (H200, torch 2.11, 2026-12-05): the reference gathers through the CPU instead
+        ref_y, ref_x2 = (t.to(dev) for t in _mlp_reference_via_cpu(x, w1, w2, group, rank))
+    else:
+        ref_y, ref_x2 = (t.wait() if hasattr(t, "wait") else t for t in mlp(x, w1, w2))
     nccl_available = dist.is_nccl_available
     torch._dynamo.reset()
     try:
@@ -631,6 +636,19 @@ def _compiled(rank, world):
     check_values(x2, ref_x2.float(), "compiled: the gathered A * 2")
     check_values(y, ref_y.float(), "compiled MLP")
     return ran
+
+
+def _mlp_reference_via_cpu(x, w1, w2, group, rank):
+    """_compiled's MLP in fp32 from every rank's inputs gathered on the CPU: (this rank's reduce-scattered output,
+    the gathered input * 2)."""
+    def gather(t):
+        parts = [torch.empty_like(t, device="cpu") for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, t.cpu(), group=group)
+        return parts
+
+    x_full = torch.cat(gather(x), dim=1)
+    y = sum(torch.relu(x_full.float() @ a.float()) @ b.float() for a, b in zip(gather(w1), gather(w2)))
+    return y.chunk(dist.get_world_size(group), dim=1)[rank], x_full.float() * 2
 
 
 @pytest.mark.dist
