@@ -169,6 +169,8 @@ def test_llama3_prepare_cu_seqlens():
     assert cq.tolist() == [0, 0, 8] and ck.tolist() == [0, 0, 8] and ks == slice(8, 16)
     with pytest.raises(ValueError, match="divisible"):
         prep(torch.tensor([0, 5, 31]), True, 0, 2)
+    with pytest.raises(ValueError, match="start at 0"):  # decreasing boundaries
+        prep(torch.tensor([0, 9, 6, 16]), True, 0, 2)
 
 
 def _llama3(rank, world):

@@ -93,13 +93,12 @@ def update_ring_flash_attn_params(cu_seqlens, process_group):
                         "document boundaries, got " + (f"{cu_seqlens.dtype} {tuple(cu_seqlens.shape)}"
                                                        if isinstance(cu_seqlens, torch.Tensor) else
                                                        type(cu_seqlens).__name__))
-    bounds = cu_seqlens.tolist()
-    if bounds[0] != 0 or any(b < a for a, b in zip(bounds, bounds[1:])) or bounds[-1] == 0:
-        raise ValueError(f"cu_seqlens must start at 0 and not decrease, ending at the packed length; got {bounds}")
     ranks = _group_ranks(process_group)
     group = dist.group.WORLD if process_group is None else process_group
     rank, world = dist.get_rank(group), len(ranks)
+    # (its checks: boundaries from 0, not decreasing, the packed length divisible by the group size)
     cu_q, cu_k, max_q, max_k, k_slice = llama3_flash_attn_prepare_cu_seqlens(cu_seqlens, True, rank, world)
+    bounds = cu_seqlens.tolist()
     _state["plan"] = {"cu_seqlens_q": cu_q, "cu_seqlens_k": cu_k, "max_seqlen_q": max_q, "max_seqlen_k": max_k,
                       "local_k_slice": k_slice, "ranks": ranks, "rank": rank, "total": bounds[-1],
                       "local_tokens": bounds[-1] // world,

@@ -192,6 +192,8 @@ def llama3_flash_attn_prepare_cu_seqlens(cu_seqlens, causal, rank, world_size):
     if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
         raise ValueError("cu_seqlens must be a 1-D tensor [B+1] of the global sequence boundaries")
     cu = [int(c) for c in cu_seqlens.tolist()]
+    if cu[0] != 0 or any(b < a for a, b in zip(cu, cu[1:])) or cu[-1] == 0:
+        raise ValueError(f"cu_seqlens must start at 0 and not decrease, ending at the packed length; got {cu}")
     total = cu[-1]
     if total % world_size:
         raise ValueError(f"the packed length {total} is not divisible by the group size {world_size} (pad it)")
