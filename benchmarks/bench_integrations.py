@@ -54,8 +54,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:  # runnable from a checkout without `pip install -e .`
     sys.path.insert(1, _ROOT)
-from common import (bench_order, command_line, machine_info, print_table, round_order, time_across_ranks,  # noqa: E402
-                    write_json)
+from common import (bench_order, command_line, design_rounds, machine_info, print_table, round_order,  # noqa: E402
+                    time_across_ranks, write_json)
 
 FRAMEWORKS = ("megatron", "torchtitan")
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -127,13 +127,18 @@ def time_ms(fn, warmup, iters, device):
 
 
 def time_interleaved(steps, args, device):
-    """{label: step fn} -> {label: ms}: each round in common.bench_order's order (shuffled, seeded by the round
-    alone, so every rank runs the same order; a fixed rotation kept each label's neighbours, see
+    """{label: step fn} -> {label: ms}: each round in common.bench_order's order (balanced by default: each label
+    timed right after each other one equally often, --rounds rounded up to whole designs; seeded by the round
+    alone, not bench_seed, so every rank runs the same order; a fixed rotation kept each label's neighbours, see
     common.bench_interleaved); per label the median of its rounds."""
     labels = list(steps)
     times = {label: [] for label in labels}
     order = bench_order()
-    for r in range(args.rounds):
+    rounds = args.rounds
+    if rounds > 1:
+        step = design_rounds(len(labels), order)
+        rounds = -(-rounds // step) * step
+    for r in range(rounds):
         for label in round_order(labels, r, order):
             times[label].append(time_ms(steps[label], args.warmup, args.iters, device))
     return {label: statistics.median(ts) for label, ts in times.items()}

@@ -4,9 +4,10 @@
                                    [--rounds 5] [--rep-ms 40]
 
 Timing: the implementations of one case are timed interleaved, `--rounds` rounds of do_bench(rep `--rep-ms`)
-each in a shuffled order (common.bench_interleaved; TURBO_DIST_BENCH_ORDER=rotate for the old rotation), and each
-reports the median of its round medians: rows that run the same kernel (e.g. `default` when it is torch.mm, and
-`cublas`) agree to ~1-3%.
+each in a balanced order (common.bench_interleaved: every label timed right after every other one equally often,
+`--rounds` rounded up to whole designs, orders seeded per run and recorded as `order_seed`;
+TURBO_DIST_BENCH_ORDER=shuffle / rotate for the older orders), and each reports the median of its round medians:
+rows that run the same kernel (e.g. `default` when it is torch.mm, and `cublas`) agree to ~1-3%.
 
 Sections (each row: time, TFLOP/s, ratio to the section's baseline measured in the same run, fraction of the
 GPU's datasheet dense peak, common.peak_tflops: 989 TFLOP/s bf16 / 1979 FP8 on H100/H200 SXM):

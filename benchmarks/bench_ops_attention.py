@@ -13,8 +13,8 @@ A backend "NAME:expand" runs NAME with kv repeated per query head (GQA shapes), 
 its native GQA. FLOPs: forward 4*B*Hq*Sq*Sk*D (causal: the visible pairs only, about half),
 backward 2.5x forward, forward+backward 3.5x (flash-attn convention).
 Timing: per pass, every backend, torch's SDPA and the default are timed interleaved (common.bench_interleaved:
---attn-rounds rounds of do_bench, L2 flushed, in a shuffled order per round; TURBO_DIST_BENCH_ORDER=rotate for the
-rotation), each row the median of its round medians. (JSON without `meta.rounds` predate this: each backend's
+--attn-rounds rounds of do_bench, L2 flushed, in a balanced order (each backend timed right after each other one
+equally often; TURBO_DIST_BENCH_ORDER=shuffle / rotate for the older orders)), each row the median of its round medians. (JSON without `meta.rounds` predate this: each backend's
 passes timed once, one backend after another in a fixed order, torch's SDPA first, and the check rows re-timed the
 default and the best SDPA backend twice more, back to back: a ratio of the medians of three timings each.)
 The "check" rows compare the default with the best SDPA backend from the same rounds (the issue asks <= 1.05x).

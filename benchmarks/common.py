@@ -3,8 +3,10 @@
 Stable API (other benches import it):
     bench(fn, warmup_ms=25, rep_ms=100) -> median milliseconds
     bench_interleaved({label: fn}, rounds=5, rep_ms=40, on_error=None, warm=True, order=None) -> {label: ms}
-    bench_order(order=None), round_order(labels, r, order, seed=0) -> the rounds' label order (shuffle / rotate)
-    write_json(path, rows, meta)        -> writes {"command", "machine", "timing_order", "timestamp_utc", "meta", "rows"}
+    bench_order(order=None), round_order(labels, r, order, seed=0) -> the rounds' label order (balanced / shuffle /
+                                          rotate); design_rounds(n, order); bench_seed() -> this run's order seed
+    write_json(path, rows, meta)        -> writes {"command", "machine", "timing_order", "order_seed", "timestamp_utc",
+                                          "meta", "rows"}
     print_table(rows, cols)             -> prints an aligned text table
     machine_info()                      -> dict describing host, GPU, versions, git commit, TURBO_DIST_* settings
     git_info(path=None)                 -> {"git_commit", "git_dirty", "git_changed", "source_digest"} of the checkout
@@ -47,18 +49,67 @@ def bench(fn, warmup_ms=25, rep_ms=100):
 _INTERLEAVED_CALLS = itertools.count()
 
 
+ORDERS = ("balanced", "shuffle", "rotate")
+_RUN_SEED = []
+
+
 def bench_order(order=None):
-    """The order interleaved rounds time their labels in: `order`, else TURBO_DIST_BENCH_ORDER, else "shuffle"
+    """The order interleaved rounds time their labels in: `order`, else TURBO_DIST_BENCH_ORDER, else "balanced"
     (see bench_interleaved); anything else raises ValueError."""
-    order = order or os.environ.get("TURBO_DIST_BENCH_ORDER", "shuffle")
-    if order not in ("rotate", "shuffle"):
-        raise ValueError(f"bench order is 'rotate' or 'shuffle', got {order!r}")
+    order = order or os.environ.get("TURBO_DIST_BENCH_ORDER", "balanced")
+    if order not in ORDERS:
+        raise ValueError(f"bench order is one of {', '.join(repr(o) for o in ORDERS)}, got {order!r}")
     return order
 
 
+def bench_seed():
+    """This run's seed for the timing orders: TURBO_DIST_BENCH_SEED (an integer: a run's orders repeated), else
+    drawn once per process, so two runs of a bench time their labels in different orders and their mean is not
+    biased the same way twice (write_json records it as order_seed)."""
+    if not _RUN_SEED:
+        env = os.environ.get("TURBO_DIST_BENCH_SEED")
+        try:
+            _RUN_SEED.append(int(env) if env not in (None, "") else random.SystemRandom().randrange(2 ** 31))
+        except ValueError:
+            raise ValueError(f"TURBO_DIST_BENCH_SEED must be an integer, got {env!r}") from None
+    return _RUN_SEED[0]
+
+
+def design_rounds(n, order):
+    """Rounds of `order` over n labels after which every label has been timed right after every other one equally
+    often (balanced: n for even n, 2n for odd n; 1 for the others, which promise nothing)."""
+    if order != "balanced" or n <= 1:
+        return 1
+    return n if n % 2 == 0 else 2 * n
+
+
+def _williams_row(n, r):
+    """Row r of a Williams design on 0..n-1 (a Latin square whose rows, with their mirrors for odd n, put every
+    ordered pair of distinct labels next to each other equally often): row 0 is 0, 1, n-1, 2, n-2, ..., row i
+    adds i mod n; for odd n rows n..2n-1 are rows 0..n-1 reversed."""
+    first, lo, hi = [0], 1, n - 1
+    while len(first) < n:
+        first.append(lo)
+        lo += 1
+        if len(first) < n:
+            first.append(hi)
+            hi -= 1
+    i = r % design_rounds(n, "balanced")
+    row = [(x + i) % n for x in first]
+    return row[::-1] if i >= n else row
+
+
 def round_order(labels, r, order, seed=0):
-    """Round r's sequence of `labels` under `order` (bench_order): a permutation seeded by (seed, r), or the
-    list rotated by r."""
+    """Round r's sequence of `labels` under `order` (bench_order): "balanced", row r of a Williams design with the
+    labels assigned to its symbols by a permutation seeded by `seed` (each label equally often right after each
+    other one over design_rounds rounds, and in each position); "shuffle", a permutation seeded by (seed, r);
+    "rotate", the list rotated by r."""
+    if order == "balanced":
+        seq = list(labels)
+        if len(seq) <= 1:
+            return seq
+        random.Random(seed).shuffle(seq)
+        return [seq[i] for i in _williams_row(len(seq), r)]
     if order == "shuffle":
         seq = list(labels)
         random.Random(seed * 1000 + r).shuffle(seq)
@@ -73,12 +124,16 @@ def bench_interleaved(fns, rounds=5, warmup_ms=10, rep_ms=40, on_error=None, war
     bench(fn, warmup_ms, rep_ms); a label's time is the median of its round medians. Clock, thermal and
     allocator drift then hit every label alike, so two labels running the same kernel agree to ~1-3% (one
     back-to-back do_bench per label does not: up to 6% apart on H200).
-    order: "shuffle" (default; a permutation per round, seeded by the call's number in this process and the
-    round, so no label always follows the same one, in one case or across cases) or
-    "rotate" (the list rotated by one per round: each label keeps its neighbours, and a label timed right
-    after a power-hungry one is timed slower: on H200 a bf16 GEMM 12-15% slower after an 8192^3 bf16 GEMM
-    than after an idle GPU, an FP8 grouped GEMM 4%; shuffled, 0-2%; benchmarks/results/
-    probe_interleave_bias_h200.json); TURBO_DIST_BENCH_ORDER overrides the default.
+    order: "balanced" (default; the rounds follow a Williams design, so each label is timed right after each
+    other one equally often, and `rounds` > 1 is rounded up to whole designs: design_rounds, 2n rounds for an odd
+    number n of labels), "shuffle" (a permutation per round) or "rotate" (the list rotated by one per round:
+    each label keeps its neighbours). The orders matter because a label timed right after a power-hungry one is
+    timed slower: on H200 a bf16 GEMM 12-15% slower after an 8192^3 bf16 GEMM than after an idle GPU, an FP8
+    grouped GEMM 4%; shuffled, 0-2% (benchmarks/results/probe_interleave_bias_h200.json). Shuffled rounds
+    still leave pairs unevenly: five shuffled rounds of bench_ops' grouped G=8 fc1 forward timed `default` right
+    after `wgmma` four times, and since the seeds were fixed, in every run (up to 2026-12-05), which put the
+    default label 1-5% behind the same kernels forced. Orders are seeded by the call's number in this process
+    and bench_seed() (TURBO_DIST_BENCH_SEED, else random per run); TURBO_DIST_BENCH_ORDER overrides the default.
     A fn that raises is reported through on_error(label, exc) and not timed again (on_error None: it raises).
     warm=False skips the untimed first call (CPU dry runs, where every call is slow and nothing compiles).
     """
@@ -98,9 +153,13 @@ def bench_interleaved(fns, rounds=5, warmup_ms=10, rep_ms=40, on_error=None, war
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     times = {label: [] for label in alive}
-    for r in range(max(1, rounds)):
-        # seeded by call and round: reproducible, and no case repeats another's orders
-        for label in round_order(alive, r, order, seed=call):
+    rounds = max(1, rounds)
+    if rounds > 1:  # whole designs (one round: a smoke run)
+        step = design_rounds(len(alive), order)
+        rounds = -(-rounds // step) * step
+    seed = bench_seed() * 100003 + call  # per run and call: no case repeats another's orders, nor a run another's
+    for r in range(rounds):
+        for label in round_order(alive, r, order, seed=seed):
             if label not in times:
                 continue
             try:
@@ -308,7 +367,8 @@ def command_line():
 def write_json(path, rows, meta=None):
     """Write `rows` (list of dicts) with the command line and machine info to `path`. `timing_order`: meta's (a
     bench that does not time through bench_interleaved says how it timed), else bench_interleaved's order now
-    ("shuffle" / "rotate", TURBO_DIST_BENCH_ORDER)."""
+    ("balanced" / "shuffle" / "rotate", TURBO_DIST_BENCH_ORDER); `order_seed`: bench_seed(), the run's seed of
+    those orders (TURBO_DIST_BENCH_SEED=<it> repeats them)."""
     meta = dict(meta or {})
     order = meta.pop("timing_order", None)
     if order is None:
@@ -320,6 +380,7 @@ def write_json(path, rows, meta=None):
         "command": meta.pop("command", command_line()),
         "machine": meta.pop("machine", machine_info()),
         "timing_order": order,
+        "order_seed": meta.pop("order_seed", bench_seed()),
         "timestamp_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "meta": meta,
         "rows": rows,

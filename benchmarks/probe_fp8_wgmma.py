@@ -5,7 +5,7 @@ counts on the GPU (and, for cublaslt, the same counts aligned to 128 on the host
     python benchmarks/probe_fp8_wgmma.py --json probe.json [--cases G8_fc1_1024,...] [--rounds 5]
 
 Every case is checked first (SNR against the fp32 product of the dequantized operands; one CTA per tile and
-two sharing the weights bit-equal); times are bench_interleaved medians (L2 flushed, shuffled order), ratios
+two sharing the weights bit-equal); times are bench_interleaved medians (L2 flushed, balanced order), ratios
 against bf16 in the same call (`baseline`: the *_aligned* labels, which run on the counts aligned to 128, against
 bf16 on those same counts, `bf16_torch_grouped_mm_aligned`), fraction of the FP8 datasheet peak. fp8_wgmma is
 the dispatcher's call (its

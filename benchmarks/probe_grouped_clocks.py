@@ -10,10 +10,10 @@ kernel at 1.32 GHz, torch's at 1.48 GHz, the weight gradients at 1.7-1.8 GHz, G=
 Labels: fwd_torch (torch._grouped_mm), fwd_wgmma (our Hopper kernel, its defaults), fwd_wgmma_whole (the same
 without half tiles: a group's last rows padded to 128), fwd_loop (one torch.mm per expert: the issue's baseline),
 fwd_dense (torch.mm of all rows by one expert's weight: the same FLOPs with no grouping, the bound the grouped
-kernels approach), wgrad_torch, wgrad_triton, wgrad_wgmma (grouped_gemm_wgrad's backends); mj_per_call: power x
-time. Times here are back to back with L2 warm (not bench_interleaved's
-flushed medians): they go with the clocks measured at the same time. --ncu: each label once between
-cudaProfilerStart / Stop, nothing timed, no nvidia-smi.
+kernels approach), fwd_bmm_uniform (torch.bmm with M // G rows per expert: every weight streamed, no skew),
+wgrad_torch, wgrad_triton, wgrad_wgmma (grouped_gemm_wgrad's backends); mj_per_call: power x time. Times here are
+back to back with L2 warm (not bench_interleaved's flushed medians): they go with the clocks measured at the same
+time. --ncu: each label once between cudaProfilerStart / Stop, nothing timed, no nvidia-smi.
 """
 import argparse
 import datetime
@@ -58,6 +58,8 @@ def labels(name):
            "fwd_wgmma_whole": lambda: grouped_wgmma.wgmma_grouped(a, w, gl, False, half_tiles=False),
            "fwd_loop": loop,
            "fwd_dense": lambda: torch.mm(a, w[0]),  # the same FLOPs as one GEMM: one weight, no padding
+           # cuBLAS's batched GEMM on uniform counts (M // G rows each, every weight): grouping at no cost
+           "fwd_bmm_uniform": lambda: torch.bmm(a[:M // G * G].view(G, M // G, K), w),
            "wgrad_torch": wgrad("torch"), "wgrad_triton": wgrad("triton"), "wgrad_wgmma": wgrad("wgmma")}
     return fns, 2.0 * M * K * N, f"G={G} M={M} K={K} N={N}"
 

@@ -8,7 +8,7 @@ Labels wgmma_c1 / _c2 (one CTA per tile / two sharing the weight tile, whole til
 with half tiles); PROBE_STREAM_K=1 adds the stream-K tail variants (wgmma_sk, _sk50, _skr).
 
 Every case is checked first (relative error against torch._grouped_mm; one CTA per tile and two sharing the
-weights bit-equal); times are bench_interleaved medians (L2 flushed, shuffled order); x_torch / x_loop: the
+weights bit-equal); times are bench_interleaved medians (L2 flushed, balanced order); x_torch / x_loop: the
 baseline's time over the label's, same call; frac_peak against the bf16 datasheet peak.
 """
 import os

@@ -7,7 +7,7 @@ kernel and the per-expert loop, DeepSeek-V3 expert shapes, skewed token counts o
 Labels: the backends through the dispatcher (wgmma: its default cluster), and our kernel called directly with
 one CTA per tile (wgmma_c1) or two sharing dc's boxes (wgmma_c2), and the default cluster with the stmatrix
 epilogue (wgmma_stsm). Every case is checked first (relative error of each backend against torch._grouped_mm); times are
-bench_interleaved medians (L2 flushed, shuffled order); x_torch / x_loop: the baseline's time over the label's,
+bench_interleaved medians (L2 flushed, balanced order); x_torch / x_loop: the baseline's time over the label's,
 same call; frac_peak against the bf16 datasheet peak.
 """
 import os

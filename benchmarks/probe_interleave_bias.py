@@ -2,7 +2,8 @@
 
 The same function sits behind two labels, one always right after a power-hungry bf16 GEMM and one right after an
 idle GPU (torch.cuda._sleep) when the order is rotated (each label keeps its neighbours); with the seeded
-shuffle no label always follows the same one. The x_after_heavy / x_after_idle ratio, per order and per
+shuffle no label always follows the same one, and with the balanced order (the default) each follows each other
+one equally often. The x_after_heavy / x_after_idle ratio, per order and per
 function, says whether rotation biases a label by its neighbour (1.00 = no bias).
 
     python benchmarks/probe_interleave_bias.py --json out.json
@@ -42,7 +43,7 @@ def main():
                                                                 sw.transpose(1, 2), gl, "block", torch.bfloat16)}
     rows = []
     for xname, x in xs.items():
-        for order in ("rotate", "shuffle"):
+        for order in ("rotate", "shuffle", "balanced"):
             for rep in range(args.repeats):
                 fns = {"heavy_bf16_8192^3": lambda: big @ big, "x_after_heavy": x,
                        "idle": lambda: torch.cuda._sleep(cycles), "x_after_idle": x}

@@ -4,6 +4,7 @@ timed after a power-hungry one on the GPU), failures reported, not timed."""
 import os
 
 import pytest
+import torch
 from bench_utils import import_benchmark
 
 
@@ -32,6 +33,59 @@ def test_shuffled_rounds_time_every_label_once_per_round(monkeypatch):
     assert [seen[i * 6:(i + 1) * 6] for i in range(4)] != rounds  # the next call gets other orders
 
 
+def test_balanced_rounds_put_every_label_after_every_other_equally_often(monkeypatch):
+    """The default order: rounds of a Williams design, rounded up to whole designs (n rounds for an even number n
+    of labels, 2n for an odd one), so over a call each label is timed right after each other label equally often
+    and in each position equally often; the labels' roles differ between calls and between runs (bench_seed)."""
+    common = import_benchmark("common")
+    seen = _recording(common, monkeypatch)
+    monkeypatch.delenv("TURBO_DIST_BENCH_ORDER", raising=False)
+    for n, rounds, expect_rounds, pair_count in ((4, 4, 4, 1), (5, 5, 10, 2), (6, 3, 6, 1), (7, 15, 28, 4)):
+        labels = [f"l{i}" for i in range(n)]
+        seen.clear()
+        res = common.bench_interleaved({k: (lambda k=k: k) for k in labels}, rounds=rounds, warm=False)
+        assert set(res) == set(labels)
+        assert len(seen) == n * expect_rounds
+        rows = [seen[i * n:(i + 1) * n] for i in range(expect_rounds)]
+        assert all(sorted(r) == labels for r in rows)
+        pairs = {}
+        for r in rows:
+            for a, b in zip(r, r[1:]):
+                pairs[(a, b)] = pairs.get((a, b), 0) + 1
+        assert len(pairs) == n * (n - 1) and set(pairs.values()) == {pair_count}, (n, pairs)
+        positions = {(x, i) for r in rows for i, x in enumerate(r)}
+        assert len(positions) == n * n  # every label in every position
+    seen.clear()
+    common.bench_interleaved({"a": lambda: "a"}, rounds=1, warm=False)  # one round stays one (a smoke run)
+    assert seen == ["a"]
+    # the shuffled order is the same permutation generator as before; a design row is not a shuffle
+    assert common.design_rounds(5, "shuffle") == 1 and common.design_rounds(5, "balanced") == 10
+    # other seeds give the labels other roles: over a few seeds the first round's order changes
+    firsts = {tuple(common.round_order(list("abcdef"), 0, "balanced", seed=s)) for s in range(8)}
+    assert len(firsts) > 1
+
+
+def test_bench_seed_from_the_environment_and_recorded(tmp_path, monkeypatch):
+    """TURBO_DIST_BENCH_SEED repeats a run's orders; without it each process draws its own; write_json records
+    the seed as order_seed; a seed that is not an integer is refused with the variable's name."""
+    common = import_benchmark("common")
+    monkeypatch.setattr(common, "_RUN_SEED", [])
+    monkeypatch.setenv("TURBO_DIST_BENCH_SEED", "1234")
+    assert common.bench_seed() == 1234
+    assert common.write_json(str(tmp_path / "a.json"), [])["order_seed"] == 1234
+    monkeypatch.setattr(common, "_RUN_SEED", [])
+    monkeypatch.delenv("TURBO_DIST_BENCH_SEED")
+    drawn = {common.bench_seed()}
+    for _ in range(3):
+        monkeypatch.setattr(common, "_RUN_SEED", [])
+        drawn.add(common.bench_seed())
+    assert len(drawn) > 1 and all(isinstance(s, int) and s >= 0 for s in drawn)
+    monkeypatch.setattr(common, "_RUN_SEED", [])
+    monkeypatch.setenv("TURBO_DIST_BENCH_SEED", "abc")
+    with pytest.raises(ValueError, match="TURBO_DIST_BENCH_SEED"):
+        common.bench_seed()
+
+
 def test_rotated_rounds_keep_neighbours(monkeypatch):
     common = import_benchmark("common")
     seen = _recording(common, monkeypatch)
@@ -57,7 +111,7 @@ def test_failing_label_is_reported_and_not_timed(monkeypatch):
 
 def test_multi_rank_bench_takes_the_same_round_orders(monkeypatch):
     """bench_integrations times its steps in common.round_order's rounds: seeded by the round alone (every rank
-    the same order) and TURBO_DIST_BENCH_ORDER=rotate honoured there too."""
+    the same order), whole balanced designs, and TURBO_DIST_BENCH_ORDER=rotate honoured there too."""
     bench_integrations = import_benchmark("bench_integrations")
     seen = []
     monkeypatch.setattr(bench_integrations, "time_ms", lambda fn, warmup, iters, device: (seen.append(fn()), 1.0)[1])
@@ -72,7 +126,8 @@ def test_multi_rank_bench_takes_the_same_round_orders(monkeypatch):
     monkeypatch.delenv("TURBO_DIST_BENCH_ORDER")
     bench_integrations.time_interleaved(steps, Args, "cpu")
     common = import_benchmark("common")
-    assert seen == sum((common.round_order(list(steps), r, "shuffle") for r in range(3)), [])
+    # balanced by default: 3 labels (odd) take 6 rounds for a whole design, seeded by the round alone
+    assert seen == sum((common.round_order(list(steps), r, "balanced") for r in range(6)), [])
     monkeypatch.setenv("TURBO_DIST_BENCH_ORDER", "random")
     with pytest.raises(ValueError, match="shuffle"):
         bench_integrations.time_interleaved(steps, Args, "cpu")
@@ -117,7 +172,7 @@ def test_json_records_commit_order_and_settings(tmp_path, monkeypatch):
     doc = common.write_json(str(tmp_path / "b.json"), [], {"timing_order": "each op alone, fixed order"})
     assert doc["timing_order"] == "each op alone, fixed order" and "timing_order" not in doc["meta"]
     monkeypatch.delenv("TURBO_DIST_BENCH_ORDER")
-    assert common.write_json(str(tmp_path / "c.json"), [])["timing_order"] == "shuffle"
+    assert common.write_json(str(tmp_path / "c.json"), [])["timing_order"] == "balanced"
     assert re.fullmatch(r"[0-9a-f]{16}", doc["machine"]["source_digest"])
     # outside a repository: empty, not an error; the source digest follows the files' bytes
     assert common.git_info(str(tmp_path)) == {"git_commit": None, "git_dirty": None, "git_changed": None,
@@ -138,3 +193,38 @@ def test_datasheet_peaks_by_gpu_name():
     assert common.peak_hbm_gbps("NVIDIA H100 PCIe") == 2000.0
     assert common.peak_hbm_gbps("NVIDIA A100-SXM4-80GB") is None
     assert common.peak_tflops("bf16", "NVIDIA H200") == 989.4 and common.peak_tflops("fp8", "NVIDIA GB200") is None
+
+
+def test_bounds_probe_labels_compute_their_passes(monkeypatch):
+    """probe_grouped_bounds' labels do the work they are named for (small shapes, CPU fp32): the skewed loop, the
+    default and torch._grouped_mm give the grouped forward and backward; the uniform labels the same on M // G
+    rows per expert, torch.bmm included; dense one GEMM of the same FLOPs by expert 0's weight."""
+    bounds = import_benchmark("probe_grouped_bounds")
+    lens = torch.tensor([5, 0, 9, 2])
+    monkeypatch.setattr(bounds, "grouped_case", lambda name: (4, 12, 8, lens, 16))
+    torch.manual_seed(0)
+    fns, flops, flops_u, shape, _ = bounds.case_fns("G4_x_4", dev="cpu", dtype=torch.float32)
+    assert flops == {"fwd": 2.0 * 16 * 12 * 8, "bwd": 4.0 * 16 * 12 * 8} and flops_u["fwd"] == flops["fwd"]
+    ref_fwd = fns["fwd"]["loop"]()
+    assert isinstance(ref_fwd, torch.Tensor) and ref_fwd.shape == (16, 8)
+    for label in ("default", "torch_grouped_mm"):
+        torch.testing.assert_close(fns["fwd"][label](), ref_fwd, rtol=1e-4, atol=1e-4)
+    uni = fns["fwd"]["loop_uniform"]()
+    torch.testing.assert_close(fns["fwd"]["default_uniform"](), uni, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(fns["fwd"]["bmm_uniform"]().reshape(16, 8), uni, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(uni, ref_fwd)  # uniform counts route rows to other experts
+    dgrad, wgrad = fns["bwd"]["loop"]()
+    assert dgrad.shape == (16, 12) and wgrad.shape == (4, 12, 8)
+    assert torch.count_nonzero(wgrad[1]) == 0  # expert 1 has no rows
+    for label in ("default", "torch_grouped_mm"):
+        d, w = fns["bwd"][label]()
+        torch.testing.assert_close(d, dgrad, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(w, wgrad, rtol=1e-4, atol=1e-4)
+    du, wu = fns["bwd"]["loop_uniform"]()
+    bd, bw = fns["bwd"]["bmm_uniform"]()
+    torch.testing.assert_close(bd.reshape(16, 12), du, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(bw, wu, rtol=1e-4, atol=1e-4)
+    dense = fns["fwd"]["dense"]()
+    assert dense.shape == (16, 8)
+    dd, dw = fns["bwd"]["dense"]()
+    assert dd.shape == (16, 12) and dw.shape == (12, 8)
