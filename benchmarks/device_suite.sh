@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One batched device session: install, GPU test suite, main-job demo, single-GPU benches.
-#   bash benchmarks/device_suite.sh "install tests gputests ll moe1 sharetp dist demo ops opsq attn moe moell moeinter tp cp cpvarlen native tune cublaslt wgmma bf16wgmma prof opstests wgrad wgradtune clocks"
+#   bash benchmarks/device_suite.sh "install tests gputests ll moe1 sharetp dist demo ops opsq attn moe moell moeinter tp cp cpvarlen native tune cublaslt wgmma bf16wgmma prof opstests wgrad wgradtune clocks bounds opsgrouped"
 #   (phases to run, in order; default "install tests demo ops attn"; on a multi-GPU kind start with
 #   "install dist demo moe moell moeinter tp cp cpvarlen")
 # Logs and JSON go under $OUT (default ./out). Safety variables are always set. One-off verification phases of
@@ -55,6 +55,11 @@ for ph in $PHASES; do
               > "$OUT/pytest_wgrad_$TAG.log" 2>&1; echo "wgrad tests rc=$?"; tail -3 "$OUT/pytest_wgrad_$TAG.log"
             timeout 240 python benchmarks/probe_grouped_wgrad.py --rounds 5 --json "$OUT/probe_grouped_wgrad_$TAG.json" \
               > "$OUT/probe_grouped_wgrad_$TAG.log" 2>&1; echo "wgrad probe rc=$?"; grep -v "^---" "$OUT/probe_grouped_wgrad_$TAG.log" | cut -c1-110;;
+    bounds) # how far any grouped GEMM can get ahead of the per-expert loop: dense same-FLOPs GEMM, cuBLAS bmm on uniform counts
+            timeout 240 python benchmarks/probe_grouped_bounds.py --json "$OUT/probe_grouped_bounds_$TAG.json" \
+              > "$OUT/probe_grouped_bounds_$TAG.log" 2>&1; echo "bounds rc=$?"; cut -c1-130 "$OUT/probe_grouped_bounds_$TAG.log";;
+    opsgrouped) timeout 420 python benchmarks/bench_ops.py --sections grouped --json "$OUT/ops_grouped_$TAG.json" \
+              > "$OUT/ops_grouped_$TAG.log" 2>&1; echo "opsgrouped rc=$?";;
     clocks) # SM clock / power while each grouped kernel runs back to back, then ncu's speed-of-light on one case
             timeout 120 python benchmarks/probe_grouped_clocks.py --json "$OUT/probe_grouped_clocks_$TAG.json" \
               > "$OUT/probe_grouped_clocks_$TAG.log" 2>&1; echo "clocks rc=$?"; cat "$OUT/probe_grouped_clocks_$TAG.log" | cut -c1-130
