@@ -105,7 +105,8 @@ def _rand(shape, seed):
 
 def _attention_function(rank, world):
     """The registered function on hand-made q/k/v [1, H, S/W, D]: the ring result of the whole packed row (scaling
-    and layout), and fp32 queries run in the module's bf16 and returned in fp32."""
+    and layout), and fp32 queries run in the module's bf16 and returned in fp32; a layer checks the plan's
+    boundaries from their host copy (no read-back from the device per layer)."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     from turbo_dist import ops
@@ -121,7 +122,18 @@ def _attention_function(rank, world):
                                    softmax_scale=0.3)
         mine = slice(rank * 8, (rank + 1) * 8)
         q, k, v = q[:, :, mine], k[:, :, mine], v[:, :, mine]
-        out, weights = attn(_Attention(torch.float32), q, k, v, None, scaling=0.3)
+        from unittest import mock
+
+        from turbo_dist.ops import attention_varlen as av
+        hosts = []
+        real = av._check_cu_seqlens
+
+        def spy(cu_, name, total, device, end_hint="", host=None):
+            hosts.append(host)
+            return real(cu_, name, total, device, end_hint, host)
+        with mock.patch.object(av, "_check_cu_seqlens", spy):  # the layer checks the plan's host copy
+            out, weights = attn(_Attention(torch.float32), q, k, v, None, scaling=0.3)
+        assert len(hosts) == 2 and all(h is not None for h in hosts), hosts
         assert weights is None and out.dtype == torch.float32 and out.shape == (1, 8, HEADS, 8)
         torch.testing.assert_close(out[0], ref[mine], rtol=1e-5, atol=1e-6)
         out, _ = attn(_Attention(torch.bfloat16), q, k, v, None, scaling=0.3)

@@ -231,6 +231,77 @@ def test_llama3_refuses_bad_plans_on_every_rank():
     assert run_distributed(_llama3_bad_plans, 2, backend="gloo") == [(16, HQ, D)] * 2
 
 
+def _llama3_host_reads(rank, world):
+    """The llama3 path reads cu_seqlens back to the host once per call (its check), not once more per kv-head group
+    in the forward and again in the backward; with the values held on the host (host_cu, the HF adapter's plan)
+    not at all. Counted: check_varlen_inputs calls and the Tensor.tolist calls on the cu_seqlens tensors made
+    inside them (the CPU's reference backend reads them too, by design; the GPU kernels do not)."""
+    from unittest import mock
+
+    from turbo_dist.cp import ring_flash_attn as rfa
+    from turbo_dist.ops import attention_varlen as av
+
+    cu = _cu([0, 5, 21, 32])
+    per = 32 // world
+    hkv = 4  # four kv-head groups at stride 1
+    q, k, v = (_rand((per, 8, D), s).requires_grad_(True) for s in (15, 16, 17))
+    k, v = k.detach()[:, :hkv].contiguous().requires_grad_(True), v.detach()[:, :hkv].contiguous().requires_grad_(True)
+    cq, ck, mq, mk, ks = rfa.llama3_flash_attn_prepare_cu_seqlens(cu, True, rank, world)
+    host = (cq.tolist(), ck.tolist())
+    counts = {"checks": 0, "reads": 0}
+    real_check, real_tolist = av.check_varlen_inputs, torch.Tensor.tolist
+    cu_ids, inside = {id(cq), id(ck)}, []
+
+    def check(*args, **kwargs):
+        counts["checks"] += 1
+        inside.append(1)
+        try:
+            return real_check(*args, **kwargs)
+        finally:
+            inside.pop()
+
+    def tolist(t):
+        if id(t) in cu_ids and inside:
+            counts["reads"] += 1
+        return real_tolist(t)
+
+    results = []
+    with mock.patch.object(av, "check_varlen_inputs", check), mock.patch.object(torch.Tensor, "tolist", tolist):
+        for host_cu in (None, host):
+            counts.update(checks=0, reads=0)
+            o = rfa._llama3(q, k, v, cq, ck, mq, mk, 1, ks, 0.0, None, True, (-1, -1), None, False, False, None,
+                            host_cu=host_cu)
+            o.float().sum().backward()
+            results.append(dict(counts))
+    # a host copy that is not the tensors' length is refused, not trusted
+    with pytest.raises(ValueError, match="host copy"):
+        av.check_varlen_inputs(q, k, v, cq, ck, total_k=ks.stop - ks.start, host_cu=(host[0][:-1], host[1]))
+    return results
+
+
+@pytest.mark.dist
+def test_llama3_reads_cu_seqlens_once_per_call():
+    assert run_distributed(_llama3_host_reads, 2, backend="gloo") == [[{"checks": 1, "reads": 2},
+                                                                      {"checks": 1, "reads": 0}]] * 2
+
+
+def test_varlen_check_takes_the_host_copy():
+    """check_varlen_inputs with host_cu checks those values (the tensors' own are not read back) and still the
+    tensors' dtype, shape and device."""
+    from turbo_dist.ops.attention_varlen import check_varlen_inputs
+
+    q = torch.randn(8, 2, 4)
+    stale = torch.tensor([0, 1, 2], dtype=torch.int32)  # values a read-back would refuse: not read
+    assert check_varlen_inputs(q, q, q, stale, stale, host_cu=([0, 3, 8], [0, 3, 8]), return_cu=True) == \
+        (5, 5, [0, 3, 8], [0, 3, 8])
+    with pytest.raises(ValueError, match="must end at the packed length 8"):
+        check_varlen_inputs(q, q, q, stale, stale, host_cu=([0, 3, 7], [0, 3, 8]))
+    with pytest.raises(TypeError, match="int32 or int64"):
+        check_varlen_inputs(q, q, q, stale.float(), stale, host_cu=([0, 3, 8], [0, 3, 8]))
+    with pytest.raises(ValueError, match="must end at the packed length 8"):  # without it: read back
+        check_varlen_inputs(q, q, q, stale, stale)
+
+
 def _refusals(rank, world):
     from turbo_dist.cp import ring_flash_attn as rfa
 

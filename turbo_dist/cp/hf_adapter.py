@@ -27,6 +27,9 @@ transformers without them raises ImportError naming its version):
 fp32 queries (norms kept in fp32, as PEFT does) are cast to the dtype flash attention would run in (autocast's,
 else the module's Linear weights') and the output back to fp32, as ring-flash-attn's adapter does.
 
+Per layer call the plan's boundaries are checked from their host copy (kept by update_ring_flash_attn_params): no
+read-back from the device; the one device sync left is the group's refusal flag (llama3's one-int all-reduce).
+
 Refused while the ring is on, never replaced by attention that is not the ring's: non-causal modules
 (NotImplementedError), dropout > 0 (a training model with attention_dropout), softcap, attention sinks (s_aux),
 a sliding window shorter than the longest document, a padding mask (attention_mask with zeros: make the padding a
@@ -99,7 +102,10 @@ def update_ring_flash_attn_params(cu_seqlens, process_group):
     # (its checks: boundaries from 0, not decreasing, the packed length divisible by the group size)
     cu_q, cu_k, max_q, max_k, k_slice = llama3_flash_attn_prepare_cu_seqlens(cu_seqlens, True, rank, world)
     bounds = cu_seqlens.tolist()
-    _state["plan"] = {"cu_seqlens_q": cu_q, "cu_seqlens_k": cu_k, "max_seqlen_q": max_q, "max_seqlen_k": max_k,
+    # the plan's boundaries also kept on the host: every layer's check reads them there, not back from the GPU
+    host_cu = (cu_q.tolist(), cu_k.tolist())
+    _state["plan"] = {"cu_seqlens_q": cu_q, "cu_seqlens_k": cu_k, "host_cu": host_cu,
+                      "max_seqlen_q": max_q, "max_seqlen_k": max_k,
                       "local_k_slice": k_slice, "ranks": ranks, "rank": rank, "total": bounds[-1],
                       "local_tokens": bounds[-1] // world,
                       "longest": max(b - a for a, b in zip(bounds, bounds[1:]))}
@@ -224,7 +230,7 @@ def ring_attention_forward(module, query, key, value, attention_mask, dropout=0.
         plan["cu_seqlens_k"] = plan["cu_seqlens_k"].to(q.device)
     out = _llama3(q, k, v, plan["cu_seqlens_q"], plan["cu_seqlens_k"], plan["max_seqlen_q"], plan["max_seqlen_k"],
                   stride, plan["local_k_slice"], 0.0, scaling, True, (-1, -1), None, False, False, group,
-                  refused=refused)
+                  refused=refused, host_cu=plan["host_cu"])
     out = out[..., :v_dim].unsqueeze(0).to(original_dtype)
     return out, None
 

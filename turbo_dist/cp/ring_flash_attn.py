@@ -34,7 +34,7 @@ import torch
 
 from turbo_dist.runtime import get_runtime
 
-from . import _check_packed_shards, _comm, _packed_attention, context_parallel_attention
+from . import _check_packed_shards, _comm, _packed_attention, _varlen, context_parallel_attention
 
 
 def _refuse_unsupported(dropout_p, window_size, alibi_slopes, deterministic, causal):
@@ -228,14 +228,14 @@ class _Llama3(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, cu_q, cu_k, max_q, max_k, stride, k_slice, scale, causal, rt):
-        from turbo_dist.ops import varlen_attention_forward
-
+        # the inputs were checked once (_check_llama3): the per-head-group calls go straight to the dispatcher
+        # (the public varlen functions would read cu_seqlens back to the host, a device sync, every time)
         g = q.shape[1] // k.shape[1]
         outs, lses = [], []
         for h in range(0, k.shape[1], stride):
             kv = _gather_heads(k, v, h, stride, rt)[k_slice]
-            o_h, l_h = varlen_attention_forward(q[:, h * g:(h + stride) * g], kv[:, 0].contiguous(),
-                                                kv[:, 1].contiguous(), cu_q, cu_k, max_q, max_k, causal, scale)
+            o_h, l_h = _varlen.varlen_fwd(q[:, h * g:(h + stride) * g], kv[:, 0].contiguous(), kv[:, 1].contiguous(),
+                                          cu_q, cu_k, max_q, max_k, causal, scale)
             outs.append(o_h)
             lses.append(l_h)
         o, lse = torch.cat(outs, dim=1), torch.cat(lses, dim=0)
@@ -247,8 +247,6 @@ class _Llama3(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, do, _dlse):
-        from turbo_dist.ops import varlen_attention_backward
-
         q, k, v, o, lse, cu_q, cu_k = ctx.saved_tensors
         max_q, max_k, stride, k_slice, scale, causal, rt = ctx.args
         g = q.shape[1] // k.shape[1]
@@ -256,7 +254,7 @@ class _Llama3(torch.autograd.Function):
         for h in range(0, k.shape[1], stride):
             qs = slice(h * g, (h + stride) * g)
             kv = _gather_heads(k, v, h, stride, rt)
-            dq_h, dk_h, dv_h = varlen_attention_backward(
+            dq_h, dk_h, dv_h = _varlen.varlen_bwd(
                 do[:, qs].contiguous(), q[:, qs].contiguous(), kv[k_slice, 0].contiguous(),
                 kv[k_slice, 1].contiguous(), o[:, qs].contiguous(), lse[qs].contiguous(), cu_q, cu_k, max_q, max_k,
                 causal, scale)
@@ -271,9 +269,10 @@ class _Llama3(torch.autograd.Function):
 
 
 def _check_llama3(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, heads_k_stride, local_k_slice,
-                  causal, rt):
+                  causal, rt, host_cu=None):
     """This rank's arguments against the plan llama3_flash_attn_prepare_cu_seqlens makes for it: (max_q, max_k,
-    stride, k_slice). Raises ValueError / TypeError (the caller makes every rank raise together)."""
+    stride, k_slice). Raises ValueError / TypeError (the caller makes every rank raise together). host_cu: the
+    cu_seqlens' values held on the host by a caller that made them (check_varlen_inputs: nothing read back)."""
     from turbo_dist.ops.attention_varlen import check_varlen_inputs
 
     _check_packed_shards(q, k, v)  # (k and v of one shape: check_varlen_inputs below)
@@ -300,7 +299,7 @@ def _check_llama3(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
                          "): make it with llama3_flash_attn_prepare_cu_seqlens(cu_seqlens, causal, rank, world_size)")
     max_q, max_k, cq, ck = check_varlen_inputs(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, total_k=k_hi - k_lo, return_cu=True,
-        end_hint=" (cu_seqlens_q / _k and local_k_slice as llama3_flash_attn_prepare_cu_seqlens makes them: local "
+        host_cu=host_cu, end_hint=" (cu_seqlens_q / _k and local_k_slice as llama3_flash_attn_prepare_cu_seqlens makes them: local "
                  "queries, keys = the local_k_slice rows of the gathered K/V)")
     if any(k_lo + b != lo + a for a, b in zip(cq[1:-1], ck[1:-1])):
         raise ValueError(f"cu_seqlens_q and cu_seqlens_k do not cut the same sequences (inner boundaries "
@@ -311,9 +310,12 @@ def _check_llama3(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
 
 def _llama3(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, heads_k_stride, local_k_slice,
             dropout_p, softmax_scale, causal, window_size, alibi_slopes, deterministic, return_attn_probs, group,
-            refused=None):
+            refused=None, host_cu=None):
     """refused: an error the caller (turbo_dist.cp.hf_adapter) found on this rank: raised here after the group's
-    flag all-reduce, with every other rank, instead of before it (where the others would wait in the all-gather)."""
+    flag all-reduce, with every other rank, instead of before it (where the others would wait in the all-gather).
+    host_cu: (cu_seqlens_q, cu_seqlens_k) values on the host, from a caller that made the tensors from them
+    (the adapter's plan): the check reads nothing back. Device syncs per call: the flag's all-reduce, plus
+    reading cu_seqlens without host_cu; none per kv-head group, forward or backward."""
     _refuse_unsupported(dropout_p, window_size, alibi_slopes, deterministic, causal)
     from turbo_dist.ops.attention import default_scale
     from turbo_dist.runtime.symm import group_min_max
@@ -323,7 +325,8 @@ def _llama3(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, hea
     try:
         if err is None:
             max_q, max_k, stride, k_slice = _check_llama3(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                                          max_seqlen_k, heads_k_stride, local_k_slice, causal, rt)
+                                                          max_seqlen_k, heads_k_stride, local_k_slice, causal, rt,
+                                                          host_cu)
     except (TypeError, ValueError) as exc:
         err = exc
     # Arguments are per rank: a rank raising alone would leave the others in the all-gather. Every rank raises.

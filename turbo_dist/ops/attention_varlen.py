@@ -19,8 +19,9 @@ from .attention import (PRIORITY, _check_grad_inputs, _triton_reason, check_atte
 _CU_DTYPES = (torch.int32, torch.int64)
 
 
-def _check_cu_seqlens(cu, name, total, device, end_hint=""):
-    """cu: [B+1] int32/int64 on `device`, 0 = cu[0] <= cu[1] <= ... <= cu[B] = total. Returns it as a list."""
+def _check_cu_seqlens(cu, name, total, device, end_hint="", host=None):
+    """cu: [B+1] int32/int64 on `device`, 0 = cu[0] <= cu[1] <= ... <= cu[B] = total. Returns it as a list
+    (`host`: its values as the caller already holds them on the host, checked instead of reading cu back)."""
     if not isinstance(cu, torch.Tensor):
         raise TypeError(f"{name} must be a tensor, got {type(cu).__name__}")
     if cu.dtype not in _CU_DTYPES:
@@ -29,7 +30,12 @@ def _check_cu_seqlens(cu, name, total, device, end_hint=""):
         raise ValueError(f"{name} must be [num_seqs + 1] with num_seqs >= 1, got shape {tuple(cu.shape)}")
     if cu.device != device:
         raise ValueError(f"{name} is on {cu.device}, q on {device}")
-    vals = cu.tolist()  # one small device->host copy: the checks below must run before any kernel
+    if host is None:
+        vals = cu.tolist()  # one small device->host copy: the checks below must run before any kernel
+    else:
+        vals = [int(x) for x in host]
+        if len(vals) != cu.shape[0]:
+            raise ValueError(f"{name}: the host copy of its values has {len(vals)} entries, the tensor {cu.shape[0]}")
     if vals[0] != 0:
         raise ValueError(f"{name} must start at 0, got {vals[0]}")
     bad = next((i for i in range(1, len(vals)) if vals[i] < vals[i - 1]), None)
@@ -54,21 +60,25 @@ def _check_max_seqlen(max_seqlen, name, vals):
 
 
 def check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None,
-                        total_q=None, total_k=None, end_hint="", return_cu=False):
+                        total_q=None, total_k=None, end_hint="", return_cu=False, host_cu=None):
     """Validates packed q [Tq, Hq, D], k/v [Tk, Hkv, D] and their cu_seqlens (total_q/total_k: the packed
     lengths cu_seqlens must end at, default Tq/Tk; context parallelism passes the global ones, and an
     `end_hint` for the error when they do not). Returns (max_seqlen_q, max_seqlen_k), the real maxima where
-    None was given; with return_cu also the cu_seqlens as host lists (read once, here)."""
+    None was given; with return_cu also the cu_seqlens as host lists (read once, here). host_cu: (values of
+    cu_seqlens_q, of cu_seqlens_k) that the caller made the tensors from and still holds on the host (a plan
+    made once per batch, used by every layer): checked in place of the tensors' values, which are not read back
+    (no device sync); the tensors' dtype, shape and device are still checked."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
         if t.dim() != 3:
             raise ValueError(f"{name} must be [total_tokens, heads, head_dim] (packed), got shape {tuple(t.shape)}")
     check_attention_inputs(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0))
+    hq, hk = (None, None) if host_cu is None else host_cu
     vq = _check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q.shape[0] if total_q is None else total_q, q.device,
-                           end_hint)
+                           end_hint, hq)
     vk = _check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", k.shape[0] if total_k is None else total_k, q.device,
-                           end_hint)
+                           end_hint, hk)
     if len(vq) != len(vk):
         raise ValueError(f"cu_seqlens_q and cu_seqlens_k must describe the same number of sequences, got "
                          f"{len(vq) - 1} and {len(vk) - 1}")
