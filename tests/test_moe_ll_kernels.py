@@ -206,10 +206,14 @@ def test_logfmt_codec_and_kernels():
     y[2, 5] = -0.0
     words = moe_ll_logfmt.logfmt_encode(y)
     dec = moe_ll_logfmt.logfmt_decode(words, hidden)
-    step = words[:, :, moe_ll_logfmt.GROUP_WORDS - 2:].contiguous().view(torch.float32)[:, :, 1]
+    meta = words[:, :, moe_ll_logfmt.GROUP_WORDS - 2:].contiguous().view(torch.float32)
+    step = meta[:, :, 1]
     bound = (torch.exp2(step / 2) - 1).repeat_interleave(moe_ll_logfmt.GROUP, 1) * 1.001 + 1e-6
+    floor = torch.exp2(meta[:, :, 0]).repeat_interleave(moe_ll_logfmt.GROUP, 1)  # below: sent as zero (the clip)
     yf = y.float()
-    assert ((dec - yf).abs() <= bound * yf.abs()).all()
+    flushed = (dec == 0) & (yf != 0)
+    assert ((dec - yf).abs() <= bound * yf.abs())[~flushed].all()
+    assert (yf.abs() <= floor)[flushed].all()
     assert (dec[yf == 0] == 0).all() and torch.equal(dec[1, 64:128], yf[1, 64:128])
     assert words.shape == (rows, hidden // 64, 22) and moe_ll_logfmt.row_bytes(hidden) == hidden // 64 * 88
 
@@ -234,7 +238,8 @@ def test_logfmt_codec_and_kernels():
                 torch.testing.assert_close(got[:, nc:].view(torch.float32), words[r][:, nc:].view(torch.float32),
                                            rtol=1e-6, atol=0)
             d = moe_ll_logfmt.logfmt_decode(got[None], hidden)[0]
-            assert ((d - yf[r]).abs() <= 2.5 * bound[r] * yf[r].abs() + 1e-6).all()
+            ok = (d - yf[r]).abs() <= 2.5 * bound[r] * yf[r].abs() + 1e-6
+            assert (ok | ((d == 0) & (yf[r].abs() <= floor[r] * 1.01))).all()
     wt = torch.rand(num_max, k, generator=g)
     out = moe_ll_logfmt.combine_reduce(slots, dst, wt.to(dev), torch.empty(num_max, hidden, dtype=torch.float16,
                                                                           device=dev))
@@ -243,6 +248,30 @@ def test_logfmt_codec_and_kernels():
         rows_j = moe_ll_logfmt.logfmt_decode(slots[:, j].cpu(), hidden)
         ref += torch.where(dst[:, j:j + 1].cpu() >= 0, rows_j * wt[:, j:j + 1], 0.0)
     torch.testing.assert_close(out.float().cpu(), ref.half().float(), rtol=2e-3, atol=1e-3)
+
+
+def test_logfmt_clips_its_range_to_32_octaves():
+    """A group's range ends LOG_RANGE (32) octaves below its largest magnitude: a tiny value beside large ones (a
+    cancellation's 1e-30 beside a 1) is sent as zero instead of widening the step for the whole group (without the
+    clip: 100 octaves over 510 steps, 7% error on every value; with it at most 2 ** (32 / 1020) - 1 = 2.2%); a
+    value inside the range is kept; a group spanning less than 32 octaves is unchanged by the clip."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(3, 64, generator=g) + 0.5   # 0.5 .. 1.5
+    x[0, 3] = 1e-30                            # ~100 octaves below: flushed
+    x[1, 3] = -2.0 ** -30                      # inside the 32 octaves below 1.5: kept, sign and all
+    x[2, 3] = 2.0 ** -10                       # an 11-octave group: the clip does not touch it
+    words = moe_ll_logfmt.logfmt_encode(x)
+    dec = moe_ll_logfmt.logfmt_decode(words, 64)
+    lmin, step = words.view(torch.float32)[:, 0, 20], words.view(torch.float32)[:, 0, 21]
+    lmax = torch.log2(x.abs().amax(1))
+    assert dec[0, 3] == 0 and dec[1, 3] < 0
+    torch.testing.assert_close(lmin[0], lmax[0] - moe_ll_logfmt.LOG_RANGE, rtol=0, atol=1e-5)  # clipped
+    torch.testing.assert_close(lmin[1:], torch.tensor([-30.0, -10.0]), rtol=0, atol=1e-6)  # the smallest kept
+    assert (step <= moe_ll_logfmt.LOG_RANGE / 510 + 1e-6).all()
+    kept = dec != 0
+    rel = ((dec - x).abs() / x.abs())[kept]
+    assert rel.max() <= 2.0 ** (moe_ll_logfmt.LOG_RANGE / 1020) - 1 + 1e-4
+    assert (dec[0, :3] - x[0, :3]).abs().max() / x[0, :3].abs().max() < 0.03
 
 
 def test_masked_ranks_and_shrink_on_timeout():

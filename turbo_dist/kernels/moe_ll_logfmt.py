@@ -2,10 +2,14 @@
 with a per-64-channel range instead of bf16, 88 bytes per 64 values instead of 128 (1.45x fewer bytes on NVLink).
 
 Our own encoding (DeepEP's bit layout is internal to it; only the numerics are comparable): for each group of
-64 values, lmin / lmax = the smallest / largest log2|x| over the group's nonzero values, step = (lmax - lmin) / 510;
-a value is sign bit (bit 9) + magnitude q in bits 0-8: q = 0 for an exact zero, else 1 + round((log2|x| - lmin) /
-step) in [1, 511], decoded as 2 ** (lmin + (q - 1) * step). The relative error of a value is at most
-2 ** (step / 2) - 1 (e.g. 1% when a group spans 15 octaves); values are finite (inf / nan are not carried).
+64 values, lmax = the largest log2|x| over the group's nonzero values, lmin = the smallest, clipped to at most
+LOG_RANGE = 32 octaves below lmax, step = (lmax - lmin) / 510; a value is sign bit (bit 9) + magnitude q in bits
+0-8: q = 1 + round((log2|x| - lmin) / step) in [1, 511], decoded as 2 ** (lmin + (q - 1) * step), and q = 0 (sent
+as zero) for an exact zero or a value whose rounding falls below lmin (more than 32 octaves below the group's
+largest: an absolute error under 2 ** -32 of the group's largest magnitude). The relative error of a value that is
+not flushed is at most 2 ** (step / 2) - 1: 1% when a group spans 15 octaves, 2.2% at most (a span of 32 or more;
+without the clip one tiny value, a cancellation's 1e-30 beside a 1, made it 7% for the whole group). Values are
+finite (inf / nan are not carried).
 Wire layout of one row of H values (H % 64 == 0): [H / 64] groups of 88 bytes (22 int32 words): bytes 0-63 the
 low 8 bits of value e's code at byte e, bytes 64-79 the top 2 bits at byte 64 + e // 4, bits 2 * (e % 4), then
 lmin and step as fp32. Byte-aligned so that the kernels encode and decode a tile of whole groups at once.
@@ -23,6 +27,8 @@ GROUP = 64          # values per group
 GROUP_BYTES = 88    # 64 low bytes + 16 bytes of 2-bit tops + lmin, step
 GROUP_WORDS = GROUP_BYTES // 4
 MAX_Q = 511
+LOG_RANGE = 32.0    # octaves below the group's largest magnitude that are kept (smaller values are sent as zero)
+_LOG_RANGE_K = tl.constexpr(LOG_RANGE)  # the same inside the kernels (Triton reads constexpr globals only)
 _SEND_GROUPS = 16   # groups one send-kernel iteration encodes
 
 
@@ -45,11 +51,13 @@ def logfmt_encode(x):
     any_nz = nz.any(2)
     lmin = torch.where(any_nz, lmin, torch.zeros_like(lmin))
     lmax = torch.where(any_nz, lmax, torch.zeros_like(lmax))
+    lmin = torch.maximum(lmin, lmax - LOG_RANGE)
     step = (lmax - lmin) / (MAX_Q - 1)
     safe = torch.where(step > 0, step, torch.ones_like(step)).unsqueeze(2)
     q = torch.where(step.unsqueeze(2) > 0, torch.floor((lg - lmin.unsqueeze(2)) / safe + 0.5), torch.zeros_like(lg))
+    keep = nz & (q >= 0)  # below the clipped range: sent as zero
     q = (q + 1).clamp(1, MAX_Q).to(torch.int32)
-    code = torch.where(nz, q | ((v < 0).to(torch.int32) << 9), torch.zeros_like(q))
+    code = torch.where(keep, q | ((v < 0).to(torch.int32) << 9), torch.zeros_like(q))
     low = (code & 0xFF).to(torch.uint8)
     shifts = torch.tensor([0, 2, 4, 6], dtype=torch.int32, device=x.device)
     tops = (((code >> 8) & 3).view(rows, h // GROUP, GROUP // 4, 4) << shifts).sum(3).to(torch.uint8)
@@ -105,11 +113,13 @@ def _ll_combine_send_logfmt_kernel(y_ptr, dst_ptr, peer_ptrs, me, num_max, comb_
             any_nz = tl.max(tl.max(nz.to(tl.int32), 2), 1) > 0
             lmin = tl.where(any_nz, lmin, 0.0)
             lmax = tl.where(any_nz, lmax, 0.0)
+            lmin = tl.maximum(lmin, lmax - _LOG_RANGE_K)  # at most LOG_RANGE octaves kept below the largest
             step = (lmax - lmin) / 510.0
             safe = tl.where(step > 0, step, 1.0)
             q = tl.where(step[:, None, None] > 0, tl.floor((lg - lmin[:, None, None]) / safe[:, None, None] + 0.5), 0.0)
+            keep = nz & (q >= 0.0)  # below the clipped range: sent as zero
             q = tl.minimum(tl.maximum(q + 1.0, 1.0), 511.0).to(tl.int32)
-            code = tl.where(nz, q | ((v < 0).to(tl.int32) << 9), 0)
+            code = tl.where(keep, q | ((v < 0).to(tl.int32) << 9), 0)
             gbase = out + (g0 + gi) * 88
             low = tl.sum((code & 0xFF) << (8 * b)[None, None, :], 2)  # 4 low bytes per word, little-endian
             wp = gbase.to(tl.pointer_type(tl.int32))
