@@ -126,7 +126,7 @@ def bench_interleaved(fns, rounds=5, warmup_ms=10, rep_ms=40, on_error=None, war
     back-to-back do_bench per label does not: up to 6% apart on H200).
     order: "balanced" (default; the rounds follow a Williams design, so each label is timed right after each
     other one equally often, and `rounds` > 1 is rounded up to whole designs: design_rounds, 2n rounds for an odd
-    number n of labels), "shuffle" (a permutation per round) or "rotate" (the list rotated by one per round:
+    number n of labels, each round's rep_ms cut to keep the time asked for, down to 10 ms), "shuffle" (a permutation per round) or "rotate" (the list rotated by one per round:
     each label keeps its neighbours). The orders matter because a label timed right after a power-hungry one is
     timed slower: on H200 a bf16 GEMM 12-15% slower after an 8192^3 bf16 GEMM than after an idle GPU, an FP8
     grouped GEMM 4%; shuffled, 0-2% (benchmarks/results/probe_interleave_bias_h200.json). Shuffled rounds
@@ -153,10 +153,11 @@ def bench_interleaved(fns, rounds=5, warmup_ms=10, rep_ms=40, on_error=None, war
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     times = {label: [] for label in alive}
-    rounds = max(1, rounds)
-    if rounds > 1:  # whole designs (one round: a smoke run)
+    asked = rounds = max(1, rounds)
+    if rounds > 1:  # whole designs (one round: a smoke run), in about the time the rounds asked for would take
         step = design_rounds(len(alive), order)
         rounds = -(-rounds // step) * step
+        rep_ms = max(rep_ms * asked / rounds, min(rep_ms, 10.0))
     seed = bench_seed() * 100003 + call  # per run and call: no case repeats another's orders, nor a run another's
     for r in range(rounds):
         for label in round_order(alive, r, order, seed=seed):

@@ -58,6 +58,13 @@ def test_balanced_rounds_put_every_label_after_every_other_equally_often(monkeyp
     seen.clear()
     common.bench_interleaved({"a": lambda: "a"}, rounds=1, warm=False)  # one round stays one (a smoke run)
     assert seen == ["a"]
+    reps = []
+    monkeypatch.setattr(common, "bench", lambda fn, warmup_ms, rep_ms: (reps.append(rep_ms), 1.0)[1])
+    common.bench_interleaved({k: (lambda: 0) for k in "abcde"}, rounds=5, rep_ms=40, warm=False)
+    assert len(reps) == 50 and set(reps) == {20.0}  # 10 rounds instead of 5: each half as long, same time
+    reps.clear()
+    common.bench_interleaved({k: (lambda: 0) for k in "abcdefg"}, rounds=2, rep_ms=40, warm=False)
+    assert len(reps) == 98 and set(reps) == {10.0}  # 14 rounds: not below 10 ms each
     # the shuffled order is the same permutation generator as before; a design row is not a shuffle
     assert common.design_rounds(5, "shuffle") == 1 and common.design_rounds(5, "balanced") == 10
     # other seeds give the labels other roles: over a few seeds the first round's order changes
