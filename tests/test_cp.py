@@ -286,6 +286,49 @@ def test_flash_attn_func_flash_attn_and_primus_compat(world_size):
     assert all(run_distributed(_facade_compat, world_size))
 
 
+def _double_backward(rank, world_size):
+    """Every mode, dense and packed, and llama3: a backward with create_graph=True raises NotImplementedError on
+    every rank, before any communication of the backward (no rank waits on another)."""
+    from turbo_dist.cp import ring_flash_attn as rfa
+
+    got = []
+    with _rank_setup():
+        g = torch.Generator().manual_seed(5)
+        q, k, v = (torch.randn(1, 4, 2, 8, generator=g).requires_grad_(True) for _ in range(3))
+        for mode in MODES:
+            for packed in (False, True):
+                if packed:
+                    qq, kk, vv = (t.detach()[0].clone().requires_grad_(True) for t in (q, k, v))
+                    cu = torch.tensor([0, 3, 4 * world_size], dtype=torch.int32)
+                    o = cp.context_parallel_attention(qq, kk, vv, causal=True, cp_comm_type=mode, load_balance=False,
+                                                      cu_seqlens_q=cu, cu_seqlens_k=cu)
+                    wrt = qq
+                else:
+                    o = cp.context_parallel_attention(q, k, v, causal=True, cp_comm_type=mode, load_balance=True)
+                    wrt = q
+                try:
+                    torch.autograd.grad(o.sum(), wrt, create_graph=True)
+                    got.append(f"{mode} packed={packed}: no error")
+                except NotImplementedError as exc:
+                    got.append("second derivatives" in str(exc))
+        cu = torch.tensor([0, 3, 4 * world_size], dtype=torch.int32)
+        cq, ck, mq, mk, ks = rfa.llama3_flash_attn_prepare_cu_seqlens(cu, True, rank, world_size)
+        ql, kl, vl = (t.detach()[0].clone().requires_grad_(True) for t in (q, k, v))
+        o = rfa.llama3_flash_attn_varlen_func(ql, kl, vl, cq, ck, mq, mk, 1, ks, causal=True)
+        try:
+            torch.autograd.grad(o.sum(), ql, create_graph=True)
+            got.append("llama3: no error")
+        except NotImplementedError as exc:
+            got.append("second derivatives" in str(exc))
+        dist.barrier()  # every rank got here: none is left in a collective
+    return got
+
+
+@pytest.mark.dist
+def test_double_backward_raises_on_every_rank():
+    assert run_distributed(_double_backward, 2, backend="gloo") == [[True] * 7] * 2
+
+
 def _single_rank_odd_causal(rank, world_size):
     x = torch.randn(1, 7, 2, 8)
     ref = flash_attn_func(x, x, x, causal=True)

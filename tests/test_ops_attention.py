@@ -378,15 +378,25 @@ def test_gpu_default_order():
 
 
 def test_double_backward_is_refused_not_wrong():
-    """Second derivatives through attention are not implemented: create_graph=True must raise, not return the
-    reference backend's wrong numbers (its backward was itself differentiable, but not the right derivative)."""
-    from turbo_dist.ops import attention
+    """Second derivatives through attention are not implemented: a backward with create_graph=True raises
+    NotImplementedError at once, also where the incoming gradient does not require grad (o.sum(): torch's
+    once_differentiable let that through, and a gradient penalty then trained on a gradient without its own
+    derivative); dense and packed (varlen) alike. A plain backward is unchanged."""
+    from turbo_dist import ops
 
-    q, k, v = (torch.randn(1, 6, 2, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
-    o = attention(q.float(), k.float(), v.float(), causal=True)
-    (dq,) = torch.autograd.grad(o.sum(), q, create_graph=True)
-    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad|double backward"):
-        torch.autograd.grad(dq.sum(), q)
+    q, k, v = (torch.randn(1, 6, 2, 8, requires_grad=True) for _ in range(3))
+    for loss in (lambda o: o.sum(), lambda o: o.square().sum()):
+        o = ops.flash_attn_func(q, k, v, causal=True)
+        with pytest.raises(NotImplementedError, match="second derivatives"):
+            torch.autograd.grad(loss(o), q, create_graph=True)
+    cu = torch.tensor([0, 2, 6], dtype=torch.int32)
+    qv, kv, vv = (t.detach()[0].clone().requires_grad_(True) for t in (q, k, v))
+    o = ops.varlen_attention(qv, kv, vv, cu, cu, causal=True)
+    with pytest.raises(NotImplementedError, match="varlen_attention: second derivatives"):
+        torch.autograd.grad(o.sum(), qv, create_graph=True)
+    o = ops.flash_attn_func(q, k, v, causal=True)
+    (dq,) = torch.autograd.grad(o.square().sum(), q)  # first order: as before
+    assert dq.shape == q.shape and not dq.requires_grad
 
 
 def test_backward_input_checks():

@@ -540,6 +540,47 @@ def test_grouped_autograd(backend, lens, trans_b):
     assert bool((b.grad[empty] == 0).all()), "an empty group's dB must be exactly zero"
 
 
+def _second_derivatives(fn, a, b):
+    """d/d(a, b) of a gradient penalty: |dL/da|^2 + <dL/db, v> for L = <tanh(fn(a, b)), w> (create_graph=True)."""
+    out = fn(a, b)
+    w = rnd(*out.shape, seed=11, dtype=out.dtype)
+    ga, gb = torch.autograd.grad((out.tanh() * w).sum(), (a, b), create_graph=True)
+    v = rnd(*gb.shape, seed=12, dtype=gb.dtype)
+    return torch.autograd.grad(ga.square().sum() + (gb * v).sum(), (a, b))
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_interp)])
+@pytest.mark.parametrize("trans_a,trans_b", [(False, False), (True, True), (False, True)])
+def test_gemm_second_derivatives(backend, trans_a, trans_b):
+    """create_graph=True through gemm: the gradients are GEMMs through gemm() again, so a gradient penalty's
+    derivative matches float64 torch on every backend (our Triton kernel has no derivative of its own)."""
+    use(GEMM_OPS, backend)
+    a, b = make_gemm(9, 7, 5, trans_a, trans_b, torch.float32)
+    got = _second_derivatives(lambda x, y: gemm(x, y, trans_a, trans_b), a.requires_grad_(), b.requires_grad_())
+    assert dispatcher.last_backend("gemm") == backend
+    ref = _second_derivatives(lambda x, y: op_(x, trans_a) @ op_(y, trans_b),
+                              a.detach().double().requires_grad_(), b.detach().double().requires_grad_())
+    for g, r in zip(got, ref):
+        torch.testing.assert_close(g.double(), r, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", CPU_GROUPED)
+@pytest.mark.parametrize("lens,trans_b", [([5, 0, 7, 3], False), ([0, 6, 0, 4], True)])
+def test_grouped_second_derivatives(backend, lens, trans_b):
+    """create_graph=True through grouped_gemm: dA through grouped_gemm, dB through a differentiable weight
+    gradient whose own gradients are grouped GEMMs: a gradient penalty's derivative matches float64 torch."""
+    use(GROUPED_OPS, backend)
+    a, b, gl = make_grouped(lens, 6, 5, trans_b, torch.float32)
+    got = _second_derivatives(lambda x, y: grouped_gemm(x, y, gl, trans_b=trans_b), a.requires_grad_(),
+                              b.requires_grad_())
+    assert dispatcher.last_backend("grouped_gemm") == backend
+    assert dispatcher.last_backend("grouped_gemm_wgrad") == backend
+    ref = _second_derivatives(lambda x, y: grouped_ref(x, y, gl, trans_b), a.detach().double().requires_grad_(),
+                              b.detach().double().requires_grad_())
+    for g, r in zip(got, ref):
+        torch.testing.assert_close(g.double(), r, rtol=1e-4, atol=1e-4)
+
+
 def test_grouped_default_on_cpu_is_loop():
     a, b, gl = make_grouped([3, 4], 8, 8, False, torch.float32)
     grouped_gemm(a, b, gl)

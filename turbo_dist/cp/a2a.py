@@ -19,6 +19,7 @@ the global cu_seqlens (the inner kernels are the only difference: `kernels`).
 import torch
 
 from turbo_dist.ops import attention_backward, attention_forward
+from turbo_dist.ops._autograd import first_order_only
 
 from . import _comm
 from ._varlen import varlen_bwd, varlen_fwd
@@ -154,7 +155,7 @@ class A2AAttention(torch.autograd.Function):
         return out, lse
 
     @staticmethod
-    @torch.autograd.function.once_differentiable  # no double backward: a clear error, not wrong numbers
+    @first_order_only("turbo_dist.cp attention (a2a)")  # no double backward: a clear error, not wrong numbers
     def backward(ctx, do, dlse=None):
         causal, scale, rt, load_balance, rep, nc, k_shape, kernels = ctx.args
         dq, dk, dv = a2a_backward(do.contiguous(), list(ctx.saved_tensors), causal, scale, rt, load_balance,

@@ -138,7 +138,7 @@ class _Unshard(torch.autograd.Function):
         return gathered_to_natural(buf.view((cp,) + tuple(x.shape)), cp, load_balance, seq_dim).contiguous()
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, grad):  # a slice of the gradient: differentiable as it is (no first_order_only)
         rank, cp, seq_dim, load_balance = ctx.args
         # Every rank sees the whole output; each one takes the gradient of the part it owns
         # (the convention for a loss computed identically on all ranks).

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from turbo_dist.ops import attention_backward, attention_forward
+from turbo_dist.ops._autograd import first_order_only
 
 from . import _comm
 from ._varlen import add_keys, local_plan, take_keys, varlen_bwd as _varlen_bwd, varlen_fwd as _varlen_fwd
@@ -134,7 +135,7 @@ class _Ring(torch.autograd.Function):
         return out, lse
 
     @staticmethod
-    @torch.autograd.function.once_differentiable  # no double backward: a clear error, not wrong numbers
+    @first_order_only("turbo_dist.cp attention (ring)")  # no double backward: a clear error, not wrong numbers
     def backward(ctx, do, dlse=None):
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = ctx.bwd(do.contiguous(), q, k, v, out, lse, *ctx.args)

@@ -32,6 +32,7 @@ import operator
 
 import torch
 
+from turbo_dist.ops._autograd import first_order_only
 from turbo_dist.runtime import get_runtime
 
 from . import _check_packed_shards, _comm, _packed_attention, _varlen, context_parallel_attention
@@ -245,7 +246,7 @@ class _Llama3(torch.autograd.Function):
         return o, lse
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order_only("turbo_dist.cp.ring_flash_attn llama3")  # no double backward: a clear error, not wrong numbers
     def backward(ctx, do, _dlse):
         q, k, v, o, lse, cu_q, cu_k = ctx.saved_tensors
         max_q, max_k, stride, k_slice, scale, causal, rt = ctx.args

@@ -41,6 +41,7 @@ import turbo_dist.tp as _tp
 from turbo_dist.tp import wgrad as _wgrad
 from turbo_dist.moe import Buffer, EventOverlap
 from turbo_dist.ops import flash_attn_func, flash_attn_varlen_func
+from turbo_dist.ops._autograd import first_order_only
 
 try:
     from megatron.core import parallel_state as _parallel_state
@@ -299,6 +300,7 @@ class _AllGatherLinear(torch.autograd.Function):
         return y + bias if bias is not None else y
 
     @staticmethod
+    @first_order_only("turbo_dist Megatron linear (async TP)")
     def backward(ctx, dy):
         kept, weight = ctx.saved_tensors
         dy2 = dy.reshape(-1, dy.shape[-1]).contiguous()
@@ -327,6 +329,7 @@ class _LinearReduceScatter(torch.autograd.Function):
         return y.view(-1, b, weight.shape[0])
 
     @staticmethod
+    @first_order_only("turbo_dist Megatron linear (async TP)")
     def backward(ctx, dy):
         x2, weight = ctx.saved_tensors
         dy_full, (dx,) = _tp.all_gather_matmul(dy.reshape(-1, dy.shape[-1]).contiguous(), [weight], gather_dim=0,

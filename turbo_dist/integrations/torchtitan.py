@@ -56,6 +56,7 @@ import turbo_dist.ops as _ops
 import turbo_dist.tp as _tp
 from turbo_dist.tp import wgrad as _wgrad
 from turbo_dist.ops import flash_attn_func
+from turbo_dist.ops._autograd import first_order_only
 
 try:
     from torchtitan.config.override import derive, override
@@ -215,6 +216,7 @@ class _AllGatherLinear(torch.autograd.Function):
         return y + bias if bias is not None else y
 
     @staticmethod
+    @first_order_only("turbo_dist TorchTitan linear (async TP)")
     def backward(ctx, dy):
         kept, weight = ctx.saved_tensors
         dy = dy.contiguous()
@@ -238,6 +240,7 @@ class _AllGatherLinearPair(torch.autograd.Function):
         return ya, yb
 
     @staticmethod
+    @first_order_only("turbo_dist TorchTitan linear (async TP)")
     def backward(ctx, dya, dyb):
         kept, weight_a, weight_b = ctx.saved_tensors
         dya, dyb = dya.contiguous(), dyb.contiguous()
@@ -263,6 +266,7 @@ class _LinearReduceScatter(torch.autograd.Function):
         return y + bias if bias is not None else y
 
     @staticmethod
+    @first_order_only("turbo_dist TorchTitan linear (async TP)")
     def backward(ctx, dy):
         x, weight = ctx.saved_tensors
         dy = dy.contiguous()

@@ -1,6 +1,8 @@
 """Differentiable dispatch and combine: the backward of a dispatch is a combine and vice versa."""
 import torch
 
+from turbo_dist.ops._autograd import first_order_only
+
 from .config import DispatchHandle
 
 
@@ -19,6 +21,7 @@ class _Dispatch(torch.autograd.Function):
         return recv_x, recv_idx, recv_w, counts, handle
 
     @staticmethod
+    @first_order_only("turbo_dist.moe dispatch / combine")
     def backward(ctx, grad_recv_x, grad_recv_idx, grad_recv_w, grad_counts, grad_handle):
         (recv_idx,) = ctx.saved_tensors
         if grad_recv_x is None:
@@ -42,6 +45,7 @@ class _Combine(torch.autograd.Function):
         return combined
 
     @staticmethod
+    @first_order_only("turbo_dist.moe dispatch / combine")
     def backward(ctx, grad):
         grad_x, _, _, _, _, _ = ctx.buffer.dispatch(grad.contiguous(), handle=ctx.handle)
         return None, grad_x, None, None

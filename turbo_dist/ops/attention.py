@@ -16,6 +16,7 @@ import math
 import torch
 
 from . import dispatcher
+from ._autograd import first_order_only
 
 
 def check_attention_inputs(q, k, v):
@@ -419,7 +420,7 @@ class _Attention(torch.autograd.Function):
         return o, lse
 
     @staticmethod
-    @torch.autograd.function.once_differentiable  # no double backward: a clear error, not wrong numbers
+    @first_order_only("turbo_dist.ops.attention")  # no double backward: a clear error, not wrong numbers
     def backward(ctx, do, dlse):
         q, k, v, o, lse = ctx.saved_tensors
         dq, dk, dv = attention_backward(do.contiguous(), q, k, v, o, lse, ctx.causal, ctx.softmax_scale)

@@ -12,6 +12,7 @@ import numbers
 import torch
 
 from . import dispatcher
+from ._autograd import first_order_only
 from .attention import (PRIORITY, _check_grad_inputs, _triton_reason, check_attention_inputs, default_scale,
                         reference_backward, reference_forward)
 
@@ -188,7 +189,7 @@ class _VarlenAttention(torch.autograd.Function):
         return o, lse
 
     @staticmethod
-    @torch.autograd.function.once_differentiable  # no double backward: a clear error, not wrong numbers
+    @first_order_only("turbo_dist.ops.varlen_attention")  # no double backward: a clear error, not wrong numbers
     def backward(ctx, do, dlse):
         q, k, v, o, lse, cu_q, cu_k = ctx.saved_tensors
         max_q, max_k, causal, scale = ctx.args

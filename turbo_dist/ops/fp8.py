@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from . import dispatcher
+from ._autograd import first_order_only
 from .gemm import check_gemm_inputs, triton_available
 
 log = logging.getLogger("turbo_dist")
@@ -437,6 +438,7 @@ class _GemmFp8Fn(torch.autograd.Function):
         return _fp8_mm(A, B, config.fwd_dtype, config.fwd_dtype, config.granularity, True, out_dtype, config.fast_accum)
 
     @staticmethod
+    @first_order_only("turbo_dist.ops.gemm_fp8")
     def backward(ctx, dc):
         a, b = ctx.saved_tensors
         trans_a, trans_b, cfg = ctx.args

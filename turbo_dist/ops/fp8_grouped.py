@@ -15,6 +15,7 @@ import math
 import torch
 
 from . import dispatcher
+from ._autograd import first_order_only
 from .fp8 import (E4M3, E5M2, _MODES_KERNEL, _PROBES, Float8QuantConfig, ScalingGranularity,
                   _block_scales_for_cublas, _capturing, _quant_torch, _reference_scaled_mm, _sb_n,
                   _torch_blockwise_supported, _torch_scaled_mm, log, quantize_fp8, quantize_weight)
@@ -420,6 +421,7 @@ class _GroupedGemmFp8Fn(torch.autograd.Function):
         return _grouped_fp8(a, w_t, group_lens, config.fwd_dtype, config.fwd_dtype, config.granularity, a.dtype)
 
     @staticmethod
+    @first_order_only("turbo_dist.ops.grouped_gemm_fp8")
     def backward(ctx, dc):
         a, b, group_lens = ctx.saved_tensors
         trans_b, cfg = ctx.args

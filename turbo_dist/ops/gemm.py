@@ -4,6 +4,7 @@ Backends: "torch" (torch.mm / cuBLAS; any device) and "triton" (kernels/gemm.py;
 TRITON_INTERPRET=1 in fp16/fp32). The default order puts the faster one first on the H100 (see
 benchmarks/results/bench_ops_h100.json); TURBO_DIST_GEMM_BACKEND or dispatcher.set_backend overrides.
 """
+import functools
 import logging
 
 import torch
@@ -103,17 +104,21 @@ class _GemmFn(torch.autograd.Function):
         trans_a, trans_b = ctx.trans
         dc = dc.to(a.dtype)
         da = db = None
+        # create_graph=True (grad mode on here): the same products through gemm(), whose results carry their own
+        # graph; a GEMM's gradients are GEMMs, so every order of derivative is exact on every backend. Otherwise
+        # straight to the dispatcher.
+        mm = gemm if torch.is_grad_enabled() else functools.partial(dispatcher.dispatch, "gemm")
         # C = op(a) op(b): d op(a) = dC op(b)^T, d op(b) = op(a)^T dC; a transposed operand gets the transpose.
         if ctx.needs_input_grad[0]:
             if trans_a:
-                da = dispatcher.dispatch("gemm", b, dc, trans_b, True, None)
+                da = mm(b, dc, trans_b, True, None)
             else:
-                da = dispatcher.dispatch("gemm", dc, b, False, not trans_b, None)
+                da = mm(dc, b, False, not trans_b, None)
         if ctx.needs_input_grad[1]:
             if trans_b:
-                db = dispatcher.dispatch("gemm", dc, a, True, trans_a, None)
+                db = mm(dc, a, True, trans_a, None)
             else:
-                db = dispatcher.dispatch("gemm", a, dc, not trans_a, False, None)
+                db = mm(a, dc, not trans_a, False, None)
         return da, db, None, None, None
 
 

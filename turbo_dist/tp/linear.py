@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from turbo_dist.ops._autograd import first_order_only
 from turbo_dist.runtime import get_runtime
 
 from . import _common as C
@@ -58,6 +59,7 @@ class _AllGatherLinear(torch.autograd.Function):
         return y
 
     @staticmethod
+    @first_order_only("turbo_dist.tp linear")
     def backward(ctx, dy):
         kept, weight = ctx.saved_tensors
         dx = dw = db = None
@@ -85,6 +87,7 @@ class _LinearReduceScatter(torch.autograd.Function):
         return y
 
     @staticmethod
+    @first_order_only("turbo_dist.tp linear")
     def backward(ctx, dy):
         x, weight = ctx.saved_tensors
         dy_full, (dx,) = all_gather_matmul(dy.contiguous(), [weight], gather_dim=ctx.seq_dim, group=ctx.group,
@@ -109,6 +112,7 @@ class _LinearAllReduceDgrad(torch.autograd.Function):
         return nn.functional.linear(x, weight, bias)
 
     @staticmethod
+    @first_order_only("turbo_dist.tp linear")
     def backward(ctx, dy):
         x, weight = ctx.saved_tensors
         dy2 = _flat(dy)
@@ -133,7 +137,7 @@ class _ReduceFromTP(torch.autograd.Function):
         return x
 
     @staticmethod
-    def backward(ctx, dy):
+    def backward(ctx, dy):  # the identity: differentiable as it is (no first_order_only)
         return dy, None
 
 
