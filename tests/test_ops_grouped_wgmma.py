@@ -75,7 +75,7 @@ def test_wgmma_grouped_passes_both_layouts(fake_kernels, monkeypatch):
     for trans_b, shape in ((False, (3, 64, 48)), (True, (3, 48, 64)), (False, (1, 64, 48))):
         b = torch.zeros(*shape, dtype=torch.bfloat16)
         lens = torch.tensor([4, 0, 6] if shape[0] == 3 else [10])
-        out = grouped_wgmma.wgmma_grouped(a, b, lens, trans_b)
+        out = grouped_wgmma._grouped_bf16(a, b, lens, trans_b)
         kw = calls[-1]
         assert out.shape == (10, 48) and out.dtype == torch.bfloat16
         assert (kw["M"], kw["N"], kw["K"], kw["G"]) == (10, 48, 64, shape[0])
@@ -83,27 +83,27 @@ def test_wgmma_grouped_passes_both_layouts(fake_kernels, monkeypatch):
         assert kw["lda"] == 64 and kw["ldo"] == 48 and kw["stream"] == 7 and kw["num_sms"] == 132
         assert kw["cluster"] == grouped_wgmma.CLUSTER == 1
         assert ("tail_pct" in kw) == bool(grouped_wgmma.TAIL_PCT)
-    assert grouped_wgmma.wgmma_grouped(a, b, torch.tensor([10]), cluster=2) is not None and calls[-1]["cluster"] == 2
+    assert grouped_wgmma._grouped_bf16(a, b, torch.tensor([10]), cluster=2) is not None and calls[-1]["cluster"] == 2
     assert "tail_pct" not in calls[-1]  # clusters: no stream-K tail by default
-    grouped_wgmma.wgmma_grouped(a, b, torch.tensor([10]), tail_pct=60, num_sms=5)
+    grouped_wgmma._grouped_bf16(a, b, torch.tensor([10]), tail_pct=60, num_sms=5)
     kw = calls[-1]
     assert kw["tail_pct"] == 60 and kw["num_sms"] == kw["ws_ctas"] == 5 and kw["cluster"] == 1
     assert kw["ws"] and kw["flags"] and kw["timeout_s"] > 0
     assert "counter" not in kw  # a stream-K tail: the fixed round robin
-    grouped_wgmma.wgmma_grouped(a, b, torch.tensor([10]), half_tiles=True, num_sms=5)
+    grouped_wgmma._grouped_bf16(a, b, torch.tensor([10]), half_tiles=True, num_sms=5)
     kw = calls[-1]
     assert kw["counter"] and kw["cluster"] == 1 and "tail_pct" not in kw
     monkeypatch.setattr(grouped_wgmma, "HALF_TILES", True)
-    grouped_wgmma.wgmma_grouped(a, b, torch.tensor([10]))
+    grouped_wgmma._grouped_bf16(a, b, torch.tensor([10]))
     assert calls[-1]["counter"]
-    grouped_wgmma.wgmma_grouped(a, b, torch.tensor([10]), cluster=2)  # the default yields to a cluster
+    grouped_wgmma._grouped_bf16(a, b, torch.tensor([10]), cluster=2)  # the default yields to a cluster
     assert "counter" not in calls[-1]
     n = len(calls)
     for bad in (dict(cluster=2), dict(tail_pct=50)):
         with pytest.raises(ValueError, match="half_tiles needs cluster=1 and no stream-K tail"):
-            grouped_wgmma.wgmma_grouped(a, b, torch.tensor([10]), half_tiles=True, **bad)
+            grouped_wgmma._grouped_bf16(a, b, torch.tensor([10]), half_tiles=True, **bad)
     assert len(calls) == n
-    out = grouped_wgmma.wgmma_grouped(torch.zeros(10, 0, dtype=torch.bfloat16),
+    out = grouped_wgmma._grouped_bf16(torch.zeros(10, 0, dtype=torch.bfloat16),
                                       torch.zeros(1, 0, 48, dtype=torch.bfloat16), torch.tensor([10]))
     assert len(calls) == n and out.shape == (10, 48) and not out.any()
 
@@ -192,27 +192,27 @@ def test_wgmma_wgrad_passes_the_operands(fake_kernels):
     calls = fake_kernels
     a, dc = torch.zeros(10, 64, dtype=torch.bfloat16), torch.zeros(10, 48, dtype=torch.bfloat16)
     lens = torch.tensor([4, 0, 6])
-    out = grouped_wgmma.wgmma_wgrad(a, dc, lens)
+    out = grouped_wgmma._wgrad(a, dc, lens)
     kw = calls[-1]
     assert out.shape == (3, 64, 48) and kw["x"] == a.data_ptr() and kw["y"] == dc.data_ptr()
     assert (kw["M"], kw["P"], kw["Q"], kw["G"]) == (10, 64, 48, 3) and kw["ldo"] == 48 and kw["out_group"] == 64 * 48
     assert kw["ldx"] == 64 and kw["ldy"] == 48 and kw["num_sms"] == 132 and kw["stream"] == 7
     assert kw["cluster"] == grouped_wgmma.WGRAD_CLUSTER and bool(kw["counter"]) == (kw["cluster"] == 1)
     assert calls[-1]["stsm"] is grouped_wgmma.WGRAD_STSM
-    grouped_wgmma.wgmma_wgrad(a, dc, lens, cluster=1, stsm=True)
+    grouped_wgmma._wgrad(a, dc, lens, cluster=1, stsm=True)
     assert calls[-1]["cluster"] == 1 and calls[-1]["counter"]  # one CTA per tile: the dynamic order's counter
     assert calls[-1]["stsm"] is True
     n = len(calls)
     for bad in (dict(cluster=0), dict(cluster=4)):
         with pytest.raises(ValueError, match="cluster must be 1 or 2"):  # before any allocation or launch
-            grouped_wgmma.wgmma_wgrad(a, dc, lens, **bad)
+            grouped_wgmma._wgrad(a, dc, lens, **bad)
     assert len(calls) == n
-    out = grouped_wgmma.wgmma_wgrad(a, dc, lens, trans_b=True, num_sms=5)
+    out = grouped_wgmma._wgrad(a, dc, lens, trans_b=True, num_sms=5)
     kw = calls[-1]
     assert out.shape == (3, 48, 64) and kw["x"] == dc.data_ptr() and kw["y"] == a.data_ptr()
     assert (kw["P"], kw["Q"], kw["ldo"], kw["num_sms"]) == (48, 64, 64, 5)
     n = len(calls)
-    out = grouped_wgmma.wgmma_wgrad(a[:0], dc[:0], torch.tensor([0, 0, 0]))
+    out = grouped_wgmma._wgrad(a[:0], dc[:0], torch.tensor([0, 0, 0]))
     assert len(calls) == n and out.shape == (3, 64, 48) and not out.any()  # no rows: zeros, no launch
     assert "CUDA" in grouped_wgmma._wgmma_wgrad_can(a, dc, lens)
     assert dispatcher.backends("grouped_gemm_wgrad")[-1] == "wgmma"
@@ -331,3 +331,20 @@ def test_wgmma_predicates_refuse_what_tma_cannot_take(monkeypatch):
     assert "bf16" in can(a.half(), b.half(), gl)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (10, 0))
     assert "SM90" in can(a, b, gl)
+
+
+def test_public_entries_check_before_the_launch():
+    """wgmma_grouped / wgmma_wgrad / wgmma_grouped_scaled called directly (README's "Use") run their predicate
+    first: on this CPU a ValueError naming the reason, not an AttributeError from a missing extension."""
+    from turbo_dist.ops import fp8_wgmma
+
+    a, w = torch.randn(64, 32).bfloat16(), torch.randn(4, 32, 48).bfloat16()
+    lens = torch.tensor([10, 0, 30, 24])
+    with pytest.raises(ValueError, match="wgmma_grouped: wgmma needs a and b on one CUDA device"):
+        grouped_wgmma.wgmma_grouped(a, w, lens, tail_pct=100, tail_waves=1)
+    with pytest.raises(ValueError, match="wgmma_wgrad: wgmma needs a and dc on one CUDA device"):
+        grouped_wgmma.wgmma_wgrad(a, torch.randn(64, 48).bfloat16(), lens)
+    aq = torch.zeros(64, 128, dtype=torch.float8_e4m3fn)
+    bq = torch.zeros(4, 128, 128, dtype=torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match="wgmma_grouped_scaled: "):
+        fp8_wgmma.wgmma_grouped_scaled(aq, bq, torch.ones(64, 1), torch.ones(4, 1, 1), lens, "block", torch.bfloat16)

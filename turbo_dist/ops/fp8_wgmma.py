@@ -128,11 +128,21 @@ HALF_TILES = False
 
 def wgmma_grouped_scaled(a_q, b_q, scale_a, scale_b, group_lens, mode, out_dtype, cluster=None, tail_pct=None,
                          num_sms=None, tail_waves=None, half_tiles=None):
-    """out [M, N] bf16: per group (a_q * scale_a)[rows] @ (b_q[g] * scale_b[g]) (the checks: the predicate below);
-    cluster: CTAs per cluster (1 or 2; default pick_cluster(M, G)); tail_pct: the stream-K tail (default TAIL_PCT
-    with one CTA per tile, off with clusters), tail_waves (default TAIL_WAVES); half_tiles: dynamic half tiles
-    (default HALF_TILES where one CTA per tile and no tail run; asked for with either: ValueError); num_sms: CTAs
-    at most (default: the GPU's SMs; tests use fewer)."""
+    """out [M, N] bf16: per group (a_q * scale_a)[rows] @ (b_q[g] * scale_b[g]); the inputs checked first by the
+    predicate below (ValueError with its reason). cluster: CTAs per cluster (1 or 2; default pick_cluster(M, G));
+    tail_pct: the stream-K tail (default TAIL_PCT with one CTA per tile, off with clusters), tail_waves (default
+    TAIL_WAVES); half_tiles: dynamic half tiles (default HALF_TILES where one CTA per tile and no tail run; asked
+    for with either: ValueError); num_sms: CTAs at most (default: the GPU's SMs; tests use fewer)."""
+    ok = _wgmma_grouped_scaled_can(a_q, b_q, scale_a, scale_b, group_lens, mode, out_dtype)
+    if ok is not True:
+        raise ValueError(f"wgmma_grouped_scaled: {ok}")
+    return _grouped_blockwise(a_q, b_q, scale_a, scale_b, group_lens, mode, out_dtype, cluster, tail_pct, num_sms,
+                              tail_waves, half_tiles)
+
+
+def _grouped_blockwise(a_q, b_q, scale_a, scale_b, group_lens, mode, out_dtype, cluster=None, tail_pct=None,
+                       num_sms=None, tail_waves=None, half_tiles=None):
+    """wgmma_grouped_scaled past its checks (the dispatcher's backend: it ran the predicate when it chose it)."""
     from turbo_dist.kernels import gemm as gemm_kernels  # its cached SM count
 
     M, K = a_q.shape
@@ -198,5 +208,5 @@ def _wgmma_grouped_scaled_can(a_q, b_q, scale_a, scale_b, group_lens, mode, out_
 # kernel in every case, 128 to 1024 rows per expert. With host counts aligned to 128 and >= 1024 rows per group
 # on average, fp8_grouped's preference still moves "cublaslt" (cuBLASLt per group) ahead of it
 # (WGMMA_NATIVE_MIN_GROUP_FLOP there); "torch_loop" never.
-dispatcher.register_backend("grouped_scaled_mm", "wgmma", wgmma_grouped_scaled, _wgmma_grouped_scaled_can,
+dispatcher.register_backend("grouped_scaled_mm", "wgmma", _grouped_blockwise, _wgmma_grouped_scaled_can,
                             priority=5)

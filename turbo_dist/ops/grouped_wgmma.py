@@ -47,13 +47,27 @@ def preferred(a, b, group_lens, trans_b=False):
     return _wgmma_grouped_can(a, b, group_lens, trans_b) is True
 
 
+def _require(ok, name):
+    """ValueError with the predicate's reason unless it accepted the inputs (True)."""
+    if ok is not True:
+        raise ValueError(f"{name}: {ok}")
+
+
 def wgmma_grouped(a, b, group_lens, trans_b=False, cluster=None, tail_pct=None, num_sms=None, tail_waves=None,
                   half_tiles=None):
-    """out [M, N] bf16: per group a[rows] @ (b[g]^T if trans_b else b[g]) (checks: the predicate below);
-    cluster: CTAs per cluster (1 or 2; default CLUSTER); tail_pct: the stream-K tail (fp8_wgmma.TAIL_PCT's
+    """out [M, N] bf16: per group a[rows] @ (b[g]^T if trans_b else b[g]); the inputs checked first by the
+    predicate below (ValueError with its reason: no CUDA, no SM90, the extension not built, a layout it cannot
+    take). cluster: CTAs per cluster (1 or 2; default CLUSTER); tail_pct: the stream-K tail (fp8_wgmma.TAIL_PCT's
     meaning; default TAIL_PCT with one CTA per tile, off with clusters), tail_waves (fp8_wgmma.TAIL_WAVES);
     half_tiles: dynamic tiles with half tiles (default HALF_TILES where one CTA per tile and no tail run; asked
     for with a cluster or a tail: ValueError); num_sms: CTAs at most (default: the GPU's SMs; tests use fewer)."""
+    _require(_wgmma_grouped_can(a, b, group_lens, trans_b), "wgmma_grouped")
+    return _grouped_bf16(a, b, group_lens, trans_b, cluster, tail_pct, num_sms, tail_waves, half_tiles)
+
+
+def _grouped_bf16(a, b, group_lens, trans_b=False, cluster=None, tail_pct=None, num_sms=None, tail_waves=None,
+                  half_tiles=None):
+    """wgmma_grouped past its checks (the dispatcher's backend: it ran the predicate when it chose it)."""
     from turbo_dist.kernels import gemm as gemm_kernels  # its cached SM count
 
     M, K = a.shape
@@ -132,9 +146,15 @@ WGRAD_STSM = True
 
 def wgmma_wgrad(a, dc, group_lens, trans_b=False, num_sms=None, cluster=None, stsm=None):
     """grouped_gemm_wgrad on Hopper (csrc/fp8_wgmma/grouped_wgrad.cu): dB [G, K, N] = per group a[rows]^T @ dc[rows]
-    (trans_b: [G, N, K] = dc[rows]^T @ a[rows]); a group without rows gets zeros. num_sms: CTAs at most (default:
-    the GPU's SMs; tests use fewer); cluster: 1 or 2 (default WGRAD_CLUSTER); stsm: the epilogue by stmatrix
-    (default WGRAD_STSM)."""
+    (trans_b: [G, N, K] = dc[rows]^T @ a[rows]); a group without rows gets zeros; the inputs checked first by the
+    predicate below (ValueError with its reason). num_sms: CTAs at most (default: the GPU's SMs; tests use
+    fewer); cluster: 1 or 2 (default WGRAD_CLUSTER); stsm: the epilogue by stmatrix (default WGRAD_STSM)."""
+    _require(_wgmma_wgrad_can(a, dc, group_lens, trans_b), "wgmma_wgrad")
+    return _wgrad(a, dc, group_lens, trans_b, num_sms, cluster, stsm)
+
+
+def _wgrad(a, dc, group_lens, trans_b=False, num_sms=None, cluster=None, stsm=None):
+    """wgmma_wgrad past its checks (the dispatcher's backend)."""
     from turbo_dist.kernels import gemm as gemm_kernels
 
     cluster = WGRAD_CLUSTER if cluster is None else cluster
@@ -192,5 +212,5 @@ def _wgmma_wgrad_can(a, dc, group_lens, trans_b=False):
 
 
 # Last in the default order; grouped_gemm's rule names it first where it fits (preferred above).
-dispatcher.register_backend("grouped_gemm_wgrad", "wgmma", wgmma_wgrad, _wgmma_wgrad_can, priority=40)
-dispatcher.register_backend("grouped_gemm", "wgmma", wgmma_grouped, _wgmma_grouped_can, priority=40)
+dispatcher.register_backend("grouped_gemm_wgrad", "wgmma", _wgrad, _wgmma_wgrad_can, priority=40)
+dispatcher.register_backend("grouped_gemm", "wgmma", _grouped_bf16, _wgmma_grouped_can, priority=40)
