@@ -287,8 +287,9 @@ def test_flash_attn_func_flash_attn_and_primus_compat(world_size):
 
 
 def _double_backward(rank, world_size):
-    """Every mode, dense and packed, and llama3: a backward with create_graph=True raises NotImplementedError on
-    every rank, before any communication of the backward (no rank waits on another)."""
+    """Every mode, dense and packed, and llama3: differentiating a gradient taken with create_graph=True through
+    CP attention raises NotImplementedError on every rank, before any communication of that backward (no rank
+    waits on another)."""
     from turbo_dist.cp import ring_flash_attn as rfa
 
     got = []
@@ -306,8 +307,9 @@ def _double_backward(rank, world_size):
                 else:
                     o = cp.context_parallel_attention(q, k, v, causal=True, cp_comm_type=mode, load_balance=True)
                     wrt = q
-                try:
-                    torch.autograd.grad(o.sum(), wrt, create_graph=True)
+                try:  # a2a keeps no input to tie the refusal to: it refuses the create_graph backward itself
+                    (g,) = torch.autograd.grad(o.sum(), wrt, create_graph=True)
+                    torch.autograd.grad(g.square().sum(), wrt)
                     got.append(f"{mode} packed={packed}: no error")
                 except NotImplementedError as exc:
                     got.append("second derivatives" in str(exc))
@@ -315,8 +317,9 @@ def _double_backward(rank, world_size):
         cq, ck, mq, mk, ks = rfa.llama3_flash_attn_prepare_cu_seqlens(cu, True, rank, world_size)
         ql, kl, vl = (t.detach()[0].clone().requires_grad_(True) for t in (q, k, v))
         o = rfa.llama3_flash_attn_varlen_func(ql, kl, vl, cq, ck, mq, mk, 1, ks, causal=True)
+        (g,) = torch.autograd.grad(o.sum(), ql, create_graph=True)
         try:
-            torch.autograd.grad(o.sum(), ql, create_graph=True)
+            torch.autograd.grad(g.square().sum(), ql)
             got.append("llama3: no error")
         except NotImplementedError as exc:
             got.append("second derivatives" in str(exc))

@@ -378,22 +378,41 @@ def test_gpu_default_order():
 
 
 def test_double_backward_is_refused_not_wrong():
-    """Second derivatives through attention are not implemented: a backward with create_graph=True raises
-    NotImplementedError at once, also where the incoming gradient does not require grad (o.sum(): torch's
-    once_differentiable let that through, and a gradient penalty then trained on a gradient without its own
-    derivative); dense and packed (varlen) alike. A plain backward is unchanged."""
+    """Second derivatives through attention are not implemented: differentiating a gradient taken with
+    create_graph=True through attention raises NotImplementedError, also where the incoming gradient did not
+    require grad (o.sum(): torch's once_differentiable let that through, and a gradient penalty then trained on a
+    gradient without its own derivative); dense and packed (varlen) alike. A create_graph backward whose later
+    derivative does not pass through attention (a penalty on another layer's gradient) works and is exact; a plain
+    backward is unchanged."""
     from turbo_dist import ops
+    from turbo_dist.ops.attention import reference_forward
 
     q, k, v = (torch.randn(1, 6, 2, 8, requires_grad=True) for _ in range(3))
     for loss in (lambda o: o.sum(), lambda o: o.square().sum()):
         o = ops.flash_attn_func(q, k, v, causal=True)
+        (dq,) = torch.autograd.grad(loss(o), q, create_graph=True)
         with pytest.raises(NotImplementedError, match="second derivatives"):
-            torch.autograd.grad(loss(o), q, create_graph=True)
+            torch.autograd.grad(dq.square().sum(), q)
     cu = torch.tensor([0, 2, 6], dtype=torch.int32)
     qv, kv, vv = (t.detach()[0].clone().requires_grad_(True) for t in (q, k, v))
     o = ops.varlen_attention(qv, kv, vv, cu, cu, causal=True)
+    (dq,) = torch.autograd.grad(o.sum(), qv, create_graph=True)
     with pytest.raises(NotImplementedError, match="varlen_attention: second derivatives"):
-        torch.autograd.grad(o.sum(), qv, create_graph=True)
+        torch.autograd.grad(dq.sum(), qv)
+
+    # x -> @W1 -> attention -> @W2: a penalty on W2's gradient never differentiates through attention's backward
+    def penalty_grad(attn):
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(1, 6, 2, 8, generator=g)
+        w1, w2 = (torch.randn(8, 8, generator=g).requires_grad_(True) for _ in range(2))
+        h = x @ w1
+        loss = (attn(h, h, h) @ w2).tanh().sum()
+        _, g2 = torch.autograd.grad(loss, (w1, w2), create_graph=True)
+        return torch.autograd.grad(g2.square().sum(), (w1, w2))
+    ours = penalty_grad(lambda a, b, c: ops.flash_attn_func(a, b, c, causal=True))
+    ref = penalty_grad(lambda a, b, c: reference_forward(a, b, c, True, None)[0])
+    for got, want in zip(ours, ref):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     o = ops.flash_attn_func(q, k, v, causal=True)
     (dq,) = torch.autograd.grad(o.square().sum(), q)  # first order: as before
     assert dq.shape == q.shape and not dq.requires_grad
