@@ -54,8 +54,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:  # runnable from a checkout without `pip install -e .`
     sys.path.insert(1, _ROOT)
-from common import (bench_order, command_line, design_rounds, machine_info, print_table, round_order,  # noqa: E402
-                    time_across_ranks, write_json)
+from common import (bench_order, bench_seed, command_line, design_rounds, machine_info,  # noqa: E402
+                    print_table, round_order, time_across_ranks, write_json)
 
 FRAMEWORKS = ("megatron", "torchtitan")
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -127,10 +127,11 @@ def time_ms(fn, warmup, iters, device):
 
 
 def time_interleaved(steps, args, device):
-    """{label: step fn} -> {label: ms}: each round in common.bench_order's order (balanced by default: each label
-    timed right after each other one equally often, --rounds rounded up to whole designs; seeded by the round
-    alone, not bench_seed, so every rank runs the same order; a fixed rotation kept each label's neighbours, see
-    common.bench_interleaved); per label the median of its rounds."""
+    """{label: step fn} -> {label: ms}: each round in common.bench_order's order (balanced by default: within the
+    rounds each label timed right after each other one equally often, --rounds rounded up to whole designs; seeded
+    by rank 0's bench_seed, broadcast, so every rank runs the same orders and the JSON's order_seed repeats them;
+    a fixed rotation kept each label's neighbours, see common.bench_interleaved); per label the median of its
+    rounds."""
     labels = list(steps)
     times = {label: [] for label in labels}
     order = bench_order()
@@ -138,8 +139,11 @@ def time_interleaved(steps, args, device):
     if rounds > 1:
         step = design_rounds(len(labels), order)
         rounds = -(-rounds // step) * step
+    seed = [bench_seed()]
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(seed, src=0)  # rank 0's seed: the one its JSON records
     for r in range(rounds):
-        for label in round_order(labels, r, order):
+        for label in round_order(labels, r, order, seed=seed[0]):
             times[label].append(time_ms(steps[label], args.warmup, args.iters, device))
     return {label: statistics.median(ts) for label, ts in times.items()}
 

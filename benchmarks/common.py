@@ -76,8 +76,10 @@ def bench_seed():
 
 
 def design_rounds(n, order):
-    """Rounds of `order` over n labels after which every label has been timed right after every other one equally
-    often (balanced: n for even n, 2n for odd n; 1 for the others, which promise nothing)."""
+    """Rounds of `order` over n labels after which, within the rounds, every label has been timed right after every
+    other one equally often (balanced: n for even n, 2n for odd n; 1 for the others, which promise nothing). The
+    step from one round's last label to the next round's first is outside that balance: one more adjacency per
+    round boundary, for pairs that change with the seed."""
     if order != "balanced" or n <= 1:
         return 1
     return n if n % 2 == 0 else 2 * n
@@ -101,8 +103,9 @@ def _williams_row(n, r):
 
 def round_order(labels, r, order, seed=0):
     """Round r's sequence of `labels` under `order` (bench_order): "balanced", row r of a Williams design with the
-    labels assigned to its symbols by a permutation seeded by `seed` (each label equally often right after each
-    other one over design_rounds rounds, and in each position); "shuffle", a permutation seeded by (seed, r);
+    labels assigned to its symbols by a permutation seeded by `seed` (within the rounds, each label equally often
+    right after each other one over design_rounds rounds, and in each position); "shuffle", a permutation seeded
+    by (seed, r);
     "rotate", the list rotated by r."""
     if order == "balanced":
         seq = list(labels)
@@ -124,10 +127,12 @@ def bench_interleaved(fns, rounds=5, warmup_ms=10, rep_ms=40, on_error=None, war
     bench(fn, warmup_ms, rep_ms); a label's time is the median of its round medians. Clock, thermal and
     allocator drift then hit every label alike, so two labels running the same kernel agree to ~1-3% (one
     back-to-back do_bench per label does not: up to 6% apart on H200).
-    order: "balanced" (default; the rounds follow a Williams design, so each label is timed right after each
-    other one equally often, and `rounds` > 1 is rounded up to whole designs: design_rounds, 2n rounds for an odd
-    number n of labels, each round's rep_ms cut to keep the time asked for, down to 10 ms), "shuffle" (a permutation per round) or "rotate" (the list rotated by one per round:
-    each label keeps its neighbours). The orders matter because a label timed right after a power-hungry one is
+    order: "balanced" (default; the rounds follow a Williams design, so within the rounds each label is timed
+    right after each other one equally often (the round boundaries add one adjacency each, for pairs drawn by the
+    seed), and `rounds` > 1 is rounded up to whole designs: design_rounds, 2n rounds for an odd number n of
+    labels, each round's warmup_ms and rep_ms cut in proportion to keep about the time asked for, down to 5 / 10
+    ms), "shuffle" (a permutation per round) or "rotate" (the list rotated by one per round: each label keeps its
+    neighbours). The orders matter because a label timed right after a power-hungry one is
     timed slower: on H200 a bf16 GEMM 12-15% slower after an 8192^3 bf16 GEMM than after an idle GPU, an FP8
     grouped GEMM 4%; shuffled, 0-2% (benchmarks/results/probe_interleave_bias_h200.json). Shuffled rounds
     still leave pairs unevenly: five shuffled rounds of bench_ops' grouped G=8 fc1 forward timed `default` right
@@ -157,6 +162,7 @@ def bench_interleaved(fns, rounds=5, warmup_ms=10, rep_ms=40, on_error=None, war
     if rounds > 1:  # whole designs (one round: a smoke run), in about the time the rounds asked for would take
         step = design_rounds(len(alive), order)
         rounds = -(-rounds // step) * step
+        warmup_ms = max(warmup_ms * asked / rounds, min(warmup_ms, 5.0))
         rep_ms = max(rep_ms * asked / rounds, min(rep_ms, 10.0))
     seed = bench_seed() * 100003 + call  # per run and call: no case repeats another's orders, nor a run another's
     for r in range(rounds):
@@ -365,6 +371,13 @@ def command_line():
     return " ".join(shlex.quote(a) for a in [sys.executable] + sys.argv)
 
 
+def _seed_or_reason():
+    try:
+        return bench_seed()
+    except ValueError as exc:  # a bad TURBO_DIST_BENCH_SEED must not lose a run at its last step
+        return str(exc)
+
+
 def write_json(path, rows, meta=None):
     """Write `rows` (list of dicts) with the command line and machine info to `path`. `timing_order`: meta's (a
     bench that does not time through bench_interleaved says how it timed), else bench_interleaved's order now
@@ -381,7 +394,7 @@ def write_json(path, rows, meta=None):
         "command": meta.pop("command", command_line()),
         "machine": meta.pop("machine", machine_info()),
         "timing_order": order,
-        "order_seed": meta.pop("order_seed", bench_seed()),
+        "order_seed": meta.pop("order_seed") if "order_seed" in meta else _seed_or_reason(),
         "timestamp_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "meta": meta,
         "rows": rows,

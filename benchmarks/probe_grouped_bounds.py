@@ -7,7 +7,7 @@ own kernel where grouping costs nothing), with the loop and our default on the s
     python benchmarks/probe_grouped_bounds.py --json bounds.json [--cases G32_fc1_256,...] [--rounds 5]
 
 Labels (fwd: C = A W; bwd: dA = dC W^T and dW = A^T dC): loop, default, torch_grouped_mm (skewed counts);
-dense (the same FLOPs as one GEMM per pass); bmm_uniform, loop_uniform, default_uniform (every expert G / M rows).
+dense (the same FLOPs as one GEMM per pass); bmm_uniform, loop_uniform, default_uniform (every expert M // G rows).
 x_loop: the skewed loop's time over the label's (uniform labels: loop_uniform's); frac_peak against the bf16
 datasheet peak. Times are bench_interleaved medians (L2 flushed, balanced order), as bench_ops. `kernels`: the
 CUDA kernels one call of the label launched (torch.profiler), the three longest with their share of its GPU time.

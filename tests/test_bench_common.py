@@ -35,8 +35,9 @@ def test_shuffled_rounds_time_every_label_once_per_round(monkeypatch):
 
 def test_balanced_rounds_put_every_label_after_every_other_equally_often(monkeypatch):
     """The default order: rounds of a Williams design, rounded up to whole designs (n rounds for an even number n
-    of labels, 2n for an odd one), so over a call each label is timed right after each other label equally often
-    and in each position equally often; the labels' roles differ between calls and between runs (bench_seed)."""
+    of labels, 2n for an odd one), so within the rounds of a call each label is timed right after each other label
+    equally often and in each position equally often (the round boundaries add one adjacency each); the labels'
+    roles differ between calls and between runs (bench_seed)."""
     common = import_benchmark("common")
     seen = _recording(common, monkeypatch)
     monkeypatch.delenv("TURBO_DIST_BENCH_ORDER", raising=False)
@@ -59,12 +60,12 @@ def test_balanced_rounds_put_every_label_after_every_other_equally_often(monkeyp
     common.bench_interleaved({"a": lambda: "a"}, rounds=1, warm=False)  # one round stays one (a smoke run)
     assert seen == ["a"]
     reps = []
-    monkeypatch.setattr(common, "bench", lambda fn, warmup_ms, rep_ms: (reps.append(rep_ms), 1.0)[1])
-    common.bench_interleaved({k: (lambda: 0) for k in "abcde"}, rounds=5, rep_ms=40, warm=False)
-    assert len(reps) == 50 and set(reps) == {20.0}  # 10 rounds instead of 5: each half as long, same time
+    monkeypatch.setattr(common, "bench", lambda fn, warmup_ms, rep_ms: (reps.append((warmup_ms, rep_ms)), 1.0)[1])
+    common.bench_interleaved({k: (lambda: 0) for k in "abcde"}, rounds=5, warmup_ms=10, rep_ms=40, warm=False)
+    assert len(reps) == 50 and set(reps) == {(5.0, 20.0)}  # 10 rounds instead of 5: each half as long, same time
     reps.clear()
-    common.bench_interleaved({k: (lambda: 0) for k in "abcdefg"}, rounds=2, rep_ms=40, warm=False)
-    assert len(reps) == 98 and set(reps) == {10.0}  # 14 rounds: not below 10 ms each
+    common.bench_interleaved({k: (lambda: 0) for k in "abcdefg"}, rounds=2, warmup_ms=10, rep_ms=40, warm=False)
+    assert len(reps) == 98 and set(reps) == {(5.0, 10.0)}  # 14 rounds: not below 5 / 10 ms each
     # the shuffled order is the same permutation generator as before; a design row is not a shuffle
     assert common.design_rounds(5, "shuffle") == 1 and common.design_rounds(5, "balanced") == 10
     # other seeds give the labels other roles: over a few seeds the first round's order changes
@@ -91,6 +92,10 @@ def test_bench_seed_from_the_environment_and_recorded(tmp_path, monkeypatch):
     monkeypatch.setenv("TURBO_DIST_BENCH_SEED", "abc")
     with pytest.raises(ValueError, match="TURBO_DIST_BENCH_SEED"):
         common.bench_seed()
+    # a bench that never timed through bench_interleaved still writes its JSON, with the reason in place of a seed
+    doc = common.write_json(str(tmp_path / "b.json"), [], {"timing_order": "each op alone"})
+    assert "TURBO_DIST_BENCH_SEED" in doc["order_seed"]
+    assert common.write_json(str(tmp_path / "c.json"), [], {"order_seed": None})["order_seed"] is None
 
 
 def test_rotated_rounds_keep_neighbours(monkeypatch):
@@ -131,10 +136,12 @@ def test_multi_rank_bench_takes_the_same_round_orders(monkeypatch):
     assert seen == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
     seen.clear()
     monkeypatch.delenv("TURBO_DIST_BENCH_ORDER")
+    monkeypatch.setenv("TURBO_DIST_BENCH_SEED", "7")
+    monkeypatch.setitem(bench_integrations.bench_seed.__globals__, "_RUN_SEED", [])  # this run's seed: drawn anew
     bench_integrations.time_interleaved(steps, Args, "cpu")
     common = import_benchmark("common")
-    # balanced by default: 3 labels (odd) take 6 rounds for a whole design, seeded by the round alone
-    assert seen == sum((common.round_order(list(steps), r, "balanced") for r in range(6)), [])
+    # balanced by default: 3 labels (odd) take 6 rounds for a whole design, seeded by the run's seed (rank 0's)
+    assert seen == sum((common.round_order(list(steps), r, "balanced", seed=7) for r in range(6)), [])
     monkeypatch.setenv("TURBO_DIST_BENCH_ORDER", "random")
     with pytest.raises(ValueError, match="shuffle"):
         bench_integrations.time_interleaved(steps, Args, "cpu")

@@ -550,7 +550,7 @@ def _second_derivatives(fn, a, b):
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_interp)])
-@pytest.mark.parametrize("trans_a,trans_b", [(False, False), (True, True), (False, True)])
+@pytest.mark.parametrize("trans_a,trans_b", [(False, False), (True, True), (False, True), (True, False)])
 def test_gemm_second_derivatives(backend, trans_a, trans_b):
     """create_graph=True through gemm: the gradients are GEMMs through gemm() again, so a gradient penalty's
     derivative matches float64 torch on every backend (our Triton kernel has no derivative of its own)."""
