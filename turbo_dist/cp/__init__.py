@@ -32,6 +32,8 @@ import torch
 from turbo_dist.ops.attention import check_attention_inputs, default_scale
 from turbo_dist.ops.attention_varlen import check_varlen_inputs
 from turbo_dist.runtime import get_runtime
+from turbo_dist.runtime.consistency import check_same_on_ranks, tensor_sig
+from turbo_dist.runtime.symm import group_min_max
 
 from .a2a import a2a_attention, a2a_varlen_attention, packed_zigzag_order
 from .allgather import allgather_attention, allgather_varlen_attention
@@ -73,6 +75,10 @@ def context_parallel_attention(q, k, v, causal=False, softmax_scale=None, cp_gro
                         f"max_seqlen_q/max_seqlen_k, got {', '.join(other)}")
     if kw:
         raise TypeError(f"context_parallel_attention got unexpected arguments: {sorted(kw)}")
+    check_same_on_ranks(cp_group, "context_parallel_attention", q=tensor_sig(q), k=tensor_sig(k), v=tensor_sig(v),
+                        causal=causal, cp_comm_type=cp_comm_type, load_balance=load_balance, num_chunks=num_chunks,
+                        softmax_scale=softmax_scale, return_lse=return_lse, packed=cu_seqlens_q is not None,
+                        max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
     mode = COMM_TYPES.get(str(cp_comm_type).lower())
     if mode is None:
         raise ValueError(f"cp_comm_type must be one of 'ring', 'a2a', 'allgather', got {cp_comm_type!r}")
@@ -129,6 +135,40 @@ def _packed_attention(q, k, v, causal, softmax_scale, cp_group, mode, load_balan
     cp = rt.world_size
     zigzag = bool(load_balance) and cp > 1  # one rank: both layouts are the natural order (ring cut odd lengths)
     split = split and cp > 1
+    # The checks read cu_seqlens on the host (a sync) anyway: a refusal found on one rank (its shard of another
+    # length, its cu_seqlens) is raised on every rank together after a one-int all-reduce, instead of leaving the
+    # others in the first all-gather.
+    err = None
+    try:
+        max_seqlen_q, max_seqlen_k, host_q, host_k, scale = _check_packed(
+            q, k, v, causal, softmax_scale, rt, mode, zigzag, split, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+            max_seqlen_k)
+    except (TypeError, ValueError, NotImplementedError) as exc:
+        err = exc
+    worst = group_min_max(1 if err is not None else 0, rt.group, rt.device)[1] if cp > 1 else 0
+    if err is not None:
+        raise err
+    if worst:
+        raise ValueError(f"context_parallel_attention (packed): another rank of the group refused its arguments (its "
+                         f"error says why); rank {rt.rank} raises too instead of waiting in the first all-gather")
+    check_same_on_ranks(rt, "context_parallel_attention (packed cu_seqlens)", cu_seqlens_q=host_q,
+                        cu_seqlens_k=host_k, split=split)
+    if q.shape[0] == 0:  # nothing packed (the same on every rank: T = cp * local length): empty outputs, joined
+        o = q.new_zeros(0, q.shape[1], v.shape[2]) + (q.sum() + k.sum() + v.sum()) * 0  # to q/k/v for autograd
+        return o, torch.empty(q.shape[1], 0, dtype=torch.float32, device=q.device)
+    if mode == "ring":
+        return ring_varlen_attention(q, k, v, host_q, host_k, bool(causal), scale, rt, zigzag=zigzag, split=split)
+    if mode == "allgather":
+        return allgather_varlen_attention(q, k, v, host_q, host_k, bool(causal), scale, rt, num_chunks, zigzag=zigzag)
+    return a2a_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bool(causal),
+                                scale, rt, num_chunks, zigzag=zigzag, host_cu=host_q, want_lse=want_lse)
+
+
+def _check_packed(q, k, v, causal, softmax_scale, rt, mode, zigzag, split, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                  max_seqlen_k):
+    """_packed_attention's checks of this rank's arguments: (max_seqlen_q, max_seqlen_k, host cu_seqlens_q,
+    host cu_seqlens_k, softmax scale), or the error refusing them."""
+    cp = rt.world_size
     _check_packed_shards(q, k, v)
     max_seqlen_q, max_seqlen_k, host_q, host_k = check_varlen_inputs(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, total_q=q.shape[0] * cp,
@@ -148,20 +188,11 @@ def _packed_attention(q, k, v, causal, softmax_scale, cp_group, mode, load_balan
         raise NotImplementedError("the per-sequence split layout is taken by cp_comm_type 'ring' only")
     for name, t in (("q", q), ("k", k), ("v", v)):
         rt.check_tensor(t, name)
-    scale = default_scale(q, softmax_scale)
-    if q.shape[0] == 0:  # nothing packed (the same on every rank: T = cp * local length): empty outputs, joined
-        o = q.new_zeros(0, q.shape[1], v.shape[2]) + (q.sum() + k.sum() + v.sum()) * 0  # to q/k/v for autograd
-        return o, torch.empty(q.shape[1], 0, dtype=torch.float32, device=q.device)
-    if mode == "ring":
-        if causal and host_q != host_k:
-            raise NotImplementedError("ring attention on packed sequences with a causal mask needs cu_seqlens_q == "
-                                      "cu_seqlens_k (self-attention packing); use cp_comm_type 'a2a' or "
-                                      "'allgather' for causal cross-attention packing")
-        return ring_varlen_attention(q, k, v, host_q, host_k, bool(causal), scale, rt, zigzag=zigzag, split=split)
-    if mode == "allgather":
-        return allgather_varlen_attention(q, k, v, host_q, host_k, bool(causal), scale, rt, num_chunks, zigzag=zigzag)
-    return a2a_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bool(causal),
-                                scale, rt, num_chunks, zigzag=zigzag, host_cu=host_q, want_lse=want_lse)
+    if mode == "ring" and causal and host_q != host_k:
+        raise NotImplementedError("ring attention on packed sequences with a causal mask needs cu_seqlens_q == "
+                                  "cu_seqlens_k (self-attention packing); use cp_comm_type 'a2a' or "
+                                  "'allgather' for causal cross-attention packing")
+    return max_seqlen_q, max_seqlen_k, host_q, host_k, default_scale(q, softmax_scale)
 
 
 def shard_packed(x, cu_seqlens, group=None, seq_dim=0):

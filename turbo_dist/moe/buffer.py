@@ -8,6 +8,7 @@ import torch
 
 from ..runtime import EventOverlap, get_runtime
 from ..runtime.config import env_str
+from ..runtime.consistency import check_same_on_ranks, row_sig, tensor_sig
 from . import collective
 from .config import Config, DispatchHandle
 from .layout import align_up, check_topk_idx, dispatch_layout
@@ -296,6 +297,10 @@ class Buffer:
         fp32 (0 where -1), num_recv_tokens_per_expert_list (python list [num_local_experts]), handle,
         event). Received rows are ordered by source rank, then by token index on the source.
         """
+        check_same_on_ranks(self.runtime, "Buffer.dispatch", x=row_sig(x), cached=handle is not None,
+                            num_experts=tensor_sig(num_tokens_per_expert), topk=row_sig(topk_idx, 1),
+                            weights=topk_weights is not None, expert_alignment=expert_alignment,
+                            num_worst_tokens=num_worst_tokens)
         if num_tokens_per_rdma_rank is not None:
             if self.transport != "hierarchical":
                 _not_here(f"num_tokens_per_rdma_rank (internode dispatch) on the {self.transport} transport",
@@ -364,6 +369,8 @@ class Buffer:
         Returns (combined_x [num_tokens, hidden] x.dtype (zeros for tokens sent nowhere),
         combined_topk_weights [num_tokens, num_topk] fp32 or None, event).
         """
+        check_same_on_ranks(self.runtime, "Buffer.combine", x=row_sig(x), weights=topk_weights is not None,
+                            biases=row_sig(bias))
         self._check_handle(handle, "combine")
         if not isinstance(x, torch.Tensor) or x.dim() != 2:
             raise ValueError(f"combine x must be a [num_recv_tokens, hidden] tensor, got {_describe(x)}")

@@ -35,6 +35,7 @@ import torch
 from ..kernels import moe_ll, moe_ll_logfmt, moe_ll_place
 from ..runtime import EventOverlap
 from ..runtime.config import env_str, peer_timeout_s
+from ..runtime.consistency import check_same_on_ranks, row_sig, tensor_sig
 from . import ll_collective
 from .ll_checks import (LowLatencyHandle, check_combine, check_dispatch, check_mask_rank,
                         check_shrink, describe)
@@ -246,6 +247,9 @@ class LowLatency:
                  dispatch_wait_recv_cost_stats=None, use_fp8=True, round_scale=False, use_ue8m0=False,
                  async_finish=False, return_recv_hook=False):
         rt = self.rt
+        check_same_on_ranks(rt, "Buffer.low_latency_dispatch", x=row_sig(x), topk=row_sig(topk_idx, 1),
+                            num_max_dispatch_tokens_per_rank=num_max, num_experts=num_experts, use_fp8=use_fp8,
+                            round_scale=round_scale, use_ue8m0=use_ue8m0, return_recv_hook=return_recv_hook)
         check_dispatch(self, x, topk_idx, num_max, num_experts, cumulative_local_expert_recv_stats,
                              dispatch_wait_recv_cost_stats, use_fp8, round_scale, use_ue8m0)
         self.check_error()
@@ -350,6 +354,8 @@ class LowLatency:
     def combine(self, x, topk_idx, topk_weights, handle, use_logfmt=False, zero_copy=False, async_finish=False,
                 return_recv_hook=False, out=None, combine_wait_recv_cost_stats=None):
         rt = self.rt
+        check_same_on_ranks(rt, "Buffer.low_latency_combine", x=tensor_sig(x), topk=row_sig(topk_idx, 1),
+                            use_logfmt=use_logfmt, zero_copy=zero_copy, return_recv_hook=return_recv_hook)
         if zero_copy:
             x = self._zero_copy_source(x, handle)
         check_combine(self, x, topk_idx, topk_weights, handle, use_logfmt, out, combine_wait_recv_cost_stats)

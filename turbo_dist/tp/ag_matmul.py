@@ -8,6 +8,7 @@ contraction dim (out = sum over ranks of A_r @ B[rows of r]). The implementation
 import torch
 
 from turbo_dist.runtime import get_runtime
+from turbo_dist.runtime.consistency import check_same_on_ranks, tensor_sig
 
 from . import _common as C
 from . import collective, pipeline
@@ -55,6 +56,8 @@ def all_gather_matmul(a_shard, bs, gather_dim=0, group=None, *, return_a=True, a
     out_dtype: the outputs' dtype (default a_shard's; fp32 keeps the fp32 accumulation, e.g. for a weight
     gradient added into an fp32 main_grad).
     """
+    check_same_on_ranks(group, "all_gather_matmul", a_shard=tensor_sig(a_shard), bs=tensor_sig(bs),
+                        gather_dim=gather_dim, return_a=return_a, algo=algo, out_dtype=out_dtype)
     rt, gather_dim = _prepare(a_shard, gather_dim, group)
     if a_shard.dtype not in C.FLOAT_DTYPES:
         raise TypeError(f"a_shard must be fp16, bf16 or fp32, got {a_shard.dtype} (FP8: all_gather_scaled_matmul)")
@@ -148,8 +151,12 @@ def all_gather_scaled_matmul(a_shard, bs, a_scale, b_scales, gather_dim=0, group
     Returns (a_gathered fp8 or None, [out_i of shape [..., N_i], out_dtype]).
     GEMMs: torch._scaled_mm on CUDA; on CPU a dequantize-then-fp32-matmul reference.
     """
+    check_same_on_ranks(group, "all_gather_scaled_matmul", a_shard=tensor_sig(a_shard), bs=tensor_sig(bs),
+                        a_scale=tensor_sig(a_scale), b_scales=tensor_sig(b_scales), gather_dim=gather_dim,
+                        return_a=return_a, out_dtype=out_dtype, use_fast_accum=use_fast_accum, algo=algo)
     rt, gather_dim = _prepare(a_shard, gather_dim, group)
     C.check_fp8(a_shard, "a_shard")
+    C.check_fp8_out_dtype(out_dtype)
     if gather_dim == a_shard.dim() - 1:
         raise NotImplementedError("all_gather_scaled_matmul: gathering the last (contraction) dim is not supported")
     w = rt.world_size

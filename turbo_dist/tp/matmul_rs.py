@@ -6,6 +6,7 @@ group and scattered along `scatter_dim` (any dim of the >= 2-D output; the last 
 import torch
 
 from turbo_dist.runtime import get_runtime
+from turbo_dist.runtime.consistency import check_same_on_ranks, tensor_sig
 
 from . import _common as C
 from . import collective, pipeline
@@ -94,6 +95,8 @@ def matmul_reduce_scatter(a, b, scatter_dim=0, reduce_op="sum", group=None, *, a
     Partials are reduced in fp32 on the symmetric-memory path.
     algo: 'auto' (default, or TURBO_DIST_TP_ALGO), 'ring', 'direct' or 'collective'.
     """
+    check_same_on_ranks(group, "matmul_reduce_scatter", a=tensor_sig(a), b=tensor_sig(b), scatter_dim=scatter_dim,
+                        reduce_op=reduce_op, algo=algo)
     rt, scatter_dim = _prepare(a, b, scatter_dim, reduce_op, group)
     return _run(rt, a, b, scatter_dim, reduce_op, algo, lambda x, rows, cols: C.gemm(x, b[:, cols]), a.dtype)
 
@@ -108,8 +111,12 @@ def scaled_matmul_reduce_scatter(a, b, a_scale, b_scale, scatter_dim=0, reduce_o
     Partials are `out_dtype`; returns [..., N] `out_dtype` with scatter_dim divided by W.
     GEMMs: torch._scaled_mm on CUDA; on CPU a dequantize-then-fp32-matmul reference.
     """
+    check_same_on_ranks(group, "scaled_matmul_reduce_scatter", a=tensor_sig(a), b=tensor_sig(b),
+                        a_scale=tensor_sig(a_scale), b_scale=tensor_sig(b_scale), scatter_dim=scatter_dim,
+                        reduce_op=reduce_op, out_dtype=out_dtype, use_fast_accum=use_fast_accum, algo=algo)
     rt, scatter_dim = _prepare(a, b, scatter_dim, reduce_op, group, fp8=True)
     C.check_fp8_pair(a, b, "scaled_matmul_reduce_scatter")
+    C.check_fp8_out_dtype(out_dtype)
     C.check_scale(a_scale, "a_scale")
     rt.check_tensor(a_scale, "a_scale")
     rt.check_tensor(b_scale, "b_scale")
