@@ -332,6 +332,23 @@ def test_double_backward_raises_on_every_rank():
     assert run_distributed(_double_backward, 2, backend="gloo") == [[True] * 7] * 2
 
 
+def _shard_outside_group(rank, world_size):
+    g = dist.new_group([0])  # every rank creates it; rank 1 is not in it
+    x = torch.randn(1, 8, 2, 4)
+    if rank == 0:
+        return tuple(cp.shard(x, g).shape)
+    with pytest.raises(ValueError, match="not a member of the process group"):
+        cp.shard(x, g)
+    return "refused"
+
+
+@pytest.mark.dist
+def test_shard_refuses_a_group_without_this_rank():
+    """cp.shard with a group this rank is not in: a clear ValueError (was narrow()'s 'length must be
+    non-negative')."""
+    assert run_distributed(_shard_outside_group, 2, backend="gloo") == [(1, 8, 2, 4), "refused"]
+
+
 def _single_rank_odd_causal(rank, world_size):
     x = torch.randn(1, 7, 2, 8)
     ref = flash_attn_func(x, x, x, causal=True)

@@ -446,3 +446,19 @@ def test_dispatch_combine_autograd_matches_single_process(world_size):
 @pytest.mark.dist
 def test_token_dispatcher_identity_experts_and_group_check():
     assert run_distributed(_token_dispatcher_body, 2) == [True, True]
+
+
+def test_size_hints_refuse_bad_counts():
+    """The size hints take counts >= 1 (numpy ints too) and name the argument that is not (a negative token
+    count returned a negative byte count, num_ranks=0 a positive one)."""
+    import numpy as np
+
+    assert Buffer.get_nvl_buffer_size_hint(np.int64(8), 64, 2) > 0
+    for args, name in (((-5, 7168, 8), "num_max_tokens_per_rank"), ((8, 7168, 0), "num_ranks"),
+                       ((8, 0, 2), "hidden"), ((8.0, 64, 2), "num_max_tokens_per_rank")):
+        with pytest.raises(ValueError, match=f"get_nvl_buffer_size_hint: {name} must be an int >= 1"):
+            Buffer.get_nvl_buffer_size_hint(*args)
+    with pytest.raises(ValueError, match="num_max_dispatch_tokens_per_rank must be an int >= 1"):
+        Buffer.get_low_latency_rdma_size_hint(-1, 7168, 8, 256)
+    with pytest.raises(ValueError, match="num_experts must be an int >= 1"):
+        Buffer.get_low_latency_rdma_size_hint(8, 7168, 8, 0)

@@ -449,3 +449,20 @@ def test_sdpa_predicates_follow_torchs_switches(monkeypatch):
     key = attn._torch_sdpa_gates()
     monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: False)
     assert attn._torch_sdpa_gates() != key
+
+
+def test_scale_and_window_types_are_checked():
+    """softmax_scale takes a number (numpy and 0-d tensors too) or None; window_size a pair: anything else is a
+    TypeError naming the argument (a string scale was float()'s ValueError, an int window 'not iterable')."""
+    import numpy as np
+
+    from turbo_dist import ops
+
+    q = torch.randn(1, 4, 2, 8)
+    for ok in (0.3, 1, np.float32(0.3), torch.tensor(0.3)):
+        ops.attention(q, q, q, softmax_scale=ok)
+    for bad in ("a", True, [0.3]):
+        with pytest.raises(TypeError, match="softmax_scale must be a number"):
+            ops.attention(q, q, q, softmax_scale=bad)
+    with pytest.raises(TypeError, match=r"window_size must be a pair \(left, right\), got 4"):
+        ops.flash_attn_func(q, q, q, window_size=4)

@@ -81,7 +81,11 @@ def _group_info(group):
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("torch.distributed is not initialized: call init_process_group() before cp.shard/unshard")
     group = group if group is not None else dist.group.WORLD
-    return dist.get_rank(group), dist.get_world_size(group)
+    rank = dist.get_rank(group)
+    if rank < 0:
+        raise ValueError(f"this process (global rank {dist.get_rank()}) is not a member of the process group it was "
+                         "given (cp.shard / unshard take the CP group this rank belongs to)")
+    return rank, dist.get_world_size(group)
 
 
 def _check_seq(n, cp, load_balance, what):

@@ -3,6 +3,7 @@
 Code written for `deep_ep.Buffer` runs after `from turbo_dist.moe import Buffer, Config, EventOverlap`.
 """
 import logging
+import operator
 
 import torch
 
@@ -36,6 +37,17 @@ class _Destroyed:
 
     def __getattr__(self, name):
         raise RuntimeError("this turbo_dist.moe.Buffer was destroyed (Buffer.destroy()); build a new Buffer")
+
+
+def _check_counts(what, **counts):
+    """The size hints' arguments: ints >= 1 (ValueError naming the one that is not)."""
+    for name, v in counts.items():
+        try:
+            ok = not isinstance(v, bool) and operator.index(v) >= 1
+        except TypeError:
+            ok = False
+        if not ok:
+            raise ValueError(f"{what}: {name} must be an int >= 1, got {v!r}")
 
 
 class Buffer:
@@ -166,6 +178,8 @@ class Buffer:
         """Bytes of num_rdma_bytes for low-latency mode's symmetric buffer (it grows on demand if too small)."""
         from .low_latency import LowLatency
 
+        _check_counts("get_low_latency_rdma_size_hint", hidden=hidden, num_ranks=num_ranks, num_experts=num_experts,
+                      num_max_dispatch_tokens_per_rank=num_max_dispatch_tokens_per_rank)
         return LowLatency.size_hint(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts)
 
     @staticmethod
@@ -181,6 +195,8 @@ class Buffer:
         sizes the combines (and cached dispatches of `dtype` rows, as autograd's backward makes)."""
         from .nvlink import required_nvl_bytes
 
+        _check_counts("get_nvl_buffer_size_hint", num_max_tokens_per_rank=num_max_tokens_per_rank, hidden=hidden,
+                      num_ranks=num_ranks, num_topk=num_topk)
         return required_nvl_bytes(num_max_tokens_per_rank * num_ranks, hidden, num_topk, num_ranks, dtype, fp8)
 
     def get_comm_stream(self):

@@ -16,6 +16,8 @@ def _unsupported_flash_args(dropout_p, window_size, bias, alibi_slopes, determin
     their defaults (never silently ignored)."""
     if dropout_p:
         raise NotImplementedError(f"dropout_p={dropout_p}: attention dropout is not supported (pass 0.0)")
+    if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
+        raise TypeError(f"window_size must be a pair (left, right), got {window_size!r}")
     if tuple(window_size) != (-1, -1):
         raise NotImplementedError(f"window_size={tuple(window_size)}: sliding-window attention is not supported")
     if bias is not None or alibi_slopes is not None:

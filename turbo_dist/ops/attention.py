@@ -12,6 +12,7 @@ Backends register with the dispatcher under ops "attention_fwd" and "attention_b
 Packed variable-length sequences: ops/attention_varlen.py.
 """
 import math
+import numbers
 
 import torch
 
@@ -44,7 +45,12 @@ def check_attention_inputs(q, k, v):
 
 
 def default_scale(q, softmax_scale):
-    return 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
+    if softmax_scale is None:
+        return 1.0 / math.sqrt(q.shape[-1])
+    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, numbers.Real) and \
+            not (isinstance(softmax_scale, torch.Tensor) and softmax_scale.numel() == 1):
+        raise TypeError(f"softmax_scale must be a number (or None: 1/sqrt(head_dim)), got {softmax_scale!r}")
+    return float(softmax_scale)
 
 
 def causal_mask(sq, sk, device):
