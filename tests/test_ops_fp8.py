@@ -653,3 +653,28 @@ def test_autograd_quantizes_gradients_in_the_config_format(monkeypatch, fmt):
     assert (M, N) in [shape for shape, _ in seen]
     assert {d for shape, d in seen if shape == (M, N)} == {cfg.grad_dtype}, seen
     assert {d for shape, d in seen if shape != (M, N)} == {cfg.fwd_dtype}, seen
+
+
+def test_scaled_mm_checks_out_dtype_and_operand_types():
+    """scaled_mm / grouped_scaled_mm refuse an output dtype torch._scaled_mm cannot write (int32 or fp64 came back
+    as asked, silently) and a non-tensor operand (was an AttributeError); grouped_gemm_fp8 over no experts returns
+    the empty product in every granularity (ROWWISE raised from a reshape)."""
+    from turbo_dist import ops
+    from turbo_dist.ops import Float8QuantConfig, ScalingGranularity
+
+    a = torch.zeros(4, 8, dtype=torch.float8_e4m3fn)
+    b = torch.zeros(8, 4, dtype=torch.float8_e4m3fn)
+    one = torch.ones(1)
+    for bad in (torch.int32, torch.float64):
+        with pytest.raises(TypeError, match="scaled_mm: out_dtype must be bf16, fp16 or fp32"):
+            ops.scaled_mm(a, b, one, one, out_dtype=bad)
+        with pytest.raises(TypeError, match="grouped_scaled_mm: out_dtype must be bf16, fp16 or fp32"):
+            ops.grouped_scaled_mm(a, b.t().unsqueeze(0), one, one.view(1, 1), torch.tensor([4]), out_dtype=bad)
+    with pytest.raises(TypeError, match="scaled_mm: a_q must be a tensor, got str"):
+        ops.scaled_mm("x", b, one, one)
+    with pytest.raises(TypeError, match="scale_a must be a tensor, got list"):
+        ops.scaled_mm(a, b, [1.0], one)
+    for g in ScalingGranularity:
+        out = ops.grouped_gemm_fp8(torch.randn(0, 128), torch.randn(0, 128, 64), torch.zeros(0, dtype=torch.int64),
+                                   config=Float8QuantConfig(granularity=g))
+        assert out.shape == (0, 64)

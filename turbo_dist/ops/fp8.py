@@ -378,6 +378,15 @@ dispatcher.register_backend("scaled_mm", "triton", _triton_scaled_mm, _triton_sc
 dispatcher.register_backend("scaled_mm", "reference", _reference_scaled_mm, priority=90)
 
 
+def check_fp8_operands(what, out_dtype, **tensors):
+    """Tensors where tensors are due and an output dtype torch._scaled_mm can write (bf16, fp16, fp32)."""
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{what}: {name} must be a tensor, got {type(t).__name__}")
+    if out_dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise TypeError(f"{what}: out_dtype must be bf16, fp16 or fp32, got {out_dtype}")
+
+
 def scaled_mm(a_q, b_q, scale_a, scale_b, out_dtype=torch.bfloat16, granularity=None, fast_accum=False):
     """FP8 GEMM on already-quantized operands: (a_q * scale_a) @ (b_q * scale_b) -> [M, N] out_dtype.
 
@@ -385,6 +394,7 @@ def scaled_mm(a_q, b_q, scale_a, scale_b, out_dtype=torch.bfloat16, granularity=
     scales fp32, granularity inferred from their shapes unless given: TENSORWISE [1] and [1]; ROWWISE [M, 1]
     and [1, N]; BLOCKWISE [M, cdiv(K,128)] and [cdiv(K,128), cdiv(N,128)] (128x128 b) or [cdiv(K,128), N].
     """
+    check_fp8_operands("scaled_mm", a_q=a_q, b_q=b_q, scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype)
     if a_q.dim() != 2 or b_q.dim() != 2 or a_q.shape[1] != b_q.shape[0]:
         raise ValueError(f"scaled_mm: need a_q [M, K] and b_q [K, N], got {tuple(a_q.shape)} and {tuple(b_q.shape)}")
     if a_q.dtype not in (E4M3, E5M2) or b_q.dtype not in (E4M3, E5M2):

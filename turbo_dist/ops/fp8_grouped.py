@@ -18,7 +18,8 @@ from . import dispatcher
 from ._autograd import first_order_only
 from .fp8 import (E4M3, E5M2, _MODES_KERNEL, _PROBES, Float8QuantConfig, ScalingGranularity,
                   _block_scales_for_cublas, _capturing, _quant_torch, _reference_scaled_mm, _sb_n,
-                  _torch_blockwise_supported, _torch_scaled_mm, log, quantize_fp8, quantize_weight)
+                  _torch_blockwise_supported, _torch_scaled_mm, check_fp8_operands, log, quantize_fp8,
+                  quantize_weight)
 from .gemm import triton_available
 from .grouped_gemm import check_group_lens_values, check_grouped_inputs, group_offsets
 
@@ -351,6 +352,8 @@ dispatcher.set_preference("grouped_scaled_mm", _grouped_scaled_preference)
 
 def _grouped_fp8(x, w_t, group_lens, x_dtype, w_dtype, gran, out_dtype):
     """x [M, K] @ per-group w [G, K, N], where w_t = w.transpose(1, 2) [G, N, K] (any strides)."""
+    if w_t.shape[0] == 0:  # no experts (so no rows): nothing to quantize or multiply
+        return x.new_zeros(x.shape[0], w_t.shape[1], dtype=out_dtype)
     xq, sx = quantize_fp8(x, x_dtype, gran)
     wq, sw = quantize_weight(w_t, w_dtype, gran)  # [G, N, K] row-major; reused inside cache_fp8_weights()
     return _grouped_scaled_checked(xq, wq, sx, sw, group_lens, gran, out_dtype)
@@ -378,6 +381,7 @@ def grouped_scaled_mm(a_q, w_q, scale_a, scale_w, group_lens, out_dtype=torch.bf
     group_lens [G] int32/int64 sums to M (rows of a sorted by group), on a_q's device or the CPU (host lens
     are checked for free and let BLOCKWISE run on cuBLASLt, backend "torch_loop"). Returns [M, N] out_dtype.
     """
+    check_fp8_operands("grouped_scaled_mm", a_q=a_q, w_q=w_q, scale_a=scale_a, scale_w=scale_w, out_dtype=out_dtype)
     if a_q.dim() != 2 or w_q.dim() != 3 or a_q.shape[1] != w_q.shape[2]:
         raise ValueError(f"grouped_scaled_mm: need a_q [M, K] and w_q [G, N, K], got {tuple(a_q.shape)} and "
                          f"{tuple(w_q.shape)}")
