@@ -349,6 +349,24 @@ def test_shard_refuses_a_group_without_this_rank():
     assert run_distributed(_shard_outside_group, 2, backend="gloo") == [(1, 8, 2, 4), "refused"]
 
 
+def _shard_packed_checks(rank, world_size):
+    x = torch.randn(32, 2)
+    for cu, match in (([0, 24, 8, 32], "start at 0 and not decrease"), ([8, 16, 32], "start at 0"),
+                      ([[0, 8], [8, 32]], "1-D integer boundaries"), ([0.0, 32.0], "1-D integer boundaries")):
+        with pytest.raises(ValueError, match=match):
+            cp.shard_packed(x, torch.tensor(cu))
+    with pytest.raises(ValueError, match="seq_dim 5 is not a dim of x"):
+        cp.shard_packed(x, torch.tensor([0, 32]), seq_dim=5)
+    return tuple(cp.shard_packed(x, torch.tensor([0, 8, 32])).shape)
+
+
+@pytest.mark.dist
+def test_shard_packed_refuses_malformed_boundaries():
+    """cp.shard_packed's cu_seqlens: 1-D integer boundaries from 0, not decreasing; seq_dim a dim of x (were
+    arange's 'bound inconsistent with step sign', int() of a list, a tuple IndexError, or accepted floats)."""
+    assert run_distributed(_shard_packed_checks, 2, backend="gloo") == [(16, 2)] * 2
+
+
 def _single_rank_odd_causal(rank, world_size):
     x = torch.randn(1, 7, 2, 8)
     ref = flash_attn_func(x, x, x, causal=True)

@@ -200,9 +200,18 @@ def shard_packed(x, cu_seqlens, group=None, seq_dim=0):
     Megatron / TransformerEngine THD context parallelism: chunks r and 2cp-1-r of every sequence (each length
     divisible by 2*cp), sequence after sequence. Differentiable (an index_select of x)."""
     rank, cp = _group_info(group)
+    if not isinstance(x, torch.Tensor) or not -x.dim() <= seq_dim < x.dim():
+        raise ValueError(f"shard_packed: seq_dim {seq_dim} is not a dim of x "
+                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    cu_t = torch.as_tensor(cu_seqlens)
+    if cu_t.dim() != 1 or cu_t.numel() < 2 or cu_t.is_floating_point() or cu_t.dtype == torch.bool:
+        raise ValueError(f"shard_packed: cu_seqlens must be 1-D integer boundaries [num_seqs + 1], got "
+                         f"{cu_t.dtype} {tuple(cu_t.shape)}")
+    cu = cu_t.tolist()
+    if cu[0] != 0 or any(b < a for a, b in zip(cu, cu[1:])):
+        raise ValueError(f"shard_packed: cu_seqlens must start at 0 and not decrease, got {cu}")
     if cp == 1:
         return x
-    cu = torch.as_tensor(cu_seqlens).tolist()
     bad = [b - a for a, b in zip(cu, cu[1:]) if (b - a) % (2 * cp)]
     if bad:
         raise ValueError(f"shard_packed cuts every sequence into 2*cp = {2 * cp} chunks: lengths {bad[:4]} are not "
