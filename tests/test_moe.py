@@ -462,3 +462,17 @@ def test_size_hints_refuse_bad_counts():
         Buffer.get_low_latency_rdma_size_hint(-1, 7168, 8, 256)
     with pytest.raises(ValueError, match="num_experts must be an int >= 1"):
         Buffer.get_low_latency_rdma_size_hint(8, 7168, 8, 0)
+
+
+def test_autograd_entries_refuse_non_tensors():
+    """moe.dispatch / combine take a Buffer first and tensors; TokenDispatcher.dispatch tensors (were
+    AttributeErrors from inside)."""
+    from turbo_dist import moe
+
+    x, idx = torch.randn(4, 8), torch.zeros(4, 2, dtype=torch.int64)
+    with pytest.raises(TypeError, match="takes a turbo_dist.moe.Buffer first, got NoneType"):
+        moe.dispatch(None, x, idx, num_experts=2)
+    with pytest.raises(TypeError, match="takes a turbo_dist.moe.Buffer first, got str"):
+        moe.combine("buf", x, None)
+    with pytest.raises(TypeError, match="TokenDispatcher.dispatch: topk_idx must be a tensor, got NoneType"):
+        moe.TokenDispatcher.dispatch(object.__new__(moe.TokenDispatcher), x, None, torch.ones(4, 2))

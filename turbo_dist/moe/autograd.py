@@ -62,6 +62,9 @@ def dispatch(buffer, x, topk_idx, topk_weights=None, num_experts=None, expert_al
     """
     if isinstance(x, (tuple, list)):
         raise NotImplementedError("turbo_dist.moe.dispatch (autograd) takes a bf16/fp16/fp32 x, not an FP8 tuple")
+    _check_buffer(buffer, "dispatch")
+    if not isinstance(x, torch.Tensor) or not isinstance(topk_idx, torch.Tensor):
+        raise TypeError(f"dispatch takes tensors x and topk_idx, got {type(x).__name__} and {type(topk_idx).__name__}")
     if num_experts is None:
         raise ValueError("dispatch needs num_experts")
     return _Dispatch.apply(buffer, x, topk_weights, topk_idx, num_experts, expert_alignment, num_worst_tokens,
@@ -70,6 +73,14 @@ def dispatch(buffer, x, topk_idx, topk_weights=None, num_experts=None, expert_al
 
 def combine(buffer, x, handle, config=None):
     """Differentiable `buffer.combine` (weights not applied). Backward: a cached dispatch of the gradient."""
+    _check_buffer(buffer, "combine")
     if not isinstance(handle, DispatchHandle):
         raise TypeError("combine needs the handle dispatch returned")
     return _Combine.apply(buffer, x, handle, config)
+
+
+def _check_buffer(buffer, what):
+    from .buffer import Buffer
+
+    if not isinstance(buffer, Buffer):
+        raise TypeError(f"turbo_dist.moe.{what} takes a turbo_dist.moe.Buffer first, got {type(buffer).__name__}")

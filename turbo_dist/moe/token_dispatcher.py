@@ -49,6 +49,9 @@ class TokenDispatcher:
         self._state = None
 
     def dispatch(self, hidden_states, topk_idx, topk_weights):
+        for name, t in (("hidden_states", hidden_states), ("topk_idx", topk_idx), ("topk_weights", topk_weights)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"TokenDispatcher.dispatch: {name} must be a tensor, got {type(t).__name__}")
         if hidden_states.dim() != 2:
             raise ValueError(f"hidden_states must be [num_tokens, hidden], got {tuple(hidden_states.shape)}")
         if topk_weights is None or topk_weights.shape != topk_idx.shape:
