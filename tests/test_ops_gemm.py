@@ -825,3 +825,10 @@ def test_grouped_triton_kernel_clamps_counts_past_m(lens_mode):
     assert bool((whole[M:] == 7.0).all()), "rows past M were written"
     torch.testing.assert_close(whole[:4], a[:4] @ b[0], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(whole[4:M], a[4:M] @ b[1], rtol=1e-4, atol=1e-4)
+
+
+def test_group_lens_on_another_device_names_where_it_may_be():
+    """group_lens on a device that is neither a's nor the CPU: the message names a's device once (it said
+    'expected cpu or cpu' for CPU operands)."""
+    with pytest.raises(ValueError, match="group_lens is on meta; expected cpu$"):
+        grouped_gemm(rnd(4, 8), rnd(2, 8, 4), torch.tensor([2, 2], device="meta"))

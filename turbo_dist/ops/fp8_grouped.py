@@ -396,7 +396,8 @@ def grouped_scaled_mm(a_q, w_q, scale_a, scale_w, group_lens, out_dtype=torch.bf
     if len(devs) != 1:
         raise ValueError(f"grouped_scaled_mm: operands and scales must be on one device, got {devs}")
     if group_lens.device != a_q.device and group_lens.device.type != "cpu":
-        raise ValueError(f"grouped_scaled_mm: group_lens is on {group_lens.device}; expected {a_q.device} or cpu")
+        where = f"{a_q.device}" if a_q.device.type == "cpu" else f"{a_q.device} or cpu"
+        raise ValueError(f"grouped_scaled_mm: group_lens is on {group_lens.device}; expected {where}")
     M, K = a_q.shape
     G, N = w_q.shape[0], w_q.shape[1]
     if group_lens.shape[0] != G:

@@ -31,7 +31,8 @@ def check_grouped_inputs(a, b, group_lens, trans_b, name="grouped_gemm", dtypes=
     if a.device != b.device:
         raise ValueError(f"{name}: a is on {a.device} but b is on {b.device}")
     if group_lens.device != a.device and group_lens.device.type != "cpu":
-        raise ValueError(f"{name}: group_lens is on {group_lens.device}; expected {a.device} or cpu")
+        where = f"{a.device}" if a.device.type == "cpu" else f"{a.device} or cpu"
+        raise ValueError(f"{name}: group_lens is on {group_lens.device}; expected {where}")
     G = b.shape[0]
     if group_lens.shape[0] != G:
         raise ValueError(f"{name}: group_lens has {group_lens.shape[0]} entries but b has G={G} groups")
