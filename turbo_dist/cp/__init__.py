@@ -32,8 +32,7 @@ import torch
 from turbo_dist.ops.attention import check_attention_inputs, default_scale
 from turbo_dist.ops.attention_varlen import check_varlen_inputs
 from turbo_dist.runtime import get_runtime
-from turbo_dist.runtime.consistency import check_same_on_ranks, tensor_sig
-from turbo_dist.runtime.symm import group_min_max
+from turbo_dist.runtime.consistency import check_same_on_ranks, raise_together, tensor_sig
 
 from .a2a import a2a_attention, a2a_varlen_attention, packed_zigzag_order
 from .allgather import allgather_attention, allgather_varlen_attention
@@ -145,12 +144,7 @@ def _packed_attention(q, k, v, causal, softmax_scale, cp_group, mode, load_balan
             max_seqlen_k)
     except (TypeError, ValueError, NotImplementedError) as exc:
         err = exc
-    worst = group_min_max(1 if err is not None else 0, rt.group, rt.device)[1] if cp > 1 else 0
-    if err is not None:
-        raise err
-    if worst:
-        raise ValueError(f"context_parallel_attention (packed): another rank of the group refused its arguments (its "
-                         f"error says why); rank {rt.rank} raises too instead of waiting in the first all-gather")
+    raise_together(rt, err, "context_parallel_attention (packed)", "the first all-gather")
     check_same_on_ranks(rt, "context_parallel_attention (packed cu_seqlens)", cu_seqlens_q=host_q,
                         cu_seqlens_k=host_k, split=split)
     if q.shape[0] == 0:  # nothing packed (the same on every rank: T = cp * local length): empty outputs, joined

@@ -88,7 +88,7 @@ def update_ring_flash_attn_params(cu_seqlens, process_group):
     """Sets the plan of the next forward/backward: cu_seqlens [num_docs + 1] int32/int64, the GLOBAL boundaries of
     the packed row (0, ..., T; the same on every rank; T divisible by the group size), rank r of `process_group`
     (None: the default group) holding the contiguous tokens r*T/W .. (r+1)*T/W. Causal."""
-    from .ring_flash_attn import llama3_flash_attn_prepare_cu_seqlens
+    from .ring_flash_attn import _llama3_plan
 
     if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or \
             cu_seqlens.dtype not in (torch.int32, torch.int64):
@@ -99,12 +99,13 @@ def update_ring_flash_attn_params(cu_seqlens, process_group):
     ranks = _group_ranks(process_group)
     group = dist.group.WORLD if process_group is None else process_group
     rank, world = dist.get_rank(group), len(ranks)
-    # (its checks: boundaries from 0, not decreasing, the packed length divisible by the group size)
-    cu_q, cu_k, max_q, max_k, k_slice = llama3_flash_attn_prepare_cu_seqlens(cu_seqlens, True, rank, world)
-    bounds = cu_seqlens.tolist()
+    bounds = [int(c) for c in cu_seqlens.tolist()]  # read once; the plan is made on the host
+    # (llama3_flash_attn_prepare_cu_seqlens' plan and checks: boundaries from 0, not decreasing, the packed length
+    # divisible by the group size)
+    host_q, host_k, max_q, max_k, k_slice = _llama3_plan(bounds, True, rank, world)
+    cu_q, cu_k = (torch.tensor(c, dtype=cu_seqlens.dtype, device=cu_seqlens.device) for c in (host_q, host_k))
     # the plan's boundaries also kept on the host: every layer's check reads them there, not back from the GPU
-    host_cu = (cu_q.tolist(), cu_k.tolist())
-    _state["plan"] = {"cu_seqlens_q": cu_q, "cu_seqlens_k": cu_k, "host_cu": host_cu,
+    _state["plan"] = {"cu_seqlens_q": cu_q, "cu_seqlens_k": cu_k, "host_cu": (host_q, host_k),
                       "max_seqlen_q": max_q, "max_seqlen_k": max_k,
                       "local_k_slice": k_slice, "ranks": ranks, "rank": rank, "total": bounds[-1],
                       "local_tokens": bounds[-1] // world,

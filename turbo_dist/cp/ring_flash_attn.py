@@ -192,7 +192,17 @@ def llama3_flash_attn_prepare_cu_seqlens(cu_seqlens, causal, rank, world_size):
     the shard's end (causal) or to its last sequence's end, so each local piece is bottom-right aligned."""
     if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
         raise ValueError("cu_seqlens must be a 1-D tensor [B+1] of the global sequence boundaries")
-    cu = [int(c) for c in cu_seqlens.tolist()]
+    cu_q, cu_k, max_q, max_k, k_slice = _llama3_plan([int(c) for c in cu_seqlens.tolist()], causal, rank, world_size)
+
+    def as_cu(vals):
+        return torch.tensor(vals, dtype=cu_seqlens.dtype, device=cu_seqlens.device)
+
+    return as_cu(cu_q), as_cu(cu_k), max_q, max_k, k_slice
+
+
+def _llama3_plan(cu, causal, rank, world_size):
+    """llama3_flash_attn_prepare_cu_seqlens on the host: the global boundaries as a list -> (cu_q list, cu_k list,
+    max_seqlen_q, max_seqlen_k, local_k_slice) (the HF adapter keeps the lists: its layers check them there)."""
     if cu[0] != 0 or any(b < a for a, b in zip(cu, cu[1:])) or cu[-1] == 0:
         raise ValueError(f"cu_seqlens must start at 0 and not decrease, ending at the packed length; got {cu}")
     total = cu[-1]
@@ -208,13 +218,9 @@ def llama3_flash_attn_prepare_cu_seqlens(cu_seqlens, causal, rank, world_size):
     k_lo, k_hi = seg[0], (hi if causal else seg[-1])
     cu_q = [0] + [c - lo for c in seg[1:-1]] + [per]
     cu_k = [c - k_lo for c in seg[:-1]] + [k_hi - k_lo]
-
-    def as_cu(vals):
-        return torch.tensor(vals, dtype=cu_seqlens.dtype, device=cu_seqlens.device)
-
     max_q = max(b - a for a, b in zip(cu_q, cu_q[1:]))
     max_k = max(b - a for a, b in zip(cu_k, cu_k[1:]))
-    return as_cu(cu_q), as_cu(cu_k), max_q, max_k, slice(k_lo, k_hi)
+    return cu_q, cu_k, max_q, max_k, slice(k_lo, k_hi)
 
 
 def _gather_heads(k, v, h, stride, rt):
@@ -319,7 +325,7 @@ def _llama3(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, hea
     reading cu_seqlens without host_cu; none per kv-head group, forward or backward."""
     _refuse_unsupported(dropout_p, window_size, alibi_slopes, deterministic, causal)
     from turbo_dist.ops.attention import default_scale
-    from turbo_dist.runtime.symm import group_min_max
+    from turbo_dist.runtime.consistency import raise_together
 
     rt = get_runtime(group)
     err = refused
@@ -331,13 +337,7 @@ def _llama3(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, hea
     except (TypeError, ValueError) as exc:
         err = exc
     # Arguments are per rank: a rank raising alone would leave the others in the all-gather. Every rank raises.
-    failed = 1 if err is not None else 0
-    worst = group_min_max(failed, rt.group, rt.device)[1] if rt.world_size > 1 else failed
-    if err is not None:
-        raise err
-    if worst:
-        raise ValueError(f"llama3_flash_attn_varlen_func: another rank of the group refused its arguments (its error "
-                         f"says why); rank {rt.rank} raises too instead of waiting in the all-gather")
+    raise_together(rt, err, "llama3_flash_attn_varlen_func", "the all-gather")
     o, lse = _Llama3.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, stride, k_slice,
                            default_scale(q, softmax_scale), bool(causal), rt)
     return (o, lse, None) if return_attn_probs else o

@@ -303,16 +303,21 @@ class _GroupedGemmFn(torch.autograd.Function):
         a, b, group_lens = ctx.saved_tensors
         dc = dc.to(a.dtype)
         da = db = None
-        # create_graph=True (grad mode on here): through the differentiable entries, whose results carry their own
-        # graph (the gradients of grouped GEMMs are grouped GEMMs and weight gradients: every order is exact)
-        graph = torch.is_grad_enabled()
         if ctx.needs_input_grad[0]:  # dA_g = dC_g op(B_g)^T
-            da = grouped_gemm(dc, b, group_lens, not ctx.trans_b) if graph else \
-                dispatcher.dispatch("grouped_gemm", dc, b, group_lens, not ctx.trans_b)
+            da = _grouped_grad(dc, b, group_lens, not ctx.trans_b)
         if ctx.needs_input_grad[1]:  # dB_g = A_g^T dC_g (or its transpose when trans_b)
-            db = _GroupedWgradFn.apply(a, dc, group_lens, ctx.trans_b) if graph else \
+            db = _GroupedWgradFn.apply(a, dc, group_lens, ctx.trans_b) if torch.is_grad_enabled() else \
                 dispatcher.dispatch("grouped_gemm_wgrad", a, dc, group_lens, ctx.trans_b)
         return da, db, None, None
+
+
+def _grouped_grad(x, w, group_lens, trans_b):
+    """A grouped GEMM inside a backward: with create_graph=True (grad mode on there) through grouped_gemm, whose
+    result carries its own graph (the gradients of grouped GEMMs are grouped GEMMs and weight gradients, so every
+    order of derivative is exact); otherwise straight to the dispatcher."""
+    if torch.is_grad_enabled():
+        return grouped_gemm(x, w, group_lens, trans_b)
+    return dispatcher.dispatch("grouped_gemm", x, w, group_lens, trans_b)
 
 
 class _GroupedWgradFn(torch.autograd.Function):
@@ -329,18 +334,13 @@ class _GroupedWgradFn(torch.autograd.Function):
     def backward(ctx, ddb):
         a, dc, group_lens = ctx.saved_tensors
         ddb = ddb.to(a.dtype)
-        graph = torch.is_grad_enabled()
-
-        def gg(x, w, trans):
-            return grouped_gemm(x, w, group_lens, trans) if graph else \
-                dispatcher.dispatch("grouped_gemm", x, w, group_lens, trans)
         da = ddc = None
         # dB_g = A_g^T dC_g: dA_g = dC_g dB_g'^T, d dC_g = A_g dB_g' (dB' the incoming gradient); with trans_b
         # dB_g = dC_g^T A_g: dA_g = dC_g dB_g', d dC_g = A_g dB_g'^T
         if ctx.needs_input_grad[0]:
-            da = gg(dc, ddb, not ctx.trans_b)
+            da = _grouped_grad(dc, ddb, group_lens, not ctx.trans_b)
         if ctx.needs_input_grad[1]:
-            ddc = gg(a, ddb, ctx.trans_b)
+            ddc = _grouped_grad(a, ddb, group_lens, ctx.trans_b)
         return da, ddc, None, None
 
 

@@ -77,3 +77,17 @@ def check_same_on_ranks(rt, what, **fields):
     raise ValueError(f"{what}: the ranks of the group passed different arguments ({detail}); every rank must pass "
                      "the same shapes, dtypes and options (checked because TURBO_DIST_CHECK_RANKS / "
                      "TORCH_DISTRIBUTED_DEBUG=DETAIL is set)")
+
+
+def raise_together(rt, err, what, waiting_in):
+    """A refusal of per-rank arguments raised on every rank of the group together: err (this rank's error, or None)
+    is raised here after a one-int all-reduce of who failed; a rank that found nothing wrong raises ValueError
+    naming `what` instead of going on alone into `waiting_in`, where the failed ranks would never join it. A host
+    sync; callers use it where their checks sync anyway (cu_seqlens read on the host) or must be rank-consistent."""
+    failed = 1 if err is not None else 0
+    worst = group_min_max(failed, rt.group, rt.device)[1] if rt.world_size > 1 else failed
+    if err is not None:
+        raise err
+    if worst:
+        raise ValueError(f"{what}: another rank of the group refused its arguments (its error says why); rank "
+                         f"{rt.rank} raises too instead of waiting in {waiting_in}")

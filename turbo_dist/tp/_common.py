@@ -105,12 +105,6 @@ def check_fp8(t, name):
         raise TypeError(f"{name} must be FP8 ({', '.join(map(str, FP8_DTYPES))}), got {t.dtype}")
 
 
-def check_fp8_out_dtype(out_dtype):
-    """The FP8 GEMMs' output dtype: bf16, fp16 or fp32 (torch._scaled_mm's float outputs)."""
-    if out_dtype not in FLOAT_DTYPES:
-        raise TypeError(f"out_dtype must be bf16, fp16 or fp32, got {out_dtype}")
-
-
 def check_scale(t, name):
     """A dequantization scale: an fp32 tensor (torch._scaled_mm's rule, applied on every device)."""
     check_tensor(t, name)

@@ -7,6 +7,7 @@ contraction dim (out = sum over ranks of A_r @ B[rows of r]). The implementation
 """
 import torch
 
+from turbo_dist.ops.fp8 import check_fp8_operands
 from turbo_dist.runtime import get_runtime
 from turbo_dist.runtime.consistency import check_same_on_ranks, tensor_sig
 
@@ -156,7 +157,7 @@ def all_gather_scaled_matmul(a_shard, bs, a_scale, b_scales, gather_dim=0, group
                         return_a=return_a, out_dtype=out_dtype, use_fast_accum=use_fast_accum, algo=algo)
     rt, gather_dim = _prepare(a_shard, gather_dim, group)
     C.check_fp8(a_shard, "a_shard")
-    C.check_fp8_out_dtype(out_dtype)
+    check_fp8_operands("all_gather_scaled_matmul", out_dtype)
     if gather_dim == a_shard.dim() - 1:
         raise NotImplementedError("all_gather_scaled_matmul: gathering the last (contraction) dim is not supported")
     w = rt.world_size

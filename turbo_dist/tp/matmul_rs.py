@@ -5,6 +5,7 @@ group and scattered along `scatter_dim` (any dim of the >= 2-D output; the last 
 """
 import torch
 
+from turbo_dist.ops.fp8 import check_fp8_operands
 from turbo_dist.runtime import get_runtime
 from turbo_dist.runtime.consistency import check_same_on_ranks, tensor_sig
 
@@ -116,7 +117,7 @@ def scaled_matmul_reduce_scatter(a, b, a_scale, b_scale, scatter_dim=0, reduce_o
                         reduce_op=reduce_op, out_dtype=out_dtype, use_fast_accum=use_fast_accum, algo=algo)
     rt, scatter_dim = _prepare(a, b, scatter_dim, reduce_op, group, fp8=True)
     C.check_fp8_pair(a, b, "scaled_matmul_reduce_scatter")
-    C.check_fp8_out_dtype(out_dtype)
+    check_fp8_operands("scaled_matmul_reduce_scatter", out_dtype)
     C.check_scale(a_scale, "a_scale")
     rt.check_tensor(a_scale, "a_scale")
     rt.check_tensor(b_scale, "b_scale")
