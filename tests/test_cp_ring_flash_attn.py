@@ -232,14 +232,18 @@ def test_llama3_refuses_bad_plans_on_every_rank():
 
 
 def _llama3_host_reads(rank, world):
-    """The llama3 path reads cu_seqlens back to the host once per call (its check), not once more per kv-head group
-    in the forward and again in the backward; with the values held on the host (host_cu, the HF adapter's plan)
-    not at all. Counted: check_varlen_inputs calls and the Tensor.tolist calls on the cu_seqlens tensors made
-    inside them (the CPU's reference backend reads them too, by design; the GPU kernels do not)."""
+    """The llama3 path checks its arguments (and all-reduces the refusal flag) once per plan, not once per layer:
+    a repeat call with the same cu_seqlens tensors and arguments reads nothing back and runs no check; tensors
+    made by llama3_flash_attn_prepare_cu_seqlens are never read back (it made them from host values); a user's own
+    tensors are read once per state (an in-place write reads them again); never per kv-head group or in the
+    backward. Counted: check_varlen_inputs calls, the Tensor.tolist calls on the cu_seqlens tensors made inside
+    them (the CPU's reference backend reads them too, by design; the GPU kernels do not) and raise_together's
+    all-reduces."""
     from unittest import mock
 
     from turbo_dist.cp import ring_flash_attn as rfa
     from turbo_dist.ops import attention_varlen as av
+    from turbo_dist.runtime import consistency
 
     cu = _cu([0, 5, 21, 32])
     per = 32 // world
@@ -248,9 +252,10 @@ def _llama3_host_reads(rank, world):
     k, v = k.detach()[:, :hkv].contiguous().requires_grad_(True), v.detach()[:, :hkv].contiguous().requires_grad_(True)
     cq, ck, mq, mk, ks = rfa.llama3_flash_attn_prepare_cu_seqlens(cu, True, rank, world)
     host = (cq.tolist(), ck.tolist())
-    counts = {"checks": 0, "reads": 0}
-    real_check, real_tolist = av.check_varlen_inputs, torch.Tensor.tolist
-    cu_ids, inside = {id(cq), id(ck)}, []
+    mine = (cq.clone(), ck.clone())  # the user's own tensors: no values known on the host
+    counts = {"checks": 0, "reads": 0, "flags": 0}
+    real_check, real_tolist, real_together = av.check_varlen_inputs, torch.Tensor.tolist, consistency.raise_together
+    cu_ids, inside = {id(cq), id(ck), id(mine[0]), id(mine[1])}, []
 
     def check(*args, **kwargs):
         counts["checks"] += 1
@@ -265,14 +270,28 @@ def _llama3_host_reads(rank, world):
             counts["reads"] += 1
         return real_tolist(t)
 
-    results = []
-    with mock.patch.object(av, "check_varlen_inputs", check), mock.patch.object(torch.Tensor, "tolist", tolist):
-        for host_cu in (None, host):
-            counts.update(checks=0, reads=0)
-            o = rfa._llama3(q, k, v, cq, ck, mq, mk, 1, ks, 0.0, None, True, (-1, -1), None, False, False, None,
+    def together(*args, **kwargs):
+        counts["flags"] += 1
+        return real_together(*args, **kwargs)
+
+    results, outs = [], []
+    with mock.patch.object(av, "check_varlen_inputs", check), mock.patch.object(torch.Tensor, "tolist", tolist), \
+            mock.patch.object(consistency, "raise_together", together):
+        for tensors, host_cu, write in (((cq, ck), None, False), ((cq, ck), None, False), ((cq, ck), host, False),
+                                        (mine, None, False), (mine, None, False), (mine, None, True)):
+            if write:
+                mine[1].add_(0)  # an in-place write: same values, a new version
+            counts.update(checks=0, reads=0, flags=0)
+            for t in (q, k, v):
+                t.grad = None
+            o = rfa._llama3(q, k, v, *tensors, mq, mk, 1, ks, 0.0, None, True, (-1, -1), None, False, False, None,
                             host_cu=host_cu)
             o.float().sum().backward()
+            outs.append((o.detach(), q.grad, k.grad, v.grad))
             results.append(dict(counts))
+    for got in outs[1:]:  # the same plan, the same results
+        for a, b in zip(got, outs[0]):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
     # a host copy that is not the tensors' length is refused, not trusted
     with pytest.raises(ValueError, match="host copy"):
         av.check_varlen_inputs(q, k, v, cq, ck, total_k=ks.stop - ks.start, host_cu=(host[0][:-1], host[1]))
@@ -280,9 +299,11 @@ def _llama3_host_reads(rank, world):
 
 
 @pytest.mark.dist
-def test_llama3_reads_cu_seqlens_once_per_call():
-    assert run_distributed(_llama3_host_reads, 2, backend="gloo") == [[{"checks": 1, "reads": 2},
-                                                                      {"checks": 1, "reads": 0}]] * 2
+def test_llama3_checks_once_per_plan():
+    once = {"checks": 1, "reads": 0, "flags": 1}
+    none = {"checks": 0, "reads": 0, "flags": 0}
+    want = [once, none, once, {"checks": 1, "reads": 2, "flags": 1}, none, {"checks": 1, "reads": 1, "flags": 1}]
+    assert run_distributed(_llama3_host_reads, 2, backend="gloo") == [want] * 2
 
 
 def test_varlen_check_takes_the_host_copy():

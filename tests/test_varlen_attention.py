@@ -637,3 +637,72 @@ def _single_rank_packed(rank, world_size):
 @pytest.mark.dist
 def test_cp_single_rank_packed_zigzag_and_empty():
     assert run_distributed(_single_rank_packed, 1) == [True]
+
+
+def _packed_plan_once(rank, world_size):
+    """Packed CP makes its checks, cross-rank refusal flag and plan once per cu_seqlens tensor (every layer passes
+    the same one): a repeat call reads nothing back, all-reduces nothing before the attention and builds no plan;
+    an in-place write of new boundaries into the same tensor makes a new plan (results checked against one
+    process with the new boundaries)."""
+    from unittest import mock
+
+    import turbo_dist.cp as cpm
+
+    torch.set_num_threads(1)
+    dev = rank_device()
+    unit = 2 * world_size
+    g = seeded(91)
+    t = 8 * unit
+    q, do = (torch.randn(t, 4, 8, generator=g).to(dev) for _ in range(2))
+    k, v = (torch.randn(t, 2, 8, generator=g).to(dev) for _ in range(2))
+    counts = {}
+    real = {name: getattr(cpm, name) for name in ("_check_packed", "raise_together", "ring_varlen_plan",
+                                                    "allgather_varlen_plan", "a2a_varlen_order")}
+    real_tolist = torch.Tensor.tolist
+
+    def counted(name):
+        def f(*args, **kwargs):
+            counts[name] = counts.get(name, 0) + 1
+            return real[name](*args, **kwargs)
+        return f
+
+    def tolist(x):
+        if x.dtype in (torch.int32, torch.int64) and x.dim() == 1 and id(x) == id(cu):
+            counts["reads"] = counts.get("reads", 0) + 1
+        return real_tolist(x)
+
+    seen = []
+    for mode, zigzag in (("ring", False), ("ring", True), ("allgather", False), ("allgather", True),
+                         ("a2a", True)):
+        cu = cu_of([2 * unit, unit, 5 * unit], dev)
+        for call, lens in enumerate(([2 * unit, unit, 5 * unit], None, [unit, 6 * unit, unit])):
+            if lens is not None and call:
+                cu.copy_(cu_of(lens, dev))  # new boundaries, same tensor: a new version
+            lens = lens or [2 * unit, unit, 5 * unit]
+            shard = (lambda x: cp.shard_packed(x, cu)) if zigzag else (lambda x: cp.shard(x, None, 0, False))
+            ql, kl, vl = (shard(x).detach().requires_grad_() for x in (q, k, v))
+            counts.clear()
+            with mock.patch.multiple(cpm, **{name: counted(name) for name in real}), \
+                    mock.patch.object(torch.Tensor, "tolist", tolist):
+                o = cp.context_parallel_attention(ql, kl, vl, causal=True, cp_comm_type=mode, load_balance=zigzag,
+                                                  cu_seqlens_q=cu, cu_seqlens_k=cu)
+            o.backward(shard(do))
+            seen.append((mode, zigzag, call, sorted(counts)))
+            o_ref, _, dq_ref, dk_ref, _ = per_sequence_dense(q, k, v, do, cu, cu, True)
+            for name, got, ref in (("o", o.detach(), o_ref), ("dq", ql.grad, dq_ref), ("dk", kl.grad, dk_ref)):
+                torch.testing.assert_close(got, shard(ref), atol=1e-4, rtol=1e-4,
+                                           msg=f"{mode} zigzag={zigzag} call {call} {name}")
+    return seen
+
+
+@pytest.mark.dist
+def test_cp_packed_plan_once_per_cu_tensor():
+    results = run_distributed(_packed_plan_once, 2)
+    for seen in results:
+        for mode, zigzag, call, names in seen:
+            if call == 1:
+                assert names == [], (mode, zigzag, names)  # nothing read, checked, all-reduced or planned again
+            else:
+                plan = {"ring": "ring_varlen_plan", "allgather": "allgather_varlen_plan", "a2a": "a2a_varlen_order"}
+                # (cu_seqlens read back here or already by shard_packed: once per state of the tensor either way)
+                assert {"_check_packed", "raise_together", plan[mode]} <= set(names), (mode, zigzag, call, names)

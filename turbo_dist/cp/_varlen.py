@@ -5,6 +5,7 @@ local call's plan and its keys, shared by the ring and all-gather modes."""
 import torch
 
 from turbo_dist.ops import dispatcher
+from turbo_dist.ops._host import device_ints
 
 
 def varlen_fwd(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
@@ -21,8 +22,9 @@ def varlen_bwd(do, q, k, v, o, lse, cu_q, cu_k, max_q, max_k, causal, scale):
 
 def local_plan(cq, ck, keys, dev):
     """(cu_q, cu_k, max_q, max_k, keys) of one local varlen call: host cu lists -> int32 on `dev`, their
-    maxima, and `keys`: the rows of the K/V source it attends, a (start, end) slice or an int64 index tensor."""
-    return (torch.tensor(cq, dtype=torch.int32, device=dev), torch.tensor(ck, dtype=torch.int32, device=dev),
+    maxima, and `keys`: the rows of the K/V source it attends, a (start, end) slice or an int64 index tensor.
+    Made once per packed batch (cp._packed_attention keeps it per cu_seqlens tensor), copied from pinned memory."""
+    return (device_ints(cq, torch.int32, dev), device_ints(ck, torch.int32, dev),
             max((b - a for a, b in zip(cq, cq[1:])), default=0), max((b - a for a, b in zip(ck, ck[1:])), default=0),
             keys)
 

@@ -20,6 +20,7 @@ import torch
 
 from turbo_dist.ops import attention_backward, attention_forward
 from turbo_dist.ops._autograd import first_order_only
+from turbo_dist.ops._host import device_ints
 
 from . import _comm
 from ._varlen import varlen_bwd, varlen_fwd
@@ -223,17 +224,22 @@ def _permuted(kernels, g2n):
     return fwd, bwd
 
 
+def a2a_varlen_order(q, host_cu, rt):
+    """The zigzag layout's gathered-to-natural permutation on q's device (packed_zigzag_order), made once per batch."""
+    return device_ints(packed_zigzag_order(host_cu, rt.world_size), torch.int64, q.device)
+
+
 def a2a_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, rt,
-                         num_chunks=2, zigzag=False, host_cu=None, want_lse=False):
+                         num_chunks=2, zigzag=False, host_cu=None, want_lse=False, order=None):
     """q: [T/cp, Hq, D], k/v: [T/cp, Hkv, D], rank r's shard of the packed sequence: contiguous (shard r), or
     with zigzag=True the per-sequence zigzag of Megatron's THD layout (packed_zigzag_order; the caller checked
     cu_seqlens_q == cu_seqlens_k, each length divisible by 2*cp; host_cu: cu_seqlens_q as a host list, needed then).
-    cu_seqlens global (validated by the caller). Returns (o [T/cp, Hq, D], lse [Hq, T/cp] fp32 if want_lse else
-    empty)."""
+    cu_seqlens global (validated by the caller). order: a2a_varlen_order's result (zigzag; None: made here).
+    Returns (o [T/cp, Hq, D], lse [Hq, T/cp] fp32 if want_lse else empty)."""
     kv_replication(q.shape[1], k.shape[1], rt.world_size)  # validate before any communication
     kernels = _varlen_kernels(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     if zigzag and rt.world_size > 1:
-        kernels = _permuted(kernels, packed_zigzag_order(host_cu, rt.world_size).to(q.device))
+        kernels = _permuted(kernels, order if order is not None else a2a_varlen_order(q, host_cu, rt))
     out, lse = A2AAttention.apply(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), causal, scale, rt, False,
                                   num_chunks, kernels, want_lse)
     return out[0], (lse[0] if want_lse else lse)

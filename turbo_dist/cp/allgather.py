@@ -13,6 +13,7 @@ import torch
 
 from turbo_dist.ops import attention_backward, attention_forward
 from turbo_dist.ops._autograd import first_order_only
+from turbo_dist.ops._host import device_ints
 
 from . import _comm
 from ._varlen import add_keys, local_plan, take_keys, varlen_bwd as _varlen_bwd, varlen_fwd as _varlen_fwd
@@ -176,14 +177,14 @@ def thd_local_layout(cu, cp, rank, causal):
     return cq, ck, ranges
 
 
-def _varlen_plan(q, cu_q, cu_k, causal, rt, zigzag=False):
+def allgather_varlen_plan(q, cu_q, cu_k, causal, rt, zigzag=False):
     """The local varlen call (cp._varlen.local_plan); its keys are rows of the rank-major gathered k: the
     slice (k0, k1) (contiguous shards: rank-major is natural order) or an index tensor (THD zigzag shards)."""
     cp = rt.world_size
     if zigzag and cp > 1:
         cq, ck, ranges = thd_local_layout(cu_q, cp, rt.rank, causal)
         nat = torch.cat([torch.arange(a, b) for a, b in ranges]) if ranges else torch.zeros(0, dtype=torch.int64)
-        keys = inverse_order(packed_zigzag_order(cu_q, cp))[nat].to(q.device)
+        keys = device_ints(inverse_order(packed_zigzag_order(cu_q, cp))[nat], torch.int64, q.device)
     else:
         lo = rt.rank * q.shape[0]
         cq, ck, k0, k1 = varlen_local_layout(cu_q, cu_k, lo, lo + q.shape[0], causal)
@@ -256,11 +257,13 @@ def allgather_varlen_backward(do, q, k, v, out, lse, plan, causal, scale, rt, nc
     return dq, dk, dv
 
 
-def allgather_varlen_attention(q, k, v, cu_q, cu_k, causal, scale, rt, num_chunks=2, zigzag=False):
+def allgather_varlen_attention(q, k, v, cu_q, cu_k, causal, scale, rt, num_chunks=2, zigzag=False, plan=None):
     """q: [T/cp, Hq, D], k/v: [T/cp, Hkv, D], rank r's shard of the packed sequence: contiguous, or (zigzag)
     Megatron's THD layout (chunks r and 2cp-1-r of every sequence; then cu_q == cu_k); cu_q / cu_k: the global
     cu_seqlens as host lists (validated by the caller). K/V are gathered (head groups pipelined) and cut to
-    the keys this rank's queries need; dK/dV are reduce-scattered back. Returns o: [T/cp, Hq, D]."""
-    plan = _varlen_plan(q, cu_q, cu_k, causal, rt, zigzag)
+    the keys this rank's queries need; dK/dV are reduce-scattered back. plan: allgather_varlen_plan's result for
+    these arguments, made by the caller once per batch (None: made here). Returns o: [T/cp, Hq, D]."""
+    if plan is None:
+        plan = allgather_varlen_plan(q, cu_q, cu_k, causal, rt, zigzag)
     return _Gathered.apply(q, k, v, allgather_varlen_forward, allgather_varlen_backward, plan, causal, scale, rt,
                            num_chunks)

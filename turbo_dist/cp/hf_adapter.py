@@ -44,6 +44,8 @@ import operator
 import torch
 import torch.distributed as dist
 
+from turbo_dist.ops._host import device_ints
+
 log = logging.getLogger("turbo_dist")
 
 ATTN_IMPLEMENTATION = "turbo_dist_ring"
@@ -103,7 +105,7 @@ def update_ring_flash_attn_params(cu_seqlens, process_group):
     # (llama3_flash_attn_prepare_cu_seqlens' plan and checks: boundaries from 0, not decreasing, the packed length
     # divisible by the group size)
     host_q, host_k, max_q, max_k, k_slice = _llama3_plan(bounds, True, rank, world)
-    cu_q, cu_k = (torch.tensor(c, dtype=cu_seqlens.dtype, device=cu_seqlens.device) for c in (host_q, host_k))
+    cu_q, cu_k = (device_ints(c, cu_seqlens.dtype, cu_seqlens.device) for c in (host_q, host_k))  # no stream wait
     # the plan's boundaries also kept on the host: every layer's check reads them there, not back from the GPU
     _state["plan"] = {"cu_seqlens_q": cu_q, "cu_seqlens_k": cu_k, "host_cu": (host_q, host_k),
                       "max_seqlen_q": max_q, "max_seqlen_k": max_k,
@@ -227,11 +229,11 @@ def ring_attention_forward(module, query, key, value, attention_mask, dropout=0.
     except (ValueError, NotImplementedError) as exc:
         refused = exc
     if q is not None and plan["cu_seqlens_q"].device != q.device:  # moved once per plan
-        plan["cu_seqlens_q"] = plan["cu_seqlens_q"].to(q.device)
-        plan["cu_seqlens_k"] = plan["cu_seqlens_k"].to(q.device)
+        plan["cu_seqlens_q"], plan["cu_seqlens_k"] = (device_ints(c, plan["cu_seqlens_q"].dtype, q.device)
+                                                      for c in plan["host_cu"])
     out = _llama3(q, k, v, plan["cu_seqlens_q"], plan["cu_seqlens_k"], plan["max_seqlen_q"], plan["max_seqlen_k"],
                   stride, plan["local_k_slice"], 0.0, scaling, True, (-1, -1), None, False, False, group,
-                  refused=refused, host_cu=plan["host_cu"])
+                  refused=refused, host_cu=plan["host_cu"], per_call=True)
     out = out[..., :v_dim].unsqueeze(0).to(original_dtype)
     return out, None
 

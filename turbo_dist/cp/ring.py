@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from turbo_dist.ops import attention_backward, attention_forward
 from turbo_dist.ops._autograd import first_order_only
+from turbo_dist.ops._host import device_ints
 
 from . import _comm
 from ._varlen import add_keys, local_plan, take_keys, varlen_bwd as _varlen_bwd, varlen_fwd as _varlen_fwd
@@ -207,7 +208,7 @@ def ring_zigzag_layout(cu, cp, rank, src, causal, zigzag=True):
     return cq, ck, rows
 
 
-def _varlen_steps(q, cu_q, cu_k, causal, rt, zigzag=False, split=False):
+def ring_varlen_plan(q, cu_q, cu_k, causal, rt, zigzag=False, split=False):
     """Per ring step: None (nothing to compute) or (cu_q, cu_k, max_q, max_k, keys) on q's device, keys the
     rows of the step's K/V block it attends: a (start, end) slice, or (zigzag / split) an index tensor."""
     cp, rank, t_loc = rt.world_size, rt.rank, q.shape[0]
@@ -217,8 +218,7 @@ def _varlen_steps(q, cu_q, cu_k, causal, rt, zigzag=False, split=False):
         src = (rank - step) % cp
         if zigzag or split:
             cq, ck, rows = ring_zigzag_layout(cu_q, cp, rank, src, causal, zigzag=zigzag)
-            steps.append(local_plan(cq, ck, torch.tensor(rows, dtype=torch.int64, device=q.device), q.device)
-                         if rows else None)
+            steps.append(local_plan(cq, ck, device_ints(rows, torch.int64, q.device), q.device) if rows else None)
             continue
         if causal and src > rank:  # contiguous layout: later blocks are all in the future
             steps.append(None)
@@ -276,12 +276,14 @@ def ring_varlen_backward(do, q, k, v, out, lse, steps, causal, scale, rt):
     return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)
 
 
-def ring_varlen_attention(q, k, v, cu_q, cu_k, causal, scale, rt, zigzag=False, split=False):
+def ring_varlen_attention(q, k, v, cu_q, cu_k, causal, scale, rt, zigzag=False, split=False, steps=None):
     """q: [T/cp, Hq, D], k/v: [T/cp, Hkv, D], rank r's shard of the packed sequence: contiguous, or with
     zigzag=True the per-sequence zigzag of cp.shard_packed (balanced causal work), or with split=True chunk r of
     cp of every sequence (ring-flash-attn's varlen layout); cu_seqlens global (validated by the caller; the
     per-sequence layouts need cu_seqlens_q == cu_seqlens_k and lengths divisible by 2*cp / cp).
     K/V blocks rotate as in ring_attention; each step attends the queries to the rows of the block their
-    sequences reach (ring_block_layout / ring_zigzag_layout). Returns o: [T/cp, Hq, D]."""
-    steps = _varlen_steps(q, cu_q, cu_k, causal, rt, zigzag, split)
+    sequences reach (ring_block_layout / ring_zigzag_layout). steps: ring_varlen_plan's result for these
+    arguments, made by the caller once per batch (None: made here). Returns o: [T/cp, Hq, D]."""
+    if steps is None:
+        steps = ring_varlen_plan(q, cu_q, cu_k, causal, rt, zigzag, split)
     return _Ring.apply(q, k, v, ring_varlen_forward, ring_varlen_backward, steps, causal, scale, rt)  # (o, lse [Hq, T/cp])

@@ -33,6 +33,7 @@ import operator
 import torch
 
 from turbo_dist.ops._autograd import first_order_only
+from turbo_dist.ops._host import device_ints, host_values, memo
 from turbo_dist.runtime import get_runtime
 
 from . import _check_packed_shards, _comm, _packed_attention, _varlen, context_parallel_attention
@@ -62,7 +63,8 @@ def _varlen_ring(q, k, v, cu_seqlens, max_seqlen, zigzag, dropout_p, softmax_sca
         raise TypeError(f"cu_seqlens must be a 1-D tensor [B+1], got "
                         f"{tuple(cu_seqlens.shape) if isinstance(cu_seqlens, torch.Tensor) else type(cu_seqlens)}")
     _check_packed_shards(q, k, v)
-    end = int(cu_seqlens[-1])
+    vals = host_values(cu_seqlens)  # read back once per cu_seqlens tensor, not per layer
+    end = vals[-1]
     if end != q.shape[0]:
         raise ValueError(f"cu_seqlens are this rank's LOCAL ones (ring-flash-attn's): they must end at q.shape[0] = "
                          f"{q.shape[0]}, got {end}" + (" (the global ones? divide them by the group size)"
@@ -70,7 +72,9 @@ def _varlen_ring(q, k, v, cu_seqlens, max_seqlen, zigzag, dropout_p, softmax_sca
     import torch.distributed as dist
 
     w = dist.get_world_size(group)
-    cu_global = cu_seqlens * w  # each rank holds 1/W of every sequence
+    # each rank holds 1/W of every sequence; one tensor per cu_seqlens tensor (the packed path keeps its plan by it)
+    cu_global = memo(cu_seqlens, ("ring_flash_attn global cu", w),
+                     lambda: device_ints([c * w for c in vals], cu_seqlens.dtype, cu_seqlens.device, remember=True))
     max_global = None if max_seqlen is None else int(max_seqlen) * w
     o, lse = _packed_attention(q, k, v, bool(causal), softmax_scale, group, "ring", zigzag, 2, cu_global, cu_global,
                                max_global, max_global, want_lse=bool(return_attn_probs), split=not zigzag)
@@ -192,10 +196,10 @@ def llama3_flash_attn_prepare_cu_seqlens(cu_seqlens, causal, rank, world_size):
     the shard's end (causal) or to its last sequence's end, so each local piece is bottom-right aligned."""
     if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
         raise ValueError("cu_seqlens must be a 1-D tensor [B+1] of the global sequence boundaries")
-    cu_q, cu_k, max_q, max_k, k_slice = _llama3_plan([int(c) for c in cu_seqlens.tolist()], causal, rank, world_size)
+    cu_q, cu_k, max_q, max_k, k_slice = _llama3_plan(list(host_values(cu_seqlens)), causal, rank, world_size)
 
-    def as_cu(vals):
-        return torch.tensor(vals, dtype=cu_seqlens.dtype, device=cu_seqlens.device)
+    def as_cu(vals):  # remembers its values: the layers' checks read nothing back
+        return device_ints(vals, cu_seqlens.dtype, cu_seqlens.device, remember=True)
 
     return as_cu(cu_q), as_cu(cu_k), max_q, max_k, k_slice
 
@@ -317,30 +321,49 @@ def _check_llama3(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
 
 def _llama3(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, heads_k_stride, local_k_slice,
             dropout_p, softmax_scale, causal, window_size, alibi_slopes, deterministic, return_attn_probs, group,
-            refused=None, host_cu=None):
+            refused=None, host_cu=None, per_call=False):
     """refused: an error the caller (turbo_dist.cp.hf_adapter) found on this rank: raised here after the group's
     flag all-reduce, with every other rank, instead of before it (where the others would wait in the all-gather).
     host_cu: (cu_seqlens_q, cu_seqlens_k) values on the host, from a caller that made the tensors from them
-    (the adapter's plan): the check reads nothing back. Device syncs per call: the flag's all-reduce, plus
-    reading cu_seqlens without host_cu; none per kv-head group, forward or backward."""
+    (the adapter's plan): the check reads nothing back. per_call: the caller's own checks (`refused`) can differ
+    between calls with the same plan, so the refusal flag is all-reduced on every call (a device sync); otherwise
+    the checks and the flag's all-reduce run once per plan (cu_seqlens tensors and arguments, _host.memo) and a
+    repeat call syncs nothing. None per kv-head group, forward or backward."""
     _refuse_unsupported(dropout_p, window_size, alibi_slopes, deterministic, causal)
     from turbo_dist.ops.attention import default_scale
     from turbo_dist.runtime.consistency import raise_together
 
     rt = get_runtime(group)
-    err = refused
-    try:
-        if err is None:
-            max_q, max_k, stride, k_slice = _check_llama3(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                                          max_seqlen_k, heads_k_stride, local_k_slice, causal, rt,
-                                                          host_cu)
-    except (TypeError, ValueError) as exc:
-        err = exc
-    # Arguments are per rank: a rank raising alone would leave the others in the all-gather. Every rank raises.
-    raise_together(rt, err, "llama3_flash_attn_varlen_func", "the all-gather")
+
+    def prepare():
+        err, checked = refused, None
+        try:
+            if err is None:
+                checked = _check_llama3(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                        heads_k_stride, local_k_slice, causal, rt, host_cu)
+        except (TypeError, ValueError) as exc:
+            err = exc
+        # Arguments are per rank: a rank raising alone would leave the others in the all-gather. Every rank raises.
+        raise_together(rt, err, "llama3_flash_attn_varlen_func", "the all-gather")
+        return checked
+
+    key = None if per_call or refused is not None else _llama3_key(q, k, v, rt, max_seqlen_q, max_seqlen_k,
+                                                                  heads_k_stride, local_k_slice, causal, host_cu)
+    max_q, max_k, stride, k_slice = (prepare() if key is None else
+                                     memo(cu_seqlens_q, key, prepare, deps=(cu_seqlens_k,)))
     o, lse = _Llama3.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, stride, k_slice,
                            default_scale(q, softmax_scale), bool(causal), rt)
     return (o, lse, None) if return_attn_probs else o
+
+
+def _llama3_key(q, k, v, rt, max_seqlen_q, max_seqlen_k, heads_k_stride, local_k_slice, causal, host_cu):
+    """What _check_llama3 depends on besides the cu_seqlens tensors (None: not cacheable)."""
+    if not all(isinstance(t, torch.Tensor) for t in (q, k, v)) or not isinstance(local_k_slice, slice):
+        return None
+    host = None if host_cu is None else tuple(tuple(c) for c in host_cu)
+    return ("llama3", id(rt), rt.rank, rt.world_size, max_seqlen_q, max_seqlen_k, heads_k_stride,
+            (local_k_slice.start, local_k_slice.stop, local_k_slice.step), bool(causal), host) + \
+        tuple((tuple(t.shape), t.stride(), t.dtype, t.device) for t in (q, k, v))
 
 
 def llama3_flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, heads_k_stride,

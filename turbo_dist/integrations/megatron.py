@@ -42,6 +42,7 @@ from turbo_dist.tp import wgrad as _wgrad
 from turbo_dist.moe import Buffer, EventOverlap
 from turbo_dist.ops import flash_attn_func, flash_attn_varlen_func
 from turbo_dist.ops._autograd import first_order_only
+from turbo_dist.ops._host import device_ints, host_values, memo
 
 try:
     from megatron.core import parallel_state as _parallel_state
@@ -497,15 +498,24 @@ class TurboDistCoreAttention(MegatronModule):
                              f"{tuple(key.shape)}, {tuple(value.shape)}")
         cu_q = params.cu_seqlens_q_padded if params.cu_seqlens_q_padded is not None else params.cu_seqlens_q
         cu_k = params.cu_seqlens_kv_padded if params.cu_seqlens_kv_padded is not None else params.cu_seqlens_kv
-        padded = any(p is not None and not torch.equal(p, c) for p, c in (
+        # (values compared on the host, read back once per cu_seqlens tensor: every layer gets the same params)
+        padded = any(p is not None and p is not c and host_values(p) != host_values(c) for p, c in (
             (params.cu_seqlens_q_padded, params.cu_seqlens_q), (params.cu_seqlens_kv_padded, params.cu_seqlens_kv)))
         if padded and not causal:
             # causal: a real token never sees the padding after it in its slot; without a mask it would
             raise NotImplementedError("TurboDistCoreAttention: padded thd sequences (cu_seqlens_*_padded != "
                                       "cu_seqlens_*) need a causal mask")
-        out = flash_attn_varlen_func(query, key, value, cu_q.to(query.device), cu_k.to(query.device), None, None,
+        out = flash_attn_varlen_func(query, key, value, _on(cu_q, query.device), _on(cu_k, query.device), None, None,
                                      softmax_scale=self.softmax_scale, causal=causal, cp_param_bundle=bundle)
         return out.reshape(out.shape[0], -1)
+
+
+def _on(cu, device):
+    """cu_seqlens on `device`: one copy per cu tensor (the same for every layer, so the packed path's plan, kept
+    per tensor, is made once per batch)."""
+    if not isinstance(cu, torch.Tensor) or cu.device == torch.device(device):
+        return cu
+    return memo(cu, ("on", str(device)), lambda: device_ints(host_values(cu), cu.dtype, device, remember=True))
 
 
 def use_turbo_dist_core_attention(layer_spec):

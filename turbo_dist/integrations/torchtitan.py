@@ -57,6 +57,7 @@ import turbo_dist.tp as _tp
 from turbo_dist.tp import wgrad as _wgrad
 from turbo_dist.ops import flash_attn_func
 from turbo_dist.ops._autograd import first_order_only
+from turbo_dist.ops._host import device_ints
 
 try:
     from torchtitan.config.override import derive, override
@@ -164,7 +165,7 @@ class TurboDistTokenDispatcher(BaseEPTokenDispatcher):
         rows = torch.div(order, k, rounding_mode="floor")
         metadata = TurboDistDispatchMetadata(handle=handle, rows=rows, scores=recv_w.reshape(-1)[order],
                                              num_recv_tokens=num_recv)
-        tokens_per_expert = torch.tensor(counts, dtype=torch.int64, device=x_TD.device)
+        tokens_per_expert = device_ints(counts, torch.int64, x_TD.device)  # from pinned memory: no stream wait
         return recv_x[rows], tokens_per_expert, metadata
 
     def combine(self, routed_output_RD, metadata, x_TD):

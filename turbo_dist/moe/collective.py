@@ -125,8 +125,7 @@ def dispatch(rt, x, x_scales, topk_idx, topk_weights, num_tokens_per_rank, is_to
     send_head = token_positions(is_token_in_rank)
     send_offsets = (torch.cumsum(matrix[rank], 0, dtype=torch.int32) - matrix[rank]).contiguous()
     send_idx = send_order(is_token_in_rank, send_head, send_offsets, num_send)
-    dest = torch.repeat_interleave(torch.arange(world, device=device),
-                                   torch.tensor(send_counts, device=device), output_size=num_send)
+    dest = torch.repeat_interleave(torch.arange(world, device=device), matrix[rank], output_size=num_send)
 
     specs = [("topk_idx", topk_idx.size(1) if topk_idx is not None else 0, torch.int64),
              ("x", hidden, x.dtype),

@@ -19,6 +19,8 @@ import logging
 import torch
 import torch.distributed as dist
 
+from turbo_dist.ops._host import device_ints
+
 from .collective import _check_worst, _columns, _pad, _pack, _unpack, all_to_all_rows, gather_rows, send_order, staged
 from .config import DispatchHandle
 from .layout import localize_topk, token_positions
@@ -130,10 +132,10 @@ class HierarchicalTransport:
         in_node = rt_info["in_node"]
         rail_send = rt_info["rail_send"]
         num_rail_send = sum(rail_send)
-        node_offsets = torch.tensor(_blocks(rail_send), dtype=torch.int32, device=device)
+        node_offsets = device_ints(_blocks(rail_send), torch.int32, device)  # (pinned: no stream wait)
         rail_idx = send_order(in_node, token_positions(in_node), node_offsets, num_rail_send)
         dest_node = torch.repeat_interleave(torch.arange(n_nodes, device=device),
-                                            torch.tensor(rail_send, device=device), output_size=num_rail_send)
+                                            device_ints(rail_send, torch.int64, device), output_size=num_rail_send)
         bits = is_token_in_rank.reshape(num_tokens, n_nodes, lws)[rail_idx, dest_node].to(torch.uint8)
         k = topk_idx.size(1) if topk_idx is not None else 0
         specs = [("topk_idx", k, torch.int64), ("x", hidden, x.dtype),
@@ -153,7 +155,7 @@ class HierarchicalTransport:
 
         # Node hop: forward to each local rank whose bit is set, in arrival (node, token) order.
         fwd_bits = _unpack(rail_rows, cols, "bits").bool()
-        fwd_offsets = torch.tensor(_blocks(rt_info["node_send"]), dtype=torch.int32, device=device)
+        fwd_offsets = device_ints(_blocks(rt_info["node_send"]), torch.int32, device)
         fwd_idx = send_order(fwd_bits, token_positions(fwd_bits), fwd_offsets, sum(rt_info["node_send"]))
         node_rows = _a2a(self.rt, rail_rows.index_select(0, fwd_idx), rt_info["node_send"], rt_info["node_recv"], self.node,
                          lws)

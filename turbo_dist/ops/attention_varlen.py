@@ -13,6 +13,7 @@ import torch
 
 from . import dispatcher
 from ._autograd import first_order_only
+from ._host import host_values
 from .attention import (PRIORITY, _check_grad_inputs, _triton_reason, check_attention_inputs, default_scale,
                         reference_backward, reference_forward)
 
@@ -32,7 +33,9 @@ def _check_cu_seqlens(cu, name, total, device, end_hint="", host=None):
     if cu.device != device:
         raise ValueError(f"{name} is on {cu.device}, q on {device}")
     if host is None:
-        vals = cu.tolist()  # one small device->host copy: the checks below must run before any kernel
+        # the checks below must run before any kernel: one small device->host copy per state of cu (the same
+        # tensor passed to every layer is read back once, _host.memo)
+        vals = list(host_values(cu))
     else:
         vals = [int(x) for x in host]
         if len(vals) != cu.shape[0]:
@@ -88,7 +91,7 @@ def check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, 
 
 
 def _seq_ranges(cu_q, cu_k):
-    vq, vk = cu_q.tolist(), cu_k.tolist()
+    vq, vk = host_values(cu_q), host_values(cu_k)
     return [(vq[i], vq[i + 1], vk[i], vk[i + 1]) for i in range(len(vq) - 1)]
 
 

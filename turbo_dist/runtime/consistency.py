@@ -83,7 +83,9 @@ def raise_together(rt, err, what, waiting_in):
     """A refusal of per-rank arguments raised on every rank of the group together: err (this rank's error, or None)
     is raised here after a one-int all-reduce of who failed; a rank that found nothing wrong raises ValueError
     naming `what` instead of going on alone into `waiting_in`, where the failed ranks would never join it. A host
-    sync; callers use it where their checks sync anyway (cu_seqlens read on the host) or must be rank-consistent."""
+    sync; callers use it where their checks sync anyway (cu_seqlens read on the host) or must be rank-consistent,
+    and the packed CP / llama3 paths once per plan (ops._host.memo: every rank must then call alike, as SPMD code
+    does; a rank reusing a plan another rank makes anew would meet that rank's all-reduce in the attention)."""
     failed = 1 if err is not None else 0
     worst = group_min_max(failed, rt.group, rt.device)[1] if rt.world_size > 1 else failed
     if err is not None:

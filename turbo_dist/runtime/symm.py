@@ -153,7 +153,10 @@ def allocate(backend, name, nbytes, group, device, rank, world_size):
 
 
 def group_min_max(value, group, device):
-    """(min, max) of an int over the group, in one host-side collective (used only when a buffer grows)."""
+    """(min, max) of an int over the group: one all-reduce and one read back (a host sync). Used when a buffer
+    grows, by the cross-rank checks (TURBO_DIST_CHECK_RANKS) and by raise_together (the packed CP / llama3 plans,
+    once per plan; the HF adapter's layers, every call)."""
     t = torch.tensor([-int(value), int(value)], dtype=torch.int64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    return int(-t[0]), int(t[1])
+    lo, hi = t.tolist()
+    return -lo, hi
