@@ -508,6 +508,24 @@ def test_gpu_triton_varlen_fp32():
     check_varlen("triton", [100, 0, 77], [100, 0, 77], 4, 2, 128, True, torch.float32, 1e-4, 1e-4, device="cuda")
 
 
+@pytest.mark.gpu
+def test_gpu_varlen_repeat_call_syncs_nothing():
+    """The second call with the same cu_seqlens tensors (every later layer of a batch) neither reads them back nor
+    waits for the stream: torch's sync debug mode raises on any device sync, forward and backward."""
+    q, k, v, do, cu_q, cu_k = make_packed([300, 0, 129], [300, 0, 129], 8, 2, 64, torch.bfloat16, device="cuda")
+    q.requires_grad_()
+    flash_attn_varlen_func(q, k, v, cu_q, cu_k, 300, 300, causal=True).backward(do)  # reads cu once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        o = flash_attn_varlen_func(q, k, v, cu_q, cu_k, 300, 300, causal=True)
+        o.backward(do)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    cu_q.add_(0)  # a write: read again (outside the debug mode)
+    flash_attn_varlen_func(q, k, v, cu_q, cu_k, 300, 300, causal=True)
+
+
 @pytest.mark.parametrize("case", ["same_causal", "cross_full"])
 def test_triton_wide_index_math_interpreter(case, monkeypatch):
     """WIDE=True (int64 row/head offsets, chosen for tensors spanning >= 2**31 elements) gives the int32
