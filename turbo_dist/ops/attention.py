@@ -11,6 +11,7 @@ Backends register with the dispatcher under ops "attention_fwd" and "attention_b
 "reference" (fp32 math in PyTorch, any device) is always there.
 Packed variable-length sequences: ops/attention_varlen.py.
 """
+import functools
 import math
 import numbers
 
@@ -64,6 +65,20 @@ def _expand_kv(t, hq):
     return t.repeat_interleave(hq // t.shape[2], dim=2) if t.shape[2] != hq else t
 
 
+def _without_autocast(fn):
+    """The reference backends compute in fp32 whatever autocast says: its lower-precision list has einsum, so under
+    torch.autocast the forward computed in bf16 and returned a bf16 lse, which the backward then refused."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        dev = next((a.device.type for a in args if isinstance(a, torch.Tensor)), "cpu")
+        if dev not in ("cpu", "cuda"):
+            return fn(*args, **kwargs)
+        with torch.autocast(dev, enabled=False):
+            return fn(*args, **kwargs)
+    return run
+
+
+@_without_autocast
 def reference_forward(q, k, v, causal=False, softmax_scale=None):
     scale = default_scale(q, softmax_scale)
     hq = q.shape[2]
@@ -78,6 +93,7 @@ def reference_forward(q, k, v, causal=False, softmax_scale=None):
     return o.to(q.dtype), lse
 
 
+@_without_autocast
 def reference_backward(do, q, k, v, o, lse, causal=False, softmax_scale=None):
     scale = default_scale(q, softmax_scale)
     hq, hkv = q.shape[2], k.shape[2]
