@@ -259,3 +259,30 @@ def test_nvlink_combine_guard_counts_rows_sent_back(monkeypatch):
     sim = _SimWorld(2, monkeypatch)
     bufs = sim.make_buffers(6700)
     assert sim.run(_sim_combine_guard_body, bufs, 2) == [True, True]
+
+
+# --- KL1: the layout kernel never counts (or writes past the counts for) expert ids past the experts
+def test_layout_kernel_ignores_ids_past_the_experts():
+    """On the GPU the ids are not checked on the host (a read back): the kernel masks ids >= num_experts. Its
+    counts live in a larger zeroed tensor here, so a write for such an id lands in the guard tail."""
+    if torch.cuda.is_available():
+        pytest.skip("CPU interpreter test")
+    import triton
+
+    from turbo_dist.kernels.moe_layout import _dispatch_layout_kernel
+    from turbo_dist.moe.layout import dispatch_layout_torch as reference
+
+    t, k, e, r = 9, 3, 4, 2
+    g = torch.Generator().manual_seed(4)
+    idx = torch.randint(-1, e, (t, k), generator=g)
+    bad = torch.rand(t, k, generator=g) < 0.4
+    idx_bad = torch.where(bad, e + torch.randint(0, 64, (t, k), generator=g), idx)
+    counts = torch.zeros(r + e + 64, dtype=torch.int32)
+    in_rank = torch.empty(t, r, dtype=torch.bool)
+    _dispatch_layout_kernel[(triton.cdiv(t, 4),)](idx_bad, counts[:r], counts[r:r + e], in_rank, t, e, e // r,
+                                                  K=k, K_POW2=4, R=r, R_POW2=2, BLOCK_T=4)
+    assert not counts[r + e:].any(), counts[r + e:].nonzero()
+    want_rank, want_expert, want_in = reference(torch.where(bad, torch.full_like(idx, -1), idx), e, r)
+    assert torch.equal(counts[:r], want_rank.to(torch.int32)) and torch.equal(counts[r:r + e],
+                                                                              want_expert.to(torch.int32))
+    assert torch.equal(in_rank, want_in)
