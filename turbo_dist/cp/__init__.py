@@ -30,7 +30,7 @@ import logging
 import torch
 
 from turbo_dist.ops.attention import check_attention_inputs, default_scale
-from turbo_dist.ops._host import device_ints, host_values, memo
+from turbo_dist.ops._host import device_ints, host_values, memo, tensors_key
 from turbo_dist.ops.attention_varlen import check_varlen_inputs
 from turbo_dist.runtime import get_runtime
 from turbo_dist.runtime.consistency import check_same_on_ranks, raise_together, tensor_sig
@@ -182,10 +182,9 @@ def _packed_attention(q, k, v, causal, softmax_scale, cp_group, mode, load_balan
 
 def _packed_key(q, k, v, rt, mode, causal, zigzag, split, softmax_scale, max_seqlen_q, max_seqlen_k):
     """What _packed_attention's checks and plan depend on besides the cu_seqlens tensors (None: not cacheable)."""
-    if not all(isinstance(t, torch.Tensor) for t in (q, k, v)):
-        return None
-    return ("cp_packed", id(rt), rt.rank, rt.world_size, mode, bool(causal), zigzag, split, softmax_scale,
-            max_seqlen_q, max_seqlen_k) + tuple((tuple(t.shape), t.stride(), t.dtype, t.device) for t in (q, k, v))
+    tensors = tensors_key(q, k, v)
+    return None if tensors is None else ("cp_packed", id(rt), rt.rank, rt.world_size, mode, bool(causal), zigzag,
+                                         split, softmax_scale, max_seqlen_q, max_seqlen_k, tensors)
 
 
 def _check_packed(q, k, v, causal, softmax_scale, rt, mode, zigzag, split, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,

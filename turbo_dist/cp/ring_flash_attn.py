@@ -33,7 +33,7 @@ import operator
 import torch
 
 from turbo_dist.ops._autograd import first_order_only
-from turbo_dist.ops._host import device_ints, host_values, memo
+from turbo_dist.ops._host import device_ints, host_values, memo, tensors_key
 from turbo_dist.runtime import get_runtime
 
 from . import _check_packed_shards, _comm, _packed_attention, _varlen, context_parallel_attention
@@ -358,12 +358,12 @@ def _llama3(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, hea
 
 def _llama3_key(q, k, v, rt, max_seqlen_q, max_seqlen_k, heads_k_stride, local_k_slice, causal, host_cu):
     """What _check_llama3 depends on besides the cu_seqlens tensors (None: not cacheable)."""
-    if not all(isinstance(t, torch.Tensor) for t in (q, k, v)) or not isinstance(local_k_slice, slice):
+    tensors = tensors_key(q, k, v)
+    if tensors is None or not isinstance(local_k_slice, slice):
         return None
     host = None if host_cu is None else tuple(tuple(c) for c in host_cu)
     return ("llama3", id(rt), rt.rank, rt.world_size, max_seqlen_q, max_seqlen_k, heads_k_stride,
-            (local_k_slice.start, local_k_slice.stop, local_k_slice.step), bool(causal), host) + \
-        tuple((tuple(t.shape), t.stride(), t.dtype, t.device) for t in (q, k, v))
+            (local_k_slice.start, local_k_slice.stop, local_k_slice.step), bool(causal), host, tensors)
 
 
 def llama3_flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, heads_k_stride,

@@ -74,9 +74,20 @@ def memo(owner, key, make, deps=()):
     return value
 
 
+_VALUES = "host_values"  # memo key of a tensor's host values (host_values, device_ints)
+
+
+def tensors_key(*tensors):
+    """The part of a memo key that says which shapes, strides, dtypes and devices a call's tensor arguments had
+    (None where one is not a tensor: the caller's checks refuse it, nothing is cached)."""
+    if not all(isinstance(t, torch.Tensor) for t in tensors):
+        return None
+    return tuple((tuple(t.shape), t.stride(), t.dtype, t.device) for t in tensors)
+
+
 def host_values(t):
     """t's values as a list of Python ints (1-D integer tensor), read back once per state of t."""
-    return memo(t, "host_values", lambda: [int(x) for x in t.tolist()])
+    return memo(t, _VALUES, lambda: [int(x) for x in t.tolist()])
 
 
 def device_ints(vals, dtype, device, remember=False):
@@ -94,7 +105,7 @@ def device_ints(vals, dtype, device, remember=False):
         t = t.to(device)
     if remember and t.dim() == 1:
         held = [int(x) for x in (vals.tolist() if isinstance(vals, torch.Tensor) else vals)]
-        memo(t, "host_values", lambda: held)
+        memo(t, _VALUES, lambda: held)
     return t
 
 
