@@ -9,7 +9,11 @@ import torch
 from turbo_dist.moe import Buffer
 from turbo_dist.testing import run_distributed
 
+from dist_utils import rank_device
 from test_moe import make_buffer, make_inputs
+
+# the kernels below run in the interpreter on CPU and compiled on a GPU (the same tests, tensors on the device)
+DEV = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
 # --- A1: weight gradient of slots of other ranks' experts must stop (loss linear in recv weights)
@@ -65,16 +69,16 @@ def test_combine_reduce_ignores_stale_minus1_slots():
     from turbo_dist.kernels import moe_ll_logfmt, moe_ll_place
     t, k, h = 3, 2, 128
     g = torch.Generator().manual_seed(0)
-    rows = torch.randn(t, k, h, generator=g).half()
-    idx = torch.tensor([[0, -1], [-1, 1], [2, 3]])
-    w = torch.rand(t, k, generator=g)
+    rows = torch.randn(t, k, h, generator=g).half().to(DEV)
+    idx = torch.tensor([[0, -1], [-1, 1], [2, 3]], device=DEV)
+    w = torch.rand(t, k, generator=g).to(DEV)
     stale = rows.clone()
     stale[idx < 0] = 1e4  # what a previous combine left in the slot
-    got = moe_ll_place.combine_reduce(stale, idx, w, torch.empty(t, h, dtype=torch.half))
+    got = moe_ll_place.combine_reduce(stale, idx, w, torch.empty(t, h, dtype=torch.half, device=DEV))
     ref = (torch.where((idx >= 0).unsqueeze(2), rows.float() * w.unsqueeze(2), 0.0)).sum(1).half()
     torch.testing.assert_close(got, ref, rtol=1e-3, atol=1e-3)
     words = moe_ll_logfmt.logfmt_encode(stale.view(t * k, h)).view(t, k, h // 64, moe_ll_logfmt.GROUP_WORDS)
-    got = moe_ll_logfmt.combine_reduce(words, idx, w, torch.empty(t, h, dtype=torch.half))
+    got = moe_ll_logfmt.combine_reduce(words, idx, w, torch.empty(t, h, dtype=torch.half, device=DEV))
     dec = moe_ll_logfmt.logfmt_decode(words.view(t * k, h // 64, -1), h).view(t, k, h)
     ref = (torch.where((idx >= 0).unsqueeze(2), dec * w.unsqueeze(2), 0.0)).sum(1).half()
     torch.testing.assert_close(got, ref, rtol=2e-3, atol=1e-2)
@@ -86,24 +90,27 @@ def _recv_waits_body(rank, world):
     from turbo_dist.moe.nvlink import _regions
 
     hidden = 128
-    x = torch.randn(4, hidden)
-    n_rank = torch.tensor([4], dtype=torch.int32)
-    in_rank = torch.ones(4, 1, dtype=torch.bool)
+    dev = rank_device()
+    x = torch.randn(4, hidden, device=dev)
+    n_rank = torch.tensor([4], dtype=torch.int32, device=dev)
+    in_rank = torch.ones(4, 1, dtype=torch.bool, device=dev)
     buf = make_buffer("nvlink", 8, hidden)
     buf._impl.timeout_s = 0.05
-    idx = torch.zeros(4, 1, dtype=torch.int64)
+    idx = torch.zeros(4, 1, dtype=torch.int64, device=dev)
     recv, _, _, _, handle, _ = buf.dispatch(x, num_tokens_per_rank=n_rank, is_token_in_rank=in_rank,
-                                            num_tokens_per_expert=torch.tensor([4], dtype=torch.int32), topk_idx=idx)
+                                            num_tokens_per_expert=torch.tensor([4], dtype=torch.int32, device=dev),
+                                            topk_idx=idx)
     tr = buf._impl
     ep = tr.epoch + 1  # the next op: nobody signalled it
-    outs = {"x": torch.empty(4, hidden // 2, dtype=torch.int32), "src": torch.empty(4, dtype=torch.int32)}
+    outs = {"x": torch.empty(4, hidden // 2, dtype=torch.int32, device=dev),
+            "src": torch.empty(4, dtype=torch.int32, device=dev)}
     bufs = tr._dispatch_views(*_regions(tr.buffer.nbytes, [hidden * 2, 0, 0, 0, 4]), outs["x"], 0, 0, False)
-    K.dispatch_recv(bufs, outs, torch.tensor([4], dtype=torch.int32), 4, tr.sig_local, tr.err, ep, 1, 1, 128,
-                    tr.flag_off, 0.05, 1)
+    K.dispatch_recv(bufs, outs, torch.tensor([4], dtype=torch.int32, device=dev), 4, tr.sig_local, tr.err, ep, 1, 1,
+                    128, tr.flag_off, 0.05, 1)
     with pytest.raises(RuntimeError, match="timed out"):
         tr.check_error(sync=True)
     tr.err.zero_()
-    out = torch.empty(4, hidden, dtype=x.dtype)
+    out = torch.empty(4, hidden, dtype=x.dtype, device=dev)
     K.combine_recv(tr.buffer.local(x.dtype, (8, hidden), 0), None, in_rank, handle.send_head, handle.send_offsets,
                    out, None, [], tr.sig_local, tr.err, ep, 1, 1, 128, tr.flag_off, 0.05, 1)
     with pytest.raises(RuntimeError, match="timed out"):
@@ -121,11 +128,12 @@ def _notify_parity_body(rank, world):
     buf = make_buffer("nvlink", 16, 128)
     tr = buf._impl
     sig = tr.sig_local
+    dev = rank_device()
     for n in (3, 5):  # epochs 1 and 2
-        x = torch.randn(n, 128)
-        buf.dispatch(x, num_tokens_per_rank=torch.tensor([n], dtype=torch.int32),
-                     is_token_in_rank=torch.ones(n, 1, dtype=torch.bool),
-                     num_tokens_per_expert=torch.tensor([n], dtype=torch.int32))
+        x = torch.randn(n, 128, device=dev)
+        buf.dispatch(x, num_tokens_per_rank=torch.tensor([n], dtype=torch.int32, device=dev),
+                     is_token_in_rank=torch.ones(n, 1, dtype=torch.bool, device=dev),
+                     num_tokens_per_expert=torch.tensor([n], dtype=torch.int32, device=dev))
     slot = lambda p: int(sig[tr.counts_off + p * tr.slot_width])  # noqa: E731 (R == 1: source 0's count to rank 0)
     assert (slot(1), slot(0)) == (3, 5), (slot(0), slot(1))
     return True
@@ -139,12 +147,14 @@ def test_notify_count_slots_alternate_by_parity():
 # --- N10: a combine of rows wider than the buffer holds is refused on the host
 def _combine_cap_body(rank, world):
     buf = make_buffer("nvlink", 4, 128)
-    x = torch.randn(4, 128)
-    kw = dict(num_tokens_per_rank=torch.tensor([4], dtype=torch.int32),
-              is_token_in_rank=torch.ones(4, 1, dtype=torch.bool), num_tokens_per_expert=torch.tensor([4], dtype=torch.int32))
+    dev = rank_device()
+    x = torch.randn(4, 128, device=dev)
+    kw = dict(num_tokens_per_rank=torch.tensor([4], dtype=torch.int32, device=dev),
+              is_token_in_rank=torch.ones(4, 1, dtype=torch.bool, device=dev),
+              num_tokens_per_expert=torch.tensor([4], dtype=torch.int32, device=dev))
     recv, _, _, _, handle, _ = buf.dispatch(x, **kw)
     with pytest.raises(ValueError, match="nvlink combine.*num_nvl_bytes >= "):
-        buf.combine(torch.randn(4, 128 * 64), handle)
+        buf.combine(torch.randn(4, 128 * 64, device=dev), handle)
     return True
 
 
@@ -243,7 +253,8 @@ def test_moe_validation_refusals():
 
 # --- N2: the combine's device capacity guard counts the rows each *source* gets back (matrix.sum(1))
 def _sim_combine_guard_body(rank, buf, world):
-    x, idx, _ = make_inputs(rank, world, 6, 4 * world, "one_rank", torch.float16, hidden=128)  # all to the last rank
+    x, idx, _ = (t.to(DEV) for t in make_inputs(rank, world, 6, 4 * world, "one_rank", torch.float16,
+                                                 hidden=128))  # all to the last rank
     n_rank, _, n_expert, in_rank, _ = buf.get_dispatch_layout(idx, 4 * world)
     recv, _, _, _, h, _ = buf.dispatch(x, num_tokens_per_rank=n_rank, is_token_in_rank=in_rank,
                                        num_tokens_per_expert=n_expert, num_worst_tokens=15)

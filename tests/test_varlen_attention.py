@@ -654,7 +654,7 @@ def _single_rank_packed(rank, world_size):
 
 @pytest.mark.dist
 def test_cp_single_rank_packed_zigzag_and_empty():
-    assert run_distributed(_single_rank_packed, 1) == [True]
+    assert run_distributed(_single_rank_packed, 1, backend="gloo") == [True]  # CPU fp32 tensors, on any machine
 
 
 def _packed_plan_once(rank, world_size):
