@@ -8,9 +8,11 @@ own kernel where grouping costs nothing), with the loop and our default on the s
 
 Labels (fwd: C = A W; bwd: dA = dC W^T and dW = A^T dC): loop, default, torch_grouped_mm (skewed counts);
 dense (the same FLOPs as one GEMM per pass); bmm_uniform, loop_uniform, default_uniform (every expert M // G rows).
-x_loop: the skewed loop's time over the label's (uniform labels: loop_uniform's); frac_peak against the bf16
-datasheet peak. Times are bench_interleaved medians (L2 flushed, balanced order), as bench_ops. `kernels`: the
-CUDA kernels one call of the label launched (torch.profiler), the three longest with their share of its GPU time.
+tall, tall_uniform: our Hopper kernel's opt-in 256 x 128 tiles (the backward: their dgrad beside the
+default weight gradient), where it runs. x_loop: the skewed loop's time over the label's (uniform labels:
+loop_uniform's); frac_peak against the bf16 datasheet peak. Times are bench_interleaved medians (L2 flushed,
+balanced order), as bench_ops. `kernels`: the CUDA kernels one call of the label launched (torch.profiler), the
+three longest with their share of its GPU time.
 """
 import os
 import sys
@@ -69,6 +71,16 @@ def case_fns(name, dev="cuda", dtype=torch.bfloat16):
         for backend, label in (("loop", "loop"), (None, "default")):
             fns["fwd"][label + suffix] = _forced(fwd(x, lens_), grouped_gemm=backend)
             fns["bwd"][label + suffix] = _forced(bwd(x, d, lens_), grouped_gemm=backend, grouped_gemm_wgrad=backend)
+    from turbo_dist.ops import grouped_wgmma
+
+    if grouped_wgmma._wgmma_grouped_can(a, w, gl) is True:  # our Hopper kernel's 256 x 128 tiles (opt-in)
+        def tall(x, lens_, trans_b):
+            return grouped_wgmma.wgmma_grouped(x, w, lens_, trans_b, tail_pct=0, tall=True)
+
+        for suffix, x, d, lens_ in (("", a, dc, gl), ("_uniform", au, dcu, glu)):
+            fns["fwd"]["tall" + suffix] = lambda x=x, lens_=lens_: tall(x, lens_, False)
+            fns["bwd"]["tall" + suffix] = lambda x=x, d=d, lens_=lens_: (
+                tall(d, lens_, True), dispatcher.dispatch("grouped_gemm_wgrad", x, d, lens_, False))
     fns["fwd"]["torch_grouped_mm"] = lambda: torch._grouped_mm(a, w, offs=offs)
     fns["bwd"]["torch_grouped_mm"] = lambda: (torch._grouped_mm(dc, w.transpose(1, 2), offs=offs),
                                               torch._grouped_mm(a.t(), dc, offs=offs))

@@ -4,7 +4,8 @@ shapes, skewed token counts on the GPU: the forward (b [G, K, N], N-major) and t
 
     python benchmarks/probe_grouped_wgmma.py --json probe.json [--cases G8_fc1_1024,...] [--rounds 5]
 
-Labels wgmma_c1 / _c2 (one CTA per tile / two sharing the weight tile, whole tiles), wgmma_half (dynamic tiles
+Labels wgmma_c1 / _c2 (one CTA per tile / two sharing the weight tile, whole tiles), wgmma_tall (256 x 128 tiles,
+dynamic, a group's last <= 128 rows a half tile), wgmma_half (dynamic tiles
 with half tiles); PROBE_STREAM_K=1 adds the stream-K tail variants (wgmma_sk, _sk50, _skr).
 
 Every case is checked first (relative error against torch._grouped_mm; one CTA per tile and two sharing the
@@ -70,12 +71,14 @@ def run_case(name, rounds, stream_k=os.environ.get("PROBE_STREAM_K") == "1"):
                       for c in (1, 2))
         out_sk = grouped_wgmma.wgmma_grouped(x, b, gl, trans_b, cluster=1, tail_pct=100, tail_waves=1)
         out_half = grouped_wgmma.wgmma_grouped(x, b, gl, trans_b, cluster=1, tail_pct=0, half_tiles=True)
+        out_tall = grouped_wgmma.wgmma_grouped(x, b, gl, trans_b, cluster=1, tail_pct=0, tall=True)
         check["rel_err_vs_torch"] = _rel(out1, ref)
         check["rel_err_sk"] = _rel(out_sk, ref)
         check["c2_equal"] = bool(torch.equal(out1, out2))
         check["half_equal"] = bool(torch.equal(out1, out_half))
         check["rel_err_half"] = _rel(out_half, ref)
-        del ref, out1, out2, out_sk, out_half
+        check["rel_err_tall"] = _rel(out_tall, ref)
+        del ref, out1, out2, out_sk, out_half, out_tall
 
         def forced(backend):
             return _forced(lambda: dispatcher.dispatch("grouped_gemm", x, b, gl, trans_b), grouped_gemm=backend)
@@ -83,14 +86,18 @@ def run_case(name, rounds, stream_k=os.environ.get("PROBE_STREAM_K") == "1"):
         fns = {"torch_grouped_mm": lambda: torch._grouped_mm(x, bb, offs=offs), "triton": forced("triton"),
                "loop": forced("loop")}
         # one CTA per tile / two sharing the weight tile, whole tiles in a fixed round robin; dynamic tiles with
-        # half tiles (half); with --stream-k the stream-K tail whenever the last wave is partial (sk) or at most
-        # half full (sk50), and the partial wave alone cut into runs (skr, tail_waves 1)
-        variants = [("c1", 1, 0, 2, False), ("c2", 2, 0, 2, False), ("half", 1, 0, 2, True)]
+        # half tiles (half); 256 x 128 tall tiles, dynamic, 128-row half tiles (tall); with --stream-k the stream-K
+        # tail whenever the last wave is partial (sk) or at most half full (sk50), and the partial wave alone cut
+        # into runs (skr, tail_waves 1)
+        variants = [("c1", 1, 0, 2, False, False), ("c2", 2, 0, 2, False, False), ("half", 1, 0, 2, True, False),
+                    ("tall", 1, 0, 2, True, True)]
         if stream_k:
-            variants += [("sk", 1, 100, 2, False), ("sk50", 1, 50, 2, False), ("skr", 1, 100, 1, False)]
-        for label, cl, pct, waves, half in variants:
-            fns[f"wgmma_{label}"] = (lambda cl=cl, pct=pct, waves=waves, half=half: grouped_wgmma.wgmma_grouped(
-                x, b, gl, trans_b, cluster=cl, tail_pct=pct, tail_waves=waves, half_tiles=half))
+            variants += [("sk", 1, 100, 2, False, False), ("sk50", 1, 50, 2, False, False),
+                         ("skr", 1, 100, 1, False, False)]
+        for label, cl, pct, waves, half, tall in variants:
+            fns[f"wgmma_{label}"] = (lambda cl=cl, pct=pct, waves=waves, half=half, tall=tall:
+                                     grouped_wgmma.wgmma_grouped(x, b, gl, trans_b, cluster=cl, tail_pct=pct,
+                                                                 tail_waves=waves, half_tiles=half, tall=tall))
         try:
             res = bench_interleaved(fns, rounds=rounds)
         finally:
@@ -102,7 +109,8 @@ def run_case(name, rounds, stream_k=os.environ.get("PROBE_STREAM_K") == "1"):
 
 def main():
     probe_main(__doc__, CASES, run_case, ["case", "impl", "ms", "tflops", "x_torch", "x_loop", "frac_peak",
-                                          "rel_err_vs_torch", "rel_err_half", "half_equal", "c2_equal"],
+                                          "rel_err_vs_torch", "rel_err_half", "rel_err_tall", "half_equal",
+                                          "c2_equal"],
                case_keys=lambda name: [f"{name}_fwd", f"{name}_dgrad"])
 
 

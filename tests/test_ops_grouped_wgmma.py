@@ -98,10 +98,16 @@ def test_wgmma_grouped_passes_both_layouts(fake_kernels, monkeypatch):
     assert calls[-1]["counter"]
     grouped_wgmma._grouped_bf16(a, b, torch.tensor([10]), cluster=2)  # the default yields to a cluster
     assert "counter" not in calls[-1]
+    assert "tall" not in calls[-1]  # tall tiles: opt-in
+    grouped_wgmma._grouped_bf16(a, b, torch.tensor([10]), tall=True, num_sms=5)
+    assert calls[-1]["counter"] and calls[-1]["tall"] is True and "tail_pct" not in calls[-1]
     n = len(calls)
     for bad in (dict(cluster=2), dict(tail_pct=50)):
         with pytest.raises(ValueError, match="half_tiles needs cluster=1 and no stream-K tail"):
             grouped_wgmma._grouped_bf16(a, b, torch.tensor([10]), half_tiles=True, **bad)
+    for bad in (dict(cluster=2), dict(tail_pct=50), dict(half_tiles=False)):
+        with pytest.raises(ValueError, match="tall tiles run as dynamic tiles"):
+            grouped_wgmma._grouped_bf16(a, b, torch.tensor([10]), tall=True, **bad)
     assert len(calls) == n
     out = grouped_wgmma._grouped_bf16(torch.zeros(10, 0, dtype=torch.bfloat16),
                                       torch.zeros(1, 0, 48, dtype=torch.bfloat16), torch.tensor([10]))
@@ -181,6 +187,33 @@ def test_wgmma_grouped_dynamic_half_tiles_gpu(num_sms, trans_b):
     torch.cuda.synchronize()
     ref = grouped_ref(a, b, gl, trans_b)
     for out in outs:
+        assert rel(out, whole) < 1e-3, num_sms
+        assert rel(out, ref) < 1e-2
+    assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("trans_b", [False, True])
+@pytest.mark.parametrize("num_sms", [1, 3, 40, None])
+@pytest.mark.parametrize("lens,K,N", [
+    ([64, 1, 0, 65, 128, 129, 192, 300, 63, 2, 0, 257, 700, 33, 256, 384], 704, 640),  # every residue of 256 / 128
+    ([300, 0, 77, 1, 129, 0, 512, 5], 7168, 2048),   # DeepSeek-V3's fc1 reduction, skewed
+    ([130, 60], 328, 200),                            # K off 64, N off 64 / 128 (zero-filled, masked)
+    ([1000], 2048, 7168),                             # one group: fc2's shape
+])
+def test_wgmma_grouped_tall_tiles_gpu(lens, K, N, num_sms, trans_b):
+    """Tall tiles (256 x 128, each consumer warpgroup two m64n128 WGMMAs; a group's last <= 128 rows a half tile)
+    on 1 to all CTAs, twice in a row: the same sums as the 128 x 256 whole tiles (the same K steps in the same
+    order), float64's within bf16 rounding."""
+    _gpu_or_skip()
+    a, b, gl = make_grouped(lens, K, N, trans_b, torch.bfloat16, device="cuda")
+    whole = grouped_wgmma.wgmma_grouped(a, b, gl.cuda(), trans_b, tail_pct=0, half_tiles=False, num_sms=num_sms)
+    outs = [grouped_wgmma.wgmma_grouped(a, b, gl.cuda(), trans_b, tail_pct=0, tall=True, num_sms=num_sms)
+            for _ in range(2)]
+    torch.cuda.synchronize()
+    ref = grouped_ref(a, b, gl, trans_b)
+    for out in outs:
+        assert torch.isfinite(out).all()
         assert rel(out, whole) < 1e-3, num_sms
         assert rel(out, ref) < 1e-2
     assert torch.equal(outs[0], outs[1])

@@ -27,10 +27,11 @@ constexpr int kBand = 8;              // row tiles per band of the tile order
 constexpr int kSmemAlign = 1024;      // 128-byte swizzle atoms: 8 rows x 128 bytes
 
 // Walks the units in increasing index; every warp of the cluster walks the same sequence. A unit is CLUSTER row
-// tiles (one per CTA of the cluster, sharing the weight tile) x one column tile.
-template <int CLUSTER>
+// tiles (one per CTA of the cluster, sharing the weight tile) x one column tile; tiles of BM x BN (the tall tiles
+// of grouped_bf16.cu: 256 x 128).
+template <int CLUSTER, int BM = kBM, int BN = kBN>
 struct TileWalk {
-  static constexpr int kUnitRows = kBM * CLUSTER;
+  static constexpr int kUnitRows = BM * CLUSTER;
   static constexpr int kBandUnits = kBand / CLUSTER;
   int g = -1, units_before = 0, group_start = 0, group_end = 0, row_units = 0;
 
@@ -69,7 +70,7 @@ struct TileWalk {
     const int height = min(kBandUnits, row_units - first);
     const int v = u - band * kBandUnits * col_tiles;
     m0 = group_start + (first + v % height) * kUnitRows;
-    n0 = (v / height) * kBN;
+    n0 = (v / height) * BN;
   }
 };
 
@@ -374,10 +375,12 @@ __device__ __forceinline__ uint4 quad_chunk(const float (&frag)[64], int g, int 
 // m64n128 fragment of columns r*128 .. r*128+127; the same registers as one m64n256 fragment) to bf16 out: this
 // thread's rows r0 and r1 (= r0 + 8) where below row_end, its columns of n0 .. n0+255 inside N (a multiple of 8:
 // whole 8-column chunks), 16 bytes a store (quad_chunk). FRAGS 1: acc[0] alone, columns n0 .. n0+127 (a half
-// tile's share, grouped_bf16.cu).
-template <int FRAGS = 2>
+// tile's share, grouped_bf16.cu). FIRST: the first fragment stored (FRAGS 1, FIRST 1: acc[1] to columns n0 ..
+// n0+127, the second 64 rows of a tall tile's warpgroup).
+template <int FRAGS = 2, int FIRST = 0>
 __device__ __forceinline__ void store_tile(const float (&acc)[2][64], __nv_bfloat16* out, int64_t ldo, int N, int n0,
                                            int r0, int r1, int row_end, int lane) {
+  static_assert(FIRST + FRAGS <= 2, "two fragments");
   const bool ok0 = r0 < row_end, ok1 = r1 < row_end;
   const int q = lane % 4;
 #pragma unroll
@@ -386,7 +389,7 @@ __device__ __forceinline__ void store_tile(const float (&acc)[2][64], __nv_bfloa
     for (int g = 0; g < 4; ++g) {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const uint4 chunk = quad_chunk(acc[r], g, h, q);
+        const uint4 chunk = quad_chunk(acc[FIRST + r], g, h, q);
         const int col = n0 + r * 128 + (4 * g + q) * 8;
         const int row = h ? r1 : r0;
         if (col < N && (h ? ok1 : ok0)) *reinterpret_cast<uint4*>(out + int64_t(row) * ldo + col) = chunk;
@@ -492,10 +495,10 @@ inline Fixup make_fixup(uint64_t ws, uint64_t flags, int ws_ctas, int tail_pct, 
 }
 
 // Units of work (CLUSTER row tiles x one column tile): at most one row unit more per group than M's rows need,
-// since each group starts a unit.
-inline int64_t unit_count(int64_t M, int64_t N, int64_t G, int cluster) {
-  const int64_t unit_rows = int64_t(kBM) * cluster;
-  return ((M + unit_rows - 1) / unit_rows + G) * ((N + kBN - 1) / kBN);
+// since each group starts a unit. bm, bn: the tile (the tall tiles of grouped_bf16.cu: 256 x 128).
+inline int64_t unit_count(int64_t M, int64_t N, int64_t G, int cluster, int bm = kBM, int bn = kBN) {
+  const int64_t unit_rows = int64_t(bm) * cluster;
+  return ((M + unit_rows - 1) / unit_rows + G) * ((N + bn - 1) / bn);
 }
 
 // Launch KERNEL persistently in clusters of CLUSTER CTAs: as many clusters as fit on the GPU at once (counted,

@@ -10,7 +10,8 @@
 // cluster 2 the two CTAs take two row tiles of a group and share each weight tile by TMA multicast. With a tile
 // counter (DYN) tiles are handed out at run time and a group's last <= 64 rows run as a half tile: 64 rows, each
 // consumer warpgroup m64n128 on half the columns, half the WGMMA work of a 128-row tile (at ~256 rows per expert
-// with skewed counts, a fifth of the tiles' rows are past their group's end). Tiles, tile order and the epilogue:
+// with skewed counts, a fifth of the tiles' rows are past their group's end). On request (tall) 256 x 128 tiles
+// instead, cuBLAS's shape for these GEMMs (grouped_bf16_tall_kernel below). Tiles, tile order and the epilogue:
 // common.h.
 #include <pybind11/pybind11.h>
 
@@ -204,6 +205,127 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 }
 
+// ---------------------------------------------------------------------------------------------- tall tiles
+// 256 x 128 tiles (cuBLAS's shape for these GEMMs): per stage a 256 x 64 A box and a 128-column B box (48 KB, as
+// the 128 x 256 tiles), consumer warpgroup c computes rows c*128 .. c*128+127 as two m64n128 WGMMAs per K step
+// (acc[0]: its first 64 rows, acc[1]: the next 64). At <= 256 rows per expert a group's rows fit one tile, so each
+// weight tile is read once per group instead of once per 128 rows. Dynamic tiles (the counter, as DYN above);
+// a group's last <= 128 rows run as a half tile: a 128-row box, each warpgroup one m64n128 on its 64 rows.
+constexpr int kTallBM = 256, kTallBN = 128;
+constexpr int kTallABytes = kTallBM * kBK16 * 2;   // 32 KB
+constexpr int kTallBBytes = kTallBN * kBK16 * 2;   // 16 KB
+using SmemTall = StageSmem<kStages16, kTallABytes, kTallBBytes>;
+static_assert(SmemTall::kBytes == kSmemBytes16, "tall tiles use the shared memory of the 128 x 256 ones");
+
+template <bool N_MAJOR, bool HALF>
+__device__ __forceinline__ void consume_tall(float (&acc)[2][64], const uint8_t* smem_a, const uint8_t* smem_b,
+                                             uint64_t* full, uint64_t* empty, StageRing<kStages16>& ring, int c,
+                                             int k_steps, int lane) {
+  int prev = -1;  // the stage whose products are still in flight
+  for (int kb = 0; kb < k_steps; ++kb) {
+    const int s = ring.s;
+    bar_wait(&full[s], ring.phase);
+    fence_regs(acc[0]);
+    fence_regs(acc[1]);
+    wgmma_fence();
+    // full: rows c*128 .. (acc[0]) and c*128+64 .. (acc[1]); half: rows c*64 .. (acc[0])
+    const uint8_t* a_stage = smem_a + s * kTallABytes + (HALF ? c * 64 * 128 : c * 128 * 128);
+    const uint8_t* b_stage = smem_b + s * kTallBBytes;
+#pragma unroll
+    for (int kk = 0; kk < kBK16 / 16; ++kk) {  // 16 K per WGMMA: 32 bytes along A's rows
+      const uint64_t desc_b = N_MAJOR ? smem_desc_mn(b_stage + kk * 16 * 128, kChunkBytes16, 1024)
+                                      : smem_desc(b_stage) + 2 * kk;
+      mma_64x128x16_bf16<N_MAJOR>(acc[0], smem_desc(a_stage) + 2 * kk, desc_b, 1);
+      if constexpr (!HALF) mma_64x128x16_bf16<N_MAJOR>(acc[1], smem_desc(a_stage + 64 * 128) + 2 * kk, desc_b, 1);
+    }
+    wgmma_commit();
+    wgmma_wait<1>();  // the previous stage's products are done: hand it back
+    fence_regs(acc[0]);
+    fence_regs(acc[1]);
+    if (prev >= 0) release_stage<1>(empty, prev, lane);
+    prev = s;
+    ring.advance();
+  }
+  wgmma_wait<0>();
+  fence_regs(acc[0]);
+  fence_regs(acc[1]);
+  if (prev >= 0) release_stage<1>(empty, prev, lane);
+}
+
+template <bool N_MAJOR>
+__global__ void __launch_bounds__(kThreads, 1)
+    grouped_bf16_tall_kernel(const __grid_constant__ CUtensorMap map_a256, const __grid_constant__ CUtensorMap map_a,
+                             const __grid_constant__ CUtensorMap map_b, const Args16 p) {
+  extern __shared__ uint8_t smem_raw[];
+  const SmemTall smem(smem_raw);  // A [stages][256 rows][128 bytes]; B K-major [stages][128 rows][128 bytes],
+  uint8_t* smem_a = smem.a;       // N-major [stages][2 chunks][64 K rows][128 bytes]
+  uint8_t* smem_b = smem.b;
+  uint64_t* full = smem.full;
+  uint64_t* empty = smem.empty;
+  const int wg = threadIdx.x / 128;
+  const int col_tiles = (p.N + kTallBN - 1) / kTallBN;
+  const int k_steps = (p.K + kBK16 - 1) / kBK16;
+  TileWalk<1, kTallBM, kTallBN> walk;
+  init_stage_barriers<kStages16, 1>(full, empty);
+  int t, kb0, kb1;
+
+  if (wg == 0) {  // producer
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
+    if (threadIdx.x != 0) return;
+    StageRing<kStages16> ring;
+    for (int i = 0; producer_next_tile(i, p.counter, p, walk, col_tiles, k_steps, smem.slot, full, empty, ring, t,
+                                       kb0, kb1);
+         ++i) {
+      int m0, n0;
+      walk.coords(col_tiles, t, m0, n0);
+      const bool half = walk.group_end - m0 <= kTallBM / 2;
+      for (int kb = 0; kb < k_steps; ++kb) {
+        const int s = ring.s;
+        bar_wait(&empty[s], ring.phase ^ 1);
+        if (kb == 0) smem.slot[s] = t;  // published by the arrival below (release, CTA scope)
+        bar_expect_tx(&full[s], (half ? kTallABytes / 2 : kTallABytes) + kTallBBytes);
+        tma_load_2d(smem_a + s * kTallABytes, half ? &map_a : &map_a256, &full[s], kb * kBK16, m0);
+        uint8_t* b_stage = smem_b + s * kTallBBytes;
+        if constexpr (N_MAJOR) {  // two 64-column chunks
+#pragma unroll
+          for (int c = 0; c < 2; ++c) {
+            const int nc = n0 + c * 64 < p.N ? n0 + c * 64 : n0;  // a chunk wholly past N: columns never stored
+            tma_load_3d(b_stage + c * kChunkBytes16, &map_b, &full[s], nc, kb * kBK16, walk.g);
+          }
+        } else {
+          tma_load_3d(b_stage, &map_b, &full[s], kb * kBK16, n0, walk.g);
+        }
+        ring.advance();
+      }
+    }
+    return;
+  }
+
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;");
+  const int c = wg - 1;
+  const int lane = threadIdx.x % 32, warp = (threadIdx.x % 128) / 32;
+  StageRing<kStages16> ring;
+  while (consumer_next_tile(p, walk, col_tiles, k_steps, smem.slot, full, ring, t, kb0, kb1)) {
+    int m0, n0;
+    walk.coords(col_tiles, t, m0, n0);
+    float acc[2][64];
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+#pragma unroll
+      for (int i = 0; i < 64; ++i) acc[r][i] = 0.f;
+    if (walk.group_end - m0 <= kTallBM / 2) {
+      consume_tall<N_MAJOR, true>(acc, smem_a, smem_b, full, empty, ring, c, k_steps, lane);
+      const int r0 = m0 + c * 64 + warp * 16 + lane / 4;
+      store_tile<1>(acc, p.out, p.ldo, p.N, n0, r0, r0 + 8, walk.group_end, lane);
+      continue;
+    }
+    consume_tall<N_MAJOR, false>(acc, smem_a, smem_b, full, empty, ring, c, k_steps, lane);
+    const int r0 = m0 + c * 128 + warp * 16 + lane / 4;
+    store_tile<1>(acc, p.out, p.ldo, p.N, n0, r0, r0 + 8, walk.group_end, lane);
+    store_tile<1, 1>(acc, p.out, p.ldo, p.N, n0, r0 + 64, r0 + 72, walk.group_end, lane);
+  }
+}
+
 template <bool N_MAJOR, int CLUSTER, bool TAIL = false, bool DYN = false>
 void launch16(int device, const CUtensorMap& map_a, const CUtensorMap& map_a64, const CUtensorMap& map_b,
               const Args16& args, int64_t units, int num_sms, cudaStream_t stream) {
@@ -218,9 +340,12 @@ void launch16(int device, const CUtensorMap& map_a, const CUtensorMap& map_a64, 
 void grouped_bf16(int device, uint64_t stream, uint64_t a_addr, uint64_t b_addr, uint64_t out_addr,
                   uint64_t offs_addr, int64_t M, int64_t N, int64_t K, int64_t G, int64_t lda, int64_t ldb,
                   int64_t b_group, int64_t ldo, bool n_major, int num_sms, int cluster, uint64_t ws, uint64_t flags,
-                  int ws_ctas, int tail_pct, int tail_waves, double timeout_s, uint64_t counter) {
+                  int ws_ctas, int tail_pct, int tail_waves, double timeout_s, uint64_t counter, bool tall) {
   if (cluster != 1 && cluster != 2) throw std::invalid_argument("turbo_dist._fp8_wgmma: cluster must be 1 or 2");
-  const int64_t units = unit_count(M, N, G, cluster);
+  if (tall && (!counter || cluster != 1 || tail_pct > 0))
+    throw std::invalid_argument("turbo_dist._fp8_wgmma: tall tiles need dynamic tiles (counter), cluster 1 and no "
+                                "stream-K tail");
+  const int64_t units = tall ? unit_count(M, N, G, 1, kTallBM, kTallBN) : unit_count(M, N, G, cluster);
   const Fixup fix = make_fixup(ws, flags, ws_ctas, tail_pct, tail_waves, timeout_s, num_sms, cluster,
                                units * ((K + kBK16 - 1) / kBK16));
   const bool tail = fix.tail_pct > 0;
@@ -248,6 +373,25 @@ void grouped_bf16(int device, uint64_t stream, uint64_t a_addr, uint64_t b_addr,
     const uint64_t dims_b[3] = {uint64_t(K), uint64_t(N), uint64_t(G)};
     const uint32_t box_b[3] = {kBK16, uint32_t(kBN / cluster), 1};
     map_b = make_map(b_addr, 3, dims_b, strides_b, box_b, kBf16);
+  }
+  if (tall) {  // A in 256- and 128-row boxes; B K-major in 128-row boxes (N-major: the 64-column chunks above)
+    const uint32_t box_a256[2] = {kBK16, kTallBM};
+    const CUtensorMap map_a256 = make_map(a_addr, 2, dims_a, strides_a, box_a256, kBf16);
+    if (!n_major) {
+      const uint64_t dims_b[3] = {uint64_t(K), uint64_t(N), uint64_t(G)};
+      const uint32_t box_b[3] = {kBK16, uint32_t(kTallBN), 1};
+      map_b = make_map(b_addr, 3, dims_b, strides_b, box_b, kBf16);
+    }
+    Args16 args{reinterpret_cast<const int64_t*>(offs_addr), reinterpret_cast<__nv_bfloat16*>(out_addr),
+                reinterpret_cast<int*>(counter), ldo, int(M), int(N), int(K), int(G), fix};
+    auto s = reinterpret_cast<cudaStream_t>(stream);
+    if (n_major)
+      launch_persistent<grouped_bf16_tall_kernel<true>, 1, kSmemBytes16>(device, units, num_sms, s, map_a256, map_a,
+                                                                          map_b, args);
+    else
+      launch_persistent<grouped_bf16_tall_kernel<false>, 1, kSmemBytes16>(device, units, num_sms, s, map_a256,
+                                                                           map_a, map_b, args);
+    return;
   }
   Args16 args;
   args.offs = reinterpret_cast<const int64_t*>(offs_addr);
@@ -280,7 +424,8 @@ void register_bf16(py::module_& m) {
         py::arg("out"), py::arg("offs"), py::arg("M"), py::arg("N"), py::arg("K"), py::arg("G"), py::arg("lda"),
         py::arg("ldb"), py::arg("b_group"), py::arg("ldo"), py::arg("n_major"), py::arg("num_sms"),
         py::arg("cluster") = 1, py::arg("ws") = 0, py::arg("flags") = 0, py::arg("ws_ctas") = 0,
-        py::arg("tail_pct") = 0, py::arg("tail_waves") = 2, py::arg("timeout_s") = 100.0, py::arg("counter") = 0);
+        py::arg("tail_pct") = 0, py::arg("tail_waves") = 2, py::arg("timeout_s") = 100.0, py::arg("counter") = 0,
+        py::arg("tall") = false);
   m.attr("SMEM_BYTES_BF16") = kSmemBytes16;
 }
 

@@ -37,6 +37,11 @@ HALF_TILES = True
 # with K = 7168 > N = 2048: 0.91-0.98x in all four runs). So the rule runs this kernel where it would run Triton,
 # except a transposed b with K > N.
 PREFERRED = True
+# Tall tiles (grouped_bf16.cu, grouped_bf16_tall_kernel): 256 x 128 tiles, cuBLAS's shape for these GEMMs (its
+# batched GEMM ran 1.45x the per-expert loop on uniform 256-row groups where our 128 x 256 tiles ran 1.25x,
+# benchmarks/results/probe_grouped_bounds_h100.json): a group of <= 256 rows reads each weight tile once. Dynamic
+# tiles, a group's last <= 128 rows as a half tile. Opt-in (tall=True) until measured against the default.
+TALL_TILES = False
 
 
 def preferred(a, b, group_lens, trans_b=False):
@@ -54,19 +59,21 @@ def _require(ok, name):
 
 
 def wgmma_grouped(a, b, group_lens, trans_b=False, cluster=None, tail_pct=None, num_sms=None, tail_waves=None,
-                  half_tiles=None):
+                  half_tiles=None, tall=None):
     """out [M, N] bf16: per group a[rows] @ (b[g]^T if trans_b else b[g]); the inputs checked first by the
     predicate below (ValueError with its reason: no CUDA, no SM90, the extension not built, a layout it cannot
     take). cluster: CTAs per cluster (1 or 2; default CLUSTER); tail_pct: the stream-K tail (fp8_wgmma.TAIL_PCT's
     meaning; default TAIL_PCT with one CTA per tile, off with clusters), tail_waves (fp8_wgmma.TAIL_WAVES);
     half_tiles: dynamic tiles with half tiles (default HALF_TILES where one CTA per tile and no tail run; asked
-    for with a cluster or a tail: ValueError); num_sms: CTAs at most (default: the GPU's SMs; tests use fewer)."""
+    for with a cluster or a tail: ValueError); tall: 256 x 128 tiles with dynamic tiles and 128-row half tiles
+    (default TALL_TILES; like half_tiles it needs one CTA per tile and no tail); num_sms: CTAs at most (default:
+    the GPU's SMs; tests use fewer)."""
     _require(_wgmma_grouped_can(a, b, group_lens, trans_b), "wgmma_grouped")
-    return _grouped_bf16(a, b, group_lens, trans_b, cluster, tail_pct, num_sms, tail_waves, half_tiles)
+    return _grouped_bf16(a, b, group_lens, trans_b, cluster, tail_pct, num_sms, tail_waves, half_tiles, tall)
 
 
 def _grouped_bf16(a, b, group_lens, trans_b=False, cluster=None, tail_pct=None, num_sms=None, tail_waves=None,
-                  half_tiles=None):
+                  half_tiles=None, tall=None):
     """wgmma_grouped past its checks (the dispatcher's backend: it ran the predicate when it chose it)."""
     from turbo_dist.kernels import gemm as gemm_kernels  # its cached SM count
 
@@ -82,8 +89,14 @@ def _grouped_bf16(a, b, group_lens, trans_b=False, cluster=None, tail_pct=None, 
     num_sms = gemm_kernels._num_sms(a.device) if num_sms is None else num_sms
     cluster = CLUSTER if cluster is None else cluster
     sk, _keep = stream_k_args(a.device, num_sms, cluster, tail_pct, tail_waves, TAIL_PCT)
-    sk, _keep = half_tile_args(a.device, HALF_TILES if half_tiles is None else half_tiles, half_tiles is not None,
+    if tall and (half_tiles is False or cluster != 1 or sk):
+        raise ValueError("tall tiles run as dynamic tiles: they need cluster=1, no stream-K tail (tail_pct=0) and "
+                         "half_tiles left on")
+    asked = half_tiles is not None or bool(tall)
+    sk, _keep = half_tile_args(a.device, bool(tall) or (HALF_TILES if half_tiles is None else half_tiles), asked,
                                cluster, sk, _keep)
+    if (TALL_TILES if tall is None else tall) and "counter" in sk:
+        sk = dict(sk, tall=True)
     with on_device(a.device):
         _launch_bf16(a, b, out, offs, M, N, K, G, trans_b, num_sms, cluster, sk)
     return out
@@ -187,6 +200,11 @@ def _wgrad(a, dc, group_lens, trans_b=False, num_sms=None, cluster=None, stsm=No
 # .json). Before it (shuffle epilogue) it was at parity with torch's and behind the Triton kernel, so opt-in
 # (probe_grouped_wgrad_tail_h200.json; ops_grouped_wgrad_h200.json: the backward 2-9% slower in the default).
 WGRAD_PREFERRED = True
+# Tall tiles (grouped_bf16.cu, grouped_bf16_tall_kernel): 256 x 128 tiles, cuBLAS's shape for these GEMMs (its
+# batched GEMM ran 1.45x the per-expert loop on uniform 256-row groups where our 128 x 256 tiles ran 1.25x,
+# benchmarks/results/probe_grouped_bounds_h100.json): a group of <= 256 rows reads each weight tile once. Dynamic
+# tiles, a group's last <= 128 rows as a half tile. Opt-in (tall=True) until measured against the default.
+TALL_TILES = False
 WGRAD_GROUP_ROWS = 1024
 
 
