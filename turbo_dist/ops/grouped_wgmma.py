@@ -203,14 +203,6 @@ def _wgrad(a, dc, group_lens, trans_b=False, num_sms=None, cluster=None, stsm=No
 # .json). Before it (shuffle epilogue) it was at parity with torch's and behind the Triton kernel, so opt-in
 # (probe_grouped_wgrad_tail_h200.json; ops_grouped_wgrad_h200.json: the backward 2-9% slower in the default).
 WGRAD_PREFERRED = True
-# Tall tiles (grouped_bf16.cu, grouped_bf16_tall_kernel): 256 x 128 tiles, cuBLAS's shape for these GEMMs (its
-# batched GEMM ran 1.45x the per-expert loop on uniform 256-row groups where our 128 x 256 tiles ran 1.25x,
-# benchmarks/results/probe_grouped_bounds_h100.json): a group of <= 256 rows reads each weight tile once. Dynamic
-# tiles, a group's last <= 128 rows as a half tile. Opt-in (tall=True): written on 2026-12-05 and compiled for
-# sm_90a (168 registers, no spills, no serialized WGMMA) when the session's device time ran out, so not yet run on
-# a GPU; its tests (tests/test_ops_grouped_wgmma.py -k tall) and the probes' tall labels are queued in
-# tests/GPU_RUNS.md. Off until they pass and it is measured against the default.
-TALL_TILES = False
 WGRAD_GROUP_ROWS = 1024
 
 
