@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One batched device session: install, GPU test suite, main-job demo, single-GPU benches.
-#   bash benchmarks/device_suite.sh "install tests gputests ll moe1 sharetp dist demo ops opsq attn moe moell moeinter tp cp cpvarlen native tune cublaslt wgmma bf16wgmma prof opstests wgrad wgradtune clocks bounds opsgrouped"
+#   bash benchmarks/device_suite.sh "install tests gputests ll moe1 sharetp dist demo ops opsq attn moe moell moeinter tp cp cpvarlen native tune cublaslt wgmma bf16wgmma prof opstests wgrad wgradtune clocks bounds opsgrouped tall"
 #   (phases to run, in order; default "install tests demo ops attn"; on a multi-GPU kind start with
 #   "install dist demo moe moell moeinter tp cp cpvarlen")
 # Logs and JSON go under $OUT (default ./out). Safety variables are always set. One-off verification phases of
@@ -58,6 +58,17 @@ for ph in $PHASES; do
     bounds) # how far any grouped GEMM can get ahead of the per-expert loop: dense same-FLOPs GEMM, cuBLAS bmm on uniform counts
             timeout 240 python benchmarks/probe_grouped_bounds.py --json "$OUT/probe_grouped_bounds_$TAG.json" \
               > "$OUT/probe_grouped_bounds_$TAG.log" 2>&1; echo "bounds rc=$?"; cut -c1-130 "$OUT/probe_grouped_bounds_$TAG.log";;
+    tall) # the opt-in 256 x 128 tiles of our Hopper bf16 grouped GEMM: GPU tests, then timed beside the default's half
+            # tiles (probe_grouped_wgmma's wgmma_tall) and the bounds (probe_grouped_bounds's tall / tall_uniform)
+            timeout 120 python -m pytest -q -rs -p no:cacheprovider tests/test_ops_grouped_wgmma.py -k "tall or passes_both" \
+              > "$OUT/pytest_tall_$TAG.log" 2>&1; echo "tall tests rc=$?"; tail -2 "$OUT/pytest_tall_$TAG.log"
+            grep -E "^(FAILED|ERROR)|^E " "$OUT/pytest_tall_$TAG.log" | head -10
+            timeout 200 python benchmarks/probe_grouped_wgmma.py --cases G32_fc1_256,G32_fc2_256,G32_fc1_128,G8_fc1_1024 \
+              --json "$OUT/probe_grouped_wgmma_tall_$TAG.json" > "$OUT/probe_grouped_wgmma_tall_$TAG.log" 2>&1
+            echo "tall probe rc=$?"; grep -E "loop|half|tall|torch" "$OUT/probe_grouped_wgmma_tall_$TAG.log" | cut -c1-110
+            timeout 120 python benchmarks/probe_grouped_bounds.py --cases G32_fc1_256,G32_fc1_128 \
+              --json "$OUT/probe_grouped_bounds_tall_$TAG.json" > "$OUT/probe_grouped_bounds_tall_$TAG.log" 2>&1
+            echo "tall bounds rc=$?"; grep -E "loop|default|tall|bmm|dense" "$OUT/probe_grouped_bounds_tall_$TAG.log" | cut -c1-100;;
     opsgrouped) timeout 420 python benchmarks/bench_ops.py --sections grouped --json "$OUT/ops_grouped_$TAG.json" \
               > "$OUT/ops_grouped_$TAG.log" 2>&1; echo "opsgrouped rc=$?";;
     clocks) # SM clock / power while each grouped kernel runs back to back, then ncu's speed-of-light on one case
