@@ -180,13 +180,21 @@ def test_wgmma_grouped_dynamic_half_tiles_gpu(num_sms, trans_b):
     fresh per call): whole-tile results, float64."""
     _gpu_or_skip()
     lens = [64, 1, 0, 65, 128, 129, 192, 300, 63, 2, 0, 257, 700, 33]  # half tiles in 10 of the 14 groups
-    a, b, gl = make_grouped(lens, 704, 640, trans_b, torch.bfloat16, device="cuda")
+    _check_dynamic_tiles(lens, 704, 640, trans_b, num_sms, half_tiles=True)
+
+
+def _check_dynamic_tiles(lens, K, N, trans_b, num_sms, **tiles):
+    """The dynamic tile order `tiles` asks for (half_tiles=True, tall=True), twice in a row on one stream (the
+    counter is fresh per call): finite, the whole tiles' sums (the same K steps in the same order) and float64's
+    within bf16 rounding, equal bits both times."""
+    a, b, gl = make_grouped(lens, K, N, trans_b, torch.bfloat16, device="cuda")
     whole = grouped_wgmma.wgmma_grouped(a, b, gl.cuda(), trans_b, tail_pct=0, half_tiles=False, num_sms=num_sms)
-    outs = [grouped_wgmma.wgmma_grouped(a, b, gl.cuda(), trans_b, tail_pct=0, half_tiles=True, num_sms=num_sms)
+    outs = [grouped_wgmma.wgmma_grouped(a, b, gl.cuda(), trans_b, tail_pct=0, num_sms=num_sms, **tiles)
             for _ in range(2)]
     torch.cuda.synchronize()
     ref = grouped_ref(a, b, gl, trans_b)
     for out in outs:
+        assert torch.isfinite(out).all()
         assert rel(out, whole) < 1e-3, num_sms
         assert rel(out, ref) < 1e-2
     assert torch.equal(outs[0], outs[1])
@@ -203,20 +211,9 @@ def test_wgmma_grouped_dynamic_half_tiles_gpu(num_sms, trans_b):
 ])
 def test_wgmma_grouped_tall_tiles_gpu(lens, K, N, num_sms, trans_b):
     """Tall tiles (256 x 128, each consumer warpgroup two m64n128 WGMMAs; a group's last <= 128 rows a half tile)
-    on 1 to all CTAs, twice in a row: the same sums as the 128 x 256 whole tiles (the same K steps in the same
-    order), float64's within bf16 rounding."""
+    on 1 to all CTAs, twice in a row, against the 128 x 256 whole tiles and float64."""
     _gpu_or_skip()
-    a, b, gl = make_grouped(lens, K, N, trans_b, torch.bfloat16, device="cuda")
-    whole = grouped_wgmma.wgmma_grouped(a, b, gl.cuda(), trans_b, tail_pct=0, half_tiles=False, num_sms=num_sms)
-    outs = [grouped_wgmma.wgmma_grouped(a, b, gl.cuda(), trans_b, tail_pct=0, tall=True, num_sms=num_sms)
-            for _ in range(2)]
-    torch.cuda.synchronize()
-    ref = grouped_ref(a, b, gl, trans_b)
-    for out in outs:
-        assert torch.isfinite(out).all()
-        assert rel(out, whole) < 1e-3, num_sms
-        assert rel(out, ref) < 1e-2
-    assert torch.equal(outs[0], outs[1])
+    _check_dynamic_tiles(lens, K, N, trans_b, num_sms, tall=True)
 
 
 def test_wgmma_wgrad_passes_the_operands(fake_kernels):

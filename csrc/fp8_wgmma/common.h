@@ -302,10 +302,10 @@ __device__ __forceinline__ void release_stage(uint64_t* empty, int stage, int la
   }
 }
 
-// After a stage's WGMMAs are issued (the weight-gradient kernels; the FP8 one promotes in between, and
-// grouped_bf16.cu keeps its own copy of these lines: through the helper ptxas allocated and scheduled its measured
-// kernels differently): commit them, wait until the previous stage's are done and hand that stage back, keep this
-// one in flight (prev), move the ring on.
+// After a stage's WGMMAs are issued (the weight-gradient kernels and grouped_bf16.cu's tall tiles; the FP8 one
+// promotes in between, and grouped_bf16.cu's 128 x 256 kernel keeps its own copy of these lines: through the helper
+// ptxas allocated and scheduled its measured kernels differently): commit them, wait until the previous stage's
+// are done and hand that stage back, keep this one in flight (prev), move the ring on.
 template <int CLUSTER, int STAGES, int FRAGS>
 __device__ __forceinline__ void stage_issued(float (&acc)[FRAGS][64], uint64_t* empty, int& prev, int s,
                                              StageRing<STAGES>& ring, int lane) {

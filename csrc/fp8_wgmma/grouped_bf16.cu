@@ -238,18 +238,9 @@ __device__ __forceinline__ void consume_tall(float (&acc)[2][64], const uint8_t*
       mma_64x128x16_bf16<N_MAJOR>(acc[0], smem_desc(a_stage) + 2 * kk, desc_b, 1);
       if constexpr (!HALF) mma_64x128x16_bf16<N_MAJOR>(acc[1], smem_desc(a_stage + 64 * 128) + 2 * kk, desc_b, 1);
     }
-    wgmma_commit();
-    wgmma_wait<1>();  // the previous stage's products are done: hand it back
-    fence_regs(acc[0]);
-    fence_regs(acc[1]);
-    if (prev >= 0) release_stage<1>(empty, prev, lane);
-    prev = s;
-    ring.advance();
+    stage_issued<1>(acc, empty, prev, s, ring, lane);
   }
-  wgmma_wait<0>();
-  fence_regs(acc[0]);
-  fence_regs(acc[1]);
-  if (prev >= 0) release_stage<1>(empty, prev, lane);
+  stages_done<1>(acc, empty, prev, lane);
 }
 
 template <bool N_MAJOR>
@@ -369,22 +360,17 @@ void grouped_bf16(int device, uint64_t stream, uint64_t a_addr, uint64_t b_addr,
     const uint64_t dims_b[3] = {uint64_t(N), uint64_t(K), uint64_t(G)};
     const uint32_t box_b[3] = {64, kBK16, 1};
     map_b = make_map(b_addr, 3, dims_b, strides_b, box_b, kBf16);
-  } else {  // boxes of (256 / cluster) rows x 64 K
+  } else {  // boxes of (256 / cluster) rows x 64 K; tall tiles: 128 rows
     const uint64_t dims_b[3] = {uint64_t(K), uint64_t(N), uint64_t(G)};
-    const uint32_t box_b[3] = {kBK16, uint32_t(kBN / cluster), 1};
+    const uint32_t box_b[3] = {kBK16, uint32_t(tall ? kTallBN : kBN / cluster), 1};
     map_b = make_map(b_addr, 3, dims_b, strides_b, box_b, kBf16);
   }
-  if (tall) {  // A in 256- and 128-row boxes; B K-major in 128-row boxes (N-major: the 64-column chunks above)
+  const Args16 args{reinterpret_cast<const int64_t*>(offs_addr), reinterpret_cast<__nv_bfloat16*>(out_addr),
+                    reinterpret_cast<int*>(counter), ldo, int(M), int(N), int(K), int(G), fix};
+  auto s = reinterpret_cast<cudaStream_t>(stream);
+  if (tall) {  // A in 256-row boxes, a group's last <= 128 rows in the 128-row ones (map_a)
     const uint32_t box_a256[2] = {kBK16, kTallBM};
     const CUtensorMap map_a256 = make_map(a_addr, 2, dims_a, strides_a, box_a256, kBf16);
-    if (!n_major) {
-      const uint64_t dims_b[3] = {uint64_t(K), uint64_t(N), uint64_t(G)};
-      const uint32_t box_b[3] = {kBK16, uint32_t(kTallBN), 1};
-      map_b = make_map(b_addr, 3, dims_b, strides_b, box_b, kBf16);
-    }
-    Args16 args{reinterpret_cast<const int64_t*>(offs_addr), reinterpret_cast<__nv_bfloat16*>(out_addr),
-                reinterpret_cast<int*>(counter), ldo, int(M), int(N), int(K), int(G), fix};
-    auto s = reinterpret_cast<cudaStream_t>(stream);
     if (n_major)
       launch_persistent<grouped_bf16_tall_kernel<true>, 1, kSmemBytes16>(device, units, num_sms, s, map_a256, map_a,
                                                                           map_b, args);
@@ -393,17 +379,6 @@ void grouped_bf16(int device, uint64_t stream, uint64_t a_addr, uint64_t b_addr,
                                                                            map_a, map_b, args);
     return;
   }
-  Args16 args;
-  args.offs = reinterpret_cast<const int64_t*>(offs_addr);
-  args.out = reinterpret_cast<__nv_bfloat16*>(out_addr);
-  args.counter = reinterpret_cast<int*>(counter);
-  args.ldo = ldo;
-  args.M = int(M);
-  args.N = int(N);
-  args.K = int(K);
-  args.G = int(G);
-  args.fix = fix;
-  auto s = reinterpret_cast<cudaStream_t>(stream);
   const CUtensorMap& a64 = map_a64;
   if (counter && n_major) launch16<true, 1, false, true>(device, map_a, a64, map_b, args, units, num_sms, s);
   else if (counter) launch16<false, 1, false, true>(device, map_a, a64, map_b, args, units, num_sms, s);

@@ -88,7 +88,6 @@ def _grouped_bf16(a, b, group_lens, trans_b=False, cluster=None, tail_pct=None, 
         return out
     if K == 0:
         return out.zero_()
-    offs = group_offsets(group_lens, a.device)  # int64 cumulative ends, read by the kernel
     num_sms = gemm_kernels._num_sms(a.device) if num_sms is None else num_sms
     cluster = CLUSTER if cluster is None else cluster
     sk, _keep = stream_k_args(a.device, num_sms, cluster, tail_pct, tail_waves, TAIL_PCT)
@@ -100,6 +99,7 @@ def _grouped_bf16(a, b, group_lens, trans_b=False, cluster=None, tail_pct=None, 
                                cluster, sk, _keep)
     if (TALL_TILES if tall is None else tall) and "counter" in sk:
         sk = dict(sk, tall=True)
+    offs = group_offsets(group_lens, a.device)  # int64 cumulative ends, read by the kernel (after the refusals)
     with on_device(a.device):
         _launch_bf16(a, b, out, offs, M, N, K, G, trans_b, num_sms, cluster, sk)
     return out
