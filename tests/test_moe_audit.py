@@ -84,6 +84,13 @@ def test_combine_reduce_ignores_stale_minus1_slots():
     torch.testing.assert_close(got, ref, rtol=2e-3, atol=1e-2)
 
 
+def _one_rank_layout(n, dev):
+    """Dispatch layout arguments for a world of one rank and one expert receiving all n tokens."""
+    return dict(num_tokens_per_rank=torch.tensor([n], dtype=torch.int32, device=dev),
+                is_token_in_rank=torch.ones(n, 1, dtype=torch.bool, device=dev),
+                num_tokens_per_expert=torch.tensor([n], dtype=torch.int32, device=dev))
+
+
 # --- N3 / N7: the receive kernels wait for *this* op's flags (epoch + 1 never signalled -> timeout)
 def _recv_waits_body(rank, world):
     from turbo_dist.kernels import moe_nvlink as K
@@ -92,14 +99,12 @@ def _recv_waits_body(rank, world):
     hidden = 128
     dev = rank_device()
     x = torch.randn(4, hidden, device=dev)
-    n_rank = torch.tensor([4], dtype=torch.int32, device=dev)
-    in_rank = torch.ones(4, 1, dtype=torch.bool, device=dev)
+    layout = _one_rank_layout(4, dev)
+    in_rank = layout["is_token_in_rank"]
     buf = make_buffer("nvlink", 8, hidden)
     buf._impl.timeout_s = 0.05
     idx = torch.zeros(4, 1, dtype=torch.int64, device=dev)
-    recv, _, _, _, handle, _ = buf.dispatch(x, num_tokens_per_rank=n_rank, is_token_in_rank=in_rank,
-                                            num_tokens_per_expert=torch.tensor([4], dtype=torch.int32, device=dev),
-                                            topk_idx=idx)
+    recv, _, _, _, handle, _ = buf.dispatch(x, topk_idx=idx, **layout)
     tr = buf._impl
     ep = tr.epoch + 1  # the next op: nobody signalled it
     outs = {"x": torch.empty(4, hidden // 2, dtype=torch.int32, device=dev),
@@ -130,10 +135,7 @@ def _notify_parity_body(rank, world):
     sig = tr.sig_local
     dev = rank_device()
     for n in (3, 5):  # epochs 1 and 2
-        x = torch.randn(n, 128, device=dev)
-        buf.dispatch(x, num_tokens_per_rank=torch.tensor([n], dtype=torch.int32, device=dev),
-                     is_token_in_rank=torch.ones(n, 1, dtype=torch.bool, device=dev),
-                     num_tokens_per_expert=torch.tensor([n], dtype=torch.int32, device=dev))
+        buf.dispatch(torch.randn(n, 128, device=dev), **_one_rank_layout(n, dev))
     slot = lambda p: int(sig[tr.counts_off + p * tr.slot_width])  # noqa: E731 (R == 1: source 0's count to rank 0)
     assert (slot(1), slot(0)) == (3, 5), (slot(0), slot(1))
     return True
@@ -148,11 +150,7 @@ def test_notify_count_slots_alternate_by_parity():
 def _combine_cap_body(rank, world):
     buf = make_buffer("nvlink", 4, 128)
     dev = rank_device()
-    x = torch.randn(4, 128, device=dev)
-    kw = dict(num_tokens_per_rank=torch.tensor([4], dtype=torch.int32, device=dev),
-              is_token_in_rank=torch.ones(4, 1, dtype=torch.bool, device=dev),
-              num_tokens_per_expert=torch.tensor([4], dtype=torch.int32, device=dev))
-    recv, _, _, _, handle, _ = buf.dispatch(x, **kw)
+    recv, _, _, _, handle, _ = buf.dispatch(torch.randn(4, 128, device=dev), **_one_rank_layout(4, dev))
     with pytest.raises(ValueError, match="nvlink combine.*num_nvl_bytes >= "):
         buf.combine(torch.randn(4, 128 * 64, device=dev), handle)
     return True
