@@ -99,6 +99,12 @@ def test_wgmma_grouped_passes_both_layouts(fake_kernels, monkeypatch):
     grouped_wgmma._grouped_bf16(a, b, torch.tensor([10]), cluster=2)  # the default yields to a cluster
     assert "counter" not in calls[-1]
     assert "tall" not in calls[-1]  # tall tiles: opt-in
+    monkeypatch.setattr(grouped_wgmma, "TALL_TILES", True)  # opted in: the N-major b only (the K-major measured slower)
+    grouped_wgmma._grouped_bf16(a, b, torch.tensor([10]))
+    assert calls[-1]["counter"] and calls[-1]["tall"] is True
+    grouped_wgmma._grouped_bf16(a, torch.zeros(1, 48, 64, dtype=torch.bfloat16), torch.tensor([10]), trans_b=True)
+    assert calls[-1]["counter"] and "tall" not in calls[-1] and not calls[-1]["n_major"]
+    monkeypatch.setattr(grouped_wgmma, "TALL_TILES", False)
     grouped_wgmma._grouped_bf16(a, b, torch.tensor([10]), tall=True, num_sms=5)
     assert calls[-1]["counter"] and calls[-1]["tall"] is True and "tail_pct" not in calls[-1]
     n = len(calls)

@@ -40,10 +40,13 @@ PREFERRED = True
 # Tall tiles (grouped_bf16.cu, grouped_bf16_tall_kernel): 256 x 128 tiles, cuBLAS's shape for these GEMMs (its
 # batched GEMM ran 1.45x the per-expert loop on uniform 256-row groups where our 128 x 256 tiles ran 1.25x,
 # benchmarks/results/probe_grouped_bounds_h100.json): a group of <= 256 rows reads each weight tile once. Dynamic
-# tiles, a group's last <= 128 rows as a half tile. Opt-in (tall=True): written on 2026-12-05 and compiled for
-# sm_90a (168 registers, no spills, no serialized WGMMA) when the session's device time ran out, so not yet run on
-# a GPU; its tests (tests/test_ops_grouped_wgmma.py -k tall) and the probes' tall labels are queued in
-# tests/GPU_RUNS.md. Off until they pass and it is measured against the default.
+# tiles, a group's last <= 128 rows as a half tile. Measured on an H100 on 2026-12-06 (probe_grouped_wgmma_tall_h100
+# and probe_grouped_bounds_tall_h100.json): equal bits to torch._grouped_mm, but slower than the default's half tiles
+# on all six skewed-count passes (fc1 fwd at 256 tok/expert 1.088 vs 0.974 ms; the skew leaves 26.6% padded rows
+# under 256/128-row tiles against 12.5% under 128/64); ahead only in the forward on uniform counts (0.803 vs 0.845
+# ms at 256 rows per expert; their dgrad, K-major b, is behind there too). So opt-in: TALL_TILES = True (or tall=True)
+# for capacity-padded routing, equal 256-aligned counts per expert; it applies to an N-major b only (the forward of
+# [G, K, N] weights), the dgrad keeps the half tiles.
 TALL_TILES = False
 
 
@@ -69,7 +72,8 @@ def wgmma_grouped(a, b, group_lens, trans_b=False, cluster=None, tail_pct=None, 
     meaning; default TAIL_PCT with one CTA per tile, off with clusters), tail_waves (fp8_wgmma.TAIL_WAVES);
     half_tiles: dynamic tiles with half tiles (default HALF_TILES where one CTA per tile and no tail run; asked
     for with a cluster or a tail: ValueError); tall: 256 x 128 tiles with dynamic tiles and 128-row half tiles
-    (default TALL_TILES; like half_tiles it needs one CTA per tile and no tail); num_sms: CTAs at most (default:
+    (default TALL_TILES for an N-major b, off for a K-major one, where they were measured slower; like half_tiles
+    they need one CTA per tile and no tail); num_sms: CTAs at most (default:
     the GPU's SMs; tests use fewer)."""
     _require(_wgmma_grouped_can(a, b, group_lens, trans_b), "wgmma_grouped")
     return _grouped_bf16(a, b, group_lens, trans_b, cluster, tail_pct, num_sms, tail_waves, half_tiles, tall)
@@ -97,7 +101,7 @@ def _grouped_bf16(a, b, group_lens, trans_b=False, cluster=None, tail_pct=None, 
     asked = half_tiles is not None or bool(tall)
     sk, _keep = half_tile_args(a.device, bool(tall) or (HALF_TILES if half_tiles is None else half_tiles), asked,
                                cluster, sk, _keep)
-    if (TALL_TILES if tall is None else tall) and "counter" in sk:
+    if ((TALL_TILES and not trans_b) if tall is None else tall) and "counter" in sk:
         sk = dict(sk, tall=True)
     offs = group_offsets(group_lens, a.device)  # int64 cumulative ends, read by the kernel (after the refusals)
     with on_device(a.device):
